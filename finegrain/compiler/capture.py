@@ -1,0 +1,140 @@
+"""Capture a PyTorch model with ``torch.export`` into finegrain's IR.
+
+* non-strict export by default (``strict=True`` on request), dynamic sequence length (dim 1 of
+  every 2-D integer input) so one graph serves calibration, evaluation and any prompt length;
+* decomposed to ATen with ``aten.linear`` (and SDPA) kept whole, so linears stay findable;
+* Hugging Face models are wrapped to take tensors positionally and return one tensor (logits for
+  causal LMs with ``use_cache=False``, ``last_hidden_state`` for encoders);
+* parameters, buffers and constants become ``get_attr`` nodes named by their FQN in the source
+  model (tied weights are stored once); the result is a plain ``GraphModule`` whose placeholders
+  are the user inputs, in order.
+
+A model that does not export raises :class:`CaptureError` naming the module that failed.
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Sequence
+
+import torch
+from torch.fx import Graph, GraphModule
+
+from finegrain.compiler.ir import FQN, MODULE, set_tensor
+from finegrain.errors import CaptureError, InputError
+
+_WRAPPED = "model"
+
+
+class HFWrapper(torch.nn.Module):
+    """Positional tensors in, one tensor out, for a ``transformers`` model."""
+
+    def __init__(self, model: torch.nn.Module, input_names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(input_names)
+        self.causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.input_names, inputs))
+        if self.causal:
+            return self.model(**kwargs, use_cache=False).logits
+        return self.model(**kwargs).last_hidden_state
+
+
+def _is_hf(model: torch.nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def _decompositions() -> dict:
+    table = torch.export.default_decompositions()
+    for op in (torch.ops.aten.linear.default, torch.ops.aten.scaled_dot_product_attention.default):
+        table.pop(op, None)
+    return table
+
+
+def _dynamic_shapes(model: torch.nn.Module, inputs: tuple, dynamic: bool):
+    if not dynamic:
+        return None
+    seq = torch.export.Dim("seq", min=2, max=1 << 16)
+    specs = tuple({1: seq} if t.dim() == 2 and not t.is_floating_point() else None for t in inputs)
+    return (specs,) if isinstance(model, HFWrapper) else specs  # HFWrapper.forward(*inputs)
+
+
+def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
+    """Name the innermost module whose ``forward`` was on the stack when export failed."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        obj = frame.f_locals.get("self")
+        if id(obj) in names:
+            found = f"{names[id(obj)]} ({type(obj).__name__}, {frame.f_code.co_filename}:{frame.f_lineno})"
+    return found or "<unknown module>"
+
+
+def check_finite_parameters(model: torch.nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
+            dynamic: bool = True, strict: bool = False) -> GraphModule:
+    """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring)."""
+    if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
+    check_finite_parameters(model)
+    prefix = ""
+    if _is_hf(model):
+        model, prefix = HFWrapper(model, input_names[: len(example_inputs)]), _WRAPPED + "."
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_shapes(model, example_inputs, dynamic),
+                                     strict=strict)
+            ep = ep.run_decompositions(_decompositions())
+    except Exception as e:  # torch raises many types here; all become one actionable error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ("try strict=True" if not strict else "try strict=False") + \
+            ", dynamic=False (static shapes), or wrap the model so forward takes and returns plain tensors"
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
+                           f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
+    return _unlift(ep, prefix)
+
+
+def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:
+    sig = ep.graph_signature
+    kinds = {s.kind.name for s in sig.output_specs}
+    if kinds != {"USER_OUTPUT"}:
+        raise CaptureError(f"the model mutates state during forward ({sorted(kinds)}); finegrain needs a pure forward")
+    sources = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    tensors = {**ep.state_dict, **ep.constants}
+    graph, env, root = Graph(), {}, torch.nn.Module()
+    by_storage: dict[tuple, str] = {}  # tied weights -> one FQN
+    gm_tmp = GraphModule(root, Graph())
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in sources:
+            fqn = sources[node.name]
+            t = tensors[fqn]
+            name = fqn[len(prefix):] if fqn.startswith(prefix) else fqn
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if key not in by_storage:
+                by_storage[key] = name
+                set_tensor(gm_tmp, name, t.detach())
+            new = graph.get_attr(by_storage[key])
+            new.meta.update(node.meta)
+            new.meta[FQN] = by_storage[key]
+        elif node.op == "output":
+            outs = node.args[0]
+            out = outs[0] if isinstance(outs, (tuple, list)) and len(outs) == 1 else outs
+            new = graph.output(torch.fx.map_arg(out, lambda n: env[n]))
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+            stack = node.meta.get("nn_module_stack")
+            if stack:
+                path = list(stack.values())[-1][0]
+                new.meta[MODULE] = path[len(prefix):] if path.startswith(prefix) else path
+        env[node] = new
+    gm = GraphModule(gm_tmp, graph)
+    gm.graph.lint()
+    return gm

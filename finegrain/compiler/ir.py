@@ -1,0 +1,120 @@
+"""The IR is a ``torch.fx.GraphModule`` of ATen ops (from ``torch.export``). This module holds the
+``node.meta`` keys that passes communicate through, and the graph queries they share.
+
+Constants are ``get_attr`` nodes whose target is the tensor's fully qualified name (FQN) in the
+source model (``model.layers.0.self_attn.q_proj.weight``); quantized weights add
+``<fqn>_packed`` / ``<fqn>_scale`` / ``<fqn>_zero`` beside it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+# ---- meta keys (the only channel between passes, besides the stats store) -------------------
+FQN = "finegrain_fqn"  # get_attr node: FQN of the tensor it loads
+WEIGHT_FORMAT = "finegrain_weight_format"  # quantizable op: QuantFormat chosen for its weight
+ACT_FORMAT = "finegrain_act_format"  # quantizable op: QuantFormat chosen for its input activation
+QWEIGHT = "finegrain_qweight"  # quantizable op: QTensor of its quantized weight (quantize_weights)
+ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "matmul" | "conv" | "embedding"
+OBSERVED = "finegrain_observed"  # node whose output the stats store has statistics for
+MODULE = "finegrain_module"  # call_function node: path of the innermost source module that ran it
+
+OpKind = Literal["linear", "matmul", "conv", "embedding"]
+
+# op -> (kind, index of the weight argument, index of the activation argument)
+QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
+    aten.linear.default: ("linear", 1, 0),
+    aten.convolution.default: ("conv", 1, 0),
+    aten.embedding.default: ("embedding", 0, 1),
+    aten.matmul.default: ("matmul", 1, 0),
+    aten.mm.default: ("matmul", 1, 0),
+    aten.bmm.default: ("matmul", 1, 0),
+}
+
+# ops that move or re-type a tensor without computing on it
+PASS_THROUGH = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+    aten.alias.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+    aten.contiguous.default, aten.detach.default,
+}
+
+
+@dataclass(frozen=True)
+class QuantOp:
+    """A quantizable op in the graph."""
+
+    node: Node
+    kind: OpKind
+    role: str
+    weight: Node | None  # the get_attr node of its constant weight, if any
+    weight_fqn: str | None
+    activation: Node  # the activation input
+
+    @property
+    def name(self) -> str:
+        """Human name: the path of the module that ran the op (``model.layers.0.mlp.up_proj``),
+        else its weight's module path, else the node name."""
+        if self.node.meta.get(MODULE):
+            return self.node.meta[MODULE]
+        return self.weight_fqn.rsplit(".", 1)[0] if self.weight_fqn else self.node.name
+
+
+def get_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_tensor(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    *path, leaf = target.split(".")
+    mod = gm
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(value, torch.nn.Parameter):
+        value = value.detach()
+    mod.register_buffer(leaf, value)
+
+
+def producer(node: Node) -> Node:
+    """Walk from ``node`` back through pass-through ops (view/reshape/to/clone/alias) to the op
+    that computed it; stops at any other op (so it never crosses into attention)."""
+    while node.op == "call_function" and node.target in PASS_THROUGH:
+        node = node.args[0]
+    return node
+
+
+def _feeds_output(node: Node) -> bool:
+    """True when ``node`` reaches the graph output through pass-through ops only."""
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user.op == "output":
+                return True
+            if user.op == "call_function" and (user.target in PASS_THROUGH or user.target is operator.getitem):
+                frontier.append(user)
+    return False
+
+
+def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
+    """All quantizable ops in graph order with their weight (if constant) and role."""
+    ops = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in QUANTIZABLE:
+            continue
+        kind, w_idx, a_idx = QUANTIZABLE[node.target]
+        w = node.args[w_idx]
+        weight = w if isinstance(w, Node) and w.op == "get_attr" else None
+        role = "lm_head" if kind == "linear" and _feeds_output(node) else kind
+        ops.append(QuantOp(node, kind, role, weight, weight.meta.get(FQN, weight.target) if weight else None,
+                           node.args[a_idx]))
+    return ops

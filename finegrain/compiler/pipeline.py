@@ -1,0 +1,65 @@
+"""The pass pipeline: a literal list, run top to bottom.
+
+``run_passes`` times each pass, runs the verifier after it, and with ``FINEGRAIN_DUMP=dir``
+writes the graph after each pass to ``dir/NN_<pass>.txt``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from torch.fx import GraphModule
+
+from finegrain.compiler.recipe import Recipe
+from finegrain.compiler.stats import StatsStore
+from finegrain.compiler.verify import verify
+from finegrain.passes.allocate_bits import allocate_bits
+from finegrain.passes.calibrate import calibrate
+from finegrain.passes.canonicalize import canonicalize
+from finegrain.passes.insert_qdq import insert_qdq
+from finegrain.passes.quantize_weights import quantize_weights
+
+
+@dataclass
+class PassContext:
+    """What passes share besides ``node.meta``: the recipe, calibration data, the stats store,
+    and a report that ends up in the artifact's summary."""
+
+    recipe: Recipe
+    calibration: list[tuple] = field(default_factory=list)
+    stats: StatsStore = field(default_factory=StatsStore)
+    report: dict = field(default_factory=dict)
+    show_progress: bool = True
+
+    def progress(self, items: Iterable, desc: str) -> Iterable:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.show_progress, leave=False)
+
+
+Pass = Callable[[GraphModule, PassContext], GraphModule]
+
+PIPELINE: list[tuple[str, Pass]] = [
+    ("canonicalize", canonicalize),  # drop export-time assertions, dead code
+    ("calibrate", calibrate),  # fill the stats store from calibration batches
+    ("allocate_bits", allocate_bits),  # a QuantFormat per weight / activation (recipe rules)
+    ("quantize_weights", quantize_weights),  # RTN codes + scales, per-layer error record
+    ("insert_qdq", insert_qdq),  # packed weights + Q/DQ custom ops
+]
+
+
+def run_passes(gm: GraphModule, ctx: PassContext, pipeline: list[tuple[str, Pass]] = PIPELINE) -> GraphModule:
+    dump = os.environ.get("FINEGRAIN_DUMP")
+    timings = ctx.report.setdefault("pass_seconds", {})
+    for i, (name, fn) in enumerate(pipeline):
+        t0 = time.perf_counter()
+        gm = fn(gm, ctx)
+        timings[name] = round(time.perf_counter() - t0, 3)
+        verify(gm, name)
+        if dump:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            (Path(dump) / f"{i:02d}_{name}.txt").write_text(gm.print_readable(print_output=False))
+    return gm

@@ -1,0 +1,205 @@
+"""Recipes: rules from graph role or name pattern to formats, plus pass options; and presets.
+
+A :class:`Rule` matches quantizable ops by ``role`` (``linear``, ``lm_head``, ``embedding``,
+``matmul``, ``conv``; see ``compiler/ir.py``) and/or a regular expression over the op's name (the
+module path of its weight, e.g. ``model.layers.3.mlp.down_proj``). The *last* matching rule wins,
+so a recipe reads "defaults first, exceptions after". A rule with ``weight=None`` and
+``activation=None`` keeps the op in floating point.
+
+Recipes round-trip through dict / JSON / YAML and are validated on load; errors name the field
+(``rules[2].weight.bits``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finegrain.errors import RecipeError
+from finegrain.formats import QuantFormat
+
+ROLES = ("linear", "lm_head", "embedding", "matmul", "conv")
+WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [N, K] the formats cover
+ACT_ROLES = ("linear", "lm_head")
+WEIGHT_ALGORITHMS = ("rtn",)
+ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
+
+
+@dataclass(frozen=True)
+class Rule:
+    role: str | None = None
+    pattern: str | None = None
+    weight: QuantFormat | None = None
+    activation: QuantFormat | None = None
+
+    def __post_init__(self) -> None:
+        if self.role is None and self.pattern is None:
+            raise ValueError("role/pattern: a rule needs a role, a name pattern, or both")
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"role: {self.role!r} is not one of {ROLES}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"pattern: {self.pattern!r} is not a valid regular expression ({e})") from None
+        if self.weight is not None and self.weight.dynamic:
+            raise ValueError("weight.dynamic: weights are quantized offline; dynamic applies to activations")
+        if self.role is not None and self.weight is not None and self.role not in WEIGHT_ROLES:
+            raise ValueError(f"weight: weight formats for role {self.role!r} are not supported yet ({WEIGHT_ROLES})")
+        if self.role is not None and self.activation is not None and self.role not in ACT_ROLES:
+            raise ValueError(f"activation: activation formats for role {self.role!r} are not supported yet")
+
+    def matches(self, role: str, name: str) -> bool:
+        return (self.role is None or self.role == role) and (self.pattern is None or re.search(self.pattern, name) is not None)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Rules plus the options of the passes they drive."""
+
+    name: str = "custom"
+    rules: tuple[Rule, ...] = ()
+    weight_algorithm: str = "rtn"
+    act_range: str = "absmax"
+    calibration_samples: int = 32
+    calibration_seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.weight_algorithm not in WEIGHT_ALGORITHMS:
+            raise ValueError(f"weight_algorithm: {self.weight_algorithm!r} is not one of {WEIGHT_ALGORITHMS}")
+        if self.act_range not in ACT_RANGES:
+            raise ValueError(f"act_range: {self.act_range!r} is not one of {ACT_RANGES}")
+        for f in ("calibration_samples", "calibration_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+
+    def formats_for(self, role: str, name: str) -> tuple[QuantFormat | None, QuantFormat | None]:
+        """(weight format, activation format) for an op; (None, None) keeps it in float."""
+        chosen = (None, None)
+        for rule in self.rules:
+            if rule.matches(role, name):
+                chosen = (rule.weight, rule.activation)
+        return chosen
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
+
+    # ---- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rules"}
+        d["rules"] = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in self.rules]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError(f"recipe: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RecipeError(f"recipe: unknown field(s) {unknown}; valid: {sorted(known)}")
+        rules_in = d.get("rules", [])
+        if not isinstance(rules_in, list):
+            raise RecipeError("rules: expected a list of rules")
+        rules = [_rule_from_dict(r, f"rules[{i}]") for i, r in enumerate(rules_in)]
+        try:
+            return cls(**{**{k: v for k, v in d.items() if k != "rules"}, "rules": tuple(rules)})
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"recipe.{e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        from finegrain.runtime.files import atomic_write_text
+
+        atomic_write_text(path, text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:
+            raise RecipeError(f"recipe file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except RecipeError as e:
+            raise RecipeError(f"{path}: {e}") from None
+
+
+def _rule_from_dict(d: Any, where: str) -> Rule:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: expected a mapping with role/pattern/weight/activation")
+    known = {f.name for f in dataclasses.fields(Rule)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
+    kw = dict(d)
+    try:
+        for key in ("weight", "activation"):
+            if kw.get(key) is not None:
+                v = kw[key]
+                kw[key] = QuantFormat.parse(v) if isinstance(v, str) else QuantFormat.from_dict(v, key)
+        return Rule(**kw)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}.{e}") from None
+
+
+# ---- presets ------------------------------------------------------------------------------------
+def _w(bits: int, group: int | None, symmetric: bool) -> QuantFormat:
+    if group is None:
+        return QuantFormat(bits=bits, granularity="channel", symmetric=symmetric, scale="fp16")
+    return QuantFormat(bits=bits, granularity="group", group_size=group, symmetric=symmetric, scale="fp16")
+
+
+A8_DYNAMIC = QuantFormat(bits=8, granularity="token", symmetric=True, scale="fp32", dynamic=True)
+A8_STATIC = QuantFormat(bits=8, granularity="tensor", symmetric=True, scale="fp32")
+
+
+def _linears(name: str, weight: QuantFormat, act: QuantFormat | None = None, **opts: Any) -> Recipe:
+    # lm_head and embeddings stay in float by default (as llm-compressor / AutoGPTQ do): the
+    # tied SmolLM2 embedding is 21% of its weights and the logits are the most sensitive layer.
+    return Recipe(name=name, rules=(Rule(role="linear", weight=weight, activation=act),), **opts)
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8": _linears("w8a8", _w(8, None, True), A8_DYNAMIC),
+    "w8a8-static": _linears("w8a8-static", _w(8, None, True), A8_STATIC),
+    "w4a16-g128": _linears("w4a16-g128", _w(4, 128, False)),
+    "w4a16-g64": _linears("w4a16-g64", _w(4, 64, False)),
+    "w3a16-g128": _linears("w3a16-g128", _w(3, 128, False)),
+    "w4a8-g128": _linears("w4a8-g128", _w(4, 128, False), A8_DYNAMIC),
+    "w8a16": _linears("w8a16", _w(8, None, True)),
+}
+
+
+def get_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
+    """A preset name, a recipe file (.json/.yaml), a dict, or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return Recipe.from_dict(spec)
+    s = str(spec)
+    if s in PRESETS:
+        return PRESETS[s]
+    if Path(s).suffix in (".json", ".yaml", ".yml"):
+        return Recipe.load(s)
+    raise RecipeError(f"unknown recipe {s!r}: not a preset ({', '.join(PRESETS)}) nor a .json/.yaml recipe file")

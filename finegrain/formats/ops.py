@@ -1,0 +1,83 @@
+"""finegrain's quantize/dequantize as ``torch.library`` custom ops (with fake kernels).
+
+They are single nodes in an exported graph, survive re-export, and each backend lowers them.
+The CPU kernels call the format's reference quantize/dequantize (``QuantFormat``), so the
+graph-side semantics are defined in exactly one place. The format travels as its tag string.
+
+* ``finegrain::dequantize_packed(packed, scale, zero, fmt, shape, out_dtype)``: a weight stored
+  as bit-packed codes (``formats/packing.py``) with per-group scales and packed zero points.
+* ``finegrain::quantize(x, fmt, scale?, zero?) -> (codes, scale, zero)``: activations; dynamic
+  formats choose scale/zero from ``x`` at run time, static ones take calibrated constants.
+* ``finegrain::dequantize(codes, scale, zero, fmt, out_dtype)``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from finegrain.formats.base import QTensor, QuantFormat
+from finegrain.formats.packing import unpack
+
+
+@lru_cache(maxsize=256)
+def _fmt(tag: str) -> QuantFormat:
+    return QuantFormat.parse(tag)
+
+
+def _signed(fmt: QuantFormat) -> bool:
+    return fmt.family.code_range(fmt)[0] < 0
+
+
+def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  fmt: QuantFormat, shape: list[int]) -> QTensor:
+    codes = unpack(packed, fmt.bits, _signed(fmt), shape[-1])
+    if zero is None or zero.numel() == 0:
+        z = torch.zeros(scale.shape, dtype=torch.int32)
+    else:
+        z = unpack(zero, fmt.bits, False, scale.shape[-1]).to(torch.int32)
+    return QTensor(codes.reshape(shape), scale, z)
+
+
+@torch.library.custom_op("finegrain::dequantize_packed", mutates_args=())
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: str,
+                      shape: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+    f = _fmt(fmt)
+    return f.dequantize(unpack_weight(packed, scale, zero, f, shape), out_dtype)
+
+
+@dequantize_packed.register_fake
+def _(packed, scale, zero, fmt, shape, out_dtype):
+    return packed.new_empty(shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("finegrain::quantize", mutates_args=())
+def quantize(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None,
+             zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = _fmt(fmt).quantize(x, scale, zero)
+    return q.codes, q.scale.clone(), q.zero.clone()  # custom ops may not return (views of) inputs
+
+
+@quantize.register_fake
+def _(x, fmt, scale=None, zero=None):
+    f = _fmt(fmt)
+    pshape = (1,) if f.granularity == "tensor" else (*x.shape[:-1], f.num_groups(x.shape[-1]))
+    code_dtype = torch.int8 if _signed(f) else torch.uint8
+    return (x.new_empty(x.shape, dtype=code_dtype), x.new_empty(pshape, dtype=torch.float32),
+            x.new_empty(pshape, dtype=torch.int32))
+
+
+@torch.library.custom_op("finegrain::dequantize", mutates_args=())
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: str,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return _fmt(fmt).dequantize(QTensor(codes, scale, zero), out_dtype)
+
+
+@dequantize.register_fake
+def _(codes, scale, zero, fmt, out_dtype):
+    return codes.new_empty(codes.shape, dtype=out_dtype)
+
+
+DEQUANTIZE_PACKED = torch.ops.finegrain.dequantize_packed.default
+QUANTIZE = torch.ops.finegrain.quantize.default
+DEQUANTIZE = torch.ops.finegrain.dequantize.default

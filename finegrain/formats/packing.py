@@ -1,0 +1,43 @@
+"""Dense bit packing of integer codes along the last dimension (storage layout of artifacts).
+
+Codes of ``b`` bits are stored as an unsigned bit stream, little-endian within each byte:
+element ``i`` of a row occupies bits ``[i*b, (i+1)*b)`` of the row's stream. For 4-bit codes
+this is "low nibble = even element" (the ONNX Runtime MatMulNBits convention). Each row is padded
+to whole bytes. Signed codes are stored offset by ``2^(b-1)``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def packed_row_bytes(k: int, bits: int) -> int:
+    return math.ceil(k * bits / 8)
+
+
+def pack(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Pack ``codes`` ``[..., K]`` (int8/uint8 in range) into uint8 ``[..., ceil(K*bits/8)]``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack: bits={bits} out of range 1..8")
+    u = codes.to(torch.int16) + (2 ** (bits - 1) if signed else 0)
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
+        raise ValueError(f"pack: codes out of range for {bits}-bit {'signed' if signed else 'unsigned'} values")
+    arr = u.to(torch.uint8).numpy()
+    lead, k = arr.shape[:-1], arr.shape[-1]
+    bit_planes = np.unpackbits(arr[..., None], axis=-1, bitorder="little")[..., :bits]  # [..., K, bits]
+    stream = bit_planes.reshape(*lead, k * bits)
+    return torch.from_numpy(np.packbits(stream, axis=-1, bitorder="little"))
+
+
+def unpack(packed: torch.Tensor, bits: int, signed: bool, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: uint8 ``[..., ceil(K*bits/8)]`` back to codes ``[..., K]``."""
+    arr = packed.contiguous().numpy()
+    if arr.shape[-1] != packed_row_bytes(k, bits):
+        raise ValueError(f"unpack: last dim {arr.shape[-1]} bytes does not hold {k} x {bits}-bit codes")
+    lead = arr.shape[:-1]
+    stream = np.unpackbits(arr, axis=-1, bitorder="little")[..., : k * bits].reshape(*lead, k, bits)
+    vals = np.packbits(stream, axis=-1, bitorder="little")[..., 0]
+    out = torch.from_numpy(vals.astype(np.int16))
+    return (out - 2 ** (bits - 1)).to(torch.int8) if signed else out.to(torch.uint8)

@@ -1,0 +1,91 @@
+"""Load a Llama-architecture GGUF file (llama.cpp format) into a transformers model, offline.
+
+Every tensor is dequantized to fp32 with the ``gguf`` package. llama.cpp's converter permutes
+the rows of Q and K for its RoPE layout; :func:`_unpermute_qk` undoes that (as transformers'
+own GGUF loader does), so the model matches the Hugging Face layout exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _field(reader, key: str):
+    if key not in reader.fields:
+        raise ValueError(f"GGUF file has no metadata field {key!r}")
+    return reader.fields[key].contents()
+
+
+def load_gguf_llama(path: str | Path) -> torch.nn.Module:
+    """Build a ``LlamaForCausalLM`` (fp32, eval mode) from a Llama GGUF file."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    reader = gguf.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    n_head, n_kv = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
+    names = {t.name for t in reader.tensors}
+    config = LlamaConfig(
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        hidden_size=_field(reader, "llama.embedding_length"),
+        intermediate_size=_field(reader, "llama.feed_forward_length"),
+        num_hidden_layers=_field(reader, "llama.block_count"),
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=_field(reader, "llama.context_length"),
+        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base")),
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        tie_word_embeddings="output.weight" not in names,
+    )
+    state = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name in _TOP_NAMES:
+            name = _TOP_NAMES[t.name]
+        else:
+            _, layer, rest = t.name.split(".", 2)
+            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        if rest_is(t.name, "attn_q.weight"):
+            w = _unpermute_qk(w, n_head)
+        elif rest_is(t.name, "attn_k.weight"):
+            w = _unpermute_qk(w, n_kv)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb.__init__(config=config)  # real (non-meta) inv_freq buffers
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: GGUF file lacks tensors for {missing[:5]}")
+    return model.eval()
+
+
+def rest_is(name: str, suffix: str) -> bool:
+    return name.startswith("blk.") and name.endswith(suffix)

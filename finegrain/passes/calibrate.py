@@ -1,0 +1,77 @@
+"""Calibration: run calibration batches once and fill the stats store.
+
+Observes the activation input of every quantizable op (shared inputs, e.g. q/k/v's, once) with
+per-channel min / max / absmax / E[x^2] and a bounded sample for percentiles
+(``compiler/stats.py``). The graph is truncated after the last observed node, so ops that no
+statistic needs (e.g. a float LM head over a 49k vocabulary) are not run.
+
+Requires: ``ctx.calibration`` (a list of input tuples). Ensures: ``ctx.stats`` holds an entry for
+every observed node (keyed by node name) and those nodes carry ``meta[OBSERVED]``. The input
+graph is not modified (the instrumented copy is discarded).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.fx import GraphModule
+
+from finegrain.compiler.ir import OBSERVED, get_tensor, quantizable_ops, set_tensor
+from finegrain.errors import InputError
+
+
+class _Observer(torch.nn.Module):
+    def __init__(self, ctx, key: str, layer: str):
+        super().__init__()
+        self.ctx, self.key, self.layer = ctx, key, layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise InputError(f"calibration activation at node {self.key!r} (input of {self.layer}) contains "
+                             "NaN or Inf; check the calibration data and the weights feeding this layer")
+        self.ctx.stats.update(self.key, x)
+        return x.new_empty(0)
+
+
+def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
+    targets = {}
+    for op in quantizable_ops(gm):
+        a = op.activation
+        if op.kind != "embedding" and a.name not in targets:
+            targets[a.name] = (a, op.name)
+    if not targets:
+        return None, []
+    root = torch.nn.Module()
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    outs = []
+    for i, (name, (_, layer)) in enumerate(targets.items()):
+        root.add_module(f"obs{i}", _Observer(ctx, name, layer))
+        node = by_name[name]
+        with graph.inserting_after(node):
+            outs.append(graph.call_module(f"obs{i}", (node,)))
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    out_node.args = (tuple(outs),)
+    for n in graph.nodes:  # constants are shared, not copied
+        if n.op == "get_attr":
+            set_tensor(root, n.target, get_tensor(gm, n.target))
+    inst = GraphModule(root, graph)
+    inst.graph.eliminate_dead_code()  # drops everything after the last observer
+    inst.recompile()
+    return inst, list(targets)
+
+
+def calibrate(gm: GraphModule, ctx) -> GraphModule:
+    """Run ``ctx.calibration`` through an observed copy of ``gm``; fill ``ctx.stats``."""
+    if not ctx.calibration:
+        return gm
+    inst, keys = _instrumented(gm, ctx)
+    if inst is None:
+        return gm
+    with torch.inference_mode():
+        for batch in ctx.progress(ctx.calibration, desc="calibrate"):
+            inst(*batch)
+    for n in gm.graph.nodes:
+        if n.name in keys:
+            n.meta[OBSERVED] = True
+    return gm

@@ -1,0 +1,114 @@
+"""Materialize quantization in the graph (the "materialize" step of PT2E's annotate/materialize).
+
+* Weights: each quantized weight becomes bit-packed codes (``formats/packing.py``), scales in the
+  format's scale dtype and packed integer zero points, read by one
+  ``finegrain::dequantize_packed`` node that replaces the float weight as the op's argument.
+  A float weight with no remaining user is removed from the module.
+* Activations: ``finegrain::quantize`` -> ``finegrain::dequantize`` in front of the op. Dynamic
+  formats choose scales at run time; static ones read calibrated constants (range from
+  ``recipe.act_range``: absmax or a percentile of |x|). Consumers of one tensor with one format
+  (q/k/v) share one Q/DQ pair.
+
+Requires: ``meta[QWEIGHT]`` from quantize_weights; ``meta[ACT_FORMAT]``; stats for static
+activations. Ensures: no quantizable op reads a quantized float weight; running it again adds
+nothing (ops whose weight is already dequantize_packed, or whose input is already a dequantize,
+are skipped).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from finegrain.compiler.ir import ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, quantizable_ops, set_tensor
+from finegrain.errors import InputError
+from finegrain.formats import QuantFormat, pack
+from finegrain.formats.base import SCALE_DTYPES
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, _signed
+
+
+def _constant(gm: GraphModule, graph, name: str, value: torch.Tensor) -> Node:
+    set_tensor(gm, name, value.contiguous())
+    return graph.get_attr(name)
+
+
+def _weight_qdq(gm: GraphModule, op, fmt: QuantFormat) -> None:
+    q = op.node.meta.pop(QWEIGHT)
+    base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
+    g = gm.graph
+    with g.inserting_before(op.node):
+        packed = _constant(gm, g, f"{base}packed", pack(q.codes, fmt.bits, _signed(fmt)))
+        scale = _constant(gm, g, f"{base}scale", q.scale.to(SCALE_DTYPES[fmt.scale]))
+        zero_t = torch.empty(0, dtype=torch.uint8) if fmt.symmetric else pack(q.zero.to(torch.uint8), fmt.bits, False)
+        zero = _constant(gm, g, f"{base}zero", zero_t)
+        dq = g.call_function(DEQUANTIZE_PACKED, (packed, scale, zero, fmt.tag, list(q.codes.shape),
+                                                 op.node.meta.get("val", torch.empty(0)).dtype))
+    _, w_idx, _ = QUANTIZABLE[op.node.target]
+    args = list(op.node.args)
+    args[w_idx] = dq
+    op.node.args = tuple(args)
+
+
+def _act_params(ctx, node: Node, fmt: QuantFormat, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if node.name not in ctx.stats:
+        raise InputError(f"{layer}: static activation format {fmt.tag} needs calibration statistics for its input "
+                         f"{node.name!r}; pass calibration data")
+    st = ctx.stats[node.name]
+    rng = ctx.recipe.act_range
+    if fmt.granularity != "tensor":
+        raise InputError(f"{layer}: static activation formats must be per-tensor, got {fmt.granularity}")
+    if fmt.symmetric:
+        hi = float(st.absmax.max()) if rng == "absmax" else st.percentile(float(rng[1:]))
+        lo = -hi
+    else:
+        lo, hi = float(st.min.min()), float(st.max.max())
+    x = torch.tensor([[lo, hi]], dtype=torch.float32)
+    q = fmt.quantize(x)  # the format's own parameter choice on the calibrated range
+    return q.scale.reshape(1), q.zero.reshape(1)
+
+
+def _act_qdq(gm: GraphModule, ctx, op, fmt: QuantFormat, shared: dict) -> None:
+    x = op.activation
+    key = (x, fmt)
+    if key not in shared:
+        # before the first consumer: later consumers of the same tensor come after it
+        g = gm.graph
+        with g.inserting_before(op.node):
+            args = (x, fmt.tag)
+            if not fmt.dynamic:
+                s, z = _act_params(ctx, x, fmt, op.name)
+                args += (_constant(gm, g, f"{op.name}.input_scale", s), _constant(gm, g, f"{op.name}.input_zero", z))
+            qn = g.call_function(QUANTIZE, args)
+            parts = tuple(g.call_function(operator.getitem, (qn, i)) for i in range(3))
+            dtype = x.meta.get("val", torch.empty(0)).dtype
+            shared[key] = g.call_function(DEQUANTIZE, (*parts, fmt.tag, dtype))
+    op.node.replace_input_with(x, shared[key])
+
+
+def insert_qdq(gm: GraphModule, ctx) -> GraphModule:
+    shared: dict = {}
+    for op in quantizable_ops(gm):
+        w_fmt = op.node.meta.get(WEIGHT_FORMAT)
+        if w_fmt is not None and QWEIGHT in op.node.meta:
+            _weight_qdq(gm, op, w_fmt)
+        a_fmt = op.node.meta.get(ACT_FORMAT)
+        already = op.activation.op == "call_function" and op.activation.target == DEQUANTIZE
+        if a_fmt is not None and not already:
+            _act_qdq(gm, ctx, op, a_fmt, shared)
+    for node in list(gm.graph.nodes):  # float weights nobody reads any more
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    _drop_unused_tensors(gm)
+    gm.recompile()
+    return gm
+
+
+def _drop_unused_tensors(gm: GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if name not in used:
+            *path, leaf = name.split(".")
+            mod = gm.get_submodule(".".join(path)) if path else gm
+            delattr(mod, leaf)

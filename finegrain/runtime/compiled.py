@@ -1,0 +1,84 @@
+"""``CompiledModel``: a quantized graph plus what it needs to run, describe and save itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from finegrain.compiler.recipe import Recipe
+from finegrain.errors import InputError
+
+BACKENDS = ("torch",)
+
+
+def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "dynamic_dims": dynamic_dims}
+
+
+def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
+    """Raise InputError unless ``inputs`` match ``specs`` (count, dtype, rank, static dims)."""
+    if len(inputs) != len(specs):
+        raise InputError(f"{what}: expected {len(specs)} tensor(s) ({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
+    for t, s in zip(inputs, specs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{what} {s['name']!r}: expected a tensor, got {type(t).__name__}")
+        if str(t.dtype).removeprefix("torch.") != s["dtype"] or t.dim() != len(s["shape"]):
+            raise InputError(f"{what} {s['name']!r}: expected {s['dtype']} with {len(s['shape'])} dims "
+                             f"(like {s['shape']}), got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+        for d, (got, want) in enumerate(zip(t.shape, s["shape"])):
+            if d not in s["dynamic_dims"] and got != want:
+                raise InputError(f"{what} {s['name']!r}: dim {d} must be {want} (only dims {s['dynamic_dims']} "
+                                 f"vary), got shape {list(t.shape)}")
+
+
+@dataclass
+class CompiledModel:
+    """Call it like the model (positional tensors), ``save`` it, ``load`` it back."""
+
+    gm: GraphModule
+    recipe: Recipe
+    input_specs: list[dict]
+    source: dict = field(default_factory=dict)
+    quantized: dict = field(default_factory=dict)  # weight fqn -> format, shape, bits
+    layer_report: dict = field(default_factory=dict)  # op name -> error stats
+    tokenizer: Any = None
+    timings: dict = field(default_factory=dict)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.session().run(*inputs)
+
+    def session(self, backend: str = "torch"):
+        """A runnable session on ``backend`` (today: ``torch``, the reference)."""
+        if backend not in BACKENDS:
+            raise InputError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+        from finegrain.backends.torch_ref import TorchRefSession
+
+        return TorchRefSession(self.gm, self.input_specs)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        from finegrain.runtime.artifact import save_artifact
+
+        return save_artifact(self, path, overwrite)
+
+    # ---- size accounting --------------------------------------------------------------------
+    def model_bytes(self) -> int:
+        """Bytes of every stored tensor (what the artifact's safetensors holds)."""
+        return sum(t.numel() * t.element_size() for _, t in self.gm.named_buffers())
+
+    def quantized_bits_per_weight(self) -> float | None:
+        """True bits per weight over the quantized tensors, scales and zero points included."""
+        if not self.quantized:
+            return None
+        bits = sum(q["bits"] for q in self.quantized.values())
+        n = sum(torch.Size(q["shape"]).numel() for q in self.quantized.values())
+        return bits / n
+
+    @classmethod
+    def from_manifest(cls, gm: GraphModule, manifest: dict, tokenizer: Any = None) -> "CompiledModel":
+        return cls(gm=gm, recipe=Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
+                   source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
+                   layer_report=manifest.get("layers", {}), tokenizer=tokenizer)
