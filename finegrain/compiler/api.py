@@ -16,7 +16,9 @@ from finegrain.runtime.compiled import CompiledModel, check_inputs, input_spec
 def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool) -> list[dict]:
     specs = []
     for i, t in enumerate(example_inputs):
-        dyn = [1] if dynamic and t.dim() == 2 and not t.is_floating_point() else []
+        dyn = []
+        if dynamic and t.dim() == 2 and not t.is_floating_point():  # as capture._dynamic_shapes
+            dyn = [0, 1] if t.shape[0] >= 2 else [1]
         specs.append(input_spec(t, names[i] if i < len(names) else f"input{i}", dyn))
     return specs
 

@@ -2,7 +2,10 @@
 
 * non-strict export by default (``strict=True`` on request), dynamic sequence length (dim 1 of
   every 2-D integer input) so one graph serves calibration, evaluation and any prompt length;
-* decomposed to ATen with ``aten.linear`` (and SDPA) kept whole, so linears stay findable;
+* the graph is torch.export's ATen training IR (``decompose=False``, the default: re-tracing
+  through ``run_decompositions`` costs 2x the export itself on SmolLM2 with dynamic shapes and
+  only rewrites ops like silu/transpose); ``decompose=True`` lowers to core ATen while keeping
+  ``aten.linear`` (and SDPA) whole, so linears stay findable either way;
 * Hugging Face models are wrapped to take tensors positionally and return one tensor (logits for
   causal LMs with ``use_cache=False``, ``last_hidden_state`` for encoders);
 * parameters, buffers and constants become ``get_attr`` nodes named by their FQN in the source
@@ -54,11 +57,23 @@ def _decompositions() -> dict:
 
 
 def _dynamic_shapes(model: torch.nn.Module, inputs: tuple, dynamic: bool):
+    """dim 1 (sequence) of every 2-D integer input is dynamic, up to the model's context; the
+    batch dim is dynamic too when the example batch is >= 2 (export specializes size-1 dims)."""
     if not dynamic:
         return None
-    seq = torch.export.Dim("seq", min=2, max=1 << 16)
-    specs = tuple({1: seq} if t.dim() == 2 and not t.is_floating_point() else None for t in inputs)
-    return (specs,) if isinstance(model, HFWrapper) else specs  # HFWrapper.forward(*inputs)
+    config = getattr(getattr(model, "model", model), "config", None)
+    max_seq = int(getattr(config, "max_position_embeddings", None) or 1 << 16)
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    batch = torch.export.Dim("batch", min=2, max=1 << 16)
+    specs = []
+    for t in inputs:
+        spec = {}
+        if t.dim() == 2 and not t.is_floating_point():
+            spec[1] = seq
+            if t.shape[0] >= 2:
+                spec[0] = batch
+        specs.append(spec or None)
+    return (tuple(specs),) if isinstance(model, HFWrapper) else tuple(specs)  # HFWrapper.forward(*inputs)
 
 
 def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:
@@ -79,7 +94,7 @@ def check_finite_parameters(model: torch.nn.Module) -> None:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
-            dynamic: bool = True, strict: bool = False) -> GraphModule:
+            dynamic: bool = True, strict: bool = False, decompose: bool = False) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring)."""
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
@@ -92,7 +107,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         with torch.no_grad():
             ep = torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_shapes(model, example_inputs, dynamic),
                                      strict=strict)
-            ep = ep.run_decompositions(_decompositions())
+            if decompose:
+                ep = ep.run_decompositions(_decompositions())
     except Exception as e:  # torch raises many types here; all become one actionable error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("try strict=True" if not strict else "try strict=False") + \

@@ -1,0 +1,50 @@
+"""Loaders for real checkpoints (offline) and small reference models.
+
+``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``) or a local Hugging
+Face model directory (config.json + safetensors) and returns a :class:`LoadedModel`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from finegrain.errors import InputError
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    task: str  # "causal-lm" | "encoder"
+    source: dict  # how to find it again; goes into the artifact manifest
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def _bundled() -> dict[str, Callable[[], LoadedModel]]:
+    from finegrain.models.bundled import load_minilm, load_smollm2
+
+    return {"smollm2-135m": load_smollm2, "minilm-l6": load_minilm}
+
+
+BUNDLED_NAMES = ("smollm2-135m", "minilm-l6")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def load_model(spec: str | Path) -> LoadedModel:
+    """A bundled model by name, or a local Hugging Face model directory."""
+    spec = str(spec)
+    if spec in BUNDLED_NAMES:
+        return _bundled()[spec]()
+    path = Path(spec)
+    if path.is_dir():
+        from finegrain.models.hf_dir import load_hf_dir
+
+        return load_hf_dir(path)
+    raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}) nor a local "
+                     "Hugging Face model directory")

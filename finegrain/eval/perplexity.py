@@ -1,0 +1,80 @@
+"""Perplexity on WikiText-2 test and calibration batches from the Brown corpus.
+
+Protocol (DESIGN.md): tokenize the WikiText-2 test stream once, cut it into non-overlapping
+windows of ``seq_len`` tokens (capped by the model's context), average the next-token NLL over
+every predicted token, ppl = exp(mean NLL). Windows are streamed: only one window's logits exist
+at a time. ``max_windows`` evaluates the first N windows (quick runs; say so when reporting).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from finegrain.data import brown_paragraphs, wikitext2_test
+from finegrain.errors import InputError
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+_TOKEN_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _tokenize(tokenizer, name: str, text_fn: Callable[[], str]) -> torch.Tensor:
+    key = (id(tokenizer), name)
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = torch.tensor(tokenizer(text_fn()).input_ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def wikitext_ids(tokenizer) -> torch.Tensor:
+    return _tokenize(tokenizer, "wikitext2-test", wikitext2_test)
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float
+    tokens: int
+    windows: int
+    windows_available: int
+    seq_len: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity(logits_fn: LogitsFn, tokenizer, seq_len: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> PerplexityResult:
+    """Mean next-token NLL of ``logits_fn`` over WikiText-2 test windows of ``seq_len``."""
+    if seq_len < 2:
+        raise InputError(f"seq_len must be >= 2, got {seq_len}")
+    ids = wikitext_ids(tokenizer)
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise InputError(f"seq_len {seq_len} is longer than the tokenized corpus ({ids.numel()} tokens)")
+    n = available if not max_windows else min(max_windows, available)
+    from tqdm.auto import tqdm
+
+    total_nll, total_tokens, t0 = 0.0, 0, time.perf_counter()
+    with torch.inference_mode():
+        for w in tqdm(range(n), desc=f"ppl@{seq_len}", disable=not progress, leave=False):
+            window = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0)
+            logits = logits_fn(window)
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+            total_nll += float(nll)
+            total_tokens += seq_len - 1
+    mean = total_nll / total_tokens
+    return PerplexityResult(math.exp(mean), mean, total_tokens, n, available, seq_len, round(time.perf_counter() - t0, 2))
+
+
+def calibration_batches(tokenizer, samples: int = 32, seq_len: int = 512, seed: int = 0) -> list[tuple[torch.Tensor]]:
+    """``samples`` random windows of ``seq_len`` tokens from the Brown corpus slice (fixed seed)."""
+    ids = _tokenize(tokenizer, "brown", lambda: "\n\n".join(brown_paragraphs()))
+    if ids.numel() <= seq_len:
+        raise InputError(f"calibration seq_len {seq_len} exceeds the calibration corpus ({ids.numel()} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
+    return [(ids[s:s + seq_len].unsqueeze(0).clone(),) for s in starts.tolist()]

@@ -1,0 +1,69 @@
+"""Whole jobs shared by the CLI and the benchmarks: compile a loaded model with calibration from
+the vendored corpus, and evaluate float or quantized models the same way."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finegrain.compiler.api import compile as fg_compile
+from finegrain.compiler.recipe import Recipe, get_recipe
+from finegrain.data import brown_paragraphs
+from finegrain.eval.embeddings import embedding_cosine
+from finegrain.eval.perplexity import calibration_batches, perplexity
+from finegrain.models import LoadedModel
+from finegrain.runtime.compiled import CompiledModel
+
+
+def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8) -> list[tuple]:
+    paras = brown_paragraphs()[: samples]
+    out = []
+    for i in range(0, len(paras), batch):
+        enc = tokenizer(paras[i:i + batch], padding="max_length", truncation=True, max_length=seq_len,
+                        return_tensors="pt")
+        if enc["input_ids"].shape[0] == batch:  # one shape for every batch
+            out.append((enc["input_ids"], enc["attention_mask"]))
+    return out
+
+
+def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
+                   seq_len: int | None = None, seed: int = 0, progress: bool = True) -> CompiledModel:
+    """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
+    defaults; 0 samples skips calibration, allowed unless the recipe has static scales)."""
+    recipe = get_recipe(recipe)
+    samples = recipe.calibration_samples if samples is None else samples
+    seq_len = min(recipe.calibration_seq_len if seq_len is None else seq_len, loaded.max_seq_len)
+    if loaded.task == "causal-lm":
+        calib = calibration_batches(loaded.tokenizer, samples, seq_len, seed) if samples else None
+        example = calib[0] if calib else (torch.randint(0, loaded.model.config.vocab_size, (1, 16)),)
+        names = ("input_ids",)
+    else:
+        calib = encoder_calibration(loaded.tokenizer, samples, min(seq_len, 128)) if samples else None
+        example = calib[0] if calib else tuple(loaded.tokenizer(["a b", "c d e"], padding=True, return_tensors="pt")[k]
+                                               for k in ("input_ids", "attention_mask"))
+        names = ("input_ids", "attention_mask")
+    return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
+                      source=loaded.source, progress=progress)
+
+
+def logits_fn(obj: "LoadedModel | CompiledModel"):
+    if isinstance(obj, CompiledModel):
+        return obj
+    model = obj.model
+    return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+def encode_fn(obj: "LoadedModel | CompiledModel"):
+    if isinstance(obj, CompiledModel):
+        return obj
+    model = obj.model
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max_windows: int | None,
+                progress: bool = True) -> dict[str, Any]:
+    return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress).to_dict()
+
+
+def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256) -> dict[str, Any]:
+    return embedding_cosine(encode_fn(fp), encode_fn(q), fp.tokenizer, n)
