@@ -20,19 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finegrain.benchmarks_util import fp_bytes  # noqa: E402
 from finegrain.jobs import compile_loaded, evaluate_encoder, evaluate_lm  # noqa: E402
 from finegrain.models import load_model  # noqa: E402
 
 DEFAULT_PRESETS = ["w8a8", "w8a8-static", "w4a16-g128", "w4a16-g64", "w3a16-g128", "w4a8-g128"]
-
-
-def fp_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
 """Uniform integer formats INT2–INT8, symmetric or asymmetric (integer zero point).
 
 Symmetric:  s = max|x| / (2^(b-1) - 1),  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1).
-Asymmetric: s = (max - min) / (2^b - 1),  z = clamp(round(-min / s), 0, 2^b - 1),
-            q = clamp(round(x / s) + z, 0, 2^b - 1),  x̂ = (q - z) s.
+Asymmetric: s = (max' - min') / (2^b - 1),  z = round(-min' / s),
+            q = clamp(round(x / s) + z, 0, 2^b - 1),  x̂ = (q - z) s,
+            with min' = min(min, 0), max' = max(max, 0): the range always holds 0 (GPTQ and ONNX
+            Runtime's blockwise quantizer do the same), so 0 is exact, z needs no clipping, and a
+            constant group is represented exactly.
 The zero point is stored with ``bits`` bits per group (GPTQ / MatMulNBits convention).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ class IntFamily:
             scale = xg.abs().amax(dim=-1) / (2 ** (fmt.bits - 1) - 1)
             return scale, torch.zeros_like(scale, dtype=torch.int32)
         qmax = 2**fmt.bits - 1
-        lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)
+        lo, hi = xg.amin(dim=-1).clamp(max=0), xg.amax(dim=-1).clamp(min=0)
         scale = (hi - lo) / qmax
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         # the zero point must be rounded against the scale that will be stored

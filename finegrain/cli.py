@@ -1,0 +1,213 @@
+"""finegrain command line: demo | quantize | eval | inspect | presets."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from finegrain.errors import FinegrainError
+
+DEMO_OUT = "out/demo"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("recipe", "layer", "format", "model") else "right")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    _console().print(t)
+
+
+def _ppl_rows(results: list[tuple[str, dict, float | None, int]]) -> list[list]:
+    fp = results[0][1]["ppl"]
+    return [[name, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%", f"{bpw:.3f}" if bpw else "32 (fp32)",
+             f"{nbytes / 1e6:.1f}", f"{r['windows']}/{r['windows_available']}", f"{r['seconds']:.0f}"]
+            for name, r, bpw, nbytes in results]
+
+
+PPL_COLUMNS = ["model", "ppl", "Δ vs FP", "bits/weight", "MB", "windows", "eval s"]
+
+
+def cmd_demo(args) -> None:
+    from finegrain.benchmarks_util import fp_bytes
+    from finegrain.jobs import compile_loaded, evaluate_lm
+    from finegrain.models import load_model
+
+    con = _console()
+    con.print(f"[bold]finegrain demo[/]: {args.model}, recipe {args.recipe}, WikiText-2 test seq {args.seq_len}, "
+              f"{'all' if not args.max_windows else args.max_windows} windows")
+    lm = load_model(args.model)
+    if lm.task != "causal-lm":
+        raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
+    cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    con.print(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
+    q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
+    _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
+           _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)), (args.recipe, q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
+    path = cm.save(args.out, overwrite=True)
+    con.print(f"artifact saved to {path}/ — try: finegrain inspect {path}")
+
+
+def cmd_quantize(args) -> None:
+    from finegrain.jobs import compile_loaded
+    from finegrain.models import load_model
+    from finegrain.errors import InputError
+
+    if Path(args.out).exists() and not args.overwrite:  # fail before the slow part
+        raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    lm = load_model(args.model)
+    cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    path = cm.save(args.out, overwrite=args.overwrite)
+    bpw = cm.quantized_bits_per_weight()
+    _console().print(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
+                     f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
+                     if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+
+
+def cmd_eval(args) -> None:
+    import finegrain
+    from finegrain.benchmarks_util import fp_bytes
+    from finegrain.jobs import evaluate_encoder, evaluate_lm
+    from finegrain.models import load_model
+
+    path = Path(args.model)
+    results = []
+    if (path / "manifest.json").is_file():
+        cm = finegrain.load(path)
+        source = cm.source.get("model")
+        if args.compare_fp or cm.tokenizer is None:
+            fp_model = load_model(source)
+            if fp_model.task == "encoder":
+                r = evaluate_encoder(fp_model, cm)
+                _table(f"{path}: sentence-embedding cosine vs FP", ["sentences", "cosine mean", "cosine min"],
+                       [[r["sentences"], f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}"]])
+                return _write_json(args, {"encoder": r})
+            results.append(("fp32 " + str(source), evaluate_lm(fp_model, fp_model.tokenizer, args.seq_len, args.max_windows),
+                            None, fp_bytes(fp_model.model)))
+        tok = cm.tokenizer
+        results.append((f"{path} ({cm.recipe.name})", evaluate_lm(cm, tok, args.seq_len, args.max_windows),
+                        cm.quantized_bits_per_weight(), cm.model_bytes()))
+    else:
+        lm = load_model(args.model)
+        results.append((f"fp32 {args.model}", evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows), None,
+                        fp_bytes(lm.model)))
+    _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
+    _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r} for n, r, b, m in results]})
+
+
+def _write_json(args, obj) -> None:
+    if args.json:
+        from finegrain.runtime.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(obj, indent=1) + "\n")
+
+
+def cmd_inspect(args) -> None:
+    from finegrain.runtime.artifact import read_manifest, verify_files
+
+    path = Path(args.artifact)
+    m = read_manifest(path)
+    verify_files(path, m)
+    rows, total_bits, total_n = [], 0, 0
+    for name, rec in sorted(m["layers"].items()):
+        n = 1
+        for d in rec["shape"]:
+            n *= d
+        total_bits, total_n = total_bits + rec["bits"], total_n + n
+        out_db = rec.get("output_sqnr_db")
+        rows.append([name, rec["format"], "x".join(map(str, rec["shape"])), f"{rec['bits'] / n:.3f}",
+                     f"{rec['bits'] / 8 / 1024:.1f}", f"{rec['weight_sqnr_db']:.1f}",
+                     f"{out_db:.1f}" if out_db is not None else "-"])
+    _table(f"{path}: recipe {m['recipe']['name']}, source {m['source'].get('model')}",
+           ["layer", "format", "shape", "bits/w", "KiB", "weight SQNR dB", "output SQNR dB"], rows)
+    stored = sum(os.path.getsize(path / f) for f in m["files"])
+    _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
+                     f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
+
+
+def cmd_presets(args) -> None:
+    from finegrain.compiler.recipe import PRESETS
+
+    rows = []
+    for name, r in PRESETS.items():
+        for rule in r.rules:
+            rows.append([name, rule.role or "", rule.pattern or "", rule.weight.tag if rule.weight else "fp",
+                         rule.activation.tag if rule.activation else "fp",
+                         f"{rule.weight.bits_per_element():.3f}" if rule.weight else "-"])
+    _table("presets (other roles stay floating point)", ["recipe", "role", "pattern", "weight", "activation", "bits/w"], rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finegrain.models import BUNDLED_NAMES, DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="finegrain", description="A compiler for fine-grained low-bit quantization.")
+    sub = p.add_subparsers(dest="command", required=True)
+    model_help = f"bundled model ({', '.join(BUNDLED_NAMES)}) or a local Hugging Face model directory"
+
+    def calib(sp):
+        sp.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (recipe default 32; 0 = none)")
+        sp.add_argument("--calibration-seq-len", type=int, default=None, help="tokens per window (recipe default 512)")
+
+    d = sub.add_parser("demo", help="quantize the bundled LM, compare FP vs quantized perplexity, save the artifact")
+    d.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    d.add_argument("--recipe", default="w4a16-g128", help="preset name or recipe .json/.yaml")
+    d.add_argument("--seq-len", type=int, default=2048)
+    d.add_argument("--max-windows", type=int, default=8, help="WikiText-2 windows to evaluate (0 = all)")
+    d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
+    calib(d)
+    d.set_defaults(fn=cmd_demo)
+
+    q = sub.add_parser("quantize", help="compile a model with a recipe and save the artifact")
+    q.add_argument("--model", required=True, help=model_help)
+    q.add_argument("--recipe", required=True, help="preset name or recipe .json/.yaml")
+    q.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true")
+    calib(q)
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of an artifact or a float model on WikiText-2 test "
+                                    "(encoder artifacts: embedding cosine vs their FP model)")
+    e.add_argument("--model", required=True, help="artifact directory, " + model_help)
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
+    e.add_argument("--json", help="also write the results to this JSON file")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")
+    i.add_argument("artifact")
+    i.set_defaults(fn=cmd_inspect)
+
+    r = sub.add_parser("presets", help="list the recipe presets")
+    r.set_defaults(fn=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_windows", None) == 0:
+        args.max_windows = None
+    try:
+        args.fn(args)
+    except FinegrainError as e:
+        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

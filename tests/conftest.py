@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from finegrain.models.tiny import tiny_llama as build
+
+    return build(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tiny_llama):
+    gen = torch.Generator().manual_seed(1)
+    vocab = tiny_llama.config.vocab_size
+    example = (torch.randint(0, vocab, (1, 16), generator=gen),)
+    calib = [(torch.randint(0, vocab, (1, 32), generator=gen),) for _ in range(4)]
+    test = torch.randint(0, vocab, (1, 24), generator=gen)
+    return example, calib, test
+
+
+@pytest.fixture(scope="session")
+def compiled(tiny_llama, tiny_inputs):
+    """Compiled tiny Llama per preset, built once per session."""
+    import finegrain
+
+    cache = {}
+    example, calib, _ = tiny_inputs
+
+    def get(recipe: str):
+        if recipe not in cache:
+            cache[recipe] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[recipe]
+
+    return get
