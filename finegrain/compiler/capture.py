@@ -127,6 +127,7 @@ def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:
     tensors = {**ep.state_dict, **ep.constants}
     graph, env, root = Graph(), {}, torch.nn.Module()
     by_storage: dict[tuple, str] = {}  # tied weights -> one FQN
+    attr_nodes: dict[str, torch.fx.Node] = {}  # ... read by one get_attr node
     gm_tmp = GraphModule(root, Graph())
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in sources:
@@ -137,9 +138,12 @@ def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:
             if key not in by_storage:
                 by_storage[key] = name
                 set_tensor(gm_tmp, name, t.detach())
-            new = graph.get_attr(by_storage[key])
-            new.meta.update(node.meta)
-            new.meta[FQN] = by_storage[key]
+            target = by_storage[key]
+            if target not in attr_nodes:
+                attr_nodes[target] = graph.get_attr(target)
+                attr_nodes[target].meta.update(node.meta)
+                attr_nodes[target].meta[FQN] = target
+            new = attr_nodes[target]
         elif node.op == "output":
             outs = node.args[0]
             out = outs[0] if isinstance(outs, (tuple, list)) and len(outs) == 1 else outs
@@ -152,5 +156,7 @@ def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:
                 new.meta[MODULE] = path[len(prefix):] if path.startswith(prefix) else path
         env[node] = new
     gm = GraphModule(gm_tmp, graph)
+    gm.graph.eliminate_dead_code()  # e.g. a BERT pooler whose output the wrapper drops
+    gm.recompile()
     gm.graph.lint()
     return gm

@@ -1,0 +1,96 @@
+"""Capture and graph queries on a small Llama built from a config and on the real MiniLM."""
+import pytest
+import torch
+
+from finegrain.compiler.capture import capture
+from finegrain.compiler.ir import FQN, get_tensor, producer, quantizable_ops
+from finegrain.errors import CaptureError, InputError
+
+
+@pytest.fixture(scope="module")
+def llama_gm(tiny_llama, tiny_inputs):
+    return capture(tiny_llama, tiny_inputs[0])
+
+
+def test_capture_matches_eager_at_other_lengths(tiny_llama, llama_gm):
+    for seq in (5, 37):
+        ids = torch.randint(0, tiny_llama.config.vocab_size, (1, seq))
+        with torch.no_grad():
+            torch.testing.assert_close(llama_gm(ids), tiny_llama(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_kept_and_found_with_fqns(tiny_llama, llama_gm):
+    ops = quantizable_ops(llama_gm)
+    linears = [o for o in ops if o.kind == "linear"]
+    assert len(linears) == 7 * tiny_llama.config.num_hidden_layers + 1
+    assert [o.role for o in linears].count("lm_head") == 1 and linears[-1].role == "lm_head"
+    names = {o.name for o in linears}
+    assert "model.layers.1.mlp.down_proj" in names and "lm_head" in names
+    q = next(o for o in linears if o.name == "model.layers.0.self_attn.q_proj")
+    assert q.weight_fqn == "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(get_tensor(llama_gm, q.weight.target), tiny_llama.model.layers[0].self_attn.q_proj.weight)
+    assert [o.kind for o in ops].count("embedding") == 1
+
+
+def test_tied_weights_stored_once(tiny_llama, llama_gm):
+    assert tiny_llama.lm_head.weight is tiny_llama.model.embed_tokens.weight
+    emb = [n for n in llama_gm.graph.nodes if n.op == "get_attr" and n.target == "model.embed_tokens.weight"]
+    assert len(emb) == 1 and len(emb[0].users) == 2  # embedding and lm_head read one node
+    names = dict(llama_gm.named_buffers())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert all(n.meta[FQN] != "lm_head.weight" for n in llama_gm.graph.nodes if n.op == "get_attr")
+
+
+def test_producer_walk_stops_at_compute(llama_gm):
+    ops = {o.name: o for o in quantizable_ops(llama_gm)}
+    norm_mul = producer(ops["model.layers.0.self_attn.q_proj"].activation)
+    assert norm_mul.target == torch.ops.aten.mul.Tensor  # the RMSNorm's multiply by its weight
+    assert any(a.op == "get_attr" and a.target.endswith("input_layernorm.weight") for a in norm_mul.args)
+    # o_proj reads attention output through a reshape of a transpose: the walk stops at the transpose
+    o_src = producer(ops["model.layers.0.self_attn.o_proj"].activation)
+    assert o_src.target not in (torch.ops.aten.mul.Tensor,) and "layernorm" not in str(o_src.args)
+
+
+def test_minilm_capture(minilm):
+    enc = minilm.tokenizer(["a short one", "and a slightly longer sentence"], padding=True, return_tensors="pt")
+    ex = (enc["input_ids"], enc["attention_mask"])
+    gm = capture(minilm.model, ex, input_names=("input_ids", "attention_mask"))
+    ops = quantizable_ops(gm)
+    assert sum(o.kind == "linear" for o in ops) == 6 * 6  # q,k,v,o,intermediate,output per layer
+    enc3 = minilm.tokenizer(["x", "y z", "a much longer third sentence here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = minilm.model(input_ids=enc3["input_ids"], attention_mask=enc3["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(gm(enc3["input_ids"], enc3["attention_mask"]), ref, rtol=1e-4, atol=1e-4)
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = _Branchy()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Branchy(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: export cannot trace it
+            return x * 2
+        return x
+
+
+def test_unexportable_model_names_the_module():
+    with pytest.raises(CaptureError) as e:
+        capture(_DataDependent(), (torch.randn(2, 3),), dynamic=False)
+    msg = str(e.value)
+    assert "inner" in msg and "_Branchy" in msg and "what to try" in msg
+
+
+def test_nan_weights_are_named(tiny_llama):
+    import copy
+
+    bad = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        capture(bad, (torch.zeros(1, 4, dtype=torch.long),))

@@ -1,0 +1,97 @@
+"""Q/DQ insertion: structure before/after, numerics against an independent fake-quant model,
+idempotence."""
+import copy
+import operator
+from collections import Counter
+
+import pytest
+import torch
+
+from finegrain.compiler.capture import capture
+from finegrain.compiler.ir import quantizable_ops
+from finegrain.compiler.pipeline import PIPELINE, PassContext, run_passes
+from finegrain.compiler.recipe import PRESETS
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
+from finegrain.passes.insert_qdq import insert_qdq
+
+
+def _ops(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _run(tiny_llama, tiny_inputs, recipe):
+    example, calib, _ = tiny_inputs
+    gm = capture(tiny_llama, example)
+    before = _ops(gm)
+    ctx = PassContext(recipe=PRESETS[recipe], calibration=calib, show_progress=False)
+    return before, run_passes(gm, ctx), ctx
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g128"])
+def test_structure(tiny_llama, tiny_inputs, recipe):
+    before, gm, _ = _run(tiny_llama, tiny_inputs, recipe)
+    after = _ops(gm)
+    layers = tiny_llama.config.num_hidden_layers
+    assert after[DEQUANTIZE_PACKED] == 7 * layers  # every linear but lm_head
+    acts = 4 * layers if recipe == "w8a8" else 0  # shared inputs share one Q/DQ pair
+    assert after[QUANTIZE] == acts and after[DEQUANTIZE] == acts
+    assert after[operator.getitem] - before.get(operator.getitem, 0) == 3 * acts
+    added = set(after) - set(before)
+    assert added <= {DEQUANTIZE_PACKED, QUANTIZE, DEQUANTIZE, operator.getitem}
+    for op in quantizable_ops(gm):
+        if op.role == "linear":
+            assert op.weight is None and op.node.args[1].target == DEQUANTIZE_PACKED
+    buffers = dict(gm.named_buffers())
+    assert not any(k.endswith("proj.weight") for k in buffers)  # float weights are gone
+    assert "model.embed_tokens.weight" in buffers  # still read by embedding and lm_head
+
+
+def test_idempotent(tiny_llama, tiny_inputs):
+    _, gm, ctx = _run(tiny_llama, tiny_inputs, "w8a8")
+    code = gm.code
+    gm = insert_qdq(gm, ctx)
+    assert gm.code == code
+
+
+def _fake_quant_reference(model, recipe):
+    """Independent construction: weights replaced by their fake-quantized values, activations
+    fake-quantized by forward pre-hooks on the same linears."""
+    ref = copy.deepcopy(model)
+    for name, mod in ref.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            wfmt, afmt = PRESETS[recipe].formats_for("linear", name)
+            with torch.no_grad():
+                mod.weight.copy_(wfmt.fake_quantize(mod.weight))
+            if afmt is not None:
+                mod.register_forward_pre_hook(lambda m, args, f=afmt: (f.fake_quantize(args[0]),))
+    return ref
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-g128", "w3a16-g128", "w4a8-g128"])
+def test_numerics_match_fake_quant_reference(tiny_llama, tiny_inputs, compiled, recipe):
+    _, _, test = tiny_inputs
+    ref = _fake_quant_reference(tiny_llama, recipe)
+    with torch.no_grad():
+        expected = ref(test).logits
+        fp = tiny_llama(test).logits
+    got = compiled(recipe)(test)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - fp).abs().max() > 1e-4  # quantization did change the function
+
+
+def test_static_activation_scale_from_calibration(tiny_llama, tiny_inputs):
+    _, gm, ctx = _run(tiny_llama, tiny_inputs, "w8a8-static")
+    scales = {k: v for k, v in gm.named_buffers() if k.endswith("input_scale")}
+    assert len(scales) == 4 * tiny_llama.config.num_hidden_layers
+    q_in = next(o for o in quantizable_ops(gm) if o.name == "model.layers.0.self_attn.q_proj")
+    src = q_in.activation.args[0].args[0]  # dequantize <- getitem <- quantize(x, ...)
+    absmax = float(ctx.stats[src.args[0].name].absmax.max())
+    assert scales["model.layers.0.self_attn.q_proj.input_scale"].item() == pytest.approx(absmax / 127, rel=1e-6)
+
+
+def test_pipeline_is_a_literal_list_and_dumps(tiny_llama, tiny_inputs, tmp_path, monkeypatch):
+    assert [name for name, _ in PIPELINE] == ["canonicalize", "calibrate", "allocate_bits", "quantize_weights", "insert_qdq"]
+    monkeypatch.setenv("FINEGRAIN_DUMP", str(tmp_path))
+    _, gm, ctx = _run(tiny_llama, tiny_inputs, "w4a16-g128")
+    assert sorted(p.name for p in tmp_path.iterdir())[-1] == "04_insert_qdq.txt"
+    assert set(ctx.report["pass_seconds"]) == {name for name, _ in PIPELINE}

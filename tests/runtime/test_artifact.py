@@ -1,0 +1,101 @@
+"""Save / load: round trip, byte-identical re-save, corruption detection, atomicity, no pickle."""
+import json
+
+import pytest
+import torch
+
+import finegrain
+from finegrain.errors import ArtifactError, InputError
+from finegrain.runtime import artifact as artifact_mod
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16-g128", "w3a16-g128"])
+def test_roundtrip_same_outputs(compiled, tiny_inputs, tmp_path, recipe):
+    cm = compiled(recipe)
+    cm.save(tmp_path / "a")
+    cm2 = finegrain.load(tmp_path / "a")
+    x = tiny_inputs[2]
+    assert torch.equal(cm2(x), cm(x))
+    assert cm2.recipe == cm.recipe and cm2.quantized == cm.quantized
+    assert cm2.model_bytes() == cm.model_bytes()
+
+
+def test_resave_is_byte_identical(compiled, tmp_path):
+    cm = compiled("w4a16-g128")
+    cm.save(tmp_path / "a")
+    finegrain.load(tmp_path / "a").save(tmp_path / "b")
+    cm.save(tmp_path / "c")
+    for f in ("manifest.json", "graph.json", "model.safetensors"):
+        a = (tmp_path / "a" / f).read_bytes()
+        assert a == (tmp_path / "b" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
+
+
+def test_identical_inputs_give_identical_outputs(compiled, tiny_inputs):
+    cm = compiled("w8a8")
+    x = tiny_inputs[2]
+    assert torch.equal(cm(x), cm(x.clone()))
+
+
+def test_packed_bytes_are_what_the_format_says(compiled, tmp_path):
+    cm = compiled("w4a16-g128")
+    cm.save(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    t = manifest["tensors"]["model.layers.0.mlp.down_proj.weight_qpacked"]
+    assert t["dtype"] == "uint8" and t["shape"] == [64, 96 * 4 // 8]
+
+
+def test_corrupted_file_detected(compiled, tmp_path):
+    compiled("w8a8").save(tmp_path / "a")
+    f = tmp_path / "a" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors is corrupted"):
+        finegrain.load(tmp_path / "a")
+
+
+def test_missing_files_detected(compiled, tmp_path):
+    compiled("w8a8").save(tmp_path / "a")
+    (tmp_path / "a" / "graph.json").unlink()
+    with pytest.raises(ArtifactError, match="graph.json listed in the manifest is missing"):
+        finegrain.load(tmp_path / "a")
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        finegrain.load(tmp_path / "nothing-here")
+
+
+def test_graph_json_cannot_name_arbitrary_callables(compiled, tmp_path):
+    from finegrain.runtime.graph_json import graph_from_json
+
+    with pytest.raises(ArtifactError, match="disallowed target"):
+        graph_from_json([{"name": "x", "op": "call_function", "target": "os.system", "args": {"tuple": ["ls"]},
+                          "kwargs": {}}])
+
+
+def test_existing_directory_refused_then_overwritten(compiled, tmp_path):
+    cm = compiled("w8a8")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="already exists"):
+        cm.save(tmp_path / "a")
+    assert (tmp_path / "a" / "keep.txt").exists()
+    cm.save(tmp_path / "a", overwrite=True)
+    assert not (tmp_path / "a" / "keep.txt").exists() and (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_failed_save_leaves_nothing(compiled, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        compiled("w8a8").save(tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loaded_model_checks_inputs(compiled, tmp_path):
+    compiled("w8a8").save(tmp_path / "a")
+    cm = finegrain.load(tmp_path / "a")
+    with pytest.raises(InputError, match="expected int64 with 2 dims"):
+        cm(torch.randn(1, 8))
+    with pytest.raises(InputError, match="dim 0 must be 1"):
+        cm(torch.zeros(3, 8, dtype=torch.long))

@@ -1,0 +1,57 @@
+"""End to end on the real bundled models (marked slow; CI runs them)."""
+import pytest
+import torch
+
+import finegrain
+from finegrain.jobs import compile_loaded, evaluate_encoder, evaluate_lm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from finegrain.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_smollm2_loads_correctly(smollm2):
+    """The GGUF -> HF conversion (incl. the Q/K un-permutation) gives a working model."""
+    tok = smollm2.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = smollm2.model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_smollm2_end_to_end(smollm2, tmp_path):
+    fp = evaluate_lm(smollm2, smollm2.tokenizer, 512, 2, progress=False)
+    assert 5 < fp["ppl"] < 60, fp
+    w8 = compile_loaded(smollm2, "w8a8", samples=2, seq_len=256, progress=False)
+    r8 = evaluate_lm(w8, smollm2.tokenizer, 512, 2, progress=False)
+    assert r8["ppl"] < fp["ppl"] * 1.06, (fp, r8)
+    w4 = compile_loaded(smollm2, "w4a16-g128", samples=2, seq_len=256, progress=False)
+    r4 = evaluate_lm(w4, smollm2.tokenizer, 512, 2, progress=False)
+    assert fp["ppl"] < r4["ppl"] < fp["ppl"] * 2, (fp, r4)
+    # 4-bit linears: 30 layers x 7; ragged 576 = 4 x 128 + 64 counted exactly
+    assert len(w4.quantized) == 210 and 4.15 < w4.quantized_bits_per_weight() < 4.2
+    w4.save(tmp_path / "w4")
+    back = finegrain.load(tmp_path / "w4")
+    x = torch.randint(0, 49152, (1, 40))
+    assert torch.equal(back(x), w4(x))
+
+
+def test_minilm_w8a8_cosine(minilm):
+    cm = compile_loaded(minilm, "w8a8", samples=16, seq_len=64, progress=False)
+    r = evaluate_encoder(minilm, cm, n=64)
+    assert r["cosine_mean"] > 0.99 and r["cosine_min"] > 0.97, r
+
+
+def test_demo_command(tmp_path, capsys):
+    from finegrain.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--seq-len", "256", "--max-windows", "1", "--calibration-samples", "2",
+                 "--calibration-seq-len", "128", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fp32" in text and "w4a16-g128" in text and (out / "manifest.json").is_file()

@@ -1,0 +1,58 @@
+"""The command line on a local Hugging Face directory (a tiny Llama with SmolLM2's real tokenizer)."""
+import json
+
+import pytest
+
+from finegrain.cli import main
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from finegrain.models.bundled import _smollm2_tokenizer
+    from finegrain.models.tiny import tiny_llama
+
+    tok = _smollm2_tokenizer()
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_llama(seed=3, vocab=len(tok)).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_quantize_eval_inspect(hf_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(out),
+                 "--calibration-samples", "2", "--calibration-seq-len", "64"]) == 0
+    assert (out / "manifest.json").is_file() and (out / "tokenizer").is_dir()
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    res = tmp_path / "r.json"
+    assert main(["eval", "--model", str(out), "--seq-len", "64", "--max-windows", "2", "--compare-fp",
+                 "--json", str(res)]) == 0
+    rows = json.loads(res.read_text())["results"]
+    from finegrain.formats import QuantFormat
+
+    fmt = QuantFormat(bits=4, granularity="group", group_size=64, symmetric=False)
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)] * 2  # down_proj: ragged K=96
+    expected = sum(fmt.storage_bits(s) for s in shapes) / sum(a * b for a, b in shapes)
+    assert len(rows) == 2 and rows[0]["windows"] == 2 and rows[1]["bits_per_weight"] == pytest.approx(expected)
+    assert rows[0]["ppl"] != rows[1]["ppl"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in text and "int4-g64-asym-fp16" in text and "checksums OK" in text
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["quantize", "--model", str(tmp_path), "--recipe", "w8a8", "--out", str(tmp_path / "o")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["quantize", "--model", str(tmp_path), "--recipe", "w8a8", "--out", str(tmp_path / "o")]) == 2
+    assert "no weights" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_presets_listed(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "w4a16-g128" in out and "w8a8-static" in out
