@@ -43,10 +43,10 @@ def _dumps(obj) -> str:
 
 def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
-    tensors = {name: t.detach().contiguous() for name, t in cm.gm.named_buffers()}
+    tensors = {name: t.detach().contiguous() for name, t in sorted(cm.gm.named_buffers())}  # fixed order: byte-identical saves
     with atomic_directory(path, overwrite) as tmp:
         (tmp / GRAPH).write_text(_dumps(graph_to_json(cm.gm.graph)))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "finegrain"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: the writer orders a map randomly
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp / TOKENIZER))
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())

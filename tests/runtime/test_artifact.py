@@ -24,10 +24,12 @@ def test_resave_is_byte_identical(compiled, tmp_path):
     cm = compiled("w4a16-g128")
     cm.save(tmp_path / "a")
     finegrain.load(tmp_path / "a").save(tmp_path / "b")
-    cm.save(tmp_path / "c")
+    for i in range(6):  # safetensors once wrote a 2-key metadata map in random order: repeat
+        cm.save(tmp_path / f"c{i}")
     for f in ("manifest.json", "graph.json", "model.safetensors"):
         a = (tmp_path / "a" / f).read_bytes()
-        assert a == (tmp_path / "b" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
+        assert a == (tmp_path / "b" / f).read_bytes(), f
+        assert all(a == (tmp_path / f"c{i}" / f).read_bytes() for i in range(6)), f
 
 
 def test_identical_inputs_give_identical_outputs(compiled, tiny_inputs):
