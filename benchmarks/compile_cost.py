@@ -26,7 +26,7 @@ print(json.dumps({"import_s": dt, "heavy_modules": [m for m in ("onnxruntime", "
 CHILD_COMPILE = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(THREADS)
-from finegrain.benchmarks_util import fp_bytes
+from finegrain.eval.size import fp_bytes
 from finegrain.jobs import compile_loaded
 from finegrain.models import load_model
 t = time.perf_counter(); lm = load_model("smollm2-135m"); load_s = time.perf_counter() - t

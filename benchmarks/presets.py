@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finegrain.benchmarks_util import fp_bytes  # noqa: E402
+from finegrain.eval.size import fp_bytes  # noqa: E402
 from finegrain.jobs import compile_loaded, evaluate_encoder, evaluate_lm  # noqa: E402
 from finegrain.models import load_model  # noqa: E402
 

@@ -40,7 +40,7 @@ PPL_COLUMNS = ["model", "ppl", "Δ vs FP", "bits/weight", "MB", "windows", "eval
 
 
 def cmd_demo(args) -> None:
-    from finegrain.benchmarks_util import fp_bytes
+    from finegrain.eval.size import fp_bytes
     from finegrain.jobs import compile_loaded, evaluate_lm
     from finegrain.models import load_model
 
@@ -78,7 +78,7 @@ def cmd_quantize(args) -> None:
 
 def cmd_eval(args) -> None:
     import finegrain
-    from finegrain.benchmarks_util import fp_bytes
+    from finegrain.eval.size import fp_bytes
     from finegrain.jobs import evaluate_encoder, evaluate_lm
     from finegrain.models import load_model
 

@@ -30,7 +30,10 @@ OpKind = Literal["linear", "matmul", "conv", "embedding"]
 # op -> (kind, index of the weight argument, index of the activation argument)
 QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
     aten.linear.default: ("linear", 1, 0),
-    aten.convolution.default: ("conv", 1, 0),
+    aten.convolution.default: ("conv", 1, 0),  # core ATen (decompose=True)
+    aten.conv1d.default: ("conv", 1, 0),  # training IR (the default capture)
+    aten.conv2d.default: ("conv", 1, 0),
+    aten.conv3d.default: ("conv", 1, 0),
     aten.embedding.default: ("embedding", 0, 1),
     aten.matmul.default: ("matmul", 1, 0),
     aten.mm.default: ("matmul", 1, 0),

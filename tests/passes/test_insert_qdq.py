@@ -95,3 +95,21 @@ def test_pipeline_is_a_literal_list_and_dumps(tiny_llama, tiny_inputs, tmp_path,
     _, gm, ctx = _run(tiny_llama, tiny_inputs, "w4a16-g128")
     assert sorted(p.name for p in tmp_path.iterdir())[-1] == "04_insert_qdq.txt"
     assert set(ctx.report["pass_seconds"]) == {name for name, _ in PIPELINE}
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_unsupported_op_kinds_are_refused_by_name():
+    import finegrain
+    from finegrain.errors import RecipeError
+
+    recipe = finegrain.Recipe(rules=(finegrain.Rule(pattern="conv", weight=finegrain.QuantFormat(bits=8)),))
+    with pytest.raises(RecipeError, match="conv: the recipe quantizes this conv op"):
+        finegrain.compile(_Conv(), (torch.randn(1, 3, 8, 8),), recipe=recipe, progress=False)
