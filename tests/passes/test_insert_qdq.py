@@ -113,3 +113,12 @@ def test_unsupported_op_kinds_are_refused_by_name():
     recipe = finegrain.Recipe(rules=(finegrain.Rule(pattern="conv", weight=finegrain.QuantFormat(bits=8)),))
     with pytest.raises(RecipeError, match="conv: the recipe quantizes this conv op"):
         finegrain.compile(_Conv(), (torch.randn(1, 3, 8, 8),), recipe=recipe, progress=False)
+
+
+def test_quantized_graph_survives_re_export(compiled, tiny_inputs):
+    cm = compiled("w4a8-g128")
+    x = tiny_inputs[2]
+    ep = torch.export.export(cm.gm, (x,))
+    found = Counter(n.target for n in ep.graph.nodes if n.op == "call_function")
+    assert found[DEQUANTIZE_PACKED] == 14 and found[QUANTIZE] == 8 and found[DEQUANTIZE] == 8
+    assert torch.equal(ep.module()(x), cm(x))
