@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finegrain.configs import check_fields
 from finegrain.errors import RecipeError
 from finegrain.formats import QuantFormat
 
@@ -97,12 +98,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Any) -> "Recipe":
-        if not isinstance(d, dict):
-            raise RecipeError(f"recipe: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RecipeError(f"recipe: unknown field(s) {unknown}; valid: {sorted(known)}")
+        check_fields(cls, d, "recipe", RecipeError)
         rules_in = d.get("rules", [])
         if not isinstance(rules_in, list):
             raise RecipeError("rules: expected a list of rules")
@@ -146,12 +142,7 @@ class Recipe:
 
 
 def _rule_from_dict(d: Any, where: str) -> Rule:
-    if not isinstance(d, dict):
-        raise RecipeError(f"{where}: expected a mapping with role/pattern/weight/activation")
-    known = {f.name for f in dataclasses.fields(Rule)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise RecipeError(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
+    check_fields(Rule, d, where, RecipeError)
     kw = dict(d)
     try:
         for key in ("weight", "activation"):

@@ -26,6 +26,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
+from finegrain.configs import check_fields
+
 Granularity = Literal["tensor", "channel", "token", "group"]
 ScaleDtype = Literal["fp32", "fp16", "bf16"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "token", "group")
@@ -117,12 +119,7 @@ class QuantFormat:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "format") -> "QuantFormat":
-        if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a mapping of QuantFormat fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        check_fields(cls, d, where)
         try:
             return cls(**d)
         except (TypeError, ValueError) as e:
