@@ -52,6 +52,7 @@ def main() -> None:
         rows.append({"model": "smollm2-135m", "recipe": name, "bits_per_weight": cm.quantized_bits_per_weight(),
                      "model_bytes": cm.model_bytes(), "compile_s": cm.timings["total"], **res})
         print(rows[-1], flush=True)
+        write_report(args, rows, [], time.time() - t_start)  # partial results survive an interrupted run
         del cm
         gc.collect()
 

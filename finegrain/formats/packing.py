@@ -32,12 +32,24 @@ def pack(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, signed: bool, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: uint8 ``[..., ceil(K*bits/8)]`` back to codes ``[..., K]``."""
-    arr = packed.contiguous().numpy()
-    if arr.shape[-1] != packed_row_bytes(k, bits):
-        raise ValueError(f"unpack: last dim {arr.shape[-1]} bytes does not hold {k} x {bits}-bit codes")
-    lead = arr.shape[:-1]
-    stream = np.unpackbits(arr, axis=-1, bitorder="little")[..., : k * bits].reshape(*lead, k, bits)
-    vals = np.packbits(stream, axis=-1, bitorder="little")[..., 0]
-    out = torch.from_numpy(vals.astype(np.int16))
-    return (out - 2 ** (bits - 1)).to(torch.int8) if signed else out.to(torch.uint8)
+    """Inverse of :func:`pack`: uint8 ``[..., ceil(K*bits/8)]`` back to codes ``[..., K]``.
+
+    Runs on every forward of the reference backend, so it is vectorized in torch. When ``b``
+    divides 8, each byte holds ``8 / b`` whole codes (shifts on uint8); otherwise 8 codes of ``b``
+    bits are exactly ``b`` bytes, assembled into one little-endian int64 and split by shifts.
+    """
+    if packed.shape[-1] != packed_row_bytes(k, bits):
+        raise ValueError(f"unpack: last dim {packed.shape[-1]} bytes does not hold {k} x {bits}-bit codes")
+    if 8 % bits == 0:
+        vals = torch.stack([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)], dim=-1)
+        vals = vals.reshape(*packed.shape[:-1], -1)[..., :k]
+        return (vals.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8) if signed else vals
+    lead, chunks = packed.shape[:-1], math.ceil(k / 8)
+    p = torch.nn.functional.pad(packed, (0, chunks * bits - packed.shape[-1])) if chunks * bits > packed.shape[-1] else packed
+    p = p.reshape(*lead, chunks, bits).to(torch.int64)
+    word = p[..., 0]
+    for i in range(1, bits):
+        word = word | (p[..., i] << (8 * i))
+    shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64)
+    vals = ((word.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(*lead, chunks * 8)[..., :k]
+    return (vals - 2 ** (bits - 1)).to(torch.int8) if signed else vals.to(torch.uint8)
