@@ -122,3 +122,18 @@ def test_quantized_graph_survives_re_export(compiled, tiny_inputs):
     found = Counter(n.target for n in ep.graph.nodes if n.op == "call_function")
     assert found[DEQUANTIZE_PACKED] == 14 and found[QUANTIZE] == 8 and found[DEQUANTIZE] == 8
     assert torch.equal(ep.module()(x), cm(x))
+
+
+def test_percentile_act_range_clips_below_absmax(tiny_llama, tiny_inputs):
+    import dataclasses
+
+    example, calib, _ = tiny_inputs
+    recipe = dataclasses.replace(PRESETS["w8a8-static"], act_range="p99.9")
+    gm = capture(tiny_llama, example)
+    ctx = PassContext(recipe=recipe, calibration=calib, show_progress=False)
+    gm = run_passes(gm, ctx)
+    scale = dict(gm.named_buffers())["model.layers.0.mlp.down_proj.input_scale"].item()
+    down = next(o for o in quantizable_ops(gm) if o.name == "model.layers.0.mlp.down_proj")
+    st = ctx.stats[down.activation.args[0].args[0].args[0].name]
+    assert scale == pytest.approx(st.percentile(99.9) / 127, rel=1e-6)
+    assert scale < float(st.absmax.max()) / 127
