@@ -1,7 +1,8 @@
 """Capture a PyTorch model with ``torch.export`` into finegrain's IR.
 
 * non-strict export by default (``strict=True`` on request), dynamic sequence length (dim 1 of
-  every 2-D integer input) so one graph serves calibration, evaluation and any prompt length;
+  every 2-D integer input, up to the model's context) so one graph serves calibration,
+  evaluation and any prompt length; the batch dim is dynamic when the example batch is >= 2;
 * the graph is torch.export's ATen training IR (``decompose=False``, the default: re-tracing
   through ``run_decompositions`` costs 2x the export itself on SmolLM2 with dynamic shapes and
   only rewrites ops like silu/transpose); ``decompose=True`` lowers to core ATen while keeping
@@ -9,14 +10,15 @@
 * Hugging Face models are wrapped to take tensors positionally and return one tensor (logits for
   causal LMs with ``use_cache=False``, ``last_hidden_state`` for encoders);
 * parameters, buffers and constants become ``get_attr`` nodes named by their FQN in the source
-  model (tied weights are stored once); the result is a plain ``GraphModule`` whose placeholders
-  are the user inputs, in order.
+  model (tied weights are stored and read once); the result is a plain ``GraphModule`` whose
+  placeholders are the user inputs, in order. (DESIGN.md keeps parameters as placeholders of the
+  ExportedProgram; a self-contained GraphModule is simpler for passes that add and remove
+  constants, re-exports cleanly, and serializes without an export signature.)
 
 A model that does not export raises :class:`CaptureError` naming the module that failed.
 """
 from __future__ import annotations
 
-import sys
 import traceback
 from typing import Sequence
 

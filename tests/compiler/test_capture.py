@@ -94,3 +94,12 @@ def test_nan_weights_are_named(tiny_llama):
         bad.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         capture(bad, (torch.zeros(1, 4, dtype=torch.long),))
+
+
+def test_decompose_keeps_linear(tiny_llama, tiny_inputs):
+    gm = capture(tiny_llama, tiny_inputs[0], decompose=True)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.linear.default in targets and torch.ops.aten.silu.default not in targets
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), tiny_llama(ids).logits, rtol=1e-5, atol=1e-5)
