@@ -98,6 +98,11 @@ class QuantFormat:
         return _families()[self.kind]
 
     @property
+    def signed(self) -> bool:
+        """Whether codes are signed (stored offset by 2^(bits-1) when packed)."""
+        return self.family.code_range(self)[0] < 0
+
+    @property
     def tag(self) -> str:
         """Compact, parseable name, e.g. ``int4-g128-asym-fp16`` or ``int8-token-sym-fp32-dyn``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity

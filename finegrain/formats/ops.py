@@ -25,13 +25,9 @@ def _fmt(tag: str) -> QuantFormat:
     return QuantFormat.parse(tag)
 
 
-def _signed(fmt: QuantFormat) -> bool:
-    return fmt.family.code_range(fmt)[0] < 0
-
-
 def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                   fmt: QuantFormat, shape: list[int]) -> QTensor:
-    codes = unpack(packed, fmt.bits, _signed(fmt), shape[-1])
+    codes = unpack(packed, fmt.bits, fmt.signed, shape[-1])
     if zero is None or zero.numel() == 0:
         z = torch.zeros(scale.shape, dtype=torch.int32)
     else:
@@ -62,7 +58,7 @@ def quantize(x: torch.Tensor, fmt: str, scale: torch.Tensor | None = None,
 def _(x, fmt, scale=None, zero=None):
     f = _fmt(fmt)
     pshape = (1,) if f.granularity == "tensor" else (*x.shape[:-1], f.num_groups(x.shape[-1]))
-    code_dtype = torch.int8 if _signed(f) else torch.uint8
+    code_dtype = torch.int8 if f.signed else torch.uint8
     return (x.new_empty(x.shape, dtype=code_dtype), x.new_empty(pshape, dtype=torch.float32),
             x.new_empty(pshape, dtype=torch.int32))
 

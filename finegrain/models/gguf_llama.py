@@ -22,6 +22,7 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_QK_HEADS = ("attn_q.weight", "attn_k.weight")  # rows permuted by llama.cpp's converter
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
@@ -70,10 +71,8 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         else:
             _, layer, rest = t.name.split(".", 2)
             name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-        if rest_is(t.name, "attn_q.weight"):
-            w = _unpermute_qk(w, n_head)
-        elif rest_is(t.name, "attn_k.weight"):
-            w = _unpermute_qk(w, n_kv)
+            if rest in _QK_HEADS:
+                w = _unpermute_qk(w, {"attn_q.weight": n_head, "attn_k.weight": n_kv}[rest])
         state[name] = torch.from_numpy(np.ascontiguousarray(w))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -86,6 +85,3 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         raise ValueError(f"{path}: GGUF file lacks tensors for {missing[:5]}")
     return model.eval()
 
-
-def rest_is(name: str, suffix: str) -> bool:
-    return name.startswith("blk.") and name.endswith(suffix)

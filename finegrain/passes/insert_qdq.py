@@ -25,7 +25,7 @@ from finegrain.compiler.ir import ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABL
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
 from finegrain.formats.base import SCALE_DTYPES
-from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, _signed
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
 
 
 def _constant(gm: GraphModule, graph, name: str, value: torch.Tensor) -> Node:
@@ -38,7 +38,7 @@ def _weight_qdq(gm: GraphModule, op, fmt: QuantFormat) -> None:
     base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
     g = gm.graph
     with g.inserting_before(op.node):
-        packed = _constant(gm, g, f"{base}packed", pack(q.codes, fmt.bits, _signed(fmt)))
+        packed = _constant(gm, g, f"{base}packed", pack(q.codes, fmt.bits, fmt.signed))
         scale = _constant(gm, g, f"{base}scale", q.scale.to(SCALE_DTYPES[fmt.scale]))
         zero_t = torch.empty(0, dtype=torch.uint8) if fmt.symmetric else pack(q.zero.to(torch.uint8), fmt.bits, False)
         zero = _constant(gm, g, f"{base}zero", zero_t)
