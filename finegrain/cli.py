@@ -132,6 +132,10 @@ def cmd_inspect(args) -> None:
                      f"{out_db:.1f}" if out_db is not None else "-"])
     _table(f"{path}: recipe {m['recipe']['name']}, source {m['source'].get('model')}",
            ["layer", "format", "shape", "bits/w", "KiB", "weight SQNR dB", "output SQNR dB"], rows)
+    folds = m.get("folds", [])
+    if folds:
+        _table("folds (exact transformations applied before quantization)", ["pass", "site", "action", "detail"],
+               [[f["pass"], f["site"], f["action"], f["detail"]] for f in folds])
     stored = sum(os.path.getsize(path / f) for f in m["files"])
     _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
                      f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")

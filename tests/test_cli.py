@@ -56,3 +56,14 @@ def test_presets_listed(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "w4a16-g128" in out and "w8a8-static" in out
+
+
+def test_inspect_reports_folds(hf_dir, tmp_path, capsys):
+    out = tmp_path / "rot"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a8-rot", "--out", str(out),
+                 "--calibration-samples", "2", "--calibration-seq-len", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fold_norms" in text and "fold_rotation" in text and "randomized Hadamard" in text
+    assert "online Hadamard" in text  # o_proj / down_proj inputs

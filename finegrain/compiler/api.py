@@ -66,7 +66,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     specs = _input_specs(example_inputs, input_names, dynamic)
     batches = _calibration_batches(calibration, specs)
     if recipe.needs_calibration and not batches:
-        raise InputError(f"recipe {recipe.name!r} has static activation scales and needs calibration data")
+        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales or smoothing)")
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict)
     t_capture = time.perf_counter() - t0
@@ -77,5 +77,5 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     timings = {"capture": round(t_capture, 3), **ctx.report.get("pass_seconds", {})}
     timings["total"] = round(time.perf_counter() - t0, 3)
     return CompiledModel(gm=gm, recipe=recipe, input_specs=specs, source=source or {"model": type(model).__name__},
-                         quantized=quantized, layer_report=ctx.report.get("layers", {}), tokenizer=tokenizer,
-                         timings=timings)
+                         quantized=quantized, layer_report=ctx.report.get("layers", {}),
+                         folds=ctx.report.get("folds", []), tokenizer=tokenizer, timings=timings)

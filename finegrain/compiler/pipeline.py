@@ -17,8 +17,11 @@ from finegrain.compiler.recipe import Recipe
 from finegrain.compiler.stats import StatsStore
 from finegrain.compiler.verify import verify
 from finegrain.passes.allocate_bits import allocate_bits
-from finegrain.passes.calibrate import calibrate
+from finegrain.passes.calibrate import calibrate, recalibrate
 from finegrain.passes.canonicalize import canonicalize
+from finegrain.passes.fold_norms import fold_norms
+from finegrain.passes.fold_rotation import fold_rotation
+from finegrain.passes.fold_smoothing import fold_smoothing
 from finegrain.passes.insert_qdq import insert_qdq
 from finegrain.passes.quantize_weights import quantize_weights
 
@@ -44,7 +47,11 @@ Pass = Callable[[GraphModule, PassContext], GraphModule]
 
 PIPELINE: list[tuple[str, Pass]] = [
     ("canonicalize", canonicalize),  # drop export-time assertions, dead code
+    ("fold_norms", fold_norms),  # norm affine -> following linears (recipe.fold_norms / rotate)
+    ("fold_rotation", fold_rotation),  # Hadamard rotation of residual streams + online FWHT (recipe.rotate)
     ("calibrate", calibrate),  # fill the stats store from calibration batches
+    ("fold_smoothing", fold_smoothing),  # SmoothQuant / OS+ scales and shifts (recipe.smoothing)
+    ("recalibrate", recalibrate),  # refill the stats a fold invalidated, when a later pass needs them
     ("allocate_bits", allocate_bits),  # a QuantFormat per weight / activation (recipe rules)
     ("quantize_weights", quantize_weights),  # RTN codes + scales, per-layer error record
     ("insert_qdq", insert_qdq),  # packed weights + Q/DQ custom ops

@@ -27,6 +27,7 @@ WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [
 ACT_ROLES = ("linear", "lm_head")
 WEIGHT_ALGORITHMS = ("rtn",)
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
+SMOOTHING = ("smoothquant", "os+")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,18 @@ class Rule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Rules plus the options of the passes they drive."""
+    """Rules plus the options of the passes they drive.
+
+    Folds (``passes/fold_*.py``, exact in floating point, applied before quantization):
+    ``fold_norms`` folds norm affine weights into the linears they feed; ``rotate`` rotates each
+    residual stream by a random Hadamard matrix (QuaRot; implies ``fold_norms``) and, with
+    ``online_hadamard``, inserts an online Hadamard before activation-quantized linears whose
+    input no offline rotation reaches (e.g. down_proj, o_proj); ``smoothing`` migrates activation
+    outliers into weights (``smoothquant``: per-channel scales; ``os+``: Outlier Suppression+
+    shift and scales), with ``smoothing_alpha`` the SmoothQuant migration strength and
+    ``smoothing_search`` a grid search of alpha (SmoothQuant) or the clipping threshold (OS+)
+    minimizing the quantized output error of the consumers on calibration rows.
+    """
 
     name: str = "custom"
     rules: tuple[Rule, ...] = ()
@@ -67,8 +79,24 @@ class Recipe:
     act_range: str = "absmax"
     calibration_samples: int = 32
     calibration_seq_len: int = 512
+    fold_norms: bool = False
+    rotate: bool = False
+    rotation_seed: int = 0
+    online_hadamard: bool = True
+    smoothing: str | None = None
+    smoothing_alpha: float = 0.5
+    smoothing_search: bool = True
 
     def __post_init__(self) -> None:
+        for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
+        if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
+            raise ValueError(f"rotation_seed: must be an integer, got {self.rotation_seed!r}")
+        if self.smoothing is not None and self.smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing: {self.smoothing!r} is not one of {SMOOTHING} (or null)")
+        if not isinstance(self.smoothing_alpha, (int, float)) or not 0.0 <= self.smoothing_alpha <= 1.0:
+            raise ValueError(f"smoothing_alpha: must be a number in [0, 1], got {self.smoothing_alpha!r}")
         if self.weight_algorithm not in WEIGHT_ALGORITHMS:
             raise ValueError(f"weight_algorithm: {self.weight_algorithm!r} is not one of {WEIGHT_ALGORITHMS}")
         if self.act_range not in ACT_RANGES:
@@ -87,8 +115,13 @@ class Recipe:
         return chosen
 
     @property
-    def needs_calibration(self) -> bool:
+    def needs_static_stats(self) -> bool:
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales and smoothing both need calibration statistics."""
+        return self.needs_static_stats or self.smoothing is not None
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +196,7 @@ def _w(bits: int, group: int | None, symmetric: bool) -> QuantFormat:
 
 A8_DYNAMIC = QuantFormat(bits=8, granularity="token", symmetric=True, scale="fp32", dynamic=True)
 A8_STATIC = QuantFormat(bits=8, granularity="tensor", symmetric=True, scale="fp32")
+A4_DYNAMIC = QuantFormat(bits=4, granularity="token", symmetric=True, scale="fp32", dynamic=True)
 
 
 def _linears(name: str, weight: QuantFormat, act: QuantFormat | None = None, **opts: Any) -> Recipe:
@@ -179,6 +213,14 @@ PRESETS: dict[str, Recipe] = {
     "w3a16-g128": _linears("w3a16-g128", _w(3, 128, False)),
     "w4a8-g128": _linears("w4a8-g128", _w(4, 128, False), A8_DYNAMIC),
     "w8a16": _linears("w8a16", _w(8, None, True)),
+    "w4a4-g128": _linears("w4a4-g128", _w(4, 128, False), A4_DYNAMIC),
+    # folds (passes/fold_*.py): smoothing for W8A8, rotation for 4-bit activations
+    "w8a8-smooth": _linears("w8a8-smooth", _w(8, None, True), A8_DYNAMIC, smoothing="smoothquant"),
+    "w8a8-os+": _linears("w8a8-os+", _w(8, None, True), A8_DYNAMIC, smoothing="os+"),
+    "w4a8-rot": _linears("w4a8-rot", _w(4, 128, False), A8_DYNAMIC, rotate=True),
+    "w4a4-rot": _linears("w4a4-rot", _w(4, 128, False), A4_DYNAMIC, rotate=True),
+    "w4a4-rot-smooth": _linears("w4a4-rot-smooth", _w(4, 128, False), A4_DYNAMIC, rotate=True,
+                                smoothing="smoothquant"),
 }
 
 

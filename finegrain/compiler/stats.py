@@ -1,7 +1,9 @@
 """The stats store: per-node activation statistics that every pass after calibration reads.
 
-Statistics, never activations, are kept, so memory is bounded by the number of observed nodes
-times their channel count (plus a fixed-size sample of magnitudes per node for percentiles).
+Statistics, never whole activations, are kept, so memory is bounded by the number of observed
+nodes times their channel count, plus fixed-size samples per node: magnitudes for percentiles and
+``ROWS`` whole rows (tokens) for the passes that measure a layer's output error on real inputs
+(smoothing's scale search).
 Channels are the last dimension (the K of the linear that consumes the tensor).
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 RESERVOIR = 1 << 16  # magnitudes kept per node for percentiles
 PER_BATCH_SAMPLE = 1 << 13
+ROWS = 256  # token rows kept per node
 
 
 @dataclass
@@ -21,7 +24,7 @@ class ChannelStats:
     max: torch.Tensor  # [K]
     sumsq: torch.Tensor  # [K], float64
     sample: torch.Tensor  # up to RESERVOIR |x| values, uniformly sampled across rows
-
+    rows: torch.Tensor  # [<= ROWS, K] rows sampled uniformly across batches
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.max.abs(), self.min.abs())
@@ -56,7 +59,8 @@ class StatsStore:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         mags = x.abs().flatten()
         take = torch.randint(0, mags.numel(), (min(PER_BATCH_SAMPLE, mags.numel()),), generator=self._gen)
-        new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take])
+        rows = x[torch.randperm(x.shape[0], generator=self._gen)[:ROWS]].clone()
+        new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take], rows)
         old = self.nodes.get(key)
         if old is None:
             self.nodes[key] = new
@@ -66,5 +70,11 @@ class StatsStore:
         sample = torch.cat([old.sample, new.sample])
         if sample.numel() > RESERVOIR:
             sample = sample[torch.randperm(sample.numel(), generator=self._gen)[:RESERVOIR]]
+        rows = torch.cat([old.rows, new.rows])
+        if rows.shape[0] > ROWS:  # keep rows in proportion to the tokens each side has seen
+            n_old = min(old.rows.shape[0], max(1, round(ROWS * old.count / (old.count + new.count))))
+            pick_old = torch.randperm(old.rows.shape[0], generator=self._gen)[:n_old]
+            pick_new = torch.randperm(new.rows.shape[0], generator=self._gen)[:ROWS - n_old]
+            rows = torch.cat([old.rows[pick_old], new.rows[pick_new]])
         self.nodes[key] = ChannelStats(old.count + new.count, torch.minimum(old.min, new.min),
-                                       torch.maximum(old.max, new.max), old.sumsq + new.sumsq, sample)
+                                       torch.maximum(old.max, new.max), old.sumsq + new.sumsq, sample, rows)

@@ -9,6 +9,9 @@ graph-side semantics are defined in exactly one place. The format travels as its
 * ``finegrain::quantize(x, fmt, scale?, zero?) -> (codes, scale, zero)``: activations; dynamic
   formats choose scale/zero from ``x`` at run time, static ones take calibrated constants.
 * ``finegrain::dequantize(codes, scale, zero, fmt, out_dtype)``.
+* ``finegrain::hadamard(x, factor)``: the online rotation x @ (F (x) H_{2^k}) / sqrt(n) over the
+  last dim (``formats/hadamard.py``), O(n log n) in the power-of-two part; ``factor`` is the
+  small dense F (a 1 x 1 one for powers of two). Inserted by ``passes/fold_rotation.py``.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from functools import lru_cache
 import torch
 
 from finegrain.formats.base import QTensor, QuantFormat
+from finegrain.formats.hadamard import apply_hadamard
 from finegrain.formats.packing import unpack
 
 
@@ -74,6 +78,17 @@ def _(codes, scale, zero, fmt, out_dtype):
     return codes.new_empty(codes.shape, dtype=out_dtype)
 
 
+@torch.library.custom_op("finegrain::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return apply_hadamard(x, factor).to(x.dtype)
+
+
+@hadamard.register_fake
+def _(x, factor):
+    return torch.empty_like(x)
+
+
 DEQUANTIZE_PACKED = torch.ops.finegrain.dequantize_packed.default
 QUANTIZE = torch.ops.finegrain.quantize.default
 DEQUANTIZE = torch.ops.finegrain.dequantize.default
+HADAMARD = torch.ops.finegrain.hadamard.default

@@ -75,3 +75,11 @@ def calibrate(gm: GraphModule, ctx) -> GraphModule:
         if n.name in keys:
             n.meta[OBSERVED] = True
     return gm
+
+
+def recalibrate(gm: GraphModule, ctx) -> GraphModule:
+    """Refill the stats store after a fold emptied it (the activations it described changed), when
+    a later pass needs statistics (static activation scales). Otherwise a no-op."""
+    if ctx.stats.nodes or not ctx.calibration or not ctx.recipe.needs_static_stats:
+        return gm
+    return calibrate(gm, ctx)

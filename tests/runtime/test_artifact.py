@@ -9,7 +9,7 @@ from finegrain.errors import ArtifactError, InputError
 from finegrain.runtime import artifact as artifact_mod
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16-g128", "w3a16-g128"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16-g128", "w3a16-g128", "w4a4-rot-smooth", "w8a8-os+"])
 def test_roundtrip_same_outputs(compiled, tiny_inputs, tmp_path, recipe):
     cm = compiled(recipe)
     cm.save(tmp_path / "a")
@@ -18,6 +18,10 @@ def test_roundtrip_same_outputs(compiled, tiny_inputs, tmp_path, recipe):
     assert torch.equal(cm2(x), cm(x))
     assert cm2.recipe == cm.recipe and cm2.quantized == cm.quantized
     assert cm2.model_bytes() == cm.model_bytes()
+    assert cm2.folds == cm.folds
+    if "rot" in recipe:  # the online Hadamard op is in the saved graph
+        assert any(n.target is torch.ops.finegrain.hadamard.default for n in cm2.gm.graph.nodes)
+        assert any(f["pass"] == "fold_rotation" and f["action"] == "folded" for f in cm2.folds)
 
 
 def test_resave_is_byte_identical(compiled, tmp_path):

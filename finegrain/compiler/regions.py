@@ -1,0 +1,322 @@
+"""Graph analysis for the folding passes: normalization layers, the linears that read a tensor,
+and residual streams. Everything is found from dataflow, never from module names.
+
+* :func:`find_norms`: RMSNorm (the ``x * rsqrt(mean(x^2) + eps)`` pattern transformers emits, or
+  ``aten.rms_norm``) and LayerNorm (``aten.layer_norm`` / ``aten.native_layer_norm``), with their
+  affine weight / bias constants.
+* :func:`readers`: the ops that consume a tensor, looking through pass-through ops (view, to, ...),
+  split into linears that take it as their activation and everything else.
+* :func:`find_streams`: residual streams. Tensors joined by residual ``add`` and pass-through ops
+  form connected components (networkx); a component that contains an embedding lookup is a
+  stream. For a rotation to fold exactly, every tensor in it must be produced by an embedding, a
+  linear ("writer") or an add of stream tensors, and read only by stream ops or RMSNorms. Streams
+  that break a condition carry the reason (op and node) and are left alone.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch.fx import GraphModule, Node
+
+from finegrain.compiler.ir import FQN, MODULE, PASS_THROUGH, get_tensor, set_tensor
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Norm:
+    kind: str  # "rms" | "layer"
+    name: str  # module path (or node name)
+    input: Node  # the tensor being normalized
+    output: Node  # the tensor the rest of the graph reads (after the affine, if any)
+    weight: Node | None  # get_attr of the affine weight
+    bias: Node | None  # get_attr of the affine bias (LayerNorm)
+    internal: set[Node] = field(default_factory=set)  # nodes implementing it, output included
+    affine: Node | None = None  # rms pattern: the `mul(weight, normalized)` node
+    normalized: Node | None = None  # rms pattern: the output before the affine
+
+
+def _val(n) -> torch.Tensor | None:
+    return n.meta.get("val") if isinstance(n, Node) else None
+
+
+def last_dim(n: Node) -> int | None:
+    v = _val(n)
+    if isinstance(v, torch.Tensor) and v.dim() >= 1:
+        d = v.shape[-1]
+        return int(d) if isinstance(d, int) else None
+    return None
+
+
+def _is_call(n, *targets) -> bool:
+    return isinstance(n, Node) and n.op == "call_function" and n.target in targets
+
+
+def _through(n: Node) -> Node:
+    while _is_call(n, *PASS_THROUGH):
+        n = n.args[0]
+    return n
+
+
+def _single_pass_through_chain(n: Node) -> tuple[Node, list[Node]]:
+    """Follow ``n`` forward while its only user is a pass-through op; return the last node."""
+    chain = []
+    while len(n.users) == 1:
+        (u,) = n.users
+        if _is_call(u, *PASS_THROUGH) and u.args[0] is n:
+            chain.append(u)
+            n = u
+        else:
+            break
+    return n, chain
+
+
+def _const_vector(n, dim: int | None) -> bool:
+    v = _val(n)
+    return (isinstance(n, Node) and n.op == "get_attr" and isinstance(v, torch.Tensor) and v.dim() == 1
+            and dim is not None and v.shape[0] == dim)
+
+
+def _name(n: Node) -> str:
+    return n.meta.get(MODULE) or n.name
+
+
+def _rms_pattern(rsqrt: Node) -> Norm | None:
+    add = rsqrt.args[0]
+    if not (_is_call(add, aten.add.Tensor, aten.add.Scalar) and isinstance(add.args[1], (int, float))):
+        return None
+    mean = add.args[0]
+    if not (_is_call(mean, aten.mean.dim) and list(mean.args[1]) in ([-1],) and
+            (len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim"))):
+        return None
+    sq = mean.args[0]
+    if _is_call(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+        x = sq.args[0]
+    elif _is_call(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
+        x = sq.args[0]
+    else:
+        return None
+    muls = [u for u in rsqrt.users if _is_call(u, aten.mul.Tensor) and set(u.args) == {x, rsqrt}]
+    if len(muls) != 1 or len(rsqrt.users) != 1 or len(add.users) != 1 or len(mean.users) != 1 or len(sq.users) != 1:
+        return None
+    normalized = muls[0]
+    internal = {sq, mean, add, rsqrt, normalized}
+    end, chain = _single_pass_through_chain(normalized)
+    internal.update(chain)
+    dim = last_dim(x)
+    weight = affine = None
+    if len(end.users) == 1:
+        (u,) = end.users
+        if _is_call(u, aten.mul.Tensor) and len(u.args) == 2:
+            other = u.args[0] if u.args[1] is end else u.args[1] if u.args[0] is end else None
+            if _const_vector(other, dim):
+                weight, affine = other, u
+                internal.add(u)
+    out = affine if affine is not None else end
+    return Norm("rms", _name(normalized), x, out, weight, None, internal, affine, normalized)
+
+
+def find_norms(gm: GraphModule) -> list[Norm]:
+    norms = []
+    for n in gm.graph.nodes:
+        if _is_call(n, aten.rsqrt.default):
+            norm = _rms_pattern(n)
+            if norm is not None:
+                norms.append(norm)
+        elif _is_call(n, aten.rms_norm.default):
+            w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+            norms.append(Norm("rms", _name(n), n.args[0], n, w if isinstance(w, Node) else None, None, {n}))
+        elif _is_call(n, aten.layer_norm.default):
+            w = n.args[2] if len(n.args) > 2 else None
+            b = n.args[3] if len(n.args) > 3 else None
+            norms.append(Norm("layer", _name(n), n.args[0], n, w if isinstance(w, Node) else None,
+                              b if isinstance(b, Node) else None, {n}))
+        elif _is_call(n, aten.native_layer_norm.default):
+            outs = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
+            if len(outs) == 1:
+                w, b = n.args[2], n.args[3]
+                norms.append(Norm("layer", _name(n), n.args[0], outs[0], w if isinstance(w, Node) else None,
+                                  b if isinstance(b, Node) else None, {n, *n.users}))
+    return norms
+
+
+@dataclass
+class Readers:
+    linears: list[Node]  # aten.linear nodes with a constant weight reading the tensor as activation
+    others: list[Node]  # anything else (op nodes, or the graph output)
+
+
+def readers(node: Node) -> Readers:
+    """Consumers of ``node``'s value, looking through pass-through ops."""
+    lin, other, seen = [], [], set()
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if _is_call(u, *PASS_THROUGH) and u.args[0] is n:
+                frontier.append(u)
+            elif (_is_call(u, aten.linear.default) and u.args[0] is n and isinstance(u.args[1], Node)
+                  and u.args[1].op == "get_attr" and u.args[1] is not n):
+                lin.append(u)
+            else:
+                other.append(u)
+    return Readers(lin, other)
+
+
+def describe(n: Node) -> str:
+    """``aten.mul.Tensor at node mul_3 (model.layers.0.mlp)``: an op for error messages."""
+    if n.op == "output":
+        return "the graph output"
+    target = getattr(n.target, "__name__", str(n.target))
+    mod = n.meta.get(MODULE)
+    return f"{target} at node {n.name}" + (f" ({mod})" if mod else "")
+
+
+# ---- constants owned by one op ----------------------------------------------------------------
+def _fresh_target(gm: GraphModule, base: str) -> str:
+    existing = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    target, i = base, 1
+    while target in existing:
+        target, i = f"{base}_{i}", i + 1
+    return target
+
+
+def own_constant(gm: GraphModule, user: Node, arg_index: int, suffix: str) -> Node:
+    """The get_attr at ``user.args[arg_index]``, copied to a new constant first if other nodes also
+    read it (a tied embedding / LM head), so that changing it changes only ``user``."""
+    c = user.args[arg_index]
+    if len(c.users) == 1:
+        return c
+    base = f"{user.meta.get(MODULE) or user.name}.{suffix}"
+    target = _fresh_target(gm, base)
+    set_tensor(gm, target, get_tensor(gm, c.target).clone())
+    with gm.graph.inserting_before(user):
+        new = gm.graph.get_attr(target)
+    new.meta.update({k: v for k, v in c.meta.items() if k != FQN})
+    new.meta[FQN] = target
+    args = list(user.args)
+    args[arg_index] = new
+    user.args = tuple(args)
+    return new
+
+
+def new_constant(gm: GraphModule, before: Node, base: str, value: torch.Tensor) -> Node:
+    target = _fresh_target(gm, base)
+    set_tensor(gm, target, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta[FQN] = target
+    node.meta["val"] = value
+    return node
+
+
+def linear_weight(gm: GraphModule, lin: Node) -> torch.Tensor:
+    return get_tensor(gm, lin.args[1].target)
+
+
+def linear_bias(gm: GraphModule, lin: Node) -> torch.Tensor | None:
+    b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    return get_tensor(gm, b.target) if isinstance(b, Node) else None
+
+
+def set_linear_weight(gm: GraphModule, lin: Node, w: torch.Tensor) -> None:
+    node = own_constant(gm, lin, 1, "weight")
+    old = get_tensor(gm, node.target)
+    set_tensor(gm, node.target, w.to(old.dtype))
+
+
+def set_linear_bias(gm: GraphModule, lin: Node, b: torch.Tensor) -> None:
+    """Set (or create) the bias of an ``aten.linear`` node."""
+    if "bias" in lin.kwargs:
+        lin.args = (*lin.args[:2], lin.kwargs["bias"])
+        lin.kwargs = {k: v for k, v in lin.kwargs.items() if k != "bias"}
+    dtype = linear_weight(gm, lin).dtype
+    if len(lin.args) > 2 and isinstance(lin.args[2], Node):
+        node = own_constant(gm, lin, 2, "bias")
+        set_tensor(gm, node.target, b.to(dtype))
+        return
+    mod = lin.meta.get(MODULE) or lin.name
+    node = new_constant(gm, lin, f"{mod}.bias", b.to(dtype))
+    lin.args = (lin.args[0], lin.args[1], node)
+
+
+# ---- residual streams -------------------------------------------------------------------------
+@dataclass
+class Stream:
+    dim: int
+    nodes: set[Node]
+    sources: list[Node]  # aten.embedding nodes writing the stream
+    writers: list[Node]  # aten.linear nodes writing the stream
+    norms: list[Norm]  # norms reading the stream
+    refusal: str | None = None  # why a rotation cannot be folded exactly
+
+
+def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Stream]:
+    norms = find_norms(gm) if norms is None else norms
+    norm_of: dict[Node, Norm] = {}
+    for nm in norms:
+        for n in nm.internal:
+            norm_of[n] = nm
+    g = nx.Graph()
+    for n in gm.graph.nodes:
+        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor)):
+            continue
+        d = last_dim(n)
+        if d is None or d == 1:
+            continue
+        for a in n.args[:2] if n.target is aten.add.Tensor else n.args[:1]:
+            if isinstance(a, Node) and a.op != "get_attr" and last_dim(a) == d:
+                g.add_edge(a, n)
+    streams = []
+    for comp in nx.connected_components(g):
+        sources = [n for n in comp if _is_call(n, aten.embedding.default)]
+        if not sources:
+            continue
+        dim = last_dim(sources[0])
+        st = Stream(dim, set(comp), sorted(sources, key=_order(gm)), [], [])
+        for n in sorted(comp, key=_order(gm)):
+            if _is_call(n, aten.embedding.default):
+                continue
+            if _is_call(n, aten.linear.default):
+                if isinstance(n.args[1], Node) and n.args[1].op == "get_attr":
+                    st.writers.append(n)
+                    continue
+                st.refusal = f"stream written by {describe(n)} without a constant weight"
+                break
+            if _is_call(n, aten.add.Tensor):
+                if not all(isinstance(a, Node) and a in comp for a in n.args[:2]):
+                    st.refusal = f"{describe(n)} adds a non-stream operand to the stream"
+                    break
+                continue
+            if _is_call(n, *PASS_THROUGH) and n.args[0] in comp:
+                continue
+            st.refusal = f"stream tensor produced by {describe(n)}"
+            break
+        if st.refusal is None:
+            seen_norms = []
+            for n in st.nodes:
+                for u in n.users:
+                    if u in comp:
+                        continue
+                    nm = norm_of.get(u)
+                    if nm is None or nm.input not in comp:
+                        st.refusal = f"stream tensor {n.name} is read by {describe(u)}, not only by norms and adds"
+                        break
+                    if nm not in seen_norms:
+                        seen_norms.append(nm)
+                if st.refusal:
+                    break
+            st.norms = sorted(seen_norms, key=lambda nm: _order(gm)(nm.output))
+        streams.append(st)
+    return streams
+
+
+def _order(gm: GraphModule):
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: pos[n]

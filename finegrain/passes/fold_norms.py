@@ -1,0 +1,92 @@
+"""Fold RMSNorm / LayerNorm affine parameters into the linears that read the normalized tensor.
+
+For a norm output y = n * g + beta (n the normalized input, g and beta the affine weight and
+bias) read by linears W_i, b_i:  W_i y + b_i = (W_i diag(g)) n + (b_i + W_i beta), so
+W_i' = W_i diag(g), b_i' = b_i + W_i beta, and the norm keeps no affine. This is the first step of
+computational invariance (SliceGPT, Ashkboos et al. 2024, Sec. 3; QuaRot, Sec. 4): a weightless
+RMSNorm commutes with an orthogonal rotation of its input.
+
+Norms, their readers and the weights are found from the graph (``compiler/regions.py``). A norm
+whose output is read by anything but linears (a residual add in post-norm BERT, a graph output)
+is refused: the fold would not be exact. Constants shared with other ops (a tied LM head) are
+copied first. Runs when ``recipe.fold_norms`` or ``recipe.rotate``; a second run finds no affine
+left and changes nothing.
+
+Requires: a canonicalized graph. Ensures: folded norms carry no weight/bias; the function is
+unchanged; ``ctx.report["folds"]`` lists each norm as folded or refused (with the reason).
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from finegrain.compiler.ir import MODULE, get_tensor
+from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, readers,
+                                        set_linear_bias, set_linear_weight)
+
+
+def drop_unused_constants(gm: GraphModule) -> None:
+    """Remove get_attr nodes nobody reads and the buffers only they referenced."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if name not in used:
+            *path, leaf = name.split(".")
+            mod = gm
+            for p in path:
+                mod = getattr(mod, p)
+            delattr(mod, leaf)
+    gm.recompile()
+
+
+def fold_norms(gm: GraphModule, ctx) -> GraphModule:
+    recipe = ctx.recipe
+    if not (recipe.fold_norms or recipe.rotate):
+        return gm
+    log = ctx.report.setdefault("folds", [])
+    changed = False
+    for norm in find_norms(gm):
+        if norm.weight is None and norm.bias is None:
+            continue
+        r = readers(norm.output)
+        if r.others or not r.linears:
+            why = (f"output also read by {describe(r.others[0])}" if r.others else "output read by no linear")
+            log.append({"pass": "fold_norms", "site": norm.name, "action": "refused",
+                        "detail": f"{norm.kind} norm: {why}; folding its affine would not be exact"})
+            continue
+        g = get_tensor(gm, norm.weight.target).double() if norm.weight is not None else None
+        beta = get_tensor(gm, norm.bias.target).double() if norm.bias is not None else None
+        for lin in r.linears:
+            w = linear_weight(gm, lin).double()
+            b = linear_bias(gm, lin)
+            if beta is not None:
+                set_linear_bias(gm, lin, (b.double() if b is not None else 0.0) + w @ beta)
+            if g is not None:
+                set_linear_weight(gm, lin, w * g[None, :])
+        _strip_affine(gm, norm)
+        changed = True
+        log.append({"pass": "fold_norms", "site": norm.name, "action": "folded",
+                    "detail": f"{norm.kind} norm affine into {len(r.linears)} linear(s): "
+                              + ", ".join(_lin_name(lin) for lin in r.linears)})
+    if changed:
+        drop_unused_constants(gm)
+    return gm
+
+
+def _lin_name(lin) -> str:
+    return lin.meta.get(MODULE) or lin.name
+
+
+def _strip_affine(gm: GraphModule, norm) -> None:
+    n = norm.output
+    if norm.affine is not None:  # rms pattern: mul(weight, normalized) -> normalized
+        other = norm.affine.args[1] if norm.affine.args[0] is norm.weight else norm.affine.args[0]
+        norm.affine.replace_all_uses_with(other)
+        gm.graph.erase_node(norm.affine)
+        return
+    target = n.target if n.op == "call_function" else None
+    if target is torch.ops.aten.rms_norm.default:
+        n.args = (*n.args[:2], None, *n.args[3:])
+        return
+    ln = n if target is torch.ops.aten.layer_norm.default else n.args[0]  # native_layer_norm via getitem
+    ln.args = (*ln.args[:2], None, None, *ln.args[4:])
