@@ -141,6 +141,17 @@ def cmd_inspect(args) -> None:
                      f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
 
 
+def _folds_of(r) -> str:
+    folds = []
+    if r.fold_norms and not r.rotate:
+        folds.append("fold_norms")
+    if r.rotate:
+        folds.append("rotate" + ("+online" if r.online_hadamard else ""))
+    if r.smoothing:
+        folds.append(f"{r.smoothing}" + (" (search)" if r.smoothing_search else f" (alpha {r.smoothing_alpha})"))
+    return ", ".join(folds) or "-"
+
+
 def cmd_presets(args) -> None:
     from finegrain.compiler.recipe import PRESETS
 
@@ -149,8 +160,9 @@ def cmd_presets(args) -> None:
         for rule in r.rules:
             rows.append([name, rule.role or "", rule.pattern or "", rule.weight.tag if rule.weight else "fp",
                          rule.activation.tag if rule.activation else "fp",
-                         f"{rule.weight.bits_per_element():.3f}" if rule.weight else "-"])
-    _table("presets (other roles stay floating point)", ["recipe", "role", "pattern", "weight", "activation", "bits/w"], rows)
+                         f"{rule.weight.bits_per_element():.3f}" if rule.weight else "-", _folds_of(r)])
+    _table("presets (other roles stay floating point)",
+           ["recipe", "role", "pattern", "weight", "activation", "bits/w", "folds"], rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The one number-format descriptor, :class:`QuantFormat`, and its shared group math.
 
-A format is (kind, bits, granularity, group size, symmetry, scale dtype, static/dynamic). The
+A format is (kind, bits, granularity, group size, symmetry, scale dtype, static/dynamic, clip
+ratio). The
 *kind* selects a family (``formats/integer.py`` today; MX, NVFP, minifloat, BitMoD and
 dual-grained families plug into the same table) that owns the element math; everything about
 *granularity* (how a tensor is cut into groups along its last dimension, ragged last groups,
@@ -74,9 +75,12 @@ class QuantFormat:
     symmetric: bool = True
     scale: ScaleDtype = "fp16"
     dynamic: bool = False
+    clip: float = 1.0  # range = clip x (max |x| or [min, max]) when scales are chosen from the data
 
     def __post_init__(self) -> None:
         families = _families()
+        if not isinstance(self.clip, (int, float)) or isinstance(self.clip, bool) or not 0.0 < self.clip <= 1.0:
+            raise ValueError(f"QuantFormat.clip={self.clip!r}: must be a number in (0, 1]")
         if self.kind not in families:
             raise ValueError(f"QuantFormat.kind={self.kind!r}: unknown kind; known: {sorted(families)}")
         if self.granularity not in GRANULARITIES:
@@ -104,20 +108,22 @@ class QuantFormat:
 
     @property
     def tag(self) -> str:
-        """Compact, parseable name, e.g. ``int4-g128-asym-fp16`` or ``int8-token-sym-fp32-dyn``."""
+        """Compact, parseable name, e.g. ``int4-g128-asym-fp16``, ``int8-token-sym-fp32-dyn``,
+        ``int4-token-sym-fp32-dyn-clip0.9``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
         parts = [f"{self.kind}{self.bits}", gran, "sym" if self.symmetric else "asym", self.scale]
-        return "-".join(parts + (["dyn"] if self.dynamic else []))
+        return "-".join(parts + (["dyn"] if self.dynamic else []) + ([f"clip{self.clip:g}"] if self.clip != 1.0 else []))
 
     @classmethod
     def parse(cls, tag: str) -> "QuantFormat":
-        m = re.fullmatch(r"([a-z]+)(\d+)-(g\d+|tensor|channel|token)-(sym|asym)-(fp32|fp16|bf16)(-dyn)?", tag)
+        m = re.fullmatch(r"([a-z]+)(\d+)-(g\d+|tensor|channel|token)-(sym|asym)-(fp32|fp16|bf16)(-dyn)?"
+                         r"(?:-clip([0-9.]+))?", tag)
         if not m:
             raise ValueError(f"format tag {tag!r} is malformed; expected e.g. 'int4-g128-asym-fp16'")
-        kind, bits, gran, sym, scale, dyn = m.groups()
+        kind, bits, gran, sym, scale, dyn, clip = m.groups()
         group = int(gran[1:]) if gran.startswith("g") else None
         return cls(kind=kind, bits=int(bits), granularity="group" if group else gran, group_size=group,
-                   symmetric=sym == "sym", scale=scale, dynamic=bool(dyn))
+                   symmetric=sym == "sym", scale=scale, dynamic=bool(dyn), clip=float(clip) if clip else 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,8 @@ Asymmetric: s = (max' - min') / (2^b - 1),  z = round(-min' / s),
             Runtime's blockwise quantizer do the same), so 0 is exact, z needs no clipping, and a
             constant group is represented exactly.
 The zero point is stored with ``bits`` bits per group (GPTQ / MatMulNBits convention).
+With ``fmt.clip`` < 1 the range (max|x|, or min' and max') is multiplied by it before the scale is
+chosen, and values beyond it saturate (QuaRot clips per-token activations at 0.9).
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ class IntFamily:
 
     def choose_params(self, xg: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
         if fmt.symmetric:
-            scale = xg.abs().amax(dim=-1) / (2 ** (fmt.bits - 1) - 1)
+            scale = xg.abs().amax(dim=-1) * fmt.clip / (2 ** (fmt.bits - 1) - 1)
             return scale, torch.zeros_like(scale, dtype=torch.int32)
         qmax = 2**fmt.bits - 1
-        lo, hi = xg.amin(dim=-1).clamp(max=0), xg.amax(dim=-1).clamp(min=0)
+        lo, hi = xg.amin(dim=-1).clamp(max=0) * fmt.clip, xg.amax(dim=-1).clamp(min=0) * fmt.clip
         scale = (hi - lo) / qmax
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         # the zero point must be rounded against the scale that will be stored

@@ -16,7 +16,7 @@ output, a non-linear activation) is refused with the op named.
 * ``os+`` (Wei et al. 2023, Sec. 4): z_j = (max X_j + min X_j) / 2 and s_j = max(1, r_j / t) with
   r_j = (max X_j - min X_j) / 2: channels whose shifted range exceeds t are scaled into it.
 
-With ``recipe.smoothing_search`` the migration strength a (SmoothQuant, grid 0.05..0.95) or the
+With ``recipe.smoothing_search`` the migration strength a (SmoothQuant, grid 0.1..0.9) or the
 threshold t (OS+, a geometric grid below max r_j) is chosen per site to minimize the consumers'
 relative output error  sum_i ||Q_a(X') Q_w(W_i')^T + W_i z - X W_i^T||^2 / ||X W_i^T||^2  over the
 calibration rows in the stats store, with each consumer's own weight and activation formats; the
@@ -40,8 +40,8 @@ from finegrain.compiler.stats import StatsStore
 
 aten = torch.ops.aten
 SMOOTHED = "finegrain_smoothed"
-ALPHAS = [round(a, 2) for a in np.arange(0.05, 0.951, 0.05)]
-T_GRID = 24  # OS+ thresholds per site
+ALPHAS = [round(a, 2) for a in np.arange(0.1, 0.951, 0.1)]
+T_GRID = 12  # OS+ thresholds per site
 
 
 def _name(n: Node) -> str:

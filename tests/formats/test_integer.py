@@ -116,7 +116,7 @@ def test_bits_per_element_counts_scales_and_zeros():
     (dict(bits=9), "bits"), (dict(bits=1), "bits"), (dict(granularity="group"), "group_size"),
     (dict(granularity="channel", group_size=64), "group_size"), (dict(kind="fp"), "kind"),
     (dict(scale="fp8"), "scale"), (dict(granularity="group", group_size=32, dynamic=True), "dynamic"),
-    (dict(granularity="rows"), "granularity"),
+    (dict(granularity="rows"), "granularity"), (dict(clip=0.0), "clip"), (dict(clip=1.5), "clip"),
 ])
 def test_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -127,6 +127,7 @@ def test_validation_names_the_field(kwargs, field):
     QuantFormat(bits=4, granularity="group", group_size=128, symmetric=False),
     QuantFormat(bits=8, granularity="token", symmetric=True, scale="fp32", dynamic=True),
     QuantFormat(bits=3, granularity="channel", symmetric=True, scale="bf16"),
+    QuantFormat(bits=4, granularity="token", symmetric=True, scale="fp32", dynamic=True, clip=0.9),
 ])
 def test_tag_and_dict_roundtrip(fmt):
     assert QuantFormat.parse(fmt.tag) == fmt
@@ -136,3 +137,17 @@ def test_tag_and_dict_roundtrip(fmt):
 def test_parse_rejects_garbage():
     with pytest.raises(ValueError, match="malformed"):
         QuantFormat.parse("int4-g128")
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_ratio_shrinks_the_range_and_saturates(symmetric):
+    x = torch.tensor([[-3.0, -1.0, 0.25, 0.5, 4.0]])
+    full = QuantFormat(bits=4, granularity="token", symmetric=symmetric, scale="fp32", dynamic=True)
+    clipped = QuantFormat(bits=4, granularity="token", symmetric=symmetric, scale="fp32", dynamic=True, clip=0.5)
+    assert clipped.tag.endswith("-clip0.5")
+    qf, qc = full.quantize(x), clipped.quantize(x)
+    assert torch.allclose(qc.scale, qf.scale * 0.5, rtol=1e-6)
+    y = clipped.fake_quantize(x)
+    step = float(qc.scale)
+    assert float(y.max()) <= 2.0 + step + 1e-5 and float(y.min()) >= -2.0 - step - 1e-5  # 4.0, -3.0 saturate
+    assert float((y[0, 2:4] - x[0, 2:4]).abs().max()) <= step / 2 + 1e-6  # small values: finer steps
