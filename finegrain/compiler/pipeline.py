@@ -37,6 +37,10 @@ class PassContext:
     report: dict = field(default_factory=dict)
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        if not self.stats.nodes and self.recipe.smoothing is None:
+            self.stats.rows = 0  # only smoothing's search reads token rows: don't keep them
+
     def progress(self, items: Iterable, desc: str) -> Iterable:
         from tqdm.auto import tqdm
 

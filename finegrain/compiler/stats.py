@@ -45,6 +45,7 @@ class StatsStore:
 
     nodes: dict[str, ChannelStats] = field(default_factory=dict)
     seed: int = 0
+    rows: int = ROWS  # token rows kept per node (0 when no pass needs them)
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -59,7 +60,7 @@ class StatsStore:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         mags = x.abs().flatten()
         take = torch.randint(0, mags.numel(), (min(PER_BATCH_SAMPLE, mags.numel()),), generator=self._gen)
-        rows = x[torch.randperm(x.shape[0], generator=self._gen)[:ROWS]].clone()
+        rows = x[torch.randperm(x.shape[0], generator=self._gen)[:self.rows]].clone()
         new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take], rows)
         old = self.nodes.get(key)
         if old is None:
@@ -71,10 +72,10 @@ class StatsStore:
         if sample.numel() > RESERVOIR:
             sample = sample[torch.randperm(sample.numel(), generator=self._gen)[:RESERVOIR]]
         rows = torch.cat([old.rows, new.rows])
-        if rows.shape[0] > ROWS:  # keep rows in proportion to the tokens each side has seen
-            n_old = min(old.rows.shape[0], max(1, round(ROWS * old.count / (old.count + new.count))))
+        if rows.shape[0] > self.rows:  # keep rows in proportion to the tokens each side has seen
+            n_old = min(old.rows.shape[0], max(1, round(self.rows * old.count / (old.count + new.count))))
             pick_old = torch.randperm(old.rows.shape[0], generator=self._gen)[:n_old]
-            pick_new = torch.randperm(new.rows.shape[0], generator=self._gen)[:ROWS - n_old]
+            pick_new = torch.randperm(new.rows.shape[0], generator=self._gen)[:self.rows - n_old]
             rows = torch.cat([old.rows[pick_old], new.rows[pick_new]])
         self.nodes[key] = ChannelStats(old.count + new.count, torch.minimum(old.min, new.min),
                                        torch.maximum(old.max, new.max), old.sumsq + new.sumsq, sample, rows)

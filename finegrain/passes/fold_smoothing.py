@@ -199,6 +199,10 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
                         "detail": "no calibration statistics for its input"})
             continue
         st = ctx.stats[key]
+        if st.rows.shape[0] == 0:
+            log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
+                        "detail": "the stats store kept no calibration rows for its input"})
+            continue
         lins = r.linears
         consumers = []
         x = st.rows.float()
@@ -248,7 +252,7 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
                               f"{base:.3e} -> {err:.3e}, max|x| {xmax:.3g} -> {xmax_after:.3g}",
                     "error_before": base, "error_after": err})
     if changed:
-        ctx.stats = StatsStore(seed=ctx.stats.seed)
+        ctx.stats = StatsStore(seed=ctx.stats.seed, rows=0)
         ctx.report["stats_invalidated_by"] = "fold_smoothing"
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -27,3 +27,18 @@ def test_sample_is_bounded_and_percentiles_are_close():
     st = store["y"]
     assert st.sample.numel() <= RESERVOIR
     assert abs(st.percentile(50) - 0.6745) < 0.03  # median of |N(0,1)|
+
+
+def test_rows_are_real_rows_bounded_and_drawn_from_every_batch():
+    store = StatsStore(rows=64)
+    batches = [torch.full((1, 100, 8), float(i)) + torch.arange(8) for i in range(5)]
+    for b in batches:
+        store.update("x", b)
+    rows = store["x"].rows
+    assert rows.shape == (64, 8)
+    assert torch.equal(rows - rows[:, :1], torch.arange(8.0).expand(64, 8))  # whole rows, not mixed values
+    per_batch = torch.bincount(rows[:, 0].long(), minlength=5)
+    assert per_batch.min() >= 8  # ~64/5 from each batch, none dropped
+    none = StatsStore(rows=0)
+    none.update("x", batches[0])
+    assert none["x"].rows.shape[0] == 0
