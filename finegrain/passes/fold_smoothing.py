@@ -34,8 +34,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
-from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, new_constant, readers,
-                                        set_linear_bias, set_linear_weight)
+from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, new_constant,
+                                        own_constant, readers, set_linear_bias, set_linear_weight)
 from finegrain.compiler.stats import StatsStore
 
 aten = torch.ops.aten
@@ -93,7 +93,8 @@ def _absorb(gm: GraphModule, prod: _Producer, s: torch.Tensor, z: torch.Tensor |
         return
     norm = prod.norm
     if norm.affine is not None:  # rms pattern with weight: scale it, add the shift as a node
-        c = norm.weight
+        idx = 0 if norm.affine.args[0] is norm.weight else 1
+        c = own_constant(gm, norm.affine, idx, "weight")
         g = get_tensor(gm, c.target)
         set_tensor(gm, c.target, (g.double() * inv).to(g.dtype))
         if z is not None:

@@ -55,3 +55,39 @@ def test_demo_command(tmp_path, capsys):
                  "--calibration-seq-len", "128", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fp32" in text and "w4a16-g128" in text and (out / "manifest.json").is_file()
+
+
+def test_smollm2_folds_exact_on_real_text(smollm2):
+    """Norm folding + QuaRot rotation + SmoothQuant on the real model and real text leave the
+    floating-point logits unchanged (no quantization rules: only the folds run)."""
+    from finegrain.compiler.recipe import Recipe, Rule
+    from finegrain.data import wikitext2_test
+    from finegrain.formats import QuantFormat
+
+    ids = smollm2.tokenizer(wikitext2_test()[:4000], return_tensors="pt").input_ids[:, :256]
+    with torch.no_grad():
+        ref = smollm2.model(ids).logits
+    act = QuantFormat(bits=8, granularity="token", symmetric=True, scale="fp32", dynamic=True)
+    # activation formats make smoothing and the online Hadamard act; only the fold passes run, so
+    # the graph stays floating point
+    from finegrain.compiler.capture import capture
+    from finegrain.compiler.pipeline import PassContext, run_passes
+    from finegrain.passes.calibrate import calibrate
+    from finegrain.passes.canonicalize import canonicalize
+    from finegrain.passes.fold_norms import fold_norms
+    from finegrain.passes.fold_rotation import fold_rotation
+    from finegrain.passes.fold_smoothing import fold_smoothing
+
+    recipe = Recipe(name="folds", rules=(Rule(role="linear", activation=act),), rotate=True, smoothing="os+")
+    gm = capture(smollm2.model, (ids[:, :32],))
+    ctx = PassContext(recipe=recipe, calibration=[(ids[:, :128],), (ids[:, 128:],)], show_progress=False)
+    passes = [canonicalize, fold_norms, fold_rotation, calibrate, fold_smoothing]
+    gm = run_passes(gm, ctx, [(p.__name__, p) for p in passes])
+    actions = {(f["pass"], f["action"]) for f in ctx.report["folds"]}
+    assert {("fold_norms", "folded"), ("fold_rotation", "folded"), ("fold_rotation", "online"),
+            ("fold_smoothing", "folded")} <= actions
+    with torch.no_grad():
+        out = gm(ids)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < 1e-4, err
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
