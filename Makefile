@@ -36,6 +36,9 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 0 --out results/presets
 	$(BIN)/python benchmarks/compile_cost.py --out results/compile_cost
+	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 40 --presets w8a8 w8a8-smooth w8a8-os+ \
+		w4a8-g128 w4a8-rot w4a4-g128 w4a4-rot w4a4-rot-smooth --minilm-presets --out results/folds
+	$(BIN)/python benchmarks/outliers.py --out results/outliers
 
 clean:
 	rm -rf $(VENV) out results .pytest_cache

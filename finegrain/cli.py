@@ -146,7 +146,8 @@ def _folds_of(r) -> str:
     if r.fold_norms and not r.rotate:
         folds.append("fold_norms")
     if r.rotate:
-        folds.append("rotate" + ("+online" if r.online_hadamard else ""))
+        folds.append("online Hadamard only" if r.rotation_mode == "online"
+                     else "rotate" + ("+online" if r.online_hadamard else ""))
     if r.smoothing:
         folds.append(f"{r.smoothing}" + (" (search)" if r.smoothing_search else f" (alpha {r.smoothing_alpha})"))
     return ", ".join(folds) or "-"

@@ -28,6 +28,7 @@ ACT_ROLES = ("linear", "lm_head")
 WEIGHT_ALGORITHMS = ("rtn",)
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+")
+ROTATION_MODES = ("residual", "online")
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,13 @@ class Recipe:
     """Rules plus the options of the passes they drive.
 
     Folds (``passes/fold_*.py``, exact in floating point, applied before quantization):
-    ``fold_norms`` folds norm affine weights into the linears they feed; ``rotate`` rotates each
-    residual stream by a random Hadamard matrix (QuaRot; implies ``fold_norms``) and, with
-    ``online_hadamard``, inserts an online Hadamard before activation-quantized linears whose
-    input no offline rotation reaches (e.g. down_proj, o_proj); ``smoothing`` migrates activation
+    ``fold_norms`` folds norm affine weights into the linears they feed; ``rotate`` with
+    ``rotation_mode="residual"`` rotates each residual stream by a random Hadamard matrix folded
+    into the weights (QuaRot; implies ``fold_norms``) and, with ``online_hadamard``, inserts an
+    online Hadamard before activation-quantized linears whose input no offline rotation reaches
+    (o_proj, down_proj); ``rotation_mode="online"`` folds nothing into the residual stream and
+    puts an online Hadamard before every activation-quantized linear (norm weights stay unfolded,
+    so weight quantization sees the original weights); ``smoothing`` migrates activation
     outliers into weights (``smoothquant``: per-channel scales; ``os+``: Outlier Suppression+
     shift and scales), with ``smoothing_alpha`` the SmoothQuant migration strength and
     ``smoothing_search`` a grid search of alpha (SmoothQuant) or the clipping threshold (OS+)
@@ -82,6 +86,7 @@ class Recipe:
     fold_norms: bool = False
     rotate: bool = False
     rotation_seed: int = 0
+    rotation_mode: str = "residual"
     online_hadamard: bool = True
     smoothing: str | None = None
     smoothing_alpha: float = 0.5
@@ -93,6 +98,10 @@ class Recipe:
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
             raise ValueError(f"rotation_seed: must be an integer, got {self.rotation_seed!r}")
+        if self.rotation_mode not in ROTATION_MODES:
+            raise ValueError(f"rotation_mode: {self.rotation_mode!r} is not one of {ROTATION_MODES}")
+        if self.rotation_mode == "online" and self.rotate and not self.online_hadamard:
+            raise ValueError("online_hadamard: rotation_mode 'online' needs online_hadamard true")
         if self.smoothing is not None and self.smoothing not in SMOOTHING:
             raise ValueError(f"smoothing: {self.smoothing!r} is not one of {SMOOTHING} (or null)")
         if not isinstance(self.smoothing_alpha, (int, float)) or not 0.0 <= self.smoothing_alpha <= 1.0:
@@ -218,7 +227,9 @@ PRESETS: dict[str, Recipe] = {
     "w8a8-smooth": _linears("w8a8-smooth", _w(8, None, True), A8_DYNAMIC, smoothing="smoothquant"),
     "w8a8-os+": _linears("w8a8-os+", _w(8, None, True), A8_DYNAMIC, smoothing="os+"),
     "w4a8-rot": _linears("w4a8-rot", _w(4, 128, False), A8_DYNAMIC, rotate=True),
+    "w4a8-hadamard": _linears("w4a8-hadamard", _w(4, 128, False), A8_DYNAMIC, rotate=True, rotation_mode="online"),
     "w4a4-rot": _linears("w4a4-rot", _w(4, 128, False), A4_DYNAMIC, rotate=True),
+    "w4a4-hadamard": _linears("w4a4-hadamard", _w(4, 128, False), A4_DYNAMIC, rotate=True, rotation_mode="online"),
     "w4a4-rot-smooth": _linears("w4a4-rot-smooth", _w(4, 128, False), A4_DYNAMIC, rotate=True,
                                 smoothing="smoothquant"),
 }

@@ -9,7 +9,8 @@ RMSNorm commutes with an orthogonal rotation of its input.
 Norms, their readers and the weights are found from the graph (``compiler/regions.py``). A norm
 whose output is read by anything but linears (a residual add in post-norm BERT, a graph output)
 is refused: the fold would not be exact. Constants shared with other ops (a tied LM head) are
-copied first. Runs when ``recipe.fold_norms`` or ``recipe.rotate``; a second run finds no affine
+copied first. Runs when ``recipe.fold_norms``, or ``recipe.rotate`` in ``residual`` mode; a second run
+finds no affine
 left and changes nothing.
 
 Requires: a canonicalized graph. Ensures: folded norms carry no weight/bias; the function is
@@ -41,7 +42,7 @@ def drop_unused_constants(gm: GraphModule) -> None:
 
 def fold_norms(gm: GraphModule, ctx) -> GraphModule:
     recipe = ctx.recipe
-    if not (recipe.fold_norms or recipe.rotate):
+    if not (recipe.fold_norms or (recipe.rotate and recipe.rotation_mode == "residual")):
         return gm
     log = ctx.report.setdefault("folds", [])
     changed = False

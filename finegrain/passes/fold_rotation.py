@@ -19,7 +19,8 @@ embeddings and writers centered, exact because every reader is a norm), after wh
 LayerNorms are RMSNorms and are rewritten as such; then they rotate like Llama's.
 
 Online rotations (``recipe.online_hadamard``): the inputs of activation-quantized linears that no
-offline rotation reaches (down_proj after the SwiGLU product, o_proj after attention) get a
+offline rotation reaches (down_proj after the SwiGLU product, o_proj after attention; with
+``recipe.rotation_mode="online"`` every one of them, q/k/v and gate/up included) get a
 ``finegrain::hadamard`` node computing x M (M = H / sqrt(K), O(K log K)), and M^T is folded into
 the weight: x W^T = (x M)(W M)^T, so W' = W M. One node per activation tensor, shared by its
 readers. QuaRot's per-head V/O rotation and the K rotation after RoPE only matter for a quantized
@@ -131,7 +132,8 @@ def fold_rotation(gm: GraphModule, ctx) -> GraphModule:
         return gm
     log = ctx.report.setdefault("folds", [])
     norms = find_norms(gm)
-    for i, st in enumerate(find_streams(gm, norms)):
+    streams = find_streams(gm, norms) if recipe.rotation_mode == "residual" else []
+    for i, st in enumerate(streams):
         site = f"residual stream {i} (dim {st.dim}, from {', '.join(_name(s) for s in st.sources)})"
         if any(s.meta.get(ROTATED) for s in st.sources):
             continue

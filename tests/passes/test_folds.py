@@ -287,3 +287,19 @@ def test_streams_found_from_graph(llama, opt):
         (st,) = find_streams(gm)
         assert st.refusal is None
         assert len(st.writers) == 2 * layers and len(st.norms) == 2 * layers + 1
+
+
+def test_online_rotation_mode_leaves_norms_and_stream_alone(llama):
+    """rotation_mode='online': a Hadamard before every activation-quantized linear (q/k/v and
+    gate/up share one per input), nothing folded into the residual stream or the norms."""
+    example, calib, test = _token_inputs(256)
+    recipe = PRESETS["w4a4-hadamard"]
+    ref, gm, ctx, before = _fold(llama, example, calib, recipe, [fold_norms, fold_rotation])
+    _assert_same(ref, gm, test, rtol=2e-5)
+    added = Counter(n.target for n in gm.graph.nodes if n.op == "call_function") - before
+    assert added == Counter({HADAMARD: 4 * llama.config.num_hidden_layers})
+    assert all(n.weight is not None for n in find_norms(gm))
+    assert not [f for f in ctx.report["folds"] if f["action"] == "folded"]
+    code = gm.code
+    fold_rotation(gm, ctx)
+    assert gm.code == code
