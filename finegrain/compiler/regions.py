@@ -55,12 +55,6 @@ def _is_call(n, *targets) -> bool:
     return isinstance(n, Node) and n.op == "call_function" and n.target in targets
 
 
-def _through(n: Node) -> Node:
-    while _is_call(n, *PASS_THROUGH):
-        n = n.args[0]
-    return n
-
-
 def _single_pass_through_chain(n: Node) -> tuple[Node, list[Node]]:
     """Follow ``n`` forward while its only user is a pass-through op; return the last node."""
     chain = []
@@ -80,7 +74,8 @@ def _const_vector(n, dim: int | None) -> bool:
             and dim is not None and v.shape[0] == dim)
 
 
-def _name(n: Node) -> str:
+def module_name(n: Node) -> str:
+    """The path of the module that ran ``n`` (``model.layers.0.mlp.up_proj``), else its node name."""
     return n.meta.get(MODULE) or n.name
 
 
@@ -116,7 +111,7 @@ def _rms_pattern(rsqrt: Node) -> Norm | None:
                 weight, affine = other, u
                 internal.add(u)
     out = affine if affine is not None else end
-    return Norm("rms", _name(normalized), x, out, weight, None, internal, affine, normalized)
+    return Norm("rms", module_name(normalized), x, out, weight, None, internal, affine, normalized)
 
 
 def find_norms(gm: GraphModule) -> list[Norm]:
@@ -128,17 +123,17 @@ def find_norms(gm: GraphModule) -> list[Norm]:
                 norms.append(norm)
         elif _is_call(n, aten.rms_norm.default):
             w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
-            norms.append(Norm("rms", _name(n), n.args[0], n, w if isinstance(w, Node) else None, None, {n}))
+            norms.append(Norm("rms", module_name(n), n.args[0], n, w if isinstance(w, Node) else None, None, {n}))
         elif _is_call(n, aten.layer_norm.default):
             w = n.args[2] if len(n.args) > 2 else None
             b = n.args[3] if len(n.args) > 3 else None
-            norms.append(Norm("layer", _name(n), n.args[0], n, w if isinstance(w, Node) else None,
+            norms.append(Norm("layer", module_name(n), n.args[0], n, w if isinstance(w, Node) else None,
                               b if isinstance(b, Node) else None, {n}))
         elif _is_call(n, aten.native_layer_norm.default):
             outs = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
             if len(outs) == 1:
                 w, b = n.args[2], n.args[3]
-                norms.append(Norm("layer", _name(n), n.args[0], outs[0], w if isinstance(w, Node) else None,
+                norms.append(Norm("layer", module_name(n), n.args[0], outs[0], w if isinstance(w, Node) else None,
                                   b if isinstance(b, Node) else None, {n, *n.users}))
     return norms
 
@@ -193,7 +188,7 @@ def own_constant(gm: GraphModule, user: Node, arg_index: int, suffix: str) -> No
     c = user.args[arg_index]
     if len(c.users) == 1:
         return c
-    base = f"{user.meta.get(MODULE) or user.name}.{suffix}"
+    base = f"{module_name(user)}.{suffix}"
     target = _fresh_target(gm, base)
     set_tensor(gm, target, get_tensor(gm, c.target).clone())
     with gm.graph.inserting_before(user):
@@ -206,9 +201,13 @@ def own_constant(gm: GraphModule, user: Node, arg_index: int, suffix: str) -> No
     return new
 
 
-def new_constant(gm: GraphModule, before: Node, base: str, value: torch.Tensor) -> Node:
+def new_constant(gm: GraphModule, base: str, value: torch.Tensor, before: Node | None = None) -> Node:
+    """A new get_attr constant named ``base`` (suffixed if taken), placed before ``before`` or,
+    by default, at the top of the graph."""
     target = _fresh_target(gm, base)
     set_tensor(gm, target, value)
+    if before is None:
+        before = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(target)
     node.meta[FQN] = target
@@ -241,8 +240,7 @@ def set_linear_bias(gm: GraphModule, lin: Node, b: torch.Tensor) -> None:
         node = own_constant(gm, lin, 2, "bias")
         set_tensor(gm, node.target, b.to(dtype))
         return
-    mod = lin.meta.get(MODULE) or lin.name
-    node = new_constant(gm, lin, f"{mod}.bias", b.to(dtype))
+    node = new_constant(gm, f"{module_name(lin)}.bias", b.to(dtype), before=lin)
     lin.args = (lin.args[0], lin.args[1], node)
 
 

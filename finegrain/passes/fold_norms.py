@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.ir import MODULE, get_tensor
-from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, readers,
+from finegrain.compiler.ir import get_tensor
+from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, module_name, readers,
                                         set_linear_bias, set_linear_weight)
 
 
@@ -68,14 +68,10 @@ def fold_norms(gm: GraphModule, ctx) -> GraphModule:
         changed = True
         log.append({"pass": "fold_norms", "site": norm.name, "action": "folded",
                     "detail": f"{norm.kind} norm affine into {len(r.linears)} linear(s): "
-                              + ", ".join(_lin_name(lin) for lin in r.linears)})
+                              + ", ".join(module_name(lin) for lin in r.linears)})
     if changed:
         drop_unused_constants(gm)
     return gm
-
-
-def _lin_name(lin) -> str:
-    return lin.meta.get(MODULE) or lin.name
 
 
 def _strip_affine(gm: GraphModule, norm) -> None:

@@ -38,17 +38,14 @@ from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
 from finegrain.compiler.regions import (Stream, describe, find_norms, find_streams, linear_bias, linear_weight,
-                                        new_constant, own_constant, readers, set_linear_bias, set_linear_weight)
+                                        module_name, new_constant, own_constant, readers, set_linear_bias,
+                                        set_linear_weight)
 from finegrain.formats.hadamard import hadamard_matrix, hadamard_parts, random_orthogonal_hadamard
 from finegrain.formats.ops import HADAMARD
 
 aten = torch.ops.aten
 
 ROTATED = "finegrain_rotated"  # meta on a stream's embedding node: the stream is rotated
-
-
-def _name(n: Node) -> str:
-    return n.meta.get(MODULE) or n.name
 
 
 def _check(st: Stream) -> str | None:
@@ -134,7 +131,7 @@ def fold_rotation(gm: GraphModule, ctx) -> GraphModule:
     norms = find_norms(gm)
     streams = find_streams(gm, norms) if recipe.rotation_mode == "residual" else []
     for i, st in enumerate(streams):
-        site = f"residual stream {i} (dim {st.dim}, from {', '.join(_name(s) for s in st.sources)})"
+        site = f"residual stream {i} (dim {st.dim}, from {', '.join(module_name(s) for s in st.sources)})"
         if any(s.meta.get(ROTATED) for s in st.sources):
             continue
         why = _check(st)
@@ -188,8 +185,7 @@ def _online(gm: GraphModule, ctx, log: list) -> None:
         k = int(linear_weight(gm, lins[0]).shape[1])
         factor, _, exact = hadamard_parts(k)
         if k not in factors:
-            first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-            factors[k] = new_constant(gm, first, f"hadamard.factor_{k}", factor.float())
+            factors[k] = new_constant(gm, f"hadamard.factor_{k}", factor.float())
         with gm.graph.inserting_after(act):
             h = gm.graph.call_function(HADAMARD, (act, factors[k]))
         h.meta["val"] = act.meta.get("val")
@@ -198,6 +194,6 @@ def _online(gm: GraphModule, ctx, log: list) -> None:
         for lin in lins:
             lin.args = (h, *lin.args[1:])
             set_linear_weight(gm, lin, linear_weight(gm, lin).double() @ m)
-        log.append({"pass": "fold_rotation", "site": ", ".join(_name(lin) for lin in lins), "action": "online",
+        log.append({"pass": "fold_rotation", "site": ", ".join(module_name(lin) for lin in lins), "action": "online",
                     "detail": f"online Hadamard (dim {k}{'' if exact else ', block-diagonal'}) on the input, "
                               "its transpose folded into the weight"})

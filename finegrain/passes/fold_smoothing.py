@@ -34,18 +34,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
-from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, new_constant,
-                                        own_constant, readers, set_linear_bias, set_linear_weight)
+from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, module_name,
+                                        new_constant, own_constant, readers, set_linear_bias, set_linear_weight)
 from finegrain.compiler.stats import StatsStore
 
 aten = torch.ops.aten
 SMOOTHED = "finegrain_smoothed"
 ALPHAS = [round(a, 2) for a in np.arange(0.1, 0.951, 0.1)]
 T_GRID = 12  # OS+ thresholds per site
-
-
-def _name(n: Node) -> str:
-    return n.meta.get(MODULE) or n.name
 
 
 class _Producer:
@@ -120,13 +116,13 @@ def _scale_layer_norm(gm, ln: Node, norm, inv, z) -> None:
         if node is not None and len(node.users) == 1:
             set_tensor(gm, node.target, val.float())
         else:
-            args[idx] = new_constant(gm, ln, f"{norm.name}.{suffix}", val.float())
+            args[idx] = new_constant(gm, f"{norm.name}.{suffix}", val.float(), before=ln)
     ln.args = tuple(args)
 
 
 def _insert_after(gm: GraphModule, node: Node, op, base: str, value: torch.Tensor) -> Node:
     dtype = node.meta["val"].dtype if "val" in node.meta else torch.float32
-    c = new_constant(gm, next(n for n in gm.graph.nodes if n.op != "placeholder"), base, value.to(dtype))
+    c = new_constant(gm, base, value.to(dtype))
     with gm.graph.inserting_after(node):
         new = gm.graph.call_function(op, (node, c))
     node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
@@ -249,7 +245,7 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
         xmax_after = float(((torch.maximum((st.max - (z if z is not None else 0)).abs(),
                                             (st.min - (z if z is not None else 0)).abs())) / s).max())
         log.append({"pass": "fold_smoothing", "site": site, "action": "folded",
-                    "detail": f"{recipe.smoothing} ({label}) into {prod.kind} {_name(prod.node)}: rel. output error "
+                    "detail": f"{recipe.smoothing} ({label}) into {prod.kind} {module_name(prod.node)}: rel. output error "
                               f"{base:.3e} -> {err:.3e}, max|x| {xmax:.3g} -> {xmax_after:.3g}",
                     "error_before": base, "error_after": err})
     if changed:
