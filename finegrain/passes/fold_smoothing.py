@@ -195,6 +195,7 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
             log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
                         "detail": "no calibration statistics for its input"})
             continue
+        by_node = {op.node: op for op in ops}
         st = ctx.stats[key]
         if st.rows.shape[0] == 0:
             log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
@@ -204,7 +205,7 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
         consumers = []
         x = st.rows.float()
         for lin in lins:
-            qop = next(op for op in ops if op.node is lin) if any(op.node is lin for op in ops) else None
+            qop = by_node.get(lin)
             wf, af = recipe.formats_for(qop.role, qop.name) if qop else (None, None)
             w = linear_weight(gm, lin).float()
             consumers.append((w, wf, af, x @ w.T, None))
