@@ -164,6 +164,30 @@ def readers(node: Node) -> Readers:
     return Readers(lin, other)
 
 
+def tied_embedding(lin: Node) -> Node | None:
+    """The ``aten.embedding`` reading the same weight constant as linear ``lin`` (a tied LM head)."""
+    w = lin.args[1]
+    for u in w.users:
+        if u is not lin and _is_call(u, aten.embedding.default) and u.args[0] is w:
+            return u
+    return None
+
+
+def tied_norm(norm: Norm) -> bool:
+    """An RMSNorm with weight (no bias) whose only readers are linears tied to an embedding and
+    whose weights nobody else reads: folding its weight would untie them."""
+    if norm.affine is None or norm.bias is not None:
+        return False
+    r = readers(norm.output)
+    if r.others or not r.linears:
+        return False
+    for lin in r.linears:
+        emb = tied_embedding(lin)
+        if emb is None or set(lin.args[1].users) - set(r.linears) - {emb}:
+            return False
+    return True
+
+
 def describe(n: Node) -> str:
     """``aten.mul.Tensor at node mul_3 (model.layers.0.mlp)``: an op for error messages."""
     if n.op == "output":

@@ -9,8 +9,9 @@ RMSNorm commutes with an orthogonal rotation of its input.
 Norms, their readers and the weights are found from the graph (``compiler/regions.py``). A norm
 whose output is read by anything but linears (a residual add in post-norm BERT, a graph output)
 is refused: the fold would not be exact. Constants shared with other ops (a tied LM head) are
-copied first. Runs when ``recipe.fold_norms``, or ``recipe.rotate`` in ``residual`` mode; a second run
-finds no affine
+copied first, except that before a residual rotation a norm whose only reader is a tied LM head
+is left to ``fold_rotation`` (which keeps the tie). Runs when ``recipe.fold_norms``, or
+``recipe.rotate`` in ``residual`` mode; a second run finds no affine
 left and changes nothing.
 
 Requires: a canonicalized graph. Ensures: folded norms carry no weight/bias; the function is
@@ -23,7 +24,7 @@ from torch.fx import GraphModule
 
 from finegrain.compiler.ir import get_tensor
 from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, module_name, readers,
-                                        set_linear_bias, set_linear_weight)
+                                        set_linear_bias, set_linear_weight, tied_norm)
 
 
 def drop_unused_constants(gm: GraphModule) -> None:
@@ -45,9 +46,15 @@ def fold_norms(gm: GraphModule, ctx) -> GraphModule:
     if not (recipe.fold_norms or (recipe.rotate and recipe.rotation_mode == "residual")):
         return gm
     log = ctx.report.setdefault("folds", [])
+    rotating = recipe.rotate and recipe.rotation_mode == "residual"
     changed = False
     for norm in find_norms(gm):
         if norm.weight is None and norm.bias is None:
+            continue
+        if rotating and tied_norm(norm):
+            log.append({"pass": "fold_norms", "site": norm.name, "action": "kept",
+                        "detail": "its reader shares its weight with the embedding (tied); fold_rotation "
+                                  "keeps them tied and moves the norm weight into a d x d matmul"})
             continue
         r = readers(norm.output)
         if r.others or not r.linears:

@@ -26,9 +26,13 @@ the weight: x W^T = (x M)(W M)^T, so W' = W M. One node per activation tensor, s
 readers. QuaRot's per-head V/O rotation and the K rotation after RoPE only matter for a quantized
 KV cache, which finegrain does not have yet; they are not applied.
 
+A tied LM head stays tied: ``fold_norms`` leaves the final norm's weight g alone, the embedding
+becomes E Q for both readers, and g moves into a d x d ``aten.matmul`` by M = Q^T diag(g) Q on the
+norm output (1.3 MB for SmolLM2, instead of a 113 MB untied fp32 LM head).
+
 Requires: ``fold_norms`` ran. Ensures: the function is unchanged (up to float rounding); the only
 nodes added are ``finegrain::hadamard`` ops and their factor constants (plus the RMSNorm
-arithmetic replacing a LayerNorm); a second run changes
+arithmetic replacing a LayerNorm, and the matmul of a tied LM head); a second run changes
 nothing (rotated streams and existing online rotations are marked / recognized).
 """
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch.fx import GraphModule, Node
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
 from finegrain.compiler.regions import (Stream, describe, find_norms, find_streams, linear_bias, linear_weight,
                                         module_name, new_constant, own_constant, readers, set_linear_bias,
-                                        set_linear_weight)
+                                        set_linear_weight, tied_embedding, tied_norm)
 from finegrain.formats.hadamard import hadamard_matrix, hadamard_parts, random_orthogonal_hadamard
 from finegrain.formats.ops import HADAMARD
 
@@ -55,7 +59,8 @@ def _check(st: Stream) -> str | None:
         if nm.kind == "layer" and list(nm.output.args[1] if nm.output.target is aten.layer_norm.default
                                        else nm.output.args[0].args[1]) != [st.dim]:
             return f"LayerNorm {nm.name} normalizes over more than the last dimension"
-        if nm.weight is not None or nm.bias is not None:
+        if (nm.weight is not None or nm.bias is not None) and not (
+                tied_norm(nm) and all(tied_embedding(lin) in st.sources for lin in readers(nm.output).linears)):
             return f"norm {nm.name} still has an affine weight (fold_norms refused it; see its entry)"
         r = readers(nm.output)
         if r.others:
@@ -104,11 +109,24 @@ def _layer_to_rms(gm: GraphModule, nm) -> None:
 
 
 def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
+    tied = [nm for nm in st.norms if nm.weight is not None]  # _check: only tied-LM-head norms remain
+    tied_weights = {lin.args[1] for nm in tied for lin in readers(nm.output).linears}
     for emb in st.sources:
-        w = own_constant(gm, emb, 0, "weight")
+        w = emb.args[0] if emb.args[0] in tied_weights else own_constant(gm, emb, 0, "weight")
         e = get_tensor(gm, w.target)
-        set_tensor(gm, w.target, (e.double() @ q).to(e.dtype))
+        set_tensor(gm, w.target, (e.double() @ q).to(e.dtype))  # tied readers read E Q too
         emb.meta[ROTATED] = True
+    for nm in tied:
+        # logits = n(x) diag(g) E^T = n(x Q) M (E Q)^T with M = Q^T diag(g) Q: the d x d M replaces
+        # the norm weight so the LM head keeps reading the (rotated) embedding
+        g = get_tensor(gm, nm.weight.target).double()
+        m = new_constant(gm, f"{nm.name}.rotated_weight", (q.T @ torch.diag(g) @ q).float())
+        src = nm.affine.args[1] if nm.affine.args[0] is nm.weight else nm.affine.args[0]
+        with gm.graph.inserting_after(nm.affine):
+            mm = gm.graph.call_function(aten.matmul.default, (src, m))
+        mm.meta.update({k: v for k, v in nm.affine.meta.items() if k in ("val", MODULE)})
+        nm.affine.replace_all_uses_with(mm)
+        gm.graph.erase_node(nm.affine)
     for lin in st.writers:
         w = linear_weight(gm, lin).double()
         b = linear_bias(gm, lin)
@@ -117,6 +135,8 @@ def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
             set_linear_bias(gm, lin, b.double() @ q)
     read = []
     for nm in st.norms:
+        if nm in tied:
+            continue
         for lin in readers(nm.output).linears:
             set_linear_weight(gm, lin, linear_weight(gm, lin).double() @ q)
             read.append(lin)

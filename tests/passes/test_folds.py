@@ -173,9 +173,15 @@ def test_fold_rotation_llama_exact_structure_idempotent(llama, act):
     layers = llama.config.num_hidden_layers
     added = after - before
     removed = before - after
-    assert set(added) <= {HADAMARD}
+    assert set(added) <= {HADAMARD, torch.ops.aten.matmul.default}
     assert added[HADAMARD] == (2 * layers if act else 0)  # o_proj and down_proj inputs, only when quantized
     assert removed == Counter({torch.ops.aten.mul.Tensor: 2 * layers + 1})  # the norm affines
+    # the tied LM head stays tied: the final norm weight became one d x d matmul
+    assert added[torch.ops.aten.matmul.default] == 1
+    emb = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    head = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert head.args[1] is emb.args[0]
+    assert not any(n.op == "get_attr" and n.target == "lm_head.weight" for n in gm.graph.nodes)
     rot = [f for f in ctx.report["folds"] if f["pass"] == "fold_rotation"]
     assert rot[0]["action"] == "folded" and "4 writer linear(s)" in rot[0]["detail"]
     code = gm.code
