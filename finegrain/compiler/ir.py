@@ -121,3 +121,15 @@ def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
         ops.append(QuantOp(node, kind, role, weight, weight.meta.get(FQN, weight.target) if weight else None,
                            node.args[a_idx]))
     return ops
+
+
+def drop_unused_constants(gm: GraphModule) -> None:
+    """Erase ``get_attr`` nodes nobody reads and delete the tensors no ``get_attr`` names."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if name not in used:
+            *path, leaf = name.split(".")
+            delattr(gm.get_submodule(".".join(path)) if path else gm, leaf)

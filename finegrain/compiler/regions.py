@@ -38,6 +38,12 @@ class Norm:
     affine: Node | None = None  # rms pattern: the `mul(weight, normalized)` node
     normalized: Node | None = None  # rms pattern: the output before the affine
 
+    @property
+    def affine_input(self) -> Node:
+        """rms pattern: the operand of the affine ``mul`` that is not the weight."""
+        a = self.affine.args
+        return a[1] if a[0] is self.weight else a[0]
+
 
 def _val(n) -> torch.Tensor | None:
     return n.meta.get("val") if isinstance(n, Node) else None
@@ -266,6 +272,20 @@ def set_linear_bias(gm: GraphModule, lin: Node, b: torch.Tensor) -> None:
         return
     node = new_constant(gm, f"{module_name(lin)}.bias", b.to(dtype), before=lin)
     lin.args = (lin.args[0], lin.args[1], node)
+
+
+def fold_into_readers(gm: GraphModule, lins: list[Node], scale: torch.Tensor | None,
+                      shift: torch.Tensor | None) -> None:
+    """Linears that read y = x * scale + shift are changed to read x with the same outputs:
+    W' = W diag(scale), b' = b + W shift (in float64). Norm folding (x the normalized input) and
+    smoothing (x the smoothed activation) both are this."""
+    for lin in lins:
+        w = linear_weight(gm, lin).double()
+        if shift is not None:
+            b = linear_bias(gm, lin)
+            set_linear_bias(gm, lin, (b.double() if b is not None else 0.0) + w @ shift.double())
+        if scale is not None:
+            set_linear_weight(gm, lin, w * scale.double()[None, :])
 
 
 # ---- residual streams -------------------------------------------------------------------------

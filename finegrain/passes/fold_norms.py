@@ -22,23 +22,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.ir import get_tensor
-from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, module_name, readers,
-                                        set_linear_bias, set_linear_weight, tied_norm)
-
-
-def drop_unused_constants(gm: GraphModule) -> None:
-    """Remove get_attr nodes nobody reads and the buffers only they referenced."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_buffers()):
-        if name not in used:
-            *path, leaf = name.split(".")
-            mod = gm
-            for p in path:
-                mod = getattr(mod, p)
-            delattr(mod, leaf)
-    gm.recompile()
+from finegrain.compiler.ir import drop_unused_constants, get_tensor
+from finegrain.compiler.regions import describe, find_norms, fold_into_readers, module_name, readers, tied_norm
 
 
 def fold_norms(gm: GraphModule, ctx) -> GraphModule:
@@ -62,15 +47,9 @@ def fold_norms(gm: GraphModule, ctx) -> GraphModule:
             log.append({"pass": "fold_norms", "site": norm.name, "action": "refused",
                         "detail": f"{norm.kind} norm: {why}; folding its affine would not be exact"})
             continue
-        g = get_tensor(gm, norm.weight.target).double() if norm.weight is not None else None
-        beta = get_tensor(gm, norm.bias.target).double() if norm.bias is not None else None
-        for lin in r.linears:
-            w = linear_weight(gm, lin).double()
-            b = linear_bias(gm, lin)
-            if beta is not None:
-                set_linear_bias(gm, lin, (b.double() if b is not None else 0.0) + w @ beta)
-            if g is not None:
-                set_linear_weight(gm, lin, w * g[None, :])
+        g = get_tensor(gm, norm.weight.target) if norm.weight is not None else None
+        beta = get_tensor(gm, norm.bias.target) if norm.bias is not None else None
+        fold_into_readers(gm, r.linears, g, beta)
         _strip_affine(gm, norm)
         changed = True
         log.append({"pass": "fold_norms", "site": norm.name, "action": "folded",
@@ -78,14 +57,14 @@ def fold_norms(gm: GraphModule, ctx) -> GraphModule:
                               + ", ".join(module_name(lin) for lin in r.linears)})
     if changed:
         drop_unused_constants(gm)
+        gm.recompile()
     return gm
 
 
 def _strip_affine(gm: GraphModule, norm) -> None:
     n = norm.output
     if norm.affine is not None:  # rms pattern: mul(weight, normalized) -> normalized
-        other = norm.affine.args[1] if norm.affine.args[0] is norm.weight else norm.affine.args[0]
-        norm.affine.replace_all_uses_with(other)
+        norm.affine.replace_all_uses_with(norm.affine_input)
         gm.graph.erase_node(norm.affine)
         return
     target = n.target if n.op == "call_function" else None

@@ -121,9 +121,8 @@ def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
         # the norm weight so the LM head keeps reading the (rotated) embedding
         g = get_tensor(gm, nm.weight.target).double()
         m = new_constant(gm, f"{nm.name}.rotated_weight", (q.T @ torch.diag(g) @ q).float())
-        src = nm.affine.args[1] if nm.affine.args[0] is nm.weight else nm.affine.args[0]
         with gm.graph.inserting_after(nm.affine):
-            mm = gm.graph.call_function(aten.matmul.default, (src, m))
+            mm = gm.graph.call_function(aten.matmul.default, (nm.affine_input, m))
         mm.meta.update({k: v for k, v in nm.affine.meta.items() if k in ("val", MODULE)})
         nm.affine.replace_all_uses_with(mm)
         gm.graph.erase_node(nm.affine)

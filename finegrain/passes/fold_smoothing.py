@@ -34,8 +34,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
-from finegrain.compiler.regions import (describe, find_norms, linear_bias, linear_weight, module_name,
-                                        new_constant, own_constant, readers, set_linear_bias, set_linear_weight)
+from finegrain.compiler.regions import (describe, find_norms, fold_into_readers, linear_bias, linear_weight,
+                                        module_name, new_constant, own_constant, readers, set_linear_bias,
+                                        set_linear_weight)
 from finegrain.compiler.stats import StatsStore
 
 aten = torch.ops.aten
@@ -89,8 +90,7 @@ def _absorb(gm: GraphModule, prod: _Producer, s: torch.Tensor, z: torch.Tensor |
         return
     norm = prod.norm
     if norm.affine is not None:  # rms pattern with weight: scale it, add the shift as a node
-        idx = 0 if norm.affine.args[0] is norm.weight else 1
-        c = own_constant(gm, norm.affine, idx, "weight")
+        c = own_constant(gm, norm.affine, 0 if norm.affine.args[0] is norm.weight else 1, "weight")
         g = get_tensor(gm, c.target)
         set_tensor(gm, c.target, (g.double() * inv).to(g.dtype))
         if z is not None:
@@ -233,12 +233,8 @@ def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
             continue
         s64 = s.double()
         z64 = z.double() if z is not None else None
+        fold_into_readers(gm, lins, s64, z64)  # readers now take X' = (X - z) / s
         for lin in lins:
-            w = linear_weight(gm, lin).double()
-            if z64 is not None:
-                b = linear_bias(gm, lin)
-                set_linear_bias(gm, lin, (b.double() if b is not None else 0.0) + w @ z64)
-            set_linear_weight(gm, lin, w * s64[None, :])
             lin.meta[SMOOTHED] = True
         _absorb(gm, prod, s64, z64)
         changed = True

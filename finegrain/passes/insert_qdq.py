@@ -21,7 +21,8 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from finegrain.compiler.ir import ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, quantizable_ops, set_tensor
+from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
+                                  quantizable_ops, set_tensor)
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
 from finegrain.formats.base import SCALE_DTYPES
@@ -96,19 +97,7 @@ def insert_qdq(gm: GraphModule, ctx) -> GraphModule:
         already = op.activation.op == "call_function" and op.activation.target == DEQUANTIZE
         if a_fmt is not None and not already:
             _act_qdq(gm, ctx, op, a_fmt, shared)
-    for node in list(gm.graph.nodes):  # float weights nobody reads any more
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
+    drop_unused_constants(gm)  # float weights nobody reads any more
     gm.delete_all_unused_submodules()
-    _drop_unused_tensors(gm)
     gm.recompile()
     return gm
-
-
-def _drop_unused_tensors(gm: GraphModule) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_buffers()):
-        if name not in used:
-            *path, leaf = name.split(".")
-            mod = gm.get_submodule(".".join(path)) if path else gm
-            delattr(mod, leaf)
