@@ -66,7 +66,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     specs = _input_specs(example_inputs, input_names, dynamic)
     batches = _calibration_batches(calibration, specs)
     if recipe.needs_calibration and not batches:
-        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales or smoothing)")
+        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ or the output-error clip search)")
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict)
     t_capture = time.perf_counter() - t0

@@ -40,6 +40,7 @@ class PassContext:
     def __post_init__(self) -> None:
         if not self.stats.nodes and self.recipe.smoothing is None:
             self.stats.rows = 0  # only smoothing's search reads token rows: don't keep them
+        self.stats.hessian = self.recipe.needs_hessian
 
     def progress(self, items: Iterable, desc: str) -> Iterable:
         from tqdm.auto import tqdm
@@ -57,7 +58,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fold_smoothing", fold_smoothing),  # SmoothQuant / OS+ scales and shifts (recipe.smoothing)
     ("recalibrate", recalibrate),  # refill the stats a fold invalidated, when a later pass needs them
     ("allocate_bits", allocate_bits),  # a QuantFormat per weight / activation (recipe rules)
-    ("quantize_weights", quantize_weights),  # RTN codes + scales, per-layer error record
+    ("quantize_weights", quantize_weights),  # RTN / clip search / GPTQ codes + scales, per-layer error record
     ("insert_qdq", insert_qdq),  # packed weights + Q/DQ custom ops
 ]
 

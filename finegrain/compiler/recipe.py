@@ -25,7 +25,8 @@ from finegrain.formats import QuantFormat
 ROLES = ("linear", "lm_head", "embedding", "matmul", "conv")
 WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [N, K] the formats cover
 ACT_ROLES = ("linear", "lm_head")
-WEIGHT_ALGORITHMS = ("rtn",)
+WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
+CLIP_OBJECTIVES = ("output", "mse")
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+")
 ROTATION_MODES = ("residual", "online")
@@ -75,6 +76,15 @@ class Recipe:
     shift and scales), with ``smoothing_alpha`` the SmoothQuant migration strength and
     ``smoothing_search`` a grid search of alpha (SmoothQuant) or the clipping threshold (OS+)
     minimizing the quantized output error of the consumers on calibration rows.
+
+    Weight algorithms (``passes/quantize_weights.py``): ``rtn`` rounds to nearest with scales
+    from each group's range; ``clip`` searches ``clip_grid`` clip ratios in ``[clip_min, 1]`` per
+    group, minimizing the group's output error ``dW_g H_gg dW_g^T`` with the calibration Hessian
+    block (``clip_objective="output"``, AWQ / FineQuant-style) or its weight MSE (``"mse"``);
+    ``gptq`` is GPTQ (Frantar et al. 2022) with ``gptq_damp`` relative damping, ``gptq_block``
+    lazy-batch width and ``gptq_act_order`` (columns by decreasing Hessian diagonal, group
+    parameters fixed up front, the "static groups" variant, so groups stay contiguous), on scales
+    from the clip search when ``gptq_clip``.
     """
 
     name: str = "custom"
@@ -91,9 +101,16 @@ class Recipe:
     smoothing: str | None = None
     smoothing_alpha: float = 0.5
     smoothing_search: bool = True
+    clip_grid: int = 20
+    clip_min: float = 0.5
+    clip_objective: str = "output"
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = True
+    gptq_clip: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search"):
+        for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -108,9 +125,15 @@ class Recipe:
             raise ValueError(f"smoothing_alpha: must be a number in [0, 1], got {self.smoothing_alpha!r}")
         if self.weight_algorithm not in WEIGHT_ALGORITHMS:
             raise ValueError(f"weight_algorithm: {self.weight_algorithm!r} is not one of {WEIGHT_ALGORITHMS}")
+        if self.clip_objective not in CLIP_OBJECTIVES:
+            raise ValueError(f"clip_objective: {self.clip_objective!r} is not one of {CLIP_OBJECTIVES}")
+        if not isinstance(self.clip_min, (int, float)) or not 0.0 < self.clip_min <= 1.0:
+            raise ValueError(f"clip_min: must be a number in (0, 1], got {self.clip_min!r}")
+        if not isinstance(self.gptq_damp, (int, float)) or not 0.0 < self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp: must be a number in (0, 1), got {self.gptq_damp!r}")
         if self.act_range not in ACT_RANGES:
             raise ValueError(f"act_range: {self.act_range!r} is not one of {ACT_RANGES}")
-        for f in ("calibration_samples", "calibration_seq_len"):
+        for f in ("calibration_samples", "calibration_seq_len", "clip_grid", "gptq_block"):
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f}: must be a positive integer, got {v!r}")
@@ -128,9 +151,15 @@ class Recipe:
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
 
     @property
+    def needs_hessian(self) -> bool:
+        """GPTQ and the output-error clip search read X^T X of each linear's input."""
+        return self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
+
+    @property
     def needs_calibration(self) -> bool:
-        """Static activation scales and smoothing both need calibration statistics."""
-        return self.needs_static_stats or self.smoothing is not None
+        """Static activation scales, smoothing, GPTQ and the output-error clip search need
+        calibration statistics."""
+        return self.needs_static_stats or self.smoothing is not None or self.needs_hessian
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +262,34 @@ PRESETS: dict[str, Recipe] = {
     "w4a4-rot-smooth": _linears("w4a4-rot-smooth", _w(4, 128, False), A4_DYNAMIC, rotate=True,
                                 smoothing="smoothquant"),
 }
+
+
+def _block(tag: str) -> tuple[QuantFormat, QuantFormat]:
+    """The same block format for weights (static) and activations (dynamic, scales at run time)."""
+    return QuantFormat.parse(tag), QuantFormat.parse(tag + "-dyn")
+
+
+# formats of issue #4: OCP MX (block 32, E8M0 scales), NVFP4 / NVINT4 (block 16, E4M3 x fp32
+# scales), FP8, dual-grained W4A8, BitMoD, NormalFloat; and the weight algorithms
+PRESETS.update({
+    "mxint8": _linears("mxint8", *_block("int8-g32-sym-e8m0")),
+    "mxfp8": _linears("mxfp8", *_block("e4m3-g32-sym-e8m0")),
+    "mxfp6": _linears("mxfp6", *_block("e2m3-g32-sym-e8m0")),
+    "mxfp4": _linears("mxfp4", *_block("e2m1-g32-sym-e8m0")),
+    "nvfp4": _linears("nvfp4", *_block("e2m1-g16-sym-e4m3")),
+    "nvint4": _linears("nvint4", *_block("int4-g16-sym-e4m3")),
+    "mxfp4-rot": _linears("mxfp4-rot", *_block("e2m1-g32-sym-e8m0"), rotate=True),
+    "nvfp4-rot": _linears("nvfp4-rot", *_block("e2m1-g16-sym-e4m3"), rotate=True),
+    "nvint4-rot": _linears("nvint4-rot", *_block("int4-g16-sym-e4m3"), rotate=True),
+    "fp8": _linears("fp8", QuantFormat.parse("e4m3-channel-sym-fp32"), QuantFormat.parse("e4m3-token-sym-fp32-dyn")),
+    "w4a16-g128-clip": _linears("w4a16-g128-clip", _w(4, 128, False), weight_algorithm="clip"),
+    "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), weight_algorithm="gptq"),
+    "w3a16-g128-gptq": _linears("w3a16-g128-gptq", _w(3, 128, False), weight_algorithm="gptq"),
+    "w4a8-dgq": _linears("w4a8-dgq", QuantFormat.parse("int4-g128-asym-int8"), A8_DYNAMIC, weight_algorithm="clip"),
+    "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),
+    "bitmod-w3": _linears("bitmod-w3", QuantFormat.parse("bitmod3-g128-sym-fp16")),
+    "nf4-g64": _linears("nf4-g64", QuantFormat.parse("nf4-g64-sym-fp16")),
+})
 
 
 def get_recipe(spec: "str | Path | Recipe | dict") -> Recipe:

@@ -3,7 +3,8 @@
 Statistics, never whole activations, are kept, so memory is bounded by the number of observed
 nodes times their channel count, plus fixed-size samples per node: magnitudes for percentiles and
 ``ROWS`` whole rows (tokens) for the passes that measure a layer's output error on real inputs
-(smoothing's scale search).
+(smoothing's scale search), and, when a weight algorithm needs it (GPTQ, clip search), the
+uncentered second moment ``X^T X`` ``[K, K]`` of each observed input (its Hessian up to a factor).
 Channels are the last dimension (the K of the linear that consumes the tensor).
 """
 from __future__ import annotations
@@ -25,6 +26,14 @@ class ChannelStats:
     sumsq: torch.Tensor  # [K], float64
     sample: torch.Tensor  # up to RESERVOIR |x| values, uniformly sampled across rows
     rows: torch.Tensor  # [<= ROWS, K] rows sampled uniformly across batches
+    xtx: torch.Tensor | None = None  # [K, K] sum of x x^T over all rows (float32), when kept
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T] ``[K, K]`` (GPTQ's H = 2 X^T X / n up to the factor 2)."""
+        if self.xtx is None:
+            raise KeyError("no X^T X was collected for this node (the recipe's weight algorithm did not ask for it)")
+        return self.xtx / max(self.count, 1)
     @property
     def absmax(self) -> torch.Tensor:
         return torch.maximum(self.max.abs(), self.min.abs())
@@ -46,6 +55,7 @@ class StatsStore:
     nodes: dict[str, ChannelStats] = field(default_factory=dict)
     seed: int = 0
     rows: int = ROWS  # token rows kept per node (0 when no pass needs them)
+    hessian: bool = False  # accumulate X^T X per node (GPTQ, clip search)
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -61,7 +71,8 @@ class StatsStore:
         mags = x.abs().flatten()
         take = torch.randint(0, mags.numel(), (min(PER_BATCH_SAMPLE, mags.numel()),), generator=self._gen)
         rows = x[torch.randperm(x.shape[0], generator=self._gen)[:self.rows]].clone()
-        new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take], rows)
+        xtx = x.T @ x if self.hessian else None
+        new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take], rows, xtx)
         old = self.nodes.get(key)
         if old is None:
             self.nodes[key] = new
@@ -78,4 +89,5 @@ class StatsStore:
             pick_new = torch.randperm(new.rows.shape[0], generator=self._gen)[:self.rows - n_old]
             rows = torch.cat([old.rows[pick_old], new.rows[pick_new]])
         self.nodes[key] = ChannelStats(old.count + new.count, torch.minimum(old.min, new.min),
-                                       torch.maximum(old.max, new.max), old.sumsq + new.sumsq, sample, rows)
+                                       torch.maximum(old.max, new.max), old.sumsq + new.sumsq, sample, rows,
+                                       None if new.xtx is None else old.xtx + new.xtx)

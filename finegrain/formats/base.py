@@ -1,11 +1,14 @@
 """The one number-format descriptor, :class:`QuantFormat`, and its shared group math.
 
-A format is (kind, bits, granularity, group size, symmetry, scale dtype, static/dynamic, clip
-ratio). The
-*kind* selects a family (``formats/integer.py`` today; MX, NVFP, minifloat, BitMoD and
-dual-grained families plug into the same table) that owns the element math; everything about
-*granularity* (how a tensor is cut into groups along its last dimension, ragged last groups,
-exact storage bits) lives here once.
+A format is (element kind, bits, granularity, group size, symmetry, scale type, static/dynamic,
+clip ratio). The *kind* selects a family that owns the element math (one file each):
+``integer.py`` (INT2-8), ``minifloat.py`` (FP8 E4M3/E5M2, FP6 E3M2/E2M3, FP4 E2M1 via
+``ml_dtypes``), ``bitmod.py`` (BitMoD per-group datatypes), ``codebook.py`` (NF4 and per-tensor
+Lloyd-Max codebooks). The *scale type* (``scales.py``) says how each group's scale is stored:
+fp32/fp16/bf16; ``e8m0`` (OCP MX: a shared power of two); ``e4m3`` (NVFP4/NVINT4: an FP8 block
+scale times one fp32 tensor scale); ``int8`` (DGQ: an integer group scale times an fp16 channel
+scale). Everything about *granularity* (how a tensor is cut into groups along its last dimension,
+ragged last groups, exact storage bits) lives here once.
 
 Granularity is always along the last dimension (the reduction dim K of a linear weight
 ``[N, K]`` or of an activation ``[..., K]``):
@@ -13,9 +16,14 @@ Granularity is always along the last dimension (the reduction dim K of a linear 
 * ``tensor``  one scale for the whole tensor;
 * ``channel`` one scale per row (weights: per output channel);
 * ``token``   one scale per row of an activation (per token), normally ``dynamic``;
-* ``group``   one scale per ``group_size`` consecutive elements of a row. A ragged last group
-  (K not a multiple of the group size, e.g. SmolLM2's K=576 with g128) is quantized exactly
-  with its own scale, and its bytes are counted: the group size is never silently changed.
+* ``group``   one scale per ``group_size`` consecutive elements of a row (MX: 32, NVFP4: 16). A
+  ragged last group (K not a multiple of the group size, e.g. SmolLM2's K=576 with g128) is
+  quantized exactly with its own scale, and its bytes are counted: the group size is never
+  silently changed.
+
+:class:`QTensor` always carries the *effective* fp32 scale of every group (what ``decode``
+multiplies by); ``scales.stored_scale`` / ``scales.load_scale`` convert it to and from what an
+artifact stores (e.g. E8M0 exponents, FP8 block scales plus ``scale2``), bit-exactly.
 """
 from __future__ import annotations
 
@@ -30,38 +38,54 @@ import torch
 from finegrain.configs import check_fields
 
 Granularity = Literal["tensor", "channel", "token", "group"]
-ScaleDtype = Literal["fp32", "fp16", "bf16"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "token", "group")
-SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCALE_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16}
 
 
 class QTensor(NamedTuple):
-    """Quantized codes plus their per-group scale (fp32 values, already rounded to the scale
-    dtype) and integer zero point (all zeros for symmetric formats)."""
+    """Quantized codes plus their per-group effective scale (fp32, exactly what the stored scale
+    decodes to), per-group integer metadata ``zero`` (the zero point of asymmetric INT, the
+    datatype id of BitMoD, else zeros), the second-level scale of two-level scale types
+    (``scale2``: NV tensor scale ``(1,)`` or DGQ channel scales ``lead + (1,)``) and the codebook
+    of codebook formats."""
 
     codes: torch.Tensor  # same shape as the source tensor; int8 (signed) or uint8 (unsigned)
-    scale: torch.Tensor  # shape lead + (G,)
+    scale: torch.Tensor  # shape lead + (G,), fp32
     zero: torch.Tensor  # shape lead + (G,), int32
+    scale2: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
 
 
 class Family(Protocol):
-    """Element math of one format kind, applied to grouped values ``[..., G, gs]``."""
+    """Element math of one format kind, applied to grouped values ``[..., G, gs]``.
+
+    ``max_value`` is the largest code magnitude in scale units (127 for INT8, 6 for E2M1, 1 for a
+    normalized codebook): scales are chosen as ``amax * clip / max_value``.
+    """
 
     def validate(self, fmt: "QuantFormat") -> None: ...
     def element_bits(self, fmt: "QuantFormat") -> int: ...
     def metadata_bits(self, fmt: "QuantFormat") -> int: ...  # per group, besides the scale
     def code_range(self, fmt: "QuantFormat") -> tuple[int, int]: ...
-    def choose_params(self, xg: torch.Tensor, fmt: "QuantFormat") -> tuple[torch.Tensor, torch.Tensor]: ...
-    def encode(self, xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: "QuantFormat") -> torch.Tensor: ...
-    def decode(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: "QuantFormat") -> torch.Tensor: ...
+    def max_value(self, fmt: "QuantFormat") -> float: ...
+    def choose_params(self, xg: torch.Tensor, fmt: "QuantFormat", clip) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def refine(self, xg: torch.Tensor, scale: torch.Tensor, meta, fmt: "QuantFormat", clip) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def encode(self, xg, scale, zero, fmt: "QuantFormat", codebook=None) -> torch.Tensor: ...
+    def decode(self, codes, scale, zero, fmt: "QuantFormat", codebook=None) -> torch.Tensor: ...
 
 
 def _families() -> dict[str, Family]:
     # Literal table (no registry magic): a new family is one more entry here.
+    from finegrain.formats.bitmod import BITMOD
+    from finegrain.formats.codebook import LLOYD_MAX, NF
     from finegrain.formats.integer import INT
+    from finegrain.formats.minifloat import MINIFLOATS
 
-    return {"int": INT}
+    return {"int": INT, **MINIFLOATS, "bitmod": BITMOD, "nf": NF, "lm": LLOYD_MAX}
+
+
+def _clip_of(clip, xg: torch.Tensor) -> torch.Tensor | float:
+    """A clip ratio as a float or a tensor broadcastable to ``xg.shape[:-1]``."""
+    return clip if isinstance(clip, (int, float)) else clip.float().reshape(xg.shape[:-1])
 
 
 @dataclass(frozen=True)
@@ -73,11 +97,13 @@ class QuantFormat:
     granularity: Granularity = "channel"
     group_size: int | None = None
     symmetric: bool = True
-    scale: ScaleDtype = "fp16"
+    scale: str = "fp16"
     dynamic: bool = False
     clip: float = 1.0  # range = clip x (max |x| or [min, max]) when scales are chosen from the data
 
     def __post_init__(self) -> None:
+        from finegrain.formats import scales
+
         families = _families()
         if not isinstance(self.clip, (int, float)) or isinstance(self.clip, bool) or not 0.0 < self.clip <= 1.0:
             raise ValueError(f"QuantFormat.clip={self.clip!r}: must be a number in (0, 1]")
@@ -90,11 +116,10 @@ class QuantFormat:
                 raise ValueError(f"QuantFormat.group_size={self.group_size!r}: 'group' granularity needs a positive int")
         elif self.group_size is not None:
             raise ValueError(f"QuantFormat.group_size={self.group_size!r}: only valid with granularity='group'")
-        if self.scale not in SCALE_DTYPES:
-            raise ValueError(f"QuantFormat.scale={self.scale!r}: must be one of {sorted(SCALE_DTYPES)}")
-        if self.dynamic and self.granularity not in ("token", "tensor"):
-            raise ValueError(f"QuantFormat.dynamic=True needs granularity 'token' or 'tensor', not {self.granularity!r}")
+        if self.dynamic and self.granularity == "channel":
+            raise ValueError("QuantFormat.dynamic=True needs granularity 'token', 'tensor' or 'group', not 'channel'")
         families[self.kind].validate(self)
+        scales.validate(self)
 
     # ---- identity -------------------------------------------------------------------------
     @property
@@ -107,20 +132,27 @@ class QuantFormat:
         return self.family.code_range(self)[0] < 0
 
     @property
+    def element(self) -> str:
+        """The element name: ``int4``, ``e2m1``, ``bitmod3``, ``nf4``, ``lm4``."""
+        return self.kind if re.fullmatch(r"e\dm\d", self.kind) else f"{self.kind}{self.bits}"
+
+    @property
     def tag(self) -> str:
         """Compact, parseable name, e.g. ``int4-g128-asym-fp16``, ``int8-token-sym-fp32-dyn``,
-        ``int4-token-sym-fp32-dyn-clip0.9``."""
+        ``e2m1-g32-sym-e8m0`` (MXFP4), ``e2m1-g16-sym-e4m3`` (NVFP4), ``int4-token-sym-fp32-dyn-clip0.9``."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        parts = [f"{self.kind}{self.bits}", gran, "sym" if self.symmetric else "asym", self.scale]
+        parts = [self.element, gran, "sym" if self.symmetric else "asym", self.scale]
         return "-".join(parts + (["dyn"] if self.dynamic else []) + ([f"clip{self.clip:g}"] if self.clip != 1.0 else []))
 
     @classmethod
     def parse(cls, tag: str) -> "QuantFormat":
-        m = re.fullmatch(r"([a-z]+)(\d+)-(g\d+|tensor|channel|token)-(sym|asym)-(fp32|fp16|bf16)(-dyn)?"
+        m = re.fullmatch(r"(?:([a-z]+?)(\d+)|(e\dm\d))-(g\d+|tensor|channel|token)-(sym|asym)-([a-z0-9]+)(-dyn)?"
                          r"(?:-clip([0-9.]+))?", tag)
         if not m:
-            raise ValueError(f"format tag {tag!r} is malformed; expected e.g. 'int4-g128-asym-fp16'")
-        kind, bits, gran, sym, scale, dyn, clip = m.groups()
+            raise ValueError(f"format tag {tag!r} is malformed; expected e.g. 'int4-g128-asym-fp16' or 'e2m1-g32-sym-e8m0'")
+        kind, bits, mini, gran, sym, scale, dyn, clip = m.groups()
+        if mini:
+            kind, bits = mini, 1 + int(mini[1]) + int(mini[3])
         group = int(gran[1:]) if gran.startswith("g") else None
         return cls(kind=kind, bits=int(bits), granularity="group" if group else gran, group_size=group,
                    symmetric=sym == "sym", scale=scale, dynamic=bool(dyn), clip=float(clip) if clip else 1.0)
@@ -167,48 +199,74 @@ class QuantFormat:
         return flat[..., : shape[-1]].reshape(shape)
 
     # ---- reference quantize / dequantize -------------------------------------------------------
-    def quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None,
-                 zero: torch.Tensor | None = None) -> QTensor:
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                 *, clip: "float | torch.Tensor | None" = None) -> QTensor:
         """Reference quantizer. With ``scale`` (and ``zero``) given, encodes with those
-        (static activations); otherwise chooses them from ``x`` (weights, dynamic activations)."""
+        (static activations); otherwise chooses them from ``x`` (weights, dynamic activations).
+        ``clip`` overrides ``self.clip``, as a float or one ratio per group (clip search)."""
+        from finegrain.formats import scales
+
         xg = self._grouped(x.float())
+        pshape = self.param_shape(tuple(x.shape))
+        scale2 = codebook = None
         if scale is None:
-            scale, zero = self.family.choose_params(xg, self)
-            scale = scale.to(SCALE_DTYPES[self.scale]).float()
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group
+            c = _clip_of(self.clip if clip is None else clip, xg)
+            scale, zero, scale2, codebook = scales.choose(self, xg, c)
         else:
             scale = scale.float().reshape(xg.shape[:-1])
             zero = torch.zeros_like(scale, dtype=torch.int32) if zero is None else zero.reshape(xg.shape[:-1])
-        codes = self.family.encode(xg, scale, zero, self)
-        pshape = self.param_shape(tuple(x.shape))
-        return QTensor(self._ungrouped(codes, x.shape), scale.reshape(pshape), zero.to(torch.int32).reshape(pshape))
+        codes = self.family.encode(xg, scale, zero, self, codebook)
+        return QTensor(self._ungrouped(codes, x.shape), scale.reshape(pshape), zero.to(torch.int32).reshape(pshape),
+                       scale2, codebook)
 
     def dequantize(self, q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Reference dequantizer: the one definition every backend is tested against."""
         cg = self._grouped(q.codes)
         gshape = cg.shape[:-1]
-        out = self.family.decode(cg, q.scale.float().reshape(gshape), q.zero.reshape(gshape), self)
+        out = self.family.decode(cg, q.scale.float().reshape(gshape), q.zero.reshape(gshape), self, q.codebook)
         return self._ungrouped(out, q.codes.shape).to(dtype)
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequantize(self.quantize(x), x.dtype)
+    def fake_quantize(self, x: torch.Tensor, *, clip: "float | torch.Tensor | None" = None) -> torch.Tensor:
+        return self.dequantize(self.quantize(x, clip=clip), x.dtype)
+
+    def column_params(self, q: QTensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of column ``col`` of a quantized 2-D weight, each ``[N, 1]`` (GPTQ
+        quantizes one column at a time with fixed group parameters)."""
+        n = q.codes.shape[0]
+        if self.granularity == "tensor":
+            return q.scale.reshape(1, 1).expand(n, 1), q.zero.reshape(1, 1).expand(n, 1)
+        g = col // self.group_size if self.granularity == "group" else 0
+        return q.scale[:, g:g + 1], q.zero[:, g:g + 1]
+
+    def quantize_column(self, w: torch.Tensor, q: QTensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[N]`` and dequantized values ``[N]`` of one weight column ``w`` ``[N]`` under the
+        fixed parameters of ``q`` (column ``col``'s group)."""
+        s, z = self.column_params(q, col)
+        codes = self.family.encode(w.float().reshape(-1, 1, 1), s, z, self, q.codebook)
+        return codes.reshape(-1), self.family.decode(codes, s, z, self, q.codebook).reshape(-1)
 
     # ---- size accounting --------------------------------------------------------------------
     def storage_bits(self, shape: tuple[int, ...]) -> int:
         """Exact bits to store a tensor of ``shape``: elements plus every stored scale, zero
-        point and per-group metadata (dynamic formats store no scales)."""
+        point, per-group metadata, second-level scale and codebook (dynamic formats store no
+        scales)."""
+        from finegrain.formats import scales
+
         numel = math.prod(shape)
         bits = numel * self.family.element_bits(self)
         if not self.dynamic:
-            per_group = SCALE_BITS[self.scale] + self.family.metadata_bits(self)
+            per_group = scales.SCALE_BITS[self.scale] + self.family.metadata_bits(self)
             bits += math.prod(self.param_shape(tuple(shape))) * per_group
+            bits += scales.second_level_bits(self, tuple(shape))
+            bits += getattr(self.family, "codebook_bits", lambda f: 0)(self)
         return bits
 
     def bits_per_element(self, shape: tuple[int, ...] | None = None) -> float:
-        """True bits per element including scales; ``shape`` defaults to one row of a multiple
-        of the group size (the nominal figure, e.g. 4.25 for int4-g128-asym-fp16)."""
+        """True bits per element including scales; ``shape`` defaults to one row of 4096 (the
+        nominal figure, e.g. 4.156 for int4-g128-asym-fp16; per-tensor scales and codebooks
+        are amortized over that one row only, so real tensors come out a little lower)."""
         if shape is None:
-            shape = (1, self.group_size or 4096)
+            shape = (1, max(4096, self.group_size or 0))
         return self.storage_bits(shape) / math.prod(shape)
 
     def __str__(self) -> str:

@@ -1,14 +1,17 @@
 """Uniform integer formats INT2–INT8, symmetric or asymmetric (integer zero point).
 
-Symmetric:  s = max|x| / (2^(b-1) - 1),  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1).
+Symmetric:  s = max|x| / (2^(b-1) - 1),  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)
+            (scales chosen from the data never use -2^(b-1): the Q range is [-7, 7] for INT4,
+            the symmetric clipping of NVINT4 / "INT v.s. FP").
 Asymmetric: s = (max' - min') / (2^b - 1),  z = round(-min' / s),
             q = clamp(round(x / s) + z, 0, 2^b - 1),  x̂ = (q - z) s,
             with min' = min(min, 0), max' = max(max, 0): the range always holds 0 (GPTQ and ONNX
             Runtime's blockwise quantizer do the same), so 0 is exact, z needs no clipping, and a
-            constant group is represented exactly.
+            constant group is represented exactly. The zero point is computed against the scale
+            that is finally stored (after fp16 / two-level rounding).
 The zero point is stored with ``bits`` bits per group (GPTQ / MatMulNBits convention).
-With ``fmt.clip`` < 1 the range (max|x|, or min' and max') is multiplied by it before the scale is
-chosen, and values beyond it saturate (QuaRot clips per-token activations at 0.9).
+With a clip ratio < 1 the range (max|x|, or min' and max') is multiplied by it before the scale
+is chosen, and values beyond it saturate (QuaRot clips per-token activations at 0.9).
 """
 from __future__ import annotations
 
@@ -31,27 +34,30 @@ class IntFamily:
             return -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
         return 0, 2**fmt.bits - 1
 
-    def choose_params(self, xg: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
+    def max_value(self, fmt) -> float:
+        return float(2 ** (fmt.bits - 1) - 1)
+
+    def _range(self, xg, clip):
+        return xg.amin(dim=-1).clamp(max=0) * clip, xg.amax(dim=-1).clamp(min=0) * clip
+
+    def choose_params(self, xg: torch.Tensor, fmt, clip) -> tuple[torch.Tensor, None]:
         if fmt.symmetric:
-            scale = xg.abs().amax(dim=-1) * fmt.clip / (2 ** (fmt.bits - 1) - 1)
-            return scale, torch.zeros_like(scale, dtype=torch.int32)
-        qmax = 2**fmt.bits - 1
-        lo, hi = xg.amin(dim=-1).clamp(max=0) * fmt.clip, xg.amax(dim=-1).clamp(min=0) * fmt.clip
-        scale = (hi - lo) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        # the zero point must be rounded against the scale that will be stored
-        from finegrain.formats.base import SCALE_DTYPES
+            return xg.abs().amax(dim=-1) * clip / self.max_value(fmt), None
+        lo, hi = self._range(xg, clip)
+        return (hi - lo) / (2**fmt.bits - 1), None
 
-        safe = safe.to(SCALE_DTYPES[fmt.scale]).float()
-        zero = torch.clamp(torch.round(-lo / safe), 0, qmax).to(torch.int32)
-        return scale, zero
+    def refine(self, xg, scale, meta, fmt, clip):
+        if fmt.symmetric:
+            return torch.zeros(scale.shape, dtype=torch.int32), None
+        lo, _ = self._range(xg, clip)
+        return torch.clamp(torch.round(-lo / scale), 0, 2**fmt.bits - 1).to(torch.int32), None
 
-    def encode(self, xg, scale, zero, fmt) -> torch.Tensor:
+    def encode(self, xg, scale, zero, fmt, codebook=None) -> torch.Tensor:
         lo, hi = self.code_range(fmt)
         q = torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
         return torch.clamp(q, lo, hi).to(torch.int8 if fmt.symmetric else torch.uint8)
 
-    def decode(self, codes, scale, zero, fmt) -> torch.Tensor:
+    def decode(self, codes, scale, zero, fmt, codebook=None) -> torch.Tensor:
         return (codes.to(torch.int32) - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)
 
 

@@ -4,8 +4,11 @@ They are single nodes in an exported graph, survive re-export, and each backend 
 The CPU kernels call the format's reference quantize/dequantize (``QuantFormat``), so the
 graph-side semantics are defined in exactly one place. The format travels as its tag string.
 
-* ``finegrain::dequantize_packed(packed, scale, zero, fmt, shape, out_dtype)``: a weight stored
-  as bit-packed codes (``formats/packing.py``) with per-group scales and packed zero points.
+* ``finegrain::dequantize_packed(packed, scale, zero, fmt, shape, out_dtype, scale2?, codebook?)``:
+  a weight stored as bit-packed codes (``formats/packing.py``), per-group scales as the format
+  stores them (``formats/scales.py``: fp16, E8M0 exponents, FP8 block scales, DGQ integers),
+  packed per-group metadata (zero points, BitMoD datatype ids), the second-level scale of
+  two-level scale types and the codebook of codebook formats.
 * ``finegrain::quantize(x, fmt, scale?, zero?) -> (codes, scale, zero)``: activations; dynamic
   formats choose scale/zero from ``x`` at run time, static ones take calibrated constants.
 * ``finegrain::dequantize(codes, scale, zero, fmt, out_dtype)``.
@@ -19,6 +22,7 @@ from functools import lru_cache
 
 import torch
 
+from finegrain.formats import scales
 from finegrain.formats.base import QTensor, QuantFormat
 from finegrain.formats.hadamard import apply_hadamard
 from finegrain.formats.packing import unpack
@@ -30,24 +34,26 @@ def _fmt(tag: str) -> QuantFormat:
 
 
 def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  fmt: QuantFormat, shape: list[int]) -> QTensor:
+                  fmt: QuantFormat, shape: list[int], scale2: torch.Tensor | None = None,
+                  codebook: torch.Tensor | None = None) -> QTensor:
     codes = unpack(packed, fmt.bits, fmt.signed, shape[-1])
     if zero is None or zero.numel() == 0:
         z = torch.zeros(scale.shape, dtype=torch.int32)
     else:
-        z = unpack(zero, fmt.bits, False, scale.shape[-1]).to(torch.int32)
-    return QTensor(codes.reshape(shape), scale, z)
+        z = unpack(zero, fmt.family.metadata_bits(fmt), False, scale.shape[-1]).to(torch.int32)
+    return QTensor(codes.reshape(shape), scales.load_scale(fmt, scale, scale2), z, scale2, codebook)
 
 
 @torch.library.custom_op("finegrain::dequantize_packed", mutates_args=())
 def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: str,
-                      shape: list[int], out_dtype: torch.dtype) -> torch.Tensor:
+                      shape: list[int], out_dtype: torch.dtype, scale2: torch.Tensor | None = None,
+                      codebook: torch.Tensor | None = None) -> torch.Tensor:
     f = _fmt(fmt)
-    return f.dequantize(unpack_weight(packed, scale, zero, f, shape), out_dtype)
+    return f.dequantize(unpack_weight(packed, scale, zero, f, shape, scale2, codebook), out_dtype)
 
 
 @dequantize_packed.register_fake
-def _(packed, scale, zero, fmt, shape, out_dtype):
+def _(packed, scale, zero, fmt, shape, out_dtype, scale2=None, codebook=None):
     return packed.new_empty(shape, dtype=out_dtype)
 
 

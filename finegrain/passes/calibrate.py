@@ -79,7 +79,8 @@ def calibrate(gm: GraphModule, ctx) -> GraphModule:
 
 def recalibrate(gm: GraphModule, ctx) -> GraphModule:
     """Refill the stats store after a fold emptied it (the activations it described changed), when
-    a later pass needs statistics (static activation scales). Otherwise a no-op."""
-    if ctx.stats.nodes or not ctx.calibration or not ctx.recipe.needs_static_stats:
+    a later pass needs statistics (static activation scales, GPTQ / clip search Hessians).
+    Otherwise a no-op."""
+    if ctx.stats.nodes or not ctx.calibration or not (ctx.recipe.needs_static_stats or ctx.recipe.needs_hessian):
         return gm
     return calibrate(gm, ctx)

@@ -1,7 +1,8 @@
 """Materialize quantization in the graph (the "materialize" step of PT2E's annotate/materialize).
 
-* Weights: each quantized weight becomes bit-packed codes (``formats/packing.py``), scales in the
-  format's scale dtype and packed integer zero points, read by one
+* Weights: each quantized weight becomes bit-packed codes (``formats/packing.py``), scales as the
+  format stores them (``formats/scales.py``), packed per-group metadata (zero points, BitMoD
+  datatype ids) and, where the format has them, a second-level scale and a codebook, read by one
   ``finegrain::dequantize_packed`` node that replaces the float weight as the op's argument.
   A float weight with no remaining user is removed from the module.
 * Activations: ``finegrain::quantize`` -> ``finegrain::dequantize`` in front of the op. Dynamic
@@ -25,7 +26,7 @@ from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZAB
                                   quantizable_ops, set_tensor)
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
-from finegrain.formats.base import SCALE_DTYPES
+from finegrain.formats import scales
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
 
 
@@ -40,11 +41,15 @@ def _weight_qdq(gm: GraphModule, op, fmt: QuantFormat) -> None:
     g = gm.graph
     with g.inserting_before(op.node):
         packed = _constant(gm, g, f"{base}packed", pack(q.codes, fmt.bits, fmt.signed))
-        scale = _constant(gm, g, f"{base}scale", q.scale.to(SCALE_DTYPES[fmt.scale]))
-        zero_t = torch.empty(0, dtype=torch.uint8) if fmt.symmetric else pack(q.zero.to(torch.uint8), fmt.bits, False)
+        scale = _constant(gm, g, f"{base}scale", scales.stored_scale(fmt, q))
+        meta_bits = fmt.family.metadata_bits(fmt)
+        zero_t = pack(q.zero.to(torch.uint8), meta_bits, False) if meta_bits else torch.empty(0, dtype=torch.uint8)
         zero = _constant(gm, g, f"{base}zero", zero_t)
-        dq = g.call_function(DEQUANTIZE_PACKED, (packed, scale, zero, fmt.tag, list(q.codes.shape),
-                                                 op.node.meta.get("val", torch.empty(0)).dtype))
+        args = [packed, scale, zero, fmt.tag, list(q.codes.shape), op.node.meta.get("val", torch.empty(0)).dtype]
+        if q.scale2 is not None or q.codebook is not None:
+            args.append(None if q.scale2 is None else _constant(gm, g, f"{base}scale2", scales.stored_scale2(fmt, q)))
+            args.append(None if q.codebook is None else _constant(gm, g, f"{base}codebook", q.codebook.to(torch.float16)))
+        dq = g.call_function(DEQUANTIZE_PACKED, tuple(args))
     _, w_idx, _ = QUANTIZABLE[op.node.target]
     args = list(op.node.args)
     args[w_idx] = dq

@@ -115,7 +115,7 @@ def test_bits_per_element_counts_scales_and_zeros():
 @pytest.mark.parametrize("kwargs,field", [
     (dict(bits=9), "bits"), (dict(bits=1), "bits"), (dict(granularity="group"), "group_size"),
     (dict(granularity="channel", group_size=64), "group_size"), (dict(kind="fp"), "kind"),
-    (dict(scale="fp8"), "scale"), (dict(granularity="group", group_size=32, dynamic=True), "dynamic"),
+    (dict(scale="fp8"), "scale"), (dict(granularity="channel", dynamic=True), "dynamic"),
     (dict(granularity="rows"), "granularity"), (dict(clip=0.0), "clip"), (dict(clip=1.5), "clip"),
 ])
 def test_validation_names_the_field(kwargs, field):

@@ -1,0 +1,113 @@
+"""Weight quantization algorithms, each working with any :class:`QuantFormat`.
+
+* :func:`rtn`: round to nearest with the format's own parameter choice (range of each group).
+* :func:`clip_search`: per group, the clip ratio r in ``linspace(1, clip_min, grid)`` minimizing
+  the group's output error ``dW_g H_gg dW_g^T`` (``H = E[x x^T]`` of the layer's calibration
+  input, its diagonal block for the group: AWQ's / FineQuant's clip search without running the
+  layer) or its weight MSE. Also phase 1 of DGQ's two-phase search (``formats/scales.py`` does
+  phase 2).
+* :func:`gptq`: GPTQ (Frantar et al. 2022). Columns are quantized one at a time and the error
+  of each is spread over the columns not yet quantized through the Cholesky factor of
+  ``H^-1`` (``H`` damped by ``damp * mean(diag H)``; dead inputs, ``H_jj = 0``, get weight 0),
+  with lazy batch updates of ``block`` columns. With ``act_order`` the columns go by decreasing
+  ``H_jj``; group parameters are fixed before the sweep from the original weights (the "static
+  groups" variant), so groups stay contiguous in the stored layout whatever the order, and any
+  format (minifloat, two-level, BitMoD, codebook) works: the sweep only encodes single columns
+  with known parameters (``QuantFormat.quantize_column``).
+
+Hessians come from the stats store (``compiler/stats.py``), one per distinct linear input,
+collected in one calibration pass over the floating-point model (GPTQ's layers are not re-fed
+the outputs of already-quantized layers: no sequential pass yet).
+"""
+from __future__ import annotations
+
+import torch
+
+from finegrain.errors import InputError
+from finegrain.formats import QTensor, QuantFormat
+
+
+def rtn(w: torch.Tensor, fmt: QuantFormat) -> QTensor:
+    return fmt.quantize(w)
+
+
+def _group_view(fmt: QuantFormat, k: int) -> tuple[int, int]:
+    """(groups per row, group width) for the error bookkeeping; non-group formats are one group."""
+    if fmt.granularity == "group":
+        return fmt.num_groups(k), fmt.group_size
+    return 1, k
+
+
+def _padded(x: torch.Tensor, g: int, gs: int) -> torch.Tensor:
+    """``[N, K]`` -> ``[N, g, gs]`` with zeros after the last column."""
+    n, k = x.shape
+    return torch.nn.functional.pad(x, (0, g * gs - k)).reshape(n, g, gs)
+
+
+def clip_search(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor | None, grid: int = 20,
+                clip_min: float = 0.5) -> tuple[QTensor, torch.Tensor]:
+    """Best clip ratio per group (and the weight quantized with it). ``hessian=None`` minimizes
+    the weight MSE. Returns (QTensor, ratios ``[N, G]`` or ``[1]`` for per-tensor formats)."""
+    n, k = w.shape
+    g, gs = _group_view(fmt, k)
+    hb = None
+    if hessian is not None:
+        hp = torch.nn.functional.pad(hessian.float(), (0, g * gs - k, 0, g * gs - k))
+        hb = torch.stack([hp[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(g)])  # [g, gs, gs]
+    best_err = best = None
+    for r in torch.linspace(1.0, clip_min, grid).tolist():
+        d = _padded(fmt.fake_quantize(w, clip=r) - w, g, gs)
+        err = torch.einsum("ngi,gij,ngj->ng", d, hb, d) if hb is not None else d.pow(2).sum(-1)
+        if fmt.granularity == "tensor":
+            err = err.sum().reshape(1)
+        ratio = torch.full(err.shape, r)
+        if best_err is None:
+            best_err, best = err, ratio
+        else:
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, ratio, best)
+    return fmt.quantize(w, clip=best), best
+
+
+def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTensor, *, damp: float = 0.01,
+         block: int = 128, act_order: bool = True, where: str = "weight") -> QTensor:
+    """GPTQ with fixed group parameters ``params`` (from :func:`rtn` or :func:`clip_search` on
+    ``w``). Returns the QTensor with GPTQ's codes and ``params``' scales."""
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise InputError(f"{where}: Hessian shape {tuple(hessian.shape)} does not match the weight's K={k}")
+    W = w.detach().clone().float()
+    H = hessian.detach().clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = None
+    for attempt in range(4):  # damping x10 per retry if H is numerically indefinite
+        Hd = H + damp * (10 ** attempt) * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                break
+            U = None
+    if U is None:
+        raise InputError(f"{where}: GPTQ could not factor the calibration Hessian even with damping "
+                         f"{damp * 1000:g}; check the calibration data for this layer's input")
+    U = U.float()
+    codes = torch.empty_like(params.codes)
+    perm_l = perm.tolist()
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = perm_l[i1 + i]
+            c, qv = fmt.quantize_column(W1[:, i], params, col)
+            codes[:, col] = c.to(codes.dtype)
+            e = (W1[:, i] - qv) / U1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return QTensor(codes, params.scale, params.zero, params.scale2, params.codebook)
