@@ -50,7 +50,7 @@ def main() -> None:
         cm = compile_loaded(lm, name, samples=args.calib_samples, seq_len=args.calib_seq_len, progress=False)
         res = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows or None)
         rows.append({"model": "smollm2-135m", "recipe": name, "bits_per_weight": cm.quantized_bits_per_weight(),
-                     "model_bytes": cm.model_bytes(), "compile_s": cm.timings["total"], **res})
+                     "model_bytes": cm.model_bytes(), "compile_s": cm.timings["total"], "timings": cm.timings, **res})
         print(rows[-1], flush=True)
         write_report(args, rows, [], time.time() - t_start)  # partial results survive an interrupted run
         del cm

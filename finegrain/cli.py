@@ -127,11 +127,11 @@ def cmd_inspect(args) -> None:
             n *= d
         total_bits, total_n = total_bits + rec["bits"], total_n + n
         out_db = rec.get("output_sqnr_db")
-        rows.append([name, rec["format"], "x".join(map(str, rec["shape"])), f"{rec['bits'] / n:.3f}",
+        rows.append([name, rec["format"], rec.get("algorithm", "rtn"), "x".join(map(str, rec["shape"])), f"{rec['bits'] / n:.3f}",
                      f"{rec['bits'] / 8 / 1024:.1f}", f"{rec['weight_sqnr_db']:.1f}",
                      f"{out_db:.1f}" if out_db is not None else "-"])
     _table(f"{path}: recipe {m['recipe']['name']}, source {m['source'].get('model')}",
-           ["layer", "format", "shape", "bits/w", "KiB", "weight SQNR dB", "output SQNR dB"], rows)
+           ["layer", "format", "algorithm", "shape", "bits/w", "KiB", "weight SQNR dB", "output SQNR dB"], rows)
     folds = m.get("folds", [])
     if folds:
         _table("folds (exact transformations applied before quantization)", ["pass", "site", "action", "detail"],
@@ -161,9 +161,10 @@ def cmd_presets(args) -> None:
         for rule in r.rules:
             rows.append([name, rule.role or "", rule.pattern or "", rule.weight.tag if rule.weight else "fp",
                          rule.activation.tag if rule.activation else "fp",
-                         f"{rule.weight.bits_per_element():.3f}" if rule.weight else "-", _folds_of(r)])
-    _table("presets (other roles stay floating point)",
-           ["recipe", "role", "pattern", "weight", "activation", "bits/w", "folds"], rows)
+                         f"{rule.weight.bits_per_element():.3f}" if rule.weight else "-", r.weight_algorithm,
+                         _folds_of(r)])
+    _table("presets (other roles stay floating point; bits/w nominal, one row of 4096)",
+           ["recipe", "role", "pattern", "weight", "activation", "bits/w", "weights by", "folds"], rows)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,9 @@ import torch
 
 from finegrain.formats.bitmod import nearest
 
-LLOYD_ITERS = 40
-LLOYD_SAMPLES = 1 << 20
+LLOYD_ITERS = 1000
+LLOYD_BINS = 1 << 14
+LLOYD_SAMPLES = 1 << 22
 
 
 def normal_float_levels(bits: int) -> torch.Tensor:
@@ -97,19 +98,31 @@ class LloydMaxFamily(_Normalized):
 
 
 def lloyd_max(v: torch.Tensor, n: int, iters: int = LLOYD_ITERS) -> torch.Tensor:
-    """``n`` sorted levels minimizing E(v - level(v))^2 (Lloyd's algorithm), rounded to fp16."""
-    v = v.double()
-    levels = torch.quantile(v[: 1 << 24], (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    """``n`` sorted levels minimizing E(v - level(v))^2 (Lloyd's algorithm), rounded to fp16.
+
+    Runs on a fine histogram of ``v`` (``LLOYD_BINS`` bins, each represented by the mean of its
+    values with its count as weight), so the many iterations the tails need (about 100 for a
+    Gaussian to reach 3.86 dB at 4 bits) cost O(bins), not O(samples)."""
+    v = v.double().flatten()
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return torch.full((n,), lo).to(torch.float16).float()
+    b = torch.clamp(((v - lo) / (hi - lo) * LLOYD_BINS).long(), 0, LLOYD_BINS - 1)
+    cnt = torch.zeros(LLOYD_BINS, dtype=torch.float64).index_add_(0, b, torch.ones_like(v))
+    pts = torch.zeros(LLOYD_BINS, dtype=torch.float64).index_add_(0, b, v)
+    keep = cnt > 0
+    cnt, pts = cnt[keep], pts[keep] / cnt[keep]
+    cdf = torch.cumsum(cnt, 0) / cnt.sum()
+    levels = pts[torch.searchsorted(cdf, (torch.arange(n, dtype=torch.float64) + 0.5) / n).clamp(max=len(pts) - 1)]
     for _ in range(iters):
-        idx = nearest(v, levels)
-        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, v)
-        cnt = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, torch.ones_like(v))
-        new = torch.where(cnt > 0, sums / cnt.clamp(min=1), levels)
-        new = new.sort().values
-        if torch.allclose(new, levels, rtol=0, atol=1e-9):
-            levels = new
-            break
+        idx = nearest(pts, levels)
+        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, pts * cnt)
+        tot = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, cnt)
+        new = torch.where(tot > 0, sums / tot.clamp(min=1e-300), levels).sort().values
+        done = torch.allclose(new, levels, rtol=0, atol=1e-12)
         levels = new
+        if done:
+            break
     return levels.to(torch.float16).float().sort().values
 
 

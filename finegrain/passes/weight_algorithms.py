@@ -21,6 +21,8 @@ the outputs of already-quantized layers: no sequential pass yet).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from finegrain.errors import InputError
@@ -50,13 +52,17 @@ def clip_search(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor | None,
     the weight MSE. Returns (QTensor, ratios ``[N, G]`` or ``[1]`` for per-tensor formats)."""
     n, k = w.shape
     g, gs = _group_view(fmt, k)
+    # two-level scales couple the groups (a tensor / channel scale over all of them): search the
+    # group scales with plain fp32 ones, then let the format pick its second level for the chosen
+    # ratios (DGQ's phase 1 then phase 2)
+    search = dataclasses.replace(fmt, scale="fp32") if fmt.scale in ("e4m3", "int8") else fmt
     hb = None
     if hessian is not None:
         hp = torch.nn.functional.pad(hessian.float(), (0, g * gs - k, 0, g * gs - k))
         hb = torch.stack([hp[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(g)])  # [g, gs, gs]
     best_err = best = None
     for r in torch.linspace(1.0, clip_min, grid).tolist():
-        d = _padded(fmt.fake_quantize(w, clip=r) - w, g, gs)
+        d = _padded(search.fake_quantize(w, clip=r) - w, g, gs)
         err = torch.einsum("ngi,gij,ngj->ng", d, hb, d) if hb is not None else d.pow(2).sum(-1)
         if fmt.granularity == "tensor":
             err = err.sum().reshape(1)

@@ -9,7 +9,12 @@ from finegrain.errors import ArtifactError, InputError
 from finegrain.runtime import artifact as artifact_mod
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16-g128", "w3a16-g128", "w4a4-rot-smooth", "w8a8-os+"])
+ISSUE4 = ["mxint8", "mxfp8", "mxfp6", "mxfp4", "nvfp4", "nvint4", "nvfp4-rot", "fp8", "w4a16-g128-clip",
+          "w4a16-g128-gptq", "w3a16-g128-gptq", "w4a8-dgq", "bitmod-w4", "bitmod-w3", "nf4-g64"]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16-g128", "w3a16-g128", "w4a4-rot-smooth", "w8a8-os+",
+                                    *ISSUE4])
 def test_roundtrip_same_outputs(compiled, tiny_inputs, tmp_path, recipe):
     cm = compiled(recipe)
     cm.save(tmp_path / "a")
@@ -40,6 +45,21 @@ def test_identical_inputs_give_identical_outputs(compiled, tiny_inputs):
     cm = compiled("w8a8")
     x = tiny_inputs[2]
     assert torch.equal(cm(x), cm(x.clone()))
+
+
+def test_lloyd_max_codebook_roundtrip(tiny_llama, tiny_inputs, tmp_path):
+    """A per-tensor codebook travels in the artifact (stored fp16, counted in the bytes)."""
+    example, calib, x = tiny_inputs
+    recipe = {"name": "lm3", "rules": [{"role": "linear", "weight": "lm3-g64-sym-fp16"}], "weight_algorithm": "gptq"}
+    cm = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+    cm.save(tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    cb = manifest["tensors"]["model.layers.0.mlp.down_proj.weight_qcodebook"]
+    assert cb["dtype"] == "float16" and cb["shape"] == [8]
+    cm2 = finegrain.load(tmp_path / "a")
+    assert torch.equal(cm2(x), cm(x))
+    fp = tiny_llama(x).logits
+    assert torch.nn.functional.cosine_similarity(cm2(x).flatten(), fp.flatten(), dim=0) > 0.9
 
 
 def test_packed_bytes_are_what_the_format_says(compiled, tmp_path):
