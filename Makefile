@@ -39,6 +39,11 @@ bench: setup
 	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 40 --presets w8a8 w8a8-smooth w8a8-os+ \
 		w4a8-g128 w4a8-rot w4a4-g128 w4a4-rot w4a4-rot-smooth --minilm-presets --out results/folds
 	$(BIN)/python benchmarks/outliers.py --out results/outliers
+	$(BIN)/python benchmarks/rate_distortion.py --layer-every 6 --out results/rate_distortion
+	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 20 --minilm-presets --out results/formats \
+		--presets w4a16-g128 w4a16-g128-clip w4a16-g128-gptq w3a16-g128 w3a16-g128-gptq bitmod-w4 bitmod-w3 \
+		nf4-g64 mxfp4 nvfp4 nvint4 mxfp4-rot nvfp4-rot nvint4-rot mxint8 mxfp8 w4a8-g128 w4a8-dgq fp8 mxfp6 \
+		benchmarks/recipes/w4a4-rot-gptq.json benchmarks/recipes/nvfp4-rot-gptq.json
 
 clean:
 	rm -rf $(VENV) out results .pytest_cache

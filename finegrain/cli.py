@@ -1,13 +1,14 @@
-"""finegrain command line: demo | quantize | eval | inspect | presets."""
+"""finegrain command line: demo | quantize | pareto | eval | inspect | presets."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from finegrain.errors import FinegrainError
+from finegrain.errors import FinegrainError, InputError
 
 DEMO_OUT = "out/demo"
 
@@ -63,17 +64,128 @@ def cmd_demo(args) -> None:
 def cmd_quantize(args) -> None:
     from finegrain.jobs import compile_loaded
     from finegrain.models import load_model
-    from finegrain.errors import InputError
 
     if Path(args.out).exists() and not args.overwrite:  # fail before the slow part
         raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    recipe = _with_budget(args)
     lm = load_model(args.model)
-    cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
     path = cm.save(args.out, overwrite=args.overwrite)
+    if cm.allocation.get("chosen"):
+        ch = cm.allocation["chosen"]
+        _console().print(f"bit allocation ({cm.allocation['sensitivity']} sensitivity, {cm.allocation['groups']} groups, "
+                         f"solver {cm.allocation['solver_seconds']:.3f} s): {ch['bits_per_weight']:.3f} bits/weight, "
+                         f"predicted {ch['predicted']:.4g}")
     bpw = cm.quantized_bits_per_weight()
     _console().print(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
                      f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
                      if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+
+
+def _parse_size(text: str, what: str) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(bpw|b|kb|mb|gb|kib|mib|gib)?\s*", text.lower())
+    if not m:
+        raise InputError(f"{what}={text!r}: expected a number with an optional unit (e.g. 3.25bpw, 80MB)")
+    mult = {None: 1, "bpw": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+    return float(m.group(1)) * mult[m.group(2)]
+
+
+def _with_budget(args):
+    """The recipe, with --budget / --budget-bytes / --candidates applied."""
+    import dataclasses
+
+    from finegrain.compiler.recipe import DEFAULT_CANDIDATES, get_recipe
+
+    recipe = get_recipe(args.recipe)
+    budget, budget_bytes, cands = (getattr(args, k, None) for k in ("budget", "budget_bytes", "candidates"))
+    if budget is None and budget_bytes is None and not cands:
+        return recipe
+    if budget is not None and budget_bytes is not None:
+        raise InputError("--budget and --budget-bytes: give one of them")
+    if budget is not None and budget.lower().rstrip().endswith(("kb", "mb", "gb", "kib", "mib", "gib")):
+        raise InputError(f"--budget={budget!r} is in bits per weight (e.g. 3.25bpw); use --budget-bytes for sizes")
+    try:
+        return dataclasses.replace(
+            recipe, weight_candidates=tuple(cands or recipe.weight_candidates or DEFAULT_CANDIDATES),
+            budget_bits=_parse_size(budget, "--budget") if budget is not None else None,
+            budget_bytes=int(_parse_size(budget_bytes, "--budget-bytes")) if budget_bytes is not None else None)
+    except ValueError as e:
+        raise InputError(f"recipe {recipe.name!r} with the command-line budget: {e}") from None
+
+
+def cmd_pareto(args) -> None:
+    from finegrain.jobs import evaluate_lm, frontier_loaded
+    from finegrain.models import load_model
+    from finegrain.runtime.files import atomic_write_text
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    recipe = _with_budget(args)
+    lm = load_model(args.model)
+    if lm.task != "causal-lm":
+        raise InputError(f"pareto evaluates perplexity: {args.model} is not a causal LM")
+    budgets = [_parse_size(b, "--budgets") for b in args.budgets] if args.budgets else None
+    alloc, models = frontier_loaded(lm, recipe, points=args.points, budgets_bits=budgets, validate=args.validate,
+                                    samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
+    rows = []
+    for cm in models:
+        res = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
+        ch = cm.allocation["chosen"]
+        name = f"{ch['bits_per_weight']:.3f}bpw"
+        cm.save(out / name, overwrite=args.overwrite)
+        counts: dict[str, int] = {}
+        for tag in ch["formats"].values():
+            counts[tag] = counts.get(tag, 0) + 1
+        rows.append({"artifact": str(out / name), "bits_per_weight": ch["bits_per_weight"], "model_bytes": cm.model_bytes(),
+                     "predicted": ch["predicted"], "ppl": res["ppl"], "delta_nll": res["nll"] - fp["nll"],
+                     "formats": counts})
+    summary = {"recipe": recipe.to_dict(), "fp": fp, "points": rows, "allocation": alloc.summary()}
+    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Bit allocation frontier: {lm.source.get('model', args.model)}, {alloc.sensitivity} sensitivity, "
+             f"{len(alloc.groups)} groups x {len(alloc.candidates)} candidates, solver {alloc.solver_seconds:.3f} s",
+             "", f"FP ppl {fp['ppl']:.3f} ({fp['windows']} windows of {args.seq_len}).", "",
+             "| bits/weight | model MB | predicted | ppl | ΔNLL vs FP | formats (groups) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        fm = ", ".join(f"{k}: {v}" for k, v in sorted(r["formats"].items()))
+        lines.append(f"| {r['bits_per_weight']:.3f} | {r['model_bytes'] / 1e6:.1f} | {r['predicted']:.4g} | {r['ppl']:.3f} | "
+                     f"{r['delta_nll']:+.4f} | {fm} |")
+    val = alloc.extra.get("validation")
+    if val:
+        lines += ["", f"Proxy validation: {len(val['pairs'])} groups quantized alone to {val['pairs'][0]['format']}, "
+                      f"Spearman(predicted, measured ΔNLL) = {val['spearman']:.3f}."]
+    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
+    _console().print("\n".join(lines))
+    _plot_frontier(out / "pareto.png", alloc, rows)
+
+
+def _plot_frontier(path: Path, alloc, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _console().print("matplotlib missing (pip install finegrain[plot]): no PNG")
+        return
+    pts = alloc.frontier.points()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([alloc.bits_per_weight(p) for p in pts], [p.value for p in pts], "-", color="tab:blue", lw=1,
+            label=f"predicted ({alloc.sensitivity})")
+    ax.plot([r["bits_per_weight"] for r in rows], [r["predicted"] for r in rows], "o", color="tab:blue")
+    ax.set_xlabel("bits per weight (allocated linears)")
+    ax.set_ylabel("predicted loss (sensitivity sum)")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    ax2.plot([r["bits_per_weight"] for r in rows], [r["delta_nll"] for r in rows], "s--", color="tab:red",
+             label="measured ΔNLL vs FP")
+    ax2.set_ylabel("measured ΔNLL (nats/token)")
+    fig.legend(loc="upper right", fontsize=8)
+    ax.set_title("Bit allocation frontier: predicted vs measured")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cmd_eval(args) -> None:
@@ -174,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     model_help = f"bundled model ({', '.join(BUNDLED_NAMES)}) or a local Hugging Face model directory"
 
+    def budget(sp):
+        sp.add_argument("--budget", help="bits per weight over the quantized linears, e.g. 3.25bpw: bit allocation "
+                                         "picks each linear's format from the candidates")
+        sp.add_argument("--budget-bytes", help="bytes of the whole stored model instead, e.g. 80MB or 80000000")
+        sp.add_argument("--candidates", nargs="+", help="candidate weight format tags (default: the recipe's "
+                                                        "weight_candidates, else int2 g64 .. int8 per channel)")
+
     def calib(sp):
         sp.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (recipe default 32; 0 = none)")
         sp.add_argument("--calibration-seq-len", type=int, default=None, help="tokens per window (recipe default 512)")
@@ -192,8 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", required=True, help="preset name or recipe .json/.yaml")
     q.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
+    budget(q)
     calib(q)
     q.set_defaults(fn=cmd_quantize)
+
+    pa = sub.add_parser("pareto", help="bit allocation frontier: N artifacts along it, their real perplexity, "
+                                       "table + plot of predicted vs measured loss against size")
+    pa.add_argument("--model", required=True, help=model_help)
+    pa.add_argument("--recipe", default="w4a16-g128", help="preset or recipe file; its rules say which linears are "
+                                                           "quantized, its weight_candidates (or --candidates) what they may get")
+    pa.add_argument("--points", type=int, default=4, help="frontier points to materialize, evenly spaced in size")
+    pa.add_argument("--budgets", nargs="+", help="bits-per-weight budgets instead of --points (e.g. 2.5 3 3.25bpw)")
+    pa.add_argument("--candidates", nargs="+", help="candidate weight format tags (default: the recipe's, else "
+                                                    "int2 g64 .. int8 per channel)")
+    pa.add_argument("--validate", type=int, default=8, help="groups whose real ΔNLL is measured to check the proxy")
+    pa.add_argument("--seq-len", type=int, default=2048)
+    pa.add_argument("--max-windows", type=int, default=8, help="WikiText-2 windows per evaluation (0 = all)")
+    pa.add_argument("--out", required=True, help="directory for the artifacts, pareto.md/.json/.png")
+    pa.add_argument("--overwrite", action="store_true")
+    calib(pa)
+    pa.set_defaults(fn=cmd_pareto)
 
     e = sub.add_parser("eval", help="perplexity of an artifact or a float model on WikiText-2 test "
                                     "(encoder artifacts: embedding cosine vs their FP model)")

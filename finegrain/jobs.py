@@ -26,11 +26,7 @@ def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8) -
     return out
 
 
-def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
-                   seq_len: int | None = None, seed: int = 0, progress: bool = True) -> CompiledModel:
-    """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
-    defaults; 0 samples skips calibration, allowed unless the recipe has static scales)."""
-    recipe = get_recipe(recipe)
+def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_len: int | None, seed: int):
     samples = recipe.calibration_samples if samples is None else samples
     seq_len = min(recipe.calibration_seq_len if seq_len is None else seq_len, loaded.max_seq_len)
     if loaded.task == "causal-lm":
@@ -42,8 +38,29 @@ def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int 
         example = calib[0] if calib else tuple(loaded.tokenizer(["a b", "c d e"], padding=True, return_tensors="pt")[k]
                                                for k in ("input_ids", "attention_mask"))
         names = ("input_ids", "attention_mask")
+    return calib, example, names
+
+
+def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
+                   seq_len: int | None = None, seed: int = 0, progress: bool = True) -> CompiledModel:
+    """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
+    defaults; 0 samples skips calibration, allowed unless the recipe has static scales)."""
+    recipe = get_recipe(recipe)
+    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
                       source=loaded.source, progress=progress)
+
+
+def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
+                    budgets_bits: list[float] | None = None, validate: int = 0, samples: int | None = None,
+                    seq_len: int | None = None, seed: int = 0, progress: bool = True):
+    """``compile_frontier`` on a bundled / HF model (see ``finegrain.compiler.api``)."""
+    from finegrain.compiler.api import compile_frontier
+
+    recipe = get_recipe(recipe)
+    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
+    return compile_frontier(loaded.model, example, recipe, calib, budgets_bits, points, validate=validate,
+                            input_names=names, tokenizer=loaded.tokenizer, source=loaded.source, progress=progress)
 
 
 def logits_fn(obj: "LoadedModel | CompiledModel"):

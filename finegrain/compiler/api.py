@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from finegrain.compiler.capture import capture
-from finegrain.compiler.pipeline import PassContext, run_passes
+from finegrain.compiler.pipeline import PIPELINE, PassContext, run_passes
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.errors import InputError
 from finegrain.runtime.compiled import CompiledModel, check_inputs, input_spec
@@ -57,6 +57,12 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     ``calibration`` an iterable of batches shaped like it (sequence length may differ when
     ``dynamic``). Recipes with static activation scales require calibration.
     """
+    gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict,
+                                             progress, PIPELINE)
+    return _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source)
+
+
+def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes):
     recipe = get_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -66,16 +72,101 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     specs = _input_specs(example_inputs, input_names, dynamic)
     batches = _calibration_batches(calibration, specs)
     if recipe.needs_calibration and not batches:
-        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ or the output-error clip search)")
+        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
+                         "the output-error clip search or bit allocation)")
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict)
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress)
-    gm = run_passes(gm, ctx)
+    gm = run_passes(gm, ctx, passes)
+    return gm, ctx, specs, t0, t_capture
+
+
+def _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source) -> CompiledModel:
     quantized = {name: {k: rec[k] for k in ("weight", "format", "shape", "bits")}
                  for name, rec in ctx.report.get("layers", {}).items()}
     timings = {"capture": round(t_capture, 3), **ctx.report.get("pass_seconds", {})}
     timings["total"] = round(time.perf_counter() - t0, 3)
-    return CompiledModel(gm=gm, recipe=recipe, input_specs=specs, source=source or {"model": type(model).__name__},
+    return CompiledModel(gm=gm, recipe=ctx.recipe, input_specs=specs, source=source or {"model": type(model).__name__},
                          quantized=quantized, layer_report=ctx.report.get("layers", {}),
-                         folds=ctx.report.get("folds", []), tokenizer=tokenizer, timings=timings)
+                         folds=ctx.report.get("folds", []), allocation=ctx.report.get("allocation", {}),
+                         tokenizer=tokenizer, timings=timings)
+
+
+def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict",
+                     calibration: Iterable, budgets_bits: Sequence[float] | None = None, points: int = 4, *,
+                     validate: int = 0, input_names: Sequence[str] = ("input_ids", "attention_mask"), dynamic: bool = True,
+                     strict: bool = False, tokenizer: Any = None, source: dict | None = None,
+                     progress: bool = True) -> tuple[Any, list[CompiledModel]]:
+    """Solve the recipe's bit allocation once (its ``weight_candidates``; any budget in it is
+    ignored) and materialize one CompiledModel per budget in ``budgets_bits`` (bits per weight
+    over the allocated linears), or ``points`` frontier points spread evenly in cost (the first
+    and last included). With ``validate`` > 0, that many (group, cheapest candidate) pairs,
+    spread over the sensitivity ranking, are also quantized alone and their real ΔNLL on four
+    calibration batches measured (``alloc.extra["validation"]``, with the Spearman rank
+    correlation against the predicted sensitivity). Returns (the Allocation, the models); each
+    model's ``allocation`` holds its point."""
+    import copy
+    import dataclasses
+
+    from finegrain.compiler.ir import WEIGHT_FORMAT
+
+    recipe = get_recipe(recipe)
+    if not recipe.weight_candidates:
+        raise InputError(f"recipe {recipe.name!r} has no weight_candidates: nothing to allocate")
+    base = dataclasses.replace(recipe, budget_bits=None, budget_bytes=None)
+    head = [p for p in PIPELINE if p[0] not in ("quantize_weights", "insert_qdq")]
+    tail = [p for p in PIPELINE if p[0] in ("quantize_weights", "insert_qdq")]
+    gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, base, calibration, input_names, dynamic, strict,
+                                             progress, head)
+    alloc = ctx.allocation
+    if validate:
+        alloc.extra["validation"] = _validate(gm, ctx, alloc, validate)
+    pts = alloc.frontier.points()
+    if budgets_bits is None:  # frontier points nearest to evenly spaced costs
+        lo, hi = pts[0].cost, pts[-1].cost
+        want = [lo + (hi - lo) * i / max(points - 1, 1) for i in range(points)]
+        chosen = sorted({min(range(len(pts)), key=lambda j: abs(pts[j].cost - c)) for c in want})
+        targets = [pts[j] for j in chosen]
+    else:
+        targets = [alloc.point_for_bits(b) for b in budgets_bits]
+    models = []
+    t_head = time.perf_counter() - t0
+    for point in targets:
+        t1 = time.perf_counter()
+        bpw = alloc.bits_per_weight(point)
+        g2 = copy.deepcopy(gm)
+        by_name = {n.name: n for n in g2.graph.nodes}
+        sub = copy.copy(ctx)
+        sub.recipe = dataclasses.replace(base, name=f"{recipe.name}@{bpw:.3f}bpw", budget_bits=round(bpw, 6))
+        sub.report = {**ctx.report, "layers": {}, "pass_seconds": dict(ctx.report.get("pass_seconds", {}))}
+        for grp, i in zip(alloc.groups, point.picks):
+            for op in grp:
+                by_name[op.node.name].meta[WEIGHT_FORMAT] = alloc.candidates[i]
+        alloc.chosen, alloc.budget = point, point.cost
+        sub.report["allocation"] = alloc.summary()
+        g2 = run_passes(g2, sub, tail)
+        models.append(_finish(g2, sub, specs, t1 - t_head, t_capture, model, tokenizer, source))  # head + this tail
+    alloc.chosen = alloc.budget = None
+    return alloc, models
+
+
+def _validate(gm, ctx, alloc, count: int) -> dict:
+    """Measured ΔNLL of single (group, cheapest candidate) quantizations vs the predicted value."""
+    from finegrain.passes.sensitivity import mean_nll, measured_delta_nll
+
+    batches = ctx.calibration[:4]
+    cheap = min(range(len(alloc.candidates)), key=lambda i: alloc.candidates[i].bits_per_element())
+    order = sorted(range(len(alloc.groups)), key=lambda g: alloc.values[g][cheap])
+    pick = sorted({order[round(j * (len(order) - 1) / max(count - 1, 1))] for j in range(count)})
+    base = mean_nll(gm, batches)
+    rows = []
+    for g in ctx.progress(pick, desc="validate sensitivity"):
+        grp = alloc.groups[g]
+        d = measured_delta_nll(gm, batches, [op.weight.target for op in grp], alloc.candidates[cheap], base)
+        rows.append({"group": [op.name for op in grp], "format": alloc.candidates[cheap].tag,
+                     "predicted": alloc.values[g][cheap], "measured_delta_nll": d})
+    rank = lambda xs: torch.tensor(xs, dtype=torch.float64).argsort().argsort().double()  # noqa: E731
+    rp, rm = rank([r["predicted"] for r in rows]), rank([r["measured_delta_nll"] for r in rows])
+    rho = float(torch.corrcoef(torch.stack([rp, rm]))[0, 1]) if len(rows) > 2 else float("nan")
+    return {"base_nll": base, "pairs": rows, "spearman": rho}

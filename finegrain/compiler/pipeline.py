@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from torch.fx import GraphModule
 
@@ -35,6 +35,7 @@ class PassContext:
     calibration: list[tuple] = field(default_factory=list)
     stats: StatsStore = field(default_factory=StatsStore)
     report: dict = field(default_factory=dict)
+    allocation: Any = None  # passes/allocate_bits.Allocation when the recipe allocates bits
     show_progress: bool = True
 
     def __post_init__(self) -> None:

@@ -27,6 +27,10 @@ WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [
 ACT_ROLES = ("linear", "lm_head")
 WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
 CLIP_OBJECTIVES = ("output", "mse")
+SENSITIVITIES = ("output", "fisher")
+# bit allocation's default palette (``--budget`` without candidates): INT2..INT8 weights
+DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asym-fp16", "int4-g64-asym-fp16",
+                      "int4-g128-asym-fp16", "int8-channel-sym-fp16")
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+")
 ROTATION_MODES = ("residual", "online")
@@ -85,6 +89,14 @@ class Recipe:
     lazy-batch width and ``gptq_act_order`` (columns by decreasing Hessian diagonal, group
     parameters fixed up front, the "static groups" variant, so groups stay contiguous), on scales
     from the clip search when ``gptq_clip``.
+
+    Bit allocation (``passes/allocate_bits.py``): with ``weight_candidates`` (format tags), every
+    linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
+    minimizes the summed ``sensitivity`` (``output``: the layer output error
+    ``tr(dW E[xx^T] dW^T)``; ``fisher``: the predicted loss increase ``1/2 sum F dW^2`` with the
+    empirical Fisher of the calibration loss) under ``budget_bits`` (bits per weight over those
+    linears) or ``budget_bytes`` (bytes of the whole stored model). Linears reading one tensor
+    (q/k/v, gate/up: one fused kernel) share a format.
     """
 
     name: str = "custom"
@@ -108,6 +120,10 @@ class Recipe:
     gptq_block: int = 128
     gptq_act_order: bool = True
     gptq_clip: bool = False
+    weight_candidates: tuple[str, ...] = ()
+    budget_bits: float | None = None
+    budget_bytes: int | None = None
+    sensitivity: str = "output"
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip"):
@@ -131,6 +147,25 @@ class Recipe:
             raise ValueError(f"clip_min: must be a number in (0, 1], got {self.clip_min!r}")
         if not isinstance(self.gptq_damp, (int, float)) or not 0.0 < self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp: must be a number in (0, 1), got {self.gptq_damp!r}")
+        if not isinstance(self.weight_candidates, tuple):
+            object.__setattr__(self, "weight_candidates", tuple(self.weight_candidates))
+        for i, tag in enumerate(self.weight_candidates):
+            try:
+                fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
+            except ValueError as e:
+                raise ValueError(f"weight_candidates[{i}]: {e}") from None
+            if fmt is None or fmt.dynamic:
+                raise ValueError(f"weight_candidates[{i}]: {tag!r} must be a static weight format tag")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
+        if self.budget_bits is not None and self.budget_bytes is not None:
+            raise ValueError("budget_bits: give budget_bits or budget_bytes, not both")
+        if self.budget_bits is not None and (not isinstance(self.budget_bits, (int, float)) or self.budget_bits <= 0):
+            raise ValueError(f"budget_bits: must be a positive number of bits per weight, got {self.budget_bits!r}")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+            raise ValueError(f"budget_bytes: must be a positive integer, got {self.budget_bytes!r}")
+        if (self.budget_bits is not None or self.budget_bytes is not None) and not self.weight_candidates:
+            raise ValueError("weight_candidates: a budget needs candidate formats to choose from")
         if self.act_range not in ACT_RANGES:
             raise ValueError(f"act_range: {self.act_range!r} is not one of {ACT_RANGES}")
         for f in ("calibration_samples", "calibration_seq_len", "clip_grid", "gptq_block"):
@@ -152,14 +187,20 @@ class Recipe:
 
     @property
     def needs_hessian(self) -> bool:
-        """GPTQ and the output-error clip search read X^T X of each linear's input."""
-        return self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
+        """GPTQ, the output-error clip search and the output-error sensitivity of bit allocation
+        read X^T X of each linear's input."""
+        return (self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
+                or (bool(self.weight_candidates) and self.sensitivity == "output"))
+
+    @property
+    def candidate_formats(self) -> tuple[QuantFormat, ...]:
+        return tuple(QuantFormat.parse(t) for t in self.weight_candidates)
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales, smoothing, GPTQ and the output-error clip search need
-        calibration statistics."""
-        return self.needs_static_stats or self.smoothing is not None or self.needs_hessian
+        """Static activation scales, smoothing, GPTQ, the output-error clip search and bit
+        allocation need calibration data."""
+        return self.needs_static_stats or self.smoothing is not None or self.needs_hessian or bool(self.weight_candidates)
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -261,6 +261,21 @@ class QuantFormat:
             bits += getattr(self.family, "codebook_bits", lambda f: 0)(self)
         return bits
 
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Exact bytes an artifact stores for a weight of ``shape`` (the layout of
+        ``passes/insert_qdq.py``: each row's codes and packed metadata padded to whole bytes)."""
+        from finegrain.formats import scales
+
+        lead, k = math.prod(shape[:-1]), shape[-1]
+        pshape = self.param_shape(tuple(shape))
+        total = lead * math.ceil(k * self.family.element_bits(self) / 8)
+        total += math.prod(pshape) * scales.SCALE_BITS[self.scale] // 8
+        mbits = self.family.metadata_bits(self)
+        if mbits:
+            total += math.prod(pshape[:-1]) * math.ceil(pshape[-1] * mbits / 8)
+        total += scales.second_level_bits(self, tuple(shape)) // 8
+        return total + getattr(self.family, "codebook_bits", lambda f: 0)(self) // 8
+
     def bits_per_element(self, shape: tuple[int, ...] | None = None) -> float:
         """True bits per element including scales; ``shape`` defaults to one row of 4096 (the
         nominal figure, e.g. 4.156 for int4-g128-asym-fp16; per-tensor scales and codebooks

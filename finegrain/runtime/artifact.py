@@ -58,6 +58,7 @@ def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False
             "quantized": cm.quantized,
             "layers": cm.layer_report,
             "folds": cm.folds,
+            "allocation": cm.allocation,
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for n, t in sorted(tensors.items())},
             "files": {f: _sha256(tmp / f) for f in files},

@@ -46,6 +46,7 @@ class CompiledModel:
     quantized: dict = field(default_factory=dict)  # weight fqn -> format, shape, bits
     layer_report: dict = field(default_factory=dict)  # op name -> error stats
     folds: list = field(default_factory=list)  # what each fold pass folded / refused, and why
+    allocation: dict = field(default_factory=dict)  # bit allocation: frontier and chosen point (if any)
     tokenizer: Any = None
     timings: dict = field(default_factory=dict)
 
@@ -82,4 +83,5 @@ class CompiledModel:
     def from_manifest(cls, gm: GraphModule, manifest: dict, tokenizer: Any = None) -> "CompiledModel":
         return cls(gm=gm, recipe=Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
                    source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
-                   layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []), tokenizer=tokenizer)
+                   layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []),
+                   allocation=manifest.get("allocation") or {}, tokenizer=tokenizer)

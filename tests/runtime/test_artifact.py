@@ -125,3 +125,18 @@ def test_loaded_model_checks_inputs(compiled, tmp_path):
         cm(torch.randn(1, 8))
     with pytest.raises(InputError, match="dim 0 must be 1"):
         cm(torch.zeros(3, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w3a16-g128", "nvfp4", "w4a8-dgq", "bitmod-w3", "mxfp6", "fp8"])
+def test_stored_bytes_match_the_artifact(compiled, recipe):
+    """QuantFormat.stored_bytes (what bit allocation budgets with) is what insert_qdq stores."""
+    from finegrain.formats import QuantFormat
+
+    cm = compiled(recipe)
+    buffers = dict(cm.gm.named_buffers())
+    assert cm.quantized
+    for q in cm.quantized.values():
+        fmt = QuantFormat.parse(q["format"])
+        stored = sum(t.numel() * t.element_size() for name, t in buffers.items()
+                     if name.startswith(q["weight"].replace(".", "_") + "_q") or name.startswith(q["weight"] + "_q"))
+        assert stored == fmt.stored_bytes(tuple(q["shape"])), q["weight"]
