@@ -90,15 +90,16 @@ def _parse_size(text: str, what: str) -> float:
     return float(m.group(1)) * mult[m.group(2)]
 
 
-def _with_budget(args):
-    """The recipe, with --budget / --budget-bytes / --candidates applied."""
+def _with_budget(args, allocate: bool = False):
+    """The recipe, with --budget / --budget-bytes / --candidates applied (``allocate``: always
+    with candidates, the default palette if neither the recipe nor the command line has any)."""
     import dataclasses
 
     from finegrain.compiler.recipe import DEFAULT_CANDIDATES, get_recipe
 
     recipe = get_recipe(args.recipe)
     budget, budget_bytes, cands = (getattr(args, k, None) for k in ("budget", "budget_bytes", "candidates"))
-    if budget is None and budget_bytes is None and not cands:
+    if budget is None and budget_bytes is None and not cands and (recipe.weight_candidates or not allocate):
         return recipe
     if budget is not None and budget_bytes is not None:
         raise InputError("--budget and --budget-bytes: give one of them")
@@ -121,7 +122,7 @@ def cmd_pareto(args) -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
-    recipe = _with_budget(args)
+    recipe = _with_budget(args, allocate=True)
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto evaluates perplexity: {args.model} is not a causal LM")

@@ -67,3 +67,23 @@ def test_inspect_reports_folds(hf_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fold_norms" in text and "fold_rotation" in text and "randomized Hadamard" in text
     assert "online Hadamard" in text  # o_proj / down_proj inputs
+
+
+def test_quantize_with_a_budget_and_pareto(hf_dir, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(out), "--budget", "3.4bpw",
+                 "--candidates", "int2-g64-asym-fp16", "int3-g64-asym-fp16", "int4-g64-asym-fp16", "int8-channel-sym-fp16",
+                 "--calibration-samples", "2", "--calibration-seq-len", "64"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["allocation"]["chosen"]["bits_per_weight"] <= 3.4 and m["recipe"]["budget_bits"] == 3.4
+    assert "bit allocation" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(tmp_path / "c"),
+                 "--budget", "80MB"]) == 2
+    assert "--budget-bytes" in capsys.readouterr().err
+    pa = tmp_path / "p"
+    assert main(["pareto", "--model", str(hf_dir), "--out", str(pa), "--points", "2", "--validate", "3",
+                 "--seq-len", "64", "--max-windows", "2", "--calibration-samples", "4", "--calibration-seq-len", "64"]) == 0
+    res = json.loads((pa / "pareto.json").read_text())
+    assert len(res["points"]) == 2 and res["points"][0]["bits_per_weight"] < res["points"][1]["bits_per_weight"]
+    assert all((pa / f"{p['bits_per_weight']:.3f}bpw" / "manifest.json").is_file() for p in res["points"])
+    assert (pa / "pareto.md").is_file() and len(res["allocation"]["validation"]["pairs"]) == 3

@@ -94,7 +94,8 @@ def _groups(targets: list[QuantOp]) -> list[list[QuantOp]]:
 
 def _fixed_bytes(gm: GraphModule, ops: list[QuantOp], allocated: set[str]) -> int:
     """Stored bytes of everything but the allocated weights, as insert_qdq will leave them."""
-    total = sum(t.numel() * t.element_size() for _, t in gm.named_buffers())
+    used = {id(t): t for t in (get_tensor(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr")}
+    total = sum(t.numel() * t.element_size() for t in used.values())  # unread buffers are dropped later
     quantized = {op.node for op in ops if WEIGHT_FORMAT in op.node.meta or op.name in allocated}
     for op in ops:
         if op.node not in quantized or op.weight is None:
