@@ -249,6 +249,13 @@ def cmd_inspect(args) -> None:
     if folds:
         _table("folds (exact transformations applied before quantization)", ["pass", "site", "action", "detail"],
                [[f["pass"], f["site"], f["action"], f["detail"]] for f in folds])
+    alloc = m.get("allocation") or {}
+    if alloc.get("chosen"):
+        ch = alloc["chosen"]
+        _console().print(f"bit allocation: {alloc['sensitivity']} sensitivity over {alloc['groups']} fused groups and "
+                         f"{len(alloc['candidates'])} candidates, budget {alloc['budget']} {alloc['unit']}; chose "
+                         f"{ch['bits_per_weight']:.3f} bits/weight (predicted {ch['predicted']:.4g}), one of "
+                         f"{len(alloc['frontier'])} frontier points")
     stored = sum(os.path.getsize(path / f) for f in m["files"])
     _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
                      f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")

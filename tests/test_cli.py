@@ -77,6 +77,8 @@ def test_quantize_with_a_budget_and_pareto(hf_dir, tmp_path, capsys):
     m = json.loads((out / "manifest.json").read_text())
     assert m["allocation"]["chosen"]["bits_per_weight"] <= 3.4 and m["recipe"]["budget_bits"] == 3.4
     assert "bit allocation" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    assert "bit allocation: output sensitivity" in capsys.readouterr().out
     assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(tmp_path / "c"),
                  "--budget", "80MB"]) == 2
     assert "--budget-bytes" in capsys.readouterr().err

@@ -102,3 +102,13 @@ def test_stats_hessian_only_when_asked():
     assert plain["a"].xtx is None
     allx = torch.cat([x.reshape(-1, 16) for x in xs])
     torch.testing.assert_close(with_h["a"].hessian, allx.T @ allx / allx.shape[0])
+
+
+def test_gptq_on_clip_searched_scales(real_layer):
+    """gptq_clip: GPTQ's error compensation on top of the clip search's group scales."""
+    w, h, x = real_layer
+    fmt = QuantFormat.parse("int3-g128-asym-fp16")
+    params = clip_search(w, fmt, h)[0]
+    both = gptq(w, fmt, h, params)
+    assert torch.equal(both.scale, params.scale)
+    assert _out_err(w, fmt, both, x) < _out_err(w, fmt, params, x)
