@@ -147,7 +147,7 @@ def cmd_pareto(args) -> None:
     lines = [f"# Bit allocation frontier: {lm.source.get('model', args.model)}, {alloc.sensitivity} sensitivity, "
              f"{len(alloc.groups)} groups x {len(alloc.candidates)} candidates, solver {alloc.solver_seconds:.3f} s",
              "", f"FP ppl {fp['ppl']:.3f} ({fp['windows']} windows of {args.seq_len}).", "",
-             "| bits/weight | model MB | predicted | ppl | ΔNLL vs FP | formats (groups) |", "|---|---|---|---|---|---|"]
+             "| bits/weight | model MB | predicted | ppl | ΔNLL vs FP | formats (linears) |", "|---|---|---|---|---|---|"]
     for r in rows:
         fm = ", ".join(f"{k}: {v}" for k, v in sorted(r["formats"].items()))
         lines.append(f"| {r['bits_per_weight']:.3f} | {r['model_bytes'] / 1e6:.1f} | {r['predicted']:.4g} | {r['ppl']:.3f} | "

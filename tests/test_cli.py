@@ -78,7 +78,7 @@ def test_quantize_with_a_budget_and_pareto(hf_dir, tmp_path, capsys):
     assert m["allocation"]["chosen"]["bits_per_weight"] <= 3.4 and m["recipe"]["budget_bits"] == 3.4
     assert "bit allocation" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
-    assert "bit allocation: output sensitivity" in capsys.readouterr().out
+    assert "bit allocation: fisher sensitivity" in capsys.readouterr().out  # auto: a causal LM
     assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(tmp_path / "c"),
                  "--budget", "80MB"]) == 2
     assert "--budget-bytes" in capsys.readouterr().err

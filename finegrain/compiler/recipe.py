@@ -27,7 +27,7 @@ WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [
 ACT_ROLES = ("linear", "lm_head")
 WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
 CLIP_OBJECTIVES = ("output", "mse")
-SENSITIVITIES = ("output", "fisher")
+SENSITIVITIES = ("auto", "output", "fisher")
 # bit allocation's default palette (``--budget`` without candidates): INT2..INT8 weights
 DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asym-fp16", "int4-g64-asym-fp16",
                       "int4-g128-asym-fp16", "int8-channel-sym-fp16")
@@ -94,7 +94,8 @@ class Recipe:
     linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
     minimizes the summed ``sensitivity`` (``output``: the layer output error
     ``tr(dW E[xx^T] dW^T)``; ``fisher``: the predicted loss increase ``1/2 sum F dW^2`` with the
-    empirical Fisher of the calibration loss) under ``budget_bits`` (bits per weight over those
+    empirical Fisher of the calibration loss; ``auto``: ``fisher`` for causal LMs without online
+    Hadamard ops, else ``output``) under ``budget_bits`` (bits per weight over those
     linears) or ``budget_bytes`` (bytes of the whole stored model). Linears reading one tensor
     (q/k/v, gate/up: one fused kernel) share a format.
     """
@@ -123,7 +124,7 @@ class Recipe:
     weight_candidates: tuple[str, ...] = ()
     budget_bits: float | None = None
     budget_bytes: int | None = None
-    sensitivity: str = "output"
+    sensitivity: str = "auto"
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip"):
@@ -190,7 +191,7 @@ class Recipe:
         """GPTQ, the output-error clip search and the output-error sensitivity of bit allocation
         read X^T X of each linear's input."""
         return (self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
-                or (bool(self.weight_candidates) and self.sensitivity == "output"))
+                or (bool(self.weight_candidates) and self.sensitivity in ("output", "auto")))
 
     @property
     def candidate_formats(self) -> tuple[QuantFormat, ...]:

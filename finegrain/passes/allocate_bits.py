@@ -11,7 +11,9 @@ recipe lists ``weight_candidates``, by bit allocation under a budget:
    ``QuantFormat.stored_bytes`` for a byte budget (the whole model's bytes, the fixed part
    included).
 3. **Sensitivity** per group and candidate (``passes/sensitivity.py``): ``output`` (layer output
-   error from the calibration Hessian) or ``fisher`` (predicted ΔNLL from the empirical Fisher).
+   error from the calibration Hessian) or ``fisher`` (predicted ΔNLL from the empirical Fisher);
+   ``auto`` (default) takes ``fisher`` for causal LMs: on SmolLM2 its ranking of single-layer
+   damage matched the measured ΔNLL (Spearman 0.83 over 8 groups) where ``output`` did not (0.17).
 4. **Solver**: the exact multiple-choice knapsack DP of ``compiler/knapsack.py``, giving the whole
    Pareto frontier (cost vs summed sensitivity) at once; the budget picks one point.
 
@@ -120,13 +122,16 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
     shapes = {op.name: tuple(get_tensor(gm, op.weight.target).shape) for op in targets}
     costs = [[sum(c.stored_bytes(shapes[op.name]) if unit == "bytes" else c.storage_bits(shapes[op.name]) for op in grp)
               for c in cands] for grp in groups]
+    kind = r.sensitivity
+    if kind == "auto":
+        kind = "fisher" if sens.fisher_applies(gm) and ctx.calibration else "output"
     fisher = None
-    if r.sensitivity == "fisher":
+    if kind == "fisher":
         if not ctx.calibration:
             raise InputError("sensitivity 'fisher' needs calibration batches")
         fisher = sens.fisher_diagonal(gm, ctx.calibration, sorted({op.weight.target for op in targets}), ctx.progress)
     values = []
-    for grp in ctx.progress(groups, desc=f"sensitivity ({r.sensitivity})"):
+    for grp in ctx.progress(groups, desc=f"sensitivity ({kind})"):
         row = [0.0] * len(cands)
         for op in grp:
             w = get_tensor(gm, op.weight.target).float()
@@ -146,7 +151,7 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
     numel = sum(math.prod(shapes[op.name]) for op in targets)
     names = {op.name for op in targets}
     return Allocation(groups, cands, unit, costs, values, numel, shapes,
-                      _fixed_bytes(gm, ops, names) if unit == "bytes" else 0, r.sensitivity, frontier, solve_s)
+                      _fixed_bytes(gm, ops, names) if unit == "bytes" else 0, kind, frontier, solve_s)
 
 
 def apply_point(alloc: Allocation, point: Point) -> None:

@@ -38,6 +38,23 @@ def fisher_error(dw: torch.Tensor, fisher: torch.Tensor) -> float:
     return float(0.5 * (fisher * dw.pow(2)).sum())
 
 
+def fisher_applies(gm: GraphModule) -> bool:
+    """Whether 'fisher' can run: the graph maps token ids [B, T] to logits [B, T, V] over its
+    embedding's vocabulary (from the exported shapes) and has no online Hadamard op (no autograd
+    formula for it yet)."""
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    x, y = (ph[0].meta.get("val") if ph else None), getattr(out, "meta", {}).get("val")
+    if x is None or y is None or x.dtype not in (torch.int64, torch.int32) or x.dim() != 2 or y.dim() != 3:
+        return False
+    vocab = {get_tensor(gm, n.args[0].target).shape[0] for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.aten.embedding.default and n.args[0].op == "get_attr"}
+    if y.shape[-1] not in vocab:
+        return False
+    return not any(n.op == "call_function" and n.target is HADAMARD for n in gm.graph.nodes)
+
+
 def _logits(gm: GraphModule, batch: tuple) -> torch.Tensor:
     out = gm(*batch)
     out = out[0] if isinstance(out, (tuple, list)) else out

@@ -12,7 +12,8 @@ CANDS = ["int2-g32-asym-fp16", "int3-g32-asym-fp16", "int4-g32-asym-fp16", "int8
 
 
 def _recipe(**kw):
-    return {"name": "alloc", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}], "weight_candidates": CANDS, **kw}
+    return {"name": "alloc", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}], "weight_candidates": CANDS,
+            "sensitivity": "output", **kw}
 
 
 def _formats(cm):
@@ -74,8 +75,8 @@ def test_allocation_is_deterministic(tiny_llama, tiny_inputs, alloc_35):
 
 def test_fisher_sensitivity_orders_candidates(tiny_llama, tiny_inputs):
     example, calib, _ = tiny_inputs
-    cm = finegrain.compile(tiny_llama, example, recipe=_recipe(budget_bits=3.5, sensitivity="fisher"),
-                           calibration=calib, progress=False)
+    cm = finegrain.compile(tiny_llama, example, recipe=_recipe(budget_bits=3.5, sensitivity="auto"),
+                           calibration=calib, progress=False)  # auto: fisher for a causal LM
     assert cm.allocation["sensitivity"] == "fisher" and cm.quantized_bits_per_weight() <= 3.5
     front = cm.allocation["frontier"]
     assert front[0]["predicted"] > front[-1]["predicted"] > 0  # nats: more bits, less predicted ΔNLL
@@ -92,6 +93,15 @@ def test_frontier_models_and_validation(tiny_llama, tiny_inputs):
     val = alloc.extra["validation"]
     assert len(val["pairs"]) == 4 and all("measured_delta_nll" in p for p in val["pairs"])
     assert -1.0 <= val["spearman"] <= 1.0
+
+
+def test_auto_sensitivity_falls_back_to_output_for_encoders(minilm):
+    from finegrain.jobs import compile_loaded
+
+    recipe = {"name": "enc", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}],
+              "weight_candidates": ["int3-g32-asym-fp16", "int8-channel-sym-fp16"], "budget_bits": 5.0}
+    cm = compile_loaded(minilm, finegrain.compiler.recipe.Recipe.from_dict(recipe), samples=8, seq_len=32, progress=False)
+    assert cm.allocation["sensitivity"] == "output" and cm.quantized_bits_per_weight() <= 5.0
 
 
 def test_recipe_validation():
