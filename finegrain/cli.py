@@ -255,7 +255,7 @@ def cmd_inspect(args) -> None:
         _console().print(f"bit allocation: {alloc['sensitivity']} sensitivity over {alloc['groups']} fused groups and "
                          f"{len(alloc['candidates'])} candidates, budget {alloc['budget']} {alloc['unit']}; chose "
                          f"{ch['bits_per_weight']:.3f} bits/weight (predicted {ch['predicted']:.4g}), one of "
-                         f"{len(alloc['frontier'])} frontier points")
+                         f"{alloc.get('frontier_points', len(alloc['frontier']))} frontier points")
     stored = sum(os.path.getsize(path / f) for f in m["files"])
     _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
                      f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")

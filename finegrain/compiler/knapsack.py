@@ -82,7 +82,9 @@ class Frontier:
         return self._reconstruct(b)
 
     def points(self) -> list[Point]:
-        """The Pareto frontier: cost increasing, value strictly decreasing."""
+        """The Pareto frontier: cost increasing, value strictly decreasing (computed once)."""
+        if getattr(self, "_points", None) is not None:
+            return list(self._points)
         out: list[Point] = []
         finite = np.flatnonzero(np.isfinite(self.dp))
         prev = np.inf
@@ -92,4 +94,5 @@ class Frontier:
                 if not out or p.value < out[-1].value:
                     out.append(p)
                 prev = self.dp[b]
-        return out
+        self._points = out
+        return list(out)

@@ -71,11 +71,16 @@ class Allocation:
             raise ValueError("this allocation was solved in bytes")
         return self.frontier.best(math.floor(bpw * self.numel))
 
-    def summary(self) -> dict:
+    def summary(self, max_points: int = 256) -> dict:
+        """JSON-ready record (the manifest's ``allocation``); the frontier thinned to at most
+        ``max_points`` points, evenly spaced in rank (first and last kept)."""
         pts = self.frontier.points()
+        if len(pts) > max_points:
+            pts = [pts[round(i * (len(pts) - 1) / (max_points - 1))] for i in range(max_points)]
         out = {"sensitivity": self.sensitivity, "unit": self.unit, "groups": len(self.groups),
                "candidates": [c.tag for c in self.candidates], "weights": self.numel,
                "solver_seconds": round(self.solver_seconds, 3), "solver_resolution": self.frontier.unit,
+               "frontier_points": len(self.frontier.points()),
                "frontier": [{"cost": p.cost, "bits_per_weight": round(self.bits_per_weight(p), 4),
                              "predicted": p.value} for p in pts], **self.extra}
         if self.chosen is not None:
