@@ -10,7 +10,6 @@ Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (needs matplotlib, the ``p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from finegrain.compiler.ir import quantizable_ops  # noqa: E402
 from finegrain.compiler.pipeline import PassContext, run_passes  # noqa: E402
 from finegrain.compiler.recipe import get_recipe  # noqa: E402
 from finegrain.eval.perplexity import calibration_batches  # noqa: E402
+from finegrain.eval.report import pyplot, write_tables  # noqa: E402
 from finegrain.models import load_model  # noqa: E402
 from finegrain.passes.calibrate import calibrate  # noqa: E402
 from finegrain.passes.canonicalize import canonicalize  # noqa: E402
@@ -97,18 +97,9 @@ def write_report(args, results: dict, seconds: dict) -> None:
         lines.append(f"\n{v}: median max|x| {sorted(ms)[len(ms) // 2]:.2f}, worst {max(ms):.1f}; median kurtosis "
                      f"{sorted(ks)[len(ks) // 2]:.1f}, worst {max(ks):.1f} ({seconds[v]} s)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "seconds": seconds, "args": vars(args)},
-                                                   indent=1))
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    write_tables(out, lines, {"results": results, "seconds": seconds, "args": vars(args)})
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     for v in labels:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finegrain.eval.report import write_tables  # noqa: E402
 from finegrain.eval.size import fp_bytes  # noqa: E402
 from finegrain.jobs import compile_loaded, evaluate_encoder, evaluate_lm  # noqa: E402
 from finegrain.models import load_model  # noqa: E402
@@ -86,11 +86,7 @@ def write_report(args, rows: list[dict], enc_rows: list[dict], seconds: float) -
         for r in enc_rows:
             lines.append(f"| {r['recipe']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | {r['bits_per_weight']:.3f} | "
                          f"{r['model_bytes'] / 1e6:.1f} ({r['fp_bytes'] / 1e6:.1f}) |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"lm": rows, "encoder": enc_rows, "args": vars(args)}, indent=1))
-    print("\n".join(lines))
+    write_tables(args.out, lines, {"lm": rows, "encoder": enc_rows, "args": vars(args)})
 
 
 if __name__ == "__main__":

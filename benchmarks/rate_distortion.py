@@ -19,7 +19,6 @@ Writes ``<out>.md``, ``<out>.json`` and ``<out>.png`` (matplotlib, the ``plot`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from finegrain.eval.report import pyplot, write_tables  # noqa: E402
 from finegrain.formats import QuantFormat  # noqa: E402
 from finegrain.formats.hadamard import random_orthogonal_hadamard  # noqa: E402
 from finegrain.passes.weight_algorithms import clip_search  # noqa: E402
@@ -143,18 +143,9 @@ def write(args, results: dict, counts: dict, seconds: float) -> None:
     for label in g:
         lines.append(f"| {label} | `{g[label]['format']}` | {g[label]['algorithm']} | {r[label]['bits']:.3f} | "
                      f"{g[label]['db']:+.2f} | {r[label]['db']:+.2f} | {h[label]['db']:+.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "args": vars(args)}, indent=1))
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing (pip install finegrain[plot]): no PNG")
+    out = write_tables(args.out, lines, {"results": results, "args": vars(args)})
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(11, 5.5))
     labels = list(g)

@@ -162,13 +162,10 @@ def cmd_pareto(args) -> None:
 
 
 def _plot_frontier(path: Path, alloc, rows: list[dict]) -> None:
-    try:
-        import matplotlib
+    from finegrain.eval.report import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _console().print("matplotlib missing (pip install finegrain[plot]): no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     pts = alloc.frontier.points()
     fig, ax = plt.subplots(figsize=(7, 4.5))
