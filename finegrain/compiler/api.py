@@ -109,7 +109,7 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
     import copy
     import dataclasses
 
-    from finegrain.compiler.ir import WEIGHT_FORMAT
+    from finegrain.passes.allocate_bits import apply_point
 
     recipe = get_recipe(recipe)
     if not recipe.weight_candidates:
@@ -136,18 +136,13 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
         t1 = time.perf_counter()
         bpw = alloc.bits_per_weight(point)
         g2 = copy.deepcopy(gm)
-        by_name = {n.name: n for n in g2.graph.nodes}
+        apply_point(alloc, point, g2)
         sub = copy.copy(ctx)
         sub.recipe = dataclasses.replace(base, name=f"{recipe.name}@{bpw:.3f}bpw", budget_bits=round(bpw, 6))
         sub.report = {**ctx.report, "layers": {}, "pass_seconds": dict(ctx.report.get("pass_seconds", {}))}
-        for grp, i in zip(alloc.groups, point.picks):
-            for op in grp:
-                by_name[op.node.name].meta[WEIGHT_FORMAT] = alloc.candidates[i]
-        alloc.chosen, alloc.budget = point, point.cost
-        sub.report["allocation"] = alloc.summary()
+        sub.report["allocation"] = alloc.summary(point, point.cost)
         g2 = run_passes(g2, sub, tail)
         models.append(_finish(g2, sub, specs, t1 - t_head, t_capture, model, tokenizer, source))  # head + this tail
-    alloc.chosen = alloc.budget = None
     return alloc, models
 
 

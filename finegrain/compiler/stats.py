@@ -66,6 +66,11 @@ class StatsStore:
     def __getitem__(self, key: str) -> ChannelStats:
         return self.nodes[key]
 
+    def hessian_of(self, key: str) -> torch.Tensor | None:
+        """E[x x^T] of node ``key``, or None when no X^T X was collected for it."""
+        st = self.nodes.get(key)
+        return None if st is None or st.xtx is None else st.hessian
+
     def update(self, key: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         mags = x.abs().flatten()

@@ -11,6 +11,8 @@ codes (indexes into the sorted 2^b levels) and a 2-bit datatype id in the per-gr
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 _FP4 = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]
@@ -35,9 +37,12 @@ class BitModFamily:
         if not fmt.symmetric or fmt.dynamic or fmt.scale not in ("fp32", "fp16", "bf16"):
             raise ValueError("BitMoD formats are symmetric, static (weights) and take a float scale")
 
-    def tables(self, bits: int) -> torch.Tensor:
+    @staticmethod
+    @lru_cache(maxsize=None)
+    def tables(bits: int) -> torch.Tensor:
+        """The four datatypes' sorted levels, ``[4, 2^bits]`` (built once per bit width)."""
         base = _FP4 if bits == 4 else _FP3
-        return torch.tensor([_levels(base, s) for s in SPECIAL[bits]], dtype=torch.float32)  # [4, 2^b]
+        return torch.tensor([_levels(base, s) for s in SPECIAL[bits]], dtype=torch.float32)
 
     def element_bits(self, fmt) -> int:
         return fmt.bits

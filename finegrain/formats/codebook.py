@@ -14,6 +14,8 @@ coded as the index of the nearest codebook level; ``x̂ = level[code] * s``.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from finegrain.formats.bitmod import nearest
@@ -23,6 +25,7 @@ LLOYD_BINS = 1 << 14
 LLOYD_SAMPLES = 1 << 22
 
 
+@lru_cache(maxsize=None)
 def normal_float_levels(bits: int) -> torch.Tensor:
     offset = (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16)) / 2  # QLoRA's 0.9677...
     n = torch.distributions.Normal(0.0, 1.0)

@@ -57,10 +57,6 @@ class Allocation:
     budget: int | None = None
     extra: dict = field(default_factory=dict)
 
-    def formats(self, point: Point) -> dict[str, QuantFormat]:
-        """Op name -> format for a frontier point."""
-        return {op.name: self.candidates[i] for grp, i in zip(self.groups, point.picks) for op in grp}
-
     def bits_per_weight(self, point: Point) -> float:
         bits = sum(self.candidates[i].storage_bits(self.shapes[op.name]) for grp, i in zip(self.groups, point.picks)
                    for op in grp)
@@ -71,9 +67,11 @@ class Allocation:
             raise ValueError("this allocation was solved in bytes")
         return self.frontier.best(math.floor(bpw * self.numel))
 
-    def summary(self, max_points: int = 256) -> dict:
-        """JSON-ready record (the manifest's ``allocation``); the frontier thinned to at most
-        ``max_points`` points, evenly spaced in rank (first and last kept)."""
+    def summary(self, chosen: Point | None = None, budget: int | None = None, max_points: int = 256) -> dict:
+        """JSON-ready record (the manifest's ``allocation``) of ``chosen`` (default: the point the
+        recipe's budget picked); the frontier thinned to at most ``max_points`` points, evenly
+        spaced in rank (first and last kept)."""
+        chosen, budget = (self.chosen, self.budget) if chosen is None else (chosen, budget)
         pts = self.frontier.points()
         if len(pts) > max_points:
             pts = [pts[round(i * (len(pts) - 1) / (max_points - 1))] for i in range(max_points)]
@@ -83,11 +81,11 @@ class Allocation:
                "frontier_points": len(self.frontier.points()),
                "frontier": [{"cost": p.cost, "bits_per_weight": round(self.bits_per_weight(p), 4),
                              "predicted": p.value} for p in pts], **self.extra}
-        if self.chosen is not None:
-            out["budget"] = self.budget
-            out["chosen"] = {"cost": self.chosen.cost, "predicted": self.chosen.value,
-                             "bits_per_weight": round(self.bits_per_weight(self.chosen), 4),
-                             "formats": {op.name: self.candidates[i].tag for grp, i in zip(self.groups, self.chosen.picks)
+        if chosen is not None:
+            out["budget"] = budget
+            out["chosen"] = {"cost": chosen.cost, "predicted": chosen.value,
+                             "bits_per_weight": round(self.bits_per_weight(chosen), 4),
+                             "formats": {op.name: self.candidates[i].tag for grp, i in zip(self.groups, chosen.picks)
                                          for op in grp}}
         return out
 
@@ -141,11 +139,10 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
         for op in grp:
             w = get_tensor(gm, op.weight.target).float()
             if fisher is None:
-                st = ctx.stats.nodes.get(op.activation.name)
-                if st is None or st.xtx is None:
+                h = ctx.stats.hessian_of(op.activation.name)
+                if h is None:
                     raise InputError(f"{op.name}: sensitivity 'output' needs the calibration Hessian of its input "
                                      f"{op.activation.name!r}; pass calibration data")
-                h = st.hessian
             for i, c in enumerate(cands):
                 dw = c.fake_quantize(w) - w
                 row[i] += sens.output_error(dw, h) if fisher is None else sens.fisher_error(dw, fisher[op.weight.target])
@@ -159,10 +156,13 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
                       _fixed_bytes(gm, ops, names) if unit == "bytes" else 0, kind, frontier, solve_s)
 
 
-def apply_point(alloc: Allocation, point: Point) -> None:
+def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) -> None:
+    """Set each allocated op's weight format to its pick at ``point``; on ``gm``, a copy of the
+    allocated graph, the ops are found by node name."""
+    nodes = None if gm is None else {n.name: n for n in gm.graph.nodes}
     for grp, i in zip(alloc.groups, point.picks):
         for op in grp:
-            op.node.meta[WEIGHT_FORMAT] = alloc.candidates[i]
+            (op.node if nodes is None else nodes[op.node.name]).meta[WEIGHT_FORMAT] = alloc.candidates[i]
 
 
 def allocate_bits(gm: GraphModule, ctx) -> GraphModule:

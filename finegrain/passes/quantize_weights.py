@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.ir import QWEIGHT, WEIGHT_FORMAT, get_tensor, quantizable_ops
@@ -25,18 +24,13 @@ def _db(noise: float, signal: float) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-def _hessian(ctx, op) -> torch.Tensor | None:
-    st = ctx.stats.nodes.get(op.activation.name)
-    return None if st is None or st.xtx is None else st.hessian
-
-
 def quantize_weights(gm: GraphModule, ctx) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
     for op in ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm})"):
         fmt = op.node.meta[WEIGHT_FORMAT]
         w = get_tensor(gm, op.weight.target).float()
-        h = _hessian(ctx, op)
+        h = ctx.stats.hessian_of(op.activation.name)
         if r.needs_hessian and h is None and op.kind != "embedding":
             raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
                              f"its input {op.activation.name!r}; pass calibration data")
