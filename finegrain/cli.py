@@ -253,6 +253,9 @@ def cmd_inspect(args) -> None:
                          f"{len(alloc['candidates'])} candidates, budget {alloc['budget']} {alloc['unit']}; chose "
                          f"{ch['bits_per_weight']:.3f} bits/weight (predicted {ch['predicted']:.4g}), one of "
                          f"{alloc.get('frontier_points', len(alloc['frontier']))} frontier points")
+    for op, freq in (alloc.get("routing") or {}).items():
+        _console().print(f"routing frequency (calibration tokens per expert) of {op}: "
+                         + " ".join(f"{f:.3f}" for f in freq))
     stored = sum(os.path.getsize(path / f) for f in m["files"])
     _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
                      f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")

@@ -158,8 +158,9 @@ def _validate(gm, ctx, alloc, count: int) -> dict:
     rows = []
     for g in ctx.progress(pick, desc="validate sensitivity"):
         grp = alloc.groups[g]
-        d = measured_delta_nll(gm, batches, [op.weight.target for op in grp], alloc.candidates[cheap], base)
-        rows.append({"group": [op.name for op in grp], "format": alloc.candidates[cheap].tag,
+        d = measured_delta_nll(gm, batches, [(t.op.weight.target, e) for t in grp for e in t.slices],
+                               alloc.candidates[cheap], base)
+        rows.append({"group": [t.name for t in grp], "format": alloc.candidates[cheap].tag,
                      "predicted": alloc.values[g][cheap], "measured_delta_nll": d})
     rank = lambda xs: torch.tensor(xs, dtype=torch.float64).argsort().argsort().double()  # noqa: E731
     rp, rm = rank([r["predicted"] for r in rows]), rank([r["measured_delta_nll"] for r in rows])

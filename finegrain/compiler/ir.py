@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch.fx import GraphModule, Node
 
+from finegrain.formats.ops import GROUPED_LINEAR
+
 aten = torch.ops.aten
 
 # ---- meta keys (the only channel between passes, besides the stats store) -------------------
@@ -21,15 +23,16 @@ FQN = "finegrain_fqn"  # get_attr node: FQN of the tensor it loads
 WEIGHT_FORMAT = "finegrain_weight_format"  # quantizable op: QuantFormat chosen for its weight
 ACT_FORMAT = "finegrain_act_format"  # quantizable op: QuantFormat chosen for its input activation
 QWEIGHT = "finegrain_qweight"  # quantizable op: QTensor of its quantized weight (quantize_weights)
-ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "matmul" | "conv" | "embedding"
+ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "router" | "matmul" | "conv" | "embedding"
 OBSERVED = "finegrain_observed"  # node whose output the stats store has statistics for
 MODULE = "finegrain_module"  # call_function node: path of the innermost source module that ran it
 
-OpKind = Literal["linear", "matmul", "conv", "embedding"]
+OpKind = Literal["linear", "grouped", "matmul", "conv", "embedding"]
 
 # op -> (kind, index of the weight argument, index of the activation argument)
 QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
     aten.linear.default: ("linear", 1, 0),
+    GROUPED_LINEAR: ("grouped", 1, 0),  # MoE experts: weight [E, N, K] (canonicalize.py)
     aten.convolution.default: ("conv", 1, 0),  # core ATen (decompose=True)
     aten.conv1d.default: ("conv", 1, 0),  # training IR (the default capture)
     aten.conv2d.default: ("conv", 1, 0),
@@ -60,12 +63,32 @@ class QuantOp:
     activation: Node  # the activation input
 
     @property
+    def experts(self) -> int | None:
+        """Number of experts of a grouped (MoE) op, from its weight ``[E, N, K]``; None otherwise."""
+        if self.kind != "grouped":
+            return None
+        val = self.weight.meta.get("val") if self.weight is not None else None
+        return int(val.shape[0]) if val is not None else None
+
+    @property
     def name(self) -> str:
         """Human name: the path of the module that ran the op (``model.layers.0.mlp.up_proj``),
-        else its weight's module path, else the node name."""
+        else its weight's module path, else the node name. Grouped (MoE) ops are named by their
+        weight (``model.layers.0.mlp.experts.gate_up_proj``): one module runs several of them."""
+        if self.kind == "grouped" and self.weight_fqn:
+            return self.weight_fqn
         if self.node.meta.get(MODULE):
             return self.node.meta[MODULE]
         return self.weight_fqn.rsplit(".", 1)[0] if self.weight_fqn else self.node.name
+
+
+def expert_formats(op: QuantOp) -> tuple:
+    """Per-expert weight formats of a grouped op (``meta[WEIGHT_FORMAT]`` is one format for all
+    experts or a tuple with one per expert, set by bit allocation); a 1-tuple for other ops."""
+    fmt = op.node.meta.get(WEIGHT_FORMAT)
+    if op.kind != "grouped":
+        return (fmt,)
+    return tuple(fmt) if isinstance(fmt, (tuple, list)) else (fmt,) * op.experts
 
 
 def get_tensor(gm: GraphModule, target: str) -> torch.Tensor:
@@ -108,8 +131,35 @@ def _feeds_output(node: Node) -> bool:
     return False
 
 
+_ROUTING = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default, aten.log_softmax.int}
+
+
+def _routes(node: Node) -> bool:
+    """True when ``node``'s output reaches an ``aten.topk`` through pass-through ops and
+    softmax / sigmoid only: the linear is a mixture-of-experts router."""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if user.target is aten.topk.default:
+                return True
+            if user.target in PASS_THROUGH or user.target in _ROUTING:
+                frontier.append(user)
+    return False
+
+
+def expert_key(node_name: str, expert: int) -> str:
+    """Stats-store key of the rows of a grouped op's input ``node_name`` routed to ``expert``."""
+    return f"{node_name}[expert {expert}]"
+
+
 def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
-    """All quantizable ops in graph order with their weight (if constant) and role."""
+    """All quantizable ops in graph order with their weight (if constant) and role: ``lm_head``
+    for a linear feeding the output, ``router`` for a linear whose output picks experts (topk),
+    ``linear`` for MoE experts (kind ``grouped``) and other linears."""
     ops = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in QUANTIZABLE:
@@ -117,7 +167,10 @@ def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
         kind, w_idx, a_idx = QUANTIZABLE[node.target]
         w = node.args[w_idx]
         weight = w if isinstance(w, Node) and w.op == "get_attr" else None
-        role = "lm_head" if kind == "linear" and _feeds_output(node) else kind
+        if kind == "linear":
+            role = "lm_head" if _feeds_output(node) else "router" if _routes(node) else "linear"
+        else:
+            role = "linear" if kind == "grouped" else kind
         ops.append(QuantOp(node, kind, role, weight, weight.meta.get(FQN, weight.target) if weight else None,
                            node.args[a_idx]))
     return ops

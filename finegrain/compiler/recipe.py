@@ -1,7 +1,8 @@
 """Recipes: rules from graph role or name pattern to formats, plus pass options; and presets.
 
-A :class:`Rule` matches quantizable ops by ``role`` (``linear``, ``lm_head``, ``embedding``,
-``matmul``, ``conv``; see ``compiler/ir.py``) and/or a regular expression over the op's name (the
+A :class:`Rule` matches quantizable ops by ``role`` (``linear``, ``lm_head``, ``router``,
+``embedding``, ``matmul``, ``conv``; see ``compiler/ir.py``; mixture-of-experts expert weights
+have role ``linear``, their routers ``router``, so ``role="linear"`` rules leave routers in float) and/or a regular expression over the op's name (the
 module path of its weight, e.g. ``model.layers.3.mlp.down_proj``). The *last* matching rule wins,
 so a recipe reads "defaults first, exceptions after". A rule with ``weight=None`` and
 ``activation=None`` keeps the op in floating point.
@@ -22,9 +23,10 @@ from finegrain.configs import check_fields
 from finegrain.errors import RecipeError
 from finegrain.formats import QuantFormat
 
-ROLES = ("linear", "lm_head", "embedding", "matmul", "conv")
-WEIGHT_ROLES = ("linear", "lm_head", "embedding")  # roles whose weight layout [N, K] the formats cover
-ACT_ROLES = ("linear", "lm_head")
+ROLES = ("linear", "lm_head", "router", "embedding", "matmul", "conv")
+WEIGHT_ROLES = ("linear", "lm_head", "router", "embedding")  # roles whose weight layout [N, K] the formats cover
+ACT_ROLES = ("linear", "lm_head", "router")
+EXPERT_ALLOCATION = ("expert", "grouped")
 WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
 CLIP_OBJECTIVES = ("output", "mse")
 SENSITIVITIES = ("auto", "output", "fisher")
@@ -97,7 +99,11 @@ class Recipe:
     empirical Fisher of the calibration loss; ``auto``: ``fisher`` for causal LMs without online
     Hadamard ops, else ``output``) under ``budget_bits`` (bits per weight over those
     linears) or ``budget_bytes`` (bytes of the whole stored model). Linears reading one tensor
-    (q/k/v, gate/up: one fused kernel) share a format.
+    (q/k/v, gate/up: one fused kernel) share a format. Mixture-of-experts weights (one grouped
+    GEMM over ``[E, N, K]``) are allocated per expert with ``expert_allocation="expert"`` (each
+    expert's error weighted by its calibration routing frequency; a grouped kernel then runs the
+    experts in buckets of one format) or as one tensor with ``"grouped"`` (one format for all
+    experts of the GEMM, for kernels that take a single format).
     """
 
     name: str = "custom"
@@ -125,6 +131,7 @@ class Recipe:
     budget_bits: float | None = None
     budget_bytes: int | None = None
     sensitivity: str = "auto"
+    expert_allocation: str = "expert"
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip"):
@@ -159,6 +166,8 @@ class Recipe:
                 raise ValueError(f"weight_candidates[{i}]: {tag!r} must be a static weight format tag")
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
+        if self.expert_allocation not in EXPERT_ALLOCATION:
+            raise ValueError(f"expert_allocation: {self.expert_allocation!r} is not one of {EXPERT_ALLOCATION}")
         if self.budget_bits is not None and self.budget_bytes is not None:
             raise ValueError("budget_bits: give budget_bits or budget_bytes, not both")
         if self.budget_bits is not None and (not isinstance(self.budget_bits, (int, float)) or self.budget_bits <= 0):

@@ -56,6 +56,7 @@ class StatsStore:
     seed: int = 0
     rows: int = ROWS  # token rows kept per node (0 when no pass needs them)
     hessian: bool = False  # accumulate X^T X per node (GPTQ, clip search)
+    grouped: set = field(default_factory=set)  # inputs of grouped (MoE) ops: top-k rows per token
 
     def __post_init__(self) -> None:
         self._gen = torch.Generator().manual_seed(self.seed)
@@ -65,6 +66,13 @@ class StatsStore:
 
     def __getitem__(self, key: str) -> ChannelStats:
         return self.nodes[key]
+
+    @property
+    def tokens(self) -> int:
+        """Rows (tokens) the calibration ran through the model: the most any observed input of
+        a dense op saw (a grouped op's input holds top-k rows per token, an expert's a subset)."""
+        return max((st.count for k, st in self.nodes.items() if k not in self.grouped and not k.endswith("]")),
+                   default=0)
 
     def hessian_of(self, key: str) -> torch.Tensor | None:
         """E[x x^T] of node ``key``, or None when no X^T X was collected for it."""

@@ -5,13 +5,18 @@ recipe lists ``weight_candidates``, by bit allocation under a budget:
 
 1. **Targets**: the linears a rule quantizes. Linears that read the same tensor (q/k/v; gate/up;
    found from the graph's dataflow, not from names) feed one fused kernel and form one *group*
-   that gets one format.
+   that gets one format. Mixture-of-experts grouped ops (``ir.py``, kind ``grouped``) give one
+   target per expert (``recipe.expert_allocation="expert"``, named ``<weight>.<e>``) or one for
+   all their experts (``"grouped"``).
 2. **Candidates** per group: the recipe's formats, each with its exact cost: bits from
    ``QuantFormat.storage_bits`` for a bits-per-weight budget, stored bytes from
    ``QuantFormat.stored_bytes`` for a byte budget (the whole model's bytes, the fixed part
    included).
 3. **Sensitivity** per group and candidate (``passes/sensitivity.py``): ``output`` (layer output
-   error from the calibration Hessian) or ``fisher`` (predicted ΔNLL from the empirical Fisher);
+   error from the calibration Hessian; an expert's is ``dW_e X_e^T X_e dW_e^T / T`` over the
+   rows routed to it, i.e. its Hessian weighted by its routing frequency, QuantMoE-Bench's
+   weighting; an expert no calibration token reached counts 0) or ``fisher`` (predicted ΔNLL from
+   the empirical Fisher, which weights experts by their routing through the gradients);
    ``auto`` (default) takes ``fisher`` for causal LMs: on SmolLM2 its ranking of single-layer
    damage matched the measured ΔNLL (Spearman 0.83 over 8 groups) where ``output`` did not (0.17).
 4. **Solver**: the exact multiple-choice knapsack DP of ``compiler/knapsack.py``, giving the whole
@@ -32,23 +37,44 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
-from finegrain.compiler.ir import ACT_FORMAT, ROLE, WEIGHT_FORMAT, QuantOp, get_tensor, quantizable_ops
+from finegrain.compiler.ir import (ACT_FORMAT, ROLE, WEIGHT_FORMAT, QuantOp, expert_formats, expert_key, get_tensor,
+                                  quantizable_ops)
 from finegrain.compiler.knapsack import Frontier, Point
 from finegrain.errors import InputError, RecipeError
 from finegrain.formats import QuantFormat
+
+
+@dataclass(frozen=True)
+class Target:
+    """One allocated weight: a linear's, one expert's slice of a grouped op (``expert``), or all
+    experts of a grouped op (``expert=None`` on a grouped op)."""
+
+    op: QuantOp
+    expert: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.op.name if self.expert is None else f"{self.op.name}.{self.expert}"
+
+    @property
+    def slices(self) -> list[int | None]:
+        """The ``[N, K]`` weights it covers: expert indices of a grouped op, else ``[None]``."""
+        if self.op.kind != "grouped":
+            return [None]
+        return [self.expert] if self.expert is not None else list(range(self.op.experts))
 
 
 @dataclass
 class Allocation:
     """A bit-allocation instance and its solved frontier."""
 
-    groups: list[list[QuantOp]]  # fused groups of linears (one format each)
+    groups: list[list[Target]]  # fused groups (one format each)
     candidates: list[QuantFormat]
     unit: str  # "bits" or "bytes"
     costs: list[list[int]]
     values: list[list[float]]
     numel: int  # weights in the allocated linears
-    shapes: dict[str, tuple[int, ...]]  # op name -> weight shape
+    shapes: dict[str, tuple[int, ...]]  # target name -> the [N, K] shape of each of its slices
     fixed_bytes: int  # stored bytes outside the allocated weights (for byte budgets)
     sensitivity: str
     frontier: Frontier
@@ -58,8 +84,8 @@ class Allocation:
     extra: dict = field(default_factory=dict)
 
     def bits_per_weight(self, point: Point) -> float:
-        bits = sum(self.candidates[i].storage_bits(self.shapes[op.name]) for grp, i in zip(self.groups, point.picks)
-                   for op in grp)
+        bits = sum(self.candidates[i].storage_bits(self.shapes[t.name]) * len(t.slices)
+                   for grp, i in zip(self.groups, point.picks) for t in grp)
         return bits / self.numel
 
     def point_for_bits(self, bpw: float) -> Point:
@@ -85,16 +111,31 @@ class Allocation:
             out["budget"] = budget
             out["chosen"] = {"cost": chosen.cost, "predicted": chosen.value,
                              "bits_per_weight": round(self.bits_per_weight(chosen), 4),
-                             "formats": {op.name: self.candidates[i].tag for grp, i in zip(self.groups, chosen.picks)
-                                         for op in grp}}
+                             "formats": {t.name: self.candidates[i].tag for grp, i in zip(self.groups, chosen.picks)
+                                         for t in grp}}
         return out
 
 
-def _groups(targets: list[QuantOp]) -> list[list[QuantOp]]:
-    by_input: dict[str, list[QuantOp]] = {}
+def _groups(targets: list[QuantOp], expert_allocation: str) -> list[list[Target]]:
+    by_input: dict[str, list[Target]] = {}
     for op in targets:
-        by_input.setdefault(op.activation.name, []).append(op)
+        if op.kind == "grouped" and expert_allocation == "expert":
+            for e in range(op.experts):
+                by_input[expert_key(op.activation.name, e)] = [Target(op, e)]
+        else:
+            by_input.setdefault(op.activation.name, []).append(Target(op))
     return list(by_input.values())
+
+
+def slice_shape(gm: GraphModule, op: QuantOp) -> tuple[int, ...]:
+    """Shape of one quantized weight of ``op``: its weight, or one expert's ``[N, K]``."""
+    shape = tuple(get_tensor(gm, op.weight.target).shape)
+    return shape[1:] if op.kind == "grouped" else shape
+
+
+def _weight_slice(gm: GraphModule, op: QuantOp, expert: int | None):
+    w = get_tensor(gm, op.weight.target)
+    return w if expert is None else w[expert]
 
 
 def _fixed_bytes(gm: GraphModule, ops: list[QuantOp], allocated: set[str]) -> int:
@@ -109,10 +150,27 @@ def _fixed_bytes(gm: GraphModule, ops: list[QuantOp], allocated: set[str]) -> in
             w = get_tensor(gm, op.weight.target)
             total -= w.numel() * w.element_size()
         if op.name not in allocated:
-            total += op.node.meta[WEIGHT_FORMAT].stored_bytes(tuple(get_tensor(gm, op.weight.target).shape))
+            total += sum(f.stored_bytes(slice_shape(gm, op)) for f in expert_formats(op))
     sites = {(op.activation.name, op.node.meta[ACT_FORMAT]) for op in ops
              if ACT_FORMAT in op.node.meta and not op.node.meta[ACT_FORMAT].dynamic}
     return total + 8 * len(sites)  # static activation scale (fp32) and zero point (int32)
+
+
+def _hessian(ctx, op: QuantOp, expert: int | None):
+    """E[x x^T] of a linear's input; for an expert, its rows' X^T X over all calibration tokens
+    (the expert's Hessian times its routing frequency); None for an expert no row reached."""
+    key = op.activation.name if expert is None else expert_key(op.activation.name, expert)
+    if expert is not None:
+        if op.activation.name not in ctx.stats or ctx.stats.nodes[op.activation.name].xtx is None:
+            raise InputError(f"{op.name}: sensitivity 'output' needs the calibration Hessians of the experts' "
+                             f"inputs {op.activation.name!r}; pass calibration data")
+        st = ctx.stats.nodes.get(key)
+        return None if st is None else st.xtx / max(ctx.stats.tokens, 1)
+    h = ctx.stats.hessian_of(key)
+    if h is None:
+        raise InputError(f"{op.name}: sensitivity 'output' needs the calibration Hessian of its input "
+                         f"{key!r}; pass calibration data")
+    return h
 
 
 def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[QuantOp]) -> Allocation:
@@ -120,11 +178,11 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
 
     r = ctx.recipe
     cands = list(r.candidate_formats)
-    groups = _groups(targets)
+    groups = _groups(targets, r.expert_allocation)
     unit = "bytes" if r.budget_bytes is not None else "bits"
-    shapes = {op.name: tuple(get_tensor(gm, op.weight.target).shape) for op in targets}
-    costs = [[sum(c.stored_bytes(shapes[op.name]) if unit == "bytes" else c.storage_bits(shapes[op.name]) for op in grp)
-              for c in cands] for grp in groups]
+    shapes = {t.name: slice_shape(gm, t.op) for grp in groups for t in grp}
+    costs = [[sum((c.stored_bytes(shapes[t.name]) if unit == "bytes" else c.storage_bits(shapes[t.name])) * len(t.slices)
+                  for t in grp) for c in cands] for grp in groups]
     kind = r.sensitivity
     if kind == "auto":
         kind = "fisher" if sens.fisher_applies(gm) and ctx.calibration else "output"
@@ -136,33 +194,57 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
     values = []
     for grp in ctx.progress(groups, desc=f"sensitivity ({kind})"):
         row = [0.0] * len(cands)
-        for op in grp:
-            w = get_tensor(gm, op.weight.target).float()
-            if fisher is None:
-                h = ctx.stats.hessian_of(op.activation.name)
-                if h is None:
-                    raise InputError(f"{op.name}: sensitivity 'output' needs the calibration Hessian of its input "
-                                     f"{op.activation.name!r}; pass calibration data")
-            for i, c in enumerate(cands):
-                dw = c.fake_quantize(w) - w
-                row[i] += sens.output_error(dw, h) if fisher is None else sens.fisher_error(dw, fisher[op.weight.target])
+        for t in grp:
+            op = t.op
+            for e in t.slices:
+                w = _weight_slice(gm, op, e).float()
+                if fisher is None:
+                    h = _hessian(ctx, op, e)
+                    if h is None:
+                        continue  # an expert no calibration row reached: no predicted damage
+                for i, c in enumerate(cands):
+                    dw = c.fake_quantize(w) - w
+                    f = None if fisher is None else fisher[op.weight.target] if e is None else fisher[op.weight.target][e]
+                    row[i] += sens.output_error(dw, h) if fisher is None else sens.fisher_error(dw, f)
         values.append(row)
     t0 = time.perf_counter()
     frontier = Frontier(costs, values)
     solve_s = time.perf_counter() - t0
-    numel = sum(math.prod(shapes[op.name]) for op in targets)
+    numel = sum(math.prod(shapes[t.name]) * len(t.slices) for grp in groups for t in grp)
     names = {op.name for op in targets}
-    return Allocation(groups, cands, unit, costs, values, numel, shapes,
-                      _fixed_bytes(gm, ops, names) if unit == "bytes" else 0, kind, frontier, solve_s)
+    alloc = Allocation(groups, cands, unit, costs, values, numel, shapes,
+                       _fixed_bytes(gm, ops, names) if unit == "bytes" else 0, kind, frontier, solve_s)
+    routing = routing_frequency(ctx, [op for op in targets if op.kind == "grouped"])
+    if routing:
+        alloc.extra["routing"] = routing
+    return alloc
+
+
+def routing_frequency(ctx, grouped: list[QuantOp]) -> dict[str, list[float]]:
+    """Per grouped op, the fraction of calibration tokens routed to each expert (sums to top-k)."""
+    tokens = ctx.stats.tokens
+    out = {}
+    for op in grouped:
+        if tokens and op.activation.name in ctx.stats:
+            out[op.name] = [round(ctx.stats.nodes[expert_key(op.activation.name, e)].count / tokens, 4)
+                            if expert_key(op.activation.name, e) in ctx.stats else 0.0 for e in range(op.experts)]
+    return out
 
 
 def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) -> None:
     """Set each allocated op's weight format to its pick at ``point``; on ``gm``, a copy of the
     allocated graph, the ops are found by node name."""
     nodes = None if gm is None else {n.name: n for n in gm.graph.nodes}
+    per_expert: dict = {}
     for grp, i in zip(alloc.groups, point.picks):
-        for op in grp:
-            (op.node if nodes is None else nodes[op.node.name]).meta[WEIGHT_FORMAT] = alloc.candidates[i]
+        for t in grp:
+            node = t.op.node if nodes is None else nodes[t.op.node.name]
+            if t.expert is None:
+                node.meta[WEIGHT_FORMAT] = alloc.candidates[i]
+            else:
+                per_expert.setdefault(node, [None] * t.op.experts)[t.expert] = alloc.candidates[i]
+    for node, fmts in per_expert.items():
+        node.meta[WEIGHT_FORMAT] = tuple(fmts)
 
 
 def allocate_bits(gm: GraphModule, ctx) -> GraphModule:
@@ -171,16 +253,16 @@ def allocate_bits(gm: GraphModule, ctx) -> GraphModule:
     for op in ops:
         op.node.meta[ROLE] = op.role
         wfmt, afmt = ctx.recipe.formats_for(op.role, op.name)
-        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "embedding"):
+        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "grouped", "embedding"):
             raise RecipeError(f"{op.name}: the recipe quantizes this {op.kind} op, which finegrain does not "
                               "support yet; narrow the rule's role/pattern to linear layers")
         if wfmt is not None and op.weight is not None:
             w = get_tensor(gm, op.weight.target)
-            if w.dim() != 2:
+            if w.dim() != (3 if op.kind == "grouped" else 2):
                 raise RecipeError(f"{op.name}: weight {op.weight_fqn} has shape {tuple(w.shape)}; weight formats "
-                                  "cover 2-D [N, K] weights only")
+                                  "cover 2-D [N, K] weights (3-D [E, N, K] for experts) only")
             op.node.meta[WEIGHT_FORMAT] = wfmt
-            if op.kind == "linear":
+            if op.kind in ("linear", "grouped"):
                 targets.append(op)
         if afmt is not None and op.kind != "embedding":  # an embedding's input is token ids
             op.node.meta[ACT_FORMAT] = afmt

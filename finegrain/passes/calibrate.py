@@ -2,7 +2,9 @@
 
 Observes the activation input of every quantizable op (shared inputs, e.g. q/k/v's, once) with
 per-channel min / max / absmax / E[x^2] and a bounded sample for percentiles
-(``compiler/stats.py``). The graph is truncated after the last observed node, so ops that no
+(``compiler/stats.py``). The input of a grouped (MoE) op is also observed per expert, under
+``ir.expert_key(node, e)``, from the rows its offsets give expert ``e``: per-expert Hessians for
+GPTQ / clip search / allocation and the routing frequency (rows per expert) for allocation. The graph is truncated after the last observed node, so ops that no
 statistic needs (e.g. a float LM head over a 49k vocabulary) are not run.
 
 Requires: ``ctx.calibration`` (a list of input tuples). Ensures: ``ctx.stats`` holds an entry for
@@ -16,7 +18,7 @@ import copy
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.ir import OBSERVED, get_tensor, quantizable_ops, set_tensor
+from finegrain.compiler.ir import OBSERVED, expert_key, get_tensor, quantizable_ops, set_tensor
 from finegrain.errors import InputError
 
 
@@ -33,23 +35,42 @@ class _Observer(torch.nn.Module):
         return x.new_empty(0)
 
 
+class _ExpertObserver(_Observer):
+    """Observes a grouped op's input as a whole and per expert (rows split by its offsets)."""
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        super().forward(x)
+        self.ctx.stats.grouped.add(self.key)
+        start = 0
+        for e, end in enumerate(offsets.tolist()):
+            if end > start:
+                self.ctx.stats.update(expert_key(self.key, e), x[start:end])
+            start = end
+        return x.new_empty(0)
+
+
 def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
     targets = {}
     for op in quantizable_ops(gm):
         a = op.activation
         if op.kind != "embedding" and a.name not in targets:
-            targets[a.name] = (a, op.name)
+            targets[a.name] = (op.name, op.node if op.kind == "grouped" else None)
     if not targets:
         return None, []
     root = torch.nn.Module()
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
     outs = []
-    for i, (name, (_, layer)) in enumerate(targets.items()):
-        root.add_module(f"obs{i}", _Observer(ctx, name, layer))
+    for i, (name, (layer, grouped)) in enumerate(targets.items()):
         node = by_name[name]
-        with graph.inserting_after(node):
-            outs.append(graph.call_module(f"obs{i}", (node,)))
+        if grouped is None:
+            root.add_module(f"obs{i}", _Observer(ctx, name, layer))
+            with graph.inserting_after(node):
+                outs.append(graph.call_module(f"obs{i}", (node,)))
+        else:  # x and its offsets both exist just before the grouped op
+            root.add_module(f"obs{i}", _ExpertObserver(ctx, name, layer))
+            with graph.inserting_before(by_name[grouped.name]):
+                outs.append(graph.call_module(f"obs{i}", (node, by_name[grouped.args[2].name])))
     out_node = next(n for n in graph.nodes if n.op == "output")
     out_node.args = (tuple(outs),)
     for n in graph.nodes:  # constants are shared, not copied

@@ -3,19 +3,54 @@
 Removes ``aten._assert_tensor_metadata`` / ``_assert_scalar`` checks that ``torch.export`` leaves
 behind (they return nothing and would pin dtypes that later passes legitimately change) and
 inference-mode dropouts (``aten.dropout(x, p, train=False)`` is the identity, and would hide
-dataflow such as a residual add from the graph analyses), then removes dead code. Requires: a captured graph. Ensures: no assertion nodes; same function.
+dataflow such as a residual add from the graph analyses), rewrites mixture-of-experts grouped
+matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fallback``,
+``aten._grouped_mm``) into ``finegrain::grouped_linear`` on the constant itself (so expert
+weights are quantizable ops with a linear's layout), then removes dead code.
+Requires: a captured graph. Ensures: no assertion nodes; same function.
 """
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule
 
+from finegrain.formats.ops import GROUPED_LINEAR
+
+_GROUPED_MM = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
+_TRANSPOSE = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
 _ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
+
+
+def _expert_weight(node):
+    """The ``[E, N, K]`` constant that ``node`` transposes to ``[E, K, N]``, else None."""
+    if not (node.op == "call_function" and node.target in _TRANSPOSE and node.args[0].op == "get_attr"):
+        return None
+    dims = node.args[1:] if node.target is torch.ops.aten.transpose.int else (node.args[1],)
+    if node.target is torch.ops.aten.transpose.int:
+        ok = sorted(d % 3 for d in dims) == [1, 2]
+    else:
+        ok = [d % 3 for d in dims[0]] == [0, 2, 1]
+    return node.args[0] if ok else None
+
+
+def _grouped_mm(gm: GraphModule, node) -> None:
+    x, w = node.args[0], node.args[1]
+    offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
+    const = _expert_weight(w)
+    if const is None or offs is None or len(node.args) > 3 or set(node.kwargs) - {"offs"}:
+        return  # another layout (bias, scales, non-transposed weights): left as the model wrote it
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(GROUPED_LINEAR, (x, const, offs))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def canonicalize(gm: GraphModule, ctx) -> GraphModule:
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _ASSERTIONS and not node.users:
+        if node.op == "call_function" and str(node.target) in _GROUPED_MM:
+            _grouped_mm(gm, node)
+        elif node.op == "call_function" and node.target in _ASSERTIONS and not node.users:
             gm.graph.erase_node(node)
         elif (node.op == "call_function" and node.target is torch.ops.aten.dropout.default
               and len(node.args) > 2 and node.args[2] is False):

@@ -4,6 +4,8 @@
   format stores them (``formats/scales.py``), packed per-group metadata (zero points, BitMoD
   datatype ids) and, where the format has them, a second-level scale and a codebook, read by one
   ``finegrain::dequantize_packed`` node that replaces the float weight as the op's argument.
+  A grouped (MoE) op's ``[E, N, K]`` weight becomes one such node per expert (``<fqn>_e<e>_q*``
+  constants, each expert in its own format), stacked.
   A float weight with no remaining user is removed from the module.
 * Activations: ``finegrain::quantize`` -> ``finegrain::dequantize`` in front of the op. Dynamic
   formats choose scales at run time; static ones read calibrated constants (range from
@@ -23,7 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
-                                  quantizable_ops, set_tensor)
+                                  expert_formats, quantizable_ops, set_tensor)
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
 from finegrain.formats import scales
@@ -35,9 +37,7 @@ def _constant(gm: GraphModule, graph, name: str, value: torch.Tensor) -> Node:
     return graph.get_attr(name)
 
 
-def _weight_qdq(gm: GraphModule, op, fmt: QuantFormat) -> None:
-    q = op.node.meta.pop(QWEIGHT)
-    base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
+def _dequantize_node(gm: GraphModule, op, fmt: QuantFormat, q, base: str) -> Node:
     g = gm.graph
     with g.inserting_before(op.node):
         packed = _constant(gm, g, f"{base}packed", pack(q.codes, fmt.bits, fmt.signed))
@@ -49,7 +49,19 @@ def _weight_qdq(gm: GraphModule, op, fmt: QuantFormat) -> None:
         if q.scale2 is not None or q.codebook is not None:
             args.append(None if q.scale2 is None else _constant(gm, g, f"{base}scale2", scales.stored_scale2(fmt, q)))
             args.append(None if q.codebook is None else _constant(gm, g, f"{base}codebook", q.codebook.to(torch.float16)))
-        dq = g.call_function(DEQUANTIZE_PACKED, tuple(args))
+        return g.call_function(DEQUANTIZE_PACKED, tuple(args))
+
+
+def _weight_qdq(gm: GraphModule, op) -> None:
+    q = op.node.meta.pop(QWEIGHT)
+    base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
+    if op.kind == "grouped":  # one packed weight per expert (each may have its own format), stacked
+        parts = [_dequantize_node(gm, op, f, qe, f"{op.weight_fqn}_e{e}_q")
+                 for e, (f, qe) in enumerate(zip(expert_formats(op), q))]
+        with gm.graph.inserting_before(op.node):
+            dq = gm.graph.call_function(torch.ops.aten.stack.default, (parts, 0))
+    else:
+        dq = _dequantize_node(gm, op, op.node.meta[WEIGHT_FORMAT], q, base)
     _, w_idx, _ = QUANTIZABLE[op.node.target]
     args = list(op.node.args)
     args[w_idx] = dq
@@ -95,9 +107,8 @@ def _act_qdq(gm: GraphModule, ctx, op, fmt: QuantFormat, shared: dict) -> None:
 def insert_qdq(gm: GraphModule, ctx) -> GraphModule:
     shared: dict = {}
     for op in quantizable_ops(gm):
-        w_fmt = op.node.meta.get(WEIGHT_FORMAT)
-        if w_fmt is not None and QWEIGHT in op.node.meta:
-            _weight_qdq(gm, op, w_fmt)
+        if op.node.meta.get(WEIGHT_FORMAT) is not None and QWEIGHT in op.node.meta:
+            _weight_qdq(gm, op)
         a_fmt = op.node.meta.get(ACT_FORMAT)
         already = op.activation.op == "call_function" and op.activation.target == DEQUANTIZE
         if a_fmt is not None and not already:

@@ -103,9 +103,19 @@ def mean_nll(gm: GraphModule, batches: list[tuple]) -> float:
         return sum(float(_nll(_logits(gm, b), b[0])) for b in batches) / len(batches)
 
 
-def measured_delta_nll(gm: GraphModule, batches: list[tuple], weight_targets: list[str], fmt: QuantFormat,
+def measured_delta_nll(gm: GraphModule, batches: list[tuple], weight_targets: list, fmt: QuantFormat,
                        base: float) -> float:
-    """Mean NLL with ``weight_targets`` RTN-quantized to ``fmt`` (all else float) minus ``base``."""
-    swapped = {t: fmt.fake_quantize(get_tensor(gm, t).float()).to(get_tensor(gm, t).dtype) for t in weight_targets}
+    """Mean NLL with ``weight_targets`` RTN-quantized to ``fmt`` (all else float) minus ``base``.
+    A target is a weight's name, or ``(name, expert)`` for one expert of an ``[E, N, K]`` weight
+    (``expert=None``: the whole tensor)."""
+    swapped: dict[str, torch.Tensor] = {}
+    for t in weight_targets:
+        name, expert = (t, None) if isinstance(t, str) else t
+        w = swapped.get(name, get_tensor(gm, name)).clone()
+        if expert is None:
+            w = fmt.fake_quantize(w.float()).to(w.dtype)
+        else:
+            w[expert] = fmt.fake_quantize(w[expert].float()).to(w.dtype)
+        swapped[name] = w
     with _swapped(gm, swapped):
         return mean_nll(gm, batches) - base
