@@ -207,7 +207,10 @@ def cmd_eval(args) -> None:
             results.append(("fp32 " + str(source), evaluate_lm(fp_model, fp_model.tokenizer, args.seq_len, args.max_windows),
                             None, fp_bytes(fp_model.model)))
         tok = cm.tokenizer
-        results.append((f"{path} ({cm.recipe.name})", evaluate_lm(cm, tok, args.seq_len, args.max_windows),
+        run = cm
+        if args.backend == "onnx":
+            run = cm.session("onnx", style=args.style, accuracy_level=args.accuracy_level).run
+        results.append((f"{path} ({cm.recipe.name}, {args.backend})", evaluate_lm(run, tok, args.seq_len, args.max_windows),
                         cm.quantized_bits_per_weight(), cm.model_bytes()))
     else:
         lm = load_model(args.model)
@@ -215,6 +218,32 @@ def cmd_eval(args) -> None:
                         fp_bytes(lm.model)))
     _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
     _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r} for n, r, b, m in results]})
+
+
+def cmd_export(args) -> None:
+    import finegrain
+
+    cm = finegrain.load(args.artifact)
+    info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
+    forms: dict[str, int] = {}
+    for form in info["weights"].values():
+        forms[form] = forms.get(form, 0) + 1
+    _table(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}",
+           ["ONNX form of the quantized weights", "weights"], [[k, v] for k, v in sorted(forms.items())])
+    if args.check:
+        import torch
+
+        from finegrain.backends.onnx import OnnxSession
+
+        spec = cm.input_specs[0]
+        if len(cm.input_specs) != 1 or spec["dtype"] not in ("int64", "int32"):
+            raise FinegrainError("--check feeds token ids: it covers models with one token-id input")
+        shape = [min(n, 64) if i in spec["dynamic_dims"] else n for i, n in enumerate(spec["shape"])]
+        ids = torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
+        ref = cm(ids)
+        got = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx).run(ids)
+        _console().print(f"onnxruntime vs the torch reference on {ids.shape[-1]} tokens: max |diff| "
+                         f"{float((got - ref).abs().max()):.3g} (max |logit| {float(ref.abs().max()):.3g})")
 
 
 def _write_json(args, obj) -> None:
@@ -346,8 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
+    e.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                   help="run the artifact on the torch reference or exported to ONNX Runtime")
+    e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
+    e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--json", help="also write the results to this JSON file")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write an artifact as an ONNX model (QDQ or MatMulNBits weights)")
+    x.add_argument("artifact", help="artifact directory")
+    x.add_argument("--onnx", required=True, help="output .onnx file")
+    x.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq",
+                   help="qdq: DequantizeLinear (opset 21, blocked INT4/INT8, FP8), portable; matmulnbits: "
+                        "com.microsoft::MatMulNBits for integer weights (ONNX Runtime)")
+    x.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
+                   help="MatMulNBits compute: 0 = the activation's type (fp32, exact), 4 = int8 activations "
+                        "(faster, adds activation error); also set as ORT's level for fused QDQ")
+    x.add_argument("--check", action="store_true", help="run the ONNX model in onnxruntime and compare with the "
+                                                        "torch reference")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")
     i.add_argument("artifact")

@@ -2,6 +2,8 @@
 the vendored corpus, and evaluate float or quantized models the same way."""
 from __future__ import annotations
 
+from typing import Callable  # noqa: F401 (annotations)
+
 from typing import Any
 
 import torch
@@ -63,8 +65,10 @@ def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int 
                             input_names=names, tokenizer=loaded.tokenizer, source=loaded.source, progress=progress)
 
 
-def logits_fn(obj: "LoadedModel | CompiledModel"):
-    if isinstance(obj, CompiledModel):
+def logits_fn(obj: "LoadedModel | CompiledModel | Callable"):
+    """ids -> logits for a loaded float model, a CompiledModel, or any such callable (a backend
+    session's ``run``)."""
+    if isinstance(obj, CompiledModel) or not hasattr(obj, "model"):
         return obj
     model = obj.model
     return lambda ids: model(input_ids=ids, use_cache=False).logits

@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from finegrain.compiler.recipe import Recipe
 from finegrain.errors import InputError
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx")
 
 
 def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:
@@ -53,13 +53,28 @@ class CompiledModel:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.session().run(*inputs)
 
-    def session(self, backend: str = "torch"):
-        """A runnable session on ``backend`` (today: ``torch``, the reference)."""
+    def session(self, backend: str = "torch", **options):
+        """A runnable session on ``backend``: ``torch`` (the reference) or ``onnx`` (ONNX Runtime;
+        options ``style``, ``accuracy_level``, ``threads``: ``backends/onnx.py``)."""
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+        if backend == "onnx":
+            from finegrain.backends.onnx import OnnxSession
+
+            return OnnxSession(self, **options)
+        if options:
+            raise InputError(f"backend 'torch' takes no options, got {sorted(options)}")
         from finegrain.backends.torch_ref import TorchRefSession
 
         return TorchRefSession(self.gm, self.input_specs)
+
+    def export_onnx(self, path: str | Path, style: str = "qdq", accuracy_level: int = 0,
+                    overwrite: bool = False) -> dict:
+        """Write an ONNX model (``backends/onnx.py``): ``style`` ``qdq`` (DequantizeLinear) or
+        ``matmulnbits`` (com.microsoft::MatMulNBits). Returns the files, bytes and per-weight forms."""
+        from finegrain.backends.onnx import export_onnx
+
+        return export_onnx(self, path, style=style, accuracy_level=accuracy_level, overwrite=overwrite)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from finegrain.runtime.artifact import save_artifact

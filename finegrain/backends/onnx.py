@@ -1,0 +1,524 @@
+"""ONNX export of a quantized graph and the ONNX Runtime backend.
+
+Export (:func:`export_onnx`, ``CompiledModel.export_onnx``, ``finegrain export --onnx``) runs in
+two steps:
+
+1. ``torch.onnx.export(..., dynamo=True)`` of the quantized FX graph (opset 21, the inputs'
+   dynamic dims dynamic) with a ``custom_translation_table`` for finegrain's ops:
+   ``finegrain::quantize`` / ``dequantize`` (activations) become ONNX arithmetic that reproduces
+   the reference quantizer (dynamic scales from ReduceMax/ReduceMin, Round = half to even like
+   ``torch.round``, Clip); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
+   of the ``finegrain`` domain, because their lowering needs the constants' values.
+2. A lowering pass over the ONNX IR (``onnx_ir``), with every weight's codes and scales in hand
+   (unpacked by the same :func:`finegrain.formats.ops.unpack_weight` the reference uses), picks
+   per weight the node its ``style`` asks for:
+
+   * ``style="qdq"`` (portable): ``DequantizeLinear`` of opset 21 on the transposed weight
+     ``[K, N]`` feeding the ``MatMul`` directly: blocked along K for group-wise INT4/UINT4 and
+     INT8/UINT8 (zero points for asymmetric formats), per output channel (axis 1) or per tensor;
+     FP8 E4M3 per channel. ONNX Runtime fuses the INT4 blocked form into ``MatMulNBits``, at the
+     accuracy level of the session option ``session.qdq_matmulnbits_accuracy_level``
+     (:class:`OnnxSession` sets it from ``accuracy_level``; ORT's own default would be 4).
+   * ``style="matmulnbits"``: ``com.microsoft::MatMulNBits`` (``bits`` 4 or 8) for integer
+     weights whose groups fit its blocks (group size a power of two >= 16; per channel / per
+     tensor as one block of the next power of two >= K, padded), with explicit ``accuracy_level``:
+     0 = unset (the activation's type: fp32 compute here, matches the reference to fp32 rounding),
+     1 fp32, 2 fp16, 3 bf16, 4 = activations quantized to int8 per block on the fly (faster on
+     CPUs, with an int8 activation error on top of the weight format's). Weights it cannot take
+     fall back to the ``qdq`` form.
+
+   Scales are written as the effective fp32 values (E8M0 exponents, NV two-level E4M3 x fp32 and
+   DGQ's integer x fp16 scales are exact in fp32), so MXINT8, NVINT4 and DGQ weights export
+   exactly but with 32-bit scales; 2/3-bit codes ride in 4-bit and 5..7-bit codes in 8-bit
+   containers (exact, not smaller). A weight neither form covers (MX/NV FP4/FP6 elements,
+   BitMoD, NF4 / Lloyd-Max codebooks) raises :class:`ExportError` naming the layer and format. ``hadamard`` becomes
+   a ``MatMul`` by the dense orthonormal matrix (one ``[n, n]`` initializer per size, computed by
+   the reference transform on the identity). MoE ``grouped_linear`` ops are not exported yet.
+
+Weights larger than 2 GB in total go to one external data file beside the model
+(``<name>.onnx.data``); ``onnx.checker`` runs on every export. Writes are atomic (a temporary
+directory renamed into place).
+
+Runtime: :class:`OnnxSession` (``finegrain.load(path).session(backend="onnx")``) exports to a
+temporary directory and runs the model in ``onnxruntime`` on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finegrain.errors import FinegrainError
+from finegrain.formats import QuantFormat
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE, unpack_weight
+
+STYLES = ("qdq", "matmulnbits")
+OPSET = 21
+DOMAIN = "finegrain"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+_EXTERNAL_ABOVE = 2_000_000_000  # bytes of initializers beyond which they go to an external file
+
+
+class ExportError(FinegrainError):
+    """A graph or format that the ONNX export does not cover (names the layer and format)."""
+
+
+# ---- step 1: translation ---------------------------------------------------------------------
+_OPS: dict[str, Any] = {}
+
+
+def _marker_ops() -> dict[str, Any]:
+    """onnxscript ops for the finegrain-domain markers (their schemas registered once)."""
+    if _OPS:
+        return _OPS
+    import onnx
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    fp, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    schemas = {
+        "DequantizePacked": OpSchema(
+            "DequantizePacked", DOMAIN, 1,
+            inputs=[fp("packed", "T1"), fp("scale", "T2"), fp("zero", "T1"), fp("scale2", "T3", param_option=opt),
+                    fp("codebook", "T4", param_option=opt)],
+            outputs=[fp("y", "T")],
+            type_constraints=[("T1", ["tensor(uint8)"], ""),
+                              ("T2", floats + ["tensor(uint8)", "tensor(float8e4m3fn)"], ""),
+                              ("T3", ["tensor(float)"], ""), ("T4", ["tensor(float16)"], ""), ("T", floats, "")],
+            attributes=[OpSchema.Attribute("fmt", OpSchema.AttrType.STRING, ""),
+                        OpSchema.Attribute("shape", OpSchema.AttrType.INTS, "")]),
+        "Hadamard": OpSchema(
+            "Hadamard", DOMAIN, 1, inputs=[fp("x", "T"), fp("factor", "T3")], outputs=[fp("y", "T")],
+            type_constraints=[("T", floats, ""), ("T3", ["tensor(float)", "tensor(double)"], "")]),
+    }
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+    for name, schema in schemas.items():
+        try:
+            onnx.defs.get_schema(name, 1, DOMAIN)
+        except onnx.defs.SchemaError:
+            onnx.defs.register_schema(schema)
+        _OPS[name] = onnxscript.values.Op(opset, name, schema)
+    return _OPS
+
+
+def _act_format(fmt: str) -> QuantFormat:
+    f = QuantFormat.parse(fmt)
+    if f.kind != "int" or f.granularity not in ("token", "tensor") or f.scale not in ("fp32", "fp16", "bf16"):
+        raise ExportError(f"activation format {fmt}: the ONNX export covers integer activations per token or per "
+                          "tensor with float scales (MX / NV block activations are not exported yet)")
+    return f
+
+
+def _translation_table() -> dict:
+    import onnx
+    from onnxscript import opset21 as op
+
+    ops = _marker_ops()
+    fl = onnx.TensorProto.FLOAT
+    scale_types = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
+
+    def const(v: float):
+        return op.Constant(value_float=float(v))
+
+    def quantize(x, fmt: str, scale=None, zero=None):
+        f = _act_format(fmt)
+        lo, hi = f.family.code_range(f)
+        xf = op.Cast(x, to=fl)
+        if scale is None:  # dynamic: the format's own parameter choice, at run time
+            axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
+            keep = 1 if f.granularity == "token" else 0
+            c = float(f.clip)
+            if f.symmetric:
+                s = op.Mul(op.ReduceMax(op.Abs(xf), axes, keepdims=keep), const(c / f.family.max_value(f)))
+            else:
+                mn = op.Mul(op.Min(op.ReduceMin(xf, axes, keepdims=keep), const(0.0)), const(c))
+                mx = op.Mul(op.Max(op.ReduceMax(xf, axes, keepdims=keep), const(0.0)), const(c))
+                s = op.Div(op.Sub(mx, mn), const(2 ** f.bits - 1))
+            if f.scale in scale_types:
+                s = op.Cast(op.Cast(s, to=scale_types[f.scale]), to=fl)
+            s = op.Where(op.Greater(s, const(0.0)), s, const(1.0))
+            if f.granularity == "tensor":
+                s = op.Reshape(s, op.Constant(value_ints=[1]))
+            if f.symmetric:
+                z = op.Mul(s, const(0.0))
+            else:
+                if f.granularity == "tensor":
+                    mn = op.Reshape(mn, op.Constant(value_ints=[1]))
+                z = op.Clip(op.Round(op.Div(op.Neg(mn), s)), const(0.0), const(2 ** f.bits - 1))
+        else:
+            s, z = op.Cast(scale, to=fl), op.Cast(zero, to=fl)
+        q = op.Clip(op.Add(op.Round(op.Div(xf, s)), z), const(lo), const(hi))
+        codes = op.Cast(q, to=onnx.TensorProto.INT8 if f.symmetric else onnx.TensorProto.UINT8)
+        return codes, s, op.Cast(z, to=onnx.TensorProto.INT32)
+
+    def dequantize(codes, scale, zero, fmt: str, out_dtype):
+        _act_format(fmt)
+        y = op.Mul(op.Sub(op.Cast(codes, to=fl), op.Cast(zero, to=fl)), scale)
+        to = _onnx_dtype(out_dtype)
+        return y if to == fl else op.Cast(y, to=to)
+
+    def dequantize_packed(packed, scale, zero, fmt: str, shape, out_dtype, scale2=None, codebook=None):
+        y = ops["DequantizePacked"](packed, scale, zero, scale2, codebook, fmt=fmt, shape=list(shape))
+        to = _onnx_dtype(out_dtype)
+        return y if to == fl else op.Cast(y, to=to)
+
+    def hadamard(x, factor):
+        return ops["Hadamard"](x, factor)
+
+    return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard}
+
+
+def _onnx_dtype(dtype) -> int:
+    """ONNX element type of an op's ``out_dtype`` argument (the exporter passes it as an
+    ``onnx_ir.DataType``; a torch dtype is mapped)."""
+    import onnx
+
+    if dtype is None:
+        return onnx.TensorProto.FLOAT
+    table = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+             torch.bfloat16: onnx.TensorProto.BFLOAT16}
+    if isinstance(dtype, torch.dtype):
+        if dtype not in table:
+            raise ExportError(f"dtype {dtype} has no ONNX float type here")
+        return table[dtype]
+    return int(dtype)
+
+
+def _dynamic_shapes(specs: list[dict]) -> tuple:
+    dims = {}
+    out = []
+    for s in specs:
+        d = {}
+        for i in s["dynamic_dims"]:
+            key = "batch" if i == 0 else "seq" if i == 1 else f"{s['name']}_{i}"
+            dims.setdefault(key, torch.export.Dim(key, min=1 if key == "batch" else 2, max=1 << 16))
+            d[i] = dims[key]
+        out.append(d or None)
+    return tuple(out)
+
+
+def _example(specs: list[dict]) -> tuple:
+    out = []
+    for s in specs:
+        shape = [max(n, 2) if i in s["dynamic_dims"] else n for i, n in enumerate(s["shape"])]
+        dtype = getattr(torch, s["dtype"])
+        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
+    return tuple(out)
+
+
+# ---- step 2: lowering of the markers ---------------------------------------------------------
+def _torch(value) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = value.const_value
+    if t is None:
+        raise ExportError(f"ONNX value {value.name!r}: a quantized weight's codes / scales must be constants")
+    arr = t.numpy()
+    if arr.dtype.itemsize == 1 and arr.dtype != np.uint8 and arr.dtype != np.int8:  # float8 (ml_dtypes)
+        return torch.from_numpy(arr.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    return torch.from_numpy(np.array(arr))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(4, math.ceil(math.log2(max(n, 1))))
+
+
+def _container(bits: int) -> int:
+    """The ONNX integer width that holds ``bits``-bit codes exactly (INT2/3 in 4, INT5-7 in 8)."""
+    return 4 if bits <= 4 else 8
+
+
+def _blocks(f: QuantFormat, k: int) -> int | None:
+    """MatMulNBits block size for format ``f`` on K = ``k``, or None when its groups do not fit."""
+    if f.granularity == "group":
+        gs = f.group_size
+        return gs if gs >= 16 and gs & (gs - 1) == 0 else None
+    return _pow2_at_least(k)  # one block per row (per channel / per tensor), zero-padded
+
+
+def _per_group(f: QuantFormat, t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A parameter tensor ([N, G], [N, 1] or [1]) as [N, G]."""
+    g = math.ceil(k / f.group_size) if f.granularity == "group" else 1
+    return t.reshape(-1, t.shape[-1]).expand(n, g) if t.numel() == 1 else t.reshape(n, g)
+
+
+def _matmulnbits(f: QuantFormat, q, n: int, k: int, accuracy_level: int):
+    """(B, scales, zero_points | None, attributes) in MatMulNBits' layout, or None if it does not fit."""
+    if f.kind != "int" or q.codebook is not None:
+        return None
+    bits = _container(f.bits)
+    bs = _blocks(f, k)
+    if bs is None:
+        return None
+    nb = math.ceil(k / bs)
+    scale = _per_group(f, q.scale.float(), n, k)
+    if f.granularity != "group":
+        scale = scale[:, :1]
+    offset = 2 ** (bits - 1) if f.symmetric else 0
+    zero = _per_group(f, q.zero, n, k)[:, :nb] + offset  # unsigned zero point per block
+    codes = q.codes.to(torch.int32) + offset  # unsigned codes
+    pad = nb * bs - k
+    if pad:  # padded elements equal the block's zero point: they dequantize to 0
+        codes = torch.cat([codes, zero[:, -1:].expand(n, pad)], dim=1)
+    codes = codes.reshape(n, nb, bs).to(torch.uint8)
+    if bits == 4:
+        b = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    else:
+        b = codes.contiguous()
+    zp = None
+    if not f.symmetric:
+        z = zero.to(torch.uint8)
+        if bits == 4:
+            if nb % 2:
+                z = torch.cat([z, torch.zeros(n, 1, dtype=torch.uint8)], dim=1)
+            z = z[:, 0::2] | (z[:, 1::2] << 4)
+        zp = z.reshape(-1).contiguous()
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": bs, "accuracy_level": accuracy_level}
+    return b.numpy(), scale.reshape(-1).contiguous().numpy().astype(np.float32), \
+        None if zp is None else zp.numpy(), attrs
+
+
+def _qdq(f: QuantFormat, q, n: int, k: int):
+    """(codes [K, N] as an ONNX-typed numpy array, scale, zero | None, axis, block_size | None), or None."""
+    import ml_dtypes
+
+    if q.codebook is not None:
+        return None
+    if f.kind == "int":
+        np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+        ty = np_t[(_container(f.bits), f.symmetric)]
+        codes = q.codes.to(torch.int32).T.contiguous().numpy().astype(ty)
+        zero = None if f.symmetric else q.zero.to(torch.int32)
+    elif f.kind == "e4m3" and f.granularity in ("channel", "tensor"):
+        codes = q.codes.to(torch.uint8).T.contiguous().numpy().view(ml_dtypes.float8_e4m3fn)
+        zero = None
+    else:
+        return None
+    scale = q.scale.float()
+    if f.granularity == "group":
+        scale_t = scale.reshape(n, -1).T.contiguous().numpy()
+        zero_t = None if zero is None else zero.reshape(n, -1).T.contiguous().numpy().astype(codes.dtype)
+        return codes, scale_t, zero_t, 0, f.group_size
+    if f.granularity == "channel":
+        return codes, scale.reshape(n).numpy(), None if zero is None else zero.reshape(n).numpy().astype(codes.dtype), 1, None
+    if f.granularity == "tensor":
+        return codes, scale.reshape(()).numpy(), None if zero is None else zero.reshape(()).numpy().astype(codes.dtype), None, None
+    return None
+
+
+def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dict:
+    """Replace the finegrain markers; returns {weight: the ONNX form it got}."""
+    import onnx_ir as ir
+
+    from finegrain.formats.hadamard import apply_hadamard
+
+    graph = model.graph
+    forms: dict[str, str] = {}
+    hadamards: dict[tuple, Any] = {}
+    for node in list(graph):
+        if node.domain != DOMAIN:
+            continue
+        if node.op_type == "Hadamard":
+            x, factor = node.inputs
+            n = x.shape[-1] if x.shape is not None else None
+            if not isinstance(n, int):
+                raise ExportError(f"online Hadamard at ONNX node {node.name!r}: its input's last dim must be static")
+            fac = _torch(factor).double()
+            key = (n, tuple(fac.flatten().tolist()))
+            if key not in hadamards:
+                mat = apply_hadamard(torch.eye(n, dtype=torch.float64), fac).float().numpy()
+                hadamards[key] = ir.Value(name=f"finegrain.hadamard_{n}_{len(hadamards)}", const_value=ir.tensor(mat))
+                graph.register_initializer(hadamards[key])
+            mm = ir.node("MatMul", [x, hadamards[key]])
+            graph.insert_before(node, mm)
+            ir.convenience.replace_all_uses_with(node.outputs[0], mm.outputs[0])
+            graph.remove(node, safe=True)
+            continue
+        if node.op_type != "DequantizePacked":
+            raise ExportError(f"unknown finegrain ONNX marker {node.op_type}")
+        f = QuantFormat.parse(node.attributes["fmt"].value)
+        shape = list(node.attributes["shape"].value)
+        packed, scale, zero, scale2, codebook = (list(node.inputs) + [None, None])[:5]
+        layer = names.get(packed.name, packed.name)
+        if len(shape) != 2:
+            raise ExportError(f"{layer}: weight of shape {shape}; the ONNX export covers 2-D weights")
+        q = unpack_weight(_torch(packed), _torch(scale), _torch(zero), f, shape, _torch(scale2), _torch(codebook))
+        n, k = shape
+        # the consumer: Transpose(perm [1, 0]) -> MatMul(A, .) (aten.linear as torch.onnx exports it)
+        out = node.outputs[0]
+        uses = [u.node for u in out.uses()]
+        tr = uses[0] if len(uses) == 1 else None
+        if tr is None or tr.op_type != "Transpose" or list(tr.attributes["perm"].value) != [1, 0]:
+            raise ExportError(f"{layer}: quantized weight not read as a linear's transposed operand "
+                              f"(read by {[u.op_type for u in uses]}); the ONNX export covers linear layers")
+        matmuls = [u.node for u in tr.outputs[0].uses()]
+        if not all(m.op_type == "MatMul" and m.inputs[1] is tr.outputs[0] for m in matmuls):
+            raise ExportError(f"{layer}: transposed weight read by {[m.op_type for m in matmuls]}, not MatMul")
+        nbits = _matmulnbits(f, q, n, k, accuracy_level) if style == "matmulnbits" else None
+        if nbits is not None:
+            b, s, zp, attrs = nbits
+            vals = [ir.Value(name=f"{layer}.qweight", const_value=ir.tensor(b)),
+                    ir.Value(name=f"{layer}.scales", const_value=ir.tensor(s))]
+            if zp is not None:
+                vals.append(ir.Value(name=f"{layer}.zero_points", const_value=ir.tensor(zp)))
+            for v in vals:
+                graph.register_initializer(v)
+            for mm in matmuls:
+                new = ir.node("MatMulNBits", [mm.inputs[0], *vals], attrs, domain="com.microsoft")
+                graph.insert_before(mm, new)
+                ir.convenience.replace_all_uses_with(mm.outputs[0], new.outputs[0])
+                graph.remove(mm, safe=True)
+            forms[layer] = f"MatMulNBits(bits={attrs['bits']}, block_size={attrs['block_size']}, accuracy_level={accuracy_level})"
+        else:
+            parts = _qdq(f, q, n, k)
+            if parts is None:
+                raise ExportError(f"{layer}: format {f.tag} has no ONNX form yet (qdq covers INT2..8 per group, "
+                                  "channel or tensor and FP8 E4M3 per channel / tensor; matmulnbits INT2..8 with "
+                                  "power-of-two groups >= 16)")
+            codes, s, z, axis, block = parts
+            vals = [ir.Value(name=f"{layer}.qweight", const_value=ir.tensor(codes)),
+                    ir.Value(name=f"{layer}.scale", const_value=ir.tensor(s))]
+            if z is not None:
+                vals.append(ir.Value(name=f"{layer}.zero_point", const_value=ir.tensor(z)))
+            for v in vals:
+                graph.register_initializer(v)
+            attrs = {} if axis is None else {"axis": axis}
+            if block is not None:
+                attrs["block_size"] = block
+            dq = ir.node("DequantizeLinear", vals, attrs)
+            graph.insert_before(tr, dq)
+            for mm in matmuls:
+                mm.replace_input_with(1, dq.outputs[0])
+            forms[layer] = f"DequantizeLinear({codes.dtype.name}, " + (f"block {block})" if block else f"axis {axis})")
+        for dead in (tr, node):
+            if not any(True for _ in dead.outputs[0].uses()):
+                graph.remove(dead, safe=True)
+    return forms
+
+
+def _names(gm) -> dict[str, str]:
+    """ONNX initializer name of each packed weight -> the layer (weight FQN) it belongs to."""
+    out = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and str(n.target).endswith("_qpacked"):
+            out[str(n.target)] = str(n.target).removesuffix("_qpacked")
+    return out
+
+
+def _weight_exportable(f: QuantFormat, k: int) -> bool:
+    return f.kind == "int" or (f.kind == "e4m3" and f.granularity in ("channel", "tensor"))
+
+
+def check_exportable(gm) -> None:
+    """Raise :class:`ExportError` naming the first node / weight the export does not cover,
+    before ``torch.onnx.export`` runs (its errors would bury ours)."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is GROUPED_LINEAR:
+            raise ExportError(f"node {n.name} ({n.args[1]}): mixture-of-experts grouped_linear has no ONNX lowering yet")
+        if n.target is QUANTIZE:
+            try:
+                _act_format(n.args[1])
+            except ExportError as e:
+                raise ExportError(f"node {n.name} (input {n.args[0]}): {e}") from None
+        if n.target is DEQUANTIZE_PACKED:
+            f = QuantFormat.parse(n.args[3])
+            if not _weight_exportable(f, n.args[4][-1]):
+                layer = str(n.args[0].target).removesuffix("_qpacked")
+                raise ExportError(f"{layer}: weight format {f.tag} has no ONNX form yet (INT2..8 per group / channel / "
+                                  "tensor and FP8 E4M3 per channel / tensor export; MX/NV FP4/FP6, BitMoD and "
+                                  "codebook formats do not)")
+
+
+def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 0, overwrite: bool = False) -> dict:
+    """Export ``cm`` (a CompiledModel) to the ONNX file ``path``; returns a summary: the file(s),
+    their bytes, and the ONNX form each quantized weight got."""
+    import onnx
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+
+    if style not in STYLES:
+        raise ExportError(f"style {style!r} is not one of {STYLES}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ExportError(f"accuracy_level {accuracy_level!r} is not one of {ACCURACY_LEVELS}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ExportError(f"{path}: the ONNX file name must end in .onnx")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    check_exportable(cm.gm)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(cm.gm.eval(), _example(cm.input_specs), dynamo=True, opset_version=OPSET,
+                                 custom_translation_table=_translation_table(), optimize=True, verbose=False,
+                                 dynamic_shapes=_dynamic_shapes(cm.input_specs),
+                                 input_names=[s["name"] for s in cm.input_specs], output_names=["output"])
+    model = prog.model
+    forms = _lower(model, style, accuracy_level, _names(cm.gm))
+    for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
+        p(model)
+    model.opset_imports.setdefault("com.microsoft", 1)
+    if not any(n.domain == "com.microsoft" for n in model.graph):
+        model.opset_imports.pop("com.microsoft", None)
+    model.opset_imports.pop(DOMAIN, None)
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data = f"{path.name}.data" if total > _EXTERNAL_ABOVE else None
+        ir.save(model, tmp / path.name, external_data=data)
+        onnx.checker.check_model(str(tmp / path.name))
+        files = sorted(tmp.iterdir())
+        for f in files:
+            f.replace(path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = [path] + ([path.parent / data] if data else [])
+    return {"path": str(path), "style": style, "accuracy_level": accuracy_level,
+            "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms}
+
+
+class OnnxSession:
+    """Runs a CompiledModel through ONNX Runtime (CPU). The model is exported to a temporary
+    directory (kept for the session's life: ``self.path``)."""
+
+    def __init__(self, cm, style: str = "qdq", accuracy_level: int = 0, threads: int | None = None,
+                 path: str | Path | None = None):
+        self.input_specs = cm.input_specs
+        self._tmp = None
+        if path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-onnx-")
+            path = Path(self._tmp.name) / "model.onnx"
+            self.export = export_onnx(cm, path, style=style, accuracy_level=accuracy_level)
+        self.path = Path(path)
+        self.session = make_session(self.path, accuracy_level, threads)
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        from finegrain.runtime.compiled import check_inputs
+
+        check_inputs(self.input_specs, inputs)
+        feed = {s["name"]: t.detach().cpu().numpy() for s, t in zip(self.input_specs, inputs)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None = None):
+    """An onnxruntime CPU session; ``accuracy_level`` also sets the level ORT gives the
+    MatMulNBits it fuses from DequantizeLinear(INT4) + MatMul."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

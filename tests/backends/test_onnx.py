@@ -1,0 +1,138 @@
+"""ONNX export and the ONNX Runtime backend, against the torch reference on a tiny Llama:
+weight forms per style, exactness at accuracy level 0, activation quantization and online
+Hadamard within their error bound, dynamic sequence length, clear refusals, atomic files."""
+import onnx
+import pytest
+import torch
+
+import finegrain
+from finegrain.backends.onnx import ExportError, OnnxSession
+
+pytest.importorskip("onnxruntime")
+
+
+def _w(tag, act=None, **kw):
+    rule = {"role": "linear", "weight": tag}
+    if act:
+        rule["activation"] = act
+    return {"name": tag, "rules": [rule], **kw}
+
+
+@pytest.fixture(scope="module")
+def compile_tiny(tiny_llama, tiny_inputs):
+    example, calib, _ = tiny_inputs
+    cache = {}
+
+    def get(recipe):
+        key = recipe if isinstance(recipe, str) else recipe["name"]
+        if key not in cache:
+            cache[key] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[key]
+
+    return get
+
+
+def _ops(path):
+    return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.mark.parametrize("tag,qdq_form,nbits_form", [
+    ("int4-g32-asym-fp16", "DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),  # odd block count
+    ("int4-g64-asym-fp16", "DequantizeLinear(uint4, block 64)", "MatMulNBits(bits=4, block_size=64"),  # ragged K=96
+    ("int4-g32-sym-fp16", "DequantizeLinear(int4, block 32)", "MatMulNBits(bits=4, block_size=32"),
+    ("int8-channel-sym-fp16", "DequantizeLinear(int8, axis 1)", "MatMulNBits(bits=8, block_size="),
+    ("int3-g32-asym-fp16", "DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),
+])
+def test_weight_only_is_exact_at_accuracy_level_0(compile_tiny, tiny_inputs, tmp_path, tag, qdq_form, nbits_form):
+    cm = compile_tiny(_w(tag))
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    for style, form in (("qdq", qdq_form), ("matmulnbits", nbits_form)):
+        info = cm.export_onnx(tmp_path / f"{style}.onnx", style=style)
+        assert len(info["weights"]) == len(cm.quantized) == 14 and all(f.startswith(form) for f in info["weights"].values())
+        ops = _ops(tmp_path / f"{style}.onnx")
+        assert not any(d == "finegrain" for d, _ in ops)
+        if style == "matmulnbits":
+            assert ops.count(("com.microsoft", "MatMulNBits")) == 14
+        else:
+            assert ops.count(("", "DequantizeLinear")) == 14
+        out = OnnxSession(cm, path=tmp_path / f"{style}.onnx").run(test)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), style
+
+
+def test_packed_weights_are_smaller_than_float(compile_tiny, tmp_path):
+    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+    fp = compile_tiny({"name": "fp", "rules": []})
+    q = cm.export_onnx(tmp_path / "q.onnx", style="matmulnbits")["bytes"]
+    f = fp.export_onnx(tmp_path / "f.onnx")["bytes"]
+    w = sum(v["shape"][0] * v["shape"][1] for v in cm.quantized.values())
+    assert f - q > 0.75 * w * 4 * (1 - 4.6 / 32)  # the linears shrink from 32 to ~4.5 bits per weight
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a4-hadamard"])
+def test_activation_quantization_and_hadamard_match_the_reference(compile_tiny, tiny_inputs, tmp_path, recipe):
+    cm = compile_tiny(recipe)
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits")
+    ops = _ops(tmp_path / "m.onnx")
+    if "rot" in recipe or "hadamard" in recipe:
+        assert any(n.startswith("finegrain.hadamard") for n in _initializers(tmp_path / "m.onnx"))
+    assert ("", "Round") in ops  # the activation quantizer is in the graph
+    out = OnnxSession(cm, path=info["path"]).run(test)
+    # identical arithmetic up to fp32 rounding; a rounding tie flipping one code stays far below this
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+    fake_free = compile_tiny(_w(cm.recipe.rules[0].weight.tag))(test)
+    assert (ref - fake_free).abs().max() > 10 * (out - ref).abs().max()  # the check can see activation error
+
+
+def _initializers(path):
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
+
+
+def test_accuracy_level_4_quantizes_activations(compile_tiny, tiny_inputs, tmp_path):
+    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits", accuracy_level=4)
+    nodes = [n for n in onnx.load(str(info["path"])).graph.node if n.op_type == "MatMulNBits"]
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
+    err4 = (OnnxSession(cm, path=info["path"], accuracy_level=4).run(test) - ref).abs().max()
+    assert 1e-5 * ref.abs().max() < err4 < 0.1 * ref.abs().max()
+
+
+def test_dynamic_sequence_length(compile_tiny, tmp_path):
+    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+    s = OnnxSession(cm, style="matmulnbits")
+    for n in (3, 57):
+        ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n))
+        assert (s.run(ids) - cm(ids)).abs().max() <= 1e-5 * cm(ids).abs().max()
+
+
+def test_refusals_name_the_layer_and_leave_nothing(compile_tiny, tmp_path):
+    cm = compile_tiny(_w("nf4-g32-sym-fp16"))
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj.*nf4-g32-sym-fp16"):
+        cm.export_onnx(tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
+    mx = compile_tiny("nvfp4")
+    with pytest.raises(ExportError, match="e2m1"):
+        mx.export_onnx(tmp_path / "y.onnx")
+    ok = compile_tiny(_w("int4-g32-asym-fp16"))
+    with pytest.raises(ExportError, match="style"):
+        ok.export_onnx(tmp_path / "z.onnx", style="gguf")
+    ok.export_onnx(tmp_path / "z.onnx")
+    with pytest.raises(ExportError, match="exists"):
+        ok.export_onnx(tmp_path / "z.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.onnx"]  # no temporary directories left
+
+
+def test_cli_export_check(compile_tiny, tmp_path, capsys):
+    from finegrain.cli import main
+
+    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+    cm.save(tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), "--onnx", str(tmp_path / "m.onnx"), "--style", "matmulnbits",
+                 "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "MatMulNBits" in out and "max |diff|" in out
+    assert main(["export", str(tmp_path / "a"), "--onnx", str(tmp_path / "m.onnx")]) == 2  # exists
