@@ -2,6 +2,8 @@
 the vendored corpus, and evaluate float or quantized models the same way."""
 from __future__ import annotations
 
+from finegrain.errors import InputError
+
 from typing import Callable  # noqa: F401 (annotations)
 
 from typing import Any
@@ -29,6 +31,9 @@ def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8) -
 
 
 def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_len: int | None, seed: int):
+    if loaded.tokenizer is None:
+        raise InputError(f"model {loaded.source.get('model')}: no tokenizer to make calibration text with (for an "
+                         "ONNX file, put its tokenizer.json beside it)")
     samples = recipe.calibration_samples if samples is None else samples
     seq_len = min(recipe.calibration_seq_len if seq_len is None else seq_len, loaded.max_seq_len)
     if loaded.task == "causal-lm":

@@ -109,9 +109,10 @@ def _marker_ops() -> dict[str, Any]:
 
 def _act_format(fmt: str) -> QuantFormat:
     f = QuantFormat.parse(fmt)
-    if f.kind != "int" or f.granularity not in ("token", "tensor") or f.scale not in ("fp32", "fp16", "bf16"):
-        raise ExportError(f"activation format {fmt}: the ONNX export covers integer activations per token or per "
-                          "tensor with float scales (MX / NV block activations are not exported yet)")
+    if (f.kind not in ("int", "e4m3", "e5m2") or f.granularity not in ("token", "tensor")
+            or f.scale not in ("fp32", "fp16", "bf16")):
+        raise ExportError(f"activation format {fmt}: the ONNX export covers integer and FP8 activations per token "
+                          "or per tensor with float scales (MX / NV block activations are not exported yet)")
     return f
 
 
@@ -130,6 +131,21 @@ def _translation_table() -> dict:
         f = _act_format(fmt)
         lo, hi = f.family.code_range(f)
         xf = op.Cast(x, to=fl)
+        if f.kind != "int":  # FP8: scale by amax / max, saturating RNE cast (as ml_dtypes / torch do)
+            if scale is None:
+                axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
+                amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1 if f.granularity == "token" else 0)
+                s = op.Mul(amax, const(float(f.clip) / f.family.max_value()))
+                if f.scale in scale_types:
+                    s = op.Cast(op.Cast(s, to=scale_types[f.scale]), to=fl)
+                s = op.Where(op.Greater(s, const(0.0)), s, const(1.0))
+                if f.granularity == "tensor":
+                    s = op.Reshape(s, op.Constant(value_ints=[1]))
+            else:
+                s = op.Cast(scale, to=fl)
+            to8 = onnx.TensorProto.FLOAT8E4M3FN if f.kind == "e4m3" else onnx.TensorProto.FLOAT8E5M2
+            codes = op.Cast(op.Div(xf, s), to=to8, saturate=1)
+            return codes, s, op.Cast(op.Mul(s, const(0.0)), to=onnx.TensorProto.INT32)
         if scale is None:  # dynamic: the format's own parameter choice, at run time
             axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
             keep = 1 if f.granularity == "token" else 0
@@ -312,6 +328,19 @@ def _qdq(f: QuantFormat, q, n: int, k: int):
     return None
 
 
+def _replace(graph, old, new) -> None:
+    """Route every use of ``old``'s output (graph outputs included, keeping their name) to
+    ``new``'s, and remove ``old``."""
+    import onnx_ir as ir
+
+    o, v = old.outputs[0], new.outputs[0]
+    v.type, v.shape = o.type, o.shape
+    name = o.name
+    ir.convenience.replace_all_uses_with(o, v, replace_graph_outputs=True)
+    graph.remove(old, safe=True)
+    v.name = name
+
+
 def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dict:
     """Replace the finegrain markers; returns {weight: the ONNX form it got}."""
     import onnx_ir as ir
@@ -337,8 +366,7 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
                 graph.register_initializer(hadamards[key])
             mm = ir.node("MatMul", [x, hadamards[key]])
             graph.insert_before(node, mm)
-            ir.convenience.replace_all_uses_with(node.outputs[0], mm.outputs[0])
-            graph.remove(node, safe=True)
+            _replace(graph, node, mm)
             continue
         if node.op_type != "DequantizePacked":
             raise ExportError(f"unknown finegrain ONNX marker {node.op_type}")
@@ -372,8 +400,7 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
             for mm in matmuls:
                 new = ir.node("MatMulNBits", [mm.inputs[0], *vals], attrs, domain="com.microsoft")
                 graph.insert_before(mm, new)
-                ir.convenience.replace_all_uses_with(mm.outputs[0], new.outputs[0])
-                graph.remove(mm, safe=True)
+                _replace(graph, mm, new)
             forms[layer] = f"MatMulNBits(bits={attrs['bits']}, block_size={attrs['block_size']}, accuracy_level={accuracy_level})"
         else:
             parts = _qdq(f, q, n, k)

@@ -75,7 +75,10 @@ def _dynamic_shapes(model: torch.nn.Module, inputs: tuple, dynamic: bool):
             if t.shape[0] >= 2:
                 spec[0] = batch
         specs.append(spec or None)
-    return (tuple(specs),) if isinstance(model, HFWrapper) else tuple(specs)  # HFWrapper.forward(*inputs)
+    import inspect
+
+    star = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    return (tuple(specs),) if star else tuple(specs)  # forward(*inputs): one spec per input, as a tuple
 
 
 def _failing_module(model: torch.nn.Module, exc: BaseException) -> str:

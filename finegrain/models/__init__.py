@@ -1,7 +1,9 @@
 """Loaders for real checkpoints (offline) and small reference models.
 
-``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``) or a local Hugging
-Face model directory (config.json + safetensors) and returns a :class:`LoadedModel`.
+``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``), a local Hugging
+Face model directory (config.json + safetensors) or a float ONNX file (``models/onnx_import.py``;
+its tokenizer is read from the file's directory when ``tokenizer.json`` is there) and returns a
+:class:`LoadedModel`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class LoadedModel:
 
     @property
     def max_seq_len(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+        return int(getattr(self.model.config, "max_position_embeddings", None) or 2048)
 
 
 def _bundled() -> dict[str, Callable[[], LoadedModel]]:
@@ -42,9 +44,25 @@ def load_model(spec: str | Path) -> LoadedModel:
     if spec in BUNDLED_NAMES:
         return _bundled()[spec]()
     path = Path(spec)
+    if path.suffix == ".onnx" and path.is_file():
+        return _load_onnx_file(path)
     if path.is_dir():
         from finegrain.models.hf_dir import load_hf_dir
 
         return load_hf_dir(path)
-    raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}) nor a local "
-                     "Hugging Face model directory")
+    raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}), a local "
+                     "Hugging Face model directory nor an .onnx file")
+
+
+def _load_onnx_file(path: Path) -> LoadedModel:
+    from finegrain.models.onnx_import import load_onnx
+
+    module = load_onnx(path)
+    tokenizer = None
+    if (path.parent / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
+    task = "causal-lm" if len(module.input_names) == 1 else "encoder"
+    return LoadedModel(module, tokenizer, task, {"model": str(path), "format": "onnx",
+                                                 "inputs": module.input_names})

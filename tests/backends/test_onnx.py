@@ -69,7 +69,7 @@ def test_packed_weights_are_smaller_than_float(compile_tiny, tmp_path):
     assert f - q > 0.75 * w * 4 * (1 - 4.6 / 32)  # the linears shrink from 32 to ~4.5 bits per weight
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a4-hadamard"])
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a4-hadamard", "fp8"])
 def test_activation_quantization_and_hadamard_match_the_reference(compile_tiny, tiny_inputs, tmp_path, recipe):
     cm = compile_tiny(recipe)
     _, _, test = tiny_inputs
@@ -78,7 +78,10 @@ def test_activation_quantization_and_hadamard_match_the_reference(compile_tiny, 
     ops = _ops(tmp_path / "m.onnx")
     if "rot" in recipe or "hadamard" in recipe:
         assert any(n.startswith("finegrain.hadamard") for n in _initializers(tmp_path / "m.onnx"))
-    assert ("", "Round") in ops  # the activation quantizer is in the graph
+    g = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph
+    to_fp8 = [n for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT8E4M3FN
+                                                               for a in n.attribute)]
+    assert ("", "Round") in ops or to_fp8  # the activation quantizer is in the graph
     out = OnnxSession(cm, path=info["path"]).run(test)
     # identical arithmetic up to fp32 rounding; a rounding tie flipping one code stays far below this
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()

@@ -1,0 +1,92 @@
+"""Float ONNX models in: the importer runs ONNX graphs with torch ops; they go through the same
+pipeline (capture with a dynamic sequence length, formats, allocation) and export back to ONNX."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import finegrain
+from finegrain.models.onnx_import import ImportError_, load_onnx
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_llama, tiny_inputs, tmp_path_factory):
+    example, _, _ = tiny_inputs
+    path = tmp_path_factory.mktemp("onnx") / "tiny_fp.onnx"
+    fp = finegrain.compile(tiny_llama, example, recipe={"name": "fp", "rules": []}, progress=False)
+    fp.export_onnx(path)
+    return path
+
+
+def test_tiny_llama_import_runs_like_onnxruntime(tiny_onnx, tiny_inputs):
+    _, _, test = tiny_inputs
+    s = ort.InferenceSession(str(tiny_onnx))
+    want = s.run(None, {s.get_inputs()[0].name: test.numpy()})[0]
+    with torch.no_grad():
+        got = load_onnx(tiny_onnx)(test).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_imported_llama_quantizes_like_the_torch_model(tiny_onnx, tiny_llama, tiny_inputs, tmp_path):
+    example, calib, test = tiny_inputs
+    mod = load_onnx(tiny_onnx)
+    cm = finegrain.compile(mod, example, recipe="w4a16-g128-gptq", calibration=calib, progress=False)
+    ref = finegrain.compile(tiny_llama, example, recipe="w4a16-g128-gptq", calibration=calib, progress=False)
+    assert len(cm.quantized) == len(ref.quantized) == 14  # the linears are found: MatMul on constant weights
+    assert sorted(q["shape"] for q in cm.quantized.values()) == sorted(q["shape"] for q in ref.quantized.values())
+    assert (cm(test) - ref(test)).abs().max() <= 1e-4 * ref(test).abs().max()
+    longer = torch.randint(0, 256, (1, 41))  # the sequence length stayed dynamic through the import
+    assert (cm(longer) - ref(longer)).abs().max() <= 1e-4 * ref(longer).abs().max()
+    info = cm.export_onnx(tmp_path / "q.onnx", style="matmulnbits")  # and back out to ONNX
+    s = ort.InferenceSession(info["path"])
+    out = s.run(None, {s.get_inputs()[0].name: test.numpy()})[0]
+    assert np.abs(out - cm(test).numpy()).max() <= 1e-5 * np.abs(out).max()
+
+
+def test_minilm_onnx_import(minilm, tmp_path):
+    tok = minilm.tokenizer
+    enc = tok(["The quick brown fox jumps over the lazy dog.", "finegrain quantizes networks"], padding="max_length",
+              max_length=16, return_tensors="pt")
+    example = (enc["input_ids"], enc["attention_mask"])
+    names = ("input_ids", "attention_mask")
+    fp = finegrain.compile(minilm.model, example, recipe={"name": "fp", "rules": []}, progress=False, input_names=names)
+    fp.export_onnx(tmp_path / "minilm.onnx")
+    mod = load_onnx(tmp_path / "minilm.onnx", max_seq_len=512)
+    enc2 = tok(["A longer sentence, to see that the imported graph keeps a dynamic length."], return_tensors="pt")
+    x2 = (enc2["input_ids"], enc2["attention_mask"])
+    with torch.no_grad():
+        want = minilm.model(input_ids=x2[0], attention_mask=x2[1]).last_hidden_state
+        assert (mod(*x2) - want).abs().max() <= 1e-3
+    recipe = {"name": "w4", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}]}
+    cm = finegrain.compile(mod, example, recipe=recipe, calibration=[example], progress=False, input_names=names)
+    ref = finegrain.compile(minilm.model, example, recipe=recipe, calibration=[example], progress=False,
+                            input_names=names)
+    assert len(cm.quantized) == 36
+    got, exp = cm(*x2), ref(*x2)
+    assert (got - exp).abs().max() <= 1e-2 * exp.abs().max()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95  # W4 g32 error only
+
+
+def test_unsupported_op_names_the_node(tmp_path):
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    y = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    g = h.make_graph([h.make_node("Einsum", ["x", "x"], ["y"], name="my_einsum", equation="ij,ij->ij")], "g", [x], [y])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 21)]), str(tmp_path / "m.onnx"))
+    with pytest.raises(ImportError_, match="my_einsum.*Einsum"):
+        load_onnx(tmp_path / "m.onnx")
+    with pytest.raises(finegrain.errors.InputError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_load_model_takes_an_onnx_file(tiny_onnx):
+    from finegrain.errors import InputError
+    from finegrain.jobs import compile_loaded
+    from finegrain.models import load_model
+
+    lm = load_model(str(tiny_onnx))
+    assert lm.task == "causal-lm" and lm.source["format"] == "onnx" and lm.tokenizer is None
+    with pytest.raises(InputError, match="no tokenizer"):
+        compile_loaded(lm, "w4a16-g128")
