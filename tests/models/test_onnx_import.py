@@ -53,6 +53,14 @@ def test_minilm_onnx_import(minilm, tmp_path):
     names = ("input_ids", "attention_mask")
     fp = finegrain.compile(minilm.model, example, recipe={"name": "fp", "rules": []}, progress=False, input_names=names)
     fp.export_onnx(tmp_path / "minilm.onnx")
+    # captured with batch 2: the export has dynamic batch and sequence (here 3 x 7)
+    s = ort.InferenceSession(str(tmp_path / "minilm.onnx"))
+    enc3 = tok(["one", "two three", "four five six seven eight"], padding=True, return_tensors="pt")
+    assert enc3["input_ids"].shape == (3, 7)
+    out3 = s.run(None, {"input_ids": enc3["input_ids"].numpy(), "attention_mask": enc3["attention_mask"].numpy()})[0]
+    with torch.no_grad():
+        want3 = minilm.model(**enc3).last_hidden_state.numpy()
+    assert np.abs(out3 - want3).max() <= 1e-3
     mod = load_onnx(tmp_path / "minilm.onnx", max_seq_len=512)
     enc2 = tok(["A longer sentence, to see that the imported graph keeps a dynamic length."], return_tensors="pt")
     x2 = (enc2["input_ids"], enc2["attention_mask"])
