@@ -88,7 +88,7 @@ def kernel_bench(out: Path, threads: int, reps: int) -> tuple[list[str], dict]:
     torch.manual_seed(0)
     lin = torch.nn.Linear(4096, 4096, bias=False)
     torch.nn.init.normal_(lin.weight, std=0.02)
-    rows, payload = [], {}
+    payload = {}
     lines = ["### Kernel: 4096 x 4096 linear, INT4 g128 weights (ONNX Runtime CPU, "
              f"{threads} threads, ms median / min over {reps} runs)", "",
              "| variant | M=1 ms | ratio vs fp32 | M=16 ms | ratio vs fp32 |", "|---|---|---|---|---|"]
