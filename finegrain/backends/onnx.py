@@ -328,6 +328,16 @@ def _qdq(f: QuantFormat, q, n: int, k: int):
     return None
 
 
+def _initializers(graph, layer: str, arrays: dict) -> list:
+    """Register ``<layer>.<key>`` initializers for the arrays that are not None, in order."""
+    import onnx_ir as ir
+
+    vals = [ir.Value(name=f"{layer}.{key}", const_value=ir.tensor(a)) for key, a in arrays.items() if a is not None]
+    for v in vals:
+        graph.register_initializer(v)
+    return vals
+
+
 def _replace(graph, old, new) -> None:
     """Route every use of ``old``'s output (graph outputs included, keeping their name) to
     ``new``'s, and remove ``old``."""
@@ -391,12 +401,7 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
         nbits = _matmulnbits(f, q, n, k, accuracy_level) if style == "matmulnbits" else None
         if nbits is not None:
             b, s, zp, attrs = nbits
-            vals = [ir.Value(name=f"{layer}.qweight", const_value=ir.tensor(b)),
-                    ir.Value(name=f"{layer}.scales", const_value=ir.tensor(s))]
-            if zp is not None:
-                vals.append(ir.Value(name=f"{layer}.zero_points", const_value=ir.tensor(zp)))
-            for v in vals:
-                graph.register_initializer(v)
+            vals = _initializers(graph, layer, {"qweight": b, "scales": s, "zero_points": zp})
             for mm in matmuls:
                 new = ir.node("MatMulNBits", [mm.inputs[0], *vals], attrs, domain="com.microsoft")
                 graph.insert_before(mm, new)
@@ -409,12 +414,7 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
                                   "channel or tensor and FP8 E4M3 per channel / tensor; matmulnbits INT2..8 with "
                                   "power-of-two groups >= 16)")
             codes, s, z, axis, block = parts
-            vals = [ir.Value(name=f"{layer}.qweight", const_value=ir.tensor(codes)),
-                    ir.Value(name=f"{layer}.scale", const_value=ir.tensor(s))]
-            if z is not None:
-                vals.append(ir.Value(name=f"{layer}.zero_point", const_value=ir.tensor(z)))
-            for v in vals:
-                graph.register_initializer(v)
+            vals = _initializers(graph, layer, {"qweight": codes, "scale": s, "zero_point": z})
             attrs = {} if axis is None else {"axis": axis}
             if block is not None:
                 attrs["block_size"] = block
