@@ -1,0 +1,103 @@
+"""TVM INT4 g128 linear kernel vs ONNX Runtime MatMulNBits vs torch fp32 (issue #7, kernel table).
+
+    python benchmarks/tvm_kernels.py --out results/tvm_kernels
+
+One 4096 x 4096 linear, M = 1 and M = 16 rows, all in this process, ``--threads`` threads (TVM's
+target says num-cores; torch and ORT get the same count), median / min over ``--reps`` runs. The
+DRAM roofline is the packed weight bytes (codes + scales + zero points) divided by the read
+bandwidth measured here (a large tensor summed by torch).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import finegrain  # noqa: E402
+from finegrain.backends.onnx import make_session  # noqa: E402
+from finegrain.backends.tvm.kernels.int4 import int4_linear, pack_int4  # noqa: E402
+from finegrain.eval.report import write_tables  # noqa: E402
+from finegrain.formats import QuantFormat  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_runtime import timeit  # noqa: E402
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a streaming read (sum over a 512 MB fp32 tensor), best of 5."""
+    big = torch.ones(128 * 1024 * 1024)
+    best = min(timeit(lambda: big.sum(), 5, warmup=1))
+    return big.numel() * 4 / (best / 1e3)
+
+
+def main() -> None:
+    import tvm
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/tvm_kernels")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--n-tile", type=int, default=512)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    k = n = 4096
+    fmt = QuantFormat.parse("int4-g128-asym-fp16")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    q = fmt.quantize(lin.weight.detach())
+    packed = pack_int4(fmt, q)
+    wbytes = fmt.stored_bytes((n, k))
+    bw = read_bandwidth()
+    target = {"kind": "llvm", "mcpu": "znver3", "num-cores": a.threads}
+    work = Path(a.out).parent / (Path(a.out).name + "_files")
+    work.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[int, tuple[float, float]]] = {}
+    build_s, errs = {}, {}
+    dev = tvm.cpu()
+    for m in (1, 16):
+        x = torch.randn(1, m, k)
+        t = time.perf_counter()
+        f = int4_linear(m, k, n, fmt.group_size, target, n_tile=a.n_tile)
+        build_s[m] = time.perf_counter() - t
+        args = [tvm.runtime.tensor(v, dev) for v in (x[0].numpy(), packed["w"], packed["scale"], packed["zs"],
+                                                     np.zeros((m, n), np.float32))]
+        f(*args)
+        ref = x[0] @ fmt.dequantize(q).T
+        errs[m] = float(np.abs(args[-1].numpy() - ref.numpy()).max() / ref.abs().max())
+        rows.setdefault("finegrain TVM int4 kernel", {})[m] = timeit(lambda: f(*args), a.reps)
+        w = lin.weight.detach()
+        rows.setdefault("torch fp32 linear", {})[m] = timeit(lambda: torch.nn.functional.linear(x, w), a.reps)
+        cm = finegrain.compile(lin, (x,), recipe={"name": "int4", "rules": [{"pattern": ".", "weight": fmt.tag}]},
+                               progress=False, dynamic=False)
+        for lvl in (0, 4):
+            path = work / f"nbits_m{m}_acc{lvl}.onnx"
+            cm.export_onnx(path, style="matmulnbits", accuracy_level=lvl, overwrite=True)
+            s = make_session(path, lvl, a.threads)
+            feed = {s.get_inputs()[0].name: x.numpy()}
+            rows.setdefault(f"ORT MatMulNBits level {lvl}", {})[m] = timeit(lambda: s.run(None, feed), a.reps)
+    roof = wbytes / bw * 1e3
+    lines = [f"## TVM INT4 g128 kernel, 4096 x 4096 (measured {time.strftime('%Y-%m-%d')}, {a.threads} threads, "
+             f"ms median / min over {a.reps} runs)", "",
+             f"DRAM roofline: {wbytes / 1e6:.2f} MB of packed weights / {bw / 1e9:.1f} GB/s read bandwidth = "
+             f"{roof:.3f} ms. TVM build {build_s[1]:.2f} s (M=1), {build_s[16]:.2f} s (M=16); n_tile {a.n_tile}; "
+             f"max relative error vs the torch reference {max(errs.values()):.1e}.", "",
+             "| variant | M=1 ms | vs ORT level 0 | M=16 ms | vs ORT level 0 |", "|---|---|---|---|---|"]
+    base = rows["ORT MatMulNBits level 0"]
+    for name, r in rows.items():
+        cells = []
+        for m in (1, 16):
+            cells += [f"{r[m][0]:.3f} / {r[m][1]:.3f}", f"{base[m][0] / r[m][0]:.2f}x"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    write_tables(a.out, lines, {"rows": {k2: {str(m): v for m, v in r.items()} for k2, r in rows.items()},
+                                "roofline_ms": roof, "bandwidth": bw, "build_s": build_s, "rel_err": errs})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Low-bit TIR kernels for the TVM backend (``int4.py``: packed INT4 group-wise linear)."""
