@@ -8,7 +8,7 @@ from finegrain.formats import QuantFormat
 tvm = pytest.importorskip("tvm")
 
 
-@pytest.mark.parametrize("tag,m", [("int4-g128-asym-fp16", 1), ("int4-g64-sym-fp16", 3)])
+@pytest.mark.parametrize("tag,m", [("int4-g128-asym-fp16", 1), ("int4-g64-sym-fp16", 3), ("int4-g128-asym-fp16", 16)])
 def test_int4_kernel_matches_the_reference(tag, m):
     from finegrain.backends.tvm.kernels.int4 import int4_linear, pack_int4
 
