@@ -2,17 +2,14 @@
 the vendored corpus, and evaluate float or quantized models the same way."""
 from __future__ import annotations
 
-from finegrain.errors import InputError
-
-from typing import Callable  # noqa: F401 (annotations)
-
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from finegrain.compiler.api import compile as fg_compile
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.data import brown_paragraphs
+from finegrain.errors import InputError
 from finegrain.eval.embeddings import embedding_cosine
 from finegrain.eval.perplexity import calibration_batches, perplexity
 from finegrain.models import LoadedModel

@@ -131,26 +131,11 @@ def _translation_table() -> dict:
         f = _act_format(fmt)
         lo, hi = f.family.code_range(f)
         xf = op.Cast(x, to=fl)
-        if f.kind != "int":  # FP8: scale by amax / max, saturating RNE cast (as ml_dtypes / torch do)
-            if scale is None:
-                axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
-                amax = op.ReduceMax(op.Abs(xf), axes, keepdims=1 if f.granularity == "token" else 0)
-                s = op.Mul(amax, const(float(f.clip) / f.family.max_value()))
-                if f.scale in scale_types:
-                    s = op.Cast(op.Cast(s, to=scale_types[f.scale]), to=fl)
-                s = op.Where(op.Greater(s, const(0.0)), s, const(1.0))
-                if f.granularity == "tensor":
-                    s = op.Reshape(s, op.Constant(value_ints=[1]))
-            else:
-                s = op.Cast(scale, to=fl)
-            to8 = onnx.TensorProto.FLOAT8E4M3FN if f.kind == "e4m3" else onnx.TensorProto.FLOAT8E5M2
-            codes = op.Cast(op.Div(xf, s), to=to8, saturate=1)
-            return codes, s, op.Cast(op.Mul(s, const(0.0)), to=onnx.TensorProto.INT32)
         if scale is None:  # dynamic: the format's own parameter choice, at run time
             axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
             keep = 1 if f.granularity == "token" else 0
             c = float(f.clip)
-            if f.symmetric:
+            if f.symmetric:  # INT symmetric and FP8 alike: amax * clip / largest code value
                 s = op.Mul(op.ReduceMax(op.Abs(xf), axes, keepdims=keep), const(c / f.family.max_value(f)))
             else:
                 mn = op.Mul(op.Min(op.ReduceMin(xf, axes, keepdims=keep), const(0.0)), const(c))
@@ -169,6 +154,9 @@ def _translation_table() -> dict:
                 z = op.Clip(op.Round(op.Div(op.Neg(mn), s)), const(0.0), const(2 ** f.bits - 1))
         else:
             s, z = op.Cast(scale, to=fl), op.Cast(zero, to=fl)
+        if f.kind != "int":  # FP8: saturating round-to-nearest-even cast (as ml_dtypes / torch do)
+            to8 = onnx.TensorProto.FLOAT8E4M3FN if f.kind == "e4m3" else onnx.TensorProto.FLOAT8E5M2
+            return op.Cast(op.Div(xf, s), to=to8, saturate=1), s, op.Cast(z, to=onnx.TensorProto.INT32)
         q = op.Clip(op.Add(op.Round(op.Div(xf, s)), z), const(lo), const(hi))
         codes = op.Cast(q, to=onnx.TensorProto.INT8 if f.symmetric else onnx.TensorProto.UINT8)
         return codes, s, op.Cast(z, to=onnx.TensorProto.INT32)
@@ -245,6 +233,12 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(4, math.ceil(math.log2(max(n, 1))))
 
 
+def _weight_exportable(f: QuantFormat) -> bool:
+    """Weight formats with an ONNX form: integers (any width, in 4/8-bit containers), FP8 E4M3
+    per channel / tensor."""
+    return f.kind == "int" or (f.kind == "e4m3" and f.granularity in ("channel", "tensor"))
+
+
 def _container(bits: int) -> int:
     """The ONNX integer width that holds ``bits``-bit codes exactly (INT2/3 in 4, INT5-7 in 8)."""
     return 4 if bits <= 4 else 8
@@ -304,18 +298,16 @@ def _qdq(f: QuantFormat, q, n: int, k: int):
     """(codes [K, N] as an ONNX-typed numpy array, scale, zero | None, axis, block_size | None), or None."""
     import ml_dtypes
 
-    if q.codebook is not None:
+    if q.codebook is not None or not _weight_exportable(f):
         return None
     if f.kind == "int":
         np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
         ty = np_t[(_container(f.bits), f.symmetric)]
         codes = q.codes.to(torch.int32).T.contiguous().numpy().astype(ty)
         zero = None if f.symmetric else q.zero.to(torch.int32)
-    elif f.kind == "e4m3" and f.granularity in ("channel", "tensor"):
+    else:  # FP8 E4M3 per channel / tensor
         codes = q.codes.to(torch.uint8).T.contiguous().numpy().view(ml_dtypes.float8_e4m3fn)
         zero = None
-    else:
-        return None
     scale = q.scale.float()
     if f.granularity == "group":
         scale_t = scale.reshape(n, -1).T.contiguous().numpy()
@@ -351,7 +343,7 @@ def _replace(graph, old, new) -> None:
     v.name = name
 
 
-def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dict:
+def _lower(model, style: str, accuracy_level: int) -> dict:
     """Replace the finegrain markers; returns {weight: the ONNX form it got}."""
     import onnx_ir as ir
 
@@ -383,7 +375,7 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
         f = QuantFormat.parse(node.attributes["fmt"].value)
         shape = list(node.attributes["shape"].value)
         packed, scale, zero, scale2, codebook = (list(node.inputs) + [None, None])[:5]
-        layer = names.get(packed.name, packed.name)
+        layer = packed.name.removesuffix("_qpacked")  # initializers keep the graph's constant names
         if len(shape) != 2:
             raise ExportError(f"{layer}: weight of shape {shape}; the ONNX export covers 2-D weights")
         q = unpack_weight(_torch(packed), _torch(scale), _torch(zero), f, shape, _torch(scale2), _torch(codebook))
@@ -429,17 +421,6 @@ def _lower(model, style: str, accuracy_level: int, names: dict[str, str]) -> dic
     return forms
 
 
-def _names(gm) -> dict[str, str]:
-    """ONNX initializer name of each packed weight -> the layer (weight FQN) it belongs to."""
-    out = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and str(n.target).endswith("_qpacked"):
-            out[str(n.target)] = str(n.target).removesuffix("_qpacked")
-    return out
-
-
-def _weight_exportable(f: QuantFormat, k: int) -> bool:
-    return f.kind == "int" or (f.kind == "e4m3" and f.granularity in ("channel", "tensor"))
 
 
 def check_exportable(gm) -> None:
@@ -457,7 +438,7 @@ def check_exportable(gm) -> None:
                 raise ExportError(f"node {n.name} (input {n.args[0]}): {e}") from None
         if n.target is DEQUANTIZE_PACKED:
             f = QuantFormat.parse(n.args[3])
-            if not _weight_exportable(f, n.args[4][-1]):
+            if not _weight_exportable(f):
                 layer = str(n.args[0].target).removesuffix("_qpacked")
                 raise ExportError(f"{layer}: weight format {f.tag} has no ONNX form yet (INT2..8 per group / channel / "
                                   "tensor and FP8 E4M3 per channel / tensor export; MX/NV FP4/FP6, BitMoD and "
@@ -490,12 +471,11 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
                                  dynamic_shapes=_dynamic_shapes(cm.input_specs),
                                  input_names=[s["name"] for s in cm.input_specs], output_names=["output"])
     model = prog.model
-    forms = _lower(model, style, accuracy_level, _names(cm.gm))
+    forms = _lower(model, style, accuracy_level)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
         p(model)
-    model.opset_imports.setdefault("com.microsoft", 1)
-    if not any(n.domain == "com.microsoft" for n in model.graph):
-        model.opset_imports.pop("com.microsoft", None)
+    if any(n.domain == "com.microsoft" for n in model.graph):
+        model.opset_imports["com.microsoft"] = 1
     model.opset_imports.pop(DOMAIN, None)
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -504,8 +484,7 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         data = f"{path.name}.data" if total > _EXTERNAL_ABOVE else None
         ir.save(model, tmp / path.name, external_data=data)
         onnx.checker.check_model(str(tmp / path.name))
-        files = sorted(tmp.iterdir())
-        for f in files:
+        for f in tmp.iterdir():
             f.replace(path.parent / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -71,9 +71,7 @@ def _binary(fn_t, fn_py):
             return _broadcast_list(a, b, fn_py) if (_is_shape(a) or _is_shape(b)) else fn_py(a, b)
         if _is_shape(a) or _is_shape(b):
             return fn_t(_t(a), _t(b))
-        if not bt:
-            return fn_t(a, b)  # a Python / symbolic scalar stays a scalar (no specialization)
-        if not at:
+        if not at:  # a Python / symbolic scalar stays a scalar (no specialization)
             return fn_t(_scalar_like(a, b), b)
         return fn_t(a, b)
     return op
@@ -109,10 +107,7 @@ def _slice(node, x, starts, ends, axes=None, steps=None):
     steps = [1] * len(starts) if steps is None else _as_list(steps)
     if _is_shape(x):
         (s, e, st), = zip(starts, ends, steps)
-        n = len(x)
-        s = max(min(s, n), -n) if isinstance(s, int) else s
-        e = min(e, n) if isinstance(e, int) and e > n else e
-        return x[s:e:st]
+        return x[s:e:st]  # Python slicing clamps out-of-range bounds like ONNX
     idx = [slice(None)] * x.dim()
     for s, e, a, st in zip(starts, ends, axes, steps):
         if st < 0:

@@ -202,10 +202,12 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
                     h = _hessian(ctx, op, e)
                     if h is None:
                         continue  # an expert no calibration row reached: no predicted damage
+                    damage = lambda dw, h=h: sens.output_error(dw, h)  # noqa: E731
+                else:
+                    fw = fisher[op.weight.target] if e is None else fisher[op.weight.target][e]
+                    damage = lambda dw, fw=fw: sens.fisher_error(dw, fw)  # noqa: E731
                 for i, c in enumerate(cands):
-                    dw = c.fake_quantize(w) - w
-                    f = None if fisher is None else fisher[op.weight.target] if e is None else fisher[op.weight.target][e]
-                    row[i] += sens.output_error(dw, h) if fisher is None else sens.fisher_error(dw, f)
+                    row[i] += damage(c.fake_quantize(w) - w)
         values.append(row)
     t0 = time.perf_counter()
     frontier = Frontier(costs, values)

@@ -25,11 +25,10 @@ def _expert_weight(node):
     """The ``[E, N, K]`` constant that ``node`` transposes to ``[E, K, N]``, else None."""
     if not (node.op == "call_function" and node.target in _TRANSPOSE and node.args[0].op == "get_attr"):
         return None
-    dims = node.args[1:] if node.target is torch.ops.aten.transpose.int else (node.args[1],)
     if node.target is torch.ops.aten.transpose.int:
-        ok = sorted(d % 3 for d in dims) == [1, 2]
+        ok = sorted(d % 3 for d in node.args[1:]) == [1, 2]
     else:
-        ok = [d % 3 for d in dims[0]] == [0, 2, 1]
+        ok = [d % 3 for d in node.args[1]] == [0, 2, 1]
     return node.args[0] if ok else None
 
 

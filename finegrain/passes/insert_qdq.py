@@ -54,13 +54,13 @@ def _dequantize_node(gm: GraphModule, op, fmt: QuantFormat, q, base: str) -> Nod
 
 def _weight_qdq(gm: GraphModule, op) -> None:
     q = op.node.meta.pop(QWEIGHT)
-    base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
     if op.kind == "grouped":  # one packed weight per expert (each may have its own format), stacked
         parts = [_dequantize_node(gm, op, f, qe, f"{op.weight_fqn}_e{e}_q")
                  for e, (f, qe) in enumerate(zip(expert_formats(op), q))]
         with gm.graph.inserting_before(op.node):
             dq = gm.graph.call_function(torch.ops.aten.stack.default, (parts, 0))
     else:
+        base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
         dq = _dequantize_node(gm, op, op.node.meta[WEIGHT_FORMAT], q, base)
     _, w_idx, _ = QUANTIZABLE[op.node.target]
     args = list(op.node.args)

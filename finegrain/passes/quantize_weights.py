@@ -29,12 +29,9 @@ def _db(noise: float, signal: float) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-def _diag_output_db(fmt, q, w, ex2) -> float:
-    err = fmt.dequantize(q) - w
-    return _db((err.pow(2).sum(0) * ex2).sum().item(), (w.pow(2).sum(0) * ex2).sum().item())
-
-
-def _quantize(ctx, w, fmt, h, name: str, kind: str):
+def _quantize(ctx, w, fmt, h, ex2, name: str, kind: str):
+    """(QTensor, error record); the output SQNR uses the Hessian ``h`` when given, else the
+    diagonal ``ex2`` = E[x_j^2] when given."""
     r = ctx.recipe
     algo = r.weight_algorithm
     if kind == "embedding" or (kind == "grouped" and h is None and r.needs_hessian):
@@ -51,6 +48,8 @@ def _quantize(ctx, w, fmt, h, name: str, kind: str):
            "weight_sqnr_db": _db(err.pow(2).sum().item(), w.pow(2).sum().item())}
     if h is not None:
         rec["output_sqnr_db"] = _db((err @ h * err).sum().item(), (w @ h * w).sum().item())
+    elif ex2 is not None:
+        rec["output_sqnr_db"] = _db((err.pow(2).sum(0) * ex2).sum().item(), (w.pow(2).sum(0) * ex2).sum().item())
     return q, rec
 
 
@@ -68,11 +67,9 @@ def quantize_weights(gm: GraphModule, ctx) -> GraphModule:
             qs = []
             for e, fmt in enumerate(expert_formats(op)):
                 st = ctx.stats.nodes.get(expert_key(op.activation.name, e))
-                q, rec = _quantize(ctx, w[e], fmt, ctx.stats.hessian_of(expert_key(op.activation.name, e)),
-                                   f"{op.name}.{e}", op.kind)
+                q, rec = _quantize(ctx, w[e], fmt, None if st is None or st.xtx is None else st.hessian,
+                                   None if st is None else st.mean_sq, f"{op.name}.{e}", op.kind)
                 rec["calibration_rows"] = 0 if st is None else st.count
-                if "output_sqnr_db" not in rec and st is not None:
-                    rec["output_sqnr_db"] = _diag_output_db(fmt, q, w[e], st.mean_sq)
                 layers[f"{op.name}.{e}"] = {**base, **rec}
                 qs.append(q)
             op.node.meta[QWEIGHT] = tuple(qs)
@@ -82,9 +79,8 @@ def quantize_weights(gm: GraphModule, ctx) -> GraphModule:
         if r.needs_hessian and h is None and op.kind != "embedding":
             raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
                              f"its input {op.activation.name!r}; pass calibration data")
-        q, rec = _quantize(ctx, w, fmt, h, op.name, op.kind)
+        st = ctx.stats.nodes.get(op.activation.name)
+        q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
         op.node.meta[QWEIGHT] = q
-        if h is None and op.activation.name in ctx.stats:
-            rec["output_sqnr_db"] = _diag_output_db(fmt, q, w, ctx.stats[op.activation.name].mean_sq)
         layers[op.name] = {**base, **rec}
     return gm
