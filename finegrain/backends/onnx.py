@@ -421,8 +421,6 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
     return forms
 
 
-
-
 def check_exportable(gm) -> None:
     """Raise :class:`ExportError` naming the first node / weight the export does not cover,
     before ``torch.onnx.export`` runs (its errors would bury ours)."""
