@@ -196,6 +196,18 @@ def cmd_eval(args) -> None:
     results = []
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path)
+        if not hasattr(cm, "gm"):  # a TVM deployment directory
+            if args.backend not in ("torch", "tvm") or args.compare_fp:
+                raise FinegrainError(f"{path} is a TVM deployment: it evaluates on its own (no --backend other than "
+                                     "tvm, no --compare-fp; evaluate its source artifact for those)")
+            if cm.tokenizer is None:
+                raise FinegrainError(f"{path}: the deployment has no tokenizer to evaluate perplexity with")
+            results.append((f"{path} (TVM deployment, {cm.manifest['recipe']['name']})",
+                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows), None,
+                            (path / "params.bin").stat().st_size))
+            _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
+            return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
+                                                  for n, r, b, m in results]})
         source = cm.source.get("model")
         if args.compare_fp or cm.tokenizer is None:
             fp_model = load_model(source)
@@ -210,6 +222,8 @@ def cmd_eval(args) -> None:
         run = cm
         if args.backend == "onnx":
             run = cm.session("onnx", style=args.style, accuracy_level=args.accuracy_level).run
+        elif args.backend == "tvm":
+            run = cm.session("tvm", max_seq_len=args.seq_len).run
         results.append((f"{path} ({cm.recipe.name}, {args.backend})", evaluate_lm(run, tok, args.seq_len, args.max_windows),
                         cm.quantized_bits_per_weight(), cm.model_bytes()))
     else:
@@ -244,6 +258,33 @@ def cmd_export(args) -> None:
         got = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx).run(ids)
         _console().print(f"onnxruntime vs the torch reference on {ids.shape[-1]} tokens: max |diff| "
                          f"{float((got - ref).abs().max()):.3g} (max |logit| {float(ref.abs().max()):.3g})")
+
+
+def cmd_build(args) -> None:
+    import finegrain
+
+    cm = finegrain.load(args.artifact)
+    if not hasattr(cm, "gm"):
+        raise FinegrainError(f"{args.artifact} is already a TVM deployment; build from the artifact it came from")
+    m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
+                 overwrite=args.overwrite)
+    b = m["build"]
+    out = Path(args.out)
+    size = sum((out / f).stat().st_size for f in m["files"])
+    kernels: dict[str, int] = {}
+    for k in m["kernels"].values():
+        key = f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}"
+        kernels[key] = kernels.get(key, 0) + 1
+    rows = [[k, v] for k, v in sorted(kernels.items())]
+    rows.append(["other functions by schedule", ", ".join(f"{k} {v}" for k, v in b["schedules"].items())])
+    if "tuning" in b:
+        t = b["tuning"]
+        rows.append(["MetaSchedule", f"{t['trials']} trials over {t['tasks'] - t['reused']} new tasks "
+                                     f"({t['reused']} from the database), {t['applied']} applied, {b['tune_s']} s"])
+    rows.append(["target", json.dumps(m["target"])])
+    rows.append(["seconds", f"import {b['import_s']}, legalize {b['legalize_s']}, schedule {b['schedule_s']}, "
+                            f"codegen {b['codegen_s']}, total {b['total_s']}"])
+    _table(f"{out}: TVM deployment, {size / 1e6:.1f} MB ({', '.join(sorted(m['files']))})", ["", ""], rows)
 
 
 def _write_json(args, obj) -> None:
@@ -375,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
-    e.add_argument("--backend", choices=("torch", "onnx"), default="torch",
-                   help="run the artifact on the torch reference or exported to ONNX Runtime")
+    e.add_argument("--backend", choices=("torch", "onnx", "tvm"), default="torch",
+                   help="run the artifact on the torch reference, exported to ONNX Runtime, or built with TVM "
+                        "(a TVM deployment directory runs on its own)")
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--json", help="also write the results to this JSON file")
@@ -395,6 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "torch reference")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
+
+    bd = sub.add_parser("build", help="compile an artifact ahead of time with TVM into a deployment directory "
+                                      "(shared library + weights + manifest; runs with the TVM runtime only)")
+    bd.add_argument("artifact", help="artifact directory")
+    bd.add_argument("--out", required=True, help="deployment directory (must not exist unless --overwrite)")
+    bd.add_argument("--target", default="llvm",
+                    help="'llvm' = this CPU (default), or a TVM target as JSON, e.g. "
+                         "'{\"kind\": \"llvm\", \"mcpu\": \"znver3\", \"num-cores\": 2}'")
+    bd.add_argument("--tune-trials", type=int, default=0,
+                    help="MetaSchedule trials over the static-shape functions the hand schedules do not own "
+                         "(0 = hand schedules only); the database is kept in OUT/tuning and reused by the next "
+                         "build into OUT (with --overwrite)")
+    bd.add_argument("--max-seq-len", type=int, default=2048, help="longest prefill the deployment accepts")
+    bd.add_argument("--overwrite", action="store_true")
+    bd.set_defaults(fn=cmd_build)
 
     i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")
     i.add_argument("artifact")

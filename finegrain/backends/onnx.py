@@ -56,6 +56,7 @@ import torch
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE, unpack_weight
+from finegrain.runtime.compiled import example_inputs, export_dynamic_shapes
 
 STYLES = ("qdq", "matmulnbits")
 OPSET = 21
@@ -192,28 +193,6 @@ def _onnx_dtype(dtype) -> int:
             raise ExportError(f"dtype {dtype} has no ONNX float type here")
         return table[dtype]
     return int(dtype)
-
-
-def _dynamic_shapes(specs: list[dict]) -> tuple:
-    dims = {}
-    out = []
-    for s in specs:
-        d = {}
-        for i in s["dynamic_dims"]:
-            key = "batch" if i == 0 else "seq" if i == 1 else f"{s['name']}_{i}"
-            dims.setdefault(key, torch.export.Dim(key, min=1 if key == "batch" else 2, max=1 << 16))
-            d[i] = dims[key]
-        out.append(d or None)
-    return tuple(out)
-
-
-def _example(specs: list[dict]) -> tuple:
-    out = []
-    for s in specs:
-        shape = [max(n, 2) if i in s["dynamic_dims"] else n for i, n in enumerate(s["shape"])]
-        dtype = getattr(torch, s["dtype"])
-        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
-    return tuple(out)
 
 
 # ---- step 2: lowering of the markers ---------------------------------------------------------
@@ -464,9 +443,9 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(cm.gm.eval(), _example(cm.input_specs), dynamo=True, opset_version=OPSET,
+        prog = torch.onnx.export(cm.gm.eval(), example_inputs(cm.input_specs), dynamo=True, opset_version=OPSET,
                                  custom_translation_table=_translation_table(), optimize=True, verbose=False,
-                                 dynamic_shapes=_dynamic_shapes(cm.input_specs),
+                                 dynamic_shapes=export_dynamic_shapes(cm.input_specs),
                                  input_names=[s["name"] for s in cm.input_specs], output_names=["output"])
     model = prog.model
     forms = _lower(model, style, accuracy_level)

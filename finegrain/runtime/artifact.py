@@ -91,11 +91,17 @@ def verify_files(path: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path}: file {name} is corrupted (SHA-256 does not match the manifest)")
 
 
-def load_artifact(path: str | Path) -> "CompiledModel":
+def load_artifact(path: str | Path):
+    """A saved artifact -> ``CompiledModel``; a TVM deployment directory (``cm.build`` /
+    ``finegrain build``) -> ``TvmDeployment`` (runs with the TVM runtime only)."""
     from finegrain.runtime.compiled import CompiledModel
     import finegrain.formats.ops  # noqa: F401  (the graph names finegrain:: ops)
 
     path = Path(path)
+    from finegrain.backends.tvm.deploy import TvmDeployment, is_deployment
+
+    if is_deployment(path):
+        return TvmDeployment(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
     graph = graph_from_json(json.loads((path / GRAPH).read_text()))

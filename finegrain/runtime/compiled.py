@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 from finegrain.compiler.recipe import Recipe
 from finegrain.errors import InputError
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "tvm")
 
 
 def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:
@@ -35,6 +35,30 @@ def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
                                  f"vary), got shape {list(t.shape)}")
 
 
+def export_dynamic_shapes(specs: list[dict]) -> tuple:
+    """``torch.export`` dynamic shapes for inputs described by ``specs`` (dim 0 = batch, 1 = seq)."""
+    dims = {}
+    out = []
+    for s in specs:
+        d = {}
+        for i in s["dynamic_dims"]:
+            key = "batch" if i == 0 else "seq" if i == 1 else f"{s['name']}_{i}"
+            dims.setdefault(key, torch.export.Dim(key, min=1 if key == "batch" else 2, max=1 << 16))
+            d[i] = dims[key]
+        out.append(d or None)
+    return tuple(out)
+
+
+def example_inputs(specs: list[dict]) -> tuple:
+    """Placeholder inputs matching ``specs`` (dynamic dims at least 2, so export keeps them symbolic)."""
+    out = []
+    for s in specs:
+        shape = [max(n, 2) if i in s["dynamic_dims"] else n for i, n in enumerate(s["shape"])]
+        dtype = getattr(torch, s["dtype"])
+        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
+    return tuple(out)
+
+
 @dataclass
 class CompiledModel:
     """Call it like the model (positional tensors), ``save`` it, ``load`` it back."""
@@ -54,10 +78,16 @@ class CompiledModel:
         return self.session().run(*inputs)
 
     def session(self, backend: str = "torch", **options):
-        """A runnable session on ``backend``: ``torch`` (the reference) or ``onnx`` (ONNX Runtime;
-        options ``style``, ``accuracy_level``, ``threads``: ``backends/onnx.py``)."""
+        """A runnable session on ``backend``: ``torch`` (the reference), ``onnx`` (ONNX Runtime;
+        options ``style``, ``accuracy_level``, ``threads``: ``backends/onnx.py``) or ``tvm`` (built
+        into a temporary deployment; options ``target``, ``tune_trials``, ``max_seq_len``,
+        ``threads``: ``backends/tvm/deploy.py``)."""
         if backend not in BACKENDS:
             raise InputError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
+        if backend == "tvm":
+            from finegrain.backends.tvm.deploy import TvmSession
+
+            return TvmSession(self, **options)
         if backend == "onnx":
             from finegrain.backends.onnx import OnnxSession
 
@@ -75,6 +105,16 @@ class CompiledModel:
         from finegrain.backends.onnx import export_onnx
 
         return export_onnx(self, path, style=style, accuracy_level=accuracy_level, overwrite=overwrite)
+
+    def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
+              max_seq_len: int = 2048, overwrite: bool = False) -> dict:
+        """Compile ahead of time with TVM into the deployment directory ``out`` (a shared library,
+        the weights in TVM's parameter format, a manifest; ``backends/tvm/deploy.py``). ``target``:
+        ``"llvm"``/None = this CPU, or a TVM target dict. Returns the manifest."""
+        from finegrain.backends.tvm.deploy import build_deployment
+
+        return build_deployment(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
+                                overwrite=overwrite)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from finegrain.runtime.artifact import save_artifact

@@ -1,0 +1,193 @@
+"""Ahead-of-time TVM deployments: ``cm.build(out=...)`` / ``finegrain build`` write a directory
+
+    manifest.json   what it is: format version, inputs, functions, parameter order, target, TVM
+                    version, the quantization it carries, build report, SHA-256 of every file
+    model.so        the compiled Relax VM executable (``tvm.runtime.load_module``)
+    params.bin      the weights in TVM's parameter format (``tvm.runtime.load_param_dict``;
+                    no pickle), packed low-bit codes as int32 words, fp32 scales
+    tokenizer/      when the model has one
+    tuning/         MetaSchedule's database when built with ``tune_trials`` > 0 (reused by the
+                    next build into the same directory)
+
+The executable has two functions taking ``(input_ids, *params)``: ``decode`` (one token) and
+``prefill`` (2 ..max_seq_len tokens). :class:`TvmDeployment` (``finegrain.load`` returns one
+for such a directory) runs it with only ``tvm.runtime`` (and torch for tensors in/out);
+``examples/run_tvm_deploy.py`` does the same in 20 lines without finegrain.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finegrain.errors import ArtifactError, InputError
+from finegrain.runtime.artifact import _dumps, _sha256
+from finegrain.runtime.files import atomic_directory
+
+DEPLOY_VERSION = 1
+MANIFEST, LIB, PARAMS, TOKENIZER, TUNING = "manifest.json", "model.so", "params.bin", "tokenizer", "tuning"
+
+
+def parse_target(target: str | dict | None) -> dict:
+    """``None`` / ``"llvm"`` -> this machine's CPU; a dict or a JSON object string -> itself."""
+    from finegrain.backends.tvm.build import host_target
+
+    if target is None or target == "llvm":
+        return host_target()
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError:
+            raise InputError(f"target {target!r}: give 'llvm' (this CPU) or a JSON target like "
+                             '\'{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}\'') from None
+    if not isinstance(target, dict) or target.get("kind") != "llvm":
+        raise InputError(f"target {target!r}: only CPU (kind 'llvm') targets are built today")
+    return target
+
+
+def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
+                     max_seq_len: int = 2048, overwrite: bool = False, progress: bool = False) -> dict:
+    """Build ``cm`` (a CompiledModel) into the deployment directory ``out``; returns the manifest."""
+    import tvm
+
+    from finegrain import __version__
+    from finegrain.backends.tvm.build import build_executable
+    from finegrain.backends.tvm.lower import import_relax
+
+    target = parse_target(target)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it (its tuning/ database "
+                         "is then reused)")
+    t0 = time.perf_counter()
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target)
+    import_s = time.perf_counter() - t0
+    with atomic_directory(out, overwrite) as tmp:
+        if tune_trials > 0 and (out / TUNING).is_dir():
+            shutil.copytree(out / TUNING, tmp / TUNING)
+        ex, report = build_executable(mod, target, tune_trials, tmp / TUNING, progress=progress)
+        report["import_s"] = round(import_s, 2)
+        ex.export_library(str(tmp / LIB))
+        tvm.runtime.save_param_dict_to_file({name: tvm.runtime.tensor(t.detach().numpy()) for name, t in params},
+                                            str(tmp / PARAMS))
+        if cm.tokenizer is not None:
+            cm.tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*")
+                       if p.is_file() and not p.relative_to(tmp).as_posix().startswith(TUNING + "/"))
+        report["total_s"] = round(time.perf_counter() - t0, 2)
+        manifest = {
+            "finegrain_tvm_deploy": DEPLOY_VERSION,
+            "finegrain_version": __version__,
+            "tvm_version": tvm.__version__,
+            "target": target,
+            "inputs": cm.input_specs,
+            "functions": {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}},
+            "params": [name for name, _ in params],
+            "kernels": kernels,
+            "recipe": cm.recipe.to_dict(),
+            "source": cm.source,
+            "quantized": cm.quantized,
+            "build": report,
+            "files": {f: _sha256(tmp / f) for f in files},
+        }
+        (tmp / MANIFEST).write_text(_dumps(manifest))
+    return manifest
+
+
+def is_deployment(path: str | Path) -> bool:
+    mf = Path(path) / MANIFEST
+    if not mf.is_file():
+        return False
+    try:
+        return "finegrain_tvm_deploy" in json.loads(mf.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+class TvmDeployment:
+    """A built deployment, loaded with the TVM runtime: ``dep(input_ids)`` -> logits (torch)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import tvm
+
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{path / MANIFEST}: cannot read the deployment manifest ({e})") from None
+        version = manifest.get("finegrain_tvm_deploy")
+        if version != DEPLOY_VERSION:
+            raise ArtifactError(f"{path}: deployment version {version!r} is not supported (this finegrain reads "
+                                f"{DEPLOY_VERSION})")
+        for name, digest in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
+            if _sha256(f) != digest:
+                raise ArtifactError(f"{path}: file {name} is corrupted (SHA-256 does not match the manifest)")
+        if threads:
+            import os
+
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        self.path, self.manifest = path, manifest
+        self.input_specs = manifest["inputs"]
+        self.quantized = manifest.get("quantized", {})
+        dev = tvm.cpu()
+        self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIB)), dev)
+        params = tvm.runtime.load_param_dict_from_file(str(path / PARAMS))
+        missing = [n for n in manifest["params"] if n not in params]
+        if missing:
+            raise ArtifactError(f"{path / PARAMS}: parameters {missing[:3]} listed in the manifest are missing")
+        self.params = [params[n] for n in manifest["params"]]
+        self.dev = dev
+        self.tokenizer = None
+        if (path / TOKENIZER).is_dir():
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER), local_files_only=True)
+
+    def function_for(self, seq_len: int) -> str:
+        for name, spec in self.manifest["functions"].items():
+            lo, hi = spec["seq_len"]
+            if lo <= seq_len <= hi:
+                return name
+        hi = max(s["seq_len"][1] for s in self.manifest["functions"].values())
+        raise InputError(f"{self.path}: sequence length {seq_len} is outside what was built (1..{hi}); rebuild with a "
+                         "larger max_seq_len (--max-seq-len)")
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        import tvm
+
+        from finegrain.runtime.compiled import check_inputs
+
+        check_inputs(self.input_specs, inputs)
+        x = inputs[0]
+        fn = self.function_for(x.shape[1])
+        out = self.vm[fn](tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), self.dev), *self.params)
+        return torch.from_numpy(out.numpy())
+
+    __call__ = run
+
+    def session(self, backend: str = "tvm", **options):
+        if backend != "tvm" or options:
+            raise InputError(f"{self.path} is a TVM deployment: it runs on backend 'tvm' only, without options")
+        return self
+
+
+class TvmSession(TvmDeployment):
+    """``cm.session("tvm", ...)``: builds ``cm`` into a temporary directory and loads it."""
+
+    def __init__(self, cm, target: str | dict | None = None, tune_trials: int = 0, max_seq_len: int = 2048,
+                 threads: int | None = None, path: str | Path | None = None):
+        import tempfile
+
+        self._tmp = None
+        if path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-tvm-")
+            path = Path(self._tmp.name) / "deploy"
+            self.build = build_deployment(cm, path, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len)
+        super().__init__(path, threads=threads)

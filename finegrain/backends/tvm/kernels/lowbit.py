@@ -1,0 +1,224 @@
+"""Packed low-bit (INT2 / INT4 / INT8, INT3 in a 4-bit container) group-wise weight x fp32
+activation linear as TIR kernels (TE + ``s_tir.Schedule``).
+
+Layout (repacked from finegrain's QTensor by :func:`pack_weight`): ``w`` int32 ``[K / P, N]`` with
+``P = 32 / bits`` codes of consecutive k per word (code of k = ``(w[k // P, n] >> bits (k % P)) &
+(2^bits - 1)``: the mask makes the arithmetic shift of a signed word exact; codes are unsigned,
+symmetric ones offset by ``2^(bits-1)``). A code is decoded without an int -> float conversion:
+its bits are moved under the exponent of 1.0, giving the float ``c = 1 + q / 2^b`` (shift, and,
+or; AVX-512 merges the last two). The output is computed with per-group partial sums
+
+    part[m, g, n] = sum_{k in g} x[m, k] c[k, n]
+    y[m, n] = sum_g S[g, n] part[m, g, n] - xsum[m, g] Z[g, n],
+
+with ``S = 2^b scale`` and ``Z = zero x scale + 2^b scale`` stored by :func:`pack_weight` (``scale``
+and ``zs``; exact: ``sum x q scale - xsum zero scale`` rearranged), so the scale and zero point are
+applied once per group, not per element, and ``xsum`` (the group sums of x) once per call for
+all N. Per-channel weights are one group of K, per-tensor ones a ``[1, N]`` broadcast. Two schedules (shape classes):
+
+* GEMV (M = 1, decode): N tiled (``n_tile`` columns per parallel task, 8-lane fp32 vectors), the
+  group's partial sums in a local buffer, each 32-bit word loaded once for its P codes, decoded
+  in registers;
+* GEMM (M > 1 or symbolic M, prefill): each P-row slice of a group's codes is decoded once into a
+  local fp32 tile and reused by all M rows, with a register block of ``m_block`` rows x 16 columns.
+
+``linear_func`` returns the scheduled PrimFunc (what the Relax lowering calls through
+``call_tir``); ``compile_linear`` builds one for direct calls (tests, ``benchmarks/tvm_kernels.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from finegrain.formats import QTensor, QuantFormat
+
+DEFAULT_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
+
+
+def container_bits(fmt: QuantFormat) -> int | None:
+    """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it."""
+    if fmt.kind != "int" or fmt.granularity not in ("group", "channel", "tensor"):
+        return None
+    return CONTAINERS.get(fmt.bits)
+
+
+def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
+    """finegrain integer weight (codes ``[N, K]``, scales ``[N, G]``) -> the kernel's ``w``,
+    ``scale``, ``zs`` (and ``bits``, ``group_size``)."""
+    bits = container_bits(fmt)
+    if bits is None or q.codebook is not None:
+        raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor")
+    n, k = q.codes.shape
+    per = 32 // bits
+    gs = fmt.group_size if fmt.granularity == "group" else k
+    kgs = gs if k % gs == 0 else math.gcd(gs, k)  # a ragged last group: the kernel's groups divide both
+    if kgs % per:
+        raise ValueError(f"pack_weight: K={k} with groups of {gs}: kernel groups of {kgs} are not a multiple of "
+                         f"{per} ({bits}-bit codes per 32-bit word)")
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, ceil(K / gs)] (or one value) -> [N, K / kgs]
+        t = t.float().reshape(n, -1) if t.numel() > 1 else t.float().reshape(1, 1).expand(n, 1)
+        return t.repeat_interleave(gs if t.shape[1] > 1 else k, dim=1)[:, :k:kgs]
+
+    scale = per_group(q.scale)
+    offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0
+    codes = (q.codes.to(torch.int64) + offset).T.contiguous().numpy().astype(np.uint32)  # [K, N]
+    if codes.size and (codes.max() >= (1 << bits)):
+        raise ValueError(f"pack_weight: format {fmt.tag} has codes outside {bits} bits")
+    w = np.zeros((k // per, n), np.uint32)
+    for i in range(per):
+        w |= codes[i::per] << np.uint32(bits * i)
+    w = w.view(np.int32)  # torch and the graph carry int32 words
+    zero = per_group(q.zero) + offset
+    big = scale * (1 << bits)
+    return {"w": w, "scale": big.T.contiguous().numpy(), "zs": (zero * scale + big).T.contiguous().numpy(),
+            "bits": bits, "group_size": kgs}
+
+
+def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The packed layout back to an fp32 weight ``[N, K]`` (the op's reference / fake-free path)."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    codes = (w.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)  # [K/P, P, N]
+    codes = codes.reshape(k, -1).float()
+    gs = k // scale.shape[0]
+    s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, zero scale + 2^b scale
+    return (codes * s - (zs.repeat_interleave(gs, 0) - s * (1 << bits))).T.contiguous()
+
+
+def vector_lanes(target: dict | None) -> int:
+    """fp32 lanes of the target's vectors: 16 with AVX-512, else 8 (AVX2)."""
+    import tvm
+
+    tgt = tvm.target.Target(target or DEFAULT_TARGET)
+    return 16 if tvm.target.codegen.target_has_features("avx512f", tgt) else 8
+
+
+def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n_tile: int | None = None,
+                lanes: int = 8, vectors: int = 4):
+    """The scheduled PrimFunc ``f(x[m, k], w, scale, zs, y[m, n])``; ``m=None`` makes the row count
+    symbolic (the prefill kernel), ``m=1`` picks the GEMV schedule. ``lanes``: fp32 vector width
+    (:func:`vector_lanes`); ``vectors``: independent accumulator vectors per GEMV block."""
+    import tvm
+    import tvm.s_tir as s_tir
+    from tvm import te
+
+    per = 32 // bits
+    gemv = m == 1
+    while vectors > 1 and n % (lanes * vectors):
+        vectors //= 2
+    block = lanes * vectors if gemv else 2 * lanes
+    n_tile = _fit_tile(n, n_tile or (1024 if gemv else 256), block)
+    if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None:
+        raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
+                         f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
+    g_count = k // group_size
+    rows = m if m is not None else tvm.tirx.Var("m", "int64")
+    x = te.placeholder((rows, k), "float32", name="x")
+    w = te.placeholder((k // per, n), "int32", name="w")
+    sc = te.placeholder((g_count, n), "float32", name="scale")
+    zs = te.placeholder((g_count, n), "float32", name="zs")
+    r = te.reduce_axis((0, group_size), "r")
+    xs = te.compute((rows, g_count), lambda i, g: te.sum(x[i, g * group_size + r], axis=r), name="xsum")
+    kk = te.reduce_axis((0, group_size), "k")
+    pos = 23 - bits  # a code's bits land at the top of the fp32 mantissa, under the exponent of 1.0
+    mask = tvm.tirx.const(((1 << bits) - 1) << pos, "int32")
+    one = tvm.tirx.const(0x3F800000, "int32")
+
+    def code(k_, j):  # 1 + q / 2^bits, built from bits: shift, and, or (no int -> float conversion)
+        word = w[k_ // per, j]
+        sh = ((k_ % per) * bits).astype("int32")
+        moved = tvm.tirx.Select(sh <= pos, word << te.max(pos - sh, 0), word >> te.max(sh - pos, 0))
+        return tvm.tirx.reinterpret("float32", (moved & mask) | one)
+
+    if not gemv:  # codes decoded by their own stage, so a decoded tile serves every row
+        qf = te.compute((k, n), lambda k_, j: code(k_, j), name="qf")
+        part = te.compute((rows, g_count, n), lambda i, g, j: te.sum(
+            x[i, g * group_size + kk] * qf[g * group_size + kk, j], axis=kk), name="part")
+    else:
+        part = te.compute((rows, g_count, n), lambda i, g, j: te.sum(
+            x[i, g * group_size + kk] * code(g * group_size + kk, j), axis=kk), name="part")
+    gg = te.reduce_axis((0, g_count), "gg")
+    y = te.compute((rows, n), lambda i, j: te.sum(part[i, gg, j] * sc[gg, j] - xs[i, gg] * zs[gg, j], axis=gg),
+                   name="y")
+    func = te.create_prim_func([x, w, sc, zs, y])
+    sch = (_gemv_schedule(s_tir, func, n_tile, per, lanes, vectors) if gemv
+           else _gemm_schedule(s_tir, func, m, n_tile, per, lanes))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _fit_tile(n: int, want: int, block: int) -> int | None:
+    """The largest multiple of ``block`` dividing ``n`` that is at most ``want`` (None if none)."""
+    for t in range(max(min(want, n) // block, 1) * block, 0, -block):
+        if n % t == 0:
+            return t
+    return None
+
+
+def compile_linear(m: int, k: int, n: int, group_size: int, bits: int = 4, target: dict | None = None,
+                   n_tile: int | None = None, vectors: int = 4):
+    """``linear_func`` built for ``target`` (default: AVX2, 2 cores)."""
+    import tvm
+
+    func = linear_func(m, k, n, group_size, bits, n_tile, vector_lanes(target), vectors)
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target or DEFAULT_TARGET))
+
+
+def _gemv_schedule(s_tir, func, n_tile: int, per: int, lanes: int, vectors: int):
+    """Per parallel task ``n_tile`` columns; per group, ``vectors`` x ``lanes`` columns of partial sums live
+    in registers while the group's codes stream past (independent FMA chains, one word load
+    per P codes)."""
+    sch = s_tir.Schedule(func)
+    by, bp = sch.get_sblock("y"), sch.get_sblock("part")
+    i, j, g = sch.get_loops(by)
+    jo, jb, jc, jv = sch.split(j, [None, n_tile // (lanes * vectors), vectors, lanes])
+    sch.reorder(jo, i, g, jb, jc, jv)
+    sch.parallel(jo)
+    sch.unroll(jc)
+    sch.vectorize(jv)
+    sch.compute_at(bp, jb)
+    *_, pj, pk = sch.get_loops(bp)
+    pjc, pjv = sch.split(pj, [None, lanes])
+    pko, pki = sch.split(pk, [None, per])
+    sch.reorder(pko, pki, pjc, pjv)
+    sch.unroll(pki)
+    sch.unroll(pjc)
+    sch.vectorize(pjv)
+    sch.set_scope(bp, 0, "local")
+    sch.decompose_reduction(bp, pko)
+    return sch
+
+
+def _gemm_schedule(s_tir, func, m: int | None, n_tile: int, per: int, lanes: int):
+    """M > 1: decode a [P, n_tile] tile of codes once per group slice, reuse it for all rows."""
+    sch = s_tir.Schedule(func)
+    by, bp, bq = sch.get_sblock("y"), sch.get_sblock("part"), sch.get_sblock("qf")
+    i, j, g = sch.get_loops(by)
+    jo, ji = sch.split(j, [None, n_tile])
+    sch.reorder(jo, g, i, ji)
+    _, jii = sch.split(ji, [None, lanes])
+    sch.parallel(jo)
+    sch.vectorize(jii)
+    sch.compute_at(bp, g)
+    pm, pn, pk = sch.get_loops(bp)[-3:]
+    m_block = 4 if m is None or m % 4 == 0 else 2 if m % 2 == 0 else 1
+    pko, pki = sch.split(pk, [None, per])
+    pmo, pmi = sch.split(pm, [None, m_block])
+    pno, pnv, pni = sch.split(pn, [None, 2, lanes])
+    sch.reorder(pko, pmo, pno, pki, pmi, pnv, pni)
+    for loop in (pki, pmi, pnv):
+        sch.unroll(loop)
+    sch.vectorize(pni)
+    sch.compute_at(bq, pko)
+    qk, qn = sch.get_loops(bq)[-2:]
+    qno, qni = sch.split(qn, [None, lanes])
+    sch.reorder(qno, qk, qni)
+    sch.unroll(qk)
+    sch.vectorize(qni)
+    sch.set_scope(bp, 0, "local")
+    sch.set_scope(bq, 0, "local")
+    sch.decompose_reduction(bp, pko)
+    return sch

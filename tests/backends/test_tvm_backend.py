@@ -1,0 +1,161 @@
+"""The TVM backend end to end on a tiny Llama: Relax lowering with one call_tir per quantized
+linear, prefill and decode against the torch reference, the deployment directory (load,
+standalone runtime script, integrity checks, atomic writes), refusals, the CLI, and the
+MetaSchedule database reused by a second build."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finegrain
+from finegrain.errors import ArtifactError, InputError
+
+pytest.importorskip("tvm")
+
+from finegrain.backends.tvm.deploy import TvmDeployment  # noqa: E402
+from finegrain.backends.tvm.lower import TvmError, import_relax  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+
+
+@pytest.fixture(scope="module")
+def compile_tiny(tiny_llama, tiny_inputs):
+    example, calib, _ = tiny_inputs
+    cache = {}
+
+    def get(recipe):
+        key = recipe if isinstance(recipe, str) else recipe["name"]
+        if key not in cache:
+            cache[key] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def deployed(compile_tiny, tmp_path_factory):
+    cm = compile_tiny("w4a16-g128")
+    out = tmp_path_factory.mktemp("tvm") / "deploy"
+    manifest = cm.build(out, target=TARGET, max_seq_len=64)
+    return cm, out, manifest
+
+
+def test_each_quantized_linear_is_one_call_to_a_lowbit_kernel(compile_tiny):
+    cm = compile_tiny("w4a16-g128")
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, 64, TARGET)
+    assert len(kernels) == len(cm.quantized) == 14
+    for fn, kind in (("prefill", "gemm"), ("decode", "gemv")):
+        text = mod[fn].script()
+        calls = text.count(f"int4_{kind}_")
+        assert calls == 14, (fn, calls)
+        assert "finegrain" not in text and "dequantize" not in text  # no whole-weight dequantize anywhere
+    names = [n for n, _ in params]
+    assert all(not n.endswith("_qpacked") for n in names) and sum(n.endswith("_tvm_w") for n in names) == 14
+
+
+@pytest.mark.parametrize("seq", [1, 2, 7, 33])
+def test_deployment_matches_the_torch_reference(deployed, seq):
+    cm, out, _ = deployed
+    dep = finegrain.load(out)
+    assert isinstance(dep, TvmDeployment)
+    ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
+    ref = cm(ids)
+    got = dep(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert dep.function_for(seq) == ("decode" if seq == 1 else "prefill")
+
+
+def test_deployment_files_and_manifest(deployed):
+    cm, out, m = deployed
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.so", "params.bin"]
+    assert m["finegrain_tvm_deploy"] == 1 and m["target"] == TARGET and m["inputs"] == cm.input_specs
+    assert m["functions"] == {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, 64]}}
+    assert set(m["files"]) == {"model.so", "params.bin"} and len(m["kernels"]) == 14
+    assert m["build"]["unscheduled"] == ["cumsum", "cumsum1"] or all("cumsum" in f for f in m["build"]["unscheduled"])
+    # the packed codes are what ships (plus fp32 scales), not fp32 weights
+    fp_bytes = sum(4 * torch.Size(q["shape"]).numel() for q in cm.quantized.values())
+    other = cm.model_bytes() - sum(q["bits"] for q in cm.quantized.values()) / 8
+    size = (out / "params.bin").stat().st_size
+    assert other + fp_bytes / 8 < size < other + fp_bytes / 4
+
+
+def test_standalone_runtime_script(deployed):
+    cm, out, _ = deployed
+    ids = [5, 17, 3, 99, 42]
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "run_tvm_deploy.py"), str(out), *map(str, ids)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    ref = cm(torch.tensor([ids]))
+    assert got["function"] == "prefill" and got["logits_shape"] == list(ref.shape)
+    assert got["next_token"] == int(ref[0, -1].argmax())
+    assert got["last_logits_head"] == pytest.approx(ref[0, -1, :4].tolist(), abs=1e-3)
+
+
+def test_bad_inputs_and_damaged_files(deployed, tmp_path):
+    cm, out, _ = deployed
+    dep = TvmDeployment(out)
+    with pytest.raises(InputError, match="outside what was built"):
+        dep(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(InputError, match="int64"):
+        dep(torch.zeros(1, 4))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in out.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = bytearray((bad / "params.bin").read_bytes())
+    data[-5] ^= 0xFF
+    (bad / "params.bin").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="params.bin is corrupted"):
+        finegrain.load(bad)
+    with pytest.raises(InputError, match="exists"):
+        cm.build(out, target=TARGET)  # no overwrite: the existing deployment is untouched
+    assert TvmDeployment(out)(torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, 256)
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128"])
+def test_other_code_widths_build(compile_tiny, tmp_path, recipe):
+    cm = compile_tiny(recipe)
+    dep = cm.session("tvm", target=TARGET, max_seq_len=32)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    ref = cm(ids)
+    assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    bits = {k["bits"] for k in dep.manifest["kernels"].values()}
+    assert bits == ({8} if recipe == "w8a16" else {4})
+
+
+def test_refusals_name_the_node_and_leave_nothing(compile_tiny, tmp_path):
+    cm = compile_tiny("w8a8")
+    with pytest.raises(TvmError, match=r"node .*activation quantization"):
+        cm.build(tmp_path / "a", target=TARGET)
+    cm = compile_tiny("mxfp4")
+    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e2m1"):
+        cm.build(tmp_path / "b", target=TARGET)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="only CPU"):
+        cm.build(tmp_path / "c", target={"kind": "cuda"})
+
+
+def test_cli_build_and_tuning_database_is_reused(compile_tiny, tmp_path):
+    from finegrain.cli import main
+
+    cm = compile_tiny("w4a16-g128")
+    cm.save(tmp_path / "art")
+    out = tmp_path / "dep"
+    args = ["build", str(tmp_path / "art"), "--out", str(out), "--target", json.dumps(TARGET), "--max-seq-len", "32",
+            "--tune-trials", "2"]
+    assert main(args) == 0
+    first = json.loads((out / "manifest.json").read_text())["build"]["tuning"]
+    assert first["tasks"] > 0 and first["reused"] == 0 and first["records"] > 0
+    assert (out / "tuning" / "database_tuning_record.json").is_file()
+    assert main(args + ["--overwrite"]) == 0
+    second = json.loads((out / "manifest.json").read_text())["build"]["tuning"]
+    assert second["reused"] == second["tasks"] == first["tasks"] and second["records"] == first["records"]
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = cm(ids)
+    assert (finegrain.load(out)(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert main(["build", str(out), "--out", str(tmp_path / "x")]) == 2  # a deployment is not an artifact

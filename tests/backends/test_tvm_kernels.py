@@ -1,0 +1,84 @@
+"""The TVM low-bit linear kernels and the fp32 GEMV against finegrain's reference dequantize +
+matmul, for each code width, granularity, ragged groups, static and symbolic row counts."""
+import numpy as np
+import pytest
+import torch
+
+from finegrain.formats import QuantFormat
+
+tvm = pytest.importorskip("tvm")
+
+from finegrain.backends.tvm.kernels.dense import gemv_func  # noqa: E402
+from finegrain.backends.tvm.kernels.lowbit import (compile_linear, pack_weight, unpack_weight_ref,  # noqa: E402
+                                                   vector_lanes)
+
+TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: runs on any x86-64 CI machine with it
+
+
+def _run(f, *arrays):
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    f(*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("tag,k,m", [
+    ("int4-g128-asym-fp16", 512, 1),
+    ("int4-g128-asym-fp16", 512, 16),
+    ("int4-g64-sym-fp16", 512, 3),
+    ("int4-g128-asym-fp16", 576, 1),  # ragged last group (SmolLM2's K)
+    ("int8-channel-sym-fp16", 256, 5),
+    ("int8-g128-asym-fp16", 256, 1),
+    ("int3-g128-asym-fp16", 256, 2),  # 4-bit container
+    ("int2-g64-asym-fp16", 256, 1),
+    ("int8-tensor-sym-fp16", 96, 2),
+    ("int4-g16-sym-e4m3", 256, 1),  # NVINT4: FP8 block scales x a tensor scale
+    ("int8-g32-sym-e8m0", 256, 2),  # MXINT8: power-of-two block scales
+])
+def test_lowbit_kernel_matches_the_reference(tag, k, m):
+    torch.manual_seed(0)
+    n = 128
+    fmt = QuantFormat.parse(tag)
+    q = fmt.quantize(torch.randn(n, k) * 0.05)
+    p = pack_weight(fmt, q)
+    dq = fmt.dequantize(q)
+    # the packed layout decodes back to the reference weight
+    back = unpack_weight_ref(torch.from_numpy(p["w"]), torch.from_numpy(p["scale"]), torch.from_numpy(p["zs"]),
+                             p["bits"], k)
+    assert torch.allclose(back, dq, atol=1e-6 * dq.abs().max().item() + 1e-7)
+    x = torch.randn(m, k)
+    ref = (x @ dq.T).numpy()
+    for rows in ([1, None] if m == 1 else [m, None]):  # static GEMV/GEMM and the symbolic-row prefill kernel
+        f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET)
+        out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+        assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
+
+
+def test_ragged_groups_use_a_common_divisor():
+    fmt = QuantFormat.parse("int4-g128-asym-fp16")
+    p = pack_weight(fmt, fmt.quantize(torch.randn(64, 576)))
+    assert p["group_size"] == 64 and p["scale"].shape == (9, 64) and p["w"].shape == (72, 64)
+
+
+def test_refusals_name_the_problem():
+    fmt = QuantFormat.parse("int4-g128-asym-fp16")
+    with pytest.raises(ValueError, match="group"):
+        compile_linear(1, 100, 64, 100, 4, target=TARGET)
+    nf4 = QuantFormat.parse("e2m1-g32-sym-e8m0")
+    with pytest.raises(ValueError, match="not INT2/3/4/8"):
+        pack_weight(nf4, nf4.quantize(torch.randn(8, 64)))
+    w6 = QuantFormat.parse("int6-g32-asym-fp16")
+    with pytest.raises(ValueError, match="not INT2/3/4/8"):
+        pack_weight(w6, w6.quantize(torch.randn(8, 64)))
+    assert vector_lanes(TARGET) == 8 and vector_lanes({"kind": "llvm", "mcpu": "skylake-avx512"}) == 16
+    del fmt
+
+
+def test_dense_gemv_matches_torch():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 96), torch.randn(200, 96)
+    f = tvm.compile(tvm.IRModule({"main": gemv_func(96, 200, 8, 2, 64)}), target=tvm.target.Target(TARGET))
+    out = _run(f, x.numpy(), w.numpy(), np.zeros((1, 200), np.float32))
+    ref = (x @ w.T).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        gemv_func(100, 200, 8)
