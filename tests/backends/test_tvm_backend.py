@@ -128,11 +128,22 @@ def test_other_code_widths_build(compile_tiny, tmp_path, recipe):
     assert bits == ({8} if recipe == "w8a16" else {4})
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a8-hadamard"])
+def test_activation_quantization_and_online_hadamard(compile_tiny, recipe):
+    cm = compile_tiny(recipe)
+    dep = cm.session("tvm", target=TARGET, max_seq_len=32)
+    for seq in (1, 9):
+        ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
+        ref = cm(ids)
+        # 1e-3: fp32 summation order may flip a rounding tie of an activation code (one step)
+        assert (dep.run(ids) - ref).abs().max() <= 1e-3 * ref.abs().max(), (recipe, seq)
+
+
 def test_refusals_name_the_node_and_leave_nothing(compile_tiny, tmp_path):
-    cm = compile_tiny("w8a8")
-    with pytest.raises(TvmError, match=r"node .*activation quantization"):
+    cm = compile_tiny("mxint8")  # MX block activations
+    with pytest.raises(TvmError, match=r"node .*activation format int8-g32-sym-e8m0-dyn has no TVM lowering"):
         cm.build(tmp_path / "a", target=TARGET)
-    cm = compile_tiny("mxfp4")
+    cm = compile_tiny({"name": "fp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g32-sym-e8m0"}]})
     with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e2m1"):
         cm.build(tmp_path / "b", target=TARGET)
     assert not list(tmp_path.iterdir())

@@ -12,7 +12,11 @@
    into one ``call_tir`` to the scheduled low-bit kernel (GEMM for prefill, GEMV for decode).
    Both functions share one parameter list.
 
-Activation quantize/dequantize and the online Hadamard have no Relax lowering yet: they are refused.
+Activations: each ``quantize -> dequantize`` pair (integer formats per token / tensor, dynamic or
+static) becomes one ``finegrain::fake_quant`` op, lowered to Relax reductions for the scales and one
+elementwise TE function (round half to even, clip), exactly as the reference; the matmul that
+follows stays fp32 (no int8 GEMM kernel yet). The online Hadamard becomes a matmul by the dense
+orthonormal matrix. MX / NV block activations, FP8 activations and MoE grouped GEMMs are refused.
 """
 from __future__ import annotations
 
@@ -46,13 +50,81 @@ def _(x, w, scale, zs, bits, bias=None):
     return x.new_empty((*x.shape[:-1], w.shape[1]))
 
 
+@torch.library.custom_op("finegrain::fake_quant", mutates_args=())
+def fake_quant(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None,
+               zero: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dequantize(quantize(x))`` of an activation in one op (reference implementation)."""
+    f = QuantFormat.parse(fmt)
+    return f.dequantize(f.quantize(x, scale, zero), x.dtype)
+
+
+@fake_quant.register_fake
+def _(x, fmt, scale=None, zero=None):
+    return torch.empty_like(x)
+
+
 PACKED_LINEAR = torch.ops.finegrain.packed_linear.default
-_UNSUPPORTED = {
-    "quantize": "activation quantization",
-    "dequantize": "activation quantization",
-    "hadamard": "the online Hadamard rotation",
-    "grouped_linear": "mixture-of-experts grouped_linear",
-}
+FAKE_QUANT = torch.ops.finegrain.fake_quant.default
+_UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
+
+
+def act_format(fmt: str, where: str) -> QuantFormat:
+    """The activation formats the TVM lowering computes: integers per token / tensor with float
+    scales, dynamic or static."""
+    f = QuantFormat.parse(fmt)
+    if f.kind != "int" or f.granularity not in ("token", "tensor") or f.scale not in ("fp32", "fp16", "bf16"):
+        raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer activations per token or "
+                       "per tensor with float scales do)")
+    return f
+
+
+def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
+    """``quantize -> getitem -> dequantize`` becomes one ``fake_quant``; ``hadamard(x, F)`` becomes
+    ``x @ H`` with the dense orthonormal matrix (computed by the reference transform on the
+    identity; one parameter per size)."""
+    from finegrain.formats.hadamard import apply_hadamard
+    from finegrain.formats.ops import DEQUANTIZE, HADAMARD, QUANTIZE
+
+    import operator
+
+    mats: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is QUANTIZE:
+            act_format(n.args[1], f"node {n.name} (input {n.args[0]})")
+            getters = list(n.users)
+            deqs = {u for g in getters for u in g.users}
+            if (any(g.target is not operator.getitem for g in getters) or len(deqs) != 1
+                    or next(iter(deqs)).target is not DEQUANTIZE):
+                raise TvmError(f"node {n.name}: quantized activation codes are used by something other than one "
+                               "dequantize; the TVM lowering fuses exactly that pair")
+            deq = deqs.pop()
+            scale = n.args[2] if len(n.args) > 2 else n.kwargs.get("scale")
+            zero = n.args[3] if len(n.args) > 3 else n.kwargs.get("zero")
+            with graph.inserting_before(deq):
+                new = graph.call_function(FAKE_QUANT, (n.args[0], n.args[1], scale, zero))
+            deq.replace_all_uses_with(new)
+            graph.erase_node(deq)
+            for g in getters:
+                graph.erase_node(g)
+            graph.erase_node(n)
+        elif n.target is HADAMARD:
+            x, fac = n.args
+            meta = x.meta.get("val", x.meta.get("tensor_meta"))
+            size = meta.shape[-1] if meta is not None else None
+            if size is None:
+                raise TvmError(f"node {n.name}: the online Hadamard's input size is unknown (no shape metadata)")
+            factor = _attr(gm, fac.target)
+            key = (int(size), fac.target)
+            if key not in mats:
+                h = apply_hadamard(torch.eye(int(size), dtype=torch.float64), factor.double()).float()
+                mats[key] = param(f"hadamard_{int(size)}_{len(mats)}", h)
+            with graph.inserting_before(n):
+                h_node = graph.get_attr(mats[key])
+                new = graph.call_function(torch.ops.aten.matmul.default, (x, h_node))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
 
 
 def _layer(packed_node) -> str:
@@ -74,9 +146,17 @@ def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     return obj
 
 
-def prepare(gm: GraphModule) -> tuple[GraphModule, dict]:
+def prepare(gm: GraphModule, input_specs: list[dict] | None = None) -> tuple[GraphModule, dict]:
     """The graph rewritten for the TVM lowering (see the module docstring) and, per quantized
-    layer, the kernel it gets. ``gm`` itself is not modified."""
+    layer, the kernel it gets. ``gm`` itself is not modified (its nodes may get shape metadata)."""
+    from finegrain.formats.ops import HADAMARD
+
+    if input_specs and any(n.target is HADAMARD and not ({"val", "tensor_meta"} & set(n.args[0].meta))
+                           for n in gm.graph.nodes):
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.inference_mode():
+            ShapeProp(gm).propagate(*example_inputs(input_specs))
     graph = Graph()
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -90,13 +170,13 @@ def prepare(gm: GraphModule) -> tuple[GraphModule, dict]:
         return key
 
     kernels = {}
+    _rewrite_activations(gm, graph, param)
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
         name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
         if name in _UNSUPPORTED and "finegrain" in str(n.target):
-            raise TvmError(f"node {n.name}: {_UNSUPPORTED[name]} has no TVM lowering yet (weight-only INT2/3/4/8 "
-                           "models build)")
+            raise TvmError(f"node {n.name}: {_UNSUPPORTED[name]} has no TVM lowering yet")
         if n.target is not DEQUANTIZE_PACKED:
             continue
         packed_node, scale_node, zero_node, tag, shape = n.args[:5]
@@ -177,6 +257,73 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
     return convert
+
+
+def _convert_fake_quant(prefix: str):
+    def convert(node, importer):
+        return _fake_quant(node, importer, prefix)
+
+    return convert
+
+
+def _fake_quant(node, importer, prefix: str):
+    """Activation fake quantization, as the reference computes it: dynamic scales from the row /
+    tensor range (fp16-rounded when the format stores fp16 scales), round half to even, clip."""
+    from tvm import relax, te, tirx
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    x, fmt = args[0], args[1]
+    scale = args[2] if len(args) > 2 else None
+    zero = args[3] if len(args) > 3 else None
+    f = act_format(fmt, f"node {node.name}")
+    lo, hi = f.family.code_range(f)
+    nd = len(x.ty.shape)
+    axis = [-1] if f.granularity == "token" else list(range(nd))
+    xf = bb.emit(relax.op.astype(x, "float32")) if x.ty.dtype != "float32" else x
+    zero_c = relax.const(0.0, "float32")
+    if scale is None:
+        c = float(f.clip)
+        if f.symmetric:
+            amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
+            s = bb.emit(relax.op.multiply(amax, relax.const(c / f.family.max_value(f), "float32")))
+        else:
+            mn = bb.emit(relax.op.multiply(relax.op.minimum(relax.op.min(xf, axis=axis, keepdims=True), zero_c),
+                                           relax.const(c, "float32")))
+            mx = bb.emit(relax.op.multiply(relax.op.maximum(relax.op.max(xf, axis=axis, keepdims=True), zero_c),
+                                           relax.const(c, "float32")))
+            s = bb.emit(relax.op.divide(relax.op.subtract(mx, mn), relax.const(float(2 ** f.bits - 1), "float32")))
+        if f.scale in ("fp16", "bf16"):
+            s = bb.emit(relax.op.astype(relax.op.astype(s, "float16" if f.scale == "fp16" else "bfloat16"), "float32"))
+        s = bb.emit(relax.op.where(relax.op.greater(s, zero_c), s, relax.const(1.0, "float32")))
+        if f.symmetric:
+            z = bb.emit(relax.op.multiply(s, zero_c))
+        else:
+            def zp(mn_, s_):
+                return te.compute(mn_.shape, lambda *i: te.max(te.min(tirx.nearbyint(-mn_(*i) / s_(*i)),
+                                                                      float(2 ** f.bits - 1)), 0.0), name="zp")
+
+            z = bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
+    else:
+        shape = [1] * nd if f.granularity == "tensor" else None
+        s = bb.emit(relax.op.astype(scale, "float32"))
+        z = bb.emit(relax.op.astype(zero, "float32"))
+        if shape is not None:
+            s, z = bb.emit(relax.op.reshape(s, shape)), bb.emit(relax.op.reshape(z, shape))
+
+    def fq(x_, s_, z_):
+        def at(t, idx):  # broadcast the [.., 1] / [1, .., 1] scale over x
+            return t(*[0 if isinstance(d, tirx.IntImm) and int(d) == 1 else i for d, i in zip(t.shape, idx)])
+
+        def body(*idx):
+            sv, zv = at(s_, idx), at(z_, idx)
+            q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
+            return (q - zv) * sv
+
+        return te.compute(x_.shape, body, name="fake_quant")
+
+    y = bb.emit_te(fq, xf, s, z, primfunc_name_hint=f"{prefix}act_fake_quant")
+    return bb.emit(relax.op.astype(y, x.ty.dtype)) if x.ty.dtype != "float32" else y
 
 
 def _convert_diff(node, importer):
@@ -260,6 +407,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                                 unwrap_unit_return_tuple=True,
                                 custom_convert_map={"packed_linear.default": _convert_packed_linear({}, prefix, lanes),
                                                     "diff.default": _convert_diff,
+                                                    "fake_quant.default": _convert_fake_quant(prefix),
                                                     "linear.default": _convert_linear(prefix, lanes)})
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
@@ -274,7 +422,7 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
 
     if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]:
         raise TvmError(f"the TVM build takes one input whose dim 1 (sequence) is dynamic, got {input_specs}")
-    pgm, kernels = prepare(gm)
+    pgm, kernels = prepare(gm, input_specs)
     spec = input_specs[0]
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
     prefill, names = _import(pgm, example_inputs(input_specs), ({1: seq},), "", lanes)

@@ -90,12 +90,17 @@ def matmul(func, target, n_tile: int = 64):
 
 
 def elementwise(func, target):
-    """Inline, then per remaining block: fuse the spatial loops, parallelize large ones, vectorize
-    the innermost loop (8 lanes) when it is spatial."""
+    """Inline, then per remaining block: split the innermost spatial loop by the vector width and
+    vectorize it when its extent is static and divisible (no predicate in the vector loop),
+    fuse the loops outside it and parallelize them when the block is large or its size is
+    symbolic."""
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline
 
+    from finegrain.backends.tvm.kernels.lowbit import vector_lanes
+
+    lanes = vector_lanes(target) if target is not None else 8
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
@@ -115,11 +120,18 @@ def elementwise(func, target):
         for lp in loops[:lead]:
             e = _extent(sch, lp)
             total = None if e is None or total is None else total * e
-        fused = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
-        if lead == len(kinds):  # all spatial: vectorize the inner 8
-            outer, vec = sch.split(fused, [None, 8])
-            sch.vectorize(vec)
-            fused = outer
+        spatial = list(loops[:lead])
+        if lead == len(kinds):  # all spatial: vectorize the innermost loop where it divides evenly
+            e = _extent(sch, spatial[-1])
+            if e is not None and e % lanes == 0:
+                outer, vec = sch.split(spatial[-1], [None, lanes])
+                sch.vectorize(vec)
+                spatial[-1] = outer
+            elif e is not None and 2 <= e <= lanes:
+                sch.vectorize(spatial.pop())
+        if not spatial:
+            continue
+        fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         if total is None or total >= PARALLEL_MIN:
             sch.parallel(fused)
     return sch

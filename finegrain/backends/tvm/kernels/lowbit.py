@@ -19,8 +19,9 @@ all N. Per-channel weights are one group of K, per-tensor ones a ``[1, N]`` broa
 * GEMV (M = 1, decode): N tiled (``n_tile`` columns per parallel task, 8-lane fp32 vectors), the
   group's partial sums in a local buffer, each 32-bit word loaded once for its P codes, decoded
   in registers;
-* GEMM (M > 1 or symbolic M, prefill): each P-row slice of a group's codes is decoded once into a
-  local fp32 tile and reused by all M rows, with a register block of ``m_block`` rows x 16 columns.
+* GEMM (M > 1 or symbolic M, prefill): per strip of 2 vectors of columns, a group's codes are
+  decoded once into a local fp32 tile and reused by all M rows, in register blocks of 4 rows x
+  2 vectors accumulated over the whole group.
 
 ``linear_func`` returns the scheduled PrimFunc (what the Relax lowering calls through
 ``call_tir``); ``compile_linear`` builds one for direct calls (tests, ``benchmarks/tvm_kernels.py``).
@@ -111,7 +112,7 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
     while vectors > 1 and n % (lanes * vectors):
         vectors //= 2
     block = lanes * vectors if gemv else 2 * lanes
-    n_tile = _fit_tile(n, n_tile or (1024 if gemv else 256), block)
+    n_tile = _fit_tile(n, n_tile or (1024 if gemv else 128), block)
     if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None:
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
@@ -192,33 +193,35 @@ def _gemv_schedule(s_tir, func, n_tile: int, per: int, lanes: int, vectors: int)
     return sch
 
 
-def _gemm_schedule(s_tir, func, m: int | None, n_tile: int, per: int, lanes: int):
-    """M > 1: decode a [P, n_tile] tile of codes once per group slice, reuse it for all rows."""
+def _gemm_schedule(s_tir, func, m: int | None, n_tile: int, per: int, lanes: int, m_block: int = 4):
+    """M > 1: per strip of 2 vectors of columns and per group, decode the group's codes once into
+    a local [group, 2 x lanes] tile (L1-resident) and reuse it for every block of ``m_block`` rows,
+    whose 2 x ``m_block`` accumulator vectors stay in registers over the whole group."""
     sch = s_tir.Schedule(func)
     by, bp, bq = sch.get_sblock("y"), sch.get_sblock("part"), sch.get_sblock("qf")
     i, j, g = sch.get_loops(by)
-    jo, ji = sch.split(j, [None, n_tile])
-    sch.reorder(jo, g, i, ji)
-    _, jii = sch.split(ji, [None, lanes])
+    strip = 2 * lanes
+    jo, jb, jv = sch.split(j, [None, n_tile // strip, strip])
+    io, ii = sch.split(i, [None, m_block])
+    sch.reorder(jo, jb, g, io, ii, jv)
     sch.parallel(jo)
-    sch.vectorize(jii)
-    sch.compute_at(bp, g)
+    jvo, jvi = sch.split(jv, [None, lanes])
+    sch.vectorize(jvi)
+    sch.compute_at(bp, io)
     pm, pn, pk = sch.get_loops(bp)[-3:]
-    m_block = 4 if m is None or m % 4 == 0 else 2 if m % 2 == 0 else 1
-    pko, pki = sch.split(pk, [None, per])
-    pmo, pmi = sch.split(pm, [None, m_block])
-    pno, pnv, pni = sch.split(pn, [None, 2, lanes])
-    sch.reorder(pko, pmo, pno, pki, pmi, pnv, pni)
-    for loop in (pki, pmi, pnv):
-        sch.unroll(loop)
+    pnv, pni = sch.split(pn, [None, lanes])
+    sch.reorder(pk, pm, pnv, pni)
+    sch.unroll(pm)
+    sch.unroll(pnv)
     sch.vectorize(pni)
-    sch.compute_at(bq, pko)
+    sch.compute_at(bq, g)
     qk, qn = sch.get_loops(bq)[-2:]
+    qko, qki = sch.split(qk, [None, per])
     qno, qni = sch.split(qn, [None, lanes])
-    sch.reorder(qno, qk, qni)
-    sch.unroll(qk)
+    sch.reorder(qko, qno, qki, qni)  # one word load per P codes
+    sch.unroll(qki)
     sch.vectorize(qni)
     sch.set_scope(bp, 0, "local")
     sch.set_scope(bq, 0, "local")
-    sch.decompose_reduction(bp, pko)
+    sch.decompose_reduction(bp, pk)
     return sch
