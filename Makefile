@@ -47,6 +47,8 @@ bench: setup
 	$(BIN)/finegrain pareto --model smollm2-135m --recipe benchmarks/recipes/alloc-fisher-gptq.json \
 		--budgets 2.5 3 3.25 3.5 4 --max-windows 20 --out results/pareto_fisher_gptq --overwrite
 	$(BIN)/python benchmarks/onnx_runtime.py --reps 20 --max-windows 8 --out results/onnx_runtime
+	$(BIN)/python benchmarks/tvm_kernels.py --reps 300 --out results/tvm_kernels
+	$(BIN)/python benchmarks/tvm_model.py --reps 10 --prefill 128 512 --max-windows 4 --out results/tvm_model
 
 clean:
 	rm -rf $(VENV) out results .pytest_cache

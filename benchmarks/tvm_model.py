@@ -41,6 +41,7 @@ def main() -> None:
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     torch.set_num_threads(a.threads)
 
+    import finegrain
     import finegrain.backends.tvm  # noqa: F401  (thread count before TVM's pool starts)
     from finegrain.backends.onnx import make_session
     from finegrain.backends.tvm.build import host_target
@@ -123,8 +124,6 @@ def main() -> None:
     write_tables(a.out, lines, {"rows": rows, "rel_err": errs, "ppl": ppl, "build": b, "build_s": build_s,
                                 "compile_s": compile_s, "deploy_bytes": deploy_bytes, "target": target})
 
-
-import finegrain  # noqa: E402
 
 if __name__ == "__main__":
     main()

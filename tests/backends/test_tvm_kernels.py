@@ -9,8 +9,8 @@ from finegrain.formats import QuantFormat
 tvm = pytest.importorskip("tvm")
 
 from finegrain.backends.tvm.kernels.dense import gemv_func  # noqa: E402
-from finegrain.backends.tvm.kernels.lowbit import (compile_linear, pack_weight, unpack_weight_ref,  # noqa: E402
-                                                   vector_lanes)
+from finegrain.backends.tvm.kernels.lowbit import (ROW_BLOCK, compile_linear, pack_weight,  # noqa: E402
+                                                   unpack_weight_ref, vector_lanes)
 
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: runs on any x86-64 CI machine with it
 
@@ -49,7 +49,14 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
     ref = (x @ dq.T).numpy()
     for rows in ([1, None] if m == 1 else [m, None]):  # static GEMV/GEMM and the symbolic-row prefill kernel
         f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET)
-        out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+        if rows is None:  # rows in whole blocks [mq, ROW_BLOCK, k], zero-padded, as the lowering feeds it
+            mq = -(-m // ROW_BLOCK)
+            xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
+            xb[:m] = x.numpy()
+            out = _run(f, xb.reshape(mq, ROW_BLOCK, k), p["w"], p["scale"], p["zs"],
+                       np.zeros((mq, ROW_BLOCK, n), np.float32)).reshape(-1, n)[:m]
+        else:
+            out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
         assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
 
 

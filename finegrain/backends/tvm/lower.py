@@ -232,7 +232,9 @@ def _fix_bool_cumsum(ep) -> None:
 
 
 def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
-    from tvm import relax, tirx
+    from tvm import relax, te, tirx
+
+    from finegrain.backends.tvm.kernels.lowbit import ROW_BLOCK
 
     def convert(node, importer):
         bb = importer.block_builder
@@ -252,7 +254,17 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
                 {"op_pattern": 8, "global_symbol": key})  # opaque: elementwise ops are not fused into it
             cache[key] = bb.add_func(func, key)
         x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-        y = bb.emit(relax.call_tir(cache[key], [x2, w, sc, zs], relax.TensorType([rows, n], "float32")))
+        if one:
+            y = bb.emit(relax.call_tir(cache[key], [x2, w, sc, zs], relax.TensorType([rows, n], "float32")))
+        else:  # the prefill kernel takes whole blocks of ROW_BLOCK rows: pad, run, cut
+            mq = tirx.floordiv(rows + ROW_BLOCK - 1, ROW_BLOCK)
+            xp = bb.emit_te(lambda t: te.compute((mq * ROW_BLOCK, k), lambda i, c: te.if_then_else(
+                i < rows, t[i, c], tirx.const(0.0, "float32")), name="pad_rows"), x2, primfunc_name_hint=f"{prefix}pad_rows")
+            x3 = bb.emit(relax.op.reshape(xp, [mq, ROW_BLOCK, k]))
+            y3 = bb.emit(relax.call_tir(cache[key], [x3, w, sc, zs], relax.TensorType([mq, ROW_BLOCK, n], "float32")))
+            y2 = bb.emit(relax.op.reshape(y3, [mq * ROW_BLOCK, n]))
+            y = bb.emit_te(lambda t: te.compute((rows, n), lambda i, c: t[i, c], name="cut_rows"), y2,
+                           primfunc_name_hint=f"{prefix}cut_rows")
         y = bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 

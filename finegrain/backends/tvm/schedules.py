@@ -30,7 +30,7 @@ def _extent(sch, loop) -> int | None:
 
 def matmul(func, target, n_tile: int = 64):
     """The rule described in the module docstring, or None where the function is not a matmul."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
     from tvm.s_tir.dlight.gpu.matmul import get_index_map, get_reduction_blocks
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
@@ -55,6 +55,26 @@ def matmul(func, target, n_tile: int = 64):
     sch.transform_layout(rc, ("read", 0), c_map)
     sch.transform_block_layout(main, mm_map)
     sch.transform_layout(rb, ("write", 0), lambda s, j, k: (s, k, j))  # panel: j contiguous
+    _, ei, ej, _ = (sch.get(lp).extent for lp in sch.get_loops(main))
+    one_row = isinstance(ei, tirx.IntImm) and int(ei) == 1
+    padded = not (isinstance(ei, tirx.IntImm) and isinstance(ej, tirx.IntImm))
+    if padded:
+        # symbolic rows / columns (prefill's attention): pad the iteration space to whole tiles, so the
+        # vector loops carry no predicate (a predicated vector loop is scalarized)
+        sch.pad_einsum(main, [1, 1 if one_row else 4, n_tile, 1])
+        b_buf = sch.get(main).reads[1].source
+        names = {sch.get(ra).name_hint, sch.get(rb).name_hint}
+        for prod in sch.get_producers(main):
+            if sch.get(prod).name_hint in names:
+                continue  # this operand needed no padding
+            if sch.get(prod).writes[0].source.same_as(b_buf):
+                sch.compute_inline(rb)  # the reindex into the padded panel: one packing stage
+                rb = prod
+            else:
+                sch.compute_inline(ra)
+                ra = prod
+        for cons in sch.get_consumers(main):
+            sch.compute_inline(cons)  # the un-padding copy, into the write-out
     sch.compute_inline(ra)
     for b in others:  # producers (a fused transpose) into the reads, epilogues into the write
         for inline in (sch.compute_inline, sch.reverse_compute_inline):
@@ -64,7 +84,6 @@ def matmul(func, target, n_tile: int = 64):
             except Exception:  # noqa: BLE001 - not inlinable: it keeps its own loops
                 continue
     s, i, j, k = sch.get_loops(main)
-    one_row = _extent(sch, i) == 1
     jo, jm, jv, ji = sch.split(j, [None, n_tile // 16, 2, 8])
     io, ii = sch.split(i, [None, 1 if one_row else 4])
     sch.reorder(s, jo, io, jm, k, ii, jv, ji)
@@ -73,7 +92,7 @@ def matmul(func, target, n_tile: int = 64):
     sch.reverse_compute_at(rc, jm)  # the tile is written out (with the epilogue) from registers
     sch.set_scope(main, 0, "local")
     rl = sch.get_loops(rc)[-1]
-    if _extent(sch, rl) and _extent(sch, rl) % 8 == 0:
+    if not padded and _extent(sch, rl) and _extent(sch, rl) % 8 == 0:
         sch.vectorize(sch.split(rl, [None, 8])[1])
     if one_row:
         sch.compute_inline(rb)  # no reuse across rows: read B where it is

@@ -36,6 +36,7 @@ import torch
 from finegrain.formats import QTensor, QuantFormat
 
 DEFAULT_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+ROW_BLOCK = 4  # rows per register block of the prefill kernel (its x / y are [mq, ROW_BLOCK, ...])
 CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
 
 
@@ -100,9 +101,12 @@ def vector_lanes(target: dict | None) -> int:
 
 def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n_tile: int | None = None,
                 lanes: int = 8, vectors: int = 4):
-    """The scheduled PrimFunc ``f(x[m, k], w, scale, zs, y[m, n])``; ``m=None`` makes the row count
-    symbolic (the prefill kernel), ``m=1`` picks the GEMV schedule. ``lanes``: fp32 vector width
-    (:func:`vector_lanes`); ``vectors``: independent accumulator vectors per GEMV block."""
+    """The scheduled PrimFunc ``f(x[m, k], w, scale, zs, y[m, n])``; ``m=1`` picks the GEMV schedule.
+    ``m=None`` is the prefill kernel: rows come in blocks, ``x[mq, ROW_BLOCK, k]`` and ``y[mq,
+    ROW_BLOCK, n]`` with ``mq`` symbolic (the caller pads the rows to whole blocks), so the
+    register-blocked loops carry no bounds check (a symbolic row count split by 4 costs ~3x in
+    predicates). ``lanes``: fp32 vector width (:func:`vector_lanes`); ``vectors``: independent
+    accumulator vectors per GEMV block."""
     import tvm
     import tvm.s_tir as s_tir
     from tvm import te
@@ -117,13 +121,13 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
     g_count = k // group_size
-    rows = m if m is not None else tvm.tirx.Var("m", "int64")
-    x = te.placeholder((rows, k), "float32", name="x")
+    rows = (m,) if m is not None else (tvm.tirx.Var("mq", "int64"), ROW_BLOCK)
+    x = te.placeholder((*rows, k), "float32", name="x")
     w = te.placeholder((k // per, n), "int32", name="w")
     sc = te.placeholder((g_count, n), "float32", name="scale")
     zs = te.placeholder((g_count, n), "float32", name="zs")
     r = te.reduce_axis((0, group_size), "r")
-    xs = te.compute((rows, g_count), lambda i, g: te.sum(x[i, g * group_size + r], axis=r), name="xsum")
+    xs = te.compute((*rows, g_count), lambda *a: te.sum(x[(*a[:-1], a[-1] * group_size + r)], axis=r), name="xsum")
     kk = te.reduce_axis((0, group_size), "k")
     pos = 23 - bits  # a code's bits land at the top of the fp32 mantissa, under the exponent of 1.0
     mask = tvm.tirx.const(((1 << bits) - 1) << pos, "int32")
@@ -137,14 +141,14 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
 
     if not gemv:  # codes decoded by their own stage, so a decoded tile serves every row
         qf = te.compute((k, n), lambda k_, j: code(k_, j), name="qf")
-        part = te.compute((rows, g_count, n), lambda i, g, j: te.sum(
-            x[i, g * group_size + kk] * qf[g * group_size + kk, j], axis=kk), name="part")
+        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
+            x[(*a[:-2], a[-2] * group_size + kk)] * qf[a[-2] * group_size + kk, a[-1]], axis=kk), name="part")
     else:
-        part = te.compute((rows, g_count, n), lambda i, g, j: te.sum(
-            x[i, g * group_size + kk] * code(g * group_size + kk, j), axis=kk), name="part")
+        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
+            x[(*a[:-2], a[-2] * group_size + kk)] * code(a[-2] * group_size + kk, a[-1]), axis=kk), name="part")
     gg = te.reduce_axis((0, g_count), "gg")
-    y = te.compute((rows, n), lambda i, j: te.sum(part[i, gg, j] * sc[gg, j] - xs[i, gg] * zs[gg, j], axis=gg),
-                   name="y")
+    y = te.compute((*rows, n), lambda *a: te.sum(
+        part[(*a[:-1], gg, a[-1])] * sc[gg, a[-1]] - xs[(*a[:-1], gg)] * zs[gg, a[-1]], axis=gg), name="y")
     func = te.create_prim_func([x, w, sc, zs, y])
     sch = (_gemv_schedule(s_tir, func, n_tile, per, lanes, vectors) if gemv
            else _gemm_schedule(s_tir, func, m, n_tile, per, lanes))
@@ -159,9 +163,10 @@ def _fit_tile(n: int, want: int, block: int) -> int | None:
     return None
 
 
-def compile_linear(m: int, k: int, n: int, group_size: int, bits: int = 4, target: dict | None = None,
+def compile_linear(m: int | None, k: int, n: int, group_size: int, bits: int = 4, target: dict | None = None,
                    n_tile: int | None = None, vectors: int = 4):
-    """``linear_func`` built for ``target`` (default: AVX2, 2 cores)."""
+    """``linear_func`` built for ``target`` (default: AVX2, 2 cores); ``m=None``: x is
+    ``[mq, ROW_BLOCK, k]`` (see :func:`linear_func`)."""
     import tvm
 
     func = linear_func(m, k, n, group_size, bits, n_tile, vector_lanes(target), vectors)
@@ -199,10 +204,14 @@ def _gemm_schedule(s_tir, func, m: int | None, n_tile: int, per: int, lanes: int
     whose 2 x ``m_block`` accumulator vectors stay in registers over the whole group."""
     sch = s_tir.Schedule(func)
     by, bp, bq = sch.get_sblock("y"), sch.get_sblock("part"), sch.get_sblock("qf")
-    i, j, g = sch.get_loops(by)
+    loops = sch.get_loops(by)
     strip = 2 * lanes
+    if len(loops) == 4:  # rows already in blocks: [mq, ROW_BLOCK]
+        io, ii, j, g = loops
+    else:
+        i, j, g = loops
+        io, ii = sch.split(i, [None, m_block])
     jo, jb, jv = sch.split(j, [None, n_tile // strip, strip])
-    io, ii = sch.split(i, [None, m_block])
     sch.reorder(jo, jb, g, io, ii, jv)
     sch.parallel(jo)
     jvo, jvi = sch.split(jv, [None, lanes])
