@@ -117,15 +117,19 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
     assert TvmDeployment(out)(torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, 256)
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128"])
+FP4_WEIGHTS = {"name": "nvfp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g16-sym-e4m3"}]}
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights"])
 def test_other_code_widths_build(compile_tiny, tmp_path, recipe):
-    cm = compile_tiny(recipe)
+    cm = compile_tiny(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
-    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
-    ref = cm(ids)
-    assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    bits = {k["bits"] for k in dep.manifest["kernels"].values()}
-    assert bits == ({8} if recipe == "w8a16" else {4})
+    for seq in (1, 9):
+        ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
+        ref = cm(ids)
+        assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    kinds = {(k["kind"], k["bits"]) for k in dep.manifest["kernels"].values()}
+    assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)}}[recipe]
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a8-hadamard"])
@@ -143,8 +147,8 @@ def test_refusals_name_the_node_and_leave_nothing(compile_tiny, tmp_path):
     cm = compile_tiny("mxint8")  # MX block activations
     with pytest.raises(TvmError, match=r"node .*activation format int8-g32-sym-e8m0-dyn has no TVM lowering"):
         cm.build(tmp_path / "a", target=TARGET)
-    cm = compile_tiny({"name": "fp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g32-sym-e8m0"}]})
-    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e2m1"):
+    cm = compile_tiny({"name": "fp8-weights", "rules": [{"role": "linear", "weight": "e4m3-channel-sym-fp32"}]})
+    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e4m3"):
         cm.build(tmp_path / "b", target=TARGET)
     assert not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="only CPU"):

@@ -33,6 +33,8 @@ def _run(f, *arrays):
     ("int8-tensor-sym-fp16", 96, 2),
     ("int4-g16-sym-e4m3", 256, 1),  # NVINT4: FP8 block scales x a tensor scale
     ("int8-g32-sym-e8m0", 256, 2),  # MXINT8: power-of-two block scales
+    ("e2m1-g32-sym-e8m0", 256, 1),  # MXFP4: E2M1 bit patterns decoded in registers
+    ("e2m1-g16-sym-e4m3", 256, 3),  # NVFP4: FP8 block scales x a tensor scale
 ])
 def test_lowbit_kernel_matches_the_reference(tag, k, m):
     torch.manual_seed(0)
@@ -43,12 +45,12 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
     dq = fmt.dequantize(q)
     # the packed layout decodes back to the reference weight
     back = unpack_weight_ref(torch.from_numpy(p["w"]), torch.from_numpy(p["scale"]), torch.from_numpy(p["zs"]),
-                             p["bits"], k)
+                             p["bits"], k, p["kind"])
     assert torch.allclose(back, dq, atol=1e-6 * dq.abs().max().item() + 1e-7)
     x = torch.randn(m, k)
     ref = (x @ dq.T).numpy()
     for rows in ([1, None] if m == 1 else [m, None]):  # static GEMV/GEMM and the symbolic-row prefill kernel
-        f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET)
+        f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET, kind=p["kind"])
         if rows is None:  # rows in whole blocks [mq, ROW_BLOCK, k], zero-padded, as the lowering feeds it
             mq = -(-m // ROW_BLOCK)
             xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
@@ -70,9 +72,9 @@ def test_refusals_name_the_problem():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     with pytest.raises(ValueError, match="group"):
         compile_linear(1, 100, 64, 100, 4, target=TARGET)
-    nf4 = QuantFormat.parse("e2m1-g32-sym-e8m0")
+    fp8 = QuantFormat.parse("e4m3-channel-sym-fp32")
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
-        pack_weight(nf4, nf4.quantize(torch.randn(8, 64)))
+        pack_weight(fp8, fp8.quantize(torch.randn(8, 64)))
     w6 = QuantFormat.parse("int6-g32-asym-fp16")
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
         pack_weight(w6, w6.quantize(torch.randn(8, 64)))

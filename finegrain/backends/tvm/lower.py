@@ -1,8 +1,8 @@
 """Quantized FX graph -> Relax IRModule (issue #7).
 
 1. :func:`prepare` rewrites every ``aten.linear(x, finegrain::dequantize_packed(...), bias)`` whose
-   format has a kernel here (INT2/3/4/8 per group / channel / tensor) into
-   ``finegrain::packed_linear(x, w, scale, zs, bits, bias)`` on weights repacked for the kernel
+   format has a kernel here (INT2/3/4/8 per group / channel / tensor, FP4 E2M1 per group) into
+   ``finegrain::packed_linear(x, w, scale, zs, bits, bias, kind)`` on weights repacked for the kernel
    (``kernels/lowbit.py``), and turns every stored tensor into a parameter (so Relax keeps the
    weights as inputs, shipped beside the library, not baked into it). Formats without a kernel
    are refused naming the layer: a weight is never dequantized whole and then multiplied.
@@ -40,13 +40,14 @@ class TvmError(FinegrainError):
 
 @torch.library.custom_op("finegrain::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W^T + bias`` with W in the TVM kernel's packed layout (reference implementation)."""
-    return F.linear(x, unpack_weight_ref(w, scale, zs, bits, x.shape[-1]), bias)
+                  bias: Optional[torch.Tensor] = None, kind: str = "int") -> torch.Tensor:
+    """``x @ W^T + bias`` with W in the TVM kernel's packed layout (reference implementation);
+    ``kind``: ``int`` codes or ``e2m1`` (FP4) bit patterns."""
+    return F.linear(x, unpack_weight_ref(w, scale, zs, bits, x.shape[-1], kind), bias)
 
 
 @packed_linear.register_fake
-def _(x, w, scale, zs, bits, bias=None):
+def _(x, w, scale, zs, bits, bias=None, kind="int"):
     return x.new_empty((*x.shape[:-1], w.shape[1]))
 
 
@@ -187,12 +188,14 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None) -> tuple[Gra
                                                for u in users):
             raise TvmError(f"{layer}: the dequantized weight (node {n.name}) feeds {[u.name for u in users]}, not only "
                            "linears; only linear weights have TVM kernels")
-        extra = [a for a in n.args[6:] if a is not None] + [v for v in n.kwargs.values() if v is not None]
-        if container_bits(fmt) is None or extra:
+        scale2 = n.args[6] if len(n.args) > 6 else n.kwargs.get("scale2")
+        codebook = n.args[7] if len(n.args) > 7 else n.kwargs.get("codebook")
+        if container_bits(fmt) is None or codebook is not None:
             raise TvmError(f"{layer}: weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / "
-                           "tensor do)")
+                           "tensor and FP4 E2M1 per group do)")
         q = unpack_weight(_attr(gm, packed_node.target), _attr(gm, scale_node.target),
-                          _attr(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape))
+                          _attr(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
+                          _attr(gm, scale2.target) if scale2 is not None else None)
         try:
             p = pack_weight(fmt, q)
         except ValueError as e:
@@ -203,11 +206,11 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None) -> tuple[Gra
         for u in users:
             with graph.inserting_before(u):
                 bias = u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")
-                new = graph.call_function(PACKED_LINEAR, (u.args[0], *attrs, p["bits"], bias))
+                new = graph.call_function(PACKED_LINEAR, (u.args[0], *attrs, p["bits"], bias, p["kind"]))
             u.replace_all_uses_with(new)
             graph.erase_node(u)
         graph.erase_node(n)
-        kernels[layer] = {"format": fmt.tag, "bits": p["bits"], "group_size": p["group_size"],
+        kernels[layer] = {"format": fmt.tag, "kind": p["kind"], "bits": p["bits"], "group_size": p["group_size"],
                           "shape": list(shape)}
     graph.eliminate_dead_code()
     for n in graph.nodes:
@@ -241,6 +244,7 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
         args = importer.retrieve_args(node)
         x, w, sc, zs, bits = args[:5]
         bias = args[5] if len(args) > 5 else None
+        kind = args[6] if len(args) > 6 else "int"
         shape = list(x.ty.shape)
         k, n = int(shape[-1]), int(w.ty.shape[1])
         gs = k // int(sc.ty.shape[0])
@@ -248,9 +252,10 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
         for d in shape[1:-1]:
             rows = rows * d
         one = isinstance(rows, tirx.IntImm) and int(rows) == 1
-        key = f"{prefix}int{bits}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
+        code = f"int{bits}" if kind == "int" else kind
+        key = f"{prefix}{code}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
         if key not in cache:
-            func = linear_func(1 if one else None, k, n, gs, int(bits), lanes=lanes).with_attrs(
+            func = linear_func(1 if one else None, k, n, gs, int(bits), lanes=lanes, kind=kind).with_attrs(
                 {"op_pattern": 8, "global_symbol": key})  # opaque: elementwise ops are not fused into it
             cache[key] = bb.add_func(func, key)
         x2 = bb.emit(relax.op.reshape(x, [rows, k]))

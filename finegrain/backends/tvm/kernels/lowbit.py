@@ -40,8 +40,14 @@ ROW_BLOCK = 4  # rows per register block of the prefill kernel (its x / y are [m
 CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
 def container_bits(fmt: QuantFormat) -> int | None:
-    """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it."""
+    """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it: integers
+    per group / channel / tensor, and FP4 E2M1 per group (MXFP4, NVFP4)."""
+    if fmt.kind == "e2m1" and fmt.granularity == "group":
+        return 4
     if fmt.kind != "int" or fmt.granularity not in ("group", "channel", "tensor"):
         return None
     return CONTAINERS.get(fmt.bits)
@@ -52,7 +58,8 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     ``scale``, ``zs`` (and ``bits``, ``group_size``)."""
     bits = container_bits(fmt)
     if bits is None or q.codebook is not None:
-        raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor")
+        raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor or FP4 "
+                         "E2M1 per group")
     n, k = q.codes.shape
     per = 32 // bits
     gs = fmt.group_size if fmt.granularity == "group" else k
@@ -66,6 +73,15 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
         return t.repeat_interleave(gs if t.shape[1] > 1 else k, dim=1)[:, :k:kgs]
 
     scale = per_group(q.scale)
+    if fmt.kind == "e2m1":  # codes are the E2M1 bit patterns; the effective scale is what 1.0 dequantizes to
+        one = QTensor(torch.full_like(q.codes, 2), q.scale, q.zero, q.scale2, None)
+        eff = fmt.dequantize(one, torch.float32)[:, ::kgs]  # [N, K / kgs]
+        codes = q.codes.to(torch.int64).T.contiguous().numpy().astype(np.uint32)
+        w = np.zeros((k // per, n), np.uint32)
+        for i in range(per):
+            w |= codes[i::per] << np.uint32(bits * i)
+        return {"w": w.view(np.int32), "scale": eff.T.contiguous().numpy(),
+                "zs": np.zeros((k // kgs, n), np.float32), "bits": bits, "group_size": kgs, "kind": "e2m1"}
     offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0
     codes = (q.codes.to(torch.int64) + offset).T.contiguous().numpy().astype(np.uint32)  # [K, N]
     if codes.size and (codes.max() >= (1 << bits)):
@@ -77,16 +93,20 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     zero = per_group(q.zero) + offset
     big = scale * (1 << bits)
     return {"w": w, "scale": big.T.contiguous().numpy(), "zs": (zero * scale + big).T.contiguous().numpy(),
-            "bits": bits, "group_size": kgs}
+            "bits": bits, "group_size": kgs, "kind": "int"}
 
 
-def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int, k: int,
+                      kind: str = "int") -> torch.Tensor:
     """The packed layout back to an fp32 weight ``[N, K]`` (the op's reference / fake-free path)."""
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int64) * bits
     codes = (w.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)  # [K/P, P, N]
-    codes = codes.reshape(k, -1).float()
+    codes = codes.reshape(k, -1)
     gs = k // scale.shape[0]
+    if kind == "e2m1":
+        return (E2M1[codes] * scale.repeat_interleave(gs, 0)).T.contiguous()
+    codes = codes.float()
     s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, zero scale + 2^b scale
     return (codes * s - (zs.repeat_interleave(gs, 0) - s * (1 << bits))).T.contiguous()
 
@@ -100,7 +120,7 @@ def vector_lanes(target: dict | None) -> int:
 
 
 def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n_tile: int | None = None,
-                lanes: int = 8, vectors: int = 4):
+                lanes: int = 8, vectors: int = 4, kind: str = "int"):
     """The scheduled PrimFunc ``f(x[m, k], w, scale, zs, y[m, n])``; ``m=1`` picks the GEMV schedule.
     ``m=None`` is the prefill kernel: rows come in blocks, ``x[mq, ROW_BLOCK, k]`` and ``y[mq,
     ROW_BLOCK, n]`` with ``mq`` symbolic (the caller pads the rows to whole blocks), so the
@@ -117,7 +137,7 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         vectors //= 2
     block = lanes * vectors if gemv else 2 * lanes
     n_tile = _fit_tile(n, n_tile or (1024 if gemv else 128), block)
-    if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None:
+    if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None or (kind == "e2m1" and bits != 4):
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
     g_count = k // group_size
@@ -136,6 +156,13 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
     def code(k_, j):  # 1 + q / 2^bits, built from bits: shift, and, or (no int -> float conversion)
         word = w[k_ // per, j]
         sh = ((k_ % per) * bits).astype("int32")
+        if kind == "e2m1":  # E2M1 bits -> fp32 bits: e/m under the exponent (bias 126), e = 0 selected
+            v = (word >> sh) & 15
+            mag = v & 7
+            normal = (mag << 22) + tvm.tirx.const(126 << 23, "int32")
+            small = mag * tvm.tirx.const(0x3F000000, "int32")  # 0 -> 0.0, 1 -> 0.5
+            sign = (v & 8) << 28
+            return tvm.tirx.reinterpret("float32", tvm.tirx.Select(mag < 2, small, normal) | sign)
         moved = tvm.tirx.Select(sh <= pos, word << te.max(pos - sh, 0), word >> te.max(sh - pos, 0))
         return tvm.tirx.reinterpret("float32", (moved & mask) | one)
 
@@ -164,12 +191,12 @@ def _fit_tile(n: int, want: int, block: int) -> int | None:
 
 
 def compile_linear(m: int | None, k: int, n: int, group_size: int, bits: int = 4, target: dict | None = None,
-                   n_tile: int | None = None, vectors: int = 4):
+                   n_tile: int | None = None, vectors: int = 4, kind: str = "int"):
     """``linear_func`` built for ``target`` (default: AVX2, 2 cores); ``m=None``: x is
     ``[mq, ROW_BLOCK, k]`` (see :func:`linear_func`)."""
     import tvm
 
-    func = linear_func(m, k, n, group_size, bits, n_tile, vector_lanes(target), vectors)
+    func = linear_func(m, k, n, group_size, bits, n_tile, vector_lanes(target), vectors, kind)
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target or DEFAULT_TARGET))
 
 
