@@ -32,10 +32,11 @@ def compiled(tiny_llama, tiny_inputs):
     cache = {}
     example, calib, _ = tiny_inputs
 
-    def get(recipe: str):
-        if recipe not in cache:
-            cache[recipe] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
-        return cache[recipe]
+    def get(recipe):  # a preset name or a recipe dict (cached by its name)
+        key = recipe if isinstance(recipe, str) else recipe["name"]
+        if key not in cache:
+            cache[key] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[key]
 
     return get
 

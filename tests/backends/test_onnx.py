@@ -5,7 +5,6 @@ import onnx
 import pytest
 import torch
 
-import finegrain
 from finegrain.backends.onnx import ExportError, OnnxSession
 
 pytest.importorskip("onnxruntime")
@@ -16,20 +15,6 @@ def _w(tag, act=None, **kw):
     if act:
         rule["activation"] = act
     return {"name": tag, "rules": [rule], **kw}
-
-
-@pytest.fixture(scope="module")
-def compile_tiny(tiny_llama, tiny_inputs):
-    example, calib, _ = tiny_inputs
-    cache = {}
-
-    def get(recipe):
-        key = recipe if isinstance(recipe, str) else recipe["name"]
-        if key not in cache:
-            cache[key] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
-        return cache[key]
-
-    return get
 
 
 def _ops(path):
@@ -43,8 +28,8 @@ def _ops(path):
     ("int8-channel-sym-fp16", "DequantizeLinear(int8, axis 1)", "MatMulNBits(bits=8, block_size="),
     ("int3-g32-asym-fp16", "DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),
 ])
-def test_weight_only_is_exact_at_accuracy_level_0(compile_tiny, tiny_inputs, tmp_path, tag, qdq_form, nbits_form):
-    cm = compile_tiny(_w(tag))
+def test_weight_only_is_exact_at_accuracy_level_0(compiled, tiny_inputs, tmp_path, tag, qdq_form, nbits_form):
+    cm = compiled(_w(tag))
     _, _, test = tiny_inputs
     ref = cm(test)
     for style, form in (("qdq", qdq_form), ("matmulnbits", nbits_form)):
@@ -60,9 +45,9 @@ def test_weight_only_is_exact_at_accuracy_level_0(compile_tiny, tiny_inputs, tmp
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), style
 
 
-def test_packed_weights_are_smaller_than_float(compile_tiny, tmp_path):
-    cm = compile_tiny(_w("int4-g32-asym-fp16"))
-    fp = compile_tiny({"name": "fp", "rules": []})
+def test_packed_weights_are_smaller_than_float(compiled, tmp_path):
+    cm = compiled(_w("int4-g32-asym-fp16"))
+    fp = compiled({"name": "fp", "rules": []})
     q = cm.export_onnx(tmp_path / "q.onnx", style="matmulnbits")["bytes"]
     f = fp.export_onnx(tmp_path / "f.onnx")["bytes"]
     w = sum(v["shape"][0] * v["shape"][1] for v in cm.quantized.values())
@@ -70,8 +55,8 @@ def test_packed_weights_are_smaller_than_float(compile_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a4-hadamard", "fp8"])
-def test_activation_quantization_and_hadamard_match_the_reference(compile_tiny, tiny_inputs, tmp_path, recipe):
-    cm = compile_tiny(recipe)
+def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny_inputs, tmp_path, recipe):
+    cm = compiled(recipe)
     _, _, test = tiny_inputs
     ref = cm(test)
     info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits")
@@ -85,7 +70,7 @@ def test_activation_quantization_and_hadamard_match_the_reference(compile_tiny, 
     out = OnnxSession(cm, path=info["path"]).run(test)
     # identical arithmetic up to fp32 rounding; a rounding tie flipping one code stays far below this
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
-    fake_free = compile_tiny(_w(cm.recipe.rules[0].weight.tag))(test)
+    fake_free = compiled(_w(cm.recipe.rules[0].weight.tag))(test)
     assert (ref - fake_free).abs().max() > 10 * (out - ref).abs().max()  # the check can see activation error
 
 
@@ -93,8 +78,8 @@ def _initializers(path):
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
 
 
-def test_accuracy_level_4_quantizes_activations(compile_tiny, tiny_inputs, tmp_path):
-    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+def test_accuracy_level_4_quantizes_activations(compiled, tiny_inputs, tmp_path):
+    cm = compiled(_w("int4-g32-asym-fp16"))
     _, _, test = tiny_inputs
     ref = cm(test)
     info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits", accuracy_level=4)
@@ -104,23 +89,23 @@ def test_accuracy_level_4_quantizes_activations(compile_tiny, tiny_inputs, tmp_p
     assert 1e-5 * ref.abs().max() < err4 < 0.1 * ref.abs().max()
 
 
-def test_dynamic_sequence_length(compile_tiny, tmp_path):
-    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+def test_dynamic_sequence_length(compiled, tmp_path):
+    cm = compiled(_w("int4-g32-asym-fp16"))
     s = OnnxSession(cm, style="matmulnbits")
     for n in (3, 57):
         ids = torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(n))
         assert (s.run(ids) - cm(ids)).abs().max() <= 1e-5 * cm(ids).abs().max()
 
 
-def test_refusals_name_the_layer_and_leave_nothing(compile_tiny, tmp_path):
-    cm = compile_tiny(_w("nf4-g32-sym-fp16"))
+def test_refusals_name_the_layer_and_leave_nothing(compiled, tmp_path):
+    cm = compiled(_w("nf4-g32-sym-fp16"))
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj.*nf4-g32-sym-fp16"):
         cm.export_onnx(tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
-    mx = compile_tiny("nvfp4")
+    mx = compiled("nvfp4")
     with pytest.raises(ExportError, match="e2m1"):
         mx.export_onnx(tmp_path / "y.onnx")
-    ok = compile_tiny(_w("int4-g32-asym-fp16"))
+    ok = compiled(_w("int4-g32-asym-fp16"))
     with pytest.raises(ExportError, match="style"):
         ok.export_onnx(tmp_path / "z.onnx", style="gguf")
     ok.export_onnx(tmp_path / "z.onnx")
@@ -129,10 +114,10 @@ def test_refusals_name_the_layer_and_leave_nothing(compile_tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.onnx"]  # no temporary directories left
 
 
-def test_cli_export_check(compile_tiny, tmp_path, capsys):
+def test_cli_export_check(compiled, tmp_path, capsys):
     from finegrain.cli import main
 
-    cm = compile_tiny(_w("int4-g32-asym-fp16"))
+    cm = compiled(_w("int4-g32-asym-fp16"))
     cm.save(tmp_path / "a")
     assert main(["export", str(tmp_path / "a"), "--onnx", str(tmp_path / "m.onnx"), "--style", "matmulnbits",
                  "--check"]) == 0

@@ -23,29 +23,15 @@ TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 
 
 @pytest.fixture(scope="module")
-def compile_tiny(tiny_llama, tiny_inputs):
-    example, calib, _ = tiny_inputs
-    cache = {}
-
-    def get(recipe):
-        key = recipe if isinstance(recipe, str) else recipe["name"]
-        if key not in cache:
-            cache[key] = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
-        return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def deployed(compile_tiny, tmp_path_factory):
-    cm = compile_tiny("w4a16-g128")
+def deployed(compiled, tmp_path_factory):
+    cm = compiled("w4a16-g128")
     out = tmp_path_factory.mktemp("tvm") / "deploy"
     manifest = cm.build(out, target=TARGET, max_seq_len=64)
     return cm, out, manifest
 
 
-def test_each_quantized_linear_is_one_call_to_a_lowbit_kernel(compile_tiny):
-    cm = compile_tiny("w4a16-g128")
+def test_each_quantized_linear_is_one_call_to_a_lowbit_kernel(compiled):
+    cm = compiled("w4a16-g128")
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, 64, TARGET)
     assert len(kernels) == len(cm.quantized) == 14
     for fn, kind in (("prefill", "gemm"), ("decode", "gemv")):
@@ -121,8 +107,8 @@ FP4_WEIGHTS = {"name": "nvfp4-weights", "rules": [{"role": "linear", "weight": "
 
 
 @pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights"])
-def test_other_code_widths_build(compile_tiny, tmp_path, recipe):
-    cm = compile_tiny(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)
+def test_other_code_widths_build(compiled, tmp_path, recipe):
+    cm = compiled(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
@@ -133,8 +119,8 @@ def test_other_code_widths_build(compile_tiny, tmp_path, recipe):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a8-hadamard"])
-def test_activation_quantization_and_online_hadamard(compile_tiny, recipe):
-    cm = compile_tiny(recipe)
+def test_activation_quantization_and_online_hadamard(compiled, recipe):
+    cm = compiled(recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
@@ -143,11 +129,11 @@ def test_activation_quantization_and_online_hadamard(compile_tiny, recipe):
         assert (dep.run(ids) - ref).abs().max() <= 1e-3 * ref.abs().max(), (recipe, seq)
 
 
-def test_refusals_name_the_node_and_leave_nothing(compile_tiny, tmp_path):
-    cm = compile_tiny("mxint8")  # MX block activations
+def test_refusals_name_the_node_and_leave_nothing(compiled, tmp_path):
+    cm = compiled("mxint8")  # MX block activations
     with pytest.raises(TvmError, match=r"node .*activation format int8-g32-sym-e8m0-dyn has no TVM lowering"):
         cm.build(tmp_path / "a", target=TARGET)
-    cm = compile_tiny({"name": "fp8-weights", "rules": [{"role": "linear", "weight": "e4m3-channel-sym-fp32"}]})
+    cm = compiled({"name": "fp8-weights", "rules": [{"role": "linear", "weight": "e4m3-channel-sym-fp32"}]})
     with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e4m3"):
         cm.build(tmp_path / "b", target=TARGET)
     assert not list(tmp_path.iterdir())
@@ -155,10 +141,10 @@ def test_refusals_name_the_node_and_leave_nothing(compile_tiny, tmp_path):
         cm.build(tmp_path / "c", target={"kind": "cuda"})
 
 
-def test_cli_build_and_tuning_database_is_reused(compile_tiny, tmp_path):
+def test_cli_build_and_tuning_database_is_reused(compiled, tmp_path):
     from finegrain.cli import main
 
-    cm = compile_tiny("w4a16-g128")
+    cm = compiled("w4a16-g128")
     cm.save(tmp_path / "art")
     out = tmp_path / "dep"
     args = ["build", str(tmp_path / "art"), "--out", str(out), "--target", json.dumps(TARGET), "--max-seq-len", "32",

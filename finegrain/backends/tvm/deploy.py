@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from finegrain.errors import ArtifactError, InputError
-from finegrain.runtime.artifact import _dumps, _sha256
+from finegrain.runtime.artifact import _dumps, _sha256, verify_files
 from finegrain.runtime.files import atomic_directory
 
 DEPLOY_VERSION = 1
@@ -123,12 +123,7 @@ class TvmDeployment:
         if version != DEPLOY_VERSION:
             raise ArtifactError(f"{path}: deployment version {version!r} is not supported (this finegrain reads "
                                 f"{DEPLOY_VERSION})")
-        for name, digest in manifest["files"].items():
-            f = path / name
-            if not f.is_file():
-                raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
-            if _sha256(f) != digest:
-                raise ArtifactError(f"{path}: file {name} is corrupted (SHA-256 does not match the manifest)")
+        verify_files(path, manifest)
         if threads:
             import os
 
