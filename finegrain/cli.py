@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -31,8 +32,9 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 def _ppl_rows(results: list[tuple[str, dict, float | None, int]]) -> list[list]:
-    fp = results[0][1]["ppl"]
-    return [[name, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%", f"{bpw:.3f}" if bpw else "32 (fp32)",
+    fp = results[0][1]["ppl"] if results[0][0].startswith("fp32") else None  # no float row: no Δ
+    return [[name, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp else "-",
+             f"{bpw:.3f}" if bpw else "32 (fp32)",
              f"{nbytes / 1e6:.1f}", f"{r['windows']}/{r['windows_available']}", f"{r['seconds']:.0f}"]
             for name, r, bpw, nbytes in results]
 
@@ -202,8 +204,10 @@ def cmd_eval(args) -> None:
                                      "tvm, no --compare-fp; evaluate its source artifact for those)")
             if cm.tokenizer is None:
                 raise FinegrainError(f"{path}: the deployment has no tokenizer to evaluate perplexity with")
+            q = cm.quantized
+            bpw = sum(v["bits"] for v in q.values()) / sum(math.prod(v["shape"]) for v in q.values()) if q else None
             results.append((f"{path} (TVM deployment, {cm.manifest['recipe']['name']})",
-                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows), None,
+                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows), bpw,
                             (path / "params.bin").stat().st_size))
             _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
