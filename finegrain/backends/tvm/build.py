@@ -24,7 +24,6 @@ def build_executable(mod, target: dict, tune_trials: int = 0, work_dir: str | Pa
                      progress: bool = False):
     """``(executable, report)``; report: seconds per stage and which schedule each function got."""
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     from finegrain.backends.tvm.schedules import schedule_module
@@ -52,5 +51,4 @@ def build_executable(mod, target: dict, tune_trials: int = 0, work_dir: str | Pa
         mod = tvm.transform.Sequential(cpu.dataflow_lower_passes(tgt) + cpu.finalize_passes(tgt))(mod)
     ex = tvm.compile(mod, target=tgt, relax_pipeline=None)
     report["codegen_s"] = round(time.perf_counter() - t, 2)
-    del relax
     return ex, report

@@ -132,14 +132,6 @@ def _layer(packed_node) -> str:
     return str(packed_node.target).removesuffix("_qpacked")
 
 
-def _get(gm: GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if node.op != "get_attr":
-        raise TvmError(f"node {node.name}: a quantized weight's tensors must be stored constants, got {node.op}")
-    return gm.get_submodule("").get_buffer(node.target) if "." not in node.target else _attr(gm, node.target)
-
-
 def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     obj = gm
     for part in target.split("."):
