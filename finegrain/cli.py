@@ -271,13 +271,17 @@ def cmd_build(args) -> None:
     if not hasattr(cm, "gm"):
         raise FinegrainError(f"{args.artifact} is already a TVM deployment; build from the artifact it came from")
     m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, int8=not args.no_int8)
     b = m["build"]
     out = Path(args.out)
     size = sum((out / f).stat().st_size for f in m["files"])
     kernels: dict[str, int] = {}
     for k in m["kernels"].values():
-        key = f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}"
+        if k["kind"] == "int8-dot":
+            key = (f"{k['format']} x {k['activation']} -> int8-dot kernel ({k['epilogue']} epilogue), groups of "
+                   f"{k['group_size']}")
+        else:
+            key = f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}"
         kernels[key] = kernels.get(key, 0) + 1
     rows = [[k, v] for k, v in sorted(kernels.items())]
     rows.append(["other functions by schedule", ", ".join(f"{k} {v}" for k, v in b["schedules"].items())])
@@ -454,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0 = hand schedules only); the database is kept in OUT/tuning and reused by the next "
                          "build into OUT (with --overwrite)")
     bd.add_argument("--max-seq-len", type=int, default=2048, help="longest prefill the deployment accepts")
+    bd.add_argument("--no-int8", action="store_true",
+                    help="keep INT2-4 weight x INT8 activation linears (W4A8, DGQ) on fp32 compute instead of the "
+                         "integer-dot kernel (for comparisons)")
     bd.add_argument("--overwrite", action="store_true")
     bd.set_defaults(fn=cmd_build)
 

@@ -107,14 +107,16 @@ class CompiledModel:
         return export_onnx(self, path, style=style, accuracy_level=accuracy_level, overwrite=overwrite)
 
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
-              max_seq_len: int = 2048, overwrite: bool = False) -> dict:
+              max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True) -> dict:
         """Compile ahead of time with TVM into the deployment directory ``out`` (a shared library,
         the weights in TVM's parameter format, a manifest; ``backends/tvm/deploy.py``). ``target``:
-        ``"llvm"``/None = this CPU, or a TVM target dict. Returns the manifest."""
+        ``"llvm"``/None = this CPU, or a TVM target dict. ``int8``: INT8 x INT2-4 linears (W4A8,
+        DGQ) run integer dot products (``kernels/a8.py``); False keeps them on fp32 compute.
+        Returns the manifest."""
         from finegrain.backends.tvm.deploy import build_deployment
 
         return build_deployment(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
-                                overwrite=overwrite)
+                                overwrite=overwrite, int8=int8)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from finegrain.runtime.artifact import save_artifact

@@ -118,15 +118,44 @@ def test_other_code_widths_build(compiled, tmp_path, recipe):
     assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)}}[recipe]
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a8-hadamard"])
+# which kernel each recipe's linears get: W(<=4)A8 / A4 with symmetric activations run integer dots
+ACT_KERNELS = {"w8a8": {"int"}, "w8a8-static": {"int"}, "w4a8-g128": {"int8-dot"}, "w4a4-rot": {"int8-dot"},
+               "w4a8-hadamard": {"int8-dot"}, "w4a8-dgq": {"int8-dot"}}
+
+
+@pytest.mark.parametrize("recipe", list(ACT_KERNELS))
 def test_activation_quantization_and_online_hadamard(compiled, recipe):
     cm = compiled(recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
+    assert {k["kind"] for k in dep.manifest["kernels"].values()} == ACT_KERNELS[recipe]
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
         ref = cm(ids)
         # 1e-3: fp32 summation order may flip a rounding tie of an activation code (one step)
         assert (dep.run(ids) - ref).abs().max() <= 1e-3 * ref.abs().max(), (recipe, seq)
+
+
+def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
+    cm = compiled("w4a8-dgq")
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, 64, TARGET)
+    assert len(kernels) == 14 and {(k["kind"], k["epilogue"]) for k in kernels.values()} == {("int8-dot", "int")}
+    assert {k["activation"] for k in kernels.values()} == {"int8-token-sym-fp32-dyn"}
+    for fn, kind in (("prefill", "gemm"), ("decode", "gemv")):
+        text = mod[fn].script()
+        assert text.count(f"a8int_{kind}_") == 14, fn
+        assert "fake_quant" not in text and "int4_" not in text  # no fp32-compute kernel, no fake quantization
+        # one quantization per distinct activation (q/k/v and gate/up share theirs): 4 per layer, 2 layers
+        assert text.count("act_codes") == 8, fn
+    names = [n for n, _ in params]
+    assert sum(n.endswith("_tvm_ga") for n in names) == 14
+    # the integer group scales and their products with the zero points ship as int32
+    assert all(t.dtype == torch.int32 for n, t in params if n.endswith(("_tvm_ga", "_tvm_gb")))
+    # int8=False keeps them on the fp32-compute kernel (the comparison the benchmark makes)
+    _, _, fp = import_relax(cm.gm, cm.input_specs, 64, TARGET, int8=False)
+    assert {k["kind"] for k in fp.values()} == {"int"}
+    # a target without AVX2 falls back to it too
+    _, _, old = import_relax(cm.gm, cm.input_specs, 64, {"kind": "llvm", "mcpu": "x86-64"})
+    assert {k["kind"] for k in old.values()} == {"int"}
 
 
 def test_refusals_name_the_node_and_leave_nothing(compiled, tmp_path):

@@ -50,8 +50,10 @@ def parse_target(target: str | dict | None) -> dict:
 
 
 def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
-                     max_seq_len: int = 2048, overwrite: bool = False, progress: bool = False) -> dict:
-    """Build ``cm`` (a CompiledModel) into the deployment directory ``out``; returns the manifest."""
+                     max_seq_len: int = 2048, overwrite: bool = False, progress: bool = False,
+                     int8: bool = True) -> dict:
+    """Build ``cm`` (a CompiledModel) into the deployment directory ``out``; returns the manifest.
+    ``int8=False`` keeps W(<=4)A8 linears on the fp32-compute kernel (for comparisons)."""
     import tvm
 
     from finegrain import __version__
@@ -64,7 +66,7 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
         raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it (its tuning/ database "
                          "is then reused)")
     t0 = time.perf_counter()
-    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target)
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8)
     import_s = time.perf_counter() - t0
     with atomic_directory(out, overwrite) as tmp:
         if tune_trials > 0 and (out / TUNING).is_dir():
@@ -177,12 +179,13 @@ class TvmSession(TvmDeployment):
     """``cm.session("tvm", ...)``: builds ``cm`` into a temporary directory and loads it."""
 
     def __init__(self, cm, target: str | dict | None = None, tune_trials: int = 0, max_seq_len: int = 2048,
-                 threads: int | None = None, path: str | Path | None = None):
+                 threads: int | None = None, path: str | Path | None = None, int8: bool = True):
         import tempfile
 
         self._tmp = None
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-tvm-")
             path = Path(self._tmp.name) / "deploy"
-            self.build = build_deployment(cm, path, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len)
+            self.build = build_deployment(cm, path, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
+                                          int8=int8)
         super().__init__(path, threads=threads)

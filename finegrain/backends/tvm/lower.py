@@ -20,6 +20,7 @@ orthonormal matrix. MX / NV block activations, FP8 activations and MoE grouped G
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ from torch.fx import Graph, GraphModule
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
+from finegrain.backends.tvm.kernels import a8
 from finegrain.backends.tvm.kernels.lowbit import (container_bits, linear_func, pack_weight, unpack_weight_ref,
                                                    vector_lanes)
 from finegrain.runtime.compiled import example_inputs
@@ -64,7 +66,22 @@ def _(x, fmt, scale=None, zero=None):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("finegrain::a8_linear", mutates_args=())
+def a8_linear(x: torch.Tensor, act: str, act_scale: Optional[torch.Tensor], act_zero: Optional[torch.Tensor],
+              w: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, cs: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fake_quant(x, act) @ W^T + bias`` with W in the integer-dot kernel's layout (``kernels/a8.py``;
+    reference implementation: the TVM kernel computes it with INT8 codes and integer sums)."""
+    return F.linear(fake_quant(x, act, act_scale, act_zero), a8.unpack_weight_ref(w, ga, gb, cs), bias)
+
+
+@a8_linear.register_fake
+def _(x, act, act_scale, act_zero, w, ga, gb, cs, bias=None):
+    return x.new_empty((*x.shape[:-1], w.shape[1]))
+
+
 PACKED_LINEAR = torch.ops.finegrain.packed_linear.default
+A8_LINEAR = torch.ops.finegrain.a8_linear.default
 FAKE_QUANT = torch.ops.finegrain.fake_quant.default
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
 
@@ -139,9 +156,46 @@ def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     return obj
 
 
-def prepare(gm: GraphModule, input_specs: list[dict] | None = None) -> tuple[GraphModule, dict]:
+def _int8_input(users) -> str | None:
+    """The activation format when every linear reading this weight takes a fake-quantized input
+    the integer-dot kernel can take as INT8 codes (``kernels/a8.py``), else None."""
+    tags = set()
+    for u in users:
+        src = u.args[0]
+        if getattr(src, "target", None) is not FAKE_QUANT or not a8.act_ok(QuantFormat.parse(src.args[1])):
+            return None
+        tags.add(src.args[1])
+    return tags.pop() if len(tags) == 1 else None
+
+
+def _a8_shapes_ok(fmt: QuantFormat, q) -> bool:
+    n, k = q.codes.shape
+    gs = fmt.group_size if fmt.granularity == "group" else k
+    return k % 8 == 0 and (gs if k % gs == 0 else math.gcd(gs, k)) % 8 == 0 and n % 8 == 0
+
+
+def _emit_a8(graph: Graph, deq, users, layer: str, p: dict, param) -> None:
+    """Each ``linear(fake_quant(x), dequantize_packed(W))`` -> ``a8_linear(x, ...)``: the activation
+    is quantized to codes inside the lowering and the matmul runs on integers."""
+    with graph.inserting_before(deq):
+        attrs = [graph.get_attr(param(f"{layer}_tvm_{part}", torch.from_numpy(p[part])))
+                 for part in ("w", "ga", "gb", "cs")]
+    for u in users:
+        x, act, scale, zero = u.args[0].args
+        with graph.inserting_before(u):
+            bias = u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")
+            new = graph.call_function(A8_LINEAR, (x, act, scale, zero, *attrs, bias))
+        u.replace_all_uses_with(new)
+        graph.erase_node(u)
+    graph.erase_node(deq)
+
+
+def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
+            int8: bool = True) -> tuple[GraphModule, dict]:
     """The graph rewritten for the TVM lowering (see the module docstring) and, per quantized
-    layer, the kernel it gets. ``gm`` itself is not modified (its nodes may get shape metadata)."""
+    layer, the kernel it gets. ``int8``: linears whose weights have at most 4 bits and whose
+    input is quantized to symmetric integers get the integer-dot kernel (``kernels/a8.py``; needs
+    AVX2) instead of the fp32 one. ``gm`` itself is not modified (its nodes may get shape metadata)."""
     from finegrain.formats.ops import HADAMARD
 
     if input_specs and any(n.target is HADAMARD and not ({"val", "tensor_meta"} & set(n.args[0].meta))
@@ -188,6 +242,14 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None) -> tuple[Gra
         q = unpack_weight(_attr(gm, packed_node.target), _attr(gm, scale_node.target),
                           _attr(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
                           _attr(gm, scale2.target) if scale2 is not None else None)
+        act = _int8_input(users) if int8 and a8.weight_ok(fmt) else None
+        if act is not None:
+            p = a8.pack_weight(fmt, q) if _a8_shapes_ok(fmt, q) else None
+            if p is not None:
+                _emit_a8(graph, n, users, layer, p, param)
+                kernels[layer] = {"format": fmt.tag, "kind": "int8-dot", "epilogue": p["epilogue"], "activation": act,
+                                  "bits": p["bits"], "group_size": p["group_size"], "shape": list(shape)}
+                continue
         try:
             p = pack_weight(fmt, q)
         except ValueError as e:
@@ -283,49 +345,14 @@ def _fake_quant(node, importer, prefix: str):
     bb = importer.block_builder
     args = importer.retrieve_args(node)
     x, fmt = args[0], args[1]
-    scale = args[2] if len(args) > 2 else None
-    zero = args[3] if len(args) > 3 else None
     f = act_format(fmt, f"node {node.name}")
     lo, hi = f.family.code_range(f)
-    nd = len(x.ty.shape)
-    axis = [-1] if f.granularity == "token" else list(range(nd))
     xf = bb.emit(relax.op.astype(x, "float32")) if x.ty.dtype != "float32" else x
-    zero_c = relax.const(0.0, "float32")
-    if scale is None:
-        c = float(f.clip)
-        if f.symmetric:
-            amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
-            s = bb.emit(relax.op.multiply(amax, relax.const(c / f.family.max_value(f), "float32")))
-        else:
-            mn = bb.emit(relax.op.multiply(relax.op.minimum(relax.op.min(xf, axis=axis, keepdims=True), zero_c),
-                                           relax.const(c, "float32")))
-            mx = bb.emit(relax.op.multiply(relax.op.maximum(relax.op.max(xf, axis=axis, keepdims=True), zero_c),
-                                           relax.const(c, "float32")))
-            s = bb.emit(relax.op.divide(relax.op.subtract(mx, mn), relax.const(float(2 ** f.bits - 1), "float32")))
-        if f.scale in ("fp16", "bf16"):
-            s = bb.emit(relax.op.astype(relax.op.astype(s, "float16" if f.scale == "fp16" else "bfloat16"), "float32"))
-        s = bb.emit(relax.op.where(relax.op.greater(s, zero_c), s, relax.const(1.0, "float32")))
-        if f.symmetric:
-            z = bb.emit(relax.op.multiply(s, zero_c))
-        else:
-            def zp(mn_, s_):
-                return te.compute(mn_.shape, lambda *i: te.max(te.min(tirx.nearbyint(-mn_(*i) / s_(*i)),
-                                                                      float(2 ** f.bits - 1)), 0.0), name="zp")
-
-            z = bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
-    else:
-        shape = [1] * nd if f.granularity == "tensor" else None
-        s = bb.emit(relax.op.astype(scale, "float32"))
-        z = bb.emit(relax.op.astype(zero, "float32"))
-        if shape is not None:
-            s, z = bb.emit(relax.op.reshape(s, shape)), bb.emit(relax.op.reshape(z, shape))
+    s, z = _act_scale(bb, xf, f, args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None, prefix)
 
     def fq(x_, s_, z_):
-        def at(t, idx):  # broadcast the [.., 1] / [1, .., 1] scale over x
-            return t(*[0 if isinstance(d, tirx.IntImm) and int(d) == 1 else i for d, i in zip(t.shape, idx)])
-
         def body(*idx):
-            sv, zv = at(s_, idx), at(z_, idx)
+            sv, zv = _bcast(s_, idx), _bcast(z_, idx)
             q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
             return (q - zv) * sv
 
@@ -333,6 +360,127 @@ def _fake_quant(node, importer, prefix: str):
 
     y = bb.emit_te(fq, xf, s, z, primfunc_name_hint=f"{prefix}act_fake_quant")
     return bb.emit(relax.op.astype(y, x.ty.dtype)) if x.ty.dtype != "float32" else y
+
+
+def _bcast(t, idx):
+    """``t`` (shape ``[.., 1]`` or ``[1, .., 1]``) read at ``idx``, broadcast over its unit dims."""
+    from tvm import tirx
+
+    return t(*[0 if isinstance(d, tirx.IntImm) and int(d) == 1 else i for d, i in zip(t.shape, idx)])
+
+
+def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
+    """``(scale, zero point)`` of activation ``xf`` (fp32) in format ``f``, keepdims-shaped: the
+    static ones reshaped, or the dynamic ones from the row / tensor range as the reference
+    chooses them."""
+    from tvm import relax, te, tirx
+
+    nd = len(xf.ty.shape)
+    if scale is not None:
+        s = bb.emit(relax.op.astype(scale, "float32"))
+        z = bb.emit(relax.op.astype(zero, "float32"))
+        if f.granularity == "tensor":
+            s, z = bb.emit(relax.op.reshape(s, [1] * nd)), bb.emit(relax.op.reshape(z, [1] * nd))
+        return s, z
+    axis = [-1] if f.granularity == "token" else list(range(nd))
+    zero_c = relax.const(0.0, "float32")
+    c = float(f.clip)
+    if f.symmetric:
+        amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
+        s = bb.emit(relax.op.multiply(amax, relax.const(c / f.family.max_value(f), "float32")))
+    else:
+        mn = bb.emit(relax.op.multiply(relax.op.minimum(relax.op.min(xf, axis=axis, keepdims=True), zero_c),
+                                       relax.const(c, "float32")))
+        mx = bb.emit(relax.op.multiply(relax.op.maximum(relax.op.max(xf, axis=axis, keepdims=True), zero_c),
+                                       relax.const(c, "float32")))
+        s = bb.emit(relax.op.divide(relax.op.subtract(mx, mn), relax.const(float(2 ** f.bits - 1), "float32")))
+    if f.scale in ("fp16", "bf16"):
+        s = bb.emit(relax.op.astype(relax.op.astype(s, "float16" if f.scale == "fp16" else "bfloat16"), "float32"))
+    s = bb.emit(relax.op.where(relax.op.greater(s, zero_c), s, relax.const(1.0, "float32")))
+    if f.symmetric:
+        return s, bb.emit(relax.op.multiply(s, zero_c))
+
+    def zp(mn_, s_):
+        return te.compute(mn_.shape, lambda *i: te.max(te.min(tirx.nearbyint(-mn_(*i) / s_(*i)),
+                                                              float(2 ** f.bits - 1)), 0.0), name="zp")
+
+    return s, bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
+
+
+def _convert_a8_linear(prefix: str):
+    """``a8_linear`` -> the activation's INT8 codes, group sums and row scales (shared by the
+    linears that read the same activation: q / k / v, gate / up), then one ``call_tir`` to the
+    integer-dot kernel (GEMV for one row, else rows padded to whole blocks, run, cut)."""
+    from tvm import relax, te, tirx
+
+    funcs: dict = {}
+    quantized: list = []  # (x, format, group size, codes / sums / scales)
+
+    def quantize(bb, x, x2, f, scale, zero, gs: int, rows, padded):
+        for prev, tag, g, out in quantized:  # the same activation (the importer's value of one FX node)
+            if prev.same_as(x) and tag == f.tag and g == gs:
+                return out
+        lo, hi = f.family.code_range(f)
+        k = int(x2.ty.shape[-1])
+        s, _ = _act_scale(bb, x2, f, scale, zero, prefix)
+
+        def codes(x_, s_):
+            return te.compute((padded, k), lambda i, c: te.if_then_else(
+                i < rows, te.max(te.min(tirx.nearbyint(x_[i, c] / _bcast(s_, (i, c))), float(hi)), float(lo)),
+                0.0).astype("int8"), name="act_codes")
+
+        def sums(q_):
+            r = te.reduce_axis((0, gs), "r")
+            return te.compute((padded, k // gs), lambda i, g: te.sum(q_[i, g * gs + r].astype("int32"), axis=r),
+                              name="act_group_sums")
+
+        def row_scales(s_):
+            return te.compute((padded,), lambda i: te.if_then_else(i < rows, _bcast(s_, (i, 0)), 0.0),
+                              name="act_row_scales")
+
+        xq = bb.emit_te(codes, x2, s, primfunc_name_hint=f"{prefix}act_codes")
+        out = (xq, bb.emit_te(sums, xq, primfunc_name_hint=f"{prefix}act_group_sums"),
+               bb.emit_te(row_scales, s, primfunc_name_hint=f"{prefix}act_row_scales"))
+        quantized.append((x, f.tag, gs, out))
+        return out
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        args = importer.retrieve_args(node)
+        x, act, scale, zero, w, ga, gb, cs = args[:8]
+        bias = args[8] if len(args) > 8 else None
+        f = act_format(act, f"node {node.name}")
+        shape = list(x.ty.shape)
+        k, n, g_count = int(shape[-1]), int(w.ty.shape[1]), int(ga.ty.shape[0])
+        gs, epilogue = k // g_count, "int" if ga.ty.dtype == "int32" else "float"
+        rows = shape[0]
+        for d in shape[1:-1]:
+            rows = rows * d
+        one = isinstance(rows, tirx.IntImm) and int(rows) == 1
+        rb = 1 if one else a8.ROW_BLOCK
+        mq = 1 if one else tirx.floordiv(rows + rb - 1, rb)
+        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+        if x.ty.dtype != "float32":
+            x2 = bb.emit(relax.op.astype(x2, "float32"))
+        xq, xs, xsc = quantize(bb, x, x2, f, scale, zero, gs, rows, mq * rb)
+        key = f"{prefix}a8{epilogue}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
+        if key not in funcs:
+            func = a8.linear_func(1 if one else None, k, n, gs, epilogue).with_attrs(
+                {"op_pattern": 8, "global_symbol": key})
+            funcs[key] = bb.add_func(func, key)
+        ins = [bb.emit(relax.op.reshape(xq, [mq, rb, k])), bb.emit(relax.op.reshape(xs, [mq, rb, g_count])),
+               bb.emit(relax.op.reshape(xsc, [mq, rb])), w, ga, gb, cs]
+        y3 = bb.emit(relax.call_tir(funcs[key], ins, relax.TensorType([mq, rb, n], "float32")))
+        y = bb.emit(relax.op.reshape(y3, [mq * rb, n]))
+        if not one:
+            y = bb.emit_te(lambda t: te.compute((rows, n), lambda i, c: t[i, c], name="cut_rows"), y,
+                           primfunc_name_hint=f"{prefix}cut_rows")
+        y = bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
+        if x.ty.dtype != "float32":
+            y = bb.emit(relax.op.astype(y, x.ty.dtype))
+        return bb.emit(relax.op.add(y, bias)) if bias is not None else y
+
+    return convert
 
 
 def _convert_diff(node, importer):
@@ -417,21 +565,24 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                                 custom_convert_map={"packed_linear.default": _convert_packed_linear({}, prefix, lanes),
                                                     "diff.default": _convert_diff,
                                                     "fake_quant.default": _convert_fake_quant(prefix),
+                                                    "a8_linear.default": _convert_a8_linear(prefix),
                                                     "linear.default": _convert_linear(prefix, lanes)})
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
-def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None):
+def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
+                 int8: bool = True):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length: TVM plans memory statically for it;
-    ``target`` sets the kernels' vector width."""
+    ``target`` sets the kernels' vector width; ``int8``: integer-dot kernels for W(<=4)A8 linears
+    where the target has AVX2 (see :func:`prepare`)."""
     import tvm
 
     lanes = vector_lanes(target)
 
     if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]:
         raise TvmError(f"the TVM build takes one input whose dim 1 (sequence) is dynamic, got {input_specs}")
-    pgm, kernels = prepare(gm, input_specs)
+    pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
     spec = input_specs[0]
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
     prefill, names = _import(pgm, example_inputs(input_specs), ({1: seq},), "", lanes)
