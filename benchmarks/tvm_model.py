@@ -1,11 +1,14 @@
-"""Whole-model TVM benchmark (issue #7, table 2): bundled SmolLM2-135M W4A16 g128 (RTN).
+"""Whole-model TVM benchmark (issue #7, table 2): bundled SmolLM2-135M, W4A16 g128 (RTN) by default.
 
     python benchmarks/tvm_model.py --out results/tvm_model [--prefill 128 512] [--max-windows 4]
+    python benchmarks/tvm_model.py --recipe w4a8-dgq --fp32-compute --out results/tvm_model_dgq
 
 Rows, all in this one process with ``--threads`` threads:
 * torch fp32 eager (the float model, ``inference_mode``), the baseline of the ratios;
 * the finegrain torch reference (dequantize-then-matmul; what every backend is checked against);
-* the finegrain TVM deployment (``cm.build``; target = this CPU);
+* the finegrain TVM deployment (``cm.build``; target = this CPU); with ``--fp32-compute`` also a
+  second deployment built with ``int8=False``, so a W4A8 recipe's linears run the fp32-compute
+  kernel on fake-quantized activations instead of integer dot products (same numbers, other kernel);
 * the finegrain ONNX export (MatMulNBits, accuracy level 0 = exact fp32 compute, and level 4 =
   int8 activations) in ONNX Runtime.
 
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=4)
     ap.add_argument("--recipe", default="w4a16-g128")
     ap.add_argument("--skip-onnx", action="store_true")
+    ap.add_argument("--fp32-compute", action="store_true",
+                    help="also build the deployment with int8=False (W4A8 linears on the fp32-compute kernel)")
     a = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(a.threads)
     torch.set_num_threads(a.threads)
@@ -79,6 +84,9 @@ def main() -> None:
 
     runners = {"torch fp32 eager": fp32, "finegrain torch reference (W4 dequantize + matmul)": cm,
                "finegrain TVM deployment": dep}
+    if a.fp32_compute:
+        cm.build(work / "deploy_fp32", target=target, max_seq_len=max_seq, overwrite=True, int8=False)
+        runners["finegrain TVM deployment, fp32 compute (int8=False)"] = finegrain.load(work / "deploy_fp32")
     if not a.skip_onnx:
         for lvl in (0, 4):
             path = work / f"w4_matmulnbits_acc{lvl}.onnx"
@@ -104,9 +112,11 @@ def main() -> None:
 
     base = rows["torch fp32 eager"]
     head = "| backend | " + " | ".join(f"{k} ms | vs fp32" for k in shapes) + " | max rel. diff vs reference |"
-    lines = [f"## SmolLM2-135M {a.recipe} (RTN) through TVM (measured {time.strftime('%Y-%m-%d')}, {a.threads} threads, "
+    kinds = sorted({k["kind"] for k in manifest["kernels"].values()})
+    lines = [f"## SmolLM2-135M {a.recipe} through TVM (measured {time.strftime('%Y-%m-%d')}, {a.threads} threads, "
              f"CPU: {_cpu_name()}, TVM target {target}; ms median / min)", "",
-             "decode = a 1-token forward without KV cache (weight-read part of decode); prefill P = 1 x P tokens.", "",
+             "decode = a 1-token forward without KV cache (weight-read part of decode); prefill P = 1 x P tokens. "
+             f"TVM kernels of the quantized linears: {', '.join(kinds)}.", "",
              head, "|---|" + "---|---|" * len(shapes) + "---|"]
     for rname, r in rows.items():
         cells = []

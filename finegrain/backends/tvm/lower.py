@@ -387,7 +387,9 @@ def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
     c = float(f.clip)
     if f.symmetric:
         amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
-        s = bb.emit(relax.op.multiply(amax, relax.const(c / f.family.max_value(f), "float32")))
+        # amax * clip / max_value in this order, as the reference: amax * (1 / 127) differs by an ulp
+        s = bb.emit(relax.op.divide(relax.op.multiply(amax, relax.const(c, "float32")),
+                                    relax.const(f.family.max_value(f), "float32")))
     else:
         mn = bb.emit(relax.op.multiply(relax.op.minimum(relax.op.min(xf, axis=axis, keepdims=True), zero_c),
                                        relax.const(c, "float32")))
@@ -407,22 +409,26 @@ def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
     return s, bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
 
 
-def _convert_a8_linear(prefix: str):
-    """``a8_linear`` -> the activation's INT8 codes, group sums and row scales (shared by the
-    linears that read the same activation: q / k / v, gate / up), then one ``call_tir`` to the
-    integer-dot kernel (GEMV for one row, else rows padded to whole blocks, run, cut)."""
-    from tvm import relax, te, tirx
+class A8Emitter:
+    """Emits integer-dot linears into a Relax block: the activation's INT8 codes, group sums and
+    row scales (computed once per activation and shared by the linears that read it: q / k / v,
+    gate / up), then one ``call_tir`` to ``kernels/a8.py``'s kernel (GEMV for one row, else rows
+    padded to whole blocks, run, cut). Used by the importer and by ``benchmarks/tvm_kernels.py``."""
 
-    funcs: dict = {}
-    quantized: list = []  # (x, format, group size, codes / sums / scales)
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.funcs: dict = {}
+        self.quantized: list = []  # (activation, format tag, group size, (codes, sums, scales))
 
-    def quantize(bb, x, x2, f, scale, zero, gs: int, rows, padded):
-        for prev, tag, g, out in quantized:  # the same activation (the importer's value of one FX node)
+    def quantize(self, bb, x, x2, f: QuantFormat, scale, zero, gs: int, rows, padded):
+        from tvm import te, tirx
+
+        for prev, tag, g, out in self.quantized:  # the same activation (the importer's value of one FX node)
             if prev.same_as(x) and tag == f.tag and g == gs:
                 return out
         lo, hi = f.family.code_range(f)
         k = int(x2.ty.shape[-1])
-        s, _ = _act_scale(bb, x2, f, scale, zero, prefix)
+        s, _ = _act_scale(bb, x2, f, scale, zero, self.prefix)
 
         def codes(x_, s_):
             return te.compute((padded, k), lambda i, c: te.if_then_else(
@@ -438,18 +444,16 @@ def _convert_a8_linear(prefix: str):
             return te.compute((padded,), lambda i: te.if_then_else(i < rows, _bcast(s_, (i, 0)), 0.0),
                               name="act_row_scales")
 
-        xq = bb.emit_te(codes, x2, s, primfunc_name_hint=f"{prefix}act_codes")
-        out = (xq, bb.emit_te(sums, xq, primfunc_name_hint=f"{prefix}act_group_sums"),
-               bb.emit_te(row_scales, s, primfunc_name_hint=f"{prefix}act_row_scales"))
-        quantized.append((x, f.tag, gs, out))
+        xq = bb.emit_te(codes, x2, s, primfunc_name_hint=f"{self.prefix}act_codes")
+        out = (xq, bb.emit_te(sums, xq, primfunc_name_hint=f"{self.prefix}act_group_sums"),
+               bb.emit_te(row_scales, s, primfunc_name_hint=f"{self.prefix}act_row_scales"))
+        self.quantized.append((x, f.tag, gs, out))
         return out
 
-    def convert(node, importer):
-        bb = importer.block_builder
-        args = importer.retrieve_args(node)
-        x, act, scale, zero, w, ga, gb, cs = args[:8]
-        bias = args[8] if len(args) > 8 else None
-        f = act_format(act, f"node {node.name}")
+    def linear(self, bb, x, f: QuantFormat, scale, zero, w, ga, gb, cs, bias=None):
+        """``y = a8_linear(x, ...)`` for a Relax value ``x[..., K]``."""
+        from tvm import relax, te, tirx
+
         shape = list(x.ty.shape)
         k, n, g_count = int(shape[-1]), int(w.ty.shape[1]), int(ga.ty.shape[0])
         gs, epilogue = k // g_count, "int" if ga.ty.dtype == "int32" else "float"
@@ -462,23 +466,34 @@ def _convert_a8_linear(prefix: str):
         x2 = bb.emit(relax.op.reshape(x, [rows, k]))
         if x.ty.dtype != "float32":
             x2 = bb.emit(relax.op.astype(x2, "float32"))
-        xq, xs, xsc = quantize(bb, x, x2, f, scale, zero, gs, rows, mq * rb)
-        key = f"{prefix}a8{epilogue}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
-        if key not in funcs:
+        xq, xs, xsc = self.quantize(bb, x, x2, f, scale, zero, gs, rows, mq * rb)
+        key = f"{self.prefix}a8{epilogue}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
+        if key not in self.funcs:
             func = a8.linear_func(1 if one else None, k, n, gs, epilogue).with_attrs(
-                {"op_pattern": 8, "global_symbol": key})
-            funcs[key] = bb.add_func(func, key)
+                {"op_pattern": 8, "global_symbol": key})  # opaque: nothing is fused into it
+            self.funcs[key] = bb.add_func(func, key)
         ins = [bb.emit(relax.op.reshape(xq, [mq, rb, k])), bb.emit(relax.op.reshape(xs, [mq, rb, g_count])),
                bb.emit(relax.op.reshape(xsc, [mq, rb])), w, ga, gb, cs]
-        y3 = bb.emit(relax.call_tir(funcs[key], ins, relax.TensorType([mq, rb, n], "float32")))
+        y3 = bb.emit(relax.call_tir(self.funcs[key], ins, relax.TensorType([mq, rb, n], "float32")))
         y = bb.emit(relax.op.reshape(y3, [mq * rb, n]))
         if not one:
             y = bb.emit_te(lambda t: te.compute((rows, n), lambda i, c: t[i, c], name="cut_rows"), y,
-                           primfunc_name_hint=f"{prefix}cut_rows")
+                           primfunc_name_hint=f"{self.prefix}cut_rows")
         y = bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
         if x.ty.dtype != "float32":
             y = bb.emit(relax.op.astype(y, x.ty.dtype))
         return bb.emit(relax.op.add(y, bias)) if bias is not None else y
+
+
+def _convert_a8_linear(prefix: str):
+    emitter = A8Emitter(prefix)
+
+    def convert(node, importer):
+        args = importer.retrieve_args(node)
+        x, act, scale, zero, w, ga, gb, cs = args[:8]
+        f = act_format(act, f"node {node.name}")
+        return emitter.linear(importer.block_builder, x, f, scale, zero, w, ga, gb, cs,
+                              args[8] if len(args) > 8 else None)
 
     return convert
 
@@ -551,22 +566,24 @@ def _dense(node, importer, prefix: str, lanes: int, cache: dict):
     return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
 
-def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes: int):
+def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes: int, max_seq_len: int):
     from tvm.relax.frontend.torch import from_exported_program
+
+    from finegrain.backends.tvm import lower_attention
 
     ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False)
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.diff.default, None)
     table.pop(torch.ops.aten.linear.default, None)
+    convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
+               "fake_quant.default": _convert_fake_quant(prefix), "a8_linear.default": _convert_a8_linear(prefix),
+               "linear.default": _convert_linear(prefix, lanes)}
+    if lower_attention.keep_undecomposed(ep, table):  # every attention fits the fused kernel
+        convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)
     ep = ep.run_decompositions(table)
     _fix_bool_cumsum(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
-                                unwrap_unit_return_tuple=True,
-                                custom_convert_map={"packed_linear.default": _convert_packed_linear({}, prefix, lanes),
-                                                    "diff.default": _convert_diff,
-                                                    "fake_quant.default": _convert_fake_quant(prefix),
-                                                    "a8_linear.default": _convert_a8_linear(prefix),
-                                                    "linear.default": _convert_linear(prefix, lanes)})
+                                unwrap_unit_return_tuple=True, custom_convert_map=convert)
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
@@ -585,9 +602,9 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
     spec = input_specs[0]
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
-    prefill, names = _import(pgm, example_inputs(input_specs), ({1: seq},), "", lanes)
+    prefill, names = _import(pgm, example_inputs(input_specs), ({1: seq},), "", lanes, max_seq_len)
     one = torch.ones([1 if i == 1 else d for i, d in enumerate(spec["shape"])], dtype=getattr(torch, spec["dtype"]))
-    decode, names_d = _import(pgm, (one,), None, "decode_", lanes)
+    decode, names_d = _import(pgm, (one,), None, "decode_", lanes, 1)
     if names != names_d:
         raise TvmError("prefill and decode exports list different parameters")
     funcs = {}

@@ -1,0 +1,144 @@
+"""Masked scaled-dot-product attention for CPU as one TIR function (prefill and decode).
+
+``aten.scaled_dot_product_attention(q, k, v, mask, scale)`` decomposed by Relax becomes a batched
+matmul, an additive mask, a "safe" softmax over ``seq x seq`` and a second matmul: four passes over
+the score matrix, its softmax scalar with symbolic shapes (at 512 tokens SmolLM2 spent 1.1 s of a
+2.4 s prefill there). This kernel computes one query row per parallel task, its scores kept in a
+row buffer (``max_seq_len`` floats, L1-resident):
+
+1. scores ``s_j = scale q . k_j + bias_j`` for 32 keys at a time (4 independent 8-lane FMA chains
+   over ``d``, from ``kt`` = K transposed to ``[d, keys]`` so keys are contiguous); a 32-key block
+   whose bias is ``-inf`` throughout (the causal upper triangle) is skipped;
+2. ``m = max_j s_j``; ``p_j = exp(s_j - m)`` with a vectorized polynomial ``exp`` (Cephes
+   ``expf``: ``2^n`` times a degree-7 polynomial of the remainder, ~1 ulp; exactly 0 below
+   -87.3, so masked keys contribute nothing); ``l = sum_j p_j``;
+3. ``o = (sum_j p_j v_j) / l`` over the keys with ``p_j != 0``, ``d`` in 8-lane vectors.
+
+A fully masked row gives zeros (the ``_safe_softmax`` semantics torch's decomposition uses). The
+mask arrives as an additive fp32 ``bias[seq, keys]`` (0 or -inf; built once per mask by the
+lowering, shared by all layers), padded with -inf to whole 32-key blocks; ``kt``'s key axis is
+padded the same way. Grouped-query attention reads K / V head ``h // (H / Hkv)``.
+"""
+from __future__ import annotations
+
+import math
+
+LANES = 8
+KEY_BLOCK = 32  # keys per score block: 4 vectors of 8
+
+# Cephes expf: exp(x) = 2^n exp(r), r = x - n ln 2 in [-ln2/2, ln2/2]
+_LOG2E = 1.44269504088896341
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+EXP_MIN = -87.3  # below: 0 (2^n would leave the normal range)
+
+
+def vexp(x):
+    """``exp(x)`` for ``x <= 0`` (or -inf) as TIR arithmetic the vectorizer keeps in vectors."""
+    from tvm import tirx
+
+    f32 = "float32"
+    xc = tirx.max(x, tirx.const(EXP_MIN, f32))
+    n = tirx.floor(xc * tirx.const(_LOG2E, f32) + tirx.const(0.5, f32))
+    r = xc - n * tirx.const(_LN2_HI, f32) - n * tirx.const(_LN2_LO, f32)
+    p = tirx.const(_P[0], f32)
+    for c in _P[1:]:
+        p = p * r + tirx.const(c, f32)
+    p = p * r * r + r + tirx.const(1.0, f32)
+    two_n = tirx.reinterpret(f32, (n.astype("int32") + 127) << 23)
+    return tirx.Select(x < tirx.const(EXP_MIN, f32), tirx.const(0.0, f32), p * two_n)
+
+
+def padded_keys(max_seq_len: int) -> int:
+    return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
+
+
+def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
+    """The PrimFunc ``f(q[B, H, S, d], kt[B, Hkv, d, S32], v[B, Hkv, S, d], bias[S, S32], o[B, H, S, d])``
+    with ``S <= max_seq_len`` and ``S32`` = S rounded up to 32 (both symbolic)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if d % LANES or heads % kv_heads:
+        raise ValueError(f"attention kernel: head dim {d} must be a multiple of {LANES} and heads {heads} a multiple "
+                         f"of the K/V heads {kv_heads}")
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv, nb = d // LANES, KEY_BLOCK // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, kt_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        s = T.int64()
+        s32 = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, s, d), f32)
+        kt = T.match_buffer(kt_h, (batch, kv_heads, d, s32), f32)
+        v = T.match_buffer(v_h, (batch, kv_heads, s, d), f32)
+        bias = T.match_buffer(bias_h, (s, s32), f32)
+        o = T.match_buffer(o_h, (batch, heads, s, d), f32)
+        assert s32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert s <= s32, "attention kernel: keys padded to fewer than the sequence length"
+        for task in T.parallel(batch * heads * s):
+            sc = T.decl_buffer((row,), f32, scope="local")
+            acc = T.decl_buffer((KEY_BLOCK,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            out = T.decl_buffer((d,), f32, scope="local")
+            live = T.decl_buffer((1,), "int32", scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            bi = task // (heads * s)
+            hi = task // s % heads
+            i = task % s
+            kh = hi // group
+            # 1. scores, one 32-key block at a time; blocks masked throughout are skipped
+            for jo in T.serial(s32 // KEY_BLOCK):
+                live[0] = 0
+                for jj in T.serial(KEY_BLOCK):
+                    if bias[i, jo * KEY_BLOCK + jj] > neg_inf:
+                        live[0] = 1
+                if live[0] == 1:
+                    for a in T.vectorized(KEY_BLOCK):
+                        acc[a] = T.float32(0)
+                    for dd in T.serial(d):
+                        for jv in T.unroll(nb):
+                            for lane in T.vectorized(LANES):
+                                acc[jv * LANES + lane] = acc[jv * LANES + lane] + q[bi, hi, i, dd] * kt[
+                                    bi, kh, dd, jo * KEY_BLOCK + jv * LANES + lane]
+                    for a in T.vectorized(KEY_BLOCK):
+                        sc[jo * KEY_BLOCK + a] = acc[a] * T.float32(scale) + bias[i, jo * KEY_BLOCK + a]
+                else:
+                    for a in T.vectorized(KEY_BLOCK):
+                        sc[jo * KEY_BLOCK + a] = neg_inf
+            # 2. max, exp, sum
+            for lane in T.vectorized(LANES):
+                red[lane] = neg_inf
+            for jo in T.serial(s32 // LANES):
+                for lane in T.vectorized(LANES):
+                    red[lane] = T.max(red[lane], sc[jo * LANES + lane])
+            tot[0] = neg_inf
+            for lane in T.serial(LANES):
+                tot[0] = T.max(tot[0], red[lane])
+            if tot[0] == neg_inf:  # a fully masked row: exp(s - 0) = 0 everywhere, output 0
+                tot[0] = T.float32(0)
+            for lane in T.vectorized(LANES):
+                red[lane] = T.float32(0)
+            for jo in T.serial(s32 // LANES):
+                for lane in T.vectorized(LANES):
+                    sc[jo * LANES + lane] = vexp(sc[jo * LANES + lane] - tot[0])
+                    red[lane] = red[lane] + sc[jo * LANES + lane]
+            tot[1] = T.float32(0)
+            for lane in T.serial(LANES):
+                tot[1] = tot[1] + red[lane]
+            # 3. probabilities times V
+            for a in T.vectorized(d):
+                out[a] = T.float32(0)
+            for j in T.serial(s):
+                if sc[j] != T.float32(0):
+                    for dv in T.unroll(nv):
+                        for lane in T.vectorized(LANES):
+                            out[dv * LANES + lane] = out[dv * LANES + lane] + sc[j] * v[bi, kh, j, dv * LANES + lane]
+            for a in T.vectorized(d):
+                o[bi, hi, i, a] = T.if_then_else(tot[1] > T.float32(0), out[a] / tot[1], T.float32(0))
+
+    return func

@@ -1,0 +1,116 @@
+"""``aten.scaled_dot_product_attention`` -> one ``call_tir`` to ``kernels/attention.py``.
+
+Relax's own lowering of the decomposed op (matmul, additive mask, safe softmax, matmul) ran the
+softmax scalar over ``seq x seq`` with symbolic shapes. Where every attention of the exported
+program fits the kernel (:func:`fits`: fp32 ``[B, H, S, d]`` with ``d`` a multiple of 8, K / V heads
+dividing H, no dropout, a bool or float mask whose leading dims are 1, or ``is_causal`` without a
+mask), :func:`keep_undecomposed` keeps the op whole through ``run_decompositions`` and
+:func:`converter` emits: K transposed to ``[B, Hkv, d, S32]`` (keys padded to whole 32-key blocks),
+the mask as an additive fp32 ``bias[S, S32]`` (0 / -inf, -inf in the padding; built once per mask
+and shared by every layer that reads it), and the kernel call. Otherwise the decomposition and
+Relax's lowering stay, unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _val(x):
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+
+
+def fits(node: torch.fx.Node) -> str | None:
+    """None when the kernel computes ``node`` exactly as torch does, else the reason it does not."""
+    q, k, v = (_val(a) for a in node.args[:3])
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+    causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    if any(t is None or t.dtype != torch.float32 or t.dim() != 4 for t in (q, k, v)):
+        return "q / k / v are not fp32 [B, H, S, d]"
+    d = q.shape[-1]
+    if not isinstance(d, int) or d % 8 or k.shape[-1] != d or v.shape[-1] != d or not isinstance(q.shape[0], int):
+        return f"head dim {d} is not a static multiple of 8 (or the batch is symbolic)"
+    if not isinstance(q.shape[1], int) or not isinstance(k.shape[1], int) or q.shape[1] % k.shape[1]:
+        return "query heads are not a multiple of the K / V heads"
+    if dropout:
+        return "dropout"
+    if mask is not None:
+        m = _val(mask)
+        if causal or m is None or m.dtype not in (torch.bool, torch.float32) or m.dim() < 2:
+            return "a mask that is not one bool / fp32 [.., S, S] tensor"
+        if any(not isinstance(s, int) or s != 1 for s in m.shape[:-2]):
+            return "a mask with batch or head dims"
+    return None
+
+
+def keep_undecomposed(ep, table: dict) -> bool:
+    """Drop SDPA from the decomposition ``table`` when every attention in ``ep`` fits."""
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    if nodes and all(fits(n) is None for n in nodes):
+        table.pop(SDPA, None)
+        return True
+    return False
+
+
+def converter(prefix: str, max_seq_len: int):
+    from tvm import relax, te, tirx
+
+    from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func
+
+    funcs: dict = {}
+    biases: list = []  # (mask value or None, causal, bias)
+
+    def bias_for(bb, mask, causal: bool, s, s32):
+        for prev, c, out in biases:
+            if c == causal and ((prev is None and mask is None) or (prev is not None and mask is not None
+                                                                    and prev.same_as(mask))):
+                return out
+        inf = tirx.const(-math.inf, "float32")
+        zero = tirx.const(0.0, "float32")
+        if mask is None:
+            def fn():
+                return te.compute((s, s32), lambda i, j: te.if_then_else(
+                    j < (i + 1 if causal else s), zero, inf), name="attention_bias")
+            out = bb.emit_te(fn, primfunc_name_hint=f"{prefix}attention_bias")
+        else:
+            nd = len(mask.ty.shape)
+            boolean = mask.ty.dtype == "bool"
+
+            def fn(m):
+                def body(i, j):
+                    val = m(*([0] * (nd - 2)), i, j)
+                    return te.if_then_else(j < s, te.if_then_else(val, zero, inf) if boolean else val, inf)
+                return te.compute((s, s32), body, name="attention_bias")
+            out = bb.emit_te(fn, mask, primfunc_name_hint=f"{prefix}attention_bias")
+        biases.append((mask, causal, out))
+        return out
+
+    def convert(node, importer):
+        bb = importer.block_builder
+        args = importer.retrieve_args(node)
+        q, k, v = args[:3]
+        mask = args[3] if len(args) > 3 else None
+        causal = bool(args[5]) if len(args) > 5 else bool(node.kwargs.get("is_causal", False))
+        b, h, s, d = q.ty.shape
+        hk = k.ty.shape[1]
+        scale = node.kwargs.get("scale")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(d))
+        s32 = tirx.floordiv(s + KEY_BLOCK - 1, KEY_BLOCK) * KEY_BLOCK
+        kt = bb.emit_te(lambda t: te.compute((b, hk, d, s32), lambda bi, hi, di, j: te.if_then_else(
+            j < s, t[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
+            primfunc_name_hint=f"{prefix}attention_keys_t")
+        bias = bias_for(bb, mask, causal, s, s32)
+        longest = int(s) if isinstance(s, tirx.IntImm) else max_seq_len
+        key = f"{prefix}attention_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}"
+        key += "" if scale == 1.0 / math.sqrt(int(d)) else f"_scale{len(funcs)}"
+        if key not in funcs:
+            func = attention_func(int(b), int(h), int(hk), int(d), longest, scale).with_attrs(
+                {"op_pattern": 8, "global_symbol": key})
+            funcs[key] = bb.add_func(func, key)
+        return bb.emit(relax.call_tir(funcs[key], [q, kt, v, bias], relax.TensorType([b, h, s, d], "float32")))
+
+    return convert

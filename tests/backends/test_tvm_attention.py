@@ -1,0 +1,112 @@
+"""The fused CPU attention kernel against torch's decomposed attention (scores, mask, safe softmax,
+values), and its lowering: every attention of a model becomes one call_tir, or none does."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm")
+
+from finegrain.backends.tvm import lower_attention  # noqa: E402
+from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func, vexp  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+
+
+def _reference(q, k, v, mask, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.ops.aten._safe_softmax(scores.masked_fill(~mask, -math.inf), -1) @ v
+
+
+@pytest.mark.parametrize("b,h,hk,s,d,kind", [
+    (1, 4, 2, 9, 16, "causal"),  # grouped-query heads
+    (1, 4, 4, 1, 16, "causal"),  # decode: one query, one key
+    (2, 2, 1, 37, 8, "random"),  # ragged key blocks, a fully masked row
+    (1, 3, 3, 70, 32, "causal"),
+])
+def test_attention_kernel_matches_torch(b, h, hk, s, d, kind):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hk, s, d), torch.randn(b, hk, s, d)
+    if kind == "causal":
+        mask = torch.ones(s, s, dtype=torch.bool).tril()
+    else:
+        mask = torch.rand(s, s) > 0.4
+        mask[3] = False
+    scale = 1 / math.sqrt(d)
+    lib = tvm.compile(tvm.IRModule({"main": attention_func(b, h, hk, d, 96, scale)}), target=TARGET)
+    s32 = -(-s // KEY_BLOCK) * KEY_BLOCK
+    kt = np.zeros((b, hk, d, s32), np.float32)
+    kt[..., :s] = k.transpose(-1, -2).numpy()
+    bias = np.full((s, s32), -np.inf, np.float32)
+    bias[:, :s] = np.where(mask.numpy(), 0, -np.inf)
+    args = [tvm.runtime.tensor(a) for a in (q.numpy(), kt, v.numpy(), bias, np.zeros((b, h, s, d), np.float32))]
+    lib(*args)
+    out = args[-1].numpy()
+    ref = _reference(q, k, v, mask, scale).numpy()
+    assert not np.isnan(out).any()
+    assert np.abs(out - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+    if kind == "random":
+        assert np.all(out[:, :, 3] == 0)  # the fully masked row: zeros, as _safe_softmax gives
+
+
+def test_sequence_longer_than_built_is_refused():
+    lib = tvm.compile(tvm.IRModule({"main": attention_func(1, 1, 1, 8, 32, 1.0)}), target=TARGET)
+    s = 40
+    args = [tvm.runtime.tensor(np.zeros(shape, np.float32)) for shape in
+            ((1, 1, s, 8), (1, 1, 8, 64), (1, 1, s, 8), (s, 64), (1, 1, s, 8))]
+    with pytest.raises(Exception, match="longer than the max_seq_len"):
+        lib(*args)
+
+
+def test_vectorized_exp_is_accurate():
+    from tvm import te
+
+    x = te.placeholder((4096,), "float32", name="x")
+    y = te.compute(x.shape, lambda i: vexp(x[i]), name="y")
+    lib = tvm.compile(te.create_prim_func([x, y]), target=TARGET)
+    xs = np.concatenate([-np.logspace(-6, 2, 4000), [0.0, -87.0, -87.4, -np.inf] * 24]).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros_like(xs))
+    lib(tvm.runtime.tensor(xs), out)
+    got, ref = out.numpy(), np.exp(xs.astype(np.float64))
+    ok = xs >= -87.3
+    assert np.all(np.abs(got[ok] - ref[ok]) <= 4e-7 * ref[ok])  # a few ulp
+    assert np.all(got[~ok] == 0)  # masked keys contribute exactly nothing
+
+
+def _sdpa_node(d: int, mask_dims: int = 4, dropout: float = 0.0):
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, m):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=dropout)
+
+    q = torch.randn(1, 2, 5, d)
+    m = torch.ones([1] * (mask_dims - 2) + [5, 5], dtype=torch.bool) if mask_dims else None
+    ep = torch.export.export(M(), (q, q, q, m), strict=False)
+    return ep, next(n for n in ep.graph.nodes if n.target is lower_attention.SDPA)
+
+
+def test_fits_names_what_the_kernel_does_not_take():
+    ep, node = _sdpa_node(16)
+    assert lower_attention.fits(node) is None
+    table = {lower_attention.SDPA: None}
+    assert lower_attention.keep_undecomposed(ep, table) and lower_attention.SDPA not in table
+    assert "head dim 12" in lower_attention.fits(_sdpa_node(12)[1])
+    ep, node = _sdpa_node(16, dropout=0.1)
+    assert lower_attention.fits(node) == "dropout"
+    table = {lower_attention.SDPA: None}
+    assert not lower_attention.keep_undecomposed(ep, table) and lower_attention.SDPA in table  # decomposed as before
+
+
+def test_model_attention_is_one_call_per_layer(compiled):
+    from finegrain.backends.tvm.lower import import_relax
+
+    cm = compiled("w4a16-g128")
+    mod, _, _ = import_relax(cm.gm, cm.input_specs, 64, {"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    for fn in ("prefill", "decode"):
+        lines = [ln for ln in mod[fn].script().splitlines() if "R.call_tir(" in ln]
+        assert not any("softmax" in ln for ln in lines)
+        assert sum("R.call_tir(attention_b1_h4_kv4_d16" in ln or "R.call_tir(decode_attention_b1_h4_kv4_d16" in ln
+                   for ln in lines) == 2, fn  # one per layer
+        assert sum("attention_bias, " in ln for ln in lines) == 1, fn  # the mask's bias, shared by both layers
