@@ -49,6 +49,8 @@ bench: setup
 	$(BIN)/python benchmarks/onnx_runtime.py --reps 20 --max-windows 8 --out results/onnx_runtime
 	$(BIN)/python benchmarks/tvm_kernels.py --reps 300 --out results/tvm_kernels
 	$(BIN)/python benchmarks/tvm_model.py --reps 10 --prefill 128 512 --max-windows 4 --out results/tvm_model
+	$(BIN)/python benchmarks/tvm_model.py --recipe w4a8-dgq --fp32-compute --reps 10 --prefill 128 512 --max-windows 4 \
+		--out results/tvm_model_dgq
 
 clean:
 	rm -rf $(VENV) out results .pytest_cache

@@ -33,7 +33,7 @@ import finegrain  # noqa: E402
 from finegrain.backends.onnx import make_session  # noqa: E402
 from finegrain.backends.tvm.build import build_executable, host_target  # noqa: E402
 from finegrain.backends.tvm.kernels import a8  # noqa: E402
-from finegrain.backends.tvm.lower import A8Emitter  # noqa: E402
+from finegrain.backends.tvm.lower_activations import A8Emitter  # noqa: E402
 from finegrain.backends.tvm.kernels.lowbit import compile_linear, pack_weight, vector_lanes  # noqa: E402
 from finegrain.eval.report import write_tables  # noqa: E402
 from finegrain.formats import QuantFormat  # noqa: E402

@@ -1,43 +1,51 @@
 """Quantized FX graph -> Relax IRModule (issue #7).
 
 1. :func:`prepare` rewrites every ``aten.linear(x, finegrain::dequantize_packed(...), bias)`` whose
-   format has a kernel here (INT2/3/4/8 per group / channel / tensor, FP4 E2M1 per group) into
-   ``finegrain::packed_linear(x, w, scale, zs, bits, bias, kind)`` on weights repacked for the kernel
-   (``kernels/lowbit.py``), and turns every stored tensor into a parameter (so Relax keeps the
-   weights as inputs, shipped beside the library, not baked into it). Formats without a kernel
-   are refused naming the layer: a weight is never dequantized whole and then multiplied.
+   format has a kernel here into one of two ops on weights repacked for the kernel, and turns every
+   stored tensor into a parameter (so Relax keeps the weights as inputs, shipped beside the
+   library, not baked into it):
+
+   * ``finegrain::a8_linear(x, act, ...)`` when the weight has at most 4 bits (INT2-4 per group /
+     channel / tensor, any scale type, DGQ's integer group scales included) and ``x`` is
+     fake-quantized to symmetric integers per token / tensor (``w4a8-*``, ``w4a4-*``): the
+     activation is quantized to INT8 codes in the lowering and the matmul runs on integers
+     (``kernels/a8.py``; needs AVX2; ``int8=False`` keeps the next form);
+   * ``finegrain::packed_linear(x, w, scale, zs, bits, bias, kind)`` otherwise (INT2/3/4/8, FP4 E2M1
+     per group; fp32 activations, ``kernels/lowbit.py``).
+
+   Formats without a kernel are refused naming the layer: a weight is never dequantized whole and
+   then multiplied.
 2. :func:`import_relax` exports that graph twice with ``torch.export``: ``prefill`` with a
    symbolic sequence length (>= 2) and ``decode`` with one token, and imports each with
-   ``tvm.relax.frontend.torch.from_exported_program``; a converter turns each ``packed_linear``
-   into one ``call_tir`` to the scheduled low-bit kernel (GEMM for prefill, GEMV for decode).
-   Both functions share one parameter list.
+   ``tvm.relax.frontend.torch.from_exported_program``; converters turn each ``packed_linear`` /
+   ``a8_linear`` into one ``call_tir`` to the scheduled kernel (GEMM for prefill, GEMV for decode)
+   and, where every attention fits it, each ``scaled_dot_product_attention`` into one ``call_tir``
+   to the fused attention kernel (``lower_attention.py``). Both functions share one parameter list.
 
 Activations: each ``quantize -> dequantize`` pair (integer formats per token / tensor, dynamic or
-static) becomes one ``finegrain::fake_quant`` op, lowered to Relax reductions for the scales and one
-elementwise TE function (round half to even, clip), exactly as the reference; the matmul that
-follows stays fp32 (no int8 GEMM kernel yet). The online Hadamard becomes a matmul by the dense
-orthonormal matrix. MX / NV block activations, FP8 activations and MoE grouped GEMMs are refused.
+static) becomes one ``finegrain::fake_quant`` op. Feeding an ``a8_linear``, it is computed as INT8
+codes, their group sums and one fp32 scale per row (once per activation, shared by q / k / v);
+elsewhere as Relax reductions for the scales and one elementwise TE function (round half to even,
+clip). Both choose scales exactly as the reference. The online Hadamard becomes a matmul by the
+dense orthonormal matrix. MX / NV block activations, FP8 activations and MoE grouped GEMMs are
+refused.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
-from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
 from finegrain.backends.tvm.kernels import a8
+from finegrain.backends.tvm.lower_activations import (A8_LINEAR, FAKE_QUANT, TvmError, act_format,  # noqa: F401
+                                                      convert_a8_linear, convert_fake_quant)
 from finegrain.backends.tvm.kernels.lowbit import (container_bits, linear_func, pack_weight, unpack_weight_ref,
                                                    vector_lanes)
 from finegrain.runtime.compiled import example_inputs
-
-
-class TvmError(FinegrainError):
-    """The TVM backend cannot lower or build this model; the message names the node / layer."""
 
 
 @torch.library.custom_op("finegrain::packed_linear", mutates_args=())
@@ -53,47 +61,8 @@ def _(x, w, scale, zs, bits, bias=None, kind="int"):
     return x.new_empty((*x.shape[:-1], w.shape[1]))
 
 
-@torch.library.custom_op("finegrain::fake_quant", mutates_args=())
-def fake_quant(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None,
-               zero: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dequantize(quantize(x))`` of an activation in one op (reference implementation)."""
-    f = QuantFormat.parse(fmt)
-    return f.dequantize(f.quantize(x, scale, zero), x.dtype)
-
-
-@fake_quant.register_fake
-def _(x, fmt, scale=None, zero=None):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("finegrain::a8_linear", mutates_args=())
-def a8_linear(x: torch.Tensor, act: str, act_scale: Optional[torch.Tensor], act_zero: Optional[torch.Tensor],
-              w: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, cs: torch.Tensor,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``fake_quant(x, act) @ W^T + bias`` with W in the integer-dot kernel's layout (``kernels/a8.py``;
-    reference implementation: the TVM kernel computes it with INT8 codes and integer sums)."""
-    return F.linear(fake_quant(x, act, act_scale, act_zero), a8.unpack_weight_ref(w, ga, gb, cs), bias)
-
-
-@a8_linear.register_fake
-def _(x, act, act_scale, act_zero, w, ga, gb, cs, bias=None):
-    return x.new_empty((*x.shape[:-1], w.shape[1]))
-
-
 PACKED_LINEAR = torch.ops.finegrain.packed_linear.default
-A8_LINEAR = torch.ops.finegrain.a8_linear.default
-FAKE_QUANT = torch.ops.finegrain.fake_quant.default
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
-
-
-def act_format(fmt: str, where: str) -> QuantFormat:
-    """The activation formats the TVM lowering computes: integers per token / tensor with float
-    scales, dynamic or static."""
-    f = QuantFormat.parse(fmt)
-    if f.kind != "int" or f.granularity not in ("token", "tensor") or f.scale not in ("fp32", "fp16", "bf16"):
-        raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer activations per token or "
-                       "per tensor with float scales do)")
-    return f
 
 
 def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
@@ -168,12 +137,6 @@ def _int8_input(users) -> str | None:
     return tags.pop() if len(tags) == 1 else None
 
 
-def _a8_shapes_ok(fmt: QuantFormat, q) -> bool:
-    n, k = q.codes.shape
-    gs = fmt.group_size if fmt.granularity == "group" else k
-    return k % 8 == 0 and (gs if k % gs == 0 else math.gcd(gs, k)) % 8 == 0 and n % 8 == 0
-
-
 def _emit_a8(graph: Graph, deq, users, layer: str, p: dict, param) -> None:
     """Each ``linear(fake_quant(x), dequantize_packed(W))`` -> ``a8_linear(x, ...)``: the activation
     is quantized to codes inside the lowering and the matmul runs on integers."""
@@ -244,7 +207,10 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
                           _attr(gm, scale2.target) if scale2 is not None else None)
         act = _int8_input(users) if int8 and a8.weight_ok(fmt) else None
         if act is not None:
-            p = a8.pack_weight(fmt, q) if _a8_shapes_ok(fmt, q) else None
+            try:
+                p = a8.pack_weight(fmt, q)
+            except ValueError:  # shapes the integer-dot kernel does not take: the fp32-compute one does
+                p = None
             if p is not None:
                 _emit_a8(graph, n, users, layer, p, param)
                 kernels[layer] = {"format": fmt.tag, "kind": "int8-dot", "epilogue": p["epilogue"], "activation": act,
@@ -330,174 +296,6 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
     return convert
 
 
-def _convert_fake_quant(prefix: str):
-    def convert(node, importer):
-        return _fake_quant(node, importer, prefix)
-
-    return convert
-
-
-def _fake_quant(node, importer, prefix: str):
-    """Activation fake quantization, as the reference computes it: dynamic scales from the row /
-    tensor range (fp16-rounded when the format stores fp16 scales), round half to even, clip."""
-    from tvm import relax, te, tirx
-
-    bb = importer.block_builder
-    args = importer.retrieve_args(node)
-    x, fmt = args[0], args[1]
-    f = act_format(fmt, f"node {node.name}")
-    lo, hi = f.family.code_range(f)
-    xf = bb.emit(relax.op.astype(x, "float32")) if x.ty.dtype != "float32" else x
-    s, z = _act_scale(bb, xf, f, args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None, prefix)
-
-    def fq(x_, s_, z_):
-        def body(*idx):
-            sv, zv = _bcast(s_, idx), _bcast(z_, idx)
-            q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
-            return (q - zv) * sv
-
-        return te.compute(x_.shape, body, name="fake_quant")
-
-    y = bb.emit_te(fq, xf, s, z, primfunc_name_hint=f"{prefix}act_fake_quant")
-    return bb.emit(relax.op.astype(y, x.ty.dtype)) if x.ty.dtype != "float32" else y
-
-
-def _bcast(t, idx):
-    """``t`` (shape ``[.., 1]`` or ``[1, .., 1]``) read at ``idx``, broadcast over its unit dims."""
-    from tvm import tirx
-
-    return t(*[0 if isinstance(d, tirx.IntImm) and int(d) == 1 else i for d, i in zip(t.shape, idx)])
-
-
-def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
-    """``(scale, zero point)`` of activation ``xf`` (fp32) in format ``f``, keepdims-shaped: the
-    static ones reshaped, or the dynamic ones from the row / tensor range as the reference
-    chooses them."""
-    from tvm import relax, te, tirx
-
-    nd = len(xf.ty.shape)
-    if scale is not None:
-        s = bb.emit(relax.op.astype(scale, "float32"))
-        z = bb.emit(relax.op.astype(zero, "float32"))
-        if f.granularity == "tensor":
-            s, z = bb.emit(relax.op.reshape(s, [1] * nd)), bb.emit(relax.op.reshape(z, [1] * nd))
-        return s, z
-    axis = [-1] if f.granularity == "token" else list(range(nd))
-    zero_c = relax.const(0.0, "float32")
-    c = float(f.clip)
-    if f.symmetric:
-        amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
-        # amax * clip / max_value in this order, as the reference: amax * (1 / 127) differs by an ulp
-        s = bb.emit(relax.op.divide(relax.op.multiply(amax, relax.const(c, "float32")),
-                                    relax.const(f.family.max_value(f), "float32")))
-    else:
-        mn = bb.emit(relax.op.multiply(relax.op.minimum(relax.op.min(xf, axis=axis, keepdims=True), zero_c),
-                                       relax.const(c, "float32")))
-        mx = bb.emit(relax.op.multiply(relax.op.maximum(relax.op.max(xf, axis=axis, keepdims=True), zero_c),
-                                       relax.const(c, "float32")))
-        s = bb.emit(relax.op.divide(relax.op.subtract(mx, mn), relax.const(float(2 ** f.bits - 1), "float32")))
-    if f.scale in ("fp16", "bf16"):
-        s = bb.emit(relax.op.astype(relax.op.astype(s, "float16" if f.scale == "fp16" else "bfloat16"), "float32"))
-    s = bb.emit(relax.op.where(relax.op.greater(s, zero_c), s, relax.const(1.0, "float32")))
-    if f.symmetric:
-        return s, bb.emit(relax.op.multiply(s, zero_c))
-
-    def zp(mn_, s_):
-        return te.compute(mn_.shape, lambda *i: te.max(te.min(tirx.nearbyint(-mn_(*i) / s_(*i)),
-                                                              float(2 ** f.bits - 1)), 0.0), name="zp")
-
-    return s, bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
-
-
-class A8Emitter:
-    """Emits integer-dot linears into a Relax block: the activation's INT8 codes, group sums and
-    row scales (computed once per activation and shared by the linears that read it: q / k / v,
-    gate / up), then one ``call_tir`` to ``kernels/a8.py``'s kernel (GEMV for one row, else rows
-    padded to whole blocks, run, cut). Used by the importer and by ``benchmarks/tvm_kernels.py``."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-        self.funcs: dict = {}
-        self.quantized: list = []  # (activation, format tag, group size, (codes, sums, scales))
-
-    def quantize(self, bb, x, x2, f: QuantFormat, scale, zero, gs: int, rows, padded):
-        from tvm import te, tirx
-
-        for prev, tag, g, out in self.quantized:  # the same activation (the importer's value of one FX node)
-            if prev.same_as(x) and tag == f.tag and g == gs:
-                return out
-        lo, hi = f.family.code_range(f)
-        k = int(x2.ty.shape[-1])
-        s, _ = _act_scale(bb, x2, f, scale, zero, self.prefix)
-
-        def codes(x_, s_):
-            return te.compute((padded, k), lambda i, c: te.if_then_else(
-                i < rows, te.max(te.min(tirx.nearbyint(x_[i, c] / _bcast(s_, (i, c))), float(hi)), float(lo)),
-                0.0).astype("int8"), name="act_codes")
-
-        def sums(q_):
-            r = te.reduce_axis((0, gs), "r")
-            return te.compute((padded, k // gs), lambda i, g: te.sum(q_[i, g * gs + r].astype("int32"), axis=r),
-                              name="act_group_sums")
-
-        def row_scales(s_):
-            return te.compute((padded,), lambda i: te.if_then_else(i < rows, _bcast(s_, (i, 0)), 0.0),
-                              name="act_row_scales")
-
-        xq = bb.emit_te(codes, x2, s, primfunc_name_hint=f"{self.prefix}act_codes")
-        out = (xq, bb.emit_te(sums, xq, primfunc_name_hint=f"{self.prefix}act_group_sums"),
-               bb.emit_te(row_scales, s, primfunc_name_hint=f"{self.prefix}act_row_scales"))
-        self.quantized.append((x, f.tag, gs, out))
-        return out
-
-    def linear(self, bb, x, f: QuantFormat, scale, zero, w, ga, gb, cs, bias=None):
-        """``y = a8_linear(x, ...)`` for a Relax value ``x[..., K]``."""
-        from tvm import relax, te, tirx
-
-        shape = list(x.ty.shape)
-        k, n, g_count = int(shape[-1]), int(w.ty.shape[1]), int(ga.ty.shape[0])
-        gs, epilogue = k // g_count, "int" if ga.ty.dtype == "int32" else "float"
-        rows = shape[0]
-        for d in shape[1:-1]:
-            rows = rows * d
-        one = isinstance(rows, tirx.IntImm) and int(rows) == 1
-        rb = 1 if one else a8.ROW_BLOCK
-        mq = 1 if one else tirx.floordiv(rows + rb - 1, rb)
-        x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-        if x.ty.dtype != "float32":
-            x2 = bb.emit(relax.op.astype(x2, "float32"))
-        xq, xs, xsc = self.quantize(bb, x, x2, f, scale, zero, gs, rows, mq * rb)
-        key = f"{self.prefix}a8{epilogue}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
-        if key not in self.funcs:
-            func = a8.linear_func(1 if one else None, k, n, gs, epilogue).with_attrs(
-                {"op_pattern": 8, "global_symbol": key})  # opaque: nothing is fused into it
-            self.funcs[key] = bb.add_func(func, key)
-        ins = [bb.emit(relax.op.reshape(xq, [mq, rb, k])), bb.emit(relax.op.reshape(xs, [mq, rb, g_count])),
-               bb.emit(relax.op.reshape(xsc, [mq, rb])), w, ga, gb, cs]
-        y3 = bb.emit(relax.call_tir(self.funcs[key], ins, relax.TensorType([mq, rb, n], "float32")))
-        y = bb.emit(relax.op.reshape(y3, [mq * rb, n]))
-        if not one:
-            y = bb.emit_te(lambda t: te.compute((rows, n), lambda i, c: t[i, c], name="cut_rows"), y,
-                           primfunc_name_hint=f"{self.prefix}cut_rows")
-        y = bb.emit(relax.op.reshape(y, [*shape[:-1], n]))
-        if x.ty.dtype != "float32":
-            y = bb.emit(relax.op.astype(y, x.ty.dtype))
-        return bb.emit(relax.op.add(y, bias)) if bias is not None else y
-
-
-def _convert_a8_linear(prefix: str):
-    emitter = A8Emitter(prefix)
-
-    def convert(node, importer):
-        args = importer.retrieve_args(node)
-        x, act, scale, zero, w, ga, gb, cs = args[:8]
-        f = act_format(act, f"node {node.name}")
-        return emitter.linear(importer.block_builder, x, f, scale, zero, w, ga, gb, cs,
-                              args[8] if len(args) > 8 else None)
-
-    return convert
-
-
 def _convert_diff(node, importer):
     """``aten.diff(x, 1, dim, prepend)`` (transformers' packed-sequence check on position ids).
     The decomposed form slices a concatenation, whose symbolic length (``min(1, s) + s - 1``)
@@ -576,7 +374,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     table.pop(torch.ops.aten.diff.default, None)
     table.pop(torch.ops.aten.linear.default, None)
     convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
-               "fake_quant.default": _convert_fake_quant(prefix), "a8_linear.default": _convert_a8_linear(prefix),
+               "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes)}
     if lower_attention.keep_undecomposed(ep, table):  # every attention fits the fused kernel
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)

@@ -68,9 +68,9 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict:
     n, k = q.codes.shape
     gs = fmt.group_size if fmt.granularity == "group" else k
     kgs = gs if k % gs == 0 else math.gcd(gs, k)
-    if k % 8 or kgs % 8:
-        raise ValueError(f"a8 pack_weight: K={k} with groups of {gs}: the kernel needs K and its groups of {kgs} "
-                         "to be multiples of 8")
+    if k % 8 or kgs % 8 or n % 8:
+        raise ValueError(f"a8 pack_weight: N={n}, K={k} with groups of {gs}: the kernel needs N, K and its groups "
+                         f"of {kgs} to be multiples of 8")
 
     def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, G] (or one value) -> [K / kgs, N]
         t = t.reshape(n, -1) if t.numel() > 1 else t.reshape(1, 1).expand(n, 1)
