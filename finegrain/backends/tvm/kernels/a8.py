@@ -12,7 +12,7 @@ No pair sum saturates: a weight code is at most 15 and ``|xq| <= 128``, so a pai
 3840 and four k-blocks (8 pmaddubsw lanes' worth, 30720) are summed in int16 before widening.
 Two epilogues, applied once per group and column:
 
-* ``int`` (dual-grained DGQ, Zhang et al. 2023, eq. 3-4): the INT4 -> INT8 weight is
+* ``int`` (dual-grained DGQ, Zhang et al. 2023): the INT4 -> INT8 weight is
   ``S2[g, n] (q - z[g, n])`` with integer group scales ``S2``; the INT32 accumulator is
   ``acc[m, n] = sum_g S2 part - (S2 z) xs[m, g]`` -- exactly ``sum_k xq (S2 (q - z))``, the INT8 x
   INT8 GEMM with INT32 accumulation, with the group scale applied per group instead of per
