@@ -42,7 +42,7 @@ from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
 from finegrain.backends.tvm.kernels import a8
 from finegrain.backends.tvm.lower_activations import (A8_LINEAR, FAKE_QUANT, TvmError, act_format,  # noqa: F401
-                                                      convert_a8_linear, convert_fake_quant)
+                                                      convert_a8_linear, convert_fake_quant, flat_rows)
 from finegrain.backends.tvm.kernels.lowbit import (container_bits, linear_func, pack_weight, unpack_weight_ref,
                                                    vector_lanes)
 from finegrain.runtime.compiled import example_inputs
@@ -268,9 +268,7 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
         shape = list(x.ty.shape)
         k, n = int(shape[-1]), int(w.ty.shape[1])
         gs = k // int(sc.ty.shape[0])
-        rows = shape[0]
-        for d in shape[1:-1]:
-            rows = rows * d
+        rows = flat_rows(shape)
         one = isinstance(rows, tirx.IntImm) and int(rows) == 1
         code = f"int{bits}" if kind == "int" else kind
         key = f"{prefix}{code}_{'gemv' if one else 'gemm'}_k{k}_n{n}_g{gs}"
@@ -346,9 +344,7 @@ def _dense(node, importer, prefix: str, lanes: int, cache: dict):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else None
     shape = list(x.ty.shape)
-    rows = shape[0]
-    for d in shape[1:-1]:
-        rows = rows * d
+    rows = flat_rows(shape)
     n = w.ty.shape[0]
     k = shape[-1]
     x2 = bb.emit(relax.op.reshape(x, [rows, k]))

@@ -138,6 +138,14 @@ def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
     return s, bb.emit_te(zp, mn, s, primfunc_name_hint=f"{prefix}act_zero_point")
 
 
+def flat_rows(shape: list):
+    """The row count of ``x[..., K]`` flattened to ``[rows, K]`` (symbolic when a dim is)."""
+    rows = shape[0]
+    for d in shape[1:-1]:
+        rows = rows * d
+    return rows
+
+
 class A8Emitter:
     """Emits integer-dot linears into a Relax block: the activation's INT8 codes, group sums and
     row scales (computed once per activation and shared by the linears that read it: q / k / v,
@@ -186,9 +194,7 @@ class A8Emitter:
         shape = list(x.ty.shape)
         k, n, g_count = int(shape[-1]), int(w.ty.shape[1]), int(ga.ty.shape[0])
         gs, epilogue = k // g_count, "int" if ga.ty.dtype == "int32" else "float"
-        rows = shape[0]
-        for d in shape[1:-1]:
-            rows = rows * d
+        rows = flat_rows(shape)
         one = isinstance(rows, tirx.IntImm) and int(rows) == 1
         rb = 1 if one else a8.ROW_BLOCK
         mq = 1 if one else tirx.floordiv(rows + rb - 1, rb)

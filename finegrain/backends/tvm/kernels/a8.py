@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from finegrain.formats import QTensor, QuantFormat
+from finegrain.backends.tvm.kernels.lowbit import kernel_groups, per_kernel_group
 
 ROW_BLOCK = 4  # rows per register block of the prefill kernel
 I16_CHUNK = 4  # k-blocks summed in int16 before widening: 4 x 2 pair sums x 3840 < 2^15
@@ -66,15 +67,13 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict:
     if not weight_ok(fmt) or q.codebook is not None:
         raise ValueError(f"a8 pack_weight: format {fmt.tag} is not INT2-4 per group / channel / tensor")
     n, k = q.codes.shape
-    gs = fmt.group_size if fmt.granularity == "group" else k
-    kgs = gs if k % gs == 0 else math.gcd(gs, k)
+    gs, kgs = kernel_groups(fmt, k)
     if k % 8 or kgs % 8 or n % 8:
         raise ValueError(f"a8 pack_weight: N={n}, K={k} with groups of {gs}: the kernel needs N, K and its groups "
                          f"of {kgs} to be multiples of 8")
 
     def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, G] (or one value) -> [K / kgs, N]
-        t = t.reshape(n, -1) if t.numel() > 1 else t.reshape(1, 1).expand(n, 1)
-        return t.repeat_interleave(gs if t.shape[1] > 1 else k, dim=1)[:, :k:kgs].T.contiguous()
+        return per_kernel_group(t, n, k, gs, kgs).T.contiguous()
 
     offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0
     codes = q.codes.to(torch.int64) + offset  # [N, K], 0 .. 2^bits - 1

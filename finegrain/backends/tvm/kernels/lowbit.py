@@ -53,6 +53,19 @@ def container_bits(fmt: QuantFormat) -> int | None:
     return CONTAINERS.get(fmt.bits)
 
 
+def kernel_groups(fmt: QuantFormat, k: int) -> tuple[int, int]:
+    """``(format group, kernel group)`` over ``K``: per channel / tensor one group of K; a ragged
+    last group gives kernel groups of ``gcd(group, K)``, which divide both."""
+    gs = fmt.group_size if fmt.granularity == "group" else k
+    return gs, gs if k % gs == 0 else math.gcd(gs, k)
+
+
+def per_kernel_group(t: torch.Tensor, n: int, k: int, gs: int, kgs: int) -> torch.Tensor:
+    """A per-group tensor ``[N, ceil(K / gs)]`` (or one value) -> ``[N, K / kgs]``, dtype kept."""
+    t = t.reshape(n, -1) if t.numel() > 1 else t.reshape(1, 1).expand(n, 1)
+    return t.repeat_interleave(gs if t.shape[1] > 1 else k, dim=1)[:, :k:kgs]
+
+
 def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     """finegrain integer weight (codes ``[N, K]``, scales ``[N, G]``) -> the kernel's ``w``,
     ``scale``, ``zs`` (and ``bits``, ``group_size``)."""
@@ -62,15 +75,13 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
                          "E2M1 per group")
     n, k = q.codes.shape
     per = 32 // bits
-    gs = fmt.group_size if fmt.granularity == "group" else k
-    kgs = gs if k % gs == 0 else math.gcd(gs, k)  # a ragged last group: the kernel's groups divide both
+    gs, kgs = kernel_groups(fmt, k)
     if kgs % per:
         raise ValueError(f"pack_weight: K={k} with groups of {gs}: kernel groups of {kgs} are not a multiple of "
                          f"{per} ({bits}-bit codes per 32-bit word)")
 
-    def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, ceil(K / gs)] (or one value) -> [N, K / kgs]
-        t = t.float().reshape(n, -1) if t.numel() > 1 else t.float().reshape(1, 1).expand(n, 1)
-        return t.repeat_interleave(gs if t.shape[1] > 1 else k, dim=1)[:, :k:kgs]
+    def per_group(t: torch.Tensor) -> torch.Tensor:
+        return per_kernel_group(t.float(), n, k, gs, kgs)
 
     scale = per_group(q.scale)
     if fmt.kind == "e2m1":  # codes are the E2M1 bit patterns; the effective scale is what 1.0 dequantizes to
