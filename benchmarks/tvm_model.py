@@ -69,7 +69,7 @@ def main() -> None:
     t = time.perf_counter()
     manifest = cm.build(work / "deploy", target=target, max_seq_len=max_seq, overwrite=True)
     build_s = time.perf_counter() - t
-    dep = finegrain.load(work / "deploy")
+    dep = finegrain.load(work / "deploy", allow_native=True)  # built by this script
     deploy_bytes = sum((work / "deploy" / f).stat().st_size for f in manifest["files"])
 
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +86,7 @@ def main() -> None:
                "finegrain TVM deployment": dep}
     if a.fp32_compute:
         cm.build(work / "deploy_fp32", target=target, max_seq_len=max_seq, overwrite=True, int8=False)
-        runners["finegrain TVM deployment, fp32 compute (int8=False)"] = finegrain.load(work / "deploy_fp32")
+        runners["finegrain TVM deployment, fp32 compute (int8=False)"] = finegrain.load(work / "deploy_fp32", allow_native=True)
     if not a.skip_onnx:
         for lvl in (0, 4):
             path = work / f"w4_matmulnbits_acc{lvl}.onnx"

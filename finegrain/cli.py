@@ -1,4 +1,8 @@
-"""finegrain command line: demo | quantize | pareto | eval | inspect | presets."""
+"""finegrain command line: demo | quantize | pareto | eval | export | build | inspect | presets.
+
+Strings read from files (layer names, recipe names, error messages quoting them) are printed with
+control characters escaped and without rich markup, so an artifact cannot drive the terminal.
+Errors are one line on stderr with exit status 2 (``--debug`` shows the traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -14,21 +19,73 @@ from finegrain.errors import FinegrainError, InputError
 DEMO_OUT = "out/demo"
 
 
+def safe_text(x: object) -> str:
+    """``x`` as text with control and format characters (ANSI escapes, bidi overrides) escaped."""
+    s = str(x)
+    if all(c.isprintable() or c == " " for c in s):
+        return s
+    return "".join(c if c.isprintable() or c == " " else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in s)
+
+
 def _console():
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get full rows
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)  # pipes and logs get full rows
+
+
+def _say(text: str, style: str | None = None) -> None:
+    """Print ``text`` literally (no markup), control characters escaped."""
+    _console().print(safe_text(text), markup=False, style=style)
 
 
 def _table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title)
+    t = Table(title=Text(safe_text(title)))
     for c in columns:
-        t.add_column(c, justify="left" if c in ("recipe", "layer", "format", "model") else "right")
+        t.add_column(Text(safe_text(c)), justify="left" if c in ("recipe", "layer", "format", "model") else "right")
     for r in rows:
-        t.add_row(*[str(x) for x in r])
+        t.add_row(*[Text(safe_text(x)) for x in r])
     _console().print(t)
+
+
+def _writable_parent(path: Path) -> None:
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: {parent} is not a writable directory")
+
+
+def check_output_dir(path: str | Path, overwrite: bool, results: bool = False) -> None:
+    """Before any work: ``path`` can be created (or, with ``overwrite``, replaced: only a finegrain
+    artifact / deployment or an empty directory). ``results``: a directory of results the command
+    writes into (pareto), which may exist with ``overwrite`` whatever it holds of finegrain's."""
+    from finegrain.runtime.files import check_replaceable
+
+    path = Path(path)
+    if results and path.is_dir() and overwrite and not path.is_symlink():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into {path}: not writable")
+        return
+    check_replaceable(path, overwrite)
+    _writable_parent(path)
+
+
+def check_output_file(path: str | Path | None, overwrite: bool = True) -> None:
+    """Before any work: ``path`` is a file that can be written (not a directory)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; pass --overwrite to replace it")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"cannot write {path}: not writable")
+    _writable_parent(path)
 
 
 def _ppl_rows(results: list[tuple[str, dict, float | None, int]]) -> list[list]:
@@ -47,41 +104,40 @@ def cmd_demo(args) -> None:
     from finegrain.jobs import compile_loaded, evaluate_lm
     from finegrain.models import load_model
 
-    con = _console()
-    con.print(f"[bold]finegrain demo[/]: {args.model}, recipe {args.recipe}, WikiText-2 test seq {args.seq_len}, "
-              f"{'all' if not args.max_windows else args.max_windows} windows")
+    check_output_dir(args.out, overwrite=True)
+    _say(f"finegrain demo: {args.model}, recipe {args.recipe}, WikiText-2 test seq {args.seq_len}, "
+         f"{'all' if not args.max_windows else args.max_windows} windows", style="bold")
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
     cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
-    con.print(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
+    _say(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
     q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
     _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
            _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)), (args.recipe, q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
     path = cm.save(args.out, overwrite=True)
-    con.print(f"artifact saved to {path}/ — try: finegrain inspect {path}")
+    _say(f"artifact saved to {path}/ — try: finegrain inspect {path}")
 
 
 def cmd_quantize(args) -> None:
     from finegrain.jobs import compile_loaded
     from finegrain.models import load_model
 
-    if Path(args.out).exists() and not args.overwrite:  # fail before the slow part
-        raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    check_output_dir(args.out, args.overwrite)  # fail before the slow part
     recipe = _with_budget(args)
     lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]
-        _console().print(f"bit allocation ({cm.allocation['sensitivity']} sensitivity, {cm.allocation['groups']} groups, "
-                         f"solver {cm.allocation['solver_seconds']:.3f} s): {ch['bits_per_weight']:.3f} bits/weight, "
-                         f"predicted {ch['predicted']:.4g}")
+        _say(f"bit allocation ({cm.allocation['sensitivity']} sensitivity, {cm.allocation['groups']} groups, "
+             f"solver {cm.allocation['solver_seconds']:.3f} s): {ch['bits_per_weight']:.3f} bits/weight, "
+             f"predicted {ch['predicted']:.4g}")
     bpw = cm.quantized_bits_per_weight()
-    _console().print(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
-                     f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
-                     if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+    _say(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
+         f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
+         if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
 
 
 def _parse_size(text: str, what: str) -> float:
@@ -122,8 +178,7 @@ def cmd_pareto(args) -> None:
     from finegrain.runtime.files import atomic_write_text
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    check_output_dir(out, args.overwrite, results=True)
     recipe = _with_budget(args, allocate=True)
     lm = load_model(args.model)
     if lm.task != "causal-lm":
@@ -159,7 +214,8 @@ def cmd_pareto(args) -> None:
         lines += ["", f"Proxy validation: {len(val['pairs'])} groups quantized alone to {val['pairs'][0]['format']}, "
                       f"Spearman(predicted, measured ΔNLL) = {val['spearman']:.3f}."]
     atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
-    _console().print("\n".join(lines))
+    for line in lines:
+        _say(line)
     _plot_frontier(out / "pareto.png", alloc, rows)
 
 
@@ -196,8 +252,9 @@ def cmd_eval(args) -> None:
 
     path = Path(args.model)
     results = []
+    check_output_file(args.json)
     if (path / "manifest.json").is_file():
-        cm = finegrain.load(path)
+        cm = finegrain.load(path, allow_native=args.allow_native)
         if not hasattr(cm, "gm"):  # a TVM deployment directory
             if args.backend not in ("torch", "tvm") or args.compare_fp:
                 raise FinegrainError(f"{path} is a TVM deployment: it evaluates on its own (no --backend other than "
@@ -241,6 +298,7 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     import finegrain
 
+    check_output_file(args.onnx, args.overwrite)
     cm = finegrain.load(args.artifact)
     info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
     forms: dict[str, int] = {}
@@ -260,16 +318,20 @@ def cmd_export(args) -> None:
         ids = torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
         ref = cm(ids)
         got = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx).run(ids)
-        _console().print(f"onnxruntime vs the torch reference on {ids.shape[-1]} tokens: max |diff| "
-                         f"{float((got - ref).abs().max()):.3g} (max |logit| {float(ref.abs().max()):.3g})")
+        _say(f"onnxruntime vs the torch reference on {ids.shape[-1]} tokens: max |diff| "
+             f"{float((got - ref).abs().max()):.3g} (max |logit| {float(ref.abs().max()):.3g})")
 
 
 def cmd_build(args) -> None:
     import finegrain
 
-    cm = finegrain.load(args.artifact)
-    if not hasattr(cm, "gm"):
+    from finegrain.backends.tvm.deploy import is_deployment, parse_target
+
+    if is_deployment(args.artifact):
         raise FinegrainError(f"{args.artifact} is already a TVM deployment; build from the artifact it came from")
+    check_output_dir(args.out, args.overwrite)
+    parse_target(args.target)  # a bad target fails before the artifact is read
+    cm = finegrain.load(args.artifact)
     m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
                  overwrite=args.overwrite, int8=not args.no_int8)
     b = m["build"]
@@ -303,22 +365,29 @@ def _write_json(args, obj) -> None:
 
 
 def cmd_inspect(args) -> None:
+    from finegrain.errors import ArtifactError
     from finegrain.runtime.artifact import read_manifest, verify_files
 
     path = Path(args.artifact)
     m = read_manifest(path)
-    verify_files(path, m)
+    verify_files(path, m["files"])
+    try:
+        _inspect_report(path, m)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise ArtifactError(f"{path / 'manifest.json'}: a report field is malformed ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
+
+
+def _inspect_report(path: Path, m: dict) -> None:
     rows, total_bits, total_n = [], 0, 0
     for name, rec in sorted(m["layers"].items()):
-        n = 1
-        for d in rec["shape"]:
-            n *= d
+        n = math.prod(rec["shape"])
         total_bits, total_n = total_bits + rec["bits"], total_n + n
         out_db = rec.get("output_sqnr_db")
-        rows.append([name, rec["format"], rec.get("algorithm", "rtn"), "x".join(map(str, rec["shape"])), f"{rec['bits'] / n:.3f}",
-                     f"{rec['bits'] / 8 / 1024:.1f}", f"{rec['weight_sqnr_db']:.1f}",
+        rows.append([name, rec["format"], rec.get("algorithm", "rtn"), "x".join(map(str, rec["shape"])),
+                     f"{rec['bits'] / n:.3f}", f"{rec['bits'] / 8 / 1024:.1f}", f"{rec['weight_sqnr_db']:.1f}",
                      f"{out_db:.1f}" if out_db is not None else "-"])
-    _table(f"{path}: recipe {m['recipe']['name']}, source {m['source'].get('model')}",
+    _table(f"{path}: recipe {m['recipe'].get('name')}, source {m['source'].get('model')}",
            ["layer", "format", "algorithm", "shape", "bits/w", "KiB", "weight SQNR dB", "output SQNR dB"], rows)
     folds = m.get("folds", [])
     if folds:
@@ -327,16 +396,15 @@ def cmd_inspect(args) -> None:
     alloc = m.get("allocation") or {}
     if alloc.get("chosen"):
         ch = alloc["chosen"]
-        _console().print(f"bit allocation: {alloc['sensitivity']} sensitivity over {alloc['groups']} fused groups and "
-                         f"{len(alloc['candidates'])} candidates, budget {alloc['budget']} {alloc['unit']}; chose "
-                         f"{ch['bits_per_weight']:.3f} bits/weight (predicted {ch['predicted']:.4g}), one of "
-                         f"{alloc.get('frontier_points', len(alloc['frontier']))} frontier points")
+        _say(f"bit allocation: {alloc['sensitivity']} sensitivity over {alloc['groups']} fused groups and "
+             f"{len(alloc['candidates'])} candidates, budget {alloc['budget']} {alloc['unit']}; chose "
+             f"{ch['bits_per_weight']:.3f} bits/weight (predicted {ch['predicted']:.4g}), one of "
+             f"{alloc.get('frontier_points', len(alloc['frontier']))} frontier points")
     for op, freq in (alloc.get("routing") or {}).items():
-        _console().print(f"routing frequency (calibration tokens per expert) of {op}: "
-                         + " ".join(f"{f:.3f}" for f in freq))
-    stored = sum(os.path.getsize(path / f) for f in m["files"])
-    _console().print(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
-                     f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
+        _say(f"routing frequency (calibration tokens per expert) of {op}: " + " ".join(f"{f:.3f}" for f in freq))
+    stored = sum(rec["bytes"] for rec in m["files"].values())
+    _say(f"{len(rows)} quantized tensors, {total_bits / max(total_n, 1):.3f} bits/weight over them; "
+         f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
 
 
 def _folds_of(r) -> str:
@@ -365,10 +433,27 @@ def cmd_presets(args) -> None:
            ["recipe", "role", "pattern", "weight", "activation", "bits/w", "weights by", "folds"], rows)
 
 
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is outside [{lo}, {hi if hi is not None else '∞'}]")
+        return v
+    return parse
+
+
+POS, NONNEG = _int_in(1, 1 << 20), _int_in(0, 1 << 20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from finegrain.models import BUNDLED_NAMES, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="finegrain", description="A compiler for fine-grained low-bit quantization.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     model_help = f"bundled model ({', '.join(BUNDLED_NAMES)}) or a local Hugging Face model directory"
 
@@ -380,14 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "weight_candidates, else int2 g64 .. int8 per channel)")
 
     def calib(sp):
-        sp.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (recipe default 32; 0 = none)")
-        sp.add_argument("--calibration-seq-len", type=int, default=None, help="tokens per window (recipe default 512)")
+        sp.add_argument("--calibration-samples", type=NONNEG, default=None, help="calibration windows (recipe default 32; 0 = none)")
+        sp.add_argument("--calibration-seq-len", type=POS, default=None, help="tokens per window (recipe default 512)")
 
     d = sub.add_parser("demo", help="quantize the bundled LM, compare FP vs quantized perplexity, save the artifact")
     d.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     d.add_argument("--recipe", default="w4a16-g128", help="preset name or recipe .json/.yaml")
-    d.add_argument("--seq-len", type=int, default=2048)
-    d.add_argument("--max-windows", type=int, default=8, help="WikiText-2 windows to evaluate (0 = all)")
+    d.add_argument("--seq-len", type=POS, default=2048)
+    d.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows to evaluate (0 = all)")
     d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
     calib(d)
     d.set_defaults(fn=cmd_demo)
@@ -406,13 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--model", required=True, help=model_help)
     pa.add_argument("--recipe", default="w4a16-g128", help="preset or recipe file; its rules say which linears are "
                                                            "quantized, its weight_candidates (or --candidates) what they may get")
-    pa.add_argument("--points", type=int, default=4, help="frontier points to materialize, evenly spaced in size")
+    pa.add_argument("--points", type=POS, default=4, help="frontier points to materialize, evenly spaced in size")
     pa.add_argument("--budgets", nargs="+", help="bits-per-weight budgets instead of --points (e.g. 2.5 3 3.25bpw)")
     pa.add_argument("--candidates", nargs="+", help="candidate weight format tags (default: the recipe's, else "
                                                     "int2 g64 .. int8 per channel)")
-    pa.add_argument("--validate", type=int, default=8, help="groups whose real ΔNLL is measured to check the proxy")
-    pa.add_argument("--seq-len", type=int, default=2048)
-    pa.add_argument("--max-windows", type=int, default=8, help="WikiText-2 windows per evaluation (0 = all)")
+    pa.add_argument("--validate", type=NONNEG, default=8, help="groups whose real ΔNLL is measured to check the proxy")
+    pa.add_argument("--seq-len", type=POS, default=2048)
+    pa.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows per evaluation (0 = all)")
     pa.add_argument("--out", required=True, help="directory for the artifacts, pareto.md/.json/.png")
     pa.add_argument("--overwrite", action="store_true")
     calib(pa)
@@ -421,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of an artifact or a float model on WikiText-2 test "
                                     "(encoder artifacts: embedding cosine vs their FP model)")
     e.add_argument("--model", required=True, help="artifact directory, " + model_help)
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--seq-len", type=POS, default=2048)
+    e.add_argument("--max-windows", type=NONNEG, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
     e.add_argument("--backend", choices=("torch", "onnx", "tvm"), default="torch",
                    help="run the artifact on the torch reference, exported to ONNX Runtime, or built with TVM "
@@ -430,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--allow-native", action="store_true",
+                   help="allow evaluating a TVM deployment directory: it holds native code (model.so) that runs "
+                        "when loaded, so only for deployments you built or trust")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write an artifact as an ONNX model (QDQ or MatMulNBits weights)")
@@ -453,11 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--target", default="llvm",
                     help="'llvm' = this CPU (default), or a TVM target as JSON, e.g. "
                          "'{\"kind\": \"llvm\", \"mcpu\": \"znver3\", \"num-cores\": 2}'")
-    bd.add_argument("--tune-trials", type=int, default=0,
+    bd.add_argument("--tune-trials", type=NONNEG, default=0,
                     help="MetaSchedule trials over the static-shape functions the hand schedules do not own "
                          "(0 = hand schedules only); the database is kept in OUT/tuning and reused by the next "
                          "build into OUT (with --overwrite)")
-    bd.add_argument("--max-seq-len", type=int, default=2048, help="longest prefill the deployment accepts")
+    bd.add_argument("--max-seq-len", type=_int_in(2, 1 << 20), default=2048, help="longest prefill the deployment accepts")
     bd.add_argument("--no-int8", action="store_true",
                     help="keep INT2-4 weight x INT8 activation linears (W4A8, DGQ) on fp32 compute instead of the "
                          "integer-dot kernel (for comparisons)")
@@ -473,17 +561,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so temporary directories are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     if getattr(args, "max_windows", None) == 0:
         args.max_windows = None
+    install_signal_handlers()
     try:
         args.fn(args)
     except FinegrainError as e:
-        print(f"finegrain {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"finegrain {args.command}: error: {safe_text(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"finegrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or an unwrapped library error: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"finegrain {args.command}: internal error: {type(e).__name__}: {safe_text(str(e))[:500]} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

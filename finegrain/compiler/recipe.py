@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asy
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+")
 ROTATION_MODES = ("residual", "online")
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float; booleans are not numbers here."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -145,15 +151,15 @@ class Recipe:
             raise ValueError("online_hadamard: rotation_mode 'online' needs online_hadamard true")
         if self.smoothing is not None and self.smoothing not in SMOOTHING:
             raise ValueError(f"smoothing: {self.smoothing!r} is not one of {SMOOTHING} (or null)")
-        if not isinstance(self.smoothing_alpha, (int, float)) or not 0.0 <= self.smoothing_alpha <= 1.0:
+        if not _is_number(self.smoothing_alpha) or not 0.0 <= self.smoothing_alpha <= 1.0:
             raise ValueError(f"smoothing_alpha: must be a number in [0, 1], got {self.smoothing_alpha!r}")
         if self.weight_algorithm not in WEIGHT_ALGORITHMS:
             raise ValueError(f"weight_algorithm: {self.weight_algorithm!r} is not one of {WEIGHT_ALGORITHMS}")
         if self.clip_objective not in CLIP_OBJECTIVES:
             raise ValueError(f"clip_objective: {self.clip_objective!r} is not one of {CLIP_OBJECTIVES}")
-        if not isinstance(self.clip_min, (int, float)) or not 0.0 < self.clip_min <= 1.0:
+        if not _is_number(self.clip_min) or not 0.0 < self.clip_min <= 1.0:
             raise ValueError(f"clip_min: must be a number in (0, 1], got {self.clip_min!r}")
-        if not isinstance(self.gptq_damp, (int, float)) or not 0.0 < self.gptq_damp < 1.0:
+        if not _is_number(self.gptq_damp) or not 0.0 < self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp: must be a number in (0, 1), got {self.gptq_damp!r}")
         if not isinstance(self.weight_candidates, tuple):
             object.__setattr__(self, "weight_candidates", tuple(self.weight_candidates))
@@ -170,18 +176,22 @@ class Recipe:
             raise ValueError(f"expert_allocation: {self.expert_allocation!r} is not one of {EXPERT_ALLOCATION}")
         if self.budget_bits is not None and self.budget_bytes is not None:
             raise ValueError("budget_bits: give budget_bits or budget_bytes, not both")
-        if self.budget_bits is not None and (not isinstance(self.budget_bits, (int, float)) or self.budget_bits <= 0):
+        if self.budget_bits is not None and (not _is_number(self.budget_bits) or not 0 < self.budget_bits <= 64):
             raise ValueError(f"budget_bits: must be a positive number of bits per weight, got {self.budget_bits!r}")
-        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes <= 0):
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or isinstance(self.budget_bytes, bool)
+                                              or self.budget_bytes <= 0):
             raise ValueError(f"budget_bytes: must be a positive integer, got {self.budget_bytes!r}")
         if (self.budget_bits is not None or self.budget_bytes is not None) and not self.weight_candidates:
             raise ValueError("weight_candidates: a budget needs candidate formats to choose from")
         if self.act_range not in ACT_RANGES:
             raise ValueError(f"act_range: {self.act_range!r} is not one of {ACT_RANGES}")
-        for f in ("calibration_samples", "calibration_seq_len", "clip_grid", "gptq_block"):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: must be a non-empty string, got {self.name!r}")
+        for f, hi in (("calibration_samples", 1 << 16), ("calibration_seq_len", 1 << 20), ("clip_grid", 1000),
+                      ("gptq_block", 1 << 16)):
             v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{f}: must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
+                raise ValueError(f"{f}: must be an integer in [1, {hi}], got {v!r}")
 
     def formats_for(self, role: str, name: str) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(weight format, activation format) for an op; (None, None) keeps it in float."""

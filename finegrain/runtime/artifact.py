@@ -4,52 +4,58 @@
 * No pickle anywhere: the graph is JSON (``runtime/graph_json.py``), tensors are safetensors.
 * Saving is atomic (a temporary directory renamed into place) and deterministic: the same
   compiled model saves to byte-identical files (no timestamps; sorted keys).
-* Loading checks the format version and the SHA-256 of every file the manifest lists.
+* An artifact is data: loading one runs nothing from it. The loader reads only the files the
+  manifest lists, by names that stay inside the directory, after checking each one's size (before
+  reading) and SHA-256; the graph is rebuilt from an allow-list (``graph_json.py``); tensor
+  shapes and dtypes are read from the safetensors header and must equal the manifest's before
+  any tensor is loaded; the input signature is checked against sane limits; the tokenizer is
+  loaded from the listed files only, without remote code. Checksums detect corruption, not
+  tampering: the safety comes from the loader, not from the hashes.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.fx import GraphModule
 
 from finegrain.compiler.ir import set_tensor
-from finegrain.errors import ArtifactError
-from finegrain.runtime.files import atomic_directory
+from finegrain.errors import ArtifactError, FinegrainError
+from finegrain.runtime.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer,
+                                     read_json_file, verify_files)
 from finegrain.runtime.graph_json import graph_from_json, graph_to_json
 
 if TYPE_CHECKING:
     from finegrain.runtime.compiled import CompiledModel
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: files carry their byte counts
 MANIFEST, GRAPH, WEIGHTS, TOKENIZER = "manifest.json", "graph.json", "model.safetensors", "tokenizer"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _dumps(obj) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n"
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "float8_e4m3fn", "float8_e5m2"}
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+              "F8_E5M2": "float8_e5m2"}
+_INPUT_DTYPES = {"int64", "int32", "float32", "float16", "bfloat16", "bool"}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_INPUT_ELEMENTS = 16, 8, 1 << 20, 1 << 26
 
 
 def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     tensors = {name: t.detach().contiguous() for name, t in sorted(cm.gm.named_buffers())}  # fixed order: byte-identical saves
     with atomic_directory(path, overwrite) as tmp:
-        (tmp / GRAPH).write_text(_dumps(graph_to_json(cm.gm.graph)))
+        (tmp / GRAPH).write_text(dumps_json(graph_to_json(cm.gm.graph)))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: the writer orders a map randomly
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        files = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]
         manifest = {
             "finegrain_artifact": ARTIFACT_VERSION,
             "recipe": cm.recipe.to_dict(),
@@ -61,61 +67,128 @@ def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False
             "allocation": cm.allocation,
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for n, t in sorted(tensors.items())},
-            "files": {f: _sha256(tmp / f) for f in files},
+            "files": file_records(tmp, files),
         }
-        (tmp / MANIFEST).write_text(_dumps(manifest))
+        (tmp / MANIFEST).write_text(dumps_json(manifest))
     return path
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The manifest of the artifact at ``path``, its version and structure checked (not its files)."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
         raise ArtifactError(f"{path} is not a finegrain artifact: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mf} is corrupted (not valid JSON: {e})") from None
+    manifest = read_json_file(mf)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mf}: must hold a JSON object")
     version = manifest.get("finegrain_artifact")
     if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"{mf}: artifact version {version!r} is not supported (this finegrain reads {ARTIFACT_VERSION})")
+        raise ArtifactError(f"{mf}: artifact version {version!r} is not supported (this finegrain reads "
+                            f"{ARTIFACT_VERSION}; re-save artifacts of older versions with the finegrain that wrote them)")
+    for key, typ in (("recipe", dict), ("inputs", list), ("tensors", dict), ("files", dict), ("quantized", dict),
+                     ("layers", dict), ("folds", list), ("source", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise ArtifactError(f"{mf}: field {key!r} must be a JSON {'object' if typ is dict else 'array'}")
+    check_input_specs(manifest["inputs"], f"{mf}: inputs")
+    _check_tensor_table(manifest["tensors"], mf)
+    _check_quantized(manifest["quantized"], mf)
     return manifest
 
 
-def verify_files(path: Path, manifest: dict) -> None:
-    for name, digest in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise ArtifactError(f"{path}: file {name} listed in the manifest is missing")
-        if _sha256(f) != digest:
-            raise ArtifactError(f"{path}: file {name} is corrupted (SHA-256 does not match the manifest)")
+def check_input_specs(specs: object, where: str) -> None:
+    """An input signature read from a file: names, dtypes, ranks and sizes within sane limits."""
+    if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_INPUTS:
+        raise ArtifactError(f"{where}: expected 1..{MAX_INPUTS} input specs")
+    for i, s in enumerate(specs):
+        w = f"{where}[{i}]"
+        if not isinstance(s, dict) or set(s) != {"name", "dtype", "shape", "dynamic_dims"}:
+            raise ArtifactError(f"{w}: expected an object with name, dtype, shape, dynamic_dims")
+        if not isinstance(s["name"], str) or not _NAME.match(s["name"]) or len(s["name"]) > 64:
+            raise ArtifactError(f"{w}.name: {str(s['name'])[:64]!r} is not an identifier")
+        if s["dtype"] not in _INPUT_DTYPES:
+            raise ArtifactError(f"{w}.dtype: {str(s['dtype'])[:32]!r} is not one of {sorted(_INPUT_DTYPES)}")
+        shape, dyn = s["shape"], s["dynamic_dims"]
+        if (not isinstance(shape, list) or not 0 <= len(shape) <= MAX_RANK
+                or not all(_is_int(d) and 1 <= d <= MAX_DIM for d in shape)):
+            raise ArtifactError(f"{w}.shape: expected at most {MAX_RANK} dims, each in 1..{MAX_DIM}")
+        if math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ArtifactError(f"{w}.shape: {shape} has more than {MAX_INPUT_ELEMENTS} elements")
+        if not isinstance(dyn, list) or not all(_is_int(d) and 0 <= d < len(shape) for d in dyn) or len(set(dyn)) != len(dyn):
+            raise ArtifactError(f"{w}.dynamic_dims: expected distinct dims of the shape")
 
 
-def load_artifact(path: str | Path):
-    """A saved artifact -> ``CompiledModel``; a TVM deployment directory (``cm.build`` /
-    ``finegrain build``) -> ``TvmDeployment`` (runs with the TVM runtime only)."""
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_tensor_table(tensors: dict, mf: Path) -> None:
+    for name, rec in tensors.items():
+        if (not isinstance(rec, dict) or set(rec) != {"shape", "dtype"} or rec["dtype"] not in _DTYPES
+                or not isinstance(rec["shape"], list) or not all(_is_int(d) and d >= 0 for d in rec["shape"])):
+            raise ArtifactError(f"{mf}: tensors[{name[:80]!r}] must be {{'shape': [ints >= 0], 'dtype': one of "
+                                f"{sorted(_DTYPES)}}}")
+
+
+def _check_quantized(quantized: dict, mf: Path) -> None:
+    for name, q in quantized.items():
+        if (not isinstance(q, dict) or not _is_int(q.get("bits")) or q["bits"] < 0
+                or not isinstance(q.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in q["shape"])):
+            raise ArtifactError(f"{mf}: quantized[{name[:80]!r}] needs integer 'bits' and a 'shape' of integers")
+
+
+def _check_weights_header(path: Path, expected: dict) -> None:
+    """Names, shapes and dtypes in the safetensors header equal the manifest's (no tensor read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            if names != set(expected):
+                raise ArtifactError(f"{path}: tensors {sorted(names ^ set(expected))[:5]} differ from the manifest")
+            for name in sorted(names):
+                sl = f.get_slice(name)
+                shape, dtype = list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype())
+                if shape != expected[name]["shape"] or dtype != expected[name]["dtype"]:
+                    raise ArtifactError(f"{path}: tensor {name} is {dtype} {shape} in the file but "
+                                        f"{expected[name]['dtype']} {expected[name]['shape']} in the manifest")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_artifact(path: str | Path, allow_native: bool = False):
+    """A saved artifact -> ``CompiledModel``. A TVM deployment directory (``cm.build`` /
+    ``finegrain build``) holds native code: it is loaded (-> ``TvmDeployment``) only with
+    ``allow_native=True``; otherwise this raises ArtifactError saying so."""
     from finegrain.runtime.compiled import CompiledModel
-    import finegrain.formats.ops  # noqa: F401  (the graph names finegrain:: ops)
+    from finegrain.compiler.recipe import Recipe
 
     path = Path(path)
     from finegrain.backends.tvm.deploy import TvmDeployment, is_deployment
 
     if is_deployment(path):
+        if not allow_native:
+            raise ArtifactError(f"{path} is a TVM deployment: it holds native code (model.so) that runs when loaded. "
+                                "Load it only if you trust its author: finegrain.load(path, allow_native=True) / "
+                                "--allow-native")
         return TvmDeployment(path)
     manifest = read_manifest(path)
-    verify_files(path, manifest)
-    graph = graph_from_json(json.loads((path / GRAPH).read_text()))
-    tensors = load_file(str(path / WEIGHTS))
-    expected = set(manifest["tensors"])
-    if set(tensors) != expected:
-        raise ArtifactError(f"{path / WEIGHTS}: tensors {sorted(set(tensors) ^ expected)[:5]} differ from the manifest")
+    verify_files(path, manifest["files"], required=(GRAPH, WEIGHTS))
+    _check_weights_header(path / WEIGHTS, manifest["tensors"])
+    graph = graph_from_json(read_json_file(path / GRAPH, limit=manifest["files"][GRAPH]["bytes"]),
+                            tensor_names=set(manifest["tensors"]))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path / WEIGHTS}: {type(e).__name__}: {str(e)[:200]}") from None
     root = torch.nn.Module()
     for name, t in tensors.items():
         set_tensor(root, name, t)
-    gm = GraphModule(root, graph)
-    tokenizer = None
-    if (path / TOKENIZER).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER), local_files_only=True)
-    return CompiledModel.from_manifest(gm, manifest, tokenizer)
+    try:
+        gm = GraphModule(root, graph)
+        recipe = Recipe.from_dict(manifest["recipe"])
+    except FinegrainError as e:
+        raise ArtifactError(f"{path / MANIFEST}: {e}") from None
+    except (AttributeError, RuntimeError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: the graph does not match the stored tensors ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+    tokenizer = load_listed_tokenizer(path, manifest["files"], TOKENIZER)
+    return CompiledModel.from_manifest(gm, manifest, tokenizer, recipe=recipe)

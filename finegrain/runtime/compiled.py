@@ -137,8 +137,9 @@ class CompiledModel:
         return bits / n
 
     @classmethod
-    def from_manifest(cls, gm: GraphModule, manifest: dict, tokenizer: Any = None) -> "CompiledModel":
-        return cls(gm=gm, recipe=Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
+    def from_manifest(cls, gm: GraphModule, manifest: dict, tokenizer: Any = None,
+                      recipe: Recipe | None = None) -> "CompiledModel":
+        return cls(gm=gm, recipe=recipe or Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
                    source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
                    layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []),
                    allocation=manifest.get("allocation") or {}, tokenizer=tokenizer)

@@ -98,14 +98,20 @@ def test_graph_json_cannot_name_arbitrary_callables(compiled, tmp_path):
 
 
 def test_existing_directory_refused_then_overwritten(compiled, tmp_path):
+    """--overwrite replaces an artifact or an empty directory, never a directory of other files."""
     cm = compiled("w8a8")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "keep.txt").write_text("x")
     with pytest.raises(InputError, match="already exists"):
         cm.save(tmp_path / "a")
-    assert (tmp_path / "a" / "keep.txt").exists()
-    cm.save(tmp_path / "a", overwrite=True)
-    assert not (tmp_path / "a" / "keep.txt").exists() and (tmp_path / "a" / "manifest.json").exists()
+    with pytest.raises(InputError, match="not a finegrain artifact"):
+        cm.save(tmp_path / "a", overwrite=True)
+    assert (tmp_path / "a" / "keep.txt").read_text() == "x"
+    (tmp_path / "a" / "keep.txt").unlink()
+    cm.save(tmp_path / "a", overwrite=True)  # empty: replaced
+    (tmp_path / "a" / "extra.txt").write_text("x")
+    cm.save(tmp_path / "a", overwrite=True)  # an artifact: replaced whole
+    assert not (tmp_path / "a" / "extra.txt").exists() and (tmp_path / "a" / "manifest.json").exists()
 
 
 def test_failed_save_leaves_nothing(compiled, tmp_path, monkeypatch):

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from finegrain.errors import ArtifactError, InputError
-from finegrain.runtime.artifact import _dumps, _sha256, verify_files
-from finegrain.runtime.files import atomic_directory
+from finegrain.runtime.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer,
+                                     read_json_file, verify_files)
 
-DEPLOY_VERSION = 1
+DEPLOY_VERSION = 2  # 2: files carry their byte counts
 MANIFEST, LIB, PARAMS, TOKENIZER, TUNING = "manifest.json", "model.so", "params.bin", "tokenizer", "tuning"
 
 
@@ -94,9 +94,9 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "source": cm.source,
             "quantized": cm.quantized,
             "build": report,
-            "files": {f: _sha256(tmp / f) for f in files},
+            "files": file_records(tmp, files),
         }
-        (tmp / MANIFEST).write_text(_dumps(manifest))
+        (tmp / MANIFEST).write_text(dumps_json(manifest))
     return manifest
 
 
@@ -105,27 +105,38 @@ def is_deployment(path: str | Path) -> bool:
     if not mf.is_file():
         return False
     try:
-        return "finegrain_tvm_deploy" in json.loads(mf.read_text())
-    except json.JSONDecodeError:
+        m = read_json_file(mf)
+    except ArtifactError:
         return False
+    return isinstance(m, dict) and "finegrain_tvm_deploy" in m
 
 
 class TvmDeployment:
-    """A built deployment, loaded with the TVM runtime: ``dep(input_ids)`` -> logits (torch)."""
+    """A built deployment, loaded with the TVM runtime: ``dep(input_ids)`` -> logits (torch).
+
+    A deployment is code (``model.so`` runs when loaded): construct one only for a directory you
+    trust. ``finegrain.load`` returns one only with ``allow_native=True``."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import tvm
 
+        from finegrain.runtime.artifact import check_input_specs
+
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"{path / MANIFEST}: cannot read the deployment manifest ({e})") from None
+        manifest = read_json_file(path / MANIFEST)
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{path / MANIFEST}: must hold a JSON object")
         version = manifest.get("finegrain_tvm_deploy")
         if version != DEPLOY_VERSION:
             raise ArtifactError(f"{path}: deployment version {version!r} is not supported (this finegrain reads "
                                 f"{DEPLOY_VERSION})")
-        verify_files(path, manifest)
+        verify_files(path, manifest.get("files"), required=(LIB, PARAMS))
+        check_input_specs(manifest.get("inputs"), f"{path / MANIFEST}: inputs")
+        funcs = manifest.get("functions")
+        if (not isinstance(funcs, dict) or not funcs or not isinstance(manifest.get("params"), list)
+                or not all(isinstance(v, dict) and isinstance(v.get("seq_len"), list) and len(v["seq_len"]) == 2
+                           and all(isinstance(x, int) for x in v["seq_len"]) for v in funcs.values())):
+            raise ArtifactError(f"{path / MANIFEST}: 'functions' and 'params' are malformed")
         if threads:
             import os
 
@@ -141,11 +152,7 @@ class TvmDeployment:
             raise ArtifactError(f"{path / PARAMS}: parameters {missing[:3]} listed in the manifest are missing")
         self.params = [params[n] for n in manifest["params"]]
         self.dev = dev
-        self.tokenizer = None
-        if (path / TOKENIZER).is_dir():
-            from transformers import AutoTokenizer
-
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER), local_files_only=True)
+        self.tokenizer = load_listed_tokenizer(path, manifest["files"], TOKENIZER)
 
     def function_for(self, seq_len: int) -> str:
         for name, spec in self.manifest["functions"].items():
