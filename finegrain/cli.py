@@ -51,6 +51,11 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     _console().print(t)
 
 
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        _say(f"warning: {w} (--strict makes this an error)", style="yellow")
+
+
 def _writable_parent(path: Path) -> None:
     parent = path.absolute().parent
     while not parent.exists():
@@ -110,7 +115,9 @@ def cmd_demo(args) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
-    cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                        strict_recipe=args.strict)
+    _warn(cm.warnings)
     _say(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
     q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
@@ -127,7 +134,8 @@ def cmd_quantize(args) -> None:
     check_output_dir(args.out, args.overwrite)  # fail before the slow part
     recipe = _with_budget(args)
     lm = load_model(args.model)
-    cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                        strict_recipe=args.strict)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]
@@ -138,6 +146,7 @@ def cmd_quantize(args) -> None:
     _say(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
          f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
          if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+    _warn(cm.warnings)
 
 
 def _parse_size(text: str, what: str) -> float:
@@ -185,7 +194,10 @@ def cmd_pareto(args) -> None:
         raise InputError(f"pareto evaluates perplexity: {args.model} is not a causal LM")
     budgets = [_parse_size(b, "--budgets") for b in args.budgets] if args.budgets else None
     alloc, models = frontier_loaded(lm, recipe, points=args.points, budgets_bits=budgets, validate=args.validate,
-                                    samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+                                    samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                                    strict_recipe=args.strict)
+    if models:
+        _warn(models[0].warnings)
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
     rows = []
     for cm in models:
@@ -465,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "weight_candidates, else int2 g64 .. int8 per channel)")
 
     def calib(sp):
+        sp.add_argument("--strict", action="store_true", help="a recipe rule that matches no layer, or a recipe that "
+                                                              "quantizes nothing, is an error (default: a warning)")
         sp.add_argument("--calibration-samples", type=NONNEG, default=None, help="calibration windows (recipe default 32; 0 = none)")
         sp.add_argument("--calibration-seq-len", type=POS, default=None, help="tokens per window (recipe default 512)")
 

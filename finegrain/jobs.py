@@ -46,25 +46,27 @@ def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_l
 
 
 def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
-                   seq_len: int | None = None, seed: int = 0, progress: bool = True) -> CompiledModel:
+                   seq_len: int | None = None, seed: int = 0, progress: bool = True,
+                   strict_recipe: bool = False) -> CompiledModel:
     """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
     defaults; 0 samples skips calibration, allowed unless the recipe has static scales)."""
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
-                      source=loaded.source, progress=progress)
+                      source=loaded.source, progress=progress, strict_recipe=strict_recipe)
 
 
 def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
                     budgets_bits: list[float] | None = None, validate: int = 0, samples: int | None = None,
-                    seq_len: int | None = None, seed: int = 0, progress: bool = True):
+                    seq_len: int | None = None, seed: int = 0, progress: bool = True, strict_recipe: bool = False):
     """``compile_frontier`` on a bundled / HF model (see ``finegrain.compiler.api``)."""
     from finegrain.compiler.api import compile_frontier
 
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
     return compile_frontier(loaded.model, example, recipe, calib, budgets_bits, points, validate=validate,
-                            input_names=names, tokenizer=loaded.tokenizer, source=loaded.source, progress=progress)
+                            input_names=names, tokenizer=loaded.tokenizer, source=loaded.source, progress=progress,
+                            strict_recipe=strict_recipe)
 
 
 def logits_fn(obj: "LoadedModel | CompiledModel | Callable"):

@@ -23,20 +23,25 @@ def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool) -> 
     return specs
 
 
-def _check_token_ids(model: torch.nn.Module, example_inputs: tuple) -> None:
-    """Language models take integer token ids of shape [batch, seq] below the vocabulary size."""
+def _check_token_ids(model: torch.nn.Module, example_inputs: tuple, what: str = "example input") -> None:
+    """Language models take non-empty integer token ids of shape [batch, seq] below the vocabulary size."""
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.numel() == 0:
+            raise InputError(f"{what}: a tensor of shape {list(t.shape)} is empty")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None or not example_inputs:
         return
     ids = example_inputs[0]
-    if ids.is_floating_point() or ids.dim() != 2:
-        raise InputError(f"example input 'input_ids' must be an integer tensor [batch, seq]; got "
-                         f"{str(ids.dtype).removeprefix('torch.')} {list(ids.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise InputError(f"example input 'input_ids' has ids outside [0, {vocab}) (the model's vocab_size)")
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool \
+            or ids.dim() != 2:
+        raise InputError(f"{what} 'input_ids' must be an integer tensor [batch, seq]; got "
+                         f"{str(getattr(ids, 'dtype', type(ids).__name__)).removeprefix('torch.')} "
+                         f"{list(getattr(ids, 'shape', []))}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise InputError(f"{what} 'input_ids' has ids outside [0, {vocab}) (the model's vocab_size)")
 
 
-def _calibration_batches(calibration: Iterable | None, specs: list[dict]) -> list[tuple]:
+def _calibration_batches(calibration: Iterable | None, specs: list[dict], model: torch.nn.Module) -> list[tuple]:
     if calibration is None:
         return []
     batches = [b if isinstance(b, tuple) else (tuple(b) if isinstance(b, list) else (b,)) for b in calibration]
@@ -44,25 +49,29 @@ def _calibration_batches(calibration: Iterable | None, specs: list[dict]) -> lis
         raise InputError("calibration data is empty; pass at least one batch (or calibration=None)")
     for i, b in enumerate(batches):
         check_inputs(specs, b, what=f"calibration batch {i}")
+        _check_token_ids(model, b, what=f"calibration batch {i}")
     return batches
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict" = "w8a8",
             calibration: Iterable | None = None, *, input_names: Sequence[str] = ("input_ids", "attention_mask"),
             dynamic: bool = True, strict: bool = False, tokenizer: Any = None, source: dict | None = None,
-            progress: bool = True) -> CompiledModel:
+            progress: bool = True, strict_recipe: bool = False) -> CompiledModel:
     """Quantize ``model`` per ``recipe``; return a callable, saveable :class:`CompiledModel`.
 
     ``example_inputs`` is a tuple of tensors (for language models, ``(input_ids,)``);
     ``calibration`` an iterable of batches shaped like it (sequence length may differ when
-    ``dynamic``). Recipes with static activation scales require calibration.
+    ``dynamic``). Recipes with static activation scales require calibration. A recipe rule that
+    matches no layer, or a recipe that quantizes nothing, is a warning (``cm.warnings``, the
+    manifest) or, with ``strict_recipe``, a RecipeError. ``strict`` is torch.export's strict mode.
     """
     gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict,
-                                             progress, PIPELINE)
+                                             progress, PIPELINE, strict_recipe)
     return _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source)
 
 
-def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes):
+def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes,
+             strict_recipe=False):
     recipe = get_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -70,14 +79,14 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
     _check_token_ids(model, example_inputs)
     specs = _input_specs(example_inputs, input_names, dynamic)
-    batches = _calibration_batches(calibration, specs)
+    batches = _calibration_batches(calibration, specs, model)
     if recipe.needs_calibration and not batches:
         raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
                          "the output-error clip search or bit allocation)")
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict)
     t_capture = time.perf_counter() - t0
-    ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress)
+    ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
     gm = run_passes(gm, ctx, passes)
     return gm, ctx, specs, t0, t_capture
 
@@ -90,14 +99,14 @@ def _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source) -> Compiled
     return CompiledModel(gm=gm, recipe=ctx.recipe, input_specs=specs, source=source or {"model": type(model).__name__},
                          quantized=quantized, layer_report=ctx.report.get("layers", {}),
                          folds=ctx.report.get("folds", []), allocation=ctx.report.get("allocation", {}),
-                         tokenizer=tokenizer, timings=timings)
+                         tokenizer=tokenizer, timings=timings, warnings=list(ctx.report.get("warnings", [])))
 
 
 def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict",
                      calibration: Iterable, budgets_bits: Sequence[float] | None = None, points: int = 4, *,
                      validate: int = 0, input_names: Sequence[str] = ("input_ids", "attention_mask"), dynamic: bool = True,
                      strict: bool = False, tokenizer: Any = None, source: dict | None = None,
-                     progress: bool = True) -> tuple[Any, list[CompiledModel]]:
+                     progress: bool = True, strict_recipe: bool = False) -> tuple[Any, list[CompiledModel]]:
     """Solve the recipe's bit allocation once (its ``weight_candidates``; any budget in it is
     ignored) and materialize one CompiledModel per budget in ``budgets_bits`` (bits per weight
     over the allocated linears), or ``points`` frontier points spread evenly in cost (the first
@@ -118,7 +127,7 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
     head = [p for p in PIPELINE if p[0] not in ("quantize_weights", "insert_qdq")]
     tail = [p for p in PIPELINE if p[0] in ("quantize_weights", "insert_qdq")]
     gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, base, calibration, input_names, dynamic, strict,
-                                             progress, head)
+                                             progress, head, strict_recipe)
     alloc = ctx.allocation
     if validate:
         alloc.extra["validation"] = _validate(gm, ctx, alloc, validate)

@@ -37,6 +37,7 @@ class PassContext:
     report: dict = field(default_factory=dict)
     allocation: Any = None  # passes/allocate_bits.Allocation when the recipe allocates bits
     show_progress: bool = True
+    strict_recipe: bool = False  # a rule matching nothing / nothing quantized: an error instead of a warning
 
     def __post_init__(self) -> None:
         if not self.stats.nodes and self.recipe.smoothing is None:

@@ -62,7 +62,7 @@ def _load_onnx_file(path: Path) -> LoadedModel:
     if (path.parent / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True, trust_remote_code=False)
     task = "causal-lm" if len(module.input_names) == 1 else "encoder"
     return LoadedModel(module, tokenizer, task, {"model": str(path), "format": "onnx",
                                                  "inputs": module.input_names})

@@ -1,11 +1,31 @@
-"""Load a local Hugging Face model directory (config.json + safetensors), never the network."""
+"""Load a local Hugging Face model directory (config.json + safetensors), never the network and
+never code from the directory: ``trust_remote_code=False`` everywhere, a config or tokenizer
+config with ``auto_map`` (custom modelling code) is refused, and a checkpoint whose weights do not
+cover the model exactly (missing, unexpected or mis-shaped tensors) is an error instead of a model
+with silently random-initialized layers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from finegrain.errors import InputError
+from finegrain.errors import FinegrainError, InputError
 from finegrain.models import LoadedModel
+from finegrain.runtime.files import read_json_file
+
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def _config_json(path: Path, name: str) -> dict:
+    try:
+        d = read_json_file(path / name, MAX_CONFIG_BYTES)
+    except FinegrainError as e:
+        raise InputError(str(e)) from None
+    if not isinstance(d, dict):
+        raise InputError(f"{path / name}: must hold a JSON object")
+    if "auto_map" in d:
+        raise InputError(f"{path / name} has 'auto_map': the model needs its own Python code from the directory; "
+                         "finegrain never runs code shipped with a model (trust_remote_code=False). Use a "
+                         "transformers architecture or export the model to ONNX")
+    return d
 
 
 def load_hf_dir(path: str | Path) -> LoadedModel:
@@ -18,13 +38,29 @@ def load_hf_dir(path: str | Path) -> LoadedModel:
         extra = " (only .bin weights found: convert them to safetensors; finegrain does not unpickle)" \
             if list(path.glob("*.bin")) else ""
         raise InputError(f"{path} has no weights: no *.safetensors file{extra}")
-    archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") for a in archs)
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(str(path), config=config, local_files_only=True, dtype="float32",
-                                use_safetensors=True).eval()
+    archs = _config_json(path, "config.json").get("architectures") or []
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    if (path / "tokenizer_config.json").is_file():
+        _config_json(path, "tokenizer_config.json")
+    causal = isinstance(archs, list) and any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        cls = AutoModelForCausalLM if causal else AutoModel
+        model, info = cls.from_pretrained(str(path), config=config, local_files_only=True, dtype="float32",
+                                          use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        raise InputError(f"{path}: transformers cannot load this model ({type(e).__name__}: {str(e)[:300]})") from None
+    problems = [(k, sorted(info.get(k) or [])) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")]
+    problems = [(k, v) for k, v in problems if v]
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')} ({len(v)}): {', '.join(map(str, v[:4]))}"
+                           f"{' ...' if len(v) > 4 else ''}" for k, v in problems)
+        raise InputError(f"{path}: the checkpoint does not match the {type(model).__name__} its config describes "
+                         f"({detail}); refusing to quantize a model with randomly initialized or dropped weights")
     tokenizer = None
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    return LoadedModel(model, tokenizer, "causal-lm" if causal else "encoder", {"model": str(path.resolve())})
+    if has_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except Exception as e:  # tokenizers raises its own exception types
+            raise InputError(f"{path}: the tokenizer does not load ({type(e).__name__}: {str(e)[:300]})") from None
+    return LoadedModel(model.eval(), tokenizer, "causal-lm" if causal else "encoder", {"model": str(path.resolve())})

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
@@ -249,9 +250,26 @@ def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) 
         node.meta[WEIGHT_FORMAT] = tuple(fmts)
 
 
+def _check_rule_coverage(ops: list, ctx) -> None:
+    """A rule that matches no op, or a recipe that quantizes nothing, is a warning in the report
+    (``ctx.report["warnings"]``, the manifest, the terminal) or, with ``ctx.strict_recipe``, an error."""
+    rules = ctx.recipe.rules
+    problems = [f"rules[{i}] (role={r.role!r}, pattern={r.pattern!r}) matches no layer of the model"
+                for i, r in enumerate(rules) if not any(r.matches(op.role, op.name or "") for op in ops)]
+    if not any(f != (None, None) for f in (ctx.recipe.formats_for(op.role, op.name or "") for op in ops)):
+        problems.append(f"recipe {ctx.recipe.name!r} quantizes nothing in this model ({len(ops)} quantizable ops, "
+                        f"roles {sorted({op.role for op in ops})})")
+    if problems and getattr(ctx, "strict_recipe", False):
+        raise RecipeError("; ".join(problems) + " (strict mode)")
+    for p in problems:
+        warnings.warn(p, stacklevel=2)
+    ctx.report.setdefault("warnings", []).extend(problems)
+
+
 def allocate_bits(gm: GraphModule, ctx) -> GraphModule:
     ops = quantizable_ops(gm)
     targets = []
+    _check_rule_coverage(ops, ctx)
     for op in ops:
         op.node.meta[ROLE] = op.role
         wfmt, afmt = ctx.recipe.formats_for(op.role, op.name)

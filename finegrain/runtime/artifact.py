@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.fx import GraphModule
+from torch.fx import Graph, GraphModule
 
 from finegrain.compiler.ir import set_tensor
 from finegrain.errors import ArtifactError, FinegrainError
@@ -65,6 +65,7 @@ def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False
             "layers": cm.layer_report,
             "folds": cm.folds,
             "allocation": cm.allocation,
+            "warnings": cm.warnings,
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for n, t in sorted(tensors.items())},
             "files": file_records(tmp, files),
@@ -90,6 +91,8 @@ def read_manifest(path: str | Path) -> dict:
                      ("layers", dict), ("folds", list), ("source", dict)):
         if not isinstance(manifest.get(key), typ):
             raise ArtifactError(f"{mf}: field {key!r} must be a JSON {'object' if typ is dict else 'array'}")
+    if not isinstance(manifest.get("warnings", []), list):
+        raise ArtifactError(f"{mf}: field 'warnings' must be a JSON array")
     check_input_specs(manifest["inputs"], f"{mf}: inputs")
     _check_tensor_table(manifest["tensors"], mf)
     _check_quantized(manifest["quantized"], mf)
@@ -154,6 +157,19 @@ def _check_weights_header(path: Path, expected: dict) -> None:
         raise ArtifactError(f"{path}: not a valid safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def graph_module(graph: "Graph | list", tensors: dict[str, torch.Tensor]) -> GraphModule:
+    """A GraphModule over ``tensors`` from a checked graph (or graph.json's node list)."""
+    if isinstance(graph, list):
+        graph = graph_from_json(graph, tensor_names=set(tensors))
+    root = torch.nn.Module()
+    for name, t in tensors.items():
+        set_tensor(root, name, t)
+    try:
+        return GraphModule(root, graph)
+    except (AttributeError, RuntimeError, TypeError, ValueError, SyntaxError) as e:
+        raise ArtifactError(f"the graph does not match the stored tensors ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def load_artifact(path: str | Path, allow_native: bool = False):
     """A saved artifact -> ``CompiledModel``. A TVM deployment directory (``cm.build`` /
     ``finegrain build``) holds native code: it is loaded (-> ``TvmDeployment``) only with
@@ -179,16 +195,10 @@ def load_artifact(path: str | Path, allow_native: bool = False):
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path / WEIGHTS}: {type(e).__name__}: {str(e)[:200]}") from None
-    root = torch.nn.Module()
-    for name, t in tensors.items():
-        set_tensor(root, name, t)
+    gm = graph_module(graph, tensors)
     try:
-        gm = GraphModule(root, graph)
         recipe = Recipe.from_dict(manifest["recipe"])
     except FinegrainError as e:
         raise ArtifactError(f"{path / MANIFEST}: {e}") from None
-    except (AttributeError, RuntimeError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: the graph does not match the stored tensors ({type(e).__name__}: "
-                            f"{str(e)[:200]})") from None
     tokenizer = load_listed_tokenizer(path, manifest["files"], TOKENIZER)
     return CompiledModel.from_manifest(gm, manifest, tokenizer, recipe=recipe)

@@ -73,6 +73,7 @@ class CompiledModel:
     allocation: dict = field(default_factory=dict)  # bit allocation: frontier and chosen point (if any)
     tokenizer: Any = None
     timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # recipe rules that matched nothing, nothing quantized
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.session().run(*inputs)
@@ -142,4 +143,5 @@ class CompiledModel:
         return cls(gm=gm, recipe=recipe or Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
                    source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
                    layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []),
-                   allocation=manifest.get("allocation") or {}, tokenizer=tokenizer)
+                   allocation=manifest.get("allocation") or {}, tokenizer=tokenizer,
+                   warnings=manifest.get("warnings", []))

@@ -163,6 +163,9 @@ def load_listed_tokenizer(root: Path, files: dict, subdir: str = "tokenizer"):
             data = member_path(root, name).read_bytes()
             if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
                 raise ArtifactError(f"{root}: file {name} changed while it was read")
+            if name.endswith("config.json") and b"auto_map" in data:
+                raise ArtifactError(f"{root}: {name} has 'auto_map' (a tokenizer with its own Python code): "
+                                    "finegrain never runs code from an artifact")
             dest = Path(tmp) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)

@@ -46,7 +46,30 @@ def parse_target(target: str | dict | None) -> dict:
                              '\'{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}\'') from None
     if not isinstance(target, dict) or target.get("kind") != "llvm":
         raise InputError(f"target {target!r}: only CPU (kind 'llvm') targets are built today")
+    check_cpu_target(target)
     return target
+
+
+def check_cpu_target(target: dict) -> None:
+    """Refuse, before any build, an LLVM target this machine's LLVM does not know or cannot run:
+    an unknown ``mcpu`` (LLVM would silently build for a generic CPU), a bogus or foreign
+    ``mtriple`` (the library is linked and loaded here), a bad ``num-cores``."""
+    from tvm.target import codegen
+
+    host = codegen.llvm_get_system_triple()
+    triple = target.get("mtriple", host)
+    if not isinstance(triple, str) or triple.split("-")[0] not in codegen.llvm_get_targets():
+        raise InputError(f"target mtriple {str(triple)[:60]!r} is not a triple this LLVM knows")
+    if triple.split("-")[0] != host.split("-")[0]:
+        raise InputError(f"target mtriple {triple!r}: deployments are linked and run on this machine ({host}); "
+                         "cross-compiling is not supported")
+    cpu = target.get("mcpu")
+    if cpu is not None and (not isinstance(cpu, str) or not codegen.llvm_is_valid_cpu(cpu, triple)):
+        raise InputError(f"target mcpu {str(cpu)[:60]!r} is not a CPU LLVM knows for {triple} (e.g. znver3, "
+                         "skylake-avx512, x86-64-v3)")
+    cores = target.get("num-cores", 1)
+    if not isinstance(cores, int) or isinstance(cores, bool) or not 1 <= cores <= 1024:
+        raise InputError(f"target num-cores {cores!r}: must be an integer in [1, 1024]")
 
 
 def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
