@@ -311,6 +311,53 @@ def _safe(name: str) -> str:
     return "onnx_" + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
 
 
+MAX_INITIALIZER_BYTES = 1 << 34
+
+
+def read_onnx_file(path: Path):
+    """``onnx.load`` for a file from anyone: external data only from files inside the model's
+    directory (no absolute paths, ``..`` or symlinks out), within those files' sizes, and each
+    initializer's declared size within sane limits before anything is read; onnx / protobuf errors
+    become one InputError naming the file."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    from finegrain.errors import FinegrainError
+    from finegrain.runtime.files import member_path
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    external = False
+    for t in model.graph.initializer:
+        if any(d < 0 for d in t.dims) or math.prod(t.dims) > MAX_INITIALIZER_BYTES:
+            raise ImportError_(f"{path}: initializer {t.name!r} declares dims {list(t.dims)}")
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        external = True
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            f = member_path(path.parent, info.get("location"))
+        except FinegrainError:
+            raise ImportError_(f"{path}: initializer {t.name!r} names external data "
+                               f"{str(info.get('location'))[:80]!r} outside the model's directory") from None
+        if not f.is_file():
+            raise ImportError_(f"{path}: external data file {info.get('location')!r} of {t.name!r} is missing")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise ImportError_(f"{path}: initializer {t.name!r} has a non-integer external offset/length") from None
+        if offset < 0 or offset > f.stat().st_size or length > f.stat().st_size - offset:
+            raise ImportError_(f"{path}: external data of {t.name!r} lies outside {info.get('location')!r}")
+    if external:
+        try:
+            load_external_data_for_model(model, str(path.parent))
+        except Exception as e:
+            raise InputError(f"{path}: external data does not load ({type(e).__name__}: {str(e)[:200]})") from None
+    return model
+
+
 class OnnxModule(torch.nn.Module):
     """Runs an ONNX graph with torch ops (see the module docstring)."""
 
@@ -325,12 +372,18 @@ class OnnxModule(torch.nn.Module):
         path = Path(path)
         if not path.is_file():
             raise InputError(f"ONNX model {path} does not exist")
-        model = onnx.load(str(path))
+        model = read_onnx_file(path)
         g = model.graph
         for imp in model.opset_import:
             if imp.domain not in ("", "ai.onnx"):
                 raise ImportError_(f"{path}: opset domain {imp.domain!r} is not supported (float ONNX models only)")
-        inits = {i.name: torch.from_numpy(np.array(onnx.numpy_helper.to_array(i))) for i in g.initializer}
+        inits = {}
+        for i in g.initializer:
+            try:
+                inits[i.name] = torch.from_numpy(np.array(onnx.numpy_helper.to_array(i)))
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise ImportError_(f"{path}: initializer {i.name!r} (dims {list(i.dims)}) does not hold the data its "
+                                   f"shape says ({type(e).__name__}: {str(e)[:120]})") from None
         self.input_names = [i.name for i in g.input if i.name not in inits]
         self.output_names = [o.name for o in g.output]
         producers = {}
