@@ -37,6 +37,7 @@ DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asy
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+")
 ROTATION_MODES = ("residual", "online")
+MAX_RECIPE_BYTES = 1 << 20
 
 
 def _is_number(v: Any) -> bool:
@@ -257,7 +258,12 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        text = path.read_text()
+        try:
+            if path.stat().st_size > MAX_RECIPE_BYTES:
+                raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes")
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"recipe file {path} cannot be read ({type(e).__name__}: {e})") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
