@@ -189,3 +189,42 @@ def test_cli_build_and_tuning_database_is_reused(compiled, tmp_path):
     ref = cm(ids)
     assert (finegrain.load(out, allow_native=True)(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert main(["build", str(out), "--out", str(tmp_path / "x")]) == 2  # a deployment is not an artifact
+
+
+ISA_TARGETS = {"avx2": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2},
+               "avx512": {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}}
+
+
+def _host_has(isa: str) -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"avx2": " avx2", "avx512": " avx512f"}[isa] in flags
+
+
+@pytest.mark.parametrize("isa", sorted(ISA_TARGETS))
+def test_any_output_width_builds_for_each_isa(tmp_path, isa):
+    """An intermediate size of 688 (not a multiple of 32 output columns, the AVX-512 GEMM block)
+    lowers, builds and matches on both vector widths: the kernels' columns are padded and the
+    output cut. The deployment runs where the host has the ISA (CI may run on either)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finegrain.backends.tvm.kernels.lowbit import vector_lanes
+
+    target = ISA_TARGETS[isa]
+    assert vector_lanes(target) == (16 if isa == "avx512" else 8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=688, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128)).eval()
+    gen = torch.Generator().manual_seed(2)
+    ex = (torch.randint(0, 256, (1, 16), generator=gen),)
+    cm = finegrain.compile(model, ex, recipe="w4a16-g128", progress=False)
+    out = tmp_path / "dep"
+    m = cm.build(out, target=target, max_seq_len=32)
+    assert m["target"] == target and m["kernels"]["model.layers.0.mlp.gate_proj.weight"]["shape"] == [688, 64]
+    if not _host_has(isa):
+        pytest.skip(f"built for {isa}; this host cannot run it")
+    dep = TvmDeployment(out)
+    for seq in (1, 9):
+        ids = torch.randint(0, 256, (1, seq), generator=gen)
+        ref = cm(ids)
+        assert (dep(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
@@ -62,6 +63,7 @@ def _(x, w, scale, zs, bits, bias=None, kind="int"):
 
 
 PACKED_LINEAR = torch.ops.finegrain.packed_linear.default
+N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
 
 
@@ -220,13 +222,24 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
             p = pack_weight(fmt, q)
         except ValueError as e:
             raise TvmError(f"{layer}: {e}") from None
+        n_out = p["w"].shape[1]
+        pad = -n_out % N_ALIGN  # zero columns (scale 0): any N runs on any vector width; the output is cut
         with graph.inserting_before(n):
-            attrs = [graph.get_attr(param(f"{layer}_tvm_{part}", torch.from_numpy(p[part])))
-                     for part in ("w", "scale", "zs")]
+            attrs = [graph.get_attr(param(f"{layer}_tvm_{part}", torch.from_numpy(
+                np.pad(p[part], ((0, 0), (0, pad))) if pad else p[part]))) for part in ("w", "scale", "zs")]
         for u in users:
             with graph.inserting_before(u):
                 bias = u.args[2] if len(u.args) > 2 else u.kwargs.get("bias")
-                new = graph.call_function(PACKED_LINEAR, (u.args[0], *attrs, p["bits"], bias, p["kind"]))
+                new = graph.call_function(PACKED_LINEAR, (u.args[0], *attrs, p["bits"], None if pad else bias,
+                                                          p["kind"]))
+                if pad:  # the Relax frontend takes non-negative slice dims only
+                    val = u.meta.get("val", u.args[0].meta.get("val") if isinstance(u.args[0], torch.fx.Node) else None)
+                    if val is None:
+                        raise TvmError(f"{layer}: N={n_out} needs padding to {n_out + pad} columns, but the linear "
+                                       f"(node {u.name}) has no shape metadata to cut its output")
+                    new = graph.call_function(torch.ops.aten.slice.Tensor, (new, val.dim() - 1, 0, n_out))
+                    if bias is not None:
+                        new = graph.call_function(torch.ops.aten.add.Tensor, (new, bias))
             u.replace_all_uses_with(new)
             graph.erase_node(u)
         graph.erase_node(n)
