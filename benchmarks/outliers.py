@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finegrain.compiler.capture import capture  # noqa: E402
 from finegrain.compiler.ir import quantizable_ops  # noqa: E402
-from finegrain.compiler.pipeline import PassContext, run_passes  # noqa: E402
+from finegrain.driver.pipeline import PassContext, run_passes  # noqa: E402
 from finegrain.compiler.recipe import get_recipe  # noqa: E402
 from finegrain.eval.perplexity import calibration_batches  # noqa: E402
 from finegrain.eval.report import pyplot, write_tables  # noqa: E402

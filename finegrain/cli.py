@@ -1,4 +1,4 @@
-"""finegrain command line: demo | quantize | pareto | eval | export | build | inspect | presets.
+"""finegrain command line: demo | quantize | pareto | eval | export | build | inspect | backends | presets.
 
 Strings read from files (layer names, recipe names, error messages quoting them) are printed with
 control characters escaped and without rich markup, so an artifact cannot drive the terminal.
@@ -68,7 +68,7 @@ def check_output_dir(path: str | Path, overwrite: bool, results: bool = False) -
     """Before any work: ``path`` can be created (or, with ``overwrite``, replaced: only a finegrain
     artifact / deployment or an empty directory). ``results``: a directory of results the command
     writes into (pareto), which may exist with ``overwrite`` whatever it holds of finegrain's."""
-    from finegrain.runtime.files import check_replaceable
+    from finegrain.io.files import check_replaceable
 
     path = Path(path)
     if results and path.is_dir() and overwrite and not path.is_symlink():
@@ -182,9 +182,10 @@ def _with_budget(args, allocate: bool = False):
 
 
 def cmd_pareto(args) -> None:
+    from finegrain.eval.report import pareto_lines, plot_frontier
+    from finegrain.io.files import atomic_write_text
     from finegrain.jobs import evaluate_lm, frontier_loaded
     from finegrain.models import load_model
-    from finegrain.runtime.files import atomic_write_text
 
     out = Path(args.out)
     check_output_dir(out, args.overwrite, results=True)
@@ -213,47 +214,16 @@ def cmd_pareto(args) -> None:
                      "formats": counts})
     summary = {"recipe": recipe.to_dict(), "fp": fp, "points": rows, "allocation": alloc.summary()}
     atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
-    lines = [f"# Bit allocation frontier: {lm.source.get('model', args.model)}, {alloc.sensitivity} sensitivity, "
-             f"{len(alloc.groups)} groups x {len(alloc.candidates)} candidates, solver {alloc.solver_seconds:.3f} s",
-             "", f"FP ppl {fp['ppl']:.3f} ({fp['windows']} windows of {args.seq_len}).", "",
-             "| bits/weight | model MB | predicted | ppl | ΔNLL vs FP | formats (linears) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        fm = ", ".join(f"{k}: {v}" for k, v in sorted(r["formats"].items()))
-        lines.append(f"| {r['bits_per_weight']:.3f} | {r['model_bytes'] / 1e6:.1f} | {r['predicted']:.4g} | {r['ppl']:.3f} | "
-                     f"{r['delta_nll']:+.4f} | {fm} |")
-    val = alloc.extra.get("validation")
-    if val:
-        lines += ["", f"Proxy validation: {len(val['pairs'])} groups quantized alone to {val['pairs'][0]['format']}, "
-                      f"Spearman(predicted, measured ΔNLL) = {val['spearman']:.3f}."]
+    lines = pareto_lines(lm.source.get("model", args.model), alloc, fp, rows, args.seq_len)
     atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
     for line in lines:
         _say(line)
-    _plot_frontier(out / "pareto.png", alloc, rows)
+    plot_frontier(out / "pareto.png", alloc, rows)
 
 
-def _plot_frontier(path: Path, alloc, rows: list[dict]) -> None:
-    from finegrain.eval.report import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return
-    pts = alloc.frontier.points()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([alloc.bits_per_weight(p) for p in pts], [p.value for p in pts], "-", color="tab:blue", lw=1,
-            label=f"predicted ({alloc.sensitivity})")
-    ax.plot([r["bits_per_weight"] for r in rows], [r["predicted"] for r in rows], "o", color="tab:blue")
-    ax.set_xlabel("bits per weight (allocated linears)")
-    ax.set_ylabel("predicted loss (sensitivity sum)")
-    ax.set_yscale("log")
-    ax2 = ax.twinx()
-    ax2.plot([r["bits_per_weight"] for r in rows], [r["delta_nll"] for r in rows], "s--", color="tab:red",
-             label="measured ΔNLL vs FP")
-    ax2.set_ylabel("measured ΔNLL (nats/token)")
-    fig.legend(loc="upper right", fontsize=8)
-    ax.set_title("Bit allocation frontier: predicted vs measured")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# command-line options a backend's session takes (a backend not listed runs with its defaults)
+SESSION_OPTIONS = {"onnx": lambda a: {"style": a.style, "accuracy_level": a.accuracy_level},
+                   "tvm": lambda a: {"max_seq_len": a.seq_len}}
 
 
 def cmd_eval(args) -> None:
@@ -267,17 +237,17 @@ def cmd_eval(args) -> None:
     check_output_file(args.json)
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path, allow_native=args.allow_native)
-        if not hasattr(cm, "gm"):  # a TVM deployment directory
-            if args.backend not in ("torch", "tvm") or args.compare_fp:
-                raise FinegrainError(f"{path} is a TVM deployment: it evaluates on its own (no --backend other than "
-                                     "tvm, no --compare-fp; evaluate its source artifact for those)")
+        if cm.backend != "torch":  # another backend's own artifact (a TVM deployment): it runs itself
+            if args.backend not in ("torch", cm.backend) or args.compare_fp:
+                raise FinegrainError(f"{path} is a {cm.backend} deployment: it evaluates on its own (no --backend other "
+                                     f"than {cm.backend}, no --compare-fp; evaluate its source artifact for those)")
             if cm.tokenizer is None:
                 raise FinegrainError(f"{path}: the deployment has no tokenizer to evaluate perplexity with")
             q = cm.quantized
             bpw = sum(v["bits"] for v in q.values()) / sum(math.prod(v["shape"]) for v in q.values()) if q else None
-            results.append((f"{path} (TVM deployment, {cm.manifest['recipe']['name']})",
+            results.append((f"{path} ({cm.backend} deployment, {cm.recipe_name})",
                             evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows), bpw,
-                            (path / "params.bin").stat().st_size))
+                            sum(rec["bytes"] for rec in cm.manifest["files"].values())))
             _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
                                                   for n, r, b, m in results]})
@@ -291,14 +261,10 @@ def cmd_eval(args) -> None:
                 return _write_json(args, {"encoder": r})
             results.append(("fp32 " + str(source), evaluate_lm(fp_model, fp_model.tokenizer, args.seq_len, args.max_windows),
                             None, fp_bytes(fp_model.model)))
-        tok = cm.tokenizer
-        run = cm
-        if args.backend == "onnx":
-            run = cm.session("onnx", style=args.style, accuracy_level=args.accuracy_level).run
-        elif args.backend == "tvm":
-            run = cm.session("tvm", max_seq_len=args.seq_len).run
-        results.append((f"{path} ({cm.recipe.name}, {args.backend})", evaluate_lm(run, tok, args.seq_len, args.max_windows),
-                        cm.quantized_bits_per_weight(), cm.model_bytes()))
+        with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
+            results.append((f"{path} ({cm.recipe.name}, {args.backend})",
+                            evaluate_lm(session.run, cm.tokenizer, args.seq_len, args.max_windows),
+                            cm.quantized_bits_per_weight(), cm.model_bytes()))
     else:
         lm = load_model(args.model)
         results.append((f"fp32 {args.model}", evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows), None,
@@ -337,10 +303,11 @@ def cmd_export(args) -> None:
 def cmd_build(args) -> None:
     import finegrain
 
-    from finegrain.backends.tvm.deploy import is_deployment, parse_target
+    from finegrain.backends import registry
+    from finegrain.backends.tvm.deploy import parse_target
 
-    if is_deployment(args.artifact):
-        raise FinegrainError(f"{args.artifact} is already a TVM deployment; build from the artifact it came from")
+    if registry.recognize(args.artifact) is not None:
+        raise FinegrainError(f"{args.artifact} is already a deployment; build from the artifact it came from")
     check_output_dir(args.out, args.overwrite)
     parse_target(args.target)  # a bad target fails before the artifact is read
     cm = finegrain.load(args.artifact)
@@ -371,7 +338,7 @@ def cmd_build(args) -> None:
 
 def _write_json(args, obj) -> None:
     if args.json:
-        from finegrain.runtime.files import atomic_write_text
+        from finegrain.io.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(obj, indent=1) + "\n")
 
@@ -419,6 +386,26 @@ def _inspect_report(path: Path, m: dict) -> None:
          f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
 
 
+def cmd_backends(args) -> None:
+    from finegrain.backends import registry
+
+    names = registry.names()
+    _table("backends (backends/registry.py)", ["backend", "available here", "what it is"],
+           [[n, registry.get(n).available() or "yes", registry.get(n).description] for n in names])
+    _table("presets x backends: native kernel / emulated (dequantize, compute in float) / refused",
+           ["recipe", *names], registry.preset_matrix())
+    if args.formats:
+        _table("formats and ops x backends", ["format (role)", *names],
+               registry.capability_matrix(registry.preset_rows()))
+    if args.markdown:
+        from finegrain.eval.report import markdown_table
+
+        lines = markdown_table(["recipe", *names], registry.preset_matrix()) + [""] + markdown_table(
+            ["format (role)", *names], registry.capability_matrix(registry.preset_rows()))
+        for line in lines:
+            print(line)
+
+
 def _folds_of(r) -> str:
     folds = []
     if r.fold_norms and not r.rotate:
@@ -462,6 +449,7 @@ POS, NONNEG = _int_in(1, 1 << 20), _int_in(0, 1 << 20)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from finegrain.backends import registry
     from finegrain.models import BUNDLED_NAMES, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="finegrain", description="A compiler for fine-grained low-bit quantization.")
@@ -523,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=POS, default=2048)
     e.add_argument("--max-windows", type=NONNEG, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
-    e.add_argument("--backend", choices=("torch", "onnx", "tvm"), default="torch",
+    e.add_argument("--backend", choices=registry.names(), default="torch",
                    help="run the artifact on the torch reference, exported to ONNX Runtime, or built with TVM "
                         "(a TVM deployment directory runs on its own)")
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
@@ -569,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")
     i.add_argument("artifact")
     i.set_defaults(fn=cmd_inspect)
+
+    b = sub.add_parser("backends", help="the registered backends and what each takes: presets and formats x "
+                                        "backends (native kernel / emulated / refused)")
+    b.add_argument("--formats", action="store_true", help="also the table of every format and op")
+    b.add_argument("--markdown", action="store_true", help="print both tables as Markdown (the README's matrix)")
+    b.set_defaults(fn=cmd_backends)
 
     r = sub.add_parser("presets", help="list the recipe presets")
     r.set_defaults(fn=cmd_presets)

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import torch
 
-from finegrain.compiler.api import compile as fg_compile
+from finegrain.driver.api import compile as fg_compile
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.data import brown_paragraphs
 from finegrain.errors import InputError
@@ -59,8 +59,8 @@ def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int 
 def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
                     budgets_bits: list[float] | None = None, validate: int = 0, samples: int | None = None,
                     seq_len: int | None = None, seed: int = 0, progress: bool = True, strict_recipe: bool = False):
-    """``compile_frontier`` on a bundled / HF model (see ``finegrain.compiler.api``)."""
-    from finegrain.compiler.api import compile_frontier
+    """``compile_frontier`` on a bundled / HF model (see ``finegrain.driver.api``)."""
+    from finegrain.driver.api import compile_frontier
 
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)

@@ -53,10 +53,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE, unpack_weight
-from finegrain.runtime.compiled import example_inputs, export_dynamic_shapes
+from finegrain.io.signature import check_inputs, example_inputs, export_dynamic_shapes
 
 STYLES = ("qdq", "matmulnbits")
 OPSET = 21
@@ -470,9 +471,11 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
             "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms}
 
 
-class OnnxSession:
+class OnnxSession(Session):
     """Runs a CompiledModel through ONNX Runtime (CPU). The model is exported to a temporary
-    directory (kept for the session's life: ``self.path``)."""
+    directory (kept for the session's life: ``self.path``; removed by ``close()``)."""
+
+    backend = "onnx"
 
     def __init__(self, cm, style: str = "qdq", accuracy_level: int = 0, threads: int | None = None,
                  path: str | Path | None = None):
@@ -486,8 +489,6 @@ class OnnxSession:
         self.session = make_session(self.path, accuracy_level, threads)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        from finegrain.runtime.compiled import check_inputs
-
         check_inputs(self.input_specs, inputs)
         feed = {s["name"]: t.detach().cpu().numpy() for s, t in zip(self.input_specs, inputs)}
         return torch.from_numpy(self.session.run(None, feed)[0])
@@ -505,3 +506,45 @@ def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None 
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxBackend(BackendBase):
+    name = "onnx"
+    description = "ONNX export (QDQ / MatMulNBits) run by ONNX Runtime (CPU)"
+    error = ExportError
+
+    def available(self) -> str | None:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript", "onnx_ir") if importlib.util.find_spec(m) is None]
+        return f"needs {', '.join(missing)} (pip install 'finegrain[onnx]')" if missing else None
+
+    def capability(self, fmt: QuantFormat, role: str, partner=None) -> tuple[str, str]:
+        if role == "weight":
+            if fmt.kind == "int":
+                return "native", "DequantizeLinear INT4/INT8 (fused by ORT) or MatMulNBits"
+            if _weight_exportable(fmt):
+                return "emulated", "DequantizeLinear FP8 -> float MatMul"
+            return "refused", f"weight format {fmt.tag} has no ONNX form (INT2..8 and FP8 E4M3 per channel / tensor do)"
+        try:
+            _act_format(fmt.tag)
+        except ExportError as e:
+            return "refused", str(e)
+        return "emulated", "activation quantizer exported as ONNX arithmetic"
+
+    def op_capability(self, op: str) -> tuple[str, str]:
+        if op == "hadamard":
+            return "emulated", "online Hadamard as a dense MatMul"
+        return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
+
+    def session(self, compiled, **options) -> OnnxSession:
+        if options.get("path") is None:
+            self.require(compiled)
+        return OnnxSession(compiled, **options)
+
+    def export(self, compiled, out, **options) -> dict:
+        self.require(compiled)
+        return export_onnx(compiled, out, **options)
+
+
+BACKEND = OnnxBackend()

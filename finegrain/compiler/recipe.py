@@ -249,7 +249,7 @@ class Recipe:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         else:
             text = json.dumps(self.to_dict(), indent=2) + "\n"
-        from finegrain.runtime.files import atomic_write_text
+        from finegrain.io.files import atomic_write_text
 
         atomic_write_text(path, text)
 

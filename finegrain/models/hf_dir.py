@@ -9,7 +9,7 @@ from pathlib import Path
 
 from finegrain.errors import FinegrainError, InputError
 from finegrain.models import LoadedModel
-from finegrain.runtime.files import read_json_file
+from finegrain.io.files import read_json_file
 
 MAX_CONFIG_BYTES = 16 << 20
 

@@ -323,7 +323,7 @@ def read_onnx_file(path: Path):
     from onnx.external_data_helper import load_external_data_for_model
 
     from finegrain.errors import FinegrainError
-    from finegrain.runtime.files import member_path
+    from finegrain.io.files import member_path
 
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from torch.fx import GraphModule
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import (ACT_FORMAT, ROLE, WEIGHT_FORMAT, QuantOp, expert_formats, expert_key, get_tensor,
                                   quantizable_ops)
 from finegrain.compiler.knapsack import Frontier, Point
@@ -157,7 +158,7 @@ def _fixed_bytes(gm: GraphModule, ops: list[QuantOp], allocated: set[str]) -> in
     return total + 8 * len(sites)  # static activation scale (fp32) and zero point (int32)
 
 
-def _hessian(ctx, op: QuantOp, expert: int | None):
+def _hessian(ctx: PassContext, op: QuantOp, expert: int | None):
     """E[x x^T] of a linear's input; for an expert, its rows' X^T X over all calibration tokens
     (the expert's Hessian times its routing frequency); None for an expert no row reached."""
     key = op.activation.name if expert is None else expert_key(op.activation.name, expert)
@@ -174,7 +175,7 @@ def _hessian(ctx, op: QuantOp, expert: int | None):
     return h
 
 
-def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[QuantOp]) -> Allocation:
+def build_allocation(gm: GraphModule, ctx: PassContext, targets: list[QuantOp], ops: list[QuantOp]) -> Allocation:
     from finegrain.passes import sensitivity as sens
 
     r = ctx.recipe
@@ -223,7 +224,7 @@ def build_allocation(gm: GraphModule, ctx, targets: list[QuantOp], ops: list[Qua
     return alloc
 
 
-def routing_frequency(ctx, grouped: list[QuantOp]) -> dict[str, list[float]]:
+def routing_frequency(ctx: PassContext, grouped: list[QuantOp]) -> dict[str, list[float]]:
     """Per grouped op, the fraction of calibration tokens routed to each expert (sums to top-k)."""
     tokens = ctx.stats.tokens
     out = {}
@@ -250,7 +251,7 @@ def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) 
         node.meta[WEIGHT_FORMAT] = tuple(fmts)
 
 
-def _check_rule_coverage(ops: list, ctx) -> None:
+def _check_rule_coverage(ops: list, ctx: PassContext) -> None:
     """A rule that matches no op, or a recipe that quantizes nothing, is a warning in the report
     (``ctx.report["warnings"]``, the manifest, the terminal) or, with ``ctx.strict_recipe``, an error."""
     rules = ctx.recipe.rules
@@ -266,7 +267,7 @@ def _check_rule_coverage(ops: list, ctx) -> None:
     ctx.report.setdefault("warnings", []).extend(problems)
 
 
-def allocate_bits(gm: GraphModule, ctx) -> GraphModule:
+def allocate_bits(gm: GraphModule, ctx: PassContext) -> GraphModule:
     ops = quantizable_ops(gm)
     targets = []
     _check_rule_coverage(ops, ctx)

@@ -18,12 +18,13 @@ import copy
 import torch
 from torch.fx import GraphModule
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import OBSERVED, expert_key, get_tensor, quantizable_ops, set_tensor
 from finegrain.errors import InputError
 
 
 class _Observer(torch.nn.Module):
-    def __init__(self, ctx, key: str, layer: str):
+    def __init__(self, ctx: PassContext, key: str, layer: str):
         super().__init__()
         self.ctx, self.key, self.layer = ctx, key, layer
 
@@ -82,7 +83,7 @@ def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
     return inst, list(targets)
 
 
-def calibrate(gm: GraphModule, ctx) -> GraphModule:
+def calibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
     """Run ``ctx.calibration`` through an observed copy of ``gm``; fill ``ctx.stats``."""
     if not ctx.calibration:
         return gm
@@ -98,7 +99,7 @@ def calibrate(gm: GraphModule, ctx) -> GraphModule:
     return gm
 
 
-def recalibrate(gm: GraphModule, ctx) -> GraphModule:
+def recalibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
     """Refill the stats store after a fold emptied it (the activations it described changed), when
     a later pass needs statistics (static activation scales, GPTQ / clip search Hessians).
     Otherwise a no-op."""

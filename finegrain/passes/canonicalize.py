@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from finegrain.compiler.context import PassContext
 from finegrain.formats.ops import GROUPED_LINEAR
 
 _GROUPED_MM = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
@@ -45,7 +46,7 @@ def _grouped_mm(gm: GraphModule, node) -> None:
     gm.graph.erase_node(node)
 
 
-def canonicalize(gm: GraphModule, ctx) -> GraphModule:
+def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:
             _grouped_mm(gm, node)

@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import drop_unused_constants, get_tensor
 from finegrain.compiler.regions import describe, find_norms, fold_into_readers, module_name, readers, tied_norm
 
 
-def fold_norms(gm: GraphModule, ctx) -> GraphModule:
+def fold_norms(gm: GraphModule, ctx: PassContext) -> GraphModule:
     recipe = ctx.recipe
     if not (recipe.fold_norms or (recipe.rotate and recipe.rotation_mode == "residual")):
         return gm

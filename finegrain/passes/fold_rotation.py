@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
 from finegrain.compiler.regions import (Stream, describe, find_norms, find_streams, linear_bias, linear_weight,
                                         module_name, new_constant, own_constant, readers, set_linear_bias,
@@ -142,7 +143,7 @@ def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
     return read
 
 
-def fold_rotation(gm: GraphModule, ctx) -> GraphModule:
+def fold_rotation(gm: GraphModule, ctx: PassContext) -> GraphModule:
     recipe = ctx.recipe
     if not recipe.rotate:
         return gm
@@ -186,7 +187,7 @@ def _rotated_inputs(gm: GraphModule) -> set[Node]:
     return out
 
 
-def _online(gm: GraphModule, ctx, log: list) -> None:
+def _online(gm: GraphModule, ctx: PassContext, log: list) -> None:
     rotated = _rotated_inputs(gm)
     groups: dict[Node, list[Node]] = {}
     for op in quantizable_ops(gm):

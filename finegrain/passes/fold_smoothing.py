@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import MODULE, get_tensor, producer, quantizable_ops, set_tensor
 from finegrain.compiler.regions import (describe, find_norms, fold_into_readers, linear_bias, linear_weight,
                                         module_name, new_constant, own_constant, readers, set_linear_bias,
@@ -162,7 +163,7 @@ def _candidates(method: str, search: bool, alpha: float, st, w_absmax):
     return [("none", ones, None)] + [(f"shift, t={t:.4g}", torch.clamp(r / t, min=1.0), z) for t in ts]
 
 
-def fold_smoothing(gm: GraphModule, ctx) -> GraphModule:
+def fold_smoothing(gm: GraphModule, ctx: PassContext) -> GraphModule:
     recipe = ctx.recipe
     if recipe.smoothing is None:
         return gm

@@ -24,6 +24,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
                                   expert_formats, quantizable_ops, set_tensor)
 from finegrain.errors import InputError
@@ -68,7 +69,7 @@ def _weight_qdq(gm: GraphModule, op) -> None:
     op.node.args = tuple(args)
 
 
-def _act_params(ctx, node: Node, fmt: QuantFormat, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _act_params(ctx: PassContext, node: Node, fmt: QuantFormat, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
     if node.name not in ctx.stats:
         raise InputError(f"{layer}: static activation format {fmt.tag} needs calibration statistics for its input "
                          f"{node.name!r}; pass calibration data")
@@ -86,7 +87,7 @@ def _act_params(ctx, node: Node, fmt: QuantFormat, layer: str) -> tuple[torch.Te
     return q.scale.reshape(1), q.zero.reshape(1)
 
 
-def _act_qdq(gm: GraphModule, ctx, op, fmt: QuantFormat, shared: dict) -> None:
+def _act_qdq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: dict) -> None:
     x = op.activation
     key = (x, fmt)
     if key not in shared:
@@ -104,7 +105,7 @@ def _act_qdq(gm: GraphModule, ctx, op, fmt: QuantFormat, shared: dict) -> None:
     op.node.replace_input_with(x, shared[key])
 
 
-def insert_qdq(gm: GraphModule, ctx) -> GraphModule:
+def insert_qdq(gm: GraphModule, ctx: PassContext) -> GraphModule:
     shared: dict = {}
     for op in quantizable_ops(gm):
         if op.node.meta.get(WEIGHT_FORMAT) is not None and QWEIGHT in op.node.meta:

@@ -20,6 +20,7 @@ import math
 
 from torch.fx import GraphModule
 
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import QWEIGHT, WEIGHT_FORMAT, expert_formats, expert_key, get_tensor, quantizable_ops
 from finegrain.errors import InputError
 from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
@@ -29,7 +30,7 @@ def _db(noise: float, signal: float) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-def _quantize(ctx, w, fmt, h, ex2, name: str, kind: str):
+def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
     """(QTensor, error record); the output SQNR uses the Hessian ``h`` when given, else the
     diagonal ``ex2`` = E[x_j^2] when given."""
     r = ctx.recipe
@@ -53,7 +54,7 @@ def _quantize(ctx, w, fmt, h, ex2, name: str, kind: str):
     return q, rec
 
 
-def quantize_weights(gm: GraphModule, ctx) -> GraphModule:
+def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
     layers = ctx.report.setdefault("layers", {})

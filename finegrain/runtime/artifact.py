@@ -14,8 +14,6 @@
 """
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,8 +24,9 @@ from torch.fx import Graph, GraphModule
 
 from finegrain.compiler.ir import set_tensor
 from finegrain.errors import ArtifactError, FinegrainError
-from finegrain.runtime.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer,
-                                     read_json_file, verify_files)
+from finegrain.io.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer, read_json_file,
+                                verify_files)
+from finegrain.io.signature import check_input_specs, is_int
 from finegrain.runtime.graph_json import graph_from_json, graph_to_json
 
 if TYPE_CHECKING:
@@ -42,9 +41,6 @@ _DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
               "F8_E5M2": "float8_e5m2"}
-_INPUT_DTYPES = {"int64", "int32", "float32", "float16", "bfloat16", "bool"}
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_INPUT_ELEMENTS = 16, 8, 1 << 20, 1 << 26
 
 
 def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False) -> Path:
@@ -99,44 +95,18 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def check_input_specs(specs: object, where: str) -> None:
-    """An input signature read from a file: names, dtypes, ranks and sizes within sane limits."""
-    if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_INPUTS:
-        raise ArtifactError(f"{where}: expected 1..{MAX_INPUTS} input specs")
-    for i, s in enumerate(specs):
-        w = f"{where}[{i}]"
-        if not isinstance(s, dict) or set(s) != {"name", "dtype", "shape", "dynamic_dims"}:
-            raise ArtifactError(f"{w}: expected an object with name, dtype, shape, dynamic_dims")
-        if not isinstance(s["name"], str) or not _NAME.match(s["name"]) or len(s["name"]) > 64:
-            raise ArtifactError(f"{w}.name: {str(s['name'])[:64]!r} is not an identifier")
-        if s["dtype"] not in _INPUT_DTYPES:
-            raise ArtifactError(f"{w}.dtype: {str(s['dtype'])[:32]!r} is not one of {sorted(_INPUT_DTYPES)}")
-        shape, dyn = s["shape"], s["dynamic_dims"]
-        if (not isinstance(shape, list) or not 0 <= len(shape) <= MAX_RANK
-                or not all(_is_int(d) and 1 <= d <= MAX_DIM for d in shape)):
-            raise ArtifactError(f"{w}.shape: expected at most {MAX_RANK} dims, each in 1..{MAX_DIM}")
-        if math.prod(shape) > MAX_INPUT_ELEMENTS:
-            raise ArtifactError(f"{w}.shape: {shape} has more than {MAX_INPUT_ELEMENTS} elements")
-        if not isinstance(dyn, list) or not all(_is_int(d) and 0 <= d < len(shape) for d in dyn) or len(set(dyn)) != len(dyn):
-            raise ArtifactError(f"{w}.dynamic_dims: expected distinct dims of the shape")
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_tensor_table(tensors: dict, mf: Path) -> None:
     for name, rec in tensors.items():
         if (not isinstance(rec, dict) or set(rec) != {"shape", "dtype"} or rec["dtype"] not in _DTYPES
-                or not isinstance(rec["shape"], list) or not all(_is_int(d) and d >= 0 for d in rec["shape"])):
+                or not isinstance(rec["shape"], list) or not all(is_int(d) and d >= 0 for d in rec["shape"])):
             raise ArtifactError(f"{mf}: tensors[{name[:80]!r}] must be {{'shape': [ints >= 0], 'dtype': one of "
                                 f"{sorted(_DTYPES)}}}")
 
 
 def _check_quantized(quantized: dict, mf: Path) -> None:
     for name, q in quantized.items():
-        if (not isinstance(q, dict) or not _is_int(q.get("bits")) or q["bits"] < 0
-                or not isinstance(q.get("shape"), list) or not all(_is_int(d) and d >= 0 for d in q["shape"])):
+        if (not isinstance(q, dict) or not is_int(q.get("bits")) or q["bits"] < 0
+                or not isinstance(q.get("shape"), list) or not all(is_int(d) and d >= 0 for d in q["shape"])):
             raise ArtifactError(f"{mf}: quantized[{name[:80]!r}] needs integer 'bits' and a 'shape' of integers")
 
 
@@ -171,21 +141,23 @@ def graph_module(graph: "Graph | list", tensors: dict[str, torch.Tensor]) -> Gra
 
 
 def load_artifact(path: str | Path, allow_native: bool = False):
-    """A saved artifact -> ``CompiledModel``. A TVM deployment directory (``cm.build`` /
-    ``finegrain build``) holds native code: it is loaded (-> ``TvmDeployment``) only with
-    ``allow_native=True``; otherwise this raises ArtifactError saying so."""
-    from finegrain.runtime.compiled import CompiledModel
+    """A saved artifact -> ``CompiledModel``. A directory another backend wrote (its
+    ``recognizes``, e.g. a TVM deployment from ``cm.build`` / ``finegrain build``) -> that
+    backend's loaded artifact; when it holds native code (``native_artifacts``) only with
+    ``allow_native=True``, otherwise this raises ArtifactError saying so. Either way the result
+    is an ``Artifact`` (``backends/base.py``) whose ``backend`` says what runs it."""
+    from finegrain.backends import registry
     from finegrain.compiler.recipe import Recipe
+    from finegrain.runtime.compiled import CompiledModel
 
     path = Path(path)
-    from finegrain.backends.tvm.deploy import TvmDeployment, is_deployment
-
-    if is_deployment(path):
-        if not allow_native:
-            raise ArtifactError(f"{path} is a TVM deployment: it holds native code (model.so) that runs when loaded. "
-                                "Load it only if you trust its author: finegrain.load(path, allow_native=True) / "
-                                "--allow-native")
-        return TvmDeployment(path)
+    backend = registry.recognize(path)
+    if backend is not None:
+        if backend.native_artifacts and not allow_native:
+            raise ArtifactError(f"{path} is a {backend.name} deployment: it holds native code (e.g. model.so) that runs "
+                                "when loaded. Load it only if you trust its author: finegrain.load(path, "
+                                "allow_native=True) / --allow-native")
+        return backend.load(path)
     manifest = read_manifest(path)
     verify_files(path, manifest["files"], required=(GRAPH, WEIGHTS))
     _check_weights_header(path / WEIGHTS, manifest["tensors"])

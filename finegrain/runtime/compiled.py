@@ -8,60 +8,18 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from finegrain.backends import registry
+from finegrain.backends.base import Artifact, Session
 from finegrain.compiler.recipe import Recipe
-from finegrain.errors import InputError
-
-BACKENDS = ("torch", "onnx", "tvm")
-
-
-def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:
-    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-            "dynamic_dims": dynamic_dims}
-
-
-def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
-    """Raise InputError unless ``inputs`` match ``specs`` (count, dtype, rank, static dims)."""
-    if len(inputs) != len(specs):
-        raise InputError(f"{what}: expected {len(specs)} tensor(s) ({', '.join(s['name'] for s in specs)}), got {len(inputs)}")
-    for t, s in zip(inputs, specs):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{what} {s['name']!r}: expected a tensor, got {type(t).__name__}")
-        if str(t.dtype).removeprefix("torch.") != s["dtype"] or t.dim() != len(s["shape"]):
-            raise InputError(f"{what} {s['name']!r}: expected {s['dtype']} with {len(s['shape'])} dims "
-                             f"(like {s['shape']}), got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
-        for d, (got, want) in enumerate(zip(t.shape, s["shape"])):
-            if d not in s["dynamic_dims"] and got != want:
-                raise InputError(f"{what} {s['name']!r}: dim {d} must be {want} (only dims {s['dynamic_dims']} "
-                                 f"vary), got shape {list(t.shape)}")
-
-
-def export_dynamic_shapes(specs: list[dict]) -> tuple:
-    """``torch.export`` dynamic shapes for inputs described by ``specs`` (dim 0 = batch, 1 = seq)."""
-    dims = {}
-    out = []
-    for s in specs:
-        d = {}
-        for i in s["dynamic_dims"]:
-            key = "batch" if i == 0 else "seq" if i == 1 else f"{s['name']}_{i}"
-            dims.setdefault(key, torch.export.Dim(key, min=1 if key == "batch" else 2, max=1 << 16))
-            d[i] = dims[key]
-        out.append(d or None)
-    return tuple(out)
-
-
-def example_inputs(specs: list[dict]) -> tuple:
-    """Placeholder inputs matching ``specs`` (dynamic dims at least 2, so export keeps them symbolic)."""
-    out = []
-    for s in specs:
-        shape = [max(n, 2) if i in s["dynamic_dims"] else n for i, n in enumerate(s["shape"])]
-        dtype = getattr(torch, s["dtype"])
-        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype))
-    return tuple(out)
 
 
 @dataclass
-class CompiledModel:
-    """Call it like the model (positional tensors), ``save`` it, ``load`` it back."""
+class CompiledModel(Artifact):
+    """Call it like the model (positional tensors), ``save`` it, ``load`` it back; run it on any
+    registered backend with ``session(name)``. As loaded, it runs on the reference backend
+    (``backend == "torch"``)."""
+
+    backend = "torch"
 
     gm: GraphModule
     recipe: Recipe
@@ -78,34 +36,28 @@ class CompiledModel:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.session().run(*inputs)
 
-    def session(self, backend: str = "torch", **options):
-        """A runnable session on ``backend``: ``torch`` (the reference), ``onnx`` (ONNX Runtime;
-        options ``style``, ``accuracy_level``, ``threads``: ``backends/onnx.py``) or ``tvm`` (built
-        into a temporary deployment; options ``target``, ``tune_trials``, ``max_seq_len``,
-        ``threads``: ``backends/tvm/deploy.py``)."""
-        if backend not in BACKENDS:
-            raise InputError(f"backend {backend!r} is not available; choose one of {BACKENDS}")
-        if backend == "tvm":
-            from finegrain.backends.tvm.deploy import TvmSession
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe.name
 
-            return TvmSession(self, **options)
-        if backend == "onnx":
-            from finegrain.backends.onnx import OnnxSession
+    def session(self, backend: str = "torch", **options) -> Session:
+        """A runnable session on a registered backend (``backends/registry.py``): ``torch`` (the
+        reference), ``onnx`` (ONNX Runtime; options ``style``, ``accuracy_level``, ``threads``:
+        ``backends/onnx.py``), ``tvm`` (built into a temporary deployment; options ``target``,
+        ``tune_trials``, ``max_seq_len``, ``threads``, ``int8``: ``backends/tvm/deploy.py``).
+        Everything the backend cannot take is refused, by name, before any work."""
+        return registry.get(backend).session(self, **options)
 
-            return OnnxSession(self, **options)
-        if options:
-            raise InputError(f"backend 'torch' takes no options, got {sorted(options)}")
-        from finegrain.backends.torch_ref import TorchRefSession
-
-        return TorchRefSession(self.gm, self.input_specs)
+    def check(self, backend: str) -> list:
+        """What ``backend`` would refuse (``backends/base.py`` Refusal: where, what, why)."""
+        return registry.get(backend).check(self)
 
     def export_onnx(self, path: str | Path, style: str = "qdq", accuracy_level: int = 0,
                     overwrite: bool = False) -> dict:
         """Write an ONNX model (``backends/onnx.py``): ``style`` ``qdq`` (DequantizeLinear) or
         ``matmulnbits`` (com.microsoft::MatMulNBits). Returns the files, bytes and per-weight forms."""
-        from finegrain.backends.onnx import export_onnx
-
-        return export_onnx(self, path, style=style, accuracy_level=accuracy_level, overwrite=overwrite)
+        return registry.get("onnx").export(self, path, style=style, accuracy_level=accuracy_level,
+                                           overwrite=overwrite)
 
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
               max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True) -> dict:
@@ -114,10 +66,8 @@ class CompiledModel:
         ``"llvm"``/None = this CPU, or a TVM target dict. ``int8``: INT8 x INT2-4 linears (W4A8,
         DGQ) run integer dot products (``kernels/a8.py``); False keeps them on fp32 compute.
         Returns the manifest."""
-        from finegrain.backends.tvm.deploy import build_deployment
-
-        return build_deployment(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
-                                overwrite=overwrite, int8=int8)
+        return registry.get("tvm").export(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
+                                          overwrite=overwrite, int8=int8)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from finegrain.runtime.artifact import save_artifact

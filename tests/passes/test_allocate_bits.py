@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import finegrain
-from finegrain.compiler.api import compile_frontier
+from finegrain.driver.api import compile_frontier
 from finegrain.errors import RecipeError
 from finegrain.formats import QuantFormat
 

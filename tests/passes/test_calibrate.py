@@ -5,7 +5,7 @@ import torch
 
 from finegrain.compiler.capture import capture
 from finegrain.compiler.ir import OBSERVED, quantizable_ops
-from finegrain.compiler.pipeline import PassContext
+from finegrain.driver.pipeline import PassContext
 from finegrain.compiler.recipe import PRESETS
 from finegrain.errors import InputError
 from finegrain.passes.calibrate import calibrate

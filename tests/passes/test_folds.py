@@ -8,7 +8,7 @@ import torch
 
 from finegrain.compiler.capture import capture
 from finegrain.compiler.ir import get_tensor
-from finegrain.compiler.pipeline import PassContext, run_passes
+from finegrain.driver.pipeline import PassContext, run_passes
 from finegrain.compiler.recipe import PRESETS, Recipe
 from finegrain.compiler.regions import find_norms, find_streams
 from finegrain.formats.hadamard import random_orthogonal_hadamard
@@ -266,7 +266,7 @@ def test_smoothing_lowers_quantized_error_on_outliers(llama):
 def test_smoothing_after_rotation_and_recalibration(llama):
     """w4a4-rot-smooth with static activation scales: smoothing invalidates the statistics and the
     pipeline re-collects them before Q/DQ insertion uses them."""
-    from finegrain.compiler.pipeline import PIPELINE
+    from finegrain.driver.pipeline import PIPELINE
     from finegrain.formats import QuantFormat
     from finegrain.compiler.recipe import Rule
 

@@ -9,7 +9,7 @@ import torch
 
 from finegrain.compiler.capture import capture
 from finegrain.compiler.ir import quantizable_ops
-from finegrain.compiler.pipeline import PIPELINE, PassContext, run_passes
+from finegrain.driver.pipeline import PIPELINE, PassContext, run_passes
 from finegrain.compiler.recipe import PRESETS
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
 from finegrain.passes.insert_qdq import insert_qdq

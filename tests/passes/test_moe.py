@@ -82,13 +82,13 @@ def test_per_expert_calibration_and_routing_frequency(mixtral, data):
 
 
 def test_expert_allocation_weights_each_expert_by_its_routed_rows(mixtral, data):
-    from finegrain.compiler.api import _prepare
-    from finegrain.compiler.pipeline import PIPELINE
     from finegrain.compiler.recipe import get_recipe
+    from finegrain.driver.api import _prepare
+    from finegrain.driver.pipeline import ANALYZE
 
     example, calib, _ = data
-    head = [p for p in PIPELINE if p[0] not in ("quantize_weights", "insert_qdq")]
-    gm, ctx, *_ = _prepare(mixtral, example, get_recipe(_recipe()), calib, ("input_ids",), True, False, False, head)
+    prep = _prepare(mixtral, example, get_recipe(_recipe()), calib, ("input_ids",), True, False, False, ANALYZE)
+    gm, ctx = prep.gm, prep.ctx
     alloc = ctx.allocation
     names = [[t.name for t in grp] for grp in alloc.groups]
     assert len(alloc.groups) == 2 * (2 + 2 * E)  # per layer: qkv, o, and each expert of gate_up and down

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finegrain.runtime.files import dumps_json, file_records
+from finegrain.io.files import dumps_json, file_records
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 
 import finegrain
 from finegrain.errors import ArtifactError
-from finegrain.runtime.files import file_records
+from finegrain.io.files import file_records
 
 
 def _add_listed(m, path, name, target):

@@ -9,7 +9,7 @@ import pytest
 import finegrain
 from finegrain.cli import main
 from finegrain.errors import ArtifactError
-from finegrain.runtime.files import dumps_json, file_records
+from finegrain.io.files import dumps_json, file_records
 
 
 @pytest.fixture

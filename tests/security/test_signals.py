@@ -10,7 +10,7 @@ SCRIPT = """
 import sys, time
 from pathlib import Path
 from finegrain.cli import install_signal_handlers
-from finegrain.runtime.files import atomic_directory
+from finegrain.io.files import atomic_directory
 install_signal_handlers()
 with atomic_directory(Path(sys.argv[1])) as tmp:
     (tmp / "partial.bin").write_bytes(b"x" * 1000)

@@ -71,7 +71,7 @@ def test_smollm2_folds_exact_on_real_text(smollm2):
     # activation formats make smoothing and the online Hadamard act; only the fold passes run, so
     # the graph stays floating point
     from finegrain.compiler.capture import capture
-    from finegrain.compiler.pipeline import PassContext, run_passes
+    from finegrain.driver.pipeline import PassContext, run_passes
     from finegrain.passes.calibrate import calibrate
     from finegrain.passes.canonicalize import canonicalize
     from finegrain.passes.fold_norms import fold_norms

@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finegrain.backends.base import Artifact, Session
 from finegrain.errors import ArtifactError, InputError
-from finegrain.runtime.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer,
+from finegrain.io.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer,
                                      read_json_file, verify_files)
 
 DEPLOY_VERSION = 2  # 2: files carry their byte counts
@@ -79,7 +80,7 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     ``int8=False`` keeps W(<=4)A8 linears on the fp32-compute kernel (for comparisons)."""
     import tvm
 
-    from finegrain import __version__
+    from finegrain.version import __version__
     from finegrain.backends.tvm.build import build_executable
     from finegrain.backends.tvm.lower import import_relax
 
@@ -134,16 +135,19 @@ def is_deployment(path: str | Path) -> bool:
     return isinstance(m, dict) and "finegrain_tvm_deploy" in m
 
 
-class TvmDeployment:
-    """A built deployment, loaded with the TVM runtime: ``dep(input_ids)`` -> logits (torch).
+class TvmDeployment(Session, Artifact):
+    """A built deployment, loaded with the TVM runtime: ``dep(input_ids)`` -> logits (torch). It is
+    both the loaded artifact (``backend == "tvm"``) and its own session.
 
     A deployment is code (``model.so`` runs when loaded): construct one only for a directory you
     trust. ``finegrain.load`` returns one only with ``allow_native=True``."""
 
+    backend = "tvm"
+
     def __init__(self, path: str | Path, threads: int | None = None):
         import tvm
 
-        from finegrain.runtime.artifact import check_input_specs
+        from finegrain.io.signature import check_input_specs
 
         path = Path(path)
         manifest = read_json_file(path / MANIFEST)
@@ -167,6 +171,8 @@ class TvmDeployment:
         self.path, self.manifest = path, manifest
         self.input_specs = manifest["inputs"]
         self.quantized = manifest.get("quantized", {})
+        self.source = manifest.get("source", {})
+        self.recipe_name = (manifest.get("recipe") or {}).get("name")
         dev = tvm.cpu()
         self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIB)), dev)
         params = tvm.runtime.load_param_dict_from_file(str(path / PARAMS))
@@ -189,15 +195,13 @@ class TvmDeployment:
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         import tvm
 
-        from finegrain.runtime.compiled import check_inputs
+        from finegrain.io.signature import check_inputs
 
         check_inputs(self.input_specs, inputs)
         x = inputs[0]
         fn = self.function_for(x.shape[1])
         out = self.vm[fn](tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), self.dev), *self.params)
         return torch.from_numpy(out.numpy())
-
-    __call__ = run
 
     def session(self, backend: str = "tvm", **options):
         if backend != "tvm" or options:

@@ -46,7 +46,7 @@ from finegrain.backends.tvm.lower_activations import (A8_LINEAR, FAKE_QUANT, Tvm
                                                       convert_a8_linear, convert_fake_quant, flat_rows)
 from finegrain.backends.tvm.kernels.lowbit import (container_bits, linear_func, pack_weight, unpack_weight_ref,
                                                    vector_lanes)
-from finegrain.runtime.compiled import example_inputs
+from finegrain.io.signature import example_inputs
 
 
 @torch.library.custom_op("finegrain::packed_linear", mutates_args=())

@@ -1,16 +1,32 @@
-"""``finegrain.compile``: capture -> passes -> CompiledModel."""
+"""``finegrain.compile``: capture -> passes -> CompiledModel; ``compile_frontier``: one analysis,
+one materialization per point of the bit-allocation frontier."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
+from torch.fx import GraphModule
 
 from finegrain.compiler.capture import capture
-from finegrain.compiler.pipeline import PIPELINE, PassContext, run_passes
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.recipe import Recipe, get_recipe
+from finegrain.driver.pipeline import ANALYZE, MATERIALIZE, PIPELINE, run_passes
 from finegrain.errors import InputError
-from finegrain.runtime.compiled import CompiledModel, check_inputs, input_spec
+from finegrain.io.signature import check_inputs, input_spec
+from finegrain.runtime.compiled import CompiledModel
+
+
+@dataclass
+class Prepared:
+    """A captured graph after some passes, with what finishing it into a CompiledModel needs."""
+
+    gm: GraphModule
+    ctx: PassContext
+    specs: list[dict]
+    t0: float  # perf_counter at the start of capture
+    t_capture: float  # seconds capture took
 
 
 def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool) -> list[dict]:
@@ -65,13 +81,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     matches no layer, or a recipe that quantizes nothing, is a warning (``cm.warnings``, the
     manifest) or, with ``strict_recipe``, a RecipeError. ``strict`` is torch.export's strict mode.
     """
-    gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict,
-                                             progress, PIPELINE, strict_recipe)
-    return _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source)
+    prep = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, PIPELINE,
+                    strict_recipe)
+    return _finish(prep, model, tokenizer, source)
 
 
 def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes,
-             strict_recipe=False):
+             strict_recipe=False) -> Prepared:
     recipe = get_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -88,10 +104,11 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
     gm = run_passes(gm, ctx, passes)
-    return gm, ctx, specs, t0, t_capture
+    return Prepared(gm, ctx, specs, t0, t_capture)
 
 
-def _finish(gm, ctx, specs, t0, t_capture, model, tokenizer, source) -> CompiledModel:
+def _finish(prep: Prepared, model, tokenizer, source) -> CompiledModel:
+    gm, ctx, specs, t0, t_capture = prep.gm, prep.ctx, prep.specs, prep.t0, prep.t_capture
     quantized = {name: {k: rec[k] for k in ("weight", "format", "shape", "bits")}
                  for name, rec in ctx.report.get("layers", {}).items()}
     timings = {"capture": round(t_capture, 3), **ctx.report.get("pass_seconds", {})}
@@ -124,10 +141,9 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
     if not recipe.weight_candidates:
         raise InputError(f"recipe {recipe.name!r} has no weight_candidates: nothing to allocate")
     base = dataclasses.replace(recipe, budget_bits=None, budget_bytes=None)
-    head = [p for p in PIPELINE if p[0] not in ("quantize_weights", "insert_qdq")]
-    tail = [p for p in PIPELINE if p[0] in ("quantize_weights", "insert_qdq")]
-    gm, ctx, specs, t0, t_capture = _prepare(model, example_inputs, base, calibration, input_names, dynamic, strict,
-                                             progress, head, strict_recipe)
+    prep = _prepare(model, example_inputs, base, calibration, input_names, dynamic, strict, progress, ANALYZE,
+                    strict_recipe)
+    gm, ctx = prep.gm, prep.ctx
     alloc = ctx.allocation
     if validate:
         alloc.extra["validation"] = _validate(gm, ctx, alloc, validate)
@@ -140,7 +156,7 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
     else:
         targets = [alloc.point_for_bits(b) for b in budgets_bits]
     models = []
-    t_head = time.perf_counter() - t0
+    t_head = time.perf_counter() - prep.t0
     for point in targets:
         t1 = time.perf_counter()
         bpw = alloc.bits_per_weight(point)
@@ -150,8 +166,9 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
         sub.recipe = dataclasses.replace(base, name=f"{recipe.name}@{bpw:.3f}bpw", budget_bits=round(bpw, 6))
         sub.report = {**ctx.report, "layers": {}, "pass_seconds": dict(ctx.report.get("pass_seconds", {}))}
         sub.report["allocation"] = alloc.summary(point, point.cost)
-        g2 = run_passes(g2, sub, tail)
-        models.append(_finish(g2, sub, specs, t1 - t_head, t_capture, model, tokenizer, source))  # head + this tail
+        g2 = run_passes(g2, sub, MATERIALIZE)
+        models.append(_finish(Prepared(g2, sub, prep.specs, t1 - t_head, prep.t_capture), model, tokenizer,
+                              source))  # timed as the analysis + this materialization
     return alloc, models
 
 

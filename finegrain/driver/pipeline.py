@@ -1,5 +1,8 @@
-"""The pass pipeline: a literal list, run top to bottom.
+"""The pass pipeline: named stages of literal pass lists, run top to bottom.
 
+``ANALYZE`` (canonicalize, folds, calibration, bit allocation: decides every tensor's format)
+and ``MATERIALIZE`` (weight codes and Q/DQ ops: writes them into the graph); ``PIPELINE`` is
+both. ``compile_frontier`` runs ``ANALYZE`` once and ``MATERIALIZE`` per frontier point.
 ``run_passes`` times each pass, runs the verifier after it, and with ``FINEGRAIN_DUMP=dir``
 writes the graph after each pass to ``dir/NN_<pass>.txt``.
 """
@@ -7,14 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 from torch.fx import GraphModule
 
-from finegrain.compiler.recipe import Recipe
-from finegrain.compiler.stats import StatsStore
+from finegrain.compiler.context import PassContext
 from finegrain.compiler.verify import verify
 from finegrain.passes.allocate_bits import allocate_bits
 from finegrain.passes.calibrate import calibrate, recalibrate
@@ -25,34 +26,11 @@ from finegrain.passes.fold_smoothing import fold_smoothing
 from finegrain.passes.insert_qdq import insert_qdq
 from finegrain.passes.quantize_weights import quantize_weights
 
-
-@dataclass
-class PassContext:
-    """What passes share besides ``node.meta``: the recipe, calibration data, the stats store,
-    and a report that ends up in the artifact's summary."""
-
-    recipe: Recipe
-    calibration: list[tuple] = field(default_factory=list)
-    stats: StatsStore = field(default_factory=StatsStore)
-    report: dict = field(default_factory=dict)
-    allocation: Any = None  # passes/allocate_bits.Allocation when the recipe allocates bits
-    show_progress: bool = True
-    strict_recipe: bool = False  # a rule matching nothing / nothing quantized: an error instead of a warning
-
-    def __post_init__(self) -> None:
-        if not self.stats.nodes and self.recipe.smoothing is None:
-            self.stats.rows = 0  # only smoothing's search reads token rows: don't keep them
-        self.stats.hessian = self.recipe.needs_hessian
-
-    def progress(self, items: Iterable, desc: str) -> Iterable:
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, disable=not self.show_progress, leave=False)
-
+__all__ = ["ANALYZE", "MATERIALIZE", "PIPELINE", "PassContext", "run_passes"]
 
 Pass = Callable[[GraphModule, PassContext], GraphModule]
 
-PIPELINE: list[tuple[str, Pass]] = [
+ANALYZE: list[tuple[str, Pass]] = [
     ("canonicalize", canonicalize),  # drop export-time assertions, dead code
     ("fold_norms", fold_norms),  # norm affine -> following linears (recipe.fold_norms / rotate)
     ("fold_rotation", fold_rotation),  # Hadamard rotation of residual streams + online FWHT (recipe.rotate)
@@ -60,9 +38,12 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fold_smoothing", fold_smoothing),  # SmoothQuant / OS+ scales and shifts (recipe.smoothing)
     ("recalibrate", recalibrate),  # refill the stats a fold invalidated, when a later pass needs them
     ("allocate_bits", allocate_bits),  # a QuantFormat per weight / activation (recipe rules)
+]
+MATERIALIZE: list[tuple[str, Pass]] = [
     ("quantize_weights", quantize_weights),  # RTN / clip search / GPTQ codes + scales, per-layer error record
     ("insert_qdq", insert_qdq),  # packed weights + Q/DQ custom ops
 ]
+PIPELINE: list[tuple[str, Pass]] = ANALYZE + MATERIALIZE
 
 
 def run_passes(gm: GraphModule, ctx: PassContext, pipeline: list[tuple[str, Pass]] = PIPELINE) -> GraphModule:

@@ -1,0 +1,180 @@
+"""The backend contract: what every backend implements, and the session object it returns.
+
+A backend (one entry of ``registry.BACKENDS``) is an object with
+
+* ``name``, ``description``, ``native_artifacts`` (True when its artifacts hold native code);
+* ``available() -> str | None``: None, or why it cannot run here (a missing package);
+* ``capability(fmt, role, partner=None) -> (status, note)`` for a ``QuantFormat`` as a
+  ``"weight"`` or an ``"activation"`` (``partner``: the weight format an activation meets), and ``op_capability(op)`` for graph ops that are not formats
+  (``"hadamard"``, ``"grouped_linear"``); status is ``native`` (a kernel computes in the
+  format), ``emulated`` (dequantized / fake-quantized, computed in float) or ``refused``;
+* ``check(compiled) -> list[Refusal]``: every layer / op / input it cannot take, named, before
+  any work starts (``capability`` over the graph's formats plus its own structural limits);
+* ``session(compiled, **options) -> Session``;
+* optionally ``export(compiled, out, **options)`` (an artifact of its own), ``recognizes(path)``
+  and ``load(path, **options)`` (how its artifacts are found and opened).
+
+:class:`BackendBase` gives the defaults; the capability matrix (``finegrain backends``, the
+README) and ``check`` read the same ``capability`` functions, so they cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from finegrain.errors import FinegrainError
+
+STATUSES = ("native", "emulated", "refused")
+
+
+class BackendError(FinegrainError):
+    """A backend cannot run a compiled model; the message lists every refusal."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One thing a backend cannot take: ``where`` (layer, node or input), ``what`` (a format tag,
+    an op), ``why``."""
+
+    where: str
+    what: str
+    why: str
+
+    def __str__(self) -> str:  # ``why`` names the format or op itself
+        return f"{self.where}: {self.why}"
+
+
+def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
+    """``(where, role, thing)`` for every format and special op in a quantized graph: role
+    ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
+    ``"grouped_linear"``."""
+    from finegrain.formats import QuantFormat
+    from finegrain.formats.ops import DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is DEQUANTIZE_PACKED:
+            yield str(n.args[0].target).removesuffix("_qpacked"), "weight", QuantFormat.parse(n.args[3])
+        elif n.target is QUANTIZE:
+            yield f"node {n.name} (input of {', '.join(u.name for u in _consumers(n)) or '?'})", "activation", \
+                QuantFormat.parse(n.args[1])
+        elif n.target is HADAMARD:
+            yield f"node {n.name}", "op", "hadamard"
+        elif n.target is GROUPED_LINEAR:
+            yield f"node {n.name}", "op", "grouped_linear"
+
+
+def _consumers(n) -> list:
+    out = []
+    for u in n.users:  # quantize -> getitem -> dequantize -> linear
+        for v in u.users:
+            out.extend(w for w in v.users)
+    return out
+
+
+class BackendBase:
+    """Defaults for the optional parts of the contract."""
+
+    name = "?"
+    description = ""
+    native_artifacts = False
+    error: type[FinegrainError] = BackendError  # what ``require`` raises (a backend's own error type)
+
+    def available(self) -> str | None:
+        return None
+
+    def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
+        """``partner``: for an activation, the weight format of the linear it feeds, when known."""
+        raise NotImplementedError
+
+    def op_capability(self, op: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
+        return []
+
+    def check(self, compiled) -> list[Refusal]:
+        refusals = [Refusal("install", self.name, why) for why in [self.available()] if why]
+        refusals += self.check_inputs(compiled.input_specs)
+        for where, role, thing in graph_items(compiled.gm):
+            status, note = self.op_capability(thing) if role == "op" else self.capability(thing, role)
+            if status == "refused":
+                refusals.append(Refusal(where, thing if role == "op" else f"{role} {thing.tag}", note))
+        return refusals
+
+    def require(self, compiled) -> None:
+        """Raise BackendError listing every refusal (the first five in full) unless none."""
+        refusals = self.check(compiled)
+        if refusals:
+            shown = "; ".join(map(str, refusals[:5])) + (f"; ... {len(refusals) - 5} more" if len(refusals) > 5 else "")
+            raise self.error(f"backend {self.name!r} cannot run this model ({len(refusals)} refusal"
+                               f"{'s' if len(refusals) > 1 else ''}): {shown}")
+
+    def session(self, compiled, **options) -> "Session":
+        raise NotImplementedError
+
+    export = None  # a callable (compiled, out, **options) -> dict where the backend writes an artifact
+
+    def recognizes(self, path: Path) -> bool:
+        return False
+
+    def load(self, path: Path, **options):
+        raise BackendError(f"backend {self.name!r} has no artifacts of its own to load")
+
+
+class Artifact:
+    """What ``finegrain.load`` returns, whatever made it: ``backend`` (which backend runs it as
+    loaded: ``torch`` for a finegrain artifact, the backend's name for its own artifacts),
+    ``input_specs``, ``tokenizer``, ``quantized``, ``source``, ``recipe_name``, ``session()`` and
+    calling it like the model."""
+
+    backend = "?"
+    input_specs: list[dict]
+    tokenizer: Any
+    quantized: dict
+    source: dict
+    recipe_name: str | None
+
+    def session(self, backend: str | None = None, **options) -> "Session":
+        raise NotImplementedError
+
+
+class Session:
+    """A runnable model on one backend. ``run(*inputs)`` -> logits / outputs. For generative
+    models ``prefill(ids) -> (logits, state)`` and ``step(state, ids) -> (logits, state)``; the
+    defaults here recompute the whole sequence from the token ids kept in the state (correct, not
+    fast: O(n^2) over a generation) until a backend holds a KV cache. ``close()`` frees what the
+    session holds (temporary directories, native handles); sessions are context managers."""
+
+    backend = "?"
+    input_specs: list[dict]
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(*inputs)
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = self.run(ids)
+        return logits, {"ids": ids}
+
+    def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        seq = torch.cat([state["ids"], ids], dim=1)
+        return self.run(seq)[:, -ids.shape[1]:], {"ids": seq}
+
+    def close(self) -> None:
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,90 @@
+"""The one table of backends. The API (``cm.session``), ``finegrain.load``, the CLI's
+``--backend`` choices, ``finegrain eval``, ``finegrain backends`` and the README's capability
+matrix all read :data:`BACKENDS`; a new backend is one folder implementing the contract in
+``backends/base.py`` plus one line here. Entries are ``"module:attribute"`` so that importing
+finegrain imports no backend's heavy dependencies (onnxruntime, TVM)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from finegrain.errors import InputError
+
+BACKENDS: dict[str, str] = {
+    "torch": "finegrain.backends.torch_ref:BACKEND",
+    "onnx": "finegrain.backends.onnx:BACKEND",
+    "tvm": "finegrain.backends.tvm.backend:BACKEND",
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def get(name: str):
+    """The backend object registered as ``name``."""
+    if name not in BACKENDS:
+        raise InputError(f"backend {name!r} is not available; choose one of {names()}")
+    module, attr = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def recognize(path: str | Path):
+    """The backend whose own artifact ``path`` is (e.g. a TVM deployment), or None."""
+    for name in BACKENDS:
+        backend = get(name)
+        if backend.recognizes(Path(path)):
+            return backend
+    return None
+
+
+def capability_matrix(rows: list[tuple[str, str, object]]) -> list[list[str]]:
+    """``rows`` of (label, role, format-or-op) -> one status per backend (``native`` /
+    ``emulated`` / ``refused``), from each backend's own capability functions."""
+    out = []
+    for label, role, thing in rows:
+        cells = [label]
+        for name in BACKENDS:
+            b = get(name)
+            status, _ = b.op_capability(thing) if role == "op" else b.capability(thing, role)
+            cells.append(status)
+        out.append(cells)
+    return out
+
+
+def preset_rows() -> list[tuple[str, str, object]]:
+    """Every format the presets use (as weight or activation) and the graph ops that are not
+    formats: the capability matrix's rows."""
+    from finegrain.compiler.recipe import PRESETS
+
+    seen: dict[tuple[str, str], object] = {}
+    for recipe in PRESETS.values():
+        for rule in recipe.rules:
+            for role, fmt in (("weight", rule.weight), ("activation", rule.activation)):
+                if fmt is not None:
+                    seen.setdefault((role, fmt.tag), fmt)
+    rows = [(f"{role} {tag}", role, fmt) for (role, tag), fmt in sorted(seen.items())]
+    return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear")]
+
+
+def preset_matrix() -> list[list[str]]:
+    """Per preset and backend: the weakest status over the preset's formats and ops."""
+    from finegrain.compiler.recipe import PRESETS
+
+    rank = {"native": 0, "emulated": 1, "refused": 2}
+    out = []
+    for pname, recipe in PRESETS.items():
+        items = [(role, fmt, rule.weight if role == "activation" else None) for rule in recipe.rules
+                 for role, fmt in (("weight", rule.weight), ("activation", rule.activation)) if fmt]
+        if recipe.rotate and recipe.online_hadamard:
+            items.append(("op", "hadamard", None))
+        cells = [pname]
+        for name in BACKENDS:
+            b = get(name)
+            worst = "native"
+            for role, thing, partner in items:
+                s, _ = b.op_capability(thing) if role == "op" else b.capability(thing, role, partner)
+                worst = max(worst, s, key=rank.get)
+            cells.append(worst)
+        out.append(cells)
+    return out

@@ -1,0 +1,81 @@
+"""The TVM backend's entry in the registry: what it takes (low-bit kernels for INT2/3/4/8 and
+FP4 E2M1 weights, the integer-dot kernel for symmetric INT8 activations, fake quantization for
+the other integer activations), what it refuses, its sessions and its deployments (native code:
+loaded only on request)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from finegrain.backends.base import BackendBase, Refusal
+
+
+class TvmBackend(BackendBase):
+    name = "tvm"
+    description = "Apache TVM: Relax + low-bit TIR kernels, ahead-of-time CPU deployments"
+    native_artifacts = True
+
+    @property
+    def error(self):
+        from finegrain.backends.tvm.lower_activations import TvmError
+
+        return TvmError
+
+    def available(self) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec("tvm") else "needs apache-tvm (pip install 'finegrain[tvm]')"
+
+    def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
+        from finegrain.backends.tvm.kernels import a8
+        from finegrain.backends.tvm.kernels.lowbit import container_bits
+
+        if role == "weight":
+            if container_bits(fmt) is not None:
+                return "native", f"low-bit TIR kernel ({'FP4 E2M1' if fmt.kind == 'e2m1' else f'INT{fmt.bits}'} codes)"
+            return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor "
+                               "and FP4 E2M1 per group do)")
+        if fmt.kind != "int" or fmt.granularity not in ("token", "tensor") or fmt.scale not in ("fp32", "fp16", "bf16"):
+            return "refused", (f"activation format {fmt.tag} has no TVM lowering (integer activations per token or "
+                               "per tensor with float scales do)")
+        if a8.act_ok(fmt) and partner is not None and a8.weight_ok(partner):
+            return "native", "INT8 codes into the integer-dot kernel with the <=4-bit weight (AVX2 and up)"
+        return "emulated", "fake quantization in fp32 (native: symmetric INT8 into a <=4-bit weight's integer-dot kernel)"
+
+    def op_capability(self, op: str) -> tuple[str, str]:
+        if op == "hadamard":
+            return "emulated", "online Hadamard as a dense matmul"
+        return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
+
+    def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
+        if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1] or input_specs[0]["dtype"] not in (
+                "int64", "int32"):
+            return [Refusal("inputs", ", ".join(f"{s['name']} {s['dtype']}" for s in input_specs),
+                            "the TVM build takes one token-id input whose dim 1 (sequence) is dynamic")]
+        return []
+
+    def session(self, compiled, **options):
+        from finegrain.backends.tvm.deploy import TvmSession
+
+        if options.get("path") is None:
+            self.require(compiled)
+        return TvmSession(compiled, **options)
+
+    def export(self, compiled, out, **options) -> dict:
+        from finegrain.backends.tvm.deploy import build_deployment, parse_target
+
+        options["target"] = parse_target(options.get("target"))  # a bad target first: it needs no model
+        self.require(compiled)
+        return build_deployment(compiled, out, **options)
+
+    def recognizes(self, path: Path) -> bool:
+        from finegrain.backends.tvm.deploy import is_deployment
+
+        return is_deployment(path)
+
+    def load(self, path: Path, **options):
+        from finegrain.backends.tvm.deploy import TvmDeployment
+
+        return TvmDeployment(path, **options)
+
+
+BACKEND = TvmBackend()
