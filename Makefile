@@ -27,10 +27,13 @@ demo: setup
 	$(BIN)/finegrain demo
 
 test: setup
+	# the floors (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md): no import goes up a floor
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -ra; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 bench: setup

@@ -10,6 +10,9 @@ from finegrain.backends.onnx import ExportError, OnnxSession
 pytest.importorskip("onnxruntime")
 
 
+pytestmark = pytest.mark.onnx
+
+
 def _w(tag, act=None, **kw):
     rule = {"role": "linear", "weight": tag}
     if act:

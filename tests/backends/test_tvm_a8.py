@@ -10,6 +10,9 @@ tvm = pytest.importorskip("tvm")
 
 from finegrain.backends.tvm.kernels import a8  # noqa: E402
 
+pytestmark = pytest.mark.tvm
+
+
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2
 
 

@@ -11,6 +11,9 @@ tvm = pytest.importorskip("tvm")
 from finegrain.backends.tvm import lower_attention  # noqa: E402
 from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func, vexp  # noqa: E402
 
+pytestmark = pytest.mark.tvm
+
+
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
 
 

@@ -18,6 +18,9 @@ pytest.importorskip("tvm")
 from finegrain.backends.tvm.deploy import TvmDeployment  # noqa: E402
 from finegrain.backends.tvm.lower import TvmError, import_relax  # noqa: E402
 
+pytestmark = pytest.mark.tvm
+
+
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 

@@ -12,6 +12,9 @@ from finegrain.backends.tvm.kernels.dense import gemv_func  # noqa: E402
 from finegrain.backends.tvm.kernels.lowbit import (ROW_BLOCK, compile_linear, pack_weight,  # noqa: E402
                                                    unpack_weight_ref, vector_lanes)
 
+pytestmark = pytest.mark.tvm
+
+
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: runs on any x86-64 CI machine with it
 
 

@@ -11,6 +11,9 @@ from finegrain.models.onnx_import import ImportError_, load_onnx
 ort = pytest.importorskip("onnxruntime")
 
 
+pytestmark = pytest.mark.onnx
+
+
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_llama, tiny_inputs, tmp_path_factory):
     example, _, _ = tiny_inputs

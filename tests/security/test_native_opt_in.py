@@ -47,6 +47,7 @@ def test_cli_eval_refuses_without_allow_native(hostile_deployment, capsys):
     assert not flag.exists()
 
 
+@pytest.mark.tvm
 def test_the_opt_in_really_loads_code(hostile_deployment):
     """Why the opt-in exists: with allow_native=True the library's code runs."""
     pytest.importorskip("tvm")

@@ -10,6 +10,9 @@ from finegrain.errors import InputError  # noqa: E402
 from finegrain.models import load_model  # noqa: E402
 
 
+pytestmark = pytest.mark.onnx
+
+
 def _model(weight: TensorProto):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])

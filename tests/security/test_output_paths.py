@@ -57,6 +57,7 @@ def test_export_and_build_outputs_checked_first(saved, tmp_path, capsys, monkeyp
     assert "not a writable directory" in _err(capsys)
 
 
+@pytest.mark.tvm
 @pytest.mark.parametrize("target,match", [
     ('{"kind": "llvm", "mcpu": "notacpu"}', "not a CPU LLVM knows"),
     ('{"kind": "llvm", "mtriple": "bogus-triple-x"}', "not a triple this LLVM knows"),
