@@ -52,7 +52,8 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
     ``"grouped_linear"``."""
     from finegrain.formats import QuantFormat
-    from finegrain.formats.ops import DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE
+    from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
+    from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
 
     for n in gm.graph.nodes:
         if n.op != "call_function":

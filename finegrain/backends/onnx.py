@@ -56,7 +56,8 @@ import torch
 from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
-from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, GROUPED_LINEAR, HADAMARD, QUANTIZE, unpack_weight
+from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.io.signature import check_inputs, example_inputs, export_dynamic_shapes
 
 STYLES = ("qdq", "matmulnbits")

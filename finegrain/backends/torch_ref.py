@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-import finegrain.formats.ops  # noqa: F401  (registers the finegrain:: custom ops)
+import finegrain.compiler.ops  # noqa: F401  (registers the finegrain:: custom ops)
+import finegrain.formats.ops  # noqa: F401
 from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import InputError
 from finegrain.io.signature import check_inputs

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch.fx import GraphModule, Node
 
-from finegrain.formats.ops import GROUPED_LINEAR
+from finegrain.compiler.ops import GROUPED_LINEAR
 
 aten = torch.ops.aten
 

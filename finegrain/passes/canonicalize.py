@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
-from finegrain.formats.ops import GROUPED_LINEAR
+from finegrain.compiler.ops import GROUPED_LINEAR
 
 _GROUPED_MM = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
 _TRANSPOSE = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default}

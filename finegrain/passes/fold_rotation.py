@@ -46,7 +46,7 @@ from finegrain.compiler.regions import (Stream, describe, find_norms, find_strea
                                         module_name, new_constant, own_constant, readers, set_linear_bias,
                                         set_linear_weight, tied_embedding, tied_norm)
 from finegrain.formats.hadamard import hadamard_matrix, hadamard_parts, random_orthogonal_hadamard
-from finegrain.formats.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD
 
 aten = torch.ops.aten
 

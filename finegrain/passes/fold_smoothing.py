@@ -29,6 +29,9 @@ pass needs statistics); ``ctx.report["folds"]`` has one entry per site with the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from torch.fx import GraphModule, Node
@@ -163,88 +166,118 @@ def _candidates(method: str, search: bool, alpha: float, st, w_absmax):
     return [("none", ones, None)] + [(f"shift, t={t:.4g}", torch.clamp(r / t, min=1.0), z) for t in ts]
 
 
+@dataclass
+class _Site:
+    """One smoothing site: the linears reading one activation, what produces it, its statistics."""
+
+    name: str
+    ops: list
+    linears: list[Node]
+    prod: Any  # _classify's result: the producer the scales / shift are absorbed into
+    stats: Any
+
+
+def _find_sites(gm: GraphModule, ctx: PassContext, log: list) -> list[_Site]:
+    """Sites whose consumers the recipe activation-quantizes; refusals go to ``log``."""
+    recipe = ctx.recipe
+    norm_by_out = {}
+    for nm in find_norms(gm):
+        norm_by_out[producer(nm.output)] = nm
+        norm_by_out[nm.output] = nm
+    by_producer: dict[Node, list] = {}
+    for op in quantizable_ops(gm):
+        if op.kind == "linear" and op.weight is not None:
+            by_producer.setdefault(producer(op.activation), []).append(op)
+    sites = []
+    for p, ops in by_producer.items():
+        wanted = [op for op in ops if recipe.formats_for(op.role, op.name)[1] is not None]
+        if not wanted or all(op.node.meta.get(SMOOTHED) for op in ops):
+            continue
+        name = ", ".join(op.name for op in ops)
+
+        def refuse(detail: str) -> None:
+            log.append({"pass": "fold_smoothing", "site": name, "action": "refused", "detail": detail})
+
+        r = readers(p)
+        if r.others:
+            refuse(f"the activation is also read by {describe(r.others[0])}")
+            continue
+        prod = _classify(gm, p, norm_by_out)
+        if isinstance(prod, str):
+            refuse(prod)
+            continue
+        key = next((op.activation.name for op in ops if op.activation.name in ctx.stats), None)
+        if key is None:
+            refuse("no calibration statistics for its input")
+            continue
+        if ctx.stats[key].rows.shape[0] == 0:
+            refuse("the stats store kept no calibration rows for its input")
+            continue
+        sites.append(_Site(name, ops, r.linears, prod, ctx.stats[key]))
+    return sites
+
+
+def _choose(gm: GraphModule, site: _Site, recipe) -> tuple[float, float, str, torch.Tensor, torch.Tensor | None]:
+    """``(base error, best error, label, scales, shift)``: the candidate minimizing the site's
+    quantized output error on the calibration rows (``none`` when nothing beats no smoothing)."""
+    by_node = {op.node: op for op in site.ops}
+    x = site.stats.rows.float()
+    consumers = []
+    for lin in site.linears:
+        qop = by_node.get(lin)
+        wf, af = recipe.formats_for(qop.role, qop.name) if qop else (None, None)
+        w = linear_weight(gm, lin).float()
+        consumers.append((w, wf, af, x @ w.T, None))
+    w_absmax = torch.stack([linear_weight(gm, lin).float().abs().amax(0) for lin in site.linears]).amax(0)
+    cands = _candidates(recipe.smoothing, recipe.smoothing_search, recipe.smoothing_alpha, site.stats, w_absmax)
+    if not site.prod.shift:
+        cands = [(label, s, None) for label, s, _ in cands]
+    best = base = None
+    for label, s, z in cands:
+        cons = [(w, wf, af, ref, (z @ w.T) if z is not None else None) for w, wf, af, ref, _ in consumers]
+        err = _site_error(x, cons, s, z)
+        if label == "none" and z is None:
+            base = err
+        if best is None or err < best[0]:
+            best = (err, label, s, z)
+    err, label, s, z = best
+    if base is None:
+        base = _site_error(x, [(w, wf, af, ref, None) for w, wf, af, ref, _ in consumers], torch.ones_like(s), None)
+    return base, err, label, s, z
+
+
+def _apply(gm: GraphModule, site: _Site, s: torch.Tensor, z: torch.Tensor | None) -> float:
+    """Fold ``(X - z) / s`` into the readers and the inverse into the producer; max|x| after."""
+    s64 = s.double()
+    z64 = z.double() if z is not None else None
+    fold_into_readers(gm, site.linears, s64, z64)  # readers now take X' = (X - z) / s
+    for lin in site.linears:
+        lin.meta[SMOOTHED] = True
+    _absorb(gm, site.prod, s64, z64)
+    st, shift = site.stats, (z if z is not None else 0)
+    return float((torch.maximum((st.max - shift).abs(), (st.min - shift).abs()) / s).max())
+
+
 def fold_smoothing(gm: GraphModule, ctx: PassContext) -> GraphModule:
     recipe = ctx.recipe
     if recipe.smoothing is None:
         return gm
     log = ctx.report.setdefault("folds", [])
-    norm_by_out = {}
-    for nm in find_norms(gm):
-        norm_by_out[producer(nm.output)] = nm
-        norm_by_out[nm.output] = nm
-    sites: dict[Node, list] = {}
-    for op in quantizable_ops(gm):
-        if op.kind == "linear" and op.weight is not None:
-            sites.setdefault(producer(op.activation), []).append(op)
     changed = False
-    for p, ops in sites.items():
-        wanted = [op for op in ops if recipe.formats_for(op.role, op.name)[1] is not None]
-        if not wanted or all(op.node.meta.get(SMOOTHED) for op in ops):
-            continue
-        site = ", ".join(op.name for op in ops)
-        r = readers(p)
-        if r.others:
-            log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
-                        "detail": f"the activation is also read by {describe(r.others[0])}"})
-            continue
-        prod = _classify(gm, p, norm_by_out)
-        if isinstance(prod, str):
-            log.append({"pass": "fold_smoothing", "site": site, "action": "refused", "detail": prod})
-            continue
-        key = next((op.activation.name for op in ops if op.activation.name in ctx.stats), None)
-        if key is None:
-            log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
-                        "detail": "no calibration statistics for its input"})
-            continue
-        by_node = {op.node: op for op in ops}
-        st = ctx.stats[key]
-        if st.rows.shape[0] == 0:
-            log.append({"pass": "fold_smoothing", "site": site, "action": "refused",
-                        "detail": "the stats store kept no calibration rows for its input"})
-            continue
-        lins = r.linears
-        consumers = []
-        x = st.rows.float()
-        for lin in lins:
-            qop = by_node.get(lin)
-            wf, af = recipe.formats_for(qop.role, qop.name) if qop else (None, None)
-            w = linear_weight(gm, lin).float()
-            consumers.append((w, wf, af, x @ w.T, None))
-        w_absmax = torch.stack([linear_weight(gm, lin).float().abs().amax(0) for lin in lins]).amax(0)
-        cands = _candidates(recipe.smoothing, recipe.smoothing_search, recipe.smoothing_alpha, st, w_absmax)
-        if not prod.shift:
-            cands = [(label, s, None) for label, s, _ in cands]
-        best = None
-        base = None
-        for label, s, z in cands:
-            cons = [(w, wf, af, ref, (z @ w.T) if z is not None else None) for w, wf, af, ref, _ in consumers]
-            err = _site_error(x, cons, s, z)
-            if label == "none" and z is None:
-                base = err
-            if best is None or err < best[0]:
-                best = (err, label, s, z)
-        err, label, s, z = best
-        if base is None:
-            base = _site_error(x, [(w, wf, af, ref, None) for w, wf, af, ref, _ in consumers], torch.ones_like(s), None)
+    for site in _find_sites(gm, ctx, log):
+        base, err, label, s, z = _choose(gm, site, recipe)
         if label == "none" and z is None:
-            for op in ops:
+            for op in site.ops:
                 op.node.meta[SMOOTHED] = True
-            log.append({"pass": "fold_smoothing", "site": site, "action": "kept",
+            log.append({"pass": "fold_smoothing", "site": site.name, "action": "kept",
                         "detail": f"no candidate lowered the output error ({base:.3e})"})
             continue
-        s64 = s.double()
-        z64 = z.double() if z is not None else None
-        fold_into_readers(gm, lins, s64, z64)  # readers now take X' = (X - z) / s
-        for lin in lins:
-            lin.meta[SMOOTHED] = True
-        _absorb(gm, prod, s64, z64)
+        xmax_after = _apply(gm, site, s, z)
         changed = True
-        xmax = float(st.absmax.max())
-        xmax_after = float(((torch.maximum((st.max - (z if z is not None else 0)).abs(),
-                                            (st.min - (z if z is not None else 0)).abs())) / s).max())
-        log.append({"pass": "fold_smoothing", "site": site, "action": "folded",
-                    "detail": f"{recipe.smoothing} ({label}) into {prod.kind} {module_name(prod.node)}: rel. output error "
-                              f"{base:.3e} -> {err:.3e}, max|x| {xmax:.3g} -> {xmax_after:.3g}",
+        log.append({"pass": "fold_smoothing", "site": site.name, "action": "folded",
+                    "detail": f"{recipe.smoothing} ({label}) into {site.prod.kind} {module_name(site.prod.node)}: rel. "
+                              f"output error {base:.3e} -> {err:.3e}, max|x| {float(site.stats.absmax.max()):.3g} -> "
+                              f"{xmax_after:.3g}",
                     "error_before": base, "error_after": err})
     if changed:
         ctx.stats = StatsStore(seed=ctx.stats.seed, rows=0)

@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 from finegrain.compiler.ir import get_tensor, set_tensor
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat
-from finegrain.formats.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD
 
 
 def output_error(dw: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -80,7 +80,8 @@ def _resolve_target(name: Any, where: str) -> Any:
     if not (_IDENT.match(op) and _IDENT.match(overload)) or op in _FILE_OPS:
         raise ArtifactError(f"{where}: disallowed operator {name[:MAX_NAME]!r}")
     if ns == "finegrain":
-        import finegrain.formats.ops  # noqa: F401  (registers the finegrain:: operators)
+        import finegrain.compiler.ops  # noqa: F401  (registers the finegrain:: operators)
+        import finegrain.formats.ops  # noqa: F401
     try:
         packet = getattr(getattr(torch.ops, ns), op)
     except (AttributeError, RuntimeError):

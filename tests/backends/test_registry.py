@@ -186,3 +186,17 @@ def test_a_new_backend_is_one_table_line(toy, compiled, tmp_path, capsys):
 def test_unknown_backend(compiled):
     with pytest.raises(FinegrainError, match="backend 'nope' is not available"):
         compiled("w8a8").session("nope")
+
+
+def test_readme_matrix_is_the_registry_table(capsys):
+    """The README's capability matrix is `finegrain backends --markdown`, verbatim."""
+    from pathlib import Path
+
+    from finegrain.cli import main
+
+    assert main(["backends", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    generated = out[out.index("| recipe"):].strip()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- capability-matrix:begin -->")[1].split("<!-- capability-matrix:end -->")[0].strip()
+    assert block == generated

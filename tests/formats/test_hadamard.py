@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from finegrain.formats.hadamard import (apply_hadamard, fwht, hadamard_factor, hadamard_matrix, hadamard_parts,
                                         small_hadamard)
-from finegrain.formats.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD
 
 
 @pytest.mark.parametrize("m", [12, 20, 24, 28, 36, 44, 60, 76, 84, 108])

@@ -12,7 +12,7 @@ from finegrain.driver.pipeline import PassContext, run_passes
 from finegrain.compiler.recipe import PRESETS, Recipe
 from finegrain.compiler.regions import find_norms, find_streams
 from finegrain.formats.hadamard import random_orthogonal_hadamard
-from finegrain.formats.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD
 from finegrain.passes.calibrate import calibrate
 from finegrain.passes.canonicalize import canonicalize
 from finegrain.passes.fold_norms import fold_norms

@@ -10,7 +10,7 @@ import finegrain
 from finegrain.compiler.capture import capture
 from finegrain.compiler.ir import expert_key, quantizable_ops
 from finegrain.formats import QuantFormat
-from finegrain.formats.ops import GROUPED_LINEAR
+from finegrain.compiler.ops import GROUPED_LINEAR
 from finegrain.models.tiny import tiny_mixtral, tiny_qwen_moe
 from finegrain.passes.canonicalize import canonicalize
 from finegrain.passes.sensitivity import output_error

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
+from finegrain.compiler.ir import get_tensor
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
 from finegrain.backends.tvm.kernels import a8
@@ -72,7 +73,8 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
     ``x @ H`` with the dense orthonormal matrix (computed by the reference transform on the
     identity; one parameter per size)."""
     from finegrain.formats.hadamard import apply_hadamard
-    from finegrain.formats.ops import DEQUANTIZE, HADAMARD, QUANTIZE
+    from finegrain.compiler.ops import HADAMARD
+    from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
 
     import operator
 
@@ -104,7 +106,7 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
             size = meta.shape[-1] if meta is not None else None
             if size is None:
                 raise TvmError(f"node {n.name}: the online Hadamard's input size is unknown (no shape metadata)")
-            factor = _attr(gm, fac.target)
+            factor = get_tensor(gm, fac.target)
             key = (int(size), fac.target)
             if key not in mats:
                 h = apply_hadamard(torch.eye(int(size), dtype=torch.float64), factor.double()).float()
@@ -118,13 +120,6 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
 
 def _layer(packed_node) -> str:
     return str(packed_node.target).removesuffix("_qpacked")
-
-
-def _attr(gm: GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _int8_input(users) -> str | None:
@@ -161,7 +156,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
     layer, the kernel it gets. ``int8``: linears whose weights have at most 4 bits and whose
     input is quantized to symmetric integers get the integer-dot kernel (``kernels/a8.py``; needs
     AVX2) instead of the fp32 one. ``gm`` itself is not modified (its nodes may get shape metadata)."""
-    from finegrain.formats.ops import HADAMARD
+    from finegrain.compiler.ops import HADAMARD
 
     if input_specs and any(n.target is HADAMARD and not ({"val", "tensor_meta"} & set(n.args[0].meta))
                            for n in gm.graph.nodes):
@@ -204,9 +199,9 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         if container_bits(fmt) is None or codebook is not None:
             raise TvmError(f"{layer}: weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / "
                            "tensor and FP4 E2M1 per group do)")
-        q = unpack_weight(_attr(gm, packed_node.target), _attr(gm, scale_node.target),
-                          _attr(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
-                          _attr(gm, scale2.target) if scale2 is not None else None)
+        q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target),
+                          get_tensor(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
+                          get_tensor(gm, scale2.target) if scale2 is not None else None)
         act = _int8_input(users) if int8 and a8.weight_ok(fmt) else None
         if act is not None:
             try:
@@ -248,7 +243,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
     graph.eliminate_dead_code()
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in names.values():
-            t = _attr(gm, n.target)
+            t = get_tensor(gm, n.target)
             key = names.get(n.target) or param(n.target, t)
             n.target = key
     out = GraphModule(root, graph)
