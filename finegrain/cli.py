@@ -347,7 +347,20 @@ def cmd_inspect(args) -> None:
     from finegrain.errors import ArtifactError
     from finegrain.runtime.artifact import read_manifest, verify_files
 
+    from finegrain.backends import registry
+    from finegrain.io.files import read_json_file
+
     path = Path(args.artifact)
+    backend = registry.recognize(path)
+    if backend is not None:  # another backend's own artifact: its manifest only (no native code is loaded)
+        m = read_json_file(path / "manifest.json")
+        verify_files(path, m.get("files"))
+        try:
+            _inspect_deployment(path, m, backend.name)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{path / 'manifest.json'}: a report field is malformed ({type(e).__name__}: "
+                                f"{str(e)[:100]})") from None
+        return
     m = read_manifest(path)
     verify_files(path, m["files"])
     try:
@@ -355,6 +368,16 @@ def cmd_inspect(args) -> None:
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise ArtifactError(f"{path / 'manifest.json'}: a report field is malformed ({type(e).__name__}: "
                             f"{str(e)[:100]})") from None
+
+
+def _inspect_deployment(path: Path, m: dict, backend: str) -> None:
+    rows = [[layer, k["format"], k["kind"], "x".join(map(str, k["shape"])), k["group_size"]]
+            for layer, k in sorted((m.get("kernels") or {}).items())]
+    _table(f"{path}: {backend} deployment of recipe {(m.get('recipe') or {}).get('name')}, source "
+           f"{(m.get('source') or {}).get('model')}", ["layer", "format", "kernel", "shape", "kernel group"], rows)
+    _say(f"target {json.dumps(m.get('target'))}; functions {', '.join(m.get('functions') or {})}; files "
+         f"{sum(r['bytes'] for r in m['files'].values()) / 1e6:.1f} MB (checksums OK); native code: load it only "
+         "with --allow-native / allow_native=True")
 
 
 def _inspect_report(path: Path, m: dict) -> None:

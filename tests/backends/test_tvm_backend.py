@@ -73,6 +73,17 @@ def test_deployment_files_and_manifest(deployed):
     assert other + fp_bytes / 8 < size < other + fp_bytes / 4
 
 
+def test_inspect_a_deployment_reads_its_manifest_only(deployed, capsys):
+    from finegrain.cli import main
+
+    _, out, _ = deployed
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tvm deployment of recipe w4a16-g128" in text and "model.layers.0.mlp.down_proj.weight" in text
+    assert "--allow-native" in text
+
+
 def test_standalone_runtime_script(deployed):
     cm, out, _ = deployed
     ids = [5, 17, 3, 99, 42]
