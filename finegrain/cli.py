@@ -598,7 +598,11 @@ def _terminate(signum, frame):
 
 
 def install_signal_handlers() -> None:
+    """SIGTERM -> SystemExit and SIGINT -> KeyboardInterrupt (even when the process was started
+    with SIGINT ignored, as a shell does for background jobs): both unwind through the atomic
+    writers, which remove their temporary directories."""
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ from finegrain.configs import check_fields
 
 Granularity = Literal["tensor", "channel", "token", "group"]
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "token", "group")
+MAX_GROUP = 1 << 16  # the largest group size a format may name (sane limit for formats read from files)
 
 
 class QTensor(NamedTuple):
@@ -112,8 +113,10 @@ class QuantFormat:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"QuantFormat.granularity={self.granularity!r}: must be one of {GRANULARITIES}")
         if self.granularity == "group":
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"QuantFormat.group_size={self.group_size!r}: 'group' granularity needs a positive int")
+            if (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                    or not 1 <= self.group_size <= MAX_GROUP):
+                raise ValueError(f"QuantFormat.group_size={self.group_size!r}: 'group' granularity needs an integer in "
+                                 f"[1, {MAX_GROUP}]")
         elif self.group_size is not None:
             raise ValueError(f"QuantFormat.group_size={self.group_size!r}: only valid with granularity='group'")
         if self.dynamic and self.granularity == "channel":

@@ -108,3 +108,11 @@ def test_malformed_report_fields(tamper):
         m["quantized"] = {"w": {"bits": "many", "shape": [2]}}
     with pytest.raises(ArtifactError, match="quantized"):
         finegrain.load(tamper(manifest=manifest))
+
+
+@pytest.mark.parametrize("weight", [{"bits": 4, "granularity": "group", "group_size": True},
+                                    {"bits": 4, "granularity": "group", "group_size": 10 ** 12},
+                                    "int4-g99999999999999-asym-fp16"])
+def test_format_group_sizes_checked(weight):
+    with pytest.raises(RecipeError, match="group_size"):
+        Recipe.from_dict({"rules": [{"role": "linear", "weight": weight}]})
