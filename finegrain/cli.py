@@ -1,4 +1,5 @@
-"""finegrain command line: demo | quantize | pareto | eval | export | build | inspect | backends | presets.
+"""finegrain command line: demo | quantize | pareto | eval | generate | export | build | inspect | backends |
+presets.
 
 Strings read from files (layer names, recipe names, error messages quoting them) are printed with
 control characters escaped and without rich markup, so an artifact cannot drive the terminal.
@@ -19,12 +20,13 @@ from finegrain.errors import FinegrainError, InputError
 DEMO_OUT = "out/demo"
 
 
-def safe_text(x: object) -> str:
-    """``x`` as text with control and format characters (ANSI escapes, bidi overrides) escaped."""
+def safe_text(x: object, keep: str = " ") -> str:
+    """``x`` as text with control and format characters (ANSI escapes, bidi overrides) escaped;
+    ``keep``: whitespace characters left as they are."""
     s = str(x)
-    if all(c.isprintable() or c == " " for c in s):
+    if all(c.isprintable() or c in keep for c in s):
         return s
-    return "".join(c if c.isprintable() or c == " " else
+    return "".join(c if c.isprintable() or c in keep else
                    (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in s)
 
 
@@ -409,6 +411,56 @@ def _inspect_report(path: Path, m: dict) -> None:
          f"{len(m['tensors'])} stored tensors; artifact files {stored / 1e6:.1f} MB (checksums OK)")
 
 
+def cmd_generate(args) -> None:
+    import finegrain
+    import torch
+
+    cm = finegrain.load(args.artifact, allow_native=args.allow_native)
+    tok = cm.tokenizer
+    if tok is None:
+        raise FinegrainError(f"{args.artifact} has no tokenizer: generate needs one to read the prompt")
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise FinegrainError(f"{args.artifact}: the tokenizer has no chat template (drop --chat)")
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    eos = [t for t in {tok.eos_token_id, *([tok.convert_tokens_to_ids("<|im_end|>")] if args.chat else [])}
+           if isinstance(t, int) and t >= 0 and t != tok.unk_token_id]
+    new: list[int] = []
+    shown = [""]
+
+    def stream(t: int) -> None:
+        new.append(t)
+        text = tok.decode(new, skip_special_tokens=True)
+        sys.stdout.write(safe_text(text[len(shown[0]):], keep=" \n\t"))
+        sys.stdout.flush()
+        shown[0] = text
+
+    if cm.backend != "torch" and args.backend not in ("torch", cm.backend):
+        raise FinegrainError(f"{args.artifact} is a {cm.backend} deployment: it generates on {cm.backend} only")
+    backend = cm.backend if cm.backend != "torch" else args.backend
+    session = cm if cm.backend != "torch" else cm.session(backend, **GENERATE_OPTIONS.get(backend, lambda a: {})(args))
+    try:
+        sample = args.temperature is not None or args.top_k is not None or args.top_p is not None
+        g = session.generate(ids.to(torch.int64), args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p,
+                             eos_token_id=eos or None, seed=args.seed, streamer=stream)
+    finally:
+        if session is not cm:
+            session.close()
+    sys.stdout.write("\n")
+    _say(f"[{backend}] prefill {g.prompt_tokens} tokens in {g.prefill_seconds:.3f} s "
+         f"({g.prefill_tokens_per_second:.1f} tokens/s); decode {len(g.tokens)} tokens in {g.decode_seconds:.3f} s "
+         f"({g.decode_tokens_per_second:.1f} tokens/s, no KV cache yet: each step recomputes the sequence); "
+         f"stopped by {g.stopped}", style="dim")
+
+
+GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}}
+
+
 def cmd_backends(args) -> None:
     from finegrain.backends import registry
 
@@ -580,6 +632,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")
     i.add_argument("artifact")
     i.set_defaults(fn=cmd_inspect)
+
+    gn = sub.add_parser("generate", help="generate text from an artifact, streamed as it comes, with prefill and "
+                                         "decode tokens/s at the end")
+    gn.add_argument("artifact", help="artifact directory (or a TVM deployment, with --allow-native)")
+    gn.add_argument("--prompt", required=True)
+    gn.add_argument("--max-new-tokens", type=NONNEG, default=64)
+    gn.add_argument("--backend", choices=registry.names(), default="torch", help="backend to generate on")
+    gn.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gn.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy "
+                                                                     "unless --top-k / --top-p)")
+    gn.add_argument("--top-k", type=POS, default=None, help="sample from the k most likely tokens")
+    gn.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability mass")
+    gn.add_argument("--seed", type=int, default=None, help="seed of the sampler (repeatable output)")
+    gn.add_argument("--allow-native", action="store_true", help="allow a TVM deployment (native code) as the artifact")
+    gn.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("backends", help="the registered backends and what each takes: presets and formats x "
                                         "backends (native kernel / emulated / refused)")

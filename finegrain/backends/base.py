@@ -148,11 +148,13 @@ class Session:
     """A runnable model on one backend. ``run(*inputs)`` -> logits / outputs. For generative
     models ``prefill(ids) -> (logits, state)`` and ``step(state, ids) -> (logits, state)``; the
     defaults here recompute the whole sequence from the token ids kept in the state (correct, not
-    fast: O(n^2) over a generation) until a backend holds a KV cache. ``close()`` frees what the
-    session holds (temporary directories, native handles); sessions are context managers."""
+    fast: O(n^2) over a generation) until a backend holds a KV cache. ``generate`` drives them.
+    ``close()`` frees what the session holds (temporary directories, native handles); sessions are
+    context managers."""
 
     backend = "?"
     input_specs: list[dict]
+    max_seq_len: int | None = None  # the longest sequence the session takes, when it has a limit
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -167,6 +169,14 @@ class Session:
     def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         seq = torch.cat([state["ids"], ids], dim=1)
         return self.run(seq)[:, -ids.shape[1]:], {"ids": seq}
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **options):
+        """Greedy or sampled generation over ``prefill`` / ``step`` (``backends/generation.py``:
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``, ``seed``,
+        ``streamer``); returns a ``Generation`` (new tokens, prefill / decode seconds)."""
+        from finegrain.backends.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
 
     def close(self) -> None:
         tmp = getattr(self, "_tmp", None)

@@ -48,6 +48,17 @@ class CompiledModel(Artifact):
         Everything the backend cannot take is refused, by name, before any work."""
         return registry.get(backend).session(self, **options)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, backend: str = "torch",
+                 backend_options: dict | None = None, **options):
+        """Generate after ``input_ids`` ([1, n] token ids) on ``backend`` (a session opened and closed
+        for this call; open one yourself with ``session()`` to reuse it): greedy by default, or
+        ``do_sample`` with ``temperature``, ``top_k``, ``top_p``, ``seed``; stops at
+        ``eos_token_id``; ``streamer(token_id)`` sees each token as it comes. Returns a
+        ``Generation`` (``backends/generation.py``). No backend holds a KV cache yet: each step
+        recomputes the sequence."""
+        with self.session(backend, **(backend_options or {})) as s:
+            return s.generate(input_ids, max_new_tokens, **options)
+
     def check(self, backend: str) -> list:
         """What ``backend`` would refuse (``backends/base.py`` Refusal: where, what, why)."""
         return registry.get(backend).check(self)

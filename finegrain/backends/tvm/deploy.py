@@ -172,6 +172,7 @@ class TvmDeployment(Session, Artifact):
         self.input_specs = manifest["inputs"]
         self.quantized = manifest.get("quantized", {})
         self.source = manifest.get("source", {})
+        self.max_seq_len = max(f["seq_len"][1] for f in funcs.values())
         self.recipe_name = (manifest.get("recipe") or {}).get("name")
         dev = tvm.cpu()
         self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIB)), dev)
