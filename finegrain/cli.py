@@ -53,6 +53,20 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     _console().print(t)
 
 
+def _folds_summary(folds: list[dict]) -> None:
+    """Per fold pass: how many sites were folded / kept / refused, and every refusal with its reason
+    (the same records are in the manifest's ``folds``)."""
+    counts: dict[str, dict[str, int]] = {}
+    for f in folds:
+        counts.setdefault(f["pass"], {}).setdefault(f["action"], 0)
+        counts[f["pass"]][f["action"]] += 1
+    for name, c in counts.items():
+        _say(f"{name}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
+    for f in folds:
+        if f["action"] == "refused":
+            _say(f"  refused {f['pass']} at {f['site']}: {f['detail']}", style="yellow")
+
+
 def _warn(warnings: list[str]) -> None:
     for w in warnings:
         _say(f"warning: {w} (--strict makes this an error)", style="yellow")
@@ -148,6 +162,7 @@ def cmd_quantize(args) -> None:
     _say(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
          f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
          if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+    _folds_summary(cm.folds)
     _warn(cm.warnings)
 
 

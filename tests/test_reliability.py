@@ -67,3 +67,21 @@ def test_cli_strict(tmp_path, capsys, monkeypatch):
     assert "matches no layer" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main(["quantize", "--model", str(path), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 0
     assert "warning: rules[0]" in capsys.readouterr().out
+
+
+def test_quantize_prints_a_folds_summary(tmp_path, capsys, monkeypatch):
+    from finegrain import jobs
+    from finegrain.cli import main
+    from finegrain.models.tiny import tiny_llama
+
+    path = tmp_path / "hf"
+    tiny_llama(seed=1).save_pretrained(path, safe_serialization=True)
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"name": "fn", "fold_norms": True,
+                                  "rules": [{"role": "linear", "weight": "int8-channel-sym-fp16"}]}))
+    monkeypatch.setattr(jobs, "_calibration", lambda *a: (None, (torch.randint(0, 256, (1, 16)),), ("input_ids",)))
+    assert main(["quantize", "--model", str(path), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    folds = json.loads((tmp_path / "o" / "manifest.json").read_text())["folds"]
+    n = sum(f["action"] == "folded" for f in folds)
+    assert n > 0 and f"fold_norms: {n} folded" in out
