@@ -35,14 +35,24 @@ class Norm:
     weight: Node | None  # get_attr of the affine weight
     bias: Node | None  # get_attr of the affine bias (LayerNorm)
     internal: set[Node] = field(default_factory=set)  # nodes implementing it, output included
-    affine: Node | None = None  # rms pattern: the `mul(weight, normalized)` node
+    affine: Node | None = None  # rms pattern: the `mul(gain, normalized)` node
     normalized: Node | None = None  # rms pattern: the output before the affine
+    gain: Node | None = None  # rms pattern: the affine's other operand (the weight, or `weight + offset`)
+    weight_offset: float = 0.0  # the gain is `weight + weight_offset` (Gemma: 1 + w)
+    weight_reader: tuple[Node, int] | None = None  # (node, arg index) reading the weight constant
 
     @property
     def affine_input(self) -> Node:
-        """rms pattern: the operand of the affine ``mul`` that is not the weight."""
+        """rms pattern: the operand of the affine ``mul`` that is not the gain."""
         a = self.affine.args
-        return a[1] if a[0] is self.weight else a[0]
+        return a[1] if a[0] is self.gain else a[0]
+
+    def gain_value(self, gm: GraphModule) -> torch.Tensor | None:
+        """The per-channel gain the affine multiplies by (``weight + weight_offset``)."""
+        if self.weight is None:
+            return None
+        w = get_tensor(gm, self.weight.target)
+        return w + self.weight_offset if self.weight_offset else w
 
 
 def _val(n) -> torch.Tensor | None:
@@ -108,16 +118,44 @@ def _rms_pattern(rsqrt: Node) -> Norm | None:
     end, chain = _single_pass_through_chain(normalized)
     internal.update(chain)
     dim = last_dim(x)
-    weight = affine = None
+    weight = affine = gain = reader = None
+    offset = 0.0
     if len(end.users) == 1:
         (u,) = end.users
         if _is_call(u, aten.mul.Tensor) and len(u.args) == 2:
             other = u.args[0] if u.args[1] is end else u.args[1] if u.args[0] is end else None
             if _const_vector(other, dim):
-                weight, affine = other, u
+                weight, affine, gain, reader = other, u, other, (u, u.args.index(other))
                 internal.add(u)
+            else:
+                found = _offset_gain(other, dim)
+                if found is not None:
+                    weight, offset, reader, chain = found
+                    affine, gain = u, other
+                    internal.update({u, *chain})
     out = affine if affine is not None else end
-    return Norm("rms", module_name(normalized), x, out, weight, None, internal, affine, normalized)
+    return Norm("rms", module_name(normalized), x, out, weight, None, internal, affine, normalized, gain, offset,
+                reader)
+
+
+def _offset_gain(n, dim: int | None) -> tuple[Node, float, tuple[Node, int], list[Node]] | None:
+    """``weight + c`` (through casts), as Gemma's RMSNorm scales by ``1 + w``: (the weight's
+    get_attr, c, the node reading the weight and its arg index, the nodes of the expression)."""
+    if not (_is_call(n, aten.add.Tensor, aten.add.Scalar) and len(n.args) == 2 and len(n.users) == 1):
+        return None
+    a, c = n.args
+    if isinstance(a, (int, float)):
+        a, c = c, a
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or n.kwargs.get("alpha", 1) != 1:
+        return None
+    chain, reader = [n], (n, n.args.index(a))
+    while _is_call(a, *PASS_THROUGH) and len(a.users) == 1:
+        chain.append(a)
+        reader = (a, 0)
+        a = a.args[0]
+    if not _const_vector(a, dim) or len(a.users) != 1:
+        return None
+    return a, float(c), reader, chain
 
 
 def find_norms(gm: GraphModule) -> list[Norm]:
@@ -299,6 +337,28 @@ class Stream:
     refusal: str | None = None  # why a rotation cannot be folded exactly
 
 
+def _scalar_constant(a) -> bool:
+    """A Python number, or a one-element constant (a get_attr, through casts)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return True
+    while _is_call(a, *PASS_THROUGH):
+        a = a.args[0]
+    v = _val(a)
+    return isinstance(a, Node) and a.op == "get_attr" and isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+def _scaled_by_constant(n) -> Node | None:
+    """For ``mul(x, c)`` with ``c`` a scalar constant: ``x``; else None."""
+    if not (_is_call(n, aten.mul.Tensor) and len(n.args) == 2):
+        return None
+    a, b = n.args
+    if isinstance(a, Node) and _scalar_constant(b) and not _scalar_constant(a):
+        return a
+    if isinstance(b, Node) and _scalar_constant(a) and not _scalar_constant(b):
+        return b
+    return None
+
+
 def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Stream]:
     norms = find_norms(gm) if norms is None else norms
     norm_of: dict[Node, Norm] = {}
@@ -307,12 +367,14 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
             norm_of[n] = nm
     g = nx.Graph()
     for n in gm.graph.nodes:
-        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor)):
+        scaled = _scaled_by_constant(n)
+        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor) or scaled is not None):
             continue
         d = last_dim(n)
         if d is None or d == 1:
             continue
-        for a in n.args[:2] if n.target is aten.add.Tensor else n.args[:1]:
+        operands = n.args[:2] if n.target is aten.add.Tensor else [scaled] if scaled is not None else n.args[:1]
+        for a in operands:
             if isinstance(a, Node) and a.op != "get_attr" and last_dim(a) == d:
                 g.add_edge(a, n)
     streams = []
@@ -337,6 +399,8 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
                     break
                 continue
             if _is_call(n, *PASS_THROUGH) and n.args[0] in comp:
+                continue
+            if _scaled_by_constant(n) in comp:  # x * c commutes with a rotation (Gemma's embedding scale)
                 continue
             st.refusal = f"stream tensor produced by {describe(n)}"
             break

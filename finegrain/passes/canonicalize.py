@@ -46,6 +46,24 @@ def _grouped_mm(gm: GraphModule, node) -> None:
     gm.graph.erase_node(node)
 
 
+def _type_as(gm: GraphModule, node) -> None:
+    """``type_as(a, b)`` (a cast back to the input's dtype, as norms computing in fp32 end) reads
+    ``b`` only for its dtype: it becomes ``to(a, dtype)``, a pass-through cast, or nothing when
+    the dtypes already agree, so ``b`` (often a residual stream) gains no reader."""
+    a, b = node.args[0], node.args[1]
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if vb is None:
+        return
+    if va is not None and va.dtype == vb.dtype:
+        node.replace_all_uses_with(a)
+    else:
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.aten.to.dtype, (a, vb.dtype))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:
@@ -56,6 +74,8 @@ def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
               and len(node.args) > 2 and node.args[2] is False):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.type_as.default:
+            _type_as(gm, node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

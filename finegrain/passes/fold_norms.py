@@ -48,15 +48,16 @@ def fold_norms(gm: GraphModule, ctx: PassContext) -> GraphModule:
             log.append({"pass": "fold_norms", "site": norm.name, "action": "refused",
                         "detail": f"{norm.kind} norm: {why}; folding its affine would not be exact"})
             continue
-        g = get_tensor(gm, norm.weight.target) if norm.weight is not None else None
+        g = norm.gain_value(gm)
         beta = get_tensor(gm, norm.bias.target) if norm.bias is not None else None
         fold_into_readers(gm, r.linears, g, beta)
         _strip_affine(gm, norm)
         changed = True
         log.append({"pass": "fold_norms", "site": norm.name, "action": "folded",
-                    "detail": f"{norm.kind} norm affine into {len(r.linears)} linear(s): "
+                    "detail": f"{norm.kind} norm affine{f' (1 + w)' if norm.weight_offset == 1 else ''} into {len(r.linears)} linear(s): "
                               + ", ".join(module_name(lin) for lin in r.linears)})
     if changed:
+        gm.graph.eliminate_dead_code()  # a `weight + offset` gain (Gemma) is left unread
         drop_unused_constants(gm)
         gm.recompile()
     return gm

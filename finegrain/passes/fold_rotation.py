@@ -150,6 +150,11 @@ def fold_rotation(gm: GraphModule, ctx: PassContext) -> GraphModule:
     log = ctx.report.setdefault("folds", [])
     norms = find_norms(gm)
     streams = find_streams(gm, norms) if recipe.rotation_mode == "residual" else []
+    if recipe.rotation_mode == "residual" and not streams:  # never a silent fallback
+        log.append({"pass": "fold_rotation", "site": "residual streams", "action": "refused",
+                    "detail": "no residual stream starting at an embedding was found, so none is rotated"
+                              + ("; activation-quantized linears get an online Hadamard instead"
+                                 if recipe.online_hadamard else "")})
     for i, st in enumerate(streams):
         site = f"residual stream {i} (dim {st.dim}, from {', '.join(module_name(s) for s in st.sources)})"
         if any(s.meta.get(ROTATED) for s in st.sources):

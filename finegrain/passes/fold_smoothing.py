@@ -94,9 +94,11 @@ def _absorb(gm: GraphModule, prod: _Producer, s: torch.Tensor, z: torch.Tensor |
         return
     norm = prod.norm
     if norm.affine is not None:  # rms pattern with weight: scale it, add the shift as a node
-        c = own_constant(gm, norm.affine, 0 if norm.affine.args[0] is norm.weight else 1, "weight")
-        g = get_tensor(gm, c.target)
-        set_tensor(gm, c.target, (g.double() * inv).to(g.dtype))
+        user, idx = norm.weight_reader
+        c = own_constant(gm, user, idx, "weight")
+        g = get_tensor(gm, c.target)  # gain = g + offset -> (g + offset) / s = (g + offset) / s - offset + offset
+        off = norm.weight_offset
+        set_tensor(gm, c.target, ((g.double() + off) * inv - off).to(g.dtype))
         if z is not None:
             _insert_after(gm, prod.node, aten.add.Tensor, f"{norm.name}.smooth_shift", -z * inv)
         return
