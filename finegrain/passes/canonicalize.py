@@ -6,7 +6,9 @@ inference-mode dropouts (``aten.dropout(x, p, train=False)`` is the identity, an
 dataflow such as a residual add from the graph analyses), rewrites mixture-of-experts grouped
 matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fallback``,
 ``aten._grouped_mm``) into ``finegrain::grouped_linear`` on the constant itself (so expert
-weights are quantizable ops with a linear's layout), then removes dead code.
+weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
+constant (GPT-2's Conv1D) into a linear on ``W^T``, turns ``type_as`` casts into ``to`` (or
+nothing when the dtypes agree), then removes dead code.
 Requires: a captured graph. Ensures: no assertion nodes; same function.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
+from finegrain.compiler.ir import get_tensor, set_tensor
 from finegrain.compiler.ops import GROUPED_LINEAR
 
 _GROUPED_MM = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
@@ -64,6 +67,27 @@ def _type_as(gm: GraphModule, node) -> None:
     gm.graph.erase_node(node)
 
 
+def _addmm(gm: GraphModule, node) -> None:
+    """``addmm(bias, x, W)`` with a constant ``W [K, N]`` read by nothing else (GPT-2's Conv1D) is
+    a linear with the transposed weight: store ``W^T`` under the same name and make it
+    ``linear(x, W^T, bias)``, so it is found, quantized and folded like every linear."""
+    bias, x, w = node.args[:3]
+    if (len(node.args) > 3 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1
+            or not (w.op == "get_attr" and len(w.users) == 1)
+            or not (bias is None or (bias.op == "get_attr" and len(bias.users) == 1))):
+        return
+    t = get_tensor(gm, w.target)
+    if t.dim() != 2:
+        return
+    set_tensor(gm, w.target, t.T.contiguous())
+    w.meta["val"] = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device="meta")
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:
@@ -76,6 +100,8 @@ def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is torch.ops.aten.type_as.default:
             _type_as(gm, node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
+            _addmm(gm, node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
