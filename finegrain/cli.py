@@ -47,7 +47,7 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
 
     t = Table(title=Text(safe_text(title)))
     for c in columns:
-        t.add_column(Text(safe_text(c)), justify="left" if c in ("recipe", "layer", "format", "model") else "right")
+        t.add_column(Text(safe_text(c)), justify="left" if c in ("recipe", "layer", "format", "model", "answer") else "right")
     for r in rows:
         t.add_row(*[Text(safe_text(x)) for x in r])
     _console().print(t)
@@ -122,7 +122,7 @@ PPL_COLUMNS = ["model", "ppl", "Δ vs FP", "bits/weight", "MB", "windows", "eval
 
 def cmd_demo(args) -> None:
     from finegrain.eval.size import fp_bytes
-    from finegrain.jobs import compile_loaded, evaluate_lm
+    from finegrain.jobs import chat_side_by_side, compile_loaded, evaluate_lm
     from finegrain.models import load_model
 
     check_output_dir(args.out, overwrite=True)
@@ -140,7 +140,12 @@ def cmd_demo(args) -> None:
     _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
            _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)), (args.recipe, q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
     path = cm.save(args.out, overwrite=True)
-    _say(f"artifact saved to {path}/ — try: finegrain inspect {path}")
+    rows = chat_side_by_side(lm, cm, args.chat_prompt, args.chat_tokens)
+    if rows:
+        _table(f"{args.chat_prompt!r}: FP vs {args.recipe}, greedy (model size {cm.model_bytes() / fp_bytes(lm.model):.2f}x "
+               "of fp32)", ["model", "answer", "tokens", "tokens/s"],
+               [[r["model"], r["answer"].strip(), r["tokens"], f"{r['tokens_per_s']:.1f}"] for r in rows])
+    _say(f"artifact saved to {path}/ — try: finegrain inspect {path}; finegrain generate {path} --chat --prompt ...")
 
 
 def cmd_quantize(args) -> None:
@@ -566,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=POS, default=2048)
     d.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows to evaluate (0 = all)")
     d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
+    d.add_argument("--chat-prompt", default="What is the capital of France?",
+                   help="a chat prompt both models answer at the end (greedy)")
+    d.add_argument("--chat-tokens", type=NONNEG, default=32, help="tokens to generate for it (0: skip)")
     calib(d)
     d.set_defaults(fn=cmd_demo)
 

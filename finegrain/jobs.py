@@ -92,3 +92,32 @@ def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max
 
 def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256) -> dict[str, Any]:
     return embedding_cosine(encode_fn(fp), encode_fn(q), fp.tokenizer, n)
+
+
+def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_new_tokens: int) -> list[dict]:
+    """The float model (transformers ``generate``, with its KV cache) and the quantized one
+    (``cm.generate`` on the reference backend, no KV cache yet) answering one chat prompt greedily:
+    per model the answer, tokens and tokens/s. Empty when the tokenizer has no chat template."""
+    import time
+
+    tok = loaded.tokenizer
+    if tok is None or not getattr(tok, "chat_template", None) or max_new_tokens <= 0:
+        return []
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    eos = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+           if isinstance(t, int) and t >= 0 and t != tok.unk_token_id]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+                                    pad_token_id=eos[0] if eos else 0)
+    fp_s = time.perf_counter() - t0
+    fp_tokens = out[0, ids.shape[1]:].tolist()
+    g = cm.generate(ids, max_new_tokens, eos_token_id=eos or None)
+    q_s = g.prefill_seconds + g.decode_seconds
+    return [{"model": "fp32 (transformers, KV cache)", "answer": tok.decode(fp_tokens, skip_special_tokens=True),
+             "tokens": len(fp_tokens), "tokens_per_s": len(fp_tokens) / fp_s},
+            {"model": f"{cm.recipe.name} (finegrain, torch backend, no KV cache yet)",
+             "answer": tok.decode(g.tokens, skip_special_tokens=True), "tokens": len(g.tokens),
+             "tokens_per_s": len(g.tokens) / q_s if q_s > 0 else float("nan")}]
+

@@ -55,6 +55,9 @@ def test_demo_command(tmp_path, capsys):
                  "--calibration-seq-len", "128", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fp32" in text and "w4a16-g128" in text and (out / "manifest.json").is_file()
+    # the demo ends with both models answering a chat prompt, with tokens/s and the size ratio
+    assert "What is the capital of France?" in text and "fp32 (transformers, KV cache)" in text
+    assert "tokens/s" in text and "of fp32" in text
 
 
 def test_smollm2_folds_exact_on_real_text(smollm2):
