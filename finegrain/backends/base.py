@@ -95,6 +95,11 @@ class BackendBase:
     def op_capability(self, op: str) -> tuple[str, str]:
         raise NotImplementedError
 
+    def status(self, role: str, thing, partner=None) -> tuple[str, str]:
+        """``capability`` for a format (role ``weight`` / ``activation``), ``op_capability`` for
+        role ``op``."""
+        return self.op_capability(thing) if role == "op" else self.capability(thing, role, partner)
+
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         return []
 
@@ -102,7 +107,7 @@ class BackendBase:
         refusals = [Refusal("install", self.name, why) for why in [self.available()] if why]
         refusals += self.check_inputs(compiled.input_specs)
         for where, role, thing in graph_items(compiled.gm):
-            status, note = self.op_capability(thing) if role == "op" else self.capability(thing, role)
+            status, note = self.status(role, thing)
             if status == "refused":
                 refusals.append(Refusal(where, thing if role == "op" else f"{role} {thing.tag}", note))
         return refusals

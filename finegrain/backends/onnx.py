@@ -56,7 +56,7 @@ import torch
 from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
-from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
+from finegrain.compiler.ops import HADAMARD
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.io.signature import check_inputs, example_inputs, export_dynamic_shapes
 
@@ -402,28 +402,6 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
     return forms
 
 
-def check_exportable(gm) -> None:
-    """Raise :class:`ExportError` naming the first node / weight the export does not cover,
-    before ``torch.onnx.export`` runs (its errors would bury ours)."""
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        if n.target is GROUPED_LINEAR:
-            raise ExportError(f"node {n.name} ({n.args[1]}): mixture-of-experts grouped_linear has no ONNX lowering yet")
-        if n.target is QUANTIZE:
-            try:
-                _act_format(n.args[1])
-            except ExportError as e:
-                raise ExportError(f"node {n.name} (input {n.args[0]}): {e}") from None
-        if n.target is DEQUANTIZE_PACKED:
-            f = QuantFormat.parse(n.args[3])
-            if not _weight_exportable(f):
-                layer = str(n.args[0].target).removesuffix("_qpacked")
-                raise ExportError(f"{layer}: weight format {f.tag} has no ONNX form yet (INT2..8 per group / channel / "
-                                  "tensor and FP8 E4M3 per channel / tensor export; MX/NV FP4/FP6, BitMoD and "
-                                  "codebook formats do not)")
-
-
 def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 0, overwrite: bool = False) -> dict:
     """Export ``cm`` (a CompiledModel) to the ONNX file ``path``; returns a summary: the file(s),
     their bytes, and the ONNX form each quantized weight got."""
@@ -440,7 +418,7 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         raise ExportError(f"{path}: the ONNX file name must end in .onnx")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    check_exportable(cm.gm)
+    BACKEND.require(cm)  # every layer / op the export does not cover, named, before torch.onnx.export runs
     import warnings
 
     with warnings.catch_warnings():
@@ -539,12 +517,9 @@ class OnnxBackend(BackendBase):
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:
-        if options.get("path") is None:
-            self.require(compiled)
-        return OnnxSession(compiled, **options)
+        return OnnxSession(compiled, **options)  # its export checks the model first
 
     def export(self, compiled, out, **options) -> dict:
-        self.require(compiled)
         return export_onnx(compiled, out, **options)
 
 

@@ -41,15 +41,7 @@ def recognize(path: str | Path):
 def capability_matrix(rows: list[tuple[str, str, object]]) -> list[list[str]]:
     """``rows`` of (label, role, format-or-op) -> one status per backend (``native`` /
     ``emulated`` / ``refused``), from each backend's own capability functions."""
-    out = []
-    for label, role, thing in rows:
-        cells = [label]
-        for name in BACKENDS:
-            b = get(name)
-            status, _ = b.op_capability(thing) if role == "op" else b.capability(thing, role)
-            cells.append(status)
-        out.append(cells)
-    return out
+    return [[label, *(get(name).status(role, thing)[0] for name in BACKENDS)] for label, role, thing in rows]
 
 
 def preset_rows() -> list[tuple[str, str, object]]:
@@ -83,8 +75,7 @@ def preset_matrix() -> list[list[str]]:
             b = get(name)
             worst = "native"
             for role, thing, partner in items:
-                s, _ = b.op_capability(thing) if role == "op" else b.capability(thing, role, partner)
-                worst = max(worst, s, key=rank.get)
+                worst = max(worst, b.status(role, thing, partner)[0], key=rank.get)
             cells.append(worst)
         out.append(cells)
     return out

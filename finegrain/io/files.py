@@ -143,10 +143,8 @@ def is_finegrain_dir(path: Path) -> bool:
     """A directory finegrain wrote (an artifact or a deployment): its manifest says so."""
     mf = Path(path) / "manifest.json"
     try:
-        if not mf.is_file() or mf.stat().st_size > MAX_MANIFEST_BYTES:
-            return False
-        m = json.loads(mf.read_bytes())
-    except (OSError, ValueError):
+        m = read_json_file(mf) if mf.is_file() else None
+    except ArtifactError:
         return False
     return isinstance(m, dict) and ("finegrain_artifact" in m or "finegrain_tvm_deploy" in m)
 
