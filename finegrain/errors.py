@@ -19,3 +19,8 @@ class RecipeError(FinegrainError, ValueError):
 
 class ArtifactError(FinegrainError):
     """A missing, corrupted or incompatible artifact."""
+
+
+class ExportError(FinegrainError):
+    """A graph, layer or format that an export target (ONNX, compressed-tensors, GGUF) cannot hold;
+    the message names the layer / tensor and the format."""

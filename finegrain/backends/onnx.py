@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from finegrain.backends.base import BackendBase, Session
-from finegrain.errors import FinegrainError
+from finegrain.errors import ExportError, FinegrainError
 from finegrain.formats import QuantFormat
 from finegrain.compiler.ops import HADAMARD
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
@@ -65,10 +65,6 @@ OPSET = 21
 DOMAIN = "finegrain"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 _EXTERNAL_ABOVE = 2_000_000_000  # bytes of initializers beyond which they go to an external file
-
-
-class ExportError(FinegrainError):
-    """A graph or format that the ONNX export does not cover (names the layer and format)."""
 
 
 # ---- step 1: translation ---------------------------------------------------------------------

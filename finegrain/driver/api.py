@@ -2,6 +2,8 @@
 one materialization per point of the bit-allocation frontier."""
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -107,13 +109,30 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
     return Prepared(gm, ctx, specs, t0, t_capture)
 
 
+def hf_config(model) -> dict | None:
+    """A ``transformers`` model's config as JSON data (with its class in ``architectures``), kept
+    in the manifest so exports to Hugging Face formats (compressed-tensors, GGUF) can name the
+    architecture; None for other models."""
+    config = getattr(model, "config", None)
+    if config is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__) \
+            or not hasattr(config, "to_json_string"):
+        return None
+    d = json.loads(config.to_json_string(use_diff=False))
+    d["architectures"] = [type(model).__name__]
+    return d
+
+
 def _finish(prep: Prepared, model, tokenizer, source) -> CompiledModel:
     gm, ctx, specs, t0, t_capture = prep.gm, prep.ctx, prep.specs, prep.t0, prep.t_capture
     quantized = {name: {k: rec[k] for k in ("weight", "format", "shape", "bits")}
                  for name, rec in ctx.report.get("layers", {}).items()}
     timings = {"capture": round(t_capture, 3), **ctx.report.get("pass_seconds", {})}
     timings["total"] = round(time.perf_counter() - t0, 3)
-    return CompiledModel(gm=gm, recipe=ctx.recipe, input_specs=specs, source=source or {"model": type(model).__name__},
+    source = dict(source or {"model": type(model).__name__})
+    hf = hf_config(model)
+    if hf is not None:
+        source.setdefault("hf_config", hf)
+    return CompiledModel(gm=gm, recipe=ctx.recipe, input_specs=specs, source=source,
                          quantized=quantized, layer_report=ctx.report.get("layers", {}),
                          folds=ctx.report.get("folds", []), allocation=ctx.report.get("allocation", {}),
                          tokenizer=tokenizer, timings=timings, warnings=list(ctx.report.get("warnings", [])))

@@ -70,6 +70,20 @@ class CompiledModel(Artifact):
         return registry.get("onnx").export(self, path, style=style, accuracy_level=accuracy_level,
                                            overwrite=overwrite)
 
+    def export_hf(self, out: str | Path, overwrite: bool = False) -> dict:
+        """Write a Hugging Face model directory in the compressed-tensors schema (vLLM,
+        ``transformers`` + ``compressed-tensors``; ``exports/hf.py``). Raises ExportError naming every
+        layer / tensor the schema cannot hold, with nothing written."""
+        from finegrain.exports.hf import export_hf
+
+        return export_hf(self, out, overwrite=overwrite)
+
+    def export_gguf(self, out: str | Path, overwrite: bool = False) -> dict:
+        """Write a GGUF file for llama.cpp (``exports/gguf.py``); ExportError names what GGUF cannot hold."""
+        from finegrain.exports.gguf import export_gguf
+
+        return export_gguf(self, out, overwrite=overwrite)
+
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
               max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True) -> dict:
         """Compile ahead of time with TVM into the deployment directory ``out`` (a shared library,

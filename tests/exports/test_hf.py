@@ -1,0 +1,206 @@
+"""compressed-tensors export (exports/hf.py), proven by the real client: ``transformers`` with the
+``compressed-tensors`` package loads the directory on CPU and its logits equal finegrain's
+reference; asymmetric checkpoints (which this transformers / compressed-tensors pair cannot load:
+its meta-device path leaves the packed zero point unpacked) are decoded by the library's own
+decompressor instead."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import finegrain
+from finegrain.errors import ExportError
+from finegrain.exports.hf import load_hf_export, pack_int32
+
+ct = pytest.importorskip("compressed_tensors")
+
+
+def _recipe(weight, act=None, **rule):
+    r = {"role": "linear", "weight": weight, **rule}
+    if act:
+        r["activation"] = act
+    return {"name": weight + (f"-{act}" if act else ""), "rules": [r]}
+
+
+@pytest.fixture(scope="module")
+def llama128():
+    """A tiny Llama whose K (128, 192) is a multiple of 64 (compressed-tensors groups must divide K)."""
+    from finegrain.models.tiny import tiny_llama
+
+    gen = torch.Generator().manual_seed(3)
+    model = tiny_llama(seed=0, hidden=128)
+    example = (torch.randint(0, 256, (1, 16), generator=gen),)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(4)]
+    x = torch.randint(0, 256, (1, 21), generator=gen)
+    cache = {}
+
+    def get(recipe):
+        key = recipe if isinstance(recipe, str) else json.dumps(recipe, sort_keys=True)
+        if key not in cache:
+            cache[key] = finegrain.compile(model, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[key]
+
+    return get, x, model
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("recipe", [_recipe("int4-g64-sym-fp16"), _recipe("int3-g64-sym-fp16"),
+                                    _recipe("int2-g32-sym-fp16"), _recipe("int4-channel-sym-fp16"),
+                                    "w8a16", "fp8"], ids=lambda r: r if isinstance(r, str) else r["name"])
+def test_transformers_loads_the_export_and_matches_the_reference(llama128, recipe, tmp_path):
+    get, x, _ = llama128
+    cm = get(recipe)
+    info = cm.export_hf(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert sorted(targets) == sorted(n.removesuffix(".weight") for n in cm.quantized)
+    hf = load_hf_export(tmp_path / "hf")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        ref, got = cm(x), hf(x).logits
+    assert _rel(ref, got) <= 1e-4, (recipe, _rel(ref, got), info["forms"])
+    # the weights really are stored packed: the file is smaller than the float model's
+    assert info["weights_bytes"] < 0.75 * sum(p.numel() * 4 for p in llama128[2].parameters())
+
+
+def test_w8a8_dynamic_activations_follow_the_clients_convention(llama128, tmp_path):
+    """INT8 weights x INT8 dynamic per-token activations (int-quantized): compressed-tensors scales a
+    token by max|x| / 127.5, finegrain by max|x| / 127, so the logits agree to activation rounding."""
+    get, x, model = llama128
+    cm = get("w8a8")
+    cm.export_hf(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "int-quantized"
+    assert next(iter(qc["config_groups"].values()))["input_activations"]["strategy"] == "token"
+    hf = load_hf_export(tmp_path / "hf")
+    with torch.no_grad():
+        ref, got, fp = cm(x), hf(x).logits, model(x).logits
+    # activations are quantized by the client: its output is not the weight-only model's ...
+    w_only = get("w8a16")(x)
+    assert _rel(w_only, got) > 1e-4
+    # ... and it is as close to finegrain's W8A8 as two roundings of the same activations allow
+    assert _rel(ref, got) < 0.25 * _rel(fp.logits if hasattr(fp, "logits") else fp, ref) + 2e-2
+
+
+def test_mixed_formats_are_one_config_group_each(llama128, tmp_path):
+    get, x, _ = llama128
+    recipe = {"name": "mixed", "rules": [{"role": "linear", "weight": "int8-channel-sym-fp16"},
+                                         {"role": "linear", "pattern": r"mlp\.", "weight": "int4-g64-sym-fp16"}]}
+    cm = get(recipe)
+    cm.export_hf(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    bits = {g["weights"]["num_bits"]: sorted(g["targets"]) for g in qc["config_groups"].values()}
+    assert all(".mlp." in t for t in bits[4]) and all(".self_attn." in t for t in bits[8])
+    with torch.no_grad():
+        assert _rel(cm(x), load_hf_export(tmp_path / "hf")(x).logits) <= 1e-4
+
+
+def test_asymmetric_weights_decode_with_the_librarys_decompressor(llama128, tmp_path):
+    """``w4a16-g64`` (asymmetric, zero points packed along the output dim): compressed-tensors'
+    PackedQuantizationCompressor.decompress gives finegrain's dequantized weights exactly, and a
+    Llama with them gives the reference logits."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+
+    from finegrain.formats.ops import dequantize_packed  # noqa: F401  (registers the op)
+    from finegrain.models.tiny import tiny_llama
+
+    get, x, _ = llama128
+    cm = get("w4a16-g64")
+    cm.export_hf(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["symmetric"] is False and qc["format"] == "pack-quantized"
+    scheme = QuantizationScheme(targets=group["targets"], weights=QuantizationArgs(**group["weights"]))
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    model = tiny_llama(seed=5, hidden=128)  # different random weights: every tensor must come from the file
+    state = {}
+    for key in list(sd):
+        if key.endswith(".weight_packed"):
+            mod = key.removesuffix(".weight_packed")
+            local = {k.removeprefix(mod + "."): sd.pop(f"{mod}.{k.removeprefix(mod + '.')}")
+                     for k in [f"{mod}.weight_packed", f"{mod}.weight_scale", f"{mod}.weight_zero_point",
+                               f"{mod}.weight_shape"]}
+            assert local["weight_zero_point"].shape[0] == -(-local["weight_shape"][0].item() * 4 // 32)
+            w = PackedQuantizationCompressor.decompress(local, scheme)["weight"]
+            ref = cm.gm.get_submodule("") and _dequantized(cm, mod + ".weight")
+            assert torch.equal(w.float(), ref), mod
+            state[mod + ".weight"] = w.float()
+    state.update({k: v for k, v in sd.items() if not k.endswith("weight_shape")})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    with torch.no_grad():
+        assert _rel(cm(x), model(x).logits) <= 1e-5
+
+
+def _dequantized(cm, name):
+    from finegrain.exports.graph import read_graph
+
+    lin = read_graph(cm.gm).linears[name]
+    return lin.fmt.dequantize(lin.q, torch.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(1, 5), cols=st.integers(1, 90), seed=st.integers(0, 2**31 - 1))
+def test_packing_is_the_librarys(bits, rows, cols, seed):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    rng = np.random.default_rng(seed)
+    vals = rng.integers(0, 1 << bits, size=(rows, cols))
+    ours = pack_int32(vals.astype(np.uint32), bits)
+    theirs = pack_to_int32(torch.from_numpy(vals - (1 << (bits - 1))).to(torch.int8), bits)
+    assert np.array_equal(ours, theirs.numpy())
+
+
+def test_encoder_without_its_pooler_is_refused_by_name(minilm, tmp_path):
+    """Capture keeps last_hidden_state and drops BertModel's pooler, so its weights are not in the
+    artifact: the export says so instead of writing a checkpoint with a made-up pooler."""
+    from finegrain.jobs import compile_loaded
+
+    cm = compile_loaded(minilm, _recipe("int4-g64-sym-fp16"), samples=8, seq_len=32, progress=False)
+    with pytest.raises(ExportError, match=r"pooler\.dense\.weight: the BertModel checkpoint needs this tensor"):
+        cm.export_hf(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ("w4a16-g128", "K = 192 is not a multiple of the group size 128"),
+    ("w4a8-rot", "online Hadamard"),
+    ("w8a8-os+", "smooth_shift: a tensor in the compiled graph (a fold added it)"),
+    ("nvfp4", "e2m1-g16-sym-e4m3 (e2m1) has no compressed-tensors form"),
+    ("bitmod-w4", "bitmod4"),
+    ("w8a8-static", "static activation format"),
+])
+def test_refusals_name_the_layer_and_write_nothing(llama128, recipe, needle, tmp_path):
+    get, _, _ = llama128
+    with pytest.raises(ExportError) as e:
+        get(recipe).export_hf(tmp_path / "hf")
+    assert needle in str(e.value) and "model.layers." in str(e.value)
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_non_transformers_model_is_refused(tmp_path):
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    cm = finegrain.compile(lin, (torch.randn(2, 64),), recipe="w8a16", progress=False)
+    with pytest.raises(ExportError, match="no Hugging Face config"):
+        cm.export_hf(tmp_path / "hf")
+
+
+def test_the_config_survives_save_and_load(llama128, tmp_path):
+    get, x, _ = llama128
+    cm = get(_recipe("int4-g64-sym-fp16"))
+    cm.save(tmp_path / "art")
+    loaded = finegrain.load(tmp_path / "art")
+    loaded.export_hf(tmp_path / "hf")
+    with torch.no_grad():
+        assert _rel(cm(x), load_hf_export(tmp_path / "hf")(x).logits) <= 1e-4
