@@ -295,11 +295,84 @@ def cmd_eval(args) -> None:
     _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r} for n, r, b, m in results]})
 
 
+def _check_ids(cm, n: int = 64):
+    import torch
+
+    spec = cm.input_specs[0]
+    if len(cm.input_specs) != 1 or spec["dtype"] not in ("int64", "int32"):
+        raise FinegrainError("--check feeds token ids: it covers models with one token-id input")
+    shape = [min(d, n) if i in spec["dynamic_dims"] else d for i, d in enumerate(spec["shape"])]
+    return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
+
+
+def _say_diff(client: str, ids, got, ref) -> None:
+    _say(f"{client} vs the torch reference on {ids.shape[-1]} tokens: max |diff| {float((got - ref).abs().max()):.3g} "
+         f"(max |logit| {float(ref.abs().max()):.3g})")
+
+
 def cmd_export(args) -> None:
     import finegrain
 
-    check_output_file(args.onnx, args.overwrite)
+    target = args.onnx or args.hf or args.gguf
+    if args.hf:
+        check_output_dir(args.hf, args.overwrite)
+    else:
+        check_output_file(target, args.overwrite)
     cm = finegrain.load(args.artifact)
+    if args.hf:
+        _export_hf(cm, args)
+    elif args.gguf:
+        _export_gguf(cm, args)
+    else:
+        _export_onnx(cm, args)
+
+
+def _export_hf(cm, args) -> None:
+    import torch
+
+    info = cm.export_hf(args.hf, overwrite=args.overwrite)
+    forms: dict[str, int] = {}
+    for form in info["forms"].values():
+        forms[form] = forms.get(form, 0) + 1
+    _table(f"{args.hf}: compressed-tensors, {info['bytes'] / 1e6:.1f} MB ({info['groups']} config group(s))",
+           ["compressed-tensors form", "linears"], [[k, v] for k, v in sorted(forms.items())])
+    if args.check:
+        from finegrain.exports.hf import load_hf_export
+
+        ids = _check_ids(cm)
+        with torch.no_grad():
+            got = load_hf_export(args.hf)(ids).logits
+        _say_diff("transformers + compressed-tensors", ids, got, cm(ids))
+
+
+def _export_gguf(cm, args) -> None:
+    tok = None
+    if (cm.source or {}).get("model") == "smollm2-135m":  # the bundled model's own tokenizer fields, verbatim
+        from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
+
+        tok = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
+    info = cm.export_gguf(args.gguf, overwrite=args.overwrite, tokenizer_gguf=tok)
+    _table(f"{args.gguf}: GGUF, {info['bytes'] / 1e6:.1f} MB; tokenizer: {info['tokenizer']}",
+           ["GGML type", "tensors"], [[k, v] for k, v in sorted(info["types"].items())])
+    if info["max_q4_1_min_error"]:
+        _say(f"Q4_1 stores each block's min in fp16: largest weight change {info['max_q4_1_min_error']:.3g}")
+    if args.check:
+        import numpy as np
+        import torch
+
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise FinegrainError("--check runs llama.cpp through llama-cpp-python, which is not installed "
+                                 "(pip install -e '.[llama]': it compiles llama.cpp)") from None
+        ids = _check_ids(cm)
+        llm = Llama(model_path=str(args.gguf), n_ctx=max(64, ids.shape[-1]), logits_all=True, verbose=False)
+        llm.eval(ids[0].tolist())
+        got = torch.tensor(np.array(llm.scores[: ids.shape[-1]]))
+        _say_diff("llama.cpp", ids, got, cm(ids)[0])
+
+
+def _export_onnx(cm, args) -> None:
     info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
     forms: dict[str, int] = {}
     for form in info["weights"].values():
@@ -307,19 +380,11 @@ def cmd_export(args) -> None:
     _table(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}",
            ["ONNX form of the quantized weights", "weights"], [[k, v] for k, v in sorted(forms.items())])
     if args.check:
-        import torch
-
         from finegrain.backends.onnx import OnnxSession
 
-        spec = cm.input_specs[0]
-        if len(cm.input_specs) != 1 or spec["dtype"] not in ("int64", "int32"):
-            raise FinegrainError("--check feeds token ids: it covers models with one token-id input")
-        shape = [min(n, 64) if i in spec["dynamic_dims"] else n for i, n in enumerate(spec["shape"])]
-        ids = torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
-        ref = cm(ids)
+        ids = _check_ids(cm)
         got = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx).run(ids)
-        _say(f"onnxruntime vs the torch reference on {ids.shape[-1]} tokens: max |diff| "
-             f"{float((got - ref).abs().max()):.3g} (max |logit| {float(ref.abs().max()):.3g})")
+        _say_diff("onnxruntime", ids, got, cm(ids))
 
 
 def cmd_build(args) -> None:
@@ -620,17 +685,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "when loaded, so only for deployments you built or trust")
     e.set_defaults(fn=cmd_eval)
 
-    x = sub.add_parser("export", help="write an artifact as an ONNX model (QDQ or MatMulNBits weights)")
+    x = sub.add_parser("export", help="write an artifact for another engine: ONNX (QDQ / MatMulNBits), a Hugging "
+                                      "Face compressed-tensors directory (vLLM, transformers) or a GGUF file (llama.cpp)")
     x.add_argument("artifact", help="artifact directory")
-    x.add_argument("--onnx", required=True, help="output .onnx file")
+    where = x.add_mutually_exclusive_group(required=True)
+    where.add_argument("--onnx", help="output .onnx file")
+    where.add_argument("--hf", help="output directory: Hugging Face model in the compressed-tensors schema")
+    where.add_argument("--gguf", help="output .gguf file for llama.cpp (Q8_0 / Q4_0 / Q4_1 weights)")
     x.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq",
                    help="qdq: DequantizeLinear (opset 21, blocked INT4/INT8, FP8), portable; matmulnbits: "
                         "com.microsoft::MatMulNBits for integer weights (ONNX Runtime)")
     x.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
                    help="MatMulNBits compute: 0 = the activation's type (fp32, exact), 4 = int8 activations "
                         "(faster, adds activation error); also set as ORT's level for fused QDQ")
-    x.add_argument("--check", action="store_true", help="run the ONNX model in onnxruntime and compare with the "
-                                                        "torch reference")
+    x.add_argument("--check", action="store_true", help="run the export in its real client (onnxruntime; transformers "
+                   "+ compressed-tensors; llama.cpp via llama-cpp-python) and compare logits with the torch reference")
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=cmd_export)
 

@@ -38,6 +38,10 @@ def _field(reader, key: str):
     return reader.fields[key].contents()
 
 
+def _optional(reader, key: str):
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
 def load_gguf_llama(path: str | Path) -> torch.nn.Module:
     """Build a ``LlamaForCausalLM`` (fp32, eval mode) from a Llama GGUF file."""
     import gguf
@@ -50,7 +54,8 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
     n_head, n_kv = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
     names = {t.name for t in reader.tensors}
     config = LlamaConfig(
-        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+        vocab_size=(_field(reader, "llama.vocab_size") if "llama.vocab_size" in reader.fields
+                    else len(reader.fields["tokenizer.ggml.tokens"].data)),
         hidden_size=_field(reader, "llama.embedding_length"),
         intermediate_size=_field(reader, "llama.feed_forward_length"),
         num_hidden_layers=_field(reader, "llama.block_count"),
@@ -59,8 +64,8 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         max_position_embeddings=_field(reader, "llama.context_length"),
         rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
         rope_theta=float(_field(reader, "llama.rope.freq_base")),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        bos_token_id=_optional(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_optional(reader, "tokenizer.ggml.eos_token_id"),
         tie_word_embeddings="output.weight" not in names,
     )
     state = {}

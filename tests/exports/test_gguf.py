@@ -1,0 +1,142 @@
+"""GGUF export (exports/gguf.py): the blocks decode (``gguf``'s reference dequantizer, the same
+arithmetic as llama.cpp) to finegrain's weights, the file loads back through finegrain's own GGUF
+importer with the reference logits, and llama.cpp itself (``llama-cpp-python``, optional extra
+``llama``: skipped where it is not installed) runs it within 1% perplexity of the reference."""
+import math
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import finegrain
+from finegrain.errors import ExportError
+from finegrain.exports.graph import read_graph
+from finegrain.models.gguf_llama import _unpermute_qk, load_gguf_llama
+
+Q40 = {"name": "q4_0", "rules": [{"role": "linear", "weight": "int4-g32-sym-fp16"}]}
+
+
+@pytest.fixture(scope="module")
+def llama128():
+    from finegrain.models.tiny import tiny_llama
+
+    gen = torch.Generator().manual_seed(3)
+    model = tiny_llama(seed=0, hidden=128)
+    example = (torch.randint(0, 256, (1, 16), generator=gen),)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(4)]
+    x = torch.randint(0, 256, (1, 48), generator=gen)
+    cache = {}
+
+    def get(recipe):
+        key = recipe if isinstance(recipe, str) else recipe["name"]
+        if key not in cache:
+            cache[key] = finegrain.compile(model, example, recipe=recipe, calibration=calib, progress=False)
+        return cache[key]
+
+    return get, x
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("recipe, kind", [("w8a16", "Q8_0"), (Q40, "Q4_0"), ("w4a16-g128", "Q4_1"),
+                                          ("w4a16-g64", "Q4_1")], ids=["q8_0", "q4_0", "q4_1-g128", "q4_1-g64"])
+def test_blocks_decode_to_finegrains_weights(llama128, recipe, kind, tmp_path):
+    get, x = llama128
+    cm = get(recipe)
+    info = cm.export_gguf(tmp_path / "m.gguf")
+    assert info["types"] == {"F32": 6, kind: 14}, info
+    linears = read_graph(cm.gm).linears
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    heads = {"attn_q.weight": 4, "attn_k.weight": 2}
+    checked = 0
+    for t in reader.tensors:
+        if t.tensor_type.name != kind:
+            continue
+        blk, layer, rest = t.name.split(".", 2)
+        hf = {"attn_q.weight": "self_attn.q_proj", "attn_k.weight": "self_attn.k_proj", "attn_v.weight": "self_attn.v_proj",
+              "attn_output.weight": "self_attn.o_proj", "ffn_gate.weight": "mlp.gate_proj",
+              "ffn_up.weight": "mlp.up_proj", "ffn_down.weight": "mlp.down_proj"}[rest]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if rest in heads:
+            w = _unpermute_qk(w, heads[rest])
+        lin = linears[f"model.layers.{layer}.{hf}.weight"]
+        ref = lin.fmt.dequantize(lin.q, torch.float32)
+        if kind == "Q4_1":  # the block min is fp16: -zero * d rounded
+            assert (torch.from_numpy(w) - ref).abs().max() <= info["max_q4_1_min_error"] + 1e-7
+            assert info["max_q4_1_min_error"] <= 1e-3 * ref.abs().max()
+        else:
+            assert torch.equal(torch.from_numpy(w), ref), t.name
+        checked += 1
+    assert checked == 14
+    # finegrain's own GGUF importer reads it back into a Llama with the reference logits
+    back = load_gguf_llama(tmp_path / "m.gguf")
+    with torch.no_grad():
+        err = _rel(cm(x), back(x).logits)
+    assert err <= (1e-5 if kind != "Q4_1" else 5e-3), err
+
+
+def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    nll = torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="mean")
+    return math.exp(float(nll))
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", Q40, "w4a16-g128"], ids=["q8_0", "q4_0", "q4_1"])
+def test_llama_cpp_runs_the_export(llama128, recipe, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    get, _ = llama128
+    cm = get(recipe)
+    cm.export_gguf(tmp_path / "m.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=128, logits_all=True, verbose=False,
+                          n_threads=2)
+    gen = torch.Generator().manual_seed(7)
+    ours, theirs = [], []
+    for _ in range(2):  # two windows
+        ids = torch.randint(0, 256, (64,), generator=gen)
+        llm.reset()
+        llm.eval(ids.tolist())
+        got = torch.tensor(np.array(llm.scores[:64]))
+        with torch.no_grad():
+            ref = cm(ids[None])[0]
+        assert _rel(ref, got) < 0.02  # llama.cpp quantizes activations to Q8 blocks in its CPU dot products
+        ours.append(_ppl(ref, ids))
+        theirs.append(_ppl(got, ids))
+    assert abs(sum(theirs) / sum(ours) - 1) < 0.01, (ours, theirs)
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ("w3a16-g128", "int3-g128-asym-fp16: GGUF blocks hold INT8 symmetric"),
+    ("fp8", "e4m3-channel-sym-fp32"),
+    ("w4a8-rot", "online Hadamard"),
+    ("w8a8-os+", "smooth_shift: a tensor in the compiled graph (a fold added it)"),
+])
+def test_refusals_name_what_and_write_nothing(llama128, recipe, needle, tmp_path):
+    get, _ = llama128
+    with pytest.raises(ExportError) as e:
+        get(recipe).export_gguf(tmp_path / "m.gguf")
+    assert needle in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_architecture_outside_the_table_is_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=128, n_positions=64)).eval()
+    cm = finegrain.compile(model, (torch.randint(0, 128, (1, 8)),), recipe="w8a16", progress=False)
+    with pytest.raises(ExportError, match="GPT2LMHeadModel.*not one the export writes"):
+        cm.export_gguf(tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_existing_file_is_kept_without_overwrite(llama128, tmp_path):
+    get, _ = llama128
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    with pytest.raises(finegrain.errors.FinegrainError, match="exists"):
+        get("w8a16").export_gguf(out)
+    assert out.read_bytes() == b"mine"
+    get("w8a16").export_gguf(out, overwrite=True)
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
