@@ -1,7 +1,8 @@
 """Loaders for real checkpoints (offline) and small reference models.
 
 ``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``), a local Hugging
-Face model directory (config.json + safetensors) or a float ONNX file (``models/onnx_import.py``;
+Face model directory (config.json + safetensors), a model in the local Hugging Face cache by its
+``org/name`` (offline), a Llama-architecture ``.gguf`` file (dequantized to fp32) or a float ONNX file (``models/onnx_import.py``;
 its tokenizer is read from the file's directory when ``tokenizer.json`` is there) and returns a
 :class:`LoadedModel`.
 """
@@ -46,12 +47,59 @@ def load_model(spec: str | Path) -> LoadedModel:
     path = Path(spec)
     if path.suffix == ".onnx" and path.is_file():
         return _load_onnx_file(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf_file(path)
     if path.is_dir():
         from finegrain.models.hf_dir import load_hf_dir
 
         return load_hf_dir(path)
+    cached = hf_cache_snapshot(spec)
+    if cached is not None:
+        from finegrain.models.hf_dir import load_hf_dir
+
+        loaded = load_hf_dir(cached)
+        loaded.source = {**loaded.source, "hub_id": spec}
+        return loaded
     raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}), a local "
-                     "Hugging Face model directory nor an .onnx file")
+                     "Hugging Face model directory, a model in the local Hugging Face cache (org/name), a Llama "
+                     ".gguf file nor an .onnx file")
+
+
+def hf_cache_snapshot(spec: str) -> Path | None:
+    """The local snapshot of ``org/name`` in the Hugging Face cache (``models--org--name/snapshots/…``,
+    ``HF_HUB_CACHE`` / ``HF_HOME`` honoured), offline: never the network; None when not cached."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", spec) or ".." in spec:
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import os
+
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME")
+                                                else None)
+    try:
+        return Path(snapshot_download(spec, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        return None
+
+
+def _load_gguf_file(path: Path) -> LoadedModel:
+    from finegrain.models.gguf_llama import load_gguf_llama
+
+    try:
+        model = load_gguf_llama(path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as e:  # a GGUF without a tokenizer transformers reads: token ids only
+        tokenizer = None
+        del e
+    return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve()), "format": "gguf"})
 
 
 def _load_onnx_file(path: Path) -> LoadedModel:
