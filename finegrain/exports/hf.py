@@ -11,6 +11,8 @@ tests prove it. What goes where:
   (``weight`` int8) - the W8A8 that vLLM runs on INT8 GEMMs;
 * FP8 E4M3 weights per channel / tensor: ``float-quantized`` (``weight`` float8_e4m3fn), with FP8
   dynamic per-token activations when the graph has them;
+* NVFP4 (E2M1, E4M3 scales per 16, fp32 tensor scale) and MXFP4 (E8M0 scales per 32) weights:
+  ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized`` (two E2M1 codes per byte), weight-only;
 * several formats in one model (mixed bit allocation): one config group per (weight, activation)
   scheme, targets named module by module, top-level format ``mixed-precision``;
 * every other tensor dense under its source name; folds are already in the weights (a folded norm's
@@ -20,7 +22,7 @@ tests prove it. What goes where:
 Refused by name, with nothing written: an online Hadamard or grouped MoE GEMM (no per-module form),
 a tensor a fold added that the architecture has no place for (e.g. an Outlier Suppression+ shift
 bias on a bias-free linear), formats the schema lacks (codebooks, BitMoD, MX INT, DGQ two-level
-scales, NVFP4 / MXFP4 here, static activation scales), groups that do not divide K.
+scales, static activation scales, FP4 activations), groups that do not divide K.
 
 Scales are written in fp32 (finegrain's fp16 scales convert exactly) so the loaded weights equal
 finegrain's dequantized weights bit for bit; dynamic activation quantization follows the loading
@@ -109,12 +111,20 @@ def _weight_args(f: QuantFormat, k: int) -> dict:
             raise ValueError(f"weight format {f.tag}: {f.scale} scales (two-level / exponent scales) are not in the "
                              "compressed-tensors integer schema")
         args = {"num_bits": f.bits, "type": "int", "symmetric": f.symmetric, "dynamic": False}
+    elif f.kind == "e2m1" and f.granularity == "group" and (f.group_size, f.scale) in ((16, "e4m3"), (32, "e8m0")):
+        if k % f.group_size:
+            raise ValueError(f"weight format {f.tag}: K = {k} is not a multiple of the group size {f.group_size}")
+        nv = f.scale == "e4m3"  # NVFP4: E4M3 block scales and an fp32 tensor scale; MXFP4: E8M0 block scales
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": f.group_size,
+                "strategy": "tensor_group" if nv else "group", "dynamic": False,
+                "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8"}
     elif f.kind == "e4m3":
         if f.granularity not in ("channel", "tensor") or f.scale not in FLOAT_SCALES:
             raise ValueError(f"weight format {f.tag}: FP8 weights export per channel or per tensor")
         args = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
     else:
-        raise ValueError(f"weight format {f.tag} ({f.element}) has no compressed-tensors form here (INT1-8, FP8 E4M3)")
+        raise ValueError(f"weight format {f.tag} ({f.element}) has no compressed-tensors form here (INT1-8, FP8 E4M3, "
+                         "NVFP4 e2m1-g16-e4m3, MXFP4 e2m1-g32-e8m0)")
     if f.granularity == "group":
         if k % f.group_size:
             raise ValueError(f"weight format {f.tag}: K = {k} is not a multiple of the group size {f.group_size} "
@@ -134,6 +144,13 @@ def scheme_of(lin: QuantLinear) -> tuple[str, dict]:
     if len(lin.shape) != 2:
         raise ValueError(f"weight of shape {lin.shape}; the export covers 2-D linear weights")
     weights = _weight_args(lin.fmt, lin.shape[1])
+    if lin.fmt.kind == "e2m1":
+        if lin.activation is not None:
+            raise ValueError(f"FP4 weights with {lin.activation.tag} activations: finegrain's FP4 activations take their "
+                             "scales at run time, compressed-tensors' NVFP4 / MXFP4 activations need calibrated global "
+                             "scales (weight-only FP4 exports)")
+        fmt_name = "nvfp4-pack-quantized" if lin.fmt.scale == "e4m3" else "mxfp4-pack-quantized"
+        return fmt_name, {"weights": weights, "input_activations": None}
     acts = _activation_args(lin.activation)
     if lin.fmt.kind == "e4m3":
         if acts is not None and acts["type"] != "float":
@@ -181,6 +198,13 @@ def compressed_tensors_of(lin: QuantLinear, fmt_name: str) -> dict[str, torch.Te
     scale = q.scale.float()
     g = k // f.group_size if f.granularity == "group" else 1
     scale = scale.reshape(n, g) if f.granularity != "tensor" else scale.reshape(1)
+    if fmt_name in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # E2M1 codes: sign bit 3, low nibble first
+        c = q.codes.to(torch.uint8).reshape(n, k)
+        out = {"weight_packed": (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(),
+               "weight_scale": lin.stored_scale.reshape(n, k // f.group_size).contiguous()}
+        if fmt_name == "nvfp4-pack-quantized":  # effective scale = E4M3 scale / global (finegrain: x scale2)
+            out["weight_global_scale"] = (1.0 / q.scale2.float()).reshape(1).contiguous()
+        return out
     out = {"weight_scale": scale.contiguous()}
     if fmt_name == "float-quantized":
         out["weight"] = q.codes.to(torch.uint8).view(torch.float8_e4m3fn).reshape(n, k).contiguous()
@@ -317,9 +341,10 @@ def export_hf(cm, out: str | Path, overwrite: bool = False) -> dict:
             "groups": len(cfg["quantization_config"]["config_groups"])}
 
 
-def load_hf_export(path: str | Path) -> torch.nn.Module:
+def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load an exported directory with the real client: ``transformers`` + ``compressed-tensors``
-    (the ``test`` extra), offline, no remote code; weights decompressed on CPU."""
+    (the ``test`` extra), offline, no remote code; weights decompressed on CPU. compressed-tensors
+    decodes FP4 (NVFP4 / MXFP4) into bfloat16 only: load those with ``dtype=torch.bfloat16``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from finegrain.io.files import read_json_file
@@ -327,4 +352,4 @@ def load_hf_export(path: str | Path) -> torch.nn.Module:
     cfg = read_json_file(Path(path) / "config.json")
     causal = any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or [])
     cls = AutoModelForCausalLM if causal else AutoModel
-    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=torch.float32).eval()
+    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()

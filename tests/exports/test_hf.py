@@ -177,7 +177,7 @@ def test_encoder_without_its_pooler_is_refused_by_name(minilm, tmp_path):
     ("w4a16-g128", "K = 192 is not a multiple of the group size 128"),
     ("w4a8-rot", "online Hadamard"),
     ("w8a8-os+", "smooth_shift: a tensor in the compiled graph (a fold added it)"),
-    ("nvfp4", "e2m1-g16-sym-e4m3 (e2m1) has no compressed-tensors form"),
+    ("mxfp6", "has no compressed-tensors form here"),
     ("bitmod-w4", "bitmod4"),
     ("w8a8-static", "static activation format"),
 ])
@@ -204,3 +204,43 @@ def test_the_config_survives_save_and_load(llama128, tmp_path):
     loaded.export_hf(tmp_path / "hf")
     with torch.no_grad():
         assert _rel(cm(x), load_hf_export(tmp_path / "hf")(x).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("weight, fmt_name", [("e2m1-g16-sym-e4m3", "nvfp4-pack-quantized"),
+                                              ("e2m1-g32-sym-e8m0", "mxfp4-pack-quantized")], ids=["nvfp4", "mxfp4"])
+def test_fp4_weights(llama128, weight, fmt_name, tmp_path):
+    """NVFP4 / MXFP4 weight-only: the library's own FP4 unpacker and scale decoding give finegrain's
+    codes and scales (fp32, to an ulp of the NVFP4 tensor-scale division); transformers runs the
+    directory, in bfloat16 (compressed-tensors decodes FP4 to bf16 only)."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file
+
+    get, x, _ = llama128
+    cm = get(_recipe(weight))
+    cm.export_hf(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == fmt_name
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    from finegrain.exports.graph import read_graph
+
+    for name, lin in read_graph(cm.gm).linears.items():
+        mod = name.removesuffix(".weight")
+        n, k = lin.shape
+        vals = unpack_fp4_from_uint8(sd[f"{mod}.weight_packed"], n, k, dtype=torch.float32)
+        scale = sd[f"{mod}.weight_scale"]
+        if fmt_name.startswith("nv"):
+            eff = scale.float() / sd[f"{mod}.weight_global_scale"]
+        else:
+            eff = torch.exp2(scale.float() - 127)
+        w = (vals.reshape(n, -1, lin.fmt.group_size) * eff.unsqueeze(-1)).reshape(n, k)
+        ref = lin.fmt.dequantize(lin.q, torch.float32)
+        assert ((w - ref).abs() <= 2e-7 * ref.abs().max()).all(), mod
+    hf = load_hf_export(tmp_path / "hf", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _rel(cm(x), hf(x).logits) < 2e-2
+
+
+def test_fp4_activations_are_refused(llama128, tmp_path):
+    get, _, _ = llama128
+    with pytest.raises(ExportError, match="FP4 weights with e2m1-g16-sym-e4m3-dyn activations"):
+        get("nvfp4").export_hf(tmp_path / "hf")
