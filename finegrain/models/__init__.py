@@ -2,7 +2,7 @@
 
 ``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``), a local Hugging
 Face model directory (config.json + safetensors), a model in the local Hugging Face cache by its
-``org/name`` (offline), a Llama-architecture ``.gguf`` file (dequantized to fp32) or a float ONNX file (``models/onnx_import.py``;
+``org/name`` (offline), a Llama- or Qwen2-architecture ``.gguf`` file (dequantized to fp32) or a float ONNX file (``models/onnx_import.py``;
 its tokenizer is read from the file's directory when ``tokenizer.json`` is there) and returns a
 :class:`LoadedModel`.
 """
@@ -61,7 +61,7 @@ def load_model(spec: str | Path) -> LoadedModel:
         loaded.source = {**loaded.source, "hub_id": spec}
         return loaded
     raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}), a local "
-                     "Hugging Face model directory, a model in the local Hugging Face cache (org/name), a Llama "
+                     "Hugging Face model directory, a model in the local Hugging Face cache (org/name), a Llama / Qwen2 "
                      ".gguf file nor an .onnx file")
 
 

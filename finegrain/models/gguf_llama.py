@@ -1,4 +1,4 @@
-"""Load a Llama-architecture GGUF file (llama.cpp format) into a transformers model, offline.
+"""Load a Llama- or Qwen2-architecture GGUF file (llama.cpp format) into a transformers model, offline.
 
 Every tensor is dequantized to fp32 with the ``gguf`` package. llama.cpp's converter permutes
 the rows of Q and K for its RoPE layout; :func:`_unpermute_qk` undoes that (as transformers'
@@ -21,6 +21,9 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # qwen2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
 }
 _QK_HEADS = ("attn_q.weight", "attn_k.weight")  # rows permuted by llama.cpp's converter
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -43,27 +46,29 @@ def _optional(reader, key: str):
 
 
 def load_gguf_llama(path: str | Path) -> torch.nn.Module:
-    """Build a ``LlamaForCausalLM`` (fp32, eval mode) from a Llama GGUF file."""
+    """Build a ``LlamaForCausalLM`` (GGUF architecture ``llama``) or ``Qwen2ForCausalLM`` (``qwen2``:
+    q/k/v biases, NeoX RoPE so no Q/K permutation) in fp32, eval mode, from a GGUF file."""
     import gguf
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    n_head, n_kv = _field(reader, "llama.attention.head_count"), _field(reader, "llama.attention.head_count_kv")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'qwen2')")
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    n_head, n_kv = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.head_count_kv")
     names = {t.name for t in reader.tensors}
-    config = LlamaConfig(
-        vocab_size=(_field(reader, "llama.vocab_size") if "llama.vocab_size" in reader.fields
+    config = config_cls(
+        vocab_size=(_field(reader, f"{arch}.vocab_size") if f"{arch}.vocab_size" in reader.fields
                     else len(reader.fields["tokenizer.ggml.tokens"].data)),
-        hidden_size=_field(reader, "llama.embedding_length"),
-        intermediate_size=_field(reader, "llama.feed_forward_length"),
-        num_hidden_layers=_field(reader, "llama.block_count"),
+        hidden_size=_field(reader, f"{arch}.embedding_length"),
+        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_field(reader, f"{arch}.block_count"),
         num_attention_heads=n_head,
         num_key_value_heads=n_kv,
-        max_position_embeddings=_field(reader, "llama.context_length"),
-        rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base")),
+        max_position_embeddings=_field(reader, f"{arch}.context_length"),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base")),
         bos_token_id=_optional(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_optional(reader, "tokenizer.ggml.eos_token_id"),
         tie_word_embeddings="output.weight" not in names,
@@ -76,11 +81,11 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         else:
             _, layer, rest = t.name.split(".", 2)
             name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-            if rest in _QK_HEADS:
+            if rest in _QK_HEADS and arch == "llama":
                 w = _unpermute_qk(w, {"attn_q.weight": n_head, "attn_k.weight": n_kv}[rest])
         state[name] = torch.from_numpy(np.ascontiguousarray(w))
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

@@ -140,3 +140,31 @@ def test_existing_file_is_kept_without_overwrite(llama128, tmp_path):
     assert out.read_bytes() == b"mine"
     get("w8a16").export_gguf(out, overwrite=True)
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+
+
+def test_qwen2_with_qkv_biases(tmp_path):
+    """qwen2: q/k/v biases, untied head, NeoX RoPE (no Q/K permutation): finegrain's importer reads
+    the export back exactly (Q8_0), and llama.cpp runs it where installed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 24))
+    cm = finegrain.compile(model, (ids,), recipe="w8a16", progress=False)
+    info = cm.export_gguf(tmp_path / "q.gguf")
+    assert info["types"] == {"F32": 13, "Q8_0": 14}
+    assert gguf.GGUFReader(str(tmp_path / "q.gguf")).fields["general.architecture"].contents() == "qwen2"
+    back = load_gguf_llama(tmp_path / "q.gguf")
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        assert _rel(cm(ids), back(ids).logits) <= 1e-5
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "q.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids[0].tolist())
+    assert _rel(cm(ids)[0], torch.tensor(np.array(llm.scores[:24]))) < 0.02
