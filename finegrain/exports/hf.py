@@ -353,3 +353,50 @@ def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
     causal = any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or [])
     cls = AutoModelForCausalLM if causal else AutoModel
     return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()
+
+
+def asymmetric_groups(path: str | Path) -> list[str]:
+    """Names of the config groups with asymmetric weights (which transformers 5.24 + compressed-tensors
+    0.20.1 cannot load: upstream llm-compressor#1618)."""
+    from finegrain.io.files import read_json_file
+
+    qc = read_json_file(Path(path) / "config.json").get("quantization_config") or {}
+    return [name for name, g in (qc.get("config_groups") or {}).items()
+            if not (g.get("weights") or {}).get("symmetric", True)]
+
+
+def decode_hf_export(path: str | Path) -> torch.nn.Module:
+    """The exported directory decoded by compressed-tensors' own compressors (``decompress`` of each
+    module's format, from the library's registry) into the plain ``transformers`` architecture of its
+    config: the client path for checkpoints ``from_pretrained`` cannot load (asymmetric)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from finegrain.io.files import read_json_file
+
+    path = Path(path)
+    cfg = read_json_file(path / "config.json")
+    qc = cfg.pop("quantization_config")
+    sd = load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for group in qc["config_groups"].values():
+        scheme = QuantizationScheme(targets=group["targets"], weights=QuantizationArgs(**group["weights"]))
+        comp = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
+        for mod in group["targets"]:
+            local = {k.removeprefix(mod + "."): sd.pop(k) for k in list(sd) if k.rsplit(".", 1)[0] == mod
+                     and k.rsplit(".", 1)[1].startswith("weight")}
+            state[f"{mod}.weight"] = comp.decompress(local, scheme)["weight"].float()
+    state.update(sd)
+    causal = any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or [])
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "transformers_version"})
+    model = (AutoModelForCausalLM if causal else AutoModel).from_config(config).float().eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if getattr(config, "tie_word_embeddings", False) and n.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"{path}: decoded tensors do not match the architecture (missing {sorted(set(missing) - tied)[:4]}, "
+                          f"unexpected {sorted(unexpected)[:4]})")
+    if tied:
+        model.tie_weights()
+    return model

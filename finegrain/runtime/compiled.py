@@ -78,11 +78,12 @@ class CompiledModel(Artifact):
 
         return export_hf(self, out, overwrite=overwrite)
 
-    def export_gguf(self, out: str | Path, overwrite: bool = False) -> dict:
-        """Write a GGUF file for llama.cpp (``exports/gguf.py``); ExportError names what GGUF cannot hold."""
+    def export_gguf(self, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> dict:
+        """Write a GGUF file for llama.cpp (``exports/gguf.py``; ``tokenizer_gguf``: a GGUF whose
+        tokenizer fields to copy); ExportError names what GGUF cannot hold."""
         from finegrain.exports.gguf import export_gguf
 
-        return export_gguf(self, out, overwrite=overwrite)
+        return export_gguf(self, out, overwrite=overwrite, tokenizer_gguf=tokenizer_gguf)
 
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
               max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True) -> dict:

@@ -244,3 +244,16 @@ def test_fp4_activations_are_refused(llama128, tmp_path):
     get, _, _ = llama128
     with pytest.raises(ExportError, match="FP4 weights with e2m1-g16-sym-e4m3-dyn activations"):
         get("nvfp4").export_hf(tmp_path / "hf")
+
+
+def test_decode_with_the_librarys_compressors_gives_the_reference(llama128, tmp_path):
+    from finegrain.exports.hf import asymmetric_groups, decode_hf_export
+
+    get, x, _ = llama128
+    for recipe in ("w4a16-g64", _recipe("int3-g64-sym-fp16")):
+        cm = get(recipe)
+        out = tmp_path / (recipe if isinstance(recipe, str) else recipe["name"])
+        cm.export_hf(out)
+        assert bool(asymmetric_groups(out)) == (recipe == "w4a16-g64")
+        with torch.no_grad():
+            assert _rel(cm(x), decode_hf_export(out)(x).logits) <= 1e-5
