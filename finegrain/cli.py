@@ -330,7 +330,7 @@ def cmd_export(args) -> None:
 def _export_hf(cm, args) -> None:
     import torch
 
-    info = cm.export_hf(args.hf, overwrite=args.overwrite)
+    info = cm.export_hf(args.hf, overwrite=args.overwrite, dtype=args.dtype)
     forms: dict[str, int] = {}
     for form in info["forms"].values():
         forms[form] = forms.get(form, 0) + 1
@@ -699,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--onnx", help="output .onnx file")
     where.add_argument("--hf", help="output directory: Hugging Face model in the compressed-tensors schema")
     where.add_argument("--gguf", help="output .gguf file for llama.cpp (Q8_0 / Q4_0 / Q4_1 weights)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="--hf: dtype of the float tensors and weight scales (float32 exact; bfloat16 / float16 "
+                        "halve them as GPU checkpoints do)")
     x.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq",
                    help="qdq: DequantizeLinear (opset 21, blocked INT4/INT8, FP8), portable; matmulnbits: "
                         "com.microsoft::MatMulNBits for integer weights (ONNX Runtime)")

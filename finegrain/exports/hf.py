@@ -40,7 +40,8 @@ import torch
 from finegrain.errors import ExportError
 from finegrain.exports.graph import QuantLinear, read_graph
 from finegrain.formats import QuantFormat
-from finegrain.io.files import atomic_directory, dumps_json
+from finegrain.io.files import EXPORT_MARKER, atomic_directory, dumps_json
+from finegrain.version import __version__
 
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose schema this writes (and the tests load)
 FLOAT_SCALES = ("fp16", "fp32", "bf16")
@@ -317,22 +318,38 @@ def quantization_config(schemes: dict[str, tuple[str, dict]]) -> dict:
             "global_compression_ratio": None, "version": CT_VERSION}
 
 
-def export_hf(cm, out: str | Path, overwrite: bool = False) -> dict:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_hf(cm, out: str | Path, overwrite: bool = False, dtype: str = "float32") -> dict:
     """Write ``out`` (a Hugging Face model directory in the compressed-tensors schema, see the
-    module docstring). Returns {"path", "bytes", "formats": {module: form}, "groups": n}."""
+    module docstring). ``dtype``: the model dtype of the float tensors (embeddings, norms, float
+    layers) and of integer / FP8 weight scales; ``float32`` (default) is exact, ``bfloat16`` /
+    ``float16`` halve those bytes as GPU checkpoints do, rounding them (fp16 keeps finegrain's fp16
+    scales exact). Returns {"path", "bytes", "formats": {module: form}, "groups": n}."""
     from safetensors.torch import save_file
 
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     plan = plan_hf(cm)
     if not plan["schemes"]:
         raise ExportError("the artifact has no quantized linear: nothing to write in the compressed-tensors schema")
     cfg = plan["config"]
     cfg["quantization_config"] = quantization_config(plan["schemes"])
-    cfg["dtype"] = "float32"
+    cfg["dtype"] = dtype
     cfg.pop("torch_dtype", None)
+    to = DTYPES[dtype]
+    if to is not torch.float32:  # FP4 scales keep their own dtypes (E4M3 / E8M0) and the fp32 global scale
+        plan["tensors"] = {k: t.to(to) if t.dtype == torch.float32 and not k.endswith("_global_scale") else t
+                           for k, t in plan["tensors"].items()}
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
         save_file(plan["tensors"], str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(dumps_json(cfg) + "\n")
+        (tmp / EXPORT_MARKER).write_text(dumps_json({
+            "finegrain_export": "compressed-tensors", "finegrain_version": __version__, "dtype": dtype,
+            "recipe": cm.recipe_name, "source": {k: v for k, v in (cm.source or {}).items() if k != "hf_config"},
+            "forms": plan["forms"]}) + "\n")
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp))
     files = sorted(p.name for p in out.iterdir())

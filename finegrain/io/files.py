@@ -28,7 +28,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def check_replaceable(path: Path, overwrite: bool) -> None:
     """An output directory may be written unless it exists; with ``overwrite`` an existing one is
-    replaced only when finegrain wrote it (an artifact or a deployment) or it is empty."""
+    replaced only when finegrain wrote it (an artifact, a deployment, an export) or it is empty."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -139,8 +139,19 @@ def verify_files(root: Path, files: object, required: tuple[str, ...] = ()) -> N
             raise ArtifactError(f"{root}: file {name} is corrupted (SHA-256 does not match the manifest)")
 
 
+EXPORT_MARKER = "finegrain_export.json"  # written into export directories (compressed-tensors) with provenance
+
+
 def is_finegrain_dir(path: Path) -> bool:
-    """A directory finegrain wrote (an artifact or a deployment): its manifest says so."""
+    """A directory finegrain wrote (an artifact, a deployment or an export): its manifest (or the
+    export's provenance file) says so."""
+    ex = Path(path) / EXPORT_MARKER
+    if ex.is_file() and not ex.is_symlink():
+        try:
+            d = read_json_file(ex)
+        except ArtifactError:
+            return False
+        return isinstance(d, dict) and "finegrain_export" in d
     mf = Path(path) / "manifest.json"
     try:
         m = read_json_file(mf) if mf.is_file() else None

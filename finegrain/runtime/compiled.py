@@ -70,13 +70,14 @@ class CompiledModel(Artifact):
         return registry.get("onnx").export(self, path, style=style, accuracy_level=accuracy_level,
                                            overwrite=overwrite)
 
-    def export_hf(self, out: str | Path, overwrite: bool = False) -> dict:
+    def export_hf(self, out: str | Path, overwrite: bool = False, dtype: str = "float32") -> dict:
         """Write a Hugging Face model directory in the compressed-tensors schema (vLLM,
         ``transformers`` + ``compressed-tensors``; ``exports/hf.py``). Raises ExportError naming every
-        layer / tensor the schema cannot hold, with nothing written."""
+        layer / tensor the schema cannot hold, with nothing written. ``dtype``: float32 (exact),
+        bfloat16 or float16 for the float tensors and scales."""
         from finegrain.exports.hf import export_hf
 
-        return export_hf(self, out, overwrite=overwrite)
+        return export_hf(self, out, overwrite=overwrite, dtype=dtype)
 
     def export_gguf(self, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> dict:
         """Write a GGUF file for llama.cpp (``exports/gguf.py``; ``tokenizer_gguf``: a GGUF whose

@@ -257,3 +257,37 @@ def test_decode_with_the_librarys_compressors_gives_the_reference(llama128, tmp_
         assert bool(asymmetric_groups(out)) == (recipe == "w4a16-g64")
         with torch.no_grad():
             assert _rel(cm(x), decode_hf_export(out)(x).logits) <= 1e-5
+
+
+def test_half_precision_export_is_smaller_and_close(llama128, tmp_path):
+    get, x, _ = llama128
+    cm = get(_recipe("int4-g64-sym-fp16"))
+    full = cm.export_hf(tmp_path / "fp32")
+    half = cm.export_hf(tmp_path / "fp16", dtype="float16")
+    assert half["weights_bytes"] < 0.8 * full["weights_bytes"]
+    from safetensors.torch import load_file
+
+    sd32, sd16 = load_file(str(tmp_path / "fp32" / "model.safetensors")), load_file(str(tmp_path / "fp16" / "model.safetensors"))
+    key = "model.layers.0.mlp.up_proj.weight_scale"
+    assert sd16[key].dtype == torch.float16 and torch.equal(sd16[key].float(), sd32[key])  # fp16 scales: exact
+    hf = load_hf_export(tmp_path / "fp16")  # dtype float32: the fp16 tensors widen on load
+    with torch.no_grad():
+        assert _rel(cm(x), hf(x).logits) < 1e-2
+    with pytest.raises(ExportError, match="dtype 'int8'"):
+        cm.export_hf(tmp_path / "bad", dtype="int8")
+
+
+def test_overwrite_replaces_only_a_finegrain_export(llama128, tmp_path):
+    get, _, _ = llama128
+    cm = get(_recipe("int4-g64-sym-fp16"))
+    cm.export_hf(tmp_path / "hf")
+    prov = json.loads((tmp_path / "hf" / "finegrain_export.json").read_text())
+    assert prov["finegrain_export"] == "compressed-tensors" and prov["recipe"] == "int4-g64-sym-fp16"
+    with pytest.raises(finegrain.errors.InputError, match="already exists"):
+        cm.export_hf(tmp_path / "hf")
+    cm.export_hf(tmp_path / "hf", overwrite=True)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+    with pytest.raises(finegrain.errors.InputError, match="not a finegrain artifact"):
+        cm.export_hf(tmp_path / "theirs", overwrite=True)
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
