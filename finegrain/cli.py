@@ -41,11 +41,11 @@ def _say(text: str, style: str | None = None) -> None:
     _console().print(safe_text(text), markup=False, style=style)
 
 
-def _table(title: str, columns: list[str], rows: list[list]) -> None:
+def _table(title: str | None, columns: list[str], rows: list[list]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    t = Table(title=Text(safe_text(title)))
+    t = Table(title=Text(safe_text(title)) if title else None)
     for c in columns:
         t.add_column(Text(safe_text(c)), justify="left" if c in ("recipe", "layer", "format", "model", "answer") else "right")
     for r in rows:
@@ -334,8 +334,8 @@ def _export_hf(cm, args) -> None:
     forms: dict[str, int] = {}
     for form in info["forms"].values():
         forms[form] = forms.get(form, 0) + 1
-    _table(f"{args.hf}: compressed-tensors, {info['bytes'] / 1e6:.1f} MB ({info['groups']} config group(s))",
-           ["compressed-tensors form", "linears"], [[k, v] for k, v in sorted(forms.items())])
+    _say(f"{args.hf}: compressed-tensors, {info['bytes'] / 1e6:.1f} MB ({info['groups']} config group(s))")
+    _table(None, ["compressed-tensors form", "linears"], [[k, v] for k, v in sorted(forms.items())])
     if args.check:
         from finegrain.exports.hf import asymmetric_groups, decode_hf_export, load_hf_export
 
@@ -358,9 +358,11 @@ def _export_gguf(cm, args) -> None:
         from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
 
         tok = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
-    info = cm.export_gguf(args.gguf, overwrite=args.overwrite, tokenizer_gguf=tok)
-    _table(f"{args.gguf}: GGUF, {info['bytes'] / 1e6:.1f} MB; tokenizer: {info['tokenizer']}",
-           ["GGML type", "tensors"], [[k, v] for k, v in sorted(info["types"].items())])
+    if args.dtype == "bfloat16":
+        raise FinegrainError("--dtype bfloat16: GGUF float tensors are float32 or float16")
+    info = cm.export_gguf(args.gguf, overwrite=args.overwrite, tokenizer_gguf=tok, dtype=args.dtype)
+    _say(f"{args.gguf}: GGUF, {info['bytes'] / 1e6:.1f} MB; tokenizer: {info['tokenizer']}")
+    _table(None, ["GGML type", "tensors"], [[k, v] for k, v in sorted(info["types"].items())])
     if info["max_q4_1_min_error"]:
         _say(f"Q4_1 stores each block's min in fp16: largest weight change {info['max_q4_1_min_error']:.3g}")
     if args.check:
@@ -700,8 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hf", help="output directory: Hugging Face model in the compressed-tensors schema")
     where.add_argument("--gguf", help="output .gguf file for llama.cpp (Q8_0 / Q4_0 / Q4_1 weights)")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="--hf: dtype of the float tensors and weight scales (float32 exact; bfloat16 / float16 "
-                        "halve them as GPU checkpoints do)")
+                   help="--hf: dtype of the float tensors and weight scales; --gguf: of the unquantized matrices "
+                        "(F32 / F16). float32 is exact; bfloat16 / float16 halve them as serving checkpoints do")
     x.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq",
                    help="qdq: DequantizeLinear (opset 21, blocked INT4/INT8, FP8), portable; matmulnbits: "
                         "com.microsoft::MatMulNBits for integer weights (ONNX Runtime)")

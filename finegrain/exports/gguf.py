@@ -193,10 +193,17 @@ def plan_gguf(cm) -> dict:
     return {"config": cfg, "arch": arch, "theta": theta, "tensors": tensors, "n_head": n_head, "n_kv": n_kv}
 
 
-def export_gguf(cm, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> dict:
-    """Write ``out`` (a .gguf file, atomically). Returns {"path", "bytes", "types": {type: count},
-    "tokenizer", "max_q4_1_min_error"} (the largest |weight| change the fp16 min of Q4_1 makes)."""
+def export_gguf(cm, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None,
+                dtype: str = "float32") -> dict:
+    """Write ``out`` (a .gguf file, atomically). ``dtype``: the float matrices finegrain did not
+    quantize (embeddings, an unquantized head) as ``F32`` (``float32``, exact) or ``F16``
+    (``float16``, half the bytes, rounded; 1-D norms stay F32 as llama.cpp wants). Returns {"path",
+    "bytes", "types": {type: count}, "tokenizer", "max_q4_1_min_error"} (the largest |weight|
+    change the fp16 min of Q4_1 makes)."""
     import gguf
+
+    if dtype not in ("float32", "float16"):
+        raise ExportError(f"dtype {dtype!r}: GGUF float tensors are float32 or float16")
 
     out = Path(out)
     if out.is_dir() or (out.exists() and not overwrite):
@@ -228,10 +235,12 @@ def export_gguf(cm, out: str | Path, overwrite: bool = False, tokenizer_gguf: st
         w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
         w.add_vocab_size(vocab)
         for name, (kind, data, lin) in plan["tensors"].items():
-            types[kind] += 1
             if kind == "F32":
-                w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+                half = dtype == "float16" and data.ndim == 2
+                types["F16" if half else "F32"] += 1
+                w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16 if half else np.float32))
                 continue
+            types[kind] += 1
             packed = _pack(kind, data)
             w.add_tensor(name, packed, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             if kind == "Q4_1":
@@ -239,7 +248,7 @@ def export_gguf(cm, out: str | Path, overwrite: bool = False, tokenizer_gguf: st
                     data["d"].repeat_interleave(BLOCK, dim=1)
                 got = torch.from_numpy(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q4_1)).float()
                 worst = max(worst, float((got.reshape(exact.shape) - exact).abs().max()))
-        main = max((t for t in types if t != "F32"), key=types.get, default="F32")
+        main = max((t for t in types if t not in ("F32", "F16")), key=types.get, default="F32")
         w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                          "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[main])
         tok_note = _tokenizer_fields(w, cm.tokenizer, tokenizer_gguf, vocab)
@@ -247,6 +256,9 @@ def export_gguf(cm, out: str | Path, overwrite: bool = False, tokenizer_gguf: st
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the file is a deliverable like any other
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

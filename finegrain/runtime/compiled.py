@@ -79,12 +79,14 @@ class CompiledModel(Artifact):
 
         return export_hf(self, out, overwrite=overwrite, dtype=dtype)
 
-    def export_gguf(self, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None) -> dict:
+    def export_gguf(self, out: str | Path, overwrite: bool = False, tokenizer_gguf: str | Path | None = None,
+                    dtype: str = "float32") -> dict:
         """Write a GGUF file for llama.cpp (``exports/gguf.py``; ``tokenizer_gguf``: a GGUF whose
-        tokenizer fields to copy); ExportError names what GGUF cannot hold."""
+        tokenizer fields to copy; ``dtype`` float32 / float16 for the unquantized matrices); ExportError
+        names what GGUF cannot hold."""
         from finegrain.exports.gguf import export_gguf
 
-        return export_gguf(self, out, overwrite=overwrite, tokenizer_gguf=tokenizer_gguf)
+        return export_gguf(self, out, overwrite=overwrite, tokenizer_gguf=tokenizer_gguf, dtype=dtype)
 
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
               max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True) -> dict:

@@ -168,3 +168,20 @@ def test_qwen2_with_qkv_biases(tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "q.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids[0].tolist())
     assert _rel(cm(ids)[0], torch.tensor(np.array(llm.scores[:24]))) < 0.02
+
+
+def test_float16_matrices_and_file_mode(llama128, tmp_path):
+    import os
+    import stat
+
+    get, x = llama128
+    cm = get(Q40)
+    full = cm.export_gguf(tmp_path / "a.gguf")
+    half = cm.export_gguf(tmp_path / "b.gguf", dtype="float16")
+    assert half["types"] == {"F32": 5, "F16": 1, "Q4_0": 14} and half["bytes"] < full["bytes"]
+    assert stat.S_IMODE(os.stat(tmp_path / "b.gguf").st_mode) & 0o044  # readable like any output file
+    back = load_gguf_llama(tmp_path / "b.gguf")
+    with torch.no_grad():
+        assert _rel(cm(x), back(x).logits) < 1e-2
+    with pytest.raises(ExportError, match="float32 or float16"):
+        cm.export_gguf(tmp_path / "c.gguf", dtype="bfloat16")
