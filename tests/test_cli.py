@@ -89,3 +89,39 @@ def test_quantize_with_a_budget_and_pareto(hf_dir, tmp_path, capsys):
     assert len(res["points"]) == 2 and res["points"][0]["bits_per_weight"] < res["points"][1]["bits_per_weight"]
     assert all((pa / f"{p['bits_per_weight']:.3f}bpw" / "manifest.json").is_file() for p in res["points"])
     assert (pa / "pareto.md").is_file() and len(res["allocation"]["validation"]["pairs"]) == 3
+
+
+def test_export_hf_and_gguf_with_their_clients(hf_dir, tmp_path, capsys):
+    """export --hf / --gguf on an artifact, with --check in the real client; the HF export carries the
+    tokenizer, a refusal exits 2 naming the layer and leaves nothing."""
+    art = tmp_path / "art"
+    recipe = tmp_path / "q4_0.json"
+    recipe.write_text(json.dumps({"name": "q4_0", "rules": [{"role": "linear", "weight": "int4-g32-sym-fp16"}]}))
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", str(recipe), "--out", str(art),
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    pytest.importorskip("compressed_tensors")
+    assert main(["export", str(art), "--hf", str(tmp_path / "hf"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "pack-quantized int4-g32-sym-fp16" in out and "transformers + compressed-tensors vs the torch reference" in out
+    assert "max |diff| 0 " in out
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert main(["export", str(art), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "Q4_0" in out and "byte-level BPE" in out
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert main(["export", str(art), "--gguf", str(tmp_path / "m.gguf"), "--overwrite", "--check"]) == 2
+        assert "llama-cpp-python, which is not installed" in capsys.readouterr().err
+    else:
+        assert main(["export", str(art), "--gguf", str(tmp_path / "m.gguf"), "--overwrite", "--check"]) == 0
+        assert "llama.cpp vs the torch reference" in capsys.readouterr().out
+    w3 = tmp_path / "w3"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w3a16-g128", "--out", str(w3),
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(w3), "--gguf", str(tmp_path / "w3.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn.q_proj: weight format int3-g128-asym-fp16" in err
+    assert not (tmp_path / "w3.gguf").exists()
