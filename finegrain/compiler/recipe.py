@@ -35,7 +35,7 @@ SENSITIVITIES = ("auto", "output", "fisher")
 DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asym-fp16", "int4-g64-asym-fp16",
                       "int4-g128-asym-fp16", "int8-channel-sym-fp16")
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
-SMOOTHING = ("smoothquant", "os+")
+SMOOTHING = ("smoothquant", "os+", "awq")
 ROTATION_MODES = ("residual", "online")
 MAX_RECIPE_BYTES = 1 << 20
 
@@ -351,6 +351,10 @@ PRESETS.update({
     "fp8": _linears("fp8", QuantFormat.parse("e4m3-channel-sym-fp32"), QuantFormat.parse("e4m3-token-sym-fp32-dyn")),
     "w4a16-g128-clip": _linears("w4a16-g128-clip", _w(4, 128, False), weight_algorithm="clip"),
     "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), weight_algorithm="gptq"),
+    # AWQ (passes/fold_smoothing.py): activation-aware scales folded exactly, then clip search or GPTQ
+    "w4a16-g128-awq": _linears("w4a16-g128-awq", _w(4, 128, False), smoothing="awq", weight_algorithm="clip"),
+    "w4a16-g128-awq-gptq": _linears("w4a16-g128-awq-gptq", _w(4, 128, False), smoothing="awq", weight_algorithm="gptq"),
+    "w3a16-g128-awq-gptq": _linears("w3a16-g128-awq-gptq", _w(3, 128, False), smoothing="awq", weight_algorithm="gptq"),
     "w3a16-g128-gptq": _linears("w3a16-g128-gptq", _w(3, 128, False), weight_algorithm="gptq"),
     "w4a8-dgq": _linears("w4a8-dgq", QuantFormat.parse("int4-g128-asym-int8"), A8_DYNAMIC, weight_algorithm="clip"),
     "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),

@@ -16,6 +16,14 @@ output, a non-linear activation) is refused with the op named.
 * ``os+`` (Wei et al. 2023, Sec. 4): z_j = (max X_j + min X_j) / 2 and s_j = max(1, r_j / t) with
   r_j = (max X_j - min X_j) / 2: channels whose shifted range exceeds t are scaled into it.
 
+* ``awq`` (Lin et al. 2024, activation-aware weight quantization, Sec. 3.2): s_j = mean|X_j|^a,
+  normalized by sqrt(max s min s), a on a grid 0, 0.05 .. 0.95, chosen per site to minimize the
+  consumers' output error with their *weight* formats (activations as the recipe has them, float
+  for W4A16); for weight-only recipes, where the other two methods do not apply. Sites are the
+  linears that share an input (q/k/v at their norm, gate/up at theirs, down_proj at up_proj);
+  o_proj's input comes out of attention and is refused, as AutoAWQ does under GQA. Weight
+  algorithms (clip search, GPTQ) run after the fold, on the scaled weights.
+
 With ``recipe.smoothing_search`` the migration strength a (SmoothQuant, grid 0.1..0.9) or the
 threshold t (OS+, a geometric grid below max r_j) is chosen per site to minimize the consumers'
 relative output error  sum_i ||Q_a(X') Q_w(W_i')^T + W_i z - X W_i^T||^2 / ||X W_i^T||^2  over the
@@ -47,6 +55,7 @@ aten = torch.ops.aten
 SMOOTHED = "finegrain_smoothed"
 ALPHAS = [round(a, 2) for a in np.arange(0.1, 0.951, 0.1)]
 T_GRID = 12  # OS+ thresholds per site
+AWQ_ALPHAS = [round(a, 2) for a in np.arange(0.0, 0.951, 0.05)]  # AWQ's grid of 20
 
 
 class _Producer:
@@ -153,6 +162,13 @@ def _site_error(x, consumers, s, z) -> float:
 
 def _candidates(method: str, search: bool, alpha: float, st, w_absmax):
     ones = torch.ones_like(w_absmax)
+    if method == "awq":  # always searched: the grid is the method
+        xm = st.rows.float().abs().mean(0).clamp_min(1e-8)
+        out = [("none", ones, None)]
+        for a in AWQ_ALPHAS[1:]:
+            sc = xm.pow(a).clamp_min(1e-4)
+            out.append((f"alpha={a}", sc / (sc.max() * sc.min()).sqrt(), None))
+        return out
     if method == "smoothquant":
         xa = st.absmax.clamp_min(1e-5)
         wa = w_absmax.clamp_min(1e-5)
@@ -180,7 +196,7 @@ class _Site:
 
 
 def _find_sites(gm: GraphModule, ctx: PassContext, log: list) -> list[_Site]:
-    """Sites whose consumers the recipe activation-quantizes; refusals go to ``log``."""
+    """Sites whose consumers the recipe activation-quantizes (AWQ: weight-quantizes); refusals go to ``log``."""
     recipe = ctx.recipe
     norm_by_out = {}
     for nm in find_norms(gm):
@@ -192,7 +208,8 @@ def _find_sites(gm: GraphModule, ctx: PassContext, log: list) -> list[_Site]:
             by_producer.setdefault(producer(op.activation), []).append(op)
     sites = []
     for p, ops in by_producer.items():
-        wanted = [op for op in ops if recipe.formats_for(op.role, op.name)[1] is not None]
+        which = 0 if recipe.smoothing == "awq" else 1  # AWQ: quantized weights; the others: quantized inputs
+        wanted = [op for op in ops if recipe.formats_for(op.role, op.name)[which] is not None]
         if not wanted or all(op.node.meta.get(SMOOTHED) for op in ops):
             continue
         name = ", ".join(op.name for op in ops)

@@ -252,6 +252,28 @@ def test_fold_smoothing_exact(request, arch, method):
     assert gm.code == code  # smoothed sites are not smoothed twice
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_fold_awq_exact_and_lowers_weight_error(request, arch):
+    """AWQ on a weight-only recipe: the fold is exact in float, every norm- and up_proj-fed site is
+    folded or kept (never worse on the calibration rows), down_proj's site folds into up_proj on
+    Llama's SwiGLU, and o_proj's (out of attention) is refused by name."""
+    model, example, calib, test = _models(request, arch)
+    recipe = PRESETS["w4a16-g128-awq"]
+    ref, gm, ctx, _ = _fold(model, example, calib, recipe, [calibrate, fold_smoothing])
+    _assert_same(ref, gm, test, rtol=5e-5)
+    sm = [f for f in ctx.report["folds"] if f["pass"] == "fold_smoothing"]
+    folded = [f for f in sm if f["action"] == "folded"]
+    assert folded and all(f["error_after"] <= f["error_before"] for f in folded), sm
+    assert all("awq (alpha=" in f["detail"] for f in folded)
+    assert any("o_proj" in f["site"] or "out_proj" in f["site"] for f in sm if f["action"] == "refused")
+    if arch == "llama":
+        assert any("into product" in f["detail"] and "down_proj" in f["site"] for f in sm if f["action"] == "folded") \
+            or any("down_proj" in f["site"] and f["action"] == "kept" for f in sm)
+    # on perturbed norms (outlier channels) AWQ finds real gains at the norm sites
+    gains = [f["error_before"] / f["error_after"] for f in folded if "into norm" in f["detail"]]
+    assert gains and max(gains) > 1.05, gains
+
+
 def test_smoothing_lowers_quantized_error_on_outliers(llama):
     """On a stream with 20x outlier channels, SmoothQuant lowers W8A8's output error of the
     norm-fed sites (measured on held-out rows by the pass itself)."""
