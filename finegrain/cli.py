@@ -132,7 +132,7 @@ def cmd_demo(args) -> None:
     if lm.task != "causal-lm":
         raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
     cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                        strict_recipe=args.strict)
+                        strict_recipe=args.strict, kv_cache=True)  # the chat answer decodes over the cache
     _warn(cm.warnings)
     _say(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
@@ -156,7 +156,7 @@ def cmd_quantize(args) -> None:
     recipe = _with_budget(args)
     lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                        strict_recipe=args.strict)
+                        strict_recipe=args.strict, kv_cache=args.kv_cache)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]
@@ -548,7 +548,8 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
     _say(f"[{backend}] prefill {g.prompt_tokens} tokens in {g.prefill_seconds:.3f} s "
          f"({g.prefill_tokens_per_second:.1f} tokens/s); decode {len(g.tokens)} tokens in {g.decode_seconds:.3f} s "
-         f"({g.decode_tokens_per_second:.1f} tokens/s, no KV cache yet: each step recomputes the sequence); "
+         f"({g.decode_tokens_per_second:.1f} tokens/s, "
+         f"{'KV cache: one token per step' if getattr(cm, 'kv', None) and backend == 'torch' else 'no KV cache: each step recomputes the sequence (quantize --kv-cache for one)'}); "
          f"stopped by {g.stopped}", style="dim")
 
 
@@ -656,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", required=True, help="preset name or recipe .json/.yaml")
     q.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--kv-cache", action="store_true",
+                   help="capture the decoder with its KV cache as graph inputs / outputs, so `generate` decodes one "
+                        "token per step over the cache (reference backend; ONNX / TVM refuse such artifacts yet)")
     budget(q)
     calib(q)
     q.set_defaults(fn=cmd_quantize)

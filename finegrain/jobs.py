@@ -47,13 +47,14 @@ def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_l
 
 def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
                    seq_len: int | None = None, seed: int = 0, progress: bool = True,
-                   strict_recipe: bool = False) -> CompiledModel:
+                   strict_recipe: bool = False, kv_cache: bool = False) -> CompiledModel:
     """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
-    defaults; 0 samples skips calibration, allowed unless the recipe has static scales)."""
+    defaults; 0 samples skips calibration, allowed unless the recipe has static scales).
+    ``kv_cache``: the decoder with its KV cache in the graph (``finegrain.compile``)."""
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
-                      source=loaded.source, progress=progress, strict_recipe=strict_recipe)
+                      source=loaded.source, progress=progress, strict_recipe=strict_recipe, kv_cache=kv_cache)
 
 
 def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
@@ -96,7 +97,8 @@ def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256) -> dict[st
 
 def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_new_tokens: int) -> list[dict]:
     """The float model (transformers ``generate``, with its KV cache) and the quantized one
-    (``cm.generate`` on the reference backend, no KV cache yet) answering one chat prompt greedily:
+    (``cm.generate`` on the reference backend, over its KV cache when compiled with one) answering
+    one chat prompt greedily:
     per model the answer, tokens and tokens/s. Empty when the tokenizer has no chat template."""
     import time
 
@@ -117,7 +119,7 @@ def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_n
     q_s = g.prefill_seconds + g.decode_seconds
     return [{"model": "fp32 (transformers, KV cache)", "answer": tok.decode(fp_tokens, skip_special_tokens=True),
              "tokens": len(fp_tokens), "tokens_per_s": len(fp_tokens) / fp_s},
-            {"model": f"{cm.recipe.name} (finegrain, torch backend, no KV cache yet)",
+            {"model": f"{cm.recipe.name} (finegrain, torch backend, {'KV cache' if cm.kv else 'no KV cache'})",
              "answer": tok.decode(g.tokens, skip_special_tokens=True), "tokens": len(g.tokens),
              "tokens_per_s": len(g.tokens) / q_s if q_s > 0 else float("nan")}]
 

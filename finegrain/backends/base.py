@@ -103,8 +103,15 @@ class BackendBase:
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         return []
 
+    kv_cache = False  # runs KV-cache graphs (compile(kv_cache=True): past_key_* inputs, present outputs)
+
     def check(self, compiled) -> list[Refusal]:
         refusals = [Refusal("install", self.name, why) for why in [self.available()] if why]
+        if getattr(compiled, "kv", None) and not self.kv_cache:
+            refusals.append(Refusal("inputs", "kv-cache graph", f"a KV-cache graph (past_key_* / past_value_* inputs, "
+                                    f"present outputs): backend {self.name!r} does not lower it yet; compile without "
+                                    "kv_cache for it"))
+            return refusals
         refusals += self.check_inputs(compiled.input_specs)
         for where, role, thing in graph_items(compiled.gm):
             status, note = self.status(role, thing)

@@ -14,20 +14,52 @@ from finegrain.io.signature import check_inputs
 
 
 class TorchRefSession(Session):
+    """Runs the graph. On a KV-cache graph (``kv``: ``compile(kv_cache=True)``) ``run(ids)`` is a
+    forward over an empty past (the logits), ``run(*all_inputs)`` the graph itself (logits and
+    presents), and ``prefill`` / ``step`` carry the presents as the next step's past: one token per
+    decode step, the cache growing by concatenation."""
+
     backend = "torch"
 
-    def __init__(self, gm: GraphModule, input_specs: list[dict]):
-        self.gm, self.input_specs = gm, input_specs
+    def __init__(self, gm: GraphModule, input_specs: list[dict], kv: dict | None = None):
+        self.gm, self.input_specs, self.kv = gm, input_specs, kv
+        self.max_seq_len = kv["max_seq_len"] if kv else None
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kv and len(inputs) == 1:
+            return self._forward(inputs[0], None, 0)[0]
         check_inputs(self.input_specs, inputs)
         with torch.inference_mode():
             return self.gm(*inputs)
+
+    def _forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        from finegrain.compiler.capture import kv_inputs
+
+        inputs = kv_inputs(self.kv, ids, past, start)
+        check_inputs(self.input_specs, inputs)
+        if start + ids.shape[1] > self.max_seq_len:
+            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
+                             "(max_seq_len)")
+        with torch.inference_mode():
+            return self.gm(*inputs)
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if not self.kv:
+            return super().prefill(ids)
+        out = self._forward(ids, None, 0)
+        return out[0], {"past": out[1:], "pos": ids.shape[1]}
+
+    def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if not self.kv:
+            return super().step(state, ids)
+        out = self._forward(ids, state["past"], state["pos"])
+        return out[0], {"past": out[1:], "pos": state["pos"] + ids.shape[1]}
 
 
 class TorchBackend(BackendBase):
     name = "torch"
     description = "PyTorch eager reference (dequantize, compute in fp32)"
+    kv_cache = True
 
     def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
         return "emulated", "the reference dequantizes / fake-quantizes and computes in fp32"
@@ -38,7 +70,7 @@ class TorchBackend(BackendBase):
     def session(self, compiled, **options) -> TorchRefSession:
         if options:
             raise InputError(f"backend 'torch' takes no options, got {sorted(options)}")
-        return TorchRefSession(compiled.gm, compiled.input_specs)
+        return TorchRefSession(compiled.gm, compiled.input_specs, getattr(compiled, "kv", None))
 
 
 BACKEND = TorchBackend()

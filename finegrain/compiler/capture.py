@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch.fx import Graph, GraphModule
 
-from finegrain.compiler.ir import FQN, MODULE, set_tensor
+from finegrain.compiler.ir import FQN, KV, MODULE, set_tensor
 from finegrain.errors import CaptureError, InputError
 
 _WRAPPED = "model"
@@ -45,6 +45,73 @@ class HFWrapper(torch.nn.Module):
         if self.causal:
             return self.model(**kwargs, use_cache=False).logits
         return self.model(**kwargs).last_hidden_state
+
+
+class HFCacheWrapper(torch.nn.Module):
+    """A ``transformers`` causal LM with its KV cache as graph tensors: ``forward(input_ids,
+    position_ids, past_key_0, past_value_0, ...)`` -> ``(logits, present_key_0, present_value_0,
+    ...)``, each past / present ``[batch, kv_heads, seq, head_dim]``. The model concatenates the new
+    keys / values onto the past (a ``DynamicCache`` built from the inputs), so one graph serves
+    prefill (past of length 0) and decode (one token, any past length)."""
+
+    def __init__(self, model: torch.nn.Module, layers: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # full per-layer caches: sliding-window layers are masked, not truncated
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+        present = []
+        for layer in cache.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def kv_layout(model: torch.nn.Module) -> dict:
+    """The KV cache of a ``transformers`` causal LM: layers, kv heads, head dim (read from a
+    one-token forward, so GQA / MQA / explicit head_dim are what the model really does)."""
+    if not _is_hf(model) or not (hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")):
+        raise InputError(f"kv_cache=True needs a transformers causal LM, got {type(model).__name__}")
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+    layers = len(cache.layers)
+    if layers == 0 or any(lay.keys is None for lay in cache.layers):
+        raise CaptureError(f"{type(model).__name__}: its cache has no per-layer keys / values to expose")
+    k = cache.layers[0].keys
+    shapes = {tuple(lay.keys.shape[1::2]) for lay in cache.layers} | {tuple(lay.values.shape[1::2]) for lay in cache.layers}
+    if len(shapes) != 1:
+        raise CaptureError(f"{type(model).__name__}: layers with different KV head counts / dims {sorted(shapes)} "
+                           "are not supported by the KV-cache capture yet")
+    return {"layers": layers, "kv_heads": int(k.shape[1]), "head_dim": int(k.shape[3]),
+            "dtype": str(k.dtype).removeprefix("torch."), "layout": "batch, kv_heads, seq, head_dim",
+            "cache": "concat"}
+
+
+KV_INPUTS = ("input_ids", "position_ids")
+
+
+def kv_input_names(layers: int) -> list[str]:
+    return [*KV_INPUTS, *[f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]]
+
+
+def kv_inputs(kv: dict, ids: torch.Tensor, past: "tuple | list | None" = None, start: int = 0) -> tuple:
+    """The full input tuple of a KV-cache graph: ``ids``, their positions from ``start``, and the
+    past (empty of the right shape when None)."""
+    b = ids.shape[0]
+    pos = torch.arange(start, start + ids.shape[1], dtype=torch.long).expand(b, -1)
+    if past is None:
+        dt = getattr(torch, kv["dtype"])
+        empty = torch.zeros(b, kv["kv_heads"], 0, kv["head_dim"], dtype=dt)
+        past = [empty] * (2 * kv["layers"])
+    return (ids, pos, *past)
 
 
 def _is_hf(model: torch.nn.Module) -> bool:
@@ -98,20 +165,43 @@ def check_finite_parameters(model: torch.nn.Module) -> None:
             raise InputError(f"weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
 
 
+def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple):
+    config = model.model.config
+    max_seq = int(getattr(config, "max_position_embeddings", None) or 1 << 16)
+    seq = torch.export.Dim("seq", min=1, max=max_seq)
+    past = torch.export.Dim("past", min=0, max=max_seq)
+    batch = torch.export.Dim("batch", min=2, max=1 << 16) if inputs[0].shape[0] >= 2 else None
+    lead = {0: batch} if batch is not None else {}
+    return ({**lead, 1: seq}, {**lead, 1: seq}, tuple({**lead, 2: past} for _ in inputs[2:]))
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
-            dynamic: bool = True, strict: bool = False, decompose: bool = False) -> GraphModule:
-    """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring)."""
+            dynamic: bool = True, strict: bool = False, decompose: bool = False, kv_cache: bool = False) -> GraphModule:
+    """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring).
+    ``kv_cache``: a causal LM with its KV cache as graph inputs and outputs (:class:`HFCacheWrapper`;
+    ``example_inputs`` is then ``(input_ids,)``, the past is made up here)."""
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
     check_finite_parameters(model)
     prefix = ""
-    if _is_hf(model):
+    if kv_cache:
+        kv = kv_layout(model)
+        ids = example_inputs[0]
+        dt = getattr(torch, kv["dtype"])
+        gen = torch.Generator().manual_seed(0)  # a past of 2 so export does not specialize its length
+        past = [torch.randn(ids.shape[0], kv["kv_heads"], 2, kv["head_dim"], generator=gen).to(dt)
+                for _ in range(2 * kv["layers"])]
+        example_inputs = kv_inputs(kv, ids, past, start=2)
+        model, prefix = HFCacheWrapper(model, kv["layers"]), _WRAPPED + "."
+        shapes = _kv_dynamic_shapes(model, example_inputs) if dynamic else None
+    elif _is_hf(model):
         model, prefix = HFWrapper(model, input_names[: len(example_inputs)]), _WRAPPED + "."
     model = model.eval()
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, example_inputs, dynamic_shapes=_dynamic_shapes(model, example_inputs, dynamic),
-                                     strict=strict)
+            if not kv_cache:
+                shapes = _dynamic_shapes(model, example_inputs, dynamic)
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=strict)
             if decompose:
                 ep = ep.run_decompositions(_decompositions())
     except Exception as e:  # torch raises many types here; all become one actionable error
@@ -120,7 +210,12 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
             ", dynamic=False (static shapes), or wrap the model so forward takes and returns plain tensors"
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
                            f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
-    return _unlift(ep, prefix)
+    gm = _unlift(ep, prefix)
+    if kv_cache:  # the present keys / values: a graph role passes and backends can address
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        for i, node in enumerate(out[1:]):
+            node.meta[KV] = {"layer": i // 2, "kind": ("key", "value")[i % 2]}
+    return gm
 
 
 def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:

@@ -26,6 +26,7 @@ QWEIGHT = "finegrain_qweight"  # quantizable op: QTensor of its quantized weight
 ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "router" | "matmul" | "conv" | "embedding"
 OBSERVED = "finegrain_observed"  # node whose output the stats store has statistics for
 MODULE = "finegrain_module"  # call_function node: path of the innermost source module that ran it
+KV = "finegrain_kv"  # node meta on a KV-cache graph's present keys / values: {"layer": i, "kind": "key" | "value"}
 
 OpKind = Literal["linear", "grouped", "matmul", "conv", "embedding"]
 

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.capture import capture
+from finegrain.compiler.capture import capture, kv_input_names, kv_inputs, kv_layout
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.driver.pipeline import ANALYZE, MATERIALIZE, PIPELINE, run_passes
@@ -29,6 +29,7 @@ class Prepared:
     specs: list[dict]
     t0: float  # perf_counter at the start of capture
     t_capture: float  # seconds capture took
+    kv: dict | None = None  # the KV-cache layout when captured with kv_cache=True
 
 
 def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool) -> list[dict]:
@@ -74,7 +75,7 @@ def _calibration_batches(calibration: Iterable | None, specs: list[dict], model:
 def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict" = "w8a8",
             calibration: Iterable | None = None, *, input_names: Sequence[str] = ("input_ids", "attention_mask"),
             dynamic: bool = True, strict: bool = False, tokenizer: Any = None, source: dict | None = None,
-            progress: bool = True, strict_recipe: bool = False) -> CompiledModel:
+            progress: bool = True, strict_recipe: bool = False, kv_cache: bool = False) -> CompiledModel:
     """Quantize ``model`` per ``recipe``; return a callable, saveable :class:`CompiledModel`.
 
     ``example_inputs`` is a tuple of tensors (for language models, ``(input_ids,)``);
@@ -82,14 +83,18 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     ``dynamic``). Recipes with static activation scales require calibration. A recipe rule that
     matches no layer, or a recipe that quantizes nothing, is a warning (``cm.warnings``, the
     manifest) or, with ``strict_recipe``, a RecipeError. ``strict`` is torch.export's strict mode.
+    ``kv_cache`` (a ``transformers`` causal LM, ``example_inputs = (input_ids,)``): capture the
+    decoder with its KV cache as graph inputs / outputs (``capture.HFCacheWrapper``), so sessions
+    decode one token at a time over the cache; calling the result with token ids alone still gives
+    the logits (an empty past).
     """
     prep = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, PIPELINE,
-                    strict_recipe)
+                    strict_recipe, kv_cache)
     return _finish(prep, model, tokenizer, source)
 
 
 def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes,
-             strict_recipe=False) -> Prepared:
+             strict_recipe=False, kv_cache=False) -> Prepared:
     recipe = get_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -101,12 +106,31 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
     if recipe.needs_calibration and not batches:
         raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
                          "the output-error clip search or bit allocation)")
+    kv = None
+    if kv_cache:
+        if len(example_inputs) != 1:
+            raise InputError("kv_cache=True: example_inputs must be (input_ids,)")
+        kv = {**kv_layout(model), "max_seq_len": int(getattr(model.config, "max_position_embeddings", None) or 2048)}
+        batches = [kv_inputs(kv, b[0]) for b in batches]
+        specs = _kv_specs(specs[0], kv)
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict)
+    gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict, kv_cache=kv_cache)
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
     gm = run_passes(gm, ctx, passes)
-    return Prepared(gm, ctx, specs, t0, t_capture)
+    return Prepared(gm, ctx, specs, t0, t_capture, kv)
+
+
+def _kv_specs(ids_spec: dict, kv: dict) -> list[dict]:
+    """Input specs of a KV-cache graph: ids and positions [batch, seq], each past [batch, kv_heads,
+    past, head_dim] (dynamic seq / past; batch as the ids')."""
+    lead = [0] if 0 in ids_spec["dynamic_dims"] else []
+    b = ids_spec["shape"][0]
+    names = kv_input_names(kv["layers"])
+    specs = [dict(ids_spec, name=names[0]), dict(ids_spec, name=names[1], dtype="int64")]
+    specs += [{"name": n, "dtype": kv["dtype"], "shape": [b, kv["kv_heads"], 1, kv["head_dim"]],
+               "dynamic_dims": lead + [2]} for n in names[2:]]
+    return specs
 
 
 def hf_config(model) -> dict | None:
@@ -135,7 +159,8 @@ def _finish(prep: Prepared, model, tokenizer, source) -> CompiledModel:
     return CompiledModel(gm=gm, recipe=ctx.recipe, input_specs=specs, source=source,
                          quantized=quantized, layer_report=ctx.report.get("layers", {}),
                          folds=ctx.report.get("folds", []), allocation=ctx.report.get("allocation", {}),
-                         tokenizer=tokenizer, timings=timings, warnings=list(ctx.report.get("warnings", [])))
+                         tokenizer=tokenizer, timings=timings, warnings=list(ctx.report.get("warnings", [])),
+                         kv=prep.kv)
 
 
 def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict",

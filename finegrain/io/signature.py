@@ -13,7 +13,7 @@ from finegrain.errors import ArtifactError, InputError
 
 _INPUT_DTYPES = {"int64", "int32", "float32", "float16", "bfloat16", "bool"}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_INPUT_ELEMENTS = 16, 8, 1 << 20, 1 << 26
+MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_INPUT_ELEMENTS = 512, 8, 1 << 20, 1 << 26  # KV-cache graphs: 2 + 2 x layers inputs
 
 
 def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:

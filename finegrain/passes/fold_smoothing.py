@@ -299,7 +299,7 @@ def fold_smoothing(gm: GraphModule, ctx: PassContext) -> GraphModule:
                               f"{xmax_after:.3g}",
                     "error_before": base, "error_after": err})
     if changed:
-        ctx.stats = StatsStore(seed=ctx.stats.seed, rows=0)
+        ctx.stats = StatsStore(seed=ctx.stats.seed, rows=0, hessian=ctx.stats.hessian)  # later passes may need X^T X
         ctx.report["stats_invalidated_by"] = "fold_smoothing"
     gm.graph.eliminate_dead_code()
     gm.recompile()

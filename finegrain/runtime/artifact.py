@@ -62,6 +62,7 @@ def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False
             "folds": cm.folds,
             "allocation": cm.allocation,
             "warnings": cm.warnings,
+            **({"kv": cm.kv} if cm.kv else {}),
             "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                         for n, t in sorted(tensors.items())},
             "files": file_records(tmp, files),
@@ -90,9 +91,23 @@ def read_manifest(path: str | Path) -> dict:
     if not isinstance(manifest.get("warnings", []), list):
         raise ArtifactError(f"{mf}: field 'warnings' must be a JSON array")
     check_input_specs(manifest["inputs"], f"{mf}: inputs")
+    if "kv" in manifest:
+        _check_kv(manifest["kv"], manifest["inputs"], mf)
     _check_tensor_table(manifest["tensors"], mf)
     _check_quantized(manifest["quantized"], mf)
     return manifest
+
+
+def _check_kv(kv, inputs: list, mf: Path) -> None:
+    """A KV-cache graph's layout: bounded integers, a float dtype, and exactly the inputs it implies."""
+    ints = ("layers", "kv_heads", "head_dim", "max_seq_len")
+    if (not isinstance(kv, dict) or not all(is_int(kv.get(k)) and 1 <= kv[k] <= 1 << 20 for k in ints)
+            or kv.get("dtype") not in ("float32", "float16", "bfloat16")):
+        raise ArtifactError(f"{mf}: field 'kv' must hold integer layers, kv_heads, head_dim, max_seq_len in [1, 2^20] "
+                            "and a float dtype")
+    want = ["input_ids", "position_ids"] + [f"past_{k}_{i}" for i in range(kv["layers"]) for k in ("key", "value")]
+    if [s.get("name") for s in inputs] != want:
+        raise ArtifactError(f"{mf}: a KV-cache artifact's inputs must be {want[:4]}... ({len(want)} in all)")
 
 
 def _check_tensor_table(tensors: dict, mf: Path) -> None:

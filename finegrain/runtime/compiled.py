@@ -32,6 +32,7 @@ class CompiledModel(Artifact):
     tokenizer: Any = None
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # recipe rules that matched nothing, nothing quantized
+    kv: dict | None = None  # KV-cache graph (compile(kv_cache=True)): layers, kv_heads, head_dim, dtype, max_seq_len
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.session().run(*inputs)
@@ -122,5 +123,5 @@ class CompiledModel(Artifact):
         return cls(gm=gm, recipe=recipe or Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
                    source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
                    layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []),
-                   allocation=manifest.get("allocation") or {}, tokenizer=tokenizer,
+                   allocation=manifest.get("allocation") or {}, tokenizer=tokenizer, kv=manifest.get("kv"),
                    warnings=manifest.get("warnings", []))
