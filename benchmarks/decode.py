@@ -1,0 +1,159 @@
+"""Decode and prefill speed on the bundled SmolLM2, ratios against torch fp32 with the Hugging
+Face KV cache measured in the same process (issue #16, item 6).
+
+    python benchmarks/decode.py --out results/decode [--threads 1 2] [--past 128 1024 2048]
+
+Rows (each with and without its own KV cache where it has one):
+* ``torch fp32 + HF cache``: ``transformers`` generate-style forwards over a ``DynamicCache`` (the baseline);
+* ``finegrain fp32, KV graph``: a float artifact compiled with ``kv_cache=True``, reference backend;
+* ``finegrain W4A16 g128, KV graph``: the RTN preset, reference backend (it dequantizes every weight
+  at every step: the reference is ground truth, not a fast path);
+* ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
+  ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
+
+Measured: decode tokens/s at each past length (16 single-token steps after a prefill of that
+length), prefill tokens/s at 128 and 512 tokens, time to first token for a 128-token prompt, and
+the process's peak RSS at the end. Absolute numbers are this machine's; the ratios are the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEPS = 16
+
+
+def _hf(model):
+    from transformers import DynamicCache
+
+    def prefill(ids):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=ids, cache=cache, use_cache=True)
+        return cache
+
+    def step(cache, ids):
+        with torch.inference_mode():
+            model(input_ids=ids, cache=cache, use_cache=True)
+        return cache
+
+    return prefill, step
+
+
+def _fg(cm):
+    s = cm.session()
+
+    def prefill(ids):
+        return s.prefill(ids)[1]
+
+    def step(state, ids):
+        return s.step(state, ids)[1]
+
+    return prefill, step
+
+
+def _llama(path: str, threads: int, ctx: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                logits_all=False)
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        return llm
+
+    def step(state, ids):
+        state.eval(ids[0].tolist())
+        return state
+
+    return prefill, step
+
+
+def _measure(prefill, step, ids: torch.Tensor, pasts: list[int], prompts: list[int]) -> dict:
+    out = {}
+    for n in prompts:
+        prefill(ids[:, :8])  # warm up
+        t = time.perf_counter()
+        prefill(ids[:, :n])
+        out[f"prefill_{n}"] = n / (time.perf_counter() - t)
+    out["ttft_128_s"] = 128 / out["prefill_128"] if "prefill_128" in out else None
+    for p in pasts:
+        state = prefill(ids[:, :p])
+        t = time.perf_counter()
+        for i in range(STEPS):
+            state = step(state, ids[:, p + i:p + i + 1])
+        out[f"decode_{p}"] = STEPS / (time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--past", type=int, nargs="+", default=[128, 1024, 2048])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--out", default="results/decode")
+    args = ap.parse_args()
+
+    import finegrain
+    from finegrain.jobs import compile_loaded
+    from finegrain.models import load_model
+    from finegrain.eval.perplexity import wikitext_ids
+
+    lm = load_model("smollm2-135m")
+    need = max(args.past) + STEPS + 1
+    ids = wikitext_ids(lm.tokenizer)[:need].unsqueeze(0)
+    float_recipe = {"name": "fp32", "rules": [{"role": "linear"}]}
+    t = time.perf_counter()
+    fp_kv = finegrain.compile(lm.model, (ids[:, :16],), recipe=float_recipe, progress=False, kv_cache=True)
+    w4_kv = compile_loaded(lm, "w4a16-g128", samples=0, progress=False, kv_cache=True)
+    build_s = time.perf_counter() - t
+    rows = [("torch fp32 + HF cache", lambda th: _hf(lm.model)),
+            ("finegrain fp32, KV graph (torch ref)", lambda th: _fg(fp_kv)),
+            ("finegrain W4A16 g128, KV graph (torch ref)", lambda th: _fg(w4_kv))]
+    try:
+        import llama_cpp  # noqa: F401
+
+        from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
+
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bundled = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
+        ours = out_dir / "finegrain-w4a16-g128.gguf"
+        w4_kv.export_gguf(ours, overwrite=True, tokenizer_gguf=bundled, dtype="float16")
+        ctx = need + 8
+        rows += [("llama.cpp Q4_1 (bundled GGUF)", lambda th: _llama(str(bundled), th, ctx)),
+                 ("llama.cpp finegrain W4A16 g128 -> GGUF Q4_1", lambda th: _llama(str(ours), th, ctx))]
+    except ImportError:
+        print("llama-cpp-python is not installed (pip install -e '.[llama]'): no llama.cpp rows")
+    results = []
+    for th in args.threads:
+        torch.set_num_threads(th)
+        base = None
+        for name, make in rows:
+            prefill, step = make(th)
+            r = _measure(prefill, step, ids, args.past, args.prompts)
+            base = base or r
+            r = {"model": name, "threads": th, **r, **{f"{k}_x": r[k] / base[k] for k in r
+                                                       if k.startswith(("decode_", "prefill_"))}}
+            results.append(r)
+            print(f"[{th} thr] {name:46s} " + "  ".join(
+                f"{k} {r[k]:7.1f} ({r[k + '_x']:.2f}x)" for k in r if k.startswith(("decode_", "prefill_")) and
+                not k.endswith("_x")), flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps({"results": results, "peak_rss_bytes": peak, "build_seconds": build_s,
+                                                 "steps": STEPS}, indent=1))
+    print(f"peak RSS {peak / 2**30:.2f} GiB; artifacts built in {build_s:.1f} s; {out / 'decode.json'}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
