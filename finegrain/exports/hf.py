@@ -267,7 +267,8 @@ def collect(cm) -> tuple[dict, torch.nn.Module, dict, list[str]]:
             problems.append(f"{key}: the {type(model).__name__} checkpoint needs this tensor and the compiled graph has "
                             "none of that name (the compiled forward does not compute with it, e.g. a pooler whose "
                             "output finegrain's capture drops, or a pass removed it)")
-    for name in sorted(set(contents.dense) - set(expected) - computed_buffers):
+    literals = {n for n in contents.dense if n.startswith("lifted_tensor_")}  # literals of the forward code
+    for name in sorted(set(contents.dense) - set(expected) - computed_buffers - literals):
         problems.append(f"{name}: a tensor in the compiled graph (a fold added it) with no place in the "
                         f"{type(model).__name__} checkpoint")
     if tie and head is not None and head in state:

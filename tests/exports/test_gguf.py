@@ -185,3 +185,16 @@ def test_float16_matrices_and_file_mode(llama128, tmp_path):
         assert _rel(cm(x), back(x).logits) < 1e-2
     with pytest.raises(ExportError, match="float32 or float16"):
         cm.export_gguf(tmp_path / "c.gguf", dtype="bfloat16")
+
+
+def test_a_kv_cache_artifact_exports_too(tmp_path):
+    """The KV-cache graph has the same weights (and torch.export's literal constants, which are not
+    checkpoint tensors): it exports and reads back like the plain graph."""
+    from finegrain.models.tiny import tiny_llama
+
+    model = tiny_llama(seed=2, hidden=128)
+    ids = torch.randint(0, 256, (1, 12))
+    cm = finegrain.compile(model, (ids,), recipe=Q40, progress=False, kv_cache=True)
+    assert cm.export_gguf(tmp_path / "m.gguf")["types"] == {"F32": 6, "Q4_0": 14}
+    with torch.no_grad():
+        assert _rel(cm(ids), load_gguf_llama(tmp_path / "m.gguf")(ids).logits) <= 1e-5
