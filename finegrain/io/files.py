@@ -39,6 +39,16 @@ def check_replaceable(path: Path, overwrite: bool) -> None:
                          "--overwrite replaces only those; remove it yourself or choose another path")
 
 
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp / mkstemp make 0700 / 0600; an output directory is a deliverable: the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it is renamed to ``path``
@@ -49,6 +59,7 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
