@@ -299,7 +299,7 @@ def _check_ids(cm, n: int = 64):
     import torch
 
     spec = cm.input_specs[0]
-    if len(cm.input_specs) != 1 or spec["dtype"] not in ("int64", "int32"):
+    if (len(cm.input_specs) != 1 and not getattr(cm, "kv", None)) or spec["dtype"] not in ("int64", "int32"):
         raise FinegrainError("--check feeds token ids: it covers models with one token-id input")
     shape = [min(d, n) if i in spec["dynamic_dims"] else d for i, d in enumerate(spec["shape"])]
     return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
@@ -313,9 +313,9 @@ def _say_diff(client: str, ids, got, ref) -> None:
 def cmd_export(args) -> None:
     import finegrain
 
-    target = args.onnx or args.hf or args.gguf
-    if args.hf:
-        check_output_dir(args.hf, args.overwrite)
+    target = args.onnx or args.hf or args.gguf or args.genai
+    if args.hf or args.genai:
+        check_output_dir(target, args.overwrite)
     else:
         check_output_file(target, args.overwrite)
     cm = finegrain.load(args.artifact)
@@ -323,6 +323,8 @@ def cmd_export(args) -> None:
         _export_hf(cm, args)
     elif args.gguf:
         _export_gguf(cm, args)
+    elif args.genai:
+        _export_genai(cm, args)
     else:
         _export_onnx(cm, args)
 
@@ -379,6 +381,39 @@ def _export_gguf(cm, args) -> None:
         llm.eval(ids[0].tolist())
         got = torch.tensor(np.array(llm.scores[: ids.shape[-1]]))
         _say_diff("llama.cpp", ids, got, cm(ids)[0])
+
+
+def _export_genai(cm, args) -> None:
+    import numpy as np
+
+    from finegrain.backends.onnx import export_genai
+
+    info = export_genai(cm, args.genai, style=args.style, accuracy_level=args.accuracy_level,
+                        overwrite=args.overwrite)
+    forms: dict[str, int] = {}
+    for form in info["weights"].values():
+        forms[form] = forms.get(form, 0) + 1
+    _say(f"{args.genai}: onnxruntime-genai folder, {info['bytes'] / 1e6:.1f} MB ({', '.join(info['files'])})")
+    _table(None, ["ONNX form of the quantized weights", "weights"], [[k, v] for k, v in sorted(forms.items())])
+    if args.check:
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise FinegrainError("--check runs onnxruntime-genai, which is not installed (the 'test' extra)") from None
+        ids = _check_ids(cm, 16)
+        model = og.Model(str(args.genai))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + 16, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens(ids[0].numpy().astype(np.int32))
+        got = []
+        while not g.is_done():
+            g.generate_next_token()
+            got.append(int(g.get_next_tokens()[0]))
+        want = cm.generate(ids, len(got)).tokens
+        same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(got))
+        _say(f"onnxruntime-genai generated {len(got)} tokens greedily from {ids.shape[1]} prompt tokens; "
+             f"the first {same} equal the torch reference's")
 
 
 def _export_onnx(cm, args) -> None:
@@ -549,7 +584,7 @@ def cmd_generate(args) -> None:
     _say(f"[{backend}] prefill {g.prompt_tokens} tokens in {g.prefill_seconds:.3f} s "
          f"({g.prefill_tokens_per_second:.1f} tokens/s); decode {len(g.tokens)} tokens in {g.decode_seconds:.3f} s "
          f"({g.decode_tokens_per_second:.1f} tokens/s, "
-         f"{'KV cache: one token per step' if getattr(cm, 'kv', None) and backend == 'torch' else 'no KV cache: each step recomputes the sequence (quantize --kv-cache for one)'}); "
+         f"{'KV cache: one token per step' if getattr(session, 'kv', None) else 'no KV cache: each step recomputes the sequence (quantize --kv-cache for one)'}); "
          f"stopped by {g.stopped}", style="dim")
 
 
@@ -642,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the bundled LM, compare FP vs quantized perplexity, save the artifact")
     d.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
-    d.add_argument("--recipe", default="w4a16-g128", help="preset name or recipe .json/.yaml")
+    d.add_argument("--recipe", default="w4a16-g128-clip", help="preset name or recipe .json/.yaml (default: the best "
+                                                               "W4 preset that compiles in about a minute)")
     d.add_argument("--seq-len", type=POS, default=2048)
     d.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows to evaluate (0 = all)")
     d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
@@ -705,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--onnx", help="output .onnx file")
     where.add_argument("--hf", help="output directory: Hugging Face model in the compressed-tensors schema")
     where.add_argument("--gguf", help="output .gguf file for llama.cpp (Q8_0 / Q4_0 / Q4_1 weights)")
+    where.add_argument("--genai", help="output directory onnxruntime-genai loads (model.onnx with the KV cache, "
+                                       "genai_config.json, tokenizer); needs an artifact quantized with --kv-cache")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="--hf: dtype of the float tensors and weight scales; --gguf: of the unquantized matrices "
                         "(F32 / F16). float32 is exact; bfloat16 / float16 halve them as serving checkpoints do")

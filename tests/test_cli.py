@@ -125,3 +125,21 @@ def test_export_hf_and_gguf_with_their_clients(hf_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.layers.0.self_attn.q_proj: weight format int3-g128-asym-fp16" in err
     assert not (tmp_path / "w3.gguf").exists()
+
+
+@pytest.mark.onnx
+def test_kv_cache_quantize_generate_and_genai_export(hf_dir, tmp_path, capsys):
+    art = tmp_path / "kv"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(art), "--kv-cache",
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    for backend in ("torch", "onnx"):
+        assert main(["generate", str(art), "--prompt", "Hello there", "--max-new-tokens", "4",
+                     "--backend", backend]) == 0
+        out = capsys.readouterr().out
+        assert "KV cache: one token per step" in out, out
+    pytest.importorskip("onnxruntime_genai")
+    assert main(["export", str(art), "--genai", str(tmp_path / "genai"), "--style", "matmulnbits", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime-genai generated 16 tokens greedily" in out and "the first 16 equal" in out
+    assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()

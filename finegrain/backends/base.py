@@ -158,27 +158,49 @@ class Artifact:
 
 class Session:
     """A runnable model on one backend. ``run(*inputs)`` -> logits / outputs. For generative
-    models ``prefill(ids) -> (logits, state)`` and ``step(state, ids) -> (logits, state)``; the
-    defaults here recompute the whole sequence from the token ids kept in the state (correct, not
-    fast: O(n^2) over a generation) until a backend holds a KV cache. ``generate`` drives them.
+    models ``prefill(ids) -> (logits, state)`` and ``step(state, ids) -> (logits, state)``: over a
+    KV-cache graph (``kv``; ``compile(kv_cache=True)``) the state is the presents, fed back as the
+    next step's past (``run_all`` gives them); otherwise they recompute the whole sequence from the
+    token ids kept in the state (correct, not fast: O(n^2) over a generation). ``generate`` drives them.
     ``close()`` frees what the session holds (temporary directories, native handles); sessions are
     context managers."""
 
     backend = "?"
     input_specs: list[dict]
     max_seq_len: int | None = None  # the longest sequence the session takes, when it has a limit
+    kv: dict | None = None  # the KV-cache layout when the session runs a KV-cache graph
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_all(self, *inputs: torch.Tensor) -> tuple:
+        """Every output of the graph (a KV-cache graph: logits, then the presents)."""
         raise NotImplementedError
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.run(*inputs)
 
+    def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        """A KV-cache graph on ``ids`` at positions ``start``.. over ``past`` (None: empty)."""
+        from finegrain.compiler.capture import kv_inputs
+        from finegrain.errors import InputError
+
+        if self.max_seq_len is not None and start + ids.shape[1] > self.max_seq_len:
+            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
+                             "(max_seq_len)")
+        return self.run_all(*kv_inputs(self.kv, ids, past, start))
+
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.kv:
+            out = self.kv_forward(ids, None, 0)
+            return out[0], {"past": out[1:], "pos": ids.shape[1]}
         logits = self.run(ids)
         return logits, {"ids": ids}
 
     def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.kv:
+            out = self.kv_forward(ids, state["past"], state["pos"])
+            return out[0], {"past": out[1:], "pos": state["pos"] + ids.shape[1]}
         seq = torch.cat([state["ids"], ids], dim=1)
         return self.run(seq)[:, -ids.shape[1]:], {"ids": seq}
 

@@ -398,6 +398,14 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
     return forms
 
 
+def output_names(cm) -> list[str]:
+    """``output``; a KV-cache graph: ``logits`` then ``present_key_i`` / ``present_value_i``."""
+    kv = getattr(cm, "kv", None)
+    if not kv:
+        return ["output"]
+    return ["logits"] + [f"present_{k}_{i}" for i in range(kv["layers"]) for k in ("key", "value")]
+
+
 def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 0, overwrite: bool = False) -> dict:
     """Export ``cm`` (a CompiledModel) to the ONNX file ``path``; returns a summary: the file(s),
     their bytes, and the ONNX form each quantized weight got."""
@@ -422,7 +430,7 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         prog = torch.onnx.export(cm.gm.eval(), example_inputs(cm.input_specs), dynamo=True, opset_version=OPSET,
                                  custom_translation_table=_translation_table(), optimize=True, verbose=False,
                                  dynamic_shapes=export_dynamic_shapes(cm.input_specs),
-                                 input_names=[s["name"] for s in cm.input_specs], output_names=["output"])
+                                 input_names=[s["name"] for s in cm.input_specs], output_names=output_names(cm))
     model = prog.model
     forms = _lower(model, style, accuracy_level)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
@@ -446,6 +454,79 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
             "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms}
 
 
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+               "gemma2": "gemma2", "gemma3_text": "gemma3_text"}
+
+
+def export_genai(cm, out: str | Path, style: str = "matmulnbits", accuracy_level: int = 0,
+                 overwrite: bool = False) -> dict:
+    """A folder onnxruntime-genai loads and generates with: ``model.onnx`` (the KV-cache graph:
+    ``input_ids``, ``position_ids``, ``past_key_i`` / ``past_value_i`` in; ``logits``,
+    ``present_key_i`` / ``present_value_i`` out; the past grows by concatenation, so
+    ``past_present_share_buffer`` is false), ``genai_config.json`` naming them, and the tokenizer
+    files. Needs an artifact compiled with ``kv_cache=True`` from a transformers causal LM."""
+    from finegrain.io.files import atomic_directory, dumps_json
+
+    kv = getattr(cm, "kv", None)
+    cfg = (cm.source or {}).get("hf_config") or {}
+    if not kv:
+        raise ExportError("onnxruntime-genai needs the KV cache in the graph: re-compile with kv_cache=True "
+                          "(finegrain quantize --kv-cache)")
+    mtype = GENAI_TYPES.get(cfg.get("model_type"))
+    if mtype is None:
+        raise ExportError(f"model type {cfg.get('model_type')!r}: onnxruntime-genai types this export writes are "
+                          f"{', '.join(GENAI_TYPES)}")
+
+    def ids(key):
+        v = cfg.get(key)
+        return v if isinstance(v, int) or (isinstance(v, list) and all(isinstance(x, int) for x in v)) else None
+
+    eos = ids("eos_token_id")
+    tok = cm.tokenizer
+    if eos is None and tok is not None:
+        eos = tok.eos_token_id
+    genai = {
+        "model": {
+            "bos_token_id": ids("bos_token_id") if ids("bos_token_id") is not None else getattr(tok, "bos_token_id", 0),
+            "context_length": kv["max_seq_len"],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": kv["head_dim"],
+                "hidden_size": int(cfg.get("hidden_size", kv["head_dim"] * cfg.get("num_attention_heads", 1))),
+                "inputs": {"input_ids": "input_ids", "position_ids": "position_ids",
+                           "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
+                "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
+                            "present_value_names": "present_value_%d"},
+                "num_attention_heads": int(cfg.get("num_attention_heads", kv["kv_heads"])),
+                "num_hidden_layers": kv["layers"],
+                "num_key_value_heads": kv["kv_heads"],
+            },
+            "eos_token_id": eos if eos is not None else 0,
+            "pad_token_id": ids("pad_token_id") if ids("pad_token_id") is not None else (
+                eos[0] if isinstance(eos, list) else eos if eos is not None else 0),
+            "type": mtype,
+            "vocab_size": int(cfg.get("vocab_size", 0)),
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": kv["max_seq_len"], "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    out = Path(out)
+    with atomic_directory(out, overwrite) as tmp:
+        info = export_onnx(cm, tmp / "model.onnx", style=style, accuracy_level=accuracy_level)
+        (tmp / "genai_config.json").write_text(dumps_json(genai) + "\n")
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        (tmp / "finegrain_export.json").write_text(dumps_json({
+            "finegrain_export": "onnxruntime-genai", "recipe": cm.recipe_name, "style": style,
+            "accuracy_level": accuracy_level, "forms": info["weights"]}) + "\n")
+    files = sorted(p.name for p in out.iterdir())
+    return {"path": str(out), "files": files, "bytes": sum((out / f).stat().st_size for f in files),
+            "weights": info["weights"], "style": style}
+
+
 class OnnxSession(Session):
     """Runs a CompiledModel through ONNX Runtime (CPU). The model is exported to a temporary
     directory (kept for the session's life: ``self.path``; removed by ``close()``)."""
@@ -455,6 +536,8 @@ class OnnxSession(Session):
     def __init__(self, cm, style: str = "qdq", accuracy_level: int = 0, threads: int | None = None,
                  path: str | Path | None = None):
         self.input_specs = cm.input_specs
+        self.kv = getattr(cm, "kv", None)
+        self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
         self._tmp = None
         if path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-onnx-")
@@ -464,9 +547,15 @@ class OnnxSession(Session):
         self.session = make_session(self.path, accuracy_level, threads)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kv and len(inputs) == 1:
+            return self.kv_forward(inputs[0], None, 0)[0]
+        out = self.run_all(*inputs)
+        return out if self.kv else out[0]
+
+    def run_all(self, *inputs: torch.Tensor) -> tuple:
         check_inputs(self.input_specs, inputs)
         feed = {s["name"]: t.detach().cpu().numpy() for s, t in zip(self.input_specs, inputs)}
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
 
 
 def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None = None):
@@ -485,6 +574,7 @@ def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None 
 
 class OnnxBackend(BackendBase):
     name = "onnx"
+    kv_cache = True  # past_key_* / present_* in and out of the exported model (onnxruntime-genai reads it)
     description = "ONNX export (QDQ / MatMulNBits) run by ONNX Runtime (CPU)"
     error = ExportError
 

@@ -27,33 +27,13 @@ class TorchRefSession(Session):
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kv and len(inputs) == 1:
-            return self._forward(inputs[0], None, 0)[0]
+            return self.kv_forward(inputs[0], None, 0)[0]
+        return self.run_all(*inputs)
+
+    def run_all(self, *inputs: torch.Tensor):
         check_inputs(self.input_specs, inputs)
         with torch.inference_mode():
             return self.gm(*inputs)
-
-    def _forward(self, ids: torch.Tensor, past, start: int) -> tuple:
-        from finegrain.compiler.capture import kv_inputs
-
-        inputs = kv_inputs(self.kv, ids, past, start)
-        check_inputs(self.input_specs, inputs)
-        if start + ids.shape[1] > self.max_seq_len:
-            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
-                             "(max_seq_len)")
-        with torch.inference_mode():
-            return self.gm(*inputs)
-
-    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if not self.kv:
-            return super().prefill(ids)
-        out = self._forward(ids, None, 0)
-        return out[0], {"past": out[1:], "pos": ids.shape[1]}
-
-    def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        if not self.kv:
-            return super().step(state, ids)
-        out = self._forward(ids, state["past"], state["pos"])
-        return out[0], {"past": out[1:], "pos": state["pos"] + ids.shape[1]}
 
 
 class TorchBackend(BackendBase):

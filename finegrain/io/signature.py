@@ -38,14 +38,18 @@ def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
 
 
 def export_dynamic_shapes(specs: list[dict]) -> tuple:
-    """``torch.export`` dynamic shapes for inputs described by ``specs`` (dim 0 = batch, 1 = seq)."""
+    """``torch.export`` dynamic shapes for inputs described by ``specs`` (dim 0 = batch, 1 = seq; a
+    KV-cache graph's ``past_*`` inputs share one ``past`` dim (min 0) and its seq may be 1)."""
+    kv = any(s["name"].startswith("past_") for s in specs)
     dims = {}
     out = []
     for s in specs:
         d = {}
         for i in s["dynamic_dims"]:
-            key = "batch" if i == 0 else "seq" if i == 1 else f"{s['name']}_{i}"
-            dims.setdefault(key, torch.export.Dim(key, min=1 if key == "batch" else 2, max=1 << 16))
+            past = kv and s["name"].startswith("past_") and i == 2
+            key = "batch" if i == 0 else "past" if past else "seq" if i == 1 else f"{s['name']}_{i}"
+            low = 0 if past else 1 if key == "batch" or kv else 2
+            dims.setdefault(key, torch.export.Dim(key, min=low, max=1 << 16))
             d[i] = dims[key]
         out.append(d or None)
     return tuple(out)
