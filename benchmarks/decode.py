@@ -8,6 +8,9 @@ Rows (each with and without its own KV cache where it has one):
 * ``finegrain fp32, KV graph``: a float artifact compiled with ``kv_cache=True``, reference backend;
 * ``finegrain W4A16 g128, KV graph``: the RTN preset, reference backend (it dequantizes every weight
   at every step: the reference is ground truth, not a fast path);
+* ``onnxruntime`` (the KV-cache graph exported with MatMulNBits, accuracy level 0, finegrain's ONNX
+  session) and ``onnxruntime-genai`` on the same ``model.onnx`` (its generator, teacher-forced with the
+  same tokens);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -54,6 +57,43 @@ def _fg(cm):
 
     def step(state, ids):
         return s.step(state, ids)[1]
+
+    return prefill, step
+
+
+def _onnx(cm, path, threads: int):
+    from finegrain.backends.onnx import OnnxSession
+
+    s = OnnxSession(cm, style="matmulnbits", accuracy_level=0, threads=threads, path=path)
+
+    def prefill(ids):
+        return s.prefill(ids)[1]
+
+    def step(state, ids):
+        return s.step(state, ids)[1]
+
+    return prefill, step
+
+
+def _genai(folder, threads: int):
+    import onnxruntime_genai as og
+
+    cfg_path = Path(folder) / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    model = og.Model(str(folder))
+
+    def prefill(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=4096, do_sample=False)
+        g = og.Generator(model, params)
+        g.append_tokens(ids[0].numpy().astype(np.int32))
+        return g
+
+    def step(g, ids):
+        g.append_tokens(ids[0].numpy().astype(np.int32))  # teacher-forced: the same tokens as the other rows
+        return g
 
     return prefill, step
 
@@ -117,13 +157,25 @@ def main() -> None:
     rows = [("torch fp32 + HF cache", lambda th: _hf(lm.model)),
             ("finegrain fp32, KV graph (torch ref)", lambda th: _fg(fp_kv)),
             ("finegrain W4A16 g128, KV graph (torch ref)", lambda th: _fg(w4_kv))]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from finegrain.backends.onnx import export_genai
+
+        t = time.perf_counter()
+        genai_dir = out_dir / "w4a16-g128-genai"
+        export_genai(w4_kv, genai_dir, style="matmulnbits", overwrite=True)
+        onnx_export_s = time.perf_counter() - t
+        rows += [("onnxruntime W4A16 g128 MatMulNBits L0, KV graph", lambda th: _onnx(w4_kv, genai_dir / "model.onnx", th)),
+                 ("onnxruntime-genai W4A16 g128 (same model.onnx)", lambda th: _genai(genai_dir, th))]
+    except ImportError as e:
+        onnx_export_s = None
+        print(f"no ONNX Runtime rows: {e}")
     try:
         import llama_cpp  # noqa: F401
 
         from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
 
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
         bundled = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
         ours = out_dir / "finegrain-w4a16-g128.gguf"
         w4_kv.export_gguf(ours, overwrite=True, tokenizer_gguf=bundled, dtype="float16")
@@ -150,7 +202,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps({"results": results, "peak_rss_bytes": peak, "build_seconds": build_s,
-                                                 "steps": STEPS}, indent=1))
+                                                 "onnx_export_seconds": onnx_export_s, "steps": STEPS}, indent=1))
     print(f"peak RSS {peak / 2**30:.2f} GiB; artifacts built in {build_s:.1f} s; {out / 'decode.json'}")
 
 

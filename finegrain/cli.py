@@ -695,7 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--kv-cache", action="store_true",
                    help="capture the decoder with its KV cache as graph inputs / outputs, so `generate` decodes one "
-                        "token per step over the cache (reference backend; ONNX / TVM refuse such artifacts yet)")
+                        "token per step over the cache (torch and onnx backends, onnxruntime-genai export; TVM "
+                        "refuses such artifacts yet)")
     budget(q)
     calib(q)
     q.set_defaults(fn=cmd_quantize)
