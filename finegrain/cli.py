@@ -314,6 +314,8 @@ def cmd_export(args) -> None:
     import finegrain
 
     target = args.onnx or args.hf or args.gguf or args.genai
+    if args.gguf and args.dtype == "bfloat16":
+        raise FinegrainError("--dtype bfloat16: GGUF float tensors are float32 or float16")
     if args.hf or args.genai:
         check_output_dir(target, args.overwrite)
     else:
@@ -329,15 +331,19 @@ def cmd_export(args) -> None:
         _export_onnx(cm, args)
 
 
+def _forms_table(form_column: str, count_column: str, forms: dict[str, str]) -> None:
+    """How many layers got each export form."""
+    from collections import Counter
+
+    _table(None, [form_column, count_column], [[k, v] for k, v in sorted(Counter(forms.values()).items())])
+
+
 def _export_hf(cm, args) -> None:
     import torch
 
     info = cm.export_hf(args.hf, overwrite=args.overwrite, dtype=args.dtype)
-    forms: dict[str, int] = {}
-    for form in info["forms"].values():
-        forms[form] = forms.get(form, 0) + 1
     _say(f"{args.hf}: compressed-tensors, {info['bytes'] / 1e6:.1f} MB ({info['groups']} config group(s))")
-    _table(None, ["compressed-tensors form", "linears"], [[k, v] for k, v in sorted(forms.items())])
+    _forms_table("compressed-tensors form", "linears", info["forms"])
     if args.check:
         from finegrain.exports.hf import asymmetric_groups, decode_hf_export, load_hf_export
 
@@ -360,8 +366,6 @@ def _export_gguf(cm, args) -> None:
         from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
 
         tok = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
-    if args.dtype == "bfloat16":
-        raise FinegrainError("--dtype bfloat16: GGUF float tensors are float32 or float16")
     info = cm.export_gguf(args.gguf, overwrite=args.overwrite, tokenizer_gguf=tok, dtype=args.dtype)
     _say(f"{args.gguf}: GGUF, {info['bytes'] / 1e6:.1f} MB; tokenizer: {info['tokenizer']}")
     _table(None, ["GGML type", "tensors"], [[k, v] for k, v in sorted(info["types"].items())])
@@ -390,11 +394,8 @@ def _export_genai(cm, args) -> None:
 
     info = export_genai(cm, args.genai, style=args.style, accuracy_level=args.accuracy_level,
                         overwrite=args.overwrite)
-    forms: dict[str, int] = {}
-    for form in info["weights"].values():
-        forms[form] = forms.get(form, 0) + 1
     _say(f"{args.genai}: onnxruntime-genai folder, {info['bytes'] / 1e6:.1f} MB ({', '.join(info['files'])})")
-    _table(None, ["ONNX form of the quantized weights", "weights"], [[k, v] for k, v in sorted(forms.items())])
+    _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
     if args.check:
         try:
             import onnxruntime_genai as og
@@ -418,11 +419,8 @@ def _export_genai(cm, args) -> None:
 
 def _export_onnx(cm, args) -> None:
     info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
-    forms: dict[str, int] = {}
-    for form in info["weights"].values():
-        forms[form] = forms.get(form, 0) + 1
-    _table(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}",
-           ["ONNX form of the quantized weights", "weights"], [[k, v] for k, v in sorted(forms.items())])
+    _say(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}")
+    _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
     if args.check:
         from finegrain.backends.onnx import OnnxSession
 

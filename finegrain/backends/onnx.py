@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from finegrain.backends.base import BackendBase, Session
-from finegrain.errors import ExportError, FinegrainError
+from finegrain.errors import ExportError
 from finegrain.formats import QuantFormat
 from finegrain.compiler.ops import HADAMARD
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight

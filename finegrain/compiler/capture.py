@@ -38,7 +38,7 @@ class HFWrapper(torch.nn.Module):
         super().__init__()
         self.model = model
         self.input_names = tuple(input_names)
-        self.causal = hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
+        self.causal = is_causal_lm(model)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         kwargs = dict(zip(self.input_names, inputs))
@@ -75,7 +75,7 @@ class HFCacheWrapper(torch.nn.Module):
 def kv_layout(model: torch.nn.Module) -> dict:
     """The KV cache of a ``transformers`` causal LM: layers, kv heads, head dim (read from a
     one-token forward, so GQA / MQA / explicit head_dim are what the model really does)."""
-    if not _is_hf(model) or not (hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")):
+    if not is_hf_model(model) or not is_causal_lm(model):
         raise InputError(f"kv_cache=True needs a transformers causal LM, got {type(model).__name__}")
     from transformers import DynamicCache
 
@@ -114,8 +114,13 @@ def kv_inputs(kv: dict, ids: torch.Tensor, past: "tuple | list | None" = None, s
     return (ids, pos, *past)
 
 
-def _is_hf(model: torch.nn.Module) -> bool:
+def is_hf_model(model: torch.nn.Module) -> bool:
+    """A ``transformers`` model (its class or a base class comes from the package)."""
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM")
 
 
 def _decompositions() -> dict:
@@ -176,16 +181,15 @@ def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple):
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
-            dynamic: bool = True, strict: bool = False, decompose: bool = False, kv_cache: bool = False) -> GraphModule:
+            dynamic: bool = True, strict: bool = False, decompose: bool = False, kv: dict | None = None) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring).
-    ``kv_cache``: a causal LM with its KV cache as graph inputs and outputs (:class:`HFCacheWrapper`;
-    ``example_inputs`` is then ``(input_ids,)``, the past is made up here)."""
+    ``kv`` (:func:`kv_layout` of a causal LM): capture it with its KV cache as graph inputs and
+    outputs (:class:`HFCacheWrapper`; ``example_inputs`` is then ``(input_ids,)``, the past is made up here)."""
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
     check_finite_parameters(model)
     prefix = ""
-    if kv_cache:
-        kv = kv_layout(model)
+    if kv is not None:
         ids = example_inputs[0]
         dt = getattr(torch, kv["dtype"])
         gen = torch.Generator().manual_seed(0)  # a past of 2 so export does not specialize its length
@@ -193,13 +197,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                 for _ in range(2 * kv["layers"])]
         example_inputs = kv_inputs(kv, ids, past, start=2)
         model, prefix = HFCacheWrapper(model, kv["layers"]), _WRAPPED + "."
-        shapes = _kv_dynamic_shapes(model, example_inputs) if dynamic else None
-    elif _is_hf(model):
+    elif is_hf_model(model):
         model, prefix = HFWrapper(model, input_names[: len(example_inputs)]), _WRAPPED + "."
     model = model.eval()
     try:
         with torch.no_grad():
-            if not kv_cache:
+            if kv is not None:
+                shapes = _kv_dynamic_shapes(model, example_inputs) if dynamic else None
+            else:
                 shapes = _dynamic_shapes(model, example_inputs, dynamic)
             ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=strict)
             if decompose:
@@ -211,7 +216,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
                            f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
     gm = _unlift(ep, prefix)
-    if kv_cache:  # the present keys / values: a graph role passes and backends can address
+    if kv is not None:  # the present keys / values: a graph role passes and backends can address
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         for i, node in enumerate(out[1:]):
             node.meta[KV] = {"layer": i // 2, "kind": ("key", "value")[i % 2]}

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.capture import capture, kv_input_names, kv_inputs, kv_layout
+from finegrain.compiler.capture import capture, is_hf_model, kv_input_names, kv_inputs, kv_layout
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.driver.pipeline import ANALYZE, MATERIALIZE, PIPELINE, run_passes
@@ -114,7 +114,7 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         batches = [kv_inputs(kv, b[0]) for b in batches]
         specs = _kv_specs(specs[0], kv)
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict, kv_cache=kv_cache)
+    gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict, kv=kv)
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
     gm = run_passes(gm, ctx, passes)
@@ -138,8 +138,7 @@ def hf_config(model) -> dict | None:
     in the manifest so exports to Hugging Face formats (compressed-tensors, GGUF) can name the
     architecture; None for other models."""
     config = getattr(model, "config", None)
-    if config is None or not any(c.__module__.startswith("transformers.") for c in type(model).__mro__) \
-            or not hasattr(config, "to_json_string"):
+    if config is None or not is_hf_model(model) or not hasattr(config, "to_json_string"):
         return None
     d = json.loads(config.to_json_string(use_diff=False))
     d["architectures"] = [type(model).__name__]

@@ -8,10 +8,11 @@ the architecture has no place for is reported, never dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from finegrain.compiler.ir import get_tensor
 from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
 from finegrain.formats import QuantFormat
 from finegrain.formats.base import QTensor
@@ -31,7 +32,6 @@ class QuantLinear:
     q: QTensor
     stored_scale: torch.Tensor  # the scale as the artifact stores it (fp16, E4M3, E8M0 exponents ...)
     activation: QuantFormat | None = None  # the format of the linear's input, when quantized
-    consumers: list[str] = field(default_factory=list)  # what reads the weight (node targets)
 
     @property
     def module(self) -> str:
@@ -46,23 +46,15 @@ class GraphContents:
 
 
 def _attr(gm, node) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if node.op != "get_attr":
-        raise ValueError(f"node {node.name} is not a stored tensor")
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return None if node is None else get_tensor(gm, node.target)
 
 
 def _input_format(linear) -> QuantFormat | None:
-    """The format of ``linear``'s input when it is ``dequantize(quantize(x))``, else None."""
+    """The format of ``linear``'s input when it is ``dequantize(getitem(quantize(x)))``, else None."""
     x = linear.args[0]
     if getattr(x, "target", None) is DEQUANTIZE:
-        codes = x.args[0]
-        src = codes.args[0] if getattr(codes, "target", None) is not None and codes.op == "call_function" else None
-        if src is not None and getattr(src, "target", None) is QUANTIZE:
+        src = getattr(x.args[0], "args", (None,))[0]  # the codes are item 0 of quantize's outputs
+        if getattr(src, "target", None) is QUANTIZE:
             return QuantFormat.parse(src.args[1])
     return None
 
@@ -92,7 +84,7 @@ def read_graph(gm) -> GraphContents:
             q = unpack_weight(_attr(gm, packed), stored, _attr(gm, zero), fmt, shape, _attr(gm, scale2),
                               _attr(gm, codebook))
             users = list(n.users)
-            lin = QuantLinear(name, fmt, shape, q, stored, consumers=[str(u.target) for u in users])
+            lin = QuantLinear(name, fmt, shape, q, stored)
             if len(users) == 1 and users[0].target is torch.ops.aten.linear.default and users[0].args[1] is n:
                 lin.activation = _input_format(users[0])
             linears[name] = lin

@@ -59,19 +59,24 @@ def hf_config_of(cm) -> dict:
     return copy.deepcopy(cfg)
 
 
-def skeleton(cfg: dict) -> torch.nn.Module:
-    """The architecture ``cfg`` describes, on the meta device (no memory, no weights)."""
+def _architecture(cfg: dict):
+    """(transformers config object, the Auto class that builds it) for a config dict."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    archs = cfg.get("architectures") or []
-    causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+    causal = any(isinstance(a, str) and a.endswith("ForCausalLM") for a in cfg.get("architectures") or [])
+    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "transformers_version"})
+    return config, (AutoModelForCausalLM if causal else AutoModel)
+
+
+def skeleton(cfg: dict) -> torch.nn.Module:
+    """The architecture ``cfg`` describes, on the meta device (no memory, no weights)."""
     try:
-        config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k not in ("transformers_version",)})
+        config, auto = _architecture(cfg)
         with torch.device("meta"):
-            return (AutoModelForCausalLM if causal else AutoModel).from_config(config)
+            return auto.from_config(config)
     except (ValueError, KeyError, TypeError, ImportError) as e:
-        raise ExportError(f"transformers cannot build the architecture {archs or cfg.get('model_type')!r} from the "
-                          f"artifact's config ({type(e).__name__}: {str(e)[:200]})") from None
+        raise ExportError(f"transformers cannot build the architecture {cfg.get('architectures') or cfg.get('model_type')!r} "
+                          f"from the artifact's config ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _identity_norm_weight(model: torch.nn.Module, module: str, name: str, shape) -> torch.Tensor:
@@ -196,16 +201,15 @@ def _signed_codes(lin: QuantLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
 def compressed_tensors_of(lin: QuantLinear, fmt_name: str) -> dict[str, torch.Tensor]:
     n, k = lin.shape
     q, f = lin.q, lin.fmt
-    scale = q.scale.float()
     g = k // f.group_size if f.granularity == "group" else 1
-    scale = scale.reshape(n, g) if f.granularity != "tensor" else scale.reshape(1)
     if fmt_name in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):  # E2M1 codes: sign bit 3, low nibble first
         c = q.codes.to(torch.uint8).reshape(n, k)
         out = {"weight_packed": (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous(),
-               "weight_scale": lin.stored_scale.reshape(n, k // f.group_size).contiguous()}
+               "weight_scale": lin.stored_scale.reshape(n, g).contiguous()}
         if fmt_name == "nvfp4-pack-quantized":  # effective scale = E4M3 scale / global (finegrain: x scale2)
             out["weight_global_scale"] = (1.0 / q.scale2.float()).reshape(1).contiguous()
         return out
+    scale = q.scale.float().reshape(n, g) if f.granularity != "tensor" else q.scale.float().reshape(1)
     out = {"weight_scale": scale.contiguous()}
     if fmt_name == "float-quantized":
         out["weight"] = q.codes.to(torch.uint8).view(torch.float8_e4m3fn).reshape(n, k).contiguous()
@@ -363,14 +367,12 @@ def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
     """Load an exported directory with the real client: ``transformers`` + ``compressed-tensors``
     (the ``test`` extra), offline, no remote code; weights decompressed on CPU. compressed-tensors
     decodes FP4 (NVFP4 / MXFP4) into bfloat16 only: load those with ``dtype=torch.bfloat16``."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     from finegrain.io.files import read_json_file
 
     cfg = read_json_file(Path(path) / "config.json")
-    causal = any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or [])
-    cls = AutoModelForCausalLM if causal else AutoModel
-    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()
+    cfg.pop("quantization_config", None)
+    _, auto = _architecture(cfg)
+    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()
 
 
 def asymmetric_groups(path: str | Path) -> list[str]:
@@ -390,7 +392,6 @@ def decode_hf_export(path: str | Path) -> torch.nn.Module:
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from finegrain.io.files import read_json_file
 
@@ -398,18 +399,22 @@ def decode_hf_export(path: str | Path) -> torch.nn.Module:
     cfg = read_json_file(path / "config.json")
     qc = cfg.pop("quantization_config")
     sd = load_file(str(path / "model.safetensors"))
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key in list(sd):
+        mod, _, local = key.rpartition(".")
+        if local.startswith("weight"):
+            by_module.setdefault(mod, {})[local] = sd[key]
     state: dict[str, torch.Tensor] = {}
     for group in qc["config_groups"].values():
         scheme = QuantizationScheme(targets=group["targets"], weights=QuantizationArgs(**group["weights"]))
         comp = BaseCompressor.get_value_from_registry(group.get("format") or qc["format"])
         for mod in group["targets"]:
-            local = {k.removeprefix(mod + "."): sd.pop(k) for k in list(sd) if k.rsplit(".", 1)[0] == mod
-                     and k.rsplit(".", 1)[1].startswith("weight")}
-            state[f"{mod}.weight"] = comp.decompress(local, scheme)["weight"].float()
+            for local in by_module[mod]:
+                del sd[f"{mod}.{local}"]
+            state[f"{mod}.weight"] = comp.decompress(by_module[mod], scheme)["weight"].float()
     state.update(sd)
-    causal = any(str(a).endswith("ForCausalLM") for a in cfg.get("architectures") or [])
-    config = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "transformers_version"})
-    model = (AutoModelForCausalLM if causal else AutoModel).from_config(config).float().eval()
+    config, auto = _architecture(cfg)
+    model = auto.from_config(config).float().eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {n for n in missing if getattr(config, "tie_word_embeddings", False) and n.endswith("lm_head.weight")}
     if set(missing) - tied or unexpected:

@@ -18,23 +18,9 @@ Q40 = {"name": "q4_0", "rules": [{"role": "linear", "weight": "int4-g32-sym-fp16
 
 
 @pytest.fixture(scope="module")
-def llama128():
-    from finegrain.models.tiny import tiny_llama
-
-    gen = torch.Generator().manual_seed(3)
-    model = tiny_llama(seed=0, hidden=128)
-    example = (torch.randint(0, 256, (1, 16), generator=gen),)
-    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(4)]
-    x = torch.randint(0, 256, (1, 48), generator=gen)
-    cache = {}
-
-    def get(recipe):
-        key = recipe if isinstance(recipe, str) else recipe["name"]
-        if key not in cache:
-            cache[key] = finegrain.compile(model, example, recipe=recipe, calibration=calib, progress=False)
-        return cache[key]
-
-    return get, x
+def llama128(tiny128):
+    get, inputs, model = tiny128
+    return get, inputs(48)
 
 
 def _rel(a, b):
