@@ -90,8 +90,8 @@ def _load_gguf_file(path: Path) -> LoadedModel:
 
     try:
         model = load_gguf_llama(path)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:  # gguf parse / shape errors too
+        raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
     from transformers import AutoTokenizer
 
     try:

@@ -79,7 +79,10 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         if t.name in _TOP_NAMES:
             name = _TOP_NAMES[t.name]
         else:
-            _, layer, rest = t.name.split(".", 2)
+            parts = t.name.split(".", 2)
+            if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit() or parts[2] not in _LAYER_NAMES:
+                raise ValueError(f"{path}: GGUF tensor {t.name[:80]!r} is not one of the {arch} tensors finegrain reads")
+            _, layer, rest = parts
             name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
             if rest in _QK_HEADS and arch == "llama":
                 w = _unpermute_qk(w, {"attn_q.weight": n_head, "attn_k.weight": n_kv}[rest])

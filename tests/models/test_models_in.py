@@ -47,3 +47,28 @@ def test_a_gguf_file_loads_and_compiles(tmp_path):
     assert rel <= 1e-5
     again = finegrain.compile(loaded.model, (ids,), recipe="w8a16", progress=False)
     assert len(again.quantized) == 14
+
+
+def test_a_hostile_or_foreign_gguf_is_one_clear_error(tmp_path):
+    import gguf
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(200)))
+    with pytest.raises(InputError, match="not a GGUF file finegrain can load"):
+        load_model(str(junk))
+    odd = tmp_path / "odd.gguf"  # a llama GGUF with a tensor finegrain does not know
+    w = gguf.GGUFWriter(str(odd), "llama")
+    for key, val in (("embedding_length", 8), ("feed_forward_length", 8), ("block_count", 1), ("context_length", 16)):
+        w.add_uint32(f"llama.{key}", val)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(4)
+    w.add_tensor("blk.0.__import__('os')", torch.zeros(8, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InputError, match="is not one of the llama tensors finegrain reads"):
+        load_model(str(odd))
