@@ -1,7 +1,7 @@
 """Decode and prefill speed on the bundled SmolLM2, ratios against torch fp32 with the Hugging
 Face KV cache measured in the same process (issue #16, item 6).
 
-    python benchmarks/decode.py --out results/decode [--threads 1 2] [--past 128 1024 2048]
+    python benchmarks/decode.py --out results/decode [--threads 1 2] [--past 128 1024 2048] [--rows tvm onnx]
 
 Rows (each with and without its own KV cache where it has one):
 * ``torch fp32 + HF cache``: ``transformers`` generate-style forwards over a ``DynamicCache`` (the baseline);
@@ -11,6 +11,9 @@ Rows (each with and without its own KV cache where it has one):
 * ``onnxruntime`` (the KV-cache graph exported with MatMulNBits, accuracy level 0, finegrain's ONNX
   session) and ``onnxruntime-genai`` on the same ``model.onnx`` (its generator, teacher-forced with the
   same tokens);
+* ``finegrain TVM`` deployments of the KV-cache graph (W4A16 g128 on the fp32-compute low-bit
+  kernel, W4A8-DGQ on the integer-dot kernel), built for this CPU; threads set per row through
+  TVM's pool;
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -116,6 +119,20 @@ def _llama(path: str, threads: int, ctx: int):
     return prefill, step
 
 
+def _tvm(dep, threads: int):
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)  # 1: big cores first
+
+    def prefill(ids):
+        return dep.prefill(ids)[1]
+
+    def step(state, ids):
+        return dep.step(state, ids)[1]
+
+    return prefill, step
+
+
 def _measure(prefill, step, ids: torch.Tensor, pasts: list[int], prompts: list[int]) -> dict:
     out = {}
     for n in prompts:
@@ -126,10 +143,14 @@ def _measure(prefill, step, ids: torch.Tensor, pasts: list[int], prompts: list[i
     out["ttft_128_s"] = 128 / out["prefill_128"] if "prefill_128" in out else None
     for p in pasts:
         state = prefill(ids[:, :p])
-        t = time.perf_counter()
+        times = []
         for i in range(STEPS):
+            t = time.perf_counter()
             state = step(state, ids[:, p + i:p + i + 1])
-        out[f"decode_{p}"] = STEPS / (time.perf_counter() - t)
+            times.append(time.perf_counter() - t)
+        out[f"decode_{p}"] = STEPS / sum(times)  # the mean rate: slow steps count
+        out[f"step_ms_{p}"] = {"median": 1e3 * float(np.median(times)), "min": 1e3 * min(times),
+                               "max": 1e3 * max(times)}
     return out
 
 
@@ -139,10 +160,16 @@ def main() -> None:
     ap.add_argument("--past", type=int, nargs="+", default=[128, 1024, 2048])
     ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--out", default="results/decode")
+    ap.add_argument("--rows", nargs="+", default=None,
+                    help="only rows whose name contains one of these words (the torch baseline always runs)")
     args = ap.parse_args()
 
     import finegrain
     from finegrain.jobs import compile_loaded
+
+    import machine
+
+    print(machine.line())
     from finegrain.models import load_model
     from finegrain.eval.perplexity import wikitext_ids
 
@@ -160,6 +187,8 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if args.rows and not any(w in "onnxruntime-genai" for w in args.rows):
+            raise ImportError("not among --rows")
         from finegrain.backends.onnx import export_genai
 
         t = time.perf_counter()
@@ -171,7 +200,24 @@ def main() -> None:
     except ImportError as e:
         onnx_export_s = None
         print(f"no ONNX Runtime rows: {e}")
+    tvm_build_s = {}
     try:
+        import tvm  # noqa: F401
+
+        for name, recipe in (("W4A16 g128", "w4a16-g128"), ("W4A8-DGQ", "w4a8-dgq")):
+            if args.rows and not any(w in f"finegrain TVM {name}" for w in args.rows):
+                continue
+            t = time.perf_counter()
+            cm = w4_kv if recipe == "w4a16-g128" else compile_loaded(lm, recipe, samples=4, seq_len=256,
+                                                                     progress=False, kv_cache=True)
+            dep = cm.session("tvm", max_seq_len=need + 8)
+            tvm_build_s[name] = round(time.perf_counter() - t, 1)
+            rows.append((f"finegrain TVM {name}, KV build", lambda th, dep=dep: _tvm(dep, th)))
+    except ImportError:
+        print("apache-tvm is not installed: no TVM rows")
+    try:
+        if args.rows and not any(w in "llama.cpp" for w in args.rows):
+            raise ImportError("not among --rows")
         import llama_cpp  # noqa: F401
 
         from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
@@ -182,8 +228,10 @@ def main() -> None:
         ctx = need + 8
         rows += [("llama.cpp Q4_1 (bundled GGUF)", lambda th: _llama(str(bundled), th, ctx)),
                  ("llama.cpp finegrain W4A16 g128 -> GGUF Q4_1", lambda th: _llama(str(ours), th, ctx))]
-    except ImportError:
-        print("llama-cpp-python is not installed (pip install -e '.[llama]'): no llama.cpp rows")
+    except ImportError as e:
+        print(f"no llama.cpp rows ({e}; the rows need pip install -e '.[llama]')")
+    if args.rows:
+        rows = rows[:1] + [r for r in rows[1:] if any(w in r[0] for w in args.rows)]
     results = []
     for th in args.threads:
         torch.set_num_threads(th)
@@ -201,8 +249,9 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps({"results": results, "peak_rss_bytes": peak, "build_seconds": build_s,
-                                                 "onnx_export_seconds": onnx_export_s, "steps": STEPS}, indent=1))
+    (out / "decode.json").write_text(json.dumps({"machine": machine.describe(), "results": results, "peak_rss_bytes": peak, "build_seconds": build_s,
+                                                 "onnx_export_seconds": onnx_export_s, "tvm_build_seconds": tvm_build_s,
+                                                 "steps": STEPS}, indent=1))
     print(f"peak RSS {peak / 2**30:.2f} GiB; artifacts built in {build_s:.1f} s; {out / 'decode.json'}")
 
 

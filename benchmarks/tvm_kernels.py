@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from finegrain.backends.tvm.lower_activations import A8Emitter  # noqa: E402
 from finegrain.backends.tvm.kernels.lowbit import compile_linear, pack_weight, vector_lanes  # noqa: E402
 from finegrain.eval.report import write_tables  # noqa: E402
 from finegrain.formats import QuantFormat  # noqa: E402
+import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_runtime import timeit  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> None:
     lines = [f"## TVM INT4 g128 kernel, 4096 x 4096 (measured {time.strftime('%Y-%m-%d')}, {a.threads} threads, "
              f"ms median / min over {a.reps} runs)", "",
              f"DRAM roofline: {wbytes / 1e6:.2f} MB of packed weights / {bw / 1e9:.1f} GB/s read bandwidth = "
-             f"{roof:.3f} ms. CPU: {_cpu_name()}; TVM target {target} ({vector_lanes(target)} fp32 lanes). "
+             f"{roof:.3f} ms. CPU: {machine.line()}; TVM target {target} ({vector_lanes(target)} fp32 lanes). "
              f"TVM build {build_s[1]:.2f} s (M=1), {build_s[16]:.2f} s (M=16); "
              f"max relative error vs the torch reference (dequantized weight x the fp32 or fake-quantized input) "
              f"{max(errs.values()):.1e}.", "",
@@ -162,16 +162,6 @@ def _a8_deployed(m: int, k: int, n: int, p: dict, act: QuantFormat, x: torch.Ten
     vm = relax.VirtualMachine(ex, dev)
     args = [tvm.runtime.tensor(v, dev) for v in (x.numpy(), p["w"], p["ga"], p["gb"], p["cs"])]
     return (lambda: vm["main"](*args)), vm["main"](*args).numpy()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

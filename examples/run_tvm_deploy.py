@@ -1,21 +1,75 @@
-"""Run a finegrain TVM deployment with only the TVM runtime and numpy (no finegrain, no torch).
+"""Generate text from a finegrain TVM deployment with only the TVM runtime, numpy and the
+``tokenizers`` package: no finegrain, no torch.
 
-    python examples/run_tvm_deploy.py deploy/ 504 3458 314 1029   # token ids -> next-token id
+    python examples/run_tvm_deploy.py deploy/ --prompt "The capital of France is" --max-new-tokens 16
+    python examples/run_tvm_deploy.py deploy/ --ids 504 3458 314 1029     # token ids in, ids out
+
+A KV-cache build (``finegrain build ART`` of an artifact compiled with ``--kv-cache``) runs
+``prefill`` once on the prompt and ``decode`` once per new token, feeding the returned
+``present_*`` tensors back as the next ``past_*``. A build without the cache has no past: each new
+token re-runs the whole sequence (correct, quadratic). Greedy decoding; prints the text (or ids)
+and tokens/s.
 """
+import argparse
 import json
 import os
-import sys
+import time
 
 import numpy as np
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # TVM's default is half the cores
 import tvm.runtime  # noqa: E402
 
-path, ids = sys.argv[1], np.array([[int(t) for t in sys.argv[2:]]], dtype="int64")
-manifest = json.load(open(f"{path}/manifest.json"))
-vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(f"{path}/model.so"), tvm.runtime.cpu())
-params = tvm.runtime.load_param_dict_from_file(f"{path}/params.bin")
-fn = "decode" if ids.shape[1] == 1 else "prefill"  # manifest["functions"]: the sequence lengths each takes
-logits = vm[fn](tvm.runtime.tensor(ids), *[params[n] for n in manifest["params"]]).numpy()
-print(json.dumps({"function": fn, "logits_shape": list(logits.shape), "next_token": int(logits[0, -1].argmax()),
-                  "last_logits_head": [round(float(v), 4) for v in logits[0, -1, :4]]}))
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("deploy")
+ap.add_argument("--prompt")
+ap.add_argument("--ids", type=int, nargs="+")
+ap.add_argument("--max-new-tokens", type=int, default=16)
+args = ap.parse_args()
+
+manifest = json.load(open(os.path.join(args.deploy, "manifest.json")))
+vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(os.path.join(args.deploy, "model.so")), tvm.runtime.cpu())
+stored = tvm.runtime.load_param_dict_from_file(os.path.join(args.deploy, "params.bin"))
+params = [stored[n] for n in manifest["params"]]
+tok = None
+if args.prompt is not None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(args.deploy, "tokenizer", "tokenizer.json"))
+    ids = tok.encode(args.prompt).ids
+else:
+    ids = args.ids or [1]
+kv = manifest.get("kv")
+
+
+def call(fn_ids, *extra):
+    fn = "decode" if len(fn_ids) == 1 else "prefill"  # manifest["functions"]: the lengths each takes
+    out = vm[fn](tvm.runtime.tensor(np.array([fn_ids], dtype="int64")), *extra, *params)
+    return (out,) if isinstance(out, tvm.runtime.Tensor) else [out[i] for i in range(len(out))]
+
+
+new, times = [], []
+seq, past = list(ids), None
+for step in range(args.max_new_tokens):
+    t0 = time.perf_counter()
+    if kv is None:  # no cache: the whole sequence every step
+        out = call(seq)
+    else:
+        todo = seq if past is None else seq[-1:]
+        start = len(seq) - len(todo)
+        if past is None:  # an empty past: [batch, kv_heads, 0, head_dim] per layer, keys and values
+            past = [tvm.runtime.tensor(np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), "float32"))] * (2 * kv["layers"])
+        pos = tvm.runtime.tensor(np.arange(start, len(seq), dtype="int64")[None])
+        out = call(todo, pos, *past)
+        past = out[1:]
+    token = int(out[0].numpy()[0, -1].argmax())
+    times.append(time.perf_counter() - t0)
+    new.append(token)
+    seq.append(token)
+
+result = {"prompt_tokens": len(ids), "new_tokens": new, "cache": kv is not None,
+          "prefill_s": round(times[0], 4),
+          "decode_tokens_per_s": round((len(times) - 1) / sum(times[1:]), 1) if len(times) > 1 else None}
+if tok is not None:
+    result["text"] = tok.decode(new)
+print(json.dumps(result))

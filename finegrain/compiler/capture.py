@@ -102,6 +102,28 @@ def kv_input_names(layers: int) -> list[str]:
     return [*KV_INPUTS, *[f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]]
 
 
+def is_kv_specs(input_specs: list[dict]) -> bool:
+    """The inputs of a KV-cache graph (``compile(kv_cache=True)``): ids, positions, past K / V."""
+    names = [s["name"] for s in input_specs]
+    return len(names) >= 4 and len(names) % 2 == 0 and names == kv_input_names((len(names) - 2) // 2)
+
+
+def check_kv_layout(kv, inputs: list, where: str) -> None:
+    """A KV-cache layout read from a file (an artifact's or a deployment's manifest): bounded
+    integers, a float dtype, and exactly the inputs it implies; ``where`` names the file."""
+    from finegrain.errors import ArtifactError
+    from finegrain.io.signature import is_int
+
+    ints = ("layers", "kv_heads", "head_dim", "max_seq_len")
+    if (not isinstance(kv, dict) or not all(is_int(kv.get(k)) and 1 <= kv[k] <= 1 << 20 for k in ints)
+            or kv.get("dtype") not in ("float32", "float16", "bfloat16")):
+        raise ArtifactError(f"{where}: field 'kv' must hold integer layers, kv_heads, head_dim, max_seq_len in "
+                            "[1, 2^20] and a float dtype")
+    want = kv_input_names(kv["layers"])
+    if [s.get("name") if isinstance(s, dict) else None for s in inputs] != want:
+        raise ArtifactError(f"{where}: a KV-cache artifact's inputs must be {want[:4]}... ({len(want)} in all)")
+
+
 def kv_inputs(kv: dict, ids: torch.Tensor, past: "tuple | list | None" = None, start: int = 0) -> tuple:
     """The full input tuple of a KV-cache graph: ``ids``, their positions from ``start``, and the
     past (empty of the right shape when None)."""

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.fx import Graph, GraphModule
 
+from finegrain.compiler.capture import check_kv_layout
 from finegrain.compiler.ir import set_tensor
 from finegrain.errors import ArtifactError, FinegrainError
 from finegrain.io.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer, read_json_file,
@@ -92,22 +93,10 @@ def read_manifest(path: str | Path) -> dict:
         raise ArtifactError(f"{mf}: field 'warnings' must be a JSON array")
     check_input_specs(manifest["inputs"], f"{mf}: inputs")
     if "kv" in manifest:
-        _check_kv(manifest["kv"], manifest["inputs"], mf)
+        check_kv_layout(manifest["kv"], manifest["inputs"], str(mf))
     _check_tensor_table(manifest["tensors"], mf)
     _check_quantized(manifest["quantized"], mf)
     return manifest
-
-
-def _check_kv(kv, inputs: list, mf: Path) -> None:
-    """A KV-cache graph's layout: bounded integers, a float dtype, and exactly the inputs it implies."""
-    ints = ("layers", "kv_heads", "head_dim", "max_seq_len")
-    if (not isinstance(kv, dict) or not all(is_int(kv.get(k)) and 1 <= kv[k] <= 1 << 20 for k in ints)
-            or kv.get("dtype") not in ("float32", "float16", "bfloat16")):
-        raise ArtifactError(f"{mf}: field 'kv' must hold integer layers, kv_heads, head_dim, max_seq_len in [1, 2^20] "
-                            "and a float dtype")
-    want = ["input_ids", "position_ids"] + [f"past_{k}_{i}" for i in range(kv["layers"]) for k in ("key", "value")]
-    if [s.get("name") for s in inputs] != want:
-        raise ArtifactError(f"{mf}: a KV-cache artifact's inputs must be {want[:4]}... ({len(want)} in all)")
 
 
 def _check_tensor_table(tensors: dict, mf: Path) -> None:

@@ -9,7 +9,8 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from finegrain.backends.tvm import lower_attention  # noqa: E402
-from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func, vexp  # noqa: E402
+from finegrain.backends.tvm.kernels.attention import (KEY_BLOCK, attention_func, decode_attention_func,  # noqa: E402
+                                                      vexp)
 
 pytestmark = pytest.mark.tvm
 
@@ -53,6 +54,39 @@ def test_attention_kernel_matches_torch(b, h, hk, s, d, kind):
     assert np.abs(out - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
     if kind == "random":
         assert np.all(out[:, :, 3] == 0)  # the fully masked row: zeros, as _safe_softmax gives
+
+
+def _bias(mask, t32):
+    bias = np.full((mask.shape[0], t32), -np.inf, np.float32)
+    bias[:, :mask.shape[1]] = np.where(mask.numpy(), 0, -np.inf)
+    return bias
+
+
+@pytest.mark.parametrize("s,past,hk,window", [(5, 11, 2, None), (1, 40, 1, None), (1, 70, 2, 16), (3, 0, 4, None)])
+def test_queries_over_a_cache(s, past, hk, window):
+    """S new queries over past + S keys (the KV-cache graph): the prefill kernel (K transposed) and,
+    for one query, the decode kernel (K in the cache's layout, one task per K / V head)."""
+    torch.manual_seed(1)
+    b, h, d, t = 1, 4, 16, past + s
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, hk, t, d), torch.randn(b, hk, t, d)
+    pos = torch.arange(past, t)[:, None]
+    keys = torch.arange(t)[None]
+    mask = (keys <= pos) & ((pos - keys < window) if window else True)  # causal (+ a sliding window)
+    scale = 1 / math.sqrt(d)
+    t32 = -(-t // KEY_BLOCK) * KEY_BLOCK
+    ref = _reference(q, k, v, mask, scale).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": attention_func(b, h, hk, d, 96, scale)}), target=TARGET)
+    kt = np.zeros((b, hk, d, t32), np.float32)
+    kt[..., :t] = k.transpose(-1, -2).numpy()
+    args = [tvm.runtime.tensor(a) for a in (q.numpy(), kt, v.numpy(), _bias(mask, t32), np.zeros((b, h, s, d), np.float32))]
+    lib(*args)
+    assert np.abs(args[-1].numpy() - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+    if s == 1:
+        lib = tvm.compile(tvm.IRModule({"main": decode_attention_func(b, h, hk, d, 96, scale)}), target=TARGET)
+        args = [tvm.runtime.tensor(a) for a in (q.numpy(), k.numpy(), v.numpy(), _bias(mask, t32),
+                                                np.zeros((b, h, 1, d), np.float32))]
+        lib(*args)
+        assert np.abs(args[-1].numpy() - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
 
 
 def test_sequence_longer_than_built_is_refused():
@@ -110,6 +144,8 @@ def test_model_attention_is_one_call_per_layer(compiled):
     for fn in ("prefill", "decode"):
         lines = [ln for ln in mod[fn].script().splitlines() if "R.call_tir(" in ln]
         assert not any("softmax" in ln for ln in lines)
-        assert sum("R.call_tir(attention_b1_h4_kv4_d16" in ln or "R.call_tir(decode_attention_b1_h4_kv4_d16" in ln
-                   for ln in lines) == 2, fn  # one per layer
+        # one per layer, on the 2 grouped K / V heads (transformers' repeat_kv copies are not made)
+        kernel = "R.call_tir(attention_b1_h4_kv2_d16" if fn == "prefill" else "R.call_tir(decode_attention_one_b1_h4_kv2_d16"
+        assert sum(kernel in ln for ln in lines) == 2, fn
+        assert not any("kv4" in ln for ln in lines)
         assert sum("attention_bias, " in ln for ln in lines) == 1, fn  # the mask's bias, shared by both layers

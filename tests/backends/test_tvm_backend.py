@@ -85,15 +85,15 @@ def test_inspect_a_deployment_reads_its_manifest_only(deployed, capsys):
 
 
 def test_standalone_runtime_script(deployed):
+    """A build without the cache: the script re-runs the sequence per token (prefill then prefill)."""
     cm, out, _ = deployed
     ids = [5, 17, 3, 99, 42]
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "run_tvm_deploy.py"), str(out), *map(str, ids)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "run_tvm_deploy.py"), str(out), "--ids",
+                          *map(str, ids), "--max-new-tokens", "3"], capture_output=True, text=True, timeout=300,
+                         check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    ref = cm(torch.tensor([ids]))
-    assert got["function"] == "prefill" and got["logits_shape"] == list(ref.shape)
-    assert got["next_token"] == int(ref[0, -1].argmax())
-    assert got["last_logits_head"] == pytest.approx(ref[0, -1, :4].tolist(), abs=1e-3)
+    assert got["cache"] is False and got["prompt_tokens"] == 5
+    assert got["new_tokens"] == cm.generate(torch.tensor([ids]), 3).tokens
 
 
 def test_bad_inputs_and_damaged_files(deployed, tmp_path):

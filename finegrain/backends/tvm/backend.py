@@ -46,7 +46,15 @@ class TvmBackend(BackendBase):
             return "emulated", "online Hadamard as a dense matmul"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
+    kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
+
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
+        from finegrain.compiler.capture import is_kv_specs
+
+        if is_kv_specs(input_specs):
+            bad = [s for s in input_specs if s["shape"][0] != 1 or (s["name"].startswith("past_") and s["dtype"] != "float32")]
+            return [Refusal("inputs", f"{s['name']} {s['dtype']} {s['shape']}", "the TVM KV-cache build takes batch 1 "
+                            "and an fp32 cache") for s in bad[:1]]
         if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1] or input_specs[0]["dtype"] not in (
                 "int64", "int32"):
             return [Refusal("inputs", ", ".join(f"{s['name']} {s['dtype']}" for s in input_specs),

@@ -10,9 +10,14 @@
                     next build into the same directory)
 
 The executable has two functions taking ``(input_ids, *params)``: ``decode`` (one token) and
-``prefill`` (2 ..max_seq_len tokens). :class:`TvmDeployment` (``finegrain.load`` returns one
+``prefill`` (2 ..max_seq_len tokens). A KV-cache build (``compile(kv_cache=True)``; manifest
+``kv``) takes ``(input_ids, position_ids, past_key_0, past_value_0, ..., *params)`` and returns
+``(logits, present_key_0, present_value_0, ...)``: the presents (past + the new tokens, layout
+``[batch, kv_heads, seq, head_dim]``) are the next call's past, so a generation costs one
+``prefill`` and one ``decode`` per new token. :class:`TvmDeployment` (``finegrain.load`` returns one
 for such a directory) runs it with only ``tvm.runtime`` (and torch for tensors in/out);
-``examples/run_tvm_deploy.py`` does the same in 20 lines without finegrain.
+``examples/run_tvm_deploy.py`` generates text from a KV-cache build the same way without finegrain
+(TVM runtime, numpy, the ``tokenizers`` package).
 """
 from __future__ import annotations
 
@@ -89,6 +94,9 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it (its tuning/ database "
                          "is then reused)")
+    kv = getattr(cm, "kv", None)
+    if kv:
+        max_seq_len = min(max_seq_len, kv["max_seq_len"])
     t0 = time.perf_counter()
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8)
     import_s = time.perf_counter() - t0
@@ -113,6 +121,7 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "inputs": cm.input_specs,
             "functions": {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}},
             "params": [name for name, _ in params],
+            **({"kv": {**kv, "max_seq_len": max_seq_len}} if kv else {}),
             "kernels": kernels,
             "recipe": cm.recipe.to_dict(),
             "source": cm.source,
@@ -183,6 +192,12 @@ class TvmDeployment(Session, Artifact):
         self.params = [params[n] for n in manifest["params"]]
         self.dev = dev
         self.tokenizer = load_listed_tokenizer(path, manifest["files"], TOKENIZER)
+        self.kv = manifest.get("kv")
+        if self.kv is not None:
+            from finegrain.compiler.capture import check_kv_layout
+
+            check_kv_layout(self.kv, self.input_specs, str(path / MANIFEST))
+            self.max_seq_len = min(self.max_seq_len, self.kv["max_seq_len"])
 
     def function_for(self, seq_len: int) -> str:
         for name, spec in self.manifest["functions"].items():
@@ -193,16 +208,50 @@ class TvmDeployment(Session, Artifact):
         raise InputError(f"{self.path}: sequence length {seq_len} is outside what was built (1..{hi}); rebuild with a "
                          "larger max_seq_len (--max-seq-len)")
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def _call(self, inputs: list) -> tuple:
+        """Run the function for ``inputs[0]``'s length on TVM tensors; the outputs as TVM tensors."""
         import tvm
 
+        fn = self.function_for(int(inputs[0].shape[1]))
+        out = self.vm[fn](*inputs, *self.params)
+        return (out,) if isinstance(out, tvm.runtime.Tensor) else tuple(out[i] for i in range(len(out)))
+
+    def _tensor(self, x):
+        import tvm
+
+        return tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), self.dev)
+
+    def run_all(self, *inputs: torch.Tensor) -> tuple:
         from finegrain.io.signature import check_inputs
 
         check_inputs(self.input_specs, inputs)
-        x = inputs[0]
-        fn = self.function_for(x.shape[1])
-        out = self.vm[fn](tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), self.dev), *self.params)
-        return torch.from_numpy(out.numpy())
+        return tuple(torch.from_numpy(o.numpy()) for o in self._call([self._tensor(x) for x in inputs]))
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run_all(*inputs)[0]
+
+    def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        """Over a KV-cache build: ``(logits, *presents)`` with the presents kept as TVM tensors (the
+        next step's past is passed back without a copy through torch)."""
+        import tvm
+
+        from finegrain.compiler.capture import kv_inputs
+        from finegrain.io.signature import check_inputs
+
+        if start + ids.shape[1] > self.max_seq_len:
+            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
+                             "(max_seq_len)")
+        if past is None:
+            inputs = kv_inputs(self.kv, ids, None, start)
+            check_inputs(self.input_specs, inputs)
+            args = [self._tensor(x) for x in inputs]
+        else:
+            check_inputs(self.input_specs[:1], (ids,))
+            ids_pos = kv_inputs(self.kv, ids, [], start)
+            args = [self._tensor(x) for x in ids_pos] + [p if isinstance(p, tvm.runtime.Tensor) else self._tensor(p)
+                                                          for p in past]
+        out = self._call(args)
+        return (torch.from_numpy(out[0].numpy()), *out[1:])
 
     def session(self, backend: str = "tvm", **options):
         if backend != "tvm" or options:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
+from finegrain.compiler.capture import is_kv_specs
 from finegrain.compiler.ir import get_tensor
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
@@ -262,6 +263,37 @@ def _fix_bool_cumsum(ep) -> None:
     ep.graph_module.recompile()
 
 
+def _drop_runtime_asserts(ep) -> None:
+    """Export with deferred runtime asserts (KV-cache graphs: torch cannot prove a guard like
+    ``min(16 (p + 1), 32 (p + 1)) == 16 (p + 1)`` over the past length ``p`` and would otherwise refuse
+    the range) leaves ``_assert_scalar`` nodes over symbolic arithmetic the Relax frontend does not
+    convert; the shapes they check are enforced by the deployment's own bounds, so drop them."""
+    asserts = [n for n in ep.graph.nodes if n.op == "call_function"
+               and n.target in (torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default)]
+    for n in asserts:
+        ep.graph.erase_node(n)
+    if asserts:
+        ep.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+
+
+def _drop_empty_cat_inputs(ep) -> None:
+    """``transformers``' cache starts each layer as ``torch.tensor([])`` and concatenates the past
+    onto it; torch accepts a 1-D empty tensor in any ``cat``, Relax wants equal ranks: drop it."""
+    changed = False
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.cat.default:
+            parts = n.args[0]
+            keep = [a for a in parts if not (isinstance(a, torch.fx.Node) and (v := a.meta.get("val")) is not None
+                                             and v.dim() == 1 and v.shape[0] == 0)]
+            if keep and len(keep) != len(parts):
+                n.args = (keep, *n.args[1:])
+                changed = True
+    if changed:
+        ep.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+
+
 def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
     from tvm import relax, te, tirx
 
@@ -373,40 +405,76 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
 
     from finegrain.backends.tvm import lower_attention
 
-    ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False)
+    ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False,
+                             prefer_deferred_runtime_asserts_over_guards=True)
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.diff.default, None)
     table.pop(torch.ops.aten.linear.default, None)
     convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes)}
-    if lower_attention.keep_undecomposed(ep, table):  # every attention fits the fused kernel
+    kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
+    if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)
     ep = ep.run_decompositions(table)
+    if kept:
+        lower_attention.share_kv_heads(ep)
     _fix_bool_cumsum(ep)
+    _drop_empty_cat_inputs(ep)
+    _drop_runtime_asserts(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 unwrap_unit_return_tuple=True, custom_convert_map=convert)
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
+def _kv_examples(input_specs: list[dict], seq: int) -> tuple:
+    """Example inputs of a KV-cache graph with ``seq`` new tokens over a past of 2."""
+    out = []
+    for s in input_specs:
+        shape = list(s["shape"])
+        if s["name"].startswith("past_"):
+            shape[2] = 2
+        else:
+            shape[1] = seq
+        out.append(torch.zeros(shape, dtype=torch.float32) if s["name"].startswith("past_")
+                   else torch.ones(shape, dtype=getattr(torch, s["dtype"])))
+    return tuple(out)
+
+
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
                  int8: bool = True):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
-    layer)``. ``max_seq_len`` bounds prefill's sequence length: TVM plans memory statically for it;
-    ``target`` sets the kernels' vector width; ``int8``: integer-dot kernels for W(<=4)A8 linears
-    where the target has AVX2 (see :func:`prepare`)."""
+    layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
+    tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
+    ``int8``: integer-dot kernels for W(<=4)A8 linears where the target has AVX2 (see :func:`prepare`).
+
+    A KV-cache graph (inputs ``input_ids, position_ids, past_key_0, past_value_0, ...``; outputs
+    logits then the presents) keeps its signature: ``prefill`` takes 2.. new tokens over a past of
+    any length (0 included), ``decode`` one token over any past; both return ``(logits,
+    present_key_0, present_value_0, ...)``, the presents being the past with the new keys / values
+    appended (the next call's past)."""
     import tvm
 
     lanes = vector_lanes(target)
-
-    if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]:
-        raise TvmError(f"the TVM build takes one input whose dim 1 (sequence) is dynamic, got {input_specs}")
+    kv = is_kv_specs(input_specs)
+    if not kv and (len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]):
+        raise TvmError("the TVM build takes one token-id input whose dim 1 (sequence) is dynamic, or a KV-cache "
+                       f"graph (input_ids, position_ids, past_key_0, ...), got {[s['name'] for s in input_specs]}")
     pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
-    spec = input_specs[0]
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
-    prefill, names = _import(pgm, example_inputs(input_specs), ({1: seq},), "", lanes, max_seq_len)
-    one = torch.ones([1 if i == 1 else d for i, d in enumerate(spec["shape"])], dtype=getattr(torch, spec["dtype"]))
-    decode, names_d = _import(pgm, (one,), None, "decode_", lanes, 1)
+    if kv:
+        past = torch.export.Dim("past", min=0, max=max_seq_len)
+        ds_prefill = tuple({2: past} if s["name"].startswith("past_") else {1: seq} for s in input_specs)
+        ds_decode = tuple({2: past} if s["name"].startswith("past_") else None for s in input_specs)
+        ex_prefill, ex_decode = _kv_examples(input_specs, 3), _kv_examples(input_specs, 1)
+    else:
+        spec = input_specs[0]
+        ds_prefill, ds_decode = ({1: seq},), None
+        ex_prefill = example_inputs(input_specs)
+        ex_decode = (torch.ones([1 if i == 1 else d for i, d in enumerate(spec["shape"])],
+                                dtype=getattr(torch, spec["dtype"])),)
+    prefill, names = _import(pgm, ex_prefill, ds_prefill, "", lanes, max_seq_len)
+    decode, names_d = _import(pgm, ex_decode, ds_decode, "decode_", lanes, max_seq_len if kv else 1)
     if names != names_d:
         raise TvmError("prefill and decode exports list different parameters")
     funcs = {}

@@ -5,10 +5,13 @@ softmax scalar over ``seq x seq`` with symbolic shapes. Where every attention of
 program fits the kernel (:func:`fits`: fp32 ``[B, H, S, d]`` with ``d`` a multiple of 8, K / V heads
 dividing H, no dropout, a bool or float mask whose leading dims are 1, or ``is_causal`` without a
 mask), :func:`keep_undecomposed` keeps the op whole through ``run_decompositions`` and
-:func:`converter` emits: K transposed to ``[B, Hkv, d, S32]`` (keys padded to whole 32-key blocks),
-the mask as an additive fp32 ``bias[S, S32]`` (0 / -inf, -inf in the padding; built once per mask
-and shared by every layer that reads it), and the kernel call. Otherwise the decomposition and
-Relax's lowering stay, unchanged.
+:func:`converter` emits: K transposed to ``[B, Hkv, d, T32]`` (T keys padded to whole 32-key
+blocks; T = past + S over a KV cache), the mask as an additive fp32 ``bias[S, T32]`` (0 / -inf,
+-inf in the padding; built once per mask and shared by every layer that reads it), and the kernel
+call; with one query (decode) the kernel reads K untransposed instead
+(``decode_attention_func``). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
+the kernel reads each grouped K / V head once. Otherwise the decomposition and Relax's lowering
+stay, unchanged.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def fits(node: torch.fx.Node) -> str | None:
     if mask is not None:
         m = _val(mask)
         if causal or m is None or m.dtype not in (torch.bool, torch.float32) or m.dim() < 2:
-            return "a mask that is not one bool / fp32 [.., S, S] tensor"
+            return "a mask that is not one bool / fp32 [.., S, T] tensor"
         if any(not isinstance(s, int) or s != 1 for s in m.shape[:-2]):
             return "a mask with batch or head dims"
     return None
@@ -56,26 +59,66 @@ def keep_undecomposed(ep, table: dict) -> bool:
     return False
 
 
+def _repeated_heads(x):
+    """``x`` when it is transformers' ``repeat_kv`` of a K / V tensor (``view(clone(expand(
+    unsqueeze(kv, 2))))`` to ``[B, Hkv * n, S, d]``), else None."""
+    ops = torch.ops.aten
+    chain = []
+    for want in (ops.view.default, ops.clone.default, ops.expand.default, ops.unsqueeze.default):
+        if not isinstance(x, torch.fx.Node) or x.target is not want or len(x.users) != 1:
+            return None
+        chain.append(x)
+        x = x.args[0]
+    if chain[-1].args[1] != 2 or not isinstance(x, torch.fx.Node) or _val(x) is None or _val(x).dim() != 4:
+        return None
+    return x
+
+
+def share_kv_heads(ep) -> int:
+    """Each kept attention whose K / V are repeated per query head (``repeat_kv``: what transformers
+    does when a mask is given) reads the grouped K / V instead (the kernel maps query head ``h`` to
+    K / V head ``h // (H / Hkv)`` itself): the per-head copies, ``H / Hkv`` times the cache per layer
+    and step, are not made. Returns how many attentions changed."""
+    changed = 0
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or n.target is not SDPA:
+            continue
+        k, v = (_repeated_heads(a) for a in n.args[1:3])
+        q = _val(n.args[0])
+        if k is None or v is None or q.shape[1] % _val(k).shape[1]:
+            continue
+        n.args = (n.args[0], k, v, *n.args[3:])
+        changed += 1
+    if changed:
+        ep.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return changed
+
+
 def converter(prefix: str, max_seq_len: int):
     from tvm import relax, te, tirx
 
-    from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func
+    from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func, decode_attention_func
 
     funcs: dict = {}
     biases: list = []  # (mask value or None, causal, bias)
 
-    def bias_for(bb, mask, causal: bool, s, s32):
+    def bias_for(bb, mask, causal: bool, s, t, t32):
+        # the bias and K-transpose functions are opaque (op_pattern 8): fused with the mask's own
+        # arange / compare ops, two functions taking the same symbolic lengths made FuseTIR define
+        # a variable twice (SmolLM2's prefill over a cache)
         for prev, c, out in biases:
             if c == causal and ((prev is None and mask is None) or (prev is not None and mask is not None
                                                                     and prev.same_as(mask))):
                 return out
         inf = tirx.const(-math.inf, "float32")
         zero = tirx.const(0.0, "float32")
-        if mask is None:
+        if mask is None:  # torch's is_causal is top-left aligned (key j <= query i) also when S != T
             def fn():
-                return te.compute((s, s32), lambda i, j: te.if_then_else(
-                    j < (i + 1 if causal else s), zero, inf), name="attention_bias")
-            out = bb.emit_te(fn, primfunc_name_hint=f"{prefix}attention_bias")
+                return te.compute((s, t32), lambda i, j: te.if_then_else(
+                    j < (tirx.min(i + 1, t) if causal else t), zero, inf), name="attention_bias")
+            out = bb.emit_te(fn, primfunc_name_hint=f"{prefix}attention_bias",
+                             primfunc_attrs={"op_pattern": 8})
         else:
             nd = len(mask.ty.shape)
             boolean = mask.ty.dtype == "bool"
@@ -83,9 +126,10 @@ def converter(prefix: str, max_seq_len: int):
             def fn(m):
                 def body(i, j):
                     val = m(*([0] * (nd - 2)), i, j)
-                    return te.if_then_else(j < s, te.if_then_else(val, zero, inf) if boolean else val, inf)
-                return te.compute((s, s32), body, name="attention_bias")
-            out = bb.emit_te(fn, mask, primfunc_name_hint=f"{prefix}attention_bias")
+                    return te.if_then_else(j < t, te.if_then_else(val, zero, inf) if boolean else val, inf)
+                return te.compute((s, t32), body, name="attention_bias")
+            out = bb.emit_te(fn, mask, primfunc_name_hint=f"{prefix}attention_bias",
+                             primfunc_attrs={"op_pattern": 8})
         biases.append((mask, causal, out))
         return out
 
@@ -96,17 +140,24 @@ def converter(prefix: str, max_seq_len: int):
         mask = args[3] if len(args) > 3 else None
         causal = bool(args[5]) if len(args) > 5 else bool(node.kwargs.get("is_causal", False))
         b, h, s, d = q.ty.shape
-        hk = k.ty.shape[1]
+        hk, t = k.ty.shape[1], k.ty.shape[2]
         scale = node.kwargs.get("scale")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(d))
-        s32 = tirx.floordiv(s + KEY_BLOCK - 1, KEY_BLOCK) * KEY_BLOCK
-        kt = bb.emit_te(lambda t: te.compute((b, hk, d, s32), lambda bi, hi, di, j: te.if_then_else(
-            j < s, t[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
-            primfunc_name_hint=f"{prefix}attention_keys_t")
-        bias = bias_for(bb, mask, causal, s, s32)
-        longest = int(s) if isinstance(s, tirx.IntImm) else max_seq_len
-        key = f"{prefix}attention_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}"
-        key += "" if scale == 1.0 / math.sqrt(int(d)) else f"_scale{len(funcs)}"
+        t32 = tirx.floordiv(t + KEY_BLOCK - 1, KEY_BLOCK) * KEY_BLOCK
+        bias = bias_for(bb, mask, causal, s, t, t32)
+        longest = int(t) if isinstance(t, tirx.IntImm) else max_seq_len
+        tag = "" if scale == 1.0 / math.sqrt(int(d)) else f"_scale{len(funcs)}"
+        if isinstance(s, tirx.IntImm) and int(s) == 1:  # one query per head: K read in the cache's layout
+            key = f"{prefix}attention_one_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
+            if key not in funcs:
+                func = decode_attention_func(int(b), int(h), int(hk), int(d), longest, scale).with_attrs(
+                    {"op_pattern": 8, "global_symbol": key})
+                funcs[key] = bb.add_func(func, key)
+            return bb.emit(relax.call_tir(funcs[key], [q, k, v, bias], relax.TensorType([b, h, s, d], "float32")))
+        kt = bb.emit_te(lambda x: te.compute((b, hk, d, t32), lambda bi, hi, di, j: te.if_then_else(
+            j < t, x[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
+            primfunc_name_hint=f"{prefix}attention_keys_t", primfunc_attrs={"op_pattern": 8})
+        key = f"{prefix}attention_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
         if key not in funcs:
             func = attention_func(int(b), int(h), int(hk), int(d), longest, scale).with_attrs(
                 {"op_pattern": 8, "global_symbol": key})

@@ -17,7 +17,8 @@ row buffer (``max_seq_len`` floats, L1-resident):
 A fully masked row gives zeros (the ``_safe_softmax`` semantics torch's decomposition uses). The
 mask arrives as an additive fp32 ``bias[seq, keys]`` (0 or -inf; built once per mask by the
 lowering, shared by all layers), padded with -inf to whole 32-key blocks; ``kt``'s key axis is
-padded the same way. Grouped-query attention reads K / V head ``h // (H / Hkv)``.
+padded the same way. Grouped-query attention reads K / V head ``h // (H / Hkv)``. Queries and keys may differ in
+number (decoding over a KV cache: S new queries, T = past + S keys).
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def padded_keys(max_seq_len: int) -> int:
 
 
 def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
-    """The PrimFunc ``f(q[B, H, S, d], kt[B, Hkv, d, S32], v[B, Hkv, S, d], bias[S, S32], o[B, H, S, d])``
-    with ``S <= max_seq_len`` and ``S32`` = S rounded up to 32 (both symbolic)."""
+    """The PrimFunc ``f(q[B, H, S, d], kt[B, Hkv, d, T32], v[B, Hkv, T, d], bias[S, T32], o[B, H, S, d])``
+    for ``S`` queries over ``T`` keys (``T = S`` without a cache, past + S over a KV cache) with
+    ``T <= max_seq_len`` and ``T32`` = T rounded up to 32 (all symbolic)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -72,14 +74,15 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
     def func(q_h: T.handle, kt_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         s = T.int64()
+        t = T.int64()
         s32 = T.int64()
         q = T.match_buffer(q_h, (batch, heads, s, d), f32)
         kt = T.match_buffer(kt_h, (batch, kv_heads, d, s32), f32)
-        v = T.match_buffer(v_h, (batch, kv_heads, s, d), f32)
+        v = T.match_buffer(v_h, (batch, kv_heads, t, d), f32)
         bias = T.match_buffer(bias_h, (s, s32), f32)
         o = T.match_buffer(o_h, (batch, heads, s, d), f32)
         assert s32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
-        assert s <= s32, "attention kernel: keys padded to fewer than the sequence length"
+        assert t <= s32, "attention kernel: keys padded to fewer than the key count"
         for task in T.parallel(batch * heads * s):
             sc = T.decl_buffer((row,), f32, scope="local")
             acc = T.decl_buffer((KEY_BLOCK,), f32, scope="local")
@@ -133,12 +136,104 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
             # 3. probabilities times V
             for a in T.vectorized(d):
                 out[a] = T.float32(0)
-            for j in T.serial(s):
+            for j in T.serial(t):
                 if sc[j] != T.float32(0):
                     for dv in T.unroll(nv):
                         for lane in T.vectorized(LANES):
                             out[dv * LANES + lane] = out[dv * LANES + lane] + sc[j] * v[bi, kh, j, dv * LANES + lane]
             for a in T.vectorized(d):
                 o[bi, hi, i, a] = T.if_then_else(tot[1] > T.float32(0), out[a] / tot[1], T.float32(0))
+
+    return func
+
+
+def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
+    """One new query per head over a KV cache: the PrimFunc ``f(q[B, H, 1, d], k[B, Hkv, T, d],
+    v[B, Hkv, T, d], bias[1, T32], o[B, H, 1, d])`` reading K / V in the cache's own layout (no
+    transposed copy of K per step, no per-head copy of a shared K / V head: the caller passes the
+    grouped tensors). One parallel task per K / V head computes its ``H / Hkv`` query heads, so each
+    cached key and value is read once per step: ``s_j = scale q . k_j + bias_j`` with ``d`` in 8-lane
+    vectors, the same softmax as :func:`attention_func` (masked keys contribute nothing, a fully
+    masked row gives zeros), ``o = (sum_j p_j v_j) / l``."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    if d % LANES or heads % kv_heads:
+        raise ValueError(f"attention kernel: head dim {d} must be a multiple of {LANES} and heads {heads} a multiple "
+                         f"of the K/V heads {kv_heads}")
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        t = T.int64()
+        t32 = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
+        k = T.match_buffer(k_h, (batch, kv_heads, t, d), f32)
+        v = T.match_buffer(v_h, (batch, kv_heads, t, d), f32)
+        bias = T.match_buffer(bias_h, (1, t32), f32)
+        o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
+        assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert t <= t32, "attention kernel: keys padded to fewer than the key count"
+        for task in T.parallel(batch * kv_heads):
+            sc = T.decl_buffer((group * row,), f32, scope="local")
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            out = T.decl_buffer((d,), f32, scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            bi = task // kv_heads
+            kh = task % kv_heads
+            # 1. scores of every query head of this K / V head, one key at a time (K read once)
+            for j in T.serial(t32):
+                if j < t and bias[0, j] > neg_inf:
+                    for g in T.serial(group):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = T.float32(0)
+                        for dv in T.serial(nv):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * k[
+                                    bi, kh, j, dv * LANES + lane]
+                        sc[g * row + j] = ((part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5])
+                                           + (part[6] + part[7]))) * T.float32(scale) + bias[0, j]
+                else:
+                    for g in T.serial(group):
+                        sc[g * row + j] = neg_inf
+            for g in T.serial(group):
+                # 2. max, exp, sum (over whole 8-key vectors; the padding is -inf)
+                for lane in T.vectorized(LANES):
+                    red[lane] = neg_inf
+                for jo in T.serial(t32 // LANES):
+                    for lane in T.vectorized(LANES):
+                        red[lane] = T.max(red[lane], sc[g * row + jo * LANES + lane])
+                tot[0] = neg_inf
+                for lane in T.serial(LANES):
+                    tot[0] = T.max(tot[0], red[lane])
+                if tot[0] == neg_inf:
+                    tot[0] = T.float32(0)
+                for lane in T.vectorized(LANES):
+                    red[lane] = T.float32(0)
+                for jo in T.serial(t32 // LANES):
+                    for lane in T.vectorized(LANES):
+                        sc[g * row + jo * LANES + lane] = vexp(sc[g * row + jo * LANES + lane] - tot[0])
+                        red[lane] = red[lane] + sc[g * row + jo * LANES + lane]
+                tot[1] = T.float32(0)
+                for lane in T.serial(LANES):
+                    tot[1] = tot[1] + red[lane]
+                # 3. probabilities times V
+                for a in T.vectorized(d):
+                    out[a] = T.float32(0)
+                for j in T.serial(t):
+                    if sc[g * row + j] != T.float32(0):
+                        for dv in T.unroll(nv):
+                            for lane in T.vectorized(LANES):
+                                out[dv * LANES + lane] = out[dv * LANES + lane] + sc[g * row + j] * v[
+                                    bi, kh, j, dv * LANES + lane]
+                for a in T.vectorized(d):
+                    o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), out[a] / tot[1],
+                                                                 T.float32(0))
 
     return func

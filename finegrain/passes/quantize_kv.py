@@ -1,0 +1,151 @@
+"""Quantize the KV cache on write (issue #17, first part), on a KV-cache graph
+(``compile(kv_cache=True)``).
+
+Each present key / value (the node marked with the ``kv`` role: ``cat(past, new)``) gets its new
+part quantized and dequantized before the concatenation, so every token enters the cache once, in
+the recipe's format, and the attention of this step and of every later step reads exactly those
+values: the cache path (prefill in chunks, decode one token at a time) and a full-sequence
+forward give the same numbers by construction. Formats (``recipe.kv_key``, ``recipe.kv_value``)
+are dynamic integer formats over the head dimension: per token (``int8-token-sym-dyn``-like) or in
+groups along it (``int4-g32-asym-fp16-dyn``: KIVI's value scheme; its per-channel keys need
+token groups and a residual window, not built yet).
+
+``recipe.kv_rotate`` rotates keys and values by the normalized Walsh-Hadamard matrix ``H`` over the
+head dimension before they are quantized (RotateKV / QuaRot's K and V rotations, post-RoPE): the
+query is rotated too (``(qH) . (kH) = q . k``) and the attention output is rotated back
+(``(P V H) H = P V``; ``H`` is symmetric and its own inverse for power-of-two head dims), so
+without quantization the graph computes exactly what it did. All three are online Hadamard ops
+(``compiler/ops.py``). A head dim that is not a power of two is reported and left unrotated.
+
+The cache is still stored in float by the backends (the values are quantized, the storage is not
+packed yet); ``report["kv_cache"]`` gives the bytes per token the format would store (codes,
+scales, zero points) next to the float cache's.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from finegrain.compiler.context import PassContext
+from finegrain.compiler.ir import KV, MODULE, new_constant
+from finegrain.compiler.ops import HADAMARD
+from finegrain.errors import CaptureError, InputError
+from finegrain.formats import QuantFormat
+from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default,
+          torch.ops.aten.unsqueeze.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default,
+          torch.ops.aten._unsafe_view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.alias.default}
+
+
+def _attention_reads(present: Node) -> list[tuple[Node, int]]:
+    """``(attention node, argument index)`` for each attention reading ``present`` through
+    views / repeat_kv (index 1: keys, 2: values)."""
+    out, todo, seen = [], [present], set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "call_function" and u.target is SDPA:
+                out += [(u, i) for i in (1, 2) if u.args[i] is n]
+            elif u.op == "call_function" and u.target in _VIEWS and u.args[0] is n:
+                todo.append(u)
+    return out
+
+
+def _qdq(graph, x: Node, fmt: QuantFormat) -> Node:
+    q = graph.call_function(QUANTIZE, (x, fmt.tag))
+    parts = tuple(graph.call_function(operator.getitem, (q, i)) for i in range(3))
+    return graph.call_function(DEQUANTIZE, (*parts, fmt.tag, torch.float32))
+
+
+def bytes_per_token(fmt: QuantFormat | None, head_dim: int) -> float:
+    """Bytes one token's key (or value) of one head takes in ``fmt`` (codes, scales, zero points)."""
+    if fmt is None:
+        return 4.0 * head_dim
+    groups = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1
+    scale = {"fp32": 4, "fp16": 2, "bf16": 2}.get(fmt.scale, 1)
+    zero = 0 if fmt.symmetric else fmt.bits / 8
+    return head_dim * fmt.bits / 8 + groups * (scale + zero)
+
+
+def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
+    r = ctx.recipe
+    key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
+    value_fmt = QuantFormat.parse(r.kv_value) if r.kv_value else None
+    if key_fmt is None and value_fmt is None and not r.kv_rotate:
+        return gm
+    presents = [n for n in gm.graph.nodes if KV in n.meta]
+    if not presents:
+        raise InputError(f"recipe {r.name!r}: kv_key / kv_value / kv_rotate quantize the KV cache, which is in the "
+                         "graph only when compiled with kv_cache=True (--kv-cache)")
+    log = ctx.report.setdefault("folds", [])
+    g = gm.graph
+    factors: dict[int, Node] = {}
+    rotated: set[Node] = set()
+    head_dim = None
+    for n in presents:
+        role = n.meta[KV]
+        where = f"layer {role['layer']} {role['kind']}s (node {n.name})"
+        if n.target is not torch.ops.aten.cat.default or len(n.args[0]) < 2:
+            raise CaptureError(f"{where}: the present is not a concatenation of the past and the new tokens")
+        new = n.args[0][-1]
+        val = new.meta.get("val")
+        d = int(val.shape[-1]) if val is not None else None
+        head_dim = d
+        fmt = key_fmt if role["kind"] == "key" else value_fmt
+        if fmt is not None and fmt.granularity == "group" and (d is None or d % fmt.group_size):
+            raise InputError(f"{where}: KV format {fmt.tag} groups of {fmt.group_size} do not divide the head dim {d}")
+        x = new
+        rotate = r.kv_rotate and d is not None and d & (d - 1) == 0
+        if r.kv_rotate and not rotate:
+            log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
+                        "detail": f"head dim {d} is not a power of two: K / V left unrotated"})
+        with g.inserting_before(n):
+            if rotate:
+                if d not in factors:
+                    factors[d] = new_constant(gm, f"kv_hadamard.factor_{d}", torch.ones(1, 1))
+                x = g.call_function(HADAMARD, (x, factors[d]))
+                x.meta["val"], x.meta[MODULE] = val, new.meta.get(MODULE)
+            if fmt is not None:
+                x = _qdq(g, x, fmt)
+                x.meta["val"] = val
+        n.args = ([*n.args[0][:-1], x], *n.args[1:])
+        if rotate:
+            for att, idx in _attention_reads(n):
+                if att in rotated:
+                    continue
+                rotated.add(att)
+                q = att.args[0]
+                with g.inserting_before(att):
+                    hq = g.call_function(HADAMARD, (q, factors[d]))
+                    hq.meta["val"] = q.meta.get("val")
+                att.args = (hq, *att.args[1:])
+                with g.inserting_after(att):
+                    ho = g.call_function(HADAMARD, (att, factors[d]))
+                    ho.meta["val"] = att.meta.get("val")
+                att.replace_all_uses_with(ho, delete_user_cb=lambda u: u is not ho)
+    if r.kv_rotate and not rotated and factors:
+        raise CaptureError("kv_rotate: no attention reads the rotated cache (the graph has no "
+                           "scaled_dot_product_attention over the presents)")
+    layers = len(presents) // 2
+    kv_heads = int(presents[0].meta["val"].shape[1]) if presents[0].meta.get("val") is not None else 0
+    if head_dim:
+        per = layers * kv_heads
+        ctx.report["kv_cache"] = {
+            "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
+            "rotate": bool(r.kv_rotate and rotated),
+            "bytes_per_token": round(per * (bytes_per_token(key_fmt, head_dim) + bytes_per_token(value_fmt, head_dim)), 1),
+            "fp32_bytes_per_token": per * 8 * head_dim,
+            "storage": "float (values quantized on write; packed storage not built yet)"}
+    log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
+                "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
+                          f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})
+    g.lint()
+    gm.recompile()
+    return gm

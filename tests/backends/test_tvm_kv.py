@@ -1,0 +1,102 @@
+"""The TVM backend over the KV cache (compile(kv_cache=True)): ``prefill`` and ``decode`` take the
+past keys / values and return the presents, so decoding one token at a time over the cache gives
+the full-sequence logits at every position for the families the loader takes (GQA, q/k/v biases,
+QK-norm, sliding windows, fused projections); quantized builds (the low-bit GEMV and the integer-dot
+W4A8 kernel) generate the reference backend's tokens; a deployment directory generates through the
+standalone tvm.runtime script with no finegrain import; bad lengths get clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finegrain
+from finegrain.compiler.capture import kv_inputs
+from finegrain.errors import ArtifactError, InputError
+
+pytest.importorskip("tvm")
+
+from finegrain.backends.tvm.deploy import TvmDeployment  # noqa: E402
+from tests.test_kv_cache import FLOAT, _family, _rel  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
+
+
+def _incremental(session, x, prefill):
+    logits, state = session.prefill(x[:, :prefill])
+    outs = [logits]
+    for t in range(prefill, x.shape[1]):
+        logits, state = session.step(state, x[:, t:t + 1])
+        outs.append(logits)
+    return torch.cat(outs, 1), state
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma3"])
+def test_decode_over_the_cache_equals_the_full_sequence(family):
+    model = _family(family)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    cm = finegrain.compile(model, (ids,), recipe=FLOAT, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).logits
+    with cm.session("tvm", target=TARGET, max_seq_len=64) as s:
+        inc, state = _incremental(s, x, prefill=5)
+        assert _rel(ref, inc) <= 1e-4, (family, _rel(ref, inc))
+        assert _rel(ref, s.run(*kv_inputs(cm.kv, x))) <= 1e-4  # the whole sequence over an empty past
+        one, _ = _incremental(s, x[:, :6], prefill=1)  # decode over an empty past (a one-token prompt)
+        assert _rel(ref[:, :6], one) <= 1e-4
+    assert len(state["past"]) == 2 * cm.kv["layers"] and state["pos"] == 24
+    assert tuple(state["past"][0].shape) == (1, cm.kv["kv_heads"], 24, cm.kv["head_dim"])
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a8-g128"])
+def test_quantized_cache_build_generates_the_reference_tokens(tiny_llama, tiny_inputs, recipe):
+    example, calib, test = tiny_inputs
+    cm = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False, kv_cache=True)
+    with cm.session("tvm", target=TARGET, max_seq_len=64) as s:
+        kernels = set(k["kind"] for k in s.manifest["kernels"].values())
+        assert kernels == ({"int8-dot"} if recipe == "w4a8-g128" else {"int"}), kernels
+        inc, _ = _incremental(s, test, prefill=3)
+        ref = cm(test)
+        assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
+        prompt = test[:, :6]
+        assert s.generate(prompt, 12).tokens == cm.generate(prompt, 12).tokens
+
+
+def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_path):
+    cm = finegrain.compile(tiny_llama, (torch.randint(0, 256, (1, 8)),), recipe="w4a16-g128", progress=False,
+                           kv_cache=True)
+    out = tmp_path / "deploy"
+    m = cm.build(out, target=TARGET, max_seq_len=48)
+    assert m["kv"] == {**cm.kv, "max_seq_len": 48}
+    assert m["functions"] == {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, 48]}}
+    prompt = [5, 17, 3, 99, 42]
+    want = cm.generate(torch.tensor([prompt]), 10).tokens
+    dep = finegrain.load(out, allow_native=True)
+    assert isinstance(dep, TvmDeployment) and dep.kv == m["kv"]
+    assert dep.generate(torch.tensor([prompt]), 10).tokens == want
+    # the standalone script: prefill once, then decode per token over the presents it is handed back
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"), str(out), "--ids",
+                          *map(str, prompt), "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300,
+                         check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["cache"] is True and got["new_tokens"] == want and got["decode_tokens_per_s"] > 0
+    # past max_seq_len: a clear error before TVM runs; a tampered layout is refused at load
+    with pytest.raises(InputError, match="exceeds the 48 tokens"):
+        dep.generate(torch.tensor([prompt * 8]), 10)
+    _, state = dep.prefill(torch.tensor([prompt * 9]))
+    with pytest.raises(InputError, match="past the 48 tokens"):
+        dep.step(state, torch.tensor([[1, 2, 3, 4]]))
+    mf = out / "manifest.json"
+    bad = json.loads(mf.read_text())
+    bad["kv"]["layers"] = 7
+    mf.write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match="KV-cache artifact's inputs"):
+        TvmDeployment(out)
