@@ -111,6 +111,11 @@ class Recipe:
     expert's error weighted by its calibration routing frequency; a grouped kernel then runs the
     experts in buckets of one format) or as one tensor with ``"grouped"`` (one format for all
     experts of the GEMM, for kernels that take a single format).
+
+    KV cache (``passes/quantize_kv.py``; a graph compiled with ``kv_cache=True``): ``kv_key`` /
+    ``kv_value`` are dynamic integer formats (per token, or groups along the head dim) each new key
+    / value is quantized to when written to the cache; ``kv_rotate`` rotates keys and values by a
+    Hadamard over the head dim first (queries and the attention output rotated to match).
     """
 
     name: str = "custom"
@@ -139,9 +144,13 @@ class Recipe:
     budget_bytes: int | None = None
     sensitivity: str = "auto"
     expert_allocation: str = "expert"
+    kv_key: str | None = None
+    kv_value: str | None = None
+    kv_rotate: bool = False
 
     def __post_init__(self) -> None:
-        for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip"):
+        for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
+                  "kv_rotate"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -171,6 +180,17 @@ class Recipe:
                 raise ValueError(f"weight_candidates[{i}]: {e}") from None
             if fmt is None or fmt.dynamic:
                 raise ValueError(f"weight_candidates[{i}]: {tag!r} must be a static weight format tag")
+        for f in ("kv_key", "kv_value"):
+            tag = getattr(self, f)
+            if tag is None:
+                continue
+            try:
+                fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
+            except ValueError as e:
+                raise ValueError(f"{f}: {e}") from None
+            if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
+                raise ValueError(f"{f}: {tag!r} must be a dynamic integer format per token or per group along the "
+                                 "head dim (e.g. int4-g32-asym-fp16-dyn)")
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
         if self.expert_allocation not in EXPERT_ALLOCATION:

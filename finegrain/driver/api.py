@@ -107,6 +107,9 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
                          "the output-error clip search or bit allocation)")
     kv = None
+    if (recipe.kv_key or recipe.kv_value or recipe.kv_rotate) and not kv_cache:
+        raise InputError(f"recipe {recipe.name!r} quantizes the KV cache (kv_key / kv_value / kv_rotate), which is in "
+                         "the graph only with kv_cache=True (--kv-cache)")
     if kv_cache:
         if len(example_inputs) != 1:
             raise InputError("kv_cache=True: example_inputs must be (input_ids,)")
@@ -159,7 +162,8 @@ def _finish(prep: Prepared, model, tokenizer, source) -> CompiledModel:
                          quantized=quantized, layer_report=ctx.report.get("layers", {}),
                          folds=ctx.report.get("folds", []), allocation=ctx.report.get("allocation", {}),
                          tokenizer=tokenizer, timings=timings, warnings=list(ctx.report.get("warnings", [])),
-                         kv=prep.kv)
+                         kv={**prep.kv, "quantization": ctx.report["kv_cache"]} if prep.kv and "kv_cache" in ctx.report
+                         else prep.kv)
 
 
 def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict",

@@ -24,6 +24,7 @@ from finegrain.passes.fold_norms import fold_norms
 from finegrain.passes.fold_rotation import fold_rotation
 from finegrain.passes.fold_smoothing import fold_smoothing
 from finegrain.passes.insert_qdq import insert_qdq
+from finegrain.passes.quantize_kv import quantize_kv
 from finegrain.passes.quantize_weights import quantize_weights
 
 __all__ = ["ANALYZE", "MATERIALIZE", "PIPELINE", "PassContext", "run_passes"]
@@ -42,6 +43,7 @@ ANALYZE: list[tuple[str, Pass]] = [
 MATERIALIZE: list[tuple[str, Pass]] = [
     ("quantize_weights", quantize_weights),  # RTN / clip search / GPTQ codes + scales, per-layer error record
     ("insert_qdq", insert_qdq),  # packed weights + Q/DQ custom ops
+    ("quantize_kv", quantize_kv),  # the KV cache quantized on write, optionally rotated (recipe.kv_*)
 ]
 PIPELINE: list[tuple[str, Pass]] = ANALYZE + MATERIALIZE
 

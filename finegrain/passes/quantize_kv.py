@@ -29,7 +29,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import KV, MODULE, new_constant
+from finegrain.compiler.ir import KV, MODULE
+from finegrain.compiler.regions import new_constant
 from finegrain.compiler.ops import HADAMARD
 from finegrain.errors import CaptureError, InputError
 from finegrain.formats import QuantFormat
