@@ -180,14 +180,19 @@ class Session:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.run(*inputs)
 
+    def check_room(self, start: int, n: int) -> None:
+        """``n`` new tokens at position ``start`` fit the longest sequence the session takes."""
+        from finegrain.errors import InputError
+
+        if self.max_seq_len is not None and start + n > self.max_seq_len:
+            raise InputError(f"position {start + n} is past the {self.max_seq_len} tokens the model takes "
+                             "(max_seq_len)")
+
     def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
         """A KV-cache graph on ``ids`` at positions ``start``.. over ``past`` (None: empty)."""
         from finegrain.compiler.capture import kv_inputs
-        from finegrain.errors import InputError
 
-        if self.max_seq_len is not None and start + ids.shape[1] > self.max_seq_len:
-            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
-                             "(max_seq_len)")
+        self.check_room(start, ids.shape[1])
         return self.run_all(*kv_inputs(self.kv, ids, past, start))
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -29,7 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import KV, MODULE
+from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH
 from finegrain.compiler.regions import new_constant
 from finegrain.compiler.ops import HADAMARD
 from finegrain.errors import CaptureError, InputError
@@ -37,24 +37,22 @@ from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_VIEWS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.expand.default,
-          torch.ops.aten.unsqueeze.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default,
-          torch.ops.aten._unsafe_view.default, torch.ops.aten.slice.Tensor, torch.ops.aten.alias.default}
+# the shared pass-through views plus what transformers' repeat_kv adds between a present and attention
+_VIEWS = PASS_THROUGH | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor}
 
 
-def _attention_reads(present: Node) -> list[tuple[Node, int]]:
-    """``(attention node, argument index)`` for each attention reading ``present`` through
-    views / repeat_kv (index 1: keys, 2: values)."""
+def _attentions_reading(present: Node) -> list[Node]:
+    """The attention nodes reading ``present`` (as keys or values) through views / repeat_kv."""
     out, todo, seen = [], [present], set()
     while todo:
         n = todo.pop()
         for u in n.users:
-            if u in seen:
+            if u in seen or u.op != "call_function":
                 continue
             seen.add(u)
-            if u.op == "call_function" and u.target is SDPA:
-                out += [(u, i) for i in (1, 2) if u.args[i] is n]
-            elif u.op == "call_function" and u.target in _VIEWS and u.args[0] is n:
+            if u.target is SDPA and n in u.args[1:3]:
+                out.append(u)
+            elif u.target in _VIEWS and u.args[0] is n:
                 todo.append(u)
     return out
 
@@ -118,7 +116,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 x.meta["val"] = val
         n.args = ([*n.args[0][:-1], x], *n.args[1:])
         if rotate:
-            for att, idx in _attention_reads(n):
+            for att in _attentions_reading(n):
                 if att in rotated:
                     continue
                 rotated.add(att)

@@ -19,21 +19,12 @@ from finegrain.errors import ArtifactError, InputError
 pytest.importorskip("tvm")
 
 from finegrain.backends.tvm.deploy import TvmDeployment  # noqa: E402
-from tests.test_kv_cache import FLOAT, _family, _rel  # noqa: E402
+from tests.test_kv_cache import FLOAT, _family, _incremental, _rel  # noqa: E402  (a TVM session is its own .session())
 
 pytestmark = pytest.mark.tvm
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
-
-
-def _incremental(session, x, prefill):
-    logits, state = session.prefill(x[:, :prefill])
-    outs = [logits]
-    for t in range(prefill, x.shape[1]):
-        logits, state = session.step(state, x[:, t:t + 1])
-        outs.append(logits)
-    return torch.cat(outs, 1), state
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma3"])
@@ -100,3 +91,18 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
     mf.write_text(json.dumps(bad))
     with pytest.raises(ArtifactError, match="KV-cache artifact's inputs"):
         TvmDeployment(out)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_cache_build_decodes_for_each_isa(tiny_llama, tiny_inputs, isa, tmp_path):
+    """Both vector widths build the cache graph (attention over a cache, low-bit GEMV); it runs where
+    the host has the ISA (CI may run on either)."""
+    from tests.backends.test_tvm_backend import ISA_TARGETS, _host_has
+
+    example, calib, test = tiny_inputs
+    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+    cm.build(tmp_path / "dep", target=ISA_TARGETS[isa], max_seq_len=64)
+    if not _host_has(isa):
+        pytest.skip(f"built for {isa}; this host cannot run it")
+    inc, _ = _incremental(TvmDeployment(tmp_path / "dep"), test, prefill=3)
+    assert _rel(cm(test), inc) <= 1e-4

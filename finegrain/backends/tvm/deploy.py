@@ -238,9 +238,7 @@ class TvmDeployment(Session, Artifact):
         from finegrain.compiler.capture import kv_inputs
         from finegrain.io.signature import check_inputs
 
-        if start + ids.shape[1] > self.max_seq_len:
-            raise InputError(f"position {start + ids.shape[1]} is past the {self.max_seq_len} tokens the model takes "
-                             "(max_seq_len)")
+        self.check_room(start, ids.shape[1])
         if past is None:
             inputs = kv_inputs(self.kv, ids, None, start)
             check_inputs(self.input_specs, inputs)

@@ -427,20 +427,6 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
-def _kv_examples(input_specs: list[dict], seq: int) -> tuple:
-    """Example inputs of a KV-cache graph with ``seq`` new tokens over a past of 2."""
-    out = []
-    for s in input_specs:
-        shape = list(s["shape"])
-        if s["name"].startswith("past_"):
-            shape[2] = 2
-        else:
-            shape[1] = seq
-        out.append(torch.zeros(shape, dtype=torch.float32) if s["name"].startswith("past_")
-                   else torch.ones(shape, dtype=getattr(torch, s["dtype"])))
-    return tuple(out)
-
-
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
                  int8: bool = True):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
@@ -462,17 +448,15 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
                        f"graph (input_ids, position_ids, past_key_0, ...), got {[s['name'] for s in input_specs]}")
     pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
+    past = [s["name"].startswith("past_") for s in input_specs]
     if kv:
-        past = torch.export.Dim("past", min=0, max=max_seq_len)
-        ds_prefill = tuple({2: past} if s["name"].startswith("past_") else {1: seq} for s in input_specs)
-        ds_decode = tuple({2: past} if s["name"].startswith("past_") else None for s in input_specs)
-        ex_prefill, ex_decode = _kv_examples(input_specs, 3), _kv_examples(input_specs, 1)
+        dim = torch.export.Dim("past", min=0, max=max_seq_len)
+        ds_prefill = tuple({2: dim} if p else {1: seq} for p in past)
+        ds_decode = tuple({2: dim} if p else None for p in past)
     else:
-        spec = input_specs[0]
         ds_prefill, ds_decode = ({1: seq},), None
-        ex_prefill = example_inputs(input_specs)
-        ex_decode = (torch.ones([1 if i == 1 else d for i, d in enumerate(spec["shape"])],
-                                dtype=getattr(torch, spec["dtype"])),)
+    ex_prefill = example_inputs(input_specs)
+    ex_decode = tuple(x if p else x[:, :1] for x, p in zip(ex_prefill, past))  # one new token
     prefill, names = _import(pgm, ex_prefill, ds_prefill, "", lanes, max_seq_len)
     decode, names_d = _import(pgm, ex_decode, ds_decode, "decode_", lanes, max_seq_len if kv else 1)
     if names != names_d:

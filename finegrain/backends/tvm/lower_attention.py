@@ -147,21 +147,16 @@ def converter(prefix: str, max_seq_len: int):
         bias = bias_for(bb, mask, causal, s, t, t32)
         longest = int(t) if isinstance(t, tirx.IntImm) else max_seq_len
         tag = "" if scale == 1.0 / math.sqrt(int(d)) else f"_scale{len(funcs)}"
-        if isinstance(s, tirx.IntImm) and int(s) == 1:  # one query per head: K read in the cache's layout
-            key = f"{prefix}attention_one_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
-            if key not in funcs:
-                func = decode_attention_func(int(b), int(h), int(hk), int(d), longest, scale).with_attrs(
-                    {"op_pattern": 8, "global_symbol": key})
-                funcs[key] = bb.add_func(func, key)
-            return bb.emit(relax.call_tir(funcs[key], [q, k, v, bias], relax.TensorType([b, h, s, d], "float32")))
-        kt = bb.emit_te(lambda x: te.compute((b, hk, d, t32), lambda bi, hi, di, j: te.if_then_else(
-            j < t, x[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
-            primfunc_name_hint=f"{prefix}attention_keys_t", primfunc_attrs={"op_pattern": 8})
-        key = f"{prefix}attention_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
+        one = isinstance(s, tirx.IntImm) and int(s) == 1  # one query per head: K read in the cache's layout
+        make = decode_attention_func if one else attention_func
+        key = f"{prefix}attention{'_one' if one else ''}_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
         if key not in funcs:
-            func = attention_func(int(b), int(h), int(hk), int(d), longest, scale).with_attrs(
-                {"op_pattern": 8, "global_symbol": key})
+            func = make(int(b), int(h), int(hk), int(d), longest, scale).with_attrs({"op_pattern": 8, "global_symbol": key})
             funcs[key] = bb.add_func(func, key)
-        return bb.emit(relax.call_tir(funcs[key], [q, kt, v, bias], relax.TensorType([b, h, s, d], "float32")))
+        if not one:  # the prefill kernel reads K transposed, keys padded to whole blocks
+            k = bb.emit_te(lambda x: te.compute((b, hk, d, t32), lambda bi, hi, di, j: te.if_then_else(
+                j < t, x[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
+                primfunc_name_hint=f"{prefix}attention_keys_t", primfunc_attrs={"op_pattern": 8})
+        return bb.emit(relax.call_tir(funcs[key], [q, k, v, bias], relax.TensorType([b, h, s, d], "float32")))
 
     return convert

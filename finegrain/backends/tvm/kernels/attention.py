@@ -54,6 +54,12 @@ def padded_keys(max_seq_len: int) -> int:
     return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
 
 
+def _check_heads(heads: int, kv_heads: int, d: int) -> None:
+    if d % LANES or heads % kv_heads:
+        raise ValueError(f"attention kernel: head dim {d} must be a multiple of {LANES} and heads {heads} a multiple "
+                         f"of the K/V heads {kv_heads}")
+
+
 def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
     """The PrimFunc ``f(q[B, H, S, d], kt[B, Hkv, d, T32], v[B, Hkv, T, d], bias[S, T32], o[B, H, S, d])``
     for ``S`` queries over ``T`` keys (``T = S`` without a cache, past + S over a KV cache) with
@@ -61,9 +67,7 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
     from tvm import tirx
     from tvm.script import tirx as T
 
-    if d % LANES or heads % kv_heads:
-        raise ValueError(f"attention kernel: head dim {d} must be a multiple of {LANES} and heads {heads} a multiple "
-                         f"of the K/V heads {kv_heads}")
+    _check_heads(heads, kv_heads, d)
     row = padded_keys(max_seq_len)
     group = heads // kv_heads
     nv, nb = d // LANES, KEY_BLOCK // LANES
@@ -158,9 +162,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     from tvm import tirx
     from tvm.script import tirx as T
 
-    if d % LANES or heads % kv_heads:
-        raise ValueError(f"attention kernel: head dim {d} must be a multiple of {LANES} and heads {heads} a multiple "
-                         f"of the K/V heads {kv_heads}")
+    _check_heads(heads, kv_heads, d)
     row = padded_keys(max_seq_len)
     group = heads // kv_heads
     nv = d // LANES
