@@ -87,8 +87,8 @@ def encode_fn(obj: "LoadedModel | CompiledModel"):
 
 
 def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max_windows: int | None,
-                progress: bool = True) -> dict[str, Any]:
-    return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress).to_dict()
+                progress: bool = True, first_window: int = 0) -> dict[str, Any]:
+    return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window).to_dict()
 
 
 def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256) -> dict[str, Any]:

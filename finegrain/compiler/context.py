@@ -25,7 +25,7 @@ class PassContext:
     def __post_init__(self) -> None:
         if not self.stats.nodes and self.recipe.smoothing is None:
             self.stats.rows = 0  # only smoothing's search reads token rows: don't keep them
-        self.stats.hessian = self.recipe.needs_hessian
+        self.stats.hessian = self.recipe.needs_float_hessian
 
     def progress(self, items: Iterable, desc: str) -> Iterable:
         from tqdm.auto import tqdm

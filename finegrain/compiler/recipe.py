@@ -96,8 +96,13 @@ class Recipe:
     block (``clip_objective="output"``, AWQ / FineQuant-style) or its weight MSE (``"mse"``);
     ``gptq`` is GPTQ (Frantar et al. 2022) with ``gptq_damp`` relative damping, ``gptq_block``
     lazy-batch width and ``gptq_act_order`` (columns by decreasing Hessian diagonal, group
-    parameters fixed up front, the "static groups" variant, so groups stay contiguous), on scales
-    from the clip search when ``gptq_clip``.
+    parameters fixed up front, the "static groups" variant, so groups stay contiguous; without it
+    each group's parameters are chosen when the sweep reaches it, from the error-updated weights,
+    GPTQ's original scheme), on scales from the clip search when ``gptq_clip``. With ``sequential`` (the default) the algorithms that
+    read a Hessian (GPTQ, the output-error clip search) quantize the linears in graph order, each
+    on the inputs the already-quantized linears upstream produce (the calibration batches are
+    replayed node by node, ``compiler/replay.py``); ``sequential=False`` takes every Hessian
+    from the one calibration pass over the floating-point model.
 
     Bit allocation (``passes/allocate_bits.py``): with ``weight_candidates`` (format tags), every
     linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
@@ -139,6 +144,7 @@ class Recipe:
     gptq_block: int = 128
     gptq_act_order: bool = True
     gptq_clip: bool = False
+    sequential: bool = True
     weight_candidates: tuple[str, ...] = ()
     budget_bits: float | None = None
     budget_bytes: int | None = None
@@ -150,7 +156,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "kv_rotate"):
+                  "kv_rotate", "sequential"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -230,8 +236,28 @@ class Recipe:
     def needs_hessian(self) -> bool:
         """GPTQ, the output-error clip search and the output-error sensitivity of bit allocation
         read X^T X of each linear's input."""
-        return (self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
-                or (bool(self.weight_candidates) and self.sensitivity in ("output", "auto")))
+        return self.needs_data_for_weights or (bool(self.weight_candidates) and self.sensitivity in ("output", "auto"))
+
+    @property
+    def needs_data_for_weights(self) -> bool:
+        """The weight algorithm reads each linear's input Hessian (GPTQ, the output-error clip search)."""
+        return self.weight_algorithm == "gptq" or (self.weight_algorithm == "clip" and self.clip_objective == "output")
+
+    @property
+    def needs_float_calibration(self) -> bool:
+        """Whether the calibration pass over the float model has a reader. Not when the only one
+        would be a sequential weight algorithm, which measures what it needs itself."""
+        sequential_only = self.sequential and self.needs_data_for_weights and not (
+            self.needs_static_stats or self.smoothing is not None or self.weight_candidates)
+        return not sequential_only
+
+    @property
+    def needs_float_hessian(self) -> bool:
+        """X^T X in the calibration pass over the float model: the non-sequential weight
+        algorithms and the output-error sensitivity of bit allocation (a sequential algorithm
+        measures its Hessians itself, on the partly quantized model)."""
+        return (self.needs_data_for_weights and not self.sequential) or (
+            bool(self.weight_candidates) and self.sensitivity in ("output", "auto"))
 
     @property
     def candidate_formats(self) -> tuple[QuantFormat, ...]:

@@ -3,7 +3,8 @@
 Protocol (DESIGN.md): tokenize the WikiText-2 test stream once, cut it into non-overlapping
 windows of ``seq_len`` tokens (capped by the model's context), average the next-token NLL over
 every predicted token, ppl = exp(mean NLL). Windows are streamed: only one window's logits exist
-at a time. ``max_windows`` evaluates the first N windows (quick runs; say so when reporting).
+at a time. ``max_windows`` evaluates the first N windows (quick runs; say so when reporting), ``first_window``
+skips the windows before it.
 """
 from __future__ import annotations
 
@@ -47,20 +48,23 @@ class PerplexityResult:
 
 
 def perplexity(logits_fn: LogitsFn, tokenizer, seq_len: int = 2048, max_windows: int | None = None,
-               progress: bool = True) -> PerplexityResult:
-    """Mean next-token NLL of ``logits_fn`` over WikiText-2 test windows of ``seq_len``."""
+               progress: bool = True, first_window: int = 0) -> PerplexityResult:
+    """Mean next-token NLL of ``logits_fn`` over WikiText-2 test windows of ``seq_len``, from window
+    ``first_window`` on (a held-out slice for checks tuned on the first windows)."""
     if seq_len < 2:
         raise InputError(f"seq_len must be >= 2, got {seq_len}")
     ids = wikitext_ids(tokenizer)
     available = ids.numel() // seq_len
     if available == 0:
         raise InputError(f"seq_len {seq_len} is longer than the tokenized corpus ({ids.numel()} tokens)")
-    n = available if not max_windows else min(max_windows, available)
+    if not 0 <= first_window < available:
+        raise InputError(f"first_window {first_window} is outside the {available} windows of {seq_len} tokens")
+    n = available - first_window if not max_windows else min(max_windows, available - first_window)
     from tqdm.auto import tqdm
 
     total_nll, total_tokens, t0 = 0.0, 0, time.perf_counter()
     with torch.inference_mode():
-        for w in tqdm(range(n), desc=f"ppl@{seq_len}", disable=not progress, leave=False):
+        for w in tqdm(range(first_window, first_window + n), desc=f"ppl@{seq_len}", disable=not progress, leave=False):
             window = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0)
             logits = logits_fn(window)
             nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")

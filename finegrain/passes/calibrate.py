@@ -84,8 +84,9 @@ def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
 
 
 def calibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
-    """Run ``ctx.calibration`` through an observed copy of ``gm``; fill ``ctx.stats``."""
-    if not ctx.calibration:
+    """Run ``ctx.calibration`` through an observed copy of ``gm``; fill ``ctx.stats``. Skipped when
+    no pass reads the float model's statistics (``Recipe.needs_float_calibration``)."""
+    if not ctx.calibration or not ctx.recipe.needs_float_calibration:
         return gm
     inst, keys = _instrumented(gm, ctx)
     if inst is None:
@@ -101,8 +102,9 @@ def calibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
 
 def recalibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
     """Refill the stats store after a fold emptied it (the activations it described changed), when
-    a later pass needs statistics (static activation scales, GPTQ / clip search Hessians).
+    a later pass needs statistics (static activation scales, Hessians of a non-sequential GPTQ / clip
+    search or of bit allocation).
     Otherwise a no-op."""
-    if ctx.stats.nodes or not ctx.calibration or not (ctx.recipe.needs_static_stats or ctx.recipe.needs_hessian):
+    if ctx.stats.nodes or not ctx.calibration or not (ctx.recipe.needs_static_stats or ctx.recipe.needs_float_hessian):
         return gm
     return calibrate(gm, ctx)

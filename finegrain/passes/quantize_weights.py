@@ -1,13 +1,22 @@
 """Quantize weights offline with the recipe's weight algorithm (``passes/weight_algorithms.py``):
 ``rtn``, ``clip`` (clip-ratio search per group) or ``gptq`` (optionally on clip-searched scales).
 
+Sequential (``recipe.sequential``, the default, for GPTQ and the output-error clip search): the
+calibration batches are replayed through the graph node by node (``compiler/replay.py``); when
+the replay reaches a quantizable op, its input Hessian ``E[x x^T]`` is measured on what the
+already-quantized ops upstream produce, its weight is quantized, and the op runs with the
+dequantized weight, so every later op sees the quantized model's activations (GPTQ's sequential
+scheme, at the granularity of single linears, in dataflow order). Memory: the live activations of
+the replay for all batches plus one Hessian. Otherwise the Hessians come from the stats store
+(one calibration pass over the float model, ``recipe.needs_float_hessian``).
+
 Requires: ``meta[WEIGHT_FORMAT]`` on quantizable ops; for ``gptq`` and the output-error clip
-search, ``X^T X`` of each op's input in the stats store (calibration with ``recipe.needs_hessian``).
+search, calibration batches (sequential) or ``X^T X`` in the stats store.
 Ensures: ``meta[QWEIGHT]`` (a QTensor) on each of them, and a per-layer error record in
-``ctx.report["layers"]``: the algorithm, weight SQNR (dB) and, when calibration statistics exist
-for the op's input, the output SQNR ``E||W x||^2 / E||dW x||^2`` in dB, with the full ``E[x x^T]``
-when it was collected, else its diagonal ``E[x_j^2]``. Layers run one at a time (memory: one
-weight and one Hessian beside the model), with a progress bar.
+``ctx.report["layers"]``: the algorithm, ``sequential`` when the Hessian came from the replay,
+weight SQNR (dB) and, when calibration statistics exist for the op's input, the output SQNR
+``E||W x||^2 / E||dW x||^2`` in dB, with the full ``E[x x^T]`` when it was collected, else its
+diagonal ``E[x_j^2]``, with a progress bar.
 
 Grouped (MoE) ops quantize each expert ``[N, K]`` slice of their ``[E, N, K]`` weight with its
 own format (``ir.expert_formats``) and its own Hessian (the rows routed to it); ``meta[QWEIGHT]``
@@ -18,10 +27,12 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import QWEIGHT, WEIGHT_FORMAT, expert_formats, expert_key, get_tensor, quantizable_ops
+from finegrain.compiler.replay import replay
 from finegrain.errors import InputError
 from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
 
@@ -42,8 +53,9 @@ def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
     elif algo == "clip":
         q, _ = clip_search(w, fmt, h if r.clip_objective == "output" else None, r.clip_grid, r.clip_min)
     else:
-        params = clip_search(w, fmt, h, r.clip_grid, r.clip_min)[0] if r.gptq_clip else rtn(w, fmt)
-        q = gptq(w, fmt, h, params, damp=r.gptq_damp, block=r.gptq_block, act_order=r.gptq_act_order, where=name)
+        choose = (lambda x: clip_search(x, fmt, h, r.clip_grid, r.clip_min)[0]) if r.gptq_clip else (lambda x: rtn(x, fmt))
+        q = gptq(w, fmt, h, choose(w), damp=r.gptq_damp, block=r.gptq_block, act_order=r.gptq_act_order, where=name,
+                 refresh=choose)
     err = fmt.dequantize(q) - w
     rec = {"format": fmt.tag, "shape": list(w.shape), "algorithm": algo, "bits": fmt.storage_bits(tuple(w.shape)),
            "weight_sqnr_db": _db(err.pow(2).sum().item(), w.pow(2).sum().item())}
@@ -54,34 +66,96 @@ def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
     return q, rec
 
 
+def _hessian(xs: list) -> tuple[torch.Tensor | None, int]:
+    """E[x x^T] over the rows of per-batch activations ``xs`` ``[..., K]`` and the row count
+    (None when there are no rows)."""
+    k = xs[0].shape[-1] if xs else 0
+    h, rows = torch.zeros(k, k), 0
+    for x in xs:
+        x = x.reshape(-1, k).float()
+        h += x.T @ x
+        rows += x.shape[0]
+    return (h / rows if rows else None), rows
+
+
+def _stats_hessian(ctx: PassContext):
+    """``h_of`` over the stats store (one float-model calibration pass)."""
+    def h_of(key: str) -> tuple[torch.Tensor | None, int]:
+        st = ctx.stats.nodes.get(key)
+        return (None, 0) if st is None else (None if st.xtx is None else st.hessian, st.count)
+    return h_of
+
+
+def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool = False) -> torch.Tensor:
+    """Quantize one op's weight (``meta[QWEIGHT]``, its error record); returns the dequantized
+    weight. ``h_of(key)`` gives (Hessian or None, calibration rows) of an op input or of the rows a
+    grouped op routes to one expert (``ir.expert_key``)."""
+    r = ctx.recipe
+    layers = ctx.report.setdefault("layers", {})
+    w0 = get_tensor(gm, op.weight.target)
+    w = w0.float()
+    base = {"weight": op.weight_fqn, "role": op.role, **({"sequential": True} if sequential else {})}
+    if op.kind == "grouped":
+        if r.needs_hessian and not sequential and op.activation.name not in ctx.stats:
+            raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs calibration statistics of "
+                             f"the experts' inputs {op.activation.name!r}; pass calibration data")
+        qs = []
+        for e, fmt in enumerate(expert_formats(op)):
+            key = expert_key(op.activation.name, e)
+            h, rows = h_of(key)
+            st = ctx.stats.nodes.get(key)
+            q, rec = _quantize(ctx, w[e], fmt, h, None if st is None else st.mean_sq, f"{op.name}.{e}", op.kind)
+            rec["calibration_rows"] = rows
+            layers[f"{op.name}.{e}"] = {**base, **rec}
+            qs.append(q)
+        op.node.meta[QWEIGHT] = tuple(qs)
+        return torch.stack([f.dequantize(q) for f, q in zip(expert_formats(op), qs)]).to(w0.dtype)
+    fmt = op.node.meta[WEIGHT_FORMAT]
+    h = h_of(op.activation.name)[0] if op.kind != "embedding" else None
+    if r.needs_hessian and h is None and op.kind != "embedding":
+        raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
+                         f"its input {op.activation.name!r}; pass calibration data")
+    st = ctx.stats.nodes.get(op.activation.name)
+    q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
+    op.node.meta[QWEIGHT] = q
+    layers[op.name] = {**base, **rec}
+    return fmt.dequantize(q).to(w0.dtype)
+
+
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
-    layers = ctx.report.setdefault("layers", {})
-    for op in ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm})"):
-        w = get_tensor(gm, op.weight.target).float()
-        base = {"weight": op.weight_fqn, "role": op.role}
-        if op.kind == "grouped":
-            if r.needs_hessian and op.activation.name not in ctx.stats:
-                raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs calibration statistics of "
-                                 f"the experts' inputs {op.activation.name!r}; pass calibration data")
-            qs = []
-            for e, fmt in enumerate(expert_formats(op)):
-                st = ctx.stats.nodes.get(expert_key(op.activation.name, e))
-                q, rec = _quantize(ctx, w[e], fmt, None if st is None or st.xtx is None else st.hessian,
-                                   None if st is None else st.mean_sq, f"{op.name}.{e}", op.kind)
-                rec["calibration_rows"] = 0 if st is None else st.count
-                layers[f"{op.name}.{e}"] = {**base, **rec}
-                qs.append(q)
-            op.node.meta[QWEIGHT] = tuple(qs)
-            continue
-        fmt = op.node.meta[WEIGHT_FORMAT]
-        h = ctx.stats.hessian_of(op.activation.name)
-        if r.needs_hessian and h is None and op.kind != "embedding":
-            raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
-                             f"its input {op.activation.name!r}; pass calibration data")
-        st = ctx.stats.nodes.get(op.activation.name)
-        q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
-        op.node.meta[QWEIGHT] = q
-        layers[op.name] = {**base, **rec}
+    if not (r.sequential and r.needs_data_for_weights and ctx.calibration):
+        for op in ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm})"):
+            _quantize_op(gm, ctx, op, _stats_hessian(ctx))
+        return gm
+    # sequential: each weight on the inputs the already-quantized ops upstream produce
+    ops = [op for op in ops if op.weight is not None]
+    by_node = {op.node: op for op in ops}
+    bar = iter(ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm}, sequential)"))
+    cache: dict[str, tuple] = {}  # ops reading one input (q/k/v) share its Hessian
+
+    def hook(node, values):
+        op = by_node[node]
+        next(bar, None)
+        if op.activation.name not in cache:
+            cache.clear()
+            xs = values(op.activation)
+            if op.kind == "grouped":  # rows [start, end) of each batch go to expert e (offsets: args[2])
+                for e in range(op.experts):
+                    parts = []
+                    for x, offs in zip(xs, values(op.node.args[2])):
+                        bounds = [0] + offs.tolist()
+                        parts.append(x[bounds[e]:bounds[e + 1]])
+                    cache[expert_key(op.activation.name, e)] = _hessian(parts)
+            cache[op.activation.name] = _hessian(xs)
+
+        def h_of(key: str):
+            return cache.get(key, (None, 0))
+
+        return {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True)}
+
+    replay(gm, ctx.calibration, [op.node for op in ops], hook)
+    for _ in bar:
+        pass
     return gm

@@ -13,15 +13,19 @@
   ``H_jj``; group parameters are fixed before the sweep from the original weights (the "static
   groups" variant), so groups stay contiguous in the stored layout whatever the order, and any
   format (minifloat, two-level, BitMoD, codebook) works: the sweep only encodes single columns
-  with known parameters (``QuantFormat.quantize_column``).
+  with known parameters (``QuantFormat.quantize_column``). Without ``act_order`` a ``refresh``
+  function re-chooses each group's parameters when the sweep reaches it, from the weights the
+  earlier columns' updates changed (GPTQ's original scheme; single-level group formats).
 
-Hessians come from the stats store (``compiler/stats.py``), one per distinct linear input,
-collected in one calibration pass over the floating-point model (GPTQ's layers are not re-fed
-the outputs of already-quantized layers: no sequential pass yet).
+Hessians are ``E[x x^T]`` of each linear's input: with the recipe's ``sequential`` (default)
+measured by ``passes/quantize_weights.py`` on the partly quantized model as it replays the
+calibration batches (every linear upstream already quantized), else from the stats store
+(``compiler/stats.py``), one calibration pass over the floating-point model.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -76,9 +80,15 @@ def clip_search(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor | None,
 
 
 def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTensor, *, damp: float = 0.01,
-         block: int = 128, act_order: bool = True, where: str = "weight") -> QTensor:
+         block: int = 128, act_order: bool = True, where: str = "weight",
+         refresh: Callable[[torch.Tensor], QTensor] | None = None) -> QTensor:
     """GPTQ with fixed group parameters ``params`` (from :func:`rtn` or :func:`clip_search` on
-    ``w``). Returns the QTensor with GPTQ's codes and ``params``' scales."""
+    ``w``). Returns the QTensor with GPTQ's codes and ``params``' scales.
+
+    ``refresh`` (without ``act_order``, for single-level group formats): the parameters of each
+    group are recomputed by ``refresh(current weights)`` when the sweep reaches the group, on the
+    weights the earlier columns' error updates have already changed (GPTQ's original scheme;
+    the returned scales are then those)."""
     n, k = w.shape
     if hessian.shape != (k, k):
         raise InputError(f"{where}: Hessian shape {tuple(hessian.shape)} does not match the weight's K={k}")
@@ -104,12 +114,21 @@ def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTens
     U = U.float()
     codes = torch.empty_like(params.codes)
     perm_l = perm.tolist()
+    dynamic = (refresh is not None and not act_order and fmt.granularity == "group" and params.scale2 is None
+               and params.codebook is None)
+    if dynamic:
+        params = params._replace(scale=params.scale.clone(), zero=params.zero.clone())
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = perm_l[i1 + i]
+            if dynamic and col % fmt.group_size == 0:  # a group starts: its parameters from the updated weights
+                cur = W.clone()
+                cur[:, i1:i2] = W1
+                fresh, g = refresh(cur), col // fmt.group_size
+                params.scale[:, g], params.zero[:, g] = fresh.scale[:, g], fresh.zero[:, g]
             c, qv = fmt.quantize_column(W1[:, i], params, col)
             codes[:, col] = c.to(codes.dtype)
             e = (W1[:, i] - qv) / U1[i, i]
@@ -117,3 +136,4 @@ def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTens
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return QTensor(codes, params.scale, params.zero, params.scale2, params.codebook)
+

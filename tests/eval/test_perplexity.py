@@ -46,3 +46,20 @@ def test_calibration_batches_are_seeded_and_shaped():
     c = calibration_batches(_ByteTokenizer(), samples=4, seq_len=32, seed=1)
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b)) and not torch.equal(a[0][0], c[0][0])
     assert a[0][0].shape == (1, 32)
+
+
+def test_first_window_reads_later_windows():
+    seen = []
+
+    def record(ids):
+        seen.append(ids[0].clone())
+        return torch.zeros(1, ids.shape[1], 256)
+
+    tok = _ByteTokenizer()
+    perplexity(record, tok, seq_len=64, max_windows=2, progress=False, first_window=5)
+    stream = torch.tensor(tok(wikitext2_test()).input_ids)
+    assert len(seen) == 2 and torch.equal(seen[0], stream[5 * 64:6 * 64]) and torch.equal(seen[1], stream[6 * 64:7 * 64])
+    from finegrain.errors import InputError
+
+    with pytest.raises(InputError, match="first_window"):
+        perplexity(record, tok, seq_len=64, first_window=10 ** 9, progress=False)

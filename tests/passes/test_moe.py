@@ -165,6 +165,7 @@ def test_gptq_per_expert_and_artifact_without_transformers(mixtral, data, tmp_pa
                            calibration=calib, progress=False)
     recs = [gq.layer_report[f"model.layers.0.mlp.experts.down_proj.{e}"] for e in range(E)]
     assert all(r["algorithm"] == "gptq" and r["format"] == "int4-g32-asym-fp16" for r in recs if r["calibration_rows"])
+    assert all(r["sequential"] for r in recs)  # per-expert Hessians measured on the replayed graph
     rtn_db = [rtn.layer_report[f"model.layers.0.mlp.experts.down_proj.{e}"]["output_sqnr_db"] for e in range(E)]
     assert all(r["output_sqnr_db"] > d for r, d in zip(recs, rtn_db) if r["calibration_rows"])
     gq.save(tmp_path / "a")

@@ -112,3 +112,14 @@ def test_gptq_on_clip_searched_scales(real_layer):
     both = gptq(w, fmt, h, params)
     assert torch.equal(both.scale, params.scale)
     assert _out_err(w, fmt, both, x) < _out_err(w, fmt, params, x)
+
+
+def test_gptq_refreshed_groups_follow_the_updated_weights(real_layer):
+    """Without act-order, ``refresh`` recomputes each group's scales from the error-updated
+    weights (GPTQ's original scheme): the scales differ from the up-front ones after group 0."""
+    w, h, x = real_layer
+    fmt = QuantFormat.parse("int4-g128-asym-fp16")
+    static = gptq(w, fmt, h, rtn(w, fmt), act_order=False)
+    fresh = gptq(w, fmt, h, rtn(w, fmt), act_order=False, refresh=lambda cur: rtn(cur, fmt))
+    assert torch.equal(fresh.scale[:, 0], static.scale[:, 0]) and not torch.equal(fresh.scale[:, 1:], static.scale[:, 1:])
+    assert _out_err(w, fmt, fresh, x) < _out_err(w, fmt, rtn(w, fmt), x)

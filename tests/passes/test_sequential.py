@@ -1,0 +1,76 @@
+"""Sequential weight quantization (recipe ``sequential``): each linear's Hessian is measured on the
+outputs of the already-quantized linears upstream (``compiler/replay.py``)."""
+import dataclasses
+
+import torch
+
+from finegrain.compiler.capture import capture
+from finegrain.compiler.context import PassContext
+from finegrain.compiler.ir import QWEIGHT, quantizable_ops
+from finegrain.compiler.recipe import Rule, get_recipe
+from finegrain.driver.pipeline import ANALYZE, run_passes
+from finegrain.passes.quantize_weights import quantize_weights
+from finegrain.passes.weight_algorithms import gptq, rtn
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.fc3(self.fc2(torch.relu(self.fc1(x))) + x)
+
+
+def _compiled(sequential: bool, batches):
+    torch.manual_seed(0)
+    m = TwoLayers().eval()
+    base = get_recipe("w4a16-g128-gptq")  # fc3 feeds the output (an lm_head): a pattern rule takes it too
+    recipe = dataclasses.replace(base, name="t", sequential=sequential,
+                                 rules=(Rule(pattern="fc", weight=base.rules[0].weight),))
+    gm = capture(m, (batches[0][0],), input_names=("x",), dynamic=False)
+    ctx = PassContext(recipe=recipe, calibration=batches, show_progress=False)
+    return m, quantize_weights(run_passes(gm, ctx, ANALYZE), ctx), ctx
+
+
+def _hessian(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (x.T @ x / x.shape[0]).float()
+
+
+def test_sequential_gptq_sees_quantized_upstream_outputs():
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 64) * torch.linspace(0.1, 3, 64),) for _ in range(3)]
+    m, gm, ctx = _compiled(True, batches)
+    ops = {op.name: op for op in quantizable_ops(gm) if QWEIGHT in op.node.meta}
+    assert {"fc1", "fc2", "fc3"} <= set(ops) and all(ctx.report["layers"][k]["sequential"] for k in ("fc1", "fc2", "fc3"))
+    fmt = ops["fc1"].node.meta["finegrain_weight_format"]
+    x = torch.cat([b[0] for b in batches])
+    # by hand: fc1 on x, fc2 on relu(x W1q^T), fc3 on fc2q(...) + x
+    w1 = m.fc1.weight.detach()
+    q1 = gptq(w1, fmt, _hessian(x), rtn(w1, fmt))
+    a1 = torch.relu(x @ fmt.dequantize(q1).T + m.fc1.bias)
+    w2 = m.fc2.weight.detach()
+    q2 = gptq(w2, fmt, _hessian(a1), rtn(w2, fmt))
+    a2 = a1 @ fmt.dequantize(q2).T + m.fc2.bias + x
+    w3 = m.fc3.weight.detach()
+    q3 = gptq(w3, fmt, _hessian(a2), rtn(w3, fmt))
+    for name, q in (("fc1", q1), ("fc2", q2), ("fc3", q3)):
+        got = ops[name].node.meta[QWEIGHT]
+        assert (got.codes == q.codes).float().mean() > 0.999, name  # fp32 summation order may flip a rounding
+    # the float-model Hessian gives other codes for fc2 (so the check above can fail)
+    fp2 = gptq(w2, fmt, _hessian(torch.relu(x @ w1.T + m.fc1.bias)), rtn(w2, fmt))
+    assert (fp2.codes != q2.codes).sum() > 10
+
+
+def test_non_sequential_uses_the_float_model_hessians():
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 64) * torch.linspace(0.1, 3, 64),) for _ in range(3)]
+    m, gm, ctx = _compiled(False, batches)
+    ops = {op.name: op for op in quantizable_ops(gm) if QWEIGHT in op.node.meta}
+    assert "sequential" not in ctx.report["layers"]["fc2"]
+    fmt = ops["fc2"].node.meta["finegrain_weight_format"]
+    x = torch.cat([b[0] for b in batches])
+    w1, w2 = m.fc1.weight.detach(), m.fc2.weight.detach()
+    fp2 = gptq(w2, fmt, _hessian(torch.relu(x @ w1.T + m.fc1.bias)), rtn(w2, fmt))
+    assert (ops["fc2"].node.meta[QWEIGHT].codes == fp2.codes).float().mean() > 0.999
