@@ -68,8 +68,8 @@ def preset_matrix() -> list[list[str]]:
     for pname, recipe in PRESETS.items():
         items = [(role, fmt, rule.weight if role == "activation" else None) for rule in recipe.rules
                  for role, fmt in (("weight", rule.weight), ("activation", rule.activation)) if fmt]
-        if recipe.rotate and recipe.online_hadamard:
-            items.append(("op", "hadamard", None))
+        if recipe.rotate and recipe.online_hadamard and any(rule.activation for rule in recipe.rules):
+            items.append(("op", "hadamard", None))  # online Hadamards go before activation-quantized linears only
         cells = [pname]
         for name in BACKENDS:
             b = get(name)

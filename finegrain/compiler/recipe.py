@@ -382,6 +382,10 @@ def _block(tag: str) -> tuple[QuantFormat, QuantFormat]:
     return QuantFormat.parse(tag), QuantFormat.parse(tag + "-dyn")
 
 
+# GPTQ as the presets run it (issue #18, measured in benchmarks/w4_accuracy.py): sequential (the
+# recipe default), act-order, group scales from the output-error clip search, 5% damping
+GPTQ = {"weight_algorithm": "gptq", "gptq_clip": True, "gptq_damp": 0.05}
+
 # formats of issue #4: OCP MX (block 32, E8M0 scales), NVFP4 / NVINT4 (block 16, E4M3 x fp32
 # scales), FP8, dual-grained W4A8, BitMoD, NormalFloat; and the weight algorithms
 PRESETS.update({
@@ -396,12 +400,18 @@ PRESETS.update({
     "nvint4-rot": _linears("nvint4-rot", *_block("int4-g16-sym-e4m3"), rotate=True),
     "fp8": _linears("fp8", QuantFormat.parse("e4m3-channel-sym-fp32"), QuantFormat.parse("e4m3-token-sym-fp32-dyn")),
     "w4a16-g128-clip": _linears("w4a16-g128-clip", _w(4, 128, False), weight_algorithm="clip"),
-    "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), weight_algorithm="gptq"),
+    "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), **GPTQ),
     # AWQ (passes/fold_smoothing.py): activation-aware scales folded exactly, then clip search or GPTQ
     "w4a16-g128-awq": _linears("w4a16-g128-awq", _w(4, 128, False), smoothing="awq", weight_algorithm="clip"),
-    "w4a16-g128-awq-gptq": _linears("w4a16-g128-awq-gptq", _w(4, 128, False), smoothing="awq", weight_algorithm="gptq"),
-    "w3a16-g128-awq-gptq": _linears("w3a16-g128-awq-gptq", _w(3, 128, False), smoothing="awq", weight_algorithm="gptq"),
-    "w3a16-g128-gptq": _linears("w3a16-g128-gptq", _w(3, 128, False), weight_algorithm="gptq"),
+    "w4a16-g128-awq-gptq": _linears("w4a16-g128-awq-gptq", _w(4, 128, False), smoothing="awq", **GPTQ),
+    "w3a16-g128-awq-gptq": _linears("w3a16-g128-awq-gptq", _w(3, 128, False), smoothing="awq", **GPTQ),
+    "w3a16-g128-gptq": _linears("w3a16-g128-gptq", _w(3, 128, False), **GPTQ),
+    "w4a16-g64-gptq": _linears("w4a16-g64-gptq", _w(4, 64, False), **GPTQ),
+    # QuaRot's residual rotation (exact in float) before sequential GPTQ: weight-only, so no online
+    # Hadamard; the rotated inputs make GPTQ's error compensation work across outlier channels
+    "w4a16-g128-rot-gptq": _linears("w4a16-g128-rot-gptq", _w(4, 128, False), rotate=True, **GPTQ),
+    "w4a16-g64-rot-gptq": _linears("w4a16-g64-rot-gptq", _w(4, 64, False), rotate=True, **GPTQ),
+    "w3a16-g128-rot-gptq": _linears("w3a16-g128-rot-gptq", _w(3, 128, False), rotate=True, **GPTQ),
     "w4a8-dgq": _linears("w4a8-dgq", QuantFormat.parse("int4-g128-asym-int8"), A8_DYNAMIC, weight_algorithm="clip"),
     "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),
     "bitmod-w3": _linears("bitmod-w3", QuantFormat.parse("bitmod3-g128-sym-fp16")),
