@@ -245,11 +245,12 @@ class Recipe:
 
     @property
     def needs_float_calibration(self) -> bool:
-        """Whether the calibration pass over the float model has a reader. Not when the only one
-        would be a sequential weight algorithm, which measures what it needs itself."""
-        sequential_only = self.sequential and self.needs_data_for_weights and not (
-            self.needs_static_stats or self.smoothing is not None or self.weight_candidates)
-        return not sequential_only
+        """Whether the calibration pass over the float model has a reader: static activation
+        scales, smoothing's search, bit allocation, a non-sequential weight algorithm's Hessians.
+        Not round to nearest, the MSE clip search, nor a sequential weight algorithm (it measures
+        what it needs itself)."""
+        return (self.needs_static_stats or self.smoothing is not None or self.needs_float_hessian
+                or bool(self.weight_candidates))
 
     @property
     def needs_float_hessian(self) -> bool:
