@@ -47,7 +47,8 @@ def _ancestors(targets: Iterable[Node]) -> set[Node]:
 def replay(gm: GraphModule, batches: Sequence[tuple], targets: Sequence[Node], hook: Hook) -> None:
     """Run the ancestors of ``targets`` (targets included) over ``batches``; call ``hook(target,
     values)`` before each target runs, where ``values(node)`` is that node's per-batch outputs.
-    The hook returns ``{input_node: tensor}`` replacing those inputs of the target (all batches)."""
+    The hook returns ``{input_node: tensor}`` replacing those inputs of the target for all batches,
+    or ``{input_node: [tensor per batch]}``."""
     needed = _ancestors(targets)
     order = [n for n in gm.graph.nodes if n in needed]
     target_set = set(targets)
@@ -72,7 +73,7 @@ def replay(gm: GraphModule, batches: Sequence[tuple], targets: Sequence[Node], h
                 env[n] = _Shared(get_tensor(gm, n.target))
             elif n.op in ("call_function", "call_method", "call_module"):
                 subst = hook(n, per_batch) if n in target_set else {}
-                subst = {k: _Shared(v) for k, v in (subst or {}).items()}
+                subst = {k: v if isinstance(v, list) else _Shared(v) for k, v in (subst or {}).items()}
 
                 def pick(b: int):
                     def get(a: Node):
@@ -80,7 +81,7 @@ def replay(gm: GraphModule, batches: Sequence[tuple], targets: Sequence[Node], h
                         return v.value if isinstance(v, _Shared) else v[b]
                     return get
 
-                if all(isinstance(env[a], _Shared) for a in n.all_input_nodes):  # constant folding
+                if all(isinstance(subst.get(a, env[a]), _Shared) for a in n.all_input_nodes):  # constant folding
                     args, kwargs = map_arg(n.args, pick(0)), map_arg(n.kwargs, pick(0))
                     env[n] = _Shared(_call(gm, n, args, kwargs))
                 else:

@@ -26,12 +26,13 @@ calibration row reached has no Hessian: it is rounded to nearest and its record 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import QWEIGHT, WEIGHT_FORMAT, expert_formats, expert_key, get_tensor, quantizable_ops
+from finegrain.compiler.ir import ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, expert_formats, expert_key, get_tensor, quantizable_ops
 from finegrain.compiler.replay import replay
 from finegrain.errors import InputError
 from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
@@ -138,9 +139,14 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     def hook(node, values):
         op = by_node[node]
         next(bar, None)
+        afmt = op.node.meta.get(ACT_FORMAT)
+        act_q = afmt is not None and afmt.dynamic and op.kind != "grouped" and os.environ.get("FG_ACTQ", "1") == "1"
         if op.activation.name not in cache:
             cache.clear()
             xs = values(op.activation)
+            if act_q:  # the deployed op sees its input quantized: so does the Hessian (and the op's output)
+                xs = [afmt.fake_quantize(x) for x in xs]
+                cache["__xs__"] = xs
             if op.kind == "grouped":  # rows [start, end) of each batch go to expert e (offsets: args[2])
                 for e in range(op.experts):
                     parts = []
@@ -153,7 +159,10 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
         def h_of(key: str):
             return cache.get(key, (None, 0))
 
-        return {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True)}
+        sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True)}
+        if act_q:
+            sub[op.activation] = cache["__xs__"]
+        return sub
 
     replay(gm, ctx.calibration, [op.node for op in ops], hook)
     for _ in bar:

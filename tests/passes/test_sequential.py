@@ -26,7 +26,7 @@ def _compiled(sequential: bool, batches):
     torch.manual_seed(0)
     m = TwoLayers().eval()
     base = get_recipe("w4a16-g128-gptq")  # fc3 feeds the output (an lm_head): a pattern rule takes it too
-    recipe = dataclasses.replace(base, name="t", sequential=sequential,
+    recipe = dataclasses.replace(base, name="t", sequential=sequential, gptq_clip=False, gptq_damp=0.01,
                                  rules=(Rule(pattern="fc", weight=base.rules[0].weight),))
     gm = capture(m, (batches[0][0],), input_names=("x",), dynamic=False)
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=False)
@@ -74,3 +74,32 @@ def test_non_sequential_uses_the_float_model_hessians():
     w1, w2 = m.fc1.weight.detach(), m.fc2.weight.detach()
     fp2 = gptq(w2, fmt, _hessian(torch.relu(x @ w1.T + m.fc1.bias)), rtn(w2, fmt))
     assert (ops["fc2"].node.meta[QWEIGHT].codes == fp2.codes).float().mean() > 0.999
+
+
+def test_sequential_hessians_see_quantized_activations():
+    """With a dynamic activation format the deployed op reads its input quantized: the replay
+    quantizes it too, for the Hessian and for the op's output downstream."""
+    from finegrain.formats import QuantFormat
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 64) * torch.linspace(0.1, 3, 64),) for _ in range(3)]
+    torch.manual_seed(0)
+    m = TwoLayers().eval()
+    base = get_recipe("w4a16-g128-gptq")
+    afmt = QuantFormat.parse("int4-token-sym-fp32-dyn")
+    recipe = dataclasses.replace(base, name="t", gptq_clip=False, gptq_damp=0.01,
+                                 rules=(Rule(pattern="fc", weight=base.rules[0].weight, activation=afmt),))
+    gm = capture(m, (batches[0][0],), input_names=("x",), dynamic=False)
+    ctx = PassContext(recipe=recipe, calibration=batches, show_progress=False)
+    gm = quantize_weights(run_passes(gm, ctx, ANALYZE), ctx)
+    ops = {op.name: op for op in quantizable_ops(gm) if QWEIGHT in op.node.meta}
+    fmt = ops["fc1"].node.meta["finegrain_weight_format"]
+    x = afmt.fake_quantize(torch.cat([b[0] for b in batches]))  # per token: batching does not matter
+    w1, w2 = m.fc1.weight.detach(), m.fc2.weight.detach()
+    q1 = gptq(w1, fmt, _hessian(x), rtn(w1, fmt))
+    a1 = afmt.fake_quantize(torch.relu(x @ fmt.dequantize(q1).T + m.fc1.bias))
+    q2 = gptq(w2, fmt, _hessian(a1), rtn(w2, fmt))
+    assert (ops["fc1"].node.meta[QWEIGHT].codes == q1.codes).float().mean() > 0.999
+    assert (ops["fc2"].node.meta[QWEIGHT].codes == q2.codes).float().mean() > 0.999
+    a1_float = torch.relu(x @ fmt.dequantize(q1).T + m.fc1.bias)  # unquantized input: other codes
+    assert (gptq(w2, fmt, _hessian(a1_float), rtn(w2, fmt)).codes != q2.codes).sum() > 10
