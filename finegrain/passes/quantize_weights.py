@@ -6,7 +6,8 @@ calibration batches are replayed through the graph node by node (``compiler/repl
 the replay reaches a quantizable op, its input Hessian ``E[x x^T]`` is measured on what the
 already-quantized ops upstream produce, its weight is quantized, and the op runs with the
 dequantized weight, so every later op sees the quantized model's activations (GPTQ's sequential
-scheme, at the granularity of single linears, in dataflow order). Memory: the live activations of
+scheme, at the granularity of single linears, in dataflow order). An op with a dynamic
+activation format reads its input fake-quantized in the replay, as it will when deployed. Memory: the live activations of
 the replay for all batches plus one Hessian. Otherwise the Hessians come from the stats store
 (one calibration pass over the float model, ``recipe.needs_float_hessian``).
 
@@ -26,7 +27,6 @@ calibration row reached has no Hessian: it is rounded to nearest and its record 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch.fx import GraphModule
@@ -140,7 +140,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
         op = by_node[node]
         next(bar, None)
         afmt = op.node.meta.get(ACT_FORMAT)
-        act_q = afmt is not None and afmt.dynamic and op.kind != "grouped" and os.environ.get("FG_ACTQ", "1") == "1"
+        act_q = afmt is not None and afmt.dynamic and op.kind != "grouped"
         if op.activation.name not in cache:
             cache.clear()
             xs = values(op.activation)
