@@ -36,3 +36,14 @@ def test_nan_activation_names_the_layer(tiny_llama, tiny_inputs):
     ctx = PassContext(recipe=PRESETS["w8a8-static"], calibration=calib, show_progress=False)
     with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.(gate|up)_proj"):
         calibrate(gm, ctx)
+
+
+@pytest.mark.parametrize("preset,runs", [("w8a8-static", True), ("w8a8-smooth", True), ("w4a16-g128", False),
+                                         ("w8a8", False), ("w4a16-g128-gptq", False)])
+def test_calibrates_only_when_a_pass_reads_the_statistics(tiny_llama, tiny_inputs, preset, runs):
+    """Static scales and smoothing read the float statistics; round to nearest with dynamic
+    activations reads none, and sequential GPTQ measures its Hessians in its own replay."""
+    example, calib, _ = tiny_inputs
+    ctx = PassContext(recipe=PRESETS[preset], calibration=calib, show_progress=False)
+    calibrate(capture(tiny_llama, example), ctx)
+    assert bool(ctx.stats.nodes) is runs and PRESETS[preset].needs_float_calibration is runs

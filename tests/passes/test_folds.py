@@ -194,8 +194,8 @@ def test_rotation_spreads_outliers(llama):
     """The point of the rotation: the residual stream's outlier channels are spread out."""
     example, calib, _ = _token_inputs(256)
     stats = {}
-    for rot in (False, True):
-        recipe = dataclasses.replace(W4A4, rotate=rot, fold_norms=True)
+    for rot in (False, True):  # static activation scales: a recipe whose passes read the calibration statistics
+        recipe = dataclasses.replace(PRESETS["w8a8-static"], rotate=rot, fold_norms=True)
         _, gm, ctx, _ = _fold(llama, example, calib, recipe, [fold_norms, fold_rotation, calibrate])
         q_in = next(k for k in ctx.stats.nodes)  # the first observed input: q/k/v of layer 0
         s = ctx.stats[q_in]
