@@ -134,34 +134,30 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     ops = [op for op in ops if op.weight is not None]
     by_node = {op.node: op for op in ops}
     bar = iter(ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm}, sequential)"))
-    cache: dict[str, tuple] = {}  # ops reading one input (q/k/v) share its Hessian
+    # ops reading one input with one activation format (q/k/v) share its (quantized) rows and Hessians
+    shared: dict = {"key": None, "xs": None, "hessians": {}}
 
     def hook(node, values):
         op = by_node[node]
         next(bar, None)
         afmt = op.node.meta.get(ACT_FORMAT)
         act_q = afmt is not None and afmt.dynamic and op.kind != "grouped"
-        if op.activation.name not in cache:
-            cache.clear()
+        key = (op.activation.name, afmt.tag if act_q else None)
+        if shared["key"] != key:
             xs = values(op.activation)
-            if act_q:  # the deployed op sees its input quantized: so does the Hessian (and the op's output)
+            if act_q:  # the deployed op sees its input quantized: so do the Hessian and the op's output
                 xs = [afmt.fake_quantize(x) for x in xs]
-                cache["__xs__"] = xs
+            hessians = {op.activation.name: _hessian(xs)}
             if op.kind == "grouped":  # rows [start, end) of each batch go to expert e (offsets: args[2])
+                bounds = [[0] + offs.tolist() for offs in values(op.node.args[2])]
                 for e in range(op.experts):
-                    parts = []
-                    for x, offs in zip(xs, values(op.node.args[2])):
-                        bounds = [0] + offs.tolist()
-                        parts.append(x[bounds[e]:bounds[e + 1]])
-                    cache[expert_key(op.activation.name, e)] = _hessian(parts)
-            cache[op.activation.name] = _hessian(xs)
-
-        def h_of(key: str):
-            return cache.get(key, (None, 0))
-
+                    rows = [x[b[e]:b[e + 1]] for x, b in zip(xs, bounds)]
+                    hessians[expert_key(op.activation.name, e)] = _hessian(rows)
+            shared.update(key=key, xs=xs, hessians=hessians)
+        h_of = lambda k: shared["hessians"].get(k, (None, 0))  # noqa: E731
         sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True)}
         if act_q:
-            sub[op.activation] = cache["__xs__"]
+            sub[op.activation] = shared["xs"]
         return sub
 
     replay(gm, ctx.calibration, [op.node for op in ops], hook)
