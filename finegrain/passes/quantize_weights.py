@@ -1,7 +1,7 @@
 """Quantize weights offline with the recipe's weight algorithm (``passes/weight_algorithms.py``):
 ``rtn``, ``clip`` (clip-ratio search per group) or ``gptq`` (optionally on clip-searched scales).
 
-Sequential (``recipe.sequential``, the default, for GPTQ and the output-error clip search): the
+Sequential (``recipe.sequential``, the default, for GPTQ; the clip search stays on float Hessians): the
 calibration batches are replayed through the graph node by node (``compiler/replay.py``); when
 the replay reaches a quantizable op, its input Hessian ``E[x x^T]`` is measured on what the
 already-quantized ops upstream produce, its weight is quantized, and the op runs with the
@@ -126,7 +126,7 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
-    if not (r.sequential and r.needs_data_for_weights and ctx.calibration):
+    if not (r.sequential_gptq and ctx.calibration):
         for op in ctx.progress(ops, desc=f"quantize weights ({r.weight_algorithm})"):
             _quantize_op(gm, ctx, op, _stats_hessian(ctx))
         return gm

@@ -17,7 +17,7 @@
   function re-chooses each group's parameters when the sweep reaches it, from the weights the
   earlier columns' updates changed (GPTQ's original scheme; single-level group formats).
 
-Hessians are ``E[x x^T]`` of each linear's input: with the recipe's ``sequential`` (default)
+Hessians are ``E[x x^T]`` of each linear's input: for GPTQ with the recipe's ``sequential`` (default)
 measured by ``passes/quantize_weights.py`` on the partly quantized model as it replays the
 calibration batches (every linear upstream already quantized), else from the stats store
 (``compiler/stats.py``), one calibration pass over the floating-point model.
