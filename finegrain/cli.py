@@ -109,6 +109,26 @@ def check_output_file(path: str | Path | None, overwrite: bool = True) -> None:
     _writable_parent(path)
 
 
+def _texts(args) -> tuple:
+    """(calibration text, evaluation text) from --calib-text / --calib-jsonl / --eval-text /
+    --eval-jsonl (None: the bundled defaults), read before any slow work so a bad file fails first."""
+    from finegrain.data import read_text
+
+    field = getattr(args, "jsonl_field", "text")
+
+    def one(kind: str):
+        path, jsonl = getattr(args, f"{kind}_text", None), getattr(args, f"{kind}_jsonl", None)
+        if path:
+            return read_text(path)
+        return read_text(jsonl, jsonl_field=field) if jsonl else None
+
+    return one("calib"), one("eval")
+
+
+def _ppl_title(text, seq_len: int) -> str:
+    return f"{'WikiText-2 test' if text is None else text.name} perplexity, seq {seq_len}"
+
+
 def _ppl_rows(results: list[tuple[str, dict, float | None, int]]) -> list[list]:
     fp = results[0][1]["ppl"] if results[0][0].startswith("fp32") else None  # no float row: no Δ
     return [[name, f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / fp - 1):+.2f}%" if fp else "-",
@@ -126,17 +146,20 @@ def cmd_demo(args) -> None:
     from finegrain.models import load_model
 
     check_output_dir(args.out, overwrite=True)
-    _say(f"finegrain demo: {args.model}, recipe {args.recipe}, WikiText-2 test seq {args.seq_len}, "
+    calib_text, eval_text = _texts(args)
+    _say(f"finegrain demo: {args.model}, recipe {args.recipe}, {'WikiText-2 test' if eval_text is None else eval_text.name} "
+         f"seq {args.seq_len}, "
          f"{'all' if not args.max_windows else args.max_windows} windows", style="bold")
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
     cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                        strict_recipe=args.strict, kv_cache=True)  # the chat answer decodes over the cache
+                        strict_recipe=args.strict, kv_cache=True,  # the chat answer decodes over the cache
+                        calib_text=calib_text)
     _warn(cm.warnings)
     _say(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
-    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
-    q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
+    q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
     _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
            _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)), (args.recipe, q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
     path = cm.save(args.out, overwrite=True)
@@ -154,9 +177,10 @@ def cmd_quantize(args) -> None:
 
     check_output_dir(args.out, args.overwrite)  # fail before the slow part
     recipe = _with_budget(args)
+    calib_text, _ = _texts(args)
     lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                        strict_recipe=args.strict, kv_cache=args.kv_cache)
+                        strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]
@@ -212,19 +236,20 @@ def cmd_pareto(args) -> None:
     out = Path(args.out)
     check_output_dir(out, args.overwrite, results=True)
     recipe = _with_budget(args, allocate=True)
+    calib_text, eval_text = _texts(args)
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto evaluates perplexity: {args.model} is not a causal LM")
     budgets = [_parse_size(b, "--budgets") for b in args.budgets] if args.budgets else None
     alloc, models = frontier_loaded(lm, recipe, points=args.points, budgets_bits=budgets, validate=args.validate,
                                     samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                                    strict_recipe=args.strict)
+                                    strict_recipe=args.strict, calib_text=calib_text)
     if models:
         _warn(models[0].warnings)
-    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
     rows = []
     for cm in models:
-        res = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows)
+        res = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
         ch = cm.allocation["chosen"]
         name = f"{ch['bits_per_weight']:.3f}bpw"
         cm.save(out / name, overwrite=args.overwrite)
@@ -257,6 +282,7 @@ def cmd_eval(args) -> None:
     path = Path(args.model)
     results = []
     check_output_file(args.json)
+    _, text = _texts(args)
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path, allow_native=args.allow_native)
         if cm.backend != "torch":  # another backend's own artifact (a TVM deployment): it runs itself
@@ -268,30 +294,31 @@ def cmd_eval(args) -> None:
             q = cm.quantized
             bpw = sum(v["bits"] for v in q.values()) / sum(math.prod(v["shape"]) for v in q.values()) if q else None
             results.append((f"{path} ({cm.backend} deployment, {cm.recipe_name})",
-                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows), bpw,
+                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows, text=text), bpw,
                             sum(rec["bytes"] for rec in cm.manifest["files"].values())))
-            _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
+            _table(_ppl_title(text, args.seq_len), PPL_COLUMNS, _ppl_rows(results))
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
                                                   for n, r, b, m in results]})
         source = cm.source.get("model")
         if args.compare_fp or cm.tokenizer is None:
             fp_model = load_model(source)
             if fp_model.task == "encoder":
-                r = evaluate_encoder(fp_model, cm)
+                r = evaluate_encoder(fp_model, cm, text=text)
                 _table(f"{path}: sentence-embedding cosine vs FP", ["sentences", "cosine mean", "cosine min"],
                        [[r["sentences"], f"{r['cosine_mean']:.5f}", f"{r['cosine_min']:.5f}"]])
                 return _write_json(args, {"encoder": r})
-            results.append(("fp32 " + str(source), evaluate_lm(fp_model, fp_model.tokenizer, args.seq_len, args.max_windows),
+            results.append(("fp32 " + str(source), evaluate_lm(fp_model, fp_model.tokenizer, args.seq_len, args.max_windows,
+                                                                  text=text),
                             None, fp_bytes(fp_model.model)))
         with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
             results.append((f"{path} ({cm.recipe.name}, {args.backend})",
-                            evaluate_lm(session.run, cm.tokenizer, args.seq_len, args.max_windows),
+                            evaluate_lm(session.run, cm.tokenizer, args.seq_len, args.max_windows, text=text),
                             cm.quantized_bits_per_weight(), cm.model_bytes()))
     else:
         lm = load_model(args.model)
-        results.append((f"fp32 {args.model}", evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows), None,
+        results.append((f"fp32 {args.model}", evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=text), None,
                         fp_bytes(lm.model)))
-    _table(f"WikiText-2 test perplexity, seq {args.seq_len}", PPL_COLUMNS, _ppl_rows(results))
+    _table(_ppl_title(text, args.seq_len), PPL_COLUMNS, _ppl_rows(results))
     _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r} for n, r, b, m in results]})
 
 
@@ -658,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finegrain", description="A compiler for fine-grained low-bit quantization.")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    model_help = f"bundled model ({', '.join(BUNDLED_NAMES)}) or a local Hugging Face model directory"
+    model_help = (f"bundled model ({', '.join(BUNDLED_NAMES)}), a local Hugging Face model directory, org/name in the "
+                  "local Hugging Face cache, a .gguf file or a float .onnx file")
 
     def budget(sp):
         sp.add_argument("--budget", help="bits per weight over the quantized linears, e.g. 3.25bpw: bit allocation "
@@ -672,18 +700,36 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "quantizes nothing, is an error (default: a warning)")
         sp.add_argument("--calibration-samples", type=NONNEG, default=None, help="calibration windows (recipe default 32; 0 = none)")
         sp.add_argument("--calibration-seq-len", type=POS, default=None, help="tokens per window (recipe default 512)")
+        src = sp.add_mutually_exclusive_group()
+        src.add_argument("--calib-text", metavar="FILE|DIR", help="calibrate on your own UTF-8 text: a file, or a "
+                         "directory of .txt / .text / .md / .rst files (default: the bundled Brown corpus slice)")
+        src.add_argument("--calib-jsonl", metavar="FILE", help="calibrate on a JSON-lines file: one document per "
+                                                               "record, the string in --jsonl-field")
+
+    def eval_text(sp):
+        src = sp.add_mutually_exclusive_group()
+        src.add_argument("--eval-text", metavar="FILE|DIR", help="evaluate on your own UTF-8 text (a file, or a "
+                         "directory of .txt / .text / .md / .rst files) instead of WikiText-2 test")
+        src.add_argument("--eval-jsonl", metavar="FILE", help="evaluate on a JSON-lines file: one document per "
+                                                              "record, the string in --jsonl-field")
+
+    def jsonl_field(sp):
+        sp.add_argument("--jsonl-field", default="text", help="the field of each JSON-lines record that holds its "
+                                                              "text (default: text)")
 
     d = sub.add_parser("demo", help="quantize the bundled LM, compare FP vs quantized perplexity, save the artifact")
     d.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     d.add_argument("--recipe", default="w4a16-g128-clip", help="preset name or recipe .json/.yaml (default: the best "
                                                                "W4 preset that compiles in about a minute)")
     d.add_argument("--seq-len", type=POS, default=2048)
-    d.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows to evaluate (0 = all)")
+    d.add_argument("--max-windows", type=NONNEG, default=8, help="evaluation windows (0 = all)")
     d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
     d.add_argument("--chat-prompt", default="What is the capital of France?",
                    help="a chat prompt both models answer at the end (greedy)")
     d.add_argument("--chat-tokens", type=NONNEG, default=32, help="tokens to generate for it (0: skip)")
     calib(d)
+    eval_text(d)
+    jsonl_field(d)
     d.set_defaults(fn=cmd_demo)
 
     q = sub.add_parser("quantize", help="compile a model with a recipe and save the artifact")
@@ -697,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refuses such artifacts yet)")
     budget(q)
     calib(q)
+    jsonl_field(q)
     q.set_defaults(fn=cmd_quantize)
 
     pa = sub.add_parser("pareto", help="bit allocation frontier: N artifacts along it, their real perplexity, "
@@ -710,13 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "int2 g64 .. int8 per channel)")
     pa.add_argument("--validate", type=NONNEG, default=8, help="groups whose real ΔNLL is measured to check the proxy")
     pa.add_argument("--seq-len", type=POS, default=2048)
-    pa.add_argument("--max-windows", type=NONNEG, default=8, help="WikiText-2 windows per evaluation (0 = all)")
+    pa.add_argument("--max-windows", type=NONNEG, default=8, help="windows per evaluation (0 = all)")
     pa.add_argument("--out", required=True, help="directory for the artifacts, pareto.md/.json/.png")
     pa.add_argument("--overwrite", action="store_true")
     calib(pa)
+    eval_text(pa)
+    jsonl_field(pa)
     pa.set_defaults(fn=cmd_pareto)
 
-    e = sub.add_parser("eval", help="perplexity of an artifact or a float model on WikiText-2 test "
+    e = sub.add_parser("eval", help="perplexity of an artifact or a float model on WikiText-2 test or your own text "
                                     "(encoder artifacts: embedding cosine vs their FP model)")
     e.add_argument("--model", required=True, help="artifact directory, " + model_help)
     e.add_argument("--seq-len", type=POS, default=2048)
@@ -728,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--json", help="also write the results to this JSON file")
+    eval_text(e)
+    jsonl_field(e)
     e.add_argument("--allow-native", action="store_true",
                    help="allow evaluating a TVM deployment directory: it holds native code (model.so) that runs "
                         "when loaded, so only for deployments you built or trust")

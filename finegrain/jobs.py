@@ -1,5 +1,7 @@
 """Whole jobs shared by the CLI and the benchmarks: compile a loaded model with calibration from
-the vendored corpus, and evaluate float or quantized models the same way."""
+the vendored corpus (Brown) or the user's own text, and evaluate float or quantized models the same
+way (WikiText-2 test or the user's text; ``finegrain.data.read_text`` reads files, directories and
+JSON lines)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -8,7 +10,7 @@ import torch
 
 from finegrain.driver.api import compile as fg_compile
 from finegrain.compiler.recipe import Recipe, get_recipe
-from finegrain.data import brown_paragraphs
+from finegrain.data import Text, brown
 from finegrain.errors import InputError
 from finegrain.eval.embeddings import embedding_cosine
 from finegrain.eval.perplexity import calibration_batches, perplexity
@@ -16,8 +18,8 @@ from finegrain.models import LoadedModel
 from finegrain.runtime.compiled import CompiledModel
 
 
-def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8) -> list[tuple]:
-    paras = brown_paragraphs()[: samples]
+def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8, text: Text | None = None) -> list[tuple]:
+    paras = (text or brown()).paragraphs()[: samples]
     out = []
     for i in range(0, len(paras), batch):
         enc = tokenizer(paras[i:i + batch], padding="max_length", truncation=True, max_length=seq_len,
@@ -27,46 +29,61 @@ def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8) -
     return out
 
 
-def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_len: int | None, seed: int):
+def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_len: int | None, seed: int,
+                 text: Text | None = None):
     if loaded.tokenizer is None:
         raise InputError(f"model {loaded.source.get('model')}: no tokenizer to make calibration text with (for an "
                          "ONNX file, put its tokenizer.json beside it)")
     samples = recipe.calibration_samples if samples is None else samples
     seq_len = min(recipe.calibration_seq_len if seq_len is None else seq_len, loaded.max_seq_len)
     if loaded.task == "causal-lm":
-        calib = calibration_batches(loaded.tokenizer, samples, seq_len, seed) if samples else None
+        calib = calibration_batches(loaded.tokenizer, samples, seq_len, seed, text) if samples else None
         example = calib[0] if calib else (torch.randint(0, loaded.model.config.vocab_size, (1, 16)),)
         names = ("input_ids",)
     else:
-        calib = encoder_calibration(loaded.tokenizer, samples, min(seq_len, 128)) if samples else None
+        calib = encoder_calibration(loaded.tokenizer, samples, min(seq_len, 128), text=text) if samples else None
+        if samples and not calib:
+            raise InputError(f"calibration text {(text or brown()).name}: fewer than 8 paragraphs for {samples} samples "
+                             "(encoder calibration takes batches of 8 paragraphs)")
         example = calib[0] if calib else tuple(loaded.tokenizer(["a b", "c d e"], padding=True, return_tensors="pt")[k]
                                                for k in ("input_ids", "attention_mask"))
         names = ("input_ids", "attention_mask")
     return calib, example, names
 
 
+def _source(loaded: LoadedModel, text: Text | None, samples: int | None) -> dict:
+    """The loaded model's source record plus the calibration text it was compiled with."""
+    if samples == 0:
+        return loaded.source
+    return {**loaded.source, "calibration_text": (text or brown()).describe()}
+
+
 def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
                    seq_len: int | None = None, seed: int = 0, progress: bool = True,
-                   strict_recipe: bool = False, kv_cache: bool = False) -> CompiledModel:
+                   strict_recipe: bool = False, kv_cache: bool = False, calib_text: Text | None = None) -> CompiledModel:
     """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
-    defaults; 0 samples skips calibration, allowed unless the recipe has static scales).
+    defaults; 0 samples skips calibration, allowed unless the recipe has static scales) drawn from
+    ``calib_text`` (default the vendored Brown slice; recorded in the manifest's source).
     ``kv_cache``: the decoder with its KV cache in the graph (``finegrain.compile``)."""
     recipe = get_recipe(recipe)
-    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
+    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
-                      source=loaded.source, progress=progress, strict_recipe=strict_recipe, kv_cache=kv_cache)
+                      source=_source(loaded, calib_text, 0 if calib is None else samples), progress=progress,
+                      strict_recipe=strict_recipe, kv_cache=kv_cache)
 
 
 def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
                     budgets_bits: list[float] | None = None, validate: int = 0, samples: int | None = None,
-                    seq_len: int | None = None, seed: int = 0, progress: bool = True, strict_recipe: bool = False):
+                    seq_len: int | None = None, seed: int = 0, progress: bool = True, strict_recipe: bool = False,
+                    calib_text: Text | None = None):
     """``compile_frontier`` on a bundled / HF model (see ``finegrain.driver.api``)."""
     from finegrain.driver.api import compile_frontier
 
     recipe = get_recipe(recipe)
-    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed)
+    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text)
     return compile_frontier(loaded.model, example, recipe, calib, budgets_bits, points, validate=validate,
-                            input_names=names, tokenizer=loaded.tokenizer, source=loaded.source, progress=progress,
+                            input_names=names, tokenizer=loaded.tokenizer,
+                            source=_source(loaded, calib_text, 0 if calib is None else samples), progress=progress,
                             strict_recipe=strict_recipe)
 
 
@@ -87,12 +104,13 @@ def encode_fn(obj: "LoadedModel | CompiledModel"):
 
 
 def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max_windows: int | None,
-                progress: bool = True, first_window: int = 0) -> dict[str, Any]:
-    return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window).to_dict()
+                progress: bool = True, first_window: int = 0, text: Text | None = None) -> dict[str, Any]:
+    """Perplexity over ``text`` (default WikiText-2 test); see ``eval.perplexity``."""
+    return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window, text).to_dict()
 
 
-def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256) -> dict[str, Any]:
-    return embedding_cosine(encode_fn(fp), encode_fn(q), fp.tokenizer, n)
+def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256, text: Text | None = None) -> dict[str, Any]:
+    return embedding_cosine(encode_fn(fp), encode_fn(q), fp.tokenizer, n, text)
 
 
 def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_new_tokens: int) -> list[dict]:

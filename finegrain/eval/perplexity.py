@@ -1,6 +1,7 @@
-"""Perplexity on WikiText-2 test and calibration batches from the Brown corpus.
+"""Perplexity on WikiText-2 test (or the user's own text) and calibration batches from the Brown
+corpus (or the user's own text: ``finegrain.data.read_text``).
 
-Protocol (DESIGN.md): tokenize the WikiText-2 test stream once, cut it into non-overlapping
+Protocol (DESIGN.md): tokenize the evaluation stream once, cut it into non-overlapping
 windows of ``seq_len`` tokens (capped by the model's context), average the next-token NLL over
 every predicted token, ppl = exp(mean NLL). Windows are streamed: only one window's logits exist
 at a time. ``max_windows`` evaluates the first N windows (quick runs; say so when reporting), ``first_window``
@@ -15,22 +16,23 @@ from typing import Callable
 
 import torch
 
-from finegrain.data import brown_paragraphs, wikitext2_test
+from finegrain.data import Text, brown, wikitext2
 from finegrain.errors import InputError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 _TOKEN_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def _tokenize(tokenizer, name: str, text_fn: Callable[[], str]) -> torch.Tensor:
-    key = (id(tokenizer), name)
+def text_ids(tokenizer, text: Text) -> torch.Tensor:
+    """The token ids of ``text.joined()`` (cached per tokenizer and text content)."""
+    key = (id(tokenizer), text.sha256)
     if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = torch.tensor(tokenizer(text_fn()).input_ids, dtype=torch.long)
+        _TOKEN_CACHE[key] = torch.tensor(tokenizer(text.joined()).input_ids, dtype=torch.long)
     return _TOKEN_CACHE[key]
 
 
 def wikitext_ids(tokenizer) -> torch.Tensor:
-    return _tokenize(tokenizer, "wikitext2-test", wikitext2_test)
+    return text_ids(tokenizer, wikitext2())
 
 
 @dataclass
@@ -42,21 +44,25 @@ class PerplexityResult:
     windows_available: int
     seq_len: int
     seconds: float
+    text: str = "wikitext2-test"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def perplexity(logits_fn: LogitsFn, tokenizer, seq_len: int = 2048, max_windows: int | None = None,
-               progress: bool = True, first_window: int = 0) -> PerplexityResult:
-    """Mean next-token NLL of ``logits_fn`` over WikiText-2 test windows of ``seq_len``, from window
-    ``first_window`` on (a held-out slice for checks tuned on the first windows)."""
+               progress: bool = True, first_window: int = 0, text: Text | None = None) -> PerplexityResult:
+    """Mean next-token NLL of ``logits_fn`` over windows of ``seq_len`` of ``text`` (default
+    WikiText-2 test), from window ``first_window`` on (a held-out slice for checks tuned on the
+    first windows)."""
     if seq_len < 2:
         raise InputError(f"seq_len must be >= 2, got {seq_len}")
-    ids = wikitext_ids(tokenizer)
+    text = text or wikitext2()
+    ids = text_ids(tokenizer, text)
     available = ids.numel() // seq_len
     if available == 0:
-        raise InputError(f"seq_len {seq_len} is longer than the tokenized corpus ({ids.numel()} tokens)")
+        raise InputError(f"seq_len {seq_len} is longer than the tokenized text {text.name} ({ids.numel()} tokens); "
+                         "use a shorter --seq-len or more text")
     if not 0 <= first_window < available:
         raise InputError(f"first_window {first_window} is outside the {available} windows of {seq_len} tokens")
     n = available - first_window if not max_windows else min(max_windows, available - first_window)
@@ -71,14 +77,19 @@ def perplexity(logits_fn: LogitsFn, tokenizer, seq_len: int = 2048, max_windows:
             total_nll += float(nll)
             total_tokens += seq_len - 1
     mean = total_nll / total_tokens
-    return PerplexityResult(math.exp(mean), mean, total_tokens, n, available, seq_len, round(time.perf_counter() - t0, 2))
+    return PerplexityResult(math.exp(mean), mean, total_tokens, n, available, seq_len, round(time.perf_counter() - t0, 2),
+                            text.name)
 
 
-def calibration_batches(tokenizer, samples: int = 32, seq_len: int = 512, seed: int = 0) -> list[tuple[torch.Tensor]]:
-    """``samples`` random windows of ``seq_len`` tokens from the Brown corpus slice (fixed seed)."""
-    ids = _tokenize(tokenizer, "brown", lambda: "\n\n".join(brown_paragraphs()))
+def calibration_batches(tokenizer, samples: int = 32, seq_len: int = 512, seed: int = 0,
+                        text: Text | None = None) -> list[tuple[torch.Tensor]]:
+    """``samples`` random windows of ``seq_len`` tokens from ``text`` (default the Brown corpus
+    slice; fixed seed)."""
+    text = text or brown()
+    ids = text_ids(tokenizer, text)
     if ids.numel() <= seq_len:
-        raise InputError(f"calibration seq_len {seq_len} exceeds the calibration corpus ({ids.numel()} tokens)")
+        raise InputError(f"calibration seq_len {seq_len} exceeds the calibration text {text.name} ({ids.numel()} "
+                         "tokens); use a shorter --calibration-seq-len or more text")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
     return [(ids[s:s + seq_len].unsqueeze(0).clone(),) for s in starts.tolist()]
