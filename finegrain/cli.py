@@ -269,7 +269,8 @@ def cmd_pareto(args) -> None:
 
 
 # command-line options a backend's session takes (a backend not listed runs with its defaults)
-SESSION_OPTIONS = {"onnx": lambda a: {"style": a.style, "accuracy_level": a.accuracy_level},
+SESSION_OPTIONS = {"onnx": lambda a: {"style": a.style, "accuracy_level": a.accuracy_level,
+                                      "reuse": getattr(a, "onnx_file", None)},
                    "tvm": lambda a: {"max_seq_len": a.seq_len}}
 
 
@@ -282,6 +283,11 @@ def cmd_eval(args) -> None:
     path = Path(args.model)
     results = []
     check_output_file(args.json)
+    if args.onnx_file:
+        if args.backend != "onnx" or not (path / "manifest.json").is_file():
+            raise InputError("--onnx-file: for an artifact evaluated with --backend onnx")
+        if not Path(args.onnx_file).exists():
+            check_output_file(args.onnx_file)
     _, text = _texts(args)
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path, allow_native=args.allow_native)
@@ -311,6 +317,10 @@ def cmd_eval(args) -> None:
                                                                   text=text),
                             None, fp_bytes(fp_model.model)))
         with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
+            if getattr(session, "reused", False):
+                _say(f"reusing {args.onnx_file} (an ONNX export of this artifact, {args.style})")
+            elif args.onnx_file:
+                _say(f"exported {args.onnx_file}; later runs with --onnx-file reuse it")
             results.append((f"{path} ({cm.recipe.name}, {args.backend})",
                             evaluate_lm(session.run, cm.tokenizer, args.seq_len, args.max_windows, text=text),
                             cm.quantized_bits_per_weight(), cm.model_bytes()))
@@ -776,6 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a TVM deployment directory runs on its own)")
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
+    e.add_argument("--onnx-file", help="--backend onnx: export to this .onnx file once and reuse it on later runs "
+                                       "(it must be an export of this artifact with this --style; checked)")
     e.add_argument("--json", help="also write the results to this JSON file")
     eval_text(e)
     jsonl_field(e)

@@ -143,3 +143,23 @@ def test_kv_cache_quantize_generate_and_genai_export(hf_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "onnxruntime-genai generated 16 tokens greedily" in out and "the first 16 equal" in out
     assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
+
+
+@pytest.mark.onnx
+def test_eval_onnx_reuses_its_export(hf_dir, tmp_path, capsys):
+    art, f = tmp_path / "art", tmp_path / "m.onnx"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(art),
+                 "--calibration-samples", "0"]) == 0
+    ev = ["eval", "--model", str(art), "--seq-len", "64", "--max-windows", "1", "--backend", "onnx",
+          "--style", "matmulnbits", "--onnx-file", str(f), "--json"]
+    assert main(ev + [str(tmp_path / "a.json")]) == 0
+    assert f"exported {f}" in capsys.readouterr().out and f.is_file()
+    mtime = f.stat().st_mtime_ns
+    assert main(ev + [str(tmp_path / "b.json")]) == 0
+    assert f"reusing {f}" in capsys.readouterr().out and f.stat().st_mtime_ns == mtime
+    a, b = (json.loads((tmp_path / n).read_text())["results"][0]["ppl"] for n in ("a.json", "b.json"))
+    assert a == b
+    assert main(ev[:-5] + ["--style", "qdq", "--onnx-file", str(f)]) == 2  # exported as MatMulNBits
+    assert "style 'matmulnbits' (wanted 'qdq')" in capsys.readouterr().err
+    assert main(["eval", "--model", str(art), "--onnx-file", str(f)]) == 2  # torch backend
+    assert "--onnx-file: for an artifact evaluated with --backend onnx" in capsys.readouterr().err

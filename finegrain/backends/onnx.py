@@ -438,6 +438,7 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
     if any(n.domain == "com.microsoft" for n in model.graph):
         model.opset_imports["com.microsoft"] = 1
     model.opset_imports.pop(DOMAIN, None)
+    model.metadata_props.update(provenance(cm, style, accuracy_level))
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -452,6 +453,46 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
     files = [path] + ([path.parent / data] if data else [])
     return {"path": str(path), "style": style, "accuracy_level": accuracy_level,
             "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms}
+
+
+def provenance(cm, style: str, accuracy_level: int) -> dict[str, str]:
+    """What an exported file records about where it came from (ONNX ``metadata_props``): the
+    artifact's fingerprint, the weight style and the MatMulNBits accuracy level."""
+    from finegrain.version import __version__
+
+    return {"finegrain.artifact": cm.fingerprint(), "finegrain.style": style,
+            "finegrain.accuracy_level": str(accuracy_level), "finegrain.version": __version__}
+
+
+def read_provenance(path: str | Path) -> dict[str, str]:
+    """The ``finegrain.*`` metadata of an ONNX file (its graph and weights are not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf / IO errors: the file is not an ONNX model
+        raise ExportError(f"{path}: not an ONNX model ({type(e).__name__}: {str(e)[:200]})") from None
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("finegrain.")}
+
+
+def reuse_or_export(cm, path: str | Path, style: str, accuracy_level: int) -> tuple[Path, bool]:
+    """``path`` when it is an export of ``cm`` with this ``style`` (and, for MatMulNBits, this
+    accuracy level, which is baked into the file); otherwise, when ``path`` does not exist, export
+    there first. Returns (path, reused). A file exported from another artifact or with other
+    options is an ExportError naming the difference, never silently used or replaced."""
+    path = Path(path)
+    if not path.exists():
+        export_onnx(cm, path, style=style, accuracy_level=accuracy_level)
+        return path, False
+    got, want = read_provenance(path), provenance(cm, style, accuracy_level)
+    keys = ["finegrain.artifact", "finegrain.style"] + (["finegrain.accuracy_level"] if style == "matmulnbits" else [])
+    diff = [f"{k.removeprefix('finegrain.')} {got.get(k, 'unrecorded')!r} (wanted {want[k]!r})"
+            for k in keys if got.get(k) != want[k]]
+    if diff:
+        raise ExportError(f"{path} is not an ONNX export of this artifact with these options: "
+                          f"{'; '.join(d if not d.startswith('artifact') else 'artifact fingerprint differs' for d in diff)}"
+                          "; remove it or give another file to export to")
+    return path, True
 
 
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -529,17 +570,24 @@ def export_genai(cm, out: str | Path, style: str = "matmulnbits", accuracy_level
 
 class OnnxSession(Session):
     """Runs a CompiledModel through ONNX Runtime (CPU). The model is exported to a temporary
-    directory (kept for the session's life: ``self.path``; removed by ``close()``)."""
+    directory (kept for the session's life: ``self.path``; removed by ``close()``); with ``reuse``
+    it is exported to that file once and the file is run again by later sessions while its
+    recorded fingerprint and options match (``reuse_or_export``); ``path`` runs a file as is."""
 
     backend = "onnx"
 
     def __init__(self, cm, style: str = "qdq", accuracy_level: int = 0, threads: int | None = None,
-                 path: str | Path | None = None):
+                 path: str | Path | None = None, reuse: str | Path | None = None):
         self.input_specs = cm.input_specs
         self.kv = getattr(cm, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
         self._tmp = None
-        if path is None:
+        self.reused = False
+        if reuse is not None:  # export once to this file, run it again while it matches the artifact
+            if path is not None:
+                raise ExportError("OnnxSession: give path (a file to run as is) or reuse, not both")
+            path, self.reused = reuse_or_export(cm, reuse, style, accuracy_level)
+        elif path is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-onnx-")
             path = Path(self._tmp.name) / "model.onnx"
             self.export = export_onnx(cm, path, style=style, accuracy_level=accuracy_level)

@@ -2,7 +2,7 @@
 
 ``load_model(spec)`` takes a bundled name (``smollm2-135m``, ``minilm-l6``), a local Hugging
 Face model directory (config.json + safetensors), a model in the local Hugging Face cache by its
-``org/name`` (offline), a Llama- or Qwen2-architecture ``.gguf`` file (dequantized to fp32) or a float ONNX file (``models/onnx_import.py``;
+``org/name`` (offline), a ``.gguf`` file of any family ``transformers`` reads (dequantized to fp32) or a float ONNX file (``models/onnx_import.py``;
 its tokenizer is read from the file's directory when ``tokenizer.json`` is there) and returns a
 :class:`LoadedModel`.
 """
@@ -61,8 +61,8 @@ def load_model(spec: str | Path) -> LoadedModel:
         loaded.source = {**loaded.source, "hub_id": spec}
         return loaded
     raise InputError(f"model {spec!r} is neither a bundled model ({', '.join(BUNDLED_NAMES)}), a local "
-                     "Hugging Face model directory, a model in the local Hugging Face cache (org/name), a Llama / Qwen2 "
-                     ".gguf file nor an .onnx file")
+                     "Hugging Face model directory, a model in the local Hugging Face cache (org/name), a .gguf file "
+                     "nor an .onnx file")
 
 
 def hf_cache_snapshot(spec: str) -> Path | None:
@@ -85,13 +85,35 @@ def hf_cache_snapshot(spec: str) -> Path | None:
         return None
 
 
-def _load_gguf_file(path: Path) -> LoadedModel:
-    from finegrain.models.gguf_llama import load_gguf_llama
+OWN_GGUF_ARCHS = ("llama", "qwen2")  # read by models/gguf_llama.py; the rest by transformers' GGUF loader
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (header only)."""
+    import gguf
 
     try:
-        model = load_gguf_llama(path)
-    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:  # gguf parse / shape errors too
-        raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return str(field.contents())
+    except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:
+        raise InputError(f"{path}: not a GGUF file finegrain can read ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def _load_gguf_file(path: Path) -> LoadedModel:
+    """Llama / Qwen2 GGUF files through finegrain's own reader (exact Q/K un-permutation); every other
+    family ``transformers`` can dequantize (Qwen3, Phi-3, Gemma 2/3, Mistral, StableLM, Falcon, …)
+    through ``transformers``' GGUF loader, in fp32. No pickle either way: GGUF is a flat tensor file."""
+    arch = gguf_architecture(path)
+    if arch in OWN_GGUF_ARCHS:
+        from finegrain.models.gguf_llama import load_gguf_llama
+
+        try:
+            model = load_gguf_llama(path)
+        except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:  # parse / shape errors
+            raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
+    else:
+        model = _load_gguf_transformers(path, arch)
     from transformers import AutoTokenizer
 
     try:
@@ -99,7 +121,32 @@ def _load_gguf_file(path: Path) -> LoadedModel:
     except Exception as e:  # a GGUF without a tokenizer transformers reads: token ids only
         tokenizer = None
         del e
-    return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve()), "format": "gguf"})
+    return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve()), "format": "gguf",
+                                                       "gguf_architecture": arch})
+
+
+def _load_gguf_transformers(path: Path, arch: str) -> torch.nn.Module:
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    supported = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})
+    if arch not in supported:
+        raise InputError(f"{path}: GGUF architecture {arch!r} is not one transformers can dequantize "
+                         f"({', '.join(supported)})")
+    quiet = logging.getLogger("transformers.modeling_utils")
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.ERROR)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                                     trust_remote_code=False, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a bad / unsupported file; one line for the user
+        raise InputError(f"{path}: transformers could not load this {arch} GGUF file ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''})") from None
+    finally:
+        quiet.setLevel(level)
+    return model.eval()
 
 
 def _load_onnx_file(path: Path) -> LoadedModel:

@@ -104,6 +104,22 @@ class CompiledModel(Artifact):
 
         return save_artifact(self, path, overwrite)
 
+    def fingerprint(self) -> str:
+        """SHA-256 over the graph (as ``save`` writes it), the KV layout and every stored tensor (name,
+        dtype, shape, bytes) in name order: the same for a model and its saved-and-loaded copy, so a
+        file exported from it (ONNX metadata ``finegrain.artifact``) can be matched to it later."""
+        import hashlib
+
+        from finegrain.io.files import dumps_json
+        from finegrain.runtime.graph_json import graph_to_json
+
+        h = hashlib.sha256(dumps_json({"graph": graph_to_json(self.gm.graph), "kv": self.kv}).encode())
+        for name, t in sorted(self.gm.named_buffers()):
+            t = t.detach().contiguous().cpu()
+            h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
     # ---- size accounting --------------------------------------------------------------------
     def model_bytes(self) -> int:
         """Bytes of every stored tensor (what the artifact's safetensors holds)."""

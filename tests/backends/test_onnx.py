@@ -127,3 +127,32 @@ def test_cli_export_check(compiled, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MatMulNBits" in out and "max |diff|" in out
     assert main(["export", str(tmp_path / "a"), "--onnx", str(tmp_path / "m.onnx")]) == 2  # exists
+
+
+def test_a_reused_export_must_match_its_artifact_and_options(compiled, tiny_inputs, tmp_path):
+    """``reuse``: export once, run the same file later; a file from another artifact or another
+    style / MatMulNBits level is refused by name, never run or replaced."""
+    from finegrain.backends.onnx import read_provenance
+
+    cm, other = compiled("w4a16-g64"), compiled("w8a16")
+    _, _, test = tiny_inputs
+    f = tmp_path / "m.onnx"
+    s1 = OnnxSession(cm, style="matmulnbits", reuse=f)
+    assert not s1.reused and f.is_file()
+    meta = read_provenance(f)
+    assert meta["finegrain.artifact"] == cm.fingerprint() and meta["finegrain.style"] == "matmulnbits"
+    mtime = f.stat().st_mtime_ns
+    s2 = OnnxSession(cm, style="matmulnbits", reuse=f)
+    assert s2.reused and f.stat().st_mtime_ns == mtime
+    assert torch.equal(s1.run(test), s2.run(test))
+    with pytest.raises(ExportError, match="artifact fingerprint differs"):
+        OnnxSession(other, style="matmulnbits", reuse=f)
+    with pytest.raises(ExportError, match=r"style 'matmulnbits' \(wanted 'qdq'\)"):
+        OnnxSession(cm, style="qdq", reuse=f)
+    with pytest.raises(ExportError, match=r"accuracy_level '0' \(wanted '4'\)"):
+        OnnxSession(cm, style="matmulnbits", accuracy_level=4, reuse=f)
+    f.with_suffix(".txt").write_text("not onnx")
+    with pytest.raises(ExportError, match="not an ONNX model"):
+        OnnxSession(cm, reuse=f.with_suffix(".txt"))
+    assert f.stat().st_mtime_ns == mtime
+
