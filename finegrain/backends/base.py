@@ -6,7 +6,7 @@ A backend (one entry of ``registry.BACKENDS``) is an object with
 * ``available() -> str | None``: None, or why it cannot run here (a missing package);
 * ``capability(fmt, role, partner=None) -> (status, note)`` for a ``QuantFormat`` as a
   ``"weight"`` or an ``"activation"`` (``partner``: the weight format an activation meets), and ``op_capability(op)`` for graph ops that are not formats
-  (``"hadamard"``, ``"grouped_linear"``); status is ``native`` (a kernel computes in the
+  (``"hadamard"``, ``"grouped_linear"``, ``"conv"``); status is ``native`` (a kernel computes in the
   format), ``emulated`` (dequantized / fake-quantized, computed in float) or ``refused``;
 * ``check(compiled) -> list[Refusal]``: every layer / op / input it cannot take, named, before
   any work starts (``capability`` over the graph's formats plus its own structural limits);
@@ -47,10 +47,14 @@ class Refusal:
         return f"{self.where}: {self.why}"
 
 
+_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+          torch.ops.aten.convolution.default}
+
+
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
-    ``"grouped_linear"``."""
+    ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight)."""
     from finegrain.formats import QuantFormat
     from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
     from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
@@ -67,6 +71,17 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "hadamard"
         elif n.target is GROUPED_LINEAR:
             yield f"node {n.name}", "op", "grouped_linear"
+        elif n.target in _CONVS and _reads_quantized(n.args[1]):
+            yield f"node {n.name}", "op", "conv"
+
+
+def _reads_quantized(w) -> bool:
+    """A conv weight that is a dequantized packed weight (through reshape / permute)."""
+    from finegrain.formats.ops import DEQUANTIZE_PACKED
+
+    while hasattr(w, "target") and w.target in (torch.ops.aten.reshape.default, torch.ops.aten.permute.default):
+        w = w.args[0]
+    return getattr(w, "target", None) is DEQUANTIZE_PACKED
 
 
 def _consumers(n) -> list:

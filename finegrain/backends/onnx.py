@@ -320,6 +320,105 @@ def _replace(graph, old, new) -> None:
     v.name = name
 
 
+def _gemm(graph, layer: str, f: QuantFormat, q, n: int, k: int, node, gemm, style: str, accuracy_level: int) -> str:
+    """``Gemm(A, W, C, transB=1)`` (torch.onnx's linear on a 2-D input) over a quantized ``W``:
+    MatMulNBits (+ Add of C) or a DequantizeLinear of ``W^T`` read by the Gemm with transB=0."""
+    import onnx_ir as ir
+
+    attr = lambda name, default: gemm.attributes[name].value if name in gemm.attributes else default  # noqa: E731
+    if attr("transA", 0) or not attr("transB", 0) or attr("alpha", 1.0) != 1.0 or attr("beta", 1.0) != 1.0:
+        raise ExportError(f"{layer}: quantized weight read by a Gemm with transA/transB/alpha/beta the export does not "
+                          "cover")
+    nbits = _matmulnbits(f, q, n, k, accuracy_level) if style == "matmulnbits" else None
+    if nbits is not None:
+        b, sc, zp, attrs = nbits
+        vals = _initializers(graph, layer, {"qweight": b, "scales": sc, "zero_points": zp})
+        new = ir.node("MatMulNBits", [gemm.inputs[0], *vals], attrs, domain="com.microsoft")
+        graph.insert_before(gemm, new)
+        if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+            add = ir.node("Add", [new.outputs[0], gemm.inputs[2]])
+            graph.insert_before(gemm, add)
+            new = add
+        _replace(graph, gemm, new)
+        form = f"MatMulNBits(bits={attrs['bits']}, block_size={attrs['block_size']}, accuracy_level={accuracy_level})"
+    else:
+        parts = _qdq(f, q, n, k)
+        if parts is None:
+            raise ExportError(f"{layer}: format {f.tag} has no ONNX form yet")
+        codes, sc, z, axis, block = parts
+        attrs = {} if axis is None else {"axis": axis}
+        if block is not None:
+            attrs["block_size"] = block
+        dq = ir.node("DequantizeLinear", _initializers(graph, layer, {"qweight": codes, "scale": sc, "zero_point": z}),
+                     attrs)
+        graph.insert_before(gemm, dq)
+        gemm.replace_input_with(1, dq.outputs[0])
+        gemm.attributes["transB"] = ir.AttrInt64("transB", 0)
+        form = f"DequantizeLinear({codes.dtype.name}, " + (f"block {block})" if block else f"axis {axis})")
+    if not any(True for _ in node.outputs[0].uses()):
+        graph.remove(node, safe=True)
+    return form
+
+
+def _conv_reader(node):
+    """(the chain of layout nodes, the Conv) when a DequantizePacked output reaches a Conv's weight
+    input through Reshape / Transpose only (a convolution's matrix view, ``ir.conv_matrix``)."""
+    chain, v = [], node.outputs[0]
+    while True:
+        uses = [u.node for u in v.uses()]
+        if len(uses) != 1:
+            return None
+        user = uses[0]
+        if user.op_type == "Conv" and user.inputs[1] is v:
+            return (chain, user) if chain else None
+        if user.op_type not in ("Reshape", "Transpose"):
+            return None
+        chain.append(user)
+        v = user.outputs[0]
+
+
+def _conv_qdq(graph, layer: str, f: QuantFormat, q, node, chain: list, conv) -> str:
+    """A DequantizeLinear of the conv weight in its own ``[O, I, *kernel]`` layout: blocked along axis 1
+    (input channels) for group formats, axis 0 per output channel, or one scale per tensor."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    wshape = chain[-1].outputs[0].shape
+    if wshape is None or not all(isinstance(d, int) for d in wshape):
+        raise ExportError(f"{layer}: the convolution's weight shape is not static in the exported graph")
+    o, i, spatial = wshape[0], wshape[1], list(wshape[2:])
+    if f.kind != "int" or q.codebook is not None or f.granularity not in ("group", "channel", "tensor"):
+        raise ExportError(f"{layer}: conv weight format {f.tag} has no ONNX form (INT2..8 per group along input "
+                          "channels, per output channel or per tensor)")
+    np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+    ty = np_t[(_container(f.bits), f.symmetric)]
+    codes = q.codes.to(torch.int32)
+    scale, zero = q.scale.float(), None if f.symmetric else q.zero.to(torch.int32)
+    if f.granularity == "group":  # matrix [O * taps, I] -> [O, I, *kernel]; params [O * taps, G] -> [O, G, *kernel]
+        def lay(t):
+            return t.reshape(o, *spatial, -1).movedim(-1, 1).contiguous()
+        codes, scale = lay(codes), lay(scale.reshape(o * math.prod(spatial), -1))
+        zero = None if zero is None else lay(zero.reshape(o * math.prod(spatial), -1))
+        attrs, form = {"axis": 1, "block_size": f.group_size}, f"block {f.group_size} along input channels"
+    elif f.granularity == "channel":
+        codes, scale = codes.reshape(o, i, *spatial), scale.reshape(o)
+        zero = None if zero is None else zero.reshape(o)
+        attrs, form = {"axis": 0}, "axis 0"
+    else:
+        codes, scale = codes.reshape(o, i, *spatial), scale.reshape(())
+        zero = None if zero is None else zero.reshape(())
+        attrs, form = {}, "per tensor"
+    arrays = {"qweight": codes.numpy().astype(ty), "scale": scale.numpy(),
+              "zero_point": None if zero is None else zero.numpy().astype(ty)}
+    dq = ir.node("DequantizeLinear", _initializers(graph, layer, arrays), attrs)
+    graph.insert_before(conv, dq)
+    conv.replace_input_with(1, dq.outputs[0])
+    for dead in [*reversed(chain), node]:
+        if not any(True for _ in dead.outputs[0].uses()):
+            graph.remove(dead, safe=True)
+    return f"DequantizeLinear({np.dtype(ty).name}, {form}) -> Conv"
+
+
 def _lower(model, style: str, accuracy_level: int) -> dict:
     """Replace the finegrain markers; returns {weight: the ONNX form it got}."""
     import onnx_ir as ir
@@ -360,7 +459,14 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
         # the consumer: Transpose(perm [1, 0]) -> MatMul(A, .) (aten.linear as torch.onnx exports it)
         out = node.outputs[0]
         uses = [u.node for u in out.uses()]
+        conv = _conv_reader(node)
+        if conv is not None:  # Reshape (-> Transpose) -> Conv: one DequantizeLinear on the 4-D weight
+            forms[layer] = _conv_qdq(graph, layer, f, q, node, *conv)
+            continue
         tr = uses[0] if len(uses) == 1 else None
+        if tr is not None and tr.op_type == "Gemm" and tr.inputs[1] is out:  # a linear on a 2-D input
+            forms[layer] = _gemm(graph, layer, f, q, n, k, node, tr, style, accuracy_level)
+            continue
         if tr is None or tr.op_type != "Transpose" or list(tr.attributes["perm"].value) != [1, 0]:
             raise ExportError(f"{layer}: quantized weight not read as a linear's transposed operand "
                               f"(read by {[u.op_type for u in uses]}); the ONNX export covers linear layers")
@@ -648,6 +754,8 @@ class OnnxBackend(BackendBase):
     def op_capability(self, op: str) -> tuple[str, str]:
         if op == "hadamard":
             return "emulated", "online Hadamard as a dense MatMul"
+        if op == "conv":
+            return "emulated", "DequantizeLinear of the 4-D weight (blocked along input channels) -> float Conv"
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:

@@ -3,6 +3,7 @@
 * non-strict export by default (``strict=True`` on request), dynamic sequence length (dim 1 of
   every 2-D integer input, up to the model's context) so one graph serves calibration,
   evaluation and any prompt length; the batch dim is dynamic when the example batch is >= 2;
+  other inputs (images, audio, ...) vary in the dims the caller declares (``declared``);
 * the graph is torch.export's ATen training IR (``decompose=False``, the default: re-tracing
   through ``run_decompositions`` costs 2x the export itself on SmolLM2 with dynamic shapes and
   only rewrites ops like silu/transpose); ``decompose=True`` lowers to core ATen while keeping
@@ -202,9 +203,58 @@ def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple):
     return ({**lead, 1: seq}, {**lead, 1: seq}, tuple({**lead, 2: past} for _ in inputs[2:]))
 
 
+def _declared_shapes(model: torch.nn.Module, declared: list[dict[int, str]]):
+    """Dynamic shapes from per-input ``{dim: label}`` declarations: each declared dim is
+    ``Dim.AUTO``, so export infers the range the model allows (a stride-2 conv needs width >= 3, a
+    reshape may tie two dims) instead of failing on a guessed one; :func:`_dim_ranges` reads it back."""
+    import inspect
+
+    specs = tuple({d: torch.export.Dim.AUTO for d in dyn} or None for dyn in declared)
+    star = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    return (specs,) if star else specs
+
+
+def _finite(bound, default: int) -> int:
+    """A sympy range bound as an int; ``default`` for infinity (``int_oo``) or none."""
+    from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
+
+    if bound is None or isinstance(bound, (IntInfinity, NegativeIntInfinity)) or not bool(getattr(bound, "is_finite", True)):
+        return default
+    return int(bound)
+
+
+def _dim_ranges(ep, declared: list[dict[int, str]], names: Sequence[str]) -> list[dict[int, tuple[int, int]]]:
+    """Per input, {dim: (min, max)} of each declared dim as export inferred it (max capped at 2^20);
+    a dim the model fixes to one size is an InputError naming it."""
+    users = ep.graph_signature.user_inputs
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    out = []
+    for i, dyn in enumerate(declared):
+        ranges = {}
+        shape = vals[users[i]].shape if i < len(users) and vals.get(users[i]) is not None else None
+        for d in dyn:
+            size = shape[d] if shape is not None else None
+            if not isinstance(size, torch.SymInt) or not size.node.expr.free_symbols:  # an int, or a SymInt constant
+                raise InputError(f"input {names[i]!r}: dim {d} was declared dynamic, but the model only works with size "
+                                 f"{int(size) if size is not None else size} there (export specialized it); declare it "
+                                 "static")
+            vr = ep.range_constraints.get(size.node.expr)
+            lo = _finite(vr.lower if vr is not None else None, 2)
+            hi = _finite(vr.upper if vr is not None else None, 1 << 20)
+            if lo == hi:
+                raise InputError(f"input {names[i]!r}: dim {d} was declared dynamic, but the model only works with size "
+                                 f"{lo} there (export specialized it); declare it static")
+            ranges[d] = (max(lo, 1), min(hi, 1 << 20))
+        out.append(ranges)
+    return out
+
+
 def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
-            dynamic: bool = True, strict: bool = False, decompose: bool = False, kv: dict | None = None) -> GraphModule:
+            dynamic: bool = True, strict: bool = False, decompose: bool = False, kv: dict | None = None,
+            declared: list[dict[int, str]] | None = None) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring).
+    ``declared``: per input, ``{dim: label}`` of the dims that vary (``compile(inputs=...)``), instead of
+    the token-id default; the ranges export inferred for them are left in ``gm.meta["input_dim_ranges"]``.
     ``kv`` (:func:`kv_layout` of a causal LM): capture it with its KV cache as graph inputs and
     outputs (:class:`HFCacheWrapper`; ``example_inputs`` is then ``(input_ids,)``, the past is made up here)."""
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
@@ -226,6 +276,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         with torch.no_grad():
             if kv is not None:
                 shapes = _kv_dynamic_shapes(model, example_inputs) if dynamic else None
+            elif declared is not None:
+                shapes = _declared_shapes(model, declared) if dynamic else None
             else:
                 shapes = _dynamic_shapes(model, example_inputs, dynamic)
             ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=strict)
@@ -238,6 +290,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
                            f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
     gm = _unlift(ep, prefix)
+    if declared is not None and dynamic:
+        gm.meta["input_dim_ranges"] = _dim_ranges(ep, declared, input_names)
     if kv is not None:  # the present keys / values: a graph role passes and backends can address
         out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         for i, node in enumerate(out[1:]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch.fx import GraphModule, Node
@@ -155,6 +155,23 @@ def _routes(node: Node) -> bool:
 def expert_key(node_name: str, expert: int) -> str:
     """Stats-store key of the rows of a grouped op's input ``node_name`` routed to ``expert``."""
     return f"{node_name}[expert {expert}]"
+
+
+def conv_matrix(w: torch.Tensor, fmt) -> torch.Tensor:
+    """The 2-D ``[rows, K]`` matrix a conv weight ``[O, I/groups, *kernel]`` is quantized as. Group
+    formats: groups run along the input channels, one row per output channel and kernel tap
+    (``[O * taps, I]``, ONNX's blocked DequantizeLinear on axis 1); per channel / tensor: one row
+    per output channel (``[O, I * taps]``)."""
+    if fmt.granularity == "group":
+        return w.movedim(1, -1).reshape(-1, w.shape[1])
+    return w.reshape(w.shape[0], -1)
+
+
+def conv_weight(m: torch.Tensor, shape: Sequence[int], fmt) -> torch.Tensor:
+    """Inverse of :func:`conv_matrix`: the ``[O, I/groups, *kernel]`` weight from its matrix."""
+    if fmt.granularity == "group":
+        return m.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return m.reshape(*shape)
 
 
 def quantizable_ops(gm: GraphModule) -> list[QuantOp]:

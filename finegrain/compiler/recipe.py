@@ -25,8 +25,8 @@ from finegrain.errors import RecipeError
 from finegrain.formats import QuantFormat
 
 ROLES = ("linear", "lm_head", "router", "embedding", "matmul", "conv")
-WEIGHT_ROLES = ("linear", "lm_head", "router", "embedding")  # roles whose weight layout [N, K] the formats cover
-ACT_ROLES = ("linear", "lm_head", "router")
+WEIGHT_ROLES = ("linear", "lm_head", "router", "embedding", "conv")  # conv: quantized as a matrix (ir.conv_matrix)
+ACT_ROLES = ("linear", "lm_head", "router", "conv")  # conv: per-tensor activation formats only (channels are dim 1)
 EXPERT_ALLOCATION = ("expert", "grouped")
 WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
 CLIP_OBJECTIVES = ("output", "mse")
@@ -68,6 +68,9 @@ class Rule:
             raise ValueError(f"weight: weight formats for role {self.role!r} are not supported yet ({WEIGHT_ROLES})")
         if self.role is not None and self.activation is not None and self.role not in ACT_ROLES:
             raise ValueError(f"activation: activation formats for role {self.role!r} are not supported yet")
+        if self.role == "conv" and self.activation is not None and self.activation.granularity != "tensor":
+            raise ValueError(f"activation: a conv's input is [N, C, ...] with channels on dim 1; only per-tensor "
+                             f"activation formats apply to it, not {self.activation.tag}")
 
     def matches(self, role: str, name: str) -> bool:
         return (self.role is None or self.role == role) and (self.pattern is None or re.search(self.pattern, name) is not None)
@@ -423,6 +426,15 @@ PRESETS.update({
     "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),
     "bitmod-w3": _linears("bitmod-w3", QuantFormat.parse("bitmod3-g128-sym-fp16")),
     "nf4-g64": _linears("nf4-g64", QuantFormat.parse("nf4-g64-sym-fp16")),
+})
+
+# convolutional / vision models (issue #22): convs and linears (the classifier head, role lm_head,
+# stays float as in the LLM presets; BatchNorm is folded into its conv by canonicalize)
+PRESETS.update({
+    "w8a8-conv": Recipe(name="w8a8-conv", rules=(Rule(role="conv", weight=_w(8, None, True), activation=A8_STATIC),
+                                                 Rule(role="linear", weight=_w(8, None, True), activation=A8_STATIC))),
+    "w4a16-conv": Recipe(name="w4a16-conv", rules=(Rule(role="conv", weight=_w(4, 32, False)),
+                                                   Rule(role="linear", weight=_w(4, 32, False)))),
 })
 
 

@@ -32,11 +32,64 @@ class Prepared:
     kv: dict | None = None  # the KV-cache layout when captured with kv_cache=True
 
 
-def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool) -> list[dict]:
+def input_names_of(model: torch.nn.Module, count: int) -> list[str]:
+    """Names of a model's first ``count`` positional inputs: an imported ONNX model's own input names,
+    else ``forward``'s positional parameters in order (``input_ids``, ``attention_mask`` for
+    ``transformers`` models, ``image`` for ``forward(self, image)``), ``input{i}`` past a ``*args``."""
+    import inspect
+
+    own = getattr(model, "input_names", None)
+    if isinstance(own, (list, tuple)) and len(own) >= count and all(isinstance(n, str) for n in own):
+        return list(own[:count])
+    params = inspect.signature(model.forward).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [names[i] if i < len(names) else f"input{i}" for i in range(count)]
+
+
+def _declared(inputs: dict | None, names: Sequence[str], example_inputs: tuple) -> list[dict[int, str]] | None:
+    """Per input, {dim: label} of the dims declared dynamic by ``inputs={"image": {"dynamic": {3:
+    "width"}}}`` (a list of dims gets labels ``<name>_<dim>``); None when nothing is declared.
+    Inputs left out of ``inputs`` are static; inputs are named as in ``names``."""
+    if inputs is None:
+        return None
+    if not isinstance(inputs, dict):
+        raise InputError(f"inputs must be a dict {{name: {{'dynamic': {{dim: label}}}}}}, got {type(inputs).__name__}")
+    unknown = [k for k in inputs if k not in names]
+    if unknown:
+        raise InputError(f"inputs: {', '.join(map(repr, unknown))} not among the model's inputs ({', '.join(names)})")
+    out = []
+    for name, t in zip(names, example_inputs):
+        decl = inputs.get(name) or {}
+        if not isinstance(decl, dict) or set(decl) - {"dynamic"}:
+            raise InputError(f"inputs[{name!r}]: expected {{'dynamic': {{dim: label}}}} (or a list of dims)")
+        dyn = decl.get("dynamic") or {}
+        if isinstance(dyn, (list, tuple)):
+            dyn = {d: f"{name}_{d}" for d in dyn}
+        dims = {}
+        for d, label in dyn.items():
+            if isinstance(d, str) and d.lstrip("-").isdigit():  # from JSON / the command line
+                d = int(d)
+            if isinstance(d, bool) or not isinstance(d, int) or not -t.dim() <= d < t.dim():
+                raise InputError(f"inputs[{name!r}]: dim {d!r} is not a dim of the example input of shape {list(t.shape)}")
+            d %= t.dim()
+            if not isinstance(label, str) or not label.isidentifier():
+                raise InputError(f"inputs[{name!r}]: dim {d}'s label {label!r} must be an identifier (e.g. 'width')")
+            if t.shape[d] < 2:
+                raise InputError(f"inputs[{name!r}]: dim {d} is declared dynamic but the example has size "
+                                 f"{t.shape[d]}; give an example of size >= 2 there (export specializes sizes 0 and 1)")
+            dims[d] = label
+        out.append(dict(sorted(dims.items())))
+    return out
+
+
+def _input_specs(example_inputs: tuple, names: Sequence[str], dynamic: bool,
+                 declared: list[dict[int, str]] | None = None) -> list[dict]:
     specs = []
     for i, t in enumerate(example_inputs):
         dyn = []
-        if dynamic and t.dim() == 2 and not t.is_floating_point():  # as capture._dynamic_shapes
+        if declared is not None:
+            dyn = sorted(declared[i]) if dynamic else []
+        elif dynamic and t.dim() == 2 and not t.is_floating_point():  # as capture._dynamic_shapes
             dyn = [0, 1] if t.shape[0] >= 2 else [1]
         specs.append(input_spec(t, names[i] if i < len(names) else f"input{i}", dyn))
     return specs
@@ -73,14 +126,19 @@ def _calibration_batches(calibration: Iterable | None, specs: list[dict], model:
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict" = "w8a8",
-            calibration: Iterable | None = None, *, input_names: Sequence[str] = ("input_ids", "attention_mask"),
-            dynamic: bool = True, strict: bool = False, tokenizer: Any = None, source: dict | None = None,
-            progress: bool = True, strict_recipe: bool = False, kv_cache: bool = False) -> CompiledModel:
+            calibration: Iterable | None = None, *, input_names: Sequence[str] | None = None,
+            inputs: dict | None = None, dynamic: bool = True, strict: bool = False, tokenizer: Any = None,
+            source: dict | None = None, progress: bool = True, strict_recipe: bool = False,
+            kv_cache: bool = False) -> CompiledModel:
     """Quantize ``model`` per ``recipe``; return a callable, saveable :class:`CompiledModel`.
 
     ``example_inputs`` is a tuple of tensors (for language models, ``(input_ids,)``);
     ``calibration`` an iterable of batches shaped like it (sequence length may differ when
-    ``dynamic``). Recipes with static activation scales require calibration. A recipe rule that
+    ``dynamic``). Inputs are named by ``input_names``, else by the model (an imported ONNX model's
+    input names, ``forward``'s parameters: ``input_ids``, ``image``, ...). Which dims vary:
+    ``inputs={"image": {"dynamic": {3: "width"}}}`` declares them per input (dims sharing a label
+    share one size; undeclared inputs are static); without it, dim 1 (sequence) of 2-D integer inputs,
+    and dim 0 when the example batch is >= 2. Recipes with static activation scales require calibration. A recipe rule that
     matches no layer, or a recipe that quantizes nothing, is a warning (``cm.warnings``, the
     manifest) or, with ``strict_recipe``, a RecipeError. ``strict`` is torch.export's strict mode.
     ``kv_cache`` (a ``transformers`` causal LM, ``example_inputs = (input_ids,)``): capture the
@@ -89,19 +147,23 @@ def compile(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe
     the logits (an empty past).
     """
     prep = _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, PIPELINE,
-                    strict_recipe, kv_cache)
+                    strict_recipe, kv_cache, inputs)
     return _finish(prep, model, tokenizer, source)
 
 
 def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, strict, progress, passes,
-             strict_recipe=False, kv_cache=False) -> Prepared:
+             strict_recipe=False, kv_cache=False, inputs=None) -> Prepared:
     recipe = get_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, tuple):
-        raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
+    if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,) or (image,)")
     _check_token_ids(model, example_inputs)
-    specs = _input_specs(example_inputs, input_names, dynamic)
+    names = list(input_names) if input_names is not None else input_names_of(model, len(example_inputs))
+    declared = _declared(inputs, names, example_inputs)
+    if declared is not None and kv_cache:
+        raise InputError("inputs=: a KV-cache graph's inputs are fixed (input_ids, position_ids, past_*)")
+    specs = _input_specs(example_inputs, names, dynamic, declared)
     batches = _calibration_batches(calibration, specs, model)
     if recipe.needs_calibration and not batches:
         raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
@@ -117,7 +179,14 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         batches = [kv_inputs(kv, b[0]) for b in batches]
         specs = _kv_specs(specs[0], kv)
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, input_names=input_names, dynamic=dynamic, strict=strict, kv=kv)
+    gm = capture(model, example_inputs, input_names=names, dynamic=dynamic, strict=strict, kv=kv, declared=declared)
+    for spec, dyn, ranges in zip(specs, declared or [], gm.meta.pop("input_dim_ranges", [])):
+        spec["dims"] = [{"label": dyn[d], "min": ranges[d][0], "max": ranges[d][1]} for d in spec["dynamic_dims"]]
+        if not spec["dims"]:
+            del spec["dims"]
+    if declared is not None:  # the ranges export inferred hold for the calibration batches too
+        for i, b in enumerate(batches):
+            check_inputs(specs, b, what=f"calibration batch {i}")
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
     gm = run_passes(gm, ctx, passes)
@@ -168,7 +237,7 @@ def _finish(prep: Prepared, model, tokenizer, source) -> CompiledModel:
 
 def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict",
                      calibration: Iterable, budgets_bits: Sequence[float] | None = None, points: int = 4, *,
-                     validate: int = 0, input_names: Sequence[str] = ("input_ids", "attention_mask"), dynamic: bool = True,
+                     validate: int = 0, input_names: Sequence[str] | None = None, dynamic: bool = True,
                      strict: bool = False, tokenizer: Any = None, source: dict | None = None,
                      progress: bool = True, strict_recipe: bool = False) -> tuple[Any, list[CompiledModel]]:
     """Solve the recipe's bit allocation once (its ``weight_candidates``; any budget in it is

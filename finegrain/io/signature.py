@@ -16,9 +16,12 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_INPUTS, MAX_RANK, MAX_DIM, MAX_INPUT_ELEMENTS = 512, 8, 1 << 20, 1 << 26  # KV-cache graphs: 2 + 2 x layers inputs
 
 
-def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int]) -> dict:
-    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+def input_spec(t: torch.Tensor, name: str, dynamic_dims: list[int], dims: list[dict] | None = None) -> dict:
+    """An input's spec; ``dims`` (one per dynamic dim, declared with ``compile(inputs=...)``):
+    ``{"label", "min", "max"}``, the size's name in exports and the range the model accepts."""
+    spec = {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
             "dynamic_dims": dynamic_dims}
+    return {**spec, "dims": [dict(d) for d in dims]} if dims else spec
 
 
 def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
@@ -35,17 +38,27 @@ def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
             if d not in s["dynamic_dims"] and got != want:
                 raise InputError(f"{what} {s['name']!r}: dim {d} must be {want} (only dims {s['dynamic_dims']} "
                                  f"vary), got shape {list(t.shape)}")
+        for d, r in zip(s["dynamic_dims"], s.get("dims") or []):
+            if not r["min"] <= t.shape[d] <= r["max"]:
+                raise InputError(f"{what} {s['name']!r}: dim {d} ({r['label']}) must be in {r['min']}..{r['max']} "
+                                 f"(the sizes the model takes), got shape {list(t.shape)}")
 
 
 def export_dynamic_shapes(specs: list[dict]) -> tuple:
-    """``torch.export`` dynamic shapes for inputs described by ``specs`` (dim 0 = batch, 1 = seq; a
-    KV-cache graph's ``past_*`` inputs share one ``past`` dim (min 0) and its seq may be 1)."""
+    """``torch.export`` dynamic shapes for inputs described by ``specs`` (a declared dim by its label;
+    otherwise dim 0 = batch, 1 = seq; a KV-cache graph's ``past_*`` inputs share one ``past`` dim
+    (min 0) and its seq may be 1)."""
     kv = any(s["name"].startswith("past_") for s in specs)
     dims = {}
     out = []
     for s in specs:
         d = {}
+        declared = dict(zip(s["dynamic_dims"], s.get("dims") or []))
         for i in s["dynamic_dims"]:
+            if i in declared:
+                r = declared[i]
+                d[i] = dims.setdefault(r["label"], torch.export.Dim(r["label"], min=max(r["min"], 2), max=r["max"]))
+                continue
             past = kv and s["name"].startswith("past_") and i == 2
             key = "batch" if i == 0 else "past" if past else "seq" if i == 1 else f"{s['name']}_{i}"
             low = 0 if past else 1 if key == "batch" or kv else 2
@@ -71,8 +84,8 @@ def check_input_specs(specs: object, where: str) -> None:
         raise ArtifactError(f"{where}: expected 1..{MAX_INPUTS} input specs")
     for i, s in enumerate(specs):
         w = f"{where}[{i}]"
-        if not isinstance(s, dict) or set(s) != {"name", "dtype", "shape", "dynamic_dims"}:
-            raise ArtifactError(f"{w}: expected an object with name, dtype, shape, dynamic_dims")
+        if not isinstance(s, dict) or set(s) - {"dims"} != {"name", "dtype", "shape", "dynamic_dims"}:
+            raise ArtifactError(f"{w}: expected an object with name, dtype, shape, dynamic_dims (and dims)")
         if not isinstance(s["name"], str) or not _NAME.match(s["name"]) or len(s["name"]) > 64:
             raise ArtifactError(f"{w}.name: {str(s['name'])[:64]!r} is not an identifier")
         if s["dtype"] not in _INPUT_DTYPES:
@@ -85,6 +98,13 @@ def check_input_specs(specs: object, where: str) -> None:
             raise ArtifactError(f"{w}.shape: {shape} has more than {MAX_INPUT_ELEMENTS} elements")
         if not isinstance(dyn, list) or not all(is_int(d) and 0 <= d < len(shape) for d in dyn) or len(set(dyn)) != len(dyn):
             raise ArtifactError(f"{w}.dynamic_dims: expected distinct dims of the shape")
+        dims = s.get("dims", [])
+        if not isinstance(dims, list) or ("dims" in s and len(dims) != len(dyn)) or not all(
+                isinstance(x, dict) and set(x) == {"label", "min", "max"} and isinstance(x["label"], str)
+                and _NAME.match(x["label"]) and len(x["label"]) <= 64 and is_int(x["min"]) and is_int(x["max"])
+                and 1 <= x["min"] <= x["max"] <= MAX_DIM for x in dims):
+            raise ArtifactError(f"{w}.dims: expected one {{label, min, max}} per dynamic dim (an identifier, "
+                                f"1 <= min <= max <= {MAX_DIM})")
 
 
 def is_int(v: object) -> bool:

@@ -274,12 +274,17 @@ def allocate_bits(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for op in ops:
         op.node.meta[ROLE] = op.role
         wfmt, afmt = ctx.recipe.formats_for(op.role, op.name)
-        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "grouped", "embedding"):
+        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "grouped", "embedding", "conv"):
             raise RecipeError(f"{op.name}: the recipe quantizes this {op.kind} op, which finegrain does not "
-                              "support yet; narrow the rule's role/pattern to linear layers")
+                              "support yet; narrow the rule's role/pattern to linear / conv layers")
+        if op.kind == "conv" and afmt is not None and afmt.granularity != "tensor":
+            raise RecipeError(f"{op.name}: activation format {afmt.tag} on a conv input [N, C, ...]: only per-tensor "
+                              "activation formats apply to convolutions")
+        if op.kind == "conv" and wfmt is not None and op.weight is None:
+            raise RecipeError(f"{op.name}: the conv's weight is not a constant; nothing to quantize offline")
         if wfmt is not None and op.weight is not None:
             w = get_tensor(gm, op.weight.target)
-            if w.dim() != (3 if op.kind == "grouped" else 2):
+            if op.kind != "conv" and w.dim() != (3 if op.kind == "grouped" else 2):
                 raise RecipeError(f"{op.name}: weight {op.weight_fqn} has shape {tuple(w.shape)}; weight formats "
                                   "cover 2-D [N, K] weights (3-D [E, N, K] for experts) only")
             op.node.meta[WEIGHT_FORMAT] = wfmt

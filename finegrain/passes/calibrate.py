@@ -1,7 +1,7 @@
 """Calibration: run calibration batches once and fill the stats store.
 
 Observes the activation input of every quantizable op (shared inputs, e.g. q/k/v's, once) with
-per-channel min / max / absmax / E[x^2] and a bounded sample for percentiles
+per-channel min / max / absmax / E[x^2] (channels: the last dim; dim 1 of a convolution's input) and a bounded sample for percentiles
 (``compiler/stats.py``). The input of a grouped (MoE) op is also observed per expert, under
 ``ir.expert_key(node, e)``, from the rows its offsets give expert ``e``: per-expert Hessians for
 GPTQ / clip search / allocation and the routing frequency (rows per expert) for allocation. The graph is truncated after the last observed node, so ops that no
@@ -24,15 +24,16 @@ from finegrain.errors import InputError
 
 
 class _Observer(torch.nn.Module):
-    def __init__(self, ctx: PassContext, key: str, layer: str):
+    def __init__(self, ctx: PassContext, key: str, layer: str, channels_first: bool = False):
         super().__init__()
-        self.ctx, self.key, self.layer = ctx, key, layer
+        self.ctx, self.key, self.layer, self.channels_first = ctx, key, layer, channels_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise InputError(f"calibration activation at node {self.key!r} (input of {self.layer}) contains "
                              "NaN or Inf; check the calibration data and the weights feeding this layer")
-        self.ctx.stats.update(self.key, x)
+        # a conv's input [N, C, ...]: channels to the last dim, so statistics are per channel whatever the size
+        self.ctx.stats.update(self.key, x.movedim(1, -1) if self.channels_first else x)
         return x.new_empty(0)
 
 
@@ -55,17 +56,17 @@ def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
     for op in quantizable_ops(gm):
         a = op.activation
         if op.kind != "embedding" and a.name not in targets:
-            targets[a.name] = (op.name, op.node if op.kind == "grouped" else None)
+            targets[a.name] = (op.name, op.node if op.kind == "grouped" else None, op.kind == "conv")
     if not targets:
         return None, []
     root = torch.nn.Module()
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
     outs = []
-    for i, (name, (layer, grouped)) in enumerate(targets.items()):
+    for i, (name, (layer, grouped, channels_first)) in enumerate(targets.items()):
         node = by_name[name]
         if grouped is None:
-            root.add_module(f"obs{i}", _Observer(ctx, name, layer))
+            root.add_module(f"obs{i}", _Observer(ctx, name, layer, channels_first))
             with graph.inserting_after(node):
                 outs.append(graph.call_module(f"obs{i}", (node,)))
         else:  # x and its offsets both exist just before the grouped op

@@ -8,8 +8,12 @@ matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fal
 ``aten._grouped_mm``) into ``finegrain::grouped_linear`` on the constant itself (so expert
 weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
 constant (GPT-2's Conv1D) into a linear on ``W^T``, turns ``type_as`` casts into ``to`` (or
-nothing when the dtypes agree), then removes dead code.
-Requires: a captured graph. Ensures: no assertion nodes; same function.
+nothing when the dtypes agree), folds inference-mode BatchNorm into the convolution before it
+(``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
+channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
+then removes dead code.
+Requires: a captured graph. Ensures: no assertion nodes; same function (BatchNorm folds exact up
+to float rounding).
 """
 from __future__ import annotations
 
@@ -88,7 +92,100 @@ def _addmm(gm: GraphModule, node) -> None:
     gm.graph.erase_node(node)
 
 
-def canonicalize(gm: GraphModule, ctx: PassContext) -> GraphModule:
+_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+          torch.ops.aten.convolution.default}
+_BATCH_NORMS = {torch.ops.aten.batch_norm.default: 7, torch.ops.aten._native_batch_norm_legit_no_training.default: 6}
+
+
+def _batch_norm(gm: GraphModule, node, log: list) -> None:
+    """Fold an inference-mode BatchNorm into the convolution that alone feeds it."""
+    import operator
+
+    from finegrain.compiler.ir import MODULE
+
+    x, gamma, beta, mean, var = node.args[:5]
+    eps = node.args[_BATCH_NORMS[node.target]]
+    site = node.meta.get(MODULE) or node.name
+    out = node
+    if node.target is torch.ops.aten._native_batch_norm_legit_no_training.default:  # (y, mean, rstd): y only
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+            return
+        out = users[0]
+    elif node.args[5]:  # training=True: batch statistics, not a fixed affine
+        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "reason": "training-mode BatchNorm"})
+        return
+
+    def why_not() -> str | None:
+        if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in _CONVS):
+            return f"its input is {getattr(x, 'target', x)} ({getattr(x, 'name', '')}), not a convolution"
+        if len(x.users) != 1:
+            return f"the convolution {x.name} has other readers"
+        if x.target is torch.ops.aten.convolution.default and x.args[6]:
+            return f"the convolution {x.name} is transposed"
+        w, b = x.args[1], x.args[2] if len(x.args) > 2 else None
+        consts = [w, b, gamma, beta, mean, var]
+        if not all(c is None or (isinstance(c, torch.fx.Node) and c.op == "get_attr") for c in consts) \
+                or mean is None or var is None:
+            return "its parameters or the convolution's weight are not constants"
+        if len(w.users) != 1 or (b is not None and len(b.users) != 1):
+            return "the convolution's weight or bias is shared with another op"
+        return None
+
+    reason = why_not()
+    if reason is not None:
+        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "reason": reason})
+        return
+    conv = x
+    w_node, b_node = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
+    w = get_tensor(gm, w_node.target)
+    t = lambda n, default: get_tensor(gm, n.target).double() if n is not None else default  # noqa: E731
+    o = w.shape[0]
+    s = t(gamma, torch.ones(o, dtype=torch.float64)) / torch.sqrt(t(var, None) + float(eps))
+    bias = (t(b_node, torch.zeros(o, dtype=torch.float64)) - t(mean, None)) * s + t(beta, torch.zeros(o, dtype=torch.float64))
+    set_tensor(gm, w_node.target, (w.double() * s.reshape(-1, *[1] * (w.dim() - 1))).to(w.dtype))
+    if b_node is None:
+        name = f"{w_node.target.rsplit('.', 1)[0]}.folded_bias" if "." in w_node.target else f"{w_node.target}_folded_bias"
+        set_tensor(gm, name, bias.to(w.dtype))
+        with gm.graph.inserting_before(conv):
+            b_node = gm.graph.get_attr(name)
+        b_node.meta["val"] = torch.empty(o, dtype=w.dtype, device="meta")
+        args = list(conv.args) + [None] * (3 - len(conv.args))
+        args[2] = b_node
+        conv.args = tuple(args)
+    else:
+        set_tensor(gm, b_node.target, bias.to(w.dtype))
+    out.replace_all_uses_with(conv)
+    log.append({"pass": "fold_batchnorm", "site": site, "action": "folded", "into": conv.meta.get(MODULE) or conv.name})
+
+
+_RECURRENT = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU",
+              torch.ops.aten.rnn_tanh.input: "RNN", torch.ops.aten.rnn_relu.input: "RNN"}
+
+
+def _recurrent(gm: GraphModule, node, ctx: PassContext | None, log: list) -> None:
+    """Recurrent layers keep float weights (no recurrent lowering of quantized weights yet): say so,
+    by name and size, in the folds record and the warnings, never silently."""
+    from finegrain.compiler.ir import MODULE
+
+    params = [p for p in node.args[2] if getattr(p, "op", None) == "get_attr"]
+    n = sum(get_tensor(gm, p.target).numel() for p in params)
+    total = sum(t.numel() for _, t in gm.named_buffers()) or 1
+    site = node.meta.get(MODULE) or node.name
+    why = (f"{_RECURRENT[node.target]} weights stay float ({len(params)} tensors, {n} weights, {100 * n / total:.1f}% "
+           "of the model): finegrain does not quantize recurrent layers yet")
+    log.append({"pass": "quantize", "site": site, "action": "refused", "reason": why})
+    if ctx is not None:
+        ctx.report.setdefault("warnings", []).append(f"{site}: {why}")
+
+
+def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
+    log = ctx.report.setdefault("folds", []) if ctx is not None else []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _BATCH_NORMS:
+            _batch_norm(gm, node, log)
+        elif node.op == "call_function" and node.target in _RECURRENT:
+            _recurrent(gm, node, ctx, log)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:
             _grouped_mm(gm, node)

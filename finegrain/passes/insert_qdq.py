@@ -6,6 +6,8 @@
   ``finegrain::dequantize_packed`` node that replaces the float weight as the op's argument.
   A grouped (MoE) op's ``[E, N, K]`` weight becomes one such node per expert (``<fqn>_e<e>_q*``
   constants, each expert in its own format), stacked.
+  A convolution's weight is dequantized as its matrix (``ir.conv_matrix``) and reshaped / permuted
+  back to ``[O, I/groups, *kernel]`` by plain ATen ops.
   A float weight with no remaining user is removed from the module.
 * Activations: ``finegrain::quantize`` -> ``finegrain::dequantize`` in front of the op. Dynamic
   formats choose scales at run time; static ones read calibrated constants (range from
@@ -26,7 +28,7 @@ from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
-                                  expert_formats, quantizable_ops, set_tensor)
+                                  expert_formats, get_tensor, quantizable_ops, set_tensor)
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
 from finegrain.formats import scales
@@ -62,11 +64,24 @@ def _weight_qdq(gm: GraphModule, op) -> None:
             dq = gm.graph.call_function(torch.ops.aten.stack.default, (parts, 0))
     else:
         base = f"{op.weight_fqn}_q" if op.weight_fqn else f"{op.node.name}_weight_q"
-        dq = _dequantize_node(gm, op, op.node.meta[WEIGHT_FORMAT], q, base)
+        fmt = op.node.meta[WEIGHT_FORMAT]
+        dq = _dequantize_node(gm, op, fmt, q, base)
+        if op.kind == "conv":  # the matrix back to [O, I/groups, *kernel] (inverse of ir.conv_matrix)
+            dq = _conv_layout(gm.graph, op, dq, list(get_tensor(gm, op.weight.target).shape), fmt)
     _, w_idx, _ = QUANTIZABLE[op.node.target]
     args = list(op.node.args)
     args[w_idx] = dq
     op.node.args = tuple(args)
+
+
+def _conv_layout(g, op, dq: Node, shape: list[int], fmt: QuantFormat) -> Node:
+    aten = torch.ops.aten
+    with g.inserting_before(op.node):
+        if fmt.granularity != "group":
+            return g.call_function(aten.reshape.default, (dq, shape))
+        spatial = shape[2:]
+        t = g.call_function(aten.reshape.default, (dq, [shape[0], *spatial, shape[1]]))
+        return g.call_function(aten.permute.default, (t, [0, len(shape) - 1, *range(1, len(shape) - 1)]))
 
 
 def _act_params(ctx: PassContext, node: Node, fmt: QuantFormat, layer: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,6 +19,11 @@ weight SQNR (dB) and, when calibration statistics exist for the op's input, the 
 ``E||W x||^2 / E||dW x||^2`` in dB, with the full ``E[x x^T]`` when it was collected, else its
 diagonal ``E[x_j^2]``, with a progress bar.
 
+Convolutions are quantized as a matrix (``ir.conv_matrix``: groups along input channels, one row
+per output channel and kernel tap; per channel: one row per output channel), rounded to nearest
+or clip-searched on weight MSE (no input Hessian of the unfolded patches: an algorithm that needs
+one rounds to nearest and the record's ``note`` says so).
+
 Grouped (MoE) ops quantize each expert ``[N, K]`` slice of their ``[E, N, K]`` weight with its
 own format (``ir.expert_formats``) and its own Hessian (the rows routed to it); ``meta[QWEIGHT]``
 is then a tuple of QTensors and the record is per expert (``<weight>.<e>``). An expert no
@@ -32,7 +37,8 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, expert_formats, expert_key, get_tensor, quantizable_ops
+from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, conv_matrix, conv_weight, expert_formats,
+                                  expert_key, get_tensor, quantizable_ops)
 from finegrain.compiler.replay import replay
 from finegrain.errors import InputError
 from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
@@ -48,6 +54,8 @@ def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
     r = ctx.recipe
     algo = r.weight_algorithm
     if kind == "embedding" or (kind == "grouped" and h is None and r.needs_hessian):
+        algo = "rtn"
+    if kind == "conv" and r.needs_hessian:  # no im2col Hessian: round to nearest, the record says so
         algo = "rtn"
     if algo == "rtn":
         q = rtn(w, fmt)
@@ -112,6 +120,14 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
         op.node.meta[QWEIGHT] = tuple(qs)
         return torch.stack([f.dequantize(q) for f, q in zip(expert_formats(op), qs)]).to(w0.dtype)
     fmt = op.node.meta[WEIGHT_FORMAT]
+    if op.kind == "conv":  # a matrix view: groups along input channels (ir.conv_matrix); no Hessian of patches
+        q, rec = _quantize(ctx, conv_matrix(w, fmt), fmt, None, None, op.name, op.kind)
+        if r.needs_hessian:
+            rec["note"] = (f"{r.weight_algorithm} needs an input Hessian, which convolutions do not have here (no "
+                           "im2col statistics): rounded to nearest")
+        op.node.meta[QWEIGHT] = q
+        layers[op.name] = {**base, **rec, "conv_shape": list(w.shape)}
+        return conv_weight(fmt.dequantize(q), w.shape, fmt).to(w0.dtype)
     h = h_of(op.activation.name)[0] if op.kind != "embedding" else None
     if r.needs_hessian and h is None and op.kind != "embedding":
         raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
@@ -143,6 +159,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
         afmt = op.node.meta.get(ACT_FORMAT)
         act_q = afmt is not None and afmt.dynamic and op.kind != "grouped"
         key = (op.activation.name, afmt.tag if act_q else None)
+        if op.kind == "conv":  # rounded without a Hessian; later ops see its dequantized weight
+            return {op.weight: _quantize_op(gm, ctx, op, lambda k: (None, 0), sequential=True)}
         if shared["key"] != key:
             xs = values(op.activation)
             if act_q:  # the deployed op sees its input quantized: so do the Hessian and the op's output

@@ -112,9 +112,20 @@ def test_unsupported_op_kinds_are_refused_by_name():
     import finegrain
     from finegrain.errors import RecipeError
 
-    recipe = finegrain.Recipe(rules=(finegrain.Rule(pattern="conv", weight=finegrain.QuantFormat(bits=8)),))
-    with pytest.raises(RecipeError, match="conv: the recipe quantizes this conv op"):
-        finegrain.compile(_Conv(), (torch.randn(1, 3, 8, 8),), recipe=recipe, progress=False)
+    class _Matmul(torch.nn.Module):  # x @ W on a constant: a matmul op, not a linear
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return torch.relu(x @ self.mix)
+
+    recipe = finegrain.Recipe(rules=(finegrain.Rule(pattern="mix", weight=finegrain.QuantFormat(bits=8)),))
+    with pytest.raises(RecipeError, match="mix: the recipe quantizes this matmul op"):
+        finegrain.compile(_Matmul(), (torch.randn(2, 8),), recipe=recipe, progress=False)
+    # convolutions are quantized (tests/passes/test_conv.py)
+    conv = finegrain.Recipe(rules=(finegrain.Rule(pattern="conv", weight=finegrain.QuantFormat(bits=8)),))
+    assert set(finegrain.compile(_Conv(), (torch.randn(1, 3, 8, 8),), recipe=conv, progress=False).quantized) == {"conv"}
 
 
 def test_quantized_graph_survives_re_export(compiled, tiny_inputs):

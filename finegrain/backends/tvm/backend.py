@@ -44,6 +44,8 @@ class TvmBackend(BackendBase):
     def op_capability(self, op: str) -> tuple[str, str]:
         if op == "hadamard":
             return "emulated", "online Hadamard as a dense matmul"
+        if op == "conv":
+            return "refused", "convolutions with quantized weights have no TVM lowering yet (the build takes token-id models)"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
