@@ -113,7 +113,7 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
             return
         out = users[0]
     elif node.args[5]:  # training=True: batch statistics, not a fixed affine
-        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "reason": "training-mode BatchNorm"})
+        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "detail": "training-mode BatchNorm"})
         return
 
     def why_not() -> str | None:
@@ -134,7 +134,7 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
 
     reason = why_not()
     if reason is not None:
-        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "reason": reason})
+        log.append({"pass": "fold_batchnorm", "site": site, "action": "refused", "detail": reason})
         return
     conv = x
     w_node, b_node = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
@@ -156,7 +156,9 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
     else:
         set_tensor(gm, b_node.target, bias.to(w.dtype))
     out.replace_all_uses_with(conv)
-    log.append({"pass": "fold_batchnorm", "site": site, "action": "folded", "into": conv.meta.get(MODULE) or conv.name})
+    into = conv.meta.get(MODULE) or conv.name
+    log.append({"pass": "fold_batchnorm", "site": site, "action": "folded", "into": into,
+                "detail": f"BatchNorm affine and running statistics into {into}'s weight and bias"})
 
 
 _RECURRENT = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU",
@@ -174,7 +176,7 @@ def _recurrent(gm: GraphModule, node, ctx: PassContext | None, log: list) -> Non
     site = node.meta.get(MODULE) or node.name
     why = (f"{_RECURRENT[node.target]} weights stay float ({len(params)} tensors, {n} weights, {100 * n / total:.1f}% "
            "of the model): finegrain does not quantize recurrent layers yet")
-    log.append({"pass": "quantize", "site": site, "action": "refused", "reason": why})
+    log.append({"pass": "quantize", "site": site, "action": "refused", "detail": why})
     if ctx is not None:
         ctx.report.setdefault("warnings", []).append(f"{site}: {why}")
 

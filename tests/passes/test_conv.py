@@ -84,7 +84,7 @@ def test_a_batchnorm_after_something_else_is_refused_by_name():
     cm = finegrain.compile(Odd().eval(), (torch.randn(1, 1, 8, 8),), {"name": "f", "rules": [{"role": "conv"}]},
                            progress=False)
     rec = [f for f in cm.folds if f["pass"] == "fold_batchnorm"]
-    assert rec[0]["action"] == "refused" and "not a convolution" in rec[0]["reason"] and rec[0]["site"] == "bn"
+    assert rec[0]["action"] == "refused" and "not a convolution" in rec[0]["detail"] and rec[0]["site"] == "bn"
 
 
 @pytest.mark.parametrize("tag", ["int4-g32-asym-fp16", "int8-channel-sym-fp16", "int4-g8-sym-fp16"])
@@ -249,7 +249,7 @@ def test_recurrent_layers_are_named_not_silently_skipped():
     cm = finegrain.compile(Ocr().eval(), (torch.randn(1, 1, 6, 20),), "w4a16-conv", progress=False)
     assert set(cm.quantized) == {"conv"}
     rec = [f for f in cm.folds if f["site"] == "lstm"]
-    assert rec and rec[0]["action"] == "refused" and "LSTM weights stay float (8 tensors" in rec[0]["reason"]
+    assert rec and rec[0]["action"] == "refused" and "LSTM weights stay float (8 tensors" in rec[0]["detail"]
     assert any(w.startswith("lstm: LSTM weights stay float") for w in cm.warnings)
     x = torch.randn(1, 1, 6, 20)
     assert cm(x).shape == (1, 20, 10)
