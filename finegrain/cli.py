@@ -178,9 +178,11 @@ def cmd_quantize(args) -> None:
     check_output_dir(args.out, args.overwrite)  # fail before the slow part
     recipe = _with_budget(args)
     calib_text, _ = _texts(args)
+    inputs = _parse_inputs(args.input)
     lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                        strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text)
+                        strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text,
+                        calib_tensors=args.calib_tensors, inputs=inputs)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]
@@ -193,6 +195,26 @@ def cmd_quantize(args) -> None:
          if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
     _folds_summary(cm.folds)
     _warn(cm.warnings)
+
+
+def _parse_inputs(specs: list[str] | None) -> dict | None:
+    """``--input image:3=width,2=height`` (repeatable) -> ``{"image": {"dynamic": {3: "width", 2:
+    "height"}}}``; ``--input image:3`` labels the dim ``image_3``; ``--input image`` declares it static."""
+    if not specs:
+        return None
+    out: dict = {}
+    for spec in specs:
+        name, _, dims = spec.partition(":")
+        if not name.isidentifier():
+            raise InputError(f"--input {spec!r}: expected NAME[:DIM[=LABEL],...], e.g. image:3=width")
+        dyn = {}
+        for part in filter(None, dims.split(",")):
+            d, _, label = part.partition("=")
+            if not d.strip().lstrip("-").isdigit():
+                raise InputError(f"--input {spec!r}: {d!r} is not a dim index (e.g. image:3=width)")
+            dyn[int(d)] = label.strip() or f"{name}_{int(d)}"
+        out[name] = {"dynamic": dyn}
+    return out
 
 
 def _parse_size(text: str, what: str) -> float:
@@ -306,6 +328,8 @@ def cmd_eval(args) -> None:
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
                                                   for n, r, b, m in results]})
         source = cm.source.get("model")
+        if args.eval_tensors:
+            return _eval_tensors(cm, args)
         if args.compare_fp or cm.tokenizer is None:
             fp_model = load_model(source)
             if fp_model.task == "encoder":
@@ -332,6 +356,25 @@ def cmd_eval(args) -> None:
     _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r} for n, r, b, m in results]})
 
 
+def _eval_tensors(cm, args) -> None:
+    from finegrain.data import read_tensor_batches
+    from finegrain.jobs import evaluate_tensors
+    from finegrain.models import load_model
+
+    source = cm.source.get("model")
+    if not source or not (Path(source).exists() or source in ("smollm2-135m", "minilm-l6")):
+        raise InputError(f"--eval-tensors compares with the float source model, and {args.model}'s source "
+                         f"({source!r}) is not a file finegrain can load (compiled from Python: compare there)")
+    fp = load_model(source)
+    batches = read_tensor_batches(args.eval_tensors, [s["name"] for s in cm.input_specs])
+    with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
+        r = evaluate_tensors(fp, session.run, batches)
+    _table(f"{args.model} ({cm.recipe.name}, {args.backend}) vs its float source on {args.eval_tensors}",
+           ["batches", "rel. error", "cosine mean", "top-1 agreement"],
+           [[r["batches"], f"{r['rel_error']:.4g}", f"{r['cosine_mean']:.5f}", f"{r['top1_agreement']:.4f}"]])
+    _write_json(args, {"tensors": {"file": str(args.eval_tensors), "backend": args.backend, **r}})
+
+
 def _check_ids(cm, n: int = 64):
     import torch
 
@@ -340,6 +383,23 @@ def _check_ids(cm, n: int = 64):
         raise FinegrainError("--check feeds token ids: it covers models with one token-id input")
     shape = [min(d, n) if i in spec["dynamic_dims"] else d for i, d in enumerate(spec["shape"])]
     return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, spec["dtype"]))
+
+
+def _check_tensors(cm) -> tuple:
+    """Seeded random inputs for a tensor-input model, one per spec (a declared dynamic dim at a size
+    other than the example's, within its range, so the check covers it)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for s in cm.input_specs:
+        shape = list(s["shape"])
+        for d, r in zip(s["dynamic_dims"], s.get("dims") or []):
+            shape[d] = min(max(shape[d] + 3, r["min"]), r["max"])
+        dtype = getattr(torch, s["dtype"])
+        out.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point
+                   else torch.randint(0, 2, shape, generator=gen).to(dtype))
+    return tuple(out)
 
 
 def _say_diff(client: str, ids, got, ref) -> None:
@@ -461,9 +521,15 @@ def _export_onnx(cm, args) -> None:
     if args.check:
         from finegrain.backends.onnx import OnnxSession
 
+        session = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx)
+        if any(s["dtype"].startswith(("float", "bfloat")) for s in cm.input_specs) and not getattr(cm, "kv", None):
+            xs = _check_tensors(cm)
+            got, ref = session.run(*xs), cm(*xs)
+            _say(f"onnxruntime vs the torch reference on random inputs {', '.join(str(list(x.shape)) for x in xs)}: "
+                 f"max |diff| {float((got - ref).abs().max()):.3g} (max |output| {float(ref.abs().max()):.3g})")
+            return
         ids = _check_ids(cm)
-        got = OnnxSession(cm, accuracy_level=args.accuracy_level, path=args.onnx).run(ids)
-        _say_diff("onnxruntime", ids, got, cm(ids))
+        _say_diff("onnxruntime", ids, session.run(ids), cm(ids))
 
 
 def cmd_build(args) -> None:
@@ -747,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", required=True, help="preset name or recipe .json/.yaml")
     q.add_argument("--out", required=True, help="artifact directory (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--input", action="append", metavar="NAME[:DIM=LABEL,...]",
+                   help="declare which dims of a tensor input vary (repeatable), e.g. image:3=width for images of any "
+                        "width; names come from the model (an ONNX file's inputs, forward's parameters)")
+    q.add_argument("--calib-tensors", metavar="FILE.safetensors",
+                   help="a model with tensor inputs (images, features): example and calibration batches, one tensor "
+                        "<input> [samples, ...] per input, or <input>.0, <input>.1, ... one per batch")
     q.add_argument("--kv-cache", action="store_true",
                    help="capture the decoder with its KV cache as graph inputs / outputs, so `generate` decodes one "
                         "token per step over the cache (torch and onnx backends, onnxruntime-genai export; TVM "
@@ -789,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx-file", help="--backend onnx: export to this .onnx file once and reuse it on later runs "
                                        "(it must be an export of this artifact with this --style; checked)")
     e.add_argument("--json", help="also write the results to this JSON file")
+    e.add_argument("--eval-tensors", metavar="FILE.safetensors",
+                   help="an artifact of a tensor-input model: compare its outputs with its float source model on these "
+                        "batches (as --calib-tensors): relative error, cosine, top-1 agreement")
     eval_text(e)
     jsonl_field(e)
     e.add_argument("--allow-native", action="store_true",

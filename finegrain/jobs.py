@@ -29,8 +29,27 @@ def encoder_calibration(tokenizer, samples: int, seq_len: int, batch: int = 8, t
     return out
 
 
+def _tensor_calibration(loaded: LoadedModel, samples: int | None, tensors) -> tuple:
+    """A tensor-input model (an image ONNX model, ...): batches from the user's safetensors file."""
+    from finegrain.data import read_tensor_batches
+    from finegrain.driver.api import input_names_of
+
+    names = list(getattr(loaded.model, "input_names", None) or input_names_of(loaded.model, 1))
+    if tensors is None:
+        raise InputError(f"model {loaded.source.get('model')} takes tensors ({', '.join(names)}), not text: give "
+                         "calibration / example inputs with --calib-tensors FILE.safetensors (calib_tensors=)")
+    batches = read_tensor_batches(tensors, names)
+    calib = batches[:samples] if samples else (batches if samples is None else None)
+    return calib, batches[0], tuple(names)
+
+
 def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_len: int | None, seed: int,
-                 text: Text | None = None):
+                 text: Text | None = None, tensors=None):
+    if loaded.task == "tensor":
+        return _tensor_calibration(loaded, samples, tensors)
+    if tensors is not None:
+        raise InputError(f"model {loaded.source.get('model')} takes token ids: calibration comes from text "
+                         "(--calib-text / --calib-jsonl), not --calib-tensors")
     if loaded.tokenizer is None:
         raise InputError(f"model {loaded.source.get('model')}: no tokenizer to make calibration text with (for an "
                          "ONNX file, put its tokenizer.json beside it)")
@@ -51,25 +70,32 @@ def _calibration(loaded: LoadedModel, recipe: Recipe, samples: int | None, seq_l
     return calib, example, names
 
 
-def _source(loaded: LoadedModel, text: Text | None, samples: int | None) -> dict:
-    """The loaded model's source record plus the calibration text it was compiled with."""
+def _source(loaded: LoadedModel, text: Text | None, samples: int | None, tensors=None) -> dict:
+    """The loaded model's source record plus the calibration text (or tensor file) it was compiled with."""
     if samples == 0:
         return loaded.source
+    if loaded.task == "tensor":
+        from finegrain.io.files import sha256_file
+
+        return {**loaded.source, "calibration_tensors": {"name": str(tensors), "sha256": sha256_file(tensors)}}
     return {**loaded.source, "calibration_text": (text or brown()).describe()}
 
 
 def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
                    seq_len: int | None = None, seed: int = 0, progress: bool = True,
-                   strict_recipe: bool = False, kv_cache: bool = False, calib_text: Text | None = None) -> CompiledModel:
-    """Compile a bundled / HF model with ``samples`` x ``seq_len`` calibration tokens (recipe
+                   strict_recipe: bool = False, kv_cache: bool = False, calib_text: Text | None = None,
+                   calib_tensors=None, inputs: dict | None = None) -> CompiledModel:
+    """Compile a bundled / HF / ONNX model with ``samples`` x ``seq_len`` calibration tokens (recipe
     defaults; 0 samples skips calibration, allowed unless the recipe has static scales) drawn from
-    ``calib_text`` (default the vendored Brown slice; recorded in the manifest's source).
-    ``kv_cache``: the decoder with its KV cache in the graph (``finegrain.compile``)."""
+    ``calib_text`` (default the vendored Brown slice; recorded in the manifest's source). A model
+    with tensor inputs (task ``tensor``) takes its example and calibration batches from
+    ``calib_tensors`` (a safetensors file, ``data.read_tensor_batches``) and its dynamic dims from
+    ``inputs`` (``finegrain.compile``). ``kv_cache``: the decoder with its KV cache in the graph."""
     recipe = get_recipe(recipe)
-    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text)
+    calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text, calib_tensors)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
-                      source=_source(loaded, calib_text, 0 if calib is None else samples), progress=progress,
-                      strict_recipe=strict_recipe, kv_cache=kv_cache)
+                      source=_source(loaded, calib_text, 0 if calib is None else samples, calib_tensors),
+                      progress=progress, strict_recipe=strict_recipe, kv_cache=kv_cache, inputs=inputs)
 
 
 def frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, points: int = 4,
@@ -107,6 +133,27 @@ def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max
                 progress: bool = True, first_window: int = 0, text: Text | None = None) -> dict[str, Any]:
     """Perplexity over ``text`` (default WikiText-2 test); see ``eval.perplexity``."""
     return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window, text).to_dict()
+
+
+def evaluate_tensors(fp: LoadedModel, q, batches: list[tuple]) -> dict[str, Any]:
+    """A tensor-input model, float vs quantized, on the user's batches: the outputs' relative error
+    (||q - fp|| / ||fp|| over everything), mean cosine per sample, and top-1 agreement (argmax of the
+    last dim) where the output is a score vector."""
+    num = den = 0.0
+    cos, agree, n = [], 0, 0
+    with torch.inference_mode():
+        for b in batches:
+            a = fp.model(*b)
+            z = q(*b)
+            a, z = (t[0] if isinstance(t, (tuple, list)) else t for t in (a, z))
+            a, z = a.float(), z.float()
+            num += float((z - a).pow(2).sum())
+            den += float(a.pow(2).sum())
+            cos += torch.nn.functional.cosine_similarity(z.reshape(z.shape[0], -1), a.reshape(a.shape[0], -1)).tolist()
+            agree += int((z.argmax(-1) == a.argmax(-1)).sum())
+            n += a[..., 0].numel()
+    return {"batches": len(batches), "rel_error": (num / den) ** 0.5 if den else float("nan"),
+            "cosine_mean": sum(cos) / len(cos), "top1_agreement": agree / n if n else float("nan")}
 
 
 def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256, text: Text | None = None) -> dict[str, Any]:

@@ -163,3 +163,46 @@ def test_eval_onnx_reuses_its_export(hf_dir, tmp_path, capsys):
     assert "style 'matmulnbits' (wanted 'qdq')" in capsys.readouterr().err
     assert main(["eval", "--model", str(art), "--onnx-file", str(f)]) == 2  # torch backend
     assert "--onnx-file: for an artifact evaluated with --backend onnx" in capsys.readouterr().err
+
+
+@pytest.mark.onnx
+def test_an_image_onnx_model_end_to_end(tmp_path, capsys):
+    """A float ONNX CNN (exported here by torch.onnx, BatchNorm folded by it) through the CLI: images
+    of any width declared with --input, calibration / evaluation tensors from safetensors files,
+    the ONNX export checked in onnxruntime, TVM refusing by name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.passes.test_conv import _random_net
+
+    net = _random_net()
+    onnx_path = tmp_path / "cnn.onnx"
+    torch.onnx.export(net, (torch.randn(1, 1, 12, 20),), str(onnx_path), dynamo=True, input_names=["image"],
+                      dynamic_shapes=({3: torch.export.Dim("width", min=4, max=512)},))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"image": torch.randn(8, 1, 12, 24, generator=gen)}, str(tmp_path / "calib.safetensors"))
+    save_file({"image.0": torch.randn(1, 1, 12, 16, generator=gen), "image.1": torch.randn(1, 1, 12, 40, generator=gen)},
+              str(tmp_path / "eval.safetensors"))
+    art = tmp_path / "art"
+    assert main(["quantize", "--model", str(onnx_path), "--recipe", "w8a8-conv", "--out", str(art), "--input",
+                 "image:3=width", "--calib-tensors", str(tmp_path / "calib.safetensors")]) == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    spec = manifest["inputs"][0]
+    assert spec["name"] == "image" and spec["dynamic_dims"] == [3] and spec["dims"][0]["label"] == "width"
+    assert len(manifest["quantized"]) == 4 and manifest["source"]["calibration_tensors"]["sha256"]
+    capsys.readouterr()
+    res = tmp_path / "r.json"
+    for backend in ("torch", "onnx"):
+        assert main(["eval", "--model", str(art), "--eval-tensors", str(tmp_path / "eval.safetensors"),
+                     "--backend", backend, "--json", str(res)]) == 0
+        r = json.loads(res.read_text())["tensors"]
+        assert r["batches"] == 2 and 0 < r["rel_error"] < 0.05 and r["cosine_mean"] > 0.999
+    assert main(["export", str(art), "--onnx", str(tmp_path / "q.onnx"), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "DequantizeLinear(int8, axis 0) -> Conv" in out and "onnxruntime vs the torch reference on random inputs" in out
+    assert main(["build", str(art), "--out", str(tmp_path / "tvm")]) == 2
+    assert "convolutions with quantized weights have no TVM lowering yet" in capsys.readouterr().err
+    # a token-id model's calibration does not come from tensors, and a tensor model needs them
+    assert main(["quantize", "--model", str(onnx_path), "--recipe", "w8a8-conv", "--out", str(tmp_path / "o")]) == 2
+    assert "takes tensors (image), not text: give calibration / example inputs with --calib-tensors" in \
+        capsys.readouterr().err

@@ -152,3 +152,33 @@ def _jsonl_documents(path: Path, field: str) -> list[str]:
         if value.strip():
             docs.append(value)
     return docs
+
+
+def read_tensor_batches(path: str | Path, names: list[str]) -> list[tuple]:
+    """Calibration / evaluation batches for a model with tensor inputs ``names``, from a safetensors
+    file (no pickle): either one tensor per input, ``<name>`` of shape ``[samples, ...]`` (each
+    sample one batch of 1), or one tensor per input and batch, ``<name>.<i>`` (batches may differ in
+    the dims the model lets vary). Errors name the file and the tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected a .safetensors file of input tensors)")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+    if all(n in tensors for n in names):
+        counts = {n: tensors[n].shape[0] if tensors[n].dim() else 0 for n in names}
+        if len(set(counts.values())) != 1 or not min(counts.values()):
+            raise InputError(f"{path}: tensors {', '.join(names)} must share a non-empty first (sample) dim, got {counts}")
+        return [tuple(tensors[n][i:i + 1] for n in names) for i in range(counts[names[0]])]
+    batches = []
+    while all(f"{n}.{len(batches)}" in tensors for n in names):
+        batches.append(tuple(tensors[f"{n}.{len(batches)}"] for n in names))
+    if not batches:
+        have = ", ".join(sorted(tensors)[:8])
+        raise InputError(f"{path}: no tensors named after the model's inputs ({', '.join(names)}: either <name> with a "
+                         f"sample dim or <name>.0, <name>.1, ...); the file has {have or 'none'}")
+    return batches

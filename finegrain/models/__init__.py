@@ -21,7 +21,7 @@ from finegrain.errors import InputError
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: Any
-    task: str  # "causal-lm" | "encoder"
+    task: str  # "causal-lm" | "encoder" | "tensor" (float inputs: calibration / evaluation tensors from a file)
     source: dict  # how to find it again; goes into the artifact manifest
 
     @property
@@ -158,6 +158,7 @@ def _load_onnx_file(path: Path) -> LoadedModel:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True, trust_remote_code=False)
-    task = "causal-lm" if len(module.input_names) == 1 else "encoder"
+    # float inputs (images, features): a tensor model, calibrated / evaluated on tensors the user gives
+    task = "tensor" if any(module.input_float) else "causal-lm" if len(module.input_names) == 1 else "encoder"
     return LoadedModel(module, tokenizer, task, {"model": str(path), "format": "onnx",
                                                  "inputs": module.input_names})

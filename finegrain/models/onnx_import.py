@@ -261,7 +261,63 @@ def _div(a, b):
     return a / b
 
 
+def _pads(node, spatial: int) -> tuple[list[int], list[int] | None]:
+    """ONNX ``pads`` ([x1_begin, x2_begin, ..., x1_end, x2_end]) as a symmetric torch padding, or
+    (zeros, an explicit F.pad list) when begin != end; ``auto_pad`` other than NOTSET is refused."""
+    if node.attr.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+        raise ImportError_(f"node {node.name}: auto_pad {node.attr['auto_pad']!r} is not supported (give explicit pads)")
+    pads = list(node.attr.get("pads", [0] * (2 * spatial)))
+    begin, end = pads[:spatial], pads[spatial:]
+    if begin == end:
+        return begin, None
+    explicit = []
+    for b, e in zip(reversed(begin), reversed(end)):  # F.pad: last dim first
+        explicit += [b, e]
+    return [0] * spatial, explicit
+
+
+def _conv(node, x, w, b=None):
+    spatial = w.dim() - 2
+    pad, explicit = _pads(node, spatial)
+    if explicit is not None:
+        x = torch.nn.functional.pad(x, explicit)
+    fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[spatial - 1]
+    return fn(x, w, b, stride=node.attr.get("strides", [1] * spatial), padding=pad,
+              dilation=node.attr.get("dilations", [1] * spatial), groups=node.attr.get("group", 1))
+
+
+def _pool(kind: str):
+    def run(node, x):
+        k = list(node.attr["kernel_shape"])
+        spatial = len(k)
+        pad, explicit = _pads(node, spatial)
+        if explicit is not None:
+            x = torch.nn.functional.pad(x, explicit, value=float("-inf") if kind == "max" else 0.0)
+        stride = node.attr.get("strides", [1] * spatial)
+        ceil = bool(node.attr.get("ceil_mode", 0))
+        if kind == "max":
+            fn = (torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.max_pool3d)[spatial - 1]
+            return fn(x, k, stride, pad, dilation=node.attr.get("dilations", [1] * spatial), ceil_mode=ceil)
+        fn = (torch.nn.functional.avg_pool1d, torch.nn.functional.avg_pool2d, torch.nn.functional.avg_pool3d)[spatial - 1]
+        return fn(x, k, stride, pad, ceil_mode=ceil, count_include_pad=bool(node.attr.get("count_include_pad", 0)))
+    return run
+
+
+def _batch_norm(node, x, scale, bias, mean, var):
+    return torch.nn.functional.batch_norm(x, mean, var, scale, bias, False, 0.0, node.attr.get("epsilon", 1e-5))
+
+
+def _flatten(node, x):
+    axis = node.attr.get("axis", 1) % max(x.dim(), 1)
+    return x.reshape(*x.shape[:axis], -1) if axis else x.reshape(1, -1)
+
+
 _OPS = {
+    "Conv": _conv, "MaxPool": _pool("max"), "AveragePool": _pool("avg"), "BatchNormalization": _batch_norm,
+    "GlobalAveragePool": lambda n, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "GlobalMaxPool": lambda n, x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True),
+    "Relu": lambda n, a: torch.relu(a), "LeakyRelu": lambda n, a: torch.nn.functional.leaky_relu(a, n.attr.get("alpha", 0.01)),
+    "Flatten": _flatten,
     "Add": _binary(torch.add, lambda x, y: x + y), "Sub": _binary(torch.sub, lambda x, y: x - y),
     "Mul": _binary(torch.mul, lambda x, y: x * y), "Div": _binary(_div, lambda x, y: x // y),
     "Equal": _binary(torch.eq, lambda x, y: x == y), "Less": _binary(torch.lt, lambda x, y: x < y),
@@ -372,6 +428,8 @@ class OnnxModule(torch.nn.Module):
         path = Path(path)
         if not path.is_file():
             raise InputError(f"ONNX model {path} does not exist")
+        import onnx
+
         model = read_onnx_file(path)
         g = model.graph
         for imp in model.opset_import:
@@ -385,6 +443,8 @@ class OnnxModule(torch.nn.Module):
                 raise ImportError_(f"{path}: initializer {i.name!r} (dims {list(i.dims)}) does not hold the data its "
                                    f"shape says ({type(e).__name__}: {str(e)[:120]})") from None
         self.input_names = [i.name for i in g.input if i.name not in inits]
+        self.input_float = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).kind == "f"
+                            if i.type.tensor_type.elem_type else False for i in g.input if i.name not in inits]
         self.output_names = [o.name for o in g.output]
         producers = {}
         nodes = []

@@ -101,3 +101,43 @@ def test_load_model_takes_an_onnx_file(tiny_onnx):
     assert lm.task == "causal-lm" and lm.source["format"] == "onnx" and lm.tokenizer is None
     with pytest.raises(InputError, match="no tokenizer"):
         compile_loaded(lm, "w4a16-g128")
+
+
+def test_convolutional_onnx_ops_import(tmp_path):
+    """Conv (grouped, strided, padded, 1-D and 2-D), MaxPool, AveragePool, global pooling, Flatten and
+    an unfused BatchNormalization (hand-written ONNX) run as ONNX Runtime runs them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finegrain.models.onnx_import import load_onnx
+
+    rng = np.random.default_rng(0)
+    inits = {"w1": rng.standard_normal((8, 2, 3, 3)), "b1": rng.standard_normal(8), "g": rng.uniform(0.5, 2, 8),
+             "beta": rng.standard_normal(8), "mean": rng.standard_normal(8), "var": rng.uniform(0.5, 2, 8),
+             "w2": rng.standard_normal((6, 8, 3)), "fc": rng.standard_normal((6, 5))}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 0, 2, 1], strides=[1, 2], group=2),
+        helper.make_node("BatchNormalization", ["c1", "g", "beta", "mean", "var"], ["bn"], epsilon=1e-3),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], strides=[2, 1], pads=[0, 1, 0, 1]),
+        helper.make_node("AveragePool", ["mp"], ["ap"], kernel_shape=[2, 1]),
+        helper.make_node("ReduceMean", ["ap"], ["m"], axes=[2], keepdims=0),
+        helper.make_node("Conv", ["m", "w2"], ["c2"], pads=[1, 1], dilations=[2]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["gp"]),
+        helper.make_node("Flatten", ["gp"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 18])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, str(path))
+    x = rng.standard_normal((1, 4, 12, 18)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    m = load_onnx(path)
+    assert m.input_float == [True]
+    got = m(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
