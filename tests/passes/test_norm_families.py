@@ -105,3 +105,49 @@ def test_gpt2_conv1d_weights_are_quantized():
     with torch.no_grad():
         ref = model(x, use_cache=False).logits
     assert torch.nn.functional.cosine_similarity(cm(x).flatten(), ref.flatten(), dim=0) > 0.999
+
+
+def _encoder(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "bert":  # post-LN: every norm's output also feeds the residual
+        m = tf.BertModel(tf.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=128, max_position_embeddings=64), add_pooling_layer=False)
+        ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, 8:] = 0
+        return m.eval(), (ids, mask), [(ids, mask)] * 2
+    m = tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128), add_pooling_layer=False)  # pre-LN, a conv patch embedding
+    gen = torch.Generator().manual_seed(1)
+    return m.eval(), (torch.randn(1, 3, 32, 32, generator=gen),), [(torch.randn(1, 3, 32, 32, generator=gen),)] * 2
+
+
+# family: (norms folded, norms refused, smoothing sites folded at least, input name)
+ENCODERS = {"bert": (0, 5, 0, "input_ids"), "vit": (4, 1, 4, "pixel_values")}
+
+
+@pytest.mark.parametrize("family", sorted(ENCODERS))
+def test_encoder_families(family):
+    """BERT (post-LN: no norm folds exactly, each refusal says so) and ViT (pre-LN; pixel inputs
+    named from the signature; the patch-embedding conv quantized by the conv preset)."""
+    import finegrain
+
+    model, example, calib = _encoder(family)
+    folded, refused, smoothed, name = ENCODERS[family]
+    with torch.no_grad():
+        ref = model(*example).last_hidden_state
+    cm = finegrain.compile(model, example, Recipe(name="fold", fold_norms=True), calib, progress=False)
+    counts = collections.Counter(f["action"] for f in cm.folds if f["pass"] == "fold_norms")
+    assert (counts["folded"], counts["refused"]) == (folded, refused) and all(f["detail"] for f in cm.folds)
+    assert cm.input_specs[0]["name"] == name
+    torch.testing.assert_close(cm(*example), ref, rtol=1e-4, atol=1e-4)
+    sm = finegrain.compile(model, example, "w8a8-smooth", calib, progress=False)
+    counts = collections.Counter(f["action"] for f in sm.folds if f["pass"] == "fold_smoothing")
+    assert counts["folded"] >= smoothed and sum(counts.values()) == 8 and all(f["detail"] for f in sm.folds)
+    conv = finegrain.compile(model, example, "w8a8-conv", calib, progress=False)
+    assert len(conv.quantized) == 12 + (family == "vit")
+    if family == "vit":
+        assert "embeddings.patch_embeddings.projection" in conv.quantized
+    assert (conv(*example) - ref).abs().max() <= 0.05 * ref.abs().max()
