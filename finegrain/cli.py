@@ -313,6 +313,12 @@ def cmd_eval(args) -> None:
     _, text = _texts(args)
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path, allow_native=args.allow_native)
+        if args.eval_tensors:
+            if cm.backend != "torch" and args.backend not in ("torch", cm.backend):
+                raise FinegrainError(f"{path} is a {cm.backend} deployment: it evaluates on its own")
+            if cm.backend != "torch":
+                args.backend = cm.backend
+            return _eval_tensors(cm, args)
         if cm.backend != "torch":  # another backend's own artifact (a TVM deployment): it runs itself
             if args.backend not in ("torch", cm.backend) or args.compare_fp:
                 raise FinegrainError(f"{path} is a {cm.backend} deployment: it evaluates on its own (no --backend other "
@@ -328,8 +334,6 @@ def cmd_eval(args) -> None:
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
                                                   for n, r, b, m in results]})
         source = cm.source.get("model")
-        if args.eval_tensors:
-            return _eval_tensors(cm, args)
         if args.compare_fp or cm.tokenizer is None:
             fp_model = load_model(source)
             if fp_model.task == "encoder":
@@ -367,9 +371,12 @@ def _eval_tensors(cm, args) -> None:
                          f"({source!r}) is not a file finegrain can load (compiled from Python: compare there)")
     fp = load_model(source)
     batches = read_tensor_batches(args.eval_tensors, [s["name"] for s in cm.input_specs])
-    with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
-        r = evaluate_tensors(fp, session.run, batches)
-    _table(f"{args.model} ({cm.recipe.name}, {args.backend}) vs its float source on {args.eval_tensors}",
+    if cm.backend != "torch":  # a deployment runs itself
+        r = evaluate_tensors(fp, cm.run, batches)
+    else:
+        with cm.session(args.backend, **SESSION_OPTIONS.get(args.backend, lambda a: {})(args)) as session:
+            r = evaluate_tensors(fp, session.run, batches)
+    _table(f"{args.model} ({cm.recipe_name}, {args.backend}) vs its float source on {args.eval_tensors}",
            ["batches", "rel. error", "cosine mean", "top-1 agreement"],
            [[r["batches"], f"{r['rel_error']:.4g}", f"{r['cosine_mean']:.5f}", f"{r['top1_agreement']:.4f}"]])
     _write_json(args, {"tensors": {"file": str(args.eval_tensors), "backend": args.backend, **r}})
@@ -554,7 +561,8 @@ def cmd_build(args) -> None:
             key = (f"{k['format']} x {k['activation']} -> int8-dot kernel ({k['epilogue']} epilogue), groups of "
                    f"{k['group_size']}")
         else:
-            key = f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}"
+            key = (f"{k['format']} -> {k['kind']}" if k["kind"].startswith("conv") else
+                   f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}")
         kernels[key] = kernels.get(key, 0) + 1
     rows = [[k, v] for k, v in sorted(kernels.items())]
     rows.append(["other functions by schedule", ", ".join(f"{k} {v}" for k, v in b["schedules"].items())])

@@ -165,11 +165,15 @@ def test_eval_onnx_reuses_its_export(hf_dir, tmp_path, capsys):
     assert "--onnx-file: for an artifact evaluated with --backend onnx" in capsys.readouterr().err
 
 
+ZNVER3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: runs on every CPU these tests meet
+
+
 @pytest.mark.onnx
+@pytest.mark.tvm
 def test_an_image_onnx_model_end_to_end(tmp_path, capsys):
     """A float ONNX CNN (exported here by torch.onnx, BatchNorm folded by it) through the CLI: images
     of any width declared with --input, calibration / evaluation tensors from safetensors files,
-    the ONNX export checked in onnxruntime, TVM refusing by name."""
+    the ONNX export checked in onnxruntime, a TVM deployment built and evaluated."""
     import torch
     from safetensors.torch import save_file
 
@@ -200,8 +204,13 @@ def test_an_image_onnx_model_end_to_end(tmp_path, capsys):
     assert main(["export", str(art), "--onnx", str(tmp_path / "q.onnx"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "DequantizeLinear(int8, axis 0) -> Conv" in out and "onnxruntime vs the torch reference on random inputs" in out
-    assert main(["build", str(art), "--out", str(tmp_path / "tvm")]) == 2
-    assert "convolutions with quantized weights have no TVM lowering yet" in capsys.readouterr().err
+    # TVM: one `main` over the declared width; the deployment evaluates itself against the float source
+    assert main(["build", str(art), "--out", str(tmp_path / "tvm"), "--target", json.dumps(ZNVER3)]) == 0
+    assert "conv (weight dequantized per call, fp32 conv)" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "tvm"), "--allow-native", "--eval-tensors",
+                 str(tmp_path / "eval.safetensors"), "--json", str(res)]) == 0
+    r = json.loads(res.read_text())["tensors"]
+    assert r["backend"] == "tvm" and 0 < r["rel_error"] < 0.05 and r["cosine_mean"] > 0.999
     # a token-id model's calibration does not come from tensors, and a tensor model needs them
     assert main(["quantize", "--model", str(onnx_path), "--recipe", "w8a8-conv", "--out", str(tmp_path / "o")]) == 2
     assert "takes tensors (image), not text: give calibration / example inputs with --calib-tensors" in \

@@ -45,9 +45,9 @@ def check_inputs(specs: list[dict], inputs: tuple, what: str = "input") -> None:
 
 
 def export_dynamic_shapes(specs: list[dict]) -> tuple:
-    """``torch.export`` dynamic shapes for inputs described by ``specs`` (a declared dim by its label;
-    otherwise dim 0 = batch, 1 = seq; a KV-cache graph's ``past_*`` inputs share one ``past`` dim
-    (min 0) and its seq may be 1)."""
+    """``torch.export`` dynamic shapes for inputs described by ``specs`` (a declared dim ``Dim.AUTO``,
+    as at capture; otherwise dim 0 = batch, 1 = seq; a KV-cache graph's ``past_*`` inputs share one
+    ``past`` dim (min 0) and its seq may be 1)."""
     kv = any(s["name"].startswith("past_") for s in specs)
     dims = {}
     out = []
@@ -55,9 +55,8 @@ def export_dynamic_shapes(specs: list[dict]) -> tuple:
         d = {}
         declared = dict(zip(s["dynamic_dims"], s.get("dims") or []))
         for i in s["dynamic_dims"]:
-            if i in declared:
-                r = declared[i]
-                d[i] = dims.setdefault(r["label"], torch.export.Dim(r["label"], min=max(r["min"], 2), max=r["max"]))
+            if i in declared:  # as captured: export infers the range this graph allows (it may be narrower at the
+                d[i] = torch.export.Dim.AUTO  # low end than the source model's: derived sizes must stay >= 2)
                 continue
             past = kv and s["name"].startswith("past_") and i == 2
             key = "batch" if i == 0 else "past" if past else "seq" if i == 1 else f"{s['name']}_{i}"

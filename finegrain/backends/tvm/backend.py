@@ -45,7 +45,7 @@ class TvmBackend(BackendBase):
         if op == "hadamard":
             return "emulated", "online Hadamard as a dense matmul"
         if op == "conv":
-            return "refused", "convolutions with quantized weights have no TVM lowering yet (the build takes token-id models)"
+            return "emulated", "quantized conv weight kept packed, dequantized in the graph; fp32 conv"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
@@ -57,10 +57,15 @@ class TvmBackend(BackendBase):
             bad = [s for s in input_specs if s["shape"][0] != 1 or (s["name"].startswith("past_") and s["dtype"] != "float32")]
             return [Refusal("inputs", f"{s['name']} {s['dtype']} {s['shape']}", "the TVM KV-cache build takes batch 1 "
                             "and an fp32 cache") for s in bad[:1]]
+        from finegrain.backends.tvm.lower import is_tensor_specs
+
+        if is_tensor_specs(input_specs):  # images / features: one function over the declared dims
+            return []
         if len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1] or input_specs[0]["dtype"] not in (
                 "int64", "int32"):
             return [Refusal("inputs", ", ".join(f"{s['name']} {s['dtype']}" for s in input_specs),
-                            "the TVM build takes one token-id input whose dim 1 (sequence) is dynamic")]
+                            "the TVM build takes one token-id input whose dim 1 (sequence) is dynamic, or float "
+                            "tensor inputs")]
         return []
 
     def session(self, compiled, **options):

@@ -10,7 +10,8 @@
                     next build into the same directory)
 
 The executable has two functions taking ``(input_ids, *params)``: ``decode`` (one token) and
-``prefill`` (2 ..max_seq_len tokens). A KV-cache build (``compile(kv_cache=True)``; manifest
+``prefill`` (2 ..max_seq_len tokens); a model with float inputs (images, features) has one,
+``main``, taking its inputs with the dims the artifact declares dynamic (manifest ``inputs``). A KV-cache build (``compile(kv_cache=True)``; manifest
 ``kv``) takes ``(input_ids, position_ids, past_key_0, past_value_0, ..., *params)`` and returns
 ``(logits, present_key_0, present_value_0, ...)``: the presents (past + the new tokens, layout
 ``[batch, kv_heads, seq, head_dim]``) are the next call's past, so a generation costs one
@@ -94,11 +95,15 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     if out.exists() and not overwrite:
         raise InputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it (its tuning/ database "
                          "is then reused)")
+    from finegrain.backends.tvm.lower import is_tensor_specs
+
     kv = getattr(cm, "kv", None)
     if kv:
         max_seq_len = min(max_seq_len, kv["max_seq_len"])
     t0 = time.perf_counter()
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8)
+    functions = ({"main": {"inputs": "as declared (inputs[].dims)"}} if is_tensor_specs(cm.input_specs) else
+                 {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}})
     import_s = time.perf_counter() - t0
     with atomic_directory(out, overwrite) as tmp:
         if tune_trials > 0 and (out / TUNING).is_dir():
@@ -119,7 +124,7 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "tvm_version": tvm.__version__,
             "target": target,
             "inputs": cm.input_specs,
-            "functions": {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}},
+            "functions": functions,
             "params": [name for name, _ in params],
             **({"kv": {**kv, "max_seq_len": max_seq_len}} if kv else {}),
             "kernels": kernels,
@@ -169,9 +174,11 @@ class TvmDeployment(Session, Artifact):
         verify_files(path, manifest.get("files"), required=(LIB, PARAMS))
         check_input_specs(manifest.get("inputs"), f"{path / MANIFEST}: inputs")
         funcs = manifest.get("functions")
+        tensor = isinstance(funcs, dict) and set(funcs) == {"main"}  # a tensor-input model: one function
         if (not isinstance(funcs, dict) or not funcs or not isinstance(manifest.get("params"), list)
-                or not all(isinstance(v, dict) and isinstance(v.get("seq_len"), list) and len(v["seq_len"]) == 2
-                           and all(isinstance(x, int) for x in v["seq_len"]) for v in funcs.values())):
+                or not (tensor or all(isinstance(v, dict) and isinstance(v.get("seq_len"), list)
+                                      and len(v["seq_len"]) == 2 and all(isinstance(x, int) for x in v["seq_len"])
+                                      for v in funcs.values()))):
             raise ArtifactError(f"{path / MANIFEST}: 'functions' and 'params' are malformed")
         if threads:
             import os
@@ -181,7 +188,7 @@ class TvmDeployment(Session, Artifact):
         self.input_specs = manifest["inputs"]
         self.quantized = manifest.get("quantized", {})
         self.source = manifest.get("source", {})
-        self.max_seq_len = max(f["seq_len"][1] for f in funcs.values())
+        self.max_seq_len = None if tensor else max(f["seq_len"][1] for f in funcs.values())
         self.recipe_name = (manifest.get("recipe") or {}).get("name")
         dev = tvm.cpu()
         self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path / LIB)), dev)
@@ -212,7 +219,7 @@ class TvmDeployment(Session, Artifact):
         """Run the function for ``inputs[0]``'s length on TVM tensors; the outputs as TVM tensors."""
         import tvm
 
-        fn = self.function_for(int(inputs[0].shape[1]))
+        fn = "main" if self.max_seq_len is None else self.function_for(int(inputs[0].shape[1]))
         out = self.vm[fn](*inputs, *self.params)
         return (out,) if isinstance(out, tvm.runtime.Tensor) else tuple(out[i] for i in range(len(out)))
 

@@ -65,6 +65,33 @@ def _(x, w, scale, zs, bits, bias=None, kind="int"):
 
 
 PACKED_LINEAR = torch.ops.finegrain.packed_linear.default
+
+
+@torch.library.custom_op("finegrain::packed_weight", mutates_args=())
+def packed_weight(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int, k_packed: int,
+                  k: int) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` from the low-bit kernels' packed layout (reference implementation):
+    a convolution's weight, dequantized in the graph on every call (the fp32-compute path). The
+    packed K may be padded to whole words (``k_packed``); the padding is cut."""
+    return unpack_weight_ref(w, scale, zs, bits, k_packed)[:, :k].contiguous()
+
+
+@packed_weight.register_fake
+def _(w, scale, zs, bits, k_packed, k):
+    return w.new_empty((w.shape[1], k), dtype=torch.float32)
+
+
+PACKED_WEIGHT = torch.ops.finegrain.packed_weight.default
+_LAYOUT = {torch.ops.aten.reshape.default, torch.ops.aten.permute.default}
+_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
+          torch.ops.aten.convolution.default}
+
+
+def _feeds_convs(n) -> bool:
+    """Every reader of ``n`` reaches a convolution's weight through reshape / permute only."""
+    users = list(n.users)
+    return bool(users) and all(
+        (u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u)) for u in users)
 N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
 
@@ -117,6 +144,74 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
                 new = graph.call_function(torch.ops.aten.matmul.default, (x, h_node))
             n.replace_all_uses_with(new)
             graph.erase_node(n)
+
+
+def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list, param) -> dict:
+    """A convolution's quantized weight matrix, kept packed in the kernels' layout and dequantized in
+    the graph (``packed_weight``); the conv itself runs in fp32 (TVM's own conv schedule)."""
+    packed_node, scale_node, zero_node = n.args[:3]
+    if container_bits(fmt) is None or fmt.kind != "int":
+        raise TvmError(f"{layer}: conv weight format {fmt.tag} has no TVM lowering (INT2/3/4/8 per group / channel / "
+                       "tensor do)")
+    q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target),
+                      get_tensor(gm, zero_node.target) if zero_node is not None else None, fmt, shape)
+    k = shape[1]
+    per = 32 // container_bits(fmt)
+    kp = -(-k // per) * per
+    if fmt.granularity == "group" and kp != k and k > fmt.group_size:
+        kp = -(-k // fmt.group_size) * fmt.group_size  # whole groups, so kernel groups stay aligned
+        kp = -(-kp // per) * per
+    if kp != k:  # pad K to whole 32-bit words with the zero point's code (dequantizes to 0; cut in the graph)
+        zero = q.zero.reshape(-1)
+        last = zero.reshape(q.codes.shape[0], -1)[:, -1:] if zero.numel() > 1 else zero.reshape(1, 1)
+        q = q._replace(codes=torch.cat([q.codes, last.to(q.codes.dtype).expand(q.codes.shape[0], kp - k)], 1))
+    try:
+        p = pack_weight(fmt, q)
+    except ValueError as e:
+        raise TvmError(f"{layer}: {e}") from None
+    with graph.inserting_before(n):
+        attrs = [graph.get_attr(param(f"{layer}_tvm_{part}", torch.from_numpy(p[part]))) for part in ("w", "scale", "zs")]
+        new = graph.call_function(PACKED_WEIGHT, (*attrs, p["bits"], kp, k))
+    n.replace_all_uses_with(new)
+    graph.erase_node(n)
+    return {"format": fmt.tag, "kind": "conv (weight dequantized per call, fp32 conv)", "bits": p["bits"],
+            "group_size": p["group_size"], "shape": shape}
+
+
+def _convert_packed_weight(prefix: str):
+    def convert(node, importer):
+        from tvm import te, tirx
+
+        bb = importer.block_builder
+        w, scale, zs, bits, kp, k = importer.retrieve_args(node)
+        per, n = 32 // bits, w.ty.shape[1]
+        kgs = kp // int(scale.ty.shape[0])
+        mask = (1 << bits) - 1
+
+        def unpack(w_, s_, z_):
+            def body(i, j):  # weight [N, K] at (i, j): code of k = j in word j // per, column i
+                word = w_[j // per, i]
+                code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), mask)
+                s = s_[j // kgs, i]
+                return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
+
+            return te.compute((n, k), body, name="packed_weight")
+
+        return bb.emit_te(unpack, w, scale, zs, primfunc_name_hint=f"{prefix}packed_weight")
+
+    return convert
+
+
+def _convert_amax(node, importer):
+    """``aten.amax`` (a max over dims; TVM 0.27's frontend has no converter for it)."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    dims = args[1] if len(args) > 1 else node.kwargs.get("dim", [])
+    keep = args[2] if len(args) > 2 else node.kwargs.get("keepdim", False)
+    axis = list(dims) if dims else None
+    return importer.block_builder.emit(relax.op.max(x, axis=axis, keepdims=bool(keep)))
 
 
 def _layer(packed_node) -> str:
@@ -191,6 +286,9 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         layer = _layer(packed_node)
         fmt = QuantFormat.parse(tag)
         users = list(n.users)
+        if len(shape) == 2 and _feeds_convs(n):  # a convolution's matrix (ir.conv_matrix): fp32 compute
+            kernels[layer] = _conv_weight(gm, graph, n, layer, fmt, list(shape), param)
+            continue
         if len(shape) != 2 or not users or any(u.target is not torch.ops.aten.linear.default or u.args[1] is not n
                                                for u in users):
             raise TvmError(f"{layer}: the dequantized weight (node {n.name}) feeds {[u.name for u in users]}, not only "
@@ -412,7 +510,8 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     table.pop(torch.ops.aten.linear.default, None)
     convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
-               "linear.default": _convert_linear(prefix, lanes)}
+               "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
+               "amax.default": _convert_amax}
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)
@@ -427,12 +526,20 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     return mod, [spec.target for spec in ep.graph_signature.input_specs if spec.kind.name == "PARAMETER"]
 
 
+def is_tensor_specs(input_specs: list[dict]) -> bool:
+    """A model with float inputs (images, features): built as one ``main`` function whose dims vary
+    as the specs declare (``compile(inputs=...)``), not as prefill / decode over token ids."""
+    return any(s["dtype"].startswith(("float", "bfloat")) for s in input_specs) and not is_kv_specs(input_specs)
+
+
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
                  int8: bool = True):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
     tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
     ``int8``: integer-dot kernels for W(<=4)A8 linears where the target has AVX2 (see :func:`prepare`).
+    A model with float inputs (:func:`is_tensor_specs`) gets one function ``main`` instead, its dims
+    varying as the specs declare.
 
     A KV-cache graph (inputs ``input_ids, position_ids, past_key_0, past_value_0, ...``; outputs
     logits then the presents) keeps its signature: ``prefill`` takes 2.. new tokens over a past of
@@ -443,6 +550,17 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
 
     lanes = vector_lanes(target)
     kv = is_kv_specs(input_specs)
+    if not kv and is_tensor_specs(input_specs):  # images / features: one function over the declared dims
+        from finegrain.io.signature import export_dynamic_shapes
+
+        pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
+        ex = example_inputs(input_specs)
+        main, names = _import(pgm, ex, export_dynamic_shapes(input_specs), "", lanes, max_seq_len)
+        funcs = {}
+        for gv, f in main.functions_items():
+            funcs[gv] = f
+        params = dict(pgm.named_parameters())
+        return tvm.IRModule(funcs), [(name, params[name]) for name in names], kernels
     if not kv and (len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]):
         raise TvmError("the TVM build takes one token-id input whose dim 1 (sequence) is dynamic, or a KV-cache "
                        f"graph (input_ids, position_ids, past_key_0, ...), got {[s['name'] for s in input_specs]}")
