@@ -561,7 +561,7 @@ def cmd_build(args) -> None:
             key = (f"{k['format']} x {k['activation']} -> int8-dot kernel ({k['epilogue']} epilogue), groups of "
                    f"{k['group_size']}")
         else:
-            key = (f"{k['format']} -> {k['kind']}" if k["kind"].startswith("conv") else
+            key = (f"{k['format']} -> {k['kind']}" if k["kind"].startswith(("conv", "recurrent")) else
                    f"{k['format']} -> int{k['bits']} kernel, groups of {k['group_size']}")
         kernels[key] = kernels.get(key, 0) + 1
     rows = [[k, v] for k, v in sorted(kernels.items())]

@@ -6,7 +6,7 @@ A backend (one entry of ``registry.BACKENDS``) is an object with
 * ``available() -> str | None``: None, or why it cannot run here (a missing package);
 * ``capability(fmt, role, partner=None) -> (status, note)`` for a ``QuantFormat`` as a
   ``"weight"`` or an ``"activation"`` (``partner``: the weight format an activation meets), and ``op_capability(op)`` for graph ops that are not formats
-  (``"hadamard"``, ``"grouped_linear"``, ``"conv"``); status is ``native`` (a kernel computes in the
+  (``"hadamard"``, ``"grouped_linear"``, ``"conv"``, ``"recurrent"``); status is ``native`` (a kernel computes in the
   format), ``emulated`` (dequantized / fake-quantized, computed in float) or ``refused``;
 * ``check(compiled) -> list[Refusal]``: every layer / op / input it cannot take, named, before
   any work starts (``capability`` over the graph's formats plus its own structural limits);
@@ -51,12 +51,17 @@ _CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.op
           torch.ops.aten.convolution.default}
 
 
+_RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.rnn_tanh.input,
+              torch.ops.aten.rnn_relu.input}
+
+
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
-    ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight)."""
+    ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
+    LSTM / GRU / RNN reading quantized weights)."""
     from finegrain.formats import QuantFormat
-    from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
+    from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, WEIGHT
     from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
 
     for n in gm.graph.nodes:
@@ -73,6 +78,9 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "grouped_linear"
         elif n.target in _CONVS and _reads_quantized(n.args[1]):
             yield f"node {n.name}", "op", "conv"
+        elif n.target in _RECURRENT and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]
+                                            if getattr(p, "target", None) is WEIGHT):
+            yield f"node {n.name}", "op", "recurrent"
 
 
 def _reads_quantized(w) -> bool:

@@ -56,7 +56,7 @@ import torch
 from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import ExportError
 from finegrain.formats import QuantFormat
-from finegrain.compiler.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD, WEIGHT
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.io.signature import check_inputs, example_inputs, export_dynamic_shapes
 
@@ -174,7 +174,11 @@ def _translation_table() -> dict:
     def hadamard(x, factor):
         return ops["Hadamard"](x, factor)
 
-    return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard}
+    def weight(w):  # the recurrent-weight marker is the identity
+        return op.Identity(w)
+
+    return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
+            WEIGHT: weight}
 
 
 def _onnx_dtype(dtype) -> int:
@@ -360,6 +364,36 @@ def _gemm(graph, layer: str, f: QuantFormat, q, n: int, k: int, node, gemm, styl
     return form
 
 
+def _matrix_qdq(graph, layer: str, f: QuantFormat, q, n: int, k: int, node) -> str:
+    """A DequantizeLinear of the weight matrix ``[N, K]`` itself (blocked along K for groups, axis 0
+    per channel) replacing the marker, for readers other than a linear (LSTM / GRU gates: the
+    exporter slices and reorders the matrix downstream, in float)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    if f.kind != "int" or q.codebook is not None or f.granularity not in ("group", "channel", "tensor"):
+        raise ExportError(f"{layer}: format {f.tag} has no ONNX form for this weight (INT2..8 per group, channel or "
+                          "tensor)")
+    np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+    ty = np_t[(_container(f.bits), f.symmetric)]
+    scale, zero = q.scale.float(), None if f.symmetric else q.zero.to(torch.int32)
+    if f.granularity == "group":
+        scale, zero = scale.reshape(n, -1), None if zero is None else zero.reshape(n, -1)
+        attrs, form = {"axis": 1, "block_size": f.group_size}, f"block {f.group_size}"
+    elif f.granularity == "channel":
+        scale, zero = scale.reshape(n), None if zero is None else zero.reshape(n)
+        attrs, form = {"axis": 0}, "axis 0"
+    else:
+        scale, zero = scale.reshape(()), None if zero is None else zero.reshape(())
+        attrs, form = {}, "per tensor"
+    arrays = {"qweight": q.codes.to(torch.int32).numpy().astype(ty), "scale": scale.numpy(),
+              "zero_point": None if zero is None else zero.numpy().astype(ty)}
+    dq = ir.node("DequantizeLinear", _initializers(graph, layer, arrays), attrs)
+    graph.insert_before(node, dq)
+    _replace(graph, node, dq)
+    return f"DequantizeLinear({np.dtype(ty).name}, {form}) of the matrix"
+
+
 def _conv_reader(node):
     """(the chain of layout nodes, the Conv) when a DequantizePacked output reaches a Conv's weight
     input through Reshape / Transpose only (a convolution's matrix view, ``ir.conv_matrix``)."""
@@ -462,6 +496,9 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
         conv = _conv_reader(node)
         if conv is not None:  # Reshape (-> Transpose) -> Conv: one DequantizeLinear on the 4-D weight
             forms[layer] = _conv_qdq(graph, layer, f, q, node, *conv)
+            continue
+        if uses and not any(u.op_type in ("Transpose", "Gemm", "MatMul") for u in uses):  # e.g. an LSTM's weights
+            forms[layer] = _matrix_qdq(graph, layer, f, q, n, k, node)
             continue
         tr = uses[0] if len(uses) == 1 else None
         if tr is not None and tr.op_type == "Gemm" and tr.inputs[1] is out:  # a linear on a 2-D input
@@ -756,6 +793,8 @@ class OnnxBackend(BackendBase):
             return "emulated", "online Hadamard as a dense MatMul"
         if op == "conv":
             return "emulated", "DequantizeLinear of the 4-D weight (blocked along input channels) -> float Conv"
+        if op == "recurrent":
+            return "emulated", "DequantizeLinear of the gate matrices -> float LSTM / GRU / RNN"
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:

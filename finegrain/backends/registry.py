@@ -57,7 +57,8 @@ def preset_rows() -> list[tuple[str, str, object]]:
                     seen.setdefault((role, fmt.tag), fmt)
     rows = [(f"{role} {tag}", role, fmt) for (role, tag), fmt in sorted(seen.items())]
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
-                   ("conv with a quantized weight", "op", "conv")]
+                   ("conv with a quantized weight", "op", "conv"),
+                   ("LSTM / GRU with quantized weights", "op", "recurrent")]
 
 
 def preset_matrix() -> list[list[str]]:
@@ -71,8 +72,9 @@ def preset_matrix() -> list[list[str]]:
                  for role, fmt in (("weight", rule.weight), ("activation", rule.activation)) if fmt]
         if recipe.rotate and recipe.online_hadamard and any(rule.activation for rule in recipe.rules):
             items.append(("op", "hadamard", None))  # online Hadamards go before activation-quantized linears only
-        if any(rule.role == "conv" and rule.weight for rule in recipe.rules):
-            items.append(("op", "conv", None))
+        for role in ("conv", "recurrent"):
+            if any(rule.role == role and rule.weight for rule in recipe.rules):
+                items.append(("op", role, None))
         cells = [pname]
         for name in BACKENDS:
             b = get(name)

@@ -14,7 +14,7 @@ from typing import Literal, Sequence
 import torch
 from torch.fx import GraphModule, Node
 
-from finegrain.compiler.ops import GROUPED_LINEAR
+from finegrain.compiler.ops import GROUPED_LINEAR, WEIGHT
 
 aten = torch.ops.aten
 
@@ -23,12 +23,12 @@ FQN = "finegrain_fqn"  # get_attr node: FQN of the tensor it loads
 WEIGHT_FORMAT = "finegrain_weight_format"  # quantizable op: QuantFormat chosen for its weight
 ACT_FORMAT = "finegrain_act_format"  # quantizable op: QuantFormat chosen for its input activation
 QWEIGHT = "finegrain_qweight"  # quantizable op: QTensor of its quantized weight (quantize_weights)
-ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "router" | "matmul" | "conv" | "embedding"
+ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "router" | "matmul" | "conv" | "embedding" | "recurrent"
 OBSERVED = "finegrain_observed"  # node whose output the stats store has statistics for
 MODULE = "finegrain_module"  # call_function node: path of the innermost source module that ran it
 KV = "finegrain_kv"  # node meta on a KV-cache graph's present keys / values: {"layer": i, "kind": "key" | "value"}
 
-OpKind = Literal["linear", "grouped", "matmul", "conv", "embedding"]
+OpKind = Literal["linear", "grouped", "matmul", "conv", "embedding", "recurrent"]
 
 # op -> (kind, index of the weight argument, index of the activation argument)
 QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
@@ -39,6 +39,7 @@ QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
     aten.conv2d.default: ("conv", 1, 0),
     aten.conv3d.default: ("conv", 1, 0),
     aten.embedding.default: ("embedding", 0, 1),
+    WEIGHT: ("recurrent", 0, 0),  # an LSTM / GRU / RNN weight matrix (canonicalize.py); no activation of its own
     aten.matmul.default: ("matmul", 1, 0),
     aten.mm.default: ("matmul", 1, 0),
     aten.bmm.default: ("matmul", 1, 0),
@@ -76,7 +77,7 @@ class QuantOp:
         """Human name: the path of the module that ran the op (``model.layers.0.mlp.up_proj``),
         else its weight's module path, else the node name. Grouped (MoE) ops are named by their
         weight (``model.layers.0.mlp.experts.gate_up_proj``): one module runs several of them."""
-        if self.kind == "grouped" and self.weight_fqn:
+        if self.kind in ("grouped", "recurrent") and self.weight_fqn:  # one module, several weights
             return self.weight_fqn
         if self.node.meta.get(MODULE):
             return self.node.meta[MODULE]

@@ -10,6 +10,10 @@
   rewrites the grouped matmuls ``transformers`` exports (``transformers::grouped_mm_fallback``,
   ``aten._grouped_mm`` on a transposed ``[E, N, K]`` constant) into it, so expert weights are
   quantizable like linears and artifacts do not need ``transformers`` to load. Differentiable.
+* ``finegrain::weight(w)``: the identity on a weight matrix ``[N, K]`` that an op other than a linear
+  reads (an LSTM / GRU / RNN's ``weight_ih`` / ``weight_hh``, gates stacked along N). It makes that
+  matrix a quantizable op (kind ``recurrent``): ``insert_qdq`` puts the dequantized weight in its
+  place. Inserted by ``passes/canonicalize.py``.
 """
 from __future__ import annotations
 
@@ -75,5 +79,19 @@ def _grouped_linear_setup(ctx, inputs, output):
 grouped_linear.register_autograd(_grouped_linear_bwd, setup_context=_grouped_linear_setup)
 
 
+@torch.library.custom_op("finegrain::weight", mutates_args=())
+def weight(w: torch.Tensor) -> torch.Tensor:
+    return w.clone()
+
+
+@weight.register_fake
+def _(w):
+    return torch.empty_like(w)
+
+
+weight.register_autograd(lambda ctx, grad: grad)
+
+
 HADAMARD = torch.ops.finegrain.hadamard.default
 GROUPED_LINEAR = torch.ops.finegrain.grouped_linear.default
+WEIGHT = torch.ops.finegrain.weight.default  # identity marking a recurrent layer's weight matrix (a quantizable op)

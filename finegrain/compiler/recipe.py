@@ -24,8 +24,9 @@ from finegrain.configs import check_fields
 from finegrain.errors import RecipeError
 from finegrain.formats import QuantFormat
 
-ROLES = ("linear", "lm_head", "router", "embedding", "matmul", "conv")
-WEIGHT_ROLES = ("linear", "lm_head", "router", "embedding", "conv")  # conv: quantized as a matrix (ir.conv_matrix)
+ROLES = ("linear", "lm_head", "router", "embedding", "matmul", "conv", "recurrent")
+# conv: quantized as a matrix (ir.conv_matrix); recurrent: LSTM / GRU / RNN weight matrices (weights only)
+WEIGHT_ROLES = ("linear", "lm_head", "router", "embedding", "conv", "recurrent")
 ACT_ROLES = ("linear", "lm_head", "router", "conv")  # conv: per-tensor activation formats only (channels are dim 1)
 EXPERT_ALLOCATION = ("expert", "grouped")
 WEIGHT_ALGORITHMS = ("rtn", "clip", "gptq")
@@ -428,13 +429,16 @@ PRESETS.update({
     "nf4-g64": _linears("nf4-g64", QuantFormat.parse("nf4-g64-sym-fp16")),
 })
 
-# convolutional / vision models (issue #22): convs and linears (the classifier head, role lm_head,
-# stays float as in the LLM presets; BatchNorm is folded into its conv by canonicalize)
+# convolutional / vision / OCR models (issue #22): convs, linears and LSTM / GRU weights (weight-only:
+# the recurrence's activations stay float); the classifier head (role lm_head) stays float as in the
+# LLM presets; BatchNorm is folded into its conv by canonicalize
 PRESETS.update({
     "w8a8-conv": Recipe(name="w8a8-conv", rules=(Rule(role="conv", weight=_w(8, None, True), activation=A8_STATIC),
-                                                 Rule(role="linear", weight=_w(8, None, True), activation=A8_STATIC))),
+                                                 Rule(role="linear", weight=_w(8, None, True), activation=A8_STATIC),
+                                                 Rule(role="recurrent", weight=_w(8, None, True)))),
     "w4a16-conv": Recipe(name="w4a16-conv", rules=(Rule(role="conv", weight=_w(4, 32, False)),
-                                                   Rule(role="linear", weight=_w(4, 32, False)))),
+                                                   Rule(role="linear", weight=_w(4, 32, False)),
+                                                   Rule(role="recurrent", weight=_w(4, 32, False)))),
 })
 
 

@@ -254,12 +254,24 @@ def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) 
 def _check_rule_coverage(ops: list, ctx: PassContext) -> None:
     """A rule that matches no op, or a recipe that quantizes nothing, is a warning in the report
     (``ctx.report["warnings"]``, the manifest, the terminal) or, with ``ctx.strict_recipe``, an error."""
+    from finegrain.compiler.recipe import PRESETS
+
     rules = ctx.recipe.rules
+    preset = PRESETS.get(ctx.recipe.name) == ctx.recipe  # a preset's rules are broad by design: not per rule
     problems = [f"rules[{i}] (role={r.role!r}, pattern={r.pattern!r}) matches no layer of the model"
-                for i, r in enumerate(rules) if not any(r.matches(op.role, op.name or "") for op in ops)]
+                for i, r in enumerate(rules) if not preset and not any(r.matches(op.role, op.name or "") for op in ops)]
     if not any(f != (None, None) for f in (ctx.recipe.formats_for(op.role, op.name or "") for op in ops)):
         problems.append(f"recipe {ctx.recipe.name!r} quantizes nothing in this model ({len(ops)} quantizable ops, "
                         f"roles {sorted({op.role for op in ops})})")
+    left = {}  # conv / recurrent weights no rule quantizes: said, as a linear's would be by the rules
+    for op in ops:
+        if op.kind in ("conv", "recurrent") and op.weight is not None and \
+                ctx.recipe.formats_for(op.role, op.name or "")[0] is None:
+            n, numel = left.get(op.role, (0, 0))
+            left[op.role] = (n + 1, numel + get_tensor(op.node.graph.owning_module, op.weight.target).numel())
+    for role, (n, numel) in sorted(left.items()):
+        problems.append(f"{n} {role} weight(s) ({numel} weights) stay float: recipe {ctx.recipe.name!r} has no rule for "
+                        f"role {role!r} (the *-conv presets quantize them)")
     if problems and getattr(ctx, "strict_recipe", False):
         raise RecipeError("; ".join(problems) + " (strict mode)")
     for p in problems:
@@ -274,7 +286,8 @@ def allocate_bits(gm: GraphModule, ctx: PassContext) -> GraphModule:
     for op in ops:
         op.node.meta[ROLE] = op.role
         wfmt, afmt = ctx.recipe.formats_for(op.role, op.name)
-        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "grouped", "embedding", "conv"):
+        if (wfmt is not None or afmt is not None) and op.kind not in ("linear", "grouped", "embedding", "conv",
+                                                                      "recurrent"):
             raise RecipeError(f"{op.name}: the recipe quantizes this {op.kind} op, which finegrain does not "
                               "support yet; narrow the rule's role/pattern to linear / conv layers")
         if op.kind == "conv" and afmt is not None and afmt.granularity != "tensor":
@@ -290,7 +303,7 @@ def allocate_bits(gm: GraphModule, ctx: PassContext) -> GraphModule:
             op.node.meta[WEIGHT_FORMAT] = wfmt
             if op.kind in ("linear", "grouped"):
                 targets.append(op)
-        if afmt is not None and op.kind != "embedding":  # an embedding's input is token ids
+        if afmt is not None and op.kind not in ("embedding", "recurrent"):  # token ids / no input of its own
             op.node.meta[ACT_FORMAT] = afmt
     r = ctx.recipe
     if not r.weight_candidates:

@@ -55,7 +55,7 @@ def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
     targets = {}
     for op in quantizable_ops(gm):
         a = op.activation
-        if op.kind != "embedding" and a.name not in targets:
+        if op.kind not in ("embedding", "recurrent") and a.name not in targets:
             targets[a.name] = (op.name, op.node if op.kind == "grouped" else None, op.kind == "conv")
     if not targets:
         return None, []

@@ -11,7 +11,8 @@ constant (GPT-2's Conv1D) into a linear on ``W^T``, turns ``type_as`` casts into
 nothing when the dtypes agree), folds inference-mode BatchNorm into the convolution before it
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
 channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
-then removes dead code.
+marks each LSTM / GRU / RNN weight matrix with ``finegrain::weight`` (a quantizable op of kind
+``recurrent``), then removes dead code.
 Requires: a captured graph. Ensures: no assertion nodes; same function (BatchNorm folds exact up
 to float rounding).
 """
@@ -165,20 +166,19 @@ _RECURRENT = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU"
               torch.ops.aten.rnn_tanh.input: "RNN", torch.ops.aten.rnn_relu.input: "RNN"}
 
 
-def _recurrent(gm: GraphModule, node, ctx: PassContext | None, log: list) -> None:
-    """Recurrent layers keep float weights (no recurrent lowering of quantized weights yet): say so,
-    by name and size, in the folds record and the warnings, never silently."""
-    from finegrain.compiler.ir import MODULE
+def _recurrent(gm: GraphModule, node) -> None:
+    """Each 2-D weight of an LSTM / GRU / RNN (``weight_ih`` / ``weight_hh`` per layer and direction,
+    gates stacked along N) is read through ``finegrain::weight``, so it is a quantizable op (kind
+    ``recurrent``) like a linear's weight; biases stay float."""
+    from finegrain.compiler.ops import WEIGHT
 
-    params = [p for p in node.args[2] if getattr(p, "op", None) == "get_attr"]
-    n = sum(get_tensor(gm, p.target).numel() for p in params)
-    total = sum(t.numel() for _, t in gm.named_buffers()) or 1
-    site = node.meta.get(MODULE) or node.name
-    why = (f"{_RECURRENT[node.target]} weights stay float ({len(params)} tensors, {n} weights, {100 * n / total:.1f}% "
-           "of the model): finegrain does not quantize recurrent layers yet")
-    log.append({"pass": "quantize", "site": site, "action": "refused", "detail": why})
-    if ctx is not None:
-        ctx.report.setdefault("warnings", []).append(f"{site}: {why}")
+    params = list(node.args[2])
+    for i, p in enumerate(params):
+        if getattr(p, "op", None) == "get_attr" and get_tensor(gm, p.target).dim() == 2:
+            with gm.graph.inserting_before(node):
+                params[i] = gm.graph.call_function(WEIGHT, (p,))
+            params[i].meta["val"] = p.meta.get("val")
+    node.args = (node.args[0], node.args[1], params, *node.args[3:])
 
 
 def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
@@ -187,7 +187,7 @@ def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
         if node.op == "call_function" and node.target in _BATCH_NORMS:
             _batch_norm(gm, node, log)
         elif node.op == "call_function" and node.target in _RECURRENT:
-            _recurrent(gm, node, ctx, log)
+            _recurrent(gm, node)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:
             _grouped_mm(gm, node)

@@ -55,7 +55,7 @@ def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
     algo = r.weight_algorithm
     if kind == "embedding" or (kind == "grouped" and h is None and r.needs_hessian):
         algo = "rtn"
-    if kind == "conv" and r.needs_hessian:  # no im2col Hessian: round to nearest, the record says so
+    if kind in ("conv", "recurrent") and r.needs_hessian:  # no input Hessian here: round to nearest, the record says so
         algo = "rtn"
     if algo == "rtn":
         q = rtn(w, fmt)
@@ -128,6 +128,13 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
         op.node.meta[QWEIGHT] = q
         layers[op.name] = {**base, **rec, "conv_shape": list(w.shape)}
         return conv_weight(fmt.dequantize(q), w.shape, fmt).to(w0.dtype)
+    if op.kind == "recurrent":  # the gates' [4H, K] matrix, read by the recurrence: no input Hessian here
+        q, rec = _quantize(ctx, w, fmt, None, None, op.name, op.kind)
+        if r.needs_hessian:
+            rec["note"] = f"{r.weight_algorithm} needs an input Hessian, not collected for recurrent layers: rounded to nearest"
+        op.node.meta[QWEIGHT] = q
+        layers[op.name] = {**base, **rec}
+        return fmt.dequantize(q).to(w0.dtype)
     h = h_of(op.activation.name)[0] if op.kind != "embedding" else None
     if r.needs_hessian and h is None and op.kind != "embedding":
         raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
@@ -159,7 +166,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
         afmt = op.node.meta.get(ACT_FORMAT)
         act_q = afmt is not None and afmt.dynamic and op.kind != "grouped"
         key = (op.activation.name, afmt.tag if act_q else None)
-        if op.kind == "conv":  # rounded without a Hessian; later ops see its dequantized weight
+        if op.kind in ("conv", "recurrent"):  # rounded without a Hessian; later ops see its dequantized weight
             return {op.weight: _quantize_op(gm, ctx, op, lambda k: (None, 0), sequential=True)}
         if shared["key"] != key:
             xs = values(op.activation)

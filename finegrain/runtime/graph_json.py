@@ -199,8 +199,8 @@ def graph_from_json(nodes: Any, tensor_names: set[str] | None = None) -> Graph:
             raise ArtifactError(f"{where}: name defined twice")
         op = rec.get("op")
         keys = set(rec)
-        if op not in ("placeholder", "get_attr", "call_function", "output") or not (
-                keys == _NODE_KEYS or (op == "output" and keys == _NODE_KEYS - {"target"})):
+        if op not in ("placeholder", "get_attr", "call_function", "output") or \
+                keys != (_NODE_KEYS - {"target"} if op == "output" else _NODE_KEYS):  # exactly what the writer writes
             raise ArtifactError(f"{where}: op {str(op)[:40]!r} with fields {sorted(keys)[:8]} is not a node this "
                                 "finegrain writes")
         if op == "output" and i != len(nodes) - 1:

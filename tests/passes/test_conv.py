@@ -226,33 +226,79 @@ def test_a_trained_cnn_keeps_its_accuracy_quantized(capsys):
         assert rows["w2-tensor"][w] <= fp[w] - 0.1
 
 
-def test_recurrent_layers_are_named_not_silently_skipped():
-    """A CNN + BiLSTM model (the OCR shape of the issue): convs quantized, the LSTM's float weights
-    reported by name and share, in the folds record and the warnings."""
+def _ocr():
+    """The OCR shape of the issue: a conv feature extractor, a BiLSTM and a GRU over the width."""
     class Ocr(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
-            self.lstm = torch.nn.LSTM(8 * 6, 16, batch_first=True, bidirectional=True)
+            self.lstm = torch.nn.LSTM(8 * 6, 32, batch_first=True, bidirectional=True)
+            self.gru = torch.nn.GRU(64, 32, batch_first=True)
             self.fc = torch.nn.Linear(32, 10)
 
         def forward(self, image):
             x = torch.relu(self.conv(image))  # [N, 8, 6, W]
             x = x.flatten(1, 2).transpose(1, 2)  # [N, W, 48]
             y, _ = self.lstm(x)
+            y, _ = self.gru(y)
             return self.fc(y)
 
     torch.manual_seed(0)
+    return Ocr().eval()
+
+
+@pytest.mark.onnx
+def test_recurrent_weights_are_quantized_or_said_to_stay_float(tmp_path):
+    """LSTM / GRU gate matrices are quantizable ops (role ``recurrent``): the *-conv presets quantize
+    them (exactly the format's rounding of each matrix), ONNX Runtime agrees; a recipe without a
+    rule for them says they stay float, in the warnings."""
+    model = _ocr()
+    x = torch.randn(1, 1, 6, 20)
     # (torch.export specializes an LSTM's sequence length: declaring the width dynamic is refused by name)
     with pytest.raises(InputError, match="dim 3 was declared dynamic, but the model only works with size 20"):
-        finegrain.compile(Ocr().eval(), (torch.randn(1, 1, 6, 20),), "w4a16-conv", inputs=WIDTH, progress=False)
-    cm = finegrain.compile(Ocr().eval(), (torch.randn(1, 1, 6, 20),), "w4a16-conv", progress=False)
-    assert set(cm.quantized) == {"conv"}
-    rec = [f for f in cm.folds if f["site"] == "lstm"]
-    assert rec and rec[0]["action"] == "refused" and "LSTM weights stay float (8 tensors" in rec[0]["detail"]
-    assert any(w.startswith("lstm: LSTM weights stay float") for w in cm.warnings)
-    x = torch.randn(1, 1, 6, 20)
-    assert cm(x).shape == (1, 20, 10)
+        finegrain.compile(model, (x,), "w4a16-conv", inputs=WIDTH, progress=False)
+    cm = finegrain.compile(model, (x,), "w4a16-conv", progress=False)
+    rec = {k for k in cm.quantized if "lstm" in k or "gru" in k}
+    assert rec == {f"lstm.weight_{a}_l0{d}" for a in ("ih", "hh") for d in ("", "_reverse")} | \
+        {"gru.weight_ih_l0", "gru.weight_hh_l0"}
+    f = QuantFormat.parse("int4-g32-asym-fp16")
+    state = dict(model.named_parameters())
+    from finegrain.compiler.ops import WEIGHT
+    from torch.fx.interpreter import Interpreter
+
+    seen = {}
+
+    class Grab(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.target is WEIGHT:
+                seen[n.args[0].args[0].target.removesuffix("_qpacked")] = out
+            return out
+
+    Grab(cm.gm).run(x)
+    for name in rec:  # the matrix the recurrence reads is the format's rounding of the float one
+        w = state[name].detach()
+        assert cm.quantized[name]["shape"] == list(w.shape)
+        assert cm.quantized[name]["bits"] == f.storage_bits(tuple(w.shape))
+        assert torch.equal(seen[name], f.dequantize(f.quantize(w)).to(w.dtype)), name
+    with torch.no_grad():
+        ref, y = model(x), cm(x)
+    assert 0 < (y - ref).abs().max() <= 0.2 * ref.abs().max()
+    cm.save(tmp_path / "ocr")  # the marker op is on the artifact loader's allow-list
+    assert torch.equal(finegrain.load(tmp_path / "ocr")(x), y)
+    info = cm.export_onnx(tmp_path / "ocr.onnx")
+    assert sum("of the matrix" in v for v in info["weights"].values()) == 6
+    with cm.session("onnx") as s:
+        assert (s.run(x) - y).abs().max() <= 1e-4 * y.abs().max()
+    if __import__("importlib").util.find_spec("tvm") is not None:  # TVM's LSTM / GRU over packed weights
+        with cm.session("tvm", target={"kind": "llvm", "mcpu": "znver3", "num-cores": 2}) as s:
+            assert {v["kind"] for k, v in s.build["kernels"].items() if k.startswith(("lstm", "gru"))} == \
+                {"recurrent (weight dequantized per call, fp32 recurrent)"}
+            assert (s.run(x) - y).abs().max() <= 1e-4 * y.abs().max()
+    plain = finegrain.compile(model, (x,), "w8a16", progress=False)  # linears only
+    assert not any("lstm" in k for k in plain.quantized)
+    assert any(w.startswith("6 recurrent weight(s)") and "stay float" in w for w in plain.warnings)
+    assert any(w.startswith("1 conv weight(s)") for w in plain.warnings)
 
 
 @pytest.mark.tvm

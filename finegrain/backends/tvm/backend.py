@@ -46,6 +46,8 @@ class TvmBackend(BackendBase):
             return "emulated", "online Hadamard as a dense matmul"
         if op == "conv":
             return "emulated", "quantized conv weight kept packed, dequantized in the graph; fp32 conv"
+        if op == "recurrent":
+            return "emulated", "LSTM / GRU weights kept packed, dequantized in the graph; fp32 recurrence"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)

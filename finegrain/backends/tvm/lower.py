@@ -87,11 +87,16 @@ _CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.op
           torch.ops.aten.convolution.default}
 
 
+_RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}
+
+
 def _feeds_convs(n) -> bool:
-    """Every reader of ``n`` reaches a convolution's weight through reshape / permute only."""
+    """Every reader of ``n`` is a convolution's weight (through reshape / permute only) or an LSTM /
+    GRU's weight: ops that get the weight dequantized in the graph and compute in fp32."""
     users = list(n.users)
     return bool(users) and all(
-        (u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u)) for u in users)
+        (u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u))
+        or (u.target in _RECURRENT and n in u.args[2]) for u in users)
 N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
 
@@ -174,7 +179,8 @@ def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list,
         new = graph.call_function(PACKED_WEIGHT, (*attrs, p["bits"], kp, k))
     n.replace_all_uses_with(new)
     graph.erase_node(n)
-    return {"format": fmt.tag, "kind": "conv (weight dequantized per call, fp32 conv)", "bits": p["bits"],
+    what = "conv" if any(u.target in _CONVS or u.target in _LAYOUT for u in new.users) else "recurrent"
+    return {"format": fmt.tag, "kind": f"{what} (weight dequantized per call, fp32 {what})", "bits": p["bits"],
             "group_size": p["group_size"], "shape": shape}
 
 
@@ -274,6 +280,12 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
 
     kernels = {}
     _rewrite_activations(gm, graph, param)
+    from finegrain.compiler.ops import WEIGHT
+
+    for n in list(graph.nodes):  # the recurrent-weight marker is the identity
+        if n.op == "call_function" and n.target is WEIGHT:
+            n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
