@@ -60,7 +60,7 @@ def test_cli_strict(tmp_path, capsys, monkeypatch):
     recipe.write_text(json.dumps({"name": "typo", "rules": [{"pattern": "nothing_like_this", "weight": "int8-channel-sym-fp16"}]}))
     from finegrain import jobs
 
-    def fake_calibration(loaded, recipe, samples, seq_len, seed):  # no tokenizer: random ids
+    def fake_calibration(loaded, recipe, samples, seq_len, seed, *sources):  # no tokenizer: random ids
         return None, (torch.randint(0, 256, (1, 16)),), ("input_ids",)
     monkeypatch.setattr(jobs, "_calibration", fake_calibration)
     assert main(["quantize", "--model", str(path), "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--strict"]) == 2
