@@ -497,7 +497,7 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
         if conv is not None:  # Reshape (-> Transpose) -> Conv: one DequantizeLinear on the 4-D weight
             forms[layer] = _conv_qdq(graph, layer, f, q, node, *conv)
             continue
-        if uses and not any(u.op_type in ("Transpose", "Gemm", "MatMul") for u in uses):  # e.g. an LSTM's weights
+        if uses and not (len(uses) == 1 and uses[0].op_type in ("Transpose", "Gemm")):  # LSTM gates, a tied embedding
             forms[layer] = _matrix_qdq(graph, layer, f, q, n, k, node)
             continue
         tr = uses[0] if len(uses) == 1 else None

@@ -423,6 +423,11 @@ PRESETS.update({
     "w4a16-g128-rot-gptq": _linears("w4a16-g128-rot-gptq", _w(4, 128, False), rotate=True, **GPTQ),
     "w4a16-g64-rot-gptq": _linears("w4a16-g64-rot-gptq", _w(4, 64, False), rotate=True, **GPTQ),
     "w3a16-g128-rot-gptq": _linears("w3a16-g128-rot-gptq", _w(3, 128, False), rotate=True, **GPTQ),
+    # the same with the LM head and the embedding in int8 per channel (issue #18 item 4: on SmolLM2 they
+    # are 113 MB of the 169 MB w4a16 artifact): the smallest W4 preset here
+    "w4a16-g128-rot-gptq-head8": Recipe(name="w4a16-g128-rot-gptq-head8", rotate=True, **GPTQ, rules=(
+        Rule(role="linear", weight=_w(4, 128, False)), Rule(role="lm_head", weight=_w(8, None, True)),
+        Rule(role="embedding", weight=_w(8, None, True)))),
     "w4a8-dgq": _linears("w4a8-dgq", QuantFormat.parse("int4-g128-asym-int8"), A8_DYNAMIC, weight_algorithm="clip"),
     "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),
     "bitmod-w3": _linears("bitmod-w3", QuantFormat.parse("bitmod3-g128-sym-fp16")),

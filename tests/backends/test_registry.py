@@ -200,3 +200,26 @@ def test_readme_matrix_is_the_registry_table(capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     block = readme.split("<!-- capability-matrix:begin -->")[1].split("<!-- capability-matrix:end -->")[0].strip()
     assert block == generated
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_a_quantized_tied_embedding_and_head_on_every_backend(backend):
+    """``w4a16-g128-rot-gptq-head8``: the tied embedding / LM head stored once in int8, read by the
+    embedding lookup (dequantized whole: ONNX DequantizeLinear of the matrix, TVM packed_weight) and
+    by the head (TVM: its low-bit kernel); every backend within 1e-4 of the reference."""
+    from finegrain.models.tiny import tiny_llama
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(4)]
+    cm = finegrain.compile(tiny_llama(seed=0, hidden=128), calib[0], "w4a16-g128-rot-gptq-head8", calib,
+                           progress=False)
+    assert {"lm_head", "model.embed_tokens"} <= set(cm.quantized) and cm.check(backend) == []
+    x = torch.randint(0, 256, (1, 20), generator=gen)
+    ref = cm(x)
+    options = {"max_seq_len": 64, "target": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}} \
+        if backend == "tvm" else {}
+    with cm.session(backend, **options) as s:
+        assert (s.run(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        if backend == "tvm":
+            kinds = sorted(v["kind"] for k, v in s.build["kernels"].items() if k.startswith("model.embed_tokens"))
+            assert kinds[0].startswith("embedding (weight dequantized per call") and kinds[1:] == ["int"]

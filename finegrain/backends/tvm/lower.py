@@ -90,13 +90,18 @@ _CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.op
 _RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}
 
 
+def _float_reader(u, n) -> bool:
+    """``u`` reads the weight ``n`` as a whole float tensor: a convolution (through reshape / permute
+    only), an LSTM / GRU, an embedding lookup. Such readers get the weight dequantized in the graph."""
+    return ((u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u))
+            or (u.target in _RECURRENT and n in u.args[2])
+            or (u.target is torch.ops.aten.embedding.default and u.args[0] is n))
+
+
 def _feeds_convs(n) -> bool:
-    """Every reader of ``n`` is a convolution's weight (through reshape / permute only) or an LSTM /
-    GRU's weight: ops that get the weight dequantized in the graph and compute in fp32."""
+    """Every reader of ``n`` is a float reader (:func:`_float_reader`)."""
     users = list(n.users)
-    return bool(users) and all(
-        (u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u))
-        or (u.target in _RECURRENT and n in u.args[2]) for u in users)
+    return bool(users) and all(_float_reader(u, n) for u in users)
 N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
 _UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
 
@@ -151,9 +156,10 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
             graph.erase_node(n)
 
 
-def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list, param) -> dict:
-    """A convolution's quantized weight matrix, kept packed in the kernels' layout and dequantized in
-    the graph (``packed_weight``); the conv itself runs in fp32 (TVM's own conv schedule)."""
+def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list, param, readers: list) -> dict:
+    """A quantized weight matrix read whole by ``readers`` (convs, LSTM / GRU, an embedding lookup),
+    kept packed in the kernels' layout and dequantized in the graph (``packed_weight``); those ops run
+    in fp32 (TVM's own schedules). ``n`` is erased when no other reader (a tied linear) is left."""
     packed_node, scale_node, zero_node = n.args[:3]
     if container_bits(fmt) is None or fmt.kind != "int":
         raise TvmError(f"{layer}: conv weight format {fmt.tag} has no TVM lowering (INT2/3/4/8 per group / channel / "
@@ -175,11 +181,14 @@ def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list,
     except ValueError as e:
         raise TvmError(f"{layer}: {e}") from None
     with graph.inserting_before(n):
-        attrs = [graph.get_attr(param(f"{layer}_tvm_{part}", torch.from_numpy(p[part]))) for part in ("w", "scale", "zs")]
+        attrs = [graph.get_attr(param(f"{layer}_tvm_dq_{part}", torch.from_numpy(p[part]))) for part in ("w", "scale", "zs")]
         new = graph.call_function(PACKED_WEIGHT, (*attrs, p["bits"], kp, k))
-    n.replace_all_uses_with(new)
-    graph.erase_node(n)
-    what = "conv" if any(u.target in _CONVS or u.target in _LAYOUT for u in new.users) else "recurrent"
+    for u in readers:
+        u.replace_input_with(n, new)
+    if not n.users:
+        graph.erase_node(n)
+    what = ("conv" if any(u.target in _CONVS or u.target in _LAYOUT for u in readers) else "recurrent"
+            if any(u.target in _RECURRENT for u in readers) else "embedding")
     return {"format": fmt.tag, "kind": f"{what} (weight dequantized per call, fp32 {what})", "bits": p["bits"],
             "group_size": p["group_size"], "shape": shape}
 
@@ -298,9 +307,13 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         layer = _layer(packed_node)
         fmt = QuantFormat.parse(tag)
         users = list(n.users)
-        if len(shape) == 2 and _feeds_convs(n):  # a convolution's matrix (ir.conv_matrix): fp32 compute
-            kernels[layer] = _conv_weight(gm, graph, n, layer, fmt, list(shape), param)
-            continue
+        readers = [u for u in users if _float_reader(u, n)]
+        if len(shape) == 2 and readers:  # read whole (a conv's matrix, LSTM gates, an embedding): fp32 compute
+            rec = _conv_weight(gm, graph, n, layer, fmt, list(shape), param, readers)
+            kernels[layer if layer not in kernels else f"{layer} ({rec['kind'].split()[0]})"] = rec
+            users = list(n.users) if n.graph is graph and n in graph.nodes else []
+            if not users:
+                continue
         if len(shape) != 2 or not users or any(u.target is not torch.ops.aten.linear.default or u.args[1] is not n
                                                for u in users):
             raise TvmError(f"{layer}: the dequantized weight (node {n.name}) feeds {[u.name for u in users]}, not only "
@@ -321,7 +334,8 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
                 p = None
             if p is not None:
                 _emit_a8(graph, n, users, layer, p, param)
-                kernels[layer] = {"format": fmt.tag, "kind": "int8-dot", "epilogue": p["epilogue"], "activation": act,
+                key = layer if layer not in kernels else f"{layer} (linear)"  # a tied weight's other readers
+                kernels[key] = {"format": fmt.tag, "kind": "int8-dot", "epilogue": p["epilogue"], "activation": act,
                                   "bits": p["bits"], "group_size": p["group_size"], "shape": list(shape)}
                 continue
         try:
@@ -349,7 +363,8 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
             u.replace_all_uses_with(new)
             graph.erase_node(u)
         graph.erase_node(n)
-        kernels[layer] = {"format": fmt.tag, "kind": p["kind"], "bits": p["bits"], "group_size": p["group_size"],
+        key = layer if layer not in kernels else f"{layer} (linear)"  # a tied weight's other readers
+        kernels[key] = {"format": fmt.tag, "kind": p["kind"], "bits": p["bits"], "group_size": p["group_size"],
                           "shape": list(shape)}
     graph.eliminate_dead_code()
     for n in graph.nodes:
