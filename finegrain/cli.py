@@ -366,7 +366,9 @@ def _eval_tensors(cm, args) -> None:
     from finegrain.models import load_model
 
     source = cm.source.get("model")
-    if not source or not (Path(source).exists() or source in ("smollm2-135m", "minilm-l6")):
+    from finegrain.models import BUNDLED_NAMES
+
+    if not source or not (Path(source).exists() or source in BUNDLED_NAMES):
         raise InputError(f"--eval-tensors compares with the float source model, and {args.model}'s source "
                          f"({source!r}) is not a file finegrain can load (compiled from Python: compare there)")
     fp = load_model(source)
@@ -784,18 +786,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "quantizes nothing, is an error (default: a warning)")
         sp.add_argument("--calibration-samples", type=NONNEG, default=None, help="calibration windows (recipe default 32; 0 = none)")
         sp.add_argument("--calibration-seq-len", type=POS, default=None, help="tokens per window (recipe default 512)")
-        src = sp.add_mutually_exclusive_group()
-        src.add_argument("--calib-text", metavar="FILE|DIR", help="calibrate on your own UTF-8 text: a file, or a "
-                         "directory of .txt / .text / .md / .rst files (default: the bundled Brown corpus slice)")
-        src.add_argument("--calib-jsonl", metavar="FILE", help="calibrate on a JSON-lines file: one document per "
-                                                               "record, the string in --jsonl-field")
+        text_source(sp, "calib", "calibrate", "the bundled Brown corpus slice")
+
+    def text_source(sp, kind: str, verb: str, default: str):
+        src = sp.add_mutually_exclusive_group()  # --calib-text | --calib-jsonl, --eval-text | --eval-jsonl
+        src.add_argument(f"--{kind}-text", metavar="FILE|DIR", help=f"{verb} on your own UTF-8 text: a file, or a "
+                         f"directory of .txt / .text / .md / .rst files (default: {default})")
+        src.add_argument(f"--{kind}-jsonl", metavar="FILE", help=f"{verb} on a JSON-lines file: one document per "
+                                                                 "record, the string in --jsonl-field")
 
     def eval_text(sp):
-        src = sp.add_mutually_exclusive_group()
-        src.add_argument("--eval-text", metavar="FILE|DIR", help="evaluate on your own UTF-8 text (a file, or a "
-                         "directory of .txt / .text / .md / .rst files) instead of WikiText-2 test")
-        src.add_argument("--eval-jsonl", metavar="FILE", help="evaluate on a JSON-lines file: one document per "
-                                                              "record, the string in --jsonl-field")
+        text_source(sp, "eval", "evaluate", "WikiText-2 test")
 
     def jsonl_field(sp):
         sp.add_argument("--jsonl-field", default="text", help="the field of each JSON-lines record that holds its "

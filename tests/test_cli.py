@@ -6,18 +6,6 @@ import pytest
 from finegrain.cli import main
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from finegrain.models.bundled import _smollm2_tokenizer
-    from finegrain.models.tiny import tiny_llama
-
-    tok = _smollm2_tokenizer()
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tiny_llama(seed=3, vocab=len(tok)).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_quantize_eval_inspect(hf_dir, tmp_path, capsys):
     out = tmp_path / "art"
     assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(out),

@@ -47,20 +47,13 @@ class Refusal:
         return f"{self.where}: {self.why}"
 
 
-_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-          torch.ops.aten.convolution.default}
-
-
-_RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.rnn_tanh.input,
-              torch.ops.aten.rnn_relu.input}
-
-
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
     ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
     LSTM / GRU / RNN reading quantized weights)."""
     from finegrain.formats import QuantFormat
+    from finegrain.compiler.ir import CONV_OPS, RECURRENT_OPS
     from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, WEIGHT
     from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
 
@@ -76,9 +69,9 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "hadamard"
         elif n.target is GROUPED_LINEAR:
             yield f"node {n.name}", "op", "grouped_linear"
-        elif n.target in _CONVS and _reads_quantized(n.args[1]):
+        elif n.target in CONV_OPS and _reads_quantized(n.args[1]):
             yield f"node {n.name}", "op", "conv"
-        elif n.target in _RECURRENT and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]
+        elif n.target in RECURRENT_OPS and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]
                                             if getattr(p, "target", None) is WEIGHT):
             yield f"node {n.name}", "op", "recurrent"
 

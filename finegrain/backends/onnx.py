@@ -368,14 +368,7 @@ def _matrix_qdq(graph, layer: str, f: QuantFormat, q, n: int, k: int, node) -> s
     """A DequantizeLinear of the weight matrix ``[N, K]`` itself (blocked along K for groups, axis 0
     per channel) replacing the marker, for readers other than a linear (LSTM / GRU gates: the
     exporter slices and reorders the matrix downstream, in float)."""
-    import ml_dtypes
-    import onnx_ir as ir
-
-    if f.kind != "int" or q.codebook is not None or f.granularity not in ("group", "channel", "tensor"):
-        raise ExportError(f"{layer}: format {f.tag} has no ONNX form for this weight (INT2..8 per group, channel or "
-                          "tensor)")
-    np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
-    ty = np_t[(_container(f.bits), f.symmetric)]
+    _check_int_dq(f, q, layer, "this weight")
     scale, zero = q.scale.float(), None if f.symmetric else q.zero.to(torch.int32)
     if f.granularity == "group":
         scale, zero = scale.reshape(n, -1), None if zero is None else zero.reshape(n, -1)
@@ -386,12 +379,29 @@ def _matrix_qdq(graph, layer: str, f: QuantFormat, q, n: int, k: int, node) -> s
     else:
         scale, zero = scale.reshape(()), None if zero is None else zero.reshape(())
         attrs, form = {}, "per tensor"
-    arrays = {"qweight": q.codes.to(torch.int32).numpy().astype(ty), "scale": scale.numpy(),
+    dq, ty = _int_dq(graph, layer, f, q.codes, scale, zero, attrs, node)
+    _replace(graph, node, dq)
+    return f"DequantizeLinear({ty}, {form}) of the matrix"
+
+
+def _check_int_dq(f: QuantFormat, q, layer: str, what: str) -> None:
+    if f.kind != "int" or q.codebook is not None or f.granularity not in ("group", "channel", "tensor"):
+        raise ExportError(f"{layer}: format {f.tag} has no ONNX form for {what} (INT2..8 per group, channel or tensor)")
+
+
+def _int_dq(graph, layer: str, f: QuantFormat, codes, scale, zero, attrs: dict, before):
+    """A DequantizeLinear of integer ``codes`` (already in the reader's layout) with its initializers,
+    inserted before ``before``; returns (the node, the codes' ONNX element type name)."""
+    import ml_dtypes
+    import onnx_ir as ir
+
+    np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
+    ty = np_t[(_container(f.bits), f.symmetric)]
+    arrays = {"qweight": codes.to(torch.int32).numpy().astype(ty), "scale": scale.numpy(),
               "zero_point": None if zero is None else zero.numpy().astype(ty)}
     dq = ir.node("DequantizeLinear", _initializers(graph, layer, arrays), attrs)
-    graph.insert_before(node, dq)
-    _replace(graph, node, dq)
-    return f"DequantizeLinear({np.dtype(ty).name}, {form}) of the matrix"
+    graph.insert_before(before, dq)
+    return dq, np.dtype(ty).name
 
 
 def _conv_reader(node):
@@ -414,18 +424,11 @@ def _conv_reader(node):
 def _conv_qdq(graph, layer: str, f: QuantFormat, q, node, chain: list, conv) -> str:
     """A DequantizeLinear of the conv weight in its own ``[O, I, *kernel]`` layout: blocked along axis 1
     (input channels) for group formats, axis 0 per output channel, or one scale per tensor."""
-    import ml_dtypes
-    import onnx_ir as ir
-
     wshape = chain[-1].outputs[0].shape
     if wshape is None or not all(isinstance(d, int) for d in wshape):
         raise ExportError(f"{layer}: the convolution's weight shape is not static in the exported graph")
     o, i, spatial = wshape[0], wshape[1], list(wshape[2:])
-    if f.kind != "int" or q.codebook is not None or f.granularity not in ("group", "channel", "tensor"):
-        raise ExportError(f"{layer}: conv weight format {f.tag} has no ONNX form (INT2..8 per group along input "
-                          "channels, per output channel or per tensor)")
-    np_t = {(4, True): ml_dtypes.int4, (4, False): ml_dtypes.uint4, (8, True): np.int8, (8, False): np.uint8}
-    ty = np_t[(_container(f.bits), f.symmetric)]
+    _check_int_dq(f, q, layer, "a conv weight")
     codes = q.codes.to(torch.int32)
     scale, zero = q.scale.float(), None if f.symmetric else q.zero.to(torch.int32)
     if f.granularity == "group":  # matrix [O * taps, I] -> [O, I, *kernel]; params [O * taps, G] -> [O, G, *kernel]
@@ -442,15 +445,12 @@ def _conv_qdq(graph, layer: str, f: QuantFormat, q, node, chain: list, conv) -> 
         codes, scale = codes.reshape(o, i, *spatial), scale.reshape(())
         zero = None if zero is None else zero.reshape(())
         attrs, form = {}, "per tensor"
-    arrays = {"qweight": codes.numpy().astype(ty), "scale": scale.numpy(),
-              "zero_point": None if zero is None else zero.numpy().astype(ty)}
-    dq = ir.node("DequantizeLinear", _initializers(graph, layer, arrays), attrs)
-    graph.insert_before(conv, dq)
+    dq, ty = _int_dq(graph, layer, f, codes, scale, zero, attrs, conv)
     conv.replace_input_with(1, dq.outputs[0])
     for dead in [*reversed(chain), node]:
         if not any(True for _ in dead.outputs[0].uses()):
             graph.remove(dead, safe=True)
-    return f"DequantizeLinear({np.dtype(ty).name}, {form}) -> Conv"
+    return f"DequantizeLinear({ty}, {form}) -> Conv"
 
 
 def _lower(model, style: str, accuracy_level: int) -> dict:

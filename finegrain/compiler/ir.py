@@ -45,6 +45,10 @@ QUANTIZABLE: dict[object, tuple[OpKind, int, int]] = {
     aten.bmm.default: ("matmul", 1, 0),
 }
 
+CONV_OPS = frozenset(op for op, (kind, _, _) in QUANTIZABLE.items() if kind == "conv")
+# recurrent layers whose weight matrices canonicalize.py marks with finegrain::weight (the op's name for messages)
+RECURRENT_OPS = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN", aten.rnn_relu.input: "RNN"}
+
 # ops that move or re-type a tensor without computing on it
 PASS_THROUGH = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,

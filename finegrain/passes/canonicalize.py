@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import get_tensor, set_tensor
+from finegrain.compiler.ir import CONV_OPS, RECURRENT_OPS, get_tensor, set_tensor
 from finegrain.compiler.ops import GROUPED_LINEAR
 
 _GROUPED_MM = ("transformers.grouped_mm_fallback.default", "aten._grouped_mm.default")
@@ -93,8 +93,6 @@ def _addmm(gm: GraphModule, node) -> None:
     gm.graph.erase_node(node)
 
 
-_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-          torch.ops.aten.convolution.default}
 _BATCH_NORMS = {torch.ops.aten.batch_norm.default: 7, torch.ops.aten._native_batch_norm_legit_no_training.default: 6}
 
 
@@ -118,7 +116,7 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
         return
 
     def why_not() -> str | None:
-        if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in _CONVS):
+        if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target in CONV_OPS):
             return f"its input is {getattr(x, 'target', x)} ({getattr(x, 'name', '')}), not a convolution"
         if len(x.users) != 1:
             return f"the convolution {x.name} has other readers"
@@ -162,10 +160,6 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
                 "detail": f"BatchNorm affine and running statistics into {into}'s weight and bias"})
 
 
-_RECURRENT = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU",
-              torch.ops.aten.rnn_tanh.input: "RNN", torch.ops.aten.rnn_relu.input: "RNN"}
-
-
 def _recurrent(gm: GraphModule, node) -> None:
     """Each 2-D weight of an LSTM / GRU / RNN (``weight_ih`` / ``weight_hh`` per layer and direction,
     gates stacked along N) is read through ``finegrain::weight``, so it is a quantizable op (kind
@@ -186,7 +180,7 @@ def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _BATCH_NORMS:
             _batch_norm(gm, node, log)
-        elif node.op == "call_function" and node.target in _RECURRENT:
+        elif node.op == "call_function" and node.target in RECURRENT_OPS:
             _recurrent(gm, node)
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and str(node.target) in _GROUPED_MM:

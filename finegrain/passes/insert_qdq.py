@@ -35,14 +35,11 @@ from finegrain.formats import scales
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
 
 
-def _attr(gm: GraphModule, path: str):
-    """The attribute at a dotted ``path`` of ``gm``, or None."""
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+def _is_tensor(gm: GraphModule, path: str) -> bool:
+    try:
+        return isinstance(get_tensor(gm, path), torch.Tensor)
+    except AttributeError:
+        return False
 
 
 def _constant(gm: GraphModule, graph, name: str, value: torch.Tensor) -> Node:
@@ -124,7 +121,7 @@ def _act_qdq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: di
                 s, z = _act_params(ctx, x, fmt, op.name)
                 # under the op's module path; a model without modules (an imported ONNX graph names ops by
                 # their weight tensor) gets them beside that tensor instead
-                base = f"{op.name}." if not isinstance(_attr(gm, op.name), torch.Tensor) else f"{op.name}_"
+                base = f"{op.name}_" if _is_tensor(gm, op.name) else f"{op.name}."
                 args += (_constant(gm, g, f"{base}input_scale", s), _constant(gm, g, f"{base}input_zero", z))
             qn = g.call_function(QUANTIZE, args)
             parts = tuple(g.call_function(operator.getitem, (qn, i)) for i in range(3))

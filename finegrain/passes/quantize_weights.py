@@ -120,21 +120,15 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
         op.node.meta[QWEIGHT] = tuple(qs)
         return torch.stack([f.dequantize(q) for f, q in zip(expert_formats(op), qs)]).to(w0.dtype)
     fmt = op.node.meta[WEIGHT_FORMAT]
-    if op.kind == "conv":  # a matrix view: groups along input channels (ir.conv_matrix); no Hessian of patches
-        q, rec = _quantize(ctx, conv_matrix(w, fmt), fmt, None, None, op.name, op.kind)
+    if op.kind in ("conv", "recurrent"):  # no input Hessian here (no im2col / recurrence statistics)
+        conv = op.kind == "conv"  # a conv's matrix view: groups along input channels (ir.conv_matrix)
+        q, rec = _quantize(ctx, conv_matrix(w, fmt) if conv else w, fmt, None, None, op.name, op.kind)
         if r.needs_hessian:
-            rec["note"] = (f"{r.weight_algorithm} needs an input Hessian, which convolutions do not have here (no "
-                           "im2col statistics): rounded to nearest")
+            rec["note"] = f"{r.weight_algorithm} needs an input Hessian, not collected for {op.kind} ops: rounded to nearest"
         op.node.meta[QWEIGHT] = q
-        layers[op.name] = {**base, **rec, "conv_shape": list(w.shape)}
-        return conv_weight(fmt.dequantize(q), w.shape, fmt).to(w0.dtype)
-    if op.kind == "recurrent":  # the gates' [4H, K] matrix, read by the recurrence: no input Hessian here
-        q, rec = _quantize(ctx, w, fmt, None, None, op.name, op.kind)
-        if r.needs_hessian:
-            rec["note"] = f"{r.weight_algorithm} needs an input Hessian, not collected for recurrent layers: rounded to nearest"
-        op.node.meta[QWEIGHT] = q
-        layers[op.name] = {**base, **rec}
-        return fmt.dequantize(q).to(w0.dtype)
+        layers[op.name] = {**base, **rec, **({"conv_shape": list(w.shape)} if conv else {})}
+        deq = fmt.dequantize(q)
+        return (conv_weight(deq, w.shape, fmt) if conv else deq).to(w0.dtype)
     h = h_of(op.activation.name)[0] if op.kind != "embedding" else None
     if r.needs_hessian and h is None and op.kind != "embedding":
         raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "

@@ -97,18 +97,6 @@ def test_defaults_are_the_bundled_corpora():
     assert brown().joined() == "\n\n".join(brown().documents) and len(brown().paragraphs()) == 9557
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from finegrain.models.bundled import _smollm2_tokenizer
-    from finegrain.models.tiny import tiny_llama
-
-    tok = _smollm2_tokenizer()
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    tiny_llama(seed=3, vocab=len(tok)).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_cli_calibrates_and_evaluates_on_own_text(hf_dir, tmp_path, capsys):
     from finegrain.cli import main
 

@@ -302,18 +302,25 @@ def test_recurrent_weights_are_quantized_or_said_to_stay_float(tmp_path):
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("preset", ["w4a16-conv", "w8a8-conv"])
-def test_tvm_runs_quantized_convs_over_any_width(preset):
+@pytest.mark.parametrize("preset, isa", [("w4a16-conv", "avx2"), ("w8a8-conv", "avx2"), ("w4a16-conv", "avx512")])
+def test_tvm_runs_quantized_convs_over_any_width(preset, isa, tmp_path):
     """TVM: one ``main`` function over the declared width; conv weights stay packed (the low-bit
     kernels' layout) and are dequantized in the graph, the convs run in fp32; the hidden linear gets
     its low-bit kernel. Widths below, at and above the example's, one that is odd after the stride-2
-    conv (dlight's implicit-GEMM schedule read past the input at such widths: convs skip it)."""
+    conv (dlight's implicit-GEMM schedule read past the input at such widths: convs skip it). Built
+    for an AVX2 and an AVX-512 target; run where the host has the ISA."""
+    from finegrain.backends.tvm.deploy import TvmDeployment
+    from tests.backends.test_tvm_backend import ISA_TARGETS, _host_has
+
     net = _random_net()
     calib = [(torch.randn(1, 1, 12, w),) for w in (16, 20, 28)]
     cm = finegrain.compile(net, (torch.randn(1, 1, 12, 20),), preset, calib, inputs=WIDTH, progress=False)
     assert cm.check("tvm") == []
-    with cm.session("tvm", target={"kind": "llvm", "mcpu": "znver3", "num-cores": 2}) as s:
-        kinds = {k: v["kind"] for k, v in s.build["kernels"].items()}
+    m = cm.build(tmp_path / "dep", target=ISA_TARGETS[isa])
+    if not _host_has(isa):
+        pytest.skip(f"built for {isa}; this host cannot run it")
+    with TvmDeployment(tmp_path / "dep") as s:
+        kinds = {k: v["kind"] for k, v in m["kernels"].items()}
         assert kinds["conv.weight"].startswith("conv (weight dequantized per call") and kinds["hidden.weight"] == "int"
         for w in (8, 20, 33, 57):
             x = torch.randn(1, 1, 12, w)

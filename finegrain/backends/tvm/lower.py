@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
 from finegrain.compiler.capture import is_kv_specs
-from finegrain.compiler.ir import get_tensor
+from finegrain.compiler.ir import CONV_OPS, get_tensor
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
 from finegrain.backends.tvm.kernels import a8
@@ -83,22 +83,18 @@ def _(w, scale, zs, bits, k_packed, k):
 
 PACKED_WEIGHT = torch.ops.finegrain.packed_weight.default
 _LAYOUT = {torch.ops.aten.reshape.default, torch.ops.aten.permute.default}
-_CONVS = {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default,
-          torch.ops.aten.convolution.default}
-
-
-_RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}
+_RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}  # those TVM 0.27's frontend converts
 
 
 def _float_reader(u, n) -> bool:
     """``u`` reads the weight ``n`` as a whole float tensor: a convolution (through reshape / permute
     only), an LSTM / GRU, an embedding lookup. Such readers get the weight dequantized in the graph."""
-    return ((u.target in _CONVS and u.args[1] is n) or (u.target in _LAYOUT and _feeds_convs(u))
+    return ((u.target in CONV_OPS and u.args[1] is n) or (u.target in _LAYOUT and _only_float_readers(u))
             or (u.target in _RECURRENT and n in u.args[2])
             or (u.target is torch.ops.aten.embedding.default and u.args[0] is n))
 
 
-def _feeds_convs(n) -> bool:
+def _only_float_readers(n) -> bool:
     """Every reader of ``n`` is a float reader (:func:`_float_reader`)."""
     users = list(n.users)
     return bool(users) and all(_float_reader(u, n) for u in users)
@@ -156,14 +152,15 @@ def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
             graph.erase_node(n)
 
 
-def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list, param, readers: list) -> dict:
+def _dequantized_in_graph(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list, param,
+                          readers: list) -> dict:
     """A quantized weight matrix read whole by ``readers`` (convs, LSTM / GRU, an embedding lookup),
     kept packed in the kernels' layout and dequantized in the graph (``packed_weight``); those ops run
-    in fp32 (TVM's own schedules). ``n`` is erased when no other reader (a tied linear) is left."""
+    in fp32 (TVM's own schedules). ``n`` keeps its other readers (a tied linear)."""
     packed_node, scale_node, zero_node = n.args[:3]
     if container_bits(fmt) is None or fmt.kind != "int":
-        raise TvmError(f"{layer}: conv weight format {fmt.tag} has no TVM lowering (INT2/3/4/8 per group / channel / "
-                       "tensor do)")
+        raise TvmError(f"{layer}: weight format {fmt.tag} has no TVM lowering for a conv / LSTM / embedding weight "
+                       "(INT2/3/4/8 per group / channel / tensor do)")
     q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target),
                       get_tensor(gm, zero_node.target) if zero_node is not None else None, fmt, shape)
     k = shape[1]
@@ -185,9 +182,7 @@ def _conv_weight(gm, graph: Graph, n, layer: str, fmt: QuantFormat, shape: list,
         new = graph.call_function(PACKED_WEIGHT, (*attrs, p["bits"], kp, k))
     for u in readers:
         u.replace_input_with(n, new)
-    if not n.users:
-        graph.erase_node(n)
-    what = ("conv" if any(u.target in _CONVS or u.target in _LAYOUT for u in readers) else "recurrent"
+    what = ("conv" if any(u.target in CONV_OPS or u.target in _LAYOUT for u in readers) else "recurrent"
             if any(u.target in _RECURRENT for u in readers) else "embedding")
     return {"format": fmt.tag, "kind": f"{what} (weight dequantized per call, fp32 {what})", "bits": p["bits"],
             "group_size": p["group_size"], "shape": shape}
@@ -309,10 +304,11 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         users = list(n.users)
         readers = [u for u in users if _float_reader(u, n)]
         if len(shape) == 2 and readers:  # read whole (a conv's matrix, LSTM gates, an embedding): fp32 compute
-            rec = _conv_weight(gm, graph, n, layer, fmt, list(shape), param, readers)
+            rec = _dequantized_in_graph(gm, graph, n, layer, fmt, list(shape), param, readers)
             kernels[layer if layer not in kernels else f"{layer} ({rec['kind'].split()[0]})"] = rec
-            users = list(n.users) if n.graph is graph and n in graph.nodes else []
+            users = list(n.users)
             if not users:
+                graph.erase_node(n)
                 continue
         if len(shape) != 2 or not users or any(u.target is not torch.ops.aten.linear.default or u.args[1] is not n
                                                for u in users):
