@@ -11,15 +11,19 @@ Rows (each with and without its own KV cache where it has one):
 * ``onnxruntime`` (the KV-cache graph exported with MatMulNBits, accuracy level 0, finegrain's ONNX
   session) and ``onnxruntime-genai`` on the same ``model.onnx`` (its generator, teacher-forced with the
   same tokens);
+* ``onnxruntime`` again with accuracy level 4 (MatMulNBits quantizes activations to int8);
 * ``finegrain TVM`` deployments of the KV-cache graph (W4A16 g128 on the fp32-compute low-bit
   kernel, W4A8-DGQ on the integer-dot kernel), built for this CPU; threads set per row through
-  TVM's pool;
+  TVM's pool. W4A16 twice: ``cache static`` (preallocated buffers written in place, the default)
+  and ``cache concat`` (the graph concatenates past and new each call): the measurement behind
+  the default (``backends/tvm/lower_cache.py``);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
 Measured: decode tokens/s at each past length (16 single-token steps after a prefill of that
 length), prefill tokens/s at 128 and 512 tokens, time to first token for a 128-token prompt, and
-the process's peak RSS at the end. Absolute numbers are this machine's; the ratios are the result.
+the process's peak RSS at the end; with ``--rounds R`` every row is measured R times, rows
+interleaved, and the medians reported (this 2-core machine's speed drifts between minutes). Absolute numbers are this machine's; the ratios are the result.
 """
 from __future__ import annotations
 
@@ -64,10 +68,13 @@ def _fg(cm):
     return prefill, step
 
 
-def _onnx(cm, path, threads: int):
+def _onnx(cm, path, threads: int, level: int = 0):
     from finegrain.backends.onnx import OnnxSession
 
-    s = OnnxSession(cm, style="matmulnbits", accuracy_level=0, threads=threads, path=path)
+    if level:  # MatMulNBits' accuracy level is an attribute of the exported model: its own file
+        s = OnnxSession(cm, style="matmulnbits", accuracy_level=level, threads=threads)
+    else:
+        s = OnnxSession(cm, style="matmulnbits", accuracy_level=0, threads=threads, path=path)
 
     def prefill(ids):
         return s.prefill(ids)[1]
@@ -154,11 +161,25 @@ def _measure(prefill, step, ids: torch.Tensor, pasts: list[int], prompts: list[i
     return out
 
 
+def _median(runs: list[dict]) -> dict:
+    """Per metric, the median over rounds (per-step times: median of the medians, max of the maxima)."""
+    out = {}
+    for k, v in runs[0].items():
+        if k.startswith("step_ms_"):
+            out[k] = {"median": float(np.median([r[k]["median"] for r in runs])), "min": min(r[k]["min"] for r in runs),
+                      "max": max(r[k]["max"] for r in runs)}
+        else:
+            out[k] = None if v is None else float(np.median([r[k] for r in runs]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--past", type=int, nargs="+", default=[128, 1024, 2048])
     ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every row this many times, rows interleaved; report medians")
     ap.add_argument("--out", default="results/decode")
     ap.add_argument("--rows", nargs="+", default=None,
                     help="only rows whose name contains one of these words (the torch baseline always runs)")
@@ -196,6 +217,7 @@ def main() -> None:
         export_genai(w4_kv, genai_dir, style="matmulnbits", overwrite=True)
         onnx_export_s = time.perf_counter() - t
         rows += [("onnxruntime W4A16 g128 MatMulNBits L0, KV graph", lambda th: _onnx(w4_kv, genai_dir / "model.onnx", th)),
+                 ("onnxruntime W4A16 g128 MatMulNBits L4, KV graph", lambda th: _onnx(w4_kv, None, th, level=4)),
                  ("onnxruntime-genai W4A16 g128 (same model.onnx)", lambda th: _genai(genai_dir, th))]
     except ImportError as e:
         onnx_export_s = None
@@ -204,15 +226,17 @@ def main() -> None:
     try:
         import tvm  # noqa: F401
 
-        for name, recipe in (("W4A16 g128", "w4a16-g128"), ("W4A8-DGQ", "w4a8-dgq")):
-            if args.rows and not any(w in f"finegrain TVM {name}" for w in args.rows):
+        for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
+                                    ("W4A8-DGQ", "w4a8-dgq", "static")):
+            row = f"finegrain TVM {name}, cache {cache}"
+            if args.rows and not any(w in row for w in args.rows):
                 continue
             t = time.perf_counter()
             cm = w4_kv if recipe == "w4a16-g128" else compile_loaded(lm, recipe, samples=4, seq_len=256,
                                                                      progress=False, kv_cache=True)
-            dep = cm.session("tvm", max_seq_len=need + 8)
-            tvm_build_s[name] = round(time.perf_counter() - t, 1)
-            rows.append((f"finegrain TVM {name}, KV build", lambda th, dep=dep: _tvm(dep, th)))
+            dep = cm.session("tvm", max_seq_len=need + 8, cache=cache)
+            tvm_build_s[f"{name} {cache}"] = round(time.perf_counter() - t, 1)
+            rows.append((row, lambda th, dep=dep: _tvm(dep, th)))
     except ImportError:
         print("apache-tvm is not installed: no TVM rows")
     try:
@@ -235,17 +259,23 @@ def main() -> None:
     results = []
     for th in args.threads:
         torch.set_num_threads(th)
+        made = [(name, make(th)) for name, make in rows]
+        runs: dict[str, list[dict]] = {name: [] for name, _ in rows}
+        for _ in range(args.rounds):  # rows interleaved, so a slow spell of the machine hits them all
+            for name, (prefill, step) in made:
+                runs[name].append(_measure(prefill, step, ids, args.past, args.prompts))
         base = None
-        for name, make in rows:
-            prefill, step = make(th)
-            r = _measure(prefill, step, ids, args.past, args.prompts)
+        for name, _ in rows:
+            r = _median(runs[name])
             base = base or r
-            r = {"model": name, "threads": th, **r, **{f"{k}_x": r[k] / base[k] for k in r
-                                                       if k.startswith(("decode_", "prefill_"))}}
+            r = {"model": name, "threads": th, "rounds": args.rounds, **r,
+                 **{f"{k}_x": r[k] / base[k] for k in r if k.startswith(("decode_", "prefill_"))}}
             results.append(r)
             print(f"[{th} thr] {name:46s} " + "  ".join(
                 f"{k} {r[k]:7.1f} ({r[k + '_x']:.2f}x)" for k in r if k.startswith(("decode_", "prefill_")) and
                 not k.endswith("_x")), flush=True)
+            print(f"{'':54s}step ms median / max: " + "  ".join(
+                f"{k[8:]}: {v['median']:.1f} / {v['max']:.1f}" for k, v in r.items() if k.startswith("step_ms_")))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

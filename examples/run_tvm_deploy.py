@@ -5,8 +5,11 @@
     python examples/run_tvm_deploy.py deploy/ --ids 504 3458 314 1029     # token ids in, ids out
 
 A KV-cache build (``finegrain build ART`` of an artifact compiled with ``--kv-cache``) runs
-``prefill`` once on the prompt and ``decode`` once per new token, feeding the returned
-``present_*`` tensors back as the next ``past_*``. A build without the cache has no past: each new
+``prefill`` once on the prompt and ``decode`` once per new token. A static cache (manifest
+``kv.cache == "static"``, the default) is one preallocated ``[1, max_seq_len, kv_heads, head_dim]``
+buffer per layer for K and for V: each call gets views of the tokens cached so far as its
+``past_*`` and returns the new tokens' keys / values, written into the buffers at the cache
+position. A ``"concat"`` build returns the ``present_*`` tensors, fed back as the next ``past_*``. A build without the cache has no past: each new
 token re-runs the whole sequence (correct, quadratic). Greedy decoding; prints the text (or ids)
 and tokens/s.
 """
@@ -48,6 +51,17 @@ def call(fn_ids, *extra):
     return (out,) if isinstance(out, tvm.runtime.Tensor) else [out[i] for i in range(len(out))]
 
 
+static = kv is not None and kv.get("cache") == "static"
+if static:
+    row = kv["kv_heads"] * kv["head_dim"] * 4  # bytes per token of one fp32 buffer
+    buffers = [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], kv["head_dim"]), "float32")
+               for _ in range(2 * kv["layers"])]
+
+
+def view(buf, start, n):  # tokens start .. start + n of a static cache buffer, sharing its memory
+    return buf._create_view((1, n, kv["kv_heads"], kv["head_dim"]), "float32", start * row)
+
+
 new, times = [], []
 seq, past = list(ids), None
 for step in range(args.max_new_tokens):
@@ -55,19 +69,25 @@ for step in range(args.max_new_tokens):
     if kv is None:  # no cache: the whole sequence every step
         out = call(seq)
     else:
-        todo = seq if past is None else seq[-1:]
+        todo = seq if step == 0 else seq[-1:]
         start = len(seq) - len(todo)
-        if past is None:  # an empty past: [batch, kv_heads, 0, head_dim] per layer, keys and values
-            past = [tvm.runtime.tensor(np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), "float32"))] * (2 * kv["layers"])
         pos = tvm.runtime.tensor(np.arange(start, len(seq), dtype="int64")[None])
-        out = call(todo, pos, *past)
-        past = out[1:]
+        if static:
+            out = call(todo, pos, *(view(b, 0, start) for b in buffers))
+            for b, kv_new in zip(buffers, out[1:]):
+                kv_new.copyto(view(b, start, len(todo)))
+        else:
+            if past is None:  # an empty past: [batch, kv_heads, 0, head_dim] per layer, keys and values
+                past = [tvm.runtime.tensor(np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), "float32"))] * (
+                    2 * kv["layers"])
+            out = call(todo, pos, *past)
+            past = out[1:]
     token = int(out[0].numpy()[0, -1].argmax())
     times.append(time.perf_counter() - t0)
     new.append(token)
     seq.append(token)
 
-result = {"prompt_tokens": len(ids), "new_tokens": new, "cache": kv is not None,
+result = {"prompt_tokens": len(ids), "new_tokens": new, "cache": kv is not None and kv.get("cache", "concat"),
           "prefill_s": round(times[0], 4),
           "decode_tokens_per_s": round((len(times) - 1) / sum(times[1:]), 1) if len(times) > 1 else None}
 if tok is not None:

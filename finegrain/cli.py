@@ -158,17 +158,44 @@ def cmd_demo(args) -> None:
                         calib_text=calib_text)
     _warn(cm.warnings)
     _say(f"compiled in {cm.timings['total']:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in cm.timings.items() if k != 'total')})")
-    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
-    q = evaluate_lm(cm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
-    _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
-           _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)), (args.recipe, q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
     path = cm.save(args.out, overwrite=True)
-    rows = chat_side_by_side(lm, cm, args.chat_prompt, args.chat_tokens)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
+    session = _fastest_session(cm, max(args.seq_len, 512), args.backend)
+    with session:
+        q = evaluate_lm(session.run, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
+        _table(f"{args.model}: FP vs {args.recipe}", PPL_COLUMNS,
+               _ppl_rows([("fp32", fp, None, fp_bytes(lm.model)),
+                          (f"{args.recipe} ({session.backend})", q, cm.quantized_bits_per_weight(), cm.model_bytes())]))
+        rows = chat_side_by_side(lm, cm, args.chat_prompt, args.chat_tokens, session=session)
     if rows:
         _table(f"{args.chat_prompt!r}: FP vs {args.recipe}, greedy (model size {cm.model_bytes() / fp_bytes(lm.model):.2f}x "
                "of fp32)", ["model", "answer", "tokens", "tokens/s"],
                [[r["model"], r["answer"].strip(), r["tokens"], f"{r['tokens_per_s']:.1f}"] for r in rows])
     _say(f"artifact saved to {path}/ — try: finegrain inspect {path}; finegrain generate {path} --chat --prompt ...")
+
+
+def _fastest_session(cm, max_seq_len: int, backend: str):
+    """The demo's session for the quantized model: ``auto`` = a TVM build for this CPU when TVM is
+    installed and takes the graph (decode over the cache several times faster than the reference
+    backend, which dequantizes every weight at every step), else the reference backend."""
+    import time
+
+    from finegrain.backends import registry
+
+    if backend == "auto":
+        tvm = registry.get("tvm")
+        why = tvm.available() or "; ".join(str(r) for r in tvm.check(cm))
+        if why:
+            _say(f"evaluating on the reference backend (TVM: {why})")
+            backend = "torch"
+        else:
+            backend = "tvm"
+    if backend == "torch":
+        return cm.session()
+    t0 = time.perf_counter()
+    s = cm.session(backend, **({"max_seq_len": max_seq_len} if backend == "tvm" else {}))
+    _say(f"built a {backend} session for {cm.recipe.name} in {time.perf_counter() - t0:.1f} s")
+    return s
 
 
 def cmd_quantize(args) -> None:
@@ -553,7 +580,7 @@ def cmd_build(args) -> None:
     parse_target(args.target)  # a bad target fails before the artifact is read
     cm = finegrain.load(args.artifact)
     m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
-                 overwrite=args.overwrite, int8=not args.no_int8)
+                 overwrite=args.overwrite, int8=not args.no_int8, cache=args.cache)
     b = m["build"]
     out = Path(args.out)
     size = sum((out / f).stat().st_size for f in m["files"])
@@ -812,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--chat-prompt", default="What is the capital of France?",
                    help="a chat prompt both models answer at the end (greedy)")
     d.add_argument("--chat-tokens", type=NONNEG, default=32, help="tokens to generate for it (0: skip)")
+    d.add_argument("--backend", choices=["auto", "torch", "onnx", "tvm"], default="auto",
+                   help="where the quantized model is evaluated and chats: auto = TVM built for this CPU when it "
+                        "is installed and takes the model (the fastest here), else torch (the reference)")
     calib(d)
     eval_text(d)
     jsonl_field(d)
@@ -918,6 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--no-int8", action="store_true",
                     help="keep INT2-4 weight x INT8 activation linears (W4A8, DGQ) on fp32 compute instead of the "
                          "integer-dot kernel (for comparisons)")
+    bd.add_argument("--cache", choices=["static", "concat"], default="static",
+                    help="KV-cache artifacts: 'static' = one preallocated buffer per layer, new keys / values written "
+                         "in place (default); 'concat' = past + new concatenated by the graph each call (for "
+                         "comparisons)")
     bd.add_argument("--overwrite", action="store_true")
     bd.set_defaults(fn=cmd_build)
 

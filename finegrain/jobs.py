@@ -160,10 +160,11 @@ def evaluate_encoder(fp: LoadedModel, q: CompiledModel, n: int = 256, text: Text
     return embedding_cosine(encode_fn(fp), encode_fn(q), fp.tokenizer, n, text)
 
 
-def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_new_tokens: int) -> list[dict]:
+def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_new_tokens: int,
+                      session=None) -> list[dict]:
     """The float model (transformers ``generate``, with its KV cache) and the quantized one
-    (``cm.generate`` on the reference backend, over its KV cache when compiled with one) answering
-    one chat prompt greedily:
+    (``session.generate``, default the reference backend's, over its KV cache when compiled with
+    one) answering one chat prompt greedily:
     per model the answer, tokens and tokens/s. Empty when the tokenizer has no chat template."""
     import time
 
@@ -180,11 +181,12 @@ def chat_side_by_side(loaded: LoadedModel, cm: CompiledModel, prompt: str, max_n
                                     pad_token_id=eos[0] if eos else 0)
     fp_s = time.perf_counter() - t0
     fp_tokens = out[0, ids.shape[1]:].tolist()
-    g = cm.generate(ids, max_new_tokens, eos_token_id=eos or None)
+    g = (session or cm.session()).generate(ids, max_new_tokens, eos_token_id=eos or None)
     q_s = g.prefill_seconds + g.decode_seconds
     return [{"model": "fp32 (transformers, KV cache)", "answer": tok.decode(fp_tokens, skip_special_tokens=True),
              "tokens": len(fp_tokens), "tokens_per_s": len(fp_tokens) / fp_s},
-            {"model": f"{cm.recipe.name} (finegrain, torch backend, {'KV cache' if cm.kv else 'no KV cache'})",
+            {"model": f"{cm.recipe.name} (finegrain, {getattr(session, 'backend', 'torch')} backend, "
+                      f"{'KV cache' if cm.kv else 'no KV cache'})",
              "answer": tok.decode(g.tokens, skip_special_tokens=True), "tokens": len(g.tokens),
              "tokens_per_s": len(g.tokens) / q_s if q_s > 0 else float("nan")}]
 

@@ -27,22 +27,34 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma3"])
-def test_decode_over_the_cache_equals_the_full_sequence(family):
+@pytest.mark.parametrize("family,cache", [("llama", "static"), ("qwen2", "static"), ("phi3", "static"),
+                                          ("gemma3", "static"), ("llama", "concat"), ("gemma3", "concat")])
+def test_decode_over_the_cache_equals_the_full_sequence(family, cache):
     model = _family(family)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     cm = finegrain.compile(model, (ids,), recipe=FLOAT, progress=False, kv_cache=True)
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(x).logits
-    with cm.session("tvm", target=TARGET, max_seq_len=64) as s:
+    with cm.session("tvm", target=TARGET, max_seq_len=64, cache=cache) as s:
+        assert s.kv["cache"] == cache
         inc, state = _incremental(s, x, prefill=5)
         assert _rel(ref, inc) <= 1e-4, (family, _rel(ref, inc))
-        assert _rel(ref, s.run(*kv_inputs(cm.kv, x))) <= 1e-4  # the whole sequence over an empty past
+        out = s.run_all(*kv_inputs(cm.kv, x))  # the whole sequence over an empty past
+        assert _rel(ref, out[0]) <= 1e-4
+        # the artifact's contract holds for either cache: presents = [1, kv_heads, 24, head_dim]
+        assert all(tuple(p.shape) == (1, cm.kv["kv_heads"], 24, cm.kv["head_dim"]) for p in out[1:])
+        # a past given as tensors (chunked prefill: 10 tokens over the first 14's presents)
+        half = s.run_all(*kv_inputs(cm.kv, x[:, :14]))
+        rest = s.run_all(*kv_inputs(cm.kv, x[:, 14:], list(half[1:]), 14))
+        assert _rel(ref[:, 14:], rest[0]) <= 1e-4
+        assert max((a - b).abs().max().item() for a, b in zip(rest[1:], out[1:])) <= 1e-4
         one, _ = _incremental(s, x[:, :6], prefill=1)  # decode over an empty past (a one-token prompt)
         assert _rel(ref[:, :6], one) <= 1e-4
     assert len(state["past"]) == 2 * cm.kv["layers"] and state["pos"] == 24
-    assert tuple(state["past"][0].shape) == (1, cm.kv["kv_heads"], 24, cm.kv["head_dim"])
+    want = (1, 64, cm.kv["kv_heads"], cm.kv["head_dim"]) if cache == "static" else (
+        1, cm.kv["kv_heads"], 24, cm.kv["head_dim"])  # the preallocated buffers / the presents
+    assert tuple(state["past"][0].shape) == want
 
 
 @pytest.mark.parametrize("recipe", ["w4a16-g128", "w4a8-g128"])
@@ -64,7 +76,7 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
                            kv_cache=True)
     out = tmp_path / "deploy"
     m = cm.build(out, target=TARGET, max_seq_len=48)
-    assert m["kv"] == {**cm.kv, "max_seq_len": 48}
+    assert m["kv"] == {**cm.kv, "max_seq_len": 48, "cache": "static"}
     assert m["functions"] == {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, 48]}}
     prompt = [5, 17, 3, 99, 42]
     want = cm.generate(torch.tensor([prompt]), 10).tokens
@@ -78,7 +90,7 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
                           *map(str, prompt), "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300,
                          check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["cache"] is True and got["new_tokens"] == want and got["decode_tokens_per_s"] > 0
+    assert got["cache"] == "static" and got["new_tokens"] == want and got["decode_tokens_per_s"] > 0
     # past max_seq_len: a clear error before TVM runs; a tampered layout is refused at load
     with pytest.raises(InputError, match="exceeds the 48 tokens"):
         dep.generate(torch.tensor([prompt * 8]), 10)
@@ -90,6 +102,10 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
     bad["kv"]["layers"] = 7
     mf.write_text(json.dumps(bad))
     with pytest.raises(ArtifactError, match="KV-cache artifact's inputs"):
+        TvmDeployment(out)
+    bad["kv"]["layers"], bad["kv"]["cache"] = m["kv"]["layers"], "paged"
+    mf.write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match="kv 'cache' must be one of"):
         TvmDeployment(out)
 
 

@@ -58,6 +58,11 @@ def test_demo_command(tmp_path, capsys):
     # the demo ends with both models answering a chat prompt, with tokens/s and the size ratio
     assert "What is the capital of France?" in text and "fp32 (transformers, KV cache)" in text
     assert "tokens/s" in text and "of fp32" in text
+    # the quantized model is evaluated and chats through the fastest backend here (TVM when installed)
+    import importlib.util
+
+    backend = "tvm" if importlib.util.find_spec("tvm") else "torch"
+    assert f"w4a16-g128-clip ({backend})" in text and f"finegrain, {backend} backend, KV cache" in text
 
 
 def test_smollm2_folds_exact_on_real_text(smollm2):

@@ -12,10 +12,14 @@
 The executable has two functions taking ``(input_ids, *params)``: ``decode`` (one token) and
 ``prefill`` (2 ..max_seq_len tokens); a model with float inputs (images, features) has one,
 ``main``, taking its inputs with the dims the artifact declares dynamic (manifest ``inputs``). A KV-cache build (``compile(kv_cache=True)``; manifest
-``kv``) takes ``(input_ids, position_ids, past_key_0, past_value_0, ..., *params)`` and returns
-``(logits, present_key_0, present_value_0, ...)``: the presents (past + the new tokens, layout
-``[batch, kv_heads, seq, head_dim]``) are the next call's past, so a generation costs one
-``prefill`` and one ``decode`` per new token. :class:`TvmDeployment` (``finegrain.load`` returns one
+``kv``) takes ``(input_ids, position_ids, past_key_0, past_value_0, ..., *params)``; a generation
+costs one ``prefill`` and one ``decode`` per new token. With ``kv.cache == "static"`` (the
+default, ``lower_cache.py``) the pasts are views ``[1, past, kv_heads, head_dim]`` of one
+preallocated ``[1, max_seq_len, kv_heads, head_dim]`` buffer per layer for K and for V, and the
+functions return ``(logits, new_key_0, new_value_0, ...)``, written into the buffers at the cache
+position; with ``"concat"`` they return ``(logits, present_key_0, ...)`` (past + new,
+``[batch, kv_heads, seq, head_dim]``), the next call's past. :meth:`TvmDeployment.run_all` keeps
+the artifact's contract (head-major pasts in, presents out) for either. :class:`TvmDeployment` (``finegrain.load`` returns one
 for such a directory) runs it with only ``tvm.runtime`` (and torch for tensors in/out);
 ``examples/run_tvm_deploy.py`` generates text from a KV-cache build the same way without finegrain
 (TVM runtime, numpy, the ``tokenizers`` package).
@@ -37,6 +41,7 @@ from finegrain.io.files import (atomic_directory, dumps_json, file_records, load
 
 DEPLOY_VERSION = 2  # 2: files carry their byte counts
 MANIFEST, LIB, PARAMS, TOKENIZER, TUNING = "manifest.json", "model.so", "params.bin", "tokenizer", "tuning"
+CACHES = ("static", "concat")  # how a KV-cache build holds the cache (lower_cache.py)
 
 
 def parse_target(target: str | dict | None) -> dict:
@@ -81,9 +86,11 @@ def check_cpu_target(target: dict) -> None:
 
 def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
                      max_seq_len: int = 2048, overwrite: bool = False, progress: bool = False,
-                     int8: bool = True) -> dict:
+                     int8: bool = True, cache: str = "static") -> dict:
     """Build ``cm`` (a CompiledModel) into the deployment directory ``out``; returns the manifest.
-    ``int8=False`` keeps W(<=4)A8 linears on the fp32-compute kernel (for comparisons)."""
+    ``int8=False`` keeps W(<=4)A8 linears on the fp32-compute kernel (for comparisons). ``cache``
+    (KV-cache artifacts): ``"static"`` preallocated buffers written in place (``lower_cache.py``)
+    or ``"concat"`` (the graph's own past + new concatenation; kept for comparisons)."""
     import tvm
 
     from finegrain.version import __version__
@@ -100,8 +107,10 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     kv = getattr(cm, "kv", None)
     if kv:
         max_seq_len = min(max_seq_len, kv["max_seq_len"])
+    if cache not in CACHES:
+        raise InputError(f"cache {cache!r}: one of {list(CACHES)}")
     t0 = time.perf_counter()
-    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8)
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8, cache=cache)
     functions = ({"main": {"inputs": "as declared (inputs[].dims)"}} if is_tensor_specs(cm.input_specs) else
                  {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}})
     import_s = time.perf_counter() - t0
@@ -126,7 +135,7 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "inputs": cm.input_specs,
             "functions": functions,
             "params": [name for name, _ in params],
-            **({"kv": {**kv, "max_seq_len": max_seq_len}} if kv else {}),
+            **({"kv": {**kv, "max_seq_len": max_seq_len, "cache": cache}} if kv else {}),
             "kernels": kernels,
             "recipe": cm.recipe.to_dict(),
             "source": cm.source,
@@ -204,6 +213,8 @@ class TvmDeployment(Session, Artifact):
             from finegrain.compiler.capture import check_kv_layout
 
             check_kv_layout(self.kv, self.input_specs, str(path / MANIFEST))
+            if self.kv.get("cache", "concat") not in CACHES:
+                raise ArtifactError(f"{path / MANIFEST}: kv 'cache' must be one of {list(CACHES)}")
             self.max_seq_len = min(self.max_seq_len, self.kv["max_seq_len"])
 
     def function_for(self, seq_len: int) -> str:
@@ -228,24 +239,72 @@ class TvmDeployment(Session, Artifact):
 
         return tvm.runtime.tensor(np.ascontiguousarray(x.detach().cpu().numpy()), self.dev)
 
+    @property
+    def static_cache(self) -> bool:
+        return bool(self.kv) and self.kv.get("cache", "concat") == "static"
+
     def run_all(self, *inputs: torch.Tensor) -> tuple:
         from finegrain.io.signature import check_inputs
 
         check_inputs(self.input_specs, inputs)
+        if self.static_cache:  # the artifact's contract: head-major pasts in, presents out
+            ids, pos, past = inputs[0], inputs[1], inputs[2:]
+            start, n = past[0].shape[2], ids.shape[1]
+            self.check_room(start, n)
+            bufs = self._buffers()
+            for b, p in zip(bufs, past):
+                self._view(b, 0, start).copyfrom(np.ascontiguousarray(p.transpose(1, 2).numpy()))
+            out = self._static_forward(ids, pos, bufs, start)
+            return (out[0], *(torch.from_numpy(self._view(b, 0, start + n).numpy()).transpose(1, 2).contiguous()
+                              for b in bufs))
         return tuple(torch.from_numpy(o.numpy()) for o in self._call([self._tensor(x) for x in inputs]))
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kv and len(inputs) == 1:  # token ids alone: over an empty past
+            return self.kv_forward(inputs[0], None, 0)[0]
         return self.run_all(*inputs)[0]
+
+    def _buffers(self) -> list:
+        """A static build's cache: per layer, K then V, ``[1, max_seq_len, kv_heads, head_dim]``."""
+        import tvm
+
+        kv = self.kv
+        shape = (1, kv["max_seq_len"], kv["kv_heads"], kv["head_dim"])
+        return [tvm.runtime.empty(shape, kv["dtype"], self.dev) for _ in range(2 * kv["layers"])]
+
+    def _view(self, buf, start: int, n: int):
+        """Tokens ``start .. start + n`` of a static cache buffer, as a tensor sharing its memory."""
+        kv = self.kv
+        row = kv["kv_heads"] * kv["head_dim"] * np.dtype(kv["dtype"]).itemsize
+        return buf._create_view((1, n, kv["kv_heads"], kv["head_dim"]), kv["dtype"], start * row)
+
+    def _static_forward(self, ids: torch.Tensor, pos: torch.Tensor, bufs: list, start: int) -> tuple:
+        """One call over a static cache: the past is views of ``bufs``' first ``start`` tokens; the
+        new keys / values the function returns are written at ``start``. ``(logits, *bufs)``."""
+        out = self._call([self._tensor(ids), self._tensor(pos), *(self._view(b, 0, start) for b in bufs)])
+        for b, new in zip(bufs, out[1:]):
+            new.copyto(self._view(b, start, ids.shape[1]))
+        return (torch.from_numpy(out[0].numpy()), *bufs)
 
     def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
         """Over a KV-cache build: ``(logits, *presents)`` with the presents kept as TVM tensors (the
-        next step's past is passed back without a copy through torch)."""
+        next step's past is passed back without a copy through torch). A static build's presents
+        are its cache buffers (``past`` None: new ones), the new tokens written in place."""
         import tvm
 
         from finegrain.compiler.capture import kv_inputs
         from finegrain.io.signature import check_inputs
 
         self.check_room(start, ids.shape[1])
+        if self.static_cache:
+            check_inputs(self.input_specs[:1], (ids,))
+            want = (1, self.kv["max_seq_len"], self.kv["kv_heads"], self.kv["head_dim"])
+            if past is not None and (len(past) != 2 * self.kv["layers"] or not all(
+                    isinstance(p, tvm.runtime.Tensor) and tuple(p.shape) == want for p in past)):
+                raise InputError(f"{self.path}: a static-cache build continues from the state of its own prefill "
+                                 f"({2 * self.kv['layers']} cache buffers {list(want)})")
+            return self._static_forward(ids, kv_inputs(self.kv, ids, [], start)[1],
+                                        self._buffers() if past is None else list(past), start)
         if past is None:
             inputs = kv_inputs(self.kv, ids, None, start)
             check_inputs(self.input_specs, inputs)
@@ -268,7 +327,8 @@ class TvmSession(TvmDeployment):
     """``cm.session("tvm", ...)``: builds ``cm`` into a temporary directory and loads it."""
 
     def __init__(self, cm, target: str | dict | None = None, tune_trials: int = 0, max_seq_len: int = 2048,
-                 threads: int | None = None, path: str | Path | None = None, int8: bool = True):
+                 threads: int | None = None, path: str | Path | None = None, int8: bool = True,
+                 cache: str = "static"):
         import tempfile
 
         self._tmp = None
@@ -276,5 +336,5 @@ class TvmSession(TvmDeployment):
             self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-tvm-")
             path = Path(self._tmp.name) / "deploy"
             self.build = build_deployment(cm, path, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
-                                          int8=int8)
+                                          int8=int8, cache=cache)
         super().__init__(path, threads=threads)

@@ -556,7 +556,7 @@ def is_tensor_specs(input_specs: list[dict]) -> bool:
 
 
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
-                 int8: bool = True):
+                 int8: bool = True, cache: str = "static"):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
     tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
@@ -568,7 +568,10 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     logits then the presents) keeps its signature: ``prefill`` takes 2.. new tokens over a past of
     any length (0 included), ``decode`` one token over any past; both return ``(logits,
     present_key_0, present_value_0, ...)``, the presents being the past with the new keys / values
-    appended (the next call's past)."""
+    appended (the next call's past). With ``cache="static"`` (``lower_cache.py``) the pasts are
+    token-major views ``[B, P, Hkv, d]`` of the deployment's preallocated buffers and the functions
+    return ``(logits, new_key_0, new_value_0, ...)``, the new keys / values token-major
+    ``[B, S, Hkv, d]``, for the runtime to write into the buffers."""
     import tvm
 
     lanes = vector_lanes(target)
@@ -587,16 +590,26 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     if not kv and (len(input_specs) != 1 or input_specs[0]["dynamic_dims"] != [1]):
         raise TvmError("the TVM build takes one token-id input whose dim 1 (sequence) is dynamic, or a KV-cache "
                        f"graph (input_ids, position_ids, past_key_0, ...), got {[s['name'] for s in input_specs]}")
+    if cache not in ("static", "concat"):
+        raise TvmError(f"cache {cache!r}: 'static' (preallocated, written in place) or 'concat'")
     pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
     past = [s["name"].startswith("past_") for s in input_specs]
+    static = kv and cache == "static"
+    axis = 1 if static else 2  # the past's sequence axis
+    if static:
+        from finegrain.backends.tvm.lower_cache import to_static_cache
+
+        to_static_cache(pgm)
     if kv:
         dim = torch.export.Dim("past", min=0, max=max_seq_len)
-        ds_prefill = tuple({2: dim} if p else {1: seq} for p in past)
-        ds_decode = tuple({2: dim} if p else None for p in past)
+        ds_prefill = tuple({axis: dim} if p else {1: seq} for p in past)
+        ds_decode = tuple({axis: dim} if p else None for p in past)
     else:
         ds_prefill, ds_decode = ({1: seq},), None
     ex_prefill = example_inputs(input_specs)
+    if static:
+        ex_prefill = tuple(x.transpose(1, 2).contiguous() if p else x for x, p in zip(ex_prefill, past))
     ex_decode = tuple(x if p else x[:, :1] for x, p in zip(ex_prefill, past))  # one new token
     prefill, names = _import(pgm, ex_prefill, ds_prefill, "", lanes, max_seq_len)
     decode, names_d = _import(pgm, ex_decode, ds_decode, "decode_", lanes, max_seq_len if kv else 1)
@@ -609,5 +622,7 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
                 gv, f = tvm.ir.GlobalVar(name), f.with_attr("global_symbol", name)
             funcs[gv] = f
     mod = tvm.IRModule(funcs)
+    if static:  # the concatenations the attention kernel reads around have no reader left
+        mod = tvm.relax.transform.DeadCodeElimination()(mod)
     params = dict(pgm.named_parameters())
     return mod, [(name, params[name]) for name in names], kernels

@@ -98,7 +98,9 @@ def share_kv_heads(ep) -> int:
 def converter(prefix: str, max_seq_len: int):
     from tvm import relax, te, tirx
 
-    from finegrain.backends.tvm.kernels.attention import KEY_BLOCK, attention_func, decode_attention_func
+    from finegrain.backends.tvm.kernels.attention import (KEY_BLOCK, attention_func, cache_decode_attention_func,
+                                                          decode_attention_func)
+    from finegrain.backends.tvm.lower_cache import cache_parts
 
     funcs: dict = {}
     biases: list = []  # (mask value or None, causal, bias)
@@ -148,15 +150,35 @@ def converter(prefix: str, max_seq_len: int):
         longest = int(t) if isinstance(t, tirx.IntImm) else max_seq_len
         tag = "" if scale == 1.0 / math.sqrt(int(d)) else f"_scale{len(funcs)}"
         one = isinstance(s, tirx.IntImm) and int(s) == 1  # one query per head: K read in the cache's layout
-        make = decode_attention_func if one else attention_func
-        key = f"{prefix}attention{'_one' if one else ''}_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
+        # a static cache (lower_cache.py): K / V = cat(transposed view of the cache, new part)
+        kc, vc = cache_parts(node.args[1]), cache_parts(node.args[2])
+        parts = None if kc is None or vc is None else [importer.env[x] for x in (*kc, *vc)]
+        if one and parts:
+            make, kind = cache_decode_attention_func, "_cache"
+        else:
+            make, kind = (decode_attention_func, "_one") if one else (attention_func, "")
+        key = f"{prefix}attention{kind}_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}"
         if key not in funcs:
             func = make(int(b), int(h), int(hk), int(d), longest, scale).with_attrs({"op_pattern": 8, "global_symbol": key})
             funcs[key] = bb.add_func(func, key)
-        if not one:  # the prefill kernel reads K transposed, keys padded to whole blocks
+        out = relax.TensorType([b, h, s, d], "float32")
+        if one and parts:  # cached keys / values read in place, the new one beside them
+            kp, kn, vp, vn = parts
+            return bb.emit(relax.call_tir(funcs[key], [q, kp, kn, vp, vn, bias], out))
+        if parts:  # prefill over a static cache: gather past and new once, in the kernel's layouts
+            kp, kn, vp, vn = parts
+            p = kp.ty.shape[1]
+            k = bb.emit_te(lambda x, y: te.compute((b, hk, d, t32), lambda bi, hi, di, j: te.if_then_else(
+                j < p, x[bi, tirx.min(j, p - 1), hi, di], te.if_then_else(
+                    j < t, y[bi, hi, tirx.max(j - p, 0), di], tirx.const(0.0, "float32"))), name="keys_t"), kp, kn,
+                primfunc_name_hint=f"{prefix}attention_cache_keys_t", primfunc_attrs={"op_pattern": 8})
+            v = bb.emit_te(lambda x, y: te.compute((b, hk, t, d), lambda bi, hi, j, di: te.if_then_else(
+                j < p, x[bi, tirx.min(j, p - 1), hi, di], y[bi, hi, tirx.max(j - p, 0), di]), name="values"), vp, vn,
+                primfunc_name_hint=f"{prefix}attention_cache_values", primfunc_attrs={"op_pattern": 8})
+        elif not one:  # the prefill kernel reads K transposed, keys padded to whole blocks
             k = bb.emit_te(lambda x: te.compute((b, hk, d, t32), lambda bi, hi, di, j: te.if_then_else(
                 j < t, x[bi, hi, j, di], tirx.const(0.0, "float32")), name="keys_t"), k,
                 primfunc_name_hint=f"{prefix}attention_keys_t", primfunc_attrs={"op_pattern": 8})
-        return bb.emit(relax.call_tir(funcs[key], [q, k, v, bias], relax.TensorType([b, h, s, d], "float32")))
+        return bb.emit(relax.call_tir(funcs[key], [q, k, v, bias], out))
 
     return convert

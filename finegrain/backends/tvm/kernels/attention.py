@@ -239,3 +239,114 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                                                                  T.float32(0))
 
     return func
+
+
+def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
+    """:func:`decode_attention_func` over a static cache: the PrimFunc ``f(q[B, H, 1, d],
+    kp[B, P, Hkv, d], kn[B, Hkv, 1, d], vp[B, P, Hkv, d], vn[B, Hkv, 1, d], bias[1, T32],
+    o[B, H, 1, d])`` whose keys / values are the ``P`` cached ones, read where the cache holds them
+    (token-major views of the deployment's preallocated buffers: nothing is concatenated or copied
+    per step), then the new one (T = P + 1). Same scores, softmax and masking as the other kernels."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    _check_heads(heads, kv_heads, d)
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+
+    def dot(part):  # the 8 lanes summed as the other kernels do
+        return (part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5]) + (part[6] + part[7]))
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, kp_h: T.handle, kn_h: T.handle, vp_h: T.handle, vn_h: T.handle, bias_h: T.handle,
+             o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        t32 = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
+        kp = T.match_buffer(kp_h, (batch, p, kv_heads, d), f32)
+        kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
+        vp = T.match_buffer(vp_h, (batch, p, kv_heads, d), f32)
+        vn = T.match_buffer(vn_h, (batch, kv_heads, 1, d), f32)
+        bias = T.match_buffer(bias_h, (1, t32), f32)
+        o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
+        assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
+        for task in T.parallel(batch * kv_heads):
+            sc = T.decl_buffer((group * row,), f32, scope="local")
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            out = T.decl_buffer((d,), f32, scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            bi = task // kv_heads
+            kh = task % kv_heads
+            # 1. scores: the cached keys, then the new one, then -inf up to whole vectors
+            for j in T.serial(p):
+                if bias[0, j] > neg_inf:
+                    for g in T.serial(group):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = T.float32(0)
+                        for dv in T.serial(nv):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kp[
+                                    bi, j, kh, dv * LANES + lane]
+                        sc[g * row + j] = dot(part) * T.float32(scale) + bias[0, j]
+                else:
+                    for g in T.serial(group):
+                        sc[g * row + j] = neg_inf
+            for g in T.serial(group):
+                if bias[0, p] > neg_inf:
+                    for lane in T.vectorized(LANES):
+                        part[lane] = T.float32(0)
+                    for dv in T.serial(nv):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
+                                bi, kh, 0, dv * LANES + lane]
+                    sc[g * row + p] = dot(part) * T.float32(scale) + bias[0, p]
+                else:
+                    sc[g * row + p] = neg_inf
+                for j in T.serial(t32 - p - 1):
+                    sc[g * row + p + 1 + j] = neg_inf
+            for g in T.serial(group):
+                # 2. max, exp, sum (over whole 8-key vectors; the padding is -inf)
+                for lane in T.vectorized(LANES):
+                    red[lane] = neg_inf
+                for jo in T.serial(t32 // LANES):
+                    for lane in T.vectorized(LANES):
+                        red[lane] = T.max(red[lane], sc[g * row + jo * LANES + lane])
+                tot[0] = neg_inf
+                for lane in T.serial(LANES):
+                    tot[0] = T.max(tot[0], red[lane])
+                if tot[0] == neg_inf:
+                    tot[0] = T.float32(0)
+                for lane in T.vectorized(LANES):
+                    red[lane] = T.float32(0)
+                for jo in T.serial(t32 // LANES):
+                    for lane in T.vectorized(LANES):
+                        sc[g * row + jo * LANES + lane] = vexp(sc[g * row + jo * LANES + lane] - tot[0])
+                        red[lane] = red[lane] + sc[g * row + jo * LANES + lane]
+                tot[1] = T.float32(0)
+                for lane in T.serial(LANES):
+                    tot[1] = tot[1] + red[lane]
+                # 3. probabilities times V: the cached values, then the new one
+                for a in T.vectorized(d):
+                    out[a] = T.float32(0)
+                for j in T.serial(p):
+                    if sc[g * row + j] != T.float32(0):
+                        for dv in T.unroll(nv):
+                            for lane in T.vectorized(LANES):
+                                out[dv * LANES + lane] = out[dv * LANES + lane] + sc[g * row + j] * vp[
+                                    bi, j, kh, dv * LANES + lane]
+                if sc[g * row + p] != T.float32(0):
+                    for dv in T.unroll(nv):
+                        for lane in T.vectorized(LANES):
+                            out[dv * LANES + lane] = out[dv * LANES + lane] + sc[g * row + p] * vn[
+                                bi, kh, 0, dv * LANES + lane]
+                for a in T.vectorized(d):
+                    o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), out[a] / tot[1],
+                                                                 T.float32(0))
+
+    return func
