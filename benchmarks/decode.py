@@ -16,7 +16,9 @@ Rows (each with and without its own KV cache where it has one):
   kernel, W4A8-DGQ on the integer-dot kernel), built for this CPU; threads set per row through
   TVM's pool. W4A16 twice: ``cache static`` (preallocated buffers written in place, the default)
   and ``cache concat`` (the graph concatenates past and new each call): the measurement behind
-  the default (``backends/tvm/lower_cache.py``);
+  the default (``backends/tvm/lower_cache.py``); and W4A16 g128 with the LM head and embedding in
+  int8 per channel (``w4a16-g128-rot-gptq-head8``'s formats, round to nearest): the fp32 tied head
+  is 113 MB read per token, the larger part of a W4A16 decode step;
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -226,7 +228,16 @@ def main() -> None:
     try:
         import tvm  # noqa: F401
 
+        import dataclasses
+
+        from finegrain.compiler.recipe import get_recipe
+
+        # the head8 preset's formats (int8 per-channel LM head and embedding) without its rotation / GPTQ:
+        # speed does not depend on how the codes were chosen
+        head8 = dataclasses.replace(get_recipe("w4a16-g128-rot-gptq-head8"), name="w4a16-g128-head8 (RTN)",
+                                    rotate=False, weight_algorithm="rtn", sequential=False)
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
+                                    ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static")):
             row = f"finegrain TVM {name}, cache {cache}"
             if args.rows and not any(w in row for w in args.rows):

@@ -50,17 +50,17 @@ def timeit(fn, reps: int, warmup: int = 3) -> tuple[float, float]:
     return statistics.median(ts) * 1e3, min(ts) * 1e3
 
 
-def ort_quantize(src: Path, dst: Path, algo: str, accuracy_level: int, exclude: list[str]) -> float:
-    """ORT's MatMulNBitsQuantizer (4 bits, block 128, asymmetric) on an fp32 ONNX file; seconds."""
+def ort_quantize(src: Path, dst: Path, algo: str, accuracy_level: int, exclude: list[str], block_size: int = 128) -> float:
+    """ORT's MatMulNBitsQuantizer (4 bits, block ``block_size``, asymmetric) on an fp32 ONNX file; seconds."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     t = time.perf_counter()
     model = onnx.load(str(src))
-    cfg = {"rtn": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=False,
+    cfg = {"rtn": lambda: mnq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False,
                                                           accuracy_level=accuracy_level),
-           "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=128, bits=4)}[algo]()
-    q = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=128, is_symmetric=False, accuracy_level=accuracy_level,
+           "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=4)}[algo]()
+    q = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
                                  nodes_to_exclude=exclude, algo_config=cfg)
     q.process()
     if algo == "hqq":  # HQQ's config takes no accuracy level: set it on the nodes it wrote

@@ -82,6 +82,22 @@ def _(w, scale, zs, bits, k_packed, k):
 
 
 PACKED_WEIGHT = torch.ops.finegrain.packed_weight.default
+
+
+@torch.library.custom_op("finegrain::packed_embedding", mutates_args=())
+def packed_embedding(ids: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int,
+                     k_packed: int, k: int) -> torch.Tensor:
+    """``embedding(W, ids)`` with W in the low-bit kernels' packed layout (reference implementation):
+    only the rows looked up are dequantized (TVM: ``_convert_packed_embedding``)."""
+    return F.embedding(ids, packed_weight(w, scale, zs, bits, k_packed, k))
+
+
+@packed_embedding.register_fake
+def _(ids, w, scale, zs, bits, k_packed, k):
+    return w.new_empty((*ids.shape, k), dtype=torch.float32)
+
+
+PACKED_EMBEDDING = torch.ops.finegrain.packed_embedding.default
 _LAYOUT = {torch.ops.aten.reshape.default, torch.ops.aten.permute.default}
 _RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}  # those TVM 0.27's frontend converts
 
@@ -179,13 +195,20 @@ def _dequantized_in_graph(gm, graph: Graph, n, layer: str, fmt: QuantFormat, sha
         raise TvmError(f"{layer}: {e}") from None
     with graph.inserting_before(n):
         attrs = [graph.get_attr(param(f"{layer}_tvm_dq_{part}", torch.from_numpy(p[part]))) for part in ("w", "scale", "zs")]
+    info = {"format": fmt.tag, "bits": p["bits"], "group_size": p["group_size"], "shape": shape}
+    if all(u.target is torch.ops.aten.embedding.default for u in readers):  # only the rows looked up
+        for u in readers:
+            with graph.inserting_before(u):
+                new = graph.call_function(PACKED_EMBEDDING, (u.args[1], *attrs, p["bits"], kp, k))
+            u.replace_all_uses_with(new)
+            graph.erase_node(u)
+        return {**info, "kind": "embedding (rows dequantized per lookup)"}
+    with graph.inserting_before(n):
         new = graph.call_function(PACKED_WEIGHT, (*attrs, p["bits"], kp, k))
     for u in readers:
         u.replace_input_with(n, new)
-    what = ("conv" if any(u.target in CONV_OPS or u.target in _LAYOUT for u in readers) else "recurrent"
-            if any(u.target in _RECURRENT for u in readers) else "embedding")
-    return {"format": fmt.tag, "kind": f"{what} (weight dequantized per call, fp32 {what})", "bits": p["bits"],
-            "group_size": p["group_size"], "shape": shape}
+    what = "conv" if any(u.target in CONV_OPS or u.target in _LAYOUT for u in readers) else "recurrent"
+    return {**info, "kind": f"{what} (weight dequantized per call, fp32 {what})"}
 
 
 def _convert_packed_weight(prefix: str):
@@ -208,6 +231,32 @@ def _convert_packed_weight(prefix: str):
             return te.compute((n, k), body, name="packed_weight")
 
         return bb.emit_te(unpack, w, scale, zs, primfunc_name_hint=f"{prefix}packed_weight")
+
+    return convert
+
+
+def _convert_packed_embedding(prefix: str):
+    def convert(node, importer):
+        from tvm import te, tirx
+
+        bb = importer.block_builder
+        ids, w, scale, zs, bits, kp, k = importer.retrieve_args(node)
+        per = 32 // bits
+        kgs = kp // int(scale.ty.shape[0])
+        mask = (1 << bits) - 1
+        shape = list(ids.ty.shape)
+
+        def lookup(i_, w_, s_, z_):
+            def body(*idx):  # row ids[idx[:-1]] of the weight at column j: code j of that row's packed column
+                j, i = idx[-1], tirx.Cast("int64", i_(*idx[:-1]))
+                word = w_[j // per, i]
+                code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), mask)
+                s = s_[j // kgs, i]
+                return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
+
+            return te.compute((*shape, k), body, name="packed_embedding")
+
+        return bb.emit_te(lookup, ids, w, scale, zs, primfunc_name_hint=f"{prefix}packed_embedding")
 
     return convert
 
@@ -534,6 +583,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
+               "packed_embedding.default": _convert_packed_embedding(prefix),
                "amax.default": _convert_amax}
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
