@@ -19,9 +19,11 @@ Rows, per group size G:
   ONNX export, the LM head left float, run by ONNX Runtime at accuracy level 0 (fp32 compute);
 * torchao ``IntxWeightOnlyConfig(int4, PerGroup(G), asymmetric)`` on every linear but the head.
 
-Bits per weight: finegrain's is its exact count over the quantized linears (codes, scales, zero
-points); a peer's is the nominal count of the format it stores, over the same linears: 4 bits +
-a 16-bit scale + a 4-bit (ORT, NNCF) or 8-bit (torchao) zero point per group, stated per row.
+Bits per weight, over the linears (not the embedding / head): finegrain's exact count (codes,
+scales, zero points); NNCF's counted from the groups it stored (4-bit codes, fp16 scale, 4-bit zero
+point per group); ORT's and torchao's the nominal count of their format: 4 bits + a 16-bit scale + a
+4-bit (ORT) or 8-bit (torchao) zero point per group. Quantize seconds exclude the fp32 ONNX export
+ORT's quantizer starts from (printed once).
 
 The grouping caveat: SmolLM2's hidden size 576 (the K of q/k/v/gate/up) is not a multiple of 128.
 finegrain's last group along K is ragged (4 x 128 + 64); ORT's MatMulNBits pads K to whole
@@ -85,7 +87,25 @@ def run_nncf(lm, group: int, calib: list) -> tuple[object, dict]:
             raise
         model = go(AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
         note += f"; group {group} refused ({str(e).splitlines()[0][:90]}), rerun with GroupSizeFallbackMode.ADJUST"
-    return (lambda ids: model(input_ids=ids).logits), {"note": note, "bits_per_weight": nominal_bpw(group, 4)}
+    return (lambda ids: model(input_ids=ids).logits), {"note": note, "bits_per_weight": nncf_bpw(model)}
+
+
+def nncf_bpw(model) -> float:
+    """Bits per weight of NNCF's compressed linears (not the embedding): 4-bit codes, one fp16 scale
+    and one 4-bit zero point per group, the groups counted from its scale buffers (with the ADJUST
+    fallback, layers whose K the group size does not divide have smaller groups)."""
+    mods = dict(model.named_modules())
+    bits = weights = 0
+    for name, buf in model.named_buffers():
+        if not name.endswith("._scale") or ":weight__" not in name:
+            continue
+        path = name.split("post_hooks.")[-1].split(":weight__")[0].replace(":", ".")
+        mod = mods.get(path)
+        if isinstance(mod, torch.nn.Linear):
+            w = mod.in_features * mod.out_features
+            bits += 4 * w + 20 * buf.numel()
+            weights += w
+    return bits / weights
 
 
 def run_torchao(lm, group: int) -> tuple[object, dict]:
@@ -166,15 +186,15 @@ def main() -> None:
         if "nncf" in want:
             jobs.append(("NNCF", f"INT4_ASYM g{g} AWQ+SE", lambda g=g: run_nncf(lm, g, calib)))
         if "ort" in want:
+            if fp_onnx is None:  # ORT quantizes an fp32 ONNX file: finegrain's export (not timed per row)
+                t = time.perf_counter()
+                fp_onnx = out / "fp32.onnx"
+                compile_loaded(lm, {"name": "fp32", "rules": []}, samples=0, progress=False).export_onnx(
+                    fp_onnx, overwrite=True)
+                print(f"fp32 ONNX export for ONNX Runtime's quantizer: {time.perf_counter() - t:.1f} s", flush=True)
             for algo in ("rtn", "hqq"):
-                def ort(g=g, algo=algo):
-                    nonlocal fp_onnx
-                    if fp_onnx is None:
-                        fp_onnx = out / "fp32.onnx"
-                        compile_loaded(lm, {"name": "fp32", "rules": []}, samples=0, progress=False).export_onnx(
-                            fp_onnx, overwrite=True)
-                    return run_ort(lm, g, algo, out, fp_onnx)
-                jobs.append(("ONNX Runtime", f"MatMulNBits {algo.upper()} g{g}", ort))
+                jobs.append(("ONNX Runtime", f"MatMulNBits {algo.upper()} g{g}",
+                             lambda g=g, algo=algo: run_ort(lm, g, algo, out, fp_onnx)))
         if "torchao" in want:
             jobs.append(("torchao", f"IntxWeightOnly int4 g{g}", lambda g=g: run_torchao(lm, g)))
         for tool, method, job in jobs:
