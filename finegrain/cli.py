@@ -832,8 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the bundled LM, compare FP vs quantized perplexity, save the artifact")
     d.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     d.add_argument("--recipe", default="w4a16-g128-rot-gptq",
-                   help="preset name or recipe .json/.yaml (default: the most accurate W4 preset that compiles in "
-                        "about a minute and a half: folded QuaRot rotation + sequential GPTQ)")
+                   help="preset name or recipe .json/.yaml (default: the most accurate W4 preset that compiles in under "
+                        "two minutes: folded QuaRot rotation + sequential GPTQ)")
     d.add_argument("--seq-len", type=POS, default=2048)
     d.add_argument("--max-windows", type=NONNEG, default=8, help="evaluation windows (0 = all)")
     d.add_argument("--out", default=DEMO_OUT, help="artifact directory (replaced if it exists)")
