@@ -211,26 +211,28 @@ def _dequantized_in_graph(gm, graph: Graph, n, layer: str, fmt: QuantFormat, sha
     return {**info, "kind": f"{what} (weight dequantized per call, fp32 {what})"}
 
 
+def _packed_value(w_, s_, z_, i, j, bits: int, kgs):
+    """TE expression: the fp32 weight at row ``i``, column ``j`` of the low-bit kernels' packed
+    layout (code of k = ``j`` in word ``j // per`` of column ``i``; ``kgs`` columns per scale group)."""
+    from tvm import tirx
+
+    per = 32 // bits
+    word = w_[j // per, i]
+    code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), (1 << bits) - 1)
+    s = s_[j // kgs, i]
+    return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
+
+
 def _convert_packed_weight(prefix: str):
     def convert(node, importer):
-        from tvm import te, tirx
+        from tvm import te
 
         bb = importer.block_builder
         w, scale, zs, bits, kp, k = importer.retrieve_args(node)
-        per, n = 32 // bits, w.ty.shape[1]
         kgs = kp // int(scale.ty.shape[0])
-        mask = (1 << bits) - 1
-
-        def unpack(w_, s_, z_):
-            def body(i, j):  # weight [N, K] at (i, j): code of k = j in word j // per, column i
-                word = w_[j // per, i]
-                code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), mask)
-                s = s_[j // kgs, i]
-                return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
-
-            return te.compute((n, k), body, name="packed_weight")
-
-        return bb.emit_te(unpack, w, scale, zs, primfunc_name_hint=f"{prefix}packed_weight")
+        return bb.emit_te(lambda w_, s_, z_: te.compute(
+            (w.ty.shape[1], k), lambda i, j: _packed_value(w_, s_, z_, i, j, bits, kgs), name="packed_weight"),
+            w, scale, zs, primfunc_name_hint=f"{prefix}packed_weight")
 
     return convert
 
@@ -241,20 +243,11 @@ def _convert_packed_embedding(prefix: str):
 
         bb = importer.block_builder
         ids, w, scale, zs, bits, kp, k = importer.retrieve_args(node)
-        per = 32 // bits
         kgs = kp // int(scale.ty.shape[0])
-        mask = (1 << bits) - 1
-        shape = list(ids.ty.shape)
 
-        def lookup(i_, w_, s_, z_):
-            def body(*idx):  # row ids[idx[:-1]] of the weight at column j: code j of that row's packed column
-                j, i = idx[-1], tirx.Cast("int64", i_(*idx[:-1]))
-                word = w_[j // per, i]
-                code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), mask)
-                s = s_[j // kgs, i]
-                return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
-
-            return te.compute((*shape, k), body, name="packed_embedding")
+        def lookup(i_, w_, s_, z_):  # only the rows ids name: row ids[idx[:-1]] at column idx[-1]
+            return te.compute((*ids.ty.shape, k), lambda *idx: _packed_value(
+                w_, s_, z_, tirx.Cast("int64", i_(*idx[:-1])), idx[-1], bits, kgs), name="packed_embedding")
 
         return bb.emit_te(lookup, ids, w, scale, zs, primfunc_name_hint=f"{prefix}packed_embedding")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-KV_META = "finegrain_kv"
+from finegrain.compiler.ir import KV as KV_META  # the present keys / values' node meta
 _TRANSPOSES = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 

@@ -50,6 +50,46 @@ def vexp(x):
     return tirx.Select(x < tirx.const(EXP_MIN, f32), tirx.const(0.0, f32), p * two_n)
 
 
+def _softmax():
+    """The TVMScript macro ``softmax(sc, red, tot, base, n)`` every kernel here runs on one row of
+    scores ``sc[base : base + n]`` (``n`` a multiple of 8; masked keys -inf): ``tot[0]`` = the max
+    (0 for a fully masked row, so exp gives 0 everywhere), ``sc`` <- ``exp(s - max)`` in place,
+    ``tot[1]`` = their sum; ``red`` is an 8-lane scratch."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    neg_inf = tirx.const(-math.inf, "float32")
+
+    @T.macro
+    def softmax(sc, red, tot, base, n):
+        for lane in T.vectorized(LANES):
+            red[lane] = neg_inf
+        for jo in T.serial(n // LANES):
+            for lane in T.vectorized(LANES):
+                red[lane] = T.max(red[lane], sc[base + jo * LANES + lane])
+        tot[0] = neg_inf
+        for lane in T.serial(LANES):
+            tot[0] = T.max(tot[0], red[lane])
+        if tot[0] == neg_inf:
+            tot[0] = T.float32(0)
+        for lane in T.vectorized(LANES):
+            red[lane] = T.float32(0)
+        for jo in T.serial(n // LANES):
+            for lane in T.vectorized(LANES):
+                sc[base + jo * LANES + lane] = vexp(sc[base + jo * LANES + lane] - tot[0])
+                red[lane] = red[lane] + sc[base + jo * LANES + lane]
+        tot[1] = T.float32(0)
+        for lane in T.serial(LANES):
+            tot[1] = tot[1] + red[lane]
+
+    return softmax
+
+
+def _dot8(part):
+    """The 8 lanes of ``part`` summed pairwise (the order every kernel here uses)."""
+    return (part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5]) + (part[6] + part[7]))
+
+
 def padded_keys(max_seq_len: int) -> int:
     return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
 
@@ -73,6 +113,7 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
     nv, nb = d // LANES, KEY_BLOCK // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
+    softmax = _softmax()
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kt_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
@@ -118,25 +159,7 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
                     for a in T.vectorized(KEY_BLOCK):
                         sc[jo * KEY_BLOCK + a] = neg_inf
             # 2. max, exp, sum
-            for lane in T.vectorized(LANES):
-                red[lane] = neg_inf
-            for jo in T.serial(s32 // LANES):
-                for lane in T.vectorized(LANES):
-                    red[lane] = T.max(red[lane], sc[jo * LANES + lane])
-            tot[0] = neg_inf
-            for lane in T.serial(LANES):
-                tot[0] = T.max(tot[0], red[lane])
-            if tot[0] == neg_inf:  # a fully masked row: exp(s - 0) = 0 everywhere, output 0
-                tot[0] = T.float32(0)
-            for lane in T.vectorized(LANES):
-                red[lane] = T.float32(0)
-            for jo in T.serial(s32 // LANES):
-                for lane in T.vectorized(LANES):
-                    sc[jo * LANES + lane] = vexp(sc[jo * LANES + lane] - tot[0])
-                    red[lane] = red[lane] + sc[jo * LANES + lane]
-            tot[1] = T.float32(0)
-            for lane in T.serial(LANES):
-                tot[1] = tot[1] + red[lane]
+            softmax(sc, red, tot, 0, s32)
             # 3. probabilities times V
             for a in T.vectorized(d):
                 out[a] = T.float32(0)
@@ -168,6 +191,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
+    softmax = _softmax()
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
@@ -199,32 +223,13 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                             for lane in T.vectorized(LANES):
                                 part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * k[
                                     bi, kh, j, dv * LANES + lane]
-                        sc[g * row + j] = ((part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5])
-                                           + (part[6] + part[7]))) * T.float32(scale) + bias[0, j]
+                        sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
                 else:
                     for g in T.serial(group):
                         sc[g * row + j] = neg_inf
             for g in T.serial(group):
-                # 2. max, exp, sum (over whole 8-key vectors; the padding is -inf)
-                for lane in T.vectorized(LANES):
-                    red[lane] = neg_inf
-                for jo in T.serial(t32 // LANES):
-                    for lane in T.vectorized(LANES):
-                        red[lane] = T.max(red[lane], sc[g * row + jo * LANES + lane])
-                tot[0] = neg_inf
-                for lane in T.serial(LANES):
-                    tot[0] = T.max(tot[0], red[lane])
-                if tot[0] == neg_inf:
-                    tot[0] = T.float32(0)
-                for lane in T.vectorized(LANES):
-                    red[lane] = T.float32(0)
-                for jo in T.serial(t32 // LANES):
-                    for lane in T.vectorized(LANES):
-                        sc[g * row + jo * LANES + lane] = vexp(sc[g * row + jo * LANES + lane] - tot[0])
-                        red[lane] = red[lane] + sc[g * row + jo * LANES + lane]
-                tot[1] = T.float32(0)
-                for lane in T.serial(LANES):
-                    tot[1] = tot[1] + red[lane]
+                # 2. max, exp, sum over whole 8-key vectors (the padding is -inf)
+                softmax(sc, red, tot, g * row, t32)
                 # 3. probabilities times V
                 for a in T.vectorized(d):
                     out[a] = T.float32(0)
@@ -256,9 +261,7 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
-
-    def dot(part):  # the 8 lanes summed as the other kernels do
-        return (part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5]) + (part[6] + part[7]))
+    softmax = _softmax()
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kp_h: T.handle, kn_h: T.handle, vp_h: T.handle, vn_h: T.handle, bias_h: T.handle,
@@ -293,7 +296,7 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
                             for lane in T.vectorized(LANES):
                                 part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kp[
                                     bi, j, kh, dv * LANES + lane]
-                        sc[g * row + j] = dot(part) * T.float32(scale) + bias[0, j]
+                        sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
                 else:
                     for g in T.serial(group):
                         sc[g * row + j] = neg_inf
@@ -305,32 +308,14 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
                         for lane in T.vectorized(LANES):
                             part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
                                 bi, kh, 0, dv * LANES + lane]
-                    sc[g * row + p] = dot(part) * T.float32(scale) + bias[0, p]
+                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
                 else:
                     sc[g * row + p] = neg_inf
                 for j in T.serial(t32 - p - 1):
                     sc[g * row + p + 1 + j] = neg_inf
             for g in T.serial(group):
-                # 2. max, exp, sum (over whole 8-key vectors; the padding is -inf)
-                for lane in T.vectorized(LANES):
-                    red[lane] = neg_inf
-                for jo in T.serial(t32 // LANES):
-                    for lane in T.vectorized(LANES):
-                        red[lane] = T.max(red[lane], sc[g * row + jo * LANES + lane])
-                tot[0] = neg_inf
-                for lane in T.serial(LANES):
-                    tot[0] = T.max(tot[0], red[lane])
-                if tot[0] == neg_inf:
-                    tot[0] = T.float32(0)
-                for lane in T.vectorized(LANES):
-                    red[lane] = T.float32(0)
-                for jo in T.serial(t32 // LANES):
-                    for lane in T.vectorized(LANES):
-                        sc[g * row + jo * LANES + lane] = vexp(sc[g * row + jo * LANES + lane] - tot[0])
-                        red[lane] = red[lane] + sc[g * row + jo * LANES + lane]
-                tot[1] = T.float32(0)
-                for lane in T.serial(LANES):
-                    tot[1] = tot[1] + red[lane]
+                # 2. max, exp, sum over whole 8-key vectors (the padding is -inf)
+                softmax(sc, red, tot, g * row, t32)
                 # 3. probabilities times V: the cached values, then the new one
                 for a in T.vectorized(d):
                     out[a] = T.float32(0)
