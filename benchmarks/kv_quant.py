@@ -6,9 +6,14 @@ measured two ways on the same WikiText-2 windows:
 * cache path: the window in chunks (prefill the first chunk, then each next chunk over the cache
   the previous ones wrote), so later tokens attend to the quantized past.
 
-    python benchmarks/kv_quant.py [--windows 4] [--seq-len 1024] [--chunk 256] [--out results/kv_quant]
+    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs KIVI,Hadamard] [--chunk 256] [--out results/kv_quant]
 
-Prints ppl, the change against the float cache, and the bytes one token's cache takes.
+Prints ppl, the change against the float cache, and the bytes one token's cache takes (averaged
+over a 2048-token cache where a float window / sinks keep some tokens in float). Configs: plain
+per-token (one scale and zero per token and head), with the Hadamard rotation (``kv_rotate``) and
+an attention sink (``kv_sinks=1``), and RotateKV's order (keys quantized before RoPE,
+``kv_pre_rope``, then rotated); KIVI (keys per channel over groups of 32 tokens, values per token
+in groups of 32, the newest 128 tokens in float), also with pre-RoPE keys and a sink.
 """
 from __future__ import annotations
 
@@ -23,20 +28,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CONFIGS = [  # name, key format, value format, rotate
-    ("float cache", None, None, False),
-    ("KV8 per token (sym)", "int8-token-sym-fp32-dyn", "int8-token-sym-fp32-dyn", False),
-    ("KV4 g32 asym", "int4-g32-asym-fp16-dyn", "int4-g32-asym-fp16-dyn", False),
-    ("KV4 g32 asym + Hadamard", "int4-g32-asym-fp16-dyn", "int4-g32-asym-fp16-dyn", True),
-    ("KV2 g32 asym", "int2-g32-asym-fp16-dyn", "int2-g32-asym-fp16-dyn", False),
-    ("KV2 g32 asym + Hadamard", "int2-g32-asym-fp16-dyn", "int2-g32-asym-fp16-dyn", True),
-]
+def _cfg(key=None, value=None, **extra):
+    return {"kv_key": key, "kv_value": value, **extra}
+
+
+TOK = "int{b}-g64-asym-fp16-dyn"  # plain per token: one (scale, zero) per token and head (head dim 64)
+KIVI_K = "int{b}-g32-asym-fp16-dyn"  # KIVI keys: per channel over groups of 32 tokens
+KIVI_V = "int{b}-g32-asym-fp16-dyn"  # KIVI values: per token, groups of 32 along the head dim
+KIVI = {"kv_key_axis": "tokens", "kv_window": 128}
+PRE = {"kv_pre_rope": True, "kv_sinks": 1}
+CONFIGS = {  # name -> recipe fields
+    "float cache": _cfg(),
+    **{f"KV{b} per token": _cfg(TOK.format(b=b), TOK.format(b=b)) for b in (8, 4, 2)},
+    **{f"KV{b} per token + Hadamard + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, kv_sinks=1)
+       for b in (4, 2)},
+    **{f"KV{b} RotateKV (pre-RoPE + Hadamard + sink)": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, **PRE)
+       for b in (4, 2)},
+    **{f"KIVI-{b} (keys per channel, R=128)": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI) for b in (8, 4, 2)},
+    **{f"KIVI-{b} + pre-RoPE + sink": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI, **PRE) for b in (4, 2)},
+    "KIVI-2 g16 + pre-RoPE + sink": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", **KIVI, **PRE),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--configs", default="", help="comma-separated substrings of config names to run (default: all)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--out", default="results/kv_quant")
     args = ap.parse_args()
@@ -54,8 +72,11 @@ def main() -> None:
     windows = [ids[w * args.seq_len:(w + 1) * args.seq_len].unsqueeze(0) for w in range(args.windows)]
     rows = []
     base = None
-    for name, key, value, rotate in CONFIGS:
-        recipe = {"name": name, "rules": [], "kv_key": key, "kv_value": value, "kv_rotate": rotate}
+    wanted = [c for c in args.configs.split(",") if c]
+    for name, fields in CONFIGS.items():
+        if wanted and name != "float cache" and not any(w in name for w in wanted):
+            continue
+        recipe = {"name": name, "rules": [], **fields}
         t = time.perf_counter()
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
@@ -77,12 +98,13 @@ def main() -> None:
                 n += tgt.numel()
         q = cm.kv.get("quantization") or {}
         r = {"config": name, "ppl_simulated": math.exp(nll_sim / n), "ppl_cache_path": math.exp(nll_cache / n),
-             "bytes_per_token": q.get("bytes_per_token", cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8),
+             "bytes_per_token": q.get("bytes_per_token_at_context", q.get("bytes_per_token",
+                                      cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8)),
              "compile_s": round(build, 1)}
         base = base or r
         r["delta_pct"] = 100 * (r["ppl_cache_path"] / base["ppl_cache_path"] - 1)
         rows.append(r)
-        print(f"{name:28s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
+        print(f"{name:36s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
               f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ A backend (one entry of ``registry.BACKENDS``) is an object with
 * ``available() -> str | None``: None, or why it cannot run here (a missing package);
 * ``capability(fmt, role, partner=None) -> (status, note)`` for a ``QuantFormat`` as a
   ``"weight"`` or an ``"activation"`` (``partner``: the weight format an activation meets), and ``op_capability(op)`` for graph ops that are not formats
-  (``"hadamard"``, ``"grouped_linear"``, ``"conv"``, ``"recurrent"``); status is ``native`` (a kernel computes in the
+  (``"hadamard"``, ``"grouped_linear"``, ``"kv_append"``, ``"conv"``, ``"recurrent"``); status is ``native`` (a kernel computes in the
   format), ``emulated`` (dequantized / fake-quantized, computed in float) or ``refused``;
 * ``check(compiled) -> list[Refusal]``: every layer / op / input it cannot take, named, before
   any work starts (``capability`` over the graph's formats plus its own structural limits);
@@ -50,11 +50,11 @@ class Refusal:
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
-    ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
+    ``"kv_append"`` (a windowed / per-channel quantized KV cache write) / ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
     LSTM / GRU / RNN reading quantized weights)."""
     from finegrain.formats import QuantFormat
     from finegrain.compiler.ir import CONV_OPS, RECURRENT_OPS
-    from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, WEIGHT
+    from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, KV_APPEND, WEIGHT
     from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
 
     for n in gm.graph.nodes:
@@ -69,6 +69,8 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "hadamard"
         elif n.target is GROUPED_LINEAR:
             yield f"node {n.name}", "op", "grouped_linear"
+        elif n.target is KV_APPEND:
+            yield f"node {n.name} (KV cache write)", "op", "kv_append"
         elif n.target in CONV_OPS and _reads_quantized(n.args[1]):
             yield f"node {n.name}", "op", "conv"
         elif n.target in RECURRENT_OPS and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]

@@ -795,6 +795,9 @@ class OnnxBackend(BackendBase):
             return "emulated", "DequantizeLinear of the 4-D weight (blocked along input channels) -> float Conv"
         if op == "recurrent":
             return "emulated", "DequantizeLinear of the gate matrices -> float LSTM / GRU / RNN"
+        if op == "kv_append":
+            return "refused", ("a KV cache quantized per channel over token groups / with a float window has no ONNX "
+                               "lowering yet (ONNX Runtime's attention ops take no such cache)")
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:

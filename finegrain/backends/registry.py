@@ -57,6 +57,7 @@ def preset_rows() -> list[tuple[str, str, object]]:
                     seen.setdefault((role, fmt.tag), fmt)
     rows = [(f"{role} {tag}", role, fmt) for (role, tag), fmt in sorted(seen.items())]
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
+                   ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
                    ("conv with a quantized weight", "op", "conv"),
                    ("LSTM / GRU with quantized weights", "op", "recurrent")]
 

@@ -14,6 +14,23 @@
   reads (an LSTM / GRU / RNN's ``weight_ih`` / ``weight_hh``, gates stacked along N). It makes that
   matrix a quantizable op (kind ``recurrent``): ``insert_qdq`` puts the dequantized weight in its
   place. Inserted by ``passes/canonicalize.py``.
+* ``finegrain::kv_append(past, new, fmt, axis, window, sinks)``: a quantized KV cache's write,
+  ``cat(past, new)`` along the tokens (dim 2 of ``[B, H, T, d]``) with the tokens that *become
+  quantizable at this call* quantized and dequantized in format ``fmt`` (a dynamic integer tag),
+  every other token passed through: the past holds what earlier calls stored, so each token is
+  quantized exactly once, whatever the chunking (prefill, decode, chunked prefill). ``axis``
+  ``"head_dim"``: one token is a unit (its groups run along the head dim; values, KIVI); ``"tokens"``:
+  a unit is ``G`` consecutive tokens (``fmt``'s group size) quantized per channel, statistics over
+  those tokens (KIVI's keys). The first ``sinks`` tokens (attention sinks) are never quantized; a
+  unit is quantized once ``window`` newer tokens follow it (KIVI's full-precision residual window:
+  for ``"tokens"``, also the group must be full). With ``inv_freq`` (keys, ``recipe.kv_pre_rope``) the
+  tokens are quantized *before* RoPE (KVQuant / RotateKV: pre-RoPE keys keep their outlier channels
+  in place, so per-channel scales fit them): RoPE at the token's cache position is undone, the
+  pre-RoPE key quantized, RoPE applied again, which is what storing pre-RoPE codes and rotating
+  after dequantization computes; ``rotated``: the keys arrive Hadamard-rotated (``kv_rotate``), so
+  the Hadamard is undone around the RoPE and the pre-RoPE key is rotated before quantization
+  (RotateKV's order). Positions are cache indices (sessions start at position 0). Inserted by
+  ``passes/quantize_kv.py``.
 """
 from __future__ import annotations
 
@@ -92,6 +109,64 @@ def _(w):
 weight.register_autograd(lambda ctx, grad: grad)
 
 
+def kv_quantized_span(axis: str, group: int, past: int, total: int, window: int, sinks: int) -> tuple[int, int]:
+    """Token range ``[a, b)`` of a ``[.., T, d]`` cache that a write growing it from ``past`` to
+    ``total`` tokens quantizes (empty when ``a >= b``): the units whose last token is at least
+    ``window`` tokens old now and was not before (see ``kv_append``)."""
+    def done(t: int) -> int:  # tokens quantized when the cache holds t tokens (from the sinks on)
+        n = max(0, t - window - sinks)
+        return sinks + (n // group * group if axis == "tokens" else n)
+    return done(past), done(total)
+
+
+def _rope(x: torch.Tensor, start: int, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """RoPE (``rotate_half`` convention, the first ``2 * len(inv_freq)`` channels) of tokens at
+    positions ``start, start + 1, ..`` of ``x`` ``[B, H, T, d]``, or its inverse (the rotation by
+    minus the angles). Angles in float64, so the two are inverse to float32 rounding."""
+    half = inv_freq.shape[0]
+    pos = torch.arange(start, start + x.shape[2], dtype=torch.float64)
+    ang = pos[:, None] * inv_freq.double()[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    if inverse:
+        sin = -sin
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
+
+
+def _hadamard(x: torch.Tensor) -> torch.Tensor:
+    return apply_hadamard(x, torch.ones(1, 1)).to(x.dtype)
+
+
+@torch.library.custom_op("finegrain::kv_append", mutates_args=())
+def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
+              inv_freq: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
+    from finegrain.formats import QuantFormat
+
+    out = torch.cat([past, new], 2)
+    f = QuantFormat.parse(fmt)
+    a, b = kv_quantized_span(axis, f.group_size or 1, past.shape[2], out.shape[2], window, sinks)
+    if a < b:
+        seg = out[:, :, a:b].float()
+        if inv_freq is not None:  # quantize the pre-RoPE keys (RoPE undone, applied again after dequantization)
+            seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=True)
+            seg = _hadamard(seg) if rotated else seg
+        if axis == "tokens":  # per channel: groups of G tokens along the (transposed) token axis
+            seg = f.fake_quantize(seg.transpose(2, 3).contiguous()).transpose(2, 3)
+        else:
+            seg = f.fake_quantize(seg)
+        if inv_freq is not None:
+            seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=False)
+            seg = _hadamard(seg) if rotated else seg
+        out[:, :, a:b] = seg.to(out.dtype)
+    return out
+
+
+@kv_append.register_fake
+def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False):
+    return torch.cat([past, new], 2)
+
+
 HADAMARD = torch.ops.finegrain.hadamard.default
+KV_APPEND = torch.ops.finegrain.kv_append.default
 GROUPED_LINEAR = torch.ops.finegrain.grouped_linear.default
 WEIGHT = torch.ops.finegrain.weight.default  # identity marking a recurrent layer's weight matrix (a quantizable op)

@@ -38,6 +38,7 @@ DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asy
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+", "awq")
 ROTATION_MODES = ("residual", "online")
+KV_AXES = ("head_dim", "tokens")  # what a KV format's groups run along (compiler/ops.kv_append)
 MAX_RECIPE_BYTES = 1 << 20
 
 
@@ -124,6 +125,13 @@ class Recipe:
     ``kv_value`` are dynamic integer formats (per token, or groups along the head dim) each new key
     / value is quantized to when written to the cache; ``kv_rotate`` rotates keys and values by a
     Hadamard over the head dim first (queries and the attention output rotated to match).
+    ``kv_key_axis`` / ``kv_value_axis``: ``head_dim`` (the format's groups run along the head dim,
+    one token at a time) or ``tokens`` (KIVI's per-channel keys: each channel quantized over groups
+    of G tokens, G the format's group size); ``kv_window``: the most recent tokens kept in float
+    until that many newer ones follow (KIVI's residual); ``kv_sinks``: the first tokens never
+    quantized (attention sinks); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
+    token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
+    the pre-RoPE key Hadamard-rotated before quantization.
     """
 
     name: str = "custom"
@@ -156,10 +164,15 @@ class Recipe:
     kv_key: str | None = None
     kv_value: str | None = None
     kv_rotate: bool = False
+    kv_key_axis: str = "head_dim"
+    kv_value_axis: str = "head_dim"
+    kv_window: int = 0
+    kv_sinks: int = 0
+    kv_pre_rope: bool = False
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "kv_rotate", "sequential"):
+                  "kv_rotate", "kv_pre_rope", "sequential"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -200,6 +213,13 @@ class Recipe:
             if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
                 raise ValueError(f"{f}: {tag!r} must be a dynamic integer format per token or per group along the "
                                  "head dim (e.g. int4-g32-asym-fp16-dyn)")
+        for f in ("kv_key_axis", "kv_value_axis"):
+            if getattr(self, f) not in KV_AXES:
+                raise ValueError(f"{f}: {getattr(self, f)!r} is not one of {KV_AXES}")
+        for f in ("kv_window", "kv_sinks"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:
+                raise ValueError(f"{f}: must be an integer number of tokens in [0, {1 << 20}], got {v!r}")
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
         if self.expert_allocation not in EXPERT_ALLOCATION:

@@ -31,11 +31,12 @@ from torch.fx import GraphModule, Node
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH
 from finegrain.compiler.regions import new_constant
-from finegrain.compiler.ops import HADAMARD
+from finegrain.compiler.ops import HADAMARD, KV_APPEND
 from finegrain.errors import CaptureError, InputError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
 
+BYTES_CONTEXT = 2048  # the context length the average bytes per token (float window and sinks included) is stated at
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the shared pass-through views plus what transformers' repeat_kv adds between a present and attention
 _VIEWS = PASS_THROUGH | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor}
@@ -63,20 +64,57 @@ def _qdq(graph, x: Node, fmt: QuantFormat) -> Node:
     return graph.call_function(DEQUANTIZE, (*parts, fmt.tag, torch.float32))
 
 
-def bytes_per_token(fmt: QuantFormat | None, head_dim: int) -> float:
-    """Bytes one token's key (or value) of one head takes in ``fmt`` (codes, scales, zero points)."""
+def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_dim", window: int = 0,
+                    sinks: int = 0, context: int | None = None) -> float:
+    """Bytes one token's key (or value) of one head takes in ``fmt`` (codes, scales, zero points),
+    on average over a cache of ``context`` tokens when ``window`` / ``sinks`` keep some in float
+    (fp32: what the backends store). ``axis="tokens"``: per-channel parameters, one set per channel
+    and group of ``G`` tokens, so ``head_dim / G`` of them per token."""
     if fmt is None:
         return 4.0 * head_dim
-    groups = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1
     scale = {"fp32": 4, "fp16": 2, "bf16": 2}.get(fmt.scale, 1)
     zero = 0 if fmt.symmetric else fmt.bits / 8
-    return head_dim * fmt.bits / 8 + groups * (scale + zero)
+    if axis == "tokens":
+        params = head_dim / fmt.group_size
+    else:
+        params = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1
+    quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
+    if not (window or sinks) or context is None:
+        return quantized
+    kept = min(context, window + sinks + (fmt.group_size - 1 if axis == "tokens" else 0))  # the most kept in float
+    return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
+
+
+def _rope_inv_freq(new: Node) -> tuple[Node | None, str]:
+    """The ``inv_freq`` constant of the RoPE that produced the new keys ``new``: the one
+    ``*inv_freq`` buffer among its producers, searched back to the projection (a linear) that made
+    the keys, or (None, why)."""
+    found, todo, seen = set(), [new], {new}
+    while todo:
+        n = todo.pop()
+        if n.op == "get_attr" and str(n.target).endswith("inv_freq"):
+            found.add(n)
+        if n.op != "call_function" or n.target in (torch.ops.aten.linear.default, torch.ops.aten.mm.default,
+                                                   torch.ops.aten.addmm.default):
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    if len(found) != 1:
+        return None, (f"{len(found)} RoPE inv_freq constants reach the keys (need exactly one)" if found
+                      else "no RoPE inv_freq constant reaches the keys (no rotary embedding found)")
+    return found.pop(), ""
 
 
 def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
     value_fmt = QuantFormat.parse(r.kv_value) if r.kv_value else None
+    axes = {"key": r.kv_key_axis, "value": r.kv_value_axis}
+    windowed = {kind: axes[kind] == "tokens" or r.kv_window > 0 or r.kv_sinks > 0 for kind in axes}
+    windowed["key"] = windowed["key"] or r.kv_pre_rope
+    pre_rope = 0
     if key_fmt is None and value_fmt is None and not r.kv_rotate:
         return gm
     presents = [n for n in gm.graph.nodes if KV in n.meta]
@@ -98,7 +136,11 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         d = int(val.shape[-1]) if val is not None else None
         head_dim = d
         fmt = key_fmt if role["kind"] == "key" else value_fmt
-        if fmt is not None and fmt.granularity == "group" and (d is None or d % fmt.group_size):
+        if fmt is not None and axes[role["kind"]] == "tokens":
+            if fmt.granularity != "group":
+                raise InputError(f"{where}: kv_{role['kind']}_axis 'tokens' quantizes each channel over groups of G "
+                                 f"tokens: the format needs a group size (e.g. int2-g32-asym-fp16-dyn), got {fmt.tag}")
+        elif fmt is not None and fmt.granularity == "group" and (d is None or d % fmt.group_size):
             raise InputError(f"{where}: KV format {fmt.tag} groups of {fmt.group_size} do not divide the head dim {d}")
         x = new
         rotate = r.kv_rotate and d is not None and d & (d - 1) == 0
@@ -111,10 +153,30 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                     factors[d] = new_constant(gm, f"kv_hadamard.factor_{d}", torch.ones(1, 1))
                 x = g.call_function(HADAMARD, (x, factors[d]))
                 x.meta["val"], x.meta[MODULE] = val, new.meta.get(MODULE)
-            if fmt is not None:
+            if fmt is not None and windowed[role["kind"]]:
+                if len(n.args[0]) != 2:
+                    raise CaptureError(f"{where}: a windowed KV format needs the present as cat(past, new), got "
+                                       f"{len(n.args[0])} parts")
+                inv_freq = None
+                if r.kv_pre_rope and role["kind"] == "key":
+                    inv_freq, why = _rope_inv_freq(new)
+                    if inv_freq is None:
+                        log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
+                                    "detail": f"kv_pre_rope: {why}; keys quantized after RoPE"})
+                    else:
+                        pre_rope += 1
+                m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
+                                                inv_freq, bool(rotate and inv_freq is not None)))
+                m.meta.update(n.meta)
+            elif fmt is not None:
                 x = _qdq(g, x, fmt)
                 x.meta["val"] = val
-        n.args = ([*n.args[0][:-1], x], *n.args[1:])
+        if fmt is not None and windowed[role["kind"]]:
+            n.replace_all_uses_with(m)
+            g.erase_node(n)
+            n = m
+        else:
+            n.args = ([*n.args[0][:-1], x], *n.args[1:])
         if rotate:
             for att in _attentions_reading(n):
                 if att in rotated:
@@ -136,10 +198,20 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     kv_heads = int(presents[0].meta["val"].shape[1]) if presents[0].meta.get("val") is not None else 0
     if head_dim:
         per = layers * kv_heads
+        context = BYTES_CONTEXT
+
+        def per_token(fmt, kind, at=None):
+            if not windowed[kind]:
+                return bytes_per_token(fmt, head_dim)
+            return bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at)
         ctx.report["kv_cache"] = {
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
+            "key_axis": r.kv_key_axis, "pre_rope": pre_rope > 0, "value_axis": r.kv_value_axis, "window": r.kv_window, "sinks": r.kv_sinks,
             "rotate": bool(r.kv_rotate and rotated),
-            "bytes_per_token": round(per * (bytes_per_token(key_fmt, head_dim) + bytes_per_token(value_fmt, head_dim)), 1),
+            "bytes_per_token": round(per * (per_token(key_fmt, "key") + per_token(value_fmt, "value")), 1),
+            "bytes_per_token_at_context": round(per * (per_token(key_fmt, "key", context)
+                                                       + per_token(value_fmt, "value", context)), 1),
+            "context": context,
             "fp32_bytes_per_token": per * 8 * head_dim,
             "storage": "float (values quantized on write; packed storage not built yet)"}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",

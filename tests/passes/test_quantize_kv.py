@@ -75,3 +75,120 @@ def test_refusals(llama):
         finegrain.compile(llama, (IDS,), recipe=_kv(value="int4-g16-asym-fp16"), progress=False, kv_cache=True)
     with pytest.raises(RecipeError, match="kv_rotate"):
         finegrain.compile(llama, (IDS,), recipe=_kv(rotate="yes"), progress=False, kv_cache=True)
+
+
+# ---- KIVI: keys per channel over token groups, a float residual window, attention sinks ---------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from finegrain.compiler.ops import KV_APPEND, kv_quantized_span  # noqa: E402
+from finegrain.formats import QuantFormat  # noqa: E402
+
+KIVI = {"kv_key": "int2-g8-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", "kv_key_axis": "tokens",
+        "kv_window": 4, "kv_sinks": 1}
+
+
+def _append_in_chunks(x, cuts, *spec):
+    cache = x[:, :, :0]
+    for a, b in zip([0, *cuts], [*cuts, x.shape[2]]):
+        cache = torch.ops.finegrain.kv_append(cache, x[:, :, a:b], *spec)
+    return cache
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(1, 44), max_size=6, unique=True).map(sorted),
+       axis=st.sampled_from(["tokens", "head_dim"]), window=st.integers(0, 9), sinks=st.integers(0, 3))
+def test_every_token_is_quantized_once_whatever_the_chunking(cuts, axis, window, sinks):
+    x = torch.randn(1, 2, 45, 16, generator=torch.Generator().manual_seed(0))
+    spec = ("int2-g8-asym-fp16-dyn", axis, window, sinks)
+    one = torch.ops.finegrain.kv_append(x[:, :, :0], x, *spec)
+    assert torch.equal(_append_in_chunks(x, cuts, *spec), one)  # bit-exact: no token re-quantized or skipped
+    a, b = kv_quantized_span(axis, 8, 0, 45, window, sinks)
+    assert torch.equal(one[:, :, :a], x[:, :, :a]) and torch.equal(one[:, :, b:], x[:, :, b:])  # sinks, window
+    assert b - a == (((45 - window - sinks) // 8 * 8) if axis == "tokens" else 45 - window - sinks)
+    assert (one[:, :, a:b] != x[:, :, a:b]).float().mean() > 0.5  # the rest quantized (2 bits: most values move)
+
+
+def test_per_channel_groups_absorb_outlier_channels_that_per_token_scales_cannot():
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 1, 64, 16, generator=g)
+    k[..., 3] += 30  # keys have a few channels of large magnitude (KIVI's observation)
+    fmt = "int2-g16-asym-fp16-dyn"
+    normal = [c for c in range(16) if c != 3]  # what a per-token scale sized by channel 3 crushes
+    err = {axis: float((torch.ops.finegrain.kv_append(k[:, :, :0], k, fmt, axis, 0, 0) - k)[..., normal].norm()
+                       / k[..., normal].norm()) for axis in ("tokens", "head_dim")}
+    grouped = QuantFormat.parse(fmt).fake_quantize(k[0, 0, :16].T.contiguous()).T  # channel c over 16 tokens
+    assert torch.equal(torch.ops.finegrain.kv_append(k[:, :, :0], k, fmt, "tokens", 0, 0)[0, 0, :16], grouped)
+    assert err["tokens"] < 0.5 * err["head_dim"], err
+
+
+def test_kivi_cache_path_stores_what_the_full_forward_stores(llama, tmp_path):
+    cm = finegrain.compile(llama, (IDS,), recipe={"name": "kivi", "rules": [], **KIVI}, progress=False, kv_cache=True)
+    assert sum(n.target is KV_APPEND for n in cm.gm.graph.nodes) == 4
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    s = cm.session()
+    full, state_full = s.prefill(x)
+    for prefill in (5, 17, 39):
+        inc, state = _incremental(cm, x, prefill=prefill)
+        # layer 0's K / V do not depend on the cache: each token quantized once, when it leaves the window, gives the
+        # same stored cache whatever the chunking (up to the float noise of the projections). Deeper layers differ
+        # by design: their inputs come from attention that saw the window in float during decode (KIVI's semantics)
+        assert all(float((a - b).abs().max()) <= 1e-6 for a, b in zip(state_full["past"][:2], state["past"][:2]))
+    # no window and no token groups (per-token values behind one sink): quantized on write, so decode == full forward
+    sink = {"name": "sink", "rules": [], "kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn",
+            "kv_sinks": 1}
+    cs = finegrain.compile(llama, (IDS,), recipe=sink, progress=False, kv_cache=True)
+    assert sum(n.target is KV_APPEND for n in cs.gm.graph.nodes) == 4
+    inc, _ = _incremental(cs, x, prefill=5)
+    assert _rel(cs(x), inc) <= 1e-4
+    q = cm.kv["quantization"]
+    assert (q["key_axis"], q["window"], q["sinks"]) == ("tokens", 4, 1)
+    per_head_k = 16 * 2 / 8 + 16 / 8 * (2 + 2 / 8)  # codes + a (scale, zero) per channel per 8 tokens
+    per_head_v = 16 * 2 / 8 + (2 + 2 / 8)  # codes + one (scale, zero) per token group of 16 channels
+    assert q["bytes_per_token"] == pytest.approx(2 * 2 * (per_head_k + per_head_v))
+    assert q["fp32_bytes_per_token"] > q["bytes_per_token_at_context"] > q["bytes_per_token"]  # float window, sinks
+    cm.save(tmp_path / "art")
+    back = finegrain.load(tmp_path / "art")
+    assert back.kv == cm.kv and _rel(cm(x), back(x)) == 0
+
+
+def test_kivi_is_refused_by_name_where_no_backend_lowers_it(llama):
+    from finegrain.backends import registry
+
+    cm = finegrain.compile(llama, (IDS,), recipe={"name": "kivi", "rules": [], **KIVI}, progress=False, kv_cache=True)
+    for name in ("onnx", "tvm"):
+        refusals = registry.get(name).check(cm)
+        assert any(r.what == "kv_append" and "KV cache write" in r.where for r in refusals), (name, refusals)
+    assert not registry.get("torch").check(cm)
+
+
+def test_kivi_refusals(llama):
+    with pytest.raises(InputError, match="needs a group size"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("int2-token-asym-fp16-dyn") | {"kv_key_axis": "tokens"},
+                          progress=False, kv_cache=True)
+    with pytest.raises(RecipeError, match="kv_key_axis"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("int2-g8-asym-fp16-dyn") | {"kv_key_axis": "channel"},
+                          progress=False, kv_cache=True)
+    with pytest.raises(RecipeError, match="kv_window"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("int2-g8-asym-fp16-dyn") | {"kv_window": -1},
+                          progress=False, kv_cache=True)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_pre_rope_keys_round_trip_exactly_and_change_what_is_quantized(llama, rotate):
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    base = {"name": "pre", "rules": [], "kv_key": "int8-g8-asym-fp32-dyn", "kv_key_axis": "tokens", "kv_rotate": rotate}
+    post = finegrain.compile(llama, (IDS,), recipe=base, progress=False, kv_cache=True)
+    pre = finegrain.compile(llama, (IDS,), recipe=base | {"kv_pre_rope": True}, progress=False, kv_cache=True)
+    appends = [n for n in pre.gm.graph.nodes if n.target is KV_APPEND]
+    assert len(appends) == 2 and all(str(n.args[6].target).endswith("inv_freq") and n.args[7] is rotate for n in appends)
+    assert pre.kv["quantization"]["pre_rope"] is True
+    with torch.no_grad():
+        ref = llama(x).logits
+    # 8 bits: both close to float; pre-RoPE quantizes other numbers (its error differs from the post-RoPE one)
+    assert _rel(ref, pre(x)) < 0.02 and _rel(ref, post(x)) < 0.02 and _rel(pre(x), post(x)) > 0
+    # the RoPE undone and applied again around an identity quantizer changes nothing (float64 angles)
+    from finegrain.compiler.ops import _rope
+    k = torch.randn(1, 2, 40, 16)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    assert float((_rope(_rope(k, 7, inv, inverse=True), 7, inv, inverse=False) - k).abs().max()) < 1e-5

@@ -48,6 +48,9 @@ class TvmBackend(BackendBase):
             return "emulated", "quantized conv weight kept packed, dequantized in the graph; fp32 conv"
         if op == "recurrent":
             return "emulated", "LSTM / GRU weights kept packed, dequantized in the graph; fp32 recurrence"
+        if op == "kv_append":
+            return "refused", ("a KV cache quantized per channel over token groups / with a float window has no TVM "
+                               "lowering yet")
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
