@@ -7,8 +7,14 @@ the recipe's format, and the attention of this step and of every later step read
 values: the cache path (prefill in chunks, decode one token at a time) and a full-sequence
 forward give the same numbers by construction. Formats (``recipe.kv_key``, ``recipe.kv_value``)
 are dynamic integer formats over the head dimension: per token (``int8-token-sym-dyn``-like) or in
-groups along it (``int4-g32-asym-fp16-dyn``: KIVI's value scheme; its per-channel keys need
-token groups and a residual window, not built yet).
+groups along it (``int4-g32-asym-fp16-dyn``: KIVI's value scheme).
+
+KIVI's per-channel keys (``recipe.kv_key_axis="tokens"``: each channel over groups of G tokens), a
+float residual window (``kv_window``), attention sinks (``kv_sinks``) and pre-RoPE keys
+(``kv_pre_rope``: the RoPE ``inv_freq`` found among the keys' producers) replace the
+concatenation by ``finegrain::kv_append(past, new, ...)`` (``compiler/ops.py``), which quantizes
+the tokens that become quantizable at each write, so each token is still quantized exactly once;
+the backends other than the reference refuse that op by name.
 
 ``recipe.kv_rotate`` rotates keys and values by the normalized Walsh-Hadamard matrix ``H`` over the
 head dimension before they are quantized (RotateKV / QuaRot's K and V rotations, post-RoPE): the

@@ -116,3 +116,25 @@ def test_smollm2_kv_cache_greedy_equals_transformers(smollm2):
         got = cm.generate(ids, 32)
         want = want.tolist()  # transformers may stop early at the EOS token; finegrain was given none
         assert len(want) >= 8 and got.tokens[:len(want)] == want, prompt
+
+
+def test_smollm2_passkey_survives_a_kivi4_cache_and_not_a_per_token_kv2_one(smollm2):
+    """A key hidden at mid-depth of ~1,500 tokens of filler (eval/passkey.py) comes back through
+    the float cache and through KIVI-4 with pre-RoPE keys and a sink; 2-bit per-token keys lose it
+    (the check can fail both ways)."""
+    import torch
+
+    import finegrain
+    from finegrain.eval.passkey import passkey_trial
+
+    kivi4 = {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", "kv_key_axis": "tokens",
+             "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1}
+    kv2 = {"kv_key": "int2-g64-asym-fp16-dyn", "kv_value": "int2-g64-asym-fp16-dyn"}
+    found = {}
+    for name, fields in (("float", {}), ("kivi4", kivi4), ("kv2", kv2)):
+        cm = finegrain.compile(smollm2.model, (torch.arange(16)[None],), recipe={"name": name, "rules": [], **fields},
+                               progress=False, kv_cache=True)
+        r = passkey_trial(cm.session(), smollm2.tokenizer, 1500, depth=0.5, seed=0)
+        assert 1400 <= r["prompt_tokens"] <= 1600
+        found[name] = r["found"]
+    assert found == {"float": True, "kivi4": True, "kv2": False}, found
