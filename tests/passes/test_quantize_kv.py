@@ -192,3 +192,17 @@ def test_pre_rope_keys_round_trip_exactly_and_change_what_is_quantized(llama, ro
     k = torch.randn(1, 2, 40, 16)
     inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
     assert float((_rope(_rope(k, 7, inv, inverse=True), 7, inv, inverse=False) - k).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "phi3", "gemma3"])
+def test_pre_rope_finds_each_layers_rope_across_families(family):
+    model = _family(family)  # qwen3: QK-norm before RoPE; phi3: fused qkv; gemma3: a local and a global RoPE
+    fields = {"kv_key": "int8-g8-asym-fp32-dyn", "kv_key_axis": "tokens", "kv_pre_rope": True, "kv_sinks": 1}
+    cm = finegrain.compile(model, (IDS,), recipe={"name": "pre", "rules": [], **fields}, progress=False, kv_cache=True)
+    appends = [n for n in cm.gm.graph.nodes if n.target is KV_APPEND]
+    assert appends and all(n.args[6] is not None for n in appends)
+    assert not [f for f in cm.folds if f["pass"] == "quantize_kv" and f["action"] == "skipped"]
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x).logits
+    assert _rel(ref, cm(x)) < 0.02  # 8 bits through undone / redone RoPE stay close to float
