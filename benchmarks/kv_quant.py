@@ -50,6 +50,28 @@ CONFIGS = {  # name -> recipe fields
 }
 
 
+def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]:
+    """(simulated, through the cache) perplexity of ``cm`` (a KV-cache graph) on ``windows``: one
+    full-sequence forward each, and the window in chunks (prefill, then each chunk over the cache)."""
+    s = cm.session()
+    nll_sim = nll_cache = 0.0
+    n = 0
+    with torch.inference_mode():
+        for w in windows:
+            tgt = w[0, 1:]
+            logits = cm(w)
+            nll_sim += float(torch.nn.functional.cross_entropy(logits[0, :-1], tgt, reduction="sum"))
+            outs, state = [], None
+            for c in range(0, w.shape[1], chunk):
+                part = w[:, c:c + chunk]
+                lg, state = s.prefill(part) if state is None else s.step(state, part)
+                outs.append(lg)
+            lg = torch.cat(outs, 1)
+            nll_cache += float(torch.nn.functional.cross_entropy(lg[0, :-1], tgt, reduction="sum"))
+            n += tgt.numel()
+    return math.exp(nll_sim / n), math.exp(nll_cache / n)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
@@ -80,24 +102,9 @@ def main() -> None:
         t = time.perf_counter()
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
-        s = cm.session()
-        nll_sim = nll_cache = 0.0
-        n = 0
-        with torch.inference_mode():
-            for w in windows:
-                tgt = w[0, 1:]
-                logits = cm(w)
-                nll_sim += float(torch.nn.functional.cross_entropy(logits[0, :-1], tgt, reduction="sum"))
-                outs, state = [], None
-                for c in range(0, w.shape[1], args.chunk):
-                    part = w[:, c:c + args.chunk]
-                    lg, state = s.prefill(part) if state is None else s.step(state, part)
-                    outs.append(lg)
-                lg = torch.cat(outs, 1)
-                nll_cache += float(torch.nn.functional.cross_entropy(lg[0, :-1], tgt, reduction="sum"))
-                n += tgt.numel()
+        ppl_sim, ppl_cache = both_ppl(cm, windows, args.chunk)
         q = cm.kv.get("quantization") or {}
-        r = {"config": name, "ppl_simulated": math.exp(nll_sim / n), "ppl_cache_path": math.exp(nll_cache / n),
+        r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
              "bytes_per_token": q.get("bytes_per_token_at_context", q.get("bytes_per_token",
                                       cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8)),
              "compile_s": round(build, 1)}

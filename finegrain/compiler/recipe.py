@@ -131,7 +131,9 @@ class Recipe:
     until that many newer ones follow (KIVI's residual); ``kv_sinks``: the first tokens never
     quantized (attention sinks); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
-    the pre-RoPE key Hadamard-rotated before quantization.
+    the pre-RoPE key Hadamard-rotated before quantization; ``kv_layers``: per-layer
+    ``[layer, key format, value format]`` overriding ``kv_key`` / ``kv_value`` (null: float), e.g.
+    KVTuner's layer-wise (K, V) bit pairs (``driver/kv_tune.py``).
     """
 
     name: str = "custom"
@@ -169,6 +171,7 @@ class Recipe:
     kv_window: int = 0
     kv_sinks: int = 0
     kv_pre_rope: bool = False
+    kv_layers: tuple[tuple[int, str | None, str | None], ...] = ()
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
@@ -213,6 +216,26 @@ class Recipe:
             if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
                 raise ValueError(f"{f}: {tag!r} must be a dynamic integer format per token or per group along the "
                                  "head dim (e.g. int4-g32-asym-fp16-dyn)")
+        layers = []
+        for i, entry in enumerate(self.kv_layers or ()):
+            if (not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], int)
+                    or isinstance(entry[0], bool) or entry[0] < 0):
+                raise ValueError(f"kv_layers[{i}]: expected [layer index, key format or null, value format or null], "
+                                 f"got {entry!r}")
+            for tag, what in ((entry[1], "key"), (entry[2], "value")):
+                if tag is None:
+                    continue
+                try:
+                    fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
+                except ValueError as e:
+                    raise ValueError(f"kv_layers[{i}] {what}: {e}") from None
+                if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
+                    raise ValueError(f"kv_layers[{i}] {what}: {tag!r} must be a dynamic integer format (e.g. "
+                                     "int4-g32-asym-fp16-dyn)")
+            layers.append((entry[0], entry[1], entry[2]))
+        if len({e[0] for e in layers}) != len(layers):
+            raise ValueError("kv_layers: a layer is listed twice")
+        object.__setattr__(self, "kv_layers", tuple(layers))
         for f in ("kv_key_axis", "kv_value_axis"):
             if getattr(self, f) not in KV_AXES:
                 raise ValueError(f"{f}: {getattr(self, f)!r} is not one of {KV_AXES}")
@@ -304,6 +327,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rules"}
         d["rules"] = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in self.rules]
+        d["weight_candidates"] = list(self.weight_candidates)
+        d["kv_layers"] = [list(e) for e in self.kv_layers]
         return d
 
     @classmethod

@@ -121,12 +121,15 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     windowed = {kind: axes[kind] == "tokens" or r.kv_window > 0 or r.kv_sinks > 0 for kind in axes}
     windowed["key"] = windowed["key"] or r.kv_pre_rope
     pre_rope = 0
-    if key_fmt is None and value_fmt is None and not r.kv_rotate:
+    per_layer = {e[0]: tuple(QuantFormat.parse(t) if t else None for t in e[1:]) for e in r.kv_layers}
+    if key_fmt is None and value_fmt is None and not r.kv_rotate and not per_layer:
         return gm
     presents = [n for n in gm.graph.nodes if KV in n.meta]
     if not presents:
         raise InputError(f"recipe {r.name!r}: kv_key / kv_value / kv_rotate quantize the KV cache, which is in the "
                          "graph only when compiled with kv_cache=True (--kv-cache)")
+    if per_layer and max(per_layer) >= len(presents) // 2:
+        raise InputError(f"kv_layers: layer {max(per_layer)} does not exist (the model has {len(presents) // 2} layers)")
     log = ctx.report.setdefault("folds", [])
     g = gm.graph
     factors: dict[int, Node] = {}
@@ -142,6 +145,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         d = int(val.shape[-1]) if val is not None else None
         head_dim = d
         fmt = key_fmt if role["kind"] == "key" else value_fmt
+        if role["layer"] in per_layer:
+            fmt = per_layer[role["layer"]][role["kind"] == "value"]
         if fmt is not None and axes[role["kind"]] == "tokens":
             if fmt.granularity != "group":
                 raise InputError(f"{where}: kv_{role['kind']}_axis 'tokens' quantizes each channel over groups of G "
@@ -203,22 +208,24 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     layers = len(presents) // 2
     kv_heads = int(presents[0].meta["val"].shape[1]) if presents[0].meta.get("val") is not None else 0
     if head_dim:
-        per = layers * kv_heads
         context = BYTES_CONTEXT
 
-        def per_token(fmt, kind, at=None):
-            if not windowed[kind]:
-                return bytes_per_token(fmt, head_dim)
-            return bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at)
+        def per_token(kind, at=None):  # summed over the layers (each layer's own format)
+            total = 0.0
+            for layer in range(layers):
+                fmt = per_layer[layer][kind == "value"] if layer in per_layer else (key_fmt, value_fmt)[kind == "value"]
+                total += (bytes_per_token(fmt, head_dim) if not windowed[kind] or fmt is None else
+                          bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at))
+            return kv_heads * total
         ctx.report["kv_cache"] = {
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
-            "key_axis": r.kv_key_axis, "pre_rope": pre_rope > 0, "value_axis": r.kv_value_axis, "window": r.kv_window, "sinks": r.kv_sinks,
-            "rotate": bool(r.kv_rotate and rotated),
-            "bytes_per_token": round(per * (per_token(key_fmt, "key") + per_token(value_fmt, "value")), 1),
-            "bytes_per_token_at_context": round(per * (per_token(key_fmt, "key", context)
-                                                       + per_token(value_fmt, "value", context)), 1),
+            "layers": [[e[0], e[1], e[2]] for e in r.kv_layers],
+            "key_axis": r.kv_key_axis, "pre_rope": pre_rope > 0, "value_axis": r.kv_value_axis,
+            "window": r.kv_window, "sinks": r.kv_sinks, "rotate": bool(r.kv_rotate and rotated),
+            "bytes_per_token": round(per_token("key") + per_token("value"), 1),
+            "bytes_per_token_at_context": round(per_token("key", context) + per_token("value", context), 1),
             "context": context,
-            "fp32_bytes_per_token": per * 8 * head_dim,
+            "fp32_bytes_per_token": layers * kv_heads * 8 * head_dim,
             "storage": "float (values quantized on write; packed storage not built yet)"}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"

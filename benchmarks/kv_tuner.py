@@ -1,0 +1,101 @@
+"""KVTuner-style layer-wise KV precision on SmolLM2 (issue #17; ``finegrain/driver/kv_tune.py``):
+float weights, KIVI settings (keys per channel over 32-token groups, values per token in groups of
+32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
+in {2, 4, 8}^2, the attention-output error with only that layer quantized (Brown calibration,
+``--calib`` windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
+picks one pair per layer at each average-bits budget; perplexity through the cache on the first
+``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
+
+    python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--out results/kv_tuner]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kv_quant import both_ppl  # noqa: E402
+
+FMT = "int{}-g32-asym-fp16-dyn"
+FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1}
+PAIRS = [(FMT.format(k), FMT.format(v)) for k in (2, 4, 8) for v in (2, 4, 8)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="2.5,3,3.25,4")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--calib", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--out", default="results/kv_tuner")
+    args = ap.parse_args()
+
+    import finegrain
+    from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
+    from finegrain.eval.perplexity import calibration_batches, wikitext_ids
+    from finegrain.models import load_model
+
+    import machine
+
+    print(machine.line())
+    lm = load_model("smollm2-135m")
+    ids = wikitext_ids(lm.tokenizer)
+    windows = [ids[w * 2048:(w + 1) * 2048].unsqueeze(0) for w in range(args.windows)]
+    calib = [b[0] for b in calibration_batches(lm.tokenizer, args.calib, 512)]
+    t = time.perf_counter()
+    sens = kv_sensitivity(lm.model, calib, FIELDS, PAIRS, progress=True)
+    search_s = time.perf_counter() - t
+    err = {p: [row[j] for row in sens.errors] for j, p in enumerate(PAIRS)}
+    k2, v2 = err[(FMT.format(2), FMT.format(8))], err[(FMT.format(8), FMT.format(2))]
+    print(f"sensitivity search {search_s:.0f} s; attention-output error, mean over layers: K2V8 {sum(k2) / len(k2):.4f}"
+          f"  K8V2 {sum(v2) / len(v2):.4f}  (keys {'more' if sum(k2) > sum(v2) else 'less'} sensitive than values; "
+          f"K2 worse than V2 in {sum(a > b for a, b in zip(k2, v2))} of {len(k2)} layers)", flush=True)
+
+    def row(name, fields):
+        cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe={"name": name, "rules": [], **fields},
+                               progress=False, kv_cache=True)
+        sim, cache = both_ppl(cm, windows, args.chunk)
+        q = cm.kv.get("quantization") or {}
+        return {"config": name, "ppl_simulated": sim, "ppl_cache_path": cache,
+                "bytes_per_token": q.get("bytes_per_token_at_context", cm.kv["layers"] * cm.kv["kv_heads"]
+                                         * cm.kv["head_dim"] * 8)}
+
+    rows = [row("float cache", {})]
+    base = rows[0]["ppl_cache_path"]
+    for b in (4, 2):
+        rows.append(row(f"uniform KIVI-{b} + pre-RoPE + sink", {**FIELDS, "kv_key": FMT.format(b), "kv_value": FMT.format(b)}))
+    tuned = []
+    for budget in [float(x) for x in args.budgets.split(",")]:
+        layers, info = kv_allocate(sens, budget)
+        r = row(f"KVTuner avg {budget:g} bits", {**FIELDS, "kv_layers": layers})
+        r.update(average_bits=info["average_bits"], predicted_error=info["predicted_error"],
+                 pairs=[f"K{QB(k)}V{QB(v)}" for _, k, v in layers])
+        tuned.append({"budget": budget, "kv_layers": layers, **info})
+        rows.append(r)
+    for r in rows:
+        r["delta_pct"] = 100 * (r["ppl_cache_path"] / base - 1)
+        extra = f"  avg {r['average_bits']:.2f} bits  {' '.join(r['pairs'])}" if "pairs" in r else ""
+        print(f"{r['config']:34s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
+              f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token{extra}", flush=True)
+    print("pairs kept per layer (Pareto pruning of 9):", tuned[0]["pairs_kept"] if tuned else [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kv_tuner.json").write_text(json.dumps({
+        "machine": machine.describe(), "windows": args.windows, "calibration": f"{args.calib} x 512 Brown",
+        "search_s": round(search_s, 1), "pairs": PAIRS, "errors": sens.errors, "rows": rows, "tuned": tuned}, indent=1))
+
+
+def QB(tag: str) -> int:  # noqa: N802 (bits of a format tag)
+    from finegrain.formats import QuantFormat
+
+    return QuantFormat.parse(tag).bits
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""KVTuner-style layer-wise KV-cache precision (issue #17): one (key format, value format) pair per
+layer, chosen offline under an average-bits budget with the project's multiple-choice knapsack
+(``compiler/knapsack.py``).
+
+``kv_sensitivity`` compiles the model once with a KV cache whose every write is a
+``finegrain::kv_append`` (the recipe fields ``kv_key_axis`` / ``kv_window`` / ``kv_sinks`` /
+``kv_pre_rope`` say how), returns every attention output as an extra graph output, and then, for
+each layer and candidate pair, quantizes *only that layer's* K / V (the others stay float by an
+unreachable window) and measures the relative squared error of that layer's attention output on
+calibration tokens (KVTuner's sensitivity: the attention-output error, not the K / V error).
+``kv_allocate`` prunes each layer's pairs to its error / bits Pareto front (intra-layer pruning)
+and solves the knapsack at an average of ``budget_bits`` bits per cached element (keys and values
+together); the result is a recipe's ``kv_layers``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from finegrain.compiler.ir import KV
+from finegrain.compiler.knapsack import Frontier
+from finegrain.compiler.ops import KV_APPEND
+from finegrain.errors import InputError
+from finegrain.formats import QuantFormat
+
+_FLOAT_WINDOW = 1 << 20  # a window (the most kv_window takes) no cache here reaches: nothing quantized
+
+
+@dataclass
+class Sensitivity:
+    pairs: list[tuple[str, str]]  # candidate (key format, value format) tags
+    errors: list[list[float]]  # [layer][pair]: relative squared error of that layer's attention output
+    bits: list[int]  # per pair: key bits + value bits (element bits)
+
+
+def _pair_bits(pair: tuple[str, str]) -> int:
+    return QuantFormat.parse(pair[0]).bits + QuantFormat.parse(pair[1]).bits
+
+
+def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: list[tuple[str, str]],
+                   progress: bool = False) -> Sensitivity:
+    """Per layer and pair, the attention-output error with only that layer's cache quantized.
+    ``fields``: the recipe's KV fields besides the formats (axis, window, sinks, pre-RoPE, rotate);
+    ``calibration``: token id tensors ``[1, S]``."""
+    from finegrain.compiler.capture import kv_inputs
+    from finegrain.driver.api import compile as fg_compile
+    from finegrain.passes.quantize_kv import _attentions_reading
+
+    if not pairs:
+        raise InputError("kv_sensitivity: no candidate (key, value) pairs")
+    top = max(pairs, key=_pair_bits)
+    recipe = {"name": "kv-tune", "rules": [], **fields, "kv_key": top[0], "kv_value": top[1],
+              "kv_window": _FLOAT_WINDOW}  # every write a kv_append, nothing quantized until a layer is probed
+    cm = fg_compile(model, (calibration[0][:, :8],), recipe=recipe, progress=False, kv_cache=True)
+    g = cm.gm.graph
+    appends = {(n.meta[KV]["layer"], n.meta[KV]["kind"]): n for n in g.nodes if n.target is KV_APPEND}
+    layers = cm.kv["layers"]
+    if len(appends) != 2 * layers:
+        raise InputError("kv_sensitivity: the recipe fields must quantize keys and values")
+    attn = [_attentions_reading(appends[(i, "key")])[0] for i in range(layers)]
+    out = next(n for n in g.nodes if n.op == "output")
+    n_out = len(out.args[0])
+    out.args = (tuple(out.args[0]) + tuple(attn),)
+    cm.gm.recompile()
+
+    def run():
+        with torch.inference_mode():
+            return [cm.gm(*kv_inputs(cm.kv, ids))[n_out:] for ids in calibration]
+
+    ref = run()
+    window = fields.get("kv_window", 0)
+    errors = []
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(layers), desc="KV sensitivity", disable=not progress, leave=False):
+        row = []
+        for k, v in pairs:
+            for kind, tag in (("key", k), ("value", v)):
+                a = appends[(i, kind)]
+                a.args = (a.args[0], a.args[1], tag, a.args[3], window, *a.args[5:])
+            cm.gm.recompile()
+            got = run()
+            num = sum(float((o[i] - r[i]).pow(2).sum()) for o, r in zip(got, ref))
+            den = sum(float(r[i].pow(2).sum()) for r in ref)
+            row.append(num / den)
+        for kind in ("key", "value"):
+            a = appends[(i, kind)]
+            a.args = (*a.args[:4], _FLOAT_WINDOW, *a.args[5:])
+        errors.append(row)
+    return Sensitivity(list(pairs), errors, [_pair_bits(p) for p in pairs])
+
+
+def pareto_pairs(errors: list[float], bits: list[int]) -> list[int]:
+    """Indices of the pairs on one layer's error / bits Pareto front (no other pair has fewer or
+    equal bits and a lower error)."""
+    keep = []
+    for j in sorted(range(len(bits)), key=lambda j: (bits[j], errors[j])):
+        if not keep or errors[j] < errors[keep[-1]]:
+            keep.append(j)
+    return keep
+
+
+def kv_allocate(sens: Sensitivity, budget_bits: float) -> tuple[list[list], dict]:
+    """``kv_layers`` (``[layer, key tag, value tag]``) minimizing the summed attention-output error at
+    an average of at most ``budget_bits`` bits per cached element, and a summary (average bits,
+    predicted error, pairs kept per layer)."""
+    fronts = [pareto_pairs(e, sens.bits) for e in sens.errors]
+    costs = [[sens.bits[j] for j in f] for f in fronts]
+    values = [[sens.errors[i][j] for j in f] for i, f in enumerate(fronts)]
+    frontier = Frontier(costs, values)
+    layers = len(fronts)
+    budget = int(budget_bits * 2 * layers + 1e-9)
+    point = frontier.best(budget)
+    chosen = [fronts[i][p] for i, p in enumerate(point.picks)]
+    kv_layers = [[i, *sens.pairs[j]] for i, j in enumerate(chosen)]
+    return kv_layers, {"average_bits": point.cost / (2 * layers), "predicted_error": point.value,
+                       "pairs_kept": [len(f) for f in fronts],
+                       "frontier": [(p.cost / (2 * layers), p.value) for p in frontier.points()]}

@@ -1,0 +1,66 @@
+"""KVTuner-style layer-wise KV precision (driver/kv_tune.py): the attention-output sensitivity is
+measured per layer and pair with only that layer quantized (fewer bits, larger error, every layer),
+each layer's pairs are pruned to their Pareto front, the knapsack meets the average-bits budget,
+and the chosen ``kv_layers`` compile into a cache whose per-layer formats and bytes are reported."""
+import pytest
+import torch
+
+import finegrain
+from finegrain.compiler.ops import KV_APPEND
+from finegrain.compiler.recipe import Recipe
+from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity, pareto_pairs
+from tests.test_kv_cache import _family
+
+F = "int{}-g8-asym-fp16-dyn"
+PAIRS = [(F.format(k), F.format(v)) for k in (2, 4, 8) for v in (2, 4, 8)]
+FIELDS = {"kv_key_axis": "tokens", "kv_window": 4}
+
+
+@pytest.fixture(scope="module")
+def sens():
+    model = _family("llama")
+    calib = [torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    return model, kv_sensitivity(model, calib, FIELDS, PAIRS)
+
+
+def test_sensitivity_orders_bits_in_every_layer(sens):
+    _, s = sens
+    assert len(s.errors) == 2 and s.bits == [4, 6, 10, 6, 8, 12, 10, 12, 16]
+    for row in s.errors:
+        e = dict(zip(PAIRS, row))
+        assert e[(F.format(2), F.format(2))] > e[(F.format(4), F.format(4))] > e[(F.format(8), F.format(8))] > 0
+
+
+def test_pareto_pruning_and_budget(sens):
+    model, s = sens
+    assert pareto_pairs([3.0, 1.0, 2.0, 0.5], [4, 6, 6, 8]) == [0, 1, 3]
+    for budget in (2.0, 3.25, 5.0, 8.0):
+        layers, info = kv_allocate(s, budget)
+        assert info["average_bits"] <= budget and len(layers) == 2
+        assert all(n <= len(PAIRS) for n in info["pairs_kept"])
+    low, hi = kv_allocate(s, 2.0)[1], kv_allocate(s, 8.0)[1]
+    assert low["predicted_error"] > hi["predicted_error"] and hi["average_bits"] == 8.0
+    layers, _ = kv_allocate(s, 3.25)
+    cm = finegrain.compile(model, (torch.randint(0, 256, (1, 8)),),
+                           recipe={"name": "tuned", "rules": [], **FIELDS, "kv_layers": layers},
+                           progress=False, kv_cache=True)
+    from finegrain.compiler.ir import KV
+
+    written = {(n.meta[KV]["layer"], n.meta[KV]["kind"]): n.args[2] for n in cm.gm.graph.nodes if n.target is KV_APPEND}
+    assert written == {(i, kind): tag for i, k, v in layers for kind, tag in (("key", k), ("value", v))}
+    assert cm.kv["quantization"]["layers"] == [list(x) for x in layers]
+    assert Recipe.from_dict(Recipe.from_dict({"name": "t", "rules": [], "kv_layers": layers}).to_dict()).kv_layers == \
+        tuple(tuple(x) for x in layers)
+
+
+def test_kv_layers_refusals():
+    from finegrain.errors import InputError, RecipeError
+
+    with pytest.raises(RecipeError, match=r"kv_layers\[0\] key"):
+        Recipe.from_dict({"name": "t", "rules": [], "kv_layers": [[0, "int4-g8-asym-fp16", None]]})
+    with pytest.raises(RecipeError, match="listed twice"):
+        Recipe.from_dict({"name": "t", "rules": [], "kv_layers": [[0, None, None], [0, None, None]]})
+    with pytest.raises(InputError, match="layer 5 does not exist"):
+        finegrain.compile(_family("llama"), (torch.randint(0, 256, (1, 8)),),
+                          recipe={"name": "t", "rules": [], "kv_layers": [[5, F.format(4), None]]},
+                          progress=False, kv_cache=True)
