@@ -27,6 +27,12 @@ FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_si
 PAIRS = [(FMT.format(k), FMT.format(v)) for k in (2, 4, 8) for v in (2, 4, 8)]
 
 
+def _bits(tag: str) -> int:
+    from finegrain.formats import QuantFormat
+
+    return QuantFormat.parse(tag).bits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="2.5,3,3.25,4")
@@ -75,7 +81,7 @@ def main() -> None:
         layers, info = kv_allocate(sens, budget)
         r = row(f"KVTuner avg {budget:g} bits", {**FIELDS, "kv_layers": layers})
         r.update(average_bits=info["average_bits"], predicted_error=info["predicted_error"],
-                 pairs=[f"K{QB(k)}V{QB(v)}" for _, k, v in layers])
+                 pairs=[f"K{_bits(k)}V{_bits(v)}" for _, k, v in layers])
         tuned.append({"budget": budget, "kv_layers": layers, **info})
         rows.append(r)
     for r in rows:
@@ -89,12 +95,6 @@ def main() -> None:
     (out / "kv_tuner.json").write_text(json.dumps({
         "machine": machine.describe(), "windows": args.windows, "calibration": f"{args.calib} x 512 Brown",
         "search_s": round(search_s, 1), "pairs": PAIRS, "errors": sens.errors, "rows": rows, "tuned": tuned}, indent=1))
-
-
-def QB(tag: str) -> int:  # noqa: N802 (bits of a format tag)
-    from finegrain.formats import QuantFormat
-
-    return QuantFormat.parse(tag).bits
 
 
 if __name__ == "__main__":

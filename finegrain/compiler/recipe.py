@@ -78,6 +78,19 @@ class Rule:
         return (self.role is None or self.role == role) and (self.pattern is None or re.search(self.pattern, name) is not None)
 
 
+def _check_kv_format(tag, where: str) -> None:
+    """A KV-cache format tag (or None: float): a dynamic integer format per token or per group."""
+    if tag is None:
+        return
+    try:
+        fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
+        raise ValueError(f"{where}: {tag!r} must be a dynamic integer format per token or per group along the "
+                         "head dim (e.g. int4-g32-asym-fp16-dyn)")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Rules plus the options of the passes they drive.
@@ -206,16 +219,7 @@ class Recipe:
             if fmt is None or fmt.dynamic:
                 raise ValueError(f"weight_candidates[{i}]: {tag!r} must be a static weight format tag")
         for f in ("kv_key", "kv_value"):
-            tag = getattr(self, f)
-            if tag is None:
-                continue
-            try:
-                fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
-            except ValueError as e:
-                raise ValueError(f"{f}: {e}") from None
-            if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
-                raise ValueError(f"{f}: {tag!r} must be a dynamic integer format per token or per group along the "
-                                 "head dim (e.g. int4-g32-asym-fp16-dyn)")
+            _check_kv_format(getattr(self, f), f)
         layers = []
         for i, entry in enumerate(self.kv_layers or ()):
             if (not isinstance(entry, (list, tuple)) or len(entry) != 3 or not isinstance(entry[0], int)
@@ -223,15 +227,7 @@ class Recipe:
                 raise ValueError(f"kv_layers[{i}]: expected [layer index, key format or null, value format or null], "
                                  f"got {entry!r}")
             for tag, what in ((entry[1], "key"), (entry[2], "value")):
-                if tag is None:
-                    continue
-                try:
-                    fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
-                except ValueError as e:
-                    raise ValueError(f"kv_layers[{i}] {what}: {e}") from None
-                if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
-                    raise ValueError(f"kv_layers[{i}] {what}: {tag!r} must be a dynamic integer format (e.g. "
-                                     "int4-g32-asym-fp16-dyn)")
+                _check_kv_format(tag, f"kv_layers[{i}] {what}")
             layers.append((entry[0], entry[1], entry[2]))
         if len({e[0] for e in layers}) != len(layers):
             raise ValueError("kv_layers: a layer is listed twice")

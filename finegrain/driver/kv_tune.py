@@ -45,7 +45,7 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
     ``calibration``: token id tensors ``[1, S]``."""
     from finegrain.compiler.capture import kv_inputs
     from finegrain.driver.api import compile as fg_compile
-    from finegrain.passes.quantize_kv import _attentions_reading
+    from finegrain.passes.quantize_kv import attentions_reading
 
     if not pairs:
         raise InputError("kv_sensitivity: no candidate (key, value) pairs")
@@ -58,7 +58,7 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
     layers = cm.kv["layers"]
     if len(appends) != 2 * layers:
         raise InputError("kv_sensitivity: the recipe fields must quantize keys and values")
-    attn = [_attentions_reading(appends[(i, "key")])[0] for i in range(layers)]
+    attn = [attentions_reading(appends[(i, "key")])[0] for i in range(layers)]
     out = next(n for n in g.nodes if n.op == "output")
     n_out = len(out.args[0])
     out.args = (tuple(out.args[0]) + tuple(attn),)

@@ -48,7 +48,7 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _VIEWS = PASS_THROUGH | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor}
 
 
-def _attentions_reading(present: Node) -> list[Node]:
+def attentions_reading(present: Node) -> list[Node]:
     """The attention nodes reading ``present`` (as keys or values) through views / repeat_kv."""
     out, todo, seen = [], [present], set()
     while todo:
@@ -189,7 +189,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         else:
             n.args = ([*n.args[0][:-1], x], *n.args[1:])
         if rotate:
-            for att in _attentions_reading(n):
+            for att in attentions_reading(n):
                 if att in rotated:
                     continue
                 rotated.add(att)
