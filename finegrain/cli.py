@@ -894,8 +894,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=NONNEG, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
     e.add_argument("--backend", choices=registry.names(), default="torch",
-                   help="run the artifact on the torch reference, exported to ONNX Runtime, or built with TVM "
-                        "(a TVM deployment directory runs on its own)")
+                   help="run the artifact on the torch reference, exported to ONNX Runtime, built with TVM "
+                        "(a TVM deployment directory runs on its own) or on a CUDA GPU with the Triton kernels")
     e.add_argument("--style", choices=("qdq", "matmulnbits"), default="qdq", help="ONNX weight form (--backend onnx)")
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--onnx-file", help="--backend onnx: export to this .onnx file once and reuse it on later runs "

@@ -777,6 +777,9 @@ class OnnxBackend(BackendBase):
 
     def capability(self, fmt: QuantFormat, role: str, partner=None) -> tuple[str, str]:
         if role == "weight":
+            if fmt.block_rows:
+                return "refused", (f"weight format {fmt.tag}: 2-D block scales have no ONNX form (DequantizeLinear "
+                                   "blocks along one axis)")
             if fmt.kind == "int":
                 return "native", "DequantizeLinear INT4/INT8 (fused by ORT) or MatMulNBits"
             if _weight_exportable(fmt):

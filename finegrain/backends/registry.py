@@ -14,6 +14,7 @@ BACKENDS: dict[str, str] = {
     "torch": "finegrain.backends.torch_ref:BACKEND",
     "onnx": "finegrain.backends.onnx:BACKEND",
     "tvm": "finegrain.backends.tvm.backend:BACKEND",
+    "gpu": "finegrain.backends.gpu.backend:BACKEND",
 }
 
 

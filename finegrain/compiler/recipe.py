@@ -451,6 +451,9 @@ PRESETS.update({
     "nvfp4-rot": _linears("nvfp4-rot", *_block("e2m1-g16-sym-e4m3"), rotate=True),
     "nvint4-rot": _linears("nvint4-rot", *_block("int4-g16-sym-e4m3"), rotate=True),
     "fp8": _linears("fp8", QuantFormat.parse("e4m3-channel-sym-fp32"), QuantFormat.parse("e4m3-token-sym-fp32-dyn")),
+    # block-wise FP8 (DeepSeek-V3 style): 128 x 128 weight blocks, activations in 1 x 128 groups per token
+    "fp8-block": _linears("fp8-block", QuantFormat.parse("e4m3-g128x128-sym-fp32"),
+                          QuantFormat.parse("e4m3-g128-sym-fp32-dyn")),
     "w4a16-g128-clip": _linears("w4a16-g128-clip", _w(4, 128, False), weight_algorithm="clip"),
     "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), **GPTQ),
     # AWQ (passes/fold_smoothing.py): activation-aware scales folded exactly, then clip search or GPTQ

@@ -110,6 +110,8 @@ def _activation_args(f: QuantFormat | None) -> dict | None:
 
 
 def _weight_args(f: QuantFormat, k: int) -> dict:
+    if f.block_rows:
+        raise ValueError(f"weight format {f.tag}: 2-D block scales are not exported to compressed-tensors yet")
     if f.kind == "int":
         if not 1 <= f.bits <= 8:
             raise ValueError(f"weight format {f.tag}: compressed-tensors packs 1-8 bit integers")

@@ -19,7 +19,12 @@ Granularity is always along the last dimension (the reduction dim K of a linear 
 * ``group``   one scale per ``group_size`` consecutive elements of a row (MX: 32, NVFP4: 16). A
   ragged last group (K not a multiple of the group size, e.g. SmolLM2's K=576 with g128) is
   quantized exactly with its own scale, and its bytes are counted: the group size is never
-  silently changed.
+  silently changed. With ``block_rows`` R (weights only) a scale is shared by R consecutive rows
+  too: 2-D blocks of R x group_size (the block-wise FP8 of recent MoE releases: 128 x 128, tag
+  ``e4m3-g128x128-sym-fp32``; torchao's ``block_size`` tuple). The block's scale is chosen from all
+  its values; a ragged last row block is exact like a ragged group. :class:`QTensor` still carries
+  the effective scale of every row (``[N, G]``); the artifact stores one per block
+  (``stored_param_shape``), ``scales.stored_scale`` / ``formats.ops.unpack_weight`` convert.
 
 :class:`QTensor` always carries the *effective* fp32 scale of every group (what ``decode``
 multiplies by); ``scales.stored_scale`` / ``scales.load_scale`` convert it to and from what an
@@ -101,6 +106,7 @@ class QuantFormat:
     scale: str = "fp16"
     dynamic: bool = False
     clip: float = 1.0  # range = clip x (max |x| or [min, max]) when scales are chosen from the data
+    block_rows: int | None = None  # 2-D blocks: rows sharing a group's scale (weights; group granularity)
 
     def __post_init__(self) -> None:
         from finegrain.formats import scales
@@ -119,6 +125,13 @@ class QuantFormat:
                                  f"[1, {MAX_GROUP}]")
         elif self.group_size is not None:
             raise ValueError(f"QuantFormat.group_size={self.group_size!r}: only valid with granularity='group'")
+        if self.block_rows is not None:
+            if (not isinstance(self.block_rows, int) or isinstance(self.block_rows, bool)
+                    or not 1 <= self.block_rows <= MAX_GROUP):
+                raise ValueError(f"QuantFormat.block_rows={self.block_rows!r}: must be an integer in [1, {MAX_GROUP}]")
+            if self.granularity != "group" or self.dynamic or not self.symmetric or self.scale == "int8":
+                raise ValueError("QuantFormat.block_rows (2-D blocks) needs static, symmetric 'group' granularity with "
+                                 "a float, E8M0 or E4M3 scale (a weight format)")
         if self.dynamic and self.granularity == "channel":
             raise ValueError("QuantFormat.dynamic=True needs granularity 'token', 'tensor' or 'group', not 'channel'")
         families[self.kind].validate(self)
@@ -142,23 +155,27 @@ class QuantFormat:
     @property
     def tag(self) -> str:
         """Compact, parseable name, e.g. ``int4-g128-asym-fp16``, ``int8-token-sym-fp32-dyn``,
-        ``e2m1-g32-sym-e8m0`` (MXFP4), ``e2m1-g16-sym-e4m3`` (NVFP4), ``int4-token-sym-fp32-dyn-clip0.9``."""
+        ``e2m1-g32-sym-e8m0`` (MXFP4), ``e2m1-g16-sym-e4m3`` (NVFP4), ``int4-token-sym-fp32-dyn-clip0.9``,
+        ``e4m3-g128x128-sym-fp32`` (2-D blocks: groups of 128 along K shared by 128 rows)."""
         gran = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        if self.block_rows:
+            gran += f"x{self.block_rows}"
         parts = [self.element, gran, "sym" if self.symmetric else "asym", self.scale]
         return "-".join(parts + (["dyn"] if self.dynamic else []) + ([f"clip{self.clip:g}"] if self.clip != 1.0 else []))
 
     @classmethod
     def parse(cls, tag: str) -> "QuantFormat":
-        m = re.fullmatch(r"(?:([a-z]+?)(\d+)|(e\dm\d))-(g\d+|tensor|channel|token)-(sym|asym)-([a-z0-9]+)(-dyn)?"
-                         r"(?:-clip([0-9.]+))?", tag)
+        m = re.fullmatch(r"(?:([a-z]+?)(\d+)|(e\dm\d))-(g\d+(?:x\d+)?|tensor|channel|token)-(sym|asym)-([a-z0-9]+)"
+                         r"(-dyn)?(?:-clip([0-9.]+))?", tag)
         if not m:
             raise ValueError(f"format tag {tag!r} is malformed; expected e.g. 'int4-g128-asym-fp16' or 'e2m1-g32-sym-e8m0'")
         kind, bits, mini, gran, sym, scale, dyn, clip = m.groups()
         if mini:
             kind, bits = mini, 1 + int(mini[1]) + int(mini[3])
-        group = int(gran[1:]) if gran.startswith("g") else None
-        return cls(kind=kind, bits=int(bits), granularity="group" if group else gran, group_size=group,
-                   symmetric=sym == "sym", scale=scale, dynamic=bool(dyn), clip=float(clip) if clip else 1.0)
+        group, _, rows = gran[1:].partition("x") if gran.startswith("g") else (None, "", "")
+        return cls(kind=kind, bits=int(bits), granularity="group" if group else gran,
+                   group_size=int(group) if group else None, symmetric=sym == "sym", scale=scale, dynamic=bool(dyn),
+                   clip=float(clip) if clip else 1.0, block_rows=int(rows) if rows else None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +198,31 @@ class QuantFormat:
         if self.granularity == "tensor":
             return (1,)
         return tuple(shape[:-1]) + (self.num_groups(shape[-1]),)
+
+    def stored_param_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of the scales an artifact stores: ``param_shape``, with one row per block of
+        ``block_rows`` rows for 2-D blocks."""
+        p = self.param_shape(shape)
+        if self.block_rows:
+            return p[:-2] + (math.ceil(p[-2] / self.block_rows), p[-1])
+        return p
+
+    def _blocked(self, xg: torch.Tensor) -> torch.Tensor:
+        """Grouped values ``[..., N, G, gs]`` as ``[..., NB, G, R * gs]``: every 2-D block one
+        group (a ragged last row block padded by repeating the last row: no block's range changes)."""
+        r, n = self.block_rows, xg.shape[-3]
+        pad = -n % r
+        if pad:
+            xg = torch.cat([xg, xg[..., -1:, :, :].expand(*xg.shape[:-3], pad, *xg.shape[-2:])], dim=-3)
+        lead, g, gs = xg.shape[:-3], xg.shape[-2], xg.shape[-1]
+        return xg.reshape(*lead, -1, r, g, gs).transpose(-3, -2).reshape(*lead, -1, g, r * gs)
+
+    def expand_rows(self, p: torch.Tensor, rows: int) -> torch.Tensor:
+        """Per-block parameters ``[..., NB, G]`` -> per row ``[..., rows, G]`` (identity unless
+        ``block_rows``)."""
+        if not self.block_rows:
+            return p
+        return p.repeat_interleave(self.block_rows, dim=-2)[..., :rows, :]
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """View ``x`` as ``[..., G, gs]``; a ragged last group is padded by repeating the row's
@@ -212,7 +254,15 @@ class QuantFormat:
         xg = self._grouped(x.float())
         pshape = self.param_shape(tuple(x.shape))
         scale2 = codebook = None
-        if scale is None:
+        if scale is None and self.block_rows:
+            if isinstance(clip, torch.Tensor):
+                raise ValueError(f"{self.tag}: a clip ratio per group does not apply to 2-D blocks (search per block)")
+            if x.dim() < 2:
+                raise ValueError(f"{self.tag}: 2-D blocks need a matrix, got shape {tuple(x.shape)}")
+            xb = self._blocked(xg)
+            scale, zero, scale2, codebook = scales.choose(self, xb, _clip_of(self.clip if clip is None else clip, xb))
+            scale, zero = self.expand_rows(scale, xg.shape[-3]), self.expand_rows(zero, xg.shape[-3])
+        elif scale is None:
             c = _clip_of(self.clip if clip is None else clip, xg)
             scale, zero, scale2, codebook = scales.choose(self, xg, c)
         else:
@@ -259,7 +309,7 @@ class QuantFormat:
         bits = numel * self.family.element_bits(self)
         if not self.dynamic:
             per_group = scales.SCALE_BITS[self.scale] + self.family.metadata_bits(self)
-            bits += math.prod(self.param_shape(tuple(shape))) * per_group
+            bits += math.prod(self.stored_param_shape(tuple(shape))) * per_group
             bits += scales.second_level_bits(self, tuple(shape))
             bits += getattr(self.family, "codebook_bits", lambda f: 0)(self)
         return bits
@@ -270,7 +320,7 @@ class QuantFormat:
         from finegrain.formats import scales
 
         lead, k = math.prod(shape[:-1]), shape[-1]
-        pshape = self.param_shape(tuple(shape))
+        pshape = self.stored_param_shape(tuple(shape))
         total = lead * math.ceil(k * self.family.element_bits(self) / 8)
         total += math.prod(pshape) * scales.SCALE_BITS[self.scale] // 8
         mbits = self.family.metadata_bits(self)

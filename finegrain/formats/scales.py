@@ -116,7 +116,10 @@ def _dual_grained(fmt, xg: torch.Tensor, raw: torch.Tensor, meta, clip):
 
 
 def stored_scale(fmt, q) -> torch.Tensor:
-    """The scale tensor an artifact stores for ``q`` (``load_scale`` inverts it exactly)."""
+    """The scale tensor an artifact stores for ``q`` (``load_scale`` inverts it exactly; 2-D
+    blocks: one row per block, ``fmt.expand_rows`` restores the per-row view)."""
+    if fmt.block_rows:
+        q = q._replace(scale=q.scale[..., ::fmt.block_rows, :])
     if fmt.scale in FLOAT_SCALES:
         return q.scale.to(FLOAT_SCALES[fmt.scale])
     if fmt.scale == "e8m0":

@@ -1,0 +1,95 @@
+"""The GPU backend's entry in the registry: the quantized graph on CUDA with its linears on the
+Triton kernels of ``kernels.py`` (``lower.py`` says which node becomes what).
+
+``session(compiled, device=None, config=None)``: ``device`` defaults to ``cuda``; ``cpu`` is
+accepted only under ``TRITON_INTERPRET=1`` (the kernels interpreted on CPU tensors: how the tests
+run them without a GPU). Inputs are moved to the device; ``run`` returns the logits on the CPU,
+``run_all`` / ``prefill`` / ``step`` keep the outputs (the KV cache) on the device.
+Not yet: CUDA graphs for the decode step, a bf16 compute mode (activations stay fp32 as traced),
+artifacts of its own (``build``: the kernel layout is rebuilt from a finegrain artifact in
+milliseconds at session start).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from finegrain.backends.base import BackendBase, Session
+from finegrain.errors import InputError
+from finegrain.io.signature import check_inputs
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class GpuSession(Session):
+    backend = "gpu"
+
+    def __init__(self, compiled, device: str | None = None):
+        from finegrain.backends.gpu.lower import prepare
+
+        self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
+        self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
+        self.device = torch.device(device or "cuda")
+        self.gm, self.kernels = prepare(compiled.gm, self.device)
+
+    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.kv and len(inputs) == 1:
+            return self.kv_forward(inputs[0], None, 0)[0].cpu()
+        out = self.run_all(*inputs)
+        return (out[0] if isinstance(out, (tuple, list)) else out).cpu()
+
+    def run_all(self, *inputs: torch.Tensor):
+        check_inputs(self.input_specs, [t.cpu() if t.device != torch.device("cpu") else t for t in inputs])
+        with torch.inference_mode():
+            return self.gm(*[t.to(self.device) for t in inputs])
+
+
+class GpuBackend(BackendBase):
+    name = "gpu"
+    description = "NVIDIA GPU: Triton low-bit GEMV / GEMM, INT8-dot (W8A8, DGQ W4A8) and FWHT kernels"
+    kv_cache = True
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "needs triton (pip install 'finegrain[gpu]')"
+        if not torch.cuda.is_available() and not _interpret():
+            return "no CUDA device here (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly, for testing)"
+        return None
+
+    def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
+        from finegrain.backends.gpu.kernels import element_layout
+        from finegrain.backends.gpu.lower import act_ok, weight_a8_ok
+
+        if role == "weight":
+            lay = element_layout(fmt)
+            if lay is None:
+                return "emulated", f"no kernel decodes {fmt.element}: dequantized once at load, dense float matmul"
+            if lay["mini"]:
+                return "native", (f"Triton GEMV / GEMM, {fmt.element.upper()} codes decoded to fp32 in registers "
+                                  "(no FP4 / FP6 tensor-core path on Hopper: the decode is arithmetic)")
+            return "native", f"Triton GEMV / GEMM, INT{fmt.bits} codes unpacked and scaled in registers"
+        if act_ok(fmt) and partner is not None and weight_a8_ok(partner):
+            return "native", "quantized per row by a Triton kernel, INT8 tl.dot with int32 accumulation"
+        return "emulated", "fake quantization by the reference op (on CPU copies when the model runs on CUDA)"
+
+    def op_capability(self, op: str) -> tuple[str, str]:
+        if op == "hadamard":
+            return "native", "Triton FWHT (Sylvester tiles generated in registers, tl.dot), small factor in torch"
+        if op in ("conv", "recurrent"):
+            return "emulated", "weight dequantized once at load; torch's float op"
+        return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
+
+    def session(self, compiled, device: str | None = None, **options) -> GpuSession:
+        if options:
+            raise InputError(f"backend 'gpu' takes the option 'device' only, got {sorted(options)}")
+        if device is not None and torch.device(device).type == "cpu" and not _interpret():
+            raise InputError("backend 'gpu' runs on device 'cpu' only under TRITON_INTERPRET=1 (kernel testing)")
+        self.require(compiled)
+        return GpuSession(compiled, device or ("cpu" if _interpret() and not torch.cuda.is_available() else "cuda"))
+
+
+BACKEND = GpuBackend()

@@ -1,0 +1,531 @@
+"""Triton kernels of the GPU backend, and the layout they read.
+
+Weight layout (:func:`pack_weight`, built once from an artifact's packed weight): the codes of a
+linear's ``W[N, K]`` as unsigned ``BITS``-bit fields in int32 words along K, ``qw[ceil(K / PW), N]``
+with ``PW = 32 // BITS`` codes per word (field ``j`` of word ``i`` is ``k = i * PW + j``; signed
+integer codes are stored offset by ``2^(BITS-1)``, minifloat codes are their bit patterns). N is the
+fastest dimension, so a program's loads of a K tile are contiguous along N (coalesced). Per group
+``g = k // group`` (ragged last groups included): the scale as the artifact stores it, ``s[G, N]``
+(fp16 / bf16 / fp32; E8M0 exponents, FP8 E4M3 block scales or DGQ's integer factors as uint8,
+decoded in registers), and for asymmetric integers the zero point ``z[G, N]`` (uint8); ``s1[N]``:
+DGQ's fp16 channel scales; ``scale2``: NVFP4 / NVINT4's fp32 tensor scale.
+
+Kernels:
+
+* ``_wq_gemm``: ``y = x @ dequant(W)^T`` for M > 1 (prefill): a K loop that loads a ``[BK, BN]``
+  tile of words, unpacks and decodes it in registers (INT2-8 or any OCP minifloat element, the
+  scale applied once per element of the tile) and feeds ``tl.dot`` with fp32 accumulation.
+* ``_wq_gemv``: the same for M small (decode): no ``tl.dot``; a program owns BN outputs and a
+  slice of K (split-K, partial sums added atomically in fp32), one pass over the packed weight.
+* ``_a8_gemm``: INT8 activations (symmetric, per token; from ``_quant_rows``) times a weight whose
+  codes fit INT8 after removing the zero point (INT2-4 any, INT8 symmetric): ``tl.dot`` on int8 with
+  int32 accumulation. Float group scales are applied per K tile (``BK`` divides the group); DGQ's
+  integer group scales are applied *before* the dot (``S2 * (q - z)`` is INT8, the seed's A8W4
+  kernel), its channel scale and the token scale in the epilogue.
+* ``_quant_rows``: per-row absmax INT quantization of activations (the reference's scale and
+  round-half-to-even, bit for bit).
+* ``_fwht``: ``x @ H_p`` for a Sylvester Hadamard of order p (a power of two >= 16) with the
+  +-1 tiles generated in registers from index parities (nothing loaded), on ``tl.dot``.
+
+Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests) and on CUDA. On a GPU
+the launchers autotune over a few configurations per shape class (``triton.autotune`` keyed on
+the M bucket, N and K, results cached on disk where the Triton version can).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from finegrain.formats import QuantFormat
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SMODE = {"float": 0, "e8m0": 1, "e4m3": 2, "int8": 3}  # how a stored group scale decodes
+
+
+# ---- device helpers -------------------------------------------------------------------------
+@triton.jit
+def _minifloat(u, EB: tl.constexpr, MB: tl.constexpr):
+    """Value of OCP minifloat bit patterns ``u`` (int32) with EB exponent and MB mantissa bits
+    (E2M1, E3M2, E2M3, E4M3, E5M2): subnormals included; Inf / NaN patterns never occur."""
+    sign = (u >> (EB + MB)) & 1
+    e = (u >> MB) & ((1 << EB) - 1)
+    m = (u & ((1 << MB) - 1)).to(tl.float32)
+    bias: tl.constexpr = (1 << (EB - 1)) - 1
+    mag = tl.where(e == 0, m * tl.exp2(0.0 * m + (1 - bias - MB)),
+                   (m + (1 << MB)) * tl.exp2((e - bias - MB).to(tl.float32)))
+    return tl.where(sign == 1, -mag, mag)
+
+
+@triton.jit
+def _decode_scale(s, SM: tl.constexpr, scale2):
+    if SM == 1:  # E8M0: 2^(e - 127)
+        return tl.exp2(s.to(tl.float32) - 127.0)
+    elif SM == 2:  # FP8 E4M3 block scale times the fp32 tensor scale
+        return _minifloat(s.to(tl.int32), 4, 3) * scale2
+    else:  # a float scale, or DGQ's integer factor (the channel scale comes separately)
+        return s.to(tl.float32)
+
+
+@triton.jit
+def _codes(w_ptr, offs_k, offs_n, k0, K, N, BITS: tl.constexpr, PW: tl.constexpr, BK: tl.constexpr,
+           BN: tl.constexpr, SPLIT: tl.constexpr):
+    """Unsigned codes ``[BK, BN]`` (int32) of rows ``offs_k = k0 + arange(BK)`` and columns
+    ``offs_n``. SPLIT (PW a power of two dividing BK and k0): load each word once
+    (``[BK / PW, BN]``) and split it in registers; otherwise (INT3 / FP6: 10 / 5 fields per word)
+    load the word of every k."""
+    nmask = offs_n < N
+    if SPLIT:
+        offs_w = k0 // PW + tl.arange(0, BK // PW)
+        words = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :],
+                        mask=(offs_w[:, None] < tl.cdiv(K, PW)) & nmask[None, :], other=0)
+        shifts = tl.arange(0, PW) * BITS
+        u = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        return tl.reshape(u, (BK, BN))
+    word = tl.load(w_ptr + (offs_k // PW)[:, None] * N + offs_n[None, :],
+                   mask=(offs_k[:, None] < K) & nmask[None, :], other=0)
+    return (word >> ((offs_k % PW) * BITS)[:, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, s1_ptr, offs_k, offs_n, k0, K, N, group, scale2,
+                 BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, MINI: tl.constexpr,
+                 EB: tl.constexpr, MB: tl.constexpr, SM: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 OFFSET: tl.constexpr, ROW: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """Dequantized fp32 weight tile ``[BK, BN]`` (rows k, columns n of W^T)."""
+    nmask = offs_n < N
+    u = _codes(w_ptr, offs_k, offs_n, k0, K, N, BITS, PW, BK, BN, SPLIT)
+    if ROW:  # the tile lies in one group: one scale (and zero) row
+        g = k0 // group
+        s = _decode_scale(tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0), SM, scale2)[None, :]
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
+    else:
+        g = offs_k // group
+        gmask = (offs_k[:, None] < K) & nmask[None, :]
+        s = _decode_scale(tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0), SM, scale2)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g[:, None] * N + offs_n[None, :], mask=gmask, other=0).to(tl.int32)
+    if SM == 3:  # DGQ: integer group factor times the fp16 channel scale
+        s = s * tl.load(s1_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+    if MINI:
+        return _minifloat(u, EB, MB) * s
+    if HAS_ZERO:
+        return (u - z).to(tl.float32) * s
+    return (u - OFFSET).to(tl.float32) * s
+
+
+# ---- weight x float activation -----------------------------------------------------------------
+@triton.jit
+def _wq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group, scale2, stride_x, stride_o,
+             BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, MINI: tl.constexpr, EB: tl.constexpr,
+             MB: tl.constexpr, SM: tl.constexpr, HAS_ZERO: tl.constexpr, OFFSET: tl.constexpr, ROW: tl.constexpr,
+             HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        k0 = t * BK
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, s1_ptr, offs_k, offs_n, k0, K, N, group, scale2, BITS, PW, SPLIT, MINI,
+                         EB, MB, SM, HAS_ZERO, OFFSET, ROW, BK, BN)
+        w = tl.where((offs_k < K)[:, None], w, 0.0)
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
+    tl.store(o_ptr + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _wq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group, scale2, stride_x, stride_o,
+             BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, MINI: tl.constexpr, EB: tl.constexpr,
+             MB: tl.constexpr, SM: tl.constexpr, HAS_ZERO: tl.constexpr, OFFSET: tl.constexpr, ROW: tl.constexpr,
+             HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One row of x per program along axis 0; ``o`` is fp32 (atomic split-K partial sums)."""
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    tiles = tl.cdiv(K, BK)
+    per = tl.cdiv(tiles, SPLIT_K)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for t in range(pid_k * per, tl.minimum(pid_k * per + per, tiles)):
+        k0 = t * BK
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + row * stride_x + offs_k, mask=offs_k < K, other=0).to(tl.float32)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, s1_ptr, offs_k, offs_n, k0, K, N, group, scale2, BITS, PW, SPLIT, MINI,
+                         EB, MB, SM, HAS_ZERO, OFFSET, ROW, BK, BN)
+        acc += tl.sum(x[:, None] * w, axis=0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)
+    tl.atomic_add(o_ptr + row * stride_o + offs_n, acc, mask=offs_n < N)
+
+
+# ---- INT8 activations ----------------------------------------------------------------------------
+@triton.jit
+def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, BK: tl.constexpr):
+    """Row r of x -> INT codes (int8) and its scale: s = absmax * clip / QMAX (rounded to the
+    stored scale dtype; 1 for an all-zero row), q = clamp(round_half_even(x / s), LO, HI)."""
+    r = tl.program_id(0)
+    amax = tl.zeros((BK,), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    s = tl.max(amax, axis=0) * clip / QMAX
+    if SCALE_F16:
+        s = s.to(tl.float16).to(tl.float32)
+    if SCALE_BF16:
+        s = s.to(tl.bfloat16).to(tl.float32)
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(s_ptr + r, s)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
+        v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
+        v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
+        q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
+        tl.store(q_ptr + r * K + offs, q.to(tl.int8), mask=offs < K)
+
+
+@triton.jit
+def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group,
+             BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr,
+             OFFSET: tl.constexpr, DGQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+    for t in range(0, tl.cdiv(K, BK)):
+        k0 = t * BK
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < K
+        x = tl.load(q_ptr + offs_m[:, None] * K + offs_k[None, :], mask=(offs_m[:, None] < M) & kmask[None, :],
+                    other=0)
+        u = _codes(w_ptr, offs_k, offs_n, k0, K, N, BITS, PW, BK, BN, SPLIT)
+        g = k0 // group  # BK divides the group: one scale row per tile
+        if HAS_ZERO:
+            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
+        else:
+            z = OFFSET
+        d = tl.where(kmask[:, None], u - z, 0)
+        srow = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0)
+        if DGQ:  # S2 (q - z) is INT8: the group scale goes in before the integer dot
+            acc_i += tl.dot(x, (d * srow.to(tl.int32)[None, :]).to(tl.int8), out_dtype=tl.int32)
+        else:
+            part = tl.dot(x, d.to(tl.int8), out_dtype=tl.int32)
+            acc += part.to(tl.float32) * srow.to(tl.float32)[None, :]
+    xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0)
+    if DGQ:
+        acc = acc_i.to(tl.float32) * tl.load(s1_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+    acc = acc * xs[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
+    tl.store(o_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & nmask[None, :])
+
+
+# ---- online Hadamard -----------------------------------------------------------------------------
+@triton.jit
+def _fwht(x_ptr, o_ptr, R, P, scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(0, tl.cdiv(P, BK)):
+        offs_k = t * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * P + offs_k[None, :], mask=(offs_m[:, None] < R) & (offs_k[None, :] < P),
+                    other=0).to(tl.float32)
+        v = offs_k[:, None] & offs_n[None, :]  # H[i, j] = (-1)^popcount(i & j)
+        v = v ^ (v >> 16)
+        v = v ^ (v >> 8)
+        v = v ^ (v >> 4)
+        v = v ^ (v >> 2)
+        v = v ^ (v >> 1)
+        h = 1.0 - 2.0 * (v & 1).to(tl.float32)
+        acc += tl.dot(x, h, input_precision=PREC)
+    tl.store(o_ptr + offs_m[:, None] * P + offs_n[None, :], (acc * scale).to(o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < R) & (offs_n[None, :] < P))
+
+
+# ---- host side -----------------------------------------------------------------------------------
+def element_layout(fmt: QuantFormat) -> dict | None:
+    """How the kernels read ``fmt``'s weight codes, or None when no kernel decodes it (BitMoD,
+    NF4 and Lloyd-Max codebooks)."""
+    if fmt.kind == "int":
+        mini, eb, mb = False, 0, 0
+    elif fmt.kind.startswith("e") and len(fmt.kind) == 4:
+        mini, eb, mb = True, int(fmt.kind[1]), int(fmt.kind[3])
+    else:
+        return None
+    bits = fmt.bits
+    pw = 32 // bits
+    return {"bits": bits, "pw": pw, "split": pw & (pw - 1) == 0, "mini": mini, "eb": eb, "mb": mb,
+            "smode": SMODE["float"] if fmt.scale in ("fp16", "bf16", "fp32") else SMODE[fmt.scale],
+            "has_zero": fmt.kind == "int" and not fmt.symmetric,
+            "offset": 2 ** (bits - 1) if fmt.kind == "int" and fmt.symmetric else 0}
+
+
+def pack_weight(fmt: QuantFormat, codes: torch.Tensor, stored_scale: torch.Tensor, zero: torch.Tensor | None,
+                scale2: torch.Tensor | None) -> dict:
+    """The kernel layout of one weight (see the module docstring) from its codes ``[N, K]`` (as
+    ``QTensor.codes``: signed int8 or unsigned uint8), the scales as the artifact stores them
+    (``formats/scales.stored_scale``, ``[N, G]``, ``[ceil(N / R), G]`` for 2-D blocks, or ``(1,)``), integer zero points ``[N, G]`` and
+    the second-level scale."""
+    lay = element_layout(fmt)
+    if lay is None:
+        raise ValueError(f"weight format {fmt.tag} has no GPU kernel (INT2-8 and OCP minifloat elements do)")
+    n, k = codes.shape
+    bits, pw = lay["bits"], lay["pw"]
+    u = codes.to(torch.int64) + (2 ** (bits - 1) if fmt.signed and fmt.kind == "int" else 0)
+    words = math.ceil(k / pw)
+    u = torch.nn.functional.pad(u, (0, words * pw - k)).reshape(n, words, pw)
+    qw = (u << (torch.arange(pw, dtype=torch.int64) * bits)).sum(-1)
+    qw = torch.where(qw >= 2**31, qw - 2**32, qw).to(torch.int32).T.contiguous()  # [words, N]
+    groups, group = (1, k) if fmt.granularity in ("tensor", "channel") else (fmt.num_groups(k), fmt.group_size)
+    if fmt.granularity == "tensor":
+        s = stored_scale.reshape(-1, 1).expand(n, 1)
+    else:  # 2-D blocks store one row per block: the kernel reads a scale per row
+        s = fmt.expand_rows(stored_scale.reshape(-1, groups), n)
+    out = {"qw": qw, "s": s.T.contiguous(), "z": None, "s1": None, "scale2": 1.0, "group": group, "k": k, "n": n, **lay}
+    if lay["has_zero"]:
+        z = zero.reshape(-1, 1).expand(n, 1) if fmt.granularity == "tensor" else zero.reshape(n, groups)
+        out["z"] = z.T.to(torch.uint8).contiguous()
+    if fmt.scale == "e4m3":
+        out["s"] = out["s"].view(torch.uint8)
+        out["scale2"] = float(scale2.reshape(-1)[0])
+    if fmt.scale == "int8":
+        out["s1"] = scale2.reshape(n).to(torch.float16).contiguous()
+    return out
+
+
+def _dummy(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(1, dtype=torch.uint8, device=t.device)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_k(group: int, k: int, pw: int, choices=(128, 64, 32, 16)) -> tuple[int, bool]:
+    """A K tile (a multiple of the word's field count when words are split) and whether it lies
+    in one group (one scale row per tile)."""
+    for bk in choices:
+        if group % bk == 0 and bk % pw == 0:
+            return bk, True
+    bk = next(b for b in choices if b % pw == 0) if any(b % pw == 0 for b in choices) else 32
+    return bk, False
+
+
+GEMV_MAX_M = 4  # rows up to which the split-K GEMV beats a padded tl.dot tile
+
+
+def m_bucket(m: int) -> int:
+    """The shape class of M that tuned configurations are kept for: 1, 4, 16, 64, 256, 1024+."""
+    return next(b for b in (1, 4, 16, 64, 256) if m <= b) if m <= 256 else 1024
+
+
+def _candidates(kind: str, m: int, group: int, k: int, pw: int) -> list[dict]:
+    bks = [bk for bk in (256, 128, 64, 32) if (group % bk == 0 or bk == 32) and bk % pw == 0 and bk <= max(32, k)]
+    if kind == "gemv":
+        return [dict(BN=bn, BK=bk, SPLIT_K=sk, num_warps=w) for bn in (32, 64, 128) for bk in bks[:2]
+                for sk in (1, 2, 4, 8) for w in (2, 4) if bn * bk <= 16384]
+    return [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+            for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128)) if bm <= max(16, 4 * m)
+            for bk in bks[1:3] or bks for w in (4, 8) for st in (2, 3) if bn * bk <= 16384]
+
+
+_TUNED: dict[str, dict] | None = None
+
+
+def _cache_path():
+    from pathlib import Path
+
+    base = Path(os.environ.get("FINEGRAIN_GPU_CACHE", Path.home() / ".cache" / "finegrain"))
+    return base / f"gpu-tune-triton{triton.__version__}.json"
+
+
+def tuned(kind: str, key: tuple, candidates: list[dict], launch) -> dict:
+    """The fastest of ``candidates`` for ``launch(config)`` on this GPU and shape class, timed once
+    (``triton.testing.do_bench``) and kept in a JSON file (``$FINEGRAIN_GPU_CACHE``, default
+    ``~/.cache/finegrain``) keyed by device name, kernel and shape; the interpreter takes the first."""
+    global _TUNED
+    import json
+
+    if INTERPRET or not torch.cuda.is_available() or len(candidates) == 1:
+        return candidates[0]
+    if _TUNED is None:
+        try:
+            _TUNED = json.loads(_cache_path().read_text())
+        except (OSError, ValueError):
+            _TUNED = {}
+    name = f"{torch.cuda.get_device_name()}|{kind}|{'x'.join(map(str, key))}"
+    if name not in _TUNED:
+        timings = []
+        for cfg in candidates:
+            try:
+                timings.append((triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=15), cfg))
+            except Exception:  # a configuration this GPU cannot run (too many registers, shared memory)
+                continue
+        _TUNED[name] = min(timings, key=lambda t: t[0])[1]
+        path = _cache_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(_TUNED, indent=1))
+        tmp.replace(path)
+    return _TUNED[name]
+
+
+def wq_linear(x: torch.Tensor, p: dict, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``x @ dequant(W)^T + bias`` for x ``[..., K]`` and a weight packed by :func:`pack_weight`;
+    ``config`` (BM / BN / BK / SPLIT_K / num_warps / num_stages) overrides the tuned one."""
+    k, n = p["k"], p["n"]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    pw = p["pw"] if p["split"] else 1
+    z = p["z"] if p["z"] is not None else _dummy(x)
+    s1 = p["s1"] if p["s1"] is not None else _dummy(x)
+    b = bias if bias is not None else _dummy(x)
+    gemv = m <= GEMV_MAX_M
+
+    def launch(cfg: dict) -> torch.Tensor:
+        bk = cfg["BK"]
+        common = dict(BITS=p["bits"], PW=p["pw"], SPLIT=p["split"] and bk % p["pw"] == 0, MINI=p["mini"], EB=p["eb"],
+                      MB=p["mb"], SM=p["smode"], HAS_ZERO=p["has_zero"], OFFSET=p["offset"],
+                      ROW=p["group"] % bk == 0, HAS_BIAS=bias is not None)
+        if gemv:
+            out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+            grid = (m, triton.cdiv(n, cfg["BN"]), cfg["SPLIT_K"])
+            _wq_gemv[grid](x2, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], p["scale2"], x2.stride(0),
+                           out.stride(0), SPLIT_K=cfg["SPLIT_K"], BN=cfg["BN"], BK=bk, **common, **_launch(cfg))
+            return out
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))
+        _wq_gemm[grid](x2, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], p["scale2"], x2.stride(0),
+                       out.stride(0), PREC=_prec(x.dtype), BM=cfg["BM"], BN=cfg["BN"], BK=bk, **common, **_launch(cfg))
+        return out
+
+    if config is None:
+        if INTERPRET:
+            bk, _ = _block_k(p["group"], k, pw)
+            config = dict(BN=64, BK=bk, SPLIT_K=1) if gemv else dict(BM=32, BN=32, BK=bk)
+        else:
+            kind = "gemv" if gemv else "gemm"
+            config = tuned(f"wq-{kind}", (m_bucket(m), n, k, p["bits"], p["group"], p["smode"], p["mini"], str(x.dtype)),
+                           _candidates(kind, m, p["group"], k, pw), launch)
+    out = launch(config)
+    return (out.to(x.dtype) if gemv else out).reshape(*lead, n)
+
+
+def _launch(cfg: dict) -> dict:
+    return {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg and not INTERPRET}
+
+
+def a8_ok(p: dict) -> bool:
+    """Whether a packed weight's codes fit INT8 after removing the zero point, with a K tile that
+    lies in one group (the integer-dot kernel's conditions)."""
+    if p["mini"] or p["smode"] not in (SMODE["float"], SMODE["int8"]):
+        return False
+    if p["bits"] > 4 and (p["has_zero"] or p["bits"] != 8):
+        return False
+    bk, row = _block_k(p["group"], p["k"], p["pw"] if p["split"] else 1, (128, 64, 32))
+    return row
+
+
+def quant_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT codes (int8 ``[M, K]``) and per-row fp32 scales ``[M]`` of x ``[M, K]`` in a
+    symmetric per-token (or, for one row, per-tensor) integer format."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    lo, hi = fmt.family.code_range(fmt)
+    _quant_rows[(m,)](x, q, s, k, x.stride(0), float(fmt.clip), QMAX=float(fmt.family.max_value(fmt)), LO=lo, HI=hi,
+                      SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", BK=256 if k >= 256 else 32)
+    return q, s
+
+
+def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """``fake_quant(x) @ dequant(W)^T + bias`` computed as an integer dot: x quantized per token
+    (``act``: symmetric INT, per token) by ``_quant_rows``, the weight's zero-point-free codes (or
+    DGQ's ``S2 (q - z)``) as INT8, int32 accumulation, scales in the epilogue."""
+    k, n = p["k"], p["n"]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if act.granularity == "tensor":
+        q, s = quant_rows(x2.reshape(1, -1), act)
+        q, s = q.reshape(m, k), s.expand(m).contiguous()
+    else:
+        q, s = quant_rows(x2, act)
+    bk, row = _block_k(p["group"], k, p["pw"] if p["split"] else 1, (128, 64, 32))
+    if not row:
+        raise ValueError(f"a8_linear: group {p['group']} has no K tile of 32-128 inside it")
+    z = p["z"] if p["z"] is not None else _dummy(x)
+    s1 = p["s1"] if p["s1"] is not None else _dummy(x)
+    b = bias if bias is not None else _dummy(x)
+
+    def launch(cfg: dict) -> torch.Tensor:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))
+        _a8_gemm[grid](q, s, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], BITS=p["bits"], PW=p["pw"],
+                       SPLIT=p["split"] and cfg["BK"] % p["pw"] == 0, HAS_ZERO=p["has_zero"], OFFSET=p["offset"],
+                       DGQ=p["smode"] == SMODE["int8"], HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"],
+                       BK=cfg["BK"], **_launch(cfg))
+        return out
+
+    if config is None:
+        if INTERPRET:
+            config = dict(BM=32, BN=32, BK=bk)
+        else:
+            cands = [c for c in _candidates("gemm", m, p["group"], k, p["pw"] if p["split"] else 1)
+                     if p["group"] % c["BK"] == 0 and c["BK"] >= 32]
+            config = tuned("a8-gemm", (m_bucket(m), n, k, p["bits"], p["group"], p["smode"], str(x.dtype)),
+                           cands or [dict(BM=64, BN=64, BK=bk)], launch)
+    return launch(config).reshape(*lead, n)
+
+
+def fwht(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x @ (F (x) H_p) / sqrt(n)`` over the last dim (``formats/hadamard.apply_hadamard``'s
+    definition): the Sylvester part on ``_fwht`` (p >= 16), the small dense F in torch."""
+    from finegrain.formats.hadamard import apply_hadamard
+
+    n = x.shape[-1]
+    m = factor.shape[0]
+    p = n // m
+    if p < 16 or n % m:
+        return apply_hadamard(x, factor.to(x.device)).to(x.dtype)
+    rows = x.reshape(-1, p).contiguous()
+    r = rows.shape[0]
+    out = torch.empty_like(rows)
+    bm, bn, bk = (16, 16, 16) if p == 16 else (32, 32, 32) if INTERPRET else (64, 64, 64)
+    _fwht[(triton.cdiv(r, bm), triton.cdiv(p, bn))](rows, out, r, p, 1.0 / math.sqrt(n), BM=bm, BN=bn, BK=bk,
+                                                    PREC=_prec(x.dtype))
+    y = out.reshape(*x.shape[:-1], m, p)
+    if m > 1:
+        y = torch.einsum("...kj,ki->...ij", y, factor.to(device=y.device, dtype=y.dtype))
+    return y.reshape(x.shape)
+
+
+def autotune_available() -> bool:
+    return not INTERPRET and "cache_results" in inspect.signature(triton.autotune).parameters

@@ -1,0 +1,183 @@
+"""Quantized FX graph -> a graph whose quantized ops call the Triton kernels (``kernels.py``).
+
+:func:`prepare` copies the graph and rewrites
+
+* ``linear(dequantize(quantize(x)), dequantize_packed(W), b)`` with a symmetric INT activation per
+  token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ) into
+  :func:`a8_op` (``_quant_rows`` + the integer-dot ``_a8_gemm``);
+* every other ``linear(x, dequantize_packed(W), b)`` whose element is INT2-8 or an OCP minifloat
+  into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
+  the kernel layout;
+* ``finegrain::hadamard`` into :func:`hadamard_op` (``_fwht``);
+* a packed weight read otherwise (an embedding, a conv, a codebook / BitMoD element) into its
+  dequantized dense tensor, computed once here (``emulated``: dense memory, float compute);
+* on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the
+  KIVI cache write, the MoE grouped GEMM) into :func:`on_host` calls: the reference op on CPU
+  copies, the result moved back (``emulated``; correct, slow);
+* every ``device=`` keyword (the traced causal mask's ``arange`` and friends) to the target device.
+
+The result is a plain ``GraphModule`` (nothing is exported again), its tensors on the device.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule
+
+from finegrain.compiler.ir import get_tensor
+from finegrain.formats import QuantFormat, scales
+from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
+from finegrain.backends.gpu import kernels
+
+_META = ("bits", "pw", "split", "mini", "eb", "mb", "smode", "has_zero", "offset", "group", "k", "n", "scale2")
+
+
+def _packed(meta: tuple, qw, s, z, s1) -> dict:
+    return {**dict(zip(_META, meta)), "qw": qw, "s": s, "z": z, "s1": s1}
+
+
+def wq_op(x, qw, s, z, s1, bias, meta: tuple):
+    return kernels.wq_linear(x, _packed(meta, qw, s, z, s1), bias)
+
+
+def a8_op(x, act: str, qw, s, z, s1, bias, meta: tuple):
+    return kernels.a8_linear(x, QuantFormat.parse(act), _packed(meta, qw, s, z, s1), bias)
+
+
+def hadamard_op(x, factor):
+    return kernels.fwht(x, factor)
+
+
+def on_host(op, *args, **kwargs):
+    """``op`` on CPU copies of its tensor arguments; tensor results moved back to the device of
+    the first tensor argument."""
+    dev = next((a.device for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    cpu = lambda a: a.cpu() if isinstance(a, torch.Tensor) else a  # noqa: E731
+    out = op(*[cpu(a) for a in args], **{k: cpu(v) for k, v in kwargs.items()})
+    back = lambda a: a.to(dev) if isinstance(a, torch.Tensor) and dev is not None else a  # noqa: E731
+    return tuple(back(o) for o in out) if isinstance(out, (tuple, list)) else back(out)
+
+
+def act_ok(fmt: QuantFormat) -> bool:
+    """Activation formats the integer-dot path quantizes itself: symmetric INT2-8 per token or per
+    tensor, dynamic, float scale."""
+    return (fmt.kind == "int" and fmt.symmetric and fmt.dynamic and fmt.granularity in ("token", "tensor")
+            and fmt.scale in ("fp32", "fp16", "bf16"))
+
+
+def weight_a8_ok(fmt: QuantFormat) -> bool:
+    """Weight formats whose codes the integer-dot kernel takes (``kernels.a8_ok`` for the format
+    alone; the shape condition, a K tile of 32-128 inside a group, holds for groups of 32 and up)."""
+    if fmt.kind != "int" or fmt.scale not in ("fp32", "fp16", "bf16", "int8"):
+        return False
+    if fmt.bits > 4 and (not fmt.symmetric or fmt.bits != 8):
+        return False
+    return fmt.granularity != "group" or fmt.group_size % 32 == 0
+
+
+def _arg(n, i: int, name: str):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name)
+
+
+def _source_activation(x):
+    """(x, act tag) when ``x`` is ``dequantize(getitem(quantize(src, fmt)))`` with a dynamic format
+    the integer-dot path computes itself, else None."""
+    if getattr(x, "target", None) is not DEQUANTIZE:
+        return None
+    codes = x.args[0]
+    if getattr(codes, "target", None) is not operator.getitem or getattr(codes.args[0], "target", None) is not QUANTIZE:
+        return None
+    q = codes.args[0]
+    tag = q.args[1]
+    if _arg(q, 2, "scale") is not None or not act_ok(QuantFormat.parse(tag)):
+        return None
+    return q.args[0], tag
+
+
+def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
+    """The rewritten graph (module docstring) on ``device`` and, per quantized layer, its kernel."""
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    root = torch.nn.Module()
+    kernels_used: dict[str, dict] = {}
+    count = [0]
+
+    def attr(name: str, t: torch.Tensor | None):
+        if t is None:
+            return None
+        key = f"{name.replace('.', '_')}_{count[0]}"
+        count[0] += 1
+        root.register_buffer(key, t.detach().contiguous())
+        return graph.get_attr(key)
+
+    from finegrain.compiler.ops import HADAMARD
+
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is HADAMARD:
+            with graph.inserting_before(n):
+                new = graph.call_function(hadamard_op, (n.args[0], attr("hadamard", get_tensor(gm, n.args[1].target))))
+            n.replace_all_uses_with(new)
+            graph.erase_node(n)
+            continue
+        if n.target is not DEQUANTIZE_PACKED:
+            continue
+        packed_node, scale_node, zero_node, tag, shape = n.args[:5]
+        layer = str(packed_node.target).removesuffix("_qpacked")
+        fmt = QuantFormat.parse(tag)
+        scale2, codebook = _arg(n, 6, "scale2"), _arg(n, 7, "codebook")
+        zero_t = get_tensor(gm, zero_node.target) if zero_node is not None else None
+        s2_t = get_tensor(gm, scale2.target) if scale2 is not None else None
+        q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target), zero_t, fmt,
+                          list(shape), s2_t, get_tensor(gm, codebook.target) if codebook is not None else None)
+        linears = [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
+        if len(shape) == 2 and linears and kernels.element_layout(fmt) is not None:
+            p = kernels.pack_weight(fmt, q.codes, scales.stored_scale(fmt, q), q.zero,
+                                    None if q.scale2 is None else scales.stored_scale2(fmt, q))
+            meta = tuple(p[k] for k in _META)
+            with graph.inserting_before(n):
+                tensors = [attr(f"{layer}_gpu_{part}", p[part]) for part in ("qw", "s", "z", "s1")]
+            for u in linears:
+                bias = _arg(u, 2, "bias")
+                src = _source_activation(u.args[0]) if weight_a8_ok(fmt) and kernels.a8_ok(p) else None
+                with graph.inserting_before(u):
+                    if src is not None:
+                        new = graph.call_function(a8_op, (src[0], src[1], *tensors, bias, meta))
+                    else:
+                        new = graph.call_function(wq_op, (u.args[0], *tensors, bias, meta))
+                u.replace_all_uses_with(new)
+                graph.erase_node(u)
+                kind = "int8-dot" if src is not None else "wq"
+                kernels_used[layer if layer not in kernels_used else f"{layer} ({kind})"] = {
+                    "format": fmt.tag, "kind": kind, "activation": src[1] if src else None, "shape": list(shape)}
+        if n.users:  # read whole (an embedding, a conv) or no kernel: dense, dequantized once
+            with graph.inserting_before(n):
+                dense = attr(f"{layer}_dense", fmt.dequantize(q, _arg(n, 5, "out_dtype") or torch.float32))
+            n.replace_all_uses_with(dense)
+            kernels_used.setdefault(layer, {"format": fmt.tag, "kind": "dequantized at load", "shape": list(shape)})
+        graph.erase_node(n)
+    graph.eliminate_dead_code()
+    if torch.device(device).type != "cpu":
+        _to_host_fallbacks(graph)
+    for n in graph.nodes:
+        if n.op == "get_attr" and not hasattr(root, n.target):
+            t = get_tensor(gm, n.target)
+            key = f"const_{count[0]}"
+            count[0] += 1
+            root.register_buffer(key, t.detach().clone() if isinstance(t, torch.Tensor) else t)
+            n.target = key
+        if "device" in n.kwargs:
+            n.kwargs = {**n.kwargs, "device": torch.device(device)}
+    out = GraphModule(root, graph)
+    out.graph.lint()
+    return out.to(device), kernels_used
+
+
+def _to_host_fallbacks(graph: Graph) -> None:
+    """Every remaining ``finegrain::`` op runs on CPU copies (the reference is written for CPU
+    tensors: numpy casts for FP4 / FP6, CPU-built tables and positions)."""
+    for n in graph.nodes:
+        if n.op == "call_function" and str(getattr(n, "target", "")).startswith("finegrain."):
+            n.args, n.target = (n.target, *n.args), on_host

@@ -1,0 +1,114 @@
+"""The GPU backend's Triton kernels against the reference (``QuantFormat.dequantize`` + a float
+matmul): under ``TRITON_INTERPRET=1`` on CPU tensors here (``tests/conftest.py`` sets it when no
+CUDA device is present), on the device where one is. Small shapes with N not a multiple of the
+block, K with a ragged last group (576 = 4 x 128 + 64), M = 1 (GEMV), M = 3 (GEMV, several rows)
+and M = 20 (tl.dot GEMM)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from finegrain.backends.gpu import kernels  # noqa: E402
+from finegrain.formats import QuantFormat, scales  # noqa: E402
+from finegrain.formats.hadamard import apply_hadamard, hadamard_parts  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+WEIGHTS = ["int4-g128-asym-fp16", "int4-g32-sym-fp16", "int3-g128-asym-fp16", "int2-g64-asym-fp16",
+           "int8-channel-sym-fp16", "int8-tensor-sym-fp32", "int4-g128-asym-int8",  # DGQ weight-only
+           "e2m1-g32-sym-e8m0", "e2m1-g16-sym-e4m3", "int4-g16-sym-e4m3", "e4m3-channel-sym-fp32",
+           "e2m3-g32-sym-e8m0", "e4m3-g128x128-sym-fp32", "int8-g64x32-sym-fp16"]  # 2-D blocks
+
+
+def _packed(tag: str, n: int, k: int, seed: int = 0):
+    fmt = QuantFormat.parse(tag)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    q = fmt.quantize(w)
+    p = kernels.pack_weight(fmt, q.codes, scales.stored_scale(fmt, q), q.zero,
+                            None if q.scale2 is None else scales.stored_scale2(fmt, q))
+    on = {key: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for key, v in p.items()}
+    return fmt, fmt.dequantize(q), on
+
+
+def _close(y, ref, rel=2e-5):
+    err = (y.cpu().float() - ref).abs().max().item()
+    assert err <= rel * max(1.0, ref.abs().max().item()), f"max error {err:.3e}"
+
+
+@pytest.mark.parametrize("tag", WEIGHTS)
+@pytest.mark.parametrize("n,k", [(40, 200), (33, 576)])
+def test_weight_kernels_equal_the_reference(tag, n, k):
+    fmt, w, p = _packed(tag, n, k)
+    gen = torch.Generator().manual_seed(1)
+    b = torch.randn(n, generator=gen)
+    for m in (1, 3, 20):
+        x = torch.randn(m, k, generator=gen)
+        y = kernels.wq_linear(x.to(DEVICE), p, b.to(DEVICE))
+        assert y.shape == (m, n) and y.dtype == x.dtype
+        _close(y, torch.nn.functional.linear(x, w, b))
+
+
+def test_split_k_gemv_and_leading_dims():
+    """Split-K partial sums (atomic adds) over 3 programs, several rows, a [B, T, K] input."""
+    _, w, p = _packed("int4-g64-asym-fp16", 70, 448)
+    x = torch.randn(2, 2, 448, generator=torch.Generator().manual_seed(2))
+    y = kernels.wq_linear(x.to(DEVICE), p, config=dict(BN=32, BK=64, SPLIT_K=3))
+    assert y.shape == (2, 2, 70)
+    _close(y, x @ w.T)
+    x = torch.randn(20, 448, generator=torch.Generator().manual_seed(3))
+    y = kernels.wq_linear(x.to(DEVICE), p, config=dict(BM=16, BN=16, BK=32))  # GEMM, a K tile inside a group
+    _close(y, x @ w.T)
+
+
+@pytest.mark.parametrize("tag,act", [("int4-g128-asym-fp16", "int8-token-sym-fp32-dyn"),
+                                     ("int4-g128-asym-int8", "int8-token-sym-fp32-dyn"),  # DGQ W4A8
+                                     ("int8-channel-sym-fp16", "int8-token-sym-fp32-dyn"),  # W8A8
+                                     ("int4-g128-asym-fp16", "int4-token-sym-fp32-dyn"),  # W4A4
+                                     ("int8-channel-sym-fp16", "int8-tensor-sym-fp32-dyn"),
+                                     ("int4-g64-sym-fp16", "int8-token-sym-fp16-dyn-clip0.9")])
+def test_integer_dot_kernel_equals_the_reference(tag, act):
+    a = QuantFormat.parse(act)
+    gen = torch.Generator().manual_seed(3)
+    for n, k in [(40, 256), (33, 576)]:
+        fmt, w, p = _packed(tag, n, k)
+        assert kernels.a8_ok(p)
+        b = torch.randn(n, generator=gen)
+        for m in (1, 5, 40):
+            x = torch.randn(m, k, generator=gen) * 3
+            x[0, 3] = 40.0  # an outlier channel
+            qx = a.quantize(x)
+            if a.granularity == "token":  # the activation quantizer is bit-exact
+                codes, s = kernels.quant_rows(x.to(DEVICE), a)
+                assert torch.equal(codes.cpu(), qx.codes) and torch.equal(s.cpu(), qx.scale.reshape(-1))
+            y = kernels.a8_linear(x.to(DEVICE), a, p, b.to(DEVICE))
+            _close(y, torch.nn.functional.linear(a.dequantize(qx), w, b), rel=1e-6)
+
+
+def test_integer_dot_refuses_what_does_not_fit_int8():
+    for tag in ("int8-channel-asym-fp16", "e2m1-g32-sym-e8m0", "int4-g16-sym-e4m3"):
+        assert not kernels.a8_ok(_packed(tag, 8, 64)[2]), tag
+
+
+@pytest.mark.parametrize("n", [16, 64, 576, 1536, 12])
+def test_fwht_kernel_equals_the_reference(n):
+    factor = hadamard_parts(n)[0].float()
+    x = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(n))
+    y = kernels.fwht(x.to(DEVICE), factor)
+    _close(y, apply_hadamard(x, factor))
+
+
+def test_codebook_formats_have_no_kernel():
+    fmt = QuantFormat.parse("nf4-g64-sym-fp16")
+    q = fmt.quantize(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="nf4-g64-sym-fp16 has no GPU kernel"):
+        kernels.pack_weight(fmt, q.codes, q.scale, q.zero, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_activations_on_the_device():
+    """bf16 inputs on tensor cores: within bf16 rounding of the fp32 reference."""
+    fmt, w, p = _packed("int4-g128-asym-fp16", 4096, 4096)
+    for m in (1, 16, 128):
+        x = torch.randn(m, 4096)
+        y = kernels.wq_linear(x.to("cuda", torch.bfloat16), p).float().cpu()
+        ref = x @ w.T
+        assert (y - ref).norm() / ref.norm() < 1e-2
