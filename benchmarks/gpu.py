@@ -14,7 +14,8 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    TFLOP/s, GB/s on the bytes the kernel must read (packed weight, scales, zero points,
    activations) and that as % of the measured HBM bandwidth, and the speed-up over
    ``torch.matmul`` in bf16 (cuBLAS) on the same shape in the same run. Rows: cuBLAS bf16,
-   W4A16 g128 asym, W4A16 NVFP4, W4A16 MXFP4, W8A8 (INT8 per token x per channel), W4A8 DGQ.
+   W4A16 g128 asym, W4A16 NVFP4, W4A16 MXFP4, W8A8 (INT8 per token x per channel), W4A8 DGQ,
+   W8A8 FP8 E4M3 (per token x per channel).
    Weights are random codes and scales in the kernel layout (speed does not depend on the values;
    the tests check the values). Each kernel's configuration is tuned on first use
    (``kernels.tuned``) before it is timed;
@@ -91,7 +92,8 @@ def packed_bytes(p: dict) -> int:
 
 KERNELS = [("W4A16 g128 asym", "int4-g128-asym-fp16", None), ("W4A16 NVFP4", "e2m1-g16-sym-e4m3", None),
            ("W4A16 MXFP4", "e2m1-g32-sym-e8m0", None), ("W8A8 INT8", "int8-channel-sym-fp16", "int8-token-sym-fp32-dyn"),
-           ("W4A8 DGQ", "int4-g128-asym-int8", "int8-token-sym-fp32-dyn")]
+           ("W4A8 DGQ", "int4-g128-asym-int8", "int8-token-sym-fp32-dyn"),
+           ("W8A8 FP8 E4M3", "e4m3-channel-sym-fp32", "e4m3-token-sym-fp32-dyn")]
 
 
 def kernel_table(device: str, dtype: torch.dtype, shapes, ms, hbm: float, emit) -> list[dict]:

@@ -12,7 +12,7 @@ from finegrain.errors import InputError  # noqa: E402
 
 @pytest.mark.parametrize("preset,kinds", [("w4a16-g128", {"wq"}), ("w3a16-g128", {"wq"}), ("w8a8", {"int8-dot"}),
                                           ("w4a8-dgq", {"int8-dot"}), ("w4a4-hadamard", {"int8-dot"}),
-                                          ("nvfp4", {"wq"}), ("fp8", {"wq"}), ("fp8-block", {"wq"}), ("nf4-g64", {"dequantized at load"})])
+                                          ("nvfp4", {"wq"}), ("fp8", {"fp8-dot"}), ("fp8-block", {"wq"}), ("nf4-g64", {"dequantized at load"})])
 def test_presets_on_the_kernels_give_the_reference_logits(compiled, tiny_inputs, preset, kinds):
     cm = compiled(preset)
     test = tiny_inputs[2]
@@ -53,6 +53,9 @@ def test_capabilities_name_native_and_emulated():
     act = parse("int8-token-sym-fp32-dyn")
     assert gpu.capability(act, "activation", parse("int4-g128-asym-int8"))[0] == "native"
     assert gpu.capability(act, "activation", parse("e2m1-g32-sym-e8m0"))[0] == "emulated"
+    f8 = parse("e4m3-token-sym-fp32-dyn")
+    assert gpu.capability(f8, "activation", parse("e4m3-channel-sym-fp32"))[0] == "native"
+    assert gpu.capability(f8, "activation", parse("int8-channel-sym-fp16"))[0] == "emulated"
     assert gpu.op_capability("hadamard")[0] == "native"
     assert gpu.op_capability("kv_append")[0] == "emulated"
 

@@ -63,13 +63,15 @@ def test_split_k_gemv_and_leading_dims():
                                      ("int8-channel-sym-fp16", "int8-token-sym-fp32-dyn"),  # W8A8
                                      ("int4-g128-asym-fp16", "int4-token-sym-fp32-dyn"),  # W4A4
                                      ("int8-channel-sym-fp16", "int8-tensor-sym-fp32-dyn"),
-                                     ("int4-g64-sym-fp16", "int8-token-sym-fp16-dyn-clip0.9")])
+                                     ("int4-g64-sym-fp16", "int8-token-sym-fp16-dyn-clip0.9"),
+                                     ("e4m3-channel-sym-fp32", "e4m3-token-sym-fp32-dyn"),  # W8A8 FP8
+                                     ("e4m3-g32-sym-e8m0", "e4m3-token-sym-fp32-dyn")])
 def test_integer_dot_kernel_equals_the_reference(tag, act):
     a = QuantFormat.parse(act)
     gen = torch.Generator().manual_seed(3)
     for n, k in [(40, 256), (33, 576)]:
         fmt, w, p = _packed(tag, n, k)
-        assert kernels.a8_ok(p)
+        assert kernels.a8_ok(p, f8=a.kind == "e4m3")
         b = torch.randn(n, generator=gen)
         for m in (1, 5, 40):
             x = torch.randn(m, k, generator=gen) * 3
@@ -80,6 +82,21 @@ def test_integer_dot_kernel_equals_the_reference(tag, act):
                 assert torch.equal(codes.cpu(), qx.codes) and torch.equal(s.cpu(), qx.scale.reshape(-1))
             y = kernels.a8_linear(x.to(DEVICE), a, p, b.to(DEVICE))
             _close(y, torch.nn.functional.linear(a.dequantize(qx), w, b), rel=1e-6)
+
+
+def test_e4m3_encoder_is_torchs_cast_bit_for_bit():
+    """Every E4M3 value, every midpoint between neighbours (ties to even), subnormals, zeros of both
+    signs and values past 448 (saturating): the kernel's integer encoder gives torch's bit patterns."""
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[torch.isfinite(vals)].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    x = torch.cat([vals, mids, torch.tensor([-0.0, 500.0, -1e4, 2.0**-12, 3 * 2.0**-10]),
+                   torch.randn(2000, generator=torch.Generator().manual_seed(5)) * 30])
+    x = x[: x.numel() // 64 * 64].reshape(-1, 64)
+    fmt = QuantFormat.parse("e4m3-token-sym-fp32-dyn")
+    codes, s = kernels.quant_rows(x.to(DEVICE), fmt)
+    q = fmt.quantize(x)
+    assert torch.equal(codes.cpu(), q.codes) and torch.equal(s.cpu(), q.scale.reshape(-1))
 
 
 def test_integer_dot_refuses_what_does_not_fit_int8():

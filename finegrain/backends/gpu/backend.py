@@ -62,7 +62,7 @@ class GpuBackend(BackendBase):
 
     def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
         from finegrain.backends.gpu.kernels import element_layout
-        from finegrain.backends.gpu.lower import act_ok, weight_a8_ok
+        from finegrain.backends.gpu.lower import pair_ok
 
         if role == "weight":
             lay = element_layout(fmt)
@@ -72,7 +72,9 @@ class GpuBackend(BackendBase):
                 return "native", (f"Triton GEMV / GEMM, {fmt.element.upper()} codes decoded to fp32 in registers "
                                   "(no FP4 / FP6 tensor-core path on Hopper: the decode is arithmetic)")
             return "native", f"Triton GEMV / GEMM, INT{fmt.bits} codes unpacked and scaled in registers"
-        if act_ok(fmt) and partner is not None and weight_a8_ok(partner):
+        if partner is not None and pair_ok(partner, fmt):
+            if fmt.kind == "e4m3":
+                return "native", "quantized per row to E4M3 by a Triton kernel, FP8 tl.dot with fp32 accumulation"
             return "native", "quantized per row by a Triton kernel, INT8 tl.dot with int32 accumulation"
         return "emulated", "fake quantization by the reference op (on CPU copies when the model runs on CUDA)"
 

@@ -21,9 +21,11 @@ Kernels:
   codes fit INT8 after removing the zero point (INT2-4 any, INT8 symmetric): ``tl.dot`` on int8 with
   int32 accumulation. Float group scales are applied per K tile (``BK`` divides the group); DGQ's
   integer group scales are applied *before* the dot (``S2 * (q - z)`` is INT8, the seed's A8W4
-  kernel), its channel scale and the token scale in the epilogue.
-* ``_quant_rows``: per-row absmax INT quantization of activations (the reference's scale and
-  round-half-to-even, bit for bit).
+  kernel), its channel scale and the token scale in the epilogue. ``F8``: FP8 E4M3 activations
+  times E4M3 weights (W8A8 FP8, Hopper's FP8 ``tl.dot``), fp32 accumulation.
+* ``_quant_rows``: per-row absmax quantization of activations to INT or FP8 E4M3 codes (the
+  reference's scale and round-half-to-even, bit for bit; E4M3 encoded by integer arithmetic on
+  the fp32 bits, the same patterns as torch's cast).
 * ``_fwht``: ``x @ H_p`` for a Sylvester Hadamard of order p (a power of two >= 16) with the
   +-1 tiles generated in registers from index parities (nothing loaded), on ``tl.dot``.
 
@@ -174,10 +176,27 @@ def _wq_gemv(x_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group, s
 
 # ---- INT8 activations ----------------------------------------------------------------------------
 @triton.jit
+def _e4m3_bits(v):
+    """OCP FP8 E4M3 bit patterns (int32) of fp32 ``v`` already inside [-448, 448], rounded to
+    nearest even, by integer arithmetic on the fp32 encoding (the same bits as torch's cast)."""
+    vb = v.to(tl.int32, bitcast=True)
+    sign = (vb >> 31) & 1
+    a = tl.abs(v)
+    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)  # subnormals: step 2^-9
+    step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3): 8 steps per binade
+    r = ((a / step + 12582912.0) - 12582912.0).to(tl.int32)  # 0..16, half to even
+    e = tl.where(r >= 16, e + 1, e)
+    r = tl.where(r >= 16, 8, r)
+    normal = r >= 8
+    return (sign << 7) | (tl.where(normal, e + 7, 0) << 3) | tl.where(normal, r - 8, r)
+
+
+@triton.jit
 def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, BK: tl.constexpr):
-    """Row r of x -> INT codes (int8) and its scale: s = absmax * clip / QMAX (rounded to the
-    stored scale dtype; 1 for an all-zero row), q = clamp(round_half_even(x / s), LO, HI)."""
+                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, BK: tl.constexpr):
+    """Row r of x -> codes and its scale: s = absmax * clip / QMAX (rounded to the stored scale
+    dtype; 1 for an all-zero row); INT: q = clamp(round_half_even(x / s), LO, HI) as int8; F8: the
+    E4M3 bit patterns of clamp(x / s, -448, 448) as uint8."""
     r = tl.program_id(0)
     amax = tl.zeros((BK,), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
@@ -194,17 +213,23 @@ def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: 
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
-        v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
-        v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
-        q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
-        tl.store(q_ptr + r * K + offs, q.to(tl.int8), mask=offs < K)
+        if F8:
+            v = tl.minimum(tl.maximum(x / s, -QMAX), QMAX)
+            tl.store(q_ptr + r * K + offs, _e4m3_bits(v).to(tl.uint8), mask=offs < K)
+        else:
+            v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
+            v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
+            q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
+            tl.store(q_ptr + r * K + offs, q.to(tl.int8), mask=offs < K)
 
 
 @triton.jit
 def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group,
              BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr,
-             OFFSET: tl.constexpr, DGQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+             OFFSET: tl.constexpr, DGQ: tl.constexpr, F8: tl.constexpr, SM: tl.constexpr, HAS_BIAS: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """INT8 (or, F8, FP8 E4M3) activation codes times weight codes on tl.dot; see the module
+    docstring. F8: both operands are E4M3 bit patterns, the products summed in fp32."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -220,17 +245,22 @@ def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, 
                     other=0)
         u = _codes(w_ptr, offs_k, offs_n, k0, K, N, BITS, PW, BK, BN, SPLIT)
         g = k0 // group  # BK divides the group: one scale row per tile
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
-        else:
-            z = OFFSET
-        d = tl.where(kmask[:, None], u - z, 0)
         srow = tl.load(s_ptr + g * N + offs_n, mask=nmask, other=0)
-        if DGQ:  # S2 (q - z) is INT8: the group scale goes in before the integer dot
-            acc_i += tl.dot(x, (d * srow.to(tl.int32)[None, :]).to(tl.int8), out_dtype=tl.int32)
+        if F8:
+            xf = x.to(tl.float8e4nv, bitcast=True)
+            wf = tl.where(kmask[:, None], u, 0).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            acc += tl.dot(xf, wf, out_dtype=tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
         else:
-            part = tl.dot(x, d.to(tl.int8), out_dtype=tl.int32)
-            acc += part.to(tl.float32) * srow.to(tl.float32)[None, :]
+            if HAS_ZERO:
+                z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
+            else:
+                z = OFFSET
+            d = tl.where(kmask[:, None], u - z, 0)
+            if DGQ:  # S2 (q - z) is INT8: the group scale goes in before the integer dot
+                acc_i += tl.dot(x, (d * srow.to(tl.int32)[None, :]).to(tl.int8), out_dtype=tl.int32)
+            else:
+                part = tl.dot(x, d.to(tl.int8), out_dtype=tl.int32)
+                acc += part.to(tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
     xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0)
     if DGQ:
         acc = acc_i.to(tl.float32) * tl.load(s1_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
@@ -441,34 +471,39 @@ def _launch(cfg: dict) -> dict:
     return {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg and not INTERPRET}
 
 
-def a8_ok(p: dict) -> bool:
-    """Whether a packed weight's codes fit INT8 after removing the zero point, with a K tile that
-    lies in one group (the integer-dot kernel's conditions)."""
-    if p["mini"] or p["smode"] not in (SMODE["float"], SMODE["int8"]):
+def a8_ok(p: dict, f8: bool = False) -> bool:
+    """Whether a packed weight goes into the integer-dot kernel (its codes fit INT8 after removing
+    the zero point) or, ``f8``, the FP8 one (E4M3 codes), with a K tile that lies in one group."""
+    if f8:
+        if not (p["mini"] and (p["eb"], p["mb"]) == (4, 3)) or p["smode"] not in (SMODE["float"], SMODE["e8m0"]):
+            return False
+    elif p["mini"] or p["smode"] not in (SMODE["float"], SMODE["int8"]):
         return False
-    if p["bits"] > 4 and (p["has_zero"] or p["bits"] != 8):
+    elif p["bits"] > 4 and (p["has_zero"] or p["bits"] != 8):
         return False
     bk, row = _block_k(p["group"], p["k"], p["pw"] if p["split"] else 1, (128, 64, 32))
     return row
 
 
 def quant_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """INT codes (int8 ``[M, K]``) and per-row fp32 scales ``[M]`` of x ``[M, K]`` in a
-    symmetric per-token (or, for one row, per-tensor) integer format."""
+    """Codes ``[M, K]`` and per-row fp32 scales ``[M]`` of x ``[M, K]`` in a symmetric per-token
+    (or, for one row, per-tensor) format: INT (int8 codes) or FP8 E4M3 (uint8 bit patterns)."""
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    f8 = fmt.kind == "e4m3"
+    q = torch.empty(m, k, dtype=torch.uint8 if f8 else torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     lo, hi = fmt.family.code_range(fmt)
     _quant_rows[(m,)](x, q, s, k, x.stride(0), float(fmt.clip), QMAX=float(fmt.family.max_value(fmt)), LO=lo, HI=hi,
-                      SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", BK=256 if k >= 256 else 32)
+                      SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", F8=f8, BK=256 if k >= 256 else 32)
     return q, s
 
 
 def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | None = None,
               config: dict | None = None) -> torch.Tensor:
-    """``fake_quant(x) @ dequant(W)^T + bias`` computed as an integer dot: x quantized per token
-    (``act``: symmetric INT, per token) by ``_quant_rows``, the weight's zero-point-free codes (or
-    DGQ's ``S2 (q - z)``) as INT8, int32 accumulation, scales in the epilogue."""
+    """``fake_quant(x) @ dequant(W)^T + bias`` computed on codes: x quantized per token (``act``:
+    symmetric INT or FP8 E4M3, per token / tensor) by ``_quant_rows``; INT: the weight's
+    zero-point-free codes (or DGQ's ``S2 (q - z)``) as INT8, int32 accumulation; FP8: E4M3 x E4M3
+    with fp32 accumulation (Hopper's FP8 tensor cores); scales in the epilogue."""
     k, n = p["k"], p["n"]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -490,8 +525,8 @@ def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | N
         grid = (triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))
         _a8_gemm[grid](q, s, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], BITS=p["bits"], PW=p["pw"],
                        SPLIT=p["split"] and cfg["BK"] % p["pw"] == 0, HAS_ZERO=p["has_zero"], OFFSET=p["offset"],
-                       DGQ=p["smode"] == SMODE["int8"], HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"],
-                       BK=cfg["BK"], **_launch(cfg))
+                       DGQ=p["smode"] == SMODE["int8"], F8=act.kind == "e4m3", SM=p["smode"],
+                       HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], **_launch(cfg))
         return out
 
     if config is None:

@@ -3,8 +3,8 @@
 :func:`prepare` copies the graph and rewrites
 
 * ``linear(dequantize(quantize(x)), dequantize_packed(W), b)`` with a symmetric INT activation per
-  token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ) into
-  :func:`a8_op` (``_quant_rows`` + the integer-dot ``_a8_gemm``);
+  token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ), or an FP8 E4M3
+  activation per token with E4M3 weights, into :func:`a8_op` (``_quant_rows`` + ``_a8_gemm``);
 * every other ``linear(x, dequantize_packed(W), b)`` whose element is INT2-8 or an OCP minifloat
   into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
   the kernel layout;
@@ -60,20 +60,24 @@ def on_host(op, *args, **kwargs):
 
 
 def act_ok(fmt: QuantFormat) -> bool:
-    """Activation formats the integer-dot path quantizes itself: symmetric INT2-8 per token or per
-    tensor, dynamic, float scale."""
-    return (fmt.kind == "int" and fmt.symmetric and fmt.dynamic and fmt.granularity in ("token", "tensor")
+    """Activation formats the code-dot path quantizes itself: symmetric INT2-8 or FP8 E4M3 per
+    token or per tensor, dynamic, float scale."""
+    return (fmt.kind in ("int", "e4m3") and fmt.symmetric and fmt.dynamic and fmt.granularity in ("token", "tensor")
             and fmt.scale in ("fp32", "fp16", "bf16"))
 
 
-def weight_a8_ok(fmt: QuantFormat) -> bool:
-    """Weight formats whose codes the integer-dot kernel takes (``kernels.a8_ok`` for the format
-    alone; the shape condition, a K tile of 32-128 inside a group, holds for groups of 32 and up)."""
-    if fmt.kind != "int" or fmt.scale not in ("fp32", "fp16", "bf16", "int8"):
+def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
+    """Whether a linear with this weight and activation format runs on ``_a8_gemm`` (the format
+    conditions of ``kernels.a8_ok``; its shape condition, a K tile of 32-128 inside a group, holds
+    for groups of 32 and up): INT activations with INT2-4 / INT8-sym weights (float or DGQ scales),
+    FP8 E4M3 activations with E4M3 weights (float or E8M0 scales)."""
+    if not act_ok(act) or (weight.granularity == "group" and weight.group_size % 32) or weight.block_rows:
         return False
-    if fmt.bits > 4 and (not fmt.symmetric or fmt.bits != 8):
+    if act.kind == "e4m3":
+        return weight.kind == "e4m3" and weight.scale in ("fp32", "fp16", "bf16", "e8m0")
+    if weight.kind != "int" or weight.scale not in ("fp32", "fp16", "bf16", "int8"):
         return False
-    return fmt.granularity != "group" or fmt.group_size % 32 == 0
+    return weight.bits <= 4 or (weight.symmetric and weight.bits == 8)
 
 
 def _arg(n, i: int, name: str):
@@ -82,7 +86,7 @@ def _arg(n, i: int, name: str):
 
 def _source_activation(x):
     """(x, act tag) when ``x`` is ``dequantize(getitem(quantize(src, fmt)))`` with a dynamic format
-    the integer-dot path computes itself, else None."""
+    the code-dot path computes itself, else None."""
     if getattr(x, "target", None) is not DEQUANTIZE:
         return None
     codes = x.args[0]
@@ -141,7 +145,10 @@ def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
                 tensors = [attr(f"{layer}_gpu_{part}", p[part]) for part in ("qw", "s", "z", "s1")]
             for u in linears:
                 bias = _arg(u, 2, "bias")
-                src = _source_activation(u.args[0]) if weight_a8_ok(fmt) and kernels.a8_ok(p) else None
+                src = _source_activation(u.args[0])
+                if src is not None and not (pair_ok(fmt, QuantFormat.parse(src[1]))
+                                            and kernels.a8_ok(p, f8=src[1].startswith("e4m3"))):
+                    src = None
                 with graph.inserting_before(u):
                     if src is not None:
                         new = graph.call_function(a8_op, (src[0], src[1], *tensors, bias, meta))
@@ -149,7 +156,7 @@ def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
                         new = graph.call_function(wq_op, (u.args[0], *tensors, bias, meta))
                 u.replace_all_uses_with(new)
                 graph.erase_node(u)
-                kind = "int8-dot" if src is not None else "wq"
+                kind = ("fp8-dot" if src[1].startswith("e4m3") else "int8-dot") if src is not None else "wq"
                 kernels_used[layer if layer not in kernels_used else f"{layer} ({kind})"] = {
                     "format": fmt.tag, "kind": kind, "activation": src[1] if src else None, "shape": list(shape)}
         if n.users:  # read whole (an embedding, a conv) or no kernel: dense, dequantized once
