@@ -37,6 +37,7 @@ DEFAULT_CANDIDATES = ("int2-g64-asym-fp16", "int3-g64-asym-fp16", "int3-g128-asy
                       "int4-g128-asym-fp16", "int8-channel-sym-fp16")
 ACT_RANGES = ("absmax", "p99.99", "p99.9")  # static activation range estimator
 SMOOTHING = ("smoothquant", "os+", "awq")
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)  # act_clip_search's candidate ratios
 ROTATION_MODES = ("residual", "online")
 KV_AXES = ("head_dim", "tokens")  # what a KV format's groups run along (compiler/ops.kv_append)
 MAX_RECIPE_BYTES = 1 << 20
@@ -171,6 +172,7 @@ class Recipe:
     gptq_act_order: bool = True
     gptq_clip: bool = False
     sequential: bool = True
+    act_clip_search: bool = False
     weight_candidates: tuple[str, ...] = ()
     budget_bits: float | None = None
     budget_bytes: int | None = None
@@ -188,7 +190,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "kv_rotate", "kv_pre_rope", "sequential"):
+                  "kv_rotate", "kv_pre_rope", "sequential", "act_clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -243,6 +245,9 @@ class Recipe:
             raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
         if self.expert_allocation not in EXPERT_ALLOCATION:
             raise ValueError(f"expert_allocation: {self.expert_allocation!r} is not one of {EXPERT_ALLOCATION}")
+        if self.act_clip_search and not (self.weight_algorithm == "gptq" and self.sequential):
+            raise ValueError("act_clip_search: searches on the rows sequential GPTQ replays; it needs weight_algorithm "
+                             "'gptq' and sequential true")
         if self.budget_bits is not None and self.budget_bytes is not None:
             raise ValueError("budget_bits: give budget_bits or budget_bytes, not both")
         if self.budget_bits is not None and (not _is_number(self.budget_bits) or not 0 < self.budget_bits <= 64):

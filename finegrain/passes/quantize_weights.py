@@ -17,7 +17,10 @@ Ensures: ``meta[QWEIGHT]`` (a QTensor) on each of them, and a per-layer error re
 ``ctx.report["layers"]``: the algorithm, ``sequential`` when the Hessian came from the replay,
 weight SQNR (dB) and, when calibration statistics exist for the op's input, the output SQNR
 ``E||W x||^2 / E||dW x||^2`` in dB, with the full ``E[x x^T]`` when it was collected, else its
-diagonal ``E[x_j^2]``, with a progress bar.
+diagonal ``E[x_j^2]``, with a progress bar. With ``recipe.act_clip_search`` (sequential GPTQ) the
+dynamic integer activation format of each site gets the searched clip ratio (``meta[ACT_FORMAT]``,
+:func:`act_clip`) before its rows are fake-quantized for the Hessian, and the layer record has
+``act_clip``: the ratio and the relative output error of every candidate.
 
 Convolutions are quantized as a matrix (``ir.conv_matrix``: groups along input channels, one row
 per output channel and kernel tap; per channel: one row per output channel), rounded to nearest
@@ -31,6 +34,7 @@ calibration row reached has no Hessian: it is rounded to nearest and its record 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -140,6 +144,23 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
     return fmt.dequantize(q).to(w0.dtype)
 
 
+def act_clip(xs: list, fmt, weights: list, rows: int = 4096) -> tuple[float, dict]:
+    """The clip ratio of ``fmt`` (from ``recipe.ACT_CLIP_GRID``) minimizing the output error
+    ``sum_i ||(Q_c(X) - X) W_i^T||^2`` of the linears ``weights`` reading activation rows ``xs``
+    (at most ``rows`` of them, evenly spaced), and the relative error of each candidate."""
+    from finegrain.compiler.recipe import ACT_CLIP_GRID
+
+    k = weights[0].shape[-1]
+    x = torch.cat([t.reshape(-1, k).float() for t in xs])
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+    w = torch.cat([t.float() for t in weights])
+    ref = (x @ w.T).pow(2).sum().clamp_min(1e-30)
+    errs = {c: float(((dataclasses.replace(fmt, clip=c).fake_quantize(x) - x) @ w.T).pow(2).sum() / ref)
+            for c in ACT_CLIP_GRID}
+    return min(errs, key=errs.get), errs
+
+
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
@@ -154,11 +175,24 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     # ops reading one input with one activation format (q/k/v) share its (quantized) rows and Hessians
     shared: dict = {"key": None, "xs": None, "hessians": {}}
 
+    searched: dict = {}  # activation node -> chosen clip (act_clip_search)
+
     def hook(node, values):
         op = by_node[node]
         next(bar, None)
         afmt = op.node.meta.get(ACT_FORMAT)
         act_q = afmt is not None and afmt.dynamic and op.kind != "grouped"
+        if act_q and r.act_clip_search and afmt.kind == "int" and op.kind == "linear" \
+                and op.activation not in searched:
+            readers = [o for o in ops if o.activation is op.activation and o.kind == "linear"
+                       and o.node.meta.get(ACT_FORMAT) == afmt]
+            clip, errs = act_clip(values(op.activation), afmt, [get_tensor(gm, o.weight.target) for o in readers])
+            searched[op.activation] = clip
+            for o in readers:
+                o.node.meta[ACT_FORMAT] = dataclasses.replace(afmt, clip=clip)
+                ctx.report.setdefault("act_clip", {})[o.name] = {"clip": clip,
+                                                                 "rel_err": {f"{c:g}": e for c, e in errs.items()}}
+            afmt = op.node.meta[ACT_FORMAT]
         key = (op.activation.name, afmt.tag if act_q else None)
         if op.kind in ("conv", "recurrent"):  # rounded without a Hessian; later ops see its dequantized weight
             return {op.weight: _quantize_op(gm, ctx, op, lambda k: (None, 0), sequential=True)}
@@ -182,4 +216,6 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     replay(gm, ctx.calibration, [op.node for op in ops], hook)
     for _ in bar:
         pass
+    for name, rec in ctx.report.pop("act_clip", {}).items():  # into each linear's layer record
+        ctx.report["layers"][name]["act_clip"] = rec
     return gm

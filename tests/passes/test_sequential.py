@@ -103,3 +103,48 @@ def test_sequential_hessians_see_quantized_activations():
     assert (ops["fc2"].node.meta[QWEIGHT].codes == q2.codes).float().mean() > 0.999
     a1_float = torch.relu(x @ fmt.dequantize(q1).T + m.fc1.bias)  # unquantized input: other codes
     assert (gptq(w2, fmt, _hessian(a1_float), rtn(w2, fmt)).codes != q2.codes).sum() > 10
+
+
+def test_act_clip_picks_the_ratio_with_the_least_output_error():
+    """Heavy-tailed rows (a few huge values per row): INT4 per token clipped below the row max
+    has less output error than the full range, and the error table is the measured one."""
+    from finegrain.formats import QuantFormat
+    from finegrain.passes.quantize_weights import act_clip
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen)
+    x[torch.arange(256), torch.randint(0, 64, (256,), generator=gen)] *= 12.0
+    w = torch.randn(32, 64, generator=gen)
+    fmt = QuantFormat.parse("int4-token-sym-fp32-dyn")
+    clip, errs = act_clip([x], fmt, [w])
+    assert clip < 1.0 and errs[clip] == min(errs.values()) < errs[1.0]
+    direct = ((dataclasses.replace(fmt, clip=clip).fake_quantize(x) - x) @ w.T).pow(2).sum() / (x @ w.T).pow(2).sum()
+    assert abs(errs[clip] - float(direct)) < 1e-6
+
+
+def test_act_clip_search_sets_each_sites_format(tiny_llama, tiny_inputs):
+    """W4A4 with ``act_clip_search``: every activation site's format carries its searched ratio
+    (q / k / v one ratio: they read one tensor), recorded in the layer report, and the model runs."""
+    import finegrain
+    from finegrain.formats import QuantFormat
+
+    example, calib, test = tiny_inputs
+    recipe = dataclasses.replace(get_recipe("w4a4-rot"), name="w4a4-clip", weight_algorithm="gptq",
+                                 act_clip_search=True)
+    cm = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False)
+    found = {k: v["act_clip"] for k, v in cm.layer_report.items() if "act_clip" in v}
+    assert len(found) == 14 and all(v["clip"] in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6) for v in found.values())
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+        assert found[layer]["clip"] == found["model.layers.0.self_attn.v_proj"]["clip"]
+    from finegrain.formats.ops import QUANTIZE
+
+    in_graph = {QuantFormat.parse(n.args[1]).clip for n in cm.gm.graph.nodes if n.target is QUANTIZE}
+    assert in_graph == {v["clip"] for v in found.values()}
+    assert torch.isfinite(cm(test)).all()
+
+
+def test_act_clip_search_needs_sequential_gptq():
+    import pytest
+
+    with pytest.raises(ValueError, match="act_clip_search"):
+        dataclasses.replace(get_recipe("w4a4-rot"), act_clip_search=True)

@@ -30,12 +30,12 @@ Kernels:
   +-1 tiles generated in registers from index parities (nothing loaded), on ``tl.dot``.
 
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests) and on CUDA. On a GPU
-the launchers autotune over a few configurations per shape class (``triton.autotune`` keyed on
-the M bucket, N and K, results cached on disk where the Triton version can).
+the launchers pick a configuration per shape class (M bucket, N, K, format) by timing a few
+candidates once (:func:`tuned`; not ``triton.autotune``, whose timing reruns would double the
+split-K GEMV's atomic sums), kept in a JSON file across processes.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 
@@ -560,7 +560,3 @@ def fwht(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if m > 1:
         y = torch.einsum("...kj,ki->...ij", y, factor.to(device=y.device, dtype=y.dtype))
     return y.reshape(x.shape)
-
-
-def autotune_available() -> bool:
-    return not INTERPRET and "cache_results" in inspect.signature(triton.autotune).parameters
