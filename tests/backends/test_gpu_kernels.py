@@ -65,21 +65,25 @@ def test_split_k_gemv_and_leading_dims():
                                      ("int8-channel-sym-fp16", "int8-tensor-sym-fp32-dyn"),
                                      ("int4-g64-sym-fp16", "int8-token-sym-fp16-dyn-clip0.9"),
                                      ("e4m3-channel-sym-fp32", "e4m3-token-sym-fp32-dyn"),  # W8A8 FP8
-                                     ("e4m3-g32-sym-e8m0", "e4m3-token-sym-fp32-dyn")])
+                                     ("e4m3-g32-sym-e8m0", "e4m3-token-sym-fp32-dyn"),
+                                     ("int4-g128-asym-fp16", "int4-g64-sym-fp32-dyn-clip0.9"),  # activation groups
+                                     ("int8-channel-sym-fp16", "int8-g32-sym-fp16-dyn")])
 def test_integer_dot_kernel_equals_the_reference(tag, act):
     a = QuantFormat.parse(act)
     gen = torch.Generator().manual_seed(3)
     for n, k in [(40, 256), (33, 576)]:
         fmt, w, p = _packed(tag, n, k)
-        assert kernels.a8_ok(p, f8=a.kind == "e4m3")
+        ag = a.group_size if a.granularity == "group" else 0
+        assert kernels.a8_ok(p, f8=a.kind == "e4m3", act_group=ag)
         b = torch.randn(n, generator=gen)
         for m in (1, 5, 40):
             x = torch.randn(m, k, generator=gen) * 3
             x[0, 3] = 40.0  # an outlier channel
             qx = a.quantize(x)
-            if a.granularity == "token":  # the activation quantizer is bit-exact
-                codes, s = kernels.quant_rows(x.to(DEVICE), a)
-                assert torch.equal(codes.cpu(), qx.codes) and torch.equal(s.cpu(), qx.scale.reshape(-1))
+            if a.granularity != "tensor":  # the activation quantizer is bit-exact
+                codes, s = kernels.quant_rows(x.to(DEVICE).reshape(-1, ag or k), a)
+                assert torch.equal(codes.cpu().reshape(m, k), qx.codes)
+                assert torch.equal(s.cpu(), qx.scale.reshape(-1))
             y = kernels.a8_linear(x.to(DEVICE), a, p, b.to(DEVICE))
             _close(y, torch.nn.functional.linear(a.dequantize(qx), w, b), rel=1e-6)
 

@@ -227,9 +227,11 @@ def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: 
 def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group,
              BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, HAS_ZERO: tl.constexpr,
              OFFSET: tl.constexpr, DGQ: tl.constexpr, F8: tl.constexpr, SM: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+             ACT_GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """INT8 (or, F8, FP8 E4M3) activation codes times weight codes on tl.dot; see the module
-    docstring. F8: both operands are E4M3 bit patterns, the products summed in fp32."""
+    docstring. F8: both operands are E4M3 bit patterns, the products summed in fp32. ACT_GROUP
+    (> 0): activation scales per row and group of ACT_GROUP along K (``xs[M, K / ACT_GROUP]``,
+    BK divides ACT_GROUP), applied per K tile; else one scale per row, in the epilogue."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -249,7 +251,11 @@ def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, 
         if F8:
             xf = x.to(tl.float8e4nv, bitcast=True)
             wf = tl.where(kmask[:, None], u, 0).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-            acc += tl.dot(xf, wf, out_dtype=tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
+            part = tl.dot(xf, wf, out_dtype=tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
+            if ACT_GROUP > 0:
+                part = part * tl.load(xs_ptr + offs_m * tl.cdiv(K, ACT_GROUP) + k0 // ACT_GROUP,
+                                      mask=offs_m < M, other=0)[:, None]
+            acc += part
         else:
             if HAS_ZERO:
                 z = tl.load(z_ptr + g * N + offs_n, mask=nmask, other=0).to(tl.int32)[None, :]
@@ -259,12 +265,15 @@ def _a8_gemm(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, 
             if DGQ:  # S2 (q - z) is INT8: the group scale goes in before the integer dot
                 acc_i += tl.dot(x, (d * srow.to(tl.int32)[None, :]).to(tl.int8), out_dtype=tl.int32)
             else:
-                part = tl.dot(x, d.to(tl.int8), out_dtype=tl.int32)
-                acc += part.to(tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
-    xs = tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0)
+                part = tl.dot(x, d.to(tl.int8), out_dtype=tl.int32).to(tl.float32) * _decode_scale(srow, SM, 1.0)[None, :]
+                if ACT_GROUP > 0:
+                    part = part * tl.load(xs_ptr + offs_m * tl.cdiv(K, ACT_GROUP) + k0 // ACT_GROUP,
+                                          mask=offs_m < M, other=0)[:, None]
+                acc += part
     if DGQ:
         acc = acc_i.to(tl.float32) * tl.load(s1_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
-    acc = acc * xs[:, None]
+    if ACT_GROUP == 0:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=offs_m < M, other=0)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=nmask, other=0).to(tl.float32)[None, :]
     tl.store(o_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
@@ -471,9 +480,12 @@ def _launch(cfg: dict) -> dict:
     return {key: cfg[key] for key in ("num_warps", "num_stages") if key in cfg and not INTERPRET}
 
 
-def a8_ok(p: dict, f8: bool = False) -> bool:
+def a8_ok(p: dict, f8: bool = False, act_group: int = 0) -> bool:
     """Whether a packed weight goes into the integer-dot kernel (its codes fit INT8 after removing
-    the zero point) or, ``f8``, the FP8 one (E4M3 codes), with a K tile that lies in one group."""
+    the zero point) or, ``f8``, the FP8 one (E4M3 codes), with a K tile that lies in one group
+    (of the weight, and of the activation when it is quantized in groups of ``act_group``)."""
+    if act_group and (p["k"] % act_group or p["smode"] == SMODE["int8"]):
+        return False
     if f8:
         if not (p["mini"] and (p["eb"], p["mb"]) == (4, 3)) or p["smode"] not in (SMODE["float"], SMODE["e8m0"]):
             return False
@@ -481,7 +493,8 @@ def a8_ok(p: dict, f8: bool = False) -> bool:
         return False
     elif p["bits"] > 4 and (p["has_zero"] or p["bits"] != 8):
         return False
-    bk, row = _block_k(p["group"], p["k"], p["pw"] if p["split"] else 1, (128, 64, 32))
+    group = math.gcd(p["group"], act_group) if act_group else p["group"]
+    bk, row = _block_k(group, p["k"], p["pw"] if p["split"] else 1, (128, 64, 32))
     return row
 
 
@@ -508,14 +521,20 @@ def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | N
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
+    ag = act.group_size if act.granularity == "group" else 0
     if act.granularity == "tensor":
         q, s = quant_rows(x2.reshape(1, -1), act)
         q, s = q.reshape(m, k), s.expand(m).contiguous()
+    elif ag:  # groups along K: each group of each row is one quantizer row
+        if k % ag:
+            raise ValueError(f"a8_linear: K = {k} is not a multiple of the activation group {ag}")
+        q, s = quant_rows(x2.reshape(-1, ag), act)
+        q = q.reshape(m, k)
     else:
         q, s = quant_rows(x2, act)
-    bk, row = _block_k(p["group"], k, p["pw"] if p["split"] else 1, (128, 64, 32))
+    bk, row = _block_k(math.gcd(p["group"], ag) if ag else p["group"], k, p["pw"] if p["split"] else 1, (128, 64, 32))
     if not row:
-        raise ValueError(f"a8_linear: group {p['group']} has no K tile of 32-128 inside it")
+        raise ValueError(f"a8_linear: group {p['group']} (activation group {ag}) has no K tile of 32-128 inside it")
     z = p["z"] if p["z"] is not None else _dummy(x)
     s1 = p["s1"] if p["s1"] is not None else _dummy(x)
     b = bias if bias is not None else _dummy(x)
@@ -526,7 +545,8 @@ def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | N
         _a8_gemm[grid](q, s, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], BITS=p["bits"], PW=p["pw"],
                        SPLIT=p["split"] and cfg["BK"] % p["pw"] == 0, HAS_ZERO=p["has_zero"], OFFSET=p["offset"],
                        DGQ=p["smode"] == SMODE["int8"], F8=act.kind == "e4m3", SM=p["smode"],
-                       HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], **_launch(cfg))
+                       HAS_BIAS=bias is not None, ACT_GROUP=ag, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                       **_launch(cfg))
         return out
 
     if config is None:
@@ -534,8 +554,8 @@ def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | N
             config = dict(BM=32, BN=32, BK=bk)
         else:
             cands = [c for c in _candidates("gemm", m, p["group"], k, p["pw"] if p["split"] else 1)
-                     if p["group"] % c["BK"] == 0 and c["BK"] >= 32]
-            config = tuned("a8-gemm", (m_bucket(m), n, k, p["bits"], p["group"], p["smode"], str(x.dtype)),
+                     if p["group"] % c["BK"] == 0 and c["BK"] >= 32 and (not ag or ag % c["BK"] == 0)]
+            config = tuned("a8-gemm", (m_bucket(m), n, k, p["bits"], p["group"], ag, p["smode"], str(x.dtype)),
                            cands or [dict(BM=64, BN=64, BK=bk)], launch)
     return launch(config).reshape(*lead, n)
 

@@ -61,9 +61,10 @@ def on_host(op, *args, **kwargs):
 
 def act_ok(fmt: QuantFormat) -> bool:
     """Activation formats the code-dot path quantizes itself: symmetric INT2-8 or FP8 E4M3 per
-    token or per tensor, dynamic, float scale."""
-    return (fmt.kind in ("int", "e4m3") and fmt.symmetric and fmt.dynamic and fmt.granularity in ("token", "tensor")
-            and fmt.scale in ("fp32", "fp16", "bf16"))
+    token, per tensor or (INT) in groups of 32 and up along K, dynamic, float scale."""
+    gran = fmt.granularity in ("token", "tensor") or (fmt.granularity == "group" and fmt.kind == "int"
+                                                      and fmt.group_size % 32 == 0)
+    return fmt.kind in ("int", "e4m3") and fmt.symmetric and fmt.dynamic and gran and fmt.scale in ("fp32", "fp16", "bf16")
 
 
 def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
@@ -75,6 +76,8 @@ def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
         return False
     if act.kind == "e4m3":
         return weight.kind == "e4m3" and weight.scale in ("fp32", "fp16", "bf16", "e8m0")
+    if act.granularity == "group" and weight.scale == "int8":  # DGQ scales its integer sums once, per token
+        return False
     if weight.kind != "int" or weight.scale not in ("fp32", "fp16", "bf16", "int8"):
         return False
     return weight.bits <= 4 or (weight.symmetric and weight.bits == 8)
@@ -146,9 +149,11 @@ def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
             for u in linears:
                 bias = _arg(u, 2, "bias")
                 src = _source_activation(u.args[0])
-                if src is not None and not (pair_ok(fmt, QuantFormat.parse(src[1]))
-                                            and kernels.a8_ok(p, f8=src[1].startswith("e4m3"))):
-                    src = None
+                if src is not None:
+                    afmt = QuantFormat.parse(src[1])
+                    ag = afmt.group_size if afmt.granularity == "group" else 0
+                    if not (pair_ok(fmt, afmt) and kernels.a8_ok(p, f8=afmt.kind == "e4m3", act_group=ag)):
+                        src = None
                 with graph.inserting_before(u):
                     if src is not None:
                         new = graph.call_function(a8_op, (src[0], src[1], *tensors, bias, meta))
