@@ -46,7 +46,7 @@ bench: setup
 	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 20 --minilm-presets --out results/formats \
 		--presets w4a16-g128 w4a16-g128-clip w4a16-g128-gptq w3a16-g128 w3a16-g128-gptq bitmod-w4 bitmod-w3 \
 		nf4-g64 mxfp4 nvfp4 nvint4 mxfp4-rot nvfp4-rot nvint4-rot mxint8 mxfp8 w4a8-g128 w4a8-dgq fp8 mxfp6 \
-		benchmarks/recipes/w4a4-rot-gptq.json benchmarks/recipes/nvfp4-rot-gptq.json
+		w4a4-rot-gptq w4a4-g64-rot-gptq benchmarks/recipes/nvfp4-rot-gptq.json
 	$(BIN)/finegrain pareto --model smollm2-135m --recipe benchmarks/recipes/alloc-fisher-gptq.json \
 		--budgets 2.5 3 3.25 3.5 4 --max-windows 20 --out results/pareto_fisher_gptq --overwrite
 	$(BIN)/python benchmarks/onnx_runtime.py --reps 20 --max-windows 8 --out results/onnx_runtime

@@ -66,6 +66,7 @@ def preset_rows() -> list[tuple[str, str, object]]:
 def preset_matrix() -> list[list[str]]:
     """Per preset and backend: the weakest status over the preset's formats and ops."""
     from finegrain.compiler.recipe import PRESETS
+    from finegrain.formats import QuantFormat
 
     rank = {"native": 0, "emulated": 1, "refused": 2}
     out = []
@@ -77,6 +78,11 @@ def preset_matrix() -> list[list[str]]:
         for role in ("conv", "recurrent"):
             if any(rule.role == role and rule.weight for rule in recipe.rules):
                 items.append(("op", role, None))
+        if recipe.kv_key or recipe.kv_value:  # passes/quantize_kv.py: a windowed cache write is one kv_append
+            windowed = recipe.kv_window > 0 or recipe.kv_sinks > 0 or recipe.kv_pre_rope or "tokens" in (
+                recipe.kv_key_axis, recipe.kv_value_axis)
+            items += [("op", "kv_append", None)] if windowed else [
+                ("activation", QuantFormat.parse(t), None) for t in (recipe.kv_key, recipe.kv_value) if t]
         cells = [pname]
         for name in BACKENDS:
             b = get(name)

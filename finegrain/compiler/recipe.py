@@ -405,6 +405,7 @@ def _w(bits: int, group: int | None, symmetric: bool) -> QuantFormat:
 A8_DYNAMIC = QuantFormat(bits=8, granularity="token", symmetric=True, scale="fp32", dynamic=True)
 A8_STATIC = QuantFormat(bits=8, granularity="tensor", symmetric=True, scale="fp32")
 A4_DYNAMIC = QuantFormat(bits=4, granularity="token", symmetric=True, scale="fp32", dynamic=True)
+A4_G64 = QuantFormat(bits=4, granularity="group", group_size=64, symmetric=True, scale="fp32", dynamic=True)
 
 
 def _linears(name: str, weight: QuantFormat, act: QuantFormat | None = None, **opts: Any) -> Recipe:
@@ -477,6 +478,18 @@ PRESETS.update({
     "w4a16-g128-rot-gptq-head8": Recipe(name="w4a16-g128-rot-gptq-head8", rotate=True, **GPTQ, rules=(
         Rule(role="linear", weight=_w(4, 128, False)), Rule(role="lm_head", weight=_w(8, None, True)),
         Rule(role="embedding", weight=_w(8, None, True)))),
+    # W4A4 (issue #18 item 4): rotation, sequential GPTQ, and each activation site's clip ratio searched
+    # on the replayed rows; per token, or (the more accurate) in groups of 64 along K
+    "w4a4-rot-gptq": _linears("w4a4-rot-gptq", _w(4, 128, False), A4_DYNAMIC, rotate=True, act_clip_search=True,
+                              **GPTQ),
+    "w4a4-g64-rot-gptq": _linears("w4a4-g64-rot-gptq", _w(4, 128, False), A4_G64, rotate=True,
+                                  act_clip_search=True, **GPTQ),
+    # COMET-style W4A4KV4 (issue #17 item 4): the above plus a 4-bit KV cache (KIVI-4 keys per channel
+    # quantized before RoPE, values per token, 128 newest tokens and one sink in float); compile with
+    # kv_cache=True (--kv-cache)
+    "w4a4kv4": _linears("w4a4kv4", _w(4, 128, False), A4_G64, rotate=True, act_clip_search=True, **GPTQ,
+                        kv_key="int4-g32-asym-fp16-dyn", kv_value="int4-g32-asym-fp16-dyn", kv_key_axis="tokens",
+                        kv_window=128, kv_pre_rope=True, kv_sinks=1),
     "w4a8-dgq": _linears("w4a8-dgq", QuantFormat.parse("int4-g128-asym-int8"), A8_DYNAMIC, weight_algorithm="clip"),
     "bitmod-w4": _linears("bitmod-w4", QuantFormat.parse("bitmod4-g128-sym-fp16")),
     "bitmod-w3": _linears("bitmod-w3", QuantFormat.parse("bitmod3-g128-sym-fp16")),

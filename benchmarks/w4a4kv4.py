@@ -1,0 +1,78 @@
+"""W4A4KV4 on SmolLM2 (issue #17 item 4, COMET-style): 4-bit weights (rotation + sequential GPTQ),
+4-bit activations (per token groups along K, clip ratio searched per site) and a 4-bit KV cache,
+against float and W4A4 with a float cache, through the cache path and the simulated protocol.
+
+    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--out results/w4a4kv4]
+
+Rows: ``fp32`` (float weights and cache), ``w4a4`` (preset ``w4a4-g64-rot-gptq``, float cache),
+``w4a4kv4`` (preset ``w4a4kv4``: the same plus KIVI-4 keys per channel before RoPE, values per token
+in groups of 32, the newest 128 tokens and one sink in float). Each compiled with ``kv_cache=True``
+on the default Brown calibration (32 x 512 tokens); perplexity on the first ``--windows``
+WikiText-2 test windows of 2048 (``benchmarks/kv_quant.both_ppl``), cache bytes per token at a
+2048-token context, compile seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kv_quant import both_ppl  # noqa: E402
+
+ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--rows", nargs="+", default=[name for name, _ in ROWS])
+    ap.add_argument("--out", default="results/w4a4kv4")
+    args = ap.parse_args()
+
+    import machine
+    from finegrain.eval.perplexity import wikitext_ids
+    from finegrain.jobs import compile_loaded
+    from finegrain.models import load_model
+
+    print(machine.line(), flush=True)
+    lm = load_model("smollm2-135m")
+    ids = wikitext_ids(lm.tokenizer)
+    windows = [ids[w * args.seq_len:(w + 1) * args.seq_len].unsqueeze(0) for w in range(args.windows)]
+    rows, base = [], None
+    for name, recipe in ROWS:
+        if name not in args.rows:
+            continue
+        t = time.perf_counter()
+        cm = compile_loaded(lm, recipe, progress=False, kv_cache=True)
+        build = time.perf_counter() - t
+        sim, cache = both_ppl(cm, windows, args.chunk)
+        q = cm.kv.get("quantization") or {}
+        r = {"row": name, "recipe": recipe if isinstance(recipe, str) else "float", "ppl_simulated": sim,
+             "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight(),
+             "kv_bytes_per_token": q.get("bytes_per_token_at_context",
+                                         cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8),
+             "compile_s": round(build, 1)}
+        base = base or r
+        r["delta_pct"] = 100 * (cache / base["ppl_cache_path"] - 1)
+        rows.append(r)
+        print(f"{name:8s} ppl simulated {sim:.3f}  cache path {cache:.3f} ({r['delta_pct']:+.2f}%)  "
+              f"{r['kv_bytes_per_token']:.0f} B/token  {r['bits_per_weight']:.3f} bits/weight  {build:.0f} s", flush=True)
+        del cm
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "w4a4kv4.json").write_text(json.dumps({"machine": machine.describe(), "windows": args.windows,
+                                                  "seq_len": args.seq_len, "chunk": args.chunk, "rows": rows},
+                                                 indent=1))
+
+
+if __name__ == "__main__":
+    main()
