@@ -57,7 +57,7 @@ def main() -> None:
         sim, cache = both_ppl(cm, windows, args.chunk)
         q = cm.kv.get("quantization") or {}
         r = {"row": name, "recipe": recipe if isinstance(recipe, str) else "float", "ppl_simulated": sim,
-             "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight(),
+             "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight() or 32.0,
              "kv_bytes_per_token": q.get("bytes_per_token_at_context",
                                          cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8),
              "compile_s": round(build, 1)}
