@@ -72,6 +72,13 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]
     return math.exp(nll_sim / n), math.exp(nll_cache / n)
 
 
+def cache_bytes_per_token(cm) -> float:
+    """Bytes one token's K / V cache takes at a 2048-token context (fp32 when not quantized)."""
+    q = cm.kv.get("quantization") or {}
+    return q.get("bytes_per_token_at_context", q.get("bytes_per_token",
+                                                     cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
@@ -103,11 +110,8 @@ def main() -> None:
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
         ppl_sim, ppl_cache = both_ppl(cm, windows, args.chunk)
-        q = cm.kv.get("quantization") or {}
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
-             "bytes_per_token": q.get("bytes_per_token_at_context", q.get("bytes_per_token",
-                                      cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8)),
-             "compile_s": round(build, 1)}
+             "bytes_per_token": cache_bytes_per_token(cm), "compile_s": round(build, 1)}
         base = base or r
         r["delta_pct"] = 100 * (r["ppl_cache_path"] / base["ppl_cache_path"] - 1)
         rows.append(r)

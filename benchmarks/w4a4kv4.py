@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_quant import both_ppl  # noqa: E402
+from kv_quant import both_ppl, cache_bytes_per_token  # noqa: E402
 
 ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4")]
 
@@ -55,11 +55,9 @@ def main() -> None:
         cm = compile_loaded(lm, recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
         sim, cache = both_ppl(cm, windows, args.chunk)
-        q = cm.kv.get("quantization") or {}
         r = {"row": name, "recipe": recipe if isinstance(recipe, str) else "float", "ppl_simulated": sim,
              "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight() or 32.0,
-             "kv_bytes_per_token": q.get("bytes_per_token_at_context",
-                                         cm.kv["layers"] * cm.kv["kv_heads"] * cm.kv["head_dim"] * 8),
+             "kv_bytes_per_token": cache_bytes_per_token(cm),
              "compile_s": round(build, 1)}
         base = base or r
         r["delta_pct"] = 100 * (cache / base["ppl_cache_path"] - 1)

@@ -78,11 +78,10 @@ def preset_matrix() -> list[list[str]]:
         for role in ("conv", "recurrent"):
             if any(rule.role == role and rule.weight for rule in recipe.rules):
                 items.append(("op", role, None))
-        if recipe.kv_key or recipe.kv_value:  # passes/quantize_kv.py: a windowed cache write is one kv_append
-            windowed = recipe.kv_window > 0 or recipe.kv_sinks > 0 or recipe.kv_pre_rope or "tokens" in (
-                recipe.kv_key_axis, recipe.kv_value_axis)
-            items += [("op", "kv_append", None)] if windowed else [
-                ("activation", QuantFormat.parse(t), None) for t in (recipe.kv_key, recipe.kv_value) if t]
+        for kind, tag in (("key", recipe.kv_key), ("value", recipe.kv_value)):
+            if tag:
+                items.append(("op", "kv_append", None) if recipe.kv_windowed(kind)
+                             else ("activation", QuantFormat.parse(tag), None))
         cells = [pname]
         for name in BACKENDS:
             b = get(name)

@@ -275,6 +275,14 @@ class Recipe:
                 chosen = (rule.weight, rule.activation)
         return chosen
 
+    def kv_windowed(self, kind: str) -> bool:
+        """Whether the cache write of ``kind`` (``key`` / ``value``) quantizes only some of the tokens
+        (per channel over token groups, a float window, sinks, pre-RoPE keys): one ``kv_append`` op
+        (``passes/quantize_kv.py``) rather than a quantize / dequantize pair on each new token."""
+        axis = self.kv_key_axis if kind == "key" else self.kv_value_axis
+        return (axis == "tokens" or self.kv_window > 0 or self.kv_sinks > 0
+                or (kind == "key" and self.kv_pre_rope))
+
     @property
     def needs_static_stats(self) -> bool:
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)

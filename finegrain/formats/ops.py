@@ -40,10 +40,9 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
         z = torch.zeros(scale.shape, dtype=torch.int32)
     else:
         z = unpack(zero, fmt.family.metadata_bits(fmt), False, scale.shape[-1]).to(torch.int32)
-    if fmt.block_rows:  # one stored scale per 2-D block: the per-row view every consumer reads
-        return QTensor(codes.reshape(shape), fmt.expand_rows(scales.load_scale(fmt, scale, scale2), shape[-2]),
-                       fmt.expand_rows(z, shape[-2]), scale2, codebook)
-    return QTensor(codes.reshape(shape), scales.load_scale(fmt, scale, scale2), z, scale2, codebook)
+    # 2-D blocks store one scale per block: expand_rows gives the per-row view every consumer reads
+    return QTensor(codes.reshape(shape), fmt.expand_rows(scales.load_scale(fmt, scale, scale2), shape[-2]),
+                   fmt.expand_rows(z, shape[-2]), scale2, codebook)
 
 
 @torch.library.custom_op("finegrain::dequantize_packed", mutates_args=())

@@ -118,8 +118,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
     value_fmt = QuantFormat.parse(r.kv_value) if r.kv_value else None
     axes = {"key": r.kv_key_axis, "value": r.kv_value_axis}
-    windowed = {kind: axes[kind] == "tokens" or r.kv_window > 0 or r.kv_sinks > 0 for kind in axes}
-    windowed["key"] = windowed["key"] or r.kv_pre_rope
+    windowed = {kind: r.kv_windowed(kind) for kind in axes}
     pre_rope = 0
     per_layer = {e[0]: tuple(QuantFormat.parse(t) if t else None for t in e[1:]) for e in r.kv_layers}
     if key_fmt is None and value_fmt is None and not r.kv_rotate and not per_layer:

@@ -27,6 +27,7 @@ from torch.fx import Graph, GraphModule
 
 from finegrain.compiler.ir import get_tensor
 from finegrain.formats import QuantFormat, scales
+from finegrain.formats.ops import _fmt as _format  # the tag -> QuantFormat cache the reference ops use
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.backends.gpu import kernels
 
@@ -42,7 +43,7 @@ def wq_op(x, qw, s, z, s1, bias, meta: tuple):
 
 
 def a8_op(x, act: str, qw, s, z, s1, bias, meta: tuple):
-    return kernels.a8_linear(x, QuantFormat.parse(act), _packed(meta, qw, s, z, s1), bias)
+    return kernels.a8_linear(x, _format(act), _packed(meta, qw, s, z, s1), bias)
 
 
 def hadamard_op(x, factor):
