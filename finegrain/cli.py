@@ -206,7 +206,17 @@ def cmd_quantize(args) -> None:
     recipe = _with_budget(args)
     calib_text, _ = _texts(args)
     inputs = _parse_inputs(args.input)
-    lm = load_model(args.model)
+    if args.stream:
+        from finegrain.models import hf_cache_snapshot
+        from finegrain.models.hf_dir import load_hf_lazy
+
+        where = Path(args.model) if Path(args.model).is_dir() else hf_cache_snapshot(args.model)
+        if where is None:
+            raise InputError(f"--stream: {args.model!r} is not a local Hugging Face model directory (config.json + "
+                             "safetensors) nor a model in the local Hugging Face cache")
+        lm = load_hf_lazy(where)
+    else:
+        lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                         strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text,
                         calib_tensors=args.calib_tensors, inputs=inputs)
@@ -863,6 +873,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture the decoder with its KV cache as graph inputs / outputs, so `generate` decodes one "
                         "token per step over the cache (torch and onnx backends, onnxruntime-genai export; TVM "
                         "refuses such artifacts yet)")
+    q.add_argument("--stream", action="store_true",
+                   help="models larger than RAM: build the model with empty weights and compile it block by block "
+                        "(one decoder layer at a time), reading each block's weights from the safetensors files when "
+                        "it is compiled; each block calibrates on the already quantized blocks' outputs. Hugging Face "
+                        "causal-LM directories only; refuses recipes whose passes span blocks (rotate, budgets, kv_*)")
     budget(q)
     calib(q)
     jsonl_field(q)

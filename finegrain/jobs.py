@@ -90,9 +90,19 @@ def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int 
     ``calib_text`` (default the vendored Brown slice; recorded in the manifest's source). A model
     with tensor inputs (task ``tensor``) takes its example and calibration batches from
     ``calib_tensors`` (a safetensors file, ``data.read_tensor_batches``) and its dynamic dims from
-    ``inputs`` (``finegrain.compile``). ``kv_cache``: the decoder with its KV cache in the graph."""
+    ``inputs`` (``finegrain.compile``). ``kv_cache``: the decoder with its KV cache in the graph. A model
+    from ``load_hf_lazy`` (its weights still on disk) compiles block by block (``driver/stream.py``)."""
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text, calib_tensors)
+    if loaded.weights is not None:  # models/hf_dir.load_hf_lazy: weights read block by block
+        from finegrain.driver.stream import compile_streamed
+
+        if kv_cache:
+            raise InputError("--kv-cache: block-by-block compilation (--stream) does not capture the KV cache")
+        return compile_streamed(loaded.model, loaded.weights, example, recipe, calib, input_names=names,
+                                tokenizer=loaded.tokenizer, param_names=loaded.weight_names,
+                                source=_source(loaded, calib_text, 0 if calib is None else samples),
+                                progress=progress, strict_recipe=strict_recipe)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
                       source=_source(loaded, calib_text, 0 if calib is None else samples, calib_tensors),
                       progress=progress, strict_recipe=strict_recipe, kv_cache=kv_cache, inputs=inputs)

@@ -251,7 +251,7 @@ def _dim_ranges(ep, declared: list[dict[int, str]], names: Sequence[str]) -> lis
 
 def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Sequence[str] = ("input_ids",),
             dynamic: bool = True, strict: bool = False, decompose: bool = False, kv: dict | None = None,
-            declared: list[dict[int, str]] | None = None) -> GraphModule:
+            declared: list[dict[int, str]] | None = None, check_finite: bool = True) -> GraphModule:
     """Export ``model`` on ``example_inputs`` and return finegrain's IR (see module docstring).
     ``declared``: per input, ``{dim: label}`` of the dims that vary (``compile(inputs=...)``), instead of
     the token-id default; the ranges export inferred for them are left in ``gm.meta["input_dim_ranges"]``.
@@ -259,7 +259,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
     outputs (:class:`HFCacheWrapper`; ``example_inputs`` is then ``(input_ids,)``, the past is made up here)."""
     if not isinstance(example_inputs, tuple) or not all(isinstance(t, torch.Tensor) for t in example_inputs):
         raise InputError("example_inputs must be a tuple of tensors, e.g. (input_ids,)")
-    check_finite_parameters(model)
+    if check_finite:  # off for a model whose weights are still on disk (driver/stream.py checks each as read)
+        check_finite_parameters(model)
     prefix = ""
     if kv is not None:
         ids = example_inputs[0]

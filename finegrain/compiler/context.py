@@ -21,6 +21,7 @@ class PassContext:
     allocation: Any = None  # passes/allocate_bits.Allocation when the recipe allocates bits
     show_progress: bool = True
     strict_recipe: bool = False  # a rule matching nothing / nothing quantized: an error instead of a warning
+    check_rules: bool = True  # False for a part of a graph (driver/stream.py checks the rules on the whole)
 
     def __post_init__(self) -> None:
         if not self.stats.nodes and self.recipe.smoothing is None:

@@ -182,7 +182,8 @@ def conv_weight(m: torch.Tensor, shape: Sequence[int], fmt) -> torch.Tensor:
 def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
     """All quantizable ops in graph order with their weight (if constant) and role: ``lm_head``
     for a linear feeding the output, ``router`` for a linear whose output picks experts (topk),
-    ``linear`` for MoE experts (kind ``grouped``) and other linears."""
+    ``linear`` for MoE experts (kind ``grouped``) and other linears; a role already in
+    ``meta[ROLE]`` (allocate_bits, or the whole graph's before a block was cut out) is kept."""
     ops = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in QUANTIZABLE:
@@ -190,7 +191,9 @@ def quantizable_ops(gm: GraphModule) -> list[QuantOp]:
         kind, w_idx, a_idx = QUANTIZABLE[node.target]
         w = node.args[w_idx]
         weight = w if isinstance(w, Node) and w.op == "get_attr" else None
-        if kind == "linear":
+        if node.meta.get(ROLE):  # set on the whole graph before it was cut into blocks (driver/stream.py)
+            role = node.meta[ROLE]
+        elif kind == "linear":
             role = "lm_head" if _feeds_output(node) else "router" if _routes(node) else "linear"
         else:
             role = "linear" if kind == "grouped" else kind

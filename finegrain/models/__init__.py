@@ -23,6 +23,8 @@ class LoadedModel:
     tokenizer: Any
     task: str  # "causal-lm" | "encoder" | "tensor" (float inputs: calibration / evaluation tensors from a file)
     source: dict  # how to find it again; goes into the artifact manifest
+    weights: Any = None  # load_hf_lazy: the checkpoint the empty parameters are read from, block by block
+    weight_names: dict | None = None  # load_hf_lazy: parameter name -> checkpoint key (tied weights stored once)
 
     @property
     def max_seq_len(self) -> int:

@@ -251,7 +251,7 @@ def apply_point(alloc: Allocation, point: Point, gm: GraphModule | None = None) 
         node.meta[WEIGHT_FORMAT] = tuple(fmts)
 
 
-def _check_rule_coverage(ops: list, ctx: PassContext) -> None:
+def check_rule_coverage(ops: list, ctx: PassContext) -> None:
     """A rule that matches no op, or a recipe that quantizes nothing, is a warning in the report
     (``ctx.report["warnings"]``, the manifest, the terminal) or, with ``ctx.strict_recipe``, an error."""
     from finegrain.compiler.recipe import PRESETS
@@ -282,7 +282,8 @@ def _check_rule_coverage(ops: list, ctx: PassContext) -> None:
 def allocate_bits(gm: GraphModule, ctx: PassContext) -> GraphModule:
     ops = quantizable_ops(gm)
     targets = []
-    _check_rule_coverage(ops, ctx)
+    if ctx.check_rules:
+        check_rule_coverage(ops, ctx)
     for op in ops:
         op.node.meta[ROLE] = op.role
         wfmt, afmt = ctx.recipe.formats_for(op.role, op.name)
