@@ -207,14 +207,9 @@ def cmd_quantize(args) -> None:
     calib_text, _ = _texts(args)
     inputs = _parse_inputs(args.input)
     if args.stream:
-        from finegrain.models import hf_cache_snapshot
-        from finegrain.models.hf_dir import load_hf_lazy
+        from finegrain.models import load_model_lazy
 
-        where = Path(args.model) if Path(args.model).is_dir() else hf_cache_snapshot(args.model)
-        if where is None:
-            raise InputError(f"--stream: {args.model!r} is not a local Hugging Face model directory (config.json + "
-                             "safetensors) nor a model in the local Hugging Face cache")
-        lm = load_hf_lazy(where)
+        lm = load_model_lazy(args.model)
     else:
         lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
@@ -877,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models larger than RAM: build the model with empty weights and compile it block by block "
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "
                         "it is compiled; each block calibrates on the already quantized blocks' outputs. Hugging Face "
-                        "causal-LM directories only; refuses recipes whose passes span blocks (rotate, budgets, kv_*)")
+                        "causal-LM directories (safetensors) and Llama / Qwen2 .gguf files (dequantized per tensor); "
+                        "refuses recipes whose passes span blocks (rotate, budgets, kv_*)")
     budget(q)
     calib(q)
     jsonl_field(q)

@@ -67,6 +67,51 @@ def load_model(spec: str | Path) -> LoadedModel:
                      "nor an .onnx file")
 
 
+def load_model_lazy(spec: str | Path) -> LoadedModel:
+    """A model whose weights stay on disk until block-by-block compilation reads them
+    (``driver/stream.py``, ``finegrain quantize --stream``): a local Hugging Face causal-LM directory
+    or one in the local Hugging Face cache (safetensors), or a Llama / Qwen2 ``.gguf`` file (each tensor
+    dequantized when read; the bundled ``smollm2-135m`` is one). ``LoadedModel.weights`` is the checkpoint; the model's parameters are empty."""
+    spec = str(spec)
+    path = Path(spec)
+    if spec == "smollm2-135m":  # the bundled GGUF file
+        from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
+
+        path = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
+    if path.suffix == ".gguf" and path.is_file():
+        arch = gguf_architecture(path)
+        if arch not in OWN_GGUF_ARCHS:
+            raise InputError(f"{path}: --stream reads GGUF architectures {', '.join(OWN_GGUF_ARCHS)} tensor by tensor; "
+                             f"this file is {arch!r} (compile it whole, without --stream)")
+        from finegrain.models.gguf_llama import GGUFCheckpoint
+        from finegrain.models.lazy import empty_model
+
+        try:
+            ckpt = GGUFCheckpoint(path)
+        except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:
+            raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
+        model, keys = empty_model(ckpt.config, ckpt, str(path), model_cls=ckpt.model_cls)
+        loaded = _load_gguf_tokenizer(path)
+        return LoadedModel(model, loaded, "causal-lm", {"model": str(path.resolve()), "format": "gguf",
+                                                        "gguf_architecture": arch}, weights=ckpt, weight_names=keys)
+    from finegrain.models.hf_dir import load_hf_lazy
+
+    where = path if path.is_dir() else hf_cache_snapshot(spec)
+    if where is None:
+        raise InputError(f"--stream: {spec!r} is not a local Hugging Face model directory (config.json + safetensors), "
+                         "a model in the local Hugging Face cache, nor a Llama / Qwen2 .gguf file")
+    return load_hf_lazy(where)
+
+
+def _load_gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception:  # a GGUF without a tokenizer transformers reads: token ids only
+        return None
+
+
 def hf_cache_snapshot(spec: str) -> Path | None:
     """The local snapshot of ``org/name`` in the Hugging Face cache (``models--org--name/snapshots/…``,
     ``HF_HUB_CACHE`` / ``HF_HOME`` honoured), offline: never the network; None when not cached."""
@@ -116,13 +161,7 @@ def _load_gguf_file(path: Path) -> LoadedModel:
             raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
     else:
         model = _load_gguf_transformers(path, arch)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except Exception as e:  # a GGUF without a tokenizer transformers reads: token ids only
-        tokenizer = None
-        del e
+    tokenizer = _load_gguf_tokenizer(path)
     return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve()), "format": "gguf",
                                                        "gguf_architecture": arch})
 

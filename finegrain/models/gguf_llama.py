@@ -45,13 +45,10 @@ def _optional(reader, key: str):
     return reader.fields[key].contents() if key in reader.fields else None
 
 
-def load_gguf_llama(path: str | Path) -> torch.nn.Module:
-    """Build a ``LlamaForCausalLM`` (GGUF architecture ``llama``) or ``Qwen2ForCausalLM`` (``qwen2``:
-    q/k/v biases, NeoX RoPE so no Q/K permutation) in fp32, eval mode, from a GGUF file."""
-    import gguf
+def _config(reader, path):
+    """(transformers config, model class, q heads, kv heads, architecture) from a GGUF header."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama' and 'qwen2')")
@@ -73,20 +70,37 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         eos_token_id=_optional(reader, "tokenizer.ggml.eos_token_id"),
         tie_word_embeddings="output.weight" not in names,
     )
-    state = {}
-    for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if t.name in _TOP_NAMES:
-            name = _TOP_NAMES[t.name]
-        else:
-            parts = t.name.split(".", 2)
-            if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit() or parts[2] not in _LAYER_NAMES:
-                raise ValueError(f"{path}: GGUF tensor {t.name[:80]!r} is not one of the {arch} tensors finegrain reads")
-            _, layer, rest = parts
-            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-            if rest in _QK_HEADS and arch == "llama":
-                w = _unpermute_qk(w, {"attn_q.weight": n_head, "attn_k.weight": n_kv}[rest])
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return config, model_cls, n_head, n_kv, arch
+
+
+def _hf_name(path, arch: str, gguf_name: str) -> str:
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit() or parts[2] not in _LAYER_NAMES:
+        raise ValueError(f"{path}: GGUF tensor {gguf_name[:80]!r} is not one of the {arch} tensors finegrain reads")
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+
+
+def _dequantized(t, arch: str, n_head: int, n_kv: int) -> np.ndarray:
+    import gguf
+
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    rest = t.name.split(".", 2)[-1]
+    if rest in _QK_HEADS and t.name.startswith("blk.") and arch == "llama":
+        w = _unpermute_qk(w, {"attn_q.weight": n_head, "attn_k.weight": n_kv}[rest])
+    return w
+
+
+def load_gguf_llama(path: str | Path) -> torch.nn.Module:
+    """Build a ``LlamaForCausalLM`` (GGUF architecture ``llama``) or ``Qwen2ForCausalLM`` (``qwen2``:
+    q/k/v biases, NeoX RoPE so no Q/K permutation) in fp32, eval mode, from a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    config, model_cls, n_head, n_kv, arch = _config(reader, path)
+    state = {_hf_name(path, arch, t.name): torch.from_numpy(np.ascontiguousarray(_dequantized(t, arch, n_head, n_kv)))
+             for t in reader.tensors}
     with torch.device("meta"):
         model = model_cls(config)
     model.load_state_dict(state, strict=False, assign=True)
@@ -98,3 +112,48 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
         raise ValueError(f"{path}: GGUF file lacks tensors for {missing[:5]}")
     return model.eval()
 
+
+class GGUFCheckpoint:
+    """A Llama / Qwen2 GGUF file read one tensor at a time for block-by-block compilation
+    (``models/lazy.py``'s checkpoint interface, Hugging Face tensor names). The header is parsed once;
+    each :meth:`load` reads that tensor's bytes with a plain file read (no mapping left behind, so the
+    file's pages never pile up in the resident set) and dequantizes them to float32 (Q/K rows
+    un-permuted)."""
+
+    def __init__(self, path: str | Path):
+        import gguf
+
+        self.path = Path(path)
+        reader = gguf.GGUFReader(str(self.path))
+        self.config, self.model_cls, self.n_head, self.n_kv, self.arch = _config(reader, self.path)
+        self.tensors = {}  # hf name -> (gguf name, type, byte offset, bytes, numpy dtype, numpy shape)
+        for t in reader.tensors:
+            self.tensors[_hf_name(self.path, self.arch, t.name)] = (
+                t.name, t.tensor_type, int(t.data_offset), int(t.n_bytes), t.data.dtype, tuple(t.data.shape))
+        self.shapes = {hf: tuple(int(d) for d in reversed(t.shape.tolist()))
+                       for hf, t in zip(self.tensors, reader.tensors)}
+        del reader
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from types import SimpleNamespace
+
+        from finegrain.errors import InputError
+
+        gname, qtype, offset, n_bytes, np_dtype, np_shape = self.tensors[name]
+        raw = np.fromfile(self.path, dtype=np.uint8, count=n_bytes, offset=offset)
+        if raw.size != n_bytes:
+            raise InputError(f"{self.path}: tensor {gname!r} is cut short ({raw.size} of {n_bytes} bytes)")
+        t = SimpleNamespace(name=gname, tensor_type=qtype, data=raw.view(np_dtype).reshape(np_shape))
+        w = torch.from_numpy(np.ascontiguousarray(_dequantized(t, self.arch, self.n_head, self.n_kv))).to(dtype)
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            raise InputError(f"{self.path}: weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
+        return w

@@ -73,11 +73,10 @@ def load_hf_lazy(path: str | Path) -> LoadedModel:
     ``io.checkpoint.SafetensorsCheckpoint``) until ``driver/stream.py`` reads each block's. The
     checkpoint must cover the model exactly (names and shapes, from the headers alone); tied weights
     may be stored once. Same refusals as :func:`load_hf_dir` (no ``auto_map``, no pickle)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from finegrain.io.checkpoint import SafetensorsCheckpoint
+    from finegrain.models.lazy import empty_model
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -89,38 +88,9 @@ def load_hf_lazy(path: str | Path) -> LoadedModel:
     ckpt = SafetensorsCheckpoint(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-        model.tie_weights()  # tied embeddings share one parameter, as from_pretrained leaves them (not inside the
-        # context: its patched register_parameter makes a new meta parameter instead of sharing)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
-        raise InputError(f"{path}: transformers cannot build this model ({type(e).__name__}: {str(e)[:300]})") from None
-    empty: dict[int, torch.nn.Parameter] = {}
-    aliases: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    for mod in model.modules():
-        for n, p in list(mod._parameters.items()):
-            if p is not None:
-                if id(p) not in empty:
-                    empty[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32), requires_grad=False)
-                mod._parameters[n] = empty[id(p)]
-    keys, problems = {}, []
-    for names in aliases.values():
-        stored = [n for n in names if n in ckpt]
-        if not stored:
-            problems.append(f"missing {names[0]}")
-            continue
-        for n in names:
-            keys[n] = stored[0]
-        want = tuple(model.get_parameter(names[0]).shape)
-        if ckpt.shape(stored[0]) != want:
-            problems.append(f"{stored[0]} is {list(ckpt.shape(stored[0]))}, the model needs {list(want)}")
-    extra = sorted(set(ckpt.keys()) - set(keys.values()) - {n for ns in aliases.values() for n in ns})
-    problems += [f"unexpected {k}" for k in extra[:4]]
-    if problems:
-        raise InputError(f"{path}: the checkpoint does not match the {type(model).__name__} its config describes "
-                         f"({'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''})")
+        raise InputError(f"{path}: transformers cannot read this config ({type(e).__name__}: {str(e)[:300]})") from None
+    model, keys = empty_model(config, ckpt, str(path))
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
         if (path / "tokenizer_config.json").is_file():
@@ -129,7 +99,4 @@ def load_hf_lazy(path: str | Path) -> LoadedModel:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         except Exception as e:  # tokenizers raises its own exception types
             raise InputError(f"{path}: the tokenizer does not load ({type(e).__name__}: {str(e)[:300]})") from None
-    loaded = LoadedModel(model.eval(), tokenizer, "causal-lm", {"model": str(path.resolve())})
-    loaded.weights = ckpt
-    loaded.weight_names = keys
-    return loaded
+    return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve())}, weights=ckpt, weight_names=keys)
