@@ -8,7 +8,7 @@ For each size this (1) writes a random-init checkpoint from a Qwen2-architecture
 head, q/k/v biases) as bf16 safetensors shards, one tensor generated at a time (the size is what
 matters, not the values; the bundled SmolLM2 tokenizer is saved beside it so calibration text
 tokenizes: its ids are below the vocabulary size), (2) runs ``finegrain quantize --stream`` on it under
-``/usr/bin/time -v`` (the recipe and calibration per size below), (3) loads the artifact in a fresh
+``/usr/bin/time -v`` (its progress bar in ``<work>/<size>-compile.log`` as it runs) (the recipe and calibration per size below), (3) loads the artifact in a fresh
 process, also under ``/usr/bin/time -v``, and runs one forward on 16 tokens (finite logits of the
 right shape). A table of checkpoint GB, artifact GB, compile minutes, compile peak RSS, load + forward
 peak RSS goes to stdout and ``<out>/large_model.json``. RSS is the kernel's maximum resident set
@@ -36,7 +36,7 @@ SIZES = {
     "tiny": (dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=49152), "w4a16-g128-gptq", 4, 64, None),
     "qwen2-1.5b": (dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                        num_key_value_heads=2, vocab_size=151936), "w4a16-g128-gptq", 16, 512, 8),
+                        num_key_value_heads=2, vocab_size=151936), "w4a16-g128-gptq", 8, 256, 8),
     "qwen2-7b": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                       num_key_value_heads=4, vocab_size=152064), "w4a16-g128", 4, 256, 20),
 }
@@ -91,16 +91,19 @@ def write_checkpoint(name: str, out: Path, seed: int = 0) -> tuple[int, int]:
     return total, sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def timed(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS GiB, exit status, output tail."""
+def timed(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v, its stderr (progress bars, then time's report) going to
+    ``log`` as it runs: wall seconds, peak RSS GiB, output tail."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    with open(log, "w") as err:
+        p = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     wall = time.perf_counter() - t0
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    text = log.read_text(errors="replace")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     rss = int(m.group(1)) / (1 << 20) if m else float("nan")
     if p.returncode != 0:
-        print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed with exit status {p.returncode}")
+        print(p.stdout[-3000:], text[-3000:], file=sys.stderr)
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed with exit status {p.returncode} (log: {log})")
     return {"seconds": round(wall, 1), "peak_rss_gib": round(rss, 2), "stdout": p.stdout[-2000:]}
 
 
@@ -120,7 +123,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--work", default="/tmp/fg-large", help="where checkpoints and artifacts are written")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and artifacts")
     ap.add_argument("--out", default="results/large_model")
+    ap.add_argument("--write", nargs=2, metavar=("SIZE", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write:
+        print(json.dumps(write_checkpoint(args.write[0], Path(args.write[1]))))
+        return []
     work = Path(args.work)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
@@ -128,14 +135,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _, recipe, samples, seq, target = SIZES[name]
         ckpt, art = work / name, work / f"{name}-{recipe}"
         t0 = time.perf_counter()
-        params, ckpt_bytes = write_checkpoint(name, ckpt)
+        # in a child process: the generator's freed memory must not sit in this process beside the compile
+        w = subprocess.run([sys.executable, __file__, "--write", name, str(ckpt)], capture_output=True, text=True, env=env)
+        if w.returncode != 0:
+            raise SystemExit(f"writing the {name} checkpoint failed: {w.stderr[-2000:]}")
+        params, ckpt_bytes = json.loads(w.stdout.strip().splitlines()[-1])
         t_write = time.perf_counter() - t0
         print(f"{name}: {params / 1e9:.2f} B parameters, {ckpt_bytes / 1e9:.1f} GB bf16 written in {t_write:.0f} s",
               flush=True)
         comp = timed([sys.executable, "-m", "finegrain.cli", "quantize", "--model", str(ckpt), "--stream", "--recipe",
                       recipe, "--out", str(art), "--overwrite", "--calibration-samples", str(samples),
-                      "--calibration-seq-len", str(seq)], env)
-        load = timed([sys.executable, "-c", LOAD_AND_RUN, str(art)], env)
+                      "--calibration-seq-len", str(seq)], work / f"{name}-compile.log", env)
+        load = timed([sys.executable, "-c", LOAD_AND_RUN, str(art)], work / f"{name}-load.log", env)
         art_bytes = sum(f.stat().st_size for f in art.rglob("*") if f.is_file())
         row = {"model": name, "parameters_b": round(params / 1e9, 3), "checkpoint_gb": round(ckpt_bytes / 1e9, 2),
                "recipe": recipe, "calibration": f"{samples} x {seq} tokens", "artifact_gb": round(art_bytes / 1e9, 2),
