@@ -211,8 +211,7 @@ def compile_streamed(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, 
         ctx = PassContext(recipe=recipe, calibration=[tuple(values[a][b] for a in inputs) for b in range(len(batches))],
                           show_progress=False, strict_recipe=strict_recipe, check_rules=False)
         sub = run_passes(sub, ctx, PIPELINE)
-        for k in ("layers",):
-            report[k].update(ctx.report.get(k, {}))
+        report["layers"].update(ctx.report.get("layers", {}))
         report["folds"] += ctx.report.get("folds", [])
         report["warnings"] += [w for w in ctx.report.get("warnings", []) if w not in report["warnings"]]
         for k, v in ctx.report.get("pass_seconds", {}).items():

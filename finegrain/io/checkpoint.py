@@ -21,7 +21,29 @@ INDEX = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20
 
 
-class SafetensorsCheckpoint:
+def checked_finite(t: torch.Tensor, where, name: str) -> torch.Tensor:
+    """``t``, or an InputError naming the weight when it holds NaN / Inf."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise InputError(f"{where}: weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
+    return t
+
+
+class TensorIndex:
+    """Names and shapes of a checkpoint's tensors (``self.shapes``), read from its headers."""
+
+    shapes: dict[str, tuple[int, ...]]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+
+class SafetensorsCheckpoint(TensorIndex):
     """``{tensor name: file}`` of a checkpoint directory, read lazily: :meth:`load` returns one
     tensor as float32 (NaN / Inf refused by name), :meth:`shape` reads headers only."""
 
@@ -55,15 +77,6 @@ class SafetensorsCheckpoint:
                     raise InputError(f"{index}: weight_map[{k!r}] = {name!r}, but the headers put it in "
                                      f"{self.where[k].name if k in self.where else 'no file'}")
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[name]
-
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor, copied out of the file as ``dtype``; the file is unmapped before returning."""
         f = self.where.get(name)
@@ -76,6 +89,4 @@ class SafetensorsCheckpoint:
             raise InputError(f"{f}: tensor {name!r} does not read ({type(e).__name__}: {str(e)[:200]})") from None
         t = raw.to(dtype) if raw.dtype != dtype else raw.clone()
         del raw
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"{f}: weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
-        return t
+        return checked_finite(t, f, name)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finegrain.io.checkpoint import TensorIndex, checked_finite
+
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -113,7 +115,7 @@ def load_gguf_llama(path: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(TensorIndex):
     """A Llama / Qwen2 GGUF file read one tensor at a time for block-by-block compilation
     (``models/lazy.py``'s checkpoint interface, Hugging Face tensor names). The header is parsed once;
     each :meth:`load` reads that tensor's bytes with a plain file read (no mapping left behind, so the
@@ -134,15 +136,6 @@ class GGUFCheckpoint:
                        for hf, t in zip(self.tensors, reader.tensors)}
         del reader
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes[name]
-
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from types import SimpleNamespace
 
@@ -154,6 +147,4 @@ class GGUFCheckpoint:
             raise InputError(f"{self.path}: tensor {gname!r} is cut short ({raw.size} of {n_bytes} bytes)")
         t = SimpleNamespace(name=gname, tensor_type=qtype, data=raw.view(np_dtype).reshape(np_shape))
         w = torch.from_numpy(np.ascontiguousarray(_dequantized(t, self.arch, self.n_head, self.n_kv))).to(dtype)
-        if w.is_floating_point() and not torch.isfinite(w).all():
-            raise InputError(f"{self.path}: weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
-        return w
+        return checked_finite(w, self.path, name)
