@@ -214,7 +214,8 @@ def cmd_quantize(args) -> None:
         lm = load_model(args.model)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                         strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text,
-                        calib_tensors=args.calib_tensors, inputs=inputs)
+                        calib_tensors=args.calib_tensors, inputs=inputs,
+                        spool_dir=Path(args.out).resolve().parent if args.stream else None)
     path = cm.save(args.out, overwrite=args.overwrite)
     if cm.allocation.get("chosen"):
         ch = cm.allocation["chosen"]

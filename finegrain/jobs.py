@@ -84,14 +84,15 @@ def _source(loaded: LoadedModel, text: Text | None, samples: int | None, tensors
 def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int | None = None,
                    seq_len: int | None = None, seed: int = 0, progress: bool = True,
                    strict_recipe: bool = False, kv_cache: bool = False, calib_text: Text | None = None,
-                   calib_tensors=None, inputs: dict | None = None) -> CompiledModel:
+                   calib_tensors=None, inputs: dict | None = None, spool_dir=None) -> CompiledModel:
     """Compile a bundled / HF / ONNX model with ``samples`` x ``seq_len`` calibration tokens (recipe
     defaults; 0 samples skips calibration, allowed unless the recipe has static scales) drawn from
     ``calib_text`` (default the vendored Brown slice; recorded in the manifest's source). A model
     with tensor inputs (task ``tensor``) takes its example and calibration batches from
     ``calib_tensors`` (a safetensors file, ``data.read_tensor_batches``) and its dynamic dims from
     ``inputs`` (``finegrain.compile``). ``kv_cache``: the decoder with its KV cache in the graph. A model
-    from ``load_hf_lazy`` (its weights still on disk) compiles block by block (``driver/stream.py``)."""
+    from ``load_hf_lazy`` (its weights still on disk) compiles block by block (``driver/stream.py``), its
+    finished blocks' weights spooled to a file in ``spool_dir`` (default: the temporary directory)."""
     recipe = get_recipe(recipe)
     calib, example, names = _calibration(loaded, recipe, samples, seq_len, seed, calib_text, calib_tensors)
     if loaded.weights is not None:  # models/hf_dir.load_hf_lazy: weights read block by block
@@ -102,7 +103,7 @@ def compile_loaded(loaded: LoadedModel, recipe: "str | Recipe", *, samples: int 
         return compile_streamed(loaded.model, loaded.weights, example, recipe, calib, input_names=names,
                                 tokenizer=loaded.tokenizer, param_names=loaded.weight_names,
                                 source=_source(loaded, calib_text, 0 if calib is None else samples),
-                                progress=progress, strict_recipe=strict_recipe)
+                                progress=progress, strict_recipe=strict_recipe, spool_dir=spool_dir)
     return fg_compile(loaded.model, example, recipe, calib, input_names=names, tokenizer=loaded.tokenizer,
                       source=_source(loaded, calib_text, 0 if calib is None else samples, calib_tensors),
                       progress=progress, strict_recipe=strict_recipe, kv_cache=kv_cache, inputs=inputs)

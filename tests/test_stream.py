@@ -52,7 +52,7 @@ class CountingCheckpoint(SafetensorsCheckpoint):
 
 
 @pytest.mark.parametrize("recipe", ["w4a16-g128-gptq", "w8a8", "w4a16-g128"])
-def test_same_logits_as_whole_graph(qwen_dir, recipe):
+def test_same_logits_as_whole_graph(qwen_dir, recipe, tmp_path):
     """Sequential GPTQ / dynamic activations / RTN: the stitched graph computes what the whole-graph
     compile does, bit for bit (each block sees the quantized earlier blocks either way)."""
     lazy = load_hf_lazy(qwen_dir)
@@ -65,6 +65,12 @@ def test_same_logits_as_whole_graph(qwen_dir, recipe):
     assert cs.quantized == cf.quantized and len(cs.quantized) == 21  # 3 layers x 7 linears; q/k/v biases float
     assert {n for n, _ in cs.gm.named_buffers()} == {n for n, _ in cf.gm.named_buffers()}
     assert cs.source["compiled"] == {"mode": "block by block", "segments": 5}
+    # every finished block's constants were spooled to disk (memory-mapped), none kept as a RAM copy
+    bufs = dict(cs.gm.named_buffers())
+    assert all(cs.spool.location(t) is not None for t in bufs.values() if t.numel())
+    assert cs.spool.nbytes >= sum(t.numel() * t.element_size() for t in bufs.values())
+    back = finegrain.load(cs.save(tmp_path / "a"))  # the spooled weights copied into the artifact file
+    assert torch.equal(back(ids), cf(ids))
 
 
 def test_weights_read_once_block_by_block(qwen_dir):
@@ -117,6 +123,9 @@ def test_refusals(qwen_dir, tmp_path):
         compile_streamed(lazy.model, lazy.weights, calib[0], {"name": "b", "weight_candidates": ["int4-g128-asym-fp16",
                          "int8-channel-sym-fp16"], "budget_bits": 5}, calib, param_names=lazy.weight_names,
                          progress=False)
+    with pytest.raises(RecipeError, match="gptq_float_target"):
+        compile_streamed(lazy.model, lazy.weights, calib[0], {"name": "f", "weight_algorithm": "gptq",
+                         "gptq_float_target": True}, calib, param_names=lazy.weight_names, progress=False)
     # a checkpoint that lacks a tensor / has a wrong shape: named, from the headers alone
     bad = tmp_path / "bad"
     bad.mkdir()

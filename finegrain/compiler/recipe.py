@@ -120,7 +120,11 @@ class Recipe:
     GPTQ's original scheme), on scales from the clip search when ``gptq_clip``. With ``sequential``
     (the default) GPTQ quantizes the linears in graph order, each on the inputs the already-quantized linears upstream produce (the calibration batches are
     replayed node by node, ``compiler/replay.py``); ``sequential=False`` takes every Hessian
-    from the one calibration pass over the floating-point model.
+    from the one calibration pass over the floating-point model. ``gptq_float_target`` (sequential
+    only; GPTAQ's asymmetric calibration, Li et al. 2025): each linear's quantized output on the
+    quantized model's inputs ``X_q`` is fitted to the *float* model's output ``W X_fp`` (a float
+    replay runs beside the quantized one), i.e. GPTQ runs on ``W C H^-1`` with ``C = E[x_fp x_q^T]``,
+    ``H = E[x_q x_q^T]``: the earlier layers' error is compensated too.
 
     Bit allocation (``passes/allocate_bits.py``): with ``weight_candidates`` (format tags), every
     linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
@@ -171,6 +175,7 @@ class Recipe:
     gptq_block: int = 128
     gptq_act_order: bool = True
     gptq_clip: bool = False
+    gptq_float_target: bool = False
     sequential: bool = True
     act_clip_search: bool = False
     weight_candidates: tuple[str, ...] = ()
@@ -190,7 +195,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "kv_rotate", "kv_pre_rope", "sequential", "act_clip_search"):
+                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "sequential", "act_clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -248,6 +253,9 @@ class Recipe:
         if self.act_clip_search and not (self.weight_algorithm == "gptq" and self.sequential):
             raise ValueError("act_clip_search: searches on the rows sequential GPTQ replays; it needs weight_algorithm "
                              "'gptq' and sequential true")
+        if self.gptq_float_target and not (self.weight_algorithm == "gptq" and self.sequential):
+            raise ValueError("gptq_float_target: fits each linear to the float model's output during sequential "
+                             "GPTQ; it needs weight_algorithm 'gptq' and sequential true")
         if self.budget_bits is not None and self.budget_bytes is not None:
             raise ValueError("budget_bits: give budget_bits or budget_bytes, not both")
         if self.budget_bits is not None and (not _is_number(self.budget_bits) or not 0 < self.budget_bits <= 64):

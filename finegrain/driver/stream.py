@@ -26,7 +26,8 @@ Peak memory: one segment's float weights and pass work (the prologue / epilogue 
 embedding / LM head), the calibration activations at one segment boundary, and the quantized
 weights done so far. Recipes whose passes span blocks are refused by name: the residual rotation
 (``rotate``: it rewrites the embedding and every block together), bit allocation under a budget
-(``weight_candidates``: one solve over every layer) and the KV cache (``kv_*``).
+(``weight_candidates``: one solve over every layer), the KV cache (``kv_*``) and GPTQ's float
+target (``gptq_float_target``: the float model's activations would have to cross blocks too).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from finegrain.driver.api import _calibration_batches, _check_token_ids, _input_
 from finegrain.driver.pipeline import PIPELINE, run_passes
 from finegrain.errors import InputError, RecipeError
 from finegrain.io.checkpoint import SafetensorsCheckpoint
+from finegrain.io.spool import TensorSpool
 from finegrain.runtime.compiled import CompiledModel
 
 _LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")  # the first module path prefix ending in an index component
@@ -126,6 +128,9 @@ def _check_recipe(recipe: Recipe) -> None:
     if recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope or recipe.kv_layers:
         why.append("kv_* (the KV cache is captured only with kv_cache=True, which block-by-block compilation "
                    "does not take)")
+    if recipe.gptq_float_target:
+        why.append("gptq_float_target (it needs the float model's activations beside the quantized ones across "
+                   "blocks; only the quantized ones cross a block boundary here)")
     if why:
         raise RecipeError(f"recipe {recipe.name!r} cannot be compiled block by block: {'; '.join(why)}. Compile the "
                           "model whole (without --stream) or drop those fields")
@@ -135,12 +140,14 @@ def compile_streamed(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, 
                      recipe: "str | Recipe | dict" = "w4a16-g128", calibration: Iterable | None = None, *,
                      input_names: Sequence[str] | None = None, tokenizer: Any = None, source: dict | None = None,
                      progress: bool = True, strict_recipe: bool = False,
-                     param_names: dict[str, str] | None = None) -> CompiledModel:
+                     param_names: dict[str, str] | None = None, spool_dir=None) -> CompiledModel:
     """Compile ``model`` (its parameters empty, e.g. ``load_hf_lazy``) block by block, reading each
     weight from ``checkpoint`` when its block is compiled (module docstring). ``param_names`` maps a
     graph constant's FQN to its checkpoint key where they differ (tied weights); constants that are
     neither (rotary tables, buffers computed at construction) are taken from the model.
-    Same results as ``finegrain.compile`` for recipes whose passes stay inside a block."""
+    Each finished segment's tensors go to a :class:`~finegrain.io.spool.TensorSpool` in ``spool_dir``
+    (default: the temporary directory; on the output's file system, saving copies them file to file)
+    and stay memory-mapped from it. Same results as ``finegrain.compile`` for recipes whose passes stay inside a block."""
     recipe = get_recipe(recipe)
     _check_recipe(recipe)
     if isinstance(example_inputs, torch.Tensor):
@@ -198,6 +205,7 @@ def compile_streamed(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, 
             return t
         return get_tensor(gm, c.target)
 
+    spool = TensorSpool(spool_dir)
     values: dict[Node, list] = {p: [b[i] for b in batches] for i, p in
                                 enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     done: list[tuple[GraphModule, list[Node], list[Node]]] = []
@@ -229,12 +237,28 @@ def compile_streamed(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, 
             if last_reader.get(a, -1) <= i:
                 del values[a]
         del ctx
+        _spool_constants(sub, spool)
         done.append((sub, inputs, outputs))
         report["segments"].append({"name": seg_names[i], "ops": len(nodes), "seconds": round(time.perf_counter() - t1, 3)})
         next(bar, None)
     final = _stitch(gm, done)
     del gm, values
-    return _compiled(final, recipe, specs, report, model, tokenizer, source, t_capture, t0)
+    cm = _compiled(final, recipe, specs, report, model, tokenizer, source, t_capture, t0)
+    cm.spool = spool
+    return cm
+
+
+def _spool_constants(sub: GraphModule, spool: TensorSpool) -> None:
+    """A finished segment's constants written to the spool and replaced by their memory-mapped
+    copies (each distinct tensor once), so its packed weights leave RAM."""
+    moved: dict[int, torch.Tensor] = {}
+    for n in sub.graph.nodes:
+        if n.op == "get_attr":
+            t = get_tensor(sub, n.target)
+            if isinstance(t, torch.Tensor):
+                if id(t) not in moved:
+                    moved[id(t)] = spool.put(t.detach())
+                set_tensor(sub, n.target, moved[id(t)])
 
 
 def _progress(show: bool, total: int):

@@ -99,14 +99,16 @@ def _stats_hessian(ctx: PassContext):
     return h_of
 
 
-def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool = False) -> torch.Tensor:
+def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool = False,
+                 target: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize one op's weight (``meta[QWEIGHT]``, its error record); returns the dequantized
     weight. ``h_of(key)`` gives (Hessian or None, calibration rows) of an op input or of the rows a
-    grouped op routes to one expert (``ir.expert_key``)."""
+    grouped op routes to one expert (``ir.expert_key``). ``target``: the float matrix GPTQ fits
+    instead of the weight (``gptq_float_target``; a linear only)."""
     r = ctx.recipe
     layers = ctx.report.setdefault("layers", {})
     w0 = get_tensor(gm, op.weight.target)
-    w = w0.float()
+    w = w0.float() if target is None else target
     base = {"weight": op.weight_fqn, "role": op.role, **({"sequential": True} if sequential else {})}
     if op.kind == "grouped":
         if r.needs_hessian and not sequential and op.activation.name not in ctx.stats:
@@ -140,8 +142,36 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
     st = ctx.stats.nodes.get(op.activation.name)
     q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
     op.node.meta[QWEIGHT] = q
-    layers[op.name] = {**base, **rec}
+    layers[op.name] = {**base, **rec, **({"float_target": True} if target is not None else {})}
     return fmt.dequantize(q).to(w0.dtype)
+
+
+def _cross(xs_q: list, xs_fp: list) -> torch.Tensor:
+    """``C = E[x_fp x_q^T]`` over the rows of paired per-batch activations (float64)."""
+    k = xs_q[0].shape[-1]
+    c, rows = torch.zeros(k, k, dtype=torch.float64), 0
+    for xq, xf in zip(xs_q, xs_fp):
+        xq, xf = xq.reshape(-1, k).double(), xf.reshape(-1, k).double()
+        c += xf.T @ xq
+        rows += xq.shape[0]
+    return c / rows
+
+
+def _float_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTAQ's target: the least-squares ``W~ = W C H^-1`` (``C = E[x_fp x_q^T]``, ``H = E[x_q x_q^T]``),
+    so that ``||W X_fp - Q X_q||^2 = ||W X_fp - W~ X_q||^2 + ||(W~ - Q) X_q||^2`` and GPTQ on
+    ``W~`` with ``H`` minimizes the error against the float model's output. Written as
+    ``W + W (C - H) H_λ^-1`` (``H_λ`` damped as GPTQ damps it), which leaves ``W`` alone where the
+    inputs agree (``W C H_λ^-1`` would shrink it)."""
+    k = w.shape[-1]
+    hd = h.double().clone()
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1.0
+    hd += damp * torch.diag(hd).mean() * torch.eye(k, dtype=hd.dtype)
+    w64 = w.double()
+    out = w64 + torch.linalg.solve(hd, (c - h.double()).T @ w64.T).T  # H symmetric
+    out[:, dead] = 0.0
+    return out.float()
 
 
 def act_clip(xs: list, fmt, weights: list, rows: int = 4096) -> tuple[float, dict]:
@@ -177,7 +207,24 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
 
     searched: dict = {}  # activation node -> chosen clip (act_clip_search)
 
+    nb = len(ctx.calibration)
+    two = r.gptq_float_target  # batches [nb, 2nb) replay the float model beside the quantized one
+
+    full = {}  # the replay's values(), both halves
+
     def hook(node, values):
+        full["values"] = values
+        sub = _hook(node, (lambda n: values(n)[:nb]) if two else values)
+        if not two:
+            return sub
+        op = by_node[node]
+        out = {}
+        for k, v in sub.items():
+            orig = values(k)[nb:] if k is op.activation else [get_tensor(gm, k.target)] * nb
+            out[k] = (v if isinstance(v, list) else [v] * nb) + orig
+        return out
+
+    def _hook(node, values):
         op = by_node[node]
         next(bar, None)
         afmt = op.node.meta.get(ACT_FORMAT)
@@ -206,14 +253,19 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 for e in range(op.experts):
                     rows = [x[b[e]:b[e + 1]] for x, b in zip(xs, bounds)]
                     hessians[expert_key(op.activation.name, e)] = _hessian(rows)
-            shared.update(key=key, xs=xs, hessians=hessians)
+            cross = _cross(xs, full["values"](op.activation)[nb:]) if two else None
+            shared.update(key=key, xs=xs, hessians=hessians, cross=cross)
         h_of = lambda k: shared["hessians"].get(k, (None, 0))  # noqa: E731
-        sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True)}
+        target = None
+        if two and op.kind == "linear":  # fit the float model's output (GPTAQ)
+            target = _float_target(get_tensor(gm, op.weight.target).float(), shared["cross"],
+                                   shared["hessians"][op.activation.name][0], r.gptq_damp)
+        sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True, target=target)}
         if act_q:
             sub[op.activation] = shared["xs"]
         return sub
 
-    replay(gm, ctx.calibration, [op.node for op in ops], hook)
+    replay(gm, list(ctx.calibration) * (2 if two else 1), [op.node for op in ops], hook)
     for _ in bar:
         pass
     for name, rec in ctx.report.pop("act_clip", {}).items():  # into each linear's layer record

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.fx import Graph, GraphModule
 
 from finegrain.compiler.capture import check_kv_layout
@@ -28,6 +28,7 @@ from finegrain.errors import ArtifactError, FinegrainError
 from finegrain.io.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer, read_json_file,
                                 verify_files)
 from finegrain.io.signature import check_input_specs, is_int
+from finegrain.io.spool import write_safetensors
 from finegrain.runtime.graph_json import graph_from_json, graph_to_json
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False
     tensors = {name: t.detach().contiguous() for name, t in sorted(cm.gm.named_buffers())}  # fixed order: byte-identical saves
     with atomic_directory(path, overwrite) as tmp:
         (tmp / GRAPH).write_text(dumps_json(graph_to_json(cm.gm.graph)))
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: the writer orders a map randomly
+        # streamed: a spooled weight (block-by-block compile) is copied file to file, never read into memory
+        write_safetensors(tmp / WEIGHTS, tensors, {"format": "pt"}, spool=getattr(cm, "spool", None))
         if cm.tokenizer is not None:
             cm.tokenizer.save_pretrained(str(tmp / TOKENIZER))
         files = [p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()]

@@ -33,6 +33,7 @@ class CompiledModel(Artifact):
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # recipe rules that matched nothing, nothing quantized
     kv: dict | None = None  # KV-cache graph (compile(kv_cache=True)): layers, kv_heads, head_dim, dtype, max_seq_len
+    spool: Any = None  # io/spool.TensorSpool holding (memory-mapped) weights of a block-by-block compile
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.session().run(*inputs)

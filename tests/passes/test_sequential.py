@@ -148,3 +148,45 @@ def test_act_clip_search_needs_sequential_gptq():
 
     with pytest.raises(ValueError, match="act_clip_search"):
         dataclasses.replace(get_recipe("w4a4-rot"), act_clip_search=True)
+
+
+def test_float_target_fits_the_float_models_output():
+    """``gptq_float_target`` (GPTAQ): fc2 is GPTQ'd on ``W2 + W2 (C - H) H_λ^-1`` with ``H`` from the
+    quantized upstream's rows and ``C = E[x_fp x_q^T]`` with the float model's rows, computed by
+    hand here; its output error against the float model is lower than plain sequential GPTQ's."""
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 64) * torch.linspace(0.1, 3, 64),) for _ in range(3)]
+    torch.manual_seed(0)
+    m = TwoLayers().eval()
+    base = get_recipe("w4a16-g128-gptq")
+    recipe = dataclasses.replace(base, name="t", gptq_clip=False, gptq_damp=0.01, gptq_float_target=True,
+                                 rules=(Rule(pattern="fc", weight=base.rules[0].weight),))
+    gm = capture(m, (batches[0][0],), input_names=("x",), dynamic=False)
+    ctx = PassContext(recipe=recipe, calibration=batches, show_progress=False)
+    gm = quantize_weights(run_passes(gm, ctx, ANALYZE), ctx)
+    ops = {op.name: op for op in quantizable_ops(gm) if QWEIGHT in op.node.meta}
+    assert all(ctx.report["layers"][k].get("float_target") for k in ("fc1", "fc2", "fc3"))
+    fmt = ops["fc1"].node.meta["finegrain_weight_format"]
+    x = torch.cat([b[0] for b in batches])
+    w1, w2 = m.fc1.weight.detach(), m.fc2.weight.detach()
+    q1 = gptq(w1, fmt, _hessian(x), rtn(w1, fmt))  # fc1's inputs agree: C = H, the target is W1
+    assert (ops["fc1"].node.meta[QWEIGHT].codes == q1.codes).float().mean() > 0.999
+    a_q = torch.relu(x @ fmt.dequantize(q1).T + m.fc1.bias).double()
+    a_fp = torch.relu(x @ w1.T + m.fc1.bias).double()
+    h, c = a_q.T @ a_q / a_q.shape[0], a_fp.T @ a_q / a_q.shape[0]
+    hd = h + 0.01 * torch.diag(h).mean() * torch.eye(128, dtype=h.dtype)
+    target = (w2.double() + w2.double() @ (c - h) @ torch.linalg.inv(hd)).float()
+    q2 = gptq(target, fmt, h.float(), rtn(target, fmt))
+    got = ops["fc2"].node.meta[QWEIGHT]
+    assert (got.codes == q2.codes).float().mean() > 0.99
+    plain = gptq(w2, fmt, h.float(), rtn(w2, fmt))  # sequential GPTQ without the float target
+    ref = a_fp.float() @ w2.T
+    err = lambda q: (a_q.float() @ fmt.dequantize(q).T - ref).pow(2).sum()  # noqa: E731
+    assert err(got) < 0.9 * err(plain)
+
+
+def test_float_target_needs_sequential_gptq():
+    import pytest
+
+    with pytest.raises(ValueError, match="gptq_float_target"):
+        dataclasses.replace(get_recipe("w4a16-g128-gptq"), sequential=False, gptq_float_target=True)

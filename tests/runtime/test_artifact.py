@@ -118,7 +118,7 @@ def test_failed_save_leaves_nothing(compiled, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact_mod, "save_file", boom)
+    monkeypatch.setattr(artifact_mod, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         compiled("w8a8").save(tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
