@@ -190,3 +190,44 @@ def test_float_target_needs_sequential_gptq():
 
     with pytest.raises(ValueError, match="gptq_float_target"):
         dataclasses.replace(get_recipe("w4a16-g128-gptq"), sequential=False, gptq_float_target=True)
+
+
+def test_weight_choice_keeps_the_format_of_least_output_error():
+    """``weight_choice``: each linear is quantized with its rule's format and each alternative; the
+    one with the highest output SQNR (the layer's Hessian) is kept in the graph, the QTensor and the
+    report, which lists what was tried. A finer format always wins; a coarser one never does."""
+    from finegrain.formats import QuantFormat
+
+    torch.manual_seed(1)
+    batches = [(torch.randn(4, 64) * torch.linspace(0.1, 3, 64),) for _ in range(3)]
+    base = get_recipe("w3a16-g128-gptq")
+    for alts, expect in ((("int3-g128-sym-fp16", "bitmod3-g128-sym-fp16"), None),
+                         (("int8-channel-sym-fp32",), "int8-channel-sym-fp32"),
+                         (("int2-g128-asym-fp16",), base.rules[0].weight.tag)):
+        torch.manual_seed(0)
+        m = TwoLayers().eval()
+        recipe = dataclasses.replace(base, name="t", weight_choice=alts,
+                                     rules=(Rule(pattern="fc", weight=base.rules[0].weight),))
+        gm = capture(m, (batches[0][0],), input_names=("x",), dynamic=False)
+        ctx = PassContext(recipe=recipe, calibration=batches, show_progress=False)
+        gm = quantize_weights(run_passes(gm, ctx, ANALYZE), ctx)
+        for op in quantizable_ops(gm):
+            rec = ctx.report["layers"][op.name]
+            tried = rec["format_choice"]["sqnr_db"]
+            assert rec["format_choice"]["by"] == "output_sqnr_db" and len(tried) == 1 + len(alts)
+            best = max(tried, key=tried.get)
+            assert rec["format"] == best == op.node.meta["finegrain_weight_format"].tag
+            assert rec["output_sqnr_db"] == tried[best]
+            if expect is not None:
+                assert best == expect, (op.name, tried)
+            w = m.get_submodule(op.name).weight.detach()
+            assert op.node.meta[QWEIGHT].codes.shape == QuantFormat.parse(best).quantize(w).codes.shape
+
+
+def test_weight_choice_must_be_weight_formats():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"weight_choice\[0\]"):
+        dataclasses.replace(get_recipe("w3a16-g128-gptq"), weight_choice=("int4-token-sym-fp32-dyn",))
+    with pytest.raises(ValueError, match="weight_choice: expected a list"):
+        dataclasses.replace(get_recipe("w3a16-g128-gptq"), weight_choice="int3-g128-sym-fp16")
