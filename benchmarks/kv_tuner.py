@@ -1,12 +1,14 @@
 """KVTuner-style layer-wise KV precision on SmolLM2 (issue #17; ``finegrain/driver/kv_tune.py``):
 float weights, KIVI settings (keys per channel over 32-token groups, values per token in groups of
 32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
-in {2, 4, 8}^2, the attention-output error with only that layer quantized (Brown calibration,
-``--calib`` windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
+in {2, 4, 8}^2, the attention-output error (``--objective attention``) or the next-token loss
+increase (``--objective loss``) with only that layer quantized (Brown calibration, ``--calib``
+windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
 picks one pair per layer at each average-bits budget; perplexity through the cache on the first
 ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
 
-    python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--out results/kv_tuner]
+    python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
+                                  [--out results/kv_tuner]
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
 
@@ -55,11 +58,11 @@ def main() -> None:
     windows = [ids[w * 2048:(w + 1) * 2048].unsqueeze(0) for w in range(args.windows)]
     calib = [b[0] for b in calibration_batches(lm.tokenizer, args.calib, 512)]
     t = time.perf_counter()
-    sens = kv_sensitivity(lm.model, calib, FIELDS, PAIRS, progress=True)
+    sens = kv_sensitivity(lm.model, calib, FIELDS, PAIRS, progress=True, objective=args.objective)
     search_s = time.perf_counter() - t
     err = {p: [row[j] for row in sens.errors] for j, p in enumerate(PAIRS)}
     k2, v2 = err[(FMT.format(2), FMT.format(8))], err[(FMT.format(8), FMT.format(2))]
-    print(f"sensitivity search {search_s:.0f} s; attention-output error, mean over layers: K2V8 {sum(k2) / len(k2):.4f}"
+    print(f"sensitivity search {search_s:.0f} s; {args.objective} error, mean over layers: K2V8 {sum(k2) / len(k2):.4f}"
           f"  K8V2 {sum(v2) / len(v2):.4f}  (keys {'more' if sum(k2) > sum(v2) else 'less'} sensitive than values; "
           f"K2 worse than V2 in {sum(a > b for a, b in zip(k2, v2))} of {len(k2)} layers)", flush=True)
 
@@ -93,7 +96,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_tuner.json").write_text(json.dumps({
-        "machine": machine.describe(), "windows": args.windows, "calibration": f"{args.calib} x 512 Brown",
+        "machine": machine.describe(), "windows": args.windows, "objective": args.objective, "calibration": f"{args.calib} x 512 Brown",
         "search_s": round(search_s, 1), "pairs": PAIRS, "errors": sens.errors, "rows": rows, "tuned": tuned}, indent=1))
 
 

@@ -6,8 +6,11 @@ layer, chosen offline under an average-bits budget with the project's multiple-c
 ``finegrain::kv_append`` (the recipe fields ``kv_key_axis`` / ``kv_window`` / ``kv_sinks`` /
 ``kv_pre_rope`` say how), returns every attention output as an extra graph output, and then, for
 each layer and candidate pair, quantizes *only that layer's* K / V (the others stay float by an
-unreachable window) and measures the relative squared error of that layer's attention output on
-calibration tokens (KVTuner's sensitivity: the attention-output error, not the K / V error).
+unreachable window) and measures, on calibration tokens, either the relative squared error of that
+layer's attention output (``objective="attention"``, KVTuner's sensitivity: the attention-output
+error, not the K / V error) or the increase of the model's next-token loss (``objective="loss"``:
+what the quantized layer costs the output, including how later layers amplify or absorb it; the
+same forwards, the logits instead of the attention outputs).
 ``kv_allocate`` prunes each layer's pairs to its error / bits Pareto front (intra-layer pruning)
 and solves the knapsack at an average of ``budget_bits`` bits per cached element (keys and values
 together); the result is a recipe's ``kv_layers``.
@@ -30,7 +33,7 @@ _FLOAT_WINDOW = 1 << 20  # a window (the most kv_window takes) no cache here rea
 @dataclass
 class Sensitivity:
     pairs: list[tuple[str, str]]  # candidate (key format, value format) tags
-    errors: list[list[float]]  # [layer][pair]: relative squared error of that layer's attention output
+    errors: list[list[float]]  # [layer][pair]: attention-output relative squared error, or loss increase (nats)
     bits: list[int]  # per pair: key bits + value bits (element bits)
 
 
@@ -38,11 +41,16 @@ def _pair_bits(pair: tuple[str, str]) -> int:
     return QuantFormat.parse(pair[0]).bits + QuantFormat.parse(pair[1]).bits
 
 
+OBJECTIVES = ("attention", "loss")
+
+
 def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: list[tuple[str, str]],
-                   progress: bool = False) -> Sensitivity:
-    """Per layer and pair, the attention-output error with only that layer's cache quantized.
-    ``fields``: the recipe's KV fields besides the formats (axis, window, sinks, pre-RoPE, rotate);
-    ``calibration``: token id tensors ``[1, S]``."""
+                   progress: bool = False, objective: str = "attention") -> Sensitivity:
+    """Per layer and pair, the attention-output error (or, ``objective="loss"``, the next-token loss
+    increase) with only that layer's cache quantized. ``fields``: the recipe's KV fields besides the
+    formats (axis, window, sinks, pre-RoPE, rotate); ``calibration``: token id tensors ``[1, S]``."""
+    if objective not in OBJECTIVES:
+        raise InputError(f"kv_sensitivity: objective {objective!r} is not one of {OBJECTIVES}")
     from finegrain.compiler.capture import kv_inputs
     from finegrain.driver.api import compile as fg_compile
     from finegrain.passes.quantize_kv import attentions_reading
@@ -66,7 +74,18 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
 
     def run():
         with torch.inference_mode():
-            return [cm.gm(*kv_inputs(cm.kv, ids))[n_out:] for ids in calibration]
+            outs = [cm.gm(*kv_inputs(cm.kv, ids)) for ids in calibration]
+            if objective == "loss":  # mean next-token NLL over every calibration token (logits: output 0)
+                nll = sum(float(torch.nn.functional.cross_entropy(o[0][0, :-1].float(), ids[0, 1:], reduction="sum"))
+                          for o, ids in zip(outs, calibration))
+                return nll / sum(ids.shape[1] - 1 for ids in calibration)
+            return [o[n_out:] for o in outs]
+
+    def error(got, ref, i: int) -> float:
+        if objective == "loss":
+            return got - ref
+        num = sum(float((o[i] - r[i]).pow(2).sum()) for o, r in zip(got, ref))
+        return num / sum(float(r[i].pow(2).sum()) for r in ref)
 
     ref = run()
     window = fields.get("kv_window", 0)
@@ -80,10 +99,7 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
                 a = appends[(i, kind)]
                 a.args = (a.args[0], a.args[1], tag, a.args[3], window, *a.args[5:])
             cm.gm.recompile()
-            got = run()
-            num = sum(float((o[i] - r[i]).pow(2).sum()) for o, r in zip(got, ref))
-            den = sum(float(r[i].pow(2).sum()) for r in ref)
-            row.append(num / den)
+            row.append(error(run(), ref, i))
         for kind in ("key", "value"):
             a = appends[(i, kind)]
             a.args = (*a.args[:4], _FLOAT_WINDOW, *a.args[5:])

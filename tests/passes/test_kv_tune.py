@@ -64,3 +64,33 @@ def test_kv_layers_refusals():
         finegrain.compile(_family("llama"), (torch.randint(0, 256, (1, 8)),),
                           recipe={"name": "t", "rules": [], "kv_layers": [[5, F.format(4), None]]},
                           progress=False, kv_cache=True)
+
+
+def test_loss_objective_is_that_layers_loss_increase():
+    """``objective="loss"``: the entry of a layer / pair is the next-token NLL with only that layer's cache
+    quantized minus the float cache's, recomputed here from a separately compiled model."""
+    from finegrain.compiler.capture import kv_inputs
+
+    model = _family("llama")
+    calib = [torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    pairs = [PAIRS[0], PAIRS[-1]]  # K2V2, K8V8
+    s = kv_sensitivity(model, calib, FIELDS, pairs, objective="loss")
+
+    def nll(layers):
+        cm = finegrain.compile(model, (calib[0][:, :8],), recipe={"name": "t", "rules": [], **FIELDS,
+                               "kv_layers": layers}, progress=False, kv_cache=True)
+        with torch.inference_mode():
+            tot = sum(float(torch.nn.functional.cross_entropy(cm.gm(*kv_inputs(cm.kv, ids))[0][0, :-1], ids[0, 1:],
+                                                              reduction="sum")) for ids in calib)
+        return tot / sum(ids.shape[1] - 1 for ids in calib)
+
+    with torch.inference_mode():
+        fp = sum(float(torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum"))
+                 for ids in calib) / sum(ids.shape[1] - 1 for ids in calib)
+    for layer in (0, 1):
+        other = 1 - layer
+        want = nll([[layer, *pairs[0]], [other, None, None]]) - fp
+        assert want != 0 and s.errors[layer][0] == pytest.approx(want, rel=1e-3, abs=1e-6)
+        assert abs(s.errors[layer][1]) < abs(s.errors[layer][0]) / 10, s.errors  # 8 bits move the loss far less
+    with pytest.raises(finegrain.errors.InputError, match="objective"):
+        kv_sensitivity(model, calib, FIELDS, pairs, objective="kl")
