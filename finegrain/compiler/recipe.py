@@ -124,12 +124,7 @@ class Recipe:
     only; GPTAQ's asymmetric calibration, Li et al. 2025): each linear's quantized output on the
     quantized model's inputs ``X_q`` is fitted to the *float* model's output ``W X_fp`` (a float
     replay runs beside the quantized one), i.e. GPTQ runs on ``W C H^-1`` with ``C = E[x_fp x_q^T]``,
-    ``H = E[x_q x_q^T]``: the earlier layers' error is compensated too. ``weight_choice`` (format
-    tags, e.g. the symmetric twin or a BitMoD format of the rule's bits): every linear is quantized
-    with its rule's format and with each of these by the weight algorithm, and keeps the one with
-    the least output error ``tr(dW H dW^T)`` (weight error without a Hessian); the layer report
-    lists each candidate's output SQNR (issue #18 item 4: the symmetric / asymmetric choice per
-    layer by error).
+    ``H = E[x_q x_q^T]``: the earlier layers' error is compensated too.
 
     Bit allocation (``passes/allocate_bits.py``): with ``weight_candidates`` (format tags), every
     linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
@@ -181,7 +176,6 @@ class Recipe:
     gptq_act_order: bool = True
     gptq_clip: bool = False
     gptq_float_target: bool = False
-    weight_choice: tuple[str, ...] = ()
     sequential: bool = True
     act_clip_search: bool = False
     weight_candidates: tuple[str, ...] = ()
@@ -222,18 +216,15 @@ class Recipe:
             raise ValueError(f"clip_min: must be a number in (0, 1], got {self.clip_min!r}")
         if not _is_number(self.gptq_damp) or not 0.0 < self.gptq_damp < 1.0:
             raise ValueError(f"gptq_damp: must be a number in (0, 1), got {self.gptq_damp!r}")
-        for field_name in ("weight_candidates", "weight_choice"):
-            tags = getattr(self, field_name)
-            if isinstance(tags, str) or not isinstance(tags, (tuple, list)):
-                raise ValueError(f"{field_name}: expected a list of weight format tags, got {tags!r}")
-            object.__setattr__(self, field_name, tuple(tags))
-            for i, tag in enumerate(tags):
-                try:
-                    fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
-                except ValueError as e:
-                    raise ValueError(f"{field_name}[{i}]: {e}") from None
-                if fmt is None or fmt.dynamic:
-                    raise ValueError(f"{field_name}[{i}]: {tag!r} must be a static weight format tag")
+        if not isinstance(self.weight_candidates, tuple):
+            object.__setattr__(self, "weight_candidates", tuple(self.weight_candidates))
+        for i, tag in enumerate(self.weight_candidates):
+            try:
+                fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
+            except ValueError as e:
+                raise ValueError(f"weight_candidates[{i}]: {e}") from None
+            if fmt is None or fmt.dynamic:
+                raise ValueError(f"weight_candidates[{i}]: {tag!r} must be a static weight format tag")
         for f in ("kv_key", "kv_value"):
             _check_kv_format(getattr(self, f), f)
         layers = []
@@ -354,7 +345,6 @@ class Recipe:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rules"}
         d["rules"] = [{k: v for k, v in dataclasses.asdict(r).items() if v is not None} for r in self.rules]
         d["weight_candidates"] = list(self.weight_candidates)
-        d["weight_choice"] = list(self.weight_choice)
         d["kv_layers"] = [list(e) for e in self.kv_layers]
         return d
 

@@ -45,7 +45,6 @@ from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, conv_matr
                                   expert_key, get_tensor, quantizable_ops)
 from finegrain.compiler.replay import replay
 from finegrain.errors import InputError
-from finegrain.formats import QuantFormat
 from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
 
 
@@ -141,20 +140,7 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
         raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
                          f"its input {op.activation.name!r}; pass calibration data")
     st = ctx.stats.nodes.get(op.activation.name)
-    ex2 = None if st is None else st.mean_sq
-    q, rec = _quantize(ctx, w, fmt, h, ex2, op.name, op.kind)
-    if r.weight_choice and op.kind == "linear":  # the format of least output error among the rule's and these
-        key = "output_sqnr_db" if "output_sqnr_db" in rec else "weight_sqnr_db"
-        tried = {fmt.tag: rec[key]}
-        for alt in (QuantFormat.parse(t) for t in r.weight_choice):
-            if alt.tag in tried:
-                continue
-            q2, rec2 = _quantize(ctx, w, alt, h, ex2, op.name, op.kind)
-            tried[alt.tag] = rec2[key]
-            if rec2[key] > rec[key]:
-                q, rec, fmt = q2, rec2, alt
-        op.node.meta[WEIGHT_FORMAT] = fmt
-        rec = {**rec, "format_choice": {"by": key, "sqnr_db": tried}}
+    q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
     op.node.meta[QWEIGHT] = q
     layers[op.name] = {**base, **rec, **({"float_target": True} if target is not None else {})}
     return fmt.dequantize(q).to(w0.dtype)
