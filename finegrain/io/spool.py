@@ -43,6 +43,8 @@ class TensorSpool:
     """Append-only tensor store in one file; see the module docstring."""
 
     def __init__(self, directory: str | Path | None = None):
+        if directory is not None:
+            Path(directory).mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=".finegrain-spool-", dir=directory))
         self.path = self.dir / "tensors.bin"
         self._file = open(self.path, "wb")
