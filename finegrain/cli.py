@@ -874,7 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "
                         "it is compiled; each block calibrates on the already quantized blocks' outputs. Hugging Face "
                         "causal-LM directories (safetensors) and Llama / Qwen2 .gguf files (dequantized per tensor); "
-                        "refuses recipes whose passes span blocks (rotate, budgets, kv_*)")
+                        "finished blocks are spooled to a temporary file beside --out, not kept in RAM; "
+                        "refuses recipes whose passes span blocks (rotate, budgets, kv_*, gptq_float_target)")
     budget(q)
     calib(q)
     jsonl_field(q)
