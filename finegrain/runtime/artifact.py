@@ -28,7 +28,7 @@ from finegrain.errors import ArtifactError, FinegrainError
 from finegrain.io.files import (atomic_directory, dumps_json, file_records, load_listed_tokenizer, read_json_file,
                                 verify_files)
 from finegrain.io.signature import check_input_specs, is_int
-from finegrain.io.spool import write_safetensors
+from finegrain.io.spool import ST_DTYPE, write_safetensors
 from finegrain.runtime.graph_json import graph_from_json, graph_to_json
 
 if TYPE_CHECKING:
@@ -38,11 +38,9 @@ ARTIFACT_VERSION = 2  # 2: files carry their byte counts
 MANIFEST, GRAPH, WEIGHTS, TOKENIZER = "manifest.json", "graph.json", "model.safetensors", "tokenizer"
 
 
-_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-           "float8_e4m3fn", "float8_e5m2"}
-_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2"}
+# the safetensors dtype codes, one table with the writer's (io/spool.py): code -> torch dtype name
+_ST_DTYPES = {code: str(dt).removeprefix("torch.") for dt, code in ST_DTYPE.items()}
+_DTYPES = set(_ST_DTYPES.values())
 
 
 def save_artifact(cm: "CompiledModel", path: str | Path, overwrite: bool = False) -> Path:
