@@ -17,13 +17,57 @@ class TorchRefSession(Session):
     """Runs the graph. On a KV-cache graph (``kv``: ``compile(kv_cache=True)``) ``run(ids)`` is a
     forward over an empty past (the logits), ``run(*all_inputs)`` the graph itself (logits and
     presents), and ``prefill`` / ``step`` carry the presents as the next step's past: one token per
-    decode step, the cache growing by concatenation."""
+    decode step, the cache growing by concatenation.
+
+    ``kv_storage="packed"`` (the default): the presents the recipe quantizes (``kv_key`` /
+    ``kv_value`` per token or in head-dim groups; KIVI / RotateKV's windowed writes) are carried as
+    ``backends/kv_packed.py`` records (bit-packed codes, stored scales / zero points, the float
+    window and sinks as fp32) instead of fp32 tensors; the logits are bit-identical to
+    ``kv_storage="float"``. ``kv_packed`` maps the packed present indices to their formats,
+    ``kv_float`` says why others stay fp32."""
 
     backend = "torch"
 
-    def __init__(self, gm: GraphModule, input_specs: list[dict], kv: dict | None = None):
+    def __init__(self, gm: GraphModule, input_specs: list[dict], kv: dict | None = None,
+                 kv_storage: str = "packed"):
+        from finegrain.backends.kv_packed import lower
+
+        if kv_storage not in ("packed", "float"):
+            raise InputError(f"backend 'torch': kv_storage must be 'packed' or 'float', got {kv_storage!r}")
         self.gm, self.input_specs, self.kv = gm, input_specs, kv
         self.max_seq_len = kv["max_seq_len"] if kv else None
+        self.kv_packed, self.kv_float = {}, []
+        if kv and kv.get("quantization") and kv_storage == "packed":
+            packed_gm, slots, skipped = lower(gm)
+            self.kv_float = skipped
+            if slots:
+                self.gm, self._kv_specs = packed_gm, slots
+                self.kv_packed = {i: spec["fmt"] for i, spec in slots.items()}
+
+    def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        if past is None and self.kv_packed:
+            from finegrain.backends.kv_packed import empty_state
+            from finegrain.compiler.capture import kv_inputs
+
+            past = list(kv_inputs(self.kv, ids, None, 0)[2:])
+            for i, spec in self._kv_specs.items():
+                past[i] = empty_state(spec, ids.shape[0], self.kv["kv_heads"], self.kv["head_dim"])
+        return super().kv_forward(ids, past, start)
+
+    def _check(self, inputs: tuple) -> None:
+        from finegrain.backends.kv_packed import PackedKV, WindowedKV
+
+        if not self.kv_packed or len(inputs) != len(self.input_specs):
+            return check_inputs(self.input_specs, inputs)
+        shown = list(inputs)
+        for i, fmt in self.kv_packed.items():
+            p, spec = inputs[2 + i], self.input_specs[2 + i]
+            if not isinstance(p, (PackedKV, WindowedKV)) or p.fmt != fmt:
+                raise InputError(f"input {spec['name']!r}: this session stores the KV cache packed, so the past is "
+                                 f"the PackedKV in {fmt} that prefill / step / run_all returned, got "
+                                 f"{type(p).__name__} (open the session with kv_storage='float' to pass fp32 tensors)")
+            shown[2 + i] = torch.empty(p.shape, dtype=getattr(torch, spec["dtype"]), device="meta")
+        check_inputs(self.input_specs, tuple(shown))
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kv and len(inputs) == 1:
@@ -31,7 +75,7 @@ class TorchRefSession(Session):
         return self.run_all(*inputs)
 
     def run_all(self, *inputs: torch.Tensor):
-        check_inputs(self.input_specs, inputs)
+        self._check(inputs)
         with torch.inference_mode():
             return self.gm(*inputs)
 
@@ -47,10 +91,10 @@ class TorchBackend(BackendBase):
     def op_capability(self, op: str) -> tuple[str, str]:
         return "emulated", "torch ops"
 
-    def session(self, compiled, **options) -> TorchRefSession:
+    def session(self, compiled, kv_storage: str = "packed", **options) -> TorchRefSession:
         if options:
-            raise InputError(f"backend 'torch' takes no options, got {sorted(options)}")
-        return TorchRefSession(compiled.gm, compiled.input_specs, getattr(compiled, "kv", None))
+            raise InputError(f"backend 'torch' takes the option 'kv_storage' only, got {sorted(options)}")
+        return TorchRefSession(compiled.gm, compiled.input_specs, getattr(compiled, "kv", None), kv_storage)
 
 
 BACKEND = TorchBackend()

@@ -40,6 +40,8 @@ def unpack(packed: torch.Tensor, bits: int, signed: bool, k: int) -> torch.Tenso
     """
     if packed.shape[-1] != packed_row_bytes(k, bits):
         raise ValueError(f"unpack: last dim {packed.shape[-1]} bytes does not hold {k} x {bits}-bit codes")
+    if packed.numel() == 0:  # no rows (an empty KV cache)
+        return torch.zeros(*packed.shape[:-1], k, dtype=torch.int8 if signed else torch.uint8)
     if 8 % bits == 0:
         vals = torch.stack([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)], dim=-1)
         vals = vals.reshape(*packed.shape[:-1], -1)[..., :k]

@@ -23,12 +23,15 @@ query is rotated too (``(qH) . (kH) = q . k``) and the attention output is rotat
 without quantization the graph computes exactly what it did. All three are online Hadamard ops
 (``compiler/ops.py``). A head dim that is not a power of two is reported and left unrotated.
 
-The cache is still stored in float by the backends (the values are quantized, the storage is not
-packed yet); ``report["kv_cache"]`` gives the bytes per token the format would store (codes,
-scales, zero points) next to the float cache's.
+The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
+bit-packed, scales / zero points as stored, ``report["kv_cache"]["bytes_per_token"]`` exactly);
+ONNX Runtime, TVM and GPU sessions, and the ``kv_append`` presents (their float window is part of
+the present), store fp32 holding the format's values; ``report["kv_cache"]`` states the bytes per
+token next to the fp32 cache's.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -82,9 +85,10 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
     zero = 0 if fmt.symmetric else fmt.bits / 8
     if axis == "tokens":
         params = head_dim / fmt.group_size
-    else:
-        params = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1
-    quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
+        quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
+    else:  # as the reference backend stores it (backends/kv_packed.py): each token's codes and zero points
+        params = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1  # bit-packed to whole bytes
+        quantized = math.ceil(head_dim * fmt.bits / 8) + params * scale + math.ceil(params * zero)
     if not (window or sinks) or context is None:
         return quantized
     kept = min(context, window + sinks + (fmt.group_size - 1 if axis == "tokens" else 0))  # the most kept in float
@@ -225,7 +229,9 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             "bytes_per_token_at_context": round(per_token("key", context) + per_token("value", context), 1),
             "context": context,
             "fp32_bytes_per_token": layers * kv_heads * 8 * head_dim,
-            "storage": "float (values quantized on write; packed storage not built yet)"}
+            "storage": ("packed by the reference backend (backends/kv_packed.py) where the present is per token or in "
+                        "head-dim groups; fp32 in ONNX Runtime / TVM / GPU sessions and for kv_append presents "
+                        "(window, sinks, per-channel keys)")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})

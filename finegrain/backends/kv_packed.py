@@ -1,0 +1,342 @@
+"""Packed storage of a quantized KV cache for the reference backend (issue #17: "packed storage in
+the cache").
+
+``passes/quantize_kv.py`` writes each present as ``cat(past, dequantize(quantize(new)))``: the
+values are the format's, but a backend that keeps the presents as they come out stores them in
+fp32. :func:`lower` rewrites a session's copy of the graph (the compiled graph, the contract
+between backends, is not touched) so that each such present becomes
+
+    packed = kv_packed_append(past, codes, scale, zero, fmt)   # the new tokens' codes bit-packed
+    keys   = kv_packed_read(packed)                            # what attention reads (fp32)
+
+``past`` and the graph output are :class:`PackedKV` records: codes bit-packed along the head dim
+(``formats/packing.py``, the artifacts' layout), the scales in the format's stored dtype (fp16,
+E8M0 ...; ``formats/scales.py``) and asymmetric zero points packed at the format's metadata bits.
+So the cache the session carries between steps holds exactly the bytes ``report["kv_cache"]``
+counts (:attr:`PackedKV.nbytes`), and what attention reads is bit-identical to the float-stored
+cache: ``dequantize(quantize(x))`` is unchanged by storing its codes.
+
+Packed: integer and minifloat formats per token or in groups along the head dim (plain,
+RotateKV's rotated cache, per-layer KVTuner formats). Left in float, and said so by
+:func:`lower`'s ``skipped`` list: ``kv_append`` presents (KIVI per-channel keys, float windows,
+sinks, pre-RoPE keys: their float window is part of the present) and formats with a second-level
+scale or a codebook. The cost is the reference's: every step dequantizes the whole packed past
+(the memory is the packed bytes plus one layer's fp32 K / V while attention runs).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from finegrain.formats import QuantFormat, scales
+from finegrain.formats.base import QTensor
+from finegrain.compiler.ops import KV_APPEND
+from finegrain.formats.ops import DEQUANTIZE, QUANTIZE, _fmt
+from finegrain.formats.packing import pack, packed_row_bytes, unpack
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    """One layer's keys (or values) in ``fmt``: ``codes`` uint8 ``[B, H, T, ceil(D * bits / 8)]``,
+    ``scale`` ``[B, H, T, groups]`` in the stored scale dtype, ``zero`` uint8
+    ``[B, H, T, ceil(groups * bits / 8)]`` (empty last dim for symmetric formats)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    fmt: str
+    head_dim: int
+
+    @classmethod
+    def empty(cls, fmt: str, batch: int, heads: int, head_dim: int) -> "PackedKV":
+        f = _fmt(fmt)
+        groups = f.num_groups(head_dim) if f.granularity == "group" else 1
+        zbytes = 0 if f.symmetric else packed_row_bytes(groups, f.family.metadata_bits(f))
+        sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
+        return cls(torch.zeros(batch, heads, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
+                   torch.zeros(batch, heads, 0, groups, dtype=sdt),
+                   torch.zeros(batch, heads, 0, zbytes, dtype=torch.uint8), fmt, head_dim)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the fp32 cache this stands for."""
+        b, h, t, _ = self.codes.shape
+        return b, h, t, self.head_dim
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        f = _fmt(self.fmt)
+        if not self.codes.shape[2]:
+            return torch.zeros(self.shape)
+        codes = unpack(self.codes, f.bits, f.signed, self.head_dim)
+        scale = scales.load_scale(f, self.scale, None)
+        if f.symmetric:
+            zero = torch.zeros(scale.shape, dtype=torch.int32)
+        else:
+            zero = unpack(self.zero, f.family.metadata_bits(f), False, scale.shape[-1]).to(torch.int32)
+        return f.dequantize(QTensor(codes, scale, zero), torch.float32)
+
+
+def _pack_parts(f: QuantFormat, q: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bit-packed codes, stored scales, bit-packed zero points) of ``q``, packed along the last dim."""
+    zero = (pack(q.zero.to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
+            else q.zero.new_zeros((*q.zero.shape[:-1], 0), dtype=torch.uint8))
+    return pack(q.codes, f.bits, f.signed), scales.stored_scale(f, q), zero
+
+
+def _unpack_parts(f: QuantFormat, codes, scale, zero, head_dim: int, params: int) -> QTensor:
+    s = scales.load_scale(f, scale, None)
+    z = (torch.zeros(s.shape, dtype=torch.int32) if f.symmetric
+         else unpack(zero, f.family.metadata_bits(f), False, params).to(torch.int32))
+    return QTensor(unpack(codes, f.bits, f.signed, head_dim), s, z)
+
+
+@dataclass(frozen=True)
+class WindowedKV:
+    """A ``finegrain::kv_append`` cache (KIVI / RotateKV settings) stored packed: the first
+    ``sinks`` tokens fp32, then the quantized tokens (``codes`` bit-packed along the head dim;
+    ``axis="head_dim"``: ``scale`` / ``zero`` per token and head-dim group; ``axis="tokens"``: per
+    group of G tokens and channel, ``[B, H, n / G, D]``), then the newest tokens fp32 (``tail``: the
+    float window, plus up to G - 1 tokens waiting for their group to fill). Pre-RoPE keys
+    (``inv_freq``) are stored before RoPE and rotated back on read, as ``kv_append`` does."""
+
+    sinks: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    tail: torch.Tensor
+    fmt: str
+    axis: str
+    window: int
+    n_sinks: int
+    inv_freq: torch.Tensor | None = None
+    rotated: bool = False
+
+    @classmethod
+    def empty(cls, spec: dict, batch: int, heads: int, head_dim: int) -> "WindowedKV":
+        f = _fmt(spec["fmt"])
+        z = torch.zeros(batch, heads, 0, head_dim)
+        if spec["axis"] == "tokens":  # one (scale, zero) per channel and group of G tokens: rows of D
+            groups, zbits = head_dim, packed_row_bytes(head_dim, f.family.metadata_bits(f))
+        else:
+            groups = f.num_groups(head_dim) if f.granularity == "group" else 1
+            zbits = packed_row_bytes(groups, f.family.metadata_bits(f))
+        sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
+        empty = (torch.zeros(batch, heads, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
+                 torch.zeros(batch, heads, 0, groups, dtype=sdt),
+                 torch.zeros(batch, heads, 0, 0 if f.symmetric else zbits, dtype=torch.uint8))
+        return cls(z, *empty, z, spec["fmt"], spec["axis"], spec["window"], spec["sinks"])
+
+    @property
+    def head_dim(self) -> int:
+        return self.tail.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, s, d = self.sinks.shape
+        return b, h, s + self.codes.shape[2] + self.tail.shape[2], d
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sinks, self.codes, self.scale, self.zero, self.tail))
+
+    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        if self.inv_freq is None:
+            return x
+        from finegrain.compiler.ops import _hadamard, _rope
+
+        x = _rope(_hadamard(x) if self.rotated else x, start, self.inv_freq, inverse=inverse)
+        return _hadamard(x) if self.rotated else x
+
+    def dequantize(self) -> torch.Tensor:
+        f = _fmt(self.fmt)
+        d = self.head_dim
+        if not self.codes.shape[2]:  # nothing has left the window yet
+            return torch.cat([self.sinks, self.tail], 2)
+        if self.axis == "tokens":
+            q = _unpack_parts(f, self.codes, self.scale, self.zero, d, d)
+            body = f.dequantize(QTensor(*(t.transpose(2, 3).contiguous() for t in q[:3])), torch.float32)
+            body = body.transpose(2, 3)
+        else:
+            params = f.num_groups(d) if f.granularity == "group" else 1
+            body = f.dequantize(_unpack_parts(f, self.codes, self.scale, self.zero, d, params), torch.float32)
+        body = self._transform(body, self.n_sinks, inverse=False)
+        return torch.cat([self.sinks, body.to(self.tail.dtype), self.tail], 2)
+
+    def append(self, new: torch.Tensor) -> "WindowedKV":
+        """The cache after ``kv_append`` writes ``new``: the tokens leaving the window quantized once."""
+        from finegrain.compiler.ops import kv_quantized_span
+
+        f = _fmt(self.fmt)
+        t0 = self.shape[2]
+        take = max(0, min(self.n_sinks - self.sinks.shape[2], new.shape[2]))
+        sinks = torch.cat([self.sinks, new[:, :, :take].to(self.sinks.dtype)], 2) if take else self.sinks
+        tail = torch.cat([self.tail, new[:, :, take:].to(self.tail.dtype)], 2)
+        a, b = kv_quantized_span(self.axis, f.group_size or 1, t0, t0 + new.shape[2], self.window, self.n_sinks)
+        codes, scale, zero = self.codes, self.scale, self.zero
+        if a < b:  # the tail starts at token a (the first not yet quantized after the sinks)
+            seg = self._transform(tail[:, :, :b - a].float(), a, inverse=True)
+            tail = tail[:, :, b - a:]
+            if self.axis == "tokens":  # per channel over groups of G tokens, stored token-major
+                q = f.quantize(seg.transpose(2, 3).contiguous())
+                parts = _pack_parts(f, QTensor(*(t.transpose(2, 3).contiguous() for t in q[:3])))
+            else:
+                parts = _pack_parts(f, f.quantize(seg))
+            codes, scale, zero = (torch.cat([old, p], 2) for old, p in zip((codes, scale, zero), parts))
+        return WindowedKV(sinks, codes, scale, zero, tail.contiguous(), self.fmt, self.axis, self.window,
+                          self.n_sinks, self.inv_freq, self.rotated)
+
+
+def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tensor | None = None,
+                       rotated: bool = False) -> WindowedKV:
+    """``finegrain::kv_append(past, new, ...)`` on a packed past (``inv_freq`` / ``rotated``: pre-RoPE keys)."""
+    if not isinstance(past, WindowedKV):
+        raise TypeError(f"kv_windowed_append: the past is {type(past).__name__}, expected a WindowedKV")
+    if past.inv_freq is not inv_freq or past.rotated != rotated:
+        past = replace(past, inv_freq=inv_freq, rotated=bool(rotated))
+    return past.append(new)
+
+
+def packable(fmt: QuantFormat) -> str | None:
+    """Why ``fmt`` cannot be stored packed here, or None."""
+    if fmt.granularity not in ("token", "group"):
+        return f"{fmt.tag}: {fmt.granularity} scales (packed KV storage takes per-token or head-dim groups)"
+    if fmt.scale not in scales.FLOAT_SCALES and fmt.scale != "e8m0":
+        return f"{fmt.tag}: {fmt.scale} scales need a second-level scale"
+    if fmt.kind in ("bitmod", "nf", "lm"):
+        return f"{fmt.tag}: {fmt.kind} formats (static weight datatypes / codebooks)"
+    return None
+
+
+def kv_packed_append(past: PackedKV, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     fmt: str) -> PackedKV:
+    """``past`` with the new tokens (``finegrain::quantize``'s codes / scale / zero) appended."""
+    if not isinstance(past, PackedKV) or past.fmt != fmt:
+        raise TypeError(f"kv_packed_append: the past is {type(past).__name__}"
+                        f"{' in ' + past.fmt if isinstance(past, PackedKV) else ''}, expected a PackedKV in {fmt}")
+    f = _fmt(fmt)
+    new_codes = pack(codes, f.bits, f.signed)
+    new_scale = scales.stored_scale(f, QTensor(codes, scale, zero))
+    new_zero = (pack(zero.to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
+                else zero.new_zeros((*zero.shape[:-1], 0), dtype=torch.uint8))
+    return PackedKV(torch.cat([past.codes, new_codes], dim=2), torch.cat([past.scale, new_scale], dim=2),
+                    torch.cat([past.zero, new_zero], dim=2), fmt, past.head_dim)
+
+
+def kv_packed_size(packed: PackedKV, dim: int) -> int:
+    """``aten.sym_size.int`` of the fp32 cache ``packed`` stands for (the graph reads the past length)."""
+    return packed.shape[dim]
+
+
+def kv_packed_read(packed: "PackedKV | WindowedKV") -> torch.Tensor:
+    """The fp32 cache attention reads."""
+    return packed.dequantize()
+
+
+def _is_empty(n, gm: GraphModule) -> bool:
+    """``n`` is a tensor with no elements (from its traced value, or the constant it copies: a loaded
+    graph carries no traced values)."""
+    while isinstance(n, Node):
+        if n.meta.get("val") is not None:
+            return n.meta["val"].numel() == 0
+        if n.op == "get_attr":
+            t = getattr(gm, n.target, None)
+            return isinstance(t, torch.Tensor) and t.numel() == 0
+        if n.op != "call_function" or not n.args:
+            return False
+        n = n.args[0]  # detach_ / lift_fresh_copy / clone of the constant
+    return False
+
+
+def _unwrap_past(past, gm: GraphModule):
+    """The past placeholder under transformers' ``cat([empty 1-D tensor, past])`` (its cache starts from one)."""
+    if isinstance(past, Node) and past.target is torch.ops.aten.cat.default and len(past.users) == 1:
+        *empty, last = past.args[0]
+        if all(_is_empty(e, gm) for e in empty):
+            return last
+    return past
+
+
+def _quantized_present(n: Node, gm: GraphModule):
+    """``(past placeholder, quantize node, fmt)`` when ``n`` is ``cat([past, dequantize(quantize(x))], 2)``."""
+    if n.target is not torch.ops.aten.cat.default or len(n.args[0]) != 2:
+        return None
+    past, dq = n.args[0]
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    past = _unwrap_past(past, gm)
+    if not isinstance(past, Node) or past.op != "placeholder" or dim not in (2, -2) or not isinstance(dq, Node) \
+            or dq.target is not DEQUANTIZE:
+        return None
+    parts = dq.args[:3]
+    if not all(isinstance(p, Node) and p.target is operator.getitem and p.args[1] == i for i, p in enumerate(parts)):
+        return None
+    q = parts[0].args[0]
+    if q.target is not QUANTIZE or any(p.args[0] is not q for p in parts) or len(q.args) > 2 or q.kwargs:
+        return None
+    return past, q, dq.args[3]
+
+
+def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
+    """A copy of a KV-cache graph storing its quantized presents packed: ``(graph, {present index:
+    spec}, skipped)``; present index ``i`` is output ``1 + i`` and input ``2 + i`` (the past); a spec
+    is ``{"kind": "token" | "windowed", "fmt", "axis", "window", "sinks"}`` (:func:`empty_state`).
+    Parameters are shared with ``gm``, not copied. ``skipped``: why a quantized present stays fp32."""
+    g = Graph()
+    env = g.graph_copy(gm.graph, {})
+    g.output(env)
+    out = g.output_node()
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    slots, skipped = {}, []
+    for i, p in enumerate(list(out.args[0][1:])):
+        if not isinstance(p, Node):
+            continue
+        if p.target is KV_APPEND:
+            past, new, tag, axis, window, sinks = p.args[:6]
+            inv_freq, rotated = (list(p.args[6:8]) + [None, False][len(p.args[6:8]):])
+            past = _unwrap_past(past, gm)
+            spec = {"kind": "windowed", "fmt": tag, "axis": axis, "window": window, "sinks": sinks}
+            q = None
+        else:
+            found = _quantized_present(p, gm)
+            if found is None:
+                continue
+            past, q, tag = found
+            spec = {"kind": "token", "fmt": tag}
+        why = packable(_fmt(tag))
+        sizes = [u for u in past.users if u.target is torch.ops.aten.sym_size.int] if past is not None else []
+        if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes):
+            skipped.append(f"present {i} ({p.name}): {why or 'the past is read elsewhere'}; stays fp32")
+            continue
+        for u in sizes:
+            u.target = kv_packed_size
+        with g.inserting_before(p):
+            if q is None:
+                packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated))
+            else:
+                parts = tuple(g.call_function(operator.getitem, (q, k)) for k in range(3))
+                packed = g.call_function(kv_packed_append, (past, *parts, tag))
+            read = g.call_function(kv_packed_read, (packed,))
+        read.meta.update(p.meta)
+        p.replace_all_uses_with(read)
+        g.erase_node(p)
+        slots[i] = spec
+    outs = list(out.args[0])
+    for i in slots:
+        outs[1 + i] = outs[1 + i].args[0]  # the read node's packed record
+    out.args = (tuple(outs),)
+    g.eliminate_dead_code()
+    g.lint()
+    return GraphModule(gm, g), slots, skipped
+
+
+def empty_state(spec: dict, batch: int, heads: int, head_dim: int):
+    """The packed past of a present ``spec`` (from :func:`lower`) before any token."""
+    if spec["kind"] == "windowed":
+        return WindowedKV.empty(spec, batch, heads, head_dim)
+    return PackedKV.empty(spec["fmt"], batch, heads, head_dim)

@@ -1,0 +1,131 @@
+"""Packed KV-cache storage in the reference backend (backends/kv_packed.py): the session carries
+bit-packed codes and stored scales between steps, the logits are bit-identical to the fp32-stored
+cache, the bytes carried are exactly what the compile report counts (or counted independently for
+KIVI's windowed caches), and what is not quantized stays fp32."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import finegrain
+from finegrain.backends.kv_packed import PackedKV, WindowedKV, kv_packed_append, kv_windowed_append
+from finegrain.errors import InputError
+from finegrain.formats import QuantFormat
+from finegrain.formats.ops import quantize
+from tests.test_kv_cache import _family
+
+IDS = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+X = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _family("llama")  # 2 layers, 2 K / V heads, head dim 16
+
+
+def _recipe(key, value, rotate=False, **extra):
+    return {"name": "kv", "rules": [], "kv_key": key, "kv_value": value, "kv_rotate": rotate, **extra}
+
+
+def _decode(session, x, prefill=5):
+    logits, state = session.prefill(x[:, :prefill])
+    out = [logits]
+    for t in range(prefill, x.shape[1]):
+        logits, state = session.step(state, x[:, t:t + 1])
+        out.append(logits)
+    return torch.cat(out, dim=1), state
+
+
+@pytest.mark.parametrize("fmt,rotate", [("int8-token-sym-fp32-dyn", False), ("int4-g16-asym-fp16-dyn", True),
+                                        ("int2-g8-asym-fp16-dyn", False), ("int3-g16-sym-fp16-dyn", True)])
+def test_packed_cache_gives_the_float_caches_logits_in_the_reported_bytes(llama, fmt, rotate):
+    cm = finegrain.compile(llama, (IDS,), recipe=_recipe(fmt, fmt, rotate), progress=False, kv_cache=True)
+    packed, flt = cm.session(), cm.session(kv_storage="float")
+    assert sorted(packed.kv_packed) == [0, 1, 2, 3] and packed.kv_float == [] and flt.kv_packed == {}
+    a, sa = _decode(packed, X)
+    b, sb = _decode(flt, X)
+    assert torch.equal(a, b)  # storing the codes changes nothing attention reads
+    assert all(isinstance(p, PackedKV) for p in sa["past"]) and all(isinstance(p, torch.Tensor) for p in sb["past"])
+    assert all(torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    stored = sum(p.nbytes for p in sa["past"])
+    assert stored == cm.kv["quantization"]["bytes_per_token"] * X.shape[1]
+    assert sum(f.numel() * f.element_size() for f in sb["past"]) == cm.kv["quantization"]["fp32_bytes_per_token"] * 24
+    f = QuantFormat.parse(fmt)
+    assert sa["past"][0].codes.dtype == torch.uint8 and sa["past"][0].codes.shape[-1] == 16 * f.bits // 8
+    assert sa["past"][0].scale.dtype == (torch.float16 if f.scale == "fp16" else torch.float32)
+
+
+def test_mixed_layers_save_load_and_refusals(llama, tmp_path):
+    # layer 0 keys in float (KVTuner's per-layer pairs): that present is not quantized, so it stays fp32
+    r = _recipe("int4-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn",
+                kv_layers=[[0, None, "int4-g16-asym-fp16-dyn"]])
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True)
+    cm.save(tmp_path / "art")
+    back = finegrain.load(tmp_path / "art")
+    s = back.session()
+    assert s.kv_packed == {1: "int4-g16-asym-fp16-dyn", 2: "int4-g16-asym-fp16-dyn", 3: "int2-g16-asym-fp16-dyn"}
+    a, state = _decode(s, X)
+    assert isinstance(state["past"][0], torch.Tensor) and torch.equal(a, _decode(back.session(kv_storage="float"), X)[0])
+    with pytest.raises(InputError, match="past_key_1|past.*packed.*PackedKV"):
+        s.step({"past": [p.dequantize() if isinstance(p, PackedKV) else p for p in state["past"]], "pos": 24},
+               X[:, :1])
+    with pytest.raises(InputError, match="kv_storage must be"):
+        cm.session(kv_storage="int4")
+    with pytest.raises(InputError, match="kv_storage"):
+        cm.session(threads=2)
+
+
+@pytest.mark.parametrize("axis,window,sinks,pre_rope,rotate", [("tokens", 4, 1, True, False), ("tokens", 0, 2, True, True),
+                                                              ("head_dim", 3, 1, True, True), ("tokens", 5, 0, False, False)])
+def test_windowed_kivi_cache_is_packed_with_its_float_window(llama, axis, window, sinks, pre_rope, rotate):
+    r = _recipe("int2-g8-asym-fp16-dyn", "int4-g16-asym-fp16-dyn", rotate, kv_key_axis=axis, kv_window=window,
+                kv_sinks=sinks, kv_pre_rope=pre_rope)
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    packed, flt = cm.session(), cm.session(kv_storage="float")
+    assert len(packed.kv_packed) == 4 and packed.kv_float == []
+    for prefill in (5, 17):
+        a, sa = _decode(packed, x, prefill)
+        b, sb = _decode(flt, x, prefill)
+        assert torch.equal(a, b)
+        assert all(isinstance(p, WindowedKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+
+    def per_head(n_quantized, code_bytes, param_bytes):  # fp32 tokens + quantized tokens' codes + parameters
+        return (40 - n_quantized) * 16 * 4 + n_quantized * code_bytes + param_bytes
+    n_k = (40 - window - sinks) // 8 * 8 if axis == "tokens" else 40 - window - sinks
+    k = per_head(n_k, 4, n_k // 8 * 16 * (2 + 2 / 8) if axis == "tokens"  # per channel
+                 else n_k * (2 * 2 + 1))  # per token: two groups of 8, their 2-bit zeros in one byte
+    v = per_head(40 - window - sinks, 8, (40 - window - sinks) * (2 + 1))  # values: one group of 16 per token
+    assert sum(p.nbytes for p in sa["past"]) == 2 * 2 * (k + v)  # layers x heads
+
+
+def test_kv_append_and_its_packed_cache_agree_bit_for_bit_whatever_the_chunking():
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    x = torch.randn(1, 2, 45, 16, generator=torch.Generator().manual_seed(0))
+    for axis, fmt, window, sinks, rope, rotated in [("tokens", "int2-g8-asym-fp16-dyn", 6, 1, inv_freq, True),
+                                                     ("head_dim", "int3-g8-sym-fp16-dyn", 0, 3, inv_freq, False),
+                                                     ("tokens", "int4-g4-sym-e8m0-dyn", 9, 0, None, False)]:
+        for cuts in ([45], [1] * 45, [7, 1, 1, 20, 16]):
+            p = WindowedKV.empty({"fmt": fmt, "axis": axis, "window": window, "sinks": sinks}, 1, 2, 16)
+            f, at = x[:, :, :0], 0
+            for c in cuts:
+                f = torch.ops.finegrain.kv_append(f, x[:, :, at:at + c], fmt, axis, window, sinks, rope, rotated)
+                p = kv_windowed_append(p, x[:, :, at:at + c], rope, rotated)
+                at += c
+                assert torch.equal(p.dequantize(), f), (axis, cuts, at)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(1, 7), min_size=1, max_size=5),
+       fmt=st.sampled_from(["int4-g8-asym-fp16-dyn", "int2-token-asym-fp32-dyn", "int3-g8-sym-e8m0-dyn",
+                            "int8-g16-sym-fp16-dyn"]))
+def test_appending_in_chunks_stores_the_format_values(cuts, fmt):
+    x = torch.randn(2, 3, sum(cuts), 16, generator=torch.Generator().manual_seed(len(cuts)))
+    p, at = PackedKV.empty(fmt, 2, 3, 16), 0
+    for c in cuts:
+        p = kv_packed_append(p, *quantize(x[:, :, at:at + c], fmt), fmt)
+        at += c
+    assert p.shape == x.shape
+    assert torch.equal(p.dequantize(), QuantFormat.parse(fmt).fake_quantize(x))
+    with pytest.raises(TypeError, match="expected a PackedKV in int4-g8-asym-fp16-dyn"):
+        kv_packed_append(x, *quantize(x, "int4-g8-asym-fp16-dyn"), "int4-g8-asym-fp16-dyn")
