@@ -13,7 +13,9 @@ over a 2048-token cache where a float window / sinks keep some tokens in float).
 per-token (one scale and zero per token and head), with the Hadamard rotation (``kv_rotate``) and
 an attention sink (``kv_sinks=1``), and RotateKV's order (keys quantized before RoPE,
 ``kv_pre_rope``, then rotated); KIVI (keys per channel over groups of 32 tokens, values per token
-in groups of 32, the newest 128 tokens in float), also with pre-RoPE keys and a sink.
+in groups of 32, the newest 128 tokens in float), also with pre-RoPE keys and a sink; ZipCache
+(blocks of 128 tokens, the 50% / 25% most salient by normalized attention score at 4 bits, the rest
+at 2; keys channel-separable token-wise, or per channel over each block's salient / other tokens).
 """
 from __future__ import annotations
 
@@ -37,6 +39,17 @@ KIVI_K = "int{b}-g32-asym-fp16-dyn"  # KIVI keys: per channel over groups of 32 
 KIVI_V = "int{b}-g32-asym-fp16-dyn"  # KIVI values: per token, groups of 32 along the head dim
 KIVI = {"kv_key_axis": "tokens", "kv_window": 128}
 PRE = {"kv_pre_rope": True, "kv_sinks": 1}
+# ZipCache keys: channel-separable token-wise (one scale per token after a per-channel normalizer); values per
+# token in groups of 32
+ZIP_K = "int{b}-token-asym-fp16-dyn"
+ZIP_V = "int{b}-g32-asym-fp16-dyn"
+
+
+def _zip(ratio: float) -> dict:  # salient tokens (normalized attention score, 10% probe queries) at 4 bits, the rest 2
+    return {"kv_zip_key": ZIP_K.format(b=2), "kv_zip_value": ZIP_V.format(b=2), "kv_zip_ratio": ratio,
+            "kv_zip_block": 128, "kv_zip_probes": 0.1}
+
+
 CONFIGS = {  # name -> recipe fields
     "float cache": _cfg(),
     **{f"KV{b} per token": _cfg(TOK.format(b=b), TOK.format(b=b)) for b in (8, 4, 2)},
@@ -47,6 +60,11 @@ CONFIGS = {  # name -> recipe fields
     **{f"KIVI-{b} (keys per channel, R=128)": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI) for b in (8, 4, 2)},
     **{f"KIVI-{b} + pre-RoPE + sink": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI, **PRE) for b in (4, 2)},
     "KIVI-2 g16 + pre-RoPE + sink": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", **KIVI, **PRE),
+    **{f"ZipCache 4/2, {int(100 * r)}% salient": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(r)) for r in (0.5, 0.25)},
+    "ZipCache 4/2, 50% salient + pre-RoPE + sink": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(0.5), **PRE),
+    **{f"ZipCache 4/2, {int(100 * r)}% salient, keys per channel + pre-RoPE + sink":
+       _cfg(KIVI_K.format(b=4), ZIP_V.format(b=4), **{**_zip(r), "kv_zip_key": KIVI_K.format(b=2)},
+            kv_key_axis="tokens", **PRE) for r in (0.5, 0.25)},
 }
 
 

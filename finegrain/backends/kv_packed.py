@@ -16,10 +16,11 @@ So the cache the session carries between steps holds exactly the bytes ``report[
 counts (:attr:`PackedKV.nbytes`), and what attention reads is bit-identical to the float-stored
 cache: ``dequantize(quantize(x))`` is unchanged by storing its codes.
 
-Packed: integer and minifloat formats per token or in groups along the head dim (plain,
-RotateKV's rotated cache, per-layer KVTuner formats). Left in float, and said so by
-:func:`lower`'s ``skipped`` list: ``kv_append`` presents (KIVI per-channel keys, float windows,
-sinks, pre-RoPE keys: their float window is part of the present) and formats with a second-level
+Packed: integer formats per token or in groups along the head dim (plain, RotateKV's rotated
+cache, per-layer KVTuner formats) as :class:`PackedKV`; ``kv_append`` writes (KIVI's per-channel
+keys, float windows, sinks, pre-RoPE keys) as :class:`WindowedKV` (sinks and the newest tokens
+fp32, the rest packed, pre-RoPE keys stored before RoPE). Left in fp32, and said so by
+:func:`lower`'s ``skipped`` list: ZipCache's mixed-precision writes and formats with a second-level
 scale or a codebook. The cost is the reference's: every step dequantizes the whole packed past
 (the memory is the packed bytes plus one layer's fp32 K / V while attention runs).
 """
@@ -295,6 +296,9 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
     slots, skipped = {}, []
     for i, p in enumerate(list(out.args[0][1:])):
         if not isinstance(p, Node):
+            continue
+        if p.target is KV_APPEND and len(p.args) > 8 and p.args[8] is not None:
+            skipped.append(f"present {i} ({p.name}): ZipCache's mixed-precision write stays fp32 (not packed yet)")
             continue
         if p.target is KV_APPEND:
             past, new, tag, axis, window, sinks = p.args[:6]

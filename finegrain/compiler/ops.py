@@ -29,10 +29,18 @@
   pre-RoPE key quantized, RoPE applied again, which is what storing pre-RoPE codes and rotating
   after dequantization computes; ``rotated``: the keys arrive Hadamard-rotated (``kv_rotate``), so
   the Hadamard is undone around the RoPE and the pre-RoPE key is rotated before quantization
-  (RotateKV's order). Positions are cache indices (sessions start at position 0). Inserted by
-  ``passes/quantize_kv.py``.
+  (RotateKV's order). Positions are cache indices (sessions start at position 0). With ``score``
+  (ZipCache): tokens are released in blocks of ``block`` (after the window and sinks), and of the
+  tokens one write releases the fraction ``ratio`` with the highest score is quantized in ``fmt``,
+  the rest in ``fmt_low``, token-wise; ``channel_norm`` (keys): channel-separable token-wise
+  quantization. Inserted by ``passes/quantize_kv.py``.
+* ``finegrain::kv_saliency(q, past, new, probes, scale)``: ZipCache's normalized attention score of
+  every cached token from a probe subset of this call's queries (the ``score`` of ``kv_append``).
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import torch
 
@@ -137,20 +145,64 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
     return apply_hadamard(x, torch.ones(1, 1)).to(x.dtype)
 
 
+def _zip_fake_quantize(seg: torch.Tensor, score: torch.Tensor, fmt, low, ratio: float, block: int,
+                       channel_norm: bool, per_channel: bool = False) -> torch.Tensor:
+    """ZipCache's mixed precision on ``seg`` ``[B, H, n, d]`` (the blocks released by one write, ``n`` a
+    multiple of ``block``): per (batch, head) the ``round(ratio * n)`` tokens of highest ``score`` in
+    ``fmt``, the rest in ``low`` (both token-wise; ranked over the whole write as ZipCache ranks a
+    prefill: measured better than a fixed share per block, which starves the early, most attended
+    tokens); ``channel_norm``: channel-separable token-wise quantization (each channel divided by the
+    square root of its absolute maximum over its block, stored in fp16, multiplied back after
+    dequantization); ``per_channel`` (keys on the ``tokens`` axis: ZipCache's saliency on KIVI's
+    keys): each channel quantized over the block's salient tokens in ``fmt`` and over the rest in
+    ``low``, one (scale, zero) per channel, block and subset."""
+    b, h, n, d = seg.shape
+    x = seg.reshape(b, h, n // block, block, d)
+    k = round(ratio * n)
+    salient = torch.zeros(b, h, n, dtype=torch.bool)
+    if k:
+        salient.scatter_(-1, score.topk(k, dim=-1).indices, True)
+    salient = salient.reshape(b, h, n // block, block)
+    if per_channel:  # each channel over the block's salient tokens in fmt, over the others in low
+        xt = x.transpose(3, 4)  # [b, h, blocks, d, block]
+        out = torch.empty_like(xt)
+        for f, member in ((fmt, salient), (low, ~salient)):
+            m = member.unsqueeze(3).expand_as(xt)
+            first = member.float().argmax(-1)[..., None, None].expand(b, h, n // block, d, 1)
+            filled = torch.where(m, xt, xt.gather(-1, first))  # non-members repeat a member: same min / max
+            f1 = dataclasses.replace(f, granularity="token", group_size=None)  # one group: the block
+            out = torch.where(m, f1.fake_quantize(filled), out)
+        return out.transpose(3, 4).reshape(b, h, n, d)
+    c = None
+    if channel_norm:
+        c = x.abs().amax(dim=3, keepdim=True).clamp_min(1e-6).sqrt().half().float()
+        x = x / c
+    out = torch.where(salient.unsqueeze(-1), fmt.fake_quantize(x), low.fake_quantize(x))
+    return (out * c if c is not None else out).reshape(b, h, n, d)
+
+
 @torch.library.custom_op("finegrain::kv_append", mutates_args=())
 def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
-              inv_freq: torch.Tensor | None = None, rotated: bool = False) -> torch.Tensor:
+              inv_freq: torch.Tensor | None = None, rotated: bool = False, score: torch.Tensor | None = None,
+              fmt_low: str | None = None, ratio: float = 1.0, block: int = 1,
+              channel_norm: bool = False) -> torch.Tensor:
     from finegrain.formats import QuantFormat
 
     out = torch.cat([past, new], 2)
     f = QuantFormat.parse(fmt)
-    a, b = kv_quantized_span(axis, f.group_size or 1, past.shape[2], out.shape[2], window, sinks)
+    if score is None:
+        a, b = kv_quantized_span(axis, f.group_size or 1, past.shape[2], out.shape[2], window, sinks)
+    else:  # ZipCache: token-wise, released in blocks of ``block`` tokens
+        a, b = kv_quantized_span("tokens", block, past.shape[2], out.shape[2], window, sinks)
     if a < b:
         seg = out[:, :, a:b].float()
         if inv_freq is not None:  # quantize the pre-RoPE keys (RoPE undone, applied again after dequantization)
             seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=True)
             seg = _hadamard(seg) if rotated else seg
-        if axis == "tokens":  # per channel: groups of G tokens along the (transposed) token axis
+        if score is not None:
+            seg = _zip_fake_quantize(seg, score[:, :, a:b], f, QuantFormat.parse(fmt_low), ratio, block, channel_norm,
+                                     axis == "tokens")
+        elif axis == "tokens":  # per channel: groups of G tokens along the (transposed) token axis
             seg = f.fake_quantize(seg.transpose(2, 3).contiguous()).transpose(2, 3)
         else:
             seg = f.fake_quantize(seg)
@@ -162,10 +214,45 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
 
 
 @kv_append.register_fake
-def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False):
+def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False, score=None, fmt_low=None, ratio=1.0, block=1,
+      channel_norm=False):
     return torch.cat([past, new], 2)
 
 
+def probe_queries(s: int, probes: float) -> torch.Tensor:
+    """ZipCache's probe subset of ``s`` queries: ``ceil(probes * s)`` of them (at least one), half the
+    most recent, half spread evenly over the rest (deterministic, where ZipCache samples at random)."""
+    n = min(s, max(1, math.ceil(probes * s)))
+    recent = torch.arange(s - (n + 1) // 2, s)
+    spread = torch.linspace(0, max(s - len(recent) - 1, 0), n - len(recent)).round().long()
+    return torch.unique(torch.cat([spread, recent]))
+
+
+@torch.library.custom_op("finegrain::kv_saliency", mutates_args=())
+def kv_saliency(q: torch.Tensor, past: torch.Tensor, new: torch.Tensor, probes: float,
+                scale: float) -> torch.Tensor:
+    """ZipCache's normalized attention score of every cached token ``[B, Hkv, past + S]``: the causal
+    attention probabilities of the probe queries (``q`` ``[B, H, S, d]`` at positions ``past ..``),
+    summed over the probes and the query heads sharing the K / V head, divided by how many of them
+    see the token (a token late in the sequence is seen by few queries: the plain sum underrates it)."""
+    k = torch.cat([past, new], 2).float()
+    b, h, s, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    idx = probe_queries(s, probes)
+    qp = q[:, :, idx].float().reshape(b, hkv, h // hkv, len(idx), d)
+    logits = torch.einsum("bgrnd,bgtd->bgrnt", qp, k) * scale
+    sees = torch.arange(t)[None, :] <= (t - s + idx)[:, None]  # [n, T]
+    att = torch.softmax(logits.masked_fill(~sees, float("-inf")), dim=-1)
+    count = sees.sum(0).clamp_min(1) * (h // hkv)
+    return att.sum(dim=(2, 3)) / count
+
+
+@kv_saliency.register_fake
+def _(q, past, new, probes, scale):
+    return q.new_empty(past.shape[0], past.shape[1], past.shape[2] + new.shape[2])
+
+
+KV_SALIENCY = torch.ops.finegrain.kv_saliency.default
 HADAMARD = torch.ops.finegrain.hadamard.default
 KV_APPEND = torch.ops.finegrain.kv_append.default
 GROUPED_LINEAR = torch.ops.finegrain.grouped_linear.default

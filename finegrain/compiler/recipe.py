@@ -151,7 +151,13 @@ class Recipe:
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
     the pre-RoPE key Hadamard-rotated before quantization; ``kv_layers``: per-layer
     ``[layer, key format, value format]`` overriding ``kv_key`` / ``kv_value`` (null: float), e.g.
-    KVTuner's layer-wise (K, V) bit pairs (``driver/kv_tune.py``).
+    KVTuner's layer-wise (K, V) bit pairs (``driver/kv_tune.py``). ZipCache: ``kv_zip_key`` /
+    ``kv_zip_value`` (the low-precision formats) turn on saliency-mixed precision for keys / values:
+    tokens are quantized in blocks of ``kv_zip_block`` (after the window and sinks), in each block the
+    ``kv_zip_ratio`` fraction with the highest normalized attention score (``kv_zip_probes`` of the
+    queries probe it) in ``kv_key`` / ``kv_value``, the rest in the low format; keys are quantized
+    channel-separable token-wise (one normalizer per channel and block), or with
+    ``kv_key_axis="tokens"`` per channel over each block's salient / other tokens (KIVI's keys).
     """
 
     name: str = "custom"
@@ -192,6 +198,11 @@ class Recipe:
     kv_sinks: int = 0
     kv_pre_rope: bool = False
     kv_layers: tuple[tuple[int, str | None, str | None], ...] = ()
+    kv_zip_key: str | None = None
+    kv_zip_value: str | None = None
+    kv_zip_ratio: float = 0.5
+    kv_zip_block: int = 128
+    kv_zip_probes: float = 0.1
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
@@ -242,6 +253,22 @@ class Recipe:
         for f in ("kv_key_axis", "kv_value_axis"):
             if getattr(self, f) not in KV_AXES:
                 raise ValueError(f"{f}: {getattr(self, f)!r} is not one of {KV_AXES}")
+        for kind in ("key", "value"):
+            low = getattr(self, f"kv_zip_{kind}")
+            _check_kv_format(low, f"kv_zip_{kind}")
+            if low is not None and getattr(self, f"kv_{kind}") is None:
+                raise ValueError(f"kv_zip_{kind}: ZipCache's low-precision {kind} format needs kv_{kind} (the salient "
+                                 "tokens' format)")
+            if low is not None and kind == "value" and self.kv_value_axis != "head_dim":
+                raise ValueError("kv_zip_value: ZipCache quantizes values token-wise; kv_value_axis must be 'head_dim'")
+        for f, lo_open in (("kv_zip_ratio", False), ("kv_zip_probes", True)):
+            v = getattr(self, f)
+            if not _is_number(v) or not (0 < v <= 1 if lo_open else 0 <= v <= 1):
+                raise ValueError(f"{f}: must be a fraction in {'(0' if lo_open else '[0'}, 1], got {v!r}")
+        if not isinstance(self.kv_zip_block, int) or isinstance(self.kv_zip_block, bool) \
+                or not 1 <= self.kv_zip_block <= 1 << 16:
+            raise ValueError(f"kv_zip_block: must be an integer number of tokens in [1, {1 << 16}], got "
+                             f"{self.kv_zip_block!r}")
         for f in ("kv_window", "kv_sinks"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:
@@ -289,7 +316,11 @@ class Recipe:
         (``passes/quantize_kv.py``) rather than a quantize / dequantize pair on each new token."""
         axis = self.kv_key_axis if kind == "key" else self.kv_value_axis
         return (axis == "tokens" or self.kv_window > 0 or self.kv_sinks > 0
-                or (kind == "key" and self.kv_pre_rope))
+                or (kind == "key" and self.kv_pre_rope) or self.kv_zip(kind))
+
+    def kv_zip(self, kind: str) -> bool:
+        """Whether ZipCache's saliency-mixed precision quantizes the cache of ``kind``."""
+        return (self.kv_zip_key if kind == "key" else self.kv_zip_value) is not None
 
     @property
     def needs_static_stats(self) -> bool:

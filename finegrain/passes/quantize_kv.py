@@ -23,11 +23,17 @@ query is rotated too (``(qH) . (kH) = q . k``) and the attention output is rotat
 without quantization the graph computes exactly what it did. All three are online Hadamard ops
 (``compiler/ops.py``). A head dim that is not a power of two is reported and left unrotated.
 
+ZipCache (``recipe.kv_zip_key`` / ``kv_zip_value``): the write is a ``kv_append`` with a
+``finegrain::kv_saliency`` score (the normalized attention score of every cached token from a probe
+subset of the layer's queries, wired in by :func:`_wire_saliency`); each block of ``kv_zip_block``
+tokens is quantized once, its most salient ``kv_zip_ratio`` in ``kv_key`` / ``kv_value``, the rest in
+the low format, keys channel-separable token-wise.
+
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
-bit-packed, scales / zero points as stored, ``report["kv_cache"]["bytes_per_token"]`` exactly);
-ONNX Runtime, TVM and GPU sessions, and the ``kv_append`` presents (their float window is part of
-the present), store fp32 holding the format's values; ``report["kv_cache"]`` states the bytes per
-token next to the fp32 cache's.
+bit-packed, scales / zero points as stored, float windows and sinks fp32;
+``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); ONNX Runtime, TVM
+and GPU sessions, and ZipCache's mixed-precision writes, store fp32 holding the format's values;
+``report["kv_cache"]`` states the bytes per token next to the fp32 cache's.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ from torch.fx import GraphModule, Node
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH
 from finegrain.compiler.regions import new_constant
-from finegrain.compiler.ops import HADAMARD, KV_APPEND
+from finegrain.compiler.ops import HADAMARD, KV_APPEND, KV_SALIENCY
 from finegrain.errors import CaptureError, InputError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
@@ -74,13 +80,27 @@ def _qdq(graph, x: Node, fmt: QuantFormat) -> Node:
 
 
 def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_dim", window: int = 0,
-                    sinks: int = 0, context: int | None = None) -> float:
+                    sinks: int = 0, context: int | None = None, low: QuantFormat | None = None, ratio: float = 1.0,
+                    block: int = 1, channel_norm: bool = False) -> float:
     """Bytes one token's key (or value) of one head takes in ``fmt`` (codes, scales, zero points),
     on average over a cache of ``context`` tokens when ``window`` / ``sinks`` keep some in float
     (fp32: what the backends store). ``axis="tokens"``: per-channel parameters, one set per channel
     and group of ``G`` tokens, so ``head_dim / G`` of them per token."""
     if fmt is None:
         return 4.0 * head_dim
+    if low is not None:  # ZipCache: the salient fraction in fmt, the rest in low, a salient bit per token, the
+        # channel normalizer (fp16, one per channel and block of keys); tokens wait in float for their block
+        if axis == "tokens":  # per channel over each block's two subsets: a (scale, zero) per channel, block, subset
+            quantized = head_dim * (ratio * fmt.bits + (1 - ratio) * low.bits) / 8 + 1 / 8 + sum(
+                head_dim / block * ({"fp32": 4, "fp16": 2, "bf16": 2}.get(f.scale, 1) + (0 if f.symmetric else f.bits / 8))
+                for f in (fmt, low))
+        else:
+            quantized = (ratio * bytes_per_token(fmt, head_dim) + (1 - ratio) * bytes_per_token(low, head_dim) + 1 / 8
+                         + (2 * head_dim / block if channel_norm else 0))
+        if context is None:
+            return quantized
+        kept = min(context, window + sinks + block - 1)
+        return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
     scale = {"fp32": 4, "fp16": 2, "bf16": 2}.get(fmt.scale, 1)
     zero = 0 if fmt.symmetric else fmt.bits / 8
     if axis == "tokens":
@@ -93,6 +113,42 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
         return quantized
     kept = min(context, window + sinks + (fmt.group_size - 1 if axis == "tokens" else 0))  # the most kept in float
     return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
+
+
+def _wire_saliency(gm: GraphModule, zips: dict, probes: float) -> None:
+    """Give each ZipCache ``kv_append`` of a layer the normalized attention score of that layer's
+    cache: one ``kv_saliency`` over the layer's (rotated, post-RoPE) queries and its keys' past / new."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    by_layer: dict[int, dict] = {}
+    for n in g.nodes:
+        if KV in n.meta and n.meta[KV]["layer"] in zips:
+            by_layer.setdefault(n.meta[KV]["layer"], {})[n.meta[KV]["kind"]] = n
+    for layer, kinds in sorted(by_layer.items()):
+        key = kinds.get("key")
+        atts = attentions_reading(key) if key is not None else []
+        if not atts:
+            raise CaptureError(f"layer {layer}: ZipCache needs the attention reading the layer's keys (its queries "
+                               "rank the tokens); no scaled_dot_product_attention reads them")
+        att = atts[0]
+        q = att.args[0]
+        if q.target is HADAMARD and order[q] > order[key]:  # the query rotation kv_rotate put before attention
+            q.args[0].append(q)  # moved to right after the query it rotates
+            order = {n: i for i, n in enumerate(g.nodes)}
+        past, new = (key.args[0], key.args[1]) if key.target is KV_APPEND else (key.args[0][0], key.args[0][-1])
+        appends = [n for n in (kinds.get("key"), kinds.get("value")) if n is not None and n.target is KV_APPEND
+                   and len(n.args) > 8]
+        first = min(appends, key=order.get)
+        if order[q] > order[first]:
+            raise CaptureError(f"layer {layer}: ZipCache's saliency needs the queries (node {q.name}) before the cache "
+                               f"write (node {first.name})")
+        scale = att.kwargs.get("scale") or 1 / math.sqrt(int(q.meta["val"].shape[-1]) if q.meta.get("val") is not None
+                                                         else int(new.meta["val"].shape[-1]))
+        with g.inserting_before(first):
+            score = g.call_function(KV_SALIENCY, (q, past, new, float(probes), float(scale)))
+        for m in appends:
+            m.args = (*m.args[:8], score, *m.args[9:])
+        order = {n: i for i, n in enumerate(g.nodes)}
 
 
 def _rope_inv_freq(new: Node) -> tuple[Node | None, str]:
@@ -136,6 +192,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     log = ctx.report.setdefault("folds", [])
     g = gm.graph
     factors: dict[int, Node] = {}
+    zips: dict[int, dict] = {}  # layer -> {"key" / "value": True} (ZipCache appends, wired after the loop)
     rotated: set[Node] = set()
     head_dim = None
     for n in presents:
@@ -179,8 +236,14 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                                     "detail": f"kv_pre_rope: {why}; keys quantized after RoPE"})
                     else:
                         pre_rope += 1
+                zip_args = ()
+                if r.kv_zip(role["kind"]):  # the score is wired in below, once the layer's queries are known
+                    low = r.kv_zip_key if role["kind"] == "key" else r.kv_zip_value
+                    zip_args = (None, low, float(r.kv_zip_ratio), r.kv_zip_block,
+                                role["kind"] == "key" and axes["key"] != "tokens")
+                    zips.setdefault(role["layer"], {})[role["kind"]] = True
                 m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
-                                                inv_freq, bool(rotate and inv_freq is not None)))
+                                                inv_freq, bool(rotate and inv_freq is not None), *zip_args))
                 m.meta.update(n.meta)
             elif fmt is not None:
                 x = _qdq(g, x, fmt)
@@ -208,6 +271,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     if r.kv_rotate and not rotated and factors:
         raise CaptureError("kv_rotate: no attention reads the rotated cache (the graph has no "
                            "scaled_dot_product_attention over the presents)")
+    if zips:
+        _wire_saliency(gm, zips, r.kv_zip_probes)
     layers = len(presents) // 2
     kv_heads = int(presents[0].meta["val"].shape[1]) if presents[0].meta.get("val") is not None else 0
     if head_dim:
@@ -217,8 +282,12 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             total = 0.0
             for layer in range(layers):
                 fmt = per_layer[layer][kind == "value"] if layer in per_layer else (key_fmt, value_fmt)[kind == "value"]
+                zipped = {}
+                if r.kv_zip(kind):
+                    zipped = {"low": QuantFormat.parse(r.kv_zip_key if kind == "key" else r.kv_zip_value),
+                              "ratio": r.kv_zip_ratio, "block": r.kv_zip_block, "channel_norm": kind == "key"}
                 total += (bytes_per_token(fmt, head_dim) if not windowed[kind] or fmt is None else
-                          bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at))
+                          bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at, **zipped))
             return kv_heads * total
         ctx.report["kv_cache"] = {
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
@@ -229,9 +298,11 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             "bytes_per_token_at_context": round(per_token("key", context) + per_token("value", context), 1),
             "context": context,
             "fp32_bytes_per_token": layers * kv_heads * 8 * head_dim,
-            "storage": ("packed by the reference backend (backends/kv_packed.py) where the present is per token or in "
-                        "head-dim groups; fp32 in ONNX Runtime / TVM / GPU sessions and for kv_append presents "
-                        "(window, sinks, per-channel keys)")}
+            "zip": ({"key": r.kv_zip_key, "value": r.kv_zip_value, "ratio": r.kv_zip_ratio, "block": r.kv_zip_block,
+                     "probes": r.kv_zip_probes} if zips else None),
+            "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
+                        "points as stored, float windows / sinks fp32); fp32 holding the format's values in ONNX "
+                        "Runtime / TVM / GPU sessions and for ZipCache's mixed-precision writes")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})
