@@ -282,6 +282,58 @@ def _with_budget(args, allocate: bool = False):
         raise InputError(f"recipe {recipe.name!r} with the command-line budget: {e}") from None
 
 
+def _pareto_kv(args, out: Path) -> None:
+    """``pareto --kv``: KVTuner's layer-wise (K, V) bits at each average-bits budget, one artifact per
+    budget, perplexity through the cache, and the bits per layer."""
+    from finegrain.eval.perplexity import cache_path_logits, perplexity
+    from finegrain.formats import QuantFormat
+    from finegrain.io.files import atomic_write_text
+    from finegrain.jobs import evaluate_lm, kv_frontier_loaded
+    from finegrain.models import load_model
+
+    if args.candidates or args.points != 4:
+        raise InputError("pareto --kv allocates KV cache bits: --candidates / --points are for weights (give --budgets, "
+                         "average KV bits)")
+    budgets = [float(_parse_size(b, "--budgets")) for b in (args.budgets or ["2.5", "3", "3.25", "4"])]
+    calib_text, eval_text = _texts(args)
+    lm = load_model(args.model)
+    if lm.task != "causal-lm":
+        raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
+    search, points = kv_frontier_loaded(lm, args.recipe, budgets, kv_samples=args.kv_samples,
+                                        objective=args.kv_objective, samples=args.calibration_samples,
+                                        seq_len=args.calibration_seq_len, strict_recipe=args.strict,
+                                        calib_text=calib_text)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
+    rows = []
+    for budget, info, cm in points:
+        res = perplexity(cache_path_logits(cm.session(), args.kv_chunk), lm.tokenizer, args.seq_len, args.max_windows,
+                         text=eval_text).to_dict()
+        name = f"kv{budget:g}bits"
+        cm.save(out / name, overwrite=args.overwrite)
+        q = cm.kv["quantization"]
+        bits = [[layer, QuantFormat.parse(k).bits, QuantFormat.parse(v).bits] for layer, k, v in q["layers"]]
+        rows.append({"artifact": str(out / name), "budget_bits": budget, "average_bits": info["average_bits"],
+                     "predicted_error": info["predicted_error"], "bytes_per_token": q["bytes_per_token_at_context"],
+                     "fp32_bytes_per_token": q["fp32_bytes_per_token"], "ppl_cache_path": res["ppl"],
+                     "delta_pct": 100 * (res["ppl"] / fp["ppl"] - 1), "kv_bits": bits})
+    summary = {"recipe": args.recipe, "fp": fp, "search": search, "points": rows, "chunk": args.kv_chunk}
+    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
+    lines = [f"# KV cache bits per layer: {lm.source.get('model', args.model)}, weights {args.recipe}", "",
+             f"KVTuner search: {search['objective']} sensitivity, {search['calibration']} calibration tokens, "
+             f"{len(search['pairs'])} (K, V) pairs per layer, {search['seconds']} s. Perplexity through the cache "
+             f"(prefill in chunks of {args.kv_chunk}) on {fp['windows']} windows of {args.seq_len}; float "
+             f"{fp['ppl']:.3f}.", "",
+             "| budget (avg bits) | used | bytes / token (ctx 2048; fp32 " + f"{rows[0]['fp32_bytes_per_token'] if rows else 0}) "
+             "| ppl through the cache | vs float | K / V bits per layer |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget_bits']:g} | {r['average_bits']:.2f} | {r['bytes_per_token']:.0f} | "
+                     f"{r['ppl_cache_path']:.3f} | {r['delta_pct']:+.2f}% | "
+                     + " ".join(f"K{k}V{v}" for _, k, v in r["kv_bits"]) + " |")
+    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
+    for line in lines:
+        _say(line)
+
+
 def cmd_pareto(args) -> None:
     from finegrain.eval.report import pareto_lines, plot_frontier
     from finegrain.io.files import atomic_write_text
@@ -290,6 +342,8 @@ def cmd_pareto(args) -> None:
 
     out = Path(args.out)
     check_output_dir(out, args.overwrite, results=True)
+    if args.kv:
+        return _pareto_kv(args, out)
     recipe = _with_budget(args, allocate=True)
     calib_text, eval_text = _texts(args)
     lm = load_model(args.model)
@@ -893,6 +947,14 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--validate", type=NONNEG, default=8, help="groups whose real ΔNLL is measured to check the proxy")
     pa.add_argument("--seq-len", type=POS, default=2048)
     pa.add_argument("--max-windows", type=NONNEG, default=8, help="windows per evaluation (0 = all)")
+    pa.add_argument("--kv", action="store_true", help="allocate KV cache bits per layer instead (KVTuner: (K, V) "
+                                                       "bits in {2,4,8}^2 per layer under --budgets average KV bits, "
+                                                       "default 2.5 3 3.25 4; weights as --recipe, e.g. float); "
+                                                       "perplexity through the cache")
+    pa.add_argument("--kv-objective", choices=("attention", "loss"), default="attention",
+                    help="--kv sensitivity: the layer's attention-output error or the next-token loss increase")
+    pa.add_argument("--kv-samples", type=POS, default=4, help="--kv sensitivity calibration windows of 512 tokens")
+    pa.add_argument("--kv-chunk", type=POS, default=256, help="--kv: tokens per prefill chunk through the cache")
     pa.add_argument("--out", required=True, help="directory for the artifacts, pareto.md/.json/.png")
     pa.add_argument("--overwrite", action="store_true")
     calib(pa)

@@ -146,6 +146,49 @@ def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max
     return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window, text).to_dict()
 
 
+KV_TUNE_FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1}  # KIVI + RotateKV
+
+
+def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: list[float], *, kv_samples: int = 4,
+                       kv_seq_len: int = 512, bits: tuple[int, ...] = (2, 4, 8), objective: str = "attention",
+                       samples: int | None = None, seq_len: int | None = None, progress: bool = True,
+                       strict_recipe: bool = False, calib_text: Text | None = None) -> tuple[dict, list]:
+    """KVTuner on a causal LM (``driver/kv_tune.py``): per layer and (K bits, V bits) pair in
+    ``bits``^2 the sensitivity on ``kv_samples`` x ``kv_seq_len`` calibration tokens (the float model),
+    then per average-bits budget the layer-wise pairs, compiled with ``recipe``'s weights and a KV
+    cache (KIVI settings: keys per channel over 32-token groups, values per token in head-dim groups
+    of up to 32, 128 newest tokens in float, pre-RoPE keys, one sink). Returns (the search: pairs,
+    errors, seconds) and ``[(budget, allocation summary, CompiledModel)]``."""
+    import dataclasses
+    import math
+    import time
+
+    from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
+
+    cfg = getattr(loaded.model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+    if not head_dim:
+        raise InputError(f"pareto --kv: cannot find the head dim of {loaded.source.get('model', 'the model')} (its config "
+                         "has no head_dim / num_attention_heads)")
+    key_fmt, value_fmt = "int{}-g32-asym-fp16-dyn", f"int{{}}-g{math.gcd(32, head_dim)}-asym-fp16-dyn"
+    pairs = [(key_fmt.format(k), value_fmt.format(v)) for k in bits for v in bits]
+    calib = [b[0] for b in calibration_batches(loaded.tokenizer, kv_samples, kv_seq_len, text=calib_text)]
+    t = time.perf_counter()
+    sens = kv_sensitivity(loaded.model, calib, KV_TUNE_FIELDS, pairs, progress=progress, objective=objective)
+    search = {"pairs": pairs, "errors": sens.errors, "objective": objective, "seconds": round(time.perf_counter() - t, 1),
+              "calibration": f"{kv_samples} x {kv_seq_len}"}
+    base = get_recipe(recipe)
+    points = []
+    for budget in budgets:
+        layers, info = kv_allocate(sens, budget)
+        r = dataclasses.replace(base, name=f"{base.name}-kv{budget:g}", **KV_TUNE_FIELDS, kv_layers=tuple(map(tuple, layers)))
+        cm = compile_loaded(loaded, r, samples=samples, seq_len=seq_len, progress=progress, strict_recipe=strict_recipe,
+                            kv_cache=True, calib_text=calib_text)
+        points.append((budget, info, cm))
+    return search, points
+
+
 def evaluate_tensors(fp: LoadedModel, q, batches: list[tuple]) -> dict[str, Any]:
     """A tensor-input model, float vs quantized, on the user's batches: the outputs' relative error
     (||q - fp|| / ||fp|| over everything), mean cosine per sample, and top-1 agreement (argmax of the

@@ -203,3 +203,21 @@ def test_an_image_onnx_model_end_to_end(tmp_path, capsys):
     assert main(["quantize", "--model", str(onnx_path), "--recipe", "w8a8-conv", "--out", str(tmp_path / "o")]) == 2
     assert "takes tensors (image), not text: give calibration / example inputs with --calib-tensors" in \
         capsys.readouterr().err
+
+
+def test_pareto_kv_lists_kv_bits_per_layer(hf_dir, tmp_path, capsys):
+    pa = tmp_path / "kv"
+    assert main(["pareto", "--kv", "--model", str(hf_dir), "--out", str(pa), "--budgets", "2.5", "4", "--kv-samples", "1",
+                 "--seq-len", "64", "--max-windows", "1", "--kv-chunk", "16", "--calibration-samples", "0"]) == 0
+    res = json.loads((pa / "pareto.json").read_text())
+    low, high = res["points"]
+    assert low["average_bits"] <= 2.5 and high["average_bits"] == 4 and len(res["search"]["errors"][0]) == 9
+    assert low["bytes_per_token"] < high["bytes_per_token"] < low["fp32_bytes_per_token"]
+    for p in res["points"]:
+        m = json.loads((tmp_path / "kv" / f"kv{p['budget_bits']:g}bits" / "manifest.json").read_text())
+        assert [[e[0], int(e[1][3]), int(e[2][3])] for e in m["recipe"]["kv_layers"]] == p["kv_bits"]
+        assert sum(k + v for _, k, v in p["kv_bits"]) == pytest.approx(p["average_bits"] * 2 * len(p["kv_bits"]))
+    md = (pa / "pareto.md").read_text()
+    assert "K / V bits per layer" in md and " ".join(f"K{k}V{v}" for _, k, v in low["kv_bits"]) in md
+    assert main(["pareto", "--kv", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--points", "3"]) == 2
+    assert "--budgets" in capsys.readouterr().err

@@ -81,6 +81,22 @@ def perplexity(logits_fn: LogitsFn, tokenizer, seq_len: int = 2048, max_windows:
                             text.name)
 
 
+def cache_path_logits(session, chunk: int = 256) -> LogitsFn:
+    """Logits of a window computed through ``session``'s KV cache: the first ``chunk`` tokens prefilled,
+    each next chunk over the cache the earlier ones wrote (a quantized cache is read as stored)."""
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1 token, got {chunk}")
+
+    def fn(window: torch.Tensor) -> torch.Tensor:
+        outs, state = [], None
+        for c in range(0, window.shape[1], chunk):
+            part = window[:, c:c + chunk]
+            logits, state = session.prefill(part) if state is None else session.step(state, part)
+            outs.append(logits)
+        return torch.cat(outs, 1)
+    return fn
+
+
 def calibration_batches(tokenizer, samples: int = 32, seq_len: int = 512, seed: int = 0,
                         text: Text | None = None) -> list[tuple[torch.Tensor]]:
     """``samples`` random windows of ``seq_len`` tokens from ``text`` (default the Brown corpus
