@@ -50,12 +50,13 @@ class Refusal:
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
     ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
-    ``"kv_append"`` (a windowed / per-channel quantized KV cache write) / ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
+    ``"kv_append"`` (a windowed / per-channel quantized KV cache write) / ``"act_outliers"`` (an
+    activation in two formats by column groups, FMPQ) / ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
     LSTM / GRU / RNN reading quantized weights)."""
     from finegrain.formats import QuantFormat
     from finegrain.compiler.ir import CONV_OPS, RECURRENT_OPS
     from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, KV_APPEND, WEIGHT
-    from finegrain.formats.ops import DEQUANTIZE_PACKED, QUANTIZE
+    from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE
 
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -71,6 +72,8 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "grouped_linear"
         elif n.target is KV_APPEND:
             yield f"node {n.name} (KV cache write)", "op", "kv_append"
+        elif n.target is torch.ops.aten.where.self and all(getattr(a, "target", None) is DEQUANTIZE for a in n.args[1:3]):
+            yield f"node {n.name} (activation groups in two formats)", "op", "act_outliers"
         elif n.target in CONV_OPS and _reads_quantized(n.args[1]):
             yield f"node {n.name}", "op", "conv"
         elif n.target in RECURRENT_OPS and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]

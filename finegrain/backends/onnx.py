@@ -801,6 +801,8 @@ class OnnxBackend(BackendBase):
         if op == "kv_append":
             return "refused", ("a KV cache quantized per channel over token groups / with a float window has no ONNX "
                                "lowering yet (ONNX Runtime's attention ops take no such cache)")
+        if op == "act_outliers":
+            return "refused", "activation groups in two precisions (FMPQ) have no ONNX lowering yet"
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:

@@ -59,6 +59,7 @@ def preset_rows() -> list[tuple[str, str, object]]:
     rows = [(f"{role} {tag}", role, fmt) for (role, tag), fmt in sorted(seen.items())]
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
                    ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
+                   ("activation outlier groups at 8 bits (FMPQ)", "op", "act_outliers"),
                    ("conv with a quantized weight", "op", "conv"),
                    ("LSTM / GRU with quantized weights", "op", "recurrent")]
 
@@ -78,6 +79,8 @@ def preset_matrix() -> list[list[str]]:
         for role in ("conv", "recurrent"):
             if any(rule.role == role and rule.weight for rule in recipe.rules):
                 items.append(("op", role, None))
+        if recipe.act_outlier_fraction and any(rule.activation for rule in recipe.rules):
+            items.append(("op", "act_outliers", None))
         for kind, tag in (("key", recipe.kv_key), ("value", recipe.kv_value)):
             if tag:
                 items.append(("op", "kv_append", None) if recipe.kv_windowed(kind)

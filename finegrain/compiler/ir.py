@@ -22,6 +22,7 @@ aten = torch.ops.aten
 FQN = "finegrain_fqn"  # get_attr node: FQN of the tensor it loads
 WEIGHT_FORMAT = "finegrain_weight_format"  # quantizable op: QuantFormat chosen for its weight
 ACT_FORMAT = "finegrain_act_format"  # quantizable op: QuantFormat chosen for its input activation
+ACT_OUTLIERS = "finegrain_act_outliers"  # quantizable op: (QuantFormat, bool mask [K]) of its 8-bit input groups (FMPQ)
 QWEIGHT = "finegrain_qweight"  # quantizable op: QTensor of its quantized weight (quantize_weights)
 ROLE = "finegrain_role"  # quantizable op: "linear" | "lm_head" | "router" | "matmul" | "conv" | "embedding" | "recurrent"
 OBSERVED = "finegrain_observed"  # node whose output the stats store has statistics for

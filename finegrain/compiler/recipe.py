@@ -124,7 +124,12 @@ class Recipe:
     only; GPTAQ's asymmetric calibration, Li et al. 2025): each linear's quantized output on the
     quantized model's inputs ``X_q`` is fitted to the *float* model's output ``W X_fp`` (a float
     replay runs beside the quantized one), i.e. GPTQ runs on ``W C H^-1`` with ``C = E[x_fp x_q^T]``,
-    ``H = E[x_q x_q^T]``: the earlier layers' error is compensated too.
+    ``H = E[x_q x_q^T]``: the earlier layers' error is compensated too. ``act_clip_search``
+    (sequential GPTQ) picks each dynamic INT activation's clip ratio on the replayed rows;
+    ``act_outlier_fraction`` (FMPQ, COMET): for activations in groups along K, that fraction of each
+    site's groups (at least one) — those whose quantization error moves the linears' outputs most on
+    the replayed rows — is quantized at ``act_outlier_bits`` instead (fake-quantized both ways and
+    selected per column by a constant mask: reference-exact, no new op).
 
     Bit allocation (``passes/allocate_bits.py``): with ``weight_candidates`` (format tags), every
     linear a rule quantizes gets one of them, chosen by an exact multiple-choice knapsack that
@@ -184,6 +189,8 @@ class Recipe:
     gptq_float_target: bool = False
     sequential: bool = True
     act_clip_search: bool = False
+    act_outlier_fraction: float = 0.0
+    act_outlier_bits: int = 8
     weight_candidates: tuple[str, ...] = ()
     budget_bits: float | None = None
     budget_bytes: int | None = None
@@ -280,6 +287,14 @@ class Recipe:
         if self.act_clip_search and not (self.weight_algorithm == "gptq" and self.sequential):
             raise ValueError("act_clip_search: searches on the rows sequential GPTQ replays; it needs weight_algorithm "
                              "'gptq' and sequential true")
+        if not _is_number(self.act_outlier_fraction) or not 0 <= self.act_outlier_fraction <= 1:
+            raise ValueError(f"act_outlier_fraction: must be a fraction in [0, 1], got {self.act_outlier_fraction!r}")
+        if not isinstance(self.act_outlier_bits, int) or isinstance(self.act_outlier_bits, bool) \
+                or not 2 <= self.act_outlier_bits <= 8:
+            raise ValueError(f"act_outlier_bits: must be an integer in [2, 8], got {self.act_outlier_bits!r}")
+        if self.act_outlier_fraction and not (self.weight_algorithm == "gptq" and self.sequential):
+            raise ValueError("act_outlier_fraction: chooses each site's 8-bit groups on the rows sequential GPTQ "
+                             "replays; it needs weight_algorithm 'gptq' and sequential true")
         if self.gptq_float_target and not (self.weight_algorithm == "gptq" and self.sequential):
             raise ValueError("gptq_float_target: fits each linear to the float model's output during sequential "
                              "GPTQ; it needs weight_algorithm 'gptq' and sequential true")

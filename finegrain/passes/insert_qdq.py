@@ -27,7 +27,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
+from finegrain.compiler.ir import (ACT_FORMAT, ACT_OUTLIERS, QWEIGHT, WEIGHT_FORMAT, QUANTIZABLE, drop_unused_constants,
                                   expert_formats, get_tensor, quantizable_ops, set_tensor)
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat, pack
@@ -109,11 +109,12 @@ def _act_params(ctx: PassContext, node: Node, fmt: QuantFormat, layer: str) -> t
     return q.scale.reshape(1), q.zero.reshape(1)
 
 
-def _act_qdq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: dict) -> None:
+def _act_dq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: dict) -> Node:
+    """The dequantized ``fmt`` copy of ``op``'s input (made once per input and format, before its
+    first consumer: later consumers of the same tensor come after it)."""
     x = op.activation
-    key = (x, fmt)
+    key = (x, fmt, None)
     if key not in shared:
-        # before the first consumer: later consumers of the same tensor come after it
         g = gm.graph
         with g.inserting_before(op.node):
             args = (x, fmt.tag)
@@ -127,6 +128,23 @@ def _act_qdq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: di
             parts = tuple(g.call_function(operator.getitem, (qn, i)) for i in range(3))
             dtype = x.meta.get("val", torch.empty(0)).dtype
             shared[key] = g.call_function(DEQUANTIZE, (*parts, fmt.tag, dtype))
+    return shared[key]
+
+
+def _act_qdq(gm: GraphModule, ctx: PassContext, op, fmt: QuantFormat, shared: dict) -> None:
+    x = op.activation
+    outliers = op.node.meta.get(ACT_OUTLIERS)
+    if outliers is None:
+        op.node.replace_input_with(x, _act_dq(gm, ctx, op, fmt, shared))
+        return
+    key = (x, fmt, outliers[0])
+    if key not in shared:  # FMPQ: both quantizations, the outlier groups' columns from the high-precision one
+        lo, hi = _act_dq(gm, ctx, op, fmt, shared), _act_dq(gm, ctx, op, outliers[0], shared)
+        g = gm.graph
+        with g.inserting_before(op.node):
+            base = f"{op.name}_" if _is_tensor(gm, op.name) else f"{op.name}."
+            mask = _constant(gm, g, f"{base}input_outlier_mask", outliers[1])
+            shared[key] = g.call_function(torch.ops.aten.where.self, (mask, hi, lo))
     op.node.replace_input_with(x, shared[key])
 
 
@@ -136,7 +154,8 @@ def insert_qdq(gm: GraphModule, ctx: PassContext) -> GraphModule:
         if op.node.meta.get(WEIGHT_FORMAT) is not None and QWEIGHT in op.node.meta:
             _weight_qdq(gm, op)
         a_fmt = op.node.meta.get(ACT_FORMAT)
-        already = op.activation.op == "call_function" and op.activation.target == DEQUANTIZE
+        already = op.activation.op == "call_function" and (op.activation.target == DEQUANTIZE or (
+            op.activation.target == torch.ops.aten.where.self and ACT_OUTLIERS in op.node.meta))
         if a_fmt is not None and not already:
             _act_qdq(gm, ctx, op, a_fmt, shared)
     drop_unused_constants(gm)  # float weights nobody reads any more

@@ -41,7 +41,7 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import (ACT_FORMAT, QWEIGHT, WEIGHT_FORMAT, conv_matrix, conv_weight, expert_formats,
+from finegrain.compiler.ir import (ACT_FORMAT, ACT_OUTLIERS, QWEIGHT, WEIGHT_FORMAT, conv_matrix, conv_weight, expert_formats,
                                   expert_key, get_tensor, quantizable_ops)
 from finegrain.compiler.replay import replay
 from finegrain.errors import InputError
@@ -191,6 +191,36 @@ def act_clip(xs: list, fmt, weights: list, rows: int = 4096) -> tuple[float, dic
     return min(errs, key=errs.get), errs
 
 
+def act_fake_quantize(x: torch.Tensor, fmt, outliers=None) -> torch.Tensor:
+    """``fmt``'s fake quantization of activation rows ``x``; with ``outliers`` (``(hi format, bool
+    mask over the last dim)``, FMPQ) the masked columns take the high-precision format's."""
+    q = fmt.fake_quantize(x)
+    return q if outliers is None else torch.where(outliers[1], outliers[0].fake_quantize(x), q)
+
+
+def act_outlier_groups(xs: list, fmt, hi, weights: list, fraction: float, rows: int = 4096) -> tuple[torch.Tensor, list]:
+    """FMPQ's groups of activation ``fmt`` to keep at ``hi``: the ``max(1, round(fraction * groups))``
+    groups along K whose switch from ``fmt`` to ``hi`` removes the most output error
+    ``||(Q(X) - X)_g W_g^T||^2`` of the linears ``weights`` on rows ``xs`` (at most ``rows``, evenly
+    spaced). Returns the column mask ``[K]`` and the chosen group indices."""
+    k = weights[0].shape[-1]
+    x = torch.cat([t.reshape(-1, k).float() for t in xs])
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+    w = torch.cat([t.float() for t in weights])
+    d_lo, d_hi = fmt.fake_quantize(x) - x, hi.fake_quantize(x) - x
+    g = fmt.group_size
+    starts = range(0, k, g)
+    gain = torch.tensor([float((d_lo[:, s:s + g] @ w[:, s:s + g].T).pow(2).sum()
+                               - (d_hi[:, s:s + g] @ w[:, s:s + g].T).pow(2).sum()) for s in starts])
+    n = min(len(gain), max(1, round(fraction * len(gain))))
+    chosen = sorted(gain.topk(n).indices.tolist())
+    mask = torch.zeros(k, dtype=torch.bool)
+    for i in chosen:
+        mask[i * g:(i + 1) * g] = True
+    return mask, chosen
+
+
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     ops = [op for op in quantizable_ops(gm) if WEIGHT_FORMAT in op.node.meta]
@@ -206,6 +236,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
     shared: dict = {"key": None, "xs": None, "hessians": {}}
 
     searched: dict = {}  # activation node -> chosen clip (act_clip_search)
+    outliers: dict = {}  # activation node -> (hi format, column mask) (act_outlier_fraction)
 
     nb = len(ctx.calibration)
     two = r.gptq_float_target  # batches [nb, 2nb) replay the float model beside the quantized one
@@ -240,13 +271,25 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 ctx.report.setdefault("act_clip", {})[o.name] = {"clip": clip,
                                                                  "rel_err": {f"{c:g}": e for c, e in errs.items()}}
             afmt = op.node.meta[ACT_FORMAT]
+        if act_q and r.act_outlier_fraction and afmt.kind == "int" and afmt.granularity == "group" \
+                and op.kind == "linear" and op.activation not in outliers:
+            readers = [o for o in ops if o.activation is op.activation and o.kind == "linear"
+                       and o.node.meta.get(ACT_FORMAT) == afmt]
+            hi = dataclasses.replace(afmt, bits=r.act_outlier_bits, clip=1.0)
+            mask, chosen = act_outlier_groups(values(op.activation), afmt, hi,
+                                              [get_tensor(gm, o.weight.target) for o in readers], r.act_outlier_fraction)
+            outliers[op.activation] = (hi, mask)
+            for o in readers:
+                o.node.meta[ACT_OUTLIERS] = (hi, mask)
+                ctx.report.setdefault("act_outliers", {})[o.name] = {"format": hi.tag, "groups": chosen,
+                                                                     "of": -(-mask.numel() // afmt.group_size)}
         key = (op.activation.name, afmt.tag if act_q else None)
         if op.kind in ("conv", "recurrent"):  # rounded without a Hessian; later ops see its dequantized weight
             return {op.weight: _quantize_op(gm, ctx, op, lambda k: (None, 0), sequential=True)}
         if shared["key"] != key:
             xs = values(op.activation)
             if act_q:  # the deployed op sees its input quantized: so do the Hessian and the op's output
-                xs = [afmt.fake_quantize(x) for x in xs]
+                xs = [act_fake_quantize(x, afmt, op.node.meta.get(ACT_OUTLIERS)) for x in xs]
             hessians = {op.activation.name: _hessian(xs)}
             if op.kind == "grouped":  # rows [start, end) of each batch go to expert e (offsets: args[2])
                 bounds = [[0] + offs.tolist() for offs in values(op.node.args[2])]
@@ -270,4 +313,6 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
         pass
     for name, rec in ctx.report.pop("act_clip", {}).items():  # into each linear's layer record
         ctx.report["layers"][name]["act_clip"] = rec
+    for name, rec in ctx.report.pop("act_outliers", {}).items():
+        ctx.report["layers"][name]["act_outliers"] = rec
     return gm

@@ -190,3 +190,55 @@ def test_float_target_needs_sequential_gptq():
 
     with pytest.raises(ValueError, match="gptq_float_target"):
         dataclasses.replace(get_recipe("w4a16-g128-gptq"), sequential=False, gptq_float_target=True)
+
+
+def test_act_outlier_groups_pick_the_groups_whose_error_moves_the_output_most():
+    """FMPQ's selection on rows whose channels 16-31 are 20x larger: that group of 16 is the one kept
+    at 8 bits, and the gain table is what switching each group alone measures."""
+    from finegrain.formats import QuantFormat
+    from finegrain.passes.quantize_weights import act_fake_quantize, act_outlier_groups
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 64, generator=gen)
+    x[:, 16:32] *= 20.0
+    w = torch.randn(24, 64, generator=gen)
+    lo, hi = QuantFormat.parse("int4-g16-sym-fp32-dyn"), QuantFormat.parse("int8-g16-sym-fp32-dyn")
+    mask, chosen = act_outlier_groups([x], lo, hi, [w], 0.25)
+    assert chosen == [1] and mask.sum() == 16 and mask[16:32].all()
+    mixed = act_fake_quantize(x, lo, (hi, mask))
+    assert torch.equal(mixed[:, 16:32], hi.fake_quantize(x)[:, 16:32]) and torch.equal(mixed[:, :16], lo.fake_quantize(x)[:, :16])
+    err = lambda q: float(((q - x) @ w.T).pow(2).sum())  # noqa: E731
+    assert err(mixed) < err(lo.fake_quantize(x))
+
+
+def test_act_outlier_fraction_in_the_graph(tiny_llama, tiny_inputs, tmp_path):
+    """W4A4 g16 with FMPQ: each activation site gets a constant mask and a where over its INT4 and INT8
+    copies, the layer report names the groups, more groups at 8 bits lower the error, and the artifact
+    round-trips."""
+    import finegrain
+
+    example, calib, test = tiny_inputs
+    with torch.no_grad():
+        ref = tiny_llama(test).logits
+    errs = {}
+    for frac in (0.0, 0.5, 1.0):
+        r = {"name": "fmpq", "rules": [{"role": "linear", "weight": "int4-g16-asym-fp16", "activation":
+                                        "int4-g16-sym-fp32-dyn"}], "weight_algorithm": "gptq", "act_outlier_fraction": frac}
+        cm = finegrain.compile(tiny_llama, example, recipe=r, calibration=calib, progress=False)
+        wheres = [n for n in cm.gm.graph.nodes if n.target is torch.ops.aten.where.self]
+        recs = {k: v["act_outliers"] for k, v in cm.layer_report.items() if "act_outliers" in v}
+        if frac:
+            assert len(wheres) == 4 * 2 and len(recs) == 14  # 4 activation sites per layer, 7 linears per layer
+            assert all(v["format"] == "int8-g16-sym-fp32-dyn" and len(v["groups"]) == max(1, round(frac * v["of"]))
+                       for v in recs.values())
+        else:
+            assert not wheres and not recs
+        out = cm(test)
+        errs[frac] = float((out - ref).norm() / ref.norm())
+    assert errs[1.0] < errs[0.5] < errs[0.0], errs
+    cm.save(tmp_path / "fmpq")
+    assert torch.equal(finegrain.load(tmp_path / "fmpq")(test), out)
+    import pytest
+
+    with pytest.raises(ValueError, match="act_outlier_fraction"):
+        dataclasses.replace(get_recipe("w4a4-rot"), act_outlier_fraction=0.1)

@@ -81,6 +81,9 @@ class GpuBackend(BackendBase):
     def op_capability(self, op: str) -> tuple[str, str]:
         if op == "hadamard":
             return "native", "Triton FWHT (Sylvester tiles generated in registers, tl.dot), small factor in torch"
+        if op == "act_outliers":
+            return "emulated", ("both fake quantizations by the reference op (on CPU copies when on CUDA), columns picked "
+                                "by torch.where")
         if op in ("conv", "recurrent"):
             return "emulated", "weight dequantized once at load; torch's float op"
         return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"

@@ -51,6 +51,8 @@ class TvmBackend(BackendBase):
         if op == "kv_append":
             return "refused", ("a KV cache quantized per channel over token groups / with a float window has no TVM "
                                "lowering yet")
+        if op == "act_outliers":
+            return "refused", "activation groups in two precisions (FMPQ) have no TVM lowering yet"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
