@@ -6,7 +6,8 @@ against float and W4A4 with a float cache, through the cache path and the simula
 
 Rows: ``fp32`` (float weights and cache), ``w4a4`` (preset ``w4a4-g64-rot-gptq``, float cache),
 ``w4a4kv4`` (preset ``w4a4kv4``: the same plus KIVI-4 keys per channel before RoPE, values per token
-in groups of 32, the newest 128 tokens and one sink in float). Each compiled with ``kv_cache=True``
+in groups of 32, the newest 128 tokens and one sink in float), ``w4a4kv4-fmpq25`` (the same with a
+quarter of each activation site's groups at 8 bits, ``act_outlier_fraction: 0.25``). Each compiled with ``kv_cache=True``
 on the default Brown calibration (32 x 512 tokens); perplexity on the first ``--windows``
 WikiText-2 test windows of 2048 (``benchmarks/kv_quant.both_ppl``), cache bytes per token at a
 2048-token context, compile seconds.
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kv_quant import both_ppl, cache_bytes_per_token  # noqa: E402
 
-ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4")]
+ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4"),
+        # FMPQ: a quarter of each activation site's groups of 64 at 8 bits (opt-in recipe field)
+        ("w4a4kv4-fmpq25", {"base": "w4a4kv4", "name": "w4a4kv4-fmpq25", "act_outlier_fraction": 0.25})]
 
 
 def main() -> None:
@@ -39,6 +42,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import machine
+    from finegrain.compiler.recipe import get_recipe
     from finegrain.eval.perplexity import wikitext_ids
     from finegrain.jobs import compile_loaded
     from finegrain.models import load_model
@@ -51,11 +55,13 @@ def main() -> None:
     for name, recipe in ROWS:
         if name not in args.rows:
             continue
+        if isinstance(recipe, dict) and "base" in recipe:  # a preset with some fields changed
+            recipe = {**get_recipe(recipe["base"]).to_dict(), **{k: v for k, v in recipe.items() if k != "base"}}
         t = time.perf_counter()
         cm = compile_loaded(lm, recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
         sim, cache = both_ppl(cm, windows, args.chunk)
-        r = {"row": name, "recipe": recipe if isinstance(recipe, str) else "float", "ppl_simulated": sim,
+        r = {"row": name, "recipe": recipe if isinstance(recipe, str) else recipe["name"], "ppl_simulated": sim,
              "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight() or 32.0,
              "kv_bytes_per_token": cache_bytes_per_token(cm),
              "compile_s": round(build, 1)}
