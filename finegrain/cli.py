@@ -779,14 +779,17 @@ def cmd_generate(args) -> None:
         if session is not cm:
             session.close()
     sys.stdout.write("\n")
+    kv = getattr(session, "kv", None)
+    packed = len(getattr(session, "kv_packed", {}) or {})
+    cache = ("no KV cache: each step recomputes the sequence (quantize --kv-cache for one)" if not kv else
+             "KV cache: one token per step" + (f", {packed} of {2 * kv['layers']} presents stored bit-packed" if packed
+                                              else ""))
     _say(f"[{backend}] prefill {g.prompt_tokens} tokens in {g.prefill_seconds:.3f} s "
          f"({g.prefill_tokens_per_second:.1f} tokens/s); decode {len(g.tokens)} tokens in {g.decode_seconds:.3f} s "
-         f"({g.decode_tokens_per_second:.1f} tokens/s, "
-         f"{'KV cache: one token per step' if getattr(session, 'kv', None) else 'no KV cache: each step recomputes the sequence (quantize --kv-cache for one)'}); "
-         f"stopped by {g.stopped}", style="dim")
+         f"({g.decode_tokens_per_second:.1f} tokens/s, {cache}); stopped by {g.stopped}", style="dim")
 
 
-GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}}
+GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}, "torch": lambda a: {"kv_storage": a.kv_storage}}
 
 
 def cmd_backends(args) -> None:
@@ -1048,6 +1051,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this probability mass")
     gn.add_argument("--seed", type=int, default=None, help="seed of the sampler (repeatable output)")
     gn.add_argument("--allow-native", action="store_true", help="allow a TVM deployment (native code) as the artifact")
+    gn.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
+                    help="--backend torch, an artifact with a quantized KV cache: keep the cache bit-packed (its "
+                         "formats' bytes; every step unpacks it) or in fp32 (the same values, 4-13x the memory, faster)")
     gn.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("backends", help="the registered backends and what each takes: presets and formats x "

@@ -126,6 +126,19 @@ def test_kv_cache_quantize_generate_and_genai_export(hf_dir, tmp_path, capsys):
                      "--backend", backend]) == 0
         out = capsys.readouterr().out
         assert "KV cache: one token per step" in out, out
+    kv4 = tmp_path / "kv4.json"  # a quantized cache: packed by default on the reference, the same tokens in fp32
+    kv4.write_text(json.dumps({"name": "kv4", "rules": [], "kv_key": "int4-g16-asym-fp16-dyn",
+                               "kv_value": "int4-g16-asym-fp16-dyn"}))
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", str(kv4), "--out", str(tmp_path / "q"), "--kv-cache",
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    texts = {}
+    for storage in ("packed", "float"):
+        assert main(["generate", str(tmp_path / "q"), "--prompt", "Hello there", "--max-new-tokens", "6",
+                     "--kv-storage", storage]) == 0
+        texts[storage] = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
+    assert "4 of 4 presents stored bit-packed" in texts["packed"] and "bit-packed" not in texts["float"]
+    assert texts["packed"].split("[torch]")[0] == texts["float"].split("[torch]")[0]  # the same generated text
     pytest.importorskip("onnxruntime_genai")
     assert main(["export", str(art), "--genai", str(tmp_path / "genai"), "--style", "matmulnbits", "--check"]) == 0
     out = capsys.readouterr().out
