@@ -19,13 +19,16 @@ cache: ``dequantize(quantize(x))`` is unchanged by storing its codes.
 Packed: integer formats per token or in groups along the head dim (plain, RotateKV's rotated
 cache, per-layer KVTuner formats) as :class:`PackedKV`; ``kv_append`` writes (KIVI's per-channel
 keys, float windows, sinks, pre-RoPE keys) as :class:`WindowedKV` (sinks and the newest tokens
-fp32, the rest packed, pre-RoPE keys stored before RoPE). Left in fp32, and said so by
-:func:`lower`'s ``skipped`` list: ZipCache's mixed-precision writes and formats with a second-level
-scale or a codebook. The cost is the reference's: every step dequantizes the whole packed past
+fp32, the rest packed, pre-RoPE keys stored before RoPE); ZipCache's mixed-precision writes as
+:class:`ZipKV` (a salient bit per token, the salient and the other tokens' codes in their two
+formats, the channel normalizers; its saliency op reads the packed key past's fp32 read). Left in
+fp32, and said so by :func:`lower`'s ``skipped`` list: formats with a second-level scale or a
+codebook. The cost is the reference's: every step dequantizes the whole packed past
 (the memory is the packed bytes plus one layer's fp32 K / V while attention runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass, replace
 
@@ -34,7 +37,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.base import QTensor
-from finegrain.compiler.ops import KV_APPEND
+from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE, _fmt
 from finegrain.formats.packing import pack, packed_row_bytes, unpack
 
@@ -204,6 +207,170 @@ def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tens
     return past.append(new)
 
 
+def _empty_parts(f: QuantFormat, lead: tuple, params: int, head_dim: int) -> tuple:
+    """Empty (codes, scales, zero points) rows of ``f`` with ``params`` scales per row."""
+    sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
+    zbytes = 0 if f.symmetric else packed_row_bytes(params, f.family.metadata_bits(f))
+    return (torch.zeros(*lead, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
+            torch.zeros(*lead, 0, params, dtype=sdt), torch.zeros(*lead, 0, zbytes, dtype=torch.uint8))
+
+
+@dataclass(frozen=True)
+class ZipKV:
+    """A ZipCache write's cache (``kv_append`` with a saliency score) stored packed: the sinks fp32,
+    then the released blocks (``flags`` ``[B, H, blocks, block / 8]``: one bit per token, salient or
+    not; the salient tokens' codes in ``hi``, the others' in ``lo``, each ``(codes, scales, zero
+    points)`` in token order),
+    then the tokens waiting for their block fp32 (``tail``). Token-wise (``per_channel`` False):
+    parameters per token, ``norm`` the fp16 channel normalizer per block (keys) or empty;
+    ``per_channel``: parameters per block and channel for each subset ``[B, H, blocks, D]``."""
+
+    sinks: torch.Tensor
+    flags: torch.Tensor
+    hi: tuple
+    lo: tuple
+    norm: torch.Tensor
+    tail: torch.Tensor
+    spec: dict
+    inv_freq: torch.Tensor | None = None
+    rotated: bool = False
+
+    @property
+    def fmt(self) -> str:
+        return self.spec["fmt"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.tail.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, s, d = self.sinks.shape
+        return b, h, s + self.flags.shape[2] * self.spec["block"] + self.tail.shape[2], d
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.sinks, self.flags, self.norm, self.tail, *self.hi, *self.lo]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def _salient(self) -> torch.Tensor:
+        b, h, nb, _ = self.flags.shape
+        return unpack(self.flags, 1, False, self.spec["block"]).bool().reshape(b, h, nb * self.spec["block"])
+
+    @classmethod
+    def empty(cls, spec: dict, batch: int, heads: int, head_dim: int) -> "ZipKV":
+        z = torch.zeros(batch, heads, 0, head_dim)
+        parts = []
+        for tag in (spec["fmt"], spec["fmt_low"]):
+            f = _fmt(tag)
+            if spec["axis"] == "tokens":
+                codes, scale, zero = _empty_parts(f, (batch, heads), head_dim, head_dim)
+            else:
+                codes, scale, zero = _empty_parts(f, (batch, heads), f.num_groups(head_dim) if f.granularity == "group"
+                                                  else 1, head_dim)
+            parts.append((codes, scale, zero))
+        return cls(z, torch.zeros(batch, heads, 0, packed_row_bytes(spec["block"], 1), dtype=torch.uint8), parts[0], parts[1],
+                   torch.zeros(batch, heads, 0, head_dim, dtype=torch.float16), z, spec)
+
+    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        return WindowedKV._transform(self, x, start, inverse)  # the same pre-RoPE round trip
+
+    def _subset(self, x: torch.Tensor, member: torch.Tensor, f: QuantFormat, block: int) -> tuple:
+        """``x`` ``[B, H, n, D]`` (blocks of ``block``) quantized as ``kv_append`` does for the tokens in
+        ``member``: their (codes, scales, zero points) packed, in token order."""
+        b, h, n, d = x.shape
+        if self.spec["axis"] == "tokens":  # per channel over the block's members (non-members repeat one)
+            xt = x.reshape(b, h, n // block, block, d).transpose(3, 4)
+            m = member.reshape(b, h, n // block, block)
+            first = m.float().argmax(-1)[..., None, None].expand(b, h, n // block, d, 1)
+            filled = torch.where(m.unsqueeze(3).expand_as(xt), xt, xt.gather(-1, first))
+            f1 = dataclasses.replace(f, granularity="token", group_size=None)
+            q = f1.quantize(filled)
+            codes = q.codes.transpose(3, 4).reshape(b, h, n, d)[member].reshape(b, h, -1, d)
+            zero = (pack(q.zero[..., 0].to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
+                    else torch.zeros(b, h, n // block, 0, dtype=torch.uint8))
+            return (pack(codes, f.bits, f.signed), scales.stored_scale(f1, q)[..., 0], zero)
+        if not member.any():  # ratio 0 or 1: one subset is empty
+            return _empty_parts(f, (b, h), f.num_groups(d) if f.granularity == "group" else 1, d)
+        return _pack_parts(f, f.quantize(x[member].reshape(b, h, -1, d)))
+
+    def _read(self, part: tuple, f: QuantFormat, member: torch.Tensor, block: int) -> torch.Tensor:
+        b, h, n = member.shape
+        d = self.head_dim
+        codes, scale, zero = part
+        out = torch.zeros(b, h, n, d)
+        if self.spec["axis"] == "tokens":
+            f1 = dataclasses.replace(f, granularity="token", group_size=None)
+            full = torch.zeros(b, h, n, d, dtype=torch.int8 if f.signed else torch.uint8)
+            full[member] = unpack(codes, f.bits, f.signed, d).reshape(-1, d)
+            s = scales.load_scale(f1, scale, None)
+            z = (torch.zeros(s.shape, dtype=torch.int32) if f.symmetric
+                 else unpack(zero, f.family.metadata_bits(f), False, d).to(torch.int32))
+            full_t = full.reshape(b, h, n // block, block, d).transpose(3, 4)
+            vals = f1.dequantize(QTensor(full_t.contiguous(), s[..., None], z[..., None]), torch.float32)
+            return vals.transpose(3, 4).reshape(b, h, n, d)
+        params = f.num_groups(d) if f.granularity == "group" else 1
+        if codes.shape[2]:
+            out[member] = f.dequantize(_unpack_parts(f, codes, scale, zero, d, params), torch.float32).reshape(-1, d)
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        if not self.flags.shape[2]:
+            return torch.cat([self.sinks, self.tail], 2)
+        block = self.spec["block"]
+        sal = self._salient()
+        n = sal.shape[2]
+        hi, lo = _fmt(self.spec["fmt"]), _fmt(self.spec["fmt_low"])
+        body = torch.where(sal.unsqueeze(-1), self._read(self.hi, hi, sal, block), self._read(self.lo, lo, ~sal, block))
+        if self.norm.shape[2]:
+            b, h, _, d = body.shape
+            body = (body.reshape(b, h, n // block, block, d) * self.norm.float().unsqueeze(3)).reshape(b, h, n, d)
+        body = self._transform(body, self.spec["sinks"], inverse=False)
+        return torch.cat([self.sinks, body.to(self.tail.dtype), self.tail], 2)
+
+    def append(self, new: torch.Tensor, score: torch.Tensor) -> "ZipKV":
+        from finegrain.compiler.ops import kv_quantized_span
+
+        sp = self.spec
+        t0 = self.shape[2]
+        take = max(0, min(sp["sinks"] - self.sinks.shape[2], new.shape[2]))
+        sinks = torch.cat([self.sinks, new[:, :, :take].to(self.sinks.dtype)], 2) if take else self.sinks
+        tail = torch.cat([self.tail, new[:, :, take:].to(self.tail.dtype)], 2)
+        a, b = kv_quantized_span("tokens", sp["block"], t0, t0 + new.shape[2], sp["window"], sp["sinks"])
+        if a >= b:
+            return replace(self, sinks=sinks, tail=tail.contiguous())
+        seg = self._transform(tail[:, :, :b - a].float(), a, inverse=True)
+        tail = tail[:, :, b - a:]
+        bb, h, n, d = seg.shape
+        block = sp["block"]
+        norm = self.norm
+        if sp["channel_norm"]:
+            c = seg.reshape(bb, h, n // block, block, d).abs().amax(dim=3).clamp_min(1e-6).sqrt().half()
+            seg = (seg.reshape(bb, h, n // block, block, d) / c.float().unsqueeze(3)).reshape(bb, h, n, d)
+            norm = torch.cat([norm, c], 2)
+        k = round(sp["ratio"] * n)
+        sal = torch.zeros(bb, h, n, dtype=torch.bool)
+        if k:
+            sal.scatter_(-1, score[:, :, a:b].topk(k, dim=-1).indices, True)
+        parts = {}
+        for name, tag, member in (("hi", sp["fmt"], sal), ("lo", sp["fmt_low"], ~sal)):
+            new_part = self._subset(seg, member, _fmt(tag), block)
+            parts[name] = tuple(torch.cat([old, p], 2) for old, p in zip(getattr(self, name), new_part))
+        flags = pack(sal.reshape(bb, h, n // block, block).to(torch.uint8), 1, False)  # one bit per token
+        return replace(self, sinks=sinks, flags=torch.cat([self.flags, flags], 2), hi=parts["hi"], lo=parts["lo"],
+                       norm=norm, tail=tail.contiguous())
+
+
+def kv_zip_append(past: ZipKV, new: torch.Tensor, score: torch.Tensor, inv_freq: torch.Tensor | None = None,
+                  rotated: bool = False) -> ZipKV:
+    """ZipCache's ``finegrain::kv_append(past, new, ..., score, ...)`` on a packed past."""
+    if not isinstance(past, ZipKV):
+        raise TypeError(f"kv_zip_append: the past is {type(past).__name__}, expected a ZipKV")
+    if past.inv_freq is not inv_freq or past.rotated != rotated:
+        past = replace(past, inv_freq=inv_freq, rotated=bool(rotated))
+    return past.append(new, score)
+
+
 def packable(fmt: QuantFormat) -> str | None:
     """Why ``fmt`` cannot be stored packed here, or None."""
     if fmt.granularity not in ("token", "group"):
@@ -256,8 +423,10 @@ def _is_empty(n, gm: GraphModule) -> bool:
 
 
 def _unwrap_past(past, gm: GraphModule):
-    """The past placeholder under transformers' ``cat([empty 1-D tensor, past])`` (its cache starts from one)."""
-    if isinstance(past, Node) and past.target is torch.ops.aten.cat.default and len(past.users) == 1:
+    """The past placeholder under transformers' ``cat([empty 1-D tensor, past])`` (its cache starts from one;
+    ZipCache's saliency may read it too)."""
+    if isinstance(past, Node) and past.target is torch.ops.aten.cat.default \
+            and sum(u.target is not KV_SALIENCY for u in past.users) == 1:
         *empty, last = past.args[0]
         if all(_is_empty(e, gm) for e in empty):
             return last
@@ -297,14 +466,17 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
     for i, p in enumerate(list(out.args[0][1:])):
         if not isinstance(p, Node):
             continue
-        if p.target is KV_APPEND and len(p.args) > 8 and p.args[8] is not None:
-            skipped.append(f"present {i} ({p.name}): ZipCache's mixed-precision write stays fp32 (not packed yet)")
-            continue
+        zip_score = p.args[8] if p.target is KV_APPEND and len(p.args) > 8 else None
+        saliency = []  # ZipCache's kv_saliency reading this (key) past: it gets the packed past's fp32 read
         if p.target is KV_APPEND:
             past, new, tag, axis, window, sinks = p.args[:6]
+            saliency = [u for u in (past.users if isinstance(past, Node) else ()) if u.target is KV_SALIENCY]
             inv_freq, rotated = (list(p.args[6:8]) + [None, False][len(p.args[6:8]):])
             past = _unwrap_past(past, gm)
             spec = {"kind": "windowed", "fmt": tag, "axis": axis, "window": window, "sinks": sinks}
+            if zip_score is not None:
+                low, ratio, block, channel_norm = (list(p.args[9:13]) + [None, 1.0, 1, False][len(p.args[9:13]):])
+                spec.update(kind="zip", fmt_low=low, ratio=ratio, block=block, channel_norm=channel_norm)
             q = None
         else:
             found = _quantized_present(p, gm)
@@ -314,13 +486,19 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             spec = {"kind": "token", "fmt": tag}
         why = packable(_fmt(tag))
         sizes = [u for u in past.users if u.target is torch.ops.aten.sym_size.int] if past is not None else []
-        if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes):
+        if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes) + (
+                past in {u.args[1] for u in saliency}):
             skipped.append(f"present {i} ({p.name}): {why or 'the past is read elsewhere'}; stays fp32")
             continue
         for u in sizes:
             u.target = kv_packed_size
+        for u in saliency:
+            with g.inserting_before(u):
+                u.replace_input_with(u.args[1], g.call_function(kv_packed_read, (past,)))
         with g.inserting_before(p):
-            if q is None:
+            if zip_score is not None:
+                packed = g.call_function(kv_zip_append, (past, new, zip_score, inv_freq, rotated))
+            elif q is None:
                 packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated))
             else:
                 parts = tuple(g.call_function(operator.getitem, (q, k)) for k in range(3))
@@ -341,6 +519,8 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
 
 def empty_state(spec: dict, batch: int, heads: int, head_dim: int):
     """The packed past of a present ``spec`` (from :func:`lower`) before any token."""
+    if spec["kind"] == "zip":
+        return ZipKV.empty(spec, batch, heads, head_dim)
     if spec["kind"] == "windowed":
         return WindowedKV.empty(spec, batch, heads, head_dim)
     return PackedKV.empty(spec["fmt"], batch, heads, head_dim)

@@ -32,7 +32,7 @@ the low format, keys channel-separable token-wise.
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
 bit-packed, scales / zero points as stored, float windows and sinks fp32;
 ``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); ONNX Runtime, TVM
-and GPU sessions, and ZipCache's mixed-precision writes, store fp32 holding the format's values;
+and GPU sessions store fp32 holding the format's values;
 ``report["kv_cache"]`` states the bytes per token next to the fp32 cache's.
 """
 from __future__ import annotations
@@ -302,7 +302,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
                         "points as stored, float windows / sinks fp32); fp32 holding the format's values in ONNX "
-                        "Runtime / TVM / GPU sessions and for ZipCache's mixed-precision writes")}
+                        "Runtime / TVM / GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})

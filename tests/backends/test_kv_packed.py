@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import finegrain
-from finegrain.backends.kv_packed import PackedKV, WindowedKV, kv_packed_append, kv_windowed_append
+from finegrain.backends.kv_packed import PackedKV, WindowedKV, ZipKV, kv_packed_append, kv_windowed_append
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import quantize
@@ -129,3 +129,29 @@ def test_appending_in_chunks_stores_the_format_values(cuts, fmt):
     assert torch.equal(p.dequantize(), QuantFormat.parse(fmt).fake_quantize(x))
     with pytest.raises(TypeError, match="expected a PackedKV in int4-g8-asym-fp16-dyn"):
         kv_packed_append(x, *quantize(x, "int4-g8-asym-fp16-dyn"), "int4-g8-asym-fp16-dyn")
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_zipcache_cache_is_packed_with_a_salient_bit_per_token(llama, per_channel):
+    keys = (("int4-g8-asym-fp16-dyn", "int2-g8-asym-fp16-dyn") if per_channel
+            else ("int4-token-asym-fp16-dyn", "int2-token-asym-fp16-dyn"))
+    r = _recipe(keys[0], "int4-g16-asym-fp16-dyn", not per_channel, kv_pre_rope=True, kv_sinks=1,
+                kv_key_axis="tokens" if per_channel else "head_dim", kv_zip_key=keys[1],
+                kv_zip_value="int2-g8-asym-fp16-dyn", kv_zip_block=8, kv_zip_ratio=0.25, kv_zip_probes=0.3)
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(3))
+    packed, flt = cm.session(), cm.session(kv_storage="float")
+    assert len(packed.kv_packed) == 4 and packed.kv_float == []
+    for prefill in (5, 17, 41):
+        a, sa = _decode(packed, x, prefill)
+        b, sb = _decode(flt, x, prefill)
+        assert torch.equal(a, b)  # the saliency reads the packed key past's fp32 read: the same ranking
+        assert all(isinstance(p, ZipKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    # 41 tokens: 1 sink + 5 released blocks of 8 (10 salient tokens: round(0.25 * 40) over one write, or 2 per
+    # block when decoded one token at a time) + 0 waiting; count one head's bytes by hand for the values
+    v = sa["past"][1]
+    salient = int(v._salient().sum()) // 2  # per head (2 K / V heads)
+    per_token = {"hi": 8 + 2 + 1,  # int4 g16: codes, one fp16 scale, a 4-bit zero in a byte
+                 "lo": 4 + 2 * 2 + 1}  # int2 g8: codes, two fp16 scales, two 2-bit zeros in a byte
+    want = 16 * 4 + salient * per_token["hi"] + (40 - salient) * per_token["lo"] + 5 * 1  # sink, codes, flags
+    assert v.nbytes == 2 * want and salient == 10
