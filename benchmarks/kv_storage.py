@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_quant import CONFIGS  # noqa: E402
 
 DEFAULT = ("KV8 per token", "KV4 per token", "KV2 per token + Hadamard + sink", "KIVI-4 + pre-RoPE + sink",
-           "KIVI-2 g16 + pre-RoPE + sink")
+           "KIVI-2 g16 + pre-RoPE + sink", "ZipCache 4/2, 50% salient, keys per channel + pre-RoPE + sink")
 
 
 def _cache_bytes(state) -> int:
