@@ -2,7 +2,7 @@
 bundled SmolLM2, float weights, reference backend, against the same compile with the cache kept
 in fp32 (``session(kv_storage="float")``) in the same process.
 
-    PYTHONPATH=. python benchmarks/kv_storage.py [--past 2048] [--steps 16] [--configs KV4,KIVI-4] [--out results/kv_storage]
+    PYTHONPATH=. python benchmarks/kv_storage.py [--past 2048] [--steps 16] [--configs "KV4 per token" ...] [--out results/kv_storage]
 
 For each KV recipe (``benchmarks/kv_quant.py``'s configs): a WikiText-2 window of ``--past`` tokens
 prefilled through the cache in chunks of 256, then ``--steps`` single-token decode steps. Measured:
@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--past", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--configs", default=",".join(DEFAULT), help="comma-separated config names (kv_quant.py's)")
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT), help="config names (kv_quant.py's)")
     ap.add_argument("--out", default="results/kv_storage")
     args = ap.parse_args()
 
@@ -68,7 +68,7 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     window = wikitext_ids(lm.tokenizer)[:args.past + args.steps].unsqueeze(0)
     rows = []
-    for name in [c for c in args.configs.split(",") if c]:
+    for name in args.configs:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; one of {sorted(CONFIGS)}")
         recipe = {"name": name, "rules": [], **CONFIGS[name]}
