@@ -28,7 +28,6 @@ codebook. The cost is the reference's: every step dequantizes the whole packed p
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 from dataclasses import dataclass, replace
 
@@ -40,6 +39,14 @@ from finegrain.formats.base import QTensor
 from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE, _fmt
 from finegrain.formats.packing import pack, packed_row_bytes, unpack
+
+
+def _empty_parts(f: QuantFormat, lead: tuple, params: int, head_dim: int) -> tuple:
+    """Empty (codes, scales, zero points) rows of ``f`` with ``params`` scales per row."""
+    sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
+    zbytes = 0 if f.symmetric else packed_row_bytes(params, f.family.metadata_bits(f))
+    return (torch.zeros(*lead, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
+            torch.zeros(*lead, 0, params, dtype=sdt), torch.zeros(*lead, 0, zbytes, dtype=torch.uint8))
 
 
 @dataclass(frozen=True)
@@ -58,11 +65,7 @@ class PackedKV:
     def empty(cls, fmt: str, batch: int, heads: int, head_dim: int) -> "PackedKV":
         f = _fmt(fmt)
         groups = f.num_groups(head_dim) if f.granularity == "group" else 1
-        zbytes = 0 if f.symmetric else packed_row_bytes(groups, f.family.metadata_bits(f))
-        sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
-        return cls(torch.zeros(batch, heads, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
-                   torch.zeros(batch, heads, 0, groups, dtype=sdt),
-                   torch.zeros(batch, heads, 0, zbytes, dtype=torch.uint8), fmt, head_dim)
+        return cls(*_empty_parts(f, (batch, heads), groups, head_dim), fmt, head_dim)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -78,13 +81,8 @@ class PackedKV:
         f = _fmt(self.fmt)
         if not self.codes.shape[2]:
             return torch.zeros(self.shape)
-        codes = unpack(self.codes, f.bits, f.signed, self.head_dim)
-        scale = scales.load_scale(f, self.scale, None)
-        if f.symmetric:
-            zero = torch.zeros(scale.shape, dtype=torch.int32)
-        else:
-            zero = unpack(self.zero, f.family.metadata_bits(f), False, scale.shape[-1]).to(torch.int32)
-        return f.dequantize(QTensor(codes, scale, zero), torch.float32)
+        q = _unpack_parts(f, self.codes, self.scale, self.zero, self.head_dim, self.scale.shape[-1])
+        return f.dequantize(q, torch.float32)
 
 
 def _pack_parts(f: QuantFormat, q: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,16 +124,10 @@ class WindowedKV:
     def empty(cls, spec: dict, batch: int, heads: int, head_dim: int) -> "WindowedKV":
         f = _fmt(spec["fmt"])
         z = torch.zeros(batch, heads, 0, head_dim)
-        if spec["axis"] == "tokens":  # one (scale, zero) per channel and group of G tokens: rows of D
-            groups, zbits = head_dim, packed_row_bytes(head_dim, f.family.metadata_bits(f))
-        else:
-            groups = f.num_groups(head_dim) if f.granularity == "group" else 1
-            zbits = packed_row_bytes(groups, f.family.metadata_bits(f))
-        sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
-        empty = (torch.zeros(batch, heads, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
-                 torch.zeros(batch, heads, 0, groups, dtype=sdt),
-                 torch.zeros(batch, heads, 0, 0 if f.symmetric else zbits, dtype=torch.uint8))
-        return cls(z, *empty, z, spec["fmt"], spec["axis"], spec["window"], spec["sinks"])
+        # axis "tokens": one (scale, zero) per channel and group of G tokens, rows of D
+        params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim) if f.granularity == "group" else 1
+        return cls(z, *_empty_parts(f, (batch, heads), params, head_dim), z, spec["fmt"], spec["axis"], spec["window"],
+                   spec["sinks"])
 
     @property
     def head_dim(self) -> int:
@@ -207,14 +199,6 @@ def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tens
     return past.append(new)
 
 
-def _empty_parts(f: QuantFormat, lead: tuple, params: int, head_dim: int) -> tuple:
-    """Empty (codes, scales, zero points) rows of ``f`` with ``params`` scales per row."""
-    sdt = scales.stored_scale(f, QTensor(torch.zeros(0), torch.ones(1), torch.zeros(1))).dtype
-    zbytes = 0 if f.symmetric else packed_row_bytes(params, f.family.metadata_bits(f))
-    return (torch.zeros(*lead, 0, packed_row_bytes(head_dim, f.bits), dtype=torch.uint8),
-            torch.zeros(*lead, 0, params, dtype=sdt), torch.zeros(*lead, 0, zbytes, dtype=torch.uint8))
-
-
 @dataclass(frozen=True)
 class ZipKV:
     """A ZipCache write's cache (``kv_append`` with a saliency score) stored packed: the sinks fp32,
@@ -284,7 +268,7 @@ class ZipKV:
             m = member.reshape(b, h, n // block, block)
             first = m.float().argmax(-1)[..., None, None].expand(b, h, n // block, d, 1)
             filled = torch.where(m.unsqueeze(3).expand_as(xt), xt, xt.gather(-1, first))
-            f1 = dataclasses.replace(f, granularity="token", group_size=None)
+            f1 = replace(f, granularity="token", group_size=None)
             q = f1.quantize(filled)
             codes = q.codes.transpose(3, 4).reshape(b, h, n, d)[member].reshape(b, h, -1, d)
             zero = (pack(q.zero[..., 0].to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
@@ -300,7 +284,7 @@ class ZipKV:
         codes, scale, zero = part
         out = torch.zeros(b, h, n, d)
         if self.spec["axis"] == "tokens":
-            f1 = dataclasses.replace(f, granularity="token", group_size=None)
+            f1 = replace(f, granularity="token", group_size=None)
             full = torch.zeros(b, h, n, d, dtype=torch.int8 if f.signed else torch.uint8)
             full[member] = unpack(codes, f.bits, f.signed, d).reshape(-1, d)
             s = scales.load_scale(f1, scale, None)
@@ -388,13 +372,9 @@ def kv_packed_append(past: PackedKV, codes: torch.Tensor, scale: torch.Tensor, z
     if not isinstance(past, PackedKV) or past.fmt != fmt:
         raise TypeError(f"kv_packed_append: the past is {type(past).__name__}"
                         f"{' in ' + past.fmt if isinstance(past, PackedKV) else ''}, expected a PackedKV in {fmt}")
-    f = _fmt(fmt)
-    new_codes = pack(codes, f.bits, f.signed)
-    new_scale = scales.stored_scale(f, QTensor(codes, scale, zero))
-    new_zero = (pack(zero.to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
-                else zero.new_zeros((*zero.shape[:-1], 0), dtype=torch.uint8))
-    return PackedKV(torch.cat([past.codes, new_codes], dim=2), torch.cat([past.scale, new_scale], dim=2),
-                    torch.cat([past.zero, new_zero], dim=2), fmt, past.head_dim)
+    parts = _pack_parts(_fmt(fmt), QTensor(codes, scale, zero))
+    return PackedKV(*(torch.cat([old, p], dim=2) for old, p in zip((past.codes, past.scale, past.zero), parts)), fmt,
+                    past.head_dim)
 
 
 def kv_packed_size(packed: PackedKV, dim: int) -> int:
@@ -402,7 +382,7 @@ def kv_packed_size(packed: PackedKV, dim: int) -> int:
     return packed.shape[dim]
 
 
-def kv_packed_read(packed: "PackedKV | WindowedKV") -> torch.Tensor:
+def kv_packed_read(packed: "PackedKV | WindowedKV | ZipKV") -> torch.Tensor:
     """The fp32 cache attention reads."""
     return packed.dequantize()
 
