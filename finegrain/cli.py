@@ -952,8 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--max-windows", type=NONNEG, default=8, help="windows per evaluation (0 = all)")
     pa.add_argument("--kv", action="store_true", help="allocate KV cache bits per layer instead (KVTuner: (K, V) "
                                                        "bits in {2,4,8}^2 per layer under --budgets average KV bits, "
-                                                       "default 2.5 3 3.25 4; weights as --recipe, e.g. float); "
-                                                       "perplexity through the cache")
+                                                       "default 2.5 3 3.25 4; weights as --recipe: a recipe file "
+                                                       "with no rules keeps them float); perplexity through the cache")
     pa.add_argument("--kv-objective", choices=("attention", "loss"), default="attention",
                     help="--kv sensitivity: the layer's attention-output error or the next-token loss increase")
     pa.add_argument("--kv-samples", type=POS, default=4, help="--kv sensitivity calibration windows of 512 tokens")

@@ -26,8 +26,9 @@ without quantization the graph computes exactly what it did. All three are onlin
 ZipCache (``recipe.kv_zip_key`` / ``kv_zip_value``): the write is a ``kv_append`` with a
 ``finegrain::kv_saliency`` score (the normalized attention score of every cached token from a probe
 subset of the layer's queries, wired in by :func:`_wire_saliency`); each block of ``kv_zip_block``
-tokens is quantized once, its most salient ``kv_zip_ratio`` in ``kv_key`` / ``kv_value``, the rest in
-the low format, keys channel-separable token-wise.
+tokens is quantized once, the most salient ``kv_zip_ratio`` of each write in ``kv_key`` /
+``kv_value``, the rest in the low format; keys channel-separable token-wise, or (``kv_key_axis:
+tokens``) per channel over each block's salient / other tokens.
 
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
 bit-packed, scales / zero points as stored, float windows and sinks fp32;
