@@ -71,7 +71,9 @@ CONFIGS = {  # name -> recipe fields
 def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]:
     """(simulated, through the cache) perplexity of ``cm`` (a KV-cache graph) on ``windows``: one
     full-sequence forward each, and the window in chunks (prefill, then each chunk over the cache)."""
-    s = cm.session()
+    from finegrain.eval.perplexity import cache_path_logits
+
+    through_cache = cache_path_logits(cm.session(), chunk)
     nll_sim = nll_cache = 0.0
     n = 0
     with torch.inference_mode():
@@ -79,12 +81,7 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]
             tgt = w[0, 1:]
             logits = cm(w)
             nll_sim += float(torch.nn.functional.cross_entropy(logits[0, :-1], tgt, reduction="sum"))
-            outs, state = [], None
-            for c in range(0, w.shape[1], chunk):
-                part = w[:, c:c + chunk]
-                lg, state = s.prefill(part) if state is None else s.step(state, part)
-                outs.append(lg)
-            lg = torch.cat(outs, 1)
+            lg = through_cache(w)
             nll_cache += float(torch.nn.functional.cross_entropy(lg[0, :-1], tgt, reduction="sum"))
             n += tgt.numel()
     return math.exp(nll_sim / n), math.exp(nll_cache / n)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_quant import both_ppl  # noqa: E402
 
 FMT = "int{}-g32-asym-fp16-dyn"
-FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1}
+from finegrain.jobs import KV_TUNE_FIELDS as FIELDS  # noqa: E402  (the settings `pareto --kv` searches with)
 PAIRS = [(FMT.format(k), FMT.format(v)) for k in (2, 4, 8) for v in (2, 4, 8)]
 
 

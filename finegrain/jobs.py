@@ -165,12 +165,9 @@ def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: lis
 
     from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
 
-    cfg = getattr(loaded.model, "config", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
-    if not head_dim:
-        raise InputError(f"pareto --kv: cannot find the head dim of {loaded.source.get('model', 'the model')} (its config "
-                         "has no head_dim / num_attention_heads)")
+    from finegrain.compiler.capture import kv_layout
+
+    head_dim = kv_layout(loaded.model)["head_dim"]  # what the model's cache really holds
     key_fmt, value_fmt = "int{}-g32-asym-fp16-dyn", f"int{{}}-g{math.gcd(32, head_dim)}-asym-fp16-dyn"
     pairs = [(key_fmt.format(k), value_fmt.format(v)) for k in bits for v in bits]
     calib = [b[0] for b in calibration_batches(loaded.tokenizer, kv_samples, kv_seq_len, text=calib_text)]

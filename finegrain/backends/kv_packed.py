@@ -36,7 +36,8 @@ from torch.fx import Graph, GraphModule, Node
 
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.base import QTensor
-from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
+from finegrain.compiler.ops import (KV_APPEND, KV_SALIENCY, zip_block_format, zip_channel_norm, zip_salient,
+                                    zip_subset_rows)
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE, _fmt
 from finegrain.formats.packing import pack, packed_row_bytes, unpack
 
@@ -64,7 +65,7 @@ class PackedKV:
     @classmethod
     def empty(cls, fmt: str, batch: int, heads: int, head_dim: int) -> "PackedKV":
         f = _fmt(fmt)
-        groups = f.num_groups(head_dim) if f.granularity == "group" else 1
+        groups = f.num_groups(head_dim)
         return cls(*_empty_parts(f, (batch, heads), groups, head_dim), fmt, head_dim)
 
     @property
@@ -99,8 +100,37 @@ def _unpack_parts(f: QuantFormat, codes, scale, zero, head_dim: int, params: int
     return QTensor(unpack(codes, f.bits, f.signed, head_dim), s, z)
 
 
+class _SinksAndTail:
+    """What the two windowed records share: fp32 ``sinks`` first and ``tail`` last around the packed
+    tokens, and pre-RoPE keys (``inv_freq``, ``rotated``) stored before RoPE."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.tail.shape[-1]
+
+    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        if self.inv_freq is None:
+            return x
+        from finegrain.compiler.ops import _hadamard, _rope
+
+        x = _rope(_hadamard(x) if self.rotated else x, start, self.inv_freq, inverse=inverse)
+        return _hadamard(x) if self.rotated else x
+
+    def _grow(self, new: torch.Tensor, n_sinks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sinks, tail) with ``new`` appended: the first ``n_sinks`` tokens of the cache to the sinks."""
+        take = max(0, min(n_sinks - self.sinks.shape[2], new.shape[2]))
+        sinks = torch.cat([self.sinks, new[:, :, :take].to(self.sinks.dtype)], 2) if take else self.sinks
+        return sinks, torch.cat([self.tail, new[:, :, take:].to(self.tail.dtype)], 2)
+
+    def with_rope(self, inv_freq: torch.Tensor | None, rotated: bool):
+        """This record reading its graph's RoPE constants (they are not part of the session's state)."""
+        if self.inv_freq is inv_freq and self.rotated == rotated:
+            return self
+        return replace(self, inv_freq=inv_freq, rotated=bool(rotated))
+
+
 @dataclass(frozen=True)
-class WindowedKV:
+class WindowedKV(_SinksAndTail):
     """A ``finegrain::kv_append`` cache (KIVI / RotateKV settings) stored packed: the first
     ``sinks`` tokens fp32, then the quantized tokens (``codes`` bit-packed along the head dim;
     ``axis="head_dim"``: ``scale`` / ``zero`` per token and head-dim group; ``axis="tokens"``: per
@@ -125,13 +155,9 @@ class WindowedKV:
         f = _fmt(spec["fmt"])
         z = torch.zeros(batch, heads, 0, head_dim)
         # axis "tokens": one (scale, zero) per channel and group of G tokens, rows of D
-        params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim) if f.granularity == "group" else 1
+        params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim)
         return cls(z, *_empty_parts(f, (batch, heads), params, head_dim), z, spec["fmt"], spec["axis"], spec["window"],
                    spec["sinks"])
-
-    @property
-    def head_dim(self) -> int:
-        return self.tail.shape[-1]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -141,14 +167,6 @@ class WindowedKV:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.sinks, self.codes, self.scale, self.zero, self.tail))
-
-    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
-        if self.inv_freq is None:
-            return x
-        from finegrain.compiler.ops import _hadamard, _rope
-
-        x = _rope(_hadamard(x) if self.rotated else x, start, self.inv_freq, inverse=inverse)
-        return _hadamard(x) if self.rotated else x
 
     def dequantize(self) -> torch.Tensor:
         f = _fmt(self.fmt)
@@ -160,7 +178,7 @@ class WindowedKV:
             body = f.dequantize(QTensor(*(t.transpose(2, 3).contiguous() for t in q[:3])), torch.float32)
             body = body.transpose(2, 3)
         else:
-            params = f.num_groups(d) if f.granularity == "group" else 1
+            params = f.num_groups(d)
             body = f.dequantize(_unpack_parts(f, self.codes, self.scale, self.zero, d, params), torch.float32)
         body = self._transform(body, self.n_sinks, inverse=False)
         return torch.cat([self.sinks, body.to(self.tail.dtype), self.tail], 2)
@@ -171,9 +189,7 @@ class WindowedKV:
 
         f = _fmt(self.fmt)
         t0 = self.shape[2]
-        take = max(0, min(self.n_sinks - self.sinks.shape[2], new.shape[2]))
-        sinks = torch.cat([self.sinks, new[:, :, :take].to(self.sinks.dtype)], 2) if take else self.sinks
-        tail = torch.cat([self.tail, new[:, :, take:].to(self.tail.dtype)], 2)
+        sinks, tail = self._grow(new, self.n_sinks)
         a, b = kv_quantized_span(self.axis, f.group_size or 1, t0, t0 + new.shape[2], self.window, self.n_sinks)
         codes, scale, zero = self.codes, self.scale, self.zero
         if a < b:  # the tail starts at token a (the first not yet quantized after the sinks)
@@ -194,13 +210,11 @@ def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tens
     """``finegrain::kv_append(past, new, ...)`` on a packed past (``inv_freq`` / ``rotated``: pre-RoPE keys)."""
     if not isinstance(past, WindowedKV):
         raise TypeError(f"kv_windowed_append: the past is {type(past).__name__}, expected a WindowedKV")
-    if past.inv_freq is not inv_freq or past.rotated != rotated:
-        past = replace(past, inv_freq=inv_freq, rotated=bool(rotated))
-    return past.append(new)
+    return past.with_rope(inv_freq, rotated).append(new)
 
 
 @dataclass(frozen=True)
-class ZipKV:
+class ZipKV(_SinksAndTail):
     """A ZipCache write's cache (``kv_append`` with a saliency score) stored packed: the sinks fp32,
     then the released blocks (``flags`` ``[B, H, blocks, block / 8]``: one bit per token, salient or
     not; the salient tokens' codes in ``hi``, the others' in ``lo``, each ``(codes, scales, zero
@@ -224,10 +238,6 @@ class ZipKV:
         return self.spec["fmt"]
 
     @property
-    def head_dim(self) -> int:
-        return self.tail.shape[-1]
-
-    @property
     def shape(self) -> tuple[int, int, int, int]:
         b, h, s, d = self.sinks.shape
         return b, h, s + self.flags.shape[2] * self.spec["block"] + self.tail.shape[2], d
@@ -247,17 +257,10 @@ class ZipKV:
         parts = []
         for tag in (spec["fmt"], spec["fmt_low"]):
             f = _fmt(tag)
-            if spec["axis"] == "tokens":
-                codes, scale, zero = _empty_parts(f, (batch, heads), head_dim, head_dim)
-            else:
-                codes, scale, zero = _empty_parts(f, (batch, heads), f.num_groups(head_dim) if f.granularity == "group"
-                                                  else 1, head_dim)
-            parts.append((codes, scale, zero))
+            params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim)  # per channel / per token
+            parts.append(_empty_parts(f, (batch, heads), params, head_dim))
         return cls(z, torch.zeros(batch, heads, 0, packed_row_bytes(spec["block"], 1), dtype=torch.uint8), parts[0], parts[1],
                    torch.zeros(batch, heads, 0, head_dim, dtype=torch.float16), z, spec)
-
-    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
-        return WindowedKV._transform(self, x, start, inverse)  # the same pre-RoPE round trip
 
     def _subset(self, x: torch.Tensor, member: torch.Tensor, f: QuantFormat, block: int) -> tuple:
         """``x`` ``[B, H, n, D]`` (blocks of ``block``) quantized as ``kv_append`` does for the tokens in
@@ -265,17 +268,15 @@ class ZipKV:
         b, h, n, d = x.shape
         if self.spec["axis"] == "tokens":  # per channel over the block's members (non-members repeat one)
             xt = x.reshape(b, h, n // block, block, d).transpose(3, 4)
-            m = member.reshape(b, h, n // block, block)
-            first = m.float().argmax(-1)[..., None, None].expand(b, h, n // block, d, 1)
-            filled = torch.where(m.unsqueeze(3).expand_as(xt), xt, xt.gather(-1, first))
-            f1 = replace(f, granularity="token", group_size=None)
+            _, filled = zip_subset_rows(xt, member.reshape(b, h, n // block, block))
+            f1 = zip_block_format(f)
             q = f1.quantize(filled)
             codes = q.codes.transpose(3, 4).reshape(b, h, n, d)[member].reshape(b, h, -1, d)
             zero = (pack(q.zero[..., 0].to(torch.uint8), f.family.metadata_bits(f), False) if not f.symmetric
                     else torch.zeros(b, h, n // block, 0, dtype=torch.uint8))
             return (pack(codes, f.bits, f.signed), scales.stored_scale(f1, q)[..., 0], zero)
         if not member.any():  # ratio 0 or 1: one subset is empty
-            return _empty_parts(f, (b, h), f.num_groups(d) if f.granularity == "group" else 1, d)
+            return _empty_parts(f, (b, h), f.num_groups(d), d)
         return _pack_parts(f, f.quantize(x[member].reshape(b, h, -1, d)))
 
     def _read(self, part: tuple, f: QuantFormat, member: torch.Tensor, block: int) -> torch.Tensor:
@@ -284,7 +285,7 @@ class ZipKV:
         codes, scale, zero = part
         out = torch.zeros(b, h, n, d)
         if self.spec["axis"] == "tokens":
-            f1 = replace(f, granularity="token", group_size=None)
+            f1 = zip_block_format(f)
             full = torch.zeros(b, h, n, d, dtype=torch.int8 if f.signed else torch.uint8)
             full[member] = unpack(codes, f.bits, f.signed, d).reshape(-1, d)
             s = scales.load_scale(f1, scale, None)
@@ -293,7 +294,7 @@ class ZipKV:
             full_t = full.reshape(b, h, n // block, block, d).transpose(3, 4)
             vals = f1.dequantize(QTensor(full_t.contiguous(), s[..., None], z[..., None]), torch.float32)
             return vals.transpose(3, 4).reshape(b, h, n, d)
-        params = f.num_groups(d) if f.granularity == "group" else 1
+        params = f.num_groups(d)
         if codes.shape[2]:
             out[member] = f.dequantize(_unpack_parts(f, codes, scale, zero, d, params), torch.float32).reshape(-1, d)
         return out
@@ -317,9 +318,7 @@ class ZipKV:
 
         sp = self.spec
         t0 = self.shape[2]
-        take = max(0, min(sp["sinks"] - self.sinks.shape[2], new.shape[2]))
-        sinks = torch.cat([self.sinks, new[:, :, :take].to(self.sinks.dtype)], 2) if take else self.sinks
-        tail = torch.cat([self.tail, new[:, :, take:].to(self.tail.dtype)], 2)
+        sinks, tail = self._grow(new, sp["sinks"])
         a, b = kv_quantized_span("tokens", sp["block"], t0, t0 + new.shape[2], sp["window"], sp["sinks"])
         if a >= b:
             return replace(self, sinks=sinks, tail=tail.contiguous())
@@ -329,13 +328,10 @@ class ZipKV:
         block = sp["block"]
         norm = self.norm
         if sp["channel_norm"]:
-            c = seg.reshape(bb, h, n // block, block, d).abs().amax(dim=3).clamp_min(1e-6).sqrt().half()
+            c = zip_channel_norm(seg.reshape(bb, h, n // block, block, d))
             seg = (seg.reshape(bb, h, n // block, block, d) / c.float().unsqueeze(3)).reshape(bb, h, n, d)
             norm = torch.cat([norm, c], 2)
-        k = round(sp["ratio"] * n)
-        sal = torch.zeros(bb, h, n, dtype=torch.bool)
-        if k:
-            sal.scatter_(-1, score[:, :, a:b].topk(k, dim=-1).indices, True)
+        sal = zip_salient(score[:, :, a:b], sp["ratio"])
         parts = {}
         for name, tag, member in (("hi", sp["fmt"], sal), ("lo", sp["fmt_low"], ~sal)):
             new_part = self._subset(seg, member, _fmt(tag), block)
@@ -350,9 +346,7 @@ def kv_zip_append(past: ZipKV, new: torch.Tensor, score: torch.Tensor, inv_freq:
     """ZipCache's ``finegrain::kv_append(past, new, ..., score, ...)`` on a packed past."""
     if not isinstance(past, ZipKV):
         raise TypeError(f"kv_zip_append: the past is {type(past).__name__}, expected a ZipKV")
-    if past.inv_freq is not inv_freq or past.rotated != rotated:
-        past = replace(past, inv_freq=inv_freq, rotated=bool(rotated))
-    return past.append(new, score)
+    return past.with_rope(inv_freq, rotated).append(new, score)
 
 
 def packable(fmt: QuantFormat) -> str | None:

@@ -158,27 +158,50 @@ def _zip_fake_quantize(seg: torch.Tensor, score: torch.Tensor, fmt, low, ratio: 
     ``low``, one (scale, zero) per channel, block and subset."""
     b, h, n, d = seg.shape
     x = seg.reshape(b, h, n // block, block, d)
-    k = round(ratio * n)
-    salient = torch.zeros(b, h, n, dtype=torch.bool)
-    if k:
-        salient.scatter_(-1, score.topk(k, dim=-1).indices, True)
-    salient = salient.reshape(b, h, n // block, block)
+    salient = zip_salient(score, ratio).reshape(b, h, n // block, block)
     if per_channel:  # each channel over the block's salient tokens in fmt, over the others in low
         xt = x.transpose(3, 4)  # [b, h, blocks, d, block]
         out = torch.empty_like(xt)
         for f, member in ((fmt, salient), (low, ~salient)):
-            m = member.unsqueeze(3).expand_as(xt)
-            first = member.float().argmax(-1)[..., None, None].expand(b, h, n // block, d, 1)
-            filled = torch.where(m, xt, xt.gather(-1, first))  # non-members repeat a member: same min / max
-            f1 = dataclasses.replace(f, granularity="token", group_size=None)  # one group: the block
-            out = torch.where(m, f1.fake_quantize(filled), out)
+            m, filled = zip_subset_rows(xt, member)
+            out = torch.where(m, zip_block_format(f).fake_quantize(filled), out)
         return out.transpose(3, 4).reshape(b, h, n, d)
     c = None
     if channel_norm:
-        c = x.abs().amax(dim=3, keepdim=True).clamp_min(1e-6).sqrt().half().float()
+        c = zip_channel_norm(x).float().unsqueeze(3)
         x = x / c
     out = torch.where(salient.unsqueeze(-1), fmt.fake_quantize(x), low.fake_quantize(x))
     return (out * c if c is not None else out).reshape(b, h, n, d)
+
+
+def zip_salient(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """ZipCache's salient tokens of one write: per (batch, head) the ``round(ratio * n)`` of highest
+    ``score`` ``[B, H, n]`` (a bool mask of that shape)."""
+    k = round(ratio * score.shape[-1])
+    salient = torch.zeros(score.shape, dtype=torch.bool)
+    if k:
+        salient.scatter_(-1, score.topk(k, dim=-1).indices, True)
+    return salient
+
+
+def zip_channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """The fp16 channel normalizer of blocks ``x`` ``[B, H, blocks, block, d]``: the square root of each
+    channel's absolute maximum over its block, ``[B, H, blocks, d]``."""
+    return x.abs().amax(dim=3).clamp_min(1e-6).sqrt().half()
+
+
+def zip_subset_rows(xt: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For channels over blocks ``xt`` ``[B, H, blocks, d, block]`` and a token subset ``member``
+    ``[B, H, blocks, block]``: (the subset's mask, shaped as ``xt``; ``xt`` with the non-members
+    replaced by a member of their block, so a per-row range over it is the subset's)."""
+    m = member.unsqueeze(3).expand_as(xt)
+    first = member.float().argmax(-1)[..., None, None].expand(*xt.shape[:-1], 1)
+    return m, torch.where(m, xt, xt.gather(-1, first))
+
+
+def zip_block_format(f):
+    """``f`` with one group per row: a channel over a block's subset of tokens."""
+    return dataclasses.replace(f, granularity="token", group_size=None)
 
 
 @torch.library.custom_op("finegrain::kv_append", mutates_args=())

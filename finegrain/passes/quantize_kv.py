@@ -80,6 +80,10 @@ def _qdq(graph, x: Node, fmt: QuantFormat) -> Node:
     return graph.call_function(DEQUANTIZE, (*parts, fmt.tag, torch.float32))
 
 
+def _scale_bytes(fmt: QuantFormat) -> int:
+    return {"fp32": 4, "fp16": 2, "bf16": 2}.get(fmt.scale, 1)
+
+
 def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_dim", window: int = 0,
                     sinks: int = 0, context: int | None = None, low: QuantFormat | None = None, ratio: float = 1.0,
                     block: int = 1, channel_norm: bool = False) -> float:
@@ -93,8 +97,7 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
         # channel normalizer (fp16, one per channel and block of keys); tokens wait in float for their block
         if axis == "tokens":  # per channel over each block's two subsets: a (scale, zero) per channel, block, subset
             quantized = head_dim * (ratio * fmt.bits + (1 - ratio) * low.bits) / 8 + 1 / 8 + sum(
-                head_dim / block * ({"fp32": 4, "fp16": 2, "bf16": 2}.get(f.scale, 1) + (0 if f.symmetric else f.bits / 8))
-                for f in (fmt, low))
+                head_dim / block * (_scale_bytes(f) + (0 if f.symmetric else f.bits / 8)) for f in (fmt, low))
         else:
             quantized = (ratio * bytes_per_token(fmt, head_dim) + (1 - ratio) * bytes_per_token(low, head_dim) + 1 / 8
                          + (2 * head_dim / block if channel_norm else 0))
@@ -102,13 +105,13 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
             return quantized
         kept = min(context, window + sinks + block - 1)
         return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
-    scale = {"fp32": 4, "fp16": 2, "bf16": 2}.get(fmt.scale, 1)
+    scale = _scale_bytes(fmt)
     zero = 0 if fmt.symmetric else fmt.bits / 8
     if axis == "tokens":
         params = head_dim / fmt.group_size
         quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
     else:  # as the reference backend stores it (backends/kv_packed.py): each token's codes and zero points
-        params = fmt.num_groups(head_dim) if fmt.granularity == "group" else 1  # bit-packed to whole bytes
+        params = fmt.num_groups(head_dim)  # bit-packed to whole bytes
         quantized = math.ceil(head_dim * fmt.bits / 8) + params * scale + math.ceil(params * zero)
     if not (window or sinks) or context is None:
         return quantized

@@ -174,17 +174,22 @@ def _float_target(w: torch.Tensor, c: torch.Tensor, h: torch.Tensor, damp: float
     return out.float()
 
 
+def _site_rows(xs: list, weights: list, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation site's rows ``xs`` (at most ``rows``, evenly spaced) and its linears' weights stacked."""
+    k = weights[0].shape[-1]
+    x = torch.cat([t.reshape(-1, k).float() for t in xs])
+    if x.shape[0] > rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
+    return x, torch.cat([t.float() for t in weights])
+
+
 def act_clip(xs: list, fmt, weights: list, rows: int = 4096) -> tuple[float, dict]:
     """The clip ratio of ``fmt`` (from ``recipe.ACT_CLIP_GRID``) minimizing the output error
     ``sum_i ||(Q_c(X) - X) W_i^T||^2`` of the linears ``weights`` reading activation rows ``xs``
     (at most ``rows`` of them, evenly spaced), and the relative error of each candidate."""
     from finegrain.compiler.recipe import ACT_CLIP_GRID
 
-    k = weights[0].shape[-1]
-    x = torch.cat([t.reshape(-1, k).float() for t in xs])
-    if x.shape[0] > rows:
-        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
-    w = torch.cat([t.float() for t in weights])
+    x, w = _site_rows(xs, weights, rows)
     ref = (x @ w.T).pow(2).sum().clamp_min(1e-30)
     errs = {c: float(((dataclasses.replace(fmt, clip=c).fake_quantize(x) - x) @ w.T).pow(2).sum() / ref)
             for c in ACT_CLIP_GRID}
@@ -203,11 +208,8 @@ def act_outlier_groups(xs: list, fmt, hi, weights: list, fraction: float, rows: 
     groups along K whose switch from ``fmt`` to ``hi`` removes the most output error
     ``||(Q(X) - X)_g W_g^T||^2`` of the linears ``weights`` on rows ``xs`` (at most ``rows``, evenly
     spaced). Returns the column mask ``[K]`` and the chosen group indices."""
-    k = weights[0].shape[-1]
-    x = torch.cat([t.reshape(-1, k).float() for t in xs])
-    if x.shape[0] > rows:
-        x = x[torch.linspace(0, x.shape[0] - 1, rows).long()]
-    w = torch.cat([t.float() for t in weights])
+    x, w = _site_rows(xs, weights, rows)
+    k = x.shape[-1]
     d_lo, d_hi = fmt.fake_quantize(x) - x, hi.fake_quantize(x) - x
     g = fmt.group_size
     starts = range(0, k, g)
