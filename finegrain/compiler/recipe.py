@@ -108,6 +108,10 @@ class Recipe:
     shift and scales), with ``smoothing_alpha`` the SmoothQuant migration strength and
     ``smoothing_search`` a grid search of alpha (SmoothQuant) or the clipping threshold (OS+)
     minimizing the quantized output error of the consumers on calibration rows.
+    ``float_calibration_samples`` (0: all): how many of the calibration batches the statistics pass
+    over the float model runs; AWQ reads only the stats store's sample of rows per site, so its
+    presets take that sample from the first few batches (a sequential weight algorithm still
+    replays all of them).
 
     Weight algorithms (``passes/quantize_weights.py``): ``rtn`` rounds to nearest with scales
     from each group's range; ``clip`` searches ``clip_grid`` clip ratios in ``[clip_min, 1]`` per
@@ -171,6 +175,7 @@ class Recipe:
     act_range: str = "absmax"
     calibration_samples: int = 32
     calibration_seq_len: int = 512
+    float_calibration_samples: int = 0
     fold_norms: bool = False
     rotate: bool = False
     rotation_seed: int = 0
@@ -316,6 +321,9 @@ class Recipe:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi:
                 raise ValueError(f"{f}: must be an integer in [1, {hi}], got {v!r}")
+        v = self.float_calibration_samples
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 16:
+            raise ValueError(f"float_calibration_samples: must be an integer in [0, {1 << 16}] (0: all), got {v!r}")
 
     def formats_for(self, role: str, name: str) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(weight format, activation format) for an op; (None, None) keeps it in float."""
@@ -525,9 +533,14 @@ PRESETS.update({
     "w4a16-g128-clip": _linears("w4a16-g128-clip", _w(4, 128, False), weight_algorithm="clip"),
     "w4a16-g128-gptq": _linears("w4a16-g128-gptq", _w(4, 128, False), **GPTQ),
     # AWQ (passes/fold_smoothing.py): activation-aware scales folded exactly, then clip search or GPTQ
-    "w4a16-g128-awq": _linears("w4a16-g128-awq", _w(4, 128, False), smoothing="awq", weight_algorithm="clip"),
-    "w4a16-g128-awq-gptq": _linears("w4a16-g128-awq-gptq", _w(4, 128, False), smoothing="awq", **GPTQ),
-    "w3a16-g128-awq-gptq": _linears("w3a16-g128-awq-gptq", _w(3, 128, False), smoothing="awq", **GPTQ),
+    # AWQ's 256 rows per site come from the first 8 calibration batches (the float pass over all
+    # 32 cost 37 s of a 2.5 min compile for the same sample size; ppl within noise: README, #18)
+    "w4a16-g128-awq": _linears("w4a16-g128-awq", _w(4, 128, False), smoothing="awq", weight_algorithm="clip",
+                               float_calibration_samples=8),
+    "w4a16-g128-awq-gptq": _linears("w4a16-g128-awq-gptq", _w(4, 128, False), smoothing="awq",
+                                    float_calibration_samples=8, **GPTQ),
+    "w3a16-g128-awq-gptq": _linears("w3a16-g128-awq-gptq", _w(3, 128, False), smoothing="awq",
+                                    float_calibration_samples=8, **GPTQ),
     "w3a16-g128-gptq": _linears("w3a16-g128-gptq", _w(3, 128, False), **GPTQ),
     "w4a16-g64-gptq": _linears("w4a16-g64-gptq", _w(4, 64, False), **GPTQ),
     # QuaRot's residual rotation (exact in float) before sequential GPTQ: weight-only, so no online

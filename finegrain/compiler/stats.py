@@ -18,6 +18,21 @@ PER_BATCH_SAMPLE = 1 << 13
 ROWS = 256  # token rows kept per node
 
 
+def gram(x: torch.Tensor, blocks: int = 4) -> torch.Tensor:
+    """``x^T x`` of rows ``x`` ``[rows, K]``: only the blocks on and above the diagonal are
+    multiplied (``blocks`` column blocks: 5/8 of the dense product's work at 4), the rest mirrored."""
+    k = x.shape[-1]
+    if k < 256:
+        return x.T @ x
+    edges = [round(i * k / blocks) for i in range(blocks + 1)]
+    out = torch.empty(k, k, dtype=x.dtype)
+    for i in range(blocks):
+        a, b = edges[i], edges[i + 1]
+        out[a:b, a:] = x[:, a:b].T @ x[:, a:]
+        out[b:, a:b] = out[a:b, b:].T
+    return out
+
+
 @dataclass
 class ChannelStats:
     count: int  # rows (tokens) seen
@@ -84,7 +99,7 @@ class StatsStore:
         mags = x.abs().flatten()
         take = torch.randint(0, mags.numel(), (min(PER_BATCH_SAMPLE, mags.numel()),), generator=self._gen)
         rows = x[torch.randperm(x.shape[0], generator=self._gen)[:self.rows]].clone()
-        xtx = x.T @ x if self.hessian else None
+        xtx = gram(x) if self.hessian else None
         new = ChannelStats(x.shape[0], x.amin(0), x.amax(0), x.double().pow(2).sum(0), mags[take], rows, xtx)
         old = self.nodes.get(key)
         if old is None:

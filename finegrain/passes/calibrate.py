@@ -84,16 +84,19 @@ def _instrumented(gm: GraphModule, ctx) -> tuple[GraphModule, list[str]]:
     return inst, list(targets)
 
 
-def calibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
-    """Run ``ctx.calibration`` through an observed copy of ``gm``; fill ``ctx.stats``. Skipped when
-    no pass reads the float model's statistics (``Recipe.needs_float_calibration``)."""
+def calibrate(gm: GraphModule, ctx: PassContext, all_batches: bool = False) -> GraphModule:
+    """Run ``ctx.calibration`` (its first ``recipe.float_calibration_samples`` batches unless
+    ``all_batches``) through an observed copy of ``gm``; fill ``ctx.stats``. Skipped when no pass
+    reads the float model's statistics (``Recipe.needs_float_calibration``)."""
     if not ctx.calibration or not ctx.recipe.needs_float_calibration:
         return gm
     inst, keys = _instrumented(gm, ctx)
     if inst is None:
         return gm
+    n = ctx.recipe.float_calibration_samples
+    batches = list(ctx.calibration) if all_batches or not n else list(ctx.calibration)[:n]
     with torch.inference_mode():
-        for batch in ctx.progress(ctx.calibration, desc="calibrate"):
+        for batch in ctx.progress(batches, desc="calibrate"):
             inst(*batch)
     for n in gm.graph.nodes:
         if n.name in keys:
@@ -108,4 +111,4 @@ def recalibrate(gm: GraphModule, ctx: PassContext) -> GraphModule:
     Otherwise a no-op."""
     if ctx.stats.nodes or not ctx.calibration or not (ctx.recipe.needs_static_stats or ctx.recipe.needs_float_hessian):
         return gm
-    return calibrate(gm, ctx)
+    return calibrate(gm, ctx, all_batches=True)

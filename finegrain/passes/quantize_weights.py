@@ -44,17 +44,19 @@ from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import (ACT_FORMAT, ACT_OUTLIERS, QWEIGHT, WEIGHT_FORMAT, conv_matrix, conv_weight, expert_formats,
                                   expert_key, get_tensor, quantizable_ops)
 from finegrain.compiler.replay import replay
+from finegrain.compiler.stats import gram
 from finegrain.errors import InputError
-from finegrain.passes.weight_algorithms import clip_search, gptq, rtn
+from finegrain.passes.weight_algorithms import clip_search, gptq, gptq_factor, rtn
 
 
 def _db(noise: float, signal: float) -> float:
     return 10 * math.log10(signal / noise) if noise > 0 else float("inf")
 
 
-def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
+def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str, factors: dict | None = None):
     """(QTensor, error record); the output SQNR uses the Hessian ``h`` when given, else the
-    diagonal ``ex2`` = E[x_j^2] when given."""
+    diagonal ``ex2`` = E[x_j^2] when given. ``factors``: GPTQ's factorizations by Hessian, kept
+    for the next linear reading the same input (``id(h)`` -> ``(h, factor)``)."""
     r = ctx.recipe
     algo = r.weight_algorithm
     if kind == "embedding" or (kind == "grouped" and h is None and r.needs_hessian):
@@ -67,8 +69,12 @@ def _quantize(ctx: PassContext, w, fmt, h, ex2, name: str, kind: str):
         q, _ = clip_search(w, fmt, h if r.clip_objective == "output" else None, r.clip_grid, r.clip_min)
     else:
         choose = (lambda x: clip_search(x, fmt, h, r.clip_grid, r.clip_min)[0]) if r.gptq_clip else (lambda x: rtn(x, fmt))
+        hit = factors.get(id(h)) if factors is not None else None
+        factor = hit[1] if hit is not None and hit[0] is h else gptq_factor(h, r.gptq_damp, r.gptq_act_order, name)
+        if factors is not None:
+            factors[id(h)] = (h, factor)
         q = gptq(w, fmt, h, choose(w), damp=r.gptq_damp, block=r.gptq_block, act_order=r.gptq_act_order, where=name,
-                 refresh=choose)
+                 refresh=choose, factor=factor)
     err = fmt.dequantize(q) - w
     rec = {"format": fmt.tag, "shape": list(w.shape), "algorithm": algo, "bits": fmt.storage_bits(tuple(w.shape)),
            "weight_sqnr_db": _db(err.pow(2).sum().item(), w.pow(2).sum().item())}
@@ -86,7 +92,7 @@ def _hessian(xs: list) -> tuple[torch.Tensor | None, int]:
     h, rows = torch.zeros(k, k), 0
     for x in xs:
         x = x.reshape(-1, k).float()
-        h += x.T @ x
+        h += gram(x)
         rows += x.shape[0]
     return (h / rows if rows else None), rows
 
@@ -100,11 +106,11 @@ def _stats_hessian(ctx: PassContext):
 
 
 def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool = False,
-                 target: torch.Tensor | None = None) -> torch.Tensor:
+                 target: torch.Tensor | None = None, factors: dict | None = None) -> torch.Tensor:
     """Quantize one op's weight (``meta[QWEIGHT]``, its error record); returns the dequantized
     weight. ``h_of(key)`` gives (Hessian or None, calibration rows) of an op input or of the rows a
     grouped op routes to one expert (``ir.expert_key``). ``target``: the float matrix GPTQ fits
-    instead of the weight (``gptq_float_target``; a linear only)."""
+    instead of the weight (``gptq_float_target``; a linear only). ``factors``: see :func:`_quantize`."""
     r = ctx.recipe
     layers = ctx.report.setdefault("layers", {})
     w0 = get_tensor(gm, op.weight.target)
@@ -119,7 +125,7 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
             key = expert_key(op.activation.name, e)
             h, rows = h_of(key)
             st = ctx.stats.nodes.get(key)
-            q, rec = _quantize(ctx, w[e], fmt, h, None if st is None else st.mean_sq, f"{op.name}.{e}", op.kind)
+            q, rec = _quantize(ctx, w[e], fmt, h, None if st is None else st.mean_sq, f"{op.name}.{e}", op.kind, factors)
             rec["calibration_rows"] = rows
             layers[f"{op.name}.{e}"] = {**base, **rec}
             qs.append(q)
@@ -140,7 +146,7 @@ def _quantize_op(gm: GraphModule, ctx: PassContext, op, h_of, sequential: bool =
         raise InputError(f"{op.name}: weight algorithm {r.weight_algorithm!r} needs the calibration Hessian of "
                          f"its input {op.activation.name!r}; pass calibration data")
     st = ctx.stats.nodes.get(op.activation.name)
-    q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind)
+    q, rec = _quantize(ctx, w, fmt, h, None if st is None else st.mean_sq, op.name, op.kind, factors)
     op.node.meta[QWEIGHT] = q
     layers[op.name] = {**base, **rec, **({"float_target": True} if target is not None else {})}
     return fmt.dequantize(q).to(w0.dtype)
@@ -299,13 +305,13 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> GraphModule:
                     rows = [x[b[e]:b[e + 1]] for x, b in zip(xs, bounds)]
                     hessians[expert_key(op.activation.name, e)] = _hessian(rows)
             cross = _cross(xs, full["values"](op.activation)[nb:]) if two else None
-            shared.update(key=key, xs=xs, hessians=hessians, cross=cross)
+            shared.update(key=key, xs=xs, hessians=hessians, cross=cross, factors={})
         h_of = lambda k: shared["hessians"].get(k, (None, 0))  # noqa: E731
         target = None
         if two and op.kind == "linear":  # fit the float model's output (GPTAQ)
             target = _float_target(get_tensor(gm, op.weight.target).float(), shared["cross"],
                                    shared["hessians"][op.activation.name][0], r.gptq_damp)
-        sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True, target=target)}
+        sub = {op.weight: _quantize_op(gm, ctx, op, h_of, sequential=True, target=target, factors=shared["factors"])}
         if act_q:
             sub[op.activation] = shared["xs"]
         return sub

@@ -25,7 +25,7 @@ calibration batches (every linear upstream already quantized), else from the sta
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -79,39 +79,53 @@ def clip_search(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor | None,
     return fmt.quantize(w, clip=best), best
 
 
+class GptqFactor(NamedTuple):
+    """What GPTQ needs of a Hessian, whatever the weight: dead inputs, column order, and the upper
+    Cholesky factor of the damped ``H^-1`` (permuted), computed once for linears sharing an input."""
+
+    dead: torch.Tensor
+    perm: torch.Tensor
+    U: torch.Tensor
+
+
+def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True,
+                where: str = "weight") -> GptqFactor:
+    """:class:`GptqFactor` of ``hessian`` (damping x10 per retry while it is numerically indefinite)."""
+    k = hessian.shape[0]
+    H = hessian.detach().clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    H = H[perm][:, perm]
+    for attempt in range(4):
+        Hd = H + damp * (10 ** attempt) * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return GptqFactor(dead, perm, U.float())
+    raise InputError(f"{where}: GPTQ could not factor the calibration Hessian even with damping "
+                     f"{damp * 1000:g}; check the calibration data for this layer's input")
+
+
 def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTensor, *, damp: float = 0.01,
          block: int = 128, act_order: bool = True, where: str = "weight",
-         refresh: Callable[[torch.Tensor], QTensor] | None = None) -> QTensor:
+         refresh: Callable[[torch.Tensor], QTensor] | None = None, factor: GptqFactor | None = None) -> QTensor:
     """GPTQ with fixed group parameters ``params`` (from :func:`rtn` or :func:`clip_search` on
     ``w``). Returns the QTensor with GPTQ's codes and ``params``' scales.
 
     ``refresh`` (without ``act_order``, for single-level group formats): the parameters of each
     group are recomputed by ``refresh(current weights)`` when the sweep reaches the group, on the
     weights the earlier columns' error updates have already changed (GPTQ's original scheme;
-    the returned scales are then those)."""
+    the returned scales are then those). ``factor``: :func:`gptq_factor` of ``hessian`` with the
+    same ``damp`` / ``act_order`` when the caller has it (linears reading one input share it)."""
     n, k = w.shape
     if hessian.shape != (k, k):
         raise InputError(f"{where}: Hessian shape {tuple(hessian.shape)} does not match the weight's K={k}")
+    dead, perm, U = factor if factor is not None else gptq_factor(hessian, damp, act_order, where)
     W = w.detach().clone().float()
-    H = hessian.detach().clone().double()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = None
-    for attempt in range(4):  # damping x10 per retry if H is numerically indefinite
-        Hd = H + damp * (10 ** attempt) * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                break
-            U = None
-    if U is None:
-        raise InputError(f"{where}: GPTQ could not factor the calibration Hessian even with damping "
-                         f"{damp * 1000:g}; check the calibration data for this layer's input")
-    U = U.float()
+    W = W[:, perm]
     codes = torch.empty_like(params.codes)
     perm_l = perm.tolist()
     dynamic = (refresh is not None and not act_order and fmt.granularity == "group" and params.scale2 is None

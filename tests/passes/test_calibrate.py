@@ -47,3 +47,18 @@ def test_calibrates_only_when_a_pass_reads_the_statistics(tiny_llama, tiny_input
     ctx = PassContext(recipe=PRESETS[preset], calibration=calib, show_progress=False)
     calibrate(capture(tiny_llama, example), ctx)
     assert bool(ctx.stats.nodes) is runs and PRESETS[preset].needs_float_calibration is runs
+
+
+def test_float_calibration_samples_runs_the_first_batches_only(tiny_llama, tiny_inputs):
+    """AWQ's presets take their row sample from the first batches (``float_calibration_samples``);
+    the statistics count exactly those batches' tokens."""
+    import dataclasses
+
+    example, calib, _ = tiny_inputs
+    assert len(calib) > 1
+    recipe = dataclasses.replace(PRESETS["w4a16-g128-awq-gptq"], float_calibration_samples=1)
+    ctx = PassContext(recipe=recipe, calibration=calib, show_progress=False)
+    calibrate(capture(tiny_llama, example), ctx)
+    assert next(iter(ctx.stats.nodes.values())).count == calib[0][0].numel()
+    with pytest.raises(ValueError, match="float_calibration_samples"):
+        dataclasses.replace(recipe, float_calibration_samples=-1)

@@ -123,3 +123,28 @@ def test_gptq_refreshed_groups_follow_the_updated_weights(real_layer):
     fresh = gptq(w, fmt, h, rtn(w, fmt), act_order=False, refresh=lambda cur: rtn(cur, fmt))
     assert torch.equal(fresh.scale[:, 0], static.scale[:, 0]) and not torch.equal(fresh.scale[:, 1:], static.scale[:, 1:])
     assert _out_err(w, fmt, fresh, x) < _out_err(w, fmt, rtn(w, fmt), x)
+
+
+def test_gptq_with_a_shared_factor_equals_gptq_alone(real_layer):
+    """Linears reading one input share the Hessian's factorization (q / k / v, gate / up): GPTQ
+    given ``gptq_factor(h)`` returns the same codes as GPTQ factoring ``h`` itself."""
+    from finegrain.passes.weight_algorithms import gptq_factor
+
+    w, h, _ = real_layer
+    fmt = QuantFormat.parse("int4-g128-asym-fp16")
+    f = gptq_factor(h, damp=0.05)
+    for rows in (slice(0, 96), slice(96, 160)):  # two "linears" on one input
+        alone = gptq(w[rows], fmt, h, rtn(w[rows], fmt), damp=0.05)
+        shared = gptq(w[rows], fmt, h, rtn(w[rows], fmt), damp=0.05, factor=f)
+        assert torch.equal(alone.codes, shared.codes)
+
+
+def test_gram_equals_the_dense_product():
+    from finegrain.compiler.stats import gram
+
+    gen = torch.Generator().manual_seed(0)
+    for k in (16, 300, 577):
+        x = torch.randn(200, k, generator=gen)
+        g = gram(x)
+        torch.testing.assert_close(g, x.T @ x, rtol=1e-5, atol=1e-3)
+        assert torch.equal(g, g.T)
