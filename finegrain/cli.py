@@ -291,6 +291,8 @@ def _pareto_kv(args, out: Path) -> None:
     from finegrain.jobs import evaluate_lm, kv_frontier_loaded
     from finegrain.models import load_model
 
+    if args.joint_context:
+        return _pareto_joint(args, out)
     if args.candidates or args.points != 4:
         raise InputError("pareto --kv allocates KV cache bits: --candidates / --points are for weights (give --budgets, "
                          "average KV bits)")
@@ -327,6 +329,61 @@ def _pareto_kv(args, out: Path) -> None:
              "| ppl through the cache | vs float | K / V bits per layer |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget_bits']:g} | {r['average_bits']:.2f} | {r['bytes_per_token']:.0f} | "
+                     f"{r['ppl_cache_path']:.3f} | {r['delta_pct']:+.2f}% | "
+                     + " ".join(f"K{k}V{v}" for _, k, v in r["kv_bits"]) + " |")
+    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
+    for line in lines:
+        _say(line)
+
+
+def _pareto_joint(args, out: Path) -> None:
+    """``pareto --kv --joint-context N``: weight formats and KV bits per layer under one byte budget each
+    (stored weights + the cache at N tokens), one artifact per budget, perplexity through the cache."""
+    from finegrain.eval.perplexity import cache_path_logits, perplexity
+    from finegrain.formats import QuantFormat
+    from finegrain.io.files import atomic_write_text
+    from finegrain.jobs import evaluate_lm, joint_frontier_loaded
+    from finegrain.models import load_model
+
+    if not args.budgets or args.points != 4:
+        raise InputError("pareto --kv --joint-context: give --budgets as total sizes (weights + KV cache), e.g. 120MB")
+    budgets = [int(_parse_size(b, "--budgets")) for b in args.budgets]
+    recipe = _with_budget(args, allocate=True)
+    calib_text, eval_text = _texts(args)
+    lm = load_model(args.model)
+    if lm.task != "causal-lm":
+        raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
+    search, joint, points = joint_frontier_loaded(lm, recipe, budgets, args.joint_context, kv_samples=args.kv_samples,
+                                                  samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                                                  strict_recipe=args.strict, calib_text=calib_text)
+    fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
+    rows = []
+    for info, cm in points:
+        res = perplexity(cache_path_logits(cm.session(), args.kv_chunk), lm.tokenizer, args.seq_len, args.max_windows,
+                         text=eval_text).to_dict()
+        name = f"joint{info['budget_bytes'] / 1e6:g}MB"
+        cm.save(out / name, overwrite=args.overwrite)
+        counts: dict[str, int] = {}
+        for tag in cm.allocation["chosen"]["formats"].values():
+            counts[tag] = counts.get(tag, 0) + 1
+        bits = [[layer, QuantFormat.parse(k).bits, QuantFormat.parse(v).bits] for layer, k, v in cm.kv["quantization"]["layers"]]
+        rows.append({"artifact": str(out / name), **info, "bits_per_weight": cm.allocation["chosen"]["bits_per_weight"],
+                     "weight_formats": counts, "kv_bits": bits, "ppl_cache_path": res["ppl"],
+                     "delta_pct": 100 * (res["ppl"] / fp["ppl"] - 1)})
+    summary = {"recipe": recipe.to_dict(), "fp": fp, "search": search, "points": rows, "chunk": args.kv_chunk,
+               "context": args.joint_context, "range_bytes": [joint.min_bytes, joint.max_bytes]}
+    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Weights + KV cache under one byte budget: {lm.source.get('model', args.model)}, context "
+             f"{args.joint_context} tokens", "",
+             f"Weight candidates {', '.join(recipe.weight_candidates)} (Fisher-predicted loss); KV (K, V) pairs per layer "
+             f"by measured loss ({search['calibration']} tokens, {search['seconds']} s); one knapsack over both. "
+             f"Perplexity through the cache (chunks of {args.kv_chunk}) on {fp['windows']} windows of {args.seq_len}; "
+             f"float {fp['ppl']:.3f}.", "",
+             "| budget (MB) | weights (MB) | KV at context (MB) | bits / weight | avg KV bits | ppl through the cache "
+             "| vs float | K / V bits per layer |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['budget_bytes'] / 1e6:.2f} | {(r['fixed_bytes'] + r['weight_bytes']) / 1e6:.2f} | "
+                     f"{r['kv_bytes'] / 1e6:.2f} | {r['bits_per_weight']:.3f} | {r['kv_average_bits']:.2f} | "
                      f"{r['ppl_cache_path']:.3f} | {r['delta_pct']:+.2f}% | "
                      + " ".join(f"K{k}V{v}" for _, k, v in r["kv_bits"]) + " |")
     atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
@@ -958,6 +1015,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--kv sensitivity: the layer's attention-output error or the next-token loss increase")
     pa.add_argument("--kv-samples", type=POS, default=4, help="--kv sensitivity calibration windows of 512 tokens")
     pa.add_argument("--kv-chunk", type=POS, default=256, help="--kv: tokens per prefill chunk through the cache")
+    pa.add_argument("--joint-context", type=POS, default=None, metavar="TOKENS",
+                    help="--kv: allocate weight formats (the recipe's candidates / --candidates, Fisher sensitivity) "
+                         "and KV bits per layer (loss sensitivity) under one byte budget each: --budgets are total "
+                         "sizes (stored weights + the KV cache at TOKENS cached tokens), e.g. 60MB 80MB")
     pa.add_argument("--out", required=True, help="directory for the artifacts, pareto.md/.json/.png")
     pa.add_argument("--overwrite", action="store_true")
     calib(pa)

@@ -149,6 +149,26 @@ def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max
 KV_TUNE_FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1}  # KIVI + RotateKV
 
 
+def _kv_search(loaded: LoadedModel, kv_samples: int, kv_seq_len: int, bits: tuple[int, ...], objective: str,
+               progress: bool, calib_text: Text | None):
+    """KVTuner's per-layer sensitivity of the (K bits, V bits) pairs in ``bits``^2 (KIVI settings,
+    ``KV_TUNE_FIELDS``) and its record (pairs, errors, objective, seconds, calibration)."""
+    import math
+    import time
+
+    from finegrain.compiler.capture import kv_layout
+    from finegrain.driver.kv_tune import kv_sensitivity
+
+    head_dim = kv_layout(loaded.model)["head_dim"]  # what the model's cache really holds
+    key_fmt, value_fmt = "int{}-g32-asym-fp16-dyn", f"int{{}}-g{math.gcd(32, head_dim)}-asym-fp16-dyn"
+    pairs = [(key_fmt.format(k), value_fmt.format(v)) for k in bits for v in bits]
+    calib = [b[0] for b in calibration_batches(loaded.tokenizer, kv_samples, kv_seq_len, text=calib_text)]
+    t = time.perf_counter()
+    sens = kv_sensitivity(loaded.model, calib, KV_TUNE_FIELDS, pairs, progress=progress, objective=objective)
+    return sens, {"pairs": pairs, "errors": sens.errors, "objective": objective,
+                  "seconds": round(time.perf_counter() - t, 1), "calibration": f"{kv_samples} x {kv_seq_len}"}
+
+
 def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: list[float], *, kv_samples: int = 4,
                        kv_seq_len: int = 512, bits: tuple[int, ...] = (2, 4, 8), objective: str = "attention",
                        samples: int | None = None, seq_len: int | None = None, progress: bool = True,
@@ -160,21 +180,10 @@ def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: lis
     of up to 32, 128 newest tokens in float, pre-RoPE keys, one sink). Returns (the search: pairs,
     errors, seconds) and ``[(budget, allocation summary, CompiledModel)]``."""
     import dataclasses
-    import math
-    import time
 
-    from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
+    from finegrain.driver.kv_tune import kv_allocate
 
-    from finegrain.compiler.capture import kv_layout
-
-    head_dim = kv_layout(loaded.model)["head_dim"]  # what the model's cache really holds
-    key_fmt, value_fmt = "int{}-g32-asym-fp16-dyn", f"int{{}}-g{math.gcd(32, head_dim)}-asym-fp16-dyn"
-    pairs = [(key_fmt.format(k), value_fmt.format(v)) for k in bits for v in bits]
-    calib = [b[0] for b in calibration_batches(loaded.tokenizer, kv_samples, kv_seq_len, text=calib_text)]
-    t = time.perf_counter()
-    sens = kv_sensitivity(loaded.model, calib, KV_TUNE_FIELDS, pairs, progress=progress, objective=objective)
-    search = {"pairs": pairs, "errors": sens.errors, "objective": objective, "seconds": round(time.perf_counter() - t, 1),
-              "calibration": f"{kv_samples} x {kv_seq_len}"}
+    sens, search = _kv_search(loaded, kv_samples, kv_seq_len, bits, objective, progress, calib_text)
     base = get_recipe(recipe)
     points = []
     for budget in budgets:
@@ -184,6 +193,35 @@ def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: lis
                             kv_cache=True, calib_text=calib_text)
         points.append((budget, info, cm))
     return search, points
+
+
+def joint_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets_bytes: list[int], context: int, *,
+                          kv_samples: int = 4, kv_seq_len: int = 512, bits: tuple[int, ...] = (2, 4, 8),
+                          samples: int | None = None, seq_len: int | None = None, progress: bool = True,
+                          strict_recipe: bool = False, calib_text: Text | None = None) -> tuple[dict, Any, list]:
+    """KVTuner jointly with the weights under one byte budget (``driver.api.compile_joint``): the
+    per-layer (K, V) loss sensitivity as :func:`kv_frontier_loaded` measures it (``objective="loss"``),
+    the recipe's ``weight_candidates`` with the Fisher sensitivity (also predicted nats), and per total
+    in ``budgets_bytes`` (stored weights + the cache at ``context`` tokens) one KV-cache artifact.
+    Returns (the KV search record, the JointAllocation, ``[(summary, CompiledModel)]``)."""
+    import dataclasses
+
+    from finegrain.driver.api import compile_joint
+
+    base = get_recipe(recipe)
+    if not base.weight_candidates:
+        raise InputError(f"recipe {base.name!r} has no weight_candidates: the joint budget allocates weight formats "
+                         "and KV bits together (give candidates, e.g. --candidates)")
+    if base.sensitivity not in ("fisher", "auto"):
+        raise InputError(f"recipe {base.name!r}: sensitivity {base.sensitivity!r} is not in nats; the joint budget "
+                         "trades predicted loss between weights and cache (sensitivity: fisher)")
+    base = dataclasses.replace(base, sensitivity="fisher")
+    sens, search = _kv_search(loaded, kv_samples, kv_seq_len, bits, "loss", progress, calib_text)
+    calib, example, names = _calibration(loaded, base, samples, seq_len, 0, calib_text, None)
+    joint, points = compile_joint(loaded.model, example, base, calib, sens, KV_TUNE_FIELDS, context, budgets_bytes,
+                                  tokenizer=loaded.tokenizer, progress=progress, strict_recipe=strict_recipe,
+                                  source=_source(loaded, calib_text, 0 if calib is None else samples))
+    return search, joint, points
 
 
 def evaluate_tensors(fp: LoadedModel, q, batches: list[tuple]) -> dict[str, Any]:

@@ -234,3 +234,30 @@ def test_pareto_kv_lists_kv_bits_per_layer(hf_dir, tmp_path, capsys):
     assert "K / V bits per layer" in md and " ".join(f"K{k}V{v}" for _, k, v in low["kv_bits"]) in md
     assert main(["pareto", "--kv", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--points", "3"]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
+    """``pareto --kv --joint-context``: weight formats and KV bits under one total budget; each artifact's
+    stored bytes plus its cache at the context fit the budget, and its manifest holds both choices."""
+    import re
+
+    pa = tmp_path / "joint"
+    args = ["pareto", "--kv", "--joint-context", "4096", "--model", str(hf_dir), "--kv-samples", "1",
+            "--candidates", "int4-g16-asym-fp16", "int8-channel-sym-fp16", "--seq-len", "64", "--max-windows", "1",
+            "--kv-chunk", "16", "--calibration-samples", "2", "--calibration-seq-len", "32"]
+    assert main([*args, "--out", str(tmp_path / "probe"), "--budgets", "1"]) == 2  # below the cheapest: named
+    cheapest = int(re.search(r"cheapest weights \+ KV cache \((\d+) bytes at 4096 tokens", capsys.readouterr().err)[1])
+    assert main([*args, "--out", str(pa), "--budgets", "1GB", str(cheapest)]) == 0
+    res = json.loads((pa / "pareto.json").read_text())
+    top, mid = res["points"]  # room for everything: int8 weights, each layer's least-loss (K, V) pair
+    assert set(top["weight_formats"]) == {"int8-channel-sym-fp16"} and res["range_bytes"] == [cheapest, top["total_bytes"]]
+    pairs, errors = res["search"]["pairs"], res["search"]["errors"]
+    best = [pairs[min(range(len(row)), key=row.__getitem__)] for row in errors]
+    assert [[i, int(k[3]), int(v[3])] for i, (k, v) in enumerate(best)] == top["kv_bits"]
+    for p in (top, mid):
+        m = json.loads((pa / f"joint{p['budget_bytes'] / 1e6:g}MB" / "manifest.json").read_text())
+        assert m["allocation"]["joint"]["total_bytes"] == p["total_bytes"] <= p["budget_bytes"]
+        assert [[e[0], int(e[1][3]), int(e[2][3])] for e in m["recipe"]["kv_layers"]] == p["kv_bits"]
+    assert cheapest <= mid["total_bytes"] < top["total_bytes"]
+    assert mid["predicted_weights"] + mid["predicted_kv"] >= top["predicted_weights"] + top["predicted_kv"]
+    assert "K / V bits per layer" in (pa / "pareto.md").read_text()

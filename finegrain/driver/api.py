@@ -248,10 +248,7 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
     calibration batches measured (``alloc.extra["validation"]``, with the Spearman rank
     correlation against the predicted sensitivity). Returns (the Allocation, the models); each
     model's ``allocation`` holds its point."""
-    import copy
     import dataclasses
-
-    from finegrain.passes.allocate_bits import apply_point
 
     recipe = get_recipe(recipe)
     if not recipe.weight_candidates:
@@ -271,21 +268,81 @@ def compile_frontier(model: torch.nn.Module, example_inputs: tuple, recipe: "str
         targets = [pts[j] for j in chosen]
     else:
         targets = [alloc.point_for_bits(b) for b in budgets_bits]
-    models = []
     t_head = time.perf_counter() - prep.t0
+    models = []
     for point in targets:
-        t1 = time.perf_counter()
         bpw = alloc.bits_per_weight(point)
-        g2 = copy.deepcopy(gm)
-        apply_point(alloc, point, g2)
-        sub = copy.copy(ctx)
-        sub.recipe = dataclasses.replace(base, name=f"{recipe.name}@{bpw:.3f}bpw", budget_bits=round(bpw, 6))
-        sub.report = {**ctx.report, "layers": {}, "pass_seconds": dict(ctx.report.get("pass_seconds", {}))}
-        sub.report["allocation"] = alloc.summary(point, point.cost)
-        g2 = run_passes(g2, sub, MATERIALIZE)
-        models.append(_finish(Prepared(g2, sub, prep.specs, t1 - t_head, prep.t_capture), model, tokenizer,
-                              source))  # timed as the analysis + this materialization
+        r = dataclasses.replace(base, name=f"{recipe.name}@{bpw:.3f}bpw", budget_bits=round(bpw, 6))
+        models.append(_materialize(prep, alloc, point, r, t_head, model, tokenizer, source))
     return alloc, models
+
+
+def _materialize(prep: Prepared, alloc, point, recipe: Recipe, t_head: float, model, tokenizer, source,
+                 extra: dict | None = None) -> CompiledModel:
+    """MATERIALIZE a copy of an analyzed graph at one allocation ``point`` under ``recipe`` (its KV
+    fields included); timed as the analysis (``t_head``) plus this materialization."""
+    import copy
+
+    from finegrain.passes.allocate_bits import apply_point
+
+    t1 = time.perf_counter()
+    g2 = copy.deepcopy(prep.gm)
+    apply_point(alloc, point, g2)
+    sub = copy.copy(prep.ctx)
+    sub.recipe = recipe
+    sub.report = {**prep.ctx.report, "layers": {}, "pass_seconds": dict(prep.ctx.report.get("pass_seconds", {}))}
+    sub.report["allocation"] = {**alloc.summary(point, point.cost), **(extra or {})}
+    g2 = run_passes(g2, sub, MATERIALIZE)
+    return _finish(Prepared(g2, sub, prep.specs, t1 - t_head, prep.t_capture, prep.kv), model, tokenizer, source)
+
+
+def compile_joint(model: torch.nn.Module, example_inputs: tuple, recipe: "str | Recipe | dict", calibration: Iterable,
+                  sens, kv_fields: dict, context: int, budgets_bytes: Sequence[int], *, tokenizer: Any = None,
+                  source: dict | None = None, progress: bool = True,
+                  strict_recipe: bool = False) -> tuple[Any, list[tuple[dict, CompiledModel]]]:
+    """Weights and KV cache under one byte budget (issue #17, KVTuner jointly with the weight formats):
+    the recipe's ``weight_candidates`` allocation (analyzed once on the KV-cache graph; its sensitivity
+    should be ``fisher``, predicted nats, the unit of ``sens``) and the KV pairs of ``sens``
+    (``driver/kv_tune.kv_sensitivity`` with ``objective="loss"``) in one knapsack
+    (``kv_tune.joint_allocate``): for each total in ``budgets_bytes`` (stored weights + the cache at
+    ``context`` tokens) one CompiledModel with its weight formats and ``kv_layers`` (``kv_fields``:
+    the KV recipe fields besides the formats, as the sensitivity was measured). Returns
+    (the JointAllocation, ``[(summary, model)]``)."""
+    import dataclasses
+
+    from finegrain.compiler.ir import quantizable_ops
+    from finegrain.compiler.knapsack import Point
+    from finegrain.driver.kv_tune import joint_allocate
+    from finegrain.formats import QuantFormat
+    from finegrain.passes.allocate_bits import _fixed_bytes
+    from finegrain.passes.quantize_kv import token_bytes
+
+    recipe = get_recipe(recipe)
+    if not recipe.weight_candidates:
+        raise InputError(f"recipe {recipe.name!r} has no weight_candidates: nothing to allocate jointly with the cache")
+    base = dataclasses.replace(recipe, budget_bits=None, budget_bytes=None, kv_key=None, kv_value=None, kv_layers=(),
+                               **kv_fields)
+    prep = _prepare(model, example_inputs, base, calibration, None, True, False, progress, ANALYZE, strict_recipe,
+                    kv_cache=True)
+    alloc = prep.ctx.allocation
+    wbytes = [[sum(c.stored_bytes(alloc.shapes[t.name]) * len(t.slices) for t in grp) for c in alloc.candidates]
+              for grp in alloc.groups]
+    fixed = _fixed_bytes(prep.gm, quantizable_ops(prep.gm), {t.op.name for grp in alloc.groups for t in grp})
+    hd, heads = prep.kv["head_dim"], prep.kv["kv_heads"]
+    pair_bytes = [heads * (token_bytes(base, QuantFormat.parse(k), "key", hd, context)
+                           + token_bytes(base, QuantFormat.parse(v), "value", hd, context)) for k, v in sens.pairs]
+    joint = joint_allocate(wbytes, alloc.values, sens, pair_bytes, context, fixed)
+    t_head = time.perf_counter() - prep.t0
+    out = []
+    for budget in budgets_bytes:
+        picks, kv_layers, info = joint.best(int(budget))
+        point = Point(sum(alloc.costs[g][i] for g, i in enumerate(picks)),
+                      sum(alloc.values[g][i] for g, i in enumerate(picks)), tuple(picks))
+        r = dataclasses.replace(base, name=f"{recipe.name}-joint{budget / 2**20:.1f}MiB",
+                                kv_layers=tuple(tuple(e) for e in kv_layers))
+        cm = _materialize(prep, alloc, point, r, t_head, model, tokenizer, source, {"joint": info})
+        out.append((info, cm))
+    return joint, out
 
 
 def _validate(gm, ctx, alloc, count: int) -> dict:

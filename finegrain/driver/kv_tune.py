@@ -17,6 +17,7 @@ together); the result is a recipe's ``kv_layers``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,3 +134,70 @@ def kv_allocate(sens: Sensitivity, budget_bits: float) -> tuple[list[list], dict
     return kv_layers, {"average_bits": point.cost / (2 * layers), "predicted_error": point.value,
                        "pairs_kept": [len(f) for f in fronts],
                        "frontier": [(p.cost / (2 * layers), p.value) for p in frontier.points()]}
+
+
+@dataclass
+class JointAllocation:
+    """Weights and KV cache under one byte budget: a multiple-choice knapsack whose groups are the
+    weight groups of a bit allocation (``passes/allocate_bits.py``; costs their stored bytes, values
+    the predicted next-token loss increase, ``sensitivity="fisher"``) followed by one group per
+    layer's cache (its (K, V) pairs on the layer's loss / bytes Pareto front; costs the bytes the
+    layer's cache holds at ``context`` tokens, values the measured loss increase of
+    :func:`kv_sensitivity` with ``objective="loss"``). Both values are nats per token, so a byte saved
+    in weights and a byte saved in the cache are traded on one scale."""
+
+    frontier: Frontier
+    weight_groups: int
+    fronts: list[list[int]]  # per layer: indices into ``pairs`` kept
+    pairs: list[tuple[str, str]]
+    pair_bytes: list[float]  # bytes per token of one layer's cache (all its KV heads, K and V) per pair
+    context: int
+    fixed_bytes: int  # stored bytes outside the allocated weights (the budget pays them first)
+
+    @property
+    def min_bytes(self) -> int:
+        """The least total any budget may give (the cheapest choice at the solver's resolution)."""
+        return self.fixed_bytes + self.frontier.min_units * self.frontier.unit
+
+    @property
+    def max_bytes(self) -> int:
+        """The total of the least-loss choice (more bytes buy nothing)."""
+        return self.fixed_bytes + sum(map(max, self.frontier.costs))
+
+    def best(self, budget_bytes: int) -> tuple[tuple[int, ...], list[list], dict]:
+        """(weight picks per group, ``kv_layers``, summary) of the least predicted loss whose weights +
+        cache at ``context`` tokens fit ``budget_bytes``."""
+        room = budget_bytes - self.fixed_bytes
+        try:
+            point = self.frontier.best(room)
+        except ValueError:
+            raise InputError(f"joint budget {budget_bytes} bytes: below the cheapest weights + KV cache "
+                             f"({self.min_bytes} bytes at {self.context} tokens)") from None
+        g = self.weight_groups
+        chosen = [self.fronts[i][p] for i, p in enumerate(point.picks[g:])]
+        kv_layers = [[i, *self.pairs[j]] for i, j in enumerate(chosen)]
+        w_cost = sum(self.frontier.costs[i][p] for i, p in enumerate(point.picks[:g]))
+        w_value = sum(self.frontier.values[i][p] for i, p in enumerate(point.picks[:g]))
+        kv_cost = point.cost - w_cost
+        return point.picks[:g], kv_layers, {
+            "budget_bytes": budget_bytes, "context": self.context, "fixed_bytes": self.fixed_bytes,
+            "weight_bytes": w_cost, "kv_bytes": kv_cost, "total_bytes": self.fixed_bytes + point.cost,
+            "predicted_weights": w_value, "predicted_kv": point.value - w_value,
+            "kv_average_bits": sum(_pair_bits(self.pairs[j]) for j in chosen) / (2 * len(chosen))}
+
+
+def joint_allocate(weight_bytes: list[list[int]], weight_values: list[list[float]], sens: Sensitivity,
+                   pair_bytes: list[float], context: int, fixed_bytes: int = 0) -> JointAllocation:
+    """The :class:`JointAllocation` of a weight allocation's groups (``weight_bytes[g][i]``,
+    ``weight_values[g][i]``) and the KV cache's layers (``sens``, loss objective; ``pair_bytes``:
+    one layer's bytes per token for each of ``sens.pairs``) at ``context`` cached tokens."""
+    if context < 1:
+        raise InputError(f"joint allocation: context must be >= 1 token, got {context}")
+    if len(pair_bytes) != len(sens.pairs):
+        raise InputError(f"joint allocation: {len(pair_bytes)} byte counts for {len(sens.pairs)} pairs")
+    costs_kv = [math.ceil(b * context) for b in pair_bytes]
+    fronts = [pareto_pairs(e, costs_kv) for e in sens.errors]
+    costs = [list(c) for c in weight_bytes] + [[costs_kv[j] for j in f] for f in fronts]
+    values = [list(v) for v in weight_values] + [[sens.errors[i][j] for j in f] for i, f in enumerate(fronts)]
+    return JointAllocation(Frontier(costs, values), len(weight_bytes), fronts, list(sens.pairs), list(pair_bytes),
+                           context, fixed_bytes)

@@ -119,6 +119,19 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
     return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
 
 
+def token_bytes(r, fmt: QuantFormat | None, kind: str, head_dim: int, context: int | None = None) -> float:
+    """:func:`bytes_per_token` of one head's ``kind`` (``key`` / ``value``) in ``fmt`` as recipe ``r``
+    writes it (axis, float window and sinks, ZipCache's low format), averaged over ``context``."""
+    if fmt is None or not r.kv_windowed(kind):
+        return bytes_per_token(fmt, head_dim)
+    zipped = {}
+    if r.kv_zip(kind):
+        zipped = {"low": QuantFormat.parse(r.kv_zip_key if kind == "key" else r.kv_zip_value),
+                  "ratio": r.kv_zip_ratio, "block": r.kv_zip_block, "channel_norm": kind == "key"}
+    axis = r.kv_key_axis if kind == "key" else r.kv_value_axis
+    return bytes_per_token(fmt, head_dim, axis, r.kv_window, r.kv_sinks, context, **zipped)
+
+
 def _wire_saliency(gm: GraphModule, zips: dict, probes: float) -> None:
     """Give each ZipCache ``kv_append`` of a layer the normalized attention score of that layer's
     cache: one ``kv_saliency`` over the layer's (rotated, post-RoPE) queries and its keys' past / new."""
@@ -286,12 +299,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             total = 0.0
             for layer in range(layers):
                 fmt = per_layer[layer][kind == "value"] if layer in per_layer else (key_fmt, value_fmt)[kind == "value"]
-                zipped = {}
-                if r.kv_zip(kind):
-                    zipped = {"low": QuantFormat.parse(r.kv_zip_key if kind == "key" else r.kv_zip_value),
-                              "ratio": r.kv_zip_ratio, "block": r.kv_zip_block, "channel_norm": kind == "key"}
-                total += (bytes_per_token(fmt, head_dim) if not windowed[kind] or fmt is None else
-                          bytes_per_token(fmt, head_dim, axes[kind], r.kv_window, r.kv_sinks, at, **zipped))
+                total += token_bytes(r, fmt, kind, head_dim, at)
             return kv_heads * total
         ctx.report["kv_cache"] = {
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,

@@ -94,3 +94,50 @@ def test_loss_objective_is_that_layers_loss_increase():
         assert abs(s.errors[layer][1]) < abs(s.errors[layer][0]) / 10, s.errors  # 8 bits move the loss far less
     with pytest.raises(finegrain.errors.InputError, match="objective"):
         kv_sensitivity(model, calib, FIELDS, pairs, objective="kl")
+
+
+def test_joint_weights_and_cache_under_one_byte_budget():
+    """KVTuner jointly with the weight formats (``compile_joint``): one knapsack over the weight groups
+    (stored bytes, Fisher-predicted loss) and each layer's (K, V) pairs (bytes at the context, measured
+    loss); every budget is met in true bytes (the artifact's stored bytes + the cache the manifest
+    counts at that context), more bytes never predict more loss, and a long context moves bytes
+    from the weights' choice into the cache's."""
+    from finegrain.driver.api import compile_joint
+
+    model = _family("llama")
+    calib = [torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    pairs = [PAIRS[0], PAIRS[4], PAIRS[-1]]  # K2V2, K4V4, K8V8
+    s = kv_sensitivity(model, calib, FIELDS, pairs, objective="loss")
+    recipe = {"name": "mixed", "rules": [{"role": "linear", "weight": "int8-channel-sym-fp16"}],
+              "weight_candidates": ["int2-g16-asym-fp16", "int4-g16-asym-fp16", "int8-channel-sym-fp16"],
+              "sensitivity": "fisher"}
+    batches = [(c,) for c in calib]
+    joint, _ = compile_joint(model, (calib[0][:, :8],), recipe, batches, s, FIELDS, 2048, [], progress=False)
+    lo, hi = joint.min_bytes, joint.max_bytes
+    budgets = [lo + (hi - lo) * f // 8 for f in (1, 4, 8)]
+    joint, out = compile_joint(model, (calib[0][:, :8],), recipe, batches, s, FIELDS, 2048, budgets, progress=False)
+    preds = []
+    for budget, (info, cm) in zip(budgets, out):
+        q = cm.kv["quantization"]
+        assert q["context"] == 2048 and [e[0] for e in q["layers"]] == [0, 1]
+        assert cm.model_bytes() == joint.fixed_bytes + info["weight_bytes"]  # the artifact's stored bytes
+        assert info["total_bytes"] <= budget
+        assert q["bytes_per_token_at_context"] * 2048 == pytest.approx(info["kv_bytes"], abs=2048 * 0.05 + 2)
+        assert cm.allocation["joint"] == info
+        preds.append(info["predicted_weights"] + info["predicted_kv"])
+    assert preds[0] >= preds[1] >= preds[2]
+    with pytest.raises(finegrain.errors.InputError, match="below the cheapest"):
+        joint.best(lo - 1)
+    # the trade: the same weights, a cache whose low bits cost much (or nothing) in loss
+    from finegrain.driver.kv_tune import Sensitivity, joint_allocate
+
+    g = joint.weight_groups
+    w_costs, w_values = joint.frontier.costs[:g], joint.frontier.values[:g]
+    picks = {}
+    for name, errs in (("costly cache", [1.0, 1e-3, 0.0]), ("free cache", [1e-9, 1e-10, 0.0])):
+        alt = joint_allocate(w_costs, w_values, Sensitivity(pairs, [errs, errs], s.bits), joint.pair_bytes, 2048,
+                             joint.fixed_bytes)
+        step = alt.frontier.costs[g][1] - alt.frontier.costs[g][0]  # one layer's cache K2V2 -> K4V4
+        picks[name] = alt.best(alt.min_bytes + step + alt.frontier.unit)[2]
+    assert picks["costly cache"]["kv_average_bits"] > picks["free cache"]["kv_average_bits"] == 2.0
+    assert picks["costly cache"]["weight_bytes"] < picks["free cache"]["weight_bytes"]
