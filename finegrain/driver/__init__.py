@@ -1,2 +1,3 @@
-"""The driver above the passes: ``compile`` / ``compile_frontier`` (``api``) and the pipeline,
+"""The driver above the passes: ``compile`` / ``compile_frontier`` / ``compile_joint`` (``api``), KVTuner's
+search (``kv_tune``), block-by-block compilation (``stream``) and the pipeline,
 named stages of passes (``pipeline``)."""

@@ -1,5 +1,6 @@
 """``finegrain.compile``: capture -> passes -> CompiledModel; ``compile_frontier``: one analysis,
-one materialization per point of the bit-allocation frontier."""
+one materialization per point of the bit-allocation frontier; ``compile_joint``: the same with the
+KV cache's per-layer bits in the allocation, under one byte budget for weights + cache."""
 from __future__ import annotations
 
 import json

@@ -13,7 +13,10 @@ what the quantized layer costs the output, including how later layers amplify or
 same forwards, the logits instead of the attention outputs).
 ``kv_allocate`` prunes each layer's pairs to its error / bits Pareto front (intra-layer pruning)
 and solves the knapsack at an average of ``budget_bits`` bits per cached element (keys and values
-together); the result is a recipe's ``kv_layers``.
+together); the result is a recipe's ``kv_layers``. ``joint_allocate`` puts the layers' pairs (loss
+objective) in one knapsack with a weight bit allocation's groups (Fisher sensitivity: both in nats),
+costs in bytes: the stored weights plus the cache at a stated context (``driver.api.compile_joint``,
+``finegrain pareto --kv --joint-context``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``ANALYZE`` (canonicalize, folds, calibration, bit allocation: decides every tensor's format)
 and ``MATERIALIZE`` (weight codes and Q/DQ ops: writes them into the graph); ``PIPELINE`` is
-both. ``compile_frontier`` runs ``ANALYZE`` once and ``MATERIALIZE`` per frontier point.
+both. ``compile_frontier`` / ``compile_joint`` run ``ANALYZE`` once and ``MATERIALIZE`` per point.
 ``run_passes`` times each pass, runs the verifier after it, and with ``FINEGRAIN_DUMP=dir``
 writes the graph after each pass to ``dir/NN_<pass>.txt``.
 """
