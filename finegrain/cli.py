@@ -282,12 +282,40 @@ def _with_budget(args, allocate: bool = False):
         raise InputError(f"recipe {recipe.name!r} with the command-line budget: {e}") from None
 
 
+def _kv_point(cm, lm, args, eval_text, path: Path, fp: dict) -> dict:
+    """Save one ``pareto --kv`` artifact to ``path``; its perplexity through the cache (prefill in
+    chunks of ``--kv-chunk``) against float ``fp`` and the K / V bits of each layer."""
+    from finegrain.eval.perplexity import cache_path_logits, perplexity
+    from finegrain.formats import QuantFormat
+
+    res = perplexity(cache_path_logits(cm.session(), args.kv_chunk), lm.tokenizer, args.seq_len, args.max_windows,
+                     text=eval_text).to_dict()
+    cm.save(path, overwrite=args.overwrite)
+    bits = [[layer, QuantFormat.parse(k).bits, QuantFormat.parse(v).bits] for layer, k, v in cm.kv["quantization"]["layers"]]
+    return {"artifact": str(path), "ppl_cache_path": res["ppl"], "delta_pct": 100 * (res["ppl"] / fp["ppl"] - 1),
+            "kv_bits": bits}
+
+
+def _format_counts(formats: dict) -> dict[str, int]:
+    """How many allocated weights got each format (an allocation's ``chosen["formats"]``)."""
+    counts: dict[str, int] = {}
+    for tag in formats.values():
+        counts[tag] = counts.get(tag, 0) + 1
+    return counts
+
+
+def _write_pareto(out: Path, summary: dict, lines: list[str]) -> None:
+    from finegrain.io.files import atomic_write_text
+
+    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
+    for line in lines:
+        _say(line)
+
+
 def _pareto_kv(args, out: Path) -> None:
     """``pareto --kv``: KVTuner's layer-wise (K, V) bits at each average-bits budget, one artifact per
     budget, perplexity through the cache, and the bits per layer."""
-    from finegrain.eval.perplexity import cache_path_logits, perplexity
-    from finegrain.formats import QuantFormat
-    from finegrain.io.files import atomic_write_text
     from finegrain.jobs import evaluate_lm, kv_frontier_loaded
     from finegrain.models import load_model
 
@@ -308,18 +336,12 @@ def _pareto_kv(args, out: Path) -> None:
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
     rows = []
     for budget, info, cm in points:
-        res = perplexity(cache_path_logits(cm.session(), args.kv_chunk), lm.tokenizer, args.seq_len, args.max_windows,
-                         text=eval_text).to_dict()
-        name = f"kv{budget:g}bits"
-        cm.save(out / name, overwrite=args.overwrite)
         q = cm.kv["quantization"]
-        bits = [[layer, QuantFormat.parse(k).bits, QuantFormat.parse(v).bits] for layer, k, v in q["layers"]]
-        rows.append({"artifact": str(out / name), "budget_bits": budget, "average_bits": info["average_bits"],
+        point = _kv_point(cm, lm, args, eval_text, out / f"kv{budget:g}bits", fp)
+        rows.append({"artifact": point.pop("artifact"), "budget_bits": budget, "average_bits": info["average_bits"],
                      "predicted_error": info["predicted_error"], "bytes_per_token": q["bytes_per_token_at_context"],
-                     "fp32_bytes_per_token": q["fp32_bytes_per_token"], "ppl_cache_path": res["ppl"],
-                     "delta_pct": 100 * (res["ppl"] / fp["ppl"] - 1), "kv_bits": bits})
+                     "fp32_bytes_per_token": q["fp32_bytes_per_token"], **point})
     summary = {"recipe": args.recipe, "fp": fp, "search": search, "points": rows, "chunk": args.kv_chunk}
-    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# KV cache bits per layer: {lm.source.get('model', args.model)}, weights {args.recipe}", "",
              f"KVTuner search: {search['objective']} sensitivity, {search['calibration']} calibration tokens, "
              f"{len(search['pairs'])} (K, V) pairs per layer, {search['seconds']} s. Perplexity through the cache "
@@ -331,17 +353,12 @@ def _pareto_kv(args, out: Path) -> None:
         lines.append(f"| {r['budget_bits']:g} | {r['average_bits']:.2f} | {r['bytes_per_token']:.0f} | "
                      f"{r['ppl_cache_path']:.3f} | {r['delta_pct']:+.2f}% | "
                      + " ".join(f"K{k}V{v}" for _, k, v in r["kv_bits"]) + " |")
-    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
-    for line in lines:
-        _say(line)
+    _write_pareto(out, summary, lines)
 
 
 def _pareto_joint(args, out: Path) -> None:
     """``pareto --kv --joint-context N``: weight formats and KV bits per layer under one byte budget each
     (stored weights + the cache at N tokens), one artifact per budget, perplexity through the cache."""
-    from finegrain.eval.perplexity import cache_path_logits, perplexity
-    from finegrain.formats import QuantFormat
-    from finegrain.io.files import atomic_write_text
     from finegrain.jobs import evaluate_lm, joint_frontier_loaded
     from finegrain.models import load_model
 
@@ -359,20 +376,12 @@ def _pareto_joint(args, out: Path) -> None:
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
     rows = []
     for info, cm in points:
-        res = perplexity(cache_path_logits(cm.session(), args.kv_chunk), lm.tokenizer, args.seq_len, args.max_windows,
-                         text=eval_text).to_dict()
-        name = f"joint{info['budget_bytes'] / 1e6:g}MB"
-        cm.save(out / name, overwrite=args.overwrite)
-        counts: dict[str, int] = {}
-        for tag in cm.allocation["chosen"]["formats"].values():
-            counts[tag] = counts.get(tag, 0) + 1
-        bits = [[layer, QuantFormat.parse(k).bits, QuantFormat.parse(v).bits] for layer, k, v in cm.kv["quantization"]["layers"]]
-        rows.append({"artifact": str(out / name), **info, "bits_per_weight": cm.allocation["chosen"]["bits_per_weight"],
-                     "weight_formats": counts, "kv_bits": bits, "ppl_cache_path": res["ppl"],
-                     "delta_pct": 100 * (res["ppl"] / fp["ppl"] - 1)})
+        point = _kv_point(cm, lm, args, eval_text, out / f"joint{info['budget_bytes'] / 1e6:g}MB", fp)
+        chosen = cm.allocation["chosen"]
+        rows.append({"artifact": point.pop("artifact"), **info, "bits_per_weight": chosen["bits_per_weight"],
+                     "weight_formats": _format_counts(chosen["formats"]), **point})
     summary = {"recipe": recipe.to_dict(), "fp": fp, "search": search, "points": rows, "chunk": args.kv_chunk,
                "context": args.joint_context, "range_bytes": [joint.min_bytes, joint.max_bytes]}
-    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
     lines = [f"# Weights + KV cache under one byte budget: {lm.source.get('model', args.model)}, context "
              f"{args.joint_context} tokens", "",
              f"Weight candidates {', '.join(recipe.weight_candidates)} (Fisher-predicted loss); KV (K, V) pairs per layer "
@@ -386,14 +395,11 @@ def _pareto_joint(args, out: Path) -> None:
                      f"{r['kv_bytes'] / 1e6:.2f} | {r['bits_per_weight']:.3f} | {r['kv_average_bits']:.2f} | "
                      f"{r['ppl_cache_path']:.3f} | {r['delta_pct']:+.2f}% | "
                      + " ".join(f"K{k}V{v}" for _, k, v in r["kv_bits"]) + " |")
-    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
-    for line in lines:
-        _say(line)
+    _write_pareto(out, summary, lines)
 
 
 def cmd_pareto(args) -> None:
     from finegrain.eval.report import pareto_lines, plot_frontier
-    from finegrain.io.files import atomic_write_text
     from finegrain.jobs import evaluate_lm, frontier_loaded
     from finegrain.models import load_model
 
@@ -419,18 +425,12 @@ def cmd_pareto(args) -> None:
         ch = cm.allocation["chosen"]
         name = f"{ch['bits_per_weight']:.3f}bpw"
         cm.save(out / name, overwrite=args.overwrite)
-        counts: dict[str, int] = {}
-        for tag in ch["formats"].values():
-            counts[tag] = counts.get(tag, 0) + 1
+        counts = _format_counts(ch["formats"])
         rows.append({"artifact": str(out / name), "bits_per_weight": ch["bits_per_weight"], "model_bytes": cm.model_bytes(),
                      "predicted": ch["predicted"], "ppl": res["ppl"], "delta_nll": res["nll"] - fp["nll"],
                      "formats": counts})
     summary = {"recipe": recipe.to_dict(), "fp": fp, "points": rows, "allocation": alloc.summary()}
-    atomic_write_text(out / "pareto.json", json.dumps(summary, indent=1) + "\n")
-    lines = pareto_lines(lm.source.get("model", args.model), alloc, fp, rows, args.seq_len)
-    atomic_write_text(out / "pareto.md", "\n".join(lines) + "\n")
-    for line in lines:
-        _say(line)
+    _write_pareto(out, summary, pareto_lines(lm.source.get("model", args.model), alloc, fp, rows, args.seq_len))
     plot_frontier(out / "pareto.png", alloc, rows)
 
 

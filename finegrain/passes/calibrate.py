@@ -93,8 +93,8 @@ def calibrate(gm: GraphModule, ctx: PassContext, all_batches: bool = False) -> G
     inst, keys = _instrumented(gm, ctx)
     if inst is None:
         return gm
-    n = ctx.recipe.float_calibration_samples
-    batches = list(ctx.calibration) if all_batches or not n else list(ctx.calibration)[:n]
+    first = ctx.recipe.float_calibration_samples
+    batches = list(ctx.calibration) if all_batches or not first else list(ctx.calibration)[:first]
     with torch.inference_mode():
         for batch in ctx.progress(batches, desc="calibrate"):
             inst(*batch)
