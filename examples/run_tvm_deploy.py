@@ -7,7 +7,8 @@
 A KV-cache build (``finegrain build ART`` of an artifact compiled with ``--kv-cache``) runs
 ``prefill`` once on the prompt and ``decode`` once per new token. A static cache (manifest
 ``kv.cache == "static"``, the default) is one preallocated ``[1, max_seq_len, kv_heads, head_dim]``
-buffer per layer for K and for V: each call gets views of the tokens cached so far as its
+buffer per layer for K and for V (a KV cache quantized on write: its codes, scales and zero points,
+manifest ``kv.buffers``): each call gets views of the tokens cached so far as its
 ``past_*`` and returns the new tokens' keys / values, written into the buffers at the cache
 position. A ``"concat"`` build returns the ``present_*`` tensors, fed back as the next ``past_*``. A build without the cache has no past: each new
 token re-runs the whole sequence (correct, quadratic). Greedy decoding; prints the text (or ids)
@@ -52,14 +53,14 @@ def call(fn_ids, *extra):
 
 
 static = kv is not None and kv.get("cache") == "static"
-if static:
-    row = kv["kv_heads"] * kv["head_dim"] * 4  # bytes per token of one fp32 buffer
-    buffers = [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], kv["head_dim"]), "float32")
-               for _ in range(2 * kv["layers"])]
+if static:  # per layer K then V: fp32 [.., head_dim], or a packed cache's codes / scales / zero points
+    specs = kv.get("buffers") or [{"dtype": "float32", "width": kv["head_dim"]}] * (2 * kv["layers"])
+    buffers = [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], b["width"]), b["dtype"]) for b in specs]
 
 
 def view(buf, start, n):  # tokens start .. start + n of a static cache buffer, sharing its memory
-    return buf._create_view((1, n, kv["kv_heads"], kv["head_dim"]), "float32", start * row)
+    width, dtype = int(buf.shape[3]), str(buf.dtype)
+    return buf._create_view((1, n, kv["kv_heads"], width), dtype, start * kv["kv_heads"] * width * np.dtype(dtype).itemsize)
 
 
 new, times = [], []

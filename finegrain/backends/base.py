@@ -49,7 +49,8 @@ class Refusal:
 
 def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
     """``(where, role, thing)`` for every format and special op in a quantized graph: role
-    ``weight`` / ``activation`` with a QuantFormat, or ``op`` with ``"hadamard"`` /
+    ``weight`` / ``activation`` / ``kv`` (a KV cache quantized on write, per token or in groups along the
+    head dim) with a QuantFormat, or ``op`` with ``"hadamard"`` /
     ``"kv_append"`` (a windowed / per-channel quantized KV cache write) / ``"act_outliers"`` (an
     activation in two formats by column groups, FMPQ) / ``"grouped_linear"`` / ``"conv"`` (a convolution reading a quantized weight) / ``"recurrent"`` (an
     LSTM / GRU / RNN reading quantized weights)."""
@@ -63,6 +64,8 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             continue
         if n.target is DEQUANTIZE_PACKED:
             yield str(n.args[0].target).removesuffix("_qpacked"), "weight", QuantFormat.parse(n.args[3])
+        elif n.target is QUANTIZE and _writes_kv(n):
+            yield f"node {n.name} (KV cache write)", "kv", QuantFormat.parse(n.args[1])
         elif n.target is QUANTIZE:
             yield f"node {n.name} (input of {', '.join(u.name for u in _consumers(n)) or '?'})", "activation", \
                 QuantFormat.parse(n.args[1])
@@ -79,6 +82,13 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
         elif n.target in RECURRENT_OPS and any(_reads_quantized(getattr(p, "args", [None])[0]) for p in n.args[2]
                                             if getattr(p, "target", None) is WEIGHT):
             yield f"node {n.name}", "op", "recurrent"
+
+
+def _writes_kv(q) -> bool:
+    """The quantize ``q`` is a KV cache write: its dequantized values are the new part of a present."""
+    from finegrain.compiler.ir import KV
+
+    return any(KV in c.meta for g in q.users for deq in g.users for c in deq.users)
 
 
 def _reads_quantized(w) -> bool:

@@ -57,6 +57,10 @@ def preset_rows() -> list[tuple[str, str, object]]:
                 if fmt is not None:
                     seen.setdefault((role, fmt.tag), fmt)
     rows = [(f"{role} {tag}", role, fmt) for (role, tag), fmt in sorted(seen.items())]
+    from finegrain.formats import QuantFormat
+
+    rows.append(("KV cache per token / head-dim groups (int4-g32-asym-fp16-dyn)", "kv",
+                 QuantFormat.parse("int4-g32-asym-fp16-dyn")))
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
                    ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
                    ("activation outlier groups at 8 bits (FMPQ)", "op", "act_outliers"),
@@ -84,7 +88,7 @@ def preset_matrix() -> list[list[str]]:
         for kind, tag in (("key", recipe.kv_key), ("value", recipe.kv_value)):
             if tag:
                 items.append(("op", "kv_append", None) if recipe.kv_windowed(kind)
-                             else ("activation", QuantFormat.parse(tag), None))
+                             else ("kv", QuantFormat.parse(tag), None))
         cells = [pname]
         for name in BACKENDS:
             b = get(name)

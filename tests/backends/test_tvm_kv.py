@@ -76,7 +76,9 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
                            kv_cache=True)
     out = tmp_path / "deploy"
     m = cm.build(out, target=TARGET, max_seq_len=48)
-    assert m["kv"] == {**cm.kv, "max_seq_len": 48, "cache": "static"}
+    fp32 = {"dtype": "float32", "width": cm.kv["head_dim"]}
+    assert m["kv"] == {**cm.kv, "max_seq_len": 48, "cache": "static",
+                       "buffers": [{"name": f"{k}_{i}", **fp32} for i in range(cm.kv["layers"]) for k in ("key", "value")]}
     assert m["functions"] == {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, 48]}}
     prompt = [5, 17, 3, 99, 42]
     want = cm.generate(torch.tensor([prompt]), 10).tokens
@@ -122,3 +124,141 @@ def test_cache_build_decodes_for_each_isa(tiny_llama, tiny_inputs, isa, tmp_path
         pytest.skip(f"built for {isa}; this host cannot run it")
     inc, _ = _incremental(TvmDeployment(tmp_path / "dep"), test, prefill=3)
     assert _rel(cm(test), inc) <= 1e-4
+
+
+# ---- the packed KV cache (lower_cache.pack_cache, kernels/attention.packed_decode_attention_func) ----
+
+def _kv_recipe(key, value, **extra):
+    return {"name": "kv-packed", "rules": [{"role": "linear"}], "kv_key": key, "kv_value": value, **extra}
+
+
+@pytest.mark.parametrize("key,value", [("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn"),
+                                       ("int8-token-sym-fp32-dyn", "int2-g8-sym-fp16-dyn"),
+                                       ("int2-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn")])
+def test_packed_layout_holds_exactly_the_fake_quantized_values(key, value):
+    from finegrain.backends.tvm.lower_cache import decode_ref, encode_ref, kv_layout
+    from finegrain.formats import QuantFormat
+
+    x = torch.randn(1, 37, 2, 64, generator=torch.Generator().manual_seed(0)) * 3
+    x[0, 5, 1, 7] = 40.0  # an outlier channel
+    for fmt in (key, value):
+        lay = kv_layout(fmt, 64)
+        codes, scales, zeros = encode_ref(x, fmt)
+        assert codes.dtype == torch.int32 and codes.shape[-1] == lay["words"] == 64 * lay["bits"] // 32
+        assert scales.shape[-1] == 64 // lay["group"]
+        assert torch.equal(decode_ref(codes, scales, zeros if lay["asym"] else None, fmt, 64),
+                           QuantFormat.parse(fmt).fake_quantize(x))
+
+
+def test_packed_layout_refuses_what_it_cannot_hold():
+    from finegrain.backends.tvm.lower_cache import kv_layout
+
+    assert "whole 32-bit words" in kv_layout("int3-g16-asym-fp16-dyn", 64)
+    assert "whole 32-bit words" in kv_layout("int2-g4-asym-fp16-dyn", 12)
+    assert "bf16 scales" in kv_layout("int4-g16-asym-bf16-dyn", 64)
+    assert "do not divide" in kv_layout("int4-g48-asym-fp16-dyn", 64)
+    assert "not a dynamic integer" in kv_layout("int4-g16-asym-fp16", 64)
+
+
+@pytest.mark.parametrize("key,value", [("int4-g32-asym-fp16-dyn", "int2-g64-asym-fp16-dyn"),
+                                       ("int8-token-sym-fp32-dyn", "int4-g16-sym-fp16-dyn")])
+def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, value):
+    import math
+
+    import numpy as np
+    import tvm
+
+    from finegrain.backends.tvm.kernels.attention import packed_decode_attention_func
+    from finegrain.backends.tvm.lower_cache import decode_ref, encode_ref, kv_layout
+
+    g = torch.Generator().manual_seed(3)
+    b, h, hk, d, p = 1, 6, 2, 64, 37  # 3 query heads per K / V head
+    kl, vl = kv_layout(key, d), kv_layout(value, d)
+    lib = tvm.compile(tvm.IRModule({"main": packed_decode_attention_func(b, h, hk, d, 64, 1 / math.sqrt(d), kl, vl)}),
+                      target=TARGET)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((b, h, 1, d), (b, p, hk, d), (b, p, hk, d)))
+    kn, vn = torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g)
+    (kc, ks, kz), (vc, vs, vz) = encode_ref(k, key), encode_ref(v, value)
+    keys = torch.cat([decode_ref(kc, ks, kz, key, d).transpose(1, 2), kn], 2).repeat_interleave(h // hk, 1)
+    values = torch.cat([decode_ref(vc, vs, vz, value, d).transpose(1, 2), vn], 2).repeat_interleave(h // hk, 1)
+    mask = torch.ones(1, p + 1, dtype=torch.bool)
+    mask[0, 9] = False  # one masked key
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    bias = np.full((1, 64), -np.inf, np.float32)
+    bias[0, :p + 1] = np.where(mask[0].numpy(), 0.0, -np.inf)
+    dev = tvm.cpu()
+
+    def t(x):
+        return tvm.runtime.tensor(np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x), dev)
+    none = torch.zeros(1, 1, 1, 1, dtype=torch.uint8)
+    out = tvm.runtime.empty((b, h, 1, d), "float32", dev)
+    lib["main"](t(q), t(kc), t(ks), t(kz if kl["asym"] else none), t(kn), t(vc), t(vs), t(vz if vl["asym"] else none),
+                t(vn), t(bias), out)
+    assert np.abs(out.numpy() - want.numpy()).max() <= 1e-5
+
+
+@pytest.mark.parametrize("key,value,extra", [("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", {}),
+                                             ("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn", {"kv_rotate": True})])
+def test_packed_cache_build_decodes_the_reference_logits(key, value, extra, tmp_path):
+    """The static build keeps the quantized cache as codes / scales / zero points (smaller than the
+    fp32 cache by the format's ratio), decode's attention reads them in place, and decoding over it
+    gives the reference backend's logits and tokens; the standalone runtime script generates the same."""
+    from finegrain.backends.tvm.lower import import_relax
+
+    model = _family("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (ids,), recipe=_kv_recipe(key, value, **extra), progress=False, kv_cache=True)
+    ref, _ = _incremental(cm, x, prefill=5)
+    bufs: list = []
+    mod, _, _ = import_relax(cm.gm, cm.input_specs, 64, TARGET, kv_buffers=bufs)
+    names = {gv.name_hint for gv in mod.get_global_vars()}
+    assert any(n.startswith("decode_attention_packed") for n in names) and "decode_kv_decode" not in names, names
+    m = cm.build(tmp_path / "dep", target=TARGET, max_seq_len=64)
+    assert m["kv"]["buffers"] == bufs and all("packed" in b for b in bufs)
+    dep = TvmDeployment(tmp_path / "dep")
+    assert dep.packed_cache
+    d, heads, layers = cm.kv["head_dim"], cm.kv["kv_heads"], cm.kv["layers"]
+    per_token = 0
+    for fmt in (key, value):
+        f = finegrain.formats.QuantFormat.parse(fmt)
+        groups = d // (f.group_size or d)
+        per_token += d * f.bits // 8 + groups * (2 if f.scale == "fp16" else 4) + (0 if f.symmetric else groups)
+    assert dep.cache_bytes(1) == layers * heads * per_token < layers * heads * 2 * d * 4
+    inc, state = _incremental(dep, x, prefill=5)
+    assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
+    assert [tuple(p.shape)[-1] for p in state["past"]] == [b["width"] for b in bufs]
+    prompt = x[:, :6]
+    want = cm.generate(prompt, 12).tokens
+    assert dep.generate(prompt, 12).tokens == want
+    with pytest.raises(InputError, match="keeps the KV cache packed"):
+        dep.run_all(*kv_inputs(cm.kv, x[:, :4]))
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"), str(tmp_path / "dep"),
+                          "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", "12"], capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == want
+    mf = tmp_path / "dep" / "manifest.json"
+    bad = json.loads(mf.read_text())
+    bad["kv"]["buffers"][0]["dtype"] = "object"
+    mf.write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"kv 'buffers'\[0\]: needs a dtype"):
+        TvmDeployment(tmp_path / "dep")
+
+
+def test_a_layer_with_one_unpackable_format_keeps_an_fp32_cache():
+    """int3 codes do not fill 32-bit words at head dim 16: that layer's K and V stay fp32 (holding
+    the format's values), the other layer is packed; the logits still match the reference."""
+    model = _family("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    recipe = _kv_recipe("int4-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn",
+                        kv_layers=[[0, "int3-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn"]])
+    cm = finegrain.compile(model, (ids,), recipe=recipe, progress=False, kv_cache=True)
+    ref, _ = _incremental(cm, x, prefill=4)
+    with cm.session("tvm", target=TARGET, max_seq_len=32) as s:
+        assert [b["dtype"] for b in s.cache_buffers] == ["float32", "float32", "int32", "float16", "uint8",
+                                                         "int32", "float16", "uint8"]
+        inc, _ = _incremental(s, x, prefill=4)
+    assert _rel(ref, inc) <= 1e-4

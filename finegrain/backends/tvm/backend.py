@@ -34,6 +34,12 @@ class TvmBackend(BackendBase):
                 return "native", f"low-bit TIR kernel ({'FP4 E2M1' if fmt.kind == 'e2m1' else f'INT{fmt.bits}'} codes)"
             return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor "
                                "and FP4 E2M1 per group do)")
+        if role == "kv" and fmt.kind == "int" and fmt.dynamic and fmt.granularity in ("token", "group") \
+                and fmt.scale in ("fp32", "fp16", "bf16"):
+            if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":
+                return "native", ("packed in a static-cache build (codes in 32-bit words, scales, zero points; both "
+                                  "K and V of a layer packable), read by the decode attention kernel in place")
+            return "emulated", "fp32 cache holding the format's values (fake quantization on write)"
         if fmt.kind != "int" or fmt.granularity not in ("token", "tensor") or fmt.scale not in ("fp32", "fp16", "bf16"):
             return "refused", (f"activation format {fmt.tag} has no TVM lowering (integer activations per token or "
                                "per tensor with float scales do)")

@@ -110,7 +110,9 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     if cache not in CACHES:
         raise InputError(f"cache {cache!r}: one of {list(CACHES)}")
     t0 = time.perf_counter()
-    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8, cache=cache)
+    buffers: list = []
+    mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8, cache=cache,
+                                        kv_buffers=buffers)
     functions = ({"main": {"inputs": "as declared (inputs[].dims)"}} if is_tensor_specs(cm.input_specs) else
                  {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}})
     import_s = time.perf_counter() - t0
@@ -135,7 +137,8 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "inputs": cm.input_specs,
             "functions": functions,
             "params": [name for name, _ in params],
-            **({"kv": {**kv, "max_seq_len": max_seq_len, "cache": cache}} if kv else {}),
+            **({"kv": {**kv, "max_seq_len": max_seq_len, "cache": cache,
+                       **({"buffers": buffers} if cache == "static" else {})}} if kv else {}),
             "kernels": kernels,
             "recipe": cm.recipe.to_dict(),
             "source": cm.source,
@@ -145,6 +148,26 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
         }
         (tmp / MANIFEST).write_text(dumps_json(manifest))
     return manifest
+
+
+_BUFFER_DTYPES = ("float32", "float16", "int32", "uint8")
+
+
+def _check_buffers(kv: dict, where: str) -> list[dict]:
+    """A static build's cache buffers from its manifest (data: names, dtypes, widths); a build from
+    before packed caches lists none and holds fp32 ``[.., head_dim]`` per layer, K then V."""
+    bufs = kv.get("buffers")
+    if bufs is None:
+        return [{"name": f"past_{k}_{i}", "dtype": kv["dtype"], "width": kv["head_dim"]}
+                for i in range(kv["layers"]) for k in ("key", "value")]
+    if not isinstance(bufs, list) or not 2 * kv["layers"] <= len(bufs) <= 6 * kv["layers"]:
+        raise ArtifactError(f"{where}: expected a list of 2..6 buffers per layer")
+    for i, b in enumerate(bufs):
+        if (not isinstance(b, dict) or b.get("dtype") not in _BUFFER_DTYPES or not isinstance(b.get("width"), int)
+                or isinstance(b.get("width"), bool) or not 0 < b["width"] <= 4 * kv["head_dim"]):
+            raise ArtifactError(f"{where}[{i}]: needs a dtype among {list(_BUFFER_DTYPES)} and a width in "
+                                f"1..{4 * kv['head_dim']}")
+    return bufs
 
 
 def is_deployment(path: str | Path) -> bool:
@@ -166,6 +189,7 @@ class TvmDeployment(Session, Artifact):
     trust. ``finegrain.load`` returns one only with ``allow_native=True``."""
 
     backend = "tvm"
+    cache_buffers: list = []  # a static build's cache buffers (manifest kv.buffers)
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import tvm
@@ -215,6 +239,8 @@ class TvmDeployment(Session, Artifact):
             check_kv_layout(self.kv, self.input_specs, str(path / MANIFEST))
             if self.kv.get("cache", "concat") not in CACHES:
                 raise ArtifactError(f"{path / MANIFEST}: kv 'cache' must be one of {list(CACHES)}")
+            if self.static_cache:
+                self.cache_buffers = _check_buffers(self.kv, f"{path / MANIFEST}: kv 'buffers'")
             self.max_seq_len = min(self.max_seq_len, self.kv["max_seq_len"])
 
     def function_for(self, seq_len: int) -> str:
@@ -243,10 +269,18 @@ class TvmDeployment(Session, Artifact):
     def static_cache(self) -> bool:
         return bool(self.kv) and self.kv.get("cache", "concat") == "static"
 
+    @property
+    def packed_cache(self) -> bool:
+        return self.static_cache and any("packed" in b for b in self.cache_buffers)
+
     def run_all(self, *inputs: torch.Tensor) -> tuple:
         from finegrain.io.signature import check_inputs
 
         check_inputs(self.input_specs, inputs)
+        if self.packed_cache:
+            raise InputError(f"{self.path}: this build keeps the KV cache packed (codes and scales); it runs "
+                             "through prefill / step / generate, not on float past tensors (build with --cache "
+                             "concat for run_all's float presents)")
         if self.static_cache:  # the artifact's contract: head-major pasts in, presents out
             ids, pos, past = inputs[0], inputs[1], inputs[2:]
             start, n = past[0].shape[2], ids.shape[1]
@@ -265,18 +299,24 @@ class TvmDeployment(Session, Artifact):
         return self.run_all(*inputs)[0]
 
     def _buffers(self) -> list:
-        """A static build's cache: per layer, K then V, ``[1, max_seq_len, kv_heads, head_dim]``."""
+        """A static build's cache: per layer, K then V, ``[1, max_seq_len, kv_heads, head_dim]``
+        fp32, or for a packed layer its codes / scales / zero points ``[1, max_seq_len, kv_heads,
+        width]`` (manifest ``kv.buffers``)."""
         import tvm
 
         kv = self.kv
-        shape = (1, kv["max_seq_len"], kv["kv_heads"], kv["head_dim"])
-        return [tvm.runtime.empty(shape, kv["dtype"], self.dev) for _ in range(2 * kv["layers"])]
+        return [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], b["width"]), b["dtype"], self.dev)
+                for b in self.cache_buffers]
 
     def _view(self, buf, start: int, n: int):
         """Tokens ``start .. start + n`` of a static cache buffer, as a tensor sharing its memory."""
-        kv = self.kv
-        row = kv["kv_heads"] * kv["head_dim"] * np.dtype(kv["dtype"]).itemsize
-        return buf._create_view((1, n, kv["kv_heads"], kv["head_dim"]), kv["dtype"], start * row)
+        heads, width, dtype = self.kv["kv_heads"], int(buf.shape[3]), str(buf.dtype)
+        return buf._create_view((1, n, heads, width), dtype, start * heads * width * np.dtype(dtype).itemsize)
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes a static build's cache holds for ``tokens`` tokens (all layers, K and V)."""
+        return sum(tokens * self.kv["kv_heads"] * b["width"] * np.dtype(b["dtype"]).itemsize
+                   for b in self.cache_buffers)
 
     def _static_forward(self, ids: torch.Tensor, pos: torch.Tensor, bufs: list, start: int) -> tuple:
         """One call over a static cache: the past is views of ``bufs``' first ``start`` tokens; the
@@ -298,11 +338,11 @@ class TvmDeployment(Session, Artifact):
         self.check_room(start, ids.shape[1])
         if self.static_cache:
             check_inputs(self.input_specs[:1], (ids,))
-            want = (1, self.kv["max_seq_len"], self.kv["kv_heads"], self.kv["head_dim"])
-            if past is not None and (len(past) != 2 * self.kv["layers"] or not all(
-                    isinstance(p, tvm.runtime.Tensor) and tuple(p.shape) == want for p in past)):
+            want = [(1, self.kv["max_seq_len"], self.kv["kv_heads"], b["width"]) for b in self.cache_buffers]
+            if past is not None and (len(past) != len(want) or not all(
+                    isinstance(p, tvm.runtime.Tensor) and tuple(p.shape) == w for p, w in zip(past, want))):
                 raise InputError(f"{self.path}: a static-cache build continues from the state of its own prefill "
-                                 f"({2 * self.kv['layers']} cache buffers {list(want)})")
+                                 f"({len(want)} cache buffers, the first {list(want[0])})")
             return self._static_forward(ids, kv_inputs(self.kv, ids, [], start)[1],
                                         self._buffers() if past is None else list(past), start)
         if past is None:

@@ -299,11 +299,14 @@ def _emit_a8(graph: Graph, deq, users, layer: str, p: dict, param) -> None:
 
 
 def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
-            int8: bool = True) -> tuple[GraphModule, dict]:
+            int8: bool = True, pack_kv: bool = False) -> tuple[GraphModule, dict]:
     """The graph rewritten for the TVM lowering (see the module docstring) and, per quantized
     layer, the kernel it gets. ``int8``: linears whose weights have at most 4 bits and whose
     input is quantized to symmetric integers get the integer-dot kernel (``kernels/a8.py``; needs
-    AVX2) instead of the fp32 one. ``gm`` itself is not modified (its nodes may get shape metadata)."""
+    AVX2) instead of the fp32 one. ``gm`` itself is not modified (its nodes may get shape metadata).
+    A KV-cache graph's writes in groups along the head dim become per-token fake quantization
+    (``lower_cache.kv_fake_quant``); ``pack_kv`` (static cache) first packs the layers whose cache
+    can be held as codes (``lower_cache.pack_cache``; the buffers are the result's ``kv_buffers``)."""
     from finegrain.compiler.ops import HADAMARD
 
     if input_specs and any(n.target is HADAMARD and not ({"val", "tensor_meta"} & set(n.args[0].meta))
@@ -325,6 +328,12 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         return key
 
     kernels = {}
+    buffers = None
+    if input_specs and is_kv_specs(input_specs):
+        from finegrain.backends.tvm.lower_cache import kv_fake_quant, pack_cache
+
+        buffers = pack_cache(graph) if pack_kv else None
+        kv_fake_quant(graph)
     _rewrite_activations(gm, graph, param)
     from finegrain.compiler.ops import WEIGHT
 
@@ -412,6 +421,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
             n.target = key
     out = GraphModule(root, graph)
     out.graph.lint()
+    out.kv_buffers = buffers
     return out, kernels
 
 
@@ -566,7 +576,7 @@ def _dense(node, importer, prefix: str, lanes: int, cache: dict):
 def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes: int, max_seq_len: int):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from finegrain.backends.tvm import lower_attention
+    from finegrain.backends.tvm import lower_attention, lower_cache
 
     ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False,
                              prefer_deferred_runtime_asserts_over_guards=True)
@@ -577,7 +587,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
-               "amax.default": _convert_amax}
+               "amax.default": _convert_amax, **lower_cache.relax_converters(prefix)}
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)
@@ -599,7 +609,7 @@ def is_tensor_specs(input_specs: list[dict]) -> bool:
 
 
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
-                 int8: bool = True, cache: str = "static"):
+                 int8: bool = True, cache: str = "static", kv_buffers: list | None = None):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
     tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
@@ -614,7 +624,10 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     appended (the next call's past). With ``cache="static"`` (``lower_cache.py``) the pasts are
     token-major views ``[B, P, Hkv, d]`` of the deployment's preallocated buffers and the functions
     return ``(logits, new_key_0, new_value_0, ...)``, the new keys / values token-major
-    ``[B, S, Hkv, d]``, for the runtime to write into the buffers."""
+    ``[B, S, Hkv, d]``, for the runtime to write into the buffers. A layer whose keys and values are
+    quantized on write in a packable format keeps them packed instead (``lower_cache.pack_cache``:
+    codes, scales, zero points in place of each past and each new part); ``kv_buffers``, when
+    given, receives one ``{"name", "dtype", "width"[, "packed"]}`` per cache buffer, in input order."""
     import tvm
 
     lanes = vector_lanes(target)
@@ -635,10 +648,10 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
                        f"graph (input_ids, position_ids, past_key_0, ...), got {[s['name'] for s in input_specs]}")
     if cache not in ("static", "concat"):
         raise TvmError(f"cache {cache!r}: 'static' (preallocated, written in place) or 'concat'")
-    pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target))
+    static = kv and cache == "static"
+    pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target), pack_kv=static)
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
     past = [s["name"].startswith("past_") for s in input_specs]
-    static = kv and cache == "static"
     axis = 1 if static else 2  # the past's sequence axis
     if static:
         from finegrain.backends.tvm.lower_cache import to_static_cache
@@ -652,7 +665,15 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
         ds_prefill, ds_decode = ({1: seq},), None
     ex_prefill = example_inputs(input_specs)
     if static:
-        ex_prefill = tuple(x.transpose(1, 2).contiguous() if p else x for x, p in zip(ex_prefill, past))
+        specs = pgm.kv_buffers
+        if kv_buffers is not None:
+            kv_buffers.extend(specs)
+        p_len, heads = ex_prefill[2].shape[2], ex_prefill[2].shape[1]
+        caches = tuple(torch.ones((1, p_len, heads, b["width"]), dtype=getattr(torch, b["dtype"])) for b in specs)
+        ex_prefill = (*ex_prefill[:2], *caches)
+        past = [False, False, *(True for _ in specs)]
+        ds_prefill = tuple({axis: dim} if p else {1: seq} for p in past)
+        ds_decode = tuple({axis: dim} if p else None for p in past)
     ex_decode = tuple(x if p else x[:, :1] for x, p in zip(ex_prefill, past))  # one new token
     prefill, names = _import(pgm, ex_prefill, ds_prefill, "", lanes, max_seq_len)
     decode, names_d = _import(pgm, ex_decode, ds_decode, "decode_", lanes, max_seq_len if kv else 1)

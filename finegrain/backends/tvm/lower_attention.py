@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -99,8 +100,8 @@ def converter(prefix: str, max_seq_len: int):
     from tvm import relax, te, tirx
 
     from finegrain.backends.tvm.kernels.attention import (KEY_BLOCK, attention_func, cache_decode_attention_func,
-                                                          decode_attention_func)
-    from finegrain.backends.tvm.lower_cache import cache_parts
+                                                          decode_attention_func, packed_decode_attention_func)
+    from finegrain.backends.tvm.lower_cache import KV_DECODE, cache_parts, kv_layout
 
     funcs: dict = {}
     biases: list = []  # (mask value or None, causal, bias)
@@ -153,6 +154,21 @@ def converter(prefix: str, max_seq_len: int):
         # a static cache (lower_cache.py): K / V = cat(transposed view of the cache, new part)
         kc, vc = cache_parts(node.args[1]), cache_parts(node.args[2])
         parts = None if kc is None or vc is None else [importer.env[x] for x in (*kc, *vc)]
+        packed = parts and kc[0].target is KV_DECODE and vc[0].target is KV_DECODE
+        if one and packed:  # codes read in place: the decode of the whole past is left without a reader
+            lays = [kv_layout(c.args[3], int(d)) for c in (kc[0], vc[0])]
+            key = (f"{prefix}attention_packed_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}_"
+                   + "_".join(f"{x['bits']}g{x['group']}{'a' if x['asym'] else 's'}{x['scale']}" for x in lays))
+            if key not in funcs:
+                func = packed_decode_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays)
+                funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
+            ins = [q]
+            for c, new, lay in ((kc[0], kc[1], lays[0]), (vc[0], vc[1], lays[1])):
+                codes, scales, zeros = (importer.env[a] if a is not None else None for a in c.args[:3])
+                if zeros is None:
+                    zeros = relax.const(np.zeros((1, 1, 1, 1), "uint8"))
+                ins += [codes, scales, zeros, importer.env[new]]
+            return bb.emit(relax.call_tir(funcs[key], [*ins, bias], relax.TensorType([b, h, s, d], "float32")))
         if one and parts:
             make, kind = cache_decode_attention_func, "_cache"
         else:

@@ -22,6 +22,8 @@ cost a copy of the whole cache per step. A static build instead:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.fx import GraphModule
 
@@ -71,12 +73,15 @@ def _placeholder_through_transpose(x):
     elif [d % 4 for d in x.args[1]] != [0, 2, 1, 3]:
         return None
     src = x.args[0]
+    if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target is KV_DECODE:
+        return src  # a packed cache, read through kv_decode
     return src if isinstance(src, torch.fx.Node) and src.op == "placeholder" else None
 
 
 def cache_parts(x):
-    """``(past placeholder, new part)`` when ``x`` (an attention's K or V node in the exported
-    program) is ``cat(transpose(past view), new)`` along the sequence, else None."""
+    """``(past, new part)`` when ``x`` (an attention's K or V node in the exported program) is
+    ``cat(transpose(past view), new)`` along the sequence, else None; ``past`` is the placeholder,
+    or the ``kv_decode`` of a packed cache's placeholders."""
     if not isinstance(x, torch.fx.Node) or x.target is not torch.ops.aten.cat.default or len(x.args[0]) != 2:
         return None
     dim = x.args[1] if len(x.args) > 1 else 0
@@ -85,3 +90,337 @@ def cache_parts(x):
     past, new = x.args[0]
     ph = _placeholder_through_transpose(past)
     return (ph, new) if ph is not None else None
+
+
+# ---- the packed KV cache (issue #17): codes and scales where a static build keeps the cache ----
+#
+# A present quantized on write by ``passes/quantize_kv.py`` without a window
+# (``cat(past, dequantize(quantize(new, fmt)))``, an integer format per token or in groups along
+# the head dim with fp16 / fp32 scales) is held by a static build as what the format stores:
+#
+# * ``codes``  int32 ``[B, L, Hkv, W]``, ``W = d * bits / 32`` words per token and head, the codes
+#   offset to unsigned (``u = code - lo``) and **interleaved**: element ``a`` of the head dim is bits
+#   ``[(a // W) * bits, (a // W + 1) * bits)`` of word ``a % W``, so 8 consecutive elements sit at the
+#   same shift of 8 consecutive words and the decode kernel unpacks them as one vector;
+# * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32);
+# * ``zeros``  uint8 ``[B, L, Hkv, d / G]`` (asymmetric formats only).
+#
+# The value a reader gets is ``(u + lo - zero) * scale``, exactly what the fake quantization the
+# attention of the writing step read. :func:`pack_cache` rewrites the graph: the past input becomes
+# those two or three inputs read through ``finegrain::kv_decode``, the present output the new
+# tokens' ``kv_codes`` / ``kv_scales`` / ``kv_zeros``; ``lower_attention`` gives decode a kernel
+# that reads the codes in place (``kernels/attention.packed_decode_attention_func``).
+
+PACKABLE_BITS = (2, 4, 8)
+SCALE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def kv_layout(fmt, d: int) -> str | dict:
+    """The packed layout of KV format ``fmt`` over head dim ``d`` (``bits``, ``group``, ``words``,
+    ``asym``, ``scale`` dtype, ``lo`` code), or why it has none (a string)."""
+    from finegrain.formats import QuantFormat
+
+    f = QuantFormat.parse(fmt) if isinstance(fmt, str) else fmt
+    if f.kind != "int" or not f.dynamic or f.block_rows:
+        return f"{f.tag} is not a dynamic integer format"
+    if f.granularity not in ("token", "group"):
+        return f"{f.tag}: the packed cache holds formats per token or in groups along the head dim"
+    group = d if f.granularity == "token" else f.group_size
+    if d % group:
+        return f"{f.tag}: groups of {group} do not divide the head dim {d}"
+    if f.bits not in PACKABLE_BITS or (d * f.bits) % 32:
+        return f"{f.tag}: {f.bits}-bit codes of a head dim {d} do not fill whole 32-bit words (2 / 4 / 8 bits do)"
+    if f.scale not in SCALE_DTYPES:
+        return f"{f.tag}: {f.scale} scales (fp16 / fp32 are stored)"
+    lo, _ = f.family.code_range(f)
+    return {"bits": f.bits, "group": group, "words": d * f.bits // 32, "asym": not f.symmetric,
+            "scale": "float16" if f.scale == "fp16" else "float32", "lo": lo, "d": d}
+
+
+def _token_format(fmt: str):
+    import dataclasses
+
+    from finegrain.formats import QuantFormat
+
+    return dataclasses.replace(QuantFormat.parse(fmt), granularity="token", group_size=None)
+
+
+def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
+    """``(codes, scales, zeros)`` of ``x[..., d]`` as the packed cache holds them (reference)."""
+    d = x.shape[-1]
+    lay = kv_layout(fmt, d)
+    if isinstance(lay, str):
+        from finegrain.backends.tvm.lower_activations import TvmError
+
+        raise TvmError(lay)
+    g, w, bits = lay["group"], lay["words"], lay["bits"]
+    q = _token_format(fmt).quantize(x.float().reshape(*x.shape[:-1], d // g, g))
+    u = (q.codes.to(torch.int64) - lay["lo"]).reshape(*x.shape[:-1], d // w, w)
+    acc = torch.zeros(*x.shape[:-1], w, dtype=torch.int64)
+    for i in range(32 // bits):
+        acc |= u[..., i, :] << (i * bits)
+    words = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    scales = q.scale.reshape(*x.shape[:-1], d // g).to(SCALE_DTYPES["fp16" if lay["scale"] == "float16" else "fp32"])
+    zeros = q.zero.reshape(*x.shape[:-1], d // g).to(torch.uint8)
+    return words, scales, zeros
+
+
+def decode_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: str, d: int) -> torch.Tensor:
+    """The values a packed cache holds, fp32 ``[..., d]`` (reference)."""
+    lay = kv_layout(fmt, d)
+    bits, w, g = lay["bits"], lay["words"], lay["group"]
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
+    u = ((codes.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-2) >> shifts) & (2**bits - 1)  # [..., d / W, W]
+    u = u.reshape(*codes.shape[:-1], d // g, g).float() + lay["lo"]
+    if zeros is not None and lay["asym"]:
+        u = u - zeros.float().unsqueeze(-1)
+    return (u * scales.float().unsqueeze(-1)).reshape(*codes.shape[:-1], d)
+
+
+@torch.library.custom_op("finegrain::kv_codes", mutates_args=())
+def kv_codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The packed cache's code words of the new keys / values ``x[B, S, Hkv, d]``."""
+    return encode_ref(x, fmt)[0]
+
+
+@kv_codes.register_fake
+def _(x, fmt):
+    return x.new_empty((*x.shape[:-1], kv_layout(fmt, x.shape[-1])["words"]), dtype=torch.int32)
+
+
+@torch.library.custom_op("finegrain::kv_scales", mutates_args=())
+def kv_scales(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    return encode_ref(x, fmt)[1]
+
+
+@kv_scales.register_fake
+def _(x, fmt):
+    lay = kv_layout(fmt, x.shape[-1])
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // lay["group"]),
+                       dtype=torch.float16 if lay["scale"] == "float16" else torch.float32)
+
+
+@torch.library.custom_op("finegrain::kv_zeros", mutates_args=())
+def kv_zeros(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    return encode_ref(x, fmt)[2]
+
+
+@kv_zeros.register_fake
+def _(x, fmt):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // kv_layout(fmt, x.shape[-1])["group"]), dtype=torch.uint8)
+
+
+@torch.library.custom_op("finegrain::kv_decode", mutates_args=())
+def kv_decode(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], fmt: str,
+              d: int) -> torch.Tensor:
+    """The cached keys / values ``[B, P, Hkv, d]`` (fp32) the packed inputs hold."""
+    return decode_ref(codes, scales, zeros, fmt, d)
+
+
+@kv_decode.register_fake
+def _(codes, scales, zeros, fmt, d):
+    return codes.new_empty((*codes.shape[:-1], d), dtype=torch.float32)
+
+
+KV_CODES, KV_SCALES = torch.ops.finegrain.kv_codes.default, torch.ops.finegrain.kv_scales.default
+KV_ZEROS, KV_DECODE = torch.ops.finegrain.kv_zeros.default, torch.ops.finegrain.kv_decode.default
+
+
+def _written(present):
+    """``(past, quantize node, dequantize node, format)`` when ``present`` is
+    ``cat(past, dequantize(quantize(x)))`` with a dynamic quantize, else None."""
+    import operator
+
+    from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
+
+    if present.target is not torch.ops.aten.cat.default or len(present.args[0]) != 2:
+        return None
+    past, deq = present.args[0]
+    while isinstance(past, torch.fx.Node) and past.target is torch.ops.aten.cat.default:
+        # transformers' cache concatenates the past onto an empty tensor: the past itself
+        parts = [a for a in past.args[0] if not (isinstance(a, torch.fx.Node) and a.meta.get("val") is not None
+                                                 and a.meta["val"].numel() == 0)]
+        if len(parts) != 1:
+            break
+        past = parts[0]
+    if getattr(deq, "target", None) is not DEQUANTIZE:
+        return None
+    gets = deq.args[:3]
+    if not all(getattr(g, "target", None) is operator.getitem for g in gets) or len({g.args[0] for g in gets}) != 1:
+        return None
+    q = gets[0].args[0]
+    if q.target is not QUANTIZE or len(q.args) > 2 or q.kwargs.get("scale") is not None:
+        return None
+    if any(set(g.users) != {deq} for g in q.users) or len(deq.users) != 1:
+        return None
+    return past, q, deq, q.args[1]
+
+
+def kv_fake_quant(graph) -> None:
+    """Each KV write ``dequantize(quantize(x, fmt))`` in groups along the head dim becomes the
+    same quantization per token over ``x`` viewed as ``[..., d / G, G]`` (one ``fake_quant``, which
+    the lowering computes per token)."""
+    from finegrain.compiler.ir import KV
+    from finegrain.backends.tvm.lower_activations import FAKE_QUANT
+    from finegrain.formats import QuantFormat
+
+    for n in list(graph.nodes):
+        w = KV in n.meta and _written(n)
+        if not w:
+            continue
+        _, q, deq, fmt = w
+        f = QuantFormat.parse(fmt)
+        if f.granularity != "group":
+            continue
+        x = q.args[0]
+        shape = list(n.meta["val"].shape) if n.meta.get("val") is not None else None
+        d = shape[-1] if shape else None
+        if not isinstance(d, int) or d % f.group_size:
+            continue
+        with graph.inserting_before(deq):
+            xr = graph.call_function(torch.ops.aten.unflatten.int, (x, -1, [d // f.group_size, f.group_size]))
+            fq = graph.call_function(FAKE_QUANT, (xr, _token_format(fmt).tag, None, None))
+            y = graph.call_function(torch.ops.aten.flatten.using_ints, (fq, -2, -1))
+        deq.replace_all_uses_with(y)
+        graph.erase_node(deq)
+        for g in list(q.users):
+            graph.erase_node(g)
+        graph.erase_node(q)
+
+
+def pack_cache(graph) -> list[dict]:
+    """Rewrite ``graph`` (a KV-cache graph before :func:`to_static_cache`) so that every layer
+    whose keys and values are both written in a packable format (:func:`kv_layout`) keeps its cache
+    packed: each such ``past_*`` input becomes ``codes`` / ``scales`` / (``zeros``) inputs, token-major,
+    read through ``kv_decode``, and its present output the new tokens' ``kv_codes`` / ``kv_scales`` /
+    (``kv_zeros``), token-major. Returns the cache buffers in input (= output) order after
+    ``input_ids, position_ids``: ``{"name", "dtype", "width", "packed": layout or absent}``; the
+    other presents are left to :func:`to_static_cache` (fp32, ``width`` = head dim)."""
+    from finegrain.compiler.ir import KV
+
+    out = next(n for n in graph.nodes if n.op == "output")
+    results = list(out.args[0])
+    presents = {r.meta[KV]["layer"]: [] for r in results if isinstance(r, torch.fx.Node) and KV in r.meta}
+    for r in results:
+        if isinstance(r, torch.fx.Node) and KV in r.meta:
+            presents[r.meta[KV]["layer"]].append(r)
+    packed = {}
+    for layer, ps in presents.items():
+        lays = []
+        for p in ps:
+            w = _written(p)
+            d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
+            ok = w and w[0].op == "placeholder" and isinstance(d, int)
+            lay = kv_layout(w[3], int(d)) if ok else None
+            lays.append(lay if isinstance(lay, dict) else None)
+        if len(ps) == 2 and all(lays):
+            for p, lay in zip(ps, lays):
+                packed[p] = lay
+    buffers = []
+    placeholders = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    for i, r in enumerate(list(results)):
+        if not isinstance(r, torch.fx.Node) or KV not in r.meta:
+            continue
+        meta = r.meta["val"]
+        d = int(meta.shape[-1])
+        if r not in packed:
+            buffers.append({"name": f"{r.meta[KV]['kind']}_{r.meta[KV]['layer']}",
+                            "dtype": str(meta.dtype).removeprefix("torch."), "width": d})
+            continue
+        past, q, _deq, fmt = _written(r)
+        lay = packed[r]
+        parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], d // lay["group"])]
+        if lay["asym"]:
+            parts.append(("zeros", "uint8", d // lay["group"]))
+        ins = []
+        anchor = past
+        for suffix, dtype, width in parts:
+            with graph.inserting_after(anchor):
+                ph = graph.placeholder(f"kvq_{r.meta[KV]['kind']}_{r.meta[KV]['layer']}_{suffix}")
+            ph.meta["kv_packed"] = True
+            ins.append(ph)
+            anchor = ph
+            buffers.append({"name": ph.name, "dtype": dtype, "width": width, "packed": {**lay, "format": fmt}})
+        with graph.inserting_after(anchor):
+            dec = graph.call_function(KV_DECODE, (ins[0], ins[1], ins[2] if lay["asym"] else None, fmt, d))
+        with graph.inserting_after(dec):
+            t = graph.call_function(torch.ops.aten.transpose.int, (dec, 1, 2))
+        past.replace_all_uses_with(t)
+        graph.erase_node(past)
+        placeholders.pop(past.name, None)
+        with graph.inserting_before(out):
+            xt = graph.call_function(torch.ops.aten.transpose.int, (q.args[0], 1, 2))
+            new = [graph.call_function(op, (xt, fmt)) for op in (KV_CODES, KV_SCALES, KV_ZEROS)[:len(parts)]]
+        results[i] = tuple(new)
+    flat = []
+    for r in results:
+        flat.extend(r if isinstance(r, tuple) else (r,))
+    out.args = (tuple(flat),)
+    return buffers
+
+
+def relax_converters(prefix: str) -> dict:
+    """The Relax frontend's converters for ``kv_codes`` / ``kv_scales`` / ``kv_zeros`` (the new
+    tokens' scales chosen exactly as the fake quantization the attention reads chooses them) and
+    ``kv_decode`` (the cached values, where something other than the decode kernel reads them:
+    prefill's gather)."""
+    from tvm import relax, te, tirx
+
+    from finegrain.backends.tvm.lower_activations import _act_scale
+
+    def encoded(node, importer):
+        bb = importer.block_builder
+        x, fmt = importer.retrieve_args(node)[:2]
+        shape = list(x.ty.shape)
+        d = int(shape[-1])
+        lay = kv_layout(fmt, d)
+        g = lay["group"]
+        tok = _token_format(fmt)
+        lo, hi = tok.family.code_range(tok)
+        xr = bb.emit(relax.op.reshape(x, [*shape[:-1], d // g, g]))
+        s, z = _act_scale(bb, xr, tok, None, None, prefix)
+        return bb, shape, d, lay, lo, hi, xr, s, z
+
+    def codes(node, importer):
+        bb, shape, d, lay, lo, hi, xr, s, z = encoded(node, importer)
+        g, w, bits = lay["group"], lay["words"], lay["bits"]
+
+        def fn(x_, s_, z_):
+            def u(b, t, h, a):
+                q = te.max(te.min(tirx.nearbyint(x_[b, t, h, a // g, a % g] / s_[b, t, h, a // g, 0])
+                                  + z_[b, t, h, a // g, 0], float(hi)), float(lo))
+                return (q - float(lo)).astype("int32")
+
+            def word(b, t, h, c):
+                acc = u(b, t, h, c)
+                for i in range(1, 32 // bits):
+                    acc = acc | (u(b, t, h, i * w + c) << (i * bits))
+                return acc
+            return te.compute((*shape[:-1], w), word, name="kv_codes")
+        return bb.emit_te(fn, xr, s, z, primfunc_name_hint=f"{prefix}kv_codes")
+
+    def scales(node, importer):
+        bb, shape, d, lay, *_, s, z = encoded(node, importer)
+        return bb.emit(relax.op.astype(relax.op.reshape(s, [*shape[:-1], d // lay["group"]]), lay["scale"]))
+
+    def zeros(node, importer):
+        bb, shape, d, lay, *_, s, z = encoded(node, importer)
+        return bb.emit(relax.op.astype(relax.op.reshape(z, [*shape[:-1], d // lay["group"]]), "uint8"))
+
+    def decode(node, importer):
+        from finegrain.backends.tvm.kernels.attention import _cached
+
+        bb = importer.block_builder
+        args = importer.retrieve_args(node)
+        c, s, z, fmt, d = args[:5]
+        lay = kv_layout(fmt, int(d))
+        shape = [c.ty.shape[i] for i in range(3)] + [int(d)]
+
+        def fn(c_, s_, *z_):
+            return te.compute(shape, lambda b, t, h, a: _cached(c_, s_, z_[0] if z_ else None, lay, b, t, h, a),
+                              name="kv_decode")
+        ins = [c, s] + ([z] if lay["asym"] else [])
+        return bb.emit_te(fn, *ins, primfunc_name_hint=f"{prefix}kv_decode")
+
+    return {"kv_codes.default": codes, "kv_scales.default": scales, "kv_zeros.default": zeros,
+            "kv_decode.default": decode}

@@ -335,3 +335,135 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
                                                                  T.float32(0))
 
     return func
+
+
+def _cached(c, s, z, lay: dict, bi, j, kh, a):
+    """Element ``a`` of a packed cache row (``lower_cache.kv_layout``): the code unpacked from its
+    32-bit word, offset back, minus the zero point, times the group scale, in fp32."""
+    from tvm import te, tirx
+
+    def at(t, *idx):  # a TIR buffer (kernels) or a TE tensor (lower_cache's decode)
+        return t(*idx) if isinstance(t, te.Tensor) else t[idx]
+
+    f32 = "float32"
+    w, bits, g = lay["words"], lay["bits"], lay["group"]
+    u = (at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
+    v = u.astype(f32) + tirx.const(float(lay["lo"]), f32)
+    if lay["asym"]:
+        v = v - at(z, bi, j, kh, a // g).astype(f32)
+    return v * at(s, bi, j, kh, a // g).astype(f32)
+
+
+def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
+                                 key: dict, value: dict):
+    """:func:`cache_decode_attention_func` over a **packed** static cache (``lower_cache.py``): the
+    PrimFunc ``f(q[B, H, 1, d], kc[B, P, Hkv, Wk] int32, ks[B, P, Hkv, d / Gk], kz, kn[B, Hkv, 1, d],
+    vc, vs, vz, vn, bias[1, T32], o[B, H, 1, d])`` reads each cached key / value as its codes, scales
+    and zero points (``kz`` / ``vz`` ``[B, P, Hkv, d / G]`` uint8 for an asymmetric format, else a
+    ``[1, 1, 1, 1]`` placeholder nobody reads), unpacks and dequantizes it once per step in
+    registers (shared by the ``H / Hkv`` query heads reading it) and computes the same scores,
+    softmax and weighted sum as the fp32 kernel. ``key`` / ``value``: the layouts
+    (``kv_layout``)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    _check_heads(heads, kv_heads, d)
+    for lay in (key, value):
+        if lay["d"] != d:
+            raise ValueError(f"packed attention: layout for head dim {lay['d']}, kernel for {d}")
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+    softmax = _softmax()
+    kw, kg, vw, vg = key["words"], d // key["group"], value["words"], d // value["group"]
+    kzs = (batch, 1, kv_heads, kg) if key["asym"] else (1, 1, 1, 1)
+    vzs = (batch, 1, kv_heads, vg) if value["asym"] else (1, 1, 1, 1)
+    kzp, vzp = key["asym"], value["asym"]
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kn_h: T.handle, vc_h: T.handle,
+             vs_h: T.handle, vz_h: T.handle, vn_h: T.handle, bias_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        t32 = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
+        kc = T.match_buffer(kc_h, (batch, p, kv_heads, kw), "int32")
+        ks = T.match_buffer(ks_h, (batch, p, kv_heads, kg), key["scale"])
+        kz = T.match_buffer(kz_h, (kzs[0], p if kzp else 1, kzs[2], kzs[3]), "uint8")
+        kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
+        vc = T.match_buffer(vc_h, (batch, p, kv_heads, vw), "int32")
+        vs = T.match_buffer(vs_h, (batch, p, kv_heads, vg), value["scale"])
+        vz = T.match_buffer(vz_h, (vzs[0], p if vzp else 1, vzs[2], vzs[3]), "uint8")
+        vn = T.match_buffer(vn_h, (batch, kv_heads, 1, d), f32)
+        bias = T.match_buffer(bias_h, (1, t32), f32)
+        o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
+        assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
+        for task in T.parallel(batch * kv_heads):
+            sc = T.decl_buffer((group * row,), f32, scope="local")
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            row_v = T.decl_buffer((d,), f32, scope="local")
+            out = T.decl_buffer((group * d,), f32, scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            sums = T.decl_buffer((group,), f32, scope="local")
+            bi = task // kv_heads
+            kh = task % kv_heads
+            # 1. scores: each cached key unpacked once, then dotted with the group's queries
+            for j in T.serial(p):
+                if bias[0, j] > neg_inf:
+                    for dv in T.serial(nv):
+                        for lane in T.vectorized(LANES):
+                            row_v[dv * LANES + lane] = _cached(kc, ks, kz, key, bi, j, kh, dv * LANES + lane)
+                    for g in T.serial(group):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = T.float32(0)
+                        for dv in T.serial(nv):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * row_v[
+                                    dv * LANES + lane]
+                        sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
+                else:
+                    for g in T.serial(group):
+                        sc[g * row + j] = neg_inf
+            for g in T.serial(group):
+                if bias[0, p] > neg_inf:
+                    for lane in T.vectorized(LANES):
+                        part[lane] = T.float32(0)
+                    for dv in T.serial(nv):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
+                                bi, kh, 0, dv * LANES + lane]
+                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
+                else:
+                    sc[g * row + p] = neg_inf
+                for j in T.serial(t32 - p - 1):
+                    sc[g * row + p + 1 + j] = neg_inf
+                softmax(sc, red, tot, g * row, t32)
+                sums[g] = tot[1]
+            # 2. probabilities times V: each cached value unpacked once, added into every query head
+            for a in T.vectorized(group * d):
+                out[a] = T.float32(0)
+            for j in T.serial(p):
+                for dv in T.serial(nv):
+                    for lane in T.vectorized(LANES):
+                        row_v[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
+                for g in T.serial(group):
+                    if sc[g * row + j] != T.float32(0):
+                        for dv in T.unroll(nv):
+                            for lane in T.vectorized(LANES):
+                                out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[
+                                    g * row + j] * row_v[dv * LANES + lane]
+            for g in T.serial(group):
+                if sc[g * row + p] != T.float32(0):
+                    for dv in T.unroll(nv):
+                        for lane in T.vectorized(LANES):
+                            out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
+                                bi, kh, 0, dv * LANES + lane]
+                for a in T.vectorized(d):
+                    o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
+                                                                 T.float32(0))
+
+    return func
