@@ -18,7 +18,9 @@ Rows (each with and without its own KV cache where it has one):
   and ``cache concat`` (the graph concatenates past and new each call): the measurement behind
   the default (``backends/tvm/lower_cache.py``); and W4A16 g128 with the LM head and embedding in
   int8 per channel (``w4a16-g128-rot-gptq-head8``'s formats, round to nearest): the fp32 tied head
-  is 113 MB read per token, the larger part of a W4A16 decode step;
+  is 113 MB read per token, the larger part of a W4A16 decode step; and W4A16 g128 with the KV cache
+  quantized on write to 8 / 4 / 2 bits per token and head (``int{b}-g64-asym-fp16-dyn``), held packed by
+  the static build and read in place by decode's attention kernel (with the cache's MiB at the longest past);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -228,6 +230,7 @@ def main() -> None:
         onnx_export_s = None
         print(f"no ONNX Runtime rows: {e}")
     tvm_build_s = {}
+    cache_bytes: dict = {}  # TVM static rows: the bytes the cache holds at the longest past
     try:
         import tvm  # noqa: F401
 
@@ -239,9 +242,14 @@ def main() -> None:
         # speed does not depend on how the codes were chosen
         head8 = dataclasses.replace(get_recipe("w4a16-g128-rot-gptq-head8"), name="w4a16-g128-head8 (RTN)",
                                     rotate=False, weight_algorithm="rtn", sequential=False)
+        # KV quantized on write per token and head (one fp16 scale and zero point per 64 values): the static
+        # build holds it packed and decode's attention reads the codes (backends/tvm/lower_cache.py)
+        kv_rows = [(f"W4A16 g128 + KV{b} packed", dataclasses.replace(
+            get_recipe("w4a16-g128"), name=f"w4a16-g128-kv{b}", kv_key=f"int{b}-g64-asym-fp16-dyn",
+            kv_value=f"int{b}-g64-asym-fp16-dyn"), "static") for b in (8, 4, 2)]
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
-                                    ("W4A8-DGQ", "w4a8-dgq", "static")):
+                                    ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):
             row = f"finegrain TVM {name}, cache {cache}"
             if args.rows and not any(w in row for w in args.rows):
                 continue
@@ -250,6 +258,8 @@ def main() -> None:
                                                                      progress=False, kv_cache=True)
             dep = cm.session("tvm", max_seq_len=need + 8, cache=cache)
             tvm_build_s[f"{name} {cache}"] = round(time.perf_counter() - t, 1)
+            if dep.static_cache:
+                cache_bytes[row] = dep.cache_bytes(max(args.past))
             rows.append((row, lambda th, dep=dep: _tvm(dep, th)))
     except ImportError:
         print("apache-tvm is not installed: no TVM rows")
@@ -282,14 +292,15 @@ def main() -> None:
         for name, _ in rows:
             r = _median(runs[name])
             base = base or r
-            r = {"model": name, "threads": th, "rounds": args.rounds, **r,
+            r = {"model": name, "threads": th, "rounds": args.rounds, "cache_bytes": cache_bytes.get(name), **r,
                  **{f"{k}_x": r[k] / base[k] for k in r if k.startswith(("decode_", "prefill_"))}}
             results.append(r)
             print(f"[{th} thr] {name:46s} " + "  ".join(
                 f"{k} {r[k]:7.1f} ({r[k + '_x']:.2f}x)" for k in r if k.startswith(("decode_", "prefill_")) and
                 not k.endswith("_x")), flush=True)
             print(f"{'':54s}step ms median / max: " + "  ".join(
-                f"{k[8:]}: {v['median']:.1f} / {v['max']:.1f}" for k, v in r.items() if k.startswith("step_ms_")))
+                f"{k[8:]}: {v['median']:.1f} / {v['max']:.1f}" for k, v in r.items() if k.startswith("step_ms_"))
+                + (f"; cache at {max(args.past)} tokens {r['cache_bytes'] / 2**20:.2f} MiB" if r["cache_bytes"] else ""))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,10 @@ tokens``) per channel over each block's salient / other tokens.
 
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
 bit-packed, scales / zero points as stored, float windows and sinks fp32;
-``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); ONNX Runtime, TVM
-and GPU sessions store fp32 holding the format's values;
+``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); TVM static builds
+hold the writes that are not windowed packed too (``backends/tvm/lower_cache.py``: code words,
+scales, zero points; decode's attention reads them in place); ONNX Runtime and GPU sessions store
+fp32 holding the format's values;
 ``report["kv_cache"]`` states the bytes per token next to the fp32 cache's.
 """
 from __future__ import annotations
@@ -313,8 +315,9 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             "zip": ({"key": r.kv_zip_key, "value": r.kv_zip_value, "ratio": r.kv_zip_ratio, "block": r.kv_zip_block,
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
-                        "points as stored, float windows / sinks fp32); fp32 holding the format's values in ONNX "
-                        "Runtime / TVM / GPU sessions")}
+                        "points as stored, float windows / sinks fp32) and by TVM static builds (writes without a "
+                        "window: code words, scales, zero points); fp32 holding the format's values in ONNX Runtime "
+                        "/ GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})
