@@ -23,7 +23,8 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    model and a ~1.5 B Qwen2-architecture model, both random-init (the bundled SmolLM2 weights do
    not fit the 64 MiB the device tool carries; decode speed does not depend on the values):
    ``transformers`` bf16 eager with its KV cache vs finegrain W4A16 g128 (RTN) on the GPU
-   backend's KV-cache graph (fp32 activations as traced, no CUDA graphs yet).
+   backend's KV-cache graph, fp32 activations as traced and in the bf16 compute mode
+   (``cm.session("gpu", dtype="bfloat16")``); no CUDA graphs yet.
 
 Timings: ``triton.testing.do_bench`` (median of its repetitions) on CUDA; wall clock in the smoke
 run (meaningless there: the interpreter). ``--minutes`` stops starting new parts past that budget.
@@ -193,18 +194,20 @@ def decode_rows(device: str, smoke: bool, steps: int, emit, deadline: float) -> 
         cm = finegrain.compile(model, (ids[:, :16],), recipe="w4a16-g128", progress=False, kv_cache=True)
         compile_s = time.perf_counter() - t0
         del model, hf
-        with cm.session("gpu", device=device) as s:
-            logits, state = s.prefill(ids)
-            tok = logits[:, -1:].argmax(-1)
-            sync()
-            t = time.perf_counter()
-            for _ in range(steps):
-                logits, state = s.step(state, tok.cpu())
-                tok = logits[:, -1:].argmax(-1)
-            sync()
-            fg_tps = steps / (time.perf_counter() - t)
         rec = {"model": name, "params": params, "hf bf16 eager tok/s" if device == "cuda" else "hf fp32 tok/s": hf_tps,
-               "finegrain W4A16 gpu tok/s": fg_tps, "ratio": fg_tps / hf_tps, "compile s": compile_s}
+               "compile s": compile_s}
+        for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # as traced; the bf16 compute mode
+            with cm.session("gpu", device=device, dtype=dtype) as s:
+                logits, state = s.prefill(ids)
+                tok = logits[:, -1:].argmax(-1)
+                sync()
+                t = time.perf_counter()
+                for _ in range(steps):
+                    logits, state = s.step(state, tok.cpu())
+                    tok = logits[:, -1:].argmax(-1)
+                sync()
+                rec[f"finegrain W4A16 {label} tok/s"] = steps / (time.perf_counter() - t)
+        rec["ratio"] = rec["finegrain W4A16 bf16 tok/s"] / hf_tps
         rows.append(rec)
         emit(rec)
         if device == "cuda":
@@ -278,14 +281,15 @@ def markdown(report: dict) -> str:
         hb = f"{r['%HBM']:.0f}" if r.get("%HBM") is not None else ""
         lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {r['TFLOP/s']:.2f} | "
                      f"{r['GB/s']:.0f} | {hb} | {r['speedup']:.2f}x |")
-    lines += ["", "| model | params | baseline tok/s | finegrain W4A16 tok/s | ratio |", "|---|---|---|---|---|"]
+    lines += ["", "| model | params | baseline tok/s | finegrain W4A16 fp32 / bf16 tok/s | ratio (bf16) |",
+              "|---|---|---|---|---|"]
     for r in report["decode"]:
         if "skipped" in r:
             lines.append(f"| {r['model']} | | skipped: {r['skipped']} | | |")
             continue
         base = next(v for key, v in r.items() if key.startswith("hf"))
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 gpu tok/s']:.1f} | "
-                     f"{r['ratio']:.2f}x |")
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 fp32 tok/s']:.1f} / "
+                     f"{r['finegrain W4A16 bf16 tok/s']:.1f} | {r['ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

@@ -437,7 +437,7 @@ def cmd_pareto(args) -> None:
 # command-line options a backend's session takes (a backend not listed runs with its defaults)
 SESSION_OPTIONS = {"onnx": lambda a: {"style": a.style, "accuracy_level": a.accuracy_level,
                                       "reuse": getattr(a, "onnx_file", None)},
-                   "tvm": lambda a: {"max_seq_len": a.seq_len}}
+                   "tvm": lambda a: {"max_seq_len": a.seq_len}, "gpu": lambda a: {"dtype": a.gpu_dtype}}
 
 
 def cmd_eval(args) -> None:
@@ -846,7 +846,14 @@ def cmd_generate(args) -> None:
          f"({g.decode_tokens_per_second:.1f} tokens/s, {cache}); stopped by {g.stopped}", style="dim")
 
 
-GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}, "torch": lambda a: {"kv_storage": a.kv_storage}}
+GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}, "torch": lambda a: {"kv_storage": a.kv_storage},
+                    "gpu": lambda a: {"dtype": a.gpu_dtype}}
+
+
+def gpu_dtype(p) -> None:
+    p.add_argument("--gpu-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="--backend gpu: compute dtype (float32 as traced; bfloat16 / float16: activations, float "
+                        "weights and the KV cache in that dtype, RoPE positions and the mask in fp32)")
 
 
 def cmd_backends(args) -> None:
@@ -1039,6 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--accuracy-level", type=int, default=0, choices=range(5), help="ONNX Runtime MatMulNBits level")
     e.add_argument("--onnx-file", help="--backend onnx: export to this .onnx file once and reuse it on later runs "
                                        "(it must be an export of this artifact with this --style; checked)")
+    gpu_dtype(e)
     e.add_argument("--json", help="also write the results to this JSON file")
     e.add_argument("--eval-tensors", metavar="FILE.safetensors",
                    help="an artifact of a tensor-input model: compare its outputs with its float source model on these "
@@ -1115,6 +1123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
                     help="--backend torch, an artifact with a quantized KV cache: keep the cache bit-packed (its "
                          "formats' bytes; every step unpacks it) or in fp32 (the same values, 4-13x the memory, faster)")
+    gpu_dtype(gn)
     gn.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("backends", help="the registered backends and what each takes: presets and formats x "

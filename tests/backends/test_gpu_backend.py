@@ -47,6 +47,42 @@ def test_kv_cache_prefill_and_decode_steps(tiny_llama, tiny_inputs):
     assert ref.generate(test[:, :8], 6).tokens == gpu.generate(test[:, :8], 6).tokens
 
 
+@pytest.mark.parametrize("preset", ["w4a16-g128", "w4a8-dgq", "nvfp4"])
+def test_bf16_compute_mode_is_within_bf16_of_the_reference(compiled, tiny_inputs, preset):
+    """``dtype="bfloat16"``: weights and activations in bf16, the kernels on bf16 inputs, RoPE's
+    frequencies and positions in fp32; the logits within bf16 rounding of the fp32 reference (the
+    tiny model's: measured 0.5-4.3% of the largest logit) and the same argmax at every position."""
+    cm = compiled(preset)
+    test = tiny_inputs[2]
+    ref = cm.session("torch").run(test)
+    with cm.session("gpu", dtype="bfloat16") as s:
+        out = s.run(test)
+        floats = {k: v.dtype for k, v in s.gm.named_buffers() if v.is_floating_point()}
+        from finegrain.backends.gpu.lower import island_cast
+
+        assert any(n.target is island_cast for n in s.gm.graph.nodes)  # cos / sin read by the bf16 side
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.08 * ref.abs().max()
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    assert {d for k, d in floats.items() if "_gpu_" not in k} == {torch.bfloat16, torch.float32}
+    assert [d for k, d in floats.items() if d == torch.float32] == [torch.float32]  # inv_freq only
+
+
+def test_bf16_kv_cache_steps(tiny_llama, tiny_inputs):
+    example, calib, test = tiny_inputs
+    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+    ref = cm.session("torch").run(test)
+    with cm.session("gpu", dtype=torch.bfloat16) as s:
+        logits, state = s.prefill(test[:, :10])
+        assert logits.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in state["past"])
+        for i in range(10, 14):
+            logits, state = s.step(state, test[:, i:i + 1])
+            assert (logits[0, -1].float() - ref[0, i]).abs().max() < 0.08 * ref[0, i].abs().max()
+            assert logits[0, -1].argmax() == ref[0, i].argmax()
+    with pytest.raises(InputError, match="dtype must be float32, bfloat16 or float16"):
+        cm.session("gpu", dtype="int8")
+
+
 def test_capabilities_name_native_and_emulated():
     from finegrain.formats import QuantFormat
 
@@ -72,7 +108,7 @@ def test_cpu_device_only_under_the_interpreter(compiled, monkeypatch):
         assert "no CUDA device" in gpu.available()
     with pytest.raises((InputError, Exception), match="TRITON_INTERPRET|no CUDA device"):
         gpu.session(compiled("w4a16-g128"), device="cpu")
-    with pytest.raises(InputError, match="takes the option 'device' only"):
+    with pytest.raises(InputError, match="takes the options 'device' and 'dtype' only"):
         gpu.session(compiled("w4a16-g128"), target="x")
 
 
@@ -90,7 +126,7 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     assert mod.main(["--smoke", "--skip-tests", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert {r["kernel"] for r in report["kernels"]} >= {label for label, _, _ in mod.KERNELS}
-    assert report["decode"][0]["finegrain W4A16 gpu tok/s"] > 0
+    assert report["decode"][0]["finegrain W4A16 fp32 tok/s"] > 0 and report["decode"][0]["finegrain W4A16 bf16 tok/s"] > 0
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
@@ -111,3 +147,28 @@ def test_host_fallback_runs_the_reference_ops(compiled, tiny_inputs):
         out = gm(test)
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsys):
+    """``finegrain generate --backend gpu [--gpu-dtype bfloat16]`` on a KV-cache artifact: fp32 gives the
+    reference's text; bf16 runs its own graph (weights, activations and cache in bf16)."""
+    from finegrain.cli import main
+
+    art = tmp_path / "kv"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--out", str(art), "--kv-cache",
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    texts = {}
+    for backend, dtype in (("torch", "float32"), ("gpu", "float32"), ("gpu", "bfloat16")):
+        assert main(["generate", str(art), "--prompt", "Hello there", "--max-new-tokens", "4", "--backend", backend,
+                     "--gpu-dtype", dtype]) == 0
+        out = capsys.readouterr().out
+        assert "KV cache: one token per step" in out, out
+        texts[backend, dtype] = " ".join(out.split()).split(f"[{backend}]")[0]
+    assert texts["gpu", "float32"] == texts["torch", "float32"]
+    loaded = finegrain.load(art)  # a loaded graph carries no traced dtypes: the compute-dtype pass works without them
+    ids = torch.arange(100, 112)[None]
+    ref = loaded.session("torch").run(ids)
+    with loaded.session("gpu", dtype="bfloat16") as s:
+        out = s.run(ids)
+    assert (out - ref).abs().max() < 0.08 * ref.abs().max()

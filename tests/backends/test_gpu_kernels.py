@@ -123,6 +123,20 @@ def test_codebook_formats_have_no_kernel():
         kernels.pack_weight(fmt, q.codes, q.scale, q.zero, None)
 
 
+@pytest.mark.parametrize("tag", ["int4-g128-asym-fp16", "e2m1-g16-sym-e4m3"])
+def test_bf16_activations_give_bf16_within_its_rounding(tag):
+    """bf16 activations (the session's bf16 compute mode): a bf16 result within bf16 rounding of the
+    fp32 reference, for the GEMV (M = 1, 3) and the tl.dot GEMM (M = 20)."""
+    _, w, p = _packed(tag, 40, 576)
+    gen = torch.Generator().manual_seed(4)
+    for m in (1, 3, 20):
+        x = torch.randn(m, 576, generator=gen)
+        y = kernels.wq_linear(x.to(DEVICE, torch.bfloat16), p)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 40)
+        ref = x @ w.T
+        assert (y.cpu().float() - ref).norm() / ref.norm() < 1e-2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_activations_on_the_device():

@@ -1,13 +1,15 @@
 """The GPU backend's entry in the registry: the quantized graph on CUDA with its linears on the
 Triton kernels of ``kernels.py`` (``lower.py`` says which node becomes what).
 
-``session(compiled, device=None, config=None)``: ``device`` defaults to ``cuda``; ``cpu`` is
+``session(compiled, device=None, dtype=None)``: ``device`` defaults to ``cuda``; ``cpu`` is
 accepted only under ``TRITON_INTERPRET=1`` (the kernels interpreted on CPU tensors: how the tests
-run them without a GPU). Inputs are moved to the device; ``run`` returns the logits on the CPU,
-``run_all`` / ``prefill`` / ``step`` keep the outputs (the KV cache) on the device.
-Not yet: CUDA graphs for the decode step, a bf16 compute mode (activations stay fp32 as traced),
-artifacts of its own (``build``: the kernel layout is rebuilt from a finegrain artifact in
-milliseconds at session start).
+run them without a GPU). ``dtype``: the compute dtype, ``float32`` (as traced; the default),
+``bfloat16`` or ``float16`` (activations, float weights and the KV cache in that dtype, the kernels'
+``tl.dot`` on it; ``lower.to_compute_dtype``). Inputs are moved to the device; ``run`` returns the
+logits on the CPU in fp32, ``run_all`` / ``prefill`` / ``step`` keep the outputs (the KV cache) on
+the device in the compute dtype.
+Not yet: CUDA graphs for the decode step, artifacts of its own (``build``: the kernel layout is
+rebuilt from a finegrain artifact in milliseconds at session start).
 """
 from __future__ import annotations
 
@@ -28,24 +30,36 @@ def _interpret() -> bool:
 class GpuSession(Session):
     backend = "gpu"
 
-    def __init__(self, compiled, device: str | None = None):
+    def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32):
         from finegrain.backends.gpu.lower import prepare
 
         self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
-        self.device = torch.device(device or "cuda")
-        self.gm, self.kernels = prepare(compiled.gm, self.device)
+        self.device, self.dtype = torch.device(device or "cuda"), dtype
+        self.gm, self.kernels = prepare(compiled.gm, self.device, dtype,
+                                        [sp["dtype"].startswith("float") for sp in self.input_specs])
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kv and len(inputs) == 1:
-            return self.kv_forward(inputs[0], None, 0)[0].cpu()
+            return self.kv_forward(inputs[0], None, 0)[0].float().cpu()
         out = self.run_all(*inputs)
-        return (out[0] if isinstance(out, (tuple, list)) else out).cpu()
+        return (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
+
+    def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        if past is None:  # an empty cache in the compute dtype, on the device
+            past = [torch.zeros(ids.shape[0], self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=self.dtype,
+                                device=self.device)] * (2 * self.kv["layers"])
+        return super().kv_forward(ids, past, start)
 
     def run_all(self, *inputs: torch.Tensor):
-        check_inputs(self.input_specs, [t.cpu() if t.device != torch.device("cpu") else t for t in inputs])
+        def spec_view(t):  # shape and dtype only (no copy of a cache back to the host): the compute dtype reads as
+            dt = torch.float32 if t.dtype == self.dtype and self.dtype != torch.float32 else t.dtype  # the traced fp32
+            return torch.empty(t.shape, dtype=dt, device="meta")
+
+        check_inputs(self.input_specs, [spec_view(t) for t in inputs])
+        cast = lambda t: t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)  # noqa: E731
         with torch.inference_mode():
-            return self.gm(*[t.to(self.device) for t in inputs])
+            return self.gm(*[cast(t) for t in inputs])
 
 
 class GpuBackend(BackendBase):
@@ -88,13 +102,17 @@ class GpuBackend(BackendBase):
             return "emulated", "weight dequantized once at load; torch's float op"
         return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
 
-    def session(self, compiled, device: str | None = None, **options) -> GpuSession:
+    def session(self, compiled, device: str | None = None, dtype: "str | torch.dtype | None" = None,
+                **options) -> GpuSession:
         if options:
-            raise InputError(f"backend 'gpu' takes the option 'device' only, got {sorted(options)}")
+            raise InputError(f"backend 'gpu' takes the options 'device' and 'dtype' only, got {sorted(options)}")
         if device is not None and torch.device(device).type == "cpu" and not _interpret():
             raise InputError("backend 'gpu' runs on device 'cpu' only under TRITON_INTERPRET=1 (kernel testing)")
+        dt = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype or torch.float32
+        if dt not in (torch.float32, torch.bfloat16, torch.float16):
+            raise InputError(f"backend 'gpu': dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.require(compiled)
-        return GpuSession(compiled, device or ("cpu" if _interpret() and not torch.cuda.is_available() else "cuda"))
+        return GpuSession(compiled, device or ("cpu" if _interpret() and not torch.cuda.is_available() else "cuda"), dt)
 
 
 BACKEND = GpuBackend()

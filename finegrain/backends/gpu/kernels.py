@@ -127,7 +127,8 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, s1_ptr, offs_k, offs_n, k0, K, N, group, s
 def _wq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group, scale2, stride_x, stride_o,
              BITS: tl.constexpr, PW: tl.constexpr, SPLIT: tl.constexpr, MINI: tl.constexpr, EB: tl.constexpr,
              MB: tl.constexpr, SM: tl.constexpr, HAS_ZERO: tl.constexpr, OFFSET: tl.constexpr, ROW: tl.constexpr,
-             HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+             HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+             UPCAST: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -141,7 +142,10 @@ def _wq_gemm(x_ptr, w_ptr, s_ptr, z_ptr, s1_ptr, b_ptr, o_ptr, M, N, K, group, s
         w = _weight_tile(w_ptr, s_ptr, z_ptr, s1_ptr, offs_k, offs_n, k0, K, N, group, scale2, BITS, PW, SPLIT, MINI,
                          EB, MB, SM, HAS_ZERO, OFFSET, ROW, BK, BN)
         w = tl.where((offs_k < K)[:, None], w, 0.0)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PREC)
+        if UPCAST:  # the interpreter's bf16 tl.dot is wrong (Triton 3.9): the same bf16 operands, multiplied in fp32
+            acc += tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype), input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
     tl.store(o_ptr + offs_m[:, None] * stride_o + offs_n[None, :], acc.to(o_ptr.dtype.element_ty),
@@ -461,7 +465,8 @@ def wq_linear(x: torch.Tensor, p: dict, bias: torch.Tensor | None = None, config
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))
         _wq_gemm[grid](x2, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], p["scale2"], x2.stride(0),
-                       out.stride(0), PREC=_prec(x.dtype), BM=cfg["BM"], BN=cfg["BN"], BK=bk, **common, **_launch(cfg))
+                       out.stride(0), PREC=_prec(x.dtype), BM=cfg["BM"], BN=cfg["BN"], BK=bk,
+                       UPCAST=INTERPRET and x.dtype == torch.bfloat16, **common, **_launch(cfg))
         return out
 
     if config is None:

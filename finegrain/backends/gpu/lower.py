@@ -14,7 +14,9 @@
 * on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the
   KIVI cache write, the MoE grouped GEMM) into :func:`on_host` calls: the reference op on CPU
   copies, the result moved back (``emulated``; correct, slow);
-* every ``device=`` keyword (the traced causal mask's ``arange`` and friends) to the target device.
+* every ``device=`` keyword (the traced causal mask's ``arange`` and friends) to the target device;
+* with ``dtype=torch.bfloat16`` (or float16), the compute dtype (:func:`to_compute_dtype`): what the
+  graph computes from the token data in that dtype, the position / mask side in fp32 as traced.
 
 The result is a plain ``GraphModule`` (nothing is exported again), its tensors on the device.
 """
@@ -103,20 +105,27 @@ def _source_activation(x):
     return q.args[0], tag
 
 
-def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
-    """The rewritten graph (module docstring) on ``device`` and, per quantized layer, its kernel."""
+def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.float32,
+            float_inputs: list[bool] | None = None) -> tuple[GraphModule, dict]:
+    """The rewritten graph (module docstring) on ``device`` computing in ``dtype`` and, per quantized
+    layer, its kernel. ``float_inputs``: which placeholders (in order) are float (the KV pasts; by
+    default from the traced values, which a loaded artifact's graph does not carry)."""
     graph = Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     root = torch.nn.Module()
     kernels_used: dict[str, dict] = {}
     count = [0]
 
-    def attr(name: str, t: torch.Tensor | None):
+    packed_keys: set[str] = set()  # the kernels' packed codes / scales, RoPE's inv_freq: kept in their stored dtypes
+
+    def attr(name: str, t: torch.Tensor | None, packed: bool = False):
         if t is None:
             return None
         key = f"{name.replace('.', '_')}_{count[0]}"
         count[0] += 1
         root.register_buffer(key, t.detach().contiguous())
+        if packed:
+            packed_keys.add(key)
         return graph.get_attr(key)
 
     from finegrain.compiler.ops import HADAMARD
@@ -146,7 +155,7 @@ def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
                                     None if q.scale2 is None else scales.stored_scale2(fmt, q))
             meta = tuple(p[k] for k in _META)
             with graph.inserting_before(n):
-                tensors = [attr(f"{layer}_gpu_{part}", p[part]) for part in ("qw", "s", "z", "s1")]
+                tensors = [attr(f"{layer}_gpu_{part}", p[part], packed=True) for part in ("qw", "s", "z", "s1")]
             for u in linears:
                 bias = _arg(u, 2, "bias")
                 src = _source_activation(u.args[0])
@@ -180,9 +189,13 @@ def prepare(gm: GraphModule, device: torch.device) -> tuple[GraphModule, dict]:
             key = f"const_{count[0]}"
             count[0] += 1
             root.register_buffer(key, t.detach().clone() if isinstance(t, torch.Tensor) else t)
+            if "inv_freq" in n.target:  # RoPE's frequencies: the position side (fp32 in any compute dtype)
+                packed_keys.add(key)
             n.target = key
         if "device" in n.kwargs:
             n.kwargs = {**n.kwargs, "device": torch.device(device)}
+    if dtype != torch.float32:
+        to_compute_dtype(graph, root, dtype, packed_keys, float_inputs)
     out = GraphModule(root, graph)
     out.graph.lint()
     return out.to(device), kernels_used
@@ -194,3 +207,92 @@ def _to_host_fallbacks(graph: Graph) -> None:
     for n in graph.nodes:
         if n.op == "call_function" and str(getattr(n, "target", "")).startswith("finegrain."):
             n.args, n.target = (n.target, *n.args), on_host
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _is_float(n) -> bool:
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype in _FLOATS
+
+
+def island_cast(x, dtype: torch.dtype):
+    """``x`` (a value of the position / mask side) in ``dtype`` when it is a float tensor, clamped to
+    its finite range (a mask's ``finfo(float32).min`` stays a large negative number, not -inf)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == dtype:
+        return x
+    fi = torch.finfo(dtype)
+    return x.clamp(fi.min, fi.max).to(dtype)
+
+
+def as_dtype(x, dtype: torch.dtype):
+    """A finegrain op's float result in the compute dtype (the reference ops compute in fp32)."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(as_dtype(v, dtype) for v in x)
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _island_value(a, data: set) -> bool:
+    """``a`` is a position / mask side value that may be float (without traced values: any tensor op)."""
+    if not isinstance(a, torch.fx.Node) or a in data or a.op != "call_function":
+        return False
+    if "val" in a.meta:
+        return _is_float(a)
+    return isinstance(a.target, torch._ops.OpOverload) and a.target is not torch.ops.aten.sym_size.int
+
+
+def to_compute_dtype(graph: Graph, root: torch.nn.Module, dtype: torch.dtype, keep: set[str],
+                     float_inputs: list[bool] | None = None) -> None:
+    """Make ``graph`` compute in ``dtype`` (bf16 / fp16) what it computes from the token data.
+
+    The data side is everything downstream of a float input (the KV pasts), a float weight or
+    buffer, or an embedding lookup; its weights are stored in ``dtype`` (the kernels' packed codes
+    and scales and RoPE's ``inv_freq``, ``keep``, stay as stored), its ``dtype=float32`` arguments
+    (the traced ``.to()`` of norms and RoPE) become ``dtype``, a finegrain reference op's result is
+    cast back to ``dtype``. The rest is the position / mask side (RoPE's ``inv_freq`` and what the
+    positions make of it, the causal mask): computed in fp32 as traced, as transformers does in a
+    bf16 model, and cast (clamped, :func:`island_cast`, a no-op on integers) where the data side
+    reads it. Norm statistics are computed in ``dtype`` (transformers upcasts them to fp32; torch's
+    reductions accumulate in fp32 either way)."""
+    data: set = set()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for i, n in enumerate(placeholders):
+        if (float_inputs[i] if float_inputs is not None else _is_float(n)):
+            data.add(n)
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            continue
+        elif n.op == "get_attr":
+            t = getattr(root, n.target, None)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and n.target not in keep:
+                data.add(n)
+        elif n.op == "call_function":
+            if n.target is torch.ops.aten.embedding.default or any(a in data for a in n.all_input_nodes):
+                data.add(n)
+    for n in graph.nodes:  # weights and buffers read by the data side: stored in the compute dtype
+        if n.op == "get_attr" and n in data:
+            t = getattr(root, n.target)
+            if t.dtype in _FLOATS:
+                root.register_buffer(n.target, t.to(dtype))
+    casts: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n not in data:
+            continue
+
+        def swap(a):
+            if _island_value(a, data):
+                if a not in casts:
+                    with graph.inserting_after(a):
+                        casts[a] = graph.call_function(island_cast, (a, dtype))
+                return casts[a]
+            if isinstance(a, torch.dtype) and a in _FLOATS:
+                return dtype
+            return a
+
+        n.args = torch.fx.node.map_aggregate(n.args, swap)
+        n.kwargs = torch.fx.node.map_aggregate(n.kwargs, swap)
+        if n.target is on_host or str(n.target).startswith("finegrain."):
+            with graph.inserting_after(n):
+                cast = graph.call_function(as_dtype, (n, dtype))
+            n.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
