@@ -15,7 +15,8 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    activations) and that as % of the measured HBM bandwidth, and the speed-up over
    ``torch.matmul`` in bf16 (cuBLAS) on the same shape in the same run. Rows: cuBLAS bf16,
    W4A16 g128 asym, W4A16 NVFP4, W4A16 MXFP4, W8A8 (INT8 per token x per channel), W4A8 DGQ,
-   W8A8 FP8 E4M3 (per token x per channel).
+   W8A8 FP8 E4M3 (per token x per channel), W8A8 FP8 block-wise (1 x 128 activation groups x 128 x 128
+   weight blocks).
    Weights are random codes and scales in the kernel layout (speed does not depend on the values;
    the tests check the values). Each kernel's configuration is tuned on first use
    (``kernels.tuned``) before it is timed;
@@ -94,7 +95,8 @@ def packed_bytes(p: dict) -> int:
 KERNELS = [("W4A16 g128 asym", "int4-g128-asym-fp16", None), ("W4A16 NVFP4", "e2m1-g16-sym-e4m3", None),
            ("W4A16 MXFP4", "e2m1-g32-sym-e8m0", None), ("W8A8 INT8", "int8-channel-sym-fp16", "int8-token-sym-fp32-dyn"),
            ("W4A8 DGQ", "int4-g128-asym-int8", "int8-token-sym-fp32-dyn"),
-           ("W8A8 FP8 E4M3", "e4m3-channel-sym-fp32", "e4m3-token-sym-fp32-dyn")]
+           ("W8A8 FP8 E4M3", "e4m3-channel-sym-fp32", "e4m3-token-sym-fp32-dyn"),
+           ("W8A8 FP8 block-wise", "e4m3-g128x128-sym-fp32", "e4m3-g128-sym-fp32-dyn")]
 
 
 def kernel_table(device: str, dtype: torch.dtype, shapes, ms, hbm: float, emit) -> list[dict]:

@@ -33,6 +33,22 @@ def test_presets_on_the_kernels_give_the_reference_logits(compiled, tiny_inputs,
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
+def test_fp8_block_wise_runs_on_the_fp8_dot_where_k_fits_the_groups():
+    """``fp8-block`` (128 x 128 E4M3 weight blocks, 1 x 128 E4M3 activation groups) on a model whose every
+    K is a multiple of 128: every linear on the FP8 tl.dot kernel (none emulated), the reference's logits."""
+    from finegrain.models.tiny import tiny_llama
+
+    model = tiny_llama(seed=2, hidden=256)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 256, (1, 20), generator=gen)
+    cm = finegrain.compile(model, (ids[:, :16],), recipe="fp8-block", calibration=[(ids,)], progress=False)
+    ref = cm.session("torch").run(ids)
+    with cm.session("gpu") as s:
+        out = s.run(ids)
+        assert {v["kind"] for v in s.kernels.values()} == {"fp8-dot"}
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
 def test_kv_cache_prefill_and_decode_steps(tiny_llama, tiny_inputs):
     example, calib, test = tiny_inputs
     cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)

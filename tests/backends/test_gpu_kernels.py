@@ -88,6 +88,25 @@ def test_integer_dot_kernel_equals_the_reference(tag, act):
             _close(y, torch.nn.functional.linear(a.dequantize(qx), w, b), rel=1e-6)
 
 
+def test_fp8_block_wise_dot_equals_the_reference():
+    """FP8 W8A8 block-wise (128 x 128 weight blocks with fp32 scales, 1 x 128 activation groups): E4M3 x
+    E4M3 on tl.dot, the weight block scale per output row and K tile, the activation group scale per
+    row and K tile; N not a multiple of the 128-row block (200: the last block has 72 rows)."""
+    a = QuantFormat.parse("e4m3-g128-sym-fp32-dyn")
+    gen = torch.Generator().manual_seed(5)
+    for n, k in [(200, 256), (64, 384)]:
+        fmt, w, p = _packed("e4m3-g128x128-sym-fp32", n, k)
+        assert kernels.a8_ok(p, f8=True, act_group=128)
+        for m in (1, 40):
+            x = torch.randn(m, k, generator=gen) * 3
+            x[0, 5] = 60.0
+            qx = a.quantize(x)
+            codes, s = kernels.quant_rows(x.to(DEVICE).reshape(-1, 128), a)
+            assert torch.equal(codes.cpu().reshape(m, k).view(torch.float8_e4m3fn), qx.codes.view(torch.float8_e4m3fn))
+            y = kernels.a8_linear(x.to(DEVICE), a, p)
+            _close(y, a.dequantize(qx) @ w.T, rel=1e-6)
+
+
 def test_e4m3_encoder_is_torchs_cast_bit_for_bit():
     """Every E4M3 value, every midpoint between neighbours (ties to even), subnormals, zeros of both
     signs and values past 448 (saturating): the kernel's integer encoder gives torch's bit patterns."""

@@ -64,9 +64,9 @@ def on_host(op, *args, **kwargs):
 
 def act_ok(fmt: QuantFormat) -> bool:
     """Activation formats the code-dot path quantizes itself: symmetric INT2-8 or FP8 E4M3 per
-    token, per tensor or (INT) in groups of 32 and up along K, dynamic, float scale."""
-    gran = fmt.granularity in ("token", "tensor") or (fmt.granularity == "group" and fmt.kind == "int"
-                                                      and fmt.group_size % 32 == 0)
+    token, per tensor or in groups of 32 and up along K (FP8's 1 x 128 of the block-wise scheme),
+    dynamic, float scale."""
+    gran = fmt.granularity in ("token", "tensor") or (fmt.granularity == "group" and fmt.group_size % 32 == 0)
     return fmt.kind in ("int", "e4m3") and fmt.symmetric and fmt.dynamic and gran and fmt.scale in ("fp32", "fp16", "bf16")
 
 
@@ -74,9 +74,10 @@ def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
     """Whether a linear with this weight and activation format runs on ``_a8_gemm`` (the format
     conditions of ``kernels.a8_ok``; its shape condition, a K tile of 32-128 inside a group, holds
     for groups of 32 and up): INT activations with INT2-4 / INT8-sym weights (float or DGQ scales),
-    FP8 E4M3 activations with E4M3 weights (float or E8M0 scales)."""
-    if not act_ok(act) or (weight.granularity == "group" and weight.group_size % 32) or weight.block_rows:
-        return False
+    FP8 E4M3 activations with E4M3 weights (float or E8M0 scales; per channel, in groups or in 2-D
+    blocks: FP8 W8A8 block-wise, 128 x 128 weight blocks x 1 x 128 activation groups)."""
+    if not act_ok(act) or (weight.granularity == "group" and weight.group_size % 32):
+        return False  # 2-D weight blocks pass: the packed scales hold one row per output channel
     if act.kind == "e4m3":
         return weight.kind == "e4m3" and weight.scale in ("fp32", "fp16", "bf16", "e8m0")
     if act.granularity == "group" and weight.scale == "int8":  # DGQ scales its integer sums once, per token
