@@ -694,6 +694,19 @@ def cmd_build(args) -> None:
     if registry.recognize(args.artifact) is not None:
         raise FinegrainError(f"{args.artifact} is already a deployment; build from the artifact it came from")
     check_output_dir(args.out, args.overwrite)
+    if args.backend == "gpu":
+        cm = finegrain.load(args.artifact)
+        m = cm.build_gpu(args.out, dtype=args.gpu_dtype, overwrite=args.overwrite)
+        out = Path(args.out)
+        kinds: dict[str, int] = {}
+        for rec in m["layers"].values():
+            kinds[rec["format"]] = kinds.get(rec["format"], 0) + 1
+        rows = [[f"{fmt} -> Triton kernel layout", n] for fmt, n in sorted(kinds.items())]
+        rows.append(["compute dtype (sessions' default)", m["dtype"]])
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        _table(f"{out}: GPU deployment, {size / 1e6:.1f} MB (artifact/ + {', '.join(sorted(m['files']))})", ["", ""],
+               rows)
+        return
     parse_target(args.target)  # a bad target fails before the artifact is read
     cm = finegrain.load(args.artifact)
     m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
@@ -757,6 +770,15 @@ def cmd_inspect(args) -> None:
 
 
 def _inspect_deployment(path: Path, m: dict, backend: str) -> None:
+    if backend == "gpu":
+        rows = [[layer, k["format"], "x".join(map(str, k["shape"])), k["group"], k["bits"]]
+                for layer, k in sorted(m["layers"].items())]
+        _table(f"{path}: GPU deployment of recipe {m.get('recipe')}", ["layer", "format", "shape", "kernel group",
+                                                                       "code bits"], rows)
+        _say(f"compute dtype {m['dtype']}; {', '.join(m['files'])} {sum(r['bytes'] for r in m['files'].values()) / 1e6:.1f} "
+             "MB (checksums OK) beside the artifact in artifact/ (`finegrain inspect` it for the quantization report); "
+             "data only (JSON + safetensors)")
+        return
     rows = [[layer, k["format"], k["kind"], "x".join(map(str, k["shape"])), k["group_size"]]
             for layer, k in sorted((m.get("kernels") or {}).items())]
     _table(f"{path}: {backend} deployment of recipe {(m.get('recipe') or {}).get('name')}, source "
@@ -1082,8 +1104,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     bd = sub.add_parser("build", help="compile an artifact ahead of time with TVM into a deployment directory "
-                                      "(shared library + weights + manifest; runs with the TVM runtime only)")
+                                      "(shared library + weights + manifest; runs with the TVM runtime only), or "
+                                      "with --backend gpu into a GPU deployment (the artifact + its weights in the "
+                                      "Triton kernels' layout)")
     bd.add_argument("artifact", help="artifact directory")
+    bd.add_argument("--backend", choices=("tvm", "gpu"), default="tvm",
+                    help="tvm (default): a TVM deployment for this CPU or --target; gpu: a GPU deployment (data "
+                         "only: JSON + safetensors; --gpu-dtype is the compute dtype its sessions default to; the "
+                         "TVM options do not apply)")
     bd.add_argument("--out", required=True, help="deployment directory (must not exist unless --overwrite)")
     bd.add_argument("--target", default="llvm",
                     help="'llvm' = this CPU (default), or a TVM target as JSON, e.g. "
@@ -1101,6 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "in place (default); 'concat' = past + new concatenated by the graph each call (for "
                          "comparisons)")
     bd.add_argument("--overwrite", action="store_true")
+    gpu_dtype(bd)
     bd.set_defaults(fn=cmd_build)
 
     i = sub.add_parser("inspect", help="per-layer formats, bits, bytes and error stats of an artifact")

@@ -166,7 +166,9 @@ class BackendBase:
     def recognizes(self, path: Path) -> bool:
         return False
 
-    def load(self, path: Path, **options):
+    def load(self, path: Path, artifact_loader=None, **options):
+        """The backend's own artifact at ``path``; ``artifact_loader``: ``runtime.artifact.load_artifact``
+        (passed down by it, for a deployment that holds a finegrain artifact: backends sit below the runtime)."""
         raise BackendError(f"backend {self.name!r} has no artifacts of its own to load")
 
 

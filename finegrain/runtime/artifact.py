@@ -161,7 +161,7 @@ def load_artifact(path: str | Path, allow_native: bool = False):
             raise ArtifactError(f"{path} is a {backend.name} deployment: it holds native code (e.g. model.so) that runs "
                                 "when loaded. Load it only if you trust its author: finegrain.load(path, "
                                 "allow_native=True) / --allow-native")
-        return backend.load(path)
+        return backend.load(path, artifact_loader=load_artifact)
     manifest = read_manifest(path)
     verify_files(path, manifest["files"], required=(GRAPH, WEIGHTS))
     _check_weights_header(path / WEIGHTS, manifest["tensors"])

@@ -101,6 +101,13 @@ class CompiledModel(Artifact):
         return registry.get("tvm").export(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
                                           overwrite=overwrite, int8=int8, cache=cache)
 
+    def build_gpu(self, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
+        """Write a GPU deployment (``backends/gpu/deploy.py``): this artifact plus every kernel weight
+        already in the Triton kernels' layout, so a session starts without repacking; ``dtype``: the
+        compute dtype its sessions default to. ``finegrain.load(out)`` returns it as its own session.
+        Returns the manifest."""
+        return registry.get("gpu").export(self, out, dtype=dtype, overwrite=overwrite)
+
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         from finegrain.runtime.artifact import save_artifact
 

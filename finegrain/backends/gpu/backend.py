@@ -8,8 +8,9 @@ run them without a GPU). ``dtype``: the compute dtype, ``float32`` (as traced; t
 ``tl.dot`` on it; ``lower.to_compute_dtype``). Inputs are moved to the device; ``run`` returns the
 logits on the CPU in fp32, ``run_all`` / ``prefill`` / ``step`` keep the outputs (the KV cache) on
 the device in the compute dtype.
-Not yet: CUDA graphs for the decode step, artifacts of its own (``build``: the kernel layout is
-rebuilt from a finegrain artifact in milliseconds at session start).
+Its own artifacts (``deploy.py``, ``finegrain build --backend gpu``): the finegrain artifact plus every
+kernel weight already in the kernel layout, loaded as a :class:`deploy.GpuDeployment`.
+Not yet: CUDA graphs for the decode step.
 """
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def default_device() -> str:
+    """``cuda``; ``cpu`` under ``TRITON_INTERPRET=1`` with no CUDA device (the kernels' tests)."""
+    return "cpu" if _interpret() and not torch.cuda.is_available() else "cuda"
+
+
 class GpuSession(Session):
     backend = "gpu"
 
-    def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32,
+                 prepacked: dict | None = None):
         from finegrain.backends.gpu.lower import prepare
 
         self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
         self.device, self.dtype = torch.device(device or "cuda"), dtype
         self.gm, self.kernels = prepare(compiled.gm, self.device, dtype,
-                                        [sp["dtype"].startswith("float") for sp in self.input_specs])
+                                        [sp["dtype"].startswith("float") for sp in self.input_specs], prepacked)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kv and len(inputs) == 1:
@@ -112,7 +119,23 @@ class GpuBackend(BackendBase):
         if dt not in (torch.float32, torch.bfloat16, torch.float16):
             raise InputError(f"backend 'gpu': dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.require(compiled)
-        return GpuSession(compiled, device or ("cpu" if _interpret() and not torch.cuda.is_available() else "cuda"), dt)
+        return GpuSession(compiled, device or default_device(), dt)
+
+    def export(self, compiled, out, dtype: str = "float32", overwrite: bool = False) -> dict:
+        from finegrain.backends.gpu.deploy import build_deployment
+
+        self.require(compiled)
+        return build_deployment(compiled, out, dtype=dtype, overwrite=overwrite)
+
+    def recognizes(self, path) -> bool:
+        from finegrain.backends.gpu.deploy import is_deployment
+
+        return is_deployment(path)
+
+    def load(self, path, artifact_loader=None, **options):
+        from finegrain.backends.gpu.deploy import GpuDeployment
+
+        return GpuDeployment(path, artifact_loader, **options)
 
 
 BACKEND = GpuBackend()

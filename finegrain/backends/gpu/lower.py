@@ -106,11 +106,43 @@ def _source_activation(x):
     return q.args[0], tag
 
 
+def kernel_weights(gm: GraphModule):
+    """(node, layer, format, 2-D shape) of every packed weight a linear reads whole and a kernel
+    decodes: what :func:`prepare` repacks (and ``deploy.build_deployment`` stores repacked)."""
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not DEQUANTIZE_PACKED:
+            continue
+        packed_node, _, _, tag, shape = n.args[:5]
+        fmt = QuantFormat.parse(tag)
+        linears = [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
+        if len(shape) == 2 and linears and kernels.element_layout(fmt) is not None:
+            yield n, str(packed_node.target).removesuffix("_qpacked"), fmt, list(shape)
+
+
+def _unpacked(gm: GraphModule, n):
+    """(format, QTensor) of the packed weight the ``dequantize_packed`` node ``n`` reads."""
+    packed_node, scale_node, zero_node, tag, shape = n.args[:5]
+    fmt = QuantFormat.parse(tag)
+    scale2, codebook = _arg(n, 6, "scale2"), _arg(n, 7, "codebook")
+    return fmt, unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target),
+                              get_tensor(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
+                              get_tensor(gm, scale2.target) if scale2 is not None else None,
+                              get_tensor(gm, codebook.target) if codebook is not None else None)
+
+
+def repack(gm: GraphModule, n) -> dict:
+    """The kernel layout (``kernels.pack_weight``) of the packed weight ``dequantize_packed`` node ``n`` reads."""
+    fmt, q = _unpacked(gm, n)
+    return kernels.pack_weight(fmt, q.codes, scales.stored_scale(fmt, q), q.zero,
+                               None if q.scale2 is None else scales.stored_scale2(fmt, q))
+
+
 def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.float32,
-            float_inputs: list[bool] | None = None) -> tuple[GraphModule, dict]:
+            float_inputs: list[bool] | None = None, prepacked: dict | None = None) -> tuple[GraphModule, dict]:
     """The rewritten graph (module docstring) on ``device`` computing in ``dtype`` and, per quantized
     layer, its kernel. ``float_inputs``: which placeholders (in order) are float (the KV pasts; by
-    default from the traced values, which a loaded artifact's graph does not carry)."""
+    default from the traced values, which a loaded artifact's graph does not carry). ``prepacked``:
+    layer -> kernel layout already built (a GPU deployment's, checked by ``deploy``), used as is."""
     graph = Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     root = torch.nn.Module()
@@ -142,18 +174,12 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
             continue
         if n.target is not DEQUANTIZE_PACKED:
             continue
-        packed_node, scale_node, zero_node, tag, shape = n.args[:5]
+        packed_node, _, _, tag, shape = n.args[:5]
         layer = str(packed_node.target).removesuffix("_qpacked")
         fmt = QuantFormat.parse(tag)
-        scale2, codebook = _arg(n, 6, "scale2"), _arg(n, 7, "codebook")
-        zero_t = get_tensor(gm, zero_node.target) if zero_node is not None else None
-        s2_t = get_tensor(gm, scale2.target) if scale2 is not None else None
-        q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target), zero_t, fmt,
-                          list(shape), s2_t, get_tensor(gm, codebook.target) if codebook is not None else None)
         linears = [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
         if len(shape) == 2 and linears and kernels.element_layout(fmt) is not None:
-            p = kernels.pack_weight(fmt, q.codes, scales.stored_scale(fmt, q), q.zero,
-                                    None if q.scale2 is None else scales.stored_scale2(fmt, q))
+            p = prepacked[layer] if prepacked and layer in prepacked else repack(gm, n)
             meta = tuple(p[k] for k in _META)
             with graph.inserting_before(n):
                 tensors = [attr(f"{layer}_gpu_{part}", p[part], packed=True) for part in ("qw", "s", "z", "s1")]
@@ -176,6 +202,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
                 kernels_used[layer if layer not in kernels_used else f"{layer} ({kind})"] = {
                     "format": fmt.tag, "kind": kind, "activation": src[1] if src else None, "shape": list(shape)}
         if n.users:  # read whole (an embedding, a conv) or no kernel: dense, dequantized once
+            _, q = _unpacked(gm, n)
             with graph.inserting_before(n):
                 dense = attr(f"{layer}_dense", fmt.dequantize(q, _arg(n, 5, "out_dtype") or torch.float32))
             n.replace_all_uses_with(dense)

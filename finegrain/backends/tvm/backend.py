@@ -100,7 +100,7 @@ class TvmBackend(BackendBase):
 
         return is_deployment(path)
 
-    def load(self, path: Path, **options):
+    def load(self, path: Path, artifact_loader=None, **options):
         from finegrain.backends.tvm.deploy import TvmDeployment
 
         return TvmDeployment(path, **options)
