@@ -33,6 +33,20 @@ def test_presets_on_the_kernels_give_the_reference_logits(compiled, tiny_inputs,
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
+def test_linears_reading_one_activation_share_its_quantization(compiled, tiny_inputs):
+    """W8A8: q / k / v read one normalized activation and gate / up another: 4 quantizations per layer
+    for 7 integer-dot linears, and the reference's logits."""
+    from finegrain.backends.gpu.lower import a8_op, a8_quant_op
+
+    cm = compiled("w8a8")
+    with cm.session("gpu") as s:
+        targets = [n.target for n in s.gm.graph.nodes]
+        out = s.run(tiny_inputs[2])
+    assert targets.count(a8_op) == 14 and targets.count(a8_quant_op) == 8  # 2 layers
+    ref = cm.session("torch").run(tiny_inputs[2])
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
 def test_fp8_block_wise_runs_on_the_fp8_dot_where_k_fits_the_groups():
     """``fp8-block`` (128 x 128 E4M3 weight blocks, 1 x 128 E4M3 activation groups) on a model whose every
     K is a multiple of 128: every linear on the FP8 tl.dot kernel (none emulated), the reference's logits."""

@@ -516,36 +516,43 @@ def quant_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.T
     return q, s
 
 
-def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
-    """``fake_quant(x) @ dequant(W)^T + bias`` computed on codes: x quantized per token (``act``:
-    symmetric INT or FP8 E4M3, per token / tensor) by ``_quant_rows``; INT: the weight's
-    zero-point-free codes (or DGQ's ``S2 (q - z)``) as INT8, int32 accumulation; FP8: E4M3 x E4M3
-    with fp32 accumulation (Hopper's FP8 tensor cores); scales in the epilogue."""
-    k, n = p["k"], p["n"]
-    lead = x.shape[:-1]
+def a8_quantize(x: torch.Tensor, act: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation codes ``[M, K]`` and scales (per row, or per row and group of K) of ``x``
+    ``[..., K]`` as :func:`a8_gemm` reads them: one pass of ``_quant_rows``, shared by every linear
+    that reads the same activation in the same format (q / k / v, gate / up)."""
+    k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     ag = act.group_size if act.granularity == "group" else 0
     if act.granularity == "tensor":
         q, s = quant_rows(x2.reshape(1, -1), act)
-        q, s = q.reshape(m, k), s.expand(m).contiguous()
-    elif ag:  # groups along K: each group of each row is one quantizer row
+        return q.reshape(m, k), s.expand(m).contiguous()
+    if ag:  # groups along K: each group of each row is one quantizer row
         if k % ag:
             raise ValueError(f"a8_linear: K = {k} is not a multiple of the activation group {ag}")
         q, s = quant_rows(x2.reshape(-1, ag), act)
-        q = q.reshape(m, k)
-    else:
-        q, s = quant_rows(x2, act)
+        return q.reshape(m, k), s
+    return quant_rows(x2, act)
+
+
+def a8_gemm(q: torch.Tensor, s: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | None, lead: tuple,
+            dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """Activation codes and scales (:func:`a8_quantize`) times the packed weight on ``_a8_gemm``:
+    INT: the weight's zero-point-free codes (or DGQ's ``S2 (q - z)``) as INT8, int32 accumulation;
+    FP8: E4M3 x E4M3 with fp32 accumulation (Hopper's FP8 tensor cores); scales in the epilogue.
+    The result ``[*lead, N]`` in ``dtype``."""
+    k, n = p["k"], p["n"]
+    m = q.shape[0]
+    ag = act.group_size if act.granularity == "group" else 0
     bk, row = _block_k(math.gcd(p["group"], ag) if ag else p["group"], k, p["pw"] if p["split"] else 1, (128, 64, 32))
     if not row:
         raise ValueError(f"a8_linear: group {p['group']} (activation group {ag}) has no K tile of 32-128 inside it")
-    z = p["z"] if p["z"] is not None else _dummy(x)
-    s1 = p["s1"] if p["s1"] is not None else _dummy(x)
-    b = bias if bias is not None else _dummy(x)
+    z = p["z"] if p["z"] is not None else _dummy(q)
+    s1 = p["s1"] if p["s1"] is not None else _dummy(q)
+    b = bias if bias is not None else _dummy(q)
 
     def launch(cfg: dict) -> torch.Tensor:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n, dtype=dtype, device=q.device)
         grid = (triton.cdiv(m, cfg["BM"]), triton.cdiv(n, cfg["BN"]))
         _a8_gemm[grid](q, s, p["qw"], p["s"], z, s1, b, out, m, n, k, p["group"], BITS=p["bits"], PW=p["pw"],
                        SPLIT=p["split"] and cfg["BK"] % p["pw"] == 0, HAS_ZERO=p["has_zero"], OFFSET=p["offset"],
@@ -560,9 +567,17 @@ def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | N
         else:
             cands = [c for c in _candidates("gemm", m, p["group"], k, p["pw"] if p["split"] else 1)
                      if p["group"] % c["BK"] == 0 and c["BK"] >= 32 and (not ag or ag % c["BK"] == 0)]
-            config = tuned("a8-gemm", (m_bucket(m), n, k, p["bits"], p["group"], ag, p["smode"], str(x.dtype)),
+            config = tuned("a8-gemm", (m_bucket(m), n, k, p["bits"], p["group"], ag, p["smode"], str(dtype)),
                            cands or [dict(BM=64, BN=64, BK=bk)], launch)
     return launch(config).reshape(*lead, n)
+
+
+def a8_linear(x: torch.Tensor, act: QuantFormat, p: dict, bias: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
+    """``fake_quant(x) @ dequant(W)^T + bias`` computed on codes: x quantized per token / tensor /
+    group (``act``: symmetric INT or FP8 E4M3) by :func:`a8_quantize`, then :func:`a8_gemm`."""
+    q, s = a8_quantize(x, act)
+    return a8_gemm(q, s, act, p, bias, x.shape[:-1], x.dtype, config)
 
 
 def fwht(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
 
 * ``linear(dequantize(quantize(x)), dequantize_packed(W), b)`` with a symmetric INT activation per
   token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ), or an FP8 E4M3
-  activation per token with E4M3 weights, into :func:`a8_op` (``_quant_rows`` + ``_a8_gemm``);
+  activation per token with E4M3 weights, into :func:`a8_op` (``_a8_gemm``) on the codes of one
+  :func:`a8_quant_op` (``_quant_rows``) per activation and format, shared by the linears reading it;
 * every other ``linear(x, dequantize_packed(W), b)`` whose element is INT2-8 or an OCP minifloat
   into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
   the kernel layout;
@@ -44,8 +45,15 @@ def wq_op(x, qw, s, z, s1, bias, meta: tuple):
     return kernels.wq_linear(x, _packed(meta, qw, s, z, s1), bias)
 
 
-def a8_op(x, act: str, qw, s, z, s1, bias, meta: tuple):
-    return kernels.a8_linear(x, _format(act), _packed(meta, qw, s, z, s1), bias)
+def a8_quant_op(x, act: str):
+    """(codes, scales, x's leading dims, x's dtype): the activation quantized once for every linear reading it."""
+    q, s = kernels.a8_quantize(x, _format(act))
+    return q, s, tuple(x.shape[:-1]), x.dtype
+
+
+def a8_op(xq, act: str, qw, s, z, s1, bias, meta: tuple):
+    q, xs, lead, dtype = xq
+    return kernels.a8_gemm(q, xs, _format(act), _packed(meta, qw, s, z, s1), bias, lead, dtype)
 
 
 def hadamard_op(x, factor):
@@ -149,6 +157,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
     kernels_used: dict[str, dict] = {}
     count = [0]
 
+    quantized: dict = {}  # (activation node, format) -> its a8_quant_op node
     packed_keys: set[str] = set()  # the kernels' packed codes / scales, RoPE's inv_freq: kept in their stored dtypes
 
     def attr(name: str, t: torch.Tensor | None, packed: bool = False):
@@ -193,7 +202,10 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
                         src = None
                 with graph.inserting_before(u):
                     if src is not None:
-                        new = graph.call_function(a8_op, (src[0], src[1], *tensors, bias, meta))
+                        if src not in quantized:  # one quantization per activation and format (q / k / v share it)
+                            with graph.inserting_after(src[0]):
+                                quantized[src] = graph.call_function(a8_quant_op, src)
+                        new = graph.call_function(a8_op, (quantized[src], src[1], *tensors, bias, meta))
                     else:
                         new = graph.call_function(wq_op, (u.args[0], *tensors, bias, meta))
                 u.replace_all_uses_with(new)
