@@ -35,14 +35,17 @@ def test_presets_on_the_kernels_give_the_reference_logits(compiled, tiny_inputs,
 
 def test_linears_reading_one_activation_share_its_quantization(compiled, tiny_inputs):
     """W8A8: q / k / v read one normalized activation and gate / up another: 4 quantizations per layer
-    for 7 integer-dot linears, and the reference's logits."""
-    from finegrain.backends.gpu.lower import a8_op, a8_quant_op
+    for 7 integer-dot linears, the two after an RMSNorm fused into it (the norm's nodes gone), and the
+    reference's logits."""
+    from finegrain.backends.gpu.lower import a8_op, a8_quant_op, rms_norm_quant_op
 
     cm = compiled("w8a8")
     with cm.session("gpu") as s:
         targets = [n.target for n in s.gm.graph.nodes]
         out = s.run(tiny_inputs[2])
-    assert targets.count(a8_op) == 14 and targets.count(a8_quant_op) == 8  # 2 layers
+    assert targets.count(a8_op) == 14  # 2 layers
+    assert targets.count(rms_norm_quant_op) == 4 and targets.count(a8_quant_op) == 4  # o_proj, down_proj: not norms
+    assert targets.count(torch.ops.aten.rsqrt.default) == 1  # the final norm (before the float LM head) only
     ref = cm.session("torch").run(tiny_inputs[2])
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 

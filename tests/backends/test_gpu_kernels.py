@@ -88,6 +88,33 @@ def test_integer_dot_kernel_equals_the_reference(tag, act):
             _close(y, torch.nn.functional.linear(a.dequantize(qx), w, b), rel=1e-6)
 
 
+@pytest.mark.parametrize("act", ["int8-token-sym-fp32-dyn", "int4-token-sym-fp16-dyn-clip0.9",
+                                 "e4m3-token-sym-fp32-dyn"])
+def test_rms_norm_fused_quantizer_equals_norm_then_quantize(act):
+    """The quantizer fused into the RMSNorm: the same scales (to fp32 rounding) and codes as the
+    reference quantizer on torch's norm, but where the norm's own rounding moves a value across a
+    rounding boundary (at most one step, at most 1 in 500 codes)."""
+    a = QuantFormat.parse(act)
+    gen = torch.Generator().manual_seed(7)
+    for m, k in [(1, 576), (7, 200)]:
+        h = torch.randn(m, k, generator=gen) * 2
+        h[0, 9] = 50.0
+        w = torch.rand(k, generator=gen) + 0.5
+        y = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+        ref = a.quantize(y)
+        q, s = kernels.rms_norm_quantize(h.to(DEVICE), w.to(DEVICE), 1e-5, a)
+        assert torch.allclose(s.cpu(), ref.scale.reshape(-1), rtol=1e-5, atol=0)
+        got, want = q.cpu(), ref.codes
+        if a.kind == "e4m3":
+            got, want = got.view(torch.float8_e4m3fn).float(), want.view(torch.float8_e4m3fn).float()
+            steps = (got - want).abs() / want.abs().clamp_min(2.0**-9) <= 0.126  # one E4M3 step
+        else:
+            steps = (got.int() - want.int()).abs() <= 1
+        assert steps.all() and (got != want).float().mean() <= 0.002
+    with pytest.raises(ValueError, match="per-token format"):
+        kernels.rms_norm_quantize(h.to(DEVICE), w.to(DEVICE), 1e-5, QuantFormat.parse("int8-g32-sym-fp32-dyn"))
+
+
 def test_fp8_block_wise_dot_equals_the_reference():
     """FP8 W8A8 block-wise (128 x 128 weight blocks with fp32 scales, 1 x 128 activation groups): E4M3 x
     E4M3 on tl.dot, the weight block scale per output row and K tile, the activation group scale per

@@ -196,35 +196,76 @@ def _e4m3_bits(v):
 
 
 @triton.jit
+def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr):
+    """A row's scale from its blocks' absolute maxima: absmax * clip / QMAX rounded to the stored
+    scale dtype; 1 for an all-zero row."""
+    s = tl.max(amax, axis=0) * clip / QMAX
+    if SCALE_F16:
+        s = s.to(tl.float16).to(tl.float32)
+    if SCALE_BF16:
+        s = s.to(tl.bfloat16).to(tl.float32)
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _store_codes(q_ptr, offs, mask, x, s, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, F8: tl.constexpr):
+    """INT: q = clamp(round_half_even(x / s), LO, HI) as int8; F8: the E4M3 bit patterns of
+    clamp(x / s, -448, 448) as uint8."""
+    if F8:
+        v = tl.minimum(tl.maximum(x / s, -QMAX), QMAX)
+        tl.store(q_ptr + offs, _e4m3_bits(v).to(tl.uint8), mask=mask)
+    else:
+        v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
+        v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
+        q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
+        tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
                 SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, BK: tl.constexpr):
-    """Row r of x -> codes and its scale: s = absmax * clip / QMAX (rounded to the stored scale
-    dtype; 1 for an all-zero row); INT: q = clamp(round_half_even(x / s), LO, HI) as int8; F8: the
-    E4M3 bit patterns of clamp(x / s, -448, 448) as uint8."""
+    """Row r of x -> codes (``_store_codes``) and its scale (``_row_scale``)."""
     r = tl.program_id(0)
     amax = tl.zeros((BK,), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    s = tl.max(amax, axis=0) * clip / QMAX
-    if SCALE_F16:
-        s = s.to(tl.float16).to(tl.float32)
-    if SCALE_BF16:
-        s = s.to(tl.bfloat16).to(tl.float32)
-    s = tl.where(s > 0, s, 1.0)
+    s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
     tl.store(s_ptr + r, s)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
-        if F8:
-            v = tl.minimum(tl.maximum(x / s, -QMAX), QMAX)
-            tl.store(q_ptr + r * K + offs, _e4m3_bits(v).to(tl.uint8), mask=offs < K)
-        else:
-            v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
-            v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
-            q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
-            tl.store(q_ptr + r * K + offs, q.to(tl.int8), mask=offs < K)
+        _store_codes(q_ptr + r * K, offs, offs < K, x, s, QMAX, LO, HI, F8)
+
+
+@triton.jit
+def _rms_norm_quant_rows(h_ptr, w_ptr, q_ptr, s_ptr, K, stride_h, eps, clip, QMAX: tl.constexpr, LO: tl.constexpr,
+                         HI: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr,
+                         BK: tl.constexpr):
+    """The activation quantizer fused into the RMSNorm before it: row r of
+    y = w * (h * rsqrt(mean(h^2) + eps)) -> codes and scale as ``_quant_rows``, y never written
+    (three passes over h in registers: the sum of squares, the absolute maximum of y, the codes)."""
+    r = tl.program_id(0)
+    ss = tl.zeros((BK,), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
+        ss += h * h
+    rs = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    amax = tl.zeros((BK,), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(w * (h * rs)))
+    s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
+    tl.store(s_ptr + r, s)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)
+        _store_codes(q_ptr + r * K, offs, offs < K, w * (h * rs), s, QMAX, LO, HI, F8)
 
 
 @triton.jit
@@ -513,6 +554,26 @@ def quant_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.T
     lo, hi = fmt.family.code_range(fmt)
     _quant_rows[(m,)](x, q, s, k, x.stride(0), float(fmt.clip), QMAX=float(fmt.family.max_value(fmt)), LO=lo, HI=hi,
                       SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", F8=f8, BK=256 if k >= 256 else 32)
+    return q, s
+
+
+def rms_norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float,
+                      act: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`a8_quantize` of ``weight * (h * rsqrt(mean(h^2, -1) + eps))`` (Llama's RMSNorm) in one
+    kernel (``_rms_norm_quant_rows``): per-token formats only; the norm computed in fp32."""
+    k = h.shape[-1]
+    if act.granularity != "token" or weight.shape != (k,):
+        raise ValueError(f"rms_norm_quantize: a per-token format and a weight of {k} (got {act.tag}, "
+                         f"{list(weight.shape)})")
+    h2 = h.reshape(-1, k).contiguous()
+    m = h2.shape[0]
+    f8 = act.kind == "e4m3"
+    q = torch.empty(m, k, dtype=torch.uint8 if f8 else torch.int8, device=h.device)
+    s = torch.empty(m, dtype=torch.float32, device=h.device)
+    lo, hi = act.family.code_range(act)
+    _rms_norm_quant_rows[(m,)](h2, weight.contiguous(), q, s, k, h2.stride(0), float(eps), float(act.clip),
+                               QMAX=float(act.family.max_value(act)), LO=lo, HI=hi, SCALE_F16=act.scale == "fp16",
+                               SCALE_BF16=act.scale == "bf16", F8=f8, BK=256 if k >= 256 else 32)
     return q, s
 
 

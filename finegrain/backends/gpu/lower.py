@@ -5,7 +5,8 @@
 * ``linear(dequantize(quantize(x)), dequantize_packed(W), b)`` with a symmetric INT activation per
   token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ), or an FP8 E4M3
   activation per token with E4M3 weights, into :func:`a8_op` (``_a8_gemm``) on the codes of one
-  :func:`a8_quant_op` (``_quant_rows``) per activation and format, shared by the linears reading it;
+  :func:`a8_quant_op` (``_quant_rows``) per activation and format, shared by the linears reading it,
+  fused into the RMSNorm before it (:func:`rms_norm_quant_op`) where the norm feeds nothing else;
 * every other ``linear(x, dequantize_packed(W), b)`` whose element is INT2-8 or an OCP minifloat
   into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
   the kernel layout;
@@ -51,6 +52,12 @@ def a8_quant_op(x, act: str):
     return q, s, tuple(x.shape[:-1]), x.dtype
 
 
+def rms_norm_quant_op(h, weight, eps: float, act: str):
+    """:func:`a8_quant_op` of Llama's RMSNorm of ``h``, the quantizer fused into the norm."""
+    q, s = kernels.rms_norm_quantize(h, weight, eps, _format(act))
+    return q, s, tuple(h.shape[:-1]), h.dtype
+
+
 def a8_op(xq, act: str, qw, s, z, s1, bias, meta: tuple):
     q, xs, lead, dtype = xq
     return kernels.a8_gemm(q, xs, _format(act), _packed(meta, qw, s, z, s1), bias, lead, dtype)
@@ -93,6 +100,53 @@ def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
     if weight.kind != "int" or weight.scale not in ("fp32", "fp16", "bf16", "int8"):
         return False
     return weight.bits <= 4 or (weight.symmetric and weight.bits == 8)
+
+
+def rms_norm_parts(x):
+    """(h, weight node, eps) when the node ``x`` is Llama's RMSNorm of ``h`` as torch.export writes it,
+    ``weight * to(h * rsqrt(mean(h^2, [-1], keepdim) + eps))`` (the ``to`` casts optional), else None."""
+    aten = torch.ops.aten
+    casts = (aten.to.dtype, aten._to_copy.default)
+
+    def is_(n, target):
+        return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is target
+
+    if not is_(x, aten.mul.Tensor) or len(x.args) != 2:
+        return None
+    w, y = x.args if getattr(x.args[0], "op", None) == "get_attr" else x.args[::-1]
+    if getattr(w, "op", None) != "get_attr" or not isinstance(y, torch.fx.Node):
+        return None
+    while y.op == "call_function" and y.target in casts:
+        y = y.args[0]
+    if not is_(y, aten.mul.Tensor) or len(y.args) != 2:
+        return None
+    h, r = y.args if is_(y.args[1], aten.rsqrt.default) else y.args[::-1]
+    if not is_(r, aten.rsqrt.default) or not is_(r.args[0], aten.add.Tensor):
+        return None
+    mean, eps = r.args[0].args[:2]
+    if not is_(mean, aten.mean.dim) or not isinstance(eps, float) or list(mean.args[1]) not in ([-1],) \
+            or not (len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim")):
+        return None
+    sq = mean.args[0]
+    if not is_(sq, aten.pow.Tensor_Scalar) or sq.args[0] is not h or sq.args[1] != 2:
+        return None
+    return h, w, eps
+
+
+def _fuse_norm_quantizers(graph: Graph, quantized: dict) -> int:
+    """Each per-token :func:`a8_quant_op` whose activation is an RMSNorm read by nothing else becomes
+    one :func:`rms_norm_quant_op` (the norm's nodes then die); the number fused."""
+    fused = 0
+    for (x, tag), qn in quantized.items():
+        parts = rms_norm_parts(x)
+        if parts is None or QuantFormat.parse(tag).granularity != "token" or set(x.users) != {qn}:
+            continue
+        with graph.inserting_before(qn):
+            new = graph.call_function(rms_norm_quant_op, (*parts, tag))
+        qn.replace_all_uses_with(new)
+        graph.erase_node(qn)
+        fused += 1
+    return fused
 
 
 def _arg(n, i: int, name: str):
@@ -221,6 +275,8 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
             kernels_used.setdefault(layer, {"format": fmt.tag, "kind": "dequantized at load", "shape": list(shape)})
         graph.erase_node(n)
     graph.eliminate_dead_code()
+    if _fuse_norm_quantizers(graph, quantized):
+        graph.eliminate_dead_code()
     if torch.device(device).type != "cpu":
         _to_host_fallbacks(graph)
     for n in graph.nodes:
