@@ -15,7 +15,9 @@ an attention sink (``kv_sinks=1``), and RotateKV's order (keys quantized before 
 ``kv_pre_rope``, then rotated); KIVI (keys per channel over groups of 32 tokens, values per token
 in groups of 32, the newest 128 tokens in float), also with pre-RoPE keys and a sink; ZipCache
 (blocks of 128 tokens, the 50% / 25% most salient by normalized attention score at 4 bits, the rest
-at 2; keys channel-separable token-wise, or per channel over each block's salient / other tokens).
+at 2; keys channel-separable token-wise, or per channel over each block's salient / other tokens);
+RotateKV's grouped-head rotation of the pre-RoPE keys over the 3 KV heads (``kv_head_group``) and its
+outlier-aware channel reordering (``kv_reorder``, from 4 x 512 Brown calibration tokens).
 """
 from __future__ import annotations
 
@@ -57,6 +59,14 @@ CONFIGS = {  # name -> recipe fields
        for b in (4, 2)},
     **{f"KV{b} RotateKV (pre-RoPE + Hadamard + sink)": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, **PRE)
        for b in (4, 2)},
+    # RotateKV's grouped-head rotation over all 3 KV heads (192 channels), with and without the outlier-aware
+    # channel reordering (calibration: 4 x 512 Brown tokens)
+    **{f"KV{b} RotateKV grouped-head (G=3) + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True,
+                                                       kv_head_group=3, **PRE) for b in (4, 2)},
+    **{f"KV{b} RotateKV grouped-head (G=3) + reorder + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True,
+                                                                 kv_head_group=3, kv_reorder=True, **PRE)
+       for b in (4, 2)},
+    "KV2 RotateKV reorder (G=1) + sink": _cfg(TOK.format(b=2), TOK.format(b=2), kv_rotate=True, kv_reorder=True, **PRE),
     **{f"KIVI-{b} (keys per channel, R=128)": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI) for b in (8, 4, 2)},
     **{f"KIVI-{b} + pre-RoPE + sink": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI, **PRE) for b in (4, 2)},
     "KIVI-2 g16 + pre-RoPE + sink": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", **KIVI, **PRE),
@@ -104,7 +114,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import finegrain
-    from finegrain.eval.perplexity import wikitext_ids
+    from finegrain.eval.perplexity import calibration_batches, wikitext_ids
     from finegrain.models import load_model
 
     import machine
@@ -122,7 +132,9 @@ def main() -> None:
             continue
         recipe = {"name": name, "rules": [], **fields}
         t = time.perf_counter()
-        cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True)
+        calib = calibration_batches(lm.tokenizer, 4, 512) if fields.get("kv_reorder") else None
+        cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
+                               calibration=calib)
         build = time.perf_counter() - t
         ppl_sim, ppl_cache = both_ppl(cm, windows, args.chunk)
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,

@@ -145,6 +145,36 @@ def _hadamard(x: torch.Tensor) -> torch.Tensor:
     return apply_hadamard(x, torch.ones(1, 1)).to(x.dtype)
 
 
+def _group_factor(n: int, inverse: bool) -> torch.Tensor:
+    from finegrain.formats.hadamard import hadamard_parts
+
+    f = hadamard_parts(n)[0].float()
+    return f.T.contiguous() if inverse else f
+
+
+def _to_head_groups(seg: torch.Tensor, perm: torch.Tensor | None, g: int) -> torch.Tensor:
+    """RotateKV's outlier-aware grouped-head rotation of keys ``seg`` ``[B, H, n, d]``: the channels of
+    all heads (``H * d``, head-major) permuted by ``perm`` (outlier-aware reordering), then an
+    orthonormal Hadamard over each group of ``g`` heads' channels: ``[B, H / g, n, g * d]`` (the layout
+    a format's groups then run along)."""
+    b, h, n, d = seg.shape
+    x = seg.permute(0, 2, 1, 3).reshape(b, n, h * d)
+    if perm is not None:
+        x = x[..., perm]
+    x = x.reshape(b, n, h // g, g * d).permute(0, 2, 1, 3)
+    return apply_hadamard(x.float(), _group_factor(g * d, False))
+
+
+def _from_head_groups(x: torch.Tensor, perm: torch.Tensor | None, h: int) -> torch.Tensor:
+    """The inverse of :func:`_to_head_groups`: ``[B, H / g, n, g * d]`` -> ``[B, H, n, d]``."""
+    b, hg, n, gd = x.shape
+    d = gd * hg // h
+    x = apply_hadamard(x, _group_factor(gd, True)).permute(0, 2, 1, 3).reshape(b, n, h * d)
+    if perm is not None:
+        x = x[..., torch.argsort(perm)]
+    return x.reshape(b, n, h, d).permute(0, 2, 1, 3)
+
+
 def _zip_fake_quantize(seg: torch.Tensor, score: torch.Tensor, fmt, low, ratio: float, block: int,
                        channel_norm: bool, per_channel: bool = False) -> torch.Tensor:
     """ZipCache's mixed precision on ``seg`` ``[B, H, n, d]`` (the blocks released by one write, ``n`` a
@@ -208,7 +238,12 @@ def zip_block_format(f):
 def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
               inv_freq: torch.Tensor | None = None, rotated: bool = False, score: torch.Tensor | None = None,
               fmt_low: str | None = None, ratio: float = 1.0, block: int = 1,
-              channel_norm: bool = False) -> torch.Tensor:
+              channel_norm: bool = False, perm: torch.Tensor | None = None, head_group: int = 1) -> torch.Tensor:
+    """``cat(past, new)`` on the token axis with the tokens that become quantizable at this write
+    quantized (``kv_quantized_span``: window, sinks, per-channel groups of tokens). ``inv_freq``: keys
+    quantized before RoPE (``rotated``: they arrive per-head Hadamard-rotated, undone first);
+    ``score`` ... ``channel_norm``: ZipCache; ``perm`` / ``head_group`` (pre-RoPE keys, head-dim
+    formats): quantized in RotateKV's grouped-head rotated space (:func:`_to_head_groups`)."""
     from finegrain.formats import QuantFormat
 
     out = torch.cat([past, new], 2)
@@ -222,7 +257,13 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
         if inv_freq is not None:  # quantize the pre-RoPE keys (RoPE undone, applied again after dequantization)
             seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=True)
             seg = _hadamard(seg) if rotated else seg
-        if score is not None:
+        if inv_freq is not None and (perm is not None or head_group > 1):
+            if rotated:  # back from the per-head rotation to the plain pre-RoPE key first
+                seg = _hadamard(seg)
+            h = seg.shape[1]
+            seg = _from_head_groups(f.fake_quantize(_to_head_groups(seg, perm, head_group)), perm, h)
+            seg = _hadamard(seg) if rotated else seg
+        elif score is not None:
             seg = _zip_fake_quantize(seg, score[:, :, a:b], f, QuantFormat.parse(fmt_low), ratio, block, channel_norm,
                                      axis == "tokens")
         elif axis == "tokens":  # per channel: groups of G tokens along the (transposed) token axis
@@ -238,7 +279,7 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
 
 @kv_append.register_fake
 def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False, score=None, fmt_low=None, ratio=1.0, block=1,
-      channel_norm=False):
+      channel_norm=False, perm=None, head_group=1):
     return torch.cat([past, new], 2)
 
 

@@ -158,7 +158,11 @@ class Recipe:
     until that many newer ones follow (KIVI's residual); ``kv_sinks``: the first tokens never
     quantized (attention sinks); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
-    the pre-RoPE key Hadamard-rotated before quantization; ``kv_layers``: per-layer
+    the pre-RoPE key Hadamard-rotated before quantization; ``kv_head_group`` (G > 1): the pre-RoPE keys
+    quantized after a Hadamard over the channels of each group of G KV heads (RotateKV's grouped-head
+    rotation; undone after dequantization); ``kv_reorder``: before it, the channels of all heads
+    permuted by their calibration RMS, largest first (RotateKV's outlier-aware reordering: the
+    outlier channels share a rotation group); ``kv_layers``: per-layer
     ``[layer, key format, value format]`` overriding ``kv_key`` / ``kv_value`` (null: float), e.g.
     KVTuner's layer-wise (K, V) bit pairs (``driver/kv_tune.py``). ZipCache: ``kv_zip_key`` /
     ``kv_zip_value`` (the low-precision formats) turn on saliency-mixed precision for keys / values:
@@ -209,6 +213,8 @@ class Recipe:
     kv_window: int = 0
     kv_sinks: int = 0
     kv_pre_rope: bool = False
+    kv_head_group: int = 1
+    kv_reorder: bool = False
     kv_layers: tuple[tuple[int, str | None, str | None], ...] = ()
     kv_zip_key: str | None = None
     kv_zip_value: str | None = None
@@ -218,7 +224,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "sequential", "act_clip_search"):
+                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "kv_reorder", "sequential", "act_clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -281,6 +287,14 @@ class Recipe:
                 or not 1 <= self.kv_zip_block <= 1 << 16:
             raise ValueError(f"kv_zip_block: must be an integer number of tokens in [1, {1 << 16}], got "
                              f"{self.kv_zip_block!r}")
+        if not isinstance(self.kv_head_group, int) or isinstance(self.kv_head_group, bool) \
+                or not 1 <= self.kv_head_group <= 1024:
+            raise ValueError(f"kv_head_group: must be an integer number of KV heads in [1, 1024], got "
+                             f"{self.kv_head_group!r}")
+        if (self.kv_head_group > 1 or self.kv_reorder) and not (self.kv_pre_rope and self.kv_key_axis == "head_dim"):
+            raise ValueError("kv_head_group / kv_reorder: RotateKV's grouped-head rotation and channel reordering "
+                             "transform the pre-RoPE keys quantized along the head dim: set kv_pre_rope true and "
+                             "leave kv_key_axis 'head_dim'")
         for f in ("kv_window", "kv_sinks"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:

@@ -47,7 +47,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
-from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH
+from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH, get_tensor
 from finegrain.compiler.regions import new_constant
 from finegrain.compiler.ops import HADAMARD, KV_APPEND, KV_SALIENCY
 from finegrain.errors import CaptureError, InputError
@@ -192,6 +192,50 @@ def _rope_inv_freq(new: Node) -> tuple[Node | None, str]:
     return found.pop(), ""
 
 
+def _head_group_args(gm: GraphModule, where: str, val, fmt: QuantFormat, group: int, perm, log: list) -> dict:
+    """kv_append's ``perm`` / ``head_group`` keywords for one layer's keys (RotateKV), checked."""
+    h, d = (int(val.shape[1]), int(val.shape[-1])) if val is not None else (None, None)
+    if h is None or h % group:
+        raise InputError(f"{where}: kv_head_group {group} does not divide the {h} KV heads")
+    if fmt.granularity == "group" and (group * d) % fmt.group_size:
+        raise InputError(f"{where}: KV format {fmt.tag} groups of {fmt.group_size} do not divide the {group * d} "
+                         f"channels of a head group")
+    kw = {"head_group": group}
+    if perm is not None:
+        kw["perm"] = new_constant(gm, f"kv_reorder.{where.split()[1]}", perm.to(torch.int64))
+    log.append({"pass": "quantize_kv", "site": where, "action": "rotated",
+                "detail": f"pre-RoPE keys quantized after a Hadamard over groups of {group} heads ({group * d} "
+                          f"channels){', channels reordered by calibration RMS' if perm is not None else ''}"})
+    return kw
+
+
+def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
+    """Per layer, the RMS over the calibration tokens of each pre-RoPE key channel of all heads
+    (``H * d``, head-major): the new keys of ``sites`` (layer -> (new-keys node, inv_freq tensor))
+    captured in one run of ``gm`` per batch, RoPE undone at their positions (from 0)."""
+    from finegrain.compiler.ops import _rope
+
+    wanted = {new: layer for layer, (new, _) in sites.items()}
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                layer = wanted[n]
+                k = _rope(out.detach().float(), 0, sites[layer][1], inverse=True)  # [B, H, T, d]
+                sq = k.pow(2).sum(dim=(0, 2)).reshape(-1)  # [H * d]
+                sums[layer] = sums.get(layer, 0) + sq
+            return out
+
+    with torch.no_grad():
+        for b in batches:
+            Capture(gm).run(*b)
+            count += int(b[0].numel())
+    return {layer: (sq / max(count, 1)).sqrt() for layer, sq in sums.items()}
+
+
 def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
@@ -210,6 +254,19 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         raise InputError(f"kv_layers: layer {max(per_layer)} does not exist (the model has {len(presents) // 2} layers)")
     log = ctx.report.setdefault("folds", [])
     g = gm.graph
+    perms: dict[int, torch.Tensor] = {}
+    if r.kv_reorder and key_fmt is not None:  # RotateKV's outlier-aware reordering, from calibration statistics
+        sites = {}
+        for n in presents:
+            if n.meta[KV]["kind"] == "key" and n.target is torch.ops.aten.cat.default:
+                inv, _ = _rope_inv_freq(n.args[0][-1])
+                if inv is not None and inv.op == "get_attr":
+                    sites[n.meta[KV]["layer"]] = (n.args[0][-1], get_tensor(gm, inv.target).detach().float())
+        if not ctx.calibration:
+            raise InputError(f"recipe {r.name!r}: kv_reorder orders the key channels by calibration statistics; "
+                             "give calibration data")
+        rms = _pre_rope_key_rms(gm, ctx.calibration, sites)
+        perms = {layer: torch.argsort(v, descending=True, stable=True) for layer, v in rms.items()}
     factors: dict[int, Node] = {}
     zips: dict[int, dict] = {}  # layer -> {"key" / "value": True} (ZipCache appends, wired after the loop)
     rotated: set[Node] = set()
@@ -261,8 +318,11 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                     zip_args = (None, low, float(r.kv_zip_ratio), r.kv_zip_block,
                                 role["kind"] == "key" and axes["key"] != "tokens")
                     zips.setdefault(role["layer"], {})[role["kind"]] = True
+                group_kw = {}
+                if inv_freq is not None and role["kind"] == "key" and (r.kv_head_group > 1 or r.kv_reorder):
+                    group_kw = _head_group_args(gm, where, val, fmt, r.kv_head_group, perms.get(role["layer"]), log)
                 m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
-                                                inv_freq, bool(rotate and inv_freq is not None), *zip_args))
+                                                inv_freq, bool(rotate and inv_freq is not None), *zip_args), group_kw)
                 m.meta.update(n.meta)
             elif fmt is not None:
                 x = _qdq(g, x, fmt)

@@ -208,3 +208,46 @@ def test_pre_rope_finds_each_layers_rope_across_families(family):
     with torch.no_grad():
         ref = model(x).logits
     assert _rel(ref, cm(x)) < 0.02  # 8 bits through undone / redone RoPE stay close to float
+
+
+def test_rotatekv_grouped_head_rotation_and_reordering(llama, tmp_path):
+    """RotateKV's grouped-head rotation (``kv_head_group``: a Hadamard over both K / V heads' 32
+    channels) and outlier-aware reordering (``kv_reorder``: the channels sorted by calibration RMS):
+    the transform round-trips exactly, the cache path stores what the full forward does, 8 bits stay
+    close to float, the permutation is the calibration's order, and bad settings are named."""
+    from finegrain.compiler.ops import KV_APPEND, _from_head_groups, _to_head_groups
+
+    k = torch.randn(1, 2, 7, 16)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    assert float((_from_head_groups(_to_head_groups(k, perm, 2), perm, 2) - k).abs().max()) < 1e-5
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    calib = [(torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(4)),)]
+    base = {"name": "rkv", "rules": [], "kv_key": "int8-g16-asym-fp32-dyn", "kv_pre_rope": True, "kv_rotate": True}
+    plain = finegrain.compile(llama, (IDS,), recipe=base, progress=False, kv_cache=True)
+    grouped = finegrain.compile(llama, (IDS,), recipe=base | {"kv_head_group": 2, "kv_reorder": True},
+                                calibration=calib, progress=False, kv_cache=True)
+    appends = [n for n in grouped.gm.graph.nodes if n.target is KV_APPEND]
+    assert len(appends) == 2 and all(n.kwargs["head_group"] == 2 for n in appends)
+    perms = [grouped.gm.get_buffer(n.kwargs["perm"].target) for n in appends]
+    assert all(sorted(p.tolist()) == list(range(32)) for p in perms)
+    assert any(f["action"] == "rotated" and "reordered" in f["detail"] for f in grouped.folds)
+    with torch.no_grad():
+        ref = llama(x).logits
+    assert _rel(ref, grouped(x)) < 0.02 and _rel(grouped(x), plain(x)) > 0  # another space, another error
+    grouped.save(tmp_path / "rkv")  # the permutation and the keywords survive the artifact (data only)
+    assert torch.equal(finegrain.load(tmp_path / "rkv")(x), grouped(x))
+    through, _ = _incremental(grouped, x, 17)
+    assert _rel(grouped(x), through) < 1e-4  # the cache path stores what the full forward does
+    # layer 0's permutation sorts its pre-RoPE key channels (k_proj of the normed embeddings, heads
+    # concatenated) by their RMS over the calibration tokens, largest first
+    with torch.no_grad():
+        h = llama.model.layers[0].input_layernorm(llama.model.embed_tokens(calib[0][0]))
+        rms = llama.model.layers[0].self_attn.k_proj(h)[0].pow(2).mean(0).sqrt()
+    assert str(appends[0].kwargs["perm"].target).startswith("kv_reorder") and appends[0].kwargs["perm"].target.endswith("0")
+    assert torch.equal(perms[0], torch.argsort(rms, descending=True, stable=True))
+    with pytest.raises(RecipeError, match="kv_head_group / kv_reorder"):
+        finegrain.compile(llama, (IDS,), recipe=base | {"kv_pre_rope": False, "kv_head_group": 2}, kv_cache=True)
+    with pytest.raises(InputError, match="kv_head_group 3 does not divide the 2 KV heads"):
+        finegrain.compile(llama, (IDS,), recipe=base | {"kv_head_group": 3}, progress=False, kv_cache=True)
+    with pytest.raises(InputError, match="kv_reorder orders the key channels by calibration"):
+        finegrain.compile(llama, (IDS,), recipe=base | {"kv_reorder": True}, progress=False, kv_cache=True)
