@@ -368,9 +368,14 @@ def relax_converters(prefix: str) -> dict:
 
     from finegrain.backends.tvm.lower_activations import _act_scale
 
+    memo: dict = {}  # (block builder, new tokens' var) -> their scales: one computation for codes, scales, zeros
+
     def encoded(node, importer):
         bb = importer.block_builder
         x, fmt = importer.retrieve_args(node)[:2]
+        key = (id(bb), id(x), fmt)
+        if key in memo and memo[key][0] is x:
+            return memo[key][1]
         shape = list(x.ty.shape)
         d = int(shape[-1])
         lay = kv_layout(fmt, d)
@@ -379,7 +384,8 @@ def relax_converters(prefix: str) -> dict:
         lo, hi = tok.family.code_range(tok)
         xr = bb.emit(relax.op.reshape(x, [*shape[:-1], d // g, g]))
         s, z = _act_scale(bb, xr, tok, None, None, prefix)
-        return bb, shape, d, lay, lo, hi, xr, s, z
+        memo[key] = (x, (bb, shape, d, lay, lo, hi, xr, s, z))
+        return memo[key][1]
 
     def codes(node, importer):
         bb, shape, d, lay, lo, hi, xr, s, z = encoded(node, importer)
