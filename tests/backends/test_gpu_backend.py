@@ -226,3 +226,22 @@ def test_bf16_compute_mode_across_families(family):
             assert (logits[0, -1].float() - ref[0, i]).abs().max() < 0.05 * ref[0, i].abs().max()
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("family,fused", [("llama", 4), ("qwen2", 4), ("mistral", 4), ("qwen3", 4), ("phi3", 4),
+                                          ("gemma3", 0)])
+def test_fused_norm_quantizer_across_families(family, fused):
+    """W8A8 on six families: the quantizer is fused into each Llama-style RMSNorm feeding the integer-dot
+    linears (2 per layer); Gemma-3's norm scales by (1 + w), which the pattern does not take, so its
+    quantizations stay separate; the reference's logits either way."""
+    from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op
+    from tests.test_kv_cache import _family
+
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(_family(family), (x[:, :8],), recipe="w8a8", calibration=[(x,)], progress=False)
+    ref = cm.session("torch").run(x)
+    with cm.session("gpu") as s:
+        out = s.run(x)
+        targets = [n.target for n in s.gm.graph.nodes]
+    assert targets.count(rms_norm_quant_op) == fused and targets.count(a8_quant_op) == 8 - fused
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
