@@ -229,11 +229,10 @@ def test_bf16_compute_mode_across_families(family):
 
 
 @pytest.mark.parametrize("family,fused", [("llama", 4), ("qwen2", 4), ("mistral", 4), ("qwen3", 4), ("phi3", 4),
-                                          ("gemma3", 0)])
+                                          ("gemma3", 4)])
 def test_fused_norm_quantizer_across_families(family, fused):
-    """W8A8 on six families: the quantizer is fused into each Llama-style RMSNorm feeding the integer-dot
-    linears (2 per layer); Gemma-3's norm scales by (1 + w), which the pattern does not take, so its
-    quantizations stay separate; the reference's logits either way."""
+    """W8A8 on six families: the quantizer is fused into each RMSNorm feeding the integer-dot linears
+    (2 per layer; Gemma-3's norm scales by 1 + w, added in fp32), the reference's logits."""
     from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op
     from tests.test_kv_cache import _family
 

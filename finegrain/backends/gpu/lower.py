@@ -52,9 +52,11 @@ def a8_quant_op(x, act: str):
     return q, s, tuple(x.shape[:-1]), x.dtype
 
 
-def rms_norm_quant_op(h, weight, eps: float, act: str):
-    """:func:`a8_quant_op` of Llama's RMSNorm of ``h``, the quantizer fused into the norm."""
-    q, s = kernels.rms_norm_quantize(h, weight, eps, _format(act))
+def rms_norm_quant_op(h, weight, eps: float, act: str, offset: float = 0.0):
+    """:func:`a8_quant_op` of the RMSNorm of ``h`` scaled by ``weight + offset`` (Llama: offset 0;
+    Gemma: 1, added in fp32 as Gemma does), the quantizer fused into the norm."""
+    w = weight.float() + offset if offset else weight
+    q, s = kernels.rms_norm_quantize(h, w, eps, _format(act))
     return q, s, tuple(h.shape[:-1]), h.dtype
 
 
@@ -103,21 +105,36 @@ def pair_ok(weight: QuantFormat, act: QuantFormat) -> bool:
 
 
 def rms_norm_parts(x):
-    """(h, weight node, eps) when the node ``x`` is Llama's RMSNorm of ``h`` as torch.export writes it,
-    ``weight * to(h * rsqrt(mean(h^2, [-1], keepdim) + eps))`` (the ``to`` casts optional), else None."""
+    """(h, weight node, eps, offset) when the node ``x`` is an RMSNorm of ``h`` as torch.export writes
+    it: Llama's ``weight * to(h * rsqrt(mean(h^2, [-1], keepdim) + eps))`` (offset 0) or Gemma's
+    ``(h * rsqrt(...)) * (to(weight) + offset)``, the ``to`` casts optional; else None."""
     aten = torch.ops.aten
     casts = (aten.to.dtype, aten._to_copy.default)
 
     def is_(n, target):
         return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is target
 
+    def strip(n):
+        while isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in casts:
+            n = n.args[0]
+        return n
+
+    def scale(n):  # (weight get_attr, offset) of a norm's scale operand, or None
+        n = strip(n)
+        if getattr(n, "op", None) == "get_attr":
+            return n, 0.0
+        if is_(n, aten.add.Tensor) and isinstance(n.args[1], (int, float)) and not isinstance(n.args[1], bool) \
+                and getattr(strip(n.args[0]), "op", None) == "get_attr":
+            return strip(n.args[0]), float(n.args[1])
+        return None
+
+    x = strip(x)
     if not is_(x, aten.mul.Tensor) or len(x.args) != 2:
         return None
-    w, y = x.args if getattr(x.args[0], "op", None) == "get_attr" else x.args[::-1]
-    if getattr(w, "op", None) != "get_attr" or not isinstance(y, torch.fx.Node):
+    sc, y = (scale(x.args[0]), x.args[1]) if scale(x.args[0]) else (scale(x.args[1]), x.args[0])
+    if sc is None or not isinstance(y, torch.fx.Node):
         return None
-    while y.op == "call_function" and y.target in casts:
-        y = y.args[0]
+    y = strip(y)
     if not is_(y, aten.mul.Tensor) or len(y.args) != 2:
         return None
     h, r = y.args if is_(y.args[1], aten.rsqrt.default) else y.args[::-1]
@@ -130,7 +147,7 @@ def rms_norm_parts(x):
     sq = mean.args[0]
     if not is_(sq, aten.pow.Tensor_Scalar) or sq.args[0] is not h or sq.args[1] != 2:
         return None
-    return h, w, eps
+    return h, sc[0], eps, sc[1]
 
 
 def _fuse_norm_quantizers(graph: Graph, quantized: dict) -> int:
@@ -142,7 +159,8 @@ def _fuse_norm_quantizers(graph: Graph, quantized: dict) -> int:
         if parts is None or QuantFormat.parse(tag).granularity != "token" or set(x.users) != {qn}:
             continue
         with graph.inserting_before(qn):
-            new = graph.call_function(rms_norm_quant_op, (*parts, tag))
+            h, w, eps, offset = parts
+            new = graph.call_function(rms_norm_quant_op, (h, w, eps, tag, offset))
         qn.replace_all_uses_with(new)
         graph.erase_node(qn)
         fused += 1
