@@ -124,7 +124,7 @@ def test_fp8_block_wise_dot_equals_the_reference():
     for n, k in [(200, 256), (64, 384)]:
         fmt, w, p = _packed("e4m3-g128x128-sym-fp32", n, k)
         assert kernels.a8_ok(p, f8=True, act_group=128)
-        for m in (1, 40):
+        for m in (1, 17):
             x = torch.randn(m, k, generator=gen) * 3
             x[0, 5] = 60.0
             qx = a.quantize(x)
