@@ -70,10 +70,15 @@ def hadamard_op(x, factor):
 
 
 def on_host(op, *args, **kwargs):
-    """``op`` on CPU copies of its tensor arguments; tensor results moved back to the device of
-    the first tensor argument."""
+    """``op`` on CPU copies of its tensor arguments, float ones in fp32 (the reference ops are
+    written for fp32; the compute-dtype pass casts their results back); tensor results moved back
+    to the device of the first tensor argument."""
     dev = next((a.device for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    cpu = lambda a: a.cpu() if isinstance(a, torch.Tensor) else a  # noqa: E731
+
+    def cpu(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.cpu().float() if a.dtype in (torch.bfloat16, torch.float16) else a.cpu()
     out = op(*[cpu(a) for a in args], **{k: cpu(v) for k, v in kwargs.items()})
     back = lambda a: a.to(dev) if isinstance(a, torch.Tensor) and dev is not None else a  # noqa: E731
     return tuple(back(o) for o in out) if isinstance(out, (tuple, list)) else back(out)
