@@ -115,3 +115,17 @@ def test_cli_builds_inspects_and_generates_from_a_deployment(hf_dir, tmp_path, c
     assert "KV cache: one token per step" in capsys.readouterr().out
     assert main(["build", str(art), "--backend", "gpu", "--out", str(tmp_path / "dep")]) == 2  # exists: refused
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_qwen3_deployment_in_bf16(tmp_path):
+    """Another family (Qwen3: q / k norms, its own RoPE) through build, load and the bf16 mode: the
+    deployment's logits are the session's, byte for byte."""
+    from tests.test_kv_cache import _family
+
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(_family("qwen3"), (x[:, :8],), recipe="w4a8-dgq", calibration=[(x,)], progress=False,
+                           kv_cache=True)
+    cm.build_gpu(tmp_path / "q3", dtype="bfloat16")
+    dep = finegrain.load(tmp_path / "q3")
+    with cm.session("gpu", dtype="bfloat16") as s:
+        assert torch.equal(dep.run(x), s.run(x))
