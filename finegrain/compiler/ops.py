@@ -254,15 +254,13 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
         a, b = kv_quantized_span("tokens", block, past.shape[2], out.shape[2], window, sinks)
     if a < b:
         seg = out[:, :, a:b].float()
+        grouped = inv_freq is not None and (perm is not None or head_group > 1)  # RotateKV's grouped space
+        per_head = rotated and not grouped  # the per-head rotation applies to the pre-RoPE key quantized
         if inv_freq is not None:  # quantize the pre-RoPE keys (RoPE undone, applied again after dequantization)
             seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=True)
-            seg = _hadamard(seg) if rotated else seg
-        if inv_freq is not None and (perm is not None or head_group > 1):
-            if rotated:  # back from the per-head rotation to the plain pre-RoPE key first
-                seg = _hadamard(seg)
-            h = seg.shape[1]
-            seg = _from_head_groups(f.fake_quantize(_to_head_groups(seg, perm, head_group)), perm, h)
-            seg = _hadamard(seg) if rotated else seg
+            seg = _hadamard(seg) if per_head else seg
+        if grouped:
+            seg = _from_head_groups(f.fake_quantize(_to_head_groups(seg, perm, head_group)), perm, seg.shape[1])
         elif score is not None:
             seg = _zip_fake_quantize(seg, score[:, :, a:b], f, QuantFormat.parse(fmt_low), ratio, block, channel_norm,
                                      axis == "tokens")
@@ -271,7 +269,7 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
         else:
             seg = f.fake_quantize(seg)
         if inv_freq is not None:
-            seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=False)
+            seg = _rope(_hadamard(seg) if per_head else seg, a, inv_freq, inverse=False)
             seg = _hadamard(seg) if rotated else seg
         out[:, :, a:b] = seg.to(out.dtype)
     return out

@@ -26,7 +26,6 @@ from finegrain.backends.base import Artifact, BackendError
 from finegrain.backends.gpu.backend import GpuSession, default_device
 from finegrain.errors import ArtifactError
 from finegrain.formats import QuantFormat
-from finegrain.formats.scales import FLOAT_SCALES
 from finegrain.io.files import atomic_directory, dumps_json, file_records, read_json_file, verify_files
 
 VERSION = 1
@@ -71,31 +70,14 @@ def build_deployment(cm, out: str | Path, dtype: str = "float32", overwrite: boo
     return manifest
 
 
-def _expected(fmt: QuantFormat, n: int, k: int) -> tuple[dict, dict]:
-    """The kernel fields (but ``scale2``) and tensor (dtype, shape) of a ``fmt`` weight ``[n, k]``,
-    as ``kernels.pack_weight`` makes them."""
-    from finegrain.backends.gpu import kernels
-
-    lay = kernels.element_layout(fmt)
-    whole = fmt.granularity in ("tensor", "channel")
-    groups, group = (1, k) if whole else (fmt.num_groups(k), fmt.group_size)
-    fields = {**lay, "group": group, "k": k, "n": n}
-    sdt = FLOAT_SCALES[fmt.scale] if fmt.scale in FLOAT_SCALES else torch.uint8
-    parts = {"qw": (torch.int32, [math.ceil(k / lay["pw"]), n]), "s": (sdt, [groups, n])}
-    if lay["has_zero"]:
-        parts["z"] = (torch.uint8, [groups, n])
-    if fmt.scale == "int8":
-        parts["s1"] = (torch.float16, [n])
-    return fields, parts
-
-
 def _checked(where: str, fmt: QuantFormat, shape: list, rec: object, tensors: dict) -> dict:
     """Layer ``where``'s kernel layout from the manifest record and the file's tensors, each field and
     tensor checked against what its format and shape imply."""
+    from finegrain.backends.gpu.kernels import layout_spec
     from finegrain.backends.gpu.lower import _META
 
     n, k = shape
-    fields, parts = _expected(fmt, n, k)
+    fields, parts = layout_spec(fmt, n, k)
     if not isinstance(rec, dict) or rec.get("format") != fmt.tag or rec.get("shape") != [n, k]:
         raise ArtifactError(f"{where}: the manifest's record must name the artifact's format {fmt.tag} and shape "
                             f"{[n, k]}")
@@ -139,6 +121,7 @@ class GpuDeployment(GpuSession, Artifact):
 
         from finegrain.backends import registry
         from finegrain.backends.gpu.lower import kernel_weights
+
         path = Path(path)
         manifest = read_json_file(path / MANIFEST)
         if not isinstance(manifest, dict) or manifest.get("finegrain_gpu_deploy") != VERSION:

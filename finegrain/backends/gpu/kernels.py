@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from finegrain.formats import QuantFormat
+from finegrain.formats.scales import FLOAT_SCALES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -367,6 +368,21 @@ def element_layout(fmt: QuantFormat) -> dict | None:
             "offset": 2 ** (bits - 1) if fmt.kind == "int" and fmt.symmetric else 0}
 
 
+def layout_spec(fmt: QuantFormat, n: int, k: int) -> tuple[dict, dict]:
+    """What :func:`pack_weight` makes of a ``fmt`` weight ``[n, k]``: its kernel fields (all but
+    ``scale2``) and ``{part: (dtype, shape)}`` of its tensors (``qw``, ``s``, and ``z`` / ``s1`` when
+    the format has them); GPU deployments check what they load against it."""
+    lay = element_layout(fmt)
+    groups, group = (1, k) if fmt.granularity in ("tensor", "channel") else (fmt.num_groups(k), fmt.group_size)
+    sdt = FLOAT_SCALES.get(fmt.scale, torch.uint8)
+    parts = {"qw": (torch.int32, [math.ceil(k / lay["pw"]), n]), "s": (sdt, [groups, n])}
+    if lay["has_zero"]:
+        parts["z"] = (torch.uint8, [groups, n])
+    if fmt.scale == "int8":
+        parts["s1"] = (torch.float16, [n])
+    return {**lay, "group": group, "k": k, "n": n}, parts
+
+
 def pack_weight(fmt: QuantFormat, codes: torch.Tensor, stored_scale: torch.Tensor, zero: torch.Tensor | None,
                 scale2: torch.Tensor | None) -> dict:
     """The kernel layout of one weight (see the module docstring) from its codes ``[N, K]`` (as
@@ -383,7 +399,8 @@ def pack_weight(fmt: QuantFormat, codes: torch.Tensor, stored_scale: torch.Tenso
     u = torch.nn.functional.pad(u, (0, words * pw - k)).reshape(n, words, pw)
     qw = (u << (torch.arange(pw, dtype=torch.int64) * bits)).sum(-1)
     qw = torch.where(qw >= 2**31, qw - 2**32, qw).to(torch.int32).T.contiguous()  # [words, N]
-    groups, group = (1, k) if fmt.granularity in ("tensor", "channel") else (fmt.num_groups(k), fmt.group_size)
+    fields, parts = layout_spec(fmt, n, k)
+    groups, group = parts["s"][1][0], fields["group"]
     if fmt.granularity == "tensor":
         s = stored_scale.reshape(-1, 1).expand(n, 1)
     else:  # 2-D blocks store one row per block: the kernel reads a scale per row

@@ -146,8 +146,8 @@ def rms_norm_parts(x):
     if not is_(r, aten.rsqrt.default) or not is_(r.args[0], aten.add.Tensor):
         return None
     mean, eps = r.args[0].args[:2]
-    if not is_(mean, aten.mean.dim) or not isinstance(eps, float) or list(mean.args[1]) not in ([-1],) \
-            or not (len(mean.args) > 2 and mean.args[2] or mean.kwargs.get("keepdim")):
+    if not is_(mean, aten.mean.dim) or not isinstance(eps, float) or list(mean.args[1]) != [-1] \
+            or not _arg(mean, 2, "keepdim"):
         return None
     sq = mean.args[0]
     if not is_(sq, aten.pow.Tensor_Scalar) or sq.args[0] is not h or sq.args[1] != 2:
@@ -161,7 +161,7 @@ def _fuse_norm_quantizers(graph: Graph, quantized: dict) -> int:
     fused = 0
     for (x, tag), qn in quantized.items():
         parts = rms_norm_parts(x)
-        if parts is None or QuantFormat.parse(tag).granularity != "token" or set(x.users) != {qn}:
+        if parts is None or _format(tag).granularity != "token" or set(x.users) != {qn}:
             continue
         with graph.inserting_before(qn):
             h, w, eps, offset = parts
@@ -191,17 +191,21 @@ def _source_activation(x):
     return q.args[0], tag
 
 
+def _kernel_linears(n) -> list:
+    """The linears that read the ``dequantize_packed`` node ``n`` whole as their weight, when a kernel
+    decodes its format (else [])."""
+    shape = n.args[4]
+    if len(shape) != 2 or kernels.element_layout(_format(n.args[3])) is None:
+        return []
+    return [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
+
+
 def kernel_weights(gm: GraphModule):
     """(node, layer, format, 2-D shape) of every packed weight a linear reads whole and a kernel
     decodes: what :func:`prepare` repacks (and ``deploy.build_deployment`` stores repacked)."""
     for n in gm.graph.nodes:
-        if n.op != "call_function" or n.target is not DEQUANTIZE_PACKED:
-            continue
-        packed_node, _, _, tag, shape = n.args[:5]
-        fmt = QuantFormat.parse(tag)
-        linears = [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
-        if len(shape) == 2 and linears and kernels.element_layout(fmt) is not None:
-            yield n, str(packed_node.target).removesuffix("_qpacked"), fmt, list(shape)
+        if n.op == "call_function" and n.target is DEQUANTIZE_PACKED and _kernel_linears(n):
+            yield n, str(n.args[0].target).removesuffix("_qpacked"), _format(n.args[3]), list(n.args[4])
 
 
 def _unpacked(gm: GraphModule, n):
@@ -263,8 +267,8 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
         packed_node, _, _, tag, shape = n.args[:5]
         layer = str(packed_node.target).removesuffix("_qpacked")
         fmt = QuantFormat.parse(tag)
-        linears = [u for u in n.users if u.target is torch.ops.aten.linear.default and u.args[1] is n]
-        if len(shape) == 2 and linears and kernels.element_layout(fmt) is not None:
+        linears = _kernel_linears(n)
+        if linears:
             p = prepacked[layer] if prepacked and layer in prepacked else repack(gm, n)
             meta = tuple(p[k] for k in _META)
             with graph.inserting_before(n):
