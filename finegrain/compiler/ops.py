@@ -158,6 +158,11 @@ def _to_head_groups(seg: torch.Tensor, perm: torch.Tensor | None, g: int) -> tor
     orthonormal Hadamard over each group of ``g`` heads' channels: ``[B, H / g, n, g * d]`` (the layout
     a format's groups then run along)."""
     b, h, n, d = seg.shape
+    if perm is not None and not torch.equal(torch.sort(perm.reshape(-1)).values, torch.arange(h * d)):
+        raise ValueError(f"kv_append: perm must be a permutation of the {h * d} key channels (got a tensor of "
+                         f"{perm.numel()} values that is not)")
+    if h % g:
+        raise ValueError(f"kv_append: head_group {g} does not divide the {h} KV heads")
     x = seg.permute(0, 2, 1, 3).reshape(b, n, h * d)
     if perm is not None:
         x = x[..., perm]

@@ -251,3 +251,17 @@ def test_rotatekv_grouped_head_rotation_and_reordering(llama, tmp_path):
         finegrain.compile(llama, (IDS,), recipe=base | {"kv_head_group": 3}, progress=False, kv_cache=True)
     with pytest.raises(InputError, match="kv_reorder orders the key channels by calibration"):
         finegrain.compile(llama, (IDS,), recipe=base | {"kv_reorder": True}, progress=False, kv_cache=True)
+
+
+def test_a_bad_reordering_in_an_artifact_is_named():
+    """A ``perm`` that is not a permutation of the key channels (a tampered artifact) is refused by name."""
+    from finegrain.compiler.ops import kv_append
+
+    past, new = torch.zeros(1, 2, 0, 16), torch.randn(1, 2, 3, 16)
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    with pytest.raises(ValueError, match="perm must be a permutation of the 32 key channels"):
+        kv_append(past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 0, inv, perm=torch.zeros(32, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_group 3 does not divide the 2 KV heads"):
+        kv_append(past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 0, inv, head_group=3)
+    good = kv_append(past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 0, inv, perm=torch.randperm(32), head_group=2)
+    assert good.shape == (1, 2, 3, 16)
