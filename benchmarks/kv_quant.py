@@ -70,6 +70,12 @@ CONFIGS = {  # name -> recipe fields
     **{f"KIVI-{b} (keys per channel, R=128)": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI) for b in (8, 4, 2)},
     **{f"KIVI-{b} + pre-RoPE + sink": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), **KIVI, **PRE) for b in (4, 2)},
     "KIVI-2 g16 + pre-RoPE + sink": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", **KIVI, **PRE),
+    # KIVI in the Hadamard-rotated space (kv_rotate: the pre-RoPE keys and the values rotated per head, queries
+    # and the attention output to match): per-channel key groups see no outlier channel after the rotation
+    **{f"KIVI-{b} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), kv_rotate=True, **KIVI,
+                                                    **PRE) for b in (4, 2)},
+    "KIVI-2 g16 + pre-RoPE + sink, rotated": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", kv_rotate=True,
+                                                  **KIVI, **PRE),
     **{f"ZipCache 4/2, {int(100 * r)}% salient": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(r)) for r in (0.5, 0.25)},
     "ZipCache 4/2, 50% salient + pre-RoPE + sink": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(0.5), **PRE),
     **{f"ZipCache 4/2, {int(100 * r)}% salient, keys per channel + pre-RoPE + sink":

@@ -7,8 +7,11 @@ windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knaps
 picks one pair per layer at each average-bits budget; perplexity through the cache on the first
 ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
 
+``--rotate``: every candidate in the Hadamard-rotated space (``kv_rotate``: pre-RoPE keys and values
+rotated per head, the queries and the attention output to match), searched and measured so.
+
     python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
-                                  [--out results/kv_tuner]
+                                  [--rotate] [--out results/kv_tuner]
 """
 from __future__ import annotations
 
@@ -42,8 +45,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
+    ap.add_argument("--rotate", action="store_true", help="candidates with kv_rotate (Hadamard-rotated K / V)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
+    fields = {**FIELDS, "kv_rotate": True} if args.rotate else FIELDS
+    tag = ", rotated" if args.rotate else ""
 
     import finegrain
     from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
@@ -58,7 +64,7 @@ def main() -> None:
     windows = [ids[w * 2048:(w + 1) * 2048].unsqueeze(0) for w in range(args.windows)]
     calib = [b[0] for b in calibration_batches(lm.tokenizer, args.calib, 512)]
     t = time.perf_counter()
-    sens = kv_sensitivity(lm.model, calib, FIELDS, PAIRS, progress=True, objective=args.objective)
+    sens = kv_sensitivity(lm.model, calib, fields, PAIRS, progress=True, objective=args.objective)
     search_s = time.perf_counter() - t
     err = {p: [row[j] for row in sens.errors] for j, p in enumerate(PAIRS)}
     k2, v2 = err[(FMT.format(2), FMT.format(8))], err[(FMT.format(8), FMT.format(2))]
@@ -66,8 +72,8 @@ def main() -> None:
           f"  K8V2 {sum(v2) / len(v2):.4f}  (keys {'more' if sum(k2) > sum(v2) else 'less'} sensitive than values; "
           f"K2 worse than V2 in {sum(a > b for a, b in zip(k2, v2))} of {len(k2)} layers)", flush=True)
 
-    def row(name, fields):
-        cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe={"name": name, "rules": [], **fields},
+    def row(name, kv):
+        cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe={"name": name, "rules": [], **kv},
                                progress=False, kv_cache=True)
         sim, cache = both_ppl(cm, windows, args.chunk)
         q = cm.kv.get("quantization") or {}
@@ -78,11 +84,11 @@ def main() -> None:
     rows = [row("float cache", {})]
     base = rows[0]["ppl_cache_path"]
     for b in (4, 2):
-        rows.append(row(f"uniform KIVI-{b} + pre-RoPE + sink", {**FIELDS, "kv_key": FMT.format(b), "kv_value": FMT.format(b)}))
+        rows.append(row(f"uniform KIVI-{b} + pre-RoPE + sink{tag}", {**fields, "kv_key": FMT.format(b), "kv_value": FMT.format(b)}))
     tuned = []
     for budget in [float(x) for x in args.budgets.split(",")]:
         layers, info = kv_allocate(sens, budget)
-        r = row(f"KVTuner avg {budget:g} bits", {**FIELDS, "kv_layers": layers})
+        r = row(f"KVTuner avg {budget:g} bits{tag}", {**fields, "kv_layers": layers})
         r.update(average_bits=info["average_bits"], predicted_error=info["predicted_error"],
                  pairs=[f"K{_bits(k)}V{_bits(v)}" for _, k, v in layers])
         tuned.append({"budget": budget, "kv_layers": layers, **info})
@@ -96,7 +102,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_tuner.json").write_text(json.dumps({
-        "machine": machine.describe(), "windows": args.windows, "objective": args.objective, "calibration": f"{args.calib} x 512 Brown",
+        "machine": machine.describe(), "windows": args.windows, "objective": args.objective, "rotate": args.rotate, "calibration": f"{args.calib} x 512 Brown",
         "search_s": round(search_s, 1), "pairs": PAIRS, "errors": sens.errors, "rows": rows, "tuned": tuned}, indent=1))
 
 

@@ -20,6 +20,7 @@ from finegrain.compiler.verify import verify
 from finegrain.passes.allocate_bits import allocate_bits
 from finegrain.passes.calibrate import calibrate, recalibrate
 from finegrain.passes.canonicalize import canonicalize
+from finegrain.passes.fold_kv_rotation import fold_kv_rotation
 from finegrain.passes.fold_norms import fold_norms
 from finegrain.passes.fold_rotation import fold_rotation
 from finegrain.passes.fold_smoothing import fold_smoothing
@@ -34,6 +35,7 @@ Pass = Callable[[GraphModule, PassContext], GraphModule]
 ANALYZE: list[tuple[str, Pass]] = [
     ("canonicalize", canonicalize),  # drop export-time assertions, dead code
     ("fold_norms", fold_norms),  # norm affine -> following linears (recipe.fold_norms / rotate)
+    ("fold_kv_rotation", fold_kv_rotation),  # kv_rotate's value Hadamard -> v_proj rows / o_proj columns
     ("fold_rotation", fold_rotation),  # Hadamard rotation of residual streams + online FWHT (recipe.rotate)
     ("calibrate", calibrate),  # fill the stats store from calibration batches
     ("fold_smoothing", fold_smoothing),  # SmoothQuant / OS+ scales and shifts (recipe.smoothing)

@@ -23,8 +23,9 @@ offline rotation reaches (down_proj after the SwiGLU product, o_proj after atten
 ``recipe.rotation_mode="online"`` every one of them, q/k/v and gate/up included) get a
 ``finegrain::hadamard`` node computing x M (M = H / sqrt(K), O(K log K)), and M^T is folded into
 the weight: x W^T = (x M)(W M)^T, so W' = W M. One node per activation tensor, shared by its
-readers. QuaRot's per-head V/O rotation and the K rotation after RoPE only matter for a quantized
-KV cache, which finegrain does not have yet; they are not applied.
+readers. QuaRot's per-head V/O rotation and the K rotation only matter for a quantized KV cache:
+they are ``recipe.kv_rotate`` (``passes/fold_kv_rotation.py`` folds the V/O one, ``quantize_kv``
+adds the K one online).
 
 A tied LM head stays tied: ``fold_norms`` leaves the final norm's weight g alone, the embedding
 becomes E Q for both readers, and g moves into a d x d ``aten.matmul`` by M = Q^T diag(g) Q on the

@@ -20,8 +20,11 @@ the backends other than the reference refuse that op by name.
 head dimension before they are quantized (RotateKV / QuaRot's K and V rotations, post-RoPE): the
 query is rotated too (``(qH) . (kH) = q . k``) and the attention output is rotated back
 (``(P V H) H = P V``; ``H`` is symmetric and its own inverse for power-of-two head dims), so
-without quantization the graph computes exactly what it did. All three are online Hadamard ops
-(``compiler/ops.py``). A head dim that is not a power of two is reported and left unrotated.
+without quantization the graph computes exactly what it did. The key and query rotations are
+online Hadamard ops (``compiler/ops.py``); the value rotation and its inverse on the attention
+output are folded into ``v_proj`` / ``o_proj`` by ``passes/fold_kv_rotation.py`` where the graph
+allows (``VALUE_ROTATED`` on the present), else online too. A head dim that is not a power of two
+is reported and left unrotated.
 
 ZipCache (``recipe.kv_zip_key`` / ``kv_zip_value``): the write is a ``kv_append`` with a
 ``finegrain::kv_saliency`` score (the normalized attention score of every cached token from a probe
@@ -54,6 +57,7 @@ from finegrain.errors import CaptureError, InputError
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
 
+VALUE_ROTATED = "finegrain_kv_value_rotated"  # meta on a value present: fold_kv_rotation folded its Hadamard
 BYTES_CONTEXT = 2048  # the context length the average bytes per token (float window and sinks included) is stated at
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # the shared pass-through views plus what transformers' repeat_kv adds between a present and attention
@@ -269,7 +273,9 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         perms = {layer: torch.argsort(v, descending=True, stable=True) for layer, v in rms.items()}
     factors: dict[int, Node] = {}
     zips: dict[int, dict] = {}  # layer -> {"key" / "value": True} (ZipCache appends, wired after the loop)
-    rotated: set[Node] = set()
+    rotated: set[Node] = set()  # the attentions reading a rotated cache
+    q_rotated: set[Node] = set()  # ... whose query is rotated (for the keys)
+    out_rotated: set[Node] = set()  # ... whose output is rotated back online (values not folded into v_proj / o_proj)
     head_dim = None
     for n in presents:
         role = n.meta[KV]
@@ -294,10 +300,11 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         if r.kv_rotate and not rotate:
             log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
                         "detail": f"head dim {d} is not a power of two: K / V left unrotated"})
+        if rotate and d not in factors:
+            factors[d] = new_constant(gm, f"kv_hadamard.factor_{d}", torch.ones(1, 1))
+        folded = role["kind"] == "value" and n.meta.get(VALUE_ROTATED)  # v_proj writes them rotated already
         with g.inserting_before(n):
-            if rotate:
-                if d not in factors:
-                    factors[d] = new_constant(gm, f"kv_hadamard.factor_{d}", torch.ones(1, 1))
+            if rotate and not folded:
                 x = g.call_function(HADAMARD, (x, factors[d]))
                 x.meta["val"], x.meta[MODULE] = val, new.meta.get(MODULE)
             if fmt is not None and windowed[role["kind"]]:
@@ -335,14 +342,17 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             n.args = ([*n.args[0][:-1], x], *n.args[1:])
         if rotate:
             for att in attentions_reading(n):
-                if att in rotated:
-                    continue
                 rotated.add(att)
-                q = att.args[0]
-                with g.inserting_before(att):
-                    hq = g.call_function(HADAMARD, (q, factors[d]))
-                    hq.meta["val"] = q.meta.get("val")
-                att.args = (hq, *att.args[1:])
+                if role["kind"] == "key" and att not in q_rotated:  # (q H) . (k H) = q . k
+                    q_rotated.add(att)
+                    q = att.args[0]
+                    with g.inserting_before(att):
+                        hq = g.call_function(HADAMARD, (q, factors[d]))
+                        hq.meta["val"] = q.meta.get("val")
+                    att.args = (hq, *att.args[1:])
+                if role["kind"] != "value" or folded or att in out_rotated:
+                    continue
+                out_rotated.add(att)  # (P v H) H = P v, before o_proj
                 with g.inserting_after(att):
                     ho = g.call_function(HADAMARD, (att, factors[d]))
                     ho.meta["val"] = att.meta.get("val")

@@ -56,8 +56,9 @@ class CompiledModel(Artifact):
         for this call; open one yourself with ``session()`` to reuse it): greedy by default, or
         ``do_sample`` with ``temperature``, ``top_k``, ``top_p``, ``seed``; stops at
         ``eos_token_id``; ``streamer(token_id)`` sees each token as it comes. Returns a
-        ``Generation`` (``backends/generation.py``). No backend holds a KV cache yet: each step
-        recomputes the sequence."""
+        ``Generation`` (``backends/generation.py``). A KV-cache graph (``kv_cache=True``) prefills
+        once and decodes over its cache; any other graph recomputes the sequence at each step
+        (``Session.prefill`` / ``step``)."""
         with self.session(backend, **(backend_options or {})) as s:
             return s.generate(input_ids, max_new_tokens, **options)
 

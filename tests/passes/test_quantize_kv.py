@@ -10,6 +10,7 @@ import finegrain
 from finegrain.errors import InputError, RecipeError
 from finegrain.formats.ops import QUANTIZE
 from finegrain.compiler.ops import HADAMARD
+from finegrain.formats.hadamard import apply_hadamard
 from tests.test_kv_cache import _family, _incremental, _rel
 
 
@@ -26,16 +27,82 @@ X = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
 IDS = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
 
 
-def test_rotation_alone_is_exact_and_puts_three_hadamards_per_layer(llama):
+def test_rotation_alone_is_exact_with_the_value_rotation_folded_into_v_and_o_proj(llama):
     cm = finegrain.compile(llama, (IDS,), recipe=_kv(rotate=True), progress=False, kv_cache=True)
     with torch.no_grad():
         ref = llama(X).logits
     assert _rel(ref, cm(X)) <= 1e-5
     inc, _ = _incremental(cm, X, prefill=5)
     assert _rel(ref, inc) <= 1e-4
-    assert sum(n.target is HADAMARD for n in cm.gm.graph.nodes) == 4 * 2  # k, v, q, output per layer
+    assert sum(n.target is HADAMARD for n in cm.gm.graph.nodes) == 2 * 2  # k and q per layer, online
     assert cm.kv["quantization"]["rotate"] is True
     assert any(f["pass"] == "quantize_kv" and "Hadamard" in f["detail"] for f in cm.folds)
+    folded = [f for f in cm.folds if f["pass"] == "fold_kv_rotation"]
+    assert [f["action"] for f in folded] == ["folded"] * 2 and "v_proj" in folded[0]["detail"]
+    from finegrain.compiler.ir import MODULE, get_tensor
+
+    sd = llama.state_dict()
+    lin = next(n for n in cm.gm.graph.nodes if n.meta.get(MODULE) == "model.layers.0.self_attn.v_proj")
+    v = get_tensor(cm.gm, lin.args[1].target)
+    h = apply_hadamard(torch.eye(16), torch.ones(1, 1))
+    assert torch.allclose(v[:16], h @ sd["model.layers.0.self_attn.v_proj.weight"][:16], atol=1e-6)  # head 0's rows
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "gemma3", "qwen3"])
+def test_value_rotation_fold_across_families(family):
+    """q/k/v biases (Qwen2), a fused qkv_proj whose value slice is folded (Phi-3), QK-norm and sliding
+    windows (Gemma-3): folded and exact; a head dim that is not a power of two (Qwen3's 24) is not
+    rotated, and says so."""
+    model = _family(family)
+    cm = finegrain.compile(model, (IDS,), recipe=_kv("int8-token-sym-fp32-dyn", "int8-token-sym-fp32-dyn", True),
+                           progress=False, kv_cache=True)
+    folds = [f for f in cm.folds if f["pass"] == "fold_kv_rotation"]
+    if family == "qwen3":
+        assert not folds and any("not a power of two" in f["detail"] for f in cm.folds)
+        return
+    assert [f["action"] for f in folds] == ["folded"] * 2, folds
+    raw = finegrain.compile(model, (IDS,), recipe=_kv("int8-token-sym-fp32-dyn", "int8-token-sym-fp32-dyn"),
+                            progress=False, kv_cache=True)
+    plain = finegrain.compile(model, (IDS,), recipe=_kv(rotate=True), progress=False, kv_cache=True)
+    with torch.no_grad():
+        ref = model(X).logits
+    assert _rel(ref, plain(X)) <= 1e-5  # the rotations alone change nothing
+    assert _rel(ref, cm(X)) <= 0.05 and _rel(ref, raw(X)) <= 0.05  # 8-bit caches, rotated or not
+    inc, _ = _incremental(cm, X, prefill=5)
+    assert _rel(cm(X), inc) <= 1e-4
+
+
+def test_value_rotation_stays_online_where_the_fold_cannot_apply(llama):
+    """An op between the attention output and o_proj (here a scale the fold does not move) keeps the
+    values' rotation online, logged as skipped with the node that stopped it."""
+    from finegrain.compiler.capture import kv_inputs
+    from finegrain.compiler.context import PassContext
+    from finegrain.compiler.ir import KV
+    from finegrain.compiler.recipe import Recipe
+    from finegrain.passes.fold_kv_rotation import _output_linear, fold_kv_rotation
+    from finegrain.passes.quantize_kv import attentions_reading, quantize_kv
+
+    cm = finegrain.compile(llama, (IDS,), recipe={"name": "f", "rules": []}, progress=False, kv_cache=True)
+    g = cm.gm.graph
+    pres = next(n for n in g.nodes if KV in n.meta and n.meta[KV]["kind"] == "value")
+    att = attentions_reading(pres)[0]
+    assert _output_linear(att, 16).target is torch.ops.aten.linear.default
+    with g.inserting_after(att):
+        scaled = g.call_function(torch.ops.aten.mul.Tensor, (att, 2.0))
+    scaled.meta["val"] = att.meta["val"]
+    att.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+    assert "rearranges the head dim" in _output_linear(att, 16)
+    g.lint()
+    cm.gm.recompile()
+    with torch.no_grad():
+        ref = cm.gm(*kv_inputs(cm.kv, X))[0]
+    ctx = PassContext(recipe=Recipe.from_dict(_kv("int8-token-sym-fp32-dyn", "int8-token-sym-fp32-dyn", True)))
+    quantize_kv(fold_kv_rotation(cm.gm, ctx), ctx)
+    skipped = [f for f in ctx.report["folds"] if f["pass"] == "fold_kv_rotation"]
+    assert [f["action"] for f in skipped] == ["skipped", "folded"] and "mul" in skipped[0]["detail"]
+    assert sum(n.target is HADAMARD for n in g.nodes) == 4 + 2  # layer 0: k, v, q, output; layer 1: k, q
+    with torch.no_grad():
+        assert _rel(ref, cm.gm(*kv_inputs(cm.kv, X))[0]) <= 0.05  # the 8-bit cache, still the same function
 
 
 def test_quantized_cache_path_equals_the_full_forward_and_bits_order_the_error(llama, tmp_path):
