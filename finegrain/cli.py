@@ -204,6 +204,10 @@ def cmd_quantize(args) -> None:
 
     check_output_dir(args.out, args.overwrite)  # fail before the slow part
     recipe = _with_budget(args)
+    if args.kv_quant:
+        from finegrain.compiler.recipe import with_kv
+
+        recipe, args.kv_cache = with_kv(recipe, args.kv_quant), True
     calib_text, _ = _texts(args)
     inputs = _parse_inputs(args.input)
     if args.stream:
@@ -922,6 +926,12 @@ def cmd_presets(args) -> None:
                          _folds_of(r)])
     _table("presets (other roles stay floating point; bits/w nominal, one row of 4096)",
            ["recipe", "role", "pattern", "weight", "activation", "bits/w", "weights by", "folds"], rows)
+    from finegrain.compiler.recipe import KV_PRESETS
+
+    _table("KV cache presets (quantize --kv-quant NAME, on top of --recipe)", ["preset", "keys", "values", "settings"],
+           [[name, f["kv_key"], f["kv_value"],
+             ", ".join(f"{k.removeprefix('kv_')}={v}" for k, v in f.items() if k not in ("kv_key", "kv_value")) or "-"]
+            for name, f in KV_PRESETS.items()])
 
 
 def _int_in(lo: int, hi: int | None = None):
@@ -942,6 +952,7 @@ POS, NONNEG = _int_in(1, 1 << 20), _int_in(0, 1 << 20)
 
 def build_parser() -> argparse.ArgumentParser:
     from finegrain.backends import registry
+    from finegrain.compiler.recipe import KV_PRESETS
     from finegrain.models import BUNDLED_NAMES, DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="finegrain", description="A compiler for fine-grained low-bit quantization.")
@@ -1010,8 +1021,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "<input> [samples, ...] per input, or <input>.0, <input>.1, ... one per batch")
     q.add_argument("--kv-cache", action="store_true",
                    help="capture the decoder with its KV cache as graph inputs / outputs, so `generate` decodes one "
-                        "token per step over the cache (torch and onnx backends, onnxruntime-genai export; TVM "
-                        "refuses such artifacts yet)")
+                        "token per step over the cache (every backend: torch, onnx, tvm with a static cache, gpu; the "
+                        "onnxruntime-genai export)")
+    q.add_argument("--kv-quant", choices=tuple(KV_PRESETS), metavar="{" + ",".join(KV_PRESETS) + "}",
+                   help="quantize the KV cache with this preset on top of --recipe (implies --kv-cache): kv8 (8 bits "
+                        "per token; packed on TVM), kivi4 / kivi2 (KIVI keys per channel before RoPE, values per "
+                        "token, Hadamard-rotated, newest 128 tokens and one sink in float; the reference backend "
+                        "runs them packed, TVM and ONNX Runtime refuse them)")
     q.add_argument("--stream", action="store_true",
                    help="models larger than RAM: build the model with empty weights and compile it block by block "
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "

@@ -44,6 +44,34 @@ def test_presets_listed(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "w4a16-g128" in out and "w8a8-static" in out
+    assert "kivi4" in out and "key_axis=tokens" in out
+
+
+def test_quantize_with_a_kv_cache_preset(hf_dir, tmp_path, capsys):
+    """--kv-quant adds a KV preset's fields to the recipe (and the cache to the graph); a preset whose
+    groups do not fit the model's head dim is refused by name, with nothing left behind."""
+    out = tmp_path / "kv8"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--kv-quant", "kv8", "--out", str(out),
+                 "--calibration-samples", "2", "--calibration-seq-len", "32"]) == 0
+    kv = json.loads((out / "manifest.json").read_text())["kv"]
+    assert kv["quantization"]["key"] == kv["quantization"]["value"] == "int8-token-asym-fp16-dyn"
+    assert main(["generate", str(out), "--prompt", "Paris is", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "kivi4"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w4a16-g64", "--kv-quant", "kivi4", "--out", str(bad),
+                 "--calibration-samples", "2", "--calibration-seq-len", "32"]) == 2
+    assert "groups of 32 do not divide the head dim 16" in capsys.readouterr().err and not bad.exists()
+
+
+def test_with_kv_refuses_a_recipe_that_sets_kv_fields():
+    from finegrain.compiler.recipe import with_kv
+    from finegrain.errors import RecipeError
+
+    assert with_kv("w4a16-g128", "kivi2").kv_key == "int2-g16-asym-fp16-dyn"
+    with pytest.raises(RecipeError, match="already sets kv_window"):
+        with_kv({"name": "r", "rules": [], "kv_window": 64}, "kivi4")
+    with pytest.raises(RecipeError, match="unknown KV cache preset 'kv3'"):
+        with_kv("w4a16-g128", "kv3")
 
 
 def test_inspect_reports_folds(hf_dir, tmp_path, capsys):

@@ -605,6 +605,40 @@ PRESETS.update({
 })
 
 
+# KV cache presets (issue #17): the KV fields a weight recipe takes on (``with_kv``, ``finegrain quantize
+# --kv-quant NAME``; compile with kv_cache=True). SmolLM2, WikiText-2, 4 windows of 2048 through the cache, float
+# weights (README, "Quantized KV cache"): kv8 +0.09% (per token g64, same as one scale per token at head dim 64),
+# kivi4 +0.77%, kivi2 +18.9%.
+_KIVI = {"kv_key_axis": "tokens", "kv_window": 128, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
+KV_PRESETS: dict[str, dict] = {
+    # 8 bits, one (scale, zero) per token and head: no window, packed on TVM static builds
+    "kv8": {"kv_key": "int8-token-asym-fp16-dyn", "kv_value": "int8-token-asym-fp16-dyn"},
+    # KIVI-4 in the Hadamard-rotated space: keys per channel over 32 tokens, quantized before RoPE; values per
+    # token in groups of 32; the newest 128 tokens and one sink in float
+    "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},
+    # the same at 2 bits in groups of 16
+    "kivi2": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", **_KIVI},
+}
+_KV_FIELDS = ("kv_key", "kv_value", "kv_rotate", "kv_key_axis", "kv_value_axis", "kv_window", "kv_sinks",
+              "kv_pre_rope", "kv_head_group", "kv_reorder", "kv_layers", "kv_zip_key", "kv_zip_value")
+
+
+def with_kv(recipe: "str | Path | Recipe | dict", kv: str) -> Recipe:
+    """``recipe`` with the KV cache preset ``kv`` (``KV_PRESETS``) added; a recipe that already
+    quantizes or rotates the cache is refused (one source for the KV fields)."""
+    import dataclasses
+
+    r = get_recipe(recipe)
+    if kv not in KV_PRESETS:
+        raise RecipeError(f"unknown KV cache preset {kv!r}: one of {', '.join(KV_PRESETS)}")
+    default = Recipe(name="-")
+    set_ = [f for f in _KV_FIELDS if getattr(r, f) != getattr(default, f)]
+    if set_:
+        raise RecipeError(f"recipe {r.name!r} already sets {', '.join(set_)}: give the KV cache fields in the recipe "
+                          f"or the preset {kv!r}, not both")
+    return dataclasses.replace(r, name=f"{r.name}+{kv}", **KV_PRESETS[kv])
+
+
 def get_recipe(spec: "str | Path | Recipe | dict") -> Recipe:
     """A preset name, a recipe file (.json/.yaml), a dict, or a Recipe."""
     if isinstance(spec, Recipe):
