@@ -7,11 +7,12 @@ windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knaps
 picks one pair per layer at each average-bits budget; perplexity through the cache on the first
 ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
 
-``--rotate``: every candidate in the Hadamard-rotated space (``kv_rotate``: pre-RoPE keys and values
-rotated per head, the queries and the attention output to match), searched and measured so.
+Every candidate is in the Hadamard-rotated space (``kv_rotate``: pre-RoPE keys and values rotated per
+head, the queries and the attention output to match) as ``pareto --kv`` searches; ``--unrotated``
+without it.
 
     python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
-                                  [--rotate] [--out results/kv_tuner]
+                                  [--unrotated] [--out results/kv_tuner]
 """
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
-    ap.add_argument("--rotate", action="store_true", help="candidates with kv_rotate (Hadamard-rotated K / V)")
+    ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
-    fields = {**FIELDS, "kv_rotate": True} if args.rotate else FIELDS
-    tag = ", rotated" if args.rotate else ""
+    fields = {k: v for k, v in FIELDS.items() if k != "kv_rotate"} if args.unrotated else FIELDS
+    tag = ", rotated" if fields.get("kv_rotate") else ""
 
     import finegrain
     from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity
@@ -102,7 +103,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_tuner.json").write_text(json.dumps({
-        "machine": machine.describe(), "windows": args.windows, "objective": args.objective, "rotate": args.rotate, "calibration": f"{args.calib} x 512 Brown",
+        "machine": machine.describe(), "windows": args.windows, "objective": args.objective,
+        "rotate": bool(fields.get("kv_rotate")), "calibration": f"{args.calib} x 512 Brown",
         "search_s": round(search_s, 1), "pairs": PAIRS, "errors": sens.errors, "rows": rows, "tuned": tuned}, indent=1))
 
 

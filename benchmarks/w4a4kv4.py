@@ -29,7 +29,9 @@ from kv_quant import both_ppl, cache_bytes_per_token  # noqa: E402
 
 ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4"),
         # FMPQ: a quarter of each activation site's groups of 64 at 8 bits (opt-in recipe field)
-        ("w4a4kv4-fmpq25", {"base": "w4a4kv4", "name": "w4a4kv4-fmpq25", "act_outlier_fraction": 0.25})]
+        ("w4a4kv4-fmpq25", {"base": "w4a4kv4", "name": "w4a4kv4-fmpq25", "act_outlier_fraction": 0.25}),
+        # the KIVI-4 cache in the Hadamard-rotated space (kv_rotate; the kivi4 KV preset's setting)
+        ("w4a4kv4-rot", {"base": "w4a4kv4", "name": "w4a4kv4-rot", "kv_rotate": True})]
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def test_cpu_device_only_under_the_interpreter(compiled, monkeypatch):
         assert "no CUDA device" in gpu.available()
     with pytest.raises((InputError, Exception), match="TRITON_INTERPRET|no CUDA device"):
         gpu.session(compiled("w4a16-g128"), device="cpu")
-    with pytest.raises(InputError, match="takes the options 'device' and 'dtype' only"):
+    with pytest.raises(InputError, match="takes the options 'device', 'dtype' and 'cache_tokens' only"):
         gpu.session(compiled("w4a16-g128"), target="x")
 
 
@@ -252,3 +252,41 @@ def test_fused_norm_quantizer_across_families(family, fused):
         targets = [n.target for n in s.gm.graph.nodes]
     assert targets.count(rms_norm_quant_op) == fused and targets.count(a8_quant_op) == 8 - fused
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_static_kv_cache_appends_in_place_and_falls_back_to_concatenation(tiny_llama, tiny_inputs):
+    """Decode steps write the new keys / values into the session's preallocated buffers (the presents
+    are views of them: the past is not copied) and give the reference's logits; a second step from an
+    older state, a caller's own past, or more tokens than the buffers hold concatenate as traced,
+    with the same logits, and never write over a state still in use."""
+    from finegrain.backends.gpu.lower import kv_write_op
+
+    example, calib, test = tiny_inputs
+    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+    ref = cm.session("torch")
+    with cm.session("gpu", cache_tokens=14) as s:
+        assert sum(n.target is kv_write_op for n in s.gm.graph.nodes) == 2 * cm.kv["layers"]
+        _, sa = ref.prefill(test[:, :10])
+        _, sb = s.prefill(test[:, :10])
+        ptrs = [p.untyped_storage().data_ptr() for p in sb["past"]]
+        branch = sb
+        for i in range(10, 16):  # rows 14.. do not fit: concatenated
+            la, sa = ref.step(sa, test[:, i:i + 1])
+            lb, sb = s.step(sb, test[:, i:i + 1])
+            assert (la - lb.cpu()).abs().max() < 1e-4
+            same = [p.untyped_storage().data_ptr() for p in sb["past"]] == ptrs
+            assert same == (i < 14), i
+        # a step from the prefill's state again (its buffer was filled past it since): concatenated, right logits
+        la, _ = ref.step(ref.prefill(test[:, :10])[1], test[:, 12:13])
+        lb, sc = s.step(branch, test[:, 12:13])
+        assert (la - lb.cpu()).abs().max() < 1e-4
+        assert sc["past"][0].untyped_storage().data_ptr() != ptrs[0]
+    with cm.session("gpu", cache_tokens=0) as s:
+        assert ref.generate(test[:, :8], 6).tokens == s.generate(test[:, :8], 6).tokens
+    with cm.session("gpu", dtype="bfloat16") as s:  # the buffers in the compute dtype
+        _, st = s.prefill(test[:, :10])
+        ptr = st["past"][0].untyped_storage().data_ptr()
+        _, st = s.step(st, test[:, 10:11])
+        assert st["past"][0].dtype == torch.bfloat16 and st["past"][0].untyped_storage().data_ptr() == ptr
+    with pytest.raises(InputError, match="cache_tokens must be a non-negative integer"):
+        cm.session("gpu", cache_tokens=-1)

@@ -1,16 +1,20 @@
 """The GPU backend's entry in the registry: the quantized graph on CUDA with its linears on the
 Triton kernels of ``kernels.py`` (``lower.py`` says which node becomes what).
 
-``session(compiled, device=None, dtype=None)``: ``device`` defaults to ``cuda``; ``cpu`` is
+``session(compiled, device=None, dtype=None, cache_tokens=None)``: ``device`` defaults to ``cuda``; ``cpu`` is
 accepted only under ``TRITON_INTERPRET=1`` (the kernels interpreted on CPU tensors: how the tests
 run them without a GPU). ``dtype``: the compute dtype, ``float32`` (as traced; the default),
 ``bfloat16`` or ``float16`` (activations, float weights and the KV cache in that dtype, the kernels'
 ``tl.dot`` on it; ``lower.to_compute_dtype``). Inputs are moved to the device; ``run`` returns the
 logits on the CPU in fp32, ``run_all`` / ``prefill`` / ``step`` keep the outputs (the KV cache) on
-the device in the compute dtype.
+the device in the compute dtype. ``cache_tokens``: the rows of each static KV buffer (default
+``min(max_seq_len, 4096)``; 0: none): a KV-cache graph's presents are appended in place into buffers
+the session allocates at prefill (``lower.kv_write_op``), so a decode step does not copy the past;
+past that many tokens, or stepping again from an older state, the step concatenates as traced.
 Its own artifacts (``deploy.py``, ``finegrain build --backend gpu``): the finegrain artifact plus every
 kernel weight already in the kernel layout, loaded as a :class:`deploy.GpuDeployment`.
-Not yet: CUDA graphs for the decode step.
+Not yet: CUDA graphs for the decode step (they need fixed shapes: an attention over the whole
+buffer with the fill as a device tensor, where the presents here are views that grow per step).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import torch
 from finegrain.backends.base import BackendBase, Session
 from finegrain.errors import InputError
 from finegrain.io.signature import check_inputs
+
+DEFAULT_CACHE_TOKENS = 4096  # rows of a static KV buffer when the session is not told (at most max_seq_len)
 
 
 def _interpret() -> bool:
@@ -37,25 +43,41 @@ class GpuSession(Session):
     backend = "gpu"
 
     def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32,
-                 prepacked: dict | None = None):
+                 prepacked: dict | None = None, cache_tokens: int | None = None):
         from finegrain.backends.gpu.lower import prepare
 
         self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
+        if cache_tokens is not None and (not isinstance(cache_tokens, int) or cache_tokens < 0):
+            raise InputError(f"cache_tokens must be a non-negative integer, got {cache_tokens!r}")
+        # rows of each static KV buffer (0: none, every step concatenates); past them a step concatenates
+        self.cache_tokens = min(self.max_seq_len or DEFAULT_CACHE_TOKENS, DEFAULT_CACHE_TOKENS) \
+            if cache_tokens is None else cache_tokens
         self.device, self.dtype = torch.device(device or "cuda"), dtype
         self.gm, self.kernels = prepare(compiled.gm, self.device, dtype,
                                         [sp["dtype"].startswith("float") for sp in self.input_specs], prepacked)
 
+    def _empty_past(self, batch: int) -> list:
+        return [torch.zeros(batch, self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=self.dtype,
+                            device=self.device)] * (2 * self.kv["layers"])
+
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.kv and len(inputs) == 1:
-            return self.kv_forward(inputs[0], None, 0)[0].float().cpu()
+        if self.kv and len(inputs) == 1:  # one forward: no buffers to keep
+            return super().kv_forward(inputs[0], self._empty_past(inputs[0].shape[0]), 0)[0].float().cpu()
         out = self.run_all(*inputs)
         return (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
 
     def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
-        if past is None:  # an empty cache in the compute dtype, on the device
-            past = [torch.zeros(ids.shape[0], self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=self.dtype,
-                                device=self.device)] * (2 * self.kv["layers"])
+        from finegrain.backends.gpu.lower import static_buffers
+
+        if past is None:  # an empty cache in the compute dtype, on the device: static buffers where the graph appends
+            b, h, d, n = ids.shape[0], self.kv["kv_heads"], self.kv["head_dim"], 2 * self.kv["layers"]
+            past = self._empty_past(b)
+            writes = [i - 1 for i in getattr(self.gm, "kv_writes", []) if 1 <= i <= n]
+            if writes and self.cache_tokens:
+                for i, v in zip(writes, static_buffers(b, h, self.cache_tokens, d, len(writes), self.dtype,
+                                                       self.device)):
+                    past[i] = v
         return super().kv_forward(ids, past, start)
 
     def run_all(self, *inputs: torch.Tensor):
@@ -110,16 +132,17 @@ class GpuBackend(BackendBase):
         return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
 
     def session(self, compiled, device: str | None = None, dtype: "str | torch.dtype | None" = None,
-                **options) -> GpuSession:
+                cache_tokens: int | None = None, **options) -> GpuSession:
         if options:
-            raise InputError(f"backend 'gpu' takes the options 'device' and 'dtype' only, got {sorted(options)}")
+            raise InputError(f"backend 'gpu' takes the options 'device', 'dtype' and 'cache_tokens' only, got "
+                             f"{sorted(options)}")
         if device is not None and torch.device(device).type == "cpu" and not _interpret():
             raise InputError("backend 'gpu' runs on device 'cpu' only under TRITON_INTERPRET=1 (kernel testing)")
         dt = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype or torch.float32
         if dt not in (torch.float32, torch.bfloat16, torch.float16):
             raise InputError(f"backend 'gpu': dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.require(compiled)
-        return GpuSession(compiled, device or default_device(), dt)
+        return GpuSession(compiled, device or default_device(), dt, cache_tokens=cache_tokens)
 
     def export(self, compiled, out, dtype: str = "float32", overwrite: bool = False) -> dict:
         from finegrain.backends.gpu.deploy import build_deployment

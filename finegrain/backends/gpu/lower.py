@@ -319,9 +319,97 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
             n.kwargs = {**n.kwargs, "device": torch.device(device)}
     if dtype != torch.float32:
         to_compute_dtype(graph, root, dtype, packed_keys, float_inputs)
+    writes = _static_kv_writes(graph)
     out = GraphModule(root, graph)
     out.graph.lint()
+    out.kv_writes = writes
     return out.to(device), kernels_used
+
+
+# ---- the static KV cache: presents appended in place ------------------------------------------------------------
+#
+# A KV-cache graph returns each present as ``cat(past, new)`` on the token axis: run as traced, every
+# step allocates a new [B, Hkv, past + S, d] per layer for K and V and copies the whole past into it.
+# :func:`_static_kv_writes` turns each such concatenation of a past input into :func:`kv_write_op`: when
+# the past is the filled prefix of a cache buffer the session allocated (:func:`static_buffers`:
+# [B, Hkv, L, d], registered with its fill), the new tokens are written into the buffer after it and the
+# present is a view of the buffer (nothing allocated, the past not copied); otherwise (a past the caller
+# made, a second step from an older state, a full buffer) it is the concatenation, as traced. Attention
+# reads the view as it read the concatenation (strided along the token axis), so the logits are the same.
+
+_FILL: dict[int, int] = {}  # data pointer of a session-owned cache buffer -> the tokens written into it
+
+
+def static_buffers(batch: int, heads: int, tokens: int, head_dim: int, count: int, dtype: torch.dtype,
+                   device) -> list[torch.Tensor]:
+    """``count`` empty pasts ``[batch, heads, 0, head_dim]``, each the prefix of a registered buffer of
+    ``tokens`` rows that :func:`kv_write_op` appends into (unregistered when the buffer is freed)."""
+    import weakref
+
+    views = []
+    for _ in range(count):
+        buf = torch.empty(batch, heads, tokens, head_dim, dtype=dtype, device=device)
+        ptr = buf.untyped_storage().data_ptr()
+        _FILL[ptr] = 0
+        weakref.finalize(buf, _FILL.pop, ptr, None)  # views keep ``buf`` (their base) alive
+        views.append(buf[:, :, :0])
+    return views
+
+
+def kv_write_op(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``cat(past, new)`` on dim 2, written into ``past``'s buffer when ``past`` is exactly the filled
+    prefix of a registered one with room for ``new`` (a view is returned), else concatenated."""
+    b, h, p, d = past.shape
+    s = new.shape[2]
+    ptr = past.untyped_storage().data_ptr()
+    rows = past.stride(1) // d if d else 0
+    owned = (_FILL.get(ptr) == p and past.storage_offset() == 0 and past.stride() == (h * rows * d, rows * d, d, 1)
+             and p + s <= rows and new.dtype == past.dtype and new.device == past.device)
+    if not owned:
+        return torch.cat([past, new], 2)
+    out = past.as_strided((b, h, p + s, d), past.stride())
+    out[:, :, p:].copy_(new)
+    _FILL[ptr] = p + s
+    return out
+
+
+def _empty_tokens(a) -> bool:
+    """``a`` is empty whatever the inputs (a traced 0 on the token axis, or the 1-D empty tensor
+    ``torch.cat`` skips)."""
+    val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    dims = [val.shape[0]] if val.dim() == 1 else [val.shape[2]] if val.dim() == 4 else []
+    return any(isinstance(d, int) and d == 0 for d in dims)
+
+
+def _static_kv_writes(graph: Graph) -> list[int]:
+    """Rewrite each graph output that is ``cat([past input, new], 2)`` into :func:`kv_write_op`;
+    returns their positions among the outputs."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    writes = []
+    for i, n in enumerate(results):
+        if not (isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target is torch.ops.aten.cat.default
+                and len(n.args[0]) == 2 and (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) in (2, -2)):
+            continue
+        past, new = n.args[0]
+        while isinstance(past, torch.fx.Node) and past.target is torch.ops.aten.cat.default:
+            # transformers' cache first concatenates the past onto an empty tensor: that is the past (a copy of it)
+            parts = [a for a in past.args[0] if not _empty_tokens(a)]
+            if len(parts) != 1:
+                break
+            past = parts[0]
+        if not (isinstance(past, torch.fx.Node) and past.op == "placeholder"):
+            continue
+        with graph.inserting_before(n):
+            w = graph.call_function(kv_write_op, (past, new))
+        w.meta.update(n.meta)
+        n.replace_all_uses_with(w)
+        graph.erase_node(n)
+        writes.append(i)
+    graph.eliminate_dead_code()
+    return writes
 
 
 def _to_host_fallbacks(graph: Graph) -> None:
