@@ -257,6 +257,9 @@ def test_pareto_kv_lists_kv_bits_per_layer(hf_dir, tmp_path, capsys):
     for p in res["points"]:
         m = json.loads((tmp_path / "kv" / f"kv{p['budget_bits']:g}bits" / "manifest.json").read_text())
         assert [[e[0], int(e[1][3]), int(e[2][3])] for e in m["recipe"]["kv_layers"]] == p["kv_bits"]
+        assert m["recipe"]["kv_rotate"] and m["kv"]["quantization"]["rotate"]  # searched and built rotated
+        folds = [f["action"] for f in m["folds"] if f["pass"] == "fold_kv_rotation"]
+        assert folds == ["folded"] * len(p["kv_bits"])  # the values' rotation in v_proj / o_proj
         assert sum(k + v for _, k, v in p["kv_bits"]) == pytest.approx(p["average_bits"] * 2 * len(p["kv_bits"]))
     md = (pa / "pareto.md").read_text()
     assert "K / V bits per layer" in md and " ".join(f"K{k}V{v}" for _, k, v in low["kv_bits"]) in md
@@ -286,6 +289,9 @@ def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
         m = json.loads((pa / f"joint{p['budget_bytes'] / 1e6:g}MB" / "manifest.json").read_text())
         assert m["allocation"]["joint"]["total_bytes"] == p["total_bytes"] <= p["budget_bytes"]
         assert [[e[0], int(e[1][3]), int(e[2][3])] for e in m["recipe"]["kv_layers"]] == p["kv_bits"]
+        assert m["recipe"]["kv_rotate"] and m["kv"]["quantization"]["rotate"]  # searched and built rotated
+        folds = [f["action"] for f in m["folds"] if f["pass"] == "fold_kv_rotation"]
+        assert folds == ["folded"] * len(p["kv_bits"])  # the values' rotation in v_proj / o_proj
     assert cheapest <= mid["total_bytes"] < top["total_bytes"]
     assert mid["predicted_weights"] + mid["predicted_kv"] >= top["predicted_weights"] + top["predicted_kv"]
     assert "K / V bits per layer" in (pa / "pareto.md").read_text()
