@@ -204,8 +204,12 @@ def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, v
     assert np.abs(out.numpy() - want.numpy()).max() <= 1e-5
 
 
+from finegrain.compiler.recipe import KV_PRESETS  # noqa: E402  (the kv8 preset is packed on TVM)
+
+
 @pytest.mark.parametrize("key,value,extra", [("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", {}),
-                                             ("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn", {"kv_rotate": True})])
+                                             ("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn", {"kv_rotate": True}),
+                                             (KV_PRESETS["kv8"]["kv_key"], KV_PRESETS["kv8"]["kv_value"], {})])
 def test_packed_cache_build_decodes_the_reference_logits(key, value, extra, tmp_path):
     """The static build keeps the quantized cache as codes / scales / zero points (smaller than the
     fp32 cache by the format's ratio), decode's attention reads them in place, and decoding over it
