@@ -292,6 +292,8 @@ def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
         assert m["recipe"]["kv_rotate"] and m["kv"]["quantization"]["rotate"]  # searched and built rotated
         folds = [f["action"] for f in m["folds"] if f["pass"] == "fold_kv_rotation"]
         assert folds == ["folded"] * len(p["kv_bits"])  # the values' rotation in v_proj / o_proj
-    assert cheapest <= mid["total_bytes"] < top["total_bytes"]
+    # the probe states the cheapest total at the solver's byte resolution (rounded up), so the point bought with
+    # exactly that budget may cost a little less, never more
+    assert cheapest * 0.999 <= mid["total_bytes"] <= cheapest < top["total_bytes"]
     assert mid["predicted_weights"] + mid["predicted_kv"] >= top["predicted_weights"] + top["predicted_kv"]
     assert "K / V bits per layer" in (pa / "pareto.md").read_text()

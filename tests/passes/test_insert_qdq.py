@@ -90,12 +90,12 @@ def test_static_activation_scale_from_calibration(tiny_llama, tiny_inputs):
 
 
 def test_pipeline_is_a_literal_list_and_dumps(tiny_llama, tiny_inputs, tmp_path, monkeypatch):
-    assert [name for name, _ in PIPELINE] == ["canonicalize", "fold_norms", "fold_rotation", "calibrate", "fold_smoothing",
-                                              "recalibrate", "allocate_bits", "quantize_weights", "insert_qdq",
-                                              "quantize_kv"]
+    assert [name for name, _ in PIPELINE] == ["canonicalize", "fold_norms", "fold_kv_rotation", "fold_rotation",
+                                              "calibrate", "fold_smoothing", "recalibrate", "allocate_bits",
+                                              "quantize_weights", "insert_qdq", "quantize_kv"]
     monkeypatch.setenv("FINEGRAIN_DUMP", str(tmp_path))
     _, gm, ctx = _run(tiny_llama, tiny_inputs, "w4a16-g128")
-    assert sorted(p.name for p in tmp_path.iterdir())[-2:] == ["08_insert_qdq.txt", "09_quantize_kv.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir())[-2:] == ["09_insert_qdq.txt", "10_quantize_kv.txt"]
     assert set(ctx.report["pass_seconds"]) == {name for name, _ in PIPELINE}
 
 
