@@ -76,7 +76,7 @@ def test_integer_dot_kernel_equals_the_reference(tag, act):
         ag = a.group_size if a.granularity == "group" else 0
         assert kernels.a8_ok(p, f8=a.kind == "e4m3", act_group=ag)
         b = torch.randn(n, generator=gen)
-        for m in (1, 5, 40):
+        for m in ((1, 5, 40) if not ag else (1, 7)):  # activation groups: many more quantizer rows, fewer tokens
             x = torch.randn(m, k, generator=gen) * 3
             x[0, 3] = 40.0  # an outlier channel
             qx = a.quantize(x)
