@@ -125,6 +125,24 @@ def producer(node: Node) -> Node:
     return node
 
 
+def cache_past(x):
+    """``x`` (the first part of a KV present's concatenation) past transformers' cache concatenating
+    the past onto an empty tensor (``cat([empty, past])`` is the past); ``x`` itself otherwise."""
+    def empty(a) -> bool:  # a traced 0 on the token axis, or the 1-D empty tensor ``torch.cat`` skips
+        val = a.meta.get("val") if isinstance(a, Node) else None
+        if not isinstance(val, torch.Tensor):
+            return False
+        dims = [val.shape[0]] if val.dim() == 1 else [val.shape[2]] if val.dim() == 4 else []
+        return any(isinstance(d, int) and d == 0 for d in dims)
+
+    while isinstance(x, Node) and x.op == "call_function" and x.target is torch.ops.aten.cat.default:
+        parts = [a for a in x.args[0] if not empty(a)]
+        if len(parts) != 1:
+            break
+        x = parts[0]
+    return x
+
+
 def _feeds_output(node: Node) -> bool:
     """True when ``node`` reaches the graph output through pass-through ops only."""
     frontier = [node]

@@ -619,20 +619,17 @@ KV_PRESETS: dict[str, dict] = {
     # the same at 2 bits in groups of 16
     "kivi2": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", **_KIVI},
 }
-_KV_FIELDS = ("kv_key", "kv_value", "kv_rotate", "kv_key_axis", "kv_value_axis", "kv_window", "kv_sinks",
-              "kv_pre_rope", "kv_head_group", "kv_reorder", "kv_layers", "kv_zip_key", "kv_zip_value")
 
 
 def with_kv(recipe: "str | Path | Recipe | dict", kv: str) -> Recipe:
     """``recipe`` with the KV cache preset ``kv`` (``KV_PRESETS``) added; a recipe that already
     quantizes or rotates the cache is refused (one source for the KV fields)."""
-    import dataclasses
-
     r = get_recipe(recipe)
     if kv not in KV_PRESETS:
         raise RecipeError(f"unknown KV cache preset {kv!r}: one of {', '.join(KV_PRESETS)}")
     default = Recipe(name="-")
-    set_ = [f for f in _KV_FIELDS if getattr(r, f) != getattr(default, f)]
+    set_ = [f.name for f in dataclasses.fields(Recipe)
+            if f.name.startswith("kv_") and getattr(r, f.name) != getattr(default, f.name)]
     if set_:
         raise RecipeError(f"recipe {r.name!r} already sets {', '.join(set_)}: give the KV cache fields in the recipe "
                           f"or the preset {kv!r}, not both")

@@ -29,7 +29,7 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule
 
-from finegrain.compiler.ir import get_tensor
+from finegrain.compiler.ir import cache_past, get_tensor
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.ops import _fmt as _format  # the tag -> QuantFormat cache the reference ops use
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
@@ -373,16 +373,6 @@ def kv_write_op(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _empty_tokens(a) -> bool:
-    """``a`` is empty whatever the inputs (a traced 0 on the token axis, or the 1-D empty tensor
-    ``torch.cat`` skips)."""
-    val = a.meta.get("val") if isinstance(a, torch.fx.Node) else None
-    if not isinstance(val, torch.Tensor):
-        return False
-    dims = [val.shape[0]] if val.dim() == 1 else [val.shape[2]] if val.dim() == 4 else []
-    return any(isinstance(d, int) and d == 0 for d in dims)
-
-
 def _static_kv_writes(graph: Graph) -> list[int]:
     """Rewrite each graph output that is ``cat([past input, new], 2)`` into :func:`kv_write_op`;
     returns their positions among the outputs."""
@@ -394,12 +384,7 @@ def _static_kv_writes(graph: Graph) -> list[int]:
                 and len(n.args[0]) == 2 and (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) in (2, -2)):
             continue
         past, new = n.args[0]
-        while isinstance(past, torch.fx.Node) and past.target is torch.ops.aten.cat.default:
-            # transformers' cache first concatenates the past onto an empty tensor: that is the past (a copy of it)
-            parts = [a for a in past.args[0] if not _empty_tokens(a)]
-            if len(parts) != 1:
-                break
-            past = parts[0]
+        past = cache_past(past)  # not transformers' copy of it onto an empty tensor: the input itself
         if not (isinstance(past, torch.fx.Node) and past.op == "placeholder"):
             continue
         with graph.inserting_before(n):

@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 from finegrain.compiler.ir import KV as KV_META  # the present keys / values' node meta
+from finegrain.compiler.ir import cache_past
 _TRANSPOSES = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
@@ -236,13 +237,7 @@ def _written(present):
     if present.target is not torch.ops.aten.cat.default or len(present.args[0]) != 2:
         return None
     past, deq = present.args[0]
-    while isinstance(past, torch.fx.Node) and past.target is torch.ops.aten.cat.default:
-        # transformers' cache concatenates the past onto an empty tensor: the past itself
-        parts = [a for a in past.args[0] if not (isinstance(a, torch.fx.Node) and a.meta.get("val") is not None
-                                                 and a.meta["val"].numel() == 0)]
-        if len(parts) != 1:
-            break
-        past = parts[0]
+    past = cache_past(past)
     if getattr(deq, "target", None) is not DEQUANTIZE:
         return None
     gets = deq.args[:3]
