@@ -6,10 +6,11 @@ measured two ways on the same WikiText-2 windows:
 * cache path: the window in chunks (prefill the first chunk, then each next chunk over the cache
   the previous ones wrote), so later tokens attend to the quantized past.
 
-    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs KIVI,Hadamard] [--chunk 256] [--out results/kv_quant]
+    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs KIVI,Hadamard] [--chunk 256] [--tvm] [--out results/kv_quant]
 
 Prints ppl, the change against the float cache, and the bytes one token's cache takes (averaged
-over a 2048-token cache where a float window / sinks keep some tokens in float). Configs: plain
+over a 2048-token cache where a float window / sinks keep some tokens in float); ``--tvm`` also runs
+each config's cache path on a TVM static build of it (or says why TVM refuses it). Configs: plain
 per-token (one scale and zero per token and head), with the Hadamard rotation (``kv_rotate``) and
 an attention sink (``kv_sinks=1``), and RotateKV's order (keys quantized before RoPE,
 ``kv_pre_rope``, then rotated); KIVI (keys per channel over groups of 32 tokens, values per token
@@ -84,14 +85,17 @@ CONFIGS = {  # name -> recipe fields
 }
 
 
-def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]:
+def both_ppl(cm, windows: list[torch.Tensor], chunk: int, other=None) -> tuple[float, ...]:
     """(simulated, through the cache) perplexity of ``cm`` (a KV-cache graph) on ``windows``: one
-    full-sequence forward each, and the window in chunks (prefill, then each chunk over the cache)."""
+    full-sequence forward each, and the window in chunks (prefill, then each chunk over the cache);
+    with ``other`` (another backend's session), a third: through that session's cache, and the
+    largest difference of its logits from the reference's cache path relative to their max."""
     from finegrain.eval.perplexity import cache_path_logits
 
     through_cache = cache_path_logits(cm.session(), chunk)
-    nll_sim = nll_cache = 0.0
-    n = 0
+    through_other = cache_path_logits(other, chunk) if other is not None else None
+    nll_sim = nll_cache = nll_other = 0.0
+    n, diff = 0, 0.0
     with torch.inference_mode():
         for w in windows:
             tgt = w[0, 1:]
@@ -99,8 +103,14 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int) -> tuple[float, float]
             nll_sim += float(torch.nn.functional.cross_entropy(logits[0, :-1], tgt, reduction="sum"))
             lg = through_cache(w)
             nll_cache += float(torch.nn.functional.cross_entropy(lg[0, :-1], tgt, reduction="sum"))
+            if through_other is not None:
+                lo = through_other(w)
+                nll_other += float(torch.nn.functional.cross_entropy(lo[0, :-1], tgt, reduction="sum"))
+                diff = max(diff, float((lo - lg).abs().max() / lg.abs().max()))
             n += tgt.numel()
-    return math.exp(nll_sim / n), math.exp(nll_cache / n)
+    if through_other is None:
+        return math.exp(nll_sim / n), math.exp(nll_cache / n)
+    return math.exp(nll_sim / n), math.exp(nll_cache / n), math.exp(nll_other / n), diff
 
 
 def cache_bytes_per_token(cm) -> float:
@@ -117,6 +127,8 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="comma-separated substrings of config names to run (default: all)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--out", default="results/kv_quant")
+    ap.add_argument("--tvm", action="store_true", help="also run each config's cache path on a TVM static build "
+                    "(this CPU): its ppl and its logits' largest difference from the reference's cache path")
     args = ap.parse_args()
 
     import finegrain
@@ -142,14 +154,29 @@ def main() -> None:
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         build = time.perf_counter() - t
-        ppl_sim, ppl_cache = both_ppl(cm, windows, args.chunk)
+        tvm_s, why = None, None
+        if args.tvm:
+            from finegrain.backends import registry
+
+            refusals = registry.get("tvm").check(cm)
+            why = "; ".join(map(str, refusals[:1])) if refusals else None
+            t = time.perf_counter()
+            tvm_s = None if why else cm.session("tvm", max_seq_len=args.seq_len + 8)
+            build_tvm = time.perf_counter() - t
+        ppl = both_ppl(cm, windows, args.chunk, tvm_s)
+        ppl_sim, ppl_cache = ppl[:2]
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
              "bytes_per_token": cache_bytes_per_token(cm), "compile_s": round(build, 1)}
+        if args.tvm:
+            r.update({"ppl_tvm_cache_path": ppl[2], "tvm_logits_rel_diff": ppl[3],
+                      "tvm_build_s": round(build_tvm, 1)} if tvm_s is not None else {"tvm_refused": why})
         base = base or r
         r["delta_pct"] = 100 * (r["ppl_cache_path"] / base["ppl_cache_path"] - 1)
         rows.append(r)
         print(f"{name:36s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
-              f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token", flush=True)
+              f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token" + (
+                  f"  TVM cache path {r['ppl_tvm_cache_path']:.3f} (logits rel diff {r['tvm_logits_rel_diff']:.1e})"
+                  if "ppl_tvm_cache_path" in r else f"  TVM: {r['tvm_refused']}" if args.tvm else ""), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_quant.json").write_text(json.dumps({"machine": machine.describe(), "windows": args.windows,

@@ -1027,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the KV cache with this preset on top of --recipe (implies --kv-cache): kv8 (8 bits "
                         "per token; packed on TVM), kivi4 / kivi2 (KIVI keys per channel before RoPE, values per "
                         "token, Hadamard-rotated, newest 128 tokens and one sink in float; the reference backend "
-                        "runs them packed, TVM and ONNX Runtime refuse them)")
+                        "runs them packed, TVM over an fp32 cache holding their values, ONNX Runtime refuses them)")
     q.add_argument("--stream", action="store_true",
                    help="models larger than RAM: build the model with empty weights and compile it block by block "
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "

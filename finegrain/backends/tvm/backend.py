@@ -55,13 +55,25 @@ class TvmBackend(BackendBase):
         if op == "recurrent":
             return "emulated", "LSTM / GRU weights kept packed, dequantized in the graph; fp32 recurrence"
         if op == "kv_append":
-            return "refused", ("a KV cache quantized per channel over token groups / with a float window has no TVM "
-                               "lowering yet")
+            return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
+                                "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in the graph; "
+                                "ZipCache and grouped-head keys refused")
         if op == "act_outliers":
             return "refused", "activation groups in two precisions (FMPQ) have no TVM lowering yet"
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
+
+    def check(self, compiled) -> list[Refusal]:
+        from finegrain.compiler.ops import KV_APPEND
+        from finegrain.backends.tvm.lower_window import refusal
+
+        refusals = super().check(compiled)
+        for n in compiled.gm.graph.nodes:  # the kv_append variants the windowed write does not cover
+            why = refusal(n) if n.op == "call_function" and n.target is KV_APPEND else None
+            if why:
+                refusals.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
+        return refusals
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs

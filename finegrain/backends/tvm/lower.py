@@ -27,7 +27,9 @@ static) becomes one ``finegrain::fake_quant`` op. Feeding an ``a8_linear``, it i
 codes, their group sums and one fp32 scale per row (once per activation, shared by q / k / v);
 elsewhere as Relax reductions for the scales and one elementwise TE function (round half to even,
 clip). Both choose scales exactly as the reference. The online Hadamard becomes a matmul by the
-dense orthonormal matrix. MX / NV block activations, FP8 activations and MoE grouped GEMMs are
+dense orthonormal matrix. A KV write with a float window (``kv_append``: KIVI's per-channel keys,
+sinks, pre-RoPE / rotated keys) becomes ``kv_window_write``, one TE function that fake-quantizes the
+tokens the write releases (``lower_window.py``; an fp32 cache holding the format's values). MX / NV block activations, FP8 activations and MoE grouped GEMMs are
 refused.
 """
 from __future__ import annotations
@@ -334,6 +336,9 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
 
         buffers = pack_cache(graph) if pack_kv else None
         kv_fake_quant(graph)
+        from finegrain.backends.tvm import lower_window
+
+        lower_window.rewrite(gm, graph, param)
     _rewrite_activations(gm, graph, param)
     from finegrain.compiler.ops import WEIGHT
 
@@ -576,7 +581,7 @@ def _dense(node, importer, prefix: str, lanes: int, cache: dict):
 def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes: int, max_seq_len: int):
     from tvm.relax.frontend.torch import from_exported_program
 
-    from finegrain.backends.tvm import lower_attention, lower_cache
+    from finegrain.backends.tvm import lower_attention, lower_cache, lower_window
 
     ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False,
                              prefer_deferred_runtime_asserts_over_guards=True)
@@ -587,7 +592,8 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
-               "amax.default": _convert_amax, **lower_cache.relax_converters(prefix)}
+               "amax.default": _convert_amax, **lower_cache.relax_converters(prefix),
+               **lower_window.relax_converters(prefix)}
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)

@@ -13,7 +13,10 @@ cost a copy of the whole cache per step. A static build instead:
   graph's past inputs token-major, transposed inside the graph to the layout the model computes
   in);
 * the graph returns only the new keys / values (``[B, S, Hkv, d]``, token-major) instead of the
-  presents; the runtime writes them into the buffers at the cache position (``S`` rows per layer);
+  presents; the runtime writes them into the buffers at the cache position (``S`` rows per layer).
+  A windowed quantized write (``lower_window.py``: KIVI) returns the cache from the first token it
+  quantized on (the group it released, then the new tokens); the runtime writes every returned part
+  so that it ends at the new length;
 * where the fused attention kernel reads the cache (:func:`cache_parts` finds the concatenation
   of the past view and the new part), decode reads the cached keys / values in place and the new
   one beside them (``kernels/attention.cache_decode_attention_func``); prefill gathers them into
@@ -36,8 +39,10 @@ def to_static_cache(gm: GraphModule) -> GraphModule:
     """Rewrite, in place, a prepared KV-cache graph (``lower.prepare`` output) for the static
     cache: each ``past_*`` placeholder becomes token-major ``[B, P, Hkv, d]`` (one transpose after
     it gives the ``[B, Hkv, P, d]`` its readers had), and each present output ``cat(past, new)``
-    becomes ``new`` transposed to ``[B, S, Hkv, d]``. Returns ``gm``."""
+    becomes ``new`` transposed to ``[B, S, Hkv, d]`` (a ``kv_window_write``: its ``kv_suffix``,
+    transposed). Returns ``gm``."""
     from finegrain.backends.tvm.lower_activations import TvmError
+    from finegrain.backends.tvm.lower_window import KV_SUFFIX, KV_WINDOW_WRITE
 
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output")
@@ -49,6 +54,11 @@ def to_static_cache(gm: GraphModule) -> GraphModule:
     results = list(out.args[0])
     for i, n in enumerate(results):
         if not isinstance(n, torch.fx.Node) or KV_META not in n.meta:
+            continue
+        if n.target is KV_WINDOW_WRITE:  # the suffix from the first token this write quantizes
+            with graph.inserting_before(out):
+                suf = graph.call_function(KV_SUFFIX, (n, n.args[0], *n.args[4:8]))
+                results[i] = graph.call_function(torch.ops.aten.transpose.int, (suf, 1, 2))
             continue
         if n.target is not torch.ops.aten.cat.default or len(n.args[0]) != 2:
             raise TvmError(f"node {n.name}: the present of layer {n.meta[KV_META].get('layer')} is not cat(past, new); "

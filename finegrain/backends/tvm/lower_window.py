@@ -1,0 +1,272 @@
+"""KV-cache writes with a float window on TVM (issue #17): KIVI's per-channel keys, the newest
+``window`` tokens and ``sinks`` first tokens in float, pre-RoPE keys, RotateKV's per-head
+rotation (``finegrain::kv_append``, ``compiler/ops.py``), computed in the graph as the reference
+computes them and held in an fp32 cache (**emulated**: the cache holds the format's values, not its
+codes; the reference backend keeps such a cache packed, ``backends/kv_packed.py``).
+
+:func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, hadamard,
+inv_freq, fmt, axis, window, sinks)``: the same write, with the per-head Hadamard as a dense
+parameter matrix. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
+write makes quantizable (``kv_quantized_span`` of the past and total lengths, symbolic in the
+Relax function) are taken out of ``cat(past, new)``, moved to the space they are quantized in
+(Hadamard undone, RoPE undone at their positions, Hadamard again), fake-quantized with scales
+chosen exactly as ``QuantFormat.quantize`` chooses them (min / max per channel over each group of
+tokens, or per group along the head dim; the scale rounded to its stored dtype; round half to
+even), moved back, and written over those tokens. A decode step quantizes nothing until a group
+leaves the window, then that group.
+
+A static build (``lower_cache.py``) returns, for such a layer, not the new tokens but the suffix
+of the cache from the first token this write quantized (``finegrain::kv_suffix``): the runtime
+writes every returned part so that it ends at the cache's new length, which rewrites the released
+group in place. ZipCache's saliency-ranked writes and RotateKV's grouped-head / reordered keys are
+refused by name (``TvmBackend.check``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import Graph
+
+from finegrain.compiler.ops import KV_APPEND, kv_append, kv_quantized_span
+from finegrain.formats import QuantFormat
+
+
+@torch.library.custom_op("finegrain::kv_window_write", mutates_args=())
+def kv_window_write(past: torch.Tensor, new: torch.Tensor, hadamard: Optional[torch.Tensor],
+                    inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int) -> torch.Tensor:
+    """``kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated=hadamard is not None)``
+    (reference implementation; ``hadamard`` is the dense matrix the TVM function multiplies by)."""
+    return kv_append(past, new, fmt, axis, window, sinks, inv_freq, hadamard is not None)
+
+
+@kv_window_write.register_fake
+def _(past, new, hadamard, inv_freq, fmt, axis, window, sinks):
+    return torch.cat([past, new], 2)
+
+
+def _done(t, group: int, axis: str, window: int, sinks: int, maximum):
+    """Tokens quantized when the cache holds ``t`` (``kv_quantized_span``'s rule, for symbolic ``t``)."""
+    n = maximum(t - window - sinks, 0)
+    return sinks + (n // group * group if axis == "tokens" else n)
+
+
+def window_group(fmt: str, axis: str, d: int) -> int:
+    """The unit ``kv_append`` releases tokens in: the format's group along the tokens for per-channel
+    keys, else one token."""
+    return (QuantFormat.parse(fmt).group_size or 1) if axis == "tokens" else 1
+
+
+@torch.library.custom_op("finegrain::kv_suffix", mutates_args=())
+def kv_suffix(present: torch.Tensor, past: torch.Tensor, fmt: str, axis: str, window: int,
+              sinks: int) -> torch.Tensor:
+    """The tokens of ``present`` (a ``kv_window_write`` over ``past``) from the first one the write
+    quantized: what a static cache must write back (the new tokens and the released group)."""
+    g = window_group(fmt, axis, present.shape[-1])
+    a, _ = kv_quantized_span(axis, g, past.shape[2], present.shape[2], window, sinks)
+    return present[:, :, min(a, past.shape[2]):].clone()
+
+
+@kv_suffix.register_fake
+def _(present, past, fmt, axis, window, sinks):
+    g = window_group(fmt, axis, present.shape[-1])
+    a = torch.sym_min(_done(past.shape[2], g, axis, window, sinks, torch.sym_max), past.shape[2])
+    return present.new_empty((*present.shape[:2], present.shape[2] - a, present.shape[3]))
+
+
+KV_WINDOW_WRITE = torch.ops.finegrain.kv_window_write.default
+KV_SUFFIX = torch.ops.finegrain.kv_suffix.default
+
+
+def refusal(n) -> str | None:
+    """Why the ``kv_append`` node ``n`` has no TVM lowering, or None."""
+    kw = dict(zip(("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm",
+                   "head_group"), n.args[6:]), **n.kwargs)
+    if kw.get("score") is not None or kw.get("fmt_low") is not None:
+        return "ZipCache's saliency-ranked mixed-precision KV writes have no TVM lowering yet"
+    if kw.get("perm") is not None or kw.get("head_group", 1) != 1:
+        return "RotateKV's grouped-head / reordered key rotation has no TVM lowering yet (kv_head_group 1, no kv_reorder do)"
+    f = QuantFormat.parse(n.args[2])
+    if f.kind != "int" or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
+        return f"KV format {f.tag}: the TVM windowed write takes dynamic integer formats with float scales"
+    if n.args[3] == "tokens" and f.granularity != "group":
+        return f"KV format {f.tag}: per-channel keys (axis tokens) need groups of tokens (-gN)"
+    if n.args[3] != "tokens" and f.granularity not in ("group", "token"):
+        return f"KV format {f.tag}: values per token or in groups along the head dim"
+    return None
+
+
+def rewrite(gm, graph: Graph, param) -> None:
+    """Each ``kv_append`` of ``graph`` becomes a ``kv_window_write`` (the per-head Hadamard of
+    rotated pre-RoPE keys as a dense parameter); one with no lowering raises ``TvmError`` naming it."""
+    from finegrain.backends.tvm.lower_activations import TvmError
+    from finegrain.compiler.ops import _hadamard
+
+    mats: dict = {}
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not KV_APPEND:
+            continue
+        why = refusal(n)
+        if why:
+            raise TvmError(f"node {n.name} (KV cache write): {why}")
+        past, new, fmt, axis, window, sinks = n.args[:6]
+        inv_freq = n.args[6] if len(n.args) > 6 else n.kwargs.get("inv_freq")
+        rotated = bool(n.args[7] if len(n.args) > 7 else n.kwargs.get("rotated", False))
+        d = int(n.meta["val"].shape[-1])
+        if axis != "tokens" and d % (QuantFormat.parse(fmt).group_size or d):
+            raise TvmError(f"node {n.name} (KV cache write): groups of {fmt} do not divide the head dim {d}")
+        hm = None
+        if rotated:
+            if d not in mats:
+                mats[d] = param(f"kv_window_hadamard_{d}", _hadamard(torch.eye(d)).contiguous())
+            with graph.inserting_before(n):
+                hm = graph.get_attr(mats[d])
+        with graph.inserting_before(n):
+            m = graph.call_function(KV_WINDOW_WRITE, (past, new, hm, inv_freq, fmt, axis, window, sinks))
+        m.meta.update(n.meta)
+        n.replace_all_uses_with(m)
+        graph.erase_node(n)
+
+
+def relax_converters(prefix: str) -> dict:
+    """The Relax frontend's converters for ``kv_window_write`` and ``kv_suffix``."""
+    from tvm import te, tirx
+
+    def span(past_len, total, fmt, axis, window, sinks, d):
+        g = window_group(fmt, axis, d)
+        a = _done(past_len, g, axis, window, sinks, tirx.max)
+        return a, _done(total, g, axis, window, sinks, tirx.max) - a
+
+    def write(node, importer):
+        bb = importer.block_builder
+        args = importer.retrieve_args(node)
+        past, new, hm, inv_freq, fmt, axis, window, sinks = args[:8]
+        f = QuantFormat.parse(fmt)
+        d = int(new.ty.shape[-1])
+        extra = [t for t in (hm, inv_freq) if t is not None]
+
+        def fn(past_, new_, *rest):
+            h_ = rest[0] if hm is not None else None
+            freq = rest[-1] if inv_freq is not None else None
+            b_, heads, p_len, _ = past_.shape
+            s_len = new_.shape[2]
+            total = p_len + s_len
+            a, n = span(p_len, total, fmt, axis, int(window), int(sinks), d)
+
+            def xin(b, h, t, c):
+                return tirx.if_then_else(t < p_len, past_[b, h, tirx.min(t, tirx.max(p_len - 1, 0)), c],
+                                         new_[b, h, tirx.max(t - p_len, 0), c])
+
+            seg = te.compute((b_, heads, n, d), lambda b, h, i, c: xin(b, h, a + i, c), name="kv_span")
+            if freq is not None:
+                if h_ is not None:
+                    seg = _matmul(seg, h_, "kv_unrotate")
+                seg = _rope(seg, freq, a, True)
+                if h_ is not None:
+                    seg = _matmul(seg, h_, "kv_rotate_pre_rope")
+            y = _fake_quant(seg, f, axis, n)
+            if freq is not None:
+                if h_ is not None:
+                    y = _matmul(y, h_, "kv_unrotate_pre_rope")
+                y = _rope(y, freq, a, False)
+                if h_ is not None:
+                    y = _matmul(y, h_, "kv_rotate")
+            return te.compute((b_, heads, total, d), lambda b, h, t, c: tirx.if_then_else(
+                tirx.all(t >= a, t < a + n), y[b, h, tirx.max(tirx.min(t - a, n - 1), 0), c], xin(b, h, t, c)),
+                name="kv_window_write")
+
+        return bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_write")
+
+    def suffix(node, importer):
+        bb = importer.block_builder
+        present, past, fmt, axis, window, sinks = importer.retrieve_args(node)[:6]
+        d = int(present.ty.shape[-1])
+
+        def fn(x_, past_):
+            b_, heads, total, _ = x_.shape
+            p_len = past_.shape[2]
+            a = tirx.min(span(p_len, total, fmt, axis, int(window), int(sinks), d)[0], p_len)
+            return te.compute((b_, heads, total - a, d), lambda b, h, t, c: x_[b, h, a + t, c], name="kv_suffix")
+
+        return bb.emit_te(fn, present, past, primfunc_name_hint=f"{prefix}kv_suffix")
+
+    return {"kv_window_write.default": write, "kv_suffix.default": suffix}
+
+
+def _matmul(x, m, name: str):
+    """``x @ m`` over the head dim (the dense orthonormal Hadamard)."""
+    from tvm import te
+
+    d = int(m.shape[0])
+    k = te.reduce_axis((0, d), "k")
+    return te.compute(x.shape, lambda b, h, i, c: te.sum(x[b, h, i, k] * m[k, c], axis=k), name=name)
+
+
+def _rope(x, freq, start, inverse: bool):
+    """``compiler.ops._rope`` of tokens at positions ``start + i``: angles in float64, cos / sin
+    rounded to float32, the ``rotate_half`` pairs ``(c, c + half)``."""
+    from tvm import te, tirx
+
+    half = int(freq.shape[0])
+
+    def body(b, h, i, c):
+        j = tirx.if_then_else(c < half, c, tirx.min(tirx.max(c - half, 0), half - 1))
+        ang = (start + i).astype("float64") * freq[j].astype("float64")
+        cos, sin = tirx.cos(ang).astype("float32"), tirx.sin(ang).astype("float32")
+        if inverse:
+            sin = -sin
+        x1, x2 = x[b, h, i, j], x[b, h, i, j + half]
+        return tirx.if_then_else(c < half, x1 * cos - x2 * sin,
+                                 tirx.if_then_else(c < 2 * half, x2 * cos + x1 * sin, x[b, h, i, c]))
+
+    return te.compute(x.shape, body, name="kv_inverse_rope" if inverse else "kv_rope")
+
+
+def _fake_quant(x, f: QuantFormat, axis: str, n):
+    """``f.fake_quantize`` of ``x`` ``[B, H, n, d]``: per channel over groups of ``G`` tokens
+    (``axis == "tokens"``, ``n`` a multiple of ``G``) or per token over groups along the head dim;
+    scales chosen as ``QuantFormat.quantize`` chooses them."""
+    from tvm import te, tirx
+
+    b_, heads, _, d = x.shape
+    d = int(d)
+    lo_code, hi_code = f.family.code_range(f)
+    tokens = axis == "tokens"
+    g = f.group_size if tokens else (f.group_size or d)
+    shape = (b_, heads, n // g, d) if tokens else (b_, heads, n, d // g)
+
+    def at(b, h, i, c, r):  # member r of the group (i, c) indexes
+        return x[b, h, i * g + r, c] if tokens else x[b, h, i, c * g + r]
+
+    r1, r2 = te.reduce_axis((0, g), "r1"), te.reduce_axis((0, g), "r2")
+    clip = tirx.const(float(f.clip), "float32")
+    if f.symmetric:
+        amax = te.compute(shape, lambda *i: te.max(tirx.abs(at(*i, r1)), axis=r1), name="kv_amax")
+        raw = te.compute(shape, lambda *i: amax(*i) * clip / tirx.const(float(f.family.max_value(f)), "float32"),
+                         name="kv_raw_scale")
+    else:
+        mn = te.compute(shape, lambda *i: te.min(at(*i, r1), axis=r1), name="kv_min")
+        mx = te.compute(shape, lambda *i: te.max(at(*i, r2), axis=r2), name="kv_max")
+        lo = te.compute(shape, lambda *i: tirx.min(mn(*i), 0.0) * clip, name="kv_lo")
+        raw = te.compute(shape, lambda *i: (tirx.max(mx(*i), 0.0) * clip - lo(*i))
+                         / tirx.const(float(2 ** f.bits - 1), "float32"), name="kv_raw_scale")
+    stored = {"fp16": "float16", "bf16": "bfloat16"}.get(f.scale)
+
+    def scale_of(*i):
+        s = raw(*i).astype(stored).astype("float32") if stored else raw(*i)
+        return tirx.Select(s > 0.0, s, tirx.const(1.0, "float32"))
+
+    scale = te.compute(shape, scale_of, name="kv_scale")
+    if f.symmetric:
+        zero = te.compute(shape, lambda *i: tirx.const(0.0, "float32"), name="kv_zero")
+    else:
+        top = float(2 ** f.bits - 1)
+        zero = te.compute(shape, lambda *i: tirx.max(tirx.min(tirx.nearbyint(-lo(*i) / scale(*i)), top), 0.0),
+                          name="kv_zero")
+
+    def deq(b, h, i, c):
+        idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
+        s, z = scale(*idx), zero(*idx)
+        q = tirx.max(tirx.min(tirx.nearbyint(x[b, h, i, c] / s) + z, float(hi_code)), float(lo_code))
+        return (q - z) * s
+
+    return te.compute(x.shape, deq, name="kv_fake_quant")

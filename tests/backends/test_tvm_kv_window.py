@@ -1,0 +1,134 @@
+"""KIVI-style windowed KV writes on TVM (issue #17, ``backends/tvm/lower_window.py``): per-channel
+keys over token groups, a float window, sinks, pre-RoPE and rotated keys, computed in the graph
+(an fp32 cache holding the format's values). Prefill + decode over the TVM build give the reference
+backend's logits and tokens for static and concat caches, across families; the writes differ from
+the float model (the test would notice a write that quantized nothing); ZipCache and grouped-head
+keys are refused by name."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finegrain
+from finegrain.compiler.capture import kv_inputs
+
+pytest.importorskip("tvm")
+
+from tests.test_kv_cache import FLOAT, _family, _incremental, _rel  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
+
+KIVI = {"kv_key": "int4-g4-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn", "kv_key_axis": "tokens",
+        "kv_window": 4, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
+PLAIN = {"kv_key": "int2-g4-sym-fp32-dyn", "kv_value": "int4-token-asym-fp16-dyn", "kv_key_axis": "tokens",
+         "kv_window": 3, "kv_sinks": 0}
+
+
+def _recipe(**kv):
+    return {**FLOAT, "name": "kv-window", **kv}
+
+
+@pytest.mark.parametrize("family,kv,cache,prefill", [
+    ("llama", KIVI, "static", 13),   # prefill releases groups of new tokens; decode then releases one per 4 steps
+    ("llama", PLAIN, "concat", 5),   # no pre-RoPE, symmetric 2-bit keys, values per token, no sink
+    ("qwen2", KIVI, "static", 6),    # q / k / v biases
+    ("phi3", KIVI, "static", 9),     # fused qkv projection
+    ("gemma3", KIVI, "concat", 7),   # sliding-window layers, QK-norm
+])
+def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_path):
+    model = _family(family)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True)
+    ref, _ = _incremental(cm, x, prefill=prefill)
+    with torch.no_grad():
+        fp = model(x).logits
+    assert _rel(fp, ref) > 1e-3  # the writes quantize: what the TVM build must reproduce is not the float model
+    with cm.session("tvm", target=TARGET, max_seq_len=48, cache=cache) as s:
+        assert s.kv["cache"] == cache
+        inc, state = _incremental(s, x, prefill=prefill)
+        assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
+        prompt = x[:, :prefill]
+        assert s.generate(prompt, 10).tokens == cm.generate(prompt, 10).tokens
+        if cache == "concat":  # presents as tensors: chunked prefill over a past made by another call
+            half = s.run_all(*kv_inputs(cm.kv, x[:, :14]))
+            rest = s.run_all(*kv_inputs(cm.kv, x[:, 14:], list(half[1:]), 14))
+            want = cm.session(kv_storage="float").run_all(*kv_inputs(cm.kv, x[:, 14:], list(half[1:]), 14))
+            assert _rel(want[0], rest[0]) <= 1e-4
+    if cache == "static":
+        assert tuple(state["past"][0].shape) == (1, 48, cm.kv["kv_heads"], cm.kv["head_dim"])
+    if (family, cache) == ("llama", "static"):  # the standalone runtime script writes the released groups too
+        cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
+        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
+        res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"),
+                              str(tmp_path / "dep"), "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", "10"],
+                             capture_output=True, text=True, timeout=300, check=True)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == cm.generate(prompt, 10).tokens
+
+
+def test_windowed_write_function_equals_kv_append_at_every_release():
+    """The lowered write alone, over pasts of every length around the window and group edges
+    (nothing released, one group, a prefill releasing several): equal to the reference op."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from finegrain.backends.tvm.lower_window import relax_converters
+    from finegrain.compiler.ops import _hadamard, kv_append, kv_quantized_span
+
+    d, heads, freq = 16, 2, 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    hm = _hadamard(torch.eye(d))
+    fmt, axis, window, sinks = "int2-g4-asym-fp16-dyn", "tokens", 5, 1
+    bb = relax.BlockBuilder()
+    p_len, s_len = tvm.tirx.Var("p", "int64"), tvm.tirx.Var("s", "int64")
+    past = relax.Var("past", relax.TensorType([1, heads, p_len, d], "float32"))
+    new = relax.Var("new", relax.TensorType([1, heads, s_len, d], "float32"))
+    h_ = relax.Var("h", relax.TensorType([d, d], "float32"))
+    f_ = relax.Var("f", relax.TensorType([d // 2], "float32"))
+
+    class Importer:  # the two calls a converter makes on the Relax frontend's importer
+        block_builder = bb
+
+        @staticmethod
+        def retrieve_args(node):
+            return node
+
+    with bb.function("main", [past, new, h_, f_]):
+        with bb.dataflow():
+            y = relax_converters("")["kv_window_write.default"]((past, new, h_, f_, fmt, axis, window, sinks), Importer)
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=tvm.target.Target(TARGET))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    g = torch.Generator().manual_seed(0)
+    for p, s in [(0, 1), (0, 3), (0, 17), (3, 1), (5, 1), (9, 1), (10, 1), (13, 1), (7, 9), (14, 2), (17, 1)]:
+        a, b = torch.randn(1, heads, p, d, generator=g) * 3, torch.randn(1, heads, s, d, generator=g) * 3
+        want = kv_append(a, b, fmt, axis, window, sinks, freq, True)
+        got = vm["main"](*(tvm.runtime.tensor(t.numpy()) for t in (a, b, hm, freq))).numpy()
+        assert np.abs(got - want.numpy()).max() <= 1e-5 * want.abs().max().item(), (p, s)
+        lo, hi = kv_quantized_span(axis, 4, p, p + s, window, sinks)
+        changed = (want - torch.cat([a, b], 2)).abs().amax(dim=(0, 1, 3)) > 1e-3  # per token
+        assert changed.tolist() == [lo <= t < hi for t in range(p + s)], (p, s)
+
+
+def test_zipcache_and_grouped_head_keys_are_refused_by_name():
+    from finegrain.backends.tvm.lower_activations import TvmError
+
+    model = _family("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    zip_ = _recipe(kv_key="int4-token-asym-fp16-dyn", kv_value="int4-g16-asym-fp16-dyn",
+                   kv_zip_key="int2-token-asym-fp16-dyn", kv_zip_value="int2-g16-asym-fp16-dyn", kv_zip_block=8)
+    grouped = _recipe(kv_key="int4-g16-asym-fp16-dyn", kv_value="int4-g16-asym-fp16-dyn", kv_pre_rope=True,
+                      kv_head_group=2)
+    for recipe, msg in ((zip_, "ZipCache"), (grouped, "grouped-head")):
+        cm = finegrain.compile(model, (ids,), recipe=recipe, progress=False, kv_cache=True)
+        with pytest.raises(TvmError,
+                           match=rf"node kv_append\w* \(KV cache write\): .*{msg}"):
+            cm.session("tvm", target=TARGET, max_seq_len=32)
