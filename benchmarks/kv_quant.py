@@ -6,11 +6,13 @@ measured two ways on the same WikiText-2 windows:
 * cache path: the window in chunks (prefill the first chunk, then each next chunk over the cache
   the previous ones wrote), so later tokens attend to the quantized past.
 
-    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs KIVI,Hadamard] [--chunk 256] [--tvm] [--out results/kv_quant]
+    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs 'KIVI;Hadamard'] [--chunk 256] [--tvm] [--out results/kv_quant]
 
 Prints ppl, the change against the float cache, and the bytes one token's cache takes (averaged
 over a 2048-token cache where a float window / sinks keep some tokens in float); ``--tvm`` also runs
-each config's cache path on a TVM static build of it (or says why TVM refuses it). Configs: plain
+each config's cache path on a TVM static build of it (or says why TVM refuses it) and, as the noise
+floor of such a comparison, on the reference with every weight multiplied by ``1 + 1e-6 N(0, 1)``
+(a quantized cache turns float differences of that size into different codes). Configs: plain
 per-token (one scale and zero per token and head), with the Hadamard rotation (``kv_rotate``) and
 an attention sink (``kv_sinks=1``), and RotateKV's order (keys quantized before RoPE,
 ``kv_pre_rope``, then rotated); KIVI (keys per channel over groups of 32 tokens, values per token
@@ -85,17 +87,18 @@ CONFIGS = {  # name -> recipe fields
 }
 
 
-def both_ppl(cm, windows: list[torch.Tensor], chunk: int, other=None) -> tuple[float, ...]:
+def both_ppl(cm, windows: list[torch.Tensor], chunk: int, others=()) -> tuple:
     """(simulated, through the cache) perplexity of ``cm`` (a KV-cache graph) on ``windows``: one
     full-sequence forward each, and the window in chunks (prefill, then each chunk over the cache);
-    with ``other`` (another backend's session), a third: through that session's cache, and the
-    largest difference of its logits from the reference's cache path relative to their max."""
+    then for each session of ``others`` (another backend's, or another model's), ``(ppl through its
+    cache, largest difference of its logits from the reference's cache path, relative to their max)``."""
     from finegrain.eval.perplexity import cache_path_logits
 
     through_cache = cache_path_logits(cm.session(), chunk)
-    through_other = cache_path_logits(other, chunk) if other is not None else None
-    nll_sim = nll_cache = nll_other = 0.0
-    n, diff = 0, 0.0
+    through_others = [cache_path_logits(o, chunk) for o in others]
+    nll_sim = nll_cache = 0.0
+    nll_o, diff = [0.0] * len(others), [0.0] * len(others)
+    n = 0
     with torch.inference_mode():
         for w in windows:
             tgt = w[0, 1:]
@@ -103,14 +106,27 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int, other=None) -> tuple[f
             nll_sim += float(torch.nn.functional.cross_entropy(logits[0, :-1], tgt, reduction="sum"))
             lg = through_cache(w)
             nll_cache += float(torch.nn.functional.cross_entropy(lg[0, :-1], tgt, reduction="sum"))
-            if through_other is not None:
-                lo = through_other(w)
-                nll_other += float(torch.nn.functional.cross_entropy(lo[0, :-1], tgt, reduction="sum"))
-                diff = max(diff, float((lo - lg).abs().max() / lg.abs().max()))
+            for i, fn in enumerate(through_others):
+                lo = fn(w)
+                nll_o[i] += float(torch.nn.functional.cross_entropy(lo[0, :-1], tgt, reduction="sum"))
+                diff[i] = max(diff[i], float((lo - lg).abs().max() / lg.abs().max()))
             n += tgt.numel()
-    if through_other is None:
-        return math.exp(nll_sim / n), math.exp(nll_cache / n)
-    return math.exp(nll_sim / n), math.exp(nll_cache / n), math.exp(nll_other / n), diff
+    return (math.exp(nll_sim / n), math.exp(nll_cache / n),
+            *((math.exp(nll / n), dd) for nll, dd in zip(nll_o, diff)))
+
+
+def perturbed(model, eps: float = 1e-6):
+    """A copy of ``model`` with every weight multiplied by ``1 + eps * N(0, 1)`` (fixed seed): the
+    float-rounding noise floor of a quantized cache (another engine's float arithmetic differs from
+    torch's by about this much, and a quantizer's rounding turns such differences into different codes)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + eps * torch.randn(p.shape, generator=g))
+    return m
 
 
 def cache_bytes_per_token(cm) -> float:
@@ -124,11 +140,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--configs", default="", help="comma-separated substrings of config names to run (default: all)")
+    ap.add_argument("--configs", default="", help="substrings of config names to run, separated by ';' "
+                    "(default: all; the float cache always runs first)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--out", default="results/kv_quant")
     ap.add_argument("--tvm", action="store_true", help="also run each config's cache path on a TVM static build "
-                    "(this CPU): its ppl and its logits' largest difference from the reference's cache path")
+                    "(this CPU): its ppl and its logits' largest difference from the reference's cache path; and, "
+                    "as the float-rounding noise floor, the same for the reference with weights x (1 + 1e-6 N(0, 1))")
     args = ap.parse_args()
 
     import finegrain
@@ -144,7 +162,8 @@ def main() -> None:
     windows = [ids[w * args.seq_len:(w + 1) * args.seq_len].unsqueeze(0) for w in range(args.windows)]
     rows = []
     base = None
-    wanted = [c for c in args.configs.split(",") if c]
+    wanted = [c for c in args.configs.split(";") if c]
+    noisy = None  # the perturbed model of --tvm's noise floor, made once
     for name, fields in CONFIGS.items():
         if wanted and name != "float cache" and not any(w in name for w in wanted):
             continue
@@ -154,29 +173,36 @@ def main() -> None:
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         build = time.perf_counter() - t
-        tvm_s, why = None, None
+        others, why = [], None
         if args.tvm:
             from finegrain.backends import registry
 
             refusals = registry.get("tvm").check(cm)
             why = "; ".join(map(str, refusals[:1])) if refusals else None
             t = time.perf_counter()
-            tvm_s = None if why else cm.session("tvm", max_seq_len=args.seq_len + 8)
+            if not why:
+                others.append(cm.session("tvm", max_seq_len=args.seq_len + 8))
             build_tvm = time.perf_counter() - t
-        ppl = both_ppl(cm, windows, args.chunk, tvm_s)
+            noisy = noisy if noisy is not None else perturbed(lm.model)
+            others.append(finegrain.compile(noisy, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
+                                            calibration=calib).session())
+        ppl = both_ppl(cm, windows, args.chunk, others)
         ppl_sim, ppl_cache = ppl[:2]
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
              "bytes_per_token": cache_bytes_per_token(cm), "compile_s": round(build, 1)}
         if args.tvm:
-            r.update({"ppl_tvm_cache_path": ppl[2], "tvm_logits_rel_diff": ppl[3],
-                      "tvm_build_s": round(build_tvm, 1)} if tvm_s is not None else {"tvm_refused": why})
+            r.update({"ppl_tvm_cache_path": ppl[2][0], "tvm_logits_rel_diff": ppl[2][1],
+                      "tvm_build_s": round(build_tvm, 1)} if not why else {"tvm_refused": why})
+            r.update({"ppl_weights_1e-6_noise": ppl[-1][0], "noise_logits_rel_diff": ppl[-1][1]})
         base = base or r
         r["delta_pct"] = 100 * (r["ppl_cache_path"] / base["ppl_cache_path"] - 1)
         rows.append(r)
         print(f"{name:36s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
               f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token" + (
                   f"  TVM cache path {r['ppl_tvm_cache_path']:.3f} (logits rel diff {r['tvm_logits_rel_diff']:.1e})"
-                  if "ppl_tvm_cache_path" in r else f"  TVM: {r['tvm_refused']}" if args.tvm else ""), flush=True)
+                  if "ppl_tvm_cache_path" in r else f"  TVM: {r['tvm_refused']}" if args.tvm else "") + (
+                  f"  weights x(1+1e-6 N): {r['ppl_weights_1e-6_noise']:.3f} (logits rel diff "
+                  f"{r['noise_logits_rel_diff']:.1e})" if args.tvm else ""), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_quant.json").write_text(json.dumps({"machine": machine.describe(), "windows": args.windows,

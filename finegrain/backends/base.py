@@ -84,6 +84,42 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "recurrent"
 
 
+def windowed_kv_refusal(n, backend: str) -> str | None:
+    """Why ``backend``'s emulation of windowed KV writes (the ``kv_append`` node ``n``: KIVI's
+    per-channel keys, a float window, sinks, pre-RoPE / rotated keys, recomputed in its graph as the
+    reference computes them) does not cover this one, or None: ZipCache's saliency-ranked writes,
+    RotateKV's grouped-head / reordered keys, formats other than dynamic integers with float scales."""
+    from finegrain.formats import QuantFormat
+
+    kw = dict(zip(("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm",
+                   "head_group"), n.args[6:]), **n.kwargs)
+    if kw.get("score") is not None or kw.get("fmt_low") is not None:
+        return f"ZipCache's saliency-ranked mixed-precision KV writes have no {backend} lowering yet"
+    if kw.get("perm") is not None or kw.get("head_group", 1) != 1:
+        return (f"RotateKV's grouped-head / reordered key rotation has no {backend} lowering yet (kv_head_group 1, "
+                "no kv_reorder do)")
+    f = QuantFormat.parse(n.args[2])
+    if f.kind != "int" or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
+        return f"KV format {f.tag}: the {backend} windowed write takes dynamic integer formats with float scales"
+    if n.args[3] == "tokens" and f.granularity != "group":
+        return f"KV format {f.tag}: per-channel keys (axis tokens) need groups of tokens (-gN)"
+    if n.args[3] != "tokens" and f.granularity not in ("group", "token"):
+        return f"KV format {f.tag}: values per token or in groups along the head dim"
+    return None
+
+
+def windowed_kv_refusals(gm, backend: str) -> list["Refusal"]:
+    """One :class:`Refusal` per ``kv_append`` of ``gm`` that :func:`windowed_kv_refusal` refuses."""
+    from finegrain.compiler.ops import KV_APPEND
+
+    out = []
+    for n in gm.graph.nodes:
+        why = windowed_kv_refusal(n, backend) if n.op == "call_function" and n.target is KV_APPEND else None
+        if why:
+            out.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
+    return out
+
+
 def _writes_kv(q) -> bool:
     """The quantize ``q`` is a KV cache write: its dequantized values are the new part of a present."""
     from finegrain.compiler.ir import KV

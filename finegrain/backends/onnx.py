@@ -7,7 +7,10 @@ two steps:
    dynamic dims dynamic) with a ``custom_translation_table`` for finegrain's ops:
    ``finegrain::quantize`` / ``dequantize`` (activations) become ONNX arithmetic that reproduces
    the reference quantizer (dynamic scales from ReduceMax/ReduceMin, Round = half to even like
-   ``torch.round``, Clip); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
+   ``torch.round``, Clip); ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
+   float window, sinks, pre-RoPE / rotated keys) becomes the same write in ONNX arithmetic over
+   the run-time lengths (an fp32 cache holding the format's values; ZipCache and grouped-head keys
+   are refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
    of the ``finegrain`` domain, because their lowering needs the constants' values.
 2. A lowering pass over the ONNX IR (``onnx_ir``), with every weight's codes and scales in hand
    (unpacked by the same :func:`finegrain.formats.ops.unpack_weight` the reference uses), picks
@@ -53,10 +56,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from finegrain.backends.base import BackendBase, Session
+from finegrain.backends.base import BackendBase, Session, windowed_kv_refusals
 from finegrain.errors import ExportError
 from finegrain.formats import QuantFormat
-from finegrain.compiler.ops import HADAMARD, WEIGHT
+from finegrain.compiler.ops import HADAMARD, KV_APPEND, WEIGHT
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.io.signature import check_inputs, example_inputs, export_dynamic_shapes
 
@@ -178,7 +181,95 @@ def _translation_table() -> dict:
         return op.Identity(w)
 
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
-            WEIGHT: weight}
+            WEIGHT: weight, KV_APPEND: _kv_append_translation(op)}
+
+
+def _kv_append_translation(op):
+    """``kv_append`` (KIVI's per-channel keys, float window, sinks, pre-RoPE / rotated keys) as ONNX
+    arithmetic, computed as ``compiler/ops.kv_append`` computes it: the tokens the write releases
+    (``kv_quantized_span`` of the past and total lengths, from ``Shape`` at run time) sliced out of
+    ``Concat(past, new)``, moved to the space they are quantized in (the per-head Hadamard a constant
+    MatMul, RoPE undone at their positions with angles in double), fake-quantized with scales chosen as
+    ``QuantFormat.quantize`` chooses them (``Round`` is half to even), moved back and put in place
+    (an fp32 cache holding the format's values). ZipCache / grouped-head writes are refused before
+    export (``base.windowed_kv_refusals``)."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+
+    from finegrain.compiler.ops import _hadamard
+
+    fl, f64, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64
+
+    def ints(*v):
+        return op.Constant(value_ints=[int(x) for x in v])
+
+    def const(v: float):
+        return op.Constant(value_float=float(v))
+
+    def kv_append(past, new, fmt: str, axis: str, window: int, sinks: int, inv_freq=None, rotated: bool = False,
+                  score=None, fmt_low=None, ratio=1.0, block=1, channel_norm=False, perm=None, head_group=1):
+        f = QuantFormat.parse(fmt)
+        d = int(new.shape[-1])
+        tokens = axis == "tokens"
+        g = f.group_size if tokens else (f.group_size or d)
+        unit = g if tokens else 1
+
+        def done(t):  # kv_quantized_span's rule on a run-time length
+            n = op.Max(op.Sub(t, ints(window + sinks)), ints(0))
+            return op.Add(op.Mul(op.Div(n, ints(unit)), ints(unit)) if unit > 1 else n, ints(sinks))
+
+        out = op.Concat(past, new, axis=2)
+        a, b = done(op.Shape(past, start=2, end=3)), done(op.Shape(out, start=2, end=3))
+        seg = op.Cast(op.Slice(out, a, b, ints(2)), to=fl)
+        hm = op.Constant(value=ir.tensor(_hadamard(torch.eye(d)).numpy().astype(np.float32))) if rotated else None
+
+        def rope(x, inverse: bool):
+            half = int(inv_freq.shape[0])
+            pos = op.Cast(op.Range(op.Squeeze(a, ints(0)), op.Squeeze(op.Max(a, b), ints(0)),
+                                   op.Constant(value_int=1)), to=f64)
+            ang = op.Mul(op.Unsqueeze(pos, ints(1)), op.Cast(inv_freq, to=f64))
+            cos, sin = op.Cast(op.Cos(ang), to=fl), op.Cast(op.Sin(ang), to=fl)
+            if inverse:
+                sin = op.Neg(sin)
+            x1, x2 = op.Slice(x, ints(0), ints(half), ints(3)), op.Slice(x, ints(half), ints(2 * half), ints(3))
+            parts = [op.Sub(op.Mul(x1, cos), op.Mul(x2, sin)), op.Add(op.Mul(x2, cos), op.Mul(x1, sin))]
+            if 2 * half < d:
+                parts.append(op.Slice(x, ints(2 * half), ints(d), ints(3)))
+            return op.Concat(*parts, axis=3)
+
+        if inv_freq is not None:
+            seg = op.MatMul(seg, hm) if rotated else seg
+            seg = rope(seg, True)
+            seg = op.MatMul(seg, hm) if rotated else seg
+        # groups: [B, H, n / G, G, d] reduced over axis 3 (per channel over tokens), or [B, H, n, d / G, G] over 4
+        xg = op.Reshape(seg, ints(0, 0, -1, g, d) if tokens else ints(0, 0, 0, d // g, g))
+        red = ints(3 if tokens else 4)
+        lo_code, hi_code = f.family.code_range(f)
+        c = float(f.clip)
+        if f.symmetric:
+            raw = op.Div(op.Mul(op.ReduceMax(op.Abs(xg), red, keepdims=1), const(c)), const(f.family.max_value(f)))
+        else:
+            mn = op.Mul(op.Min(op.ReduceMin(xg, red, keepdims=1), const(0.0)), const(c))
+            mx = op.Mul(op.Max(op.ReduceMax(xg, red, keepdims=1), const(0.0)), const(c))
+            raw = op.Div(op.Sub(mx, mn), const(2 ** f.bits - 1))
+        stored = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}.get(f.scale)
+        sc = op.Cast(op.Cast(raw, to=stored), to=fl) if stored else raw
+        sc = op.Where(op.Greater(sc, const(0.0)), sc, const(1.0))
+        z = (op.Mul(sc, const(0.0)) if f.symmetric
+             else op.Clip(op.Round(op.Div(op.Neg(mn), sc)), const(0.0), const(2 ** f.bits - 1)))
+        q = op.Clip(op.Add(op.Round(op.Div(xg, sc)), z), const(lo_code), const(hi_code))
+        y = op.Reshape(op.Mul(op.Sub(q, z), sc), ints(0, 0, -1, d))
+        if inv_freq is not None:
+            y = op.MatMul(y, hm) if rotated else y
+            y = rope(y, False)
+            y = op.MatMul(y, hm) if rotated else y
+        y = op.CastLike(y, out)
+        total = op.Shape(out, start=2, end=3)
+        head = op.Slice(out, ints(0), op.Min(a, total), ints(2))
+        return op.Concat(head, y, op.Slice(out, op.Max(a, b), total, ints(2)), axis=2)
+
+    return kv_append
 
 
 def _onnx_dtype(dtype) -> int:
@@ -775,6 +866,9 @@ class OnnxBackend(BackendBase):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript", "onnx_ir") if importlib.util.find_spec(m) is None]
         return f"needs {', '.join(missing)} (pip install 'finegrain[onnx]')" if missing else None
 
+    def check(self, compiled) -> list:  # and the kv_append variants the ONNX arithmetic does not cover
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "ONNX")
+
     def capability(self, fmt: QuantFormat, role: str, partner=None) -> tuple[str, str]:
         if role == "weight":
             if fmt.block_rows:
@@ -799,8 +893,9 @@ class OnnxBackend(BackendBase):
         if op == "recurrent":
             return "emulated", "DequantizeLinear of the gate matrices -> float LSTM / GRU / RNN"
         if op == "kv_append":
-            return "refused", ("a KV cache quantized per channel over token groups / with a float window has no ONNX "
-                               "lowering yet (ONNX Runtime's attention ops take no such cache)")
+            return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
+                                "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in ONNX "
+                                "arithmetic; ZipCache and grouped-head keys refused")
         if op == "act_outliers":
             return "refused", "activation groups in two precisions (FMPQ) have no ONNX lowering yet"
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"

@@ -78,3 +78,67 @@ def test_genai_export_needs_the_cache_graph(compiled, tmp_path):
     with pytest.raises(ExportError, match="kv_cache=True"):
         export_genai(compiled("w8a16"), tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+KIVI = {"name": "kivi", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}], "kv_key": "int4-g4-asym-fp16-dyn",
+        "kv_value": "int4-g8-asym-fp16-dyn", "kv_key_axis": "tokens", "kv_window": 4, "kv_sinks": 1,
+        "kv_pre_rope": True, "kv_rotate": True}
+
+
+def _incremental(s, x, prefill):
+    logits, state = s.prefill(x[:, :prefill])
+    outs = [logits]
+    for t in range(prefill, x.shape[1]):
+        logits, state = s.step(state, x[:, t:t + 1])
+        outs.append(logits)
+    return torch.cat(outs, 1)
+
+
+def test_windowed_kv_cache_in_onnxruntime_and_genai(tiny_llama, tmp_path):
+    """KIVI's writes (per-channel key groups, a float window, a sink, pre-RoPE rotated keys) exported
+    as ONNX arithmetic (``onnx._kv_append_translation``): ONNX Runtime decoding over the cache gives
+    the reference's logits, and onnxruntime-genai, driving the cache itself, generates the
+    reference's tokens from the reference's logits at every position."""
+    gen = torch.Generator().manual_seed(5)
+    cm = finegrain.compile(tiny_llama, (torch.randint(0, 256, (1, 16), generator=gen),), recipe=KIVI, progress=False,
+                           kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(6))
+    ref = _incremental(cm.session(), x, 11)  # prefill releases a group of new tokens, decode one every 4 steps
+    fp = finegrain.compile(tiny_llama, (x[:, :16],), recipe=FLOAT, progress=False)
+    assert _rel(fp(x), ref) > 1e-3  # the writes quantize
+    with cm.session("onnx") as s:
+        assert _rel(ref, _incremental(s, x, 11)) <= 1e-4
+    og = pytest.importorskip("onnxruntime_genai")
+    from finegrain.backends.onnx import export_genai
+
+    export_genai(cm, tmp_path / "genai")
+    model = og.Model(str(tmp_path / "genai"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=24, do_sample=False)
+    g = og.Generator(model, params)
+    prompt = x[:, :9]
+    g.append_tokens(prompt[0].numpy().astype(np.int32))
+    tokens, logits = [], [torch.from_numpy(np.array(g.get_logits())).reshape(-1)]
+    while not g.is_done():
+        g.generate_next_token()
+        tokens.append(int(g.get_next_tokens()[0]))
+        if not g.is_done():
+            logits.append(torch.from_numpy(np.array(g.get_logits())).reshape(-1))
+    assert tokens == cm.generate(prompt, 15).tokens
+    seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
+    want = _incremental(cm.session(), seq, 9)[0, 8:]
+    assert _rel(want, torch.stack(logits[:len(want)])) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gemma3"])
+def test_windowed_kv_cache_in_onnxruntime_across_families(family):
+    """Biases (Qwen2), a fused qkv projection (Phi-3), sliding-window layers and QK-norm (Gemma-3)."""
+    from tests.test_kv_cache import _family
+
+    model = _family(family)
+    cm = finegrain.compile(model, (torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1)),),
+                           recipe={**KIVI, "rules": [{"role": "linear"}]}, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = _incremental(cm.session(), x, 7)
+    with cm.session("onnx") as s:
+        assert _rel(ref, _incremental(s, x, 7)) <= 1e-4

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finegrain.backends.base import BackendBase, Refusal
+from finegrain.backends.base import BackendBase, Refusal, windowed_kv_refusals
 
 
 class TvmBackend(BackendBase):
@@ -64,16 +64,8 @@ class TvmBackend(BackendBase):
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
 
-    def check(self, compiled) -> list[Refusal]:
-        from finegrain.compiler.ops import KV_APPEND
-        from finegrain.backends.tvm.lower_window import refusal
-
-        refusals = super().check(compiled)
-        for n in compiled.gm.graph.nodes:  # the kv_append variants the windowed write does not cover
-            why = refusal(n) if n.op == "call_function" and n.target is KV_APPEND else None
-            if why:
-                refusals.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
-        return refusals
+    def check(self, compiled) -> list[Refusal]:  # and the kv_append variants the windowed write does not cover
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM")
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs

@@ -19,7 +19,7 @@ A static build (``lower_cache.py``) returns, for such a layer, not the new token
 of the cache from the first token this write quantized (``finegrain::kv_suffix``): the runtime
 writes every returned part so that it ends at the cache's new length, which rewrites the released
 group in place. ZipCache's saliency-ranked writes and RotateKV's grouped-head / reordered keys are
-refused by name (``TvmBackend.check``)."""
+refused by name (``TvmBackend.check``, ``base.windowed_kv_refusal``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph
 
+from finegrain.backends.base import windowed_kv_refusal
 from finegrain.compiler.ops import KV_APPEND, kv_append, kv_quantized_span
 from finegrain.formats import QuantFormat
 
@@ -77,24 +78,6 @@ KV_WINDOW_WRITE = torch.ops.finegrain.kv_window_write.default
 KV_SUFFIX = torch.ops.finegrain.kv_suffix.default
 
 
-def refusal(n) -> str | None:
-    """Why the ``kv_append`` node ``n`` has no TVM lowering, or None."""
-    kw = dict(zip(("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm",
-                   "head_group"), n.args[6:]), **n.kwargs)
-    if kw.get("score") is not None or kw.get("fmt_low") is not None:
-        return "ZipCache's saliency-ranked mixed-precision KV writes have no TVM lowering yet"
-    if kw.get("perm") is not None or kw.get("head_group", 1) != 1:
-        return "RotateKV's grouped-head / reordered key rotation has no TVM lowering yet (kv_head_group 1, no kv_reorder do)"
-    f = QuantFormat.parse(n.args[2])
-    if f.kind != "int" or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
-        return f"KV format {f.tag}: the TVM windowed write takes dynamic integer formats with float scales"
-    if n.args[3] == "tokens" and f.granularity != "group":
-        return f"KV format {f.tag}: per-channel keys (axis tokens) need groups of tokens (-gN)"
-    if n.args[3] != "tokens" and f.granularity not in ("group", "token"):
-        return f"KV format {f.tag}: values per token or in groups along the head dim"
-    return None
-
-
 def rewrite(gm, graph: Graph, param) -> None:
     """Each ``kv_append`` of ``graph`` becomes a ``kv_window_write`` (the per-head Hadamard of
     rotated pre-RoPE keys as a dense parameter); one with no lowering raises ``TvmError`` naming it."""
@@ -105,7 +88,7 @@ def rewrite(gm, graph: Graph, param) -> None:
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target is not KV_APPEND:
             continue
-        why = refusal(n)
+        why = windowed_kv_refusal(n, "TVM")
         if why:
             raise TvmError(f"node {n.name} (KV cache write): {why}")
         past, new, fmt, axis, window, sinks = n.args[:6]
