@@ -6,11 +6,11 @@ measured two ways on the same WikiText-2 windows:
 * cache path: the window in chunks (prefill the first chunk, then each next chunk over the cache
   the previous ones wrote), so later tokens attend to the quantized past.
 
-    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs 'KIVI;Hadamard'] [--chunk 256] [--tvm] [--out results/kv_quant]
+    python benchmarks/kv_quant.py [--windows 4] [--seq-len 2048] [--configs 'KIVI;Hadamard'] [--chunk 256] [--backends tvm onnx] [--out results/kv_quant]
 
 Prints ppl, the change against the float cache, and the bytes one token's cache takes (averaged
-over a 2048-token cache where a float window / sinks keep some tokens in float); ``--tvm`` also runs
-each config's cache path on a TVM static build of it (or says why TVM refuses it) and, as the noise
+over a 2048-token cache where a float window / sinks keep some tokens in float); ``--backends tvm onnx``
+also runs each config's cache path on those backends (or says why one refuses it) and, as the noise
 floor of such a comparison, on the reference with every weight multiplied by ``1 + 1e-6 N(0, 1)``
 (a quantized cache turns float differences of that size into different codes). Configs: plain
 per-token (one scale and zero per token and head), with the Hadamard rotation (``kv_rotate``) and
@@ -144,9 +144,10 @@ def main() -> None:
                     "(default: all; the float cache always runs first)")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--out", default="results/kv_quant")
-    ap.add_argument("--tvm", action="store_true", help="also run each config's cache path on a TVM static build "
-                    "(this CPU): its ppl and its logits' largest difference from the reference's cache path; and, "
-                    "as the float-rounding noise floor, the same for the reference with weights x (1 + 1e-6 N(0, 1))")
+    ap.add_argument("--backends", nargs="*", default=[], choices=("tvm", "onnx", "gpu"),
+                    help="also run each config's cache path on these backends' sessions (TVM: a static build for this "
+                    "CPU): ppl and the logits' largest difference from the reference's cache path; and, as the "
+                    "float-rounding noise floor, the same for the reference with weights x (1 + 1e-6 N(0, 1))")
     args = ap.parse_args()
 
     import finegrain
@@ -163,7 +164,7 @@ def main() -> None:
     rows = []
     base = None
     wanted = [c for c in args.configs.split(";") if c]
-    noisy = None  # the perturbed model of --tvm's noise floor, made once
+    noisy = None  # the perturbed model of --backends' noise floor, made once
     for name, fields in CONFIGS.items():
         if wanted and name != "float cache" and not any(w in name for w in wanted):
             continue
@@ -173,36 +174,33 @@ def main() -> None:
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         build = time.perf_counter() - t
-        others, why = [], None
-        if args.tvm:
+        others, refused = {}, {}
+        for backend in args.backends:
             from finegrain.backends import registry
 
-            refusals = registry.get("tvm").check(cm)
-            why = "; ".join(map(str, refusals[:1])) if refusals else None
-            t = time.perf_counter()
-            if not why:
-                others.append(cm.session("tvm", max_seq_len=args.seq_len + 8))
-            build_tvm = time.perf_counter() - t
+            refusals = registry.get(backend).check(cm)
+            if refusals:
+                refused[backend] = str(refusals[0])
+                continue
+            others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
+        if args.backends:
             noisy = noisy if noisy is not None else perturbed(lm.model)
-            others.append(finegrain.compile(noisy, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
-                                            calibration=calib).session())
-        ppl = both_ppl(cm, windows, args.chunk, others)
+            others["weights x(1+1e-6 N)"] = finegrain.compile(noisy, (windows[0][:, :16],), recipe=recipe,
+                                                               progress=False, kv_cache=True, calibration=calib).session()
+        ppl = both_ppl(cm, windows, args.chunk, list(others.values()))
         ppl_sim, ppl_cache = ppl[:2]
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
-             "bytes_per_token": cache_bytes_per_token(cm), "compile_s": round(build, 1)}
-        if args.tvm:
-            r.update({"ppl_tvm_cache_path": ppl[2][0], "tvm_logits_rel_diff": ppl[2][1],
-                      "tvm_build_s": round(build_tvm, 1)} if not why else {"tvm_refused": why})
-            r.update({"ppl_weights_1e-6_noise": ppl[-1][0], "noise_logits_rel_diff": ppl[-1][1]})
+             "bytes_per_token": cache_bytes_per_token(cm), "compile_s": round(build, 1),
+             "others": {k: {"ppl_cache_path": p, "logits_rel_diff": dd} for k, (p, dd) in zip(others, ppl[2:])},
+             "refused": refused}
         base = base or r
         r["delta_pct"] = 100 * (r["ppl_cache_path"] / base["ppl_cache_path"] - 1)
         rows.append(r)
         print(f"{name:36s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
-              f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token" + (
-                  f"  TVM cache path {r['ppl_tvm_cache_path']:.3f} (logits rel diff {r['tvm_logits_rel_diff']:.1e})"
-                  if "ppl_tvm_cache_path" in r else f"  TVM: {r['tvm_refused']}" if args.tvm else "") + (
-                  f"  weights x(1+1e-6 N): {r['ppl_weights_1e-6_noise']:.3f} (logits rel diff "
-                  f"{r['noise_logits_rel_diff']:.1e})" if args.tvm else ""), flush=True)
+              f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token" + "".join(
+                  f"  | {k} {o['ppl_cache_path']:.3f} (logits rel diff {o['logits_rel_diff']:.1e})"
+                  for k, o in r["others"].items()) + "".join(f"  | {k}: {why}" for k, why in refused.items()),
+              flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_quant.json").write_text(json.dumps({"machine": machine.describe(), "windows": args.windows,

@@ -49,18 +49,8 @@ def test_onnxruntime_genai_loads_and_generates(kv_models, tmp_path):
     info = export_genai(cm, tmp_path / "genai")
     assert {"model.onnx", "genai_config.json"} <= set(info["files"])
     assert all(f.startswith("MatMulNBits") for f in info["weights"].values())
-    model = og.Model(str(tmp_path / "genai"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=26, do_sample=False)
-    g = og.Generator(model, params)
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(7))
-    g.append_tokens(prompt[0].numpy().astype(np.int32))
-    tokens, logits = [], [torch.from_numpy(np.array(g.get_logits())).reshape(-1)]
-    while not g.is_done():
-        g.generate_next_token()
-        tokens.append(int(g.get_next_tokens()[0]))
-        if not g.is_done():
-            logits.append(torch.from_numpy(np.array(g.get_logits())).reshape(-1))
+    tokens, logits = _genai_greedy(og, tmp_path / "genai", prompt, 26)
     assert len(tokens) == 20
     ref = cm.generate(prompt, 20)
     assert tokens == ref.tokens
@@ -69,6 +59,22 @@ def test_onnxruntime_genai_loads_and_generates(kv_models, tmp_path):
     want = cm(seq)[0, prompt.shape[1] - 1:]
     got = torch.stack(logits[:len(want)])
     assert _rel(want, got) <= 1e-4
+
+
+def _genai_greedy(og, folder, prompt, max_length: int) -> tuple[list[int], list[torch.Tensor]]:
+    """onnxruntime-genai's greedy tokens after ``prompt`` and the logits it chose each from."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(prompt[0].numpy().astype(np.int32))
+    tokens, logits = [], [torch.from_numpy(np.array(g.get_logits())).reshape(-1)]
+    while not g.is_done():
+        g.generate_next_token()
+        tokens.append(int(g.get_next_tokens()[0]))
+        if not g.is_done():
+            logits.append(torch.from_numpy(np.array(g.get_logits())).reshape(-1))
+    return tokens, logits
 
 
 def test_genai_export_needs_the_cache_graph(compiled, tmp_path):
@@ -112,18 +118,8 @@ def test_windowed_kv_cache_in_onnxruntime_and_genai(tiny_llama, tmp_path):
     from finegrain.backends.onnx import export_genai
 
     export_genai(cm, tmp_path / "genai")
-    model = og.Model(str(tmp_path / "genai"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=24, do_sample=False)
-    g = og.Generator(model, params)
     prompt = x[:, :9]
-    g.append_tokens(prompt[0].numpy().astype(np.int32))
-    tokens, logits = [], [torch.from_numpy(np.array(g.get_logits())).reshape(-1)]
-    while not g.is_done():
-        g.generate_next_token()
-        tokens.append(int(g.get_next_tokens()[0]))
-        if not g.is_done():
-            logits.append(torch.from_numpy(np.array(g.get_logits())).reshape(-1))
+    tokens, logits = _genai_greedy(og, tmp_path / "genai", prompt, 24)
     assert tokens == cm.generate(prompt, 15).tokens
     seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
     want = _incremental(cm.session(), seq, 9)[0, 8:]

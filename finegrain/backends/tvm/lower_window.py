@@ -51,7 +51,7 @@ def _done(t, group: int, axis: str, window: int, sinks: int, maximum):
     return sinks + (n // group * group if axis == "tokens" else n)
 
 
-def window_group(fmt: str, axis: str, d: int) -> int:
+def window_group(fmt: str, axis: str) -> int:
     """The unit ``kv_append`` releases tokens in: the format's group along the tokens for per-channel
     keys, else one token."""
     return (QuantFormat.parse(fmt).group_size or 1) if axis == "tokens" else 1
@@ -62,14 +62,14 @@ def kv_suffix(present: torch.Tensor, past: torch.Tensor, fmt: str, axis: str, wi
               sinks: int) -> torch.Tensor:
     """The tokens of ``present`` (a ``kv_window_write`` over ``past``) from the first one the write
     quantized: what a static cache must write back (the new tokens and the released group)."""
-    g = window_group(fmt, axis, present.shape[-1])
+    g = window_group(fmt, axis)
     a, _ = kv_quantized_span(axis, g, past.shape[2], present.shape[2], window, sinks)
     return present[:, :, min(a, past.shape[2]):].clone()
 
 
 @kv_suffix.register_fake
 def _(present, past, fmt, axis, window, sinks):
-    g = window_group(fmt, axis, present.shape[-1])
+    g = window_group(fmt, axis)
     a = torch.sym_min(_done(past.shape[2], g, axis, window, sinks, torch.sym_max), past.shape[2])
     return present.new_empty((*present.shape[:2], present.shape[2] - a, present.shape[3]))
 
@@ -114,8 +114,8 @@ def relax_converters(prefix: str) -> dict:
     """The Relax frontend's converters for ``kv_window_write`` and ``kv_suffix``."""
     from tvm import te, tirx
 
-    def span(past_len, total, fmt, axis, window, sinks, d):
-        g = window_group(fmt, axis, d)
+    def span(past_len, total, fmt, axis, window, sinks):
+        g = window_group(fmt, axis)
         a = _done(past_len, g, axis, window, sinks, tirx.max)
         return a, _done(total, g, axis, window, sinks, tirx.max) - a
 
@@ -133,26 +133,21 @@ def relax_converters(prefix: str) -> dict:
             b_, heads, p_len, _ = past_.shape
             s_len = new_.shape[2]
             total = p_len + s_len
-            a, n = span(p_len, total, fmt, axis, int(window), int(sinks), d)
+            a, n = span(p_len, total, fmt, axis, int(window), int(sinks))
 
             def xin(b, h, t, c):
                 return tirx.if_then_else(t < p_len, past_[b, h, tirx.min(t, tirx.max(p_len - 1, 0)), c],
                                          new_[b, h, tirx.max(t - p_len, 0), c])
 
+            def rope_space(x, inverse: bool):  # pre-RoPE keys: Hadamard (self-inverse), RoPE^-1 or RoPE, Hadamard
+                if freq is None:
+                    return x
+                x = _matmul(x, h_) if h_ is not None else x
+                x = _rope(x, freq, a, inverse)
+                return _matmul(x, h_) if h_ is not None else x
+
             seg = te.compute((b_, heads, n, d), lambda b, h, i, c: xin(b, h, a + i, c), name="kv_span")
-            if freq is not None:
-                if h_ is not None:
-                    seg = _matmul(seg, h_, "kv_unrotate")
-                seg = _rope(seg, freq, a, True)
-                if h_ is not None:
-                    seg = _matmul(seg, h_, "kv_rotate_pre_rope")
-            y = _fake_quant(seg, f, axis, n)
-            if freq is not None:
-                if h_ is not None:
-                    y = _matmul(y, h_, "kv_unrotate_pre_rope")
-                y = _rope(y, freq, a, False)
-                if h_ is not None:
-                    y = _matmul(y, h_, "kv_rotate")
+            y = rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False)
             return te.compute((b_, heads, total, d), lambda b, h, t, c: tirx.if_then_else(
                 tirx.all(t >= a, t < a + n), y[b, h, tirx.max(tirx.min(t - a, n - 1), 0), c], xin(b, h, t, c)),
                 name="kv_window_write")
@@ -167,7 +162,7 @@ def relax_converters(prefix: str) -> dict:
         def fn(x_, past_):
             b_, heads, total, _ = x_.shape
             p_len = past_.shape[2]
-            a = tirx.min(span(p_len, total, fmt, axis, int(window), int(sinks), d)[0], p_len)
+            a = tirx.min(span(p_len, total, fmt, axis, int(window), int(sinks))[0], p_len)
             return te.compute((b_, heads, total - a, d), lambda b, h, t, c: x_[b, h, a + t, c], name="kv_suffix")
 
         return bb.emit_te(fn, present, past, primfunc_name_hint=f"{prefix}kv_suffix")
@@ -175,13 +170,13 @@ def relax_converters(prefix: str) -> dict:
     return {"kv_window_write.default": write, "kv_suffix.default": suffix}
 
 
-def _matmul(x, m, name: str):
+def _matmul(x, m):
     """``x @ m`` over the head dim (the dense orthonormal Hadamard)."""
     from tvm import te
 
     d = int(m.shape[0])
     k = te.reduce_axis((0, d), "k")
-    return te.compute(x.shape, lambda b, h, i, c: te.sum(x[b, h, i, k] * m[k, c], axis=k), name=name)
+    return te.compute(x.shape, lambda b, h, i, c: te.sum(x[b, h, i, k] * m[k, c], axis=k), name="kv_hadamard")
 
 
 def _rope(x, freq, start, inverse: bool):
