@@ -9,8 +9,8 @@ A KV-cache build (``finegrain build ART`` of an artifact compiled with ``--kv-ca
 ``kv.cache == "static"``, the default) is one preallocated ``[1, max_seq_len, kv_heads, head_dim]``
 buffer per layer for K and for V (a KV cache quantized on write: its codes, scales and zero points,
 manifest ``kv.buffers``): each call gets views of the tokens cached so far as its
-``past_*`` and returns the new tokens' keys / values, each written so that it ends at the new cache
-length (a KIVI-style windowed write also returns the older tokens it quantized, rewritten in place). A ``"concat"`` build returns the ``present_*`` tensors, fed back as the next ``past_*``. A build without the cache has no past: each new
+``past_*`` and returns the new tokens' keys / values, written into the buffers at the cache
+position. A ``"concat"`` build returns the ``present_*`` tensors, fed back as the next ``past_*``. A build without the cache has no past: each new
 token re-runs the whole sequence (correct, quadratic). Greedy decoding; prints the text (or ids)
 and tokens/s.
 """
@@ -75,9 +75,8 @@ for step in range(args.max_new_tokens):
         pos = tvm.runtime.tensor(np.arange(start, len(seq), dtype="int64")[None])
         if static:
             out = call(todo, pos, *(view(b, 0, start) for b in buffers))
-            for b, kv_new in zip(buffers, out[1:]):  # each part ends at the new length (a windowed
-                rows = int(kv_new.shape[1])              # KV write also returns the group it quantized)
-                kv_new.copyto(view(b, len(seq) - rows, rows))
+            for b, kv_new in zip(buffers, out[1:]):
+                kv_new.copyto(view(b, start, len(todo)))
         else:
             if past is None:  # an empty past: [batch, kv_heads, 0, head_dim] per layer, keys and values
                 past = [tvm.runtime.tensor(np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), "float32"))] * (

@@ -16,9 +16,8 @@ The executable has two functions taking ``(input_ids, *params)``: ``decode`` (on
 costs one ``prefill`` and one ``decode`` per new token. With ``kv.cache == "static"`` (the
 default, ``lower_cache.py``) the pasts are views ``[1, past, kv_heads, head_dim]`` of one
 preallocated ``[1, max_seq_len, kv_heads, head_dim]`` buffer per layer for K and for V, and the
-functions return ``(logits, new_key_0, new_value_0, ...)``, each written into its buffer so that it
-ends at the new cache length (the new tokens; a KIVI-style windowed write, ``lower_window.py``, also
-returns the group of older tokens it quantized, rewritten in place); with ``"concat"`` they return ``(logits, present_key_0, ...)`` (past + new,
+functions return ``(logits, new_key_0, new_value_0, ...)``, written into the buffers at the cache
+position; with ``"concat"`` they return ``(logits, present_key_0, ...)`` (past + new,
 ``[batch, kv_heads, seq, head_dim]``), the next call's past. :meth:`TvmDeployment.run_all` keeps
 the artifact's contract (head-major pasts in, presents out) for either. :class:`TvmDeployment` (``finegrain.load`` returns one
 for such a directory) runs it with only ``tvm.runtime`` (and torch for tensors in/out);
@@ -323,10 +322,8 @@ class TvmDeployment(Session, Artifact):
         """One call over a static cache: the past is views of ``bufs``' first ``start`` tokens; the
         new keys / values the function returns are written at ``start``. ``(logits, *bufs)``."""
         out = self._call([self._tensor(ids), self._tensor(pos), *(self._view(b, 0, start) for b in bufs)])
-        end = start + ids.shape[1]
-        for b, new in zip(bufs, out[1:]):  # each part ends at the new length: the new tokens, or for a
-            rows = int(new.shape[1])       # windowed write (lower_window.py) from the group it quantized
-            new.copyto(self._view(b, end - rows, rows))
+        for b, new in zip(bufs, out[1:]):
+            new.copyto(self._view(b, start, ids.shape[1]))
         return (torch.from_numpy(out[0].numpy()), *bufs)
 
     def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:

@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 
 from finegrain.compiler.ir import KV as KV_META  # the present keys / values' node meta
 from finegrain.compiler.ir import cache_past
+from finegrain.backends.tvm.lower_window import KV_WINDOW_PAST
 _TRANSPOSES = (torch.ops.aten.permute.default, torch.ops.aten.transpose.int)
 
 
@@ -39,10 +40,10 @@ def to_static_cache(gm: GraphModule) -> GraphModule:
     """Rewrite, in place, a prepared KV-cache graph (``lower.prepare`` output) for the static
     cache: each ``past_*`` placeholder becomes token-major ``[B, P, Hkv, d]`` (one transpose after
     it gives the ``[B, Hkv, P, d]`` its readers had), and each present output ``cat(past, new)``
-    becomes ``new`` transposed to ``[B, S, Hkv, d]`` (a ``kv_window_write``: its ``kv_suffix``,
-    transposed). Returns ``gm``."""
+    becomes ``new`` transposed to ``[B, S, Hkv, d]`` (a ``kv_window_write`` is split,
+    :func:`_split_window_write`). Returns ``gm``."""
     from finegrain.backends.tvm.lower_activations import TvmError
-    from finegrain.backends.tvm.lower_window import KV_SUFFIX, KV_WINDOW_WRITE
+    from finegrain.backends.tvm.lower_window import KV_WINDOW_WRITE
 
     graph = gm.graph
     out = next(n for n in graph.nodes if n.op == "output")
@@ -55,10 +56,8 @@ def to_static_cache(gm: GraphModule) -> GraphModule:
     for i, n in enumerate(results):
         if not isinstance(n, torch.fx.Node) or KV_META not in n.meta:
             continue
-        if n.target is KV_WINDOW_WRITE:  # the suffix from the first token this write quantizes
-            with graph.inserting_before(out):
-                suf = graph.call_function(KV_SUFFIX, (n, n.args[0], *n.args[4:8]))
-                results[i] = graph.call_function(torch.ops.aten.transpose.int, (suf, 1, 2))
+        if n.target is KV_WINDOW_WRITE:  # released cached tokens written in place, the new ones returned
+            results[i] = _split_window_write(graph, n)
             continue
         if n.target is not torch.ops.aten.cat.default or len(n.args[0]) != 2:
             raise TvmError(f"node {n.name}: the present of layer {n.meta[KV_META].get('layer')} is not cat(past, new); "
@@ -70,6 +69,29 @@ def to_static_cache(gm: GraphModule) -> GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _split_window_write(graph, n):
+    """A ``kv_window_write`` over ``transpose(past placeholder)`` becomes ``cat(transpose(
+    kv_window_past(past, ..)), kv_window_new(past, ..))`` (``lower_window.py``: the released cached
+    tokens written into the buffer in place); returns the new tokens token-major, the present output."""
+    from finegrain.backends.tvm.lower_activations import TvmError
+    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_PAST
+
+    ph = _placeholder_through_transpose(cache_past(n.args[0]))
+    if ph is None or ph.op != "placeholder":
+        raise TvmError(f"node {n.name}: the windowed KV write of layer {n.meta[KV_META].get('layer')} does not read "
+                       "its past input directly; build with cache='concat'")
+    with graph.inserting_before(n):
+        past = graph.call_function(KV_WINDOW_PAST, (ph, *n.args[1:]))
+        new = graph.call_function(KV_WINDOW_NEW, (ph, *n.args[1:]))
+        both = graph.call_function(torch.ops.aten.cat.default,
+                                   ([graph.call_function(torch.ops.aten.transpose.int, (past, 1, 2)), new], 2))
+    n.replace_all_uses_with(both)
+    graph.erase_node(n)
+    out = next(u for u in graph.nodes if u.op == "output")
+    with graph.inserting_before(out):
+        return graph.call_function(torch.ops.aten.transpose.int, (new, 1, 2))
 
 
 def _placeholder_through_transpose(x):
@@ -84,8 +106,8 @@ def _placeholder_through_transpose(x):
     elif [d % 4 for d in x.args[1]] != [0, 2, 1, 3]:
         return None
     src = x.args[0]
-    if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target is KV_DECODE:
-        return src  # a packed cache, read through kv_decode
+    if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in (KV_DECODE, KV_WINDOW_PAST):
+        return src  # a packed cache, read through kv_decode; a windowed write's past, written in place
     return src if isinstance(src, torch.fx.Node) and src.op == "placeholder" else None
 
 

@@ -15,10 +15,14 @@ tokens, or per group along the head dim; the scale rounded to its stored dtype; 
 even), moved back, and written over those tokens. A decode step quantizes nothing until a group
 leaves the window, then that group.
 
-A static build (``lower_cache.py``) returns, for such a layer, not the new tokens but the suffix
-of the cache from the first token this write quantized (``finegrain::kv_suffix``): the runtime
-writes every returned part so that it ends at the cache's new length, which rewrites the released
-group in place. ZipCache's saliency-ranked writes and RotateKV's grouped-head / reordered keys are
+A static build (``lower_cache.py``) splits the write in two (:func:`to_static`):
+``kv_window_past`` writes the released tokens that are already cached **in place** into the
+deployment's token-major buffer (``call_tir_inplace``: a loop over those rows only, usually none),
+and ``kv_window_new`` returns the new tokens, the released ones among them quantized. Attention then
+reads ``cat(past buffer, new)`` as over any static cache (decode's kernel reads the buffer in place)
+and the runtime writes the new tokens at the cache position as it does for every layer: decode
+touches the cache once per step plus the group it releases every ``G`` steps. ZipCache's
+saliency-ranked writes and RotateKV's grouped-head / reordered keys are
 refused by name (``TvmBackend.check``, ``base.windowed_kv_refusal``)."""
 from __future__ import annotations
 
@@ -57,25 +61,37 @@ def window_group(fmt: str, axis: str) -> int:
     return (QuantFormat.parse(fmt).group_size or 1) if axis == "tokens" else 1
 
 
-@torch.library.custom_op("finegrain::kv_suffix", mutates_args=())
-def kv_suffix(present: torch.Tensor, past: torch.Tensor, fmt: str, axis: str, window: int,
-              sinks: int) -> torch.Tensor:
-    """The tokens of ``present`` (a ``kv_window_write`` over ``past``) from the first one the write
-    quantized: what a static cache must write back (the new tokens and the released group)."""
-    g = window_group(fmt, axis)
-    a, _ = kv_quantized_span(axis, g, past.shape[2], present.shape[2], window, sinks)
-    return present[:, :, min(a, past.shape[2]):].clone()
+@torch.library.custom_op("finegrain::kv_window_past", mutates_args=())
+def kv_window_past(past: torch.Tensor, new: torch.Tensor, hadamard: Optional[torch.Tensor],
+                   inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int) -> torch.Tensor:
+    """The token-major past ``[B, P, Hkv, d]`` after a ``kv_window_write`` of ``new``: its released
+    tokens quantized (reference implementation; the TVM lowering writes them in place)."""
+    out = kv_window_write(past.transpose(1, 2), new, hadamard, inv_freq, fmt, axis, window, sinks)
+    return out[:, :, :past.shape[1]].transpose(1, 2).contiguous()
 
 
-@kv_suffix.register_fake
-def _(present, past, fmt, axis, window, sinks):
-    g = window_group(fmt, axis)
-    a = torch.sym_min(_done(past.shape[2], g, axis, window, sinks, torch.sym_max), past.shape[2])
-    return present.new_empty((*present.shape[:2], present.shape[2] - a, present.shape[3]))
+@kv_window_past.register_fake
+def _(past, new, hadamard, inv_freq, fmt, axis, window, sinks):
+    return torch.empty_like(past)
+
+
+@torch.library.custom_op("finegrain::kv_window_new", mutates_args=())
+def kv_window_new(past: torch.Tensor, new: torch.Tensor, hadamard: Optional[torch.Tensor],
+                  inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int) -> torch.Tensor:
+    """The new tokens ``[B, Hkv, S, d]`` after a ``kv_window_write`` over the token-major ``past``:
+    those the write released quantized (reference implementation)."""
+    out = kv_window_write(past.transpose(1, 2), new, hadamard, inv_freq, fmt, axis, window, sinks)
+    return out[:, :, past.shape[1]:].contiguous()
+
+
+@kv_window_new.register_fake
+def _(past, new, hadamard, inv_freq, fmt, axis, window, sinks):
+    return torch.empty_like(new)
 
 
 KV_WINDOW_WRITE = torch.ops.finegrain.kv_window_write.default
-KV_SUFFIX = torch.ops.finegrain.kv_suffix.default
+KV_WINDOW_PAST = torch.ops.finegrain.kv_window_past.default
+KV_WINDOW_NEW = torch.ops.finegrain.kv_window_new.default
 
 
 def rewrite(gm, graph: Graph, param) -> None:
@@ -111,63 +127,120 @@ def rewrite(gm, graph: Graph, param) -> None:
 
 
 def relax_converters(prefix: str) -> dict:
-    """The Relax frontend's converters for ``kv_window_write`` and ``kv_suffix``."""
-    from tvm import te, tirx
+    """The Relax frontend's converters for ``kv_window_write`` (concat builds) and
+    ``kv_window_past`` / ``kv_window_new`` (static builds: the past token-major)."""
+    from tvm import relax, te, tirx
 
-    def span(past_len, total, fmt, axis, window, sinks):
+    memo: dict = {}  # (block builder, past, new) -> the released tokens: one computation for both halves
+    funcs: dict = {}
+
+    def released(past_, new_, h_, freq, fmt, axis, window, sinks, token_major: bool):
+        """TE: ``(a, n, y, xin)``: the first released token, how many, their written values
+        ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``."""
+        f = QuantFormat.parse(fmt)
+        b_, d = new_.shape[0], int(new_.shape[3])
+        heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
         g = window_group(fmt, axis)
-        a = _done(past_len, g, axis, window, sinks, tirx.max)
-        return a, _done(total, g, axis, window, sinks, tirx.max) - a
+        a = _done(p_len, g, axis, int(window), int(sinks), tirx.max)
+        n = _done(p_len + new_.shape[2], g, axis, int(window), int(sinks), tirx.max) - a
+
+        def xin(b, h, t, c):
+            tp = tirx.min(t, tirx.max(p_len - 1, 0))
+            return tirx.if_then_else(t < p_len, past_[b, tp, h, c] if token_major else past_[b, h, tp, c],
+                                     new_[b, h, tirx.max(t - p_len, 0), c])
+
+        def rope_space(x, inverse: bool):  # pre-RoPE keys: Hadamard (self-inverse), RoPE^-1 or RoPE, Hadamard
+            if freq is None:
+                return x
+            x = _matmul(x, h_) if h_ is not None else x
+            x = _rope(x, freq, a, inverse)
+            return _matmul(x, h_) if h_ is not None else x
+
+        seg = te.compute((b_, heads, n, d), lambda b, h, i, c: xin(b, h, a + i, c), name="kv_span")
+        return a, n, rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False), xin
+
+    def parts(importer, node):
+        args = importer.retrieve_args(node)
+        hm, inv_freq = args[2:4]
+        return args[:2], [t for t in (hm, inv_freq) if t is not None], (hm is not None, inv_freq is not None), args[4:8]
+
+    def split(rest, has):
+        return (rest[0] if has[0] else None), (rest[-1] if has[1] else None)
 
     def write(node, importer):
-        bb = importer.block_builder
-        args = importer.retrieve_args(node)
-        past, new, hm, inv_freq, fmt, axis, window, sinks = args[:8]
-        f = QuantFormat.parse(fmt)
-        d = int(new.ty.shape[-1])
-        extra = [t for t in (hm, inv_freq) if t is not None]
+        (past, new), extra, has, spec = parts(importer, node)
 
         def fn(past_, new_, *rest):
-            h_ = rest[0] if hm is not None else None
-            freq = rest[-1] if inv_freq is not None else None
-            b_, heads, p_len, _ = past_.shape
-            s_len = new_.shape[2]
-            total = p_len + s_len
-            a, n = span(p_len, total, fmt, axis, int(window), int(sinks))
-
-            def xin(b, h, t, c):
-                return tirx.if_then_else(t < p_len, past_[b, h, tirx.min(t, tirx.max(p_len - 1, 0)), c],
-                                         new_[b, h, tirx.max(t - p_len, 0), c])
-
-            def rope_space(x, inverse: bool):  # pre-RoPE keys: Hadamard (self-inverse), RoPE^-1 or RoPE, Hadamard
-                if freq is None:
-                    return x
-                x = _matmul(x, h_) if h_ is not None else x
-                x = _rope(x, freq, a, inverse)
-                return _matmul(x, h_) if h_ is not None else x
-
-            seg = te.compute((b_, heads, n, d), lambda b, h, i, c: xin(b, h, a + i, c), name="kv_span")
-            y = rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False)
-            return te.compute((b_, heads, total, d), lambda b, h, t, c: tirx.if_then_else(
+            a, n, y, xin = released(past_, new_, *split(rest, has), *spec, token_major=False)
+            b_, heads, p_len, d = past_.shape
+            return te.compute((b_, heads, p_len + new_.shape[2], d), lambda b, h, t, c: tirx.if_then_else(
                 tirx.all(t >= a, t < a + n), y[b, h, tirx.max(tirx.min(t - a, n - 1), 0), c], xin(b, h, t, c)),
                 name="kv_window_write")
 
-        return bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_write")
+        return importer.block_builder.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_write")
 
-    def suffix(node, importer):
+    def span(node, importer):
+        """The released tokens' values (opaque: computed before the past is written in place)."""
         bb = importer.block_builder
-        present, past, fmt, axis, window, sinks = importer.retrieve_args(node)[:6]
-        d = int(present.ty.shape[-1])
+        (past, new), extra, has, spec = parts(importer, node)
+        key = (id(bb), str(node.args[0]), str(node.args[1]))
+        if key not in memo:
+            def fn(past_, new_, *rest):
+                return released(past_, new_, *split(rest, has), *spec, token_major=True)[2]
+            memo[key] = bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_span",
+                                   primfunc_attrs={"op_pattern": 8})
+        return past, new, memo[key], spec
 
-        def fn(x_, past_):
-            b_, heads, total, _ = x_.shape
-            p_len = past_.shape[2]
-            a = tirx.min(span(p_len, total, fmt, axis, int(window), int(sinks))[0], p_len)
-            return te.compute((b_, heads, total - a, d), lambda b, h, t, c: x_[b, h, a + t, c], name="kv_suffix")
+    def write_past(node, importer):
+        bb = importer.block_builder
+        past, _new, y, (fmt, axis, window, sinks) = span(node, importer)
+        b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in past.ty.shape)
+        key = f"{prefix}kv_window_rows_b{b_}_h{heads}_d{d}_w{window}_s{sinks}_g{window_group(fmt, axis)}_{axis}"
+        if key not in funcs:
+            func = _rows_in_place(b_, heads, d, int(window), int(sinks), window_group(fmt, axis), axis)
+            funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
+        return bb.emit(relax.call_tir_inplace(funcs[key], [past, y], 0, relax.TensorType(past.ty.shape, "float32")))
 
-        return bb.emit_te(fn, present, past, primfunc_name_hint=f"{prefix}kv_suffix")
+    def write_new(node, importer):
+        bb = importer.block_builder
+        past, new, y, (fmt, axis, window, sinks) = span(node, importer)
 
-    return {"kv_window_write.default": write, "kv_suffix.default": suffix}
+        def fn(past_, new_, y_):
+            p_len, g = past_.shape[1], window_group(fmt, axis)
+            a = _done(p_len, g, axis, int(window), int(sinks), tirx.max)
+            n = y_.shape[2]
+            return te.compute(new_.shape, lambda b, h, i, c: tirx.if_then_else(
+                tirx.all(p_len + i >= a, p_len + i < a + n), y_[b, h, tirx.max(tirx.min(p_len + i - a, n - 1), 0), c],
+                new_[b, h, i, c]), name="kv_window_new")
+
+        return bb.emit_te(fn, past, new, y, primfunc_name_hint=f"{prefix}kv_window_new")
+
+    return {"kv_window_write.default": write, "kv_window_past.default": write_past,
+            "kv_window_new.default": write_new}
+
+
+def _rows_in_place(batch: int, heads: int, d: int, window: int, sinks: int, unit: int, axis: str):
+    """The PrimFunc ``f(past[B, P, Hkv, d], y[B, Hkv, n, d])`` writing the released tokens ``y`` that
+    are already cached into the token-major ``past`` buffer, in place (rows ``a .. min(a + n, P)``,
+    ``a`` from ``P`` by ``kv_quantized_span``'s rule): a loop over those rows only."""
+    from tvm.script import tirx as T
+
+    tokens = axis == "tokens"
+
+    @T.prim_func(s_tir=True)
+    def func(x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        n = T.int64()
+        x = T.match_buffer(x_h, (batch, p, heads, d), "float32")
+        y = T.match_buffer(y_h, (batch, heads, n, d), "float32")
+        m = T.max(p - (window + sinks), T.int64(0))
+        a = (m // unit * unit if tokens else m) + sinks
+        for bi, i, h, c in T.grid(batch, n, heads, d):
+            if a + i < p:
+                x[bi, a + i, h, c] = y[bi, h, i, c]
+
+    return func
 
 
 def _matmul(x, m):
