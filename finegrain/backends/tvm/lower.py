@@ -338,7 +338,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         kv_fake_quant(graph)
         from finegrain.backends.tvm import lower_window
 
-        lower_window.rewrite(gm, graph, param)
+        lower_window.rewrite(graph)
     _rewrite_activations(gm, graph, param)
     from finegrain.compiler.ops import WEIGHT
 
