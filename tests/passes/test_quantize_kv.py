@@ -221,14 +221,21 @@ def test_kivi_cache_path_stores_what_the_full_forward_stores(llama, tmp_path):
     assert back.kv == cm.kv and _rel(cm(x), back(x)) == 0
 
 
-def test_kivi_is_refused_by_name_where_no_backend_lowers_it(llama):
+def test_kivi_writes_are_taken_by_every_backend_and_zipcache_is_refused_by_name(llama):
+    """KIVI's windowed writes are emulated on ONNX Runtime and TVM (``backends/tvm/lower_window.py``,
+    ``onnx._kv_append_translation``); a ZipCache write, which neither lowers, is refused naming the node."""
     from finegrain.backends import registry
 
     cm = finegrain.compile(llama, (IDS,), recipe={"name": "kivi", "rules": [], **KIVI}, progress=False, kv_cache=True)
+    for name in ("torch", "onnx", "tvm"):
+        assert not [r for r in registry.get(name).check(cm) if r.what == "kv_append"], name
+    zip_ = {"name": "zip", "rules": [], **KIVI, "kv_key_axis": "head_dim", "kv_key": "int4-token-asym-fp16-dyn",
+            "kv_zip_key": "int2-token-asym-fp16-dyn", "kv_zip_block": 8}
+    cm = finegrain.compile(llama, (IDS,), recipe=zip_, progress=False, kv_cache=True)
     for name in ("onnx", "tvm"):
         refusals = registry.get(name).check(cm)
-        assert any(r.what == "kv_append" and "KV cache write" in r.where for r in refusals), (name, refusals)
-    assert not registry.get("torch").check(cm)
+        assert any(r.what == "kv_append" and "KV cache write" in r.where and "ZipCache" in r.why
+                   for r in refusals), (name, refusals)
 
 
 def test_kivi_refusals(llama):
