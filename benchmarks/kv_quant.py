@@ -115,14 +115,14 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int, others=()) -> tuple:
             *((math.exp(nll / n), dd) for nll, dd in zip(nll_o, diff)))
 
 
-def perturbed(model, eps: float = 1e-6):
-    """A copy of ``model`` with every weight multiplied by ``1 + eps * N(0, 1)`` (fixed seed): the
+def perturbed(model, eps: float = 1e-6, seed: int = 0):
+    """A copy of ``model`` with every weight multiplied by ``1 + eps * N(0, 1)`` (``seed``): the
     float-rounding noise floor of a quantized cache (another engine's float arithmetic differs from
     torch's by about this much, and a quantizer's rounding turns such differences into different codes)."""
     import copy
 
     m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(1 + eps * torch.randn(p.shape, generator=g))
@@ -148,6 +148,8 @@ def main() -> None:
                     help="also run each config's cache path on these backends' sessions (TVM: a static build for this "
                     "CPU): ppl and the logits' largest difference from the reference's cache path; and, as the "
                     "float-rounding noise floor, the same for the reference with weights x (1 + 1e-6 N(0, 1))")
+    ap.add_argument("--noise-seeds", type=int, nargs="+", default=[0],
+                    help="with --backends: one perturbed reference per seed (the noise floor's spread)")
     args = ap.parse_args()
 
     import finegrain
@@ -164,7 +166,7 @@ def main() -> None:
     rows = []
     base = None
     wanted = [c for c in args.configs.split(";") if c]
-    noisy = None  # the perturbed model of --backends' noise floor, made once
+    noisy = None  # the perturbed models of --backends' noise floor, made once
     for name, fields in CONFIGS.items():
         if wanted and name != "float cache" and not any(w in name for w in wanted):
             continue
@@ -184,9 +186,10 @@ def main() -> None:
                 continue
             others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
         if args.backends:
-            noisy = noisy if noisy is not None else perturbed(lm.model)
-            others["weights x(1+1e-6 N)"] = finegrain.compile(noisy, (windows[0][:, :16],), recipe=recipe,
-                                                               progress=False, kv_cache=True, calibration=calib).session()
+            noisy = noisy or [perturbed(lm.model, seed=seed) for seed in args.noise_seeds]
+            for seed, m in zip(args.noise_seeds, noisy):
+                others[f"weights x(1+1e-6 N), seed {seed}"] = finegrain.compile(
+                    m, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True, calibration=calib).session()
         ppl = both_ppl(cm, windows, args.chunk, list(others.values()))
         ppl_sim, ppl_cache = ppl[:2]
         r = {"config": name, "ppl_simulated": ppl_sim, "ppl_cache_path": ppl_cache,
