@@ -117,14 +117,20 @@ def _(w):
 weight.register_autograd(lambda ctx, grad: grad)
 
 
+def kv_quantized_until(t, axis: str, group: int, window: int, sinks: int, maximum=max):
+    """How many tokens (from the first, sinks included) a cache of ``t`` tokens holds quantized or
+    as sinks: whole units of ``group`` tokens (per-channel keys) or single tokens at least ``window``
+    old. ``maximum``: ``max``, or a symbolic one (``tirx.max``) for a length known at run time."""
+    n = maximum(t - window - sinks, 0)
+    return sinks + (n // group * group if axis == "tokens" else n)
+
+
 def kv_quantized_span(axis: str, group: int, past: int, total: int, window: int, sinks: int) -> tuple[int, int]:
     """Token range ``[a, b)`` of a ``[.., T, d]`` cache that a write growing it from ``past`` to
     ``total`` tokens quantizes (empty when ``a >= b``): the units whose last token is at least
     ``window`` tokens old now and was not before (see ``kv_append``)."""
-    def done(t: int) -> int:  # tokens quantized when the cache holds t tokens (from the sinks on)
-        n = max(0, t - window - sinks)
-        return sinks + (n // group * group if axis == "tokens" else n)
-    return done(past), done(total)
+    return (kv_quantized_until(past, axis, group, window, sinks),
+            kv_quantized_until(total, axis, group, window, sinks))
 
 
 def _rope(x: torch.Tensor, start: int, inv_freq: torch.Tensor, inverse: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from torch.fx import Graph
 
 from finegrain.backends.base import windowed_kv_refusal
-from finegrain.compiler.ops import KV_APPEND, kv_append, kv_quantized_span
+from finegrain.compiler.ops import KV_APPEND, kv_append, kv_quantized_until
 from finegrain.formats import QuantFormat
 
 
@@ -46,12 +46,6 @@ def kv_window_write(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[to
 @kv_window_write.register_fake
 def _(past, new, inv_freq, fmt, axis, window, sinks, rotated):
     return torch.cat([past, new], 2)
-
-
-def _done(t, group: int, axis: str, window: int, sinks: int, maximum):
-    """Tokens quantized when the cache holds ``t`` (``kv_quantized_span``'s rule, for symbolic ``t``)."""
-    n = maximum(t - window - sinks, 0)
-    return sinks + (n // group * group if axis == "tokens" else n)
 
 
 def window_group(fmt: str, axis: str) -> int:
@@ -140,8 +134,8 @@ def relax_converters(prefix: str) -> dict:
         b_, d = new_.shape[0], int(new_.shape[3])
         heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
         g = window_group(fmt, axis)
-        a = _done(p_len, g, axis, int(window), int(sinks), tirx.max)
-        n = _done(p_len + new_.shape[2], g, axis, int(window), int(sinks), tirx.max) - a
+        a = kv_quantized_until(p_len, axis, g, int(window), int(sinks), tirx.max)
+        n = kv_quantized_until(p_len + new_.shape[2], axis, g, int(window), int(sinks), tirx.max) - a
 
         def xin(b, h, t, c):
             tp = tirx.min(t, tirx.max(p_len - 1, 0))
@@ -206,7 +200,7 @@ def relax_converters(prefix: str) -> dict:
 
         def fn(past_, new_, y_):
             p_len, g = past_.shape[1], window_group(fmt, axis)
-            a = _done(p_len, g, axis, int(window), int(sinks), tirx.max)
+            a = kv_quantized_until(p_len, axis, g, int(window), int(sinks), tirx.max)
             n = y_.shape[2]
             return te.compute(new_.shape, lambda b, h, i, c: tirx.if_then_else(
                 tirx.all(p_len + i >= a, p_len + i < a + n), y_[b, h, tirx.max(tirx.min(p_len + i - a, n - 1), 0), c],
