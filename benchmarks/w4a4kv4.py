@@ -2,7 +2,7 @@
 4-bit activations (per token groups along K, clip ratio searched per site) and a 4-bit KV cache,
 against float and W4A4 with a float cache, through the cache path and the simulated protocol.
 
-    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--out results/w4a4kv4]
+    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--rows ...] [--backends tvm onnx] [--out results/w4a4kv4]
 
 Rows: ``fp32`` (float weights and cache), ``w4a4`` (preset ``w4a4-g64-rot-gptq``, float cache),
 ``w4a4kv4`` (preset ``w4a4kv4``: the same plus KIVI-4 keys per channel before RoPE, values per token
@@ -10,7 +10,9 @@ in groups of 32, the newest 128 tokens and one sink in float), ``w4a4kv4-fmpq25`
 quarter of each activation site's groups at 8 bits, ``act_outlier_fraction: 0.25``). Each compiled with ``kv_cache=True``
 on the default Brown calibration (32 x 512 tokens); perplexity on the first ``--windows``
 WikiText-2 test windows of 2048 (``benchmarks/kv_quant.both_ppl``), cache bytes per token at a
-2048-token context, compile seconds.
+2048-token context, compile seconds. ``--backends tvm onnx`` also runs each row's cache path on those
+backends' sessions (TVM: a static build for this machine; activation groups and the KIVI writes are
+fake-quantized there as the reference computes them) beside the reference's, or says why one refuses it.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--rows", nargs="+", default=[name for name, _ in ROWS])
+    ap.add_argument("--backends", nargs="*", default=[], choices=("tvm", "onnx", "gpu"),
+                    help="also run each row's cache path on these backends' sessions")
     ap.add_argument("--out", default="results/w4a4kv4")
     args = ap.parse_args()
 
@@ -62,17 +66,31 @@ def main() -> None:
         t = time.perf_counter()
         cm = compile_loaded(lm, recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
-        sim, cache = both_ppl(cm, windows, args.chunk)
+        others, refused = {}, {}
+        for backend in args.backends:
+            from finegrain.backends import registry
+
+            refusals = registry.get(backend).check(cm)
+            if refusals:
+                refused[backend] = str(refusals[0])
+                continue
+            others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
+        sim, cache, *through = both_ppl(cm, windows, args.chunk, list(others.values()))
         r = {"row": name, "recipe": recipe if isinstance(recipe, str) else recipe["name"], "ppl_simulated": sim,
              "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight() or 32.0,
              "kv_bytes_per_token": cache_bytes_per_token(cm),
-             "compile_s": round(build, 1)}
+             "compile_s": round(build, 1),
+             "others": {k: {"ppl_cache_path": p, "logits_rel_diff": dd} for k, (p, dd) in zip(others, through)},
+             "refused": refused}
         base = base or r
         r["delta_pct"] = 100 * (cache / base["ppl_cache_path"] - 1)
         rows.append(r)
         print(f"{name:8s} ppl simulated {sim:.3f}  cache path {cache:.3f} ({r['delta_pct']:+.2f}%)  "
-              f"{r['kv_bytes_per_token']:.0f} B/token  {r['bits_per_weight']:.3f} bits/weight  {build:.0f} s", flush=True)
-        del cm
+              f"{r['kv_bytes_per_token']:.0f} B/token  {r['bits_per_weight']:.3f} bits/weight  {build:.0f} s" + "".join(
+                  f"  | {k} {o['ppl_cache_path']:.3f} (logits rel diff {o['logits_rel_diff']:.1e})"
+                  for k, o in r["others"].items()) + "".join(f"  | {k}: {why}" for k, why in refused.items()),
+              flush=True)
+        del cm, others
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "w4a4kv4.json").write_text(json.dumps({"machine": machine.describe(), "windows": args.windows,

@@ -111,10 +111,12 @@ def _marker_ops() -> dict[str, Any]:
 
 def _act_format(fmt: str) -> QuantFormat:
     f = QuantFormat.parse(fmt)
-    if (f.kind not in ("int", "e4m3", "e5m2") or f.granularity not in ("token", "tensor")
+    grouped = f.granularity == "group" and f.kind == "int" and f.dynamic and not f.block_rows
+    if (f.kind not in ("int", "e4m3", "e5m2") or not (f.granularity in ("token", "tensor") or grouped)
             or f.scale not in ("fp32", "fp16", "bf16")):
         raise ExportError(f"activation format {fmt}: the ONNX export covers integer and FP8 activations per token "
-                          "or per tensor with float scales (MX / NV block activations are not exported yet)")
+                          "or per tensor with float scales, and dynamic integers in groups along the row (MX / NV "
+                          "block activations are not exported yet)")
     return f
 
 
@@ -133,6 +135,10 @@ def _translation_table() -> dict:
         f = _act_format(fmt)
         lo, hi = f.family.code_range(f)
         xf = op.Cast(x, to=fl)
+        if f.granularity == "group" and scale is not None:
+            raise ExportError(f"activation format {fmt}: static scales in groups are not exported")
+        if f.granularity == "group":  # scales per group of the padded row, expanded back over it
+            return _grouped_quantize(op, xf, f, lambda g, tok: quantize(g, tok.tag))
         if scale is None:  # dynamic: the format's own parameter choice, at run time
             axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
             keep = 1 if f.granularity == "token" else 0
@@ -164,7 +170,9 @@ def _translation_table() -> dict:
         return codes, s, op.Cast(z, to=onnx.TensorProto.INT32)
 
     def dequantize(codes, scale, zero, fmt: str, out_dtype):
-        _act_format(fmt)
+        f = _act_format(fmt)
+        if f.granularity == "group":
+            scale, zero = _group_params(op, scale, codes, f), _group_params(op, zero, codes, f)
         y = op.Mul(op.Sub(op.Cast(codes, to=fl), op.Cast(zero, to=fl)), scale)
         to = _onnx_dtype(out_dtype)
         return y if to == fl else op.Cast(y, to=to)
@@ -182,6 +190,39 @@ def _translation_table() -> dict:
 
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
             WEIGHT: weight, KV_APPEND: _kv_append_translation(op)}
+
+
+def _grouped_quantize(op, xf, f: QuantFormat, per_token):
+    """``quantize`` of ``xf[..., K]`` (fp32) in a format with groups of ``G`` along the row: the row
+    padded to whole groups by repeating its last element (``Pad`` mode ``edge``: as
+    ``QuantFormat._grouped``, no group's range changes), viewed as ``[..., ceil(K / G), G]`` and
+    quantized per token there (``per_token(view, token format)``). Returns the codes ``[..., K]``
+    and the scales / zero points ``[..., ceil(K / G)]``, the shapes the reference's ``quantize``
+    gives (:func:`_group_params` expands them back for ``dequantize``)."""
+    import dataclasses
+
+    tok = dataclasses.replace(f, granularity="token", group_size=None)
+    g = f.group_size
+    k = op.Shape(xf, start=-1)
+    ng = op.Div(op.Add(k, op.Constant(value_ints=[g - 1])), op.Constant(value_ints=[g]))
+    pad = op.Sub(op.Mul(ng, op.Constant(value_ints=[g])), k)
+    padded = op.Pad(xf, op.Concat(op.Constant(value_ints=[0]), pad, axis=0), None,
+                    op.Constant(value_ints=[-1]), mode="edge")
+    rows = op.Shape(xf, end=-1)
+    view = op.Reshape(padded, op.Concat(rows, ng, op.Constant(value_ints=[g]), axis=0))
+    codes, s, z = per_token(view, tok)
+    codes = op.Reshape(codes, op.Concat(rows, op.Constant(value_ints=[-1]), axis=0))
+    codes = op.Slice(codes, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[-1]))
+    return codes, op.Reshape(s, op.Concat(rows, ng, axis=0)), op.Reshape(z, op.Concat(rows, ng, axis=0))
+
+
+def _group_params(op, t, codes, f: QuantFormat):
+    """Group scales / zero points ``t[..., ceil(K / G)]`` repeated over the ``K`` elements of ``codes``."""
+    g = f.group_size
+    rep = op.Expand(op.Unsqueeze(t, op.Constant(value_ints=[-1])),
+                    op.Concat(op.Shape(t), op.Constant(value_ints=[g]), axis=0))
+    flat = op.Reshape(rep, op.Concat(op.Shape(codes, end=-1), op.Constant(value_ints=[-1]), axis=0))
+    return op.Slice(flat, op.Constant(value_ints=[0]), op.Shape(codes, start=-1), op.Constant(value_ints=[-1]))
 
 
 def _kv_append_translation(op):
@@ -897,7 +938,8 @@ class OnnxBackend(BackendBase):
                                 "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in ONNX "
                                 "arithmetic; ZipCache and grouped-head keys refused")
         if op == "act_outliers":
-            return "refused", "activation groups in two precisions (FMPQ) have no ONNX lowering yet"
+            return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
+                                "groups' columns taken from the 8-bit one")
         return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
 
     def session(self, compiled, **options) -> OnnxSession:

@@ -77,6 +77,20 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
     assert (ref - fake_free).abs().max() > 10 * (out - ref).abs().max()  # the check can see activation error
 
 
+@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85"])
+def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inputs, tmp_path, act):
+    """Dynamic activation groups (W4A4 g64, the ``w4a4kv4`` preset's): a ragged last group (g40 over
+    the tiny model's 64 / 96 features) padded as the reference pads it, scales per group."""
+    cm = compiled({**_w("int8-channel-sym-fp32", act), "name": f"w8-{act}"})
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    tok = act.replace("-g40", "-token").replace("-g64", "-token")
+    per_token = compiled({**_w("int8-channel-sym-fp32", tok), "name": f"w8-{tok}"})(test)
+    assert (ref - per_token).abs().max() > 100 * (out - ref).abs().max()  # the groups are what the session computes
+
+
 def _initializers(path):
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer]
 

@@ -138,3 +138,30 @@ def test_windowed_kv_cache_in_onnxruntime_across_families(family):
     ref = _incremental(cm.session(), x, 7)
     with cm.session("onnx") as s:
         assert _rel(ref, _incremental(s, x, 7)) <= 1e-4
+
+
+def test_kv_cache_in_head_dim_groups_in_onnxruntime_and_genai(tiny_llama, tmp_path):
+    """Keys / values quantized per token in groups of 8 along the head dim (a ``quantize`` /
+    ``dequantize`` pair on each write, no window): ONNX Runtime over the cache gives the
+    reference's logits, onnxruntime-genai its tokens."""
+    recipe = {"name": "kv-g8", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"}],
+              "kv_key": "int4-g8-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn"}
+    gen = torch.Generator().manual_seed(5)
+    cm = finegrain.compile(tiny_llama, (torch.randint(0, 256, (1, 16), generator=gen),), recipe=recipe,
+                           progress=False, kv_cache=True)
+    assert not cm.check("onnx")
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(6))
+    ref = _incremental(cm.session(), x, 7)
+    per_token = {**recipe, "name": "kv-token", "kv_key": "int4-token-asym-fp16-dyn",
+                 "kv_value": "int4-token-asym-fp16-dyn"}
+    tok = finegrain.compile(tiny_llama, (x[:, :16],), recipe=per_token, progress=False, kv_cache=True)
+    with cm.session("onnx") as s:
+        err = _rel(ref, _incremental(s, x, 7))
+    assert err <= 1e-4 and _rel(ref, _incremental(tok.session(), x, 7)) > 100 * err  # the groups are computed
+    og = pytest.importorskip("onnxruntime_genai")
+    from finegrain.backends.onnx import export_genai
+
+    export_genai(cm, tmp_path / "genai")
+    prompt = x[:, :6]
+    tokens, _ = _genai_greedy(og, tmp_path / "genai", prompt, 20)
+    assert tokens == cm.generate(prompt, 14).tokens

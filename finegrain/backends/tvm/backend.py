@@ -40,9 +40,14 @@ class TvmBackend(BackendBase):
                 return "native", ("packed in a static-cache build (codes in 32-bit words, scales, zero points; both "
                                   "K and V of a layer packable), read by the decode attention kernel in place")
             return "emulated", "fp32 cache holding the format's values (fake quantization on write)"
-        if fmt.kind != "int" or fmt.granularity not in ("token", "tensor") or fmt.scale not in ("fp32", "fp16", "bf16"):
-            return "refused", (f"activation format {fmt.tag} has no TVM lowering (integer activations per token or "
-                               "per tensor with float scales do)")
+        from finegrain.backends.tvm.lower_activations import TvmError, act_format
+
+        try:
+            act_format(fmt.tag, "activation")
+        except TvmError as e:
+            return "refused", str(e).removeprefix("activation: ")
+        if fmt.granularity == "group":
+            return "emulated", "fake quantization in fp32, scales per group along the row"
         if a8.act_ok(fmt) and partner is not None and a8.weight_ok(partner):
             return "native", "INT8 codes into the integer-dot kernel with the <=4-bit weight (AVX2 and up)"
         return "emulated", "fake quantization in fp32 (native: symmetric INT8 into a <=4-bit weight's integer-dot kernel)"
@@ -59,7 +64,8 @@ class TvmBackend(BackendBase):
                                 "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in the graph; "
                                 "ZipCache and grouped-head keys refused")
         if op == "act_outliers":
-            return "refused", "activation groups in two precisions (FMPQ) have no TVM lowering yet"
+            return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
+                                "groups' columns taken from the 8-bit one")
         return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)

@@ -51,12 +51,32 @@ A8_LINEAR = torch.ops.finegrain.a8_linear.default
 
 def act_format(fmt: str, where: str) -> QuantFormat:
     """The activation formats the TVM lowering computes: integers per token / tensor with float
-    scales, dynamic or static."""
+    scales, dynamic or static, and dynamic integers in groups along the row (fake-quantized)."""
     f = QuantFormat.parse(fmt)
-    if f.kind != "int" or f.granularity not in ("token", "tensor") or f.scale not in ("fp32", "fp16", "bf16"):
+    if f.kind != "int" or f.scale not in ("fp32", "fp16", "bf16") or f.block_rows or not (
+            f.granularity in ("token", "tensor") or (f.granularity == "group" and f.dynamic)):
         raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer activations per token or "
-                       "per tensor with float scales do)")
+                       "per tensor with float scales do, and dynamic ones in groups along the row)")
     return f
+
+
+def _row_groups(bb, xf, f: QuantFormat, prefix: str):
+    """``xf[..., K]`` viewed as ``[..., ceil(K / G), G]`` for a format in groups of ``G`` along the row,
+    a ragged last group padded by repeating the row's last element (as ``QuantFormat._grouped``:
+    no group's min / max / absmax changes), and the same format per token over that view."""
+    import dataclasses
+
+    from tvm import te
+
+    k, g = int(xf.ty.shape[-1]), f.group_size
+    ng = -(-k // g)
+
+    def gather(x_):
+        return te.compute((*x_.shape[:-1], ng, g),
+                          lambda *i: x_(*i[:-2], te.min(i[-2] * g + i[-1], k - 1)), name="act_groups")
+
+    xg = bb.emit_te(gather, xf, primfunc_name_hint=f"{prefix}act_groups")
+    return xg, dataclasses.replace(f, granularity="token", group_size=None)
 
 
 def convert_fake_quant(prefix: str):
@@ -77,11 +97,22 @@ def _fake_quant(node, importer, prefix: str):
     f = act_format(fmt, f"node {node.name}")
     lo, hi = f.family.code_range(f)
     xf = bb.emit(relax.op.astype(x, "float32")) if x.ty.dtype != "float32" else x
-    s, z = _act_scale(bb, xf, f, args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None, prefix)
+    grouped = f.granularity == "group"
+    if grouped:  # per group along the row: the scales of the padded group view, read at k // G
+        if (args[2] if len(args) > 2 else None) is not None:
+            raise TvmError(f"node {node.name}: static scales for activation groups ({fmt}) have no TVM lowering")
+        xg, tok = _row_groups(bb, xf, f, prefix)
+        s, z = _act_scale(bb, xg, tok, None, None, prefix)
+    else:
+        s, z = _act_scale(bb, xf, f, args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None, prefix)
 
     def fq(x_, s_, z_):
         def body(*idx):
-            sv, zv = _bcast(s_, idx), _bcast(z_, idx)
+            if grouped:
+                at = (*idx[:-1], idx[-1] // f.group_size, 0)
+                sv, zv = s_(*at), z_(*at)
+            else:
+                sv, zv = _bcast(s_, idx), _bcast(z_, idx)
             q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
             return (q - zv) * sv
 
