@@ -1,7 +1,7 @@
 """KVTuner-style layer-wise KV precision on SmolLM2 (issue #17; ``finegrain/driver/kv_tune.py``):
 float weights, KIVI settings (keys per channel over 32-token groups, values per token in groups of
 32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
-in {2, 4, 8}^2, the attention-output error (``--objective attention``) or the next-token loss
+in {2, 4, 8}^2 (``--bits``: another set, e.g. ``2,3,4,8``), the attention-output error (``--objective attention``) or the next-token loss
 increase (``--objective loss``) with only that layer quantized (Brown calibration, ``--calib``
 windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
 picks one pair per layer at each average-bits budget; perplexity through the cache on the first
@@ -12,7 +12,7 @@ head, the queries and the attention output to match) as ``pareto --kv`` searches
 without it.
 
     python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
-                                  [--unrotated] [--out results/kv_tuner]
+                                  [--bits 2,4,8] [--unrotated] [--out results/kv_tuner]
 """
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ from kv_quant import both_ppl  # noqa: E402
 
 FMT = "int{}-g32-asym-fp16-dyn"
 from finegrain.jobs import KV_TUNE_FIELDS as FIELDS  # noqa: E402  (the settings `pareto --kv` searches with)
-PAIRS = [(FMT.format(k), FMT.format(v)) for k in (2, 4, 8) for v in (2, 4, 8)]
+
+
+def pairs(bits: tuple[int, ...]) -> list[tuple[str, str]]:
+    return [(FMT.format(k), FMT.format(v)) for k in bits for v in bits]
 
 
 def _bits(tag: str) -> int:
@@ -47,8 +50,10 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
     ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
+    ap.add_argument("--bits", default="2,4,8", help="the K / V bit widths searched (pairs of every two)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
+    PAIRS = pairs(tuple(int(b) for b in args.bits.split(",")))
     fields = {k: v for k, v in FIELDS.items() if k != "kv_rotate"} if args.unrotated else FIELDS
     tag = ", rotated" if fields.get("kv_rotate") else ""
 
@@ -84,7 +89,7 @@ def main() -> None:
 
     rows = [row("float cache", {})]
     base = rows[0]["ppl_cache_path"]
-    for b in (4, 2):
+    for b in (4, 3, 2) if "3" in args.bits.split(",") else (4, 2):
         rows.append(row(f"uniform KIVI-{b} + pre-RoPE + sink{tag}", {**fields, "kv_key": FMT.format(b), "kv_value": FMT.format(b)}))
     tuned = []
     for budget in [float(x) for x in args.budgets.split(",")]:
@@ -99,7 +104,7 @@ def main() -> None:
         extra = f"  avg {r['average_bits']:.2f} bits  {' '.join(r['pairs'])}" if "pairs" in r else ""
         print(f"{r['config']:34s} ppl simulated {r['ppl_simulated']:.3f}  cache path {r['ppl_cache_path']:.3f} "
               f"({r['delta_pct']:+.2f}%)  {r['bytes_per_token']:.0f} B/token{extra}", flush=True)
-    print("pairs kept per layer (Pareto pruning of 9):", tuned[0]["pairs_kept"] if tuned else [])
+    print(f"pairs kept per layer (Pareto pruning of {len(PAIRS)}):", tuned[0]["pairs_kept"] if tuned else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kv_tuner.json").write_text(json.dumps({

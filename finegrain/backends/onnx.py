@@ -112,11 +112,14 @@ def _marker_ops() -> dict[str, Any]:
 def _act_format(fmt: str) -> QuantFormat:
     f = QuantFormat.parse(fmt)
     grouped = f.granularity == "group" and f.kind == "int" and f.dynamic and not f.block_rows
+    blocks = (f.kind == "int" and f.dynamic and f.symmetric and f.scale in ("e8m0", "e4m3")
+              and f.granularity in ("group", "token"))
     if (f.kind not in ("int", "e4m3", "e5m2") or not (f.granularity in ("token", "tensor") or grouped)
-            or f.scale not in ("fp32", "fp16", "bf16")):
+            or not (f.scale in ("fp32", "fp16", "bf16") or blocks)):
         raise ExportError(f"activation format {fmt}: the ONNX export covers integer and FP8 activations per token "
-                          "or per tensor with float scales, and dynamic integers in groups along the row (MX / NV "
-                          "block activations are not exported yet)")
+                          "or per tensor with float scales, and dynamic integers in groups along the row with float, "
+                          "E8M0 (MXINT) or two-level E4M3 (NVINT) scales (MX / NV minifloat activations are not "
+                          "exported yet)")
     return f
 
 
@@ -143,7 +146,9 @@ def _translation_table() -> dict:
             axes = op.Constant(value_ints=[-1]) if f.granularity == "token" else None
             keep = 1 if f.granularity == "token" else 0
             c = float(f.clip)
-            if f.symmetric:  # INT symmetric and FP8 alike: amax * clip / largest code value
+            if f.scale in ("e8m0", "e4m3"):  # MXINT / NVINT block scales (groups: per token of the group view)
+                s = _block_scale(op, op.ReduceMax(op.Abs(xf), axes, keepdims=keep), f)
+            elif f.symmetric:  # INT symmetric and FP8 alike: amax * clip / largest code value
                 s = op.Mul(op.ReduceMax(op.Abs(xf), axes, keepdims=keep), const(c / f.family.max_value(f)))
             else:
                 mn = op.Mul(op.Min(op.ReduceMin(xf, axes, keepdims=keep), const(0.0)), const(c))
@@ -190,6 +195,37 @@ def _translation_table() -> dict:
 
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
             WEIGHT: weight, KV_APPEND: _kv_append_translation(op)}
+
+
+def _block_scale(op, amax, f: QuantFormat):
+    """The scales of symmetric INT groups with block scale types, as ``formats/scales.choose``:
+    ``e8m0``: ``2^(floor(log2(amax * clip)) - emax)`` (the floor of ``Log / ln 2`` corrected by one
+    either way against exact powers of two; 1 for an all-zero group); ``e4m3``: ``round_e4m3(s_g / t) * t``
+    with ``s_g = amax * clip / max_value``, ``t = max_g(s_g) / 448`` over the tensor (the E4M3 rounding is
+    a saturating ``Cast`` to ``FLOAT8E4M3FN`` and back). The all-zero fix-up to 1 follows in the caller."""
+    import math
+
+    import onnx
+
+    fl = onnx.TensorProto.FLOAT
+
+    def const(v: float):
+        return op.Constant(value_float=float(v))
+
+    a = op.Mul(amax, const(f.clip))
+    if f.scale == "e8m0":
+        two = const(2.0)
+        e = op.Floor(op.Div(op.Log(a), const(math.log(2.0))))
+        e = op.Add(e, op.Cast(op.LessOrEqual(op.Pow(two, op.Add(e, const(1.0))), a), to=fl))
+        e = op.Sub(e, op.Cast(op.Greater(op.Pow(two, e), a), to=fl))
+        emax = math.floor(math.log2(f.family.max_value(f)))
+        s = op.Pow(two, op.Clip(op.Sub(e, const(emax)), const(-127.0), const(127.0)))
+        return op.Where(op.Greater(a, const(0.0)), s, const(1.0))
+    raw = op.Div(a, const(f.family.max_value(f)))
+    t = op.Div(op.ReduceMax(raw, keepdims=0), const(448.0))
+    t = op.Where(op.Greater(t, const(0.0)), t, const(1.0))
+    v = op.Clip(op.Div(raw, t), const(2.0 ** -9), const(448.0))
+    return op.Mul(op.Cast(op.Cast(v, to=onnx.TensorProto.FLOAT8E4M3FN, saturate=1), to=fl), t)
 
 
 def _grouped_quantize(op, xf, f: QuantFormat, per_token):

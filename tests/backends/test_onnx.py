@@ -1,6 +1,8 @@
 """ONNX export and the ONNX Runtime backend, against the torch reference on a tiny Llama:
 weight forms per style, exactness at accuracy level 0, activation quantization and online
 Hadamard within their error bound, dynamic sequence length, clear refusals, atomic files."""
+import re
+
 import onnx
 import pytest
 import torch
@@ -77,7 +79,8 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
     assert (ref - fake_free).abs().max() > 10 * (out - ref).abs().max()  # the check can see activation error
 
 
-@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85"])
+@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85",
+                                 "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn"])  # MXINT8, NVINT4 scales
 def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inputs, tmp_path, act):
     """Dynamic activation groups (W4A4 g64, the ``w4a4kv4`` preset's): a ragged last group (g40 over
     the tiny model's 64 / 96 features) padded as the reference pads it, scales per group."""
@@ -86,7 +89,7 @@ def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inpu
     ref = cm(test)
     out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    tok = act.replace("-g40", "-token").replace("-g64", "-token")
+    tok = re.sub(r"-g\d+-", "-token-", act)
     per_token = compiled({**_w("int8-channel-sym-fp32", tok), "name": f"w8-{tok}"})(test)
     assert (ref - per_token).abs().max() > 100 * (out - ref).abs().max()  # the groups are what the session computes
 

@@ -3,6 +3,7 @@ linear, prefill and decode against the torch reference, the deployment directory
 standalone runtime script, integrity checks, atomic writes), refusals, the CLI, and the
 MetaSchedule database reused by a second build."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,13 +155,14 @@ def test_activation_quantization_and_online_hadamard(compiled, recipe):
         assert err.max() <= 1e-3, (recipe, seq)
 
 
-@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85"])
+@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85",
+                                 "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn"])  # MXINT8, NVINT4 scales
 def test_activation_groups_along_the_row(compiled, act):
     """Dynamic activation groups: scales per group of the row, a ragged last group (g40 over the tiny
     model's 64 / 96 features) padded by repeating the row's last element, as the reference."""
     rule = {"role": "linear", "weight": "int8-channel-sym-fp32", "activation": act}
     cm = compiled({"name": f"w8-{act}", "rules": [rule]})
-    tok = act.replace("-g40", "-token").replace("-g64", "-token")
+    tok = re.sub(r"-g\d+-", "-token-", act)
     per_token = compiled({"name": f"w8-{tok}", "rules": [{**rule, "activation": tok}]})
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
@@ -195,8 +197,8 @@ def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
 
 
 def test_refusals_name_the_node_and_leave_nothing(compiled, tmp_path):
-    cm = compiled("mxint8")  # MX block activations
-    with pytest.raises(TvmError, match=r"node .*activation format int8-g32-sym-e8m0-dyn has no TVM lowering"):
+    cm = compiled("mxfp4")  # MX minifloat activations
+    with pytest.raises(TvmError, match=r"node .*activation format e2m1-g32-sym-e8m0-dyn has no TVM lowering"):
         cm.build(tmp_path / "a", target=TARGET)
     cm = compiled({"name": "fp8-weights", "rules": [{"role": "linear", "weight": "e4m3-channel-sym-fp32"}]})
     with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e4m3"):

@@ -53,11 +53,68 @@ def act_format(fmt: str, where: str) -> QuantFormat:
     """The activation formats the TVM lowering computes: integers per token / tensor with float
     scales, dynamic or static, and dynamic integers in groups along the row (fake-quantized)."""
     f = QuantFormat.parse(fmt)
-    if f.kind != "int" or f.scale not in ("fp32", "fp16", "bf16") or f.block_rows or not (
+    blocks = f.scale in ("e8m0", "e4m3") and f.granularity in ("group", "token") and f.dynamic and f.symmetric
+    if f.kind != "int" or not (f.scale in ("fp32", "fp16", "bf16") or blocks) or f.block_rows or not (
             f.granularity in ("token", "tensor") or (f.granularity == "group" and f.dynamic)):
         raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer activations per token or "
-                       "per tensor with float scales do, and dynamic ones in groups along the row)")
+                       "per tensor with float scales do, and dynamic ones in groups along the row with float, "
+                       "E8M0 (MXINT) or two-level E4M3 (NVINT) scales)")
     return f
+
+
+def _pow2(e):
+    """``2^e`` (fp32) for an int32 exponent in the normal range [-126, 127], built from its bits."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", (e + 127) << 23)
+
+
+def _floor_log2(v):
+    """``floor(log2 v)`` of a positive normal fp32 ``v``: its biased exponent bits, exactly."""
+    from tvm import tirx
+
+    return ((tirx.reinterpret("int32", v) >> 23) & 255) - 127
+
+
+def _block_scale(bb, amax, f: QuantFormat, prefix: str):
+    """The scales of symmetric INT groups with block scale types (``formats/scales.choose``):
+    ``e8m0``: ``2^(floor(log2(amax * clip)) - emax)`` (1 for an all-zero group; the exponent is
+    clamped at -126, the reference's at -127: they differ only for groups under 2^-120);
+    ``e4m3``: the two-level NVINT scale, ``round_e4m3(s_g / t) * t`` with ``s_g = amax * clip /
+    max_value`` and ``t = max_g(s_g) / 448`` over the whole tensor (E4M3 rounding computed on its
+    grid: step ``2^(max(floor(log2 v), -6) - 3)``, half to even, saturating at 448)."""
+    import math
+
+    from tvm import relax, te, tirx
+
+    c = float(f.clip)
+    if f.scale == "e8m0":
+        emax = math.floor(math.log2(f.family.max_value(f)))
+        a = bb.emit(relax.op.multiply(amax, relax.const(c, "float32")))
+
+        def e8(a_):
+            def body(*i):
+                ex = te.max(te.min(_floor_log2(a_(*i)) - emax, 127), -126)
+                return tirx.Select(a_(*i) > tirx.const(0.0, "float32"), _pow2(ex), tirx.const(1.0, "float32"))
+
+            return te.compute(a_.shape, body, name="e8m0_scale")
+
+        return bb.emit_te(e8, a, primfunc_name_hint=f"{prefix}act_e8m0_scale")
+    raw = bb.emit(relax.op.divide(relax.op.multiply(amax, relax.const(c, "float32")),
+                                  relax.const(f.family.max_value(f), "float32")))
+    t = bb.emit(relax.op.divide(relax.op.max(raw, axis=None, keepdims=True), relax.const(448.0, "float32")))
+    t = bb.emit(relax.op.where(relax.op.greater(t, relax.const(0.0, "float32")), t, relax.const(1.0, "float32")))
+
+    def e4(r_, t_):
+        def body(*i):
+            tv = t_(*[0] * len(i))
+            v = te.max(te.min(r_(*i) / tv, tirx.const(448.0, "float32")), tirx.const(2.0 ** -9, "float32"))
+            step = _pow2(te.max(_floor_log2(v), -6) - 3)
+            return te.min(tirx.nearbyint(v / step) * step, tirx.const(448.0, "float32")) * tv
+
+        return te.compute(r_.shape, body, name="e4m3_scale")
+
+    return bb.emit_te(e4, raw, t, primfunc_name_hint=f"{prefix}act_e4m3_scale")
 
 
 def _row_groups(bb, xf, f: QuantFormat, prefix: str):
@@ -145,6 +202,9 @@ def _act_scale(bb, xf, f: QuantFormat, scale, zero, prefix: str):
     axis = [-1] if f.granularity == "token" else list(range(nd))
     zero_c = relax.const(0.0, "float32")
     c = float(f.clip)
+    if f.scale in ("e8m0", "e4m3"):
+        s = _block_scale(bb, bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True)), f, prefix)
+        return s, bb.emit(relax.op.multiply(s, zero_c))
     if f.symmetric:
         amax = bb.emit(relax.op.max(relax.op.abs(xf), axis=axis, keepdims=True))
         # amax * clip / max_value in this order, as the reference: amax * (1 / 127) differs by an ulp
