@@ -121,16 +121,17 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
 FP4_WEIGHTS = {"name": "nvfp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g16-sym-e4m3"}]}
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights"])
+@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights", "fp8"])
 def test_other_code_widths_build(compiled, tmp_path, recipe):
-    cm = compiled(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)
+    cm = compiled(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)  # fp8: E4M3 weights and activations
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
         ref = cm(ids)
         assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
     kinds = {(k["kind"], k["bits"]) for k in dep.manifest["kernels"].values()}
-    assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)}}[recipe]
+    assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)},
+                     "fp8": {("e4m3", 8)}}[recipe]
 
 
 # which kernel each recipe's linears get: W(<=4)A8 / A4 with symmetric activations run integer dots
@@ -173,6 +174,23 @@ def test_activation_groups_along_the_row(compiled, act):
         assert (per_token(ids) - ref).abs().max() > 100 * err  # the groups are what the deployment computes
 
 
+@pytest.mark.parametrize("act", ["e2m1-g40-sym-e4m3-dyn", "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn",
+                                 "e4m3-token-sym-fp32-dyn", "e5m2-token-sym-fp32-dyn"])
+def test_minifloat_activations(compiled, act):
+    """NVFP4 / MXFP6 / FP8 activations: each value divided by its scale rounded on the element's grid
+    (saturating, half to even, subnormals), as the reference's ml_dtypes / torch casts round it."""
+    rule = {"role": "linear", "weight": "int8-channel-sym-fp32", "activation": act}
+    cm = compiled({"name": f"w8-{act}", "rules": [rule]})
+    weight_only = compiled({"name": "w8-channel", "rules": [{"role": "linear", "weight": "int8-channel-sym-fp32"}]})
+    dep = cm.session("tvm", target=TARGET, max_seq_len=32)
+    for seq in (1, 9):
+        ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
+        ref = cm(ids)
+        err = (dep.run(ids) - ref).abs().max()
+        assert err <= 1e-4 * ref.abs().max(), (act, seq)
+        assert (weight_only(ids) - ref).abs().max() > 100 * err  # the activations are quantized
+
+
 def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
     cm = compiled("w4a8-dgq")
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, 64, TARGET)
@@ -197,11 +215,8 @@ def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
 
 
 def test_refusals_name_the_node_and_leave_nothing(compiled, tmp_path):
-    cm = compiled("mxfp4")  # MX minifloat activations
-    with pytest.raises(TvmError, match=r"node .*activation format e2m1-g32-sym-e8m0-dyn has no TVM lowering"):
-        cm.build(tmp_path / "a", target=TARGET)
-    cm = compiled({"name": "fp8-weights", "rules": [{"role": "linear", "weight": "e4m3-channel-sym-fp32"}]})
-    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e4m3"):
+    cm = compiled({"name": "fp8-e5m2-weights", "rules": [{"role": "linear", "weight": "e5m2-channel-sym-fp32"}]})
+    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e5m2"):
         cm.build(tmp_path / "b", target=TARGET)
     assert not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="only CPU"):

@@ -38,6 +38,8 @@ def _run(f, *arrays):
     ("int8-g32-sym-e8m0", 256, 2),  # MXINT8: power-of-two block scales
     ("e2m1-g32-sym-e8m0", 256, 1),  # MXFP4: E2M1 bit patterns decoded in registers
     ("e2m1-g16-sym-e4m3", 256, 3),  # NVFP4: FP8 block scales x a tensor scale
+    ("e4m3-channel-sym-fp32", 256, 1),  # FP8: E4M3 bit patterns decoded in registers
+    ("e4m3-g32-sym-e8m0", 256, 3),  # MXFP8
 ])
 def test_lowbit_kernel_matches_the_reference(tag, k, m):
     torch.manual_seed(0)
@@ -65,6 +67,29 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
         assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
 
 
+def test_every_fp8_e4m3_bit_pattern_decodes():
+    """All 254 finite E4M3 patterns (subnormals, both zeros, 448) through the packed layout and the GEMV."""
+    from finegrain.formats.base import QTensor
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    fmt = QuantFormat.parse("e4m3-channel-sym-fp32")
+    pats = torch.tensor([p for p in range(256) if p & 0x7F != 0x7F], dtype=torch.uint8)
+    n, k = 64, 256
+    codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
+    q = QTensor(codes, torch.linspace(0.5, 2.0, n).reshape(n, 1), torch.zeros(n, 1, dtype=torch.int32))
+    dq = fmt.dequantize(q)
+    assert dq.isfinite().all() and (MINIFLOATS["e4m3"].table[pats.long()].abs() < 2 ** -6).sum() == 16  # 14 subnormals, +-0
+    p = pack_weight(fmt, q)
+    back = unpack_weight_ref(torch.from_numpy(p["w"]), torch.from_numpy(p["scale"]), torch.from_numpy(p["zs"]),
+                             p["bits"], k, p["kind"])
+    assert torch.equal(back, dq)
+    x = torch.randn(1, k)
+    f = compile_linear(1, k, n, p["group_size"], p["bits"], target=TARGET, kind=p["kind"])
+    out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((1, n), np.float32))
+    ref = (x.double() @ dq.double().T).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_ragged_groups_use_a_common_divisor():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     p = pack_weight(fmt, fmt.quantize(torch.randn(64, 576)))
@@ -75,7 +100,7 @@ def test_refusals_name_the_problem():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     with pytest.raises(ValueError, match="group"):
         compile_linear(1, 100, 64, 100, 4, target=TARGET)
-    fp8 = QuantFormat.parse("e4m3-channel-sym-fp32")
+    fp8 = QuantFormat.parse("e5m2-channel-sym-fp32")
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
         pack_weight(fp8, fp8.quantize(torch.randn(8, 64)))
     w6 = QuantFormat.parse("int6-g32-asym-fp16")

@@ -1,6 +1,7 @@
 """The TVM backend's entry in the registry: what it takes (low-bit kernels for INT2/3/4/8 and
 FP4 E2M1 weights, the integer-dot kernel for symmetric INT8 activations, fake quantization for
-the other integer activations), what it refuses, its sessions and its deployments (native code:
+the other integer and minifloat activations, per token / tensor or in groups with float, E8M0 or
+two-level E4M3 scales), what it refuses, its sessions and its deployments (native code:
 loaded only on request)."""
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ class TvmBackend(BackendBase):
 
         if role == "weight":
             if container_bits(fmt) is not None:
-                return "native", f"low-bit TIR kernel ({'FP4 E2M1' if fmt.kind == 'e2m1' else f'INT{fmt.bits}'} codes)"
-            return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor "
-                               "and FP4 E2M1 per group do)")
+                return "native", f"low-bit TIR kernel ({ {'e2m1': 'FP4 E2M1', 'e4m3': 'FP8 E4M3'}.get(fmt.kind, f'INT{fmt.bits}')} codes)"
+            return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor, "
+                               "FP4 E2M1 per group and FP8 E4M3 in 1-D groups do)")
         if role == "kv" and fmt.kind == "int" and fmt.dynamic and fmt.granularity in ("token", "group") \
                 and fmt.scale in ("fp32", "fp16", "bf16"):
             if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":

@@ -11,7 +11,7 @@
      activation is quantized to INT8 codes in the lowering and the matmul runs on integers
      (``kernels/a8.py``; needs AVX2; ``int8=False`` keeps the next form);
    * ``finegrain::packed_linear(x, w, scale, zs, bits, bias, kind)`` otherwise (INT2/3/4/8, FP4 E2M1
-     per group; fp32 activations, ``kernels/lowbit.py``).
+     per group, FP8 E4M3 decoded from its bit patterns; fp32 activations, ``kernels/lowbit.py``).
 
    Formats without a kernel are refused naming the layer: a weight is never dequantized whole and
    then multiplied.
@@ -57,7 +57,7 @@ from finegrain.io.signature import example_inputs
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int,
                   bias: Optional[torch.Tensor] = None, kind: str = "int") -> torch.Tensor:
     """``x @ W^T + bias`` with W in the TVM kernel's packed layout (reference implementation);
-    ``kind``: ``int`` codes or ``e2m1`` (FP4) bit patterns."""
+    ``kind``: ``int`` codes or ``e2m1`` (FP4) / ``e4m3`` (FP8) bit patterns."""
     return F.linear(x, unpack_weight_ref(w, scale, zs, bits, x.shape[-1], kind), bias)
 
 
@@ -374,7 +374,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         codebook = n.args[7] if len(n.args) > 7 else n.kwargs.get("codebook")
         if container_bits(fmt) is None or codebook is not None:
             raise TvmError(f"{layer}: weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / "
-                           "tensor and FP4 E2M1 per group do)")
+                           "tensor, FP4 E2M1 per group and FP8 E4M3 in 1-D groups do)")
         q = unpack_weight(get_tensor(gm, packed_node.target), get_tensor(gm, scale_node.target),
                           get_tensor(gm, zero_node.target) if zero_node is not None else None, fmt, list(shape),
                           get_tensor(gm, scale2.target) if scale2 is not None else None)

@@ -54,12 +54,32 @@ def act_format(fmt: str, where: str) -> QuantFormat:
     scales, dynamic or static, and dynamic integers in groups along the row (fake-quantized)."""
     f = QuantFormat.parse(fmt)
     blocks = f.scale in ("e8m0", "e4m3") and f.granularity in ("group", "token") and f.dynamic and f.symmetric
-    if f.kind != "int" or not (f.scale in ("fp32", "fp16", "bf16") or blocks) or f.block_rows or not (
-            f.granularity in ("token", "tensor") or (f.granularity == "group" and f.dynamic)):
-        raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer activations per token or "
-                       "per tensor with float scales do, and dynamic ones in groups along the row with float, "
-                       "E8M0 (MXINT) or two-level E4M3 (NVINT) scales)")
+    if f.kind not in ("int", *MINIFLOAT) or not (f.scale in ("fp32", "fp16", "bf16") or blocks) or f.block_rows \
+            or not (f.granularity in ("token", "tensor") or (f.granularity == "group" and f.dynamic)):
+        raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer and minifloat activations "
+                       "per token or per tensor with float scales do, and dynamic ones in groups along the row with "
+                       "float, E8M0 (MX) or two-level E4M3 (NV) scales)")
     return f
+
+
+# minifloat elements: (exponent of the smallest normal, mantissa bits); their largest value is the family's
+MINIFLOAT = {"e4m3": (-6, 3), "e5m2": (-14, 2), "e3m2": (-2, 2), "e2m3": (0, 3), "e2m1": (0, 1)}
+
+
+def _minifloat_round(v, f: QuantFormat):
+    """``v`` (fp32, already divided by its scale) rounded to the minifloat grid of ``f`` as the
+    reference's cast rounds it (``formats/minifloat.py``): saturated at the largest finite value,
+    then to nearest, ties to even, on the step ``2^(max(floor(log2 |v|), emin) - mantissa bits)``
+    (subnormals below the smallest normal)."""
+    from tvm import te, tirx
+
+    emin, mant = MINIFLOAT[f.kind]
+    m = tirx.const(f.family.max_value(f), "float32")
+    c = te.max(te.min(v, m), -m)
+    a = te.abs(c)
+    step = _pow2(te.max(_floor_log2(a), emin) - mant)
+    q = tirx.nearbyint(a / step) * step
+    return tirx.Select(c < tirx.const(0.0, "float32"), -q, q)
 
 
 def _pow2(e):
@@ -145,7 +165,8 @@ def convert_fake_quant(prefix: str):
 
 def _fake_quant(node, importer, prefix: str):
     """Activation fake quantization, as the reference computes it: dynamic scales from the row /
-    tensor range (fp16-rounded when the format stores fp16 scales), round half to even, clip."""
+    tensor / group range (fp16-rounded when the format stores fp16 scales; E8M0 / two-level E4M3
+    block scales), integers rounded half to even and clipped, minifloats rounded on their grid."""
     from tvm import relax, te, tirx
 
     bb = importer.block_builder
@@ -170,6 +191,8 @@ def _fake_quant(node, importer, prefix: str):
                 sv, zv = s_(*at), z_(*at)
             else:
                 sv, zv = _bcast(s_, idx), _bcast(z_, idx)
+            if f.kind in MINIFLOAT:
+                return _minifloat_round(x_(*idx) / sv, f) * sv
             q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
             return (q - zv) * sv
 

@@ -40,14 +40,20 @@ ROW_BLOCK = 4  # rows per register block of the prefill kernel (its x / y are [m
 CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
 
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+# minifloat weights the kernel decodes from their bit patterns: kind -> (container bits, pattern of 1.0)
+MINIFLOAT_WEIGHTS = {"e2m1": (4, 0x2), "e4m3": (8, 0x38)}
 
 
 def container_bits(fmt: QuantFormat) -> int | None:
     """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it: integers
-    per group / channel / tensor, and FP4 E2M1 per group (MXFP4, NVFP4)."""
+    per group / channel / tensor, FP4 E2M1 per group (MXFP4, NVFP4) and FP8 E4M3 per group / channel
+    / tensor (FP8, MXFP8; not 2-D blocks)."""
+    if fmt.block_rows:
+        return None
     if fmt.kind == "e2m1" and fmt.granularity == "group":
         return 4
+    if fmt.kind == "e4m3" and fmt.granularity in ("group", "channel", "tensor"):
+        return 8
     if fmt.kind != "int" or fmt.granularity not in ("group", "channel", "tensor"):
         return None
     return CONTAINERS.get(fmt.bits)
@@ -71,8 +77,8 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     ``scale``, ``zs`` (and ``bits``, ``group_size``)."""
     bits = container_bits(fmt)
     if bits is None or q.codebook is not None:
-        raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor or FP4 "
-                         "E2M1 per group")
+        raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor, FP4 "
+                         "E2M1 per group or FP8 E4M3")
     n, k = q.codes.shape
     per = 32 // bits
     gs, kgs = kernel_groups(fmt, k)
@@ -84,15 +90,15 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
         return per_kernel_group(t.float(), n, k, gs, kgs)
 
     scale = per_group(q.scale)
-    if fmt.kind == "e2m1":  # codes are the E2M1 bit patterns; the effective scale is what 1.0 dequantizes to
-        one = QTensor(torch.full_like(q.codes, 2), q.scale, q.zero, q.scale2, None)
+    if fmt.kind in MINIFLOAT_WEIGHTS:  # codes are the bit patterns; the effective scale is what 1.0 dequantizes to
+        one = QTensor(torch.full_like(q.codes, MINIFLOAT_WEIGHTS[fmt.kind][1]), q.scale, q.zero, q.scale2, None)
         eff = fmt.dequantize(one, torch.float32)[:, ::kgs]  # [N, K / kgs]
         codes = q.codes.to(torch.int64).T.contiguous().numpy().astype(np.uint32)
         w = np.zeros((k // per, n), np.uint32)
         for i in range(per):
             w |= codes[i::per] << np.uint32(bits * i)
         return {"w": w.view(np.int32), "scale": eff.T.contiguous().numpy(),
-                "zs": np.zeros((k // kgs, n), np.float32), "bits": bits, "group_size": kgs, "kind": "e2m1"}
+                "zs": np.zeros((k // kgs, n), np.float32), "bits": bits, "group_size": kgs, "kind": fmt.kind}
     offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0
     codes = (q.codes.to(torch.int64) + offset).T.contiguous().numpy().astype(np.uint32)  # [K, N]
     if codes.size and (codes.max() >= (1 << bits)):
@@ -115,8 +121,10 @@ def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bi
     codes = (w.to(torch.int64)[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)  # [K/P, P, N]
     codes = codes.reshape(k, -1)
     gs = k // scale.shape[0]
-    if kind == "e2m1":
-        return (E2M1[codes] * scale.repeat_interleave(gs, 0)).T.contiguous()
+    if kind in MINIFLOAT_WEIGHTS:
+        from finegrain.formats.minifloat import MINIFLOATS
+
+        return (MINIFLOATS[kind].table[codes] * scale.repeat_interleave(gs, 0)).T.contiguous()
     codes = codes.float()
     s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, zero scale + 2^b scale
     return (codes * s - (zs.repeat_interleave(gs, 0) - s * (1 << bits))).T.contiguous()
@@ -148,7 +156,8 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         vectors //= 2
     block = lanes * vectors if gemv else 2 * lanes
     n_tile = _fit_tile(n, n_tile or (1024 if gemv else 128), block)
-    if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None or (kind == "e2m1" and bits != 4):
+    if bits not in (2, 4, 8) or k % group_size or group_size % per or n_tile is None or (
+            kind in MINIFLOAT_WEIGHTS and bits != MINIFLOAT_WEIGHTS[kind][0]):
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
     g_count = k // group_size
@@ -174,6 +183,13 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
             small = mag * tvm.tirx.const(0x3F000000, "int32")  # 0 -> 0.0, 1 -> 0.5
             sign = (v & 8) << 28
             return tvm.tirx.reinterpret("float32", tvm.tirx.Select(mag < 2, small, normal) | sign)
+        if kind == "e4m3":  # E4M3 bits -> fp32 bits: exponent rebiased (7 -> 127), subnormals m * 2^-9
+            v = (word >> sh) & 255
+            e, mant = (v >> 3) & 15, v & 7
+            normal = tvm.tirx.reinterpret("float32", ((e + 120) << 23) | (mant << 20))
+            small = mant.astype("float32") * tvm.tirx.const(2.0 ** -9, "float32")
+            mag = tvm.tirx.Select(e == 0, small, normal)
+            return tvm.tirx.Select((v & 128) != 0, -mag, mag)
         moved = tvm.tirx.Select(sh <= pos, word << te.max(pos - sh, 0), word >> te.max(sh - pos, 0))
         return tvm.tirx.reinterpret("float32", (moved & mask) | one)
 
