@@ -2,7 +2,8 @@
 4-bit activations (per token groups along K, clip ratio searched per site) and a 4-bit KV cache,
 against float and W4A4 with a float cache, through the cache path and the simulated protocol.
 
-    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--rows ...] [--backends tvm onnx] [--out results/w4a4kv4]
+    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--rows ...] [--backends tvm onnx] [--noise-seeds 0 1]
+                                 [--out results/w4a4kv4]
 
 Rows: ``fp32`` (float weights and cache), ``w4a4`` (preset ``w4a4-g64-rot-gptq``, float cache),
 ``w4a4kv4`` (preset ``w4a4kv4``: the same plus KIVI-4 keys per channel before RoPE, values per token
@@ -12,7 +13,10 @@ on the default Brown calibration (32 x 512 tokens); perplexity on the first ``--
 WikiText-2 test windows of 2048 (``benchmarks/kv_quant.both_ppl``), cache bytes per token at a
 2048-token context, compile seconds. ``--backends tvm onnx`` also runs each row's cache path on those
 backends' sessions (TVM: a static build for this machine; activation groups and the KIVI writes are
-fake-quantized there as the reference computes them) beside the reference's, or says why one refuses it.
+fake-quantized there as the reference computes them) beside the reference's, or says why one refuses it;
+with them, ``--noise-seeds`` runs the noise floor those backends' numbers are read against: the same
+compiled model with every float tensor of its graph (norm weights, weight scales, embedding, head; not
+the codes) multiplied by ``1 + 1e-6 N(0, 1)``, as another engine's float rounding perturbs it.
 """
 from __future__ import annotations
 
@@ -36,6 +40,20 @@ ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), 
         ("w4a4kv4-rot", {"base": "w4a4kv4", "name": "w4a4kv4-rot", "kv_rotate": True})]
 
 
+def float_perturbed(cm, eps: float = 1e-6, seed: int = 0):
+    """A copy of compiled model ``cm`` with every floating-point parameter / buffer of its graph
+    multiplied by ``1 + eps * N(0, 1)`` (``seed``); integer codes untouched."""
+    import copy
+
+    c = copy.deepcopy(cm)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*c.gm.parameters(), *c.gm.buffers()]:
+            if t.is_floating_point():
+                t.mul_(1 + eps * torch.randn(t.shape, generator=g))
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4)
@@ -44,6 +62,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=[name for name, _ in ROWS])
     ap.add_argument("--backends", nargs="*", default=[], choices=("tvm", "onnx", "gpu"),
                     help="also run each row's cache path on these backends' sessions")
+    ap.add_argument("--noise-seeds", nargs="*", type=int, default=[0],
+                    help="with --backends: one float-perturbed copy of the compiled model per seed (the noise floor)")
     ap.add_argument("--out", default="results/w4a4kv4")
     args = ap.parse_args()
 
@@ -75,6 +95,8 @@ def main() -> None:
                 refused[backend] = str(refusals[0])
                 continue
             others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
+        for seed in args.noise_seeds if args.backends else ():
+            others[f"graph floats x(1+1e-6 N), seed {seed}"] = float_perturbed(cm, seed=seed).session()
         sim, cache, *through = both_ppl(cm, windows, args.chunk, list(others.values()))
         r = {"row": name, "recipe": recipe if isinstance(recipe, str) else recipe["name"], "ppl_simulated": sim,
              "ppl_cache_path": cache, "bits_per_weight": cm.quantized_bits_per_weight() or 32.0,
