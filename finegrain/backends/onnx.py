@@ -7,7 +7,8 @@ two steps:
    dynamic dims dynamic) with a ``custom_translation_table`` for finegrain's ops:
    ``finegrain::quantize`` / ``dequantize`` (activations) become ONNX arithmetic that reproduces
    the reference quantizer (dynamic scales from ReduceMax/ReduceMin, Round = half to even like
-   ``torch.round``, Clip); ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
+   ``torch.round``, Clip; integer groups along K over the row padded with ``Pad`` mode edge,
+   E8M0 / two-level E4M3 block scales); ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
    float window, sinks, pre-RoPE / rotated keys) becomes the same write in ONNX arithmetic over
    the run-time lengths (an fp32 cache holding the format's values; ZipCache and grouped-head keys
    are refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes

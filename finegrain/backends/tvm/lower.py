@@ -29,8 +29,10 @@ elsewhere as Relax reductions for the scales and one elementwise TE function (ro
 clip). Both choose scales exactly as the reference. The online Hadamard becomes a matmul by the
 dense orthonormal matrix. A KV write with a float window (``kv_append``: KIVI's per-channel keys,
 sinks, pre-RoPE / rotated keys) becomes ``kv_window_write``, one TE function that fake-quantizes the
-tokens the write releases (``lower_window.py``; an fp32 cache holding the format's values). MX / NV block activations, FP8 activations and MoE grouped GEMMs are
-refused.
+tokens the write releases (``lower_window.py``; an fp32 cache holding the format's values).
+Activations in groups along K (scales per group of the row padded as the reference pads it; fp32 /
+fp16, E8M0 or two-level E4M3 scales) and minifloat activations (rounded on the element's grid) are
+fake-quantized the same way (``lower_activations.py``). MoE grouped GEMMs are refused.
 """
 from __future__ import annotations
 
