@@ -115,6 +115,21 @@ def both_ppl(cm, windows: list[torch.Tensor], chunk: int, others=()) -> tuple:
             *((math.exp(nll / n), dd) for nll, dd in zip(nll_o, diff)))
 
 
+def backend_sessions(cm, backends, seq_len: int) -> tuple[dict, dict]:
+    """``({backend: session}, {backend: why refused})`` for ``cm`` on ``backends`` (TVM: a static
+    build for this machine holding ``seq_len`` tokens and a few more)."""
+    from finegrain.backends import registry
+
+    others, refused = {}, {}
+    for backend in backends:
+        refusals = registry.get(backend).check(cm)
+        if refusals:
+            refused[backend] = str(refusals[0])
+            continue
+        others[backend] = cm.session(backend, **({"max_seq_len": seq_len + 8} if backend == "tvm" else {}))
+    return others, refused
+
+
 def perturbed(model, eps: float = 1e-6, seed: int = 0):
     """A copy of ``model`` with every weight multiplied by ``1 + eps * N(0, 1)`` (``seed``): the
     float-rounding noise floor of a quantized cache (another engine's float arithmetic differs from
@@ -176,15 +191,7 @@ def main() -> None:
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         build = time.perf_counter() - t
-        others, refused = {}, {}
-        for backend in args.backends:
-            from finegrain.backends import registry
-
-            refusals = registry.get(backend).check(cm)
-            if refusals:
-                refused[backend] = str(refusals[0])
-                continue
-            others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
+        others, refused = backend_sessions(cm, args.backends, args.seq_len)
         if args.backends:
             noisy = noisy or [perturbed(lm.model, seed=seed) for seed in args.noise_seeds]
             for seed, m in zip(args.noise_seeds, noisy):

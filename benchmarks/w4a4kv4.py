@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_quant import both_ppl, cache_bytes_per_token  # noqa: E402
+from kv_quant import backend_sessions, both_ppl, cache_bytes_per_token  # noqa: E402
 
 ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4"),
         # FMPQ: a quarter of each activation site's groups of 64 at 8 bits (opt-in recipe field)
@@ -86,15 +86,7 @@ def main() -> None:
         t = time.perf_counter()
         cm = compile_loaded(lm, recipe, progress=False, kv_cache=True)
         build = time.perf_counter() - t
-        others, refused = {}, {}
-        for backend in args.backends:
-            from finegrain.backends import registry
-
-            refusals = registry.get(backend).check(cm)
-            if refusals:
-                refused[backend] = str(refusals[0])
-                continue
-            others[backend] = cm.session(backend, **({"max_seq_len": args.seq_len + 8} if backend == "tvm" else {}))
+        others, refused = backend_sessions(cm, args.backends, args.seq_len)
         for seed in args.noise_seeds if args.backends else ():
             others[f"graph floats x(1+1e-6 N), seed {seed}"] = float_perturbed(cm, seed=seed).session()
         sim, cache, *through = both_ppl(cm, windows, args.chunk, list(others.values()))
