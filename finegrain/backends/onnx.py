@@ -236,9 +236,7 @@ def _grouped_quantize(op, xf, f: QuantFormat, per_token):
     quantized per token there (``per_token(view, token format)``). Returns the codes ``[..., K]``
     and the scales / zero points ``[..., ceil(K / G)]``, the shapes the reference's ``quantize``
     gives (:func:`_group_params` expands them back for ``dequantize``)."""
-    import dataclasses
-
-    tok = dataclasses.replace(f, granularity="token", group_size=None)
+    tok = f.per_row()
     g = f.group_size
     k = op.Shape(xf, start=-1)
     ng = op.Div(op.Add(k, op.Constant(value_ints=[g - 1])), op.Constant(value_ints=[g]))

@@ -39,7 +39,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -242,7 +241,7 @@ def zip_subset_rows(xt: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tenso
 
 def zip_block_format(f):
     """``f`` with one group per row: a channel over a block's subset of tokens."""
-    return dataclasses.replace(f, granularity="token", group_size=None)
+    return f.per_row()
 
 
 @torch.library.custom_op("finegrain::kv_append", mutates_args=())

@@ -217,6 +217,11 @@ class QuantFormat:
         lead, g, gs = xg.shape[:-3], xg.shape[-2], xg.shape[-1]
         return xg.reshape(*lead, -1, r, g, gs).transpose(-3, -2).reshape(*lead, -1, g, r * gs)
 
+    def per_row(self) -> "QuantFormat":
+        """This format with one group per row (``token`` granularity): a grouped format applied to a
+        ``[..., G, group]`` view, or a block of tokens, with the same element, scale and clip."""
+        return dataclasses.replace(self, granularity="token", group_size=None)
+
     def expand_rows(self, p: torch.Tensor, rows: int) -> torch.Tensor:
         """Per-block parameters ``[..., NB, G]`` -> per row ``[..., rows, G]`` (identity unless
         ``block_rows``)."""

@@ -141,8 +141,6 @@ def _row_groups(bb, xf, f: QuantFormat, prefix: str):
     """``xf[..., K]`` viewed as ``[..., ceil(K / G), G]`` for a format in groups of ``G`` along the row,
     a ragged last group padded by repeating the row's last element (as ``QuantFormat._grouped``:
     no group's min / max / absmax changes), and the same format per token over that view."""
-    import dataclasses
-
     from tvm import te
 
     k, g = int(xf.ty.shape[-1]), f.group_size
@@ -153,7 +151,7 @@ def _row_groups(bb, xf, f: QuantFormat, prefix: str):
                           lambda *i: x_(*i[:-2], te.min(i[-2] * g + i[-1], k - 1)), name="act_groups")
 
     xg = bb.emit_te(gather, xf, primfunc_name_hint=f"{prefix}act_groups")
-    return xg, dataclasses.replace(f, granularity="token", group_size=None)
+    return xg, f.per_row()
 
 
 def convert_fake_quant(prefix: str):

@@ -171,11 +171,9 @@ def kv_layout(fmt, d: int) -> str | dict:
 
 
 def _token_format(fmt: str):
-    import dataclasses
-
     from finegrain.formats import QuantFormat
 
-    return dataclasses.replace(QuantFormat.parse(fmt), granularity="token", group_size=None)
+    return QuantFormat.parse(fmt).per_row()
 
 
 def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
