@@ -111,17 +111,44 @@ def _marker_ops() -> dict[str, Any]:
 
 
 def _act_format(fmt: str) -> QuantFormat:
+    from finegrain.formats.minifloat import MINIFLOATS
+
     f = QuantFormat.parse(fmt)
-    grouped = f.granularity == "group" and f.kind == "int" and f.dynamic and not f.block_rows
-    blocks = (f.kind == "int" and f.dynamic and f.symmetric and f.scale in ("e8m0", "e4m3")
+    kinds = ("int", *MINIFLOATS)
+    grouped = f.granularity == "group" and f.kind in kinds and f.dynamic and not f.block_rows
+    blocks = (f.kind in kinds and f.dynamic and f.symmetric and f.scale in ("e8m0", "e4m3")
               and f.granularity in ("group", "token"))
-    if (f.kind not in ("int", "e4m3", "e5m2") or not (f.granularity in ("token", "tensor") or grouped)
+    if (f.kind not in kinds or not (f.granularity in ("token", "tensor") or grouped)
             or not (f.scale in ("fp32", "fp16", "bf16") or blocks)):
-        raise ExportError(f"activation format {fmt}: the ONNX export covers integer and FP8 activations per token "
-                          "or per tensor with float scales, and dynamic integers in groups along the row with float, "
-                          "E8M0 (MXINT) or two-level E4M3 (NVINT) scales (MX / NV minifloat activations are not "
-                          "exported yet)")
+        raise ExportError(f"activation format {fmt}: the ONNX export covers integer and minifloat activations per "
+                          "token or per tensor with float scales, and dynamic ones in groups along the row with "
+                          "float, E8M0 (MX) or two-level E4M3 (NV) scales")
     return f
+
+
+def _minifloat_round(op, v, f: QuantFormat):
+    """``v`` (fp32, divided by its scale) on the minifloat grid of ``f`` as the reference's cast rounds
+    it (``formats/minifloat.py``), in fp32: saturated at the largest finite value, then ``Round`` (half
+    to even) on the step ``2^(max(floor(log2 |v|), emin) - mantissa bits)``; the floor of ``Log / ln 2``
+    corrected by one either way against exact powers of two, as :func:`_block_scale`'s."""
+    import math
+
+    import onnx
+
+    fl = onnx.TensorProto.FLOAT
+
+    def const(x: float):
+        return op.Constant(value_float=float(x))
+
+    m = f.family.max_value(f)
+    c = op.Clip(v, const(-m), const(m))
+    a = op.Abs(c)
+    two = const(2.0)
+    e = op.Floor(op.Div(op.Log(a), const(math.log(2.0))))
+    e = op.Add(e, op.Cast(op.LessOrEqual(op.Pow(two, op.Add(e, const(1.0))), a), to=fl))
+    e = op.Sub(e, op.Cast(op.Greater(op.Pow(two, e), a), to=fl))
+    step = op.Pow(two, op.Sub(op.Max(e, const(f.family.emin)), const(f.family.mantissa)))
+    return op.Mul(op.Round(op.Div(c, step)), step)
 
 
 def _translation_table() -> dict:
@@ -168,9 +195,11 @@ def _translation_table() -> dict:
                 z = op.Clip(op.Round(op.Div(op.Neg(mn), s)), const(0.0), const(2 ** f.bits - 1))
         else:
             s, z = op.Cast(scale, to=fl), op.Cast(zero, to=fl)
-        if f.kind != "int":  # FP8: saturating round-to-nearest-even cast (as ml_dtypes / torch do)
+        if f.kind in ("e4m3", "e5m2"):  # FP8: saturating round-to-nearest-even cast (as ml_dtypes / torch do)
             to8 = onnx.TensorProto.FLOAT8E4M3FN if f.kind == "e4m3" else onnx.TensorProto.FLOAT8E5M2
             return op.Cast(op.Div(xf, s), to=to8, saturate=1), s, op.Cast(z, to=onnx.TensorProto.INT32)
+        if f.kind != "int":  # FP4 / FP6 (no ONNX Runtime type): the element's value on its grid, in fp32
+            return _minifloat_round(op, op.Div(xf, s), f), s, op.Cast(z, to=onnx.TensorProto.INT32)
         q = op.Clip(op.Add(op.Round(op.Div(xf, s)), z), const(lo), const(hi))
         codes = op.Cast(q, to=onnx.TensorProto.INT8 if f.symmetric else onnx.TensorProto.UINT8)
         return codes, s, op.Cast(z, to=onnx.TensorProto.INT32)
@@ -236,6 +265,8 @@ def _grouped_quantize(op, xf, f: QuantFormat, per_token):
     quantized per token there (``per_token(view, token format)``). Returns the codes ``[..., K]``
     and the scales / zero points ``[..., ceil(K / G)]``, the shapes the reference's ``quantize``
     gives (:func:`_group_params` expands them back for ``dequantize``)."""
+    import onnx
+
     tok = f.per_row()
     g = f.group_size
     k = op.Shape(xf, start=-1)
@@ -246,6 +277,8 @@ def _grouped_quantize(op, xf, f: QuantFormat, per_token):
     rows = op.Shape(xf, end=-1)
     view = op.Reshape(padded, op.Concat(rows, ng, op.Constant(value_ints=[g]), axis=0))
     codes, s, z = per_token(view, tok)
+    if f.kind in ("e4m3", "e5m2"):  # FP8 codes as their fp32 values (ONNX Runtime's Slice takes no float8)
+        codes = op.Cast(codes, to=onnx.TensorProto.FLOAT)
     codes = op.Reshape(codes, op.Concat(rows, op.Constant(value_ints=[-1]), axis=0))
     codes = op.Slice(codes, op.Constant(value_ints=[0]), k, op.Constant(value_ints=[-1]))
     return codes, op.Reshape(s, op.Concat(rows, ng, axis=0)), op.Reshape(z, op.Concat(rows, ng, axis=0))
@@ -387,6 +420,65 @@ def _weight_exportable(f: QuantFormat) -> bool:
     return f.kind == "int" or (f.kind == "e4m3" and f.granularity in ("channel", "tensor"))
 
 
+def _lut_exportable(f: QuantFormat) -> bool:
+    """Minifloat weights DequantizeLinear does not take (FP4 / FP6, MX / NV groups, E5M2): decoded by a
+    table lookup (:func:`_lut_weight`), 1-D groups only."""
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    return f.kind in MINIFLOATS and not f.block_rows and not _weight_exportable(f) \
+        and f.granularity in ("group", "channel", "tensor")
+
+
+def _lut_weight(graph, layer: str, f: QuantFormat, q, n: int, k: int, before):
+    """``W^T`` ``[K, N]`` in float from minifloat codes: ``Gather`` of each code's value from the
+    format's table (every bit pattern, ``MinifloatFamily.table``), times its group's scale gathered
+    per row (``k // G``: ragged last groups as the reference's) -- the reference's ``decode``, bit
+    for bit. FP4 codes are stored two per byte along K (unpacked by ``BitwiseAnd`` / ``BitShift``),
+    FP6 / FP8 one per byte; scales as decoded fp32 (E8M0 / two-level E4M3 kept exact in fp32).
+    Inserted before ``before``; returns (the value, a form string)."""
+    import onnx_ir as ir
+
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    codes = q.codes.to(torch.uint8).T.contiguous()  # [K, N]
+    fam = MINIFLOATS[f.kind]
+    def add(op_type, inputs, attrs=None):
+        node = ir.node(op_type, inputs, attrs or {})
+        graph.insert_before(before, node)
+        return node.outputs[0]
+
+    if fam.bits == 4:  # two codes per byte: row 2i in the low nibble, 2i + 1 in the high one
+        if k % 2:
+            codes = torch.cat([codes, torch.zeros(1, n, dtype=torch.uint8)])
+        packed = codes[0::2] | (codes[1::2] << 4)
+        pk, lo_mask, four, shape, ax1 = _initializers(graph, layer, {
+            "qweight": packed.numpy(), "nibble_mask": np.array(15, np.uint8), "nibble_shift": np.array(4, np.uint8),
+            "unpacked_shape": np.array([packed.shape[0] * 2, n], np.int64), "nibble_axis": np.array([1], np.int64)})
+        lo = add("Unsqueeze", [add("BitwiseAnd", [pk, lo_mask]), ax1])
+        hi = add("Unsqueeze", [add("BitShift", [pk, four], {"direction": "RIGHT"}), ax1])
+        idx = add("Reshape", [add("Concat", [lo, hi], {"axis": 1}), shape])
+        if k % 2:
+            idx = add("Slice", [idx, *_initializers(graph, layer, {"rows_from": np.array([0], np.int64),
+                                                                   "rows_to": np.array([k], np.int64),
+                                                                   "rows_axis": np.array([0], np.int64)})])
+        stored = "FP4 codes two per byte"
+    else:
+        (idx,) = _initializers(graph, layer, {"qweight": codes.numpy()})
+        stored = f"{fam.name.upper()} codes one per byte"
+    table, = _initializers(graph, layer, {"value_table": fam.table.numpy().astype(np.float32)})
+    values = add("Gather", [table, add("Cast", [idx], {"to": ir.DataType.INT32})], {"axis": 0})
+    scale = q.scale.float()
+    if f.granularity == "group":
+        rows = torch.arange(k) // f.group_size
+        sc, ri = _initializers(graph, layer, {"scale": scale.reshape(n, -1).T.contiguous().numpy(),
+                                              "scale_rows": rows.numpy().astype(np.int64)})
+        scale_v = add("Gather", [sc, ri], {"axis": 0})
+    else:
+        scale_v, = _initializers(graph, layer, {"scale": scale.reshape(n if f.granularity == "channel" else ()).numpy()})
+    w = add("Mul", [values, scale_v])
+    return w, f"{stored}, Gather from the {fam.name.upper()} value table x {f.scale} scales (emulated)"
+
+
 def _container(bits: int) -> int:
     """The ONNX integer width that holds ``bits``-bit codes exactly (INT2/3 in 4, INT5-7 in 8)."""
     return 4 if bits <= 4 else 8
@@ -512,6 +604,10 @@ def _gemm(graph, layer: str, f: QuantFormat, q, n: int, k: int, node, gemm, styl
             new = add
         _replace(graph, gemm, new)
         form = f"MatMulNBits(bits={attrs['bits']}, block_size={attrs['block_size']}, accuracy_level={accuracy_level})"
+    elif _lut_exportable(f) and q.codebook is None:
+        w, form = _lut_weight(graph, layer, f, q, n, k, gemm)
+        gemm.replace_input_with(1, w)
+        gemm.attributes["transB"] = ir.AttrInt64("transB", 0)
     else:
         parts = _qdq(f, q, n, k)
         if parts is None:
@@ -678,7 +774,11 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
         if not all(m.op_type == "MatMul" and m.inputs[1] is tr.outputs[0] for m in matmuls):
             raise ExportError(f"{layer}: transposed weight read by {[m.op_type for m in matmuls]}, not MatMul")
         nbits = _matmulnbits(f, q, n, k, accuracy_level) if style == "matmulnbits" else None
-        if nbits is not None:
+        if _lut_exportable(f) and q.codebook is None:
+            w, forms[layer] = _lut_weight(graph, layer, f, q, n, k, tr)
+            for mm in matmuls:
+                mm.replace_input_with(1, w)
+        elif nbits is not None:
             b, s, zp, attrs = nbits
             vals = _initializers(graph, layer, {"qweight": b, "scales": s, "zero_points": zp})
             for mm in matmuls:
@@ -954,7 +1054,11 @@ class OnnxBackend(BackendBase):
                 return "native", "DequantizeLinear INT4/INT8 (fused by ORT) or MatMulNBits"
             if _weight_exportable(fmt):
                 return "emulated", "DequantizeLinear FP8 -> float MatMul"
-            return "refused", f"weight format {fmt.tag} has no ONNX form (INT2..8 and FP8 E4M3 per channel / tensor do)"
+            if _lut_exportable(fmt):
+                return "emulated", ("codes (FP4 two per byte) decoded by a Gather from the format's value table, "
+                                    "times the group scales gathered per row -> float MatMul (linear layers)")
+            return "refused", (f"weight format {fmt.tag} has no ONNX form (INT2..8, FP8 E4M3 per channel / tensor "
+                               "and minifloats in groups along K do)")
         try:
             _act_format(fmt.tag)
         except ExportError as e:

@@ -10,6 +10,7 @@ bits as ml_dtypes, tested) and ml_dtypes for FP6/FP4. Decoding is a table lookup
 """
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import ml_dtypes
@@ -39,6 +40,16 @@ class MinifloatFamily:
 
     def max_value(self, fmt=None) -> float:
         return float(ml_dtypes.finfo(self.np_dtype).max)
+
+    @cached_property
+    def emin(self) -> int:
+        """Exponent of the smallest normal value (subnormals below it step by ``2^(emin - mantissa)``)."""
+        return int(math.log2(float(ml_dtypes.finfo(self.np_dtype).smallest_normal)))
+
+    @cached_property
+    def mantissa(self) -> int:
+        """Explicit mantissa bits."""
+        return int(ml_dtypes.finfo(self.np_dtype).nmant)
 
     @cached_property
     def table(self) -> torch.Tensor:

@@ -50,6 +50,33 @@ def test_weight_only_is_exact_at_accuracy_level_0(compiled, tiny_inputs, tmp_pat
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), style
 
 
+@pytest.mark.parametrize("tag", ["e2m1-g32-sym-e8m0",  # MXFP4
+                                 "e2m1-g16-sym-e4m3",  # NVFP4 (two-level scales)
+                                 "e4m3-g32-sym-e8m0",  # MXFP8
+                                 "e2m3-g64-sym-fp16",  # FP6, ragged last group at K = 96
+                                 "e5m2-channel-sym-fp32"])
+def test_minifloat_weights_decode_exactly_by_table_lookup(compiled, tiny_inputs, tmp_path, tag):
+    """FP4 / FP6 / FP8 weights DequantizeLinear does not take: codes gathered from the format's value
+    table times the gathered group scales, the reference's decode bit for bit; FP4 two codes per byte."""
+    cm = compiled(_w(tag))
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    info = cm.export_onnx(tmp_path / "m.onnx")
+    assert len(info["weights"]) == len(cm.quantized) == 14
+    assert all("Gather from the" in form for form in info["weights"].values())
+    ops = _ops(tmp_path / "m.onnx")
+    assert not any(d == "finegrain" for d, _ in ops) and ops.count(("", "DequantizeLinear")) == 0
+    assert (ops.count(("", "BitShift")) == 14) == tag.startswith("e2m1")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q = next(t for t in m.graph.initializer if t.name == f"{name}.qweight")
+    n, k = next(v for v in cm.quantized.values() if v["weight"] == name)["shape"]
+    assert onnx.numpy_helper.to_array(q).shape == ((k + 1) // 2 if tag.startswith("e2m1") else k, n)
+    out = OnnxSession(cm, path=tmp_path / "m.onnx").run(test)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert cm.check("onnx") == []
+
+
 def test_packed_weights_are_smaller_than_float(compiled, tmp_path):
     cm = compiled(_w("int4-g32-asym-fp16"))
     fp = compiled({"name": "fp", "rules": []})
@@ -80,7 +107,9 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
 
 
 @pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85",
-                                 "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn"])  # MXINT8, NVINT4 scales
+                                 "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn",  # MXINT8, NVINT4 scales
+                                 "e2m1-g32-sym-e8m0-dyn", "e2m1-g16-sym-e4m3-dyn",  # MXFP4, NVFP4
+                                 "e4m3-g32-sym-e8m0-dyn", "e3m2-g40-sym-fp16-dyn"])  # MXFP8, FP6 ragged
 def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inputs, tmp_path, act):
     """Dynamic activation groups (W4A4 g64, the ``w4a4kv4`` preset's): a ragged last group (g40 over
     the tiny model's 64 / 96 features) padded as the reference pads it, scales per group."""
@@ -92,6 +121,23 @@ def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inpu
     tok = re.sub(r"-g\d+-", "-token-", act)
     per_token = compiled({**_w("int8-channel-sym-fp32", tok), "name": f"w8-{tok}"})(test)
     assert (ref - per_token).abs().max() > 100 * (out - ref).abs().max()  # the groups are what the session computes
+
+
+@pytest.mark.parametrize("preset", ["mxfp4", "nvfp4-rot", "mxfp8", "mxfp6"])
+def test_mx_and_nv_presets_run_in_onnxruntime(compiled, tiny_inputs, tmp_path, preset):
+    """The OCP MX / NVFP4 presets end to end (minifloat weights by table lookup, minifloat activations
+    in groups with E8M0 / two-level E4M3 scales, NVFP4-rot's online Hadamard): ONNX Runtime within
+    fp32 rounding of the reference, and far from the same weights with float activations."""
+    cm = compiled(preset)
+    assert cm.check("onnx") == []
+    _, _, test = tiny_inputs
+    ref = cm(test)
+    out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    rule = cm.recipe.rules[0]
+    weight_only = compiled({**cm.recipe.to_dict(), "name": f"{preset}-w", "rules": [
+        {"role": rule.role, "weight": rule.weight.tag}]})(test)
+    assert (ref - weight_only).abs().max() > 100 * (out - ref).abs().max()
 
 
 def _initializers(path):
@@ -122,9 +168,9 @@ def test_refusals_name_the_layer_and_leave_nothing(compiled, tmp_path):
     with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj.*nf4-g32-sym-fp16"):
         cm.export_onnx(tmp_path / "x.onnx")
     assert list(tmp_path.iterdir()) == []
-    mx = compiled("nvfp4")
-    with pytest.raises(ExportError, match="e2m1"):
-        mx.export_onnx(tmp_path / "y.onnx")
+    blocks = compiled(_w("e4m3-g32x32-sym-fp32"))  # 2-D weight blocks
+    with pytest.raises(ExportError, match="e4m3-g32x32"):
+        blocks.export_onnx(tmp_path / "y.onnx")
     ok = compiled(_w("int4-g32-asym-fp16"))
     with pytest.raises(ExportError, match="style"):
         ok.export_onnx(tmp_path / "z.onnx", style="gguf")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from finegrain.errors import FinegrainError
 from finegrain.formats import QuantFormat
+from finegrain.formats.minifloat import MINIFLOATS
 from finegrain.backends.tvm.kernels import a8
 
 
@@ -63,7 +64,7 @@ def act_format(fmt: str, where: str) -> QuantFormat:
 
 
 # minifloat elements: (exponent of the smallest normal, mantissa bits); their largest value is the family's
-MINIFLOAT = {"e4m3": (-6, 3), "e5m2": (-14, 2), "e3m2": (-2, 2), "e2m3": (0, 3), "e2m1": (0, 1)}
+MINIFLOAT = {k: (fam.emin, fam.mantissa) for k, fam in MINIFLOATS.items()}
 
 
 def _minifloat_round(v, f: QuantFormat):
