@@ -474,7 +474,8 @@ def _lut_weight(graph, layer: str, f: QuantFormat, q, n: int, k: int, before):
                                               "scale_rows": rows.numpy().astype(np.int64)})
         scale_v = add("Gather", [sc, ri], {"axis": 0})
     else:
-        scale_v, = _initializers(graph, layer, {"scale": scale.reshape(n if f.granularity == "channel" else ()).numpy()})
+        shape = n if f.granularity == "channel" else ()
+        scale_v, = _initializers(graph, layer, {"scale": scale.reshape(shape).numpy()})
     w = add("Mul", [values, scale_v])
     return w, f"{stored}, Gather from the {fam.name.upper()} value table x {f.scale} scales (emulated)"
 
