@@ -40,6 +40,10 @@ def _run(f, *arrays):
     ("e2m1-g16-sym-e4m3", 256, 3),  # NVFP4: FP8 block scales x a tensor scale
     ("e4m3-channel-sym-fp32", 256, 1),  # FP8: E4M3 bit patterns decoded in registers
     ("e4m3-g32-sym-e8m0", 256, 3),  # MXFP8
+    ("e2m3-g32-sym-e8m0", 256, 1),  # MXFP6: FP6 bit patterns in 8-bit containers
+    ("e3m2-g32-sym-e8m0", 256, 2),
+    ("e5m2-channel-sym-fp32", 256, 1),  # FP8 E5M2
+    ("e2m1-channel-sym-fp32", 256, 2),  # FP4 per channel
 ])
 def test_lowbit_kernel_matches_the_reference(tag, k, m):
     torch.manual_seed(0)
@@ -67,18 +71,23 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
         assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
 
 
-def test_every_fp8_e4m3_bit_pattern_decodes():
-    """All 254 finite E4M3 patterns (subnormals, both zeros, 448) through the packed layout and the GEMV."""
+@pytest.mark.parametrize("kind,finite,subnormal", [("e4m3", 254, 16), ("e5m2", 248, 8), ("e3m2", 64, 8),
+                                                    ("e2m3", 64, 16)])
+def test_every_fp8_and_fp6_bit_pattern_decodes(kind, finite, subnormal):
+    """Every finite FP8 / FP6 pattern (subnormals, both zeros, the largest value) through the packed
+    layout and the GEMV (E4M3: 254 patterns, 14 subnormals and +-0)."""
     from finegrain.formats.base import QTensor
     from finegrain.formats.minifloat import MINIFLOATS
 
-    fmt = QuantFormat.parse("e4m3-channel-sym-fp32")
-    pats = torch.tensor([p for p in range(256) if p & 0x7F != 0x7F], dtype=torch.uint8)
+    fam = MINIFLOATS[kind]
+    fmt = QuantFormat.parse(f"{kind}-channel-sym-fp32")
+    pats = torch.tensor([p for p in range(2 ** fam.bits) if fam.table[p].isfinite()], dtype=torch.uint8)
     n, k = 64, 256
     codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
     q = QTensor(codes, torch.linspace(0.5, 2.0, n).reshape(n, 1), torch.zeros(n, 1, dtype=torch.int32))
     dq = fmt.dequantize(q)
-    assert dq.isfinite().all() and (MINIFLOATS["e4m3"].table[pats.long()].abs() < 2 ** -6).sum() == 16  # 14 subnormals, +-0
+    small = (fam.table[pats.long()].abs() < 2.0 ** fam.emin).sum()
+    assert len(pats) == finite and dq.isfinite().all() and small == subnormal
     p = pack_weight(fmt, q)
     back = unpack_weight_ref(torch.from_numpy(p["w"]), torch.from_numpy(p["scale"]), torch.from_numpy(p["zs"]),
                              p["bits"], k, p["kind"])
@@ -100,9 +109,9 @@ def test_refusals_name_the_problem():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     with pytest.raises(ValueError, match="group"):
         compile_linear(1, 100, 64, 100, 4, target=TARGET)
-    fp8 = QuantFormat.parse("e5m2-channel-sym-fp32")
+    blocks = QuantFormat.parse("e4m3-g32x32-sym-fp32")  # 2-D weight blocks
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
-        pack_weight(fp8, fp8.quantize(torch.randn(8, 64)))
+        pack_weight(blocks, blocks.quantize(torch.randn(64, 64)))
     w6 = QuantFormat.parse("int6-g32-asym-fp16")
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
         pack_weight(w6, w6.quantize(torch.randn(8, 64)))

@@ -32,9 +32,10 @@ class TvmBackend(BackendBase):
 
         if role == "weight":
             if container_bits(fmt) is not None:
-                return "native", f"low-bit TIR kernel ({ {'e2m1': 'FP4 E2M1', 'e4m3': 'FP8 E4M3'}.get(fmt.kind, f'INT{fmt.bits}')} codes)"
+                kind = f"INT{fmt.bits}" if fmt.kind == "int" else f"FP{fmt.bits} {fmt.kind.upper()}"
+                return "native", f"low-bit TIR kernel ({kind} codes)"
             return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor, "
-                               "FP4 E2M1 per group and FP8 E4M3 in 1-D groups do)")
+                               "FP4 / FP6 / FP8 in 1-D groups do)")
         if role == "kv" and fmt.kind == "int" and fmt.dynamic and fmt.granularity in ("token", "group") \
                 and fmt.scale in ("fp32", "fp16", "bf16"):
             if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":

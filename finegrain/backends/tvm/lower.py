@@ -59,7 +59,8 @@ from finegrain.io.signature import example_inputs
 def packed_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int,
                   bias: Optional[torch.Tensor] = None, kind: str = "int") -> torch.Tensor:
     """``x @ W^T + bias`` with W in the TVM kernel's packed layout (reference implementation);
-    ``kind``: ``int`` codes or ``e2m1`` (FP4) / ``e4m3`` (FP8) bit patterns."""
+    ``kind``: ``int`` codes or a minifloat's bit patterns (``e2m1`` FP4; ``e4m3`` / ``e5m2`` FP8, ``e3m2`` /
+    ``e2m3`` FP6 in 8-bit containers)."""
     return F.linear(x, unpack_weight_ref(w, scale, zs, bits, x.shape[-1], kind), bias)
 
 

@@ -34,26 +34,26 @@ import numpy as np
 import torch
 
 from finegrain.formats import QTensor, QuantFormat
+from finegrain.formats.minifloat import MINIFLOATS
 
 DEFAULT_TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
 ROW_BLOCK = 4  # rows per register block of the prefill kernel (its x / y are [mq, ROW_BLOCK, ...])
 CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
 
 
-# minifloat weights the kernel decodes from their bit patterns: kind -> (container bits, pattern of 1.0)
-MINIFLOAT_WEIGHTS = {"e2m1": (4, 0x2), "e4m3": (8, 0x38)}
+# minifloat weights the kernel decodes from their bit patterns: kind -> (container bits, pattern of 1.0);
+# FP8 / FP6 in 8-bit containers
+MINIFLOAT_WEIGHTS = {"e2m1": (4, 0x2), "e4m3": (8, 0x38), "e5m2": (8, 0x3C), "e3m2": (8, 0x0C), "e2m3": (8, 0x08)}
 
 
 def container_bits(fmt: QuantFormat) -> int | None:
     """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it: integers
-    per group / channel / tensor, FP4 E2M1 per group (MXFP4, NVFP4) and FP8 E4M3 per group / channel
-    / tensor (FP8, MXFP8; not 2-D blocks)."""
+    per group / channel / tensor, FP4 E2M1 (MXFP4, NVFP4) and FP8 E4M3 / E5M2, FP6 E3M2 / E2M3 in
+    8-bit containers (FP8, MXFP8, MXFP6), per group / channel / tensor (not 2-D blocks)."""
     if fmt.block_rows:
         return None
-    if fmt.kind == "e2m1" and fmt.granularity == "group":
-        return 4
-    if fmt.kind == "e4m3" and fmt.granularity in ("group", "channel", "tensor"):
-        return 8
+    if fmt.kind in MINIFLOAT_WEIGHTS and fmt.granularity in ("group", "channel", "tensor"):
+        return MINIFLOAT_WEIGHTS[fmt.kind][0]
     if fmt.kind != "int" or fmt.granularity not in ("group", "channel", "tensor"):
         return None
     return CONTAINERS.get(fmt.bits)
@@ -78,7 +78,7 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     bits = container_bits(fmt)
     if bits is None or q.codebook is not None:
         raise ValueError(f"pack_weight: format {fmt.tag} is not INT2/3/4/8 per group / channel / tensor, FP4 "
-                         "E2M1 per group or FP8 E4M3")
+                         "E2M1, FP8 or FP6 in 1-D groups")
     n, k = q.codes.shape
     per = 32 // bits
     gs, kgs = kernel_groups(fmt, k)
@@ -122,8 +122,6 @@ def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bi
     codes = codes.reshape(k, -1)
     gs = k // scale.shape[0]
     if kind in MINIFLOAT_WEIGHTS:
-        from finegrain.formats.minifloat import MINIFLOATS
-
         return (MINIFLOATS[kind].table[codes] * scale.repeat_interleave(gs, 0)).T.contiguous()
     codes = codes.float()
     s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, zero scale + 2^b scale
@@ -183,13 +181,15 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
             small = mag * tvm.tirx.const(0x3F000000, "int32")  # 0 -> 0.0, 1 -> 0.5
             sign = (v & 8) << 28
             return tvm.tirx.reinterpret("float32", tvm.tirx.Select(mag < 2, small, normal) | sign)
-        if kind == "e4m3":  # E4M3 bits -> fp32 bits: exponent rebiased (7 -> 127), subnormals m * 2^-9
+        if kind in MINIFLOAT_WEIGHTS:  # FP8 / FP6 bits -> fp32 bits: exponent rebiased (E4M3: 7 -> 127),
+            fam = MINIFLOATS[kind]      # mantissa under fp32's; subnormals m * 2^(emin - mantissa) (E4M3: 2^-9)
+            mb, eb = fam.mantissa, fam.bits - 1 - fam.mantissa
             v = (word >> sh) & 255
-            e, mant = (v >> 3) & 15, v & 7
-            normal = tvm.tirx.reinterpret("float32", ((e + 120) << 23) | (mant << 20))
-            small = mant.astype("float32") * tvm.tirx.const(2.0 ** -9, "float32")
+            e, mant = (v >> mb) & ((1 << eb) - 1), v & ((1 << mb) - 1)
+            normal = tvm.tirx.reinterpret("float32", ((e + (127 - 1 + fam.emin)) << 23) | (mant << (23 - mb)))
+            small = mant.astype("float32") * tvm.tirx.const(2.0 ** (fam.emin - mb), "float32")
             mag = tvm.tirx.Select(e == 0, small, normal)
-            return tvm.tirx.Select((v & 128) != 0, -mag, mag)
+            return tvm.tirx.Select((v & (1 << (fam.bits - 1))) != 0, -mag, mag)
         moved = tvm.tirx.Select(sh <= pos, word << te.max(pos - sh, 0), word >> te.max(sh - pos, 0))
         return tvm.tirx.reinterpret("float32", (moved & mask) | one)
 
