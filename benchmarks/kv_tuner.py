@@ -1,9 +1,9 @@
 """KVTuner-style layer-wise KV precision on SmolLM2 (issue #17; ``finegrain/driver/kv_tune.py``):
 float weights, KIVI settings (keys per channel over 32-token groups, values per token in groups of
 32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
-in {2, 4, 8}^2 (``--bits``: another set, e.g. ``2,3,4,8``), the attention-output error (``--objective attention``) or the next-token loss
-increase (``--objective loss``) with only that layer quantized (Brown calibration, ``--calib``
-windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
+in {2, 3, 4, 8}^2 (``--bits``: another set, e.g. ``2,4,8``), the attention-output error
+(``--objective attention``) or the next-token loss increase (``--objective loss``) with only that
+layer quantized (Brown calibration, ``--calib`` windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
 picks one pair per layer at each average-bits budget; perplexity through the cache on the first
 ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
 
@@ -12,7 +12,7 @@ head, the queries and the attention output to match) as ``pareto --kv`` searches
 without it.
 
     python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
-                                  [--bits 2,4,8] [--unrotated] [--out results/kv_tuner]
+                                  [--bits 2,3,4,8] [--unrotated] [--out results/kv_tuner]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
     ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
-    ap.add_argument("--bits", default="2,4,8", help="the K / V bit widths searched (pairs of every two)")
+    ap.add_argument("--bits", default="2,3,4,8", help="the K / V bit widths searched (pairs of every two)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
     PAIRS = pairs(tuple(int(b) for b in args.bits.split(",")))

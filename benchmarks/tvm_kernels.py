@@ -1,4 +1,5 @@
-"""TVM INT4 g128 linear kernels vs ONNX Runtime MatMulNBits vs torch fp32 (issue #7, kernel table).
+"""TVM INT4 g128 linear kernels vs ONNX Runtime MatMulNBits vs torch fp32 (issue #7, kernel table);
+the same low-bit kernel on INT8, FP8 E4M3, MXFP8 and MXFP4 weights (``EXTRA_KERNELS``).
 
     python benchmarks/tvm_kernels.py --out results/tvm_kernels
 
@@ -40,6 +41,11 @@ import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onnx_runtime import timeit  # noqa: E402
+
+
+# the low-bit kernel on other element types (the same fp32-compute schedule, other code decoders)
+EXTRA_KERNELS = [("INT8 per channel", "int8-channel-sym-fp16"), ("FP8 E4M3 per channel", "e4m3-channel-sym-fp32"),
+                 ("MXFP8 (E4M3 g32, E8M0)", "e4m3-g32-sym-e8m0"), ("MXFP4 (E2M1 g32, E8M0)", "e2m1-g32-sym-e8m0")]
 
 
 def read_bandwidth() -> float:
@@ -87,6 +93,17 @@ def main() -> None:
         f(*args)
         errs[f"fp32 kernel m{m}"] = _rel(args[-1].numpy(), x[0] @ fmt.dequantize(q).T)
         rows.setdefault("finegrain TVM int4 kernel (fp32 compute)", {})[m] = timeit(lambda: f(*args), a.reps)
+        for label, tag in EXTRA_KERNELS:  # other element types on the same fp32-compute kernel
+            ef = QuantFormat.parse(tag)
+            eq = ef.quantize(lin.weight.detach())
+            ep = pack_weight(ef, eq)
+            fe = compile_linear(m, k, n, ep["group_size"], ep["bits"], target, kind=ep["kind"])
+            eargs = [tvm.runtime.tensor(v, dev) for v in (x[0].numpy(), ep["w"], ep["scale"], ep["zs"],
+                                                          np.zeros((m, n), np.float32))]
+            fe(*eargs)
+            errs[f"{tag} m{m}"] = _rel(eargs[-1].numpy(), x[0] @ ef.dequantize(eq).T)
+            rows.setdefault(f"finegrain TVM {label} kernel (fp32 compute, {ef.stored_bytes((n, k)) / 1e6:.2f} MB)",
+                            {})[m] = timeit(lambda: fe(*eargs), a.reps)
         xd = act.dequantize(act.quantize(x[0]))
         fa, a8_args = _a8_kernel(m, k, n, a8_fp16, x[0], target, dev)
         errs[f"a8 kernel m{m}"] = _rel(a8_args[-1].numpy().reshape(m, n), xd @ fmt.dequantize(q).T)

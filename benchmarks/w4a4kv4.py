@@ -2,13 +2,16 @@
 4-bit activations (per token groups along K, clip ratio searched per site) and a 4-bit KV cache,
 against float and W4A4 with a float cache, through the cache path and the simulated protocol.
 
-    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--rows ...] [--backends tvm onnx] [--noise-seeds 0 1]
+    python benchmarks/w4a4kv4.py [--windows 4] [--chunk 256] [--rows ...] [--fmpq 0.0625 ...] [--backends tvm onnx]
+                                 [--noise-seeds 0 1]
                                  [--out results/w4a4kv4]
 
 Rows: ``fp32`` (float weights and cache), ``w4a4`` (preset ``w4a4-g64-rot-gptq``, float cache),
-``w4a4kv4`` (preset ``w4a4kv4``: the same plus KIVI-4 keys per channel before RoPE, values per token
-in groups of 32, the newest 128 tokens and one sink in float), ``w4a4kv4-fmpq25`` (the same with a
-quarter of each activation site's groups at 8 bits, ``act_outlier_fraction: 0.25``). Each compiled with ``kv_cache=True``
+``w4a4kv4`` (preset ``w4a4kv4``: the same with FMPQ's eighth of each activation site's groups of 64 at
+8 bits, ``act_outlier_fraction: 0.125``, plus KIVI-4 keys per channel before RoPE, values per token
+in groups of 32, the newest 128 tokens and one sink in float), ``w4a4kv4-a4`` (every activation group
+at 4 bits), ``w4a4kv4-fmpq25`` (a quarter of the groups at 8 bits); ``--fmpq F ...`` adds rows
+with other fractions. Each compiled with ``kv_cache=True``
 on the default Brown calibration (32 x 512 tokens); perplexity on the first ``--windows``
 WikiText-2 test windows of 2048 (``benchmarks/kv_quant.both_ppl``), cache bytes per token at a
 2048-token context, compile seconds. ``--backends tvm onnx`` also runs each row's cache path on those
@@ -34,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_quant import backend_sessions, both_ppl, cache_bytes_per_token  # noqa: E402
 
 ROWS = [("fp32", {"name": "fp32", "rules": []}), ("w4a4", "w4a4-g64-rot-gptq"), ("w4a4kv4", "w4a4kv4"),
-        # FMPQ: a quarter of each activation site's groups of 64 at 8 bits (opt-in recipe field)
+        # every activation group at 4 bits (the preset without FMPQ)
+        ("w4a4kv4-a4", {"base": "w4a4kv4", "name": "w4a4kv4-a4", "act_outlier_fraction": 0.0}),
+        # FMPQ: a quarter of each activation site's groups of 64 at 8 bits (the preset: an eighth)
         ("w4a4kv4-fmpq25", {"base": "w4a4kv4", "name": "w4a4kv4-fmpq25", "act_outlier_fraction": 0.25}),
         # the KIVI-4 cache in the Hadamard-rotated space (kv_rotate; the kivi4 KV preset's setting)
         ("w4a4kv4-rot", {"base": "w4a4kv4", "name": "w4a4kv4-rot", "kv_rotate": True})]
@@ -64,6 +69,8 @@ def main() -> None:
                     help="also run each row's cache path on these backends' sessions")
     ap.add_argument("--noise-seeds", nargs="*", type=int, default=[0],
                     help="with --backends: one float-perturbed copy of the compiled model per seed (the noise floor)")
+    ap.add_argument("--fmpq", nargs="*", type=float, default=[],
+                    help="also rows w4a4kv4 with this act_outlier_fraction (e.g. 0.0625 0.125)")
     ap.add_argument("--out", default="results/w4a4kv4")
     args = ap.parse_args()
 
@@ -78,8 +85,10 @@ def main() -> None:
     ids = wikitext_ids(lm.tokenizer)
     windows = [ids[w * args.seq_len:(w + 1) * args.seq_len].unsqueeze(0) for w in range(args.windows)]
     rows, base = [], None
-    for name, recipe in ROWS:
-        if name not in args.rows:
+    extra = [(f"w4a4kv4-fmpq{f:g}", {"base": "w4a4kv4", "name": f"w4a4kv4-fmpq{f:g}", "act_outlier_fraction": f})
+             for f in args.fmpq]
+    for name, recipe in ROWS + extra:
+        if name not in args.rows and (name, recipe) not in extra:
             continue
         if isinstance(recipe, dict) and "base" in recipe:  # a preset with some fields changed
             recipe = {**get_recipe(recipe["base"]).to_dict(), **{k: v for k, v in recipe.items() if k != "base"}}

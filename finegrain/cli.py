@@ -317,6 +317,21 @@ def _write_pareto(out: Path, summary: dict, lines: list[str]) -> None:
         _say(line)
 
 
+def _bit_widths(text: str) -> tuple[int, ...]:
+    """``--kv-bits 2,3,4,8``: distinct integer widths in 2..8."""
+    try:
+        bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bit widths like 2,3,4,8, got {text!r}") from None
+    if not bits or not all(2 <= b <= 8 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be integers in 2..8, got {text!r}")
+    return bits
+
+
+def _kv_bits(args) -> dict:
+    return {} if args.kv_bits is None else {"bits": args.kv_bits}
+
+
 def _pareto_kv(args, out: Path) -> None:
     """``pareto --kv``: KVTuner's layer-wise (K, V) bits at each average-bits budget, one artifact per
     budget, perplexity through the cache, and the bits per layer."""
@@ -333,7 +348,7 @@ def _pareto_kv(args, out: Path) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
-    search, points = kv_frontier_loaded(lm, args.recipe, budgets, kv_samples=args.kv_samples,
+    search, points = kv_frontier_loaded(lm, args.recipe, budgets, kv_samples=args.kv_samples, **_kv_bits(args),
                                         objective=args.kv_objective, samples=args.calibration_samples,
                                         seq_len=args.calibration_seq_len, strict_recipe=args.strict,
                                         calib_text=calib_text)
@@ -374,7 +389,8 @@ def _pareto_joint(args, out: Path) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
-    search, joint, points = joint_frontier_loaded(lm, recipe, budgets, args.joint_context, kv_samples=args.kv_samples,
+    search, joint, points = joint_frontier_loaded(lm, recipe, budgets, args.joint_context, **_kv_bits(args),
+                                                  kv_samples=args.kv_samples,
                                                   samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                                                   strict_recipe=args.strict, calib_text=calib_text)
     fp = evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=eval_text)
@@ -1053,11 +1069,13 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--seq-len", type=POS, default=2048)
     pa.add_argument("--max-windows", type=NONNEG, default=8, help="windows per evaluation (0 = all)")
     pa.add_argument("--kv", action="store_true", help="allocate KV cache bits per layer instead (KVTuner: (K, V) "
-                                                       "bits in {2,4,8}^2 per layer under --budgets average KV bits, "
+                                                       "bits in --kv-bits^2 per layer under --budgets average KV bits, "
                                                        "default 2.5 3 3.25 4; weights as --recipe: a recipe file "
                                                        "with no rules keeps them float); perplexity through the cache")
     pa.add_argument("--kv-objective", choices=("attention", "loss"), default="attention",
                     help="--kv sensitivity: the layer's attention-output error or the next-token loss increase")
+    pa.add_argument("--kv-bits", type=_bit_widths, default=None, metavar="B,B,...",
+                    help="--kv: the K / V bit widths searched, pairs of every two (default 2,3,4,8)")
     pa.add_argument("--kv-samples", type=POS, default=4, help="--kv sensitivity calibration windows of 512 tokens")
     pa.add_argument("--kv-chunk", type=POS, default=256, help="--kv: tokens per prefill chunk through the cache")
     pa.add_argument("--joint-context", type=POS, default=None, metavar="TOKENS",

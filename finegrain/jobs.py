@@ -146,9 +146,10 @@ def evaluate_lm(obj: "LoadedModel | CompiledModel", tokenizer, seq_len: int, max
     return perplexity(logits_fn(obj), tokenizer, seq_len, max_windows, progress, first_window, text).to_dict()
 
 
-# KIVI + RotateKV's pre-RoPE keys, a sink and the Hadamard rotation (SmolLM2: KVTuner +5.6% at 3.25 bits, +8.1%
-# without the rotation; README, "Quantized KV cache")
+# KIVI + RotateKV's pre-RoPE keys, a sink and the Hadamard rotation, K and V bits from KV_TUNE_BITS (SmolLM2,
+# 3.25 average bits: KVTuner +1.78% with {2, 3, 4, 8}, +5.6% with {2, 4, 8}; README, "Quantized KV cache")
 KV_TUNE_FIELDS = {"kv_key_axis": "tokens", "kv_window": 128, "kv_pre_rope": True, "kv_sinks": 1, "kv_rotate": True}
+KV_TUNE_BITS = (2, 3, 4, 8)
 
 
 def _kv_search(loaded: LoadedModel, kv_samples: int, kv_seq_len: int, bits: tuple[int, ...], objective: str,
@@ -172,7 +173,7 @@ def _kv_search(loaded: LoadedModel, kv_samples: int, kv_seq_len: int, bits: tupl
 
 
 def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: list[float], *, kv_samples: int = 4,
-                       kv_seq_len: int = 512, bits: tuple[int, ...] = (2, 4, 8), objective: str = "attention",
+                       kv_seq_len: int = 512, bits: tuple[int, ...] = KV_TUNE_BITS, objective: str = "attention",
                        samples: int | None = None, seq_len: int | None = None, progress: bool = True,
                        strict_recipe: bool = False, calib_text: Text | None = None) -> tuple[dict, list]:
     """KVTuner on a causal LM (``driver/kv_tune.py``): per layer and (K bits, V bits) pair in
@@ -198,7 +199,7 @@ def kv_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets: lis
 
 
 def joint_frontier_loaded(loaded: LoadedModel, recipe: "str | Recipe", budgets_bytes: list[int], context: int, *,
-                          kv_samples: int = 4, kv_seq_len: int = 512, bits: tuple[int, ...] = (2, 4, 8),
+                          kv_samples: int = 4, kv_seq_len: int = 512, bits: tuple[int, ...] = KV_TUNE_BITS,
                           samples: int | None = None, seq_len: int | None = None, progress: bool = True,
                           strict_recipe: bool = False, calib_text: Text | None = None) -> tuple[dict, Any, list]:
     """KVTuner jointly with the weights under one byte budget (``driver.api.compile_joint``): the

@@ -252,7 +252,8 @@ def test_pareto_kv_lists_kv_bits_per_layer(hf_dir, tmp_path, capsys):
                  "--seq-len", "64", "--max-windows", "1", "--kv-chunk", "16", "--calibration-samples", "0"]) == 0
     res = json.loads((pa / "pareto.json").read_text())
     low, high = res["points"]
-    assert low["average_bits"] <= 2.5 and high["average_bits"] == 4 and len(res["search"]["errors"][0]) == 9
+    assert low["average_bits"] <= 2.5 and high["average_bits"] == 4 and len(res["search"]["errors"][0]) == 16
+    assert {int(k[3]) for k, _ in res["search"]["pairs"]} == {2, 3, 4, 8}  # the default widths, 3 bits included
     assert low["bytes_per_token"] < high["bytes_per_token"] < low["fp32_bytes_per_token"]
     for p in res["points"]:
         m = json.loads((tmp_path / "kv" / f"kv{p['budget_bits']:g}bits" / "manifest.json").read_text())
@@ -265,6 +266,10 @@ def test_pareto_kv_lists_kv_bits_per_layer(hf_dir, tmp_path, capsys):
     assert "K / V bits per layer" in md and " ".join(f"K{k}V{v}" for _, k, v in low["kv_bits"]) in md
     assert main(["pareto", "--kv", "--model", str(hf_dir), "--out", str(tmp_path / "x"), "--points", "3"]) == 2
     assert "--budgets" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["pareto", "--kv", "--model", str(hf_dir), "--out", str(tmp_path / "y"), "--kv-bits", "2,9"])
+    assert e.value.code == 2
+    assert "bit widths must be integers in 2..8, got '2,9'" in capsys.readouterr().err
 
 
 def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
@@ -274,6 +279,7 @@ def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
 
     pa = tmp_path / "joint"
     args = ["pareto", "--kv", "--joint-context", "4096", "--model", str(hf_dir), "--kv-samples", "1",
+            "--kv-bits", "2,4,8",
             "--candidates", "int4-g16-asym-fp16", "int8-channel-sym-fp16", "--seq-len", "64", "--max-windows", "1",
             "--kv-chunk", "16", "--calibration-samples", "2", "--calibration-seq-len", "32"]
     assert main([*args, "--out", str(tmp_path / "probe"), "--budgets", "1"]) == 2  # below the cheapest: named
@@ -283,6 +289,7 @@ def test_pareto_kv_joint_context_one_byte_budget(hf_dir, tmp_path, capsys):
     top, mid = res["points"]  # room for everything: int8 weights, each layer's least-loss (K, V) pair
     assert set(top["weight_formats"]) == {"int8-channel-sym-fp16"} and res["range_bytes"] == [cheapest, top["total_bytes"]]
     pairs, errors = res["search"]["pairs"], res["search"]["errors"]
+    assert len(pairs) == 9 and {int(k[3]) for k, _ in pairs} == {2, 4, 8}  # --kv-bits
     best = [pairs[min(range(len(row)), key=row.__getitem__)] for row in errors]
     assert [[i, int(k[3]), int(v[3])] for i, (k, v) in enumerate(best)] == top["kv_bits"]
     for p in (top, mid):
