@@ -3,9 +3,9 @@ float weights, KIVI settings (keys per channel over 32-token groups, values per 
 32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
 in {2, 3, 4, 8}^2 (``--bits``: another set, e.g. ``2,4,8``), the attention-output error
 (``--objective attention``) or the next-token loss increase (``--objective loss``) with only that
-layer quantized (Brown calibration, ``--calib`` windows of 512 tokens); each layer's pairs pruned to its Pareto front; the knapsack
-picks one pair per layer at each average-bits budget; perplexity through the cache on the first
-``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
+layer quantized (Brown calibration, ``--calib`` windows of 512 tokens); each layer's pairs pruned to
+its Pareto front; the knapsack picks one pair per layer at each average-bits budget; perplexity
+through the cache on the first ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
 
 Every candidate is in the Hadamard-rotated space (``kv_rotate``: pre-RoPE keys and values rotated per
 head, the queries and the attention output to match) as ``pareto --kv`` searches; ``--unrotated``
