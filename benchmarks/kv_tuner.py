@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
     ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
     ap.add_argument("--bits", default="2,3,4,8", help="the K / V bit widths searched (pairs of every two)")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform KIVI rows (float and tuned only)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()
     PAIRS = pairs(tuple(int(b) for b in args.bits.split(",")))
@@ -89,7 +90,7 @@ def main() -> None:
 
     rows = [row("float cache", {})]
     base = rows[0]["ppl_cache_path"]
-    for b in (4, 3, 2) if "3" in args.bits.split(",") else (4, 2):
+    for b in () if args.no_uniform else (4, 3, 2) if "3" in args.bits.split(",") else (4, 2):
         rows.append(row(f"uniform KIVI-{b} + pre-RoPE + sink{tag}", {**fields, "kv_key": FMT.format(b), "kv_value": FMT.format(b)}))
     tuned = []
     for budget in [float(x) for x in args.budgets.split(",")]:

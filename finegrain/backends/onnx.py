@@ -7,8 +7,9 @@ two steps:
    dynamic dims dynamic) with a ``custom_translation_table`` for finegrain's ops:
    ``finegrain::quantize`` / ``dequantize`` (activations) become ONNX arithmetic that reproduces
    the reference quantizer (dynamic scales from ReduceMax/ReduceMin, Round = half to even like
-   ``torch.round``, Clip; integer groups along K over the row padded with ``Pad`` mode edge,
-   E8M0 / two-level E4M3 block scales); ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
+   ``torch.round``, Clip; FP8 by a saturating ``Cast``, FP4 / FP6 rounded on their grid in fp32;
+   groups along K over the row padded with ``Pad`` mode edge, E8M0 / two-level E4M3 block scales);
+   ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
    float window, sinks, pre-RoPE / rotated keys) becomes the same write in ONNX arithmetic over
    the run-time lengths (an fp32 cache holding the format's values; ZipCache and grouped-head keys
    are refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
@@ -34,8 +35,11 @@ two steps:
    Scales are written as the effective fp32 values (E8M0 exponents, NV two-level E4M3 x fp32 and
    DGQ's integer x fp16 scales are exact in fp32), so MXINT8, NVINT4 and DGQ weights export
    exactly but with 32-bit scales; 2/3-bit codes ride in 4-bit and 5..7-bit codes in 8-bit
-   containers (exact, not smaller). A weight neither form covers (MX/NV FP4/FP6 elements,
-   BitMoD, NF4 / Lloyd-Max codebooks) raises :class:`ExportError` naming the layer and format. ``hadamard`` becomes
+   containers (exact, not smaller). Minifloat weights ``DequantizeLinear`` does not take (MX / NV
+   FP4, FP6, FP8 in groups, E5M2) are decoded by a ``Gather`` from the element's value table times
+   the gathered group scales (:func:`_lut_weight`; FP4 two codes per byte), in either style. A weight
+   none of these covers (2-D blocks, BitMoD, NF4 / Lloyd-Max codebooks) raises :class:`ExportError`
+   naming the layer and format. ``hadamard`` becomes
    a ``MatMul`` by the dense orthonormal matrix (one ``[n, n]`` initializer per size, computed by
    the reference transform on the identity). MoE ``grouped_linear`` ops are not exported yet.
 
@@ -442,6 +446,7 @@ def _lut_weight(graph, layer: str, f: QuantFormat, q, n: int, k: int, before):
 
     codes = q.codes.to(torch.uint8).T.contiguous()  # [K, N]
     fam = MINIFLOATS[f.kind]
+
     def add(op_type, inputs, attrs=None):
         node = ir.node(op_type, inputs, attrs or {})
         graph.insert_before(before, node)

@@ -77,6 +77,24 @@ def test_minifloat_weights_decode_exactly_by_table_lookup(compiled, tiny_inputs,
     assert cm.check("onnx") == []
 
 
+def test_fp4_weights_with_an_odd_k(tmp_path):
+    """FP4 codes two per byte along K with K odd (the last byte half padding, sliced off) and a ragged
+    last group: ONNX Runtime equals the reference."""
+    import finegrain
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(37, 24)
+    x = torch.randn(3, 37)
+    cm = finegrain.compile(lin, (x,), recipe={"name": "fp4", "rules": [{"pattern": ".", "weight": "e2m1-g16-sym-e4m3"}]},
+                           progress=False, dynamic=False)
+    info = cm.export_onnx(tmp_path / "m.onnx")
+    assert list(info["weights"].values())[0].startswith("FP4 codes two per byte")
+    ref = cm(x)
+    out = OnnxSession(cm, path=info["path"]).run(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (ref - lin(x)).abs().max() > 1e-3 * ref.abs().max()  # the weights are quantized
+
+
 def test_packed_weights_are_smaller_than_float(compiled, tmp_path):
     cm = compiled(_w("int4-g32-asym-fp16"))
     fp = compiled({"name": "fp", "rules": []})
