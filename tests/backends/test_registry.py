@@ -258,10 +258,11 @@ def test_fmpq_activation_groups_in_two_precisions_on_every_backend(compiled, tin
 
 @pytest.mark.parametrize("backend", [pytest.param("tvm", marks=pytest.mark.tvm),
                                      pytest.param("onnx", marks=pytest.mark.onnx)])
-def test_w4a4kv4_decodes_over_its_cache_on_tvm_and_onnx(tiny_llama, backend):
-    """The COMET-style preset (rotation, GPTQ, INT4 activations in groups of 64, KIVI-4 cache; the
-    window and groups shrunk to the tiny model's 24 tokens): prefill + decode over each backend's
-    cache give the reference's logits and its greedy tokens."""
+def test_w4a4kv4_decodes_over_its_cache_on_tvm_and_onnx(tiny_llama, backend, tmp_path):
+    """The COMET-style preset (rotation, GPTQ, INT4 activations in groups of 64 with FMPQ's 8-bit
+    outlier groups, KIVI-4 cache; the window and groups shrunk to the tiny model's 24 tokens): prefill
+    + decode over each backend's cache give the reference's logits and its greedy tokens; ONNX: and
+    onnxruntime-genai, driving the cache itself, the same tokens."""
     from finegrain.compiler.recipe import get_recipe
 
     gen = torch.Generator().manual_seed(5)
@@ -288,3 +289,11 @@ def test_w4a4kv4_decodes_over_its_cache_on_tvm_and_onnx(tiny_llama, backend):
         # a float rounding difference may flip one 4-bit activation code: a step of its group's range
         assert (err > 1e-4).sum() <= 1 and err.max() <= 1e-2, err
         assert s.generate(x[:, :9], 10).tokens == cm.generate(x[:, :9], 10).tokens
+    if backend == "onnx":
+        og = pytest.importorskip("onnxruntime_genai")
+        from finegrain.backends.onnx import export_genai
+        from tests.backends.test_onnx_kv import _genai_greedy
+
+        export_genai(cm, tmp_path / "genai")
+        tokens, _ = _genai_greedy(og, tmp_path / "genai", x[:, :9], 19)
+        assert tokens == cm.generate(x[:, :9], 10).tokens
