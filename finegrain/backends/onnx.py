@@ -37,9 +37,9 @@ two steps:
    exactly but with 32-bit scales; 2/3-bit codes ride in 4-bit and 5..7-bit codes in 8-bit
    containers (exact, not smaller). Minifloat weights ``DequantizeLinear`` does not take (MX / NV
    FP4, FP6, FP8 in groups, E5M2) are decoded by a ``Gather`` from the element's value table times
-   the gathered group scales (:func:`_lut_weight`; FP4 two codes per byte), in either style. A weight
-   none of these covers (2-D blocks, BitMoD, NF4 / Lloyd-Max codebooks) raises :class:`ExportError`
-   naming the layer and format. ``hadamard`` becomes
+   the gathered group scales (:func:`_lut_weight`; codes of up to 4 bits two per byte), in either
+   style, and so are codebook weights (NF4, Lloyd-Max, BitMoD's per-group datatypes). A weight none
+   of these covers (2-D blocks) raises :class:`ExportError` naming the layer and format. ``hadamard`` becomes
    a ``MatMul`` by the dense orthonormal matrix (one ``[n, n]`` initializer per size, computed by
    the reference transform on the identity). MoE ``grouped_linear`` ops are not exported yet.
 
@@ -425,34 +425,47 @@ def _weight_exportable(f: QuantFormat) -> bool:
 
 
 def _lut_exportable(f: QuantFormat) -> bool:
-    """Minifloat weights DequantizeLinear does not take (FP4 / FP6, MX / NV groups, E5M2): decoded by a
-    table lookup (:func:`_lut_weight`), 1-D groups only."""
+    """Weights decoded by a table lookup (:func:`_lut_weight`): minifloats ``DequantizeLinear`` does
+    not take (FP4 / FP6, MX / NV groups, E5M2) and codebooks (NormalFloat, Lloyd-Max, BitMoD's
+    per-group datatypes); 1-D groups only."""
     from finegrain.formats.minifloat import MINIFLOATS
 
-    return f.kind in MINIFLOATS and not f.block_rows and not _weight_exportable(f) \
-        and f.granularity in ("group", "channel", "tensor")
+    lut = f.kind in (*MINIFLOATS, "nf", "lm", "bitmod")
+    return lut and not f.block_rows and not _weight_exportable(f) and f.granularity in ("group", "channel", "tensor")
+
+
+def _lut_table(f: QuantFormat, q) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """(the value table, per-group offsets into it ``[N, G]`` or None, its name) of a table-decoded
+    format: a minifloat's every bit pattern; NormalFloat / Lloyd-Max levels (the tensor's own
+    codebook); BitMoD's four datatypes flattened, each group offset to its datatype's row."""
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    if f.kind in MINIFLOATS:
+        return MINIFLOATS[f.kind].table, None, f"the {f.kind.upper()} value table"
+    if f.kind == "bitmod":
+        t = f.family.tables(f.bits)
+        return t.reshape(-1), q.zero.to(torch.int64) * t.shape[1], f"BitMoD's {t.shape[0]} datatypes per group"
+    return f.family.levels(f, q.codebook).float(), None, f"the {f.kind.upper()}{f.bits} levels"
 
 
 def _lut_weight(graph, layer: str, f: QuantFormat, q, n: int, k: int, before):
-    """``W^T`` ``[K, N]`` in float from minifloat codes: ``Gather`` of each code's value from the
-    format's table (every bit pattern, ``MinifloatFamily.table``), times its group's scale gathered
-    per row (``k // G``: ragged last groups as the reference's) -- the reference's ``decode``, bit
-    for bit. FP4 codes are stored two per byte along K (unpacked by ``BitwiseAnd`` / ``BitShift``),
-    FP6 / FP8 one per byte; scales as decoded fp32 (E8M0 / two-level E4M3 kept exact in fp32).
-    Inserted before ``before``; returns (the value, a form string)."""
+    """``W^T`` ``[K, N]`` in float from table-decoded codes (:func:`_lut_table`): ``Gather`` of each
+    code's value (BitMoD: at its group's datatype offset), times its group's scale gathered per row
+    (``k // G``: ragged last groups as the reference's) -- the reference's ``decode``, bit for bit.
+    Codes of up to 4 bits are stored two per byte along K (unpacked by ``BitwiseAnd`` /
+    ``BitShift``), wider ones one per byte; scales as decoded fp32 (E8M0 / two-level E4M3 kept exact
+    in fp32). Inserted before ``before``; returns (the value, a form string)."""
     import onnx_ir as ir
 
-    from finegrain.formats.minifloat import MINIFLOATS
-
     codes = q.codes.to(torch.uint8).T.contiguous()  # [K, N]
-    fam = MINIFLOATS[f.kind]
+    table_t, offsets, table_name = _lut_table(f, q)
 
     def add(op_type, inputs, attrs=None):
         node = ir.node(op_type, inputs, attrs or {})
         graph.insert_before(before, node)
         return node.outputs[0]
 
-    if fam.bits == 4:  # two codes per byte: row 2i in the low nibble, 2i + 1 in the high one
+    if f.bits <= 4:  # two codes per byte: row 2i in the low nibble, 2i + 1 in the high one
         if k % 2:
             codes = torch.cat([codes, torch.zeros(1, n, dtype=torch.uint8)])
         packed = codes[0::2] | (codes[1::2] << 4)
@@ -466,23 +479,29 @@ def _lut_weight(graph, layer: str, f: QuantFormat, q, n: int, k: int, before):
             idx = add("Slice", [idx, *_initializers(graph, layer, {"rows_from": np.array([0], np.int64),
                                                                    "rows_to": np.array([k], np.int64),
                                                                    "rows_axis": np.array([0], np.int64)})])
-        stored = "FP4 codes two per byte"
+        stored = f"{f.bits}-bit codes two per byte"
     else:
         (idx,) = _initializers(graph, layer, {"qweight": codes.numpy()})
-        stored = f"{fam.name.upper()} codes one per byte"
-    table, = _initializers(graph, layer, {"value_table": fam.table.numpy().astype(np.float32)})
-    values = add("Gather", [table, add("Cast", [idx], {"to": ir.DataType.INT32})], {"axis": 0})
+        stored = f"{f.bits}-bit codes one per byte"
+    idx = add("Cast", [idx], {"to": ir.DataType.INT32})
+    groups = f.granularity == "group"
+    rows = _initializers(graph, layer, {"scale_rows": (torch.arange(k) // f.group_size).numpy().astype(np.int64)})[0] \
+        if groups else None
+    if offsets is not None:  # BitMoD: each group's datatype row of the flattened tables
+        off = offsets.reshape(n, -1).T.contiguous().to(torch.int32)
+        (ov,) = _initializers(graph, layer, {"table_offsets": off.numpy()})
+        idx = add("Add", [idx, add("Gather", [ov, rows], {"axis": 0}) if groups else ov])
+    (table,) = _initializers(graph, layer, {"value_table": table_t.numpy().astype(np.float32)})
+    values = add("Gather", [table, idx], {"axis": 0})
     scale = q.scale.float()
-    if f.granularity == "group":
-        rows = torch.arange(k) // f.group_size
-        sc, ri = _initializers(graph, layer, {"scale": scale.reshape(n, -1).T.contiguous().numpy(),
-                                              "scale_rows": rows.numpy().astype(np.int64)})
-        scale_v = add("Gather", [sc, ri], {"axis": 0})
+    if groups:
+        (sc,) = _initializers(graph, layer, {"scale": scale.reshape(n, -1).T.contiguous().numpy()})
+        scale_v = add("Gather", [sc, rows], {"axis": 0})
     else:
         shape = n if f.granularity == "channel" else ()
-        scale_v, = _initializers(graph, layer, {"scale": scale.reshape(shape).numpy()})
+        (scale_v,) = _initializers(graph, layer, {"scale": scale.reshape(shape).numpy()})
     w = add("Mul", [values, scale_v])
-    return w, f"{stored}, Gather from the {fam.name.upper()} value table x {f.scale} scales (emulated)"
+    return w, f"{stored}, Gather from {table_name} x {f.scale} scales (emulated)"
 
 
 def _container(bits: int) -> int:
@@ -610,7 +629,7 @@ def _gemm(graph, layer: str, f: QuantFormat, q, n: int, k: int, node, gemm, styl
             new = add
         _replace(graph, gemm, new)
         form = f"MatMulNBits(bits={attrs['bits']}, block_size={attrs['block_size']}, accuracy_level={accuracy_level})"
-    elif _lut_exportable(f) and q.codebook is None:
+    elif _lut_exportable(f):
         w, form = _lut_weight(graph, layer, f, q, n, k, gemm)
         gemm.replace_input_with(1, w)
         gemm.attributes["transB"] = ir.AttrInt64("transB", 0)
@@ -780,7 +799,7 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
         if not all(m.op_type == "MatMul" and m.inputs[1] is tr.outputs[0] for m in matmuls):
             raise ExportError(f"{layer}: transposed weight read by {[m.op_type for m in matmuls]}, not MatMul")
         nbits = _matmulnbits(f, q, n, k, accuracy_level) if style == "matmulnbits" else None
-        if _lut_exportable(f) and q.codebook is None:
+        if _lut_exportable(f):
             w, forms[layer] = _lut_weight(graph, layer, f, q, n, k, tr)
             for mm in matmuls:
                 mm.replace_input_with(1, w)
@@ -1061,10 +1080,11 @@ class OnnxBackend(BackendBase):
             if _weight_exportable(fmt):
                 return "emulated", "DequantizeLinear FP8 -> float MatMul"
             if _lut_exportable(fmt):
-                return "emulated", ("codes (FP4 two per byte) decoded by a Gather from the format's value table, "
-                                    "times the group scales gathered per row -> float MatMul (linear layers)")
-            return "refused", (f"weight format {fmt.tag} has no ONNX form (INT2..8, FP8 E4M3 per channel / tensor "
-                               "and minifloats in groups along K do)")
+                return "emulated", ("codes (<= 4 bits two per byte) decoded by a Gather from the format's value "
+                                    "table / codebook, times the group scales gathered per row -> float MatMul "
+                                    "(linear layers)")
+            return "refused", (f"weight format {fmt.tag} has no ONNX form (INT2..8, FP8 E4M3 per channel / tensor, "
+                               "minifloats and codebooks in groups along K do)")
         try:
             _act_format(fmt.tag)
         except ExportError as e:
