@@ -121,7 +121,7 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
 FP4_WEIGHTS = {"name": "nvfp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g16-sym-e4m3"}]}
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights", "fp8", "mxfp6"])
+@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights", "fp8", "mxfp6", "fp8-block"])
 def test_other_code_widths_build(compiled, tmp_path, recipe):
     cm = compiled(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)  # fp8: E4M3 weights and activations
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
@@ -131,7 +131,7 @@ def test_other_code_widths_build(compiled, tmp_path, recipe):
         assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
     kinds = {(k["kind"], k["bits"]) for k in dep.manifest["kernels"].values()}
     assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)},
-                     "fp8": {("e4m3", 8)}, "mxfp6": {("e2m3", 8)}}[recipe]
+                     "fp8": {("e4m3", 8)}, "mxfp6": {("e2m3", 8)}, "fp8-block": {("e4m3", 8)}}[recipe]
 
 
 # which kernel each recipe's linears get: W(<=4)A8 / A4 with symmetric activations run integer dots
@@ -207,8 +207,8 @@ def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
 
 
 def test_refusals_name_the_node_and_leave_nothing(compiled, tmp_path):
-    cm = compiled({"name": "fp8-block-weights", "rules": [{"role": "linear", "weight": "e4m3-g32x32-sym-fp32"}]})
-    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format e4m3-g32x32"):
+    cm = compiled({"name": "nf4-weights", "rules": [{"role": "linear", "weight": "nf4-g32-sym-fp16"}]})
+    with pytest.raises(TvmError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: weight format nf4-g32"):
         cm.build(tmp_path / "b", target=TARGET)
     assert not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="only CPU"):

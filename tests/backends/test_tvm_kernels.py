@@ -44,6 +44,7 @@ def _run(f, *arrays):
     ("e3m2-g32-sym-e8m0", 256, 2),
     ("e5m2-channel-sym-fp32", 256, 1),  # FP8 E5M2
     ("e2m1-channel-sym-fp32", 256, 2),  # FP4 per channel
+    ("e4m3-g32x32-sym-fp32", 256, 2),  # FP8 2-D blocks: per-row scales, groups along K
 ])
 def test_lowbit_kernel_matches_the_reference(tag, k, m):
     torch.manual_seed(0)
@@ -109,9 +110,9 @@ def test_refusals_name_the_problem():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     with pytest.raises(ValueError, match="group"):
         compile_linear(1, 100, 64, 100, 4, target=TARGET)
-    blocks = QuantFormat.parse("e4m3-g32x32-sym-fp32")  # 2-D weight blocks
+    nf4 = QuantFormat.parse("nf4-g32-sym-fp16")  # a codebook
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
-        pack_weight(blocks, blocks.quantize(torch.randn(64, 64)))
+        pack_weight(nf4, nf4.quantize(torch.randn(64, 64)))
     w6 = QuantFormat.parse("int6-g32-asym-fp16")
     with pytest.raises(ValueError, match="not INT2/3/4/8"):
         pack_weight(w6, w6.quantize(torch.randn(8, 64)))

@@ -49,9 +49,9 @@ MINIFLOAT_WEIGHTS = {"e2m1": (4, 0x2), "e4m3": (8, 0x38), "e5m2": (8, 0x3C), "e3
 def container_bits(fmt: QuantFormat) -> int | None:
     """The kernel code width for ``fmt``'s weights, or None when no kernel here takes it: integers
     per group / channel / tensor, FP4 E2M1 (MXFP4, NVFP4) and FP8 E4M3 / E5M2, FP6 E3M2 / E2M3 in
-    8-bit containers (FP8, MXFP8, MXFP6), per group / channel / tensor (not 2-D blocks)."""
-    if fmt.block_rows:
-        return None
+    8-bit containers (FP8, MXFP8, MXFP6), per group / channel / tensor. 2-D blocks (``fp8-block``)
+    run as groups along K with each block's scale repeated over its rows (the per-row view
+    ``unpack_weight`` gives: exact, the kernel's scales not smaller)."""
     if fmt.kind in MINIFLOAT_WEIGHTS and fmt.granularity in ("group", "channel", "tensor"):
         return MINIFLOAT_WEIGHTS[fmt.kind][0]
     if fmt.kind != "int" or fmt.granularity not in ("group", "channel", "tensor"):
