@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_quant import both_ppl  # noqa: E402
 
 FMT = "int{}-g32-asym-fp16-dyn"
-from finegrain.jobs import KV_TUNE_FIELDS as FIELDS  # noqa: E402  (the settings `pareto --kv` searches with)
+from finegrain.jobs import KV_TUNE_BITS, KV_TUNE_FIELDS as FIELDS  # noqa: E402  (`pareto --kv`'s settings)
 
 
 def pairs(bits: tuple[int, ...]) -> list[tuple[str, str]]:
@@ -50,7 +50,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
     ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
-    ap.add_argument("--bits", default="2,3,4,8", help="the K / V bit widths searched (pairs of every two)")
+    ap.add_argument("--bits", default=",".join(map(str, KV_TUNE_BITS)),
+                    help="the K / V bit widths searched (pairs of every two)")
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform KIVI rows (float and tuned only)")
     ap.add_argument("--out", default="results/kv_tuner")
     args = ap.parse_args()

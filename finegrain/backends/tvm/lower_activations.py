@@ -55,16 +55,12 @@ def act_format(fmt: str, where: str) -> QuantFormat:
     scales, dynamic or static, and dynamic integers in groups along the row (fake-quantized)."""
     f = QuantFormat.parse(fmt)
     blocks = f.scale in ("e8m0", "e4m3") and f.granularity in ("group", "token") and f.dynamic and f.symmetric
-    if f.kind not in ("int", *MINIFLOAT) or not (f.scale in ("fp32", "fp16", "bf16") or blocks) or f.block_rows \
+    if f.kind not in ("int", *MINIFLOATS) or not (f.scale in ("fp32", "fp16", "bf16") or blocks) or f.block_rows \
             or not (f.granularity in ("token", "tensor") or (f.granularity == "group" and f.dynamic)):
         raise TvmError(f"{where}: activation format {fmt} has no TVM lowering (integer and minifloat activations "
                        "per token or per tensor with float scales do, and dynamic ones in groups along the row with "
                        "float, E8M0 (MX) or two-level E4M3 (NV) scales)")
     return f
-
-
-# minifloat elements: (exponent of the smallest normal, mantissa bits); their largest value is the family's
-MINIFLOAT = {k: (fam.emin, fam.mantissa) for k, fam in MINIFLOATS.items()}
 
 
 def _minifloat_round(v, f: QuantFormat):
@@ -74,7 +70,7 @@ def _minifloat_round(v, f: QuantFormat):
     (subnormals below the smallest normal)."""
     from tvm import te, tirx
 
-    emin, mant = MINIFLOAT[f.kind]
+    emin, mant = MINIFLOATS[f.kind].emin, MINIFLOATS[f.kind].mantissa
     m = tirx.const(f.family.max_value(f), "float32")
     c = te.max(te.min(v, m), -m)
     a = te.abs(c)
@@ -190,7 +186,7 @@ def _fake_quant(node, importer, prefix: str):
                 sv, zv = s_(*at), z_(*at)
             else:
                 sv, zv = _bcast(s_, idx), _bcast(z_, idx)
-            if f.kind in MINIFLOAT:
+            if f.kind in MINIFLOATS:
                 return _minifloat_round(x_(*idx) / sv, f) * sv
             q = te.max(te.min(tirx.nearbyint(x_(*idx) / sv) + zv, float(hi)), float(lo))
             return (q - zv) * sv

@@ -42,8 +42,9 @@ CONTAINERS = {2: 2, 3: 4, 4: 4, 8: 8}  # format bits -> kernel code width
 
 
 # minifloat weights the kernel decodes from their bit patterns: kind -> (container bits, pattern of 1.0);
-# FP8 / FP6 in 8-bit containers
-MINIFLOAT_WEIGHTS = {"e2m1": (4, 0x2), "e4m3": (8, 0x38), "e5m2": (8, 0x3C), "e3m2": (8, 0x0C), "e2m3": (8, 0x08)}
+# FP4 in 4-bit containers, FP6 / FP8 in 8-bit ones
+MINIFLOAT_WEIGHTS = {k: (4 if fam.bits == 4 else 8, int(np.array(1.0, fam.np_dtype).view(np.uint8)))
+                     for k, fam in MINIFLOATS.items()}
 
 
 def container_bits(fmt: QuantFormat) -> int | None:
