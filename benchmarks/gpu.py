@@ -8,7 +8,7 @@ root, ``PYTHONPATH=.`` when finegrain is not installed) and prints, in this orde
 written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
 
 1. the GPU tests (``tests/backends/test_gpu_kernels.py``, ``test_gpu_backend.py``, the ``gpu``
-   marker included) on the device;
+   marker included) on the device, untuned (``FINEGRAIN_GPU_TUNE=0``), stopped after ``--test-minutes``;
 2. HBM bandwidth, measured by a device-to-device copy (bytes read + written / time);
 3. kernel table at M = 1, 16, 128 for (N, K) = 4096 x 4096, 14336 x 4096 and 8192 x 8192: ms,
    TFLOP/s, GB/s on the bytes the kernel must read (packed weight, scales, zero points,
@@ -29,7 +29,10 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    and the bf16 mode again concatenating the cache every step (``cache_tokens=0``); no CUDA graphs yet.
 
 Timings: ``triton.testing.do_bench`` (median of its repetitions) on CUDA; wall clock in the smoke
-run (meaningless there: the interpreter). ``--minutes`` stops starting new parts past that budget.
+run (meaningless there: the interpreter). Parts 3 and 4 run most telling first (the 4096 x 4096
+kernels, the SmolLM2-architecture decode, the other shapes, the Qwen2 decode); ``--minutes`` stops
+starting new parts past that budget, and a part that fails is reported (``errors``, exit 1) while
+the others still run.
 """
 from __future__ import annotations
 
@@ -117,6 +120,8 @@ def kernel_table(device: str, dtype: torch.dtype, shapes, ms, hbm: float, emit) 
             rec = {"N": n, "K": k, "M": m, "kernel": "cuBLAS bf16" if device == "cuda" else f"torch.matmul {dtype}",
                    "ms": base, "TFLOP/s": flop / base / 1e9, "GB/s": (w.numel() * w.element_size() + act_bytes) / base / 1e6,
                    "speedup": 1.0}
+            if device == "cuda":
+                rec["ms graph"] = _graph_ms(lambda: torch.matmul(x, w.T))
             rows.append(rec)
             emit(rec)
             for label, tag, act in KERNELS:
@@ -131,9 +136,45 @@ def kernel_table(device: str, dtype: torch.dtype, shapes, ms, hbm: float, emit) 
                 gbs = (packed_bytes(p) + act_bytes) / t / 1e6
                 rec = {"N": n, "K": k, "M": m, "kernel": label, "ms": t, "TFLOP/s": flop / t / 1e9, "GB/s": gbs,
                        "%HBM": 100 * gbs / hbm if hbm else None, "speedup": base / t}
+                if device == "cuda":
+                    rec["ms graph"] = _graph_ms(fn)
                 rows.append(rec)
                 emit(rec)
     return rows
+
+
+def _graph_ms(fn) -> float | None:
+    """The GPU time alone: ``fn`` replayed from a CUDA graph (no Python or launch overhead between
+    calls), beside ``do_bench``'s eager timing, which includes them when they outlast the kernel."""
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20)
+    except Exception as e:  # noqa: BLE001 -- a launcher that cannot be captured: say so in the row
+        print("CUDA graph timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return None
+
+
+def gemv_sweep(device: str, n: int, k: int, emit) -> None:
+    """W4A16 g128 GEMV at M = 1 on (N, K) over configurations wider than the tuned candidates
+    (smaller BN, deeper split-K): eager and CUDA-graph ms per configuration, for the next tuning."""
+    from finegrain.backends.gpu import kernels
+
+    p = random_packed("int4-g128-asym-fp16", n, k, device)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    bench = _timer(device)
+    for bn in (16, 32, 64):
+        for bk in (128, 256):
+            for sk in (8, 16, 32):
+                for w in (2, 4):
+                    cfg = dict(BN=bn, BK=bk, SPLIT_K=sk, num_warps=w)
+                    fn = lambda: kernels.wq_linear(x, p, config=cfg)  # noqa: E731
+                    try:
+                        fn()
+                        emit({"N": n, "K": k, **cfg, "ms": bench(fn),
+                              "ms graph": _graph_ms(fn) if device == "cuda" else None})
+                    except Exception as e:  # noqa: BLE001 -- registers / shared memory: skip the config
+                        emit({"N": n, "K": k, **cfg, "error": f"{type(e).__name__}: {str(e)[:120]}"})
 
 
 def bandwidth(device: str, nbytes: int) -> float:
@@ -160,16 +201,14 @@ def _configs(smoke: bool):
     return [("SmolLM2-135M architecture", smol), ("Qwen2 ~1.5B architecture", qwen)]
 
 
-def decode_rows(device: str, smoke: bool, steps: int, emit, deadline: float) -> list[dict]:
+def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
     import finegrain
+    from finegrain.compiler.capture import cache_kwarg
     from transformers import AutoModelForCausalLM, DynamicCache
 
     rows = []
     prompt = 32
-    for name, cfg in _configs(smoke):
-        if time.time() > deadline:
-            emit({"model": name, "skipped": "time budget"})
-            continue
+    for name, cfg in configs:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg).eval()
         params = sum(p.numel() for p in model.parameters())
@@ -183,12 +222,12 @@ def decode_rows(device: str, smoke: bool, steps: int, emit, deadline: float) -> 
 
         with torch.inference_mode():
             cache = DynamicCache()
-            out = hf(input_ids=ids.to(device), past_key_values=cache, use_cache=True)
+            out = hf(input_ids=ids.to(device), use_cache=True, **{cache_kwarg(hf): cache})
             tok = out.logits[:, -1:].argmax(-1)
             sync()
             t = time.perf_counter()
             for _ in range(steps):
-                out = hf(input_ids=tok, past_key_values=cache, use_cache=True)
+                out = hf(input_ids=tok, use_cache=True, **{cache_kwarg(hf): cache})
                 tok = out.logits[:, -1:].argmax(-1)
             sync()
             hf_tps = steps / (time.perf_counter() - t)
@@ -226,7 +265,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes: the script's own test")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--minutes", type=float, default=8.0, help="no part starts past this budget")
+    ap.add_argument("--test-minutes", type=float, default=2.5, help="the GPU tests are stopped past this")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="NxK", help="kernel-table shapes (default: all three)")
+    ap.add_argument("--sweep", action="store_true", help="also time the W4A16 GEMV over wider configurations")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -240,7 +282,8 @@ def main(argv=None) -> int:
     deadline = start + args.minutes * 60
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (TRITON_INTERPRET=1)",
-                    "torch": torch.__version__, "triton": triton.__version__, "kernels": [], "decode": []}
+                    "torch": torch.__version__, "triton": triton.__version__, "kernels": [], "decode": [],
+                    "errors": [], "skipped": [], "sweep": []}
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         report["sms"] = props.multi_processor_count
@@ -258,44 +301,80 @@ def main(argv=None) -> int:
     print(report, flush=True)
     if not args.skip_tests:
         tests = ["tests/backends/test_gpu_kernels.py", "tests/backends/test_gpu_backend.py"]
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu or not gpu",
-                            *tests], capture_output=True, text=True)
-        last = (r.stdout.strip().splitlines() or ["?"])[-1]
-        report["tests"] = {"rc": r.returncode, "summary": last, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
+        # correctness only: the first candidate configuration, no tuning (each candidate is a compile)
+        env = {**os.environ, "FINEGRAIN_GPU_TUNE": "0"}
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu or not gpu",
+                                *tests], capture_output=True, text=True, env=env, timeout=args.test_minutes * 60)
+            last = (r.stdout.strip().splitlines() or ["?"])[-1]
+            report["tests"] = {"rc": r.returncode, "summary": last, "tail": r.stdout[-3000:] + r.stderr[-2000:]}
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            last = f"stopped after {args.test_minutes} min: {out.strip().splitlines()[:1]}"
+            report["tests"] = {"rc": None, "summary": last, "tail": out[-3000:]}
         print("tests:", last, flush=True)
         save()
     hbm = bandwidth(device, (1 << 30) if device == "cuda" else (1 << 24))
     report["hbm GB/s"] = hbm
     print(f"device-to-device copy: {hbm:.0f} GB/s", flush=True)
     shapes = [(96, 128)] if args.smoke else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
     ms = [1, 16] if args.smoke else ROWS_M
-    kernel_table(device, torch.bfloat16 if device == "cuda" else torch.float32, shapes, ms, hbm, emit_to("kernels"))
-    decode_rows(device, args.smoke, 4 if args.smoke else args.steps, emit_to("decode"), deadline)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    configs = _configs(args.smoke)
+    # most telling first, so a short lease still gets the targets' numbers: the first shape's kernels,
+    # the small model's decode, then the other shapes and the larger model
+    parts = [(f"kernels {shapes[0]}", lambda: kernel_table(device, dtype, shapes[:1], ms, hbm, emit_to("kernels"))),
+             (f"decode {configs[0][0]}", lambda: decode_rows(device, configs[:1], args.steps if not args.smoke else 4,
+                                                              emit_to("decode")))]
+    parts += [(f"kernels {shape}", lambda shape=shape: kernel_table(device, dtype, [shape], ms, hbm, emit_to("kernels")))
+              for shape in shapes[1:]]
+    parts += [(f"decode {name}", lambda c=(name, cfg): decode_rows(device, [c], args.steps, emit_to("decode")))
+              for name, cfg in configs[1:]]
+    if args.sweep:
+        sweep_shape = (128, 256) if args.smoke else (4096, 4096)
+        parts.insert(1, (f"gemv sweep {sweep_shape}", lambda: gemv_sweep(device, *sweep_shape, emit_to("sweep"))))
+    for name, part in parts:
+        if time.time() > deadline:
+            report["skipped"].append(name)
+            print("skipped (time budget):", name, flush=True)
+            continue
+        try:
+            part()
+        except Exception as e:  # noqa: BLE001 -- one part's failure is reported, the others still run
+            import traceback
+
+            report["errors"].append({"part": name, "error": f"{type(e).__name__}: {e}",
+                                     "traceback": traceback.format_exc()[-3000:]})
+            print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+        save()
     report["seconds"] = time.time() - start
     save()
     (args.out / "gpu.md").write_text(markdown(report))
     print(markdown(report))
-    return 0
+    return 1 if report["errors"] else 0
 
 
 def markdown(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, Triton {report['triton']}; device-to-device copy "
              f"{report.get('hbm GB/s', 0):.0f} GB/s; tests: {report.get('tests', {}).get('summary', 'not run')}", "",
-             "| N x K | M | kernel | ms | TFLOP/s | GB/s | % HBM | vs bf16 matmul |", "|---|---|---|---|---|---|---|---|"]
+             "| N x K | M | kernel | ms | ms, CUDA graph | TFLOP/s | GB/s | % HBM | vs bf16 matmul |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["kernels"]:
         hb = f"{r['%HBM']:.0f}" if r.get("%HBM") is not None else ""
-        lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {r['TFLOP/s']:.2f} | "
+        gr = f"{r['ms graph']:.4f}" if r.get("ms graph") is not None else ""
+        lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {gr} | {r['TFLOP/s']:.2f} | "
                      f"{r['GB/s']:.0f} | {hb} | {r['speedup']:.2f}x |")
     lines += ["", "| model | params | baseline tok/s | finegrain W4A16 fp32 / bf16 tok/s | bf16, cache concatenated "
               "per step | ratio (bf16) |", "|---|---|---|---|---|---|"]
     for r in report["decode"]:
-        if "skipped" in r:
-            lines.append(f"| {r['model']} | | skipped: {r['skipped']} | | | |")
-            continue
         base = next(v for key, v in r.items() if key.startswith("hf"))
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 fp32 tok/s']:.1f} / "
                      f"{r['finegrain W4A16 bf16 tok/s']:.1f} | {r['finegrain W4A16 bf16 concat tok/s']:.1f} | "
                      f"{r['ratio']:.2f}x |")
+    lines += [f"\nnot run (time budget): {name}" for name in report.get("skipped", [])]
+    lines += [f"\nFAILED {e['part']}: {e['error']}" for e in report.get("errors", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -66,11 +66,20 @@ class HFCacheWrapper(torch.nn.Module):
         cache = DynamicCache()  # full per-layer caches: sliding-window layers are masked, not truncated
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{cache_kwarg(self.model): cache})
         present = []
         for layer in cache.layers[: self.layers]:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name a ``transformers`` model's forward takes its cache by: ``cache`` from transformers
+    5.2x (``past_key_values`` is deprecated there), ``past_key_values`` before (which would take an
+    unknown ``cache=`` into ``**kwargs`` and silently run without one)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def kv_layout(model: torch.nn.Module) -> dict:
@@ -82,7 +91,7 @@ def kv_layout(model: torch.nn.Module) -> dict:
 
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, use_cache=True)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{cache_kwarg(model): cache})
     layers = len(cache.layers)
     if layers == 0 or any(lay.keys is None for lay in cache.layers):
         raise CaptureError(f"{type(model).__name__}: its cache has no per-layer keys / values to expose")

@@ -145,6 +145,7 @@ def test_cpu_device_only_under_the_interpreter(compiled, monkeypatch):
         gpu.session(compiled("w4a16-g128"), target="x")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run (interpreter); on a GPU the script runs itself")
 def test_the_device_script_runs_end_to_end(tmp_path):
     """benchmarks/gpu.py --smoke: every part of the device script (bandwidth, kernel table, decode
     rows, its report) on CPU tensors under the interpreter, so the script a GPU session runs has run."""
@@ -290,3 +291,22 @@ def test_static_kv_cache_appends_in_place_and_falls_back_to_concatenation(tiny_l
         assert st["past"][0].dtype == torch.bfloat16 and st["past"][0].untyped_storage().data_ptr() == ptr
     with pytest.raises(InputError, match="cache_tokens must be a non-negative integer"):
         cm.session("gpu", cache_tokens=-1)
+
+
+def test_every_traced_device_argument_moves_to_the_target_device(tiny_llama):
+    """The trace bakes the CPU in: ``arange(..., device=cpu)`` (keyword) and RoPE's
+    ``inv_freq.to(cpu, float32)`` (``aten.to.device``, positional). Both must name the session's
+    device (an H200 run of torch 2.11 failed in RoPE's matmul on the positional one)."""
+    from torch.fx.node import map_aggregate
+
+    from finegrain.backends.gpu.lower import prepare
+
+    cm = finegrain.compile(tiny_llama, (torch.randint(0, 100, (1, 8)),), recipe="w4a16-g128", progress=False,
+                           kv_cache=True)
+    before = [n for n in cm.gm.graph.nodes if any(isinstance(a, torch.device) for a in n.args)]
+    assert before, "the trace has no positional device argument: this test no longer covers it"
+    gm, _ = prepare(cm.gm, torch.device("meta"))
+    devices = []
+    for n in gm.graph.nodes:
+        map_aggregate((n.args, n.kwargs), lambda a: devices.append(a) if isinstance(a, torch.device) else a)
+    assert len(devices) >= 2 and set(devices) == {torch.device("meta")}

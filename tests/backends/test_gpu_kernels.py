@@ -193,3 +193,44 @@ def test_bf16_activations_on_the_device():
         y = kernels.wq_linear(x.to("cuda", torch.bfloat16), p).float().cpu()
         ref = x @ w.T
         assert (y - ref).norm() / ref.norm() < 1e-2
+
+
+def test_tuning_picks_the_fastest_runnable_config_and_keeps_it(monkeypatch, tmp_path):
+    """``kernels.tuned`` off the interpreter (a fake device and timer): a config that fails to launch
+    is skipped, the fastest by CUDA-graph time wins, it is written to the cache file, asked again it
+    is not re-timed, and a fresh process (cleared memory) reads it back from the file."""
+    import json
+
+    import triton.testing
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setenv("FINEGRAIN_GPU_CACHE", str(tmp_path))
+    monkeypatch.delenv("FINEGRAIN_GPU_TUNE", raising=False)
+    monkeypatch.setattr(kernels, "_TUNED", None)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    cands = (dict(BN=32), dict(BN=64), dict(BN=128), dict(BN=256))
+    ms = {32: 3.0, 64: 1.0, 128: 2.0}
+    timed = []
+
+    def launch(cfg):
+        if cfg["BN"] == 256:
+            raise RuntimeError("out of shared memory")
+        return cfg["BN"]
+
+    def bench(fn, rep=20):
+        timed.append(fn())
+        return ms[timed[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", bench)
+    assert kernels.tuned("wq-gemv", (1, 64, 64), cands, launch) == dict(BN=64)
+    assert sorted(timed) == [32, 64, 128]
+    assert kernels.tuned("wq-gemv", (1, 64, 64), cands, launch) == dict(BN=64) and len(timed) == 3
+    saved = json.loads(next(tmp_path.glob("gpu-tune-*.json")).read_text())
+    assert saved == {"Fake GPU|wq-gemv|1x64x64": dict(BN=64)}
+    monkeypatch.setattr(kernels, "_TUNED", None)
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    assert kernels.tuned("wq-gemv", (1, 64, 64), cands, launch) == dict(BN=64) and len(timed) == 3
+    monkeypatch.setenv("FINEGRAIN_GPU_TUNE", "0")
+    assert kernels.tuned("wq-gemv", (1, 32, 32), cands, launch) == dict(BN=32) and len(timed) == 3

@@ -103,3 +103,19 @@ def test_decompose_keeps_linear(tiny_llama, tiny_inputs):
     ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(gm(ids), tiny_llama(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_kwarg_follows_the_installed_transformers(tiny_llama):
+    """transformers 5.2x takes the cache as ``cache=`` (``past_key_values`` deprecated); 5.17 (the
+    GPU machine's) only as ``past_key_values``, and would swallow ``cache=`` into ``**kwargs``."""
+    import inspect
+
+    from finegrain.compiler.capture import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    name = cache_kwarg(tiny_llama)
+    assert name in inspect.signature(tiny_llama.forward).parameters

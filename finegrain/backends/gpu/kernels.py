@@ -36,6 +36,7 @@ split-K GEMV's atomic sums), kept in a JSON file across processes.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -189,7 +190,7 @@ def _e4m3_bits(v):
     a = tl.abs(v)
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, -6)  # subnormals: step 2^-9
     step = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3): 8 steps per binade
-    r = ((a / step + 12582912.0) - 12582912.0).to(tl.int32)  # 0..16, half to even
+    r = ((tl.div_rn(a, step) + 12582912.0) - 12582912.0).to(tl.int32)  # 0..16, half to even
     e = tl.where(r >= 16, e + 1, e)
     r = tl.where(r >= 16, 8, r)
     normal = r >= 8
@@ -200,7 +201,7 @@ def _e4m3_bits(v):
 def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr):
     """A row's scale from its blocks' absolute maxima: absmax * clip / QMAX rounded to the stored
     scale dtype; 1 for an all-zero row."""
-    s = tl.max(amax, axis=0) * clip / QMAX
+    s = tl.div_rn(tl.max(amax, axis=0) * clip, QMAX * 1.0)
     if SCALE_F16:
         s = s.to(tl.float16).to(tl.float32)
     if SCALE_BF16:
@@ -211,12 +212,13 @@ def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF
 @triton.jit
 def _store_codes(q_ptr, offs, mask, x, s, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, F8: tl.constexpr):
     """INT: q = clamp(round_half_even(x / s), LO, HI) as int8; F8: the E4M3 bit patterns of
-    clamp(x / s, -448, 448) as uint8."""
+    clamp(x / s, -448, 448) as uint8. Divisions are ``tl.div_rn`` (IEEE, as torch divides): on a GPU
+    Triton's ``/`` is the approximate ``div.full.f32``, which moves codes at rounding midpoints."""
     if F8:
-        v = tl.minimum(tl.maximum(x / s, -QMAX), QMAX)
+        v = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
         tl.store(q_ptr + offs, _e4m3_bits(v).to(tl.uint8), mask=mask)
     else:
-        v = tl.minimum(tl.maximum(x / s, -256.0), 256.0)
+        v = tl.minimum(tl.maximum(tl.div_rn(x, s), -256.0), 256.0)
         v = (v + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds half to even
         q = tl.minimum(tl.maximum(v, LO * 1.0), HI * 1.0)
         tl.store(q_ptr + offs, q.to(tl.int8), mask=mask)
@@ -443,17 +445,21 @@ def m_bucket(m: int) -> int:
     return next(b for b in (1, 4, 16, 64, 256) if m <= b) if m <= 256 else 1024
 
 
-def _candidates(kind: str, m: int, group: int, k: int, pw: int) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def _candidates(kind: str, m: int, group: int, k: int, pw: int) -> tuple[dict, ...]:
+    """Configurations :func:`tuned` times (cached: the launchers ask on every call). GEMV: split-K
+    up to 16 (an H200 sweep at 4096 x 4096, M = 1, had its fastest at BN 64, BK 128, split 16)."""
     bks = [bk for bk in (256, 128, 64, 32) if (group % bk == 0 or bk == 32) and bk % pw == 0 and bk <= max(32, k)]
     if kind == "gemv":
-        return [dict(BN=bn, BK=bk, SPLIT_K=sk, num_warps=w) for bn in (32, 64, 128) for bk in bks[:2]
-                for sk in (1, 2, 4, 8) for w in (2, 4) if bn * bk <= 16384]
-    return [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
-            for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128)) if bm <= max(16, 4 * m)
-            for bk in bks[1:3] or bks for w in (4, 8) for st in (2, 3) if bn * bk <= 16384]
+        return tuple(dict(BN=bn, BK=bk, SPLIT_K=sk, num_warps=w) for bn in (32, 64, 128) for bk in bks[:2]
+                     for sk in (1, 2, 4, 8, 16) for w in (2, 4) if bn * bk <= 16384)
+    return tuple(dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st)
+                 for bm, bn in ((16, 64), (32, 64), (64, 64), (64, 128), (128, 128)) if bm <= max(16, 4 * m)
+                 for bk in bks[1:3] or bks for w in (4, 8) for st in (2, 3) if bn * bk <= 16384)
 
 
 _TUNED: dict[str, dict] | None = None
+_CHOSEN: dict[tuple, dict] = {}
 
 
 def _cache_path():
@@ -465,13 +471,20 @@ def _cache_path():
 
 def tuned(kind: str, key: tuple, candidates: list[dict], launch) -> dict:
     """The fastest of ``candidates`` for ``launch(config)`` on this GPU and shape class, timed once
-    (``triton.testing.do_bench``) and kept in a JSON file (``$FINEGRAIN_GPU_CACHE``, default
-    ``~/.cache/finegrain``) keyed by device name, kernel and shape; the interpreter takes the first."""
+    replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: the kernels' GPU time, which
+    eager timing hides under launch overhead at decode sizes; ``do_bench`` where capture fails), kept
+    in memory for the process and in a JSON file (``$FINEGRAIN_GPU_CACHE``, default
+    ``~/.cache/finegrain``) keyed by device name, kernel and shape; the interpreter takes the first,
+    and so does ``FINEGRAIN_GPU_TUNE=0`` (correctness runs that need no timing: each candidate is a
+    Triton compile)."""
     global _TUNED
     import json
 
-    if INTERPRET or not torch.cuda.is_available() or len(candidates) == 1:
+    if INTERPRET or not torch.cuda.is_available() or len(candidates) == 1 or os.environ.get("FINEGRAIN_GPU_TUNE") == "0":
         return candidates[0]
+    hit = _CHOSEN.get((kind, key))
+    if hit is not None:  # this process has asked before: no device name, no string key, no file
+        return hit
     if _TUNED is None:
         try:
             _TUNED = json.loads(_cache_path().read_text())
@@ -482,15 +495,20 @@ def tuned(kind: str, key: tuple, candidates: list[dict], launch) -> dict:
         timings = []
         for cfg in candidates:
             try:
-                timings.append((triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=15), cfg))
-            except Exception:  # a configuration this GPU cannot run (too many registers, shared memory)
+                launch(cfg)  # compiles; a configuration this GPU cannot run raises here
+            except Exception:  # too many registers, shared memory
                 continue
+            try:  # the kernel's GPU time: eager timing at decode sizes is mostly launch overhead (noise)
+                timings.append((triton.testing.do_bench_cudagraph(lambda: launch(cfg), rep=10), cfg))
+            except Exception:  # a launcher that cannot be captured
+                timings.append((triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=15), cfg))
         _TUNED[name] = min(timings, key=lambda t: t[0])[1]
         path = _cache_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(_TUNED, indent=1))
         tmp.replace(path)
+    _CHOSEN[(kind, key)] = _TUNED[name]
     return _TUNED[name]
 
 

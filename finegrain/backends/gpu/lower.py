@@ -16,7 +16,8 @@
 * on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the
   KIVI cache write, the MoE grouped GEMM) into :func:`on_host` calls: the reference op on CPU
   copies, the result moved back (``emulated``; correct, slow);
-* every ``device=`` keyword (the traced causal mask's ``arange`` and friends) to the target device;
+* every device argument, keyword or positional (the traced causal mask's ``arange``, RoPE's
+  ``inv_freq.to(device)``), to the target device;
 * with ``dtype=torch.bfloat16`` (or float16), the compute dtype (:func:`to_compute_dtype`): what the
   graph computes from the token data in that dtype, the position / mask side in fp32 as traced.
 
@@ -28,6 +29,7 @@ import operator
 
 import torch
 from torch.fx import Graph, GraphModule
+from torch.fx.node import map_aggregate
 
 from finegrain.compiler.ir import cache_past, get_tensor
 from finegrain.formats import QuantFormat, scales
@@ -306,6 +308,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
         graph.eliminate_dead_code()
     if torch.device(device).type != "cpu":
         _to_host_fallbacks(graph)
+    on_device = lambda a: torch.device(device) if isinstance(a, torch.device) else a  # noqa: E731
     for n in graph.nodes:
         if n.op == "get_attr" and not hasattr(root, n.target):
             t = get_tensor(gm, n.target)
@@ -315,8 +318,10 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
             if "inv_freq" in n.target:  # RoPE's frequencies: the position side (fp32 in any compute dtype)
                 packed_keys.add(key)
             n.target = key
-        if "device" in n.kwargs:
-            n.kwargs = {**n.kwargs, "device": torch.device(device)}
+        # devices the trace baked in, keyword (``arange(..., device=)``) or positional (RoPE's
+        # ``inv_freq.to(device, float32)`` as ``aten.to.device``; torch 2.11's export wrote it so)
+        n.args = map_aggregate(n.args, on_device)
+        n.kwargs = map_aggregate(n.kwargs, on_device)
     if dtype != torch.float32:
         to_compute_dtype(graph, root, dtype, packed_keys, float_inputs)
     writes = _static_kv_writes(graph)
