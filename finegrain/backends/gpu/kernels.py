@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -469,7 +470,7 @@ def _cache_path():
     return base / f"gpu-tune-triton{triton.__version__}.json"
 
 
-def tuned(kind: str, key: tuple, candidates: list[dict], launch) -> dict:
+def tuned(kind: str, key: tuple, candidates: "Sequence[dict]", launch) -> dict:
     """The fastest of ``candidates`` for ``launch(config)`` on this GPU and shape class, timed once
     replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: the kernels' GPU time, which
     eager timing hides under launch overhead at decode sizes; ``do_bench`` where capture fails), kept

@@ -319,7 +319,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
                 packed_keys.add(key)
             n.target = key
         # devices the trace baked in, keyword (``arange(..., device=)``) or positional (RoPE's
-        # ``inv_freq.to(device, float32)`` as ``aten.to.device``; torch 2.11's export wrote it so)
+        # ``inv_freq.to(device, float32)``, exported as ``aten.to.device``)
         n.args = map_aggregate(n.args, on_device)
         n.kwargs = map_aggregate(n.kwargs, on_device)
     if dtype != torch.float32:
