@@ -118,33 +118,67 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
     assert TvmDeployment(out)(torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, 256)
 
 
-FP4_WEIGHTS = {"name": "nvfp4-weights", "rules": [{"role": "linear", "weight": "e2m1-g16-sym-e4m3"}]}
+# the tiny Llama's 14 linears, one activation format each (the list cycled): one build covers every format
+LINEARS = [f"layers\\.{i}\\.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                            "mlp.down_proj")]
 
 
-@pytest.mark.parametrize("recipe", ["w8a16", "w3a16-g128", "nvfp4-weights", "fp8", "mxfp6", "fp8-block"])
-def test_other_code_widths_build(compiled, tmp_path, recipe):
-    cm = compiled(FP4_WEIGHTS if recipe == "nvfp4-weights" else recipe)  # fp8: E4M3 weights and activations
+# presets (and NVFP4 weights alone) -> the kernel (kind, container bits) their linears lower to
+CODE_WIDTHS = {"w8a16": ("int", 8), "w3a16-g128": ("int", 4), "nvfp4-weights": ("e2m1", 4), "fp8": ("e4m3", 8),
+               "mxfp6": ("e2m3", 8), "fp8-block": ("e4m3", 8)}
+
+
+def test_other_code_widths_build(compiled):
+    """One build with six presets' formats over the 14 linears (the list cycled): 8-bit, 3-bit in
+    a 4-bit container, NVFP4, FP8 E4M3 weights and activations, MXFP6, block-wise FP8. Each linear
+    gets its format's kernel and the deployment matches the reference."""
+    from finegrain.compiler.recipe import PRESETS
+
+    names = list(CODE_WIDTHS)
+    rules = []
+    for p, name in zip(LINEARS, names * 3):
+        r = {"role": "linear", "weight": "e2m1-g16-sym-e4m3"} if name == "nvfp4-weights" else \
+            PRESETS[name].to_dict()["rules"][0]
+        rules.append({**r, "pattern": p})
+    cm = compiled({"name": "mixed-code-widths", "rules": rules})
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
         ref = cm(ids)
         assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    kinds = {(k["kind"], k["bits"]) for k in dep.manifest["kernels"].values()}
-    assert kinds == {"w8a16": {("int", 8)}, "w3a16-g128": {("int", 4)}, "nvfp4-weights": {("e2m1", 4)},
-                     "fp8": {("e4m3", 8)}, "mxfp6": {("e2m3", 8)}, "fp8-block": {("e4m3", 8)}}[recipe]
+    kernels = dep.manifest["kernels"]
+    for p, name in zip(LINEARS, names * 3):
+        k = kernels["model." + p.replace("\\", "") + ".weight"]
+        assert (k["kind"], k["bits"]) == CODE_WIDTHS[name], (p, name)
 
 
 # which kernel each recipe's linears get: W(<=4)A8 / A4 with symmetric activations run integer dots
-ACT_KERNELS = {"w8a8": {"int"}, "w8a8-static": {"int"}, "w4a8-g128": {"int8-dot"}, "w4a4-rot": {"int8-dot"},
-               "w4a8-hadamard": {"int8-dot"}, "w4a8-dgq": {"int8-dot"},
-               "w4a4-g64-rot-gptq": {"int"}}  # activation groups: fake-quantized, the fp32-compute kernel
+ACT_KERNELS = {"w8a8": "int", "w8a8-static": "int", "w4a8-g128": "int8-dot", "w4a8-dgq": "int8-dot",  # per linear:
+               "w4a4-rot": "int8-dot", "w4a8-hadamard": "int8-dot",  # one build, "a8-mixed" below
+               "w4a4-g64-rot-gptq": "int"}  # activation groups: fake-quantized, the fp32-compute kernel
+A8_MIXED = ["w8a8", "w8a8-static", "w4a8-g128", "w4a8-dgq"]  # rules only (DGQ's clip search for all of them)
 
 
-@pytest.mark.parametrize("recipe", list(ACT_KERNELS))
+@pytest.mark.parametrize("recipe", ["a8-mixed", "w4a4-rot", "w4a8-hadamard", "w4a4-g64-rot-gptq"])
 def test_activation_quantization_and_online_hadamard(compiled, recipe):
-    cm = compiled(recipe)
+    """Activation quantization per token, static per tensor, with integer-dot kernels (W8A8, W4A8,
+    DGQ: the four presets' rules over the 14 linears, cycled, in one build), with the online
+    Hadamard of the rotated presets, and in groups with GPTQ: within fp32 rounding of the reference
+    (a flipped code at a rounding tie aside), each linear on its kernel."""
+    from finegrain.compiler.recipe import PRESETS
+
+    names = A8_MIXED * 4 if recipe == "a8-mixed" else [recipe] * len(LINEARS)
+    if recipe == "a8-mixed":
+        cm = compiled({"name": recipe, "weight_algorithm": "clip", "rules": [
+            {**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in zip(LINEARS, names)]})
+    else:
+        cm = compiled(recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
-    assert {k["kind"] for k in dep.manifest["kernels"].values()} == ACT_KERNELS[recipe]
+    kernels = dep.manifest["kernels"]
+    assert len(kernels) == len(LINEARS)
+    for p, n in zip(LINEARS, names):
+        assert kernels["model." + p.replace("\\", "") + ".weight"]["kind"] == ACT_KERNELS[n], (p, n)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
         ref = cm(ids)
@@ -157,30 +191,42 @@ def test_activation_quantization_and_online_hadamard(compiled, recipe):
 
 
 W8 = {"role": "linear", "weight": "int8-channel-sym-fp32"}
-
-
-@pytest.mark.parametrize("act", [
+GROUP_AND_MINIFLOAT_ACTS = [
     "int4-g40-asym-fp16-dyn",  # groups along the row, a ragged last one (g40 over the tiny model's 64 / 96 features)
-    "int4-g64-sym-fp32-dyn-clip0.85", "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn",  # MXINT8, NVINT4 scales
-    "e2m1-g40-sym-e4m3-dyn", "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn",  # NVFP4, MXFP6 elements
-    "e4m3-token-sym-fp32-dyn", "e5m2-token-sym-fp32-dyn"])  # FP8 per token
-def test_group_and_minifloat_activations(compiled, act):
+    "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn", "e2m1-g40-sym-e4m3-dyn",  # MXINT8, NVINT4 scales, NVFP4
+    "int4-g64-sym-fp32-dyn-clip0.85",  # 5th: on a gate_proj and the last down_proj (96 features: two groups)
+    "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn",  # MXFP6 elements
+    "e4m3-token-sym-fp32-dyn", "e5m2-token-sym-fp32-dyn"]  # FP8 per token
+def _mixed(acts: list[str], name: str) -> dict:
+    return {"name": name, "rules": [W8] + [{**W8, "pattern": p, "activation": a}
+                                           for p, a in zip(LINEARS, acts * 2)]}
+
+
+def test_group_and_minifloat_activations(compiled):
     """Activations in groups (scales per group of the row; a ragged last group padded by repeating
     the row's last element, as the reference) and minifloat activations (each value over its scale
     rounded on the element's grid: saturating, half to even, subnormals, as the reference's ml_dtypes /
-    torch casts) within 1e-4 of the reference; the same weights with the activations per token (for
-    groups) or not quantized (per token) differ by far more, so the check sees what is computed."""
-    cm = compiled({"name": f"w8-{act}", "rules": [{**W8, "activation": act}]})
-    tok = re.sub(r"-g\d+-", "-token-", act)
-    other = compiled({"name": f"w8-{tok}", "rules": [{**W8, "activation": tok}]} if tok != act
-                     else {"name": "w8-channel", "rules": [W8]})
+    torch casts) within 1e-4 of the reference. One build holds every format (each on one or two of
+    the 14 linears, q / k / v each quantizing the shared input in its own format); for each format,
+    the reference with that format's linears per token (for groups) or not quantized (per token)
+    differs by far more than the build's error, so the check sees what each format computes."""
+    acts = GROUP_AND_MINIFLOAT_ACTS
+    cm = compiled(_mixed(acts, "w8-mixed-acts"))
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
+    err = 0.0
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
         ref = cm(ids)
-        err = (dep.run(ids) - ref).abs().max()
-        assert err <= 1e-4 * ref.abs().max(), (act, seq)
-        assert (other(ids) - ref).abs().max() > 100 * err
+        e = float((dep.run(ids) - ref).abs().max())
+        assert e <= 1e-4 * ref.abs().max(), seq
+        err = max(err, e)
+    for i, act in enumerate(acts):  # on the 9 tokens: each format's own linears
+        tok = re.sub(r"-g\d+-", "-token-", act)
+        other = acts[:i] + [tok if tok != act else None] + acts[i + 1:]
+        rules = _mixed(other, f"w8-mixed-acts-{i}")
+        rules["rules"] = [r for r in rules["rules"] if r.get("activation", 0) is not None] + [
+            {**W8, "pattern": p} for p, a in zip(LINEARS, other * 2) if a is None]  # weights only there
+        assert (compiled(rules)(ids) - ref).abs().max() > 100 * err, act
 
 
 def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):

@@ -113,24 +113,26 @@ def test_a_cache_deployment_generates_with_tvm_runtime_alone(tiny_llama, tmp_pat
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_cache_build_decodes_for_each_isa(tiny_llama, tiny_inputs, isa, tmp_path):
-    """Both vector widths build the cache graph (attention over a cache, low-bit GEMV), plain and with
-    the KV cache packed (KV4: code words unpacked by the packed decode kernel); it runs where the host
-    has the ISA (CI may run on either)."""
+    """Both vector widths build the cache graph with low-bit GEMV / GEMM kernels and both attention
+    kernels over a cache: layer 0's cache in fp32 (int3 keys do not fill 32-bit words at head dim 16:
+    it holds the formats' values) and layer 1's packed (KV4: code words unpacked by the packed decode
+    kernel), in one build; it runs where the host has the ISA (CI may run on either)."""
     from tests.backends.test_tvm_backend import ISA_TARGETS, _host_has
 
     example, calib, test = tiny_inputs
-    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
-    kv4 = {"name": "w4kv4", "rules": [], "kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn"}
-    packed = finegrain.compile(tiny_llama, example, recipe=kv4, progress=False, kv_cache=True)
-    for name, c in (("dep", cm), ("kv4", packed)):
-        c.build(tmp_path / name, target=ISA_TARGETS[isa], max_seq_len=64)
+    recipe = {"name": "w4kv4", "rules": [{"role": "linear", "weight": "int4-g128-asym-fp16"}],
+              "kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn",
+              "kv_layers": [[0, "int3-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn"]]}
+    cm = finegrain.compile(tiny_llama, example, recipe=recipe, calibration=calib, progress=False, kv_cache=True)
+    m = cm.build(tmp_path / "dep", target=ISA_TARGETS[isa], max_seq_len=64)
+    assert {k["kind"] for k in m["kernels"].values()} == {"int"} and len(m["kernels"]) == 14
     if not _host_has(isa):
         pytest.skip(f"built for {isa}; this host cannot run it")
-    for name, c in (("dep", cm), ("kv4", packed)):
-        dep = TvmDeployment(tmp_path / name)
-        assert dep.packed_cache == (name == "kv4")
-        inc, _ = _incremental(dep, test, prefill=3)
-        assert _rel(c(test), inc) <= 1e-4
+    dep = TvmDeployment(tmp_path / "dep")
+    assert dep.packed_cache and [b["dtype"] for b in dep.cache_buffers] == [
+        "float32", "float32", "int32", "float16", "uint8", "int32", "float16", "uint8"]
+    inc, _ = _incremental(dep, test, prefill=3)
+    assert _rel(cm(test), inc) <= 1e-4
 
 
 # ---- the packed KV cache (lower_cache.pack_cache, kernels/attention.packed_decode_attention_func) ----

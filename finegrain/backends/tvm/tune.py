@@ -6,20 +6,39 @@ low-bit kernels keep their hand schedules and symbolic-shape (prefill) functions
 rules of ``schedules.py``. The database lives in ``work_dir`` (``<deploy>/tuning``); a later
 build into the same directory starts from it, so records are reused, not re-measured.
 
-Two toolchain facts (TOOLCHAIN.md) are handled here: LocalBuilder workers import
-``tvm.s_tir.tensor_intrin`` (~70 s here) and time out, so the worker initializer stubs that module
-(no tensor intrinsics are used on this CPU) and the timeout is raised; the cost model is
-``random`` (xgboost is not a dependency).
+Two toolchain facts (TOOLCHAIN.md) are handled here: importing ``tvm.s_tir.tensor_intrin`` takes
+30-70 s here, and both MetaSchedule's ``TuneContext`` (in this process) and its LocalBuilder workers
+import it, the workers timing out; no tensor intrinsics are used (the default ``llvm`` schedule rules
+take none), so the module is stubbed in the workers (their initializer) and, for the duration of the
+tuning only, in this process (a real import afterwards still gets the real module); the builder's
+timeout is raised. The cost model is ``random`` (xgboost is not a dependency).
 """
 from __future__ import annotations
 
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
+
+_INTRIN = "tvm.s_tir.tensor_intrin"
 
 
 def _stub_tensor_intrin() -> None:
-    sys.modules.setdefault("tvm.s_tir.tensor_intrin", types.ModuleType("tvm.s_tir.tensor_intrin"))
+    sys.modules.setdefault(_INTRIN, types.ModuleType(_INTRIN))
+
+
+@contextmanager
+def _no_tensor_intrin():
+    """``tvm.s_tir.tensor_intrin`` stubbed in this process while the block runs (unless it is
+    already imported), removed again after, so a later import loads the real module."""
+    stub = None if _INTRIN in sys.modules else types.ModuleType(_INTRIN)
+    if stub is not None:
+        sys.modules[_INTRIN] = stub
+    try:
+        yield
+    finally:
+        if stub is not None and sys.modules.get(_INTRIN) is stub:
+            del sys.modules[_INTRIN]
 
 
 def tunable(func) -> bool:
@@ -61,9 +80,10 @@ def tune_module(mod, target, trials: int, work_dir: Path, progress: bool = False
     if funcs:
         sub = tvm.IRModule(funcs)
         builder = ms.builder.LocalBuilder(timeout_sec=120, initializer=_stub_tensor_intrin)
-        ms.tir_integration.tune_tir(sub, target, str(work_dir), max_trials_global=trials,
-                                    num_trials_per_iter=min(16, trials), builder=builder, cost_model="random",
-                                    database="json", num_tuning_cores=1, seed=0)
+        with _no_tensor_intrin():
+            ms.tir_integration.tune_tir(sub, target, str(work_dir), max_trials_global=trials,
+                                        num_trials_per_iter=min(16, trials), builder=builder, cost_model="random",
+                                        database="json", num_tuning_cores=1, seed=0)
     before = {gv.name_hint for gv, f in mod.functions_items() if f.attrs and "tirx.is_scheduled" in f.attrs}
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
