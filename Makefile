@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.finegrain-setup
 # the CPU torch wheel lies on this machine's disk; say where when pip's config does not
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 export HF_HUB_OFFLINE := 1
+XDIST  := -n auto --maxprocesses 4 --dist loadfile
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -29,12 +30,13 @@ demo: setup
 test: setup
 	# the floors (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md): no import goes up a floor
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -ra; rc=$$?; \
+	# one pytest worker per core, at most 4 (each loads its own models), a test file per worker at a time
+	$(BIN)/python -m pytest -q -ra $(XDIST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(XDIST)
 
 bench: setup
 	$(BIN)/python benchmarks/presets.py --seq-len 2048 --max-windows 0 --out results/presets
