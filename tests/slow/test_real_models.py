@@ -47,24 +47,6 @@ def test_minilm_w8a8_cosine(minilm):
     assert r["cosine_mean"] > 0.99 and r["cosine_min"] > 0.97, r
 
 
-def test_demo_command(tmp_path, capsys):
-    from finegrain.cli import main
-
-    out = tmp_path / "demo"
-    assert main(["demo", "--seq-len", "256", "--max-windows", "1", "--calibration-samples", "2",
-                 "--calibration-seq-len", "128", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "fp32" in text and "w4a16-g128-rot-gptq" in text and (out / "manifest.json").is_file()
-    # the demo ends with both models answering a chat prompt, with tokens/s and the size ratio
-    assert "What is the capital of France?" in text and "fp32 (transformers, KV cache)" in text
-    assert "tokens/s" in text and "of fp32" in text
-    # the quantized model is evaluated and chats through the fastest backend here (TVM when installed)
-    import importlib.util
-
-    backend = "tvm" if importlib.util.find_spec("tvm") else "torch"
-    assert f"w4a16-g128-rot-gptq ({backend})" in text and f"finegrain, {backend} backend, KV cache" in text
-
-
 def test_smollm2_folds_exact_on_real_text(smollm2):
     """Norm folding + QuaRot rotation + SmoothQuant on the real model and real text leave the
     floating-point logits unchanged (no quantization rules: only the folds run)."""
