@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from itertools import cycle
 from pathlib import Path
 
 import pytest
@@ -118,10 +119,21 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
     assert TvmDeployment(out)(torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, 256)
 
 
-# the tiny Llama's 14 linears, one activation format each (the list cycled): one build covers every format
+# the tiny Llama's 14 linears as rule patterns: a list of formats cycled over them puts several
+# formats in one build
 LINEARS = [f"layers\\.{i}\\.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                             "mlp.down_proj")]
+
+
+def _cycled(items: list) -> list[tuple[str, object]]:
+    """(pattern, item) for each of the 14 linears, the items repeated in order."""
+    return list(zip(LINEARS, cycle(items)))
+
+
+def _weight(kernels: dict, pattern: str) -> dict:
+    """The manifest's kernel record of the linear a :data:`LINEARS` pattern names."""
+    return kernels["model." + pattern.replace("\\", "") + ".weight"]
 
 
 # presets (and NVFP4 weights alone) -> the kernel (kind, container bits) their linears lower to
@@ -135,21 +147,16 @@ def test_other_code_widths_build(compiled):
     gets its format's kernel and the deployment matches the reference."""
     from finegrain.compiler.recipe import PRESETS
 
-    names = list(CODE_WIDTHS)
-    rules = []
-    for p, name in zip(LINEARS, names * 3):
-        r = {"role": "linear", "weight": "e2m1-g16-sym-e4m3"} if name == "nvfp4-weights" else \
-            PRESETS[name].to_dict()["rules"][0]
-        rules.append({**r, "pattern": p})
+    rules = [{**({"role": "linear", "weight": "e2m1-g16-sym-e4m3"} if name == "nvfp4-weights" else
+                 PRESETS[name].to_dict()["rules"][0]), "pattern": p} for p, name in _cycled(list(CODE_WIDTHS))]
     cm = compiled({"name": "mixed-code-widths", "rules": rules})
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
         ref = cm(ids)
         assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    kernels = dep.manifest["kernels"]
-    for p, name in zip(LINEARS, names * 3):
-        k = kernels["model." + p.replace("\\", "") + ".weight"]
+    for p, name in _cycled(list(CODE_WIDTHS)):
+        k = _weight(dep.manifest["kernels"], p)
         assert (k["kind"], k["bits"]) == CODE_WIDTHS[name], (p, name)
 
 
@@ -168,17 +175,17 @@ def test_activation_quantization_and_online_hadamard(compiled, recipe):
     (a flipped code at a rounding tie aside), each linear on its kernel."""
     from finegrain.compiler.recipe import PRESETS
 
-    names = A8_MIXED * 4 if recipe == "a8-mixed" else [recipe] * len(LINEARS)
+    names = _cycled(A8_MIXED if recipe == "a8-mixed" else [recipe])
     if recipe == "a8-mixed":
         cm = compiled({"name": recipe, "weight_algorithm": "clip", "rules": [
-            {**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in zip(LINEARS, names)]})
+            {**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in names]})
     else:
         cm = compiled(recipe)
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     kernels = dep.manifest["kernels"]
     assert len(kernels) == len(LINEARS)
-    for p, n in zip(LINEARS, names):
-        assert kernels["model." + p.replace("\\", "") + ".weight"]["kind"] == ACT_KERNELS[n], (p, n)
+    for p, n in names:
+        assert _weight(kernels, p)["kind"] == ACT_KERNELS[n], (p, n)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(seq))
         ref = cm(ids)
@@ -197,9 +204,12 @@ GROUP_AND_MINIFLOAT_ACTS = [
     "int4-g64-sym-fp32-dyn-clip0.85",  # 5th: on a gate_proj and the last down_proj (96 features: two groups)
     "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn",  # MXFP6 elements
     "e4m3-token-sym-fp32-dyn", "e5m2-token-sym-fp32-dyn"]  # FP8 per token
-def _mixed(acts: list[str], name: str) -> dict:
-    return {"name": name, "rules": [W8] + [{**W8, "pattern": p, "activation": a}
-                                           for p, a in zip(LINEARS, acts * 2)]}
+
+
+def _mixed(acts: list, name: str) -> dict:
+    """W8 weights everywhere, ``acts`` cycled over the linears (``None``: that linear's activations in float)."""
+    return {"name": name, "rules": [W8] + [{**W8, "pattern": p, **({"activation": a} if a else {})}
+                                           for p, a in _cycled(acts)]}
 
 
 def test_group_and_minifloat_activations(compiled):
@@ -222,11 +232,8 @@ def test_group_and_minifloat_activations(compiled):
         err = max(err, e)
     for i, act in enumerate(acts):  # on the 9 tokens: each format's own linears
         tok = re.sub(r"-g\d+-", "-token-", act)
-        other = acts[:i] + [tok if tok != act else None] + acts[i + 1:]
-        rules = _mixed(other, f"w8-mixed-acts-{i}")
-        rules["rules"] = [r for r in rules["rules"] if r.get("activation", 0) is not None] + [
-            {**W8, "pattern": p} for p, a in zip(LINEARS, other * 2) if a is None]  # weights only there
-        assert (compiled(rules)(ids) - ref).abs().max() > 100 * err, act
+        other = _mixed(acts[:i] + [tok if tok != act else None] + acts[i + 1:], f"w8-mixed-acts-{i}")
+        assert (compiled(other)(ids) - ref).abs().max() > 100 * err, act
 
 
 def test_w4a8_dgq_lowers_to_integer_dot_kernels(compiled):
