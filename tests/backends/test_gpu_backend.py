@@ -66,9 +66,15 @@ def test_fp8_block_wise_runs_on_the_fp8_dot_where_k_fits_the_groups():
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
 
-def test_kv_cache_prefill_and_decode_steps(tiny_llama, tiny_inputs):
-    example, calib, test = tiny_inputs
-    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+@pytest.fixture(scope="module")
+def kv_w4(tiny_llama, tiny_inputs):
+    """The tiny Llama's W4A16 g128 KV-cache graph, compiled once for this module's cache tests."""
+    example, calib, _ = tiny_inputs
+    return finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+
+
+def test_kv_cache_prefill_and_decode_steps(kv_w4, tiny_inputs):
+    test, cm = tiny_inputs[2], kv_w4
     ref, gpu = cm.session("torch"), cm.session("gpu")
     la, sa = ref.prefill(test[:, :10])
     lb, sb = gpu.prefill(test[:, :10])
@@ -101,9 +107,8 @@ def test_bf16_compute_mode_is_within_bf16_of_the_reference(compiled, tiny_inputs
     assert [d for k, d in floats.items() if d == torch.float32] == [torch.float32]  # inv_freq only
 
 
-def test_bf16_kv_cache_steps(tiny_llama, tiny_inputs):
-    example, calib, test = tiny_inputs
-    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+def test_bf16_kv_cache_steps(kv_w4, tiny_inputs):
+    test, cm = tiny_inputs[2], kv_w4
     ref = cm.session("torch").run(test)
     with cm.session("gpu", dtype=torch.bfloat16) as s:
         logits, state = s.prefill(test[:, :10])
@@ -217,16 +222,27 @@ def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsy
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3"])
-def test_bf16_compute_mode_across_families(family):
-    """The bf16 compute mode's data / position split on random-init KV-cache graphs of six families
-    (Qwen3's q / k norms, Phi-3's fused projections, Gemma-3's scaled embeddings and sliding windows):
-    full-sequence logits and decode steps within bf16 rounding of the fp32 reference (measured
-    0.9-1.5% of the largest logit), the argmax nearly everywhere (random-init logits have near-ties)."""
+def test_families_fuse_the_norm_quantizer_and_run_in_bf16(family):
+    """W8A8 KV-cache graphs of six random-init families (Qwen3's q / k norms, Phi-3's fused projections,
+    Gemma-3's scaled embeddings, 1 + w norms and sliding windows), one compile each:
+
+    * fp32: the quantizer is fused into each RMSNorm feeding the integer-dot linears (2 per layer;
+      Gemma-3's norm scales by 1 + w, added in fp32), the other 2 per layer quantize on their own;
+      the reference's logits;
+    * bf16 (the compute mode's data / position split): full-sequence logits and decode steps within
+      bf16 rounding of the fp32 reference (measured 0.9-1.5% of the largest logit), the argmax nearly
+      everywhere (random-init logits have near-ties)."""
+    from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op
     from tests.test_kv_cache import _family
 
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    cm = finegrain.compile(_family(family), (x[:, :8],), recipe="w4a16-g128", progress=False, kv_cache=True)
+    cm = finegrain.compile(_family(family), (x[:, :8],), recipe="w8a8", progress=False, kv_cache=True)
     ref = cm.session("torch").run(x)
+    with cm.session("gpu") as s:
+        out = s.run(x)
+        targets = [n.target for n in s.gm.graph.nodes]
+    assert targets.count(rms_norm_quant_op) == 4 and targets.count(a8_quant_op) == 4
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
     with cm.session("gpu", dtype="bfloat16") as s:
         out = s.run(x)
         logits, state = s.prefill(x[:, :10])
@@ -237,33 +253,14 @@ def test_bf16_compute_mode_across_families(family):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.parametrize("family,fused", [("llama", 4), ("qwen2", 4), ("mistral", 4), ("qwen3", 4), ("phi3", 4),
-                                          ("gemma3", 4)])
-def test_fused_norm_quantizer_across_families(family, fused):
-    """W8A8 on six families: the quantizer is fused into each RMSNorm feeding the integer-dot linears
-    (2 per layer; Gemma-3's norm scales by 1 + w, added in fp32), the reference's logits."""
-    from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op
-    from tests.test_kv_cache import _family
-
-    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    cm = finegrain.compile(_family(family), (x[:, :8],), recipe="w8a8", calibration=[(x,)], progress=False)
-    ref = cm.session("torch").run(x)
-    with cm.session("gpu") as s:
-        out = s.run(x)
-        targets = [n.target for n in s.gm.graph.nodes]
-    assert targets.count(rms_norm_quant_op) == fused and targets.count(a8_quant_op) == 8 - fused
-    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
-
-
-def test_static_kv_cache_appends_in_place_and_falls_back_to_concatenation(tiny_llama, tiny_inputs):
+def test_static_kv_cache_appends_in_place_and_falls_back_to_concatenation(kv_w4, tiny_inputs):
     """Decode steps write the new keys / values into the session's preallocated buffers (the presents
     are views of them: the past is not copied) and give the reference's logits; a second step from an
     older state, a caller's own past, or more tokens than the buffers hold concatenate as traced,
     with the same logits, and never write over a state still in use."""
     from finegrain.backends.gpu.lower import kv_write_op
 
-    example, calib, test = tiny_inputs
-    cm = finegrain.compile(tiny_llama, example, recipe="w4a16-g128", calibration=calib, progress=False, kv_cache=True)
+    test, cm = tiny_inputs[2], kv_w4
     ref = cm.session("torch")
     with cm.session("gpu", cache_tokens=14) as s:
         assert sum(n.target is kv_write_op for n in s.gm.graph.nodes) == 2 * cm.kv["layers"]

@@ -200,9 +200,9 @@ def _e4m3_bits(v):
 
 @triton.jit
 def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr):
-    """A row's scale from its blocks' absolute maxima: absmax * clip / QMAX rounded to the stored
-    scale dtype; 1 for an all-zero row."""
-    s = tl.div_rn(tl.max(amax, axis=0) * clip, QMAX * 1.0)
+    """Rows' scales from their blocks' absolute maxima ``amax[ROWS, BK]``: absmax * clip / QMAX rounded
+    to the stored scale dtype; 1 for an all-zero row. ``[ROWS]``."""
+    s = tl.div_rn(tl.max(amax, axis=1) * clip, QMAX * 1.0)
     if SCALE_F16:
         s = s.to(tl.float16).to(tl.float32)
     if SCALE_BF16:
@@ -213,8 +213,9 @@ def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF
 @triton.jit
 def _store_codes(q_ptr, offs, mask, x, s, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, F8: tl.constexpr):
     """INT: q = clamp(round_half_even(x / s), LO, HI) as int8; F8: the E4M3 bit patterns of
-    clamp(x / s, -448, 448) as uint8. Divisions are ``tl.div_rn`` (IEEE, as torch divides): on a GPU
-    Triton's ``/`` is the approximate ``div.full.f32``, which moves codes at rounding midpoints."""
+    clamp(x / s, -448, 448) as uint8 (``x[ROWS, BK]``, ``s[ROWS, 1]``). Divisions are ``tl.div_rn``
+    (IEEE, as torch divides): on a GPU Triton's ``/`` is the approximate ``div.full.f32``, which moves
+    codes at rounding midpoints."""
     if F8:
         v = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
         tl.store(q_ptr + offs, _e4m3_bits(v).to(tl.uint8), mask=mask)
@@ -226,50 +227,71 @@ def _store_codes(q_ptr, offs, mask, x, s, QMAX: tl.constexpr, LO: tl.constexpr, 
 
 
 @triton.jit
-def _quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, BK: tl.constexpr):
-    """Row r of x -> codes (``_store_codes``) and its scale (``_row_scale``)."""
-    r = tl.program_id(0)
-    amax = tl.zeros((BK,), dtype=tl.float32)
+def _quant_rows(x_ptr, q_ptr, s_ptr, M, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, ROWS: tl.constexpr,
+                BK: tl.constexpr):
+    """ROWS rows of x per program -> codes (``_store_codes``) and their scales (``_row_scale``)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    amax = tl.zeros((ROWS, BK), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
-        x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
-    tl.store(s_ptr + r, s)
+    tl.store(s_ptr + rows, s, mask=rmask)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
-        x = tl.load(x_ptr + r * stride_x + offs, mask=offs < K, other=0).to(tl.float32)
-        _store_codes(q_ptr + r * K, offs, offs < K, x, s, QMAX, LO, HI, F8)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0).to(tl.float32)
+        _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask, x, s[:, None], QMAX, LO, HI, F8)
 
 
 @triton.jit
-def _rms_norm_quant_rows(h_ptr, w_ptr, q_ptr, s_ptr, K, stride_h, eps, clip, QMAX: tl.constexpr, LO: tl.constexpr,
+def _rms_norm_quant_rows(h_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_h, eps, clip, QMAX: tl.constexpr, LO: tl.constexpr,
                          HI: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr,
-                         BK: tl.constexpr):
-    """The activation quantizer fused into the RMSNorm before it: row r of
+                         ROWS: tl.constexpr, BK: tl.constexpr):
+    """The activation quantizer fused into the RMSNorm before it: ROWS rows per program of
     y = w * (h * rsqrt(mean(h^2) + eps)) -> codes and scale as ``_quant_rows``, y never written
     (three passes over h in registers: the sum of squares, the absolute maximum of y, the codes)."""
-    r = tl.program_id(0)
-    ss = tl.zeros((BK,), dtype=tl.float32)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    ss = tl.zeros((ROWS, BK), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
-        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask, other=0).to(tl.float32)
         ss += h * h
-    rs = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
-    amax = tl.zeros((BK,), dtype=tl.float32)
+    rs = (1.0 / tl.sqrt(tl.sum(ss, axis=1) / K + eps))[:, None]
+    amax = tl.zeros((ROWS, BK), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
-        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask, other=0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)[None, :]
         amax = tl.maximum(amax, tl.abs(w * (h * rs)))
     s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
-    tl.store(s_ptr + r, s)
+    tl.store(s_ptr + rows, s, mask=rmask)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
-        h = tl.load(h_ptr + r * stride_h + offs, mask=offs < K, other=0).to(tl.float32)
-        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)
-        _store_codes(q_ptr + r * K, offs, offs < K, w * (h * rs), s, QMAX, LO, HI, F8)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask, other=0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)[None, :]
+        _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask, w * (h * rs), s[:, None], QMAX, LO, HI, F8)
+
+
+def _row_blocks(m: int, k: int, device: torch.device) -> tuple[int, int]:
+    """``(ROWS, BK)`` of the row quantizers. On a GPU a row of K >= 256 goes in blocks of 256, one row
+    per program (a hidden-size row: enough programs to fill the GPU at any M), and a shorter row
+    (activation groups of 32 to 128, tiny models) whole, rows batched so that a program holds up to
+    4096 elements. Under the interpreter (CPU tensors) each program costs a fixed Python overhead
+    whatever its size, so rows are batched up to 8192 elements at any K (the same code path)."""
+    bk = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
+    if device.type == "cuda" and k >= 256:
+        return 1, bk
+    cap = 4096 if device.type == "cuda" else 8192
+    return max(1, min(triton.next_power_of_2(m), cap // bk)), bk
 
 
 @triton.jit
@@ -588,8 +610,11 @@ def quant_rows(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.T
     q = torch.empty(m, k, dtype=torch.uint8 if f8 else torch.int8, device=x.device)
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     lo, hi = fmt.family.code_range(fmt)
-    _quant_rows[(m,)](x, q, s, k, x.stride(0), float(fmt.clip), QMAX=float(fmt.family.max_value(fmt)), LO=lo, HI=hi,
-                      SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", F8=f8, BK=256 if k >= 256 else 32)
+    rows, bk = _row_blocks(m, k, x.device)
+    _quant_rows[(triton.cdiv(m, rows),)](x, q, s, m, k, x.stride(0), float(fmt.clip),
+                                         QMAX=float(fmt.family.max_value(fmt)), LO=lo, HI=hi,
+                                         SCALE_F16=fmt.scale == "fp16", SCALE_BF16=fmt.scale == "bf16", F8=f8,
+                                         ROWS=rows, BK=bk)
     return q, s
 
 
@@ -607,9 +632,11 @@ def rms_norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float,
     q = torch.empty(m, k, dtype=torch.uint8 if f8 else torch.int8, device=h.device)
     s = torch.empty(m, dtype=torch.float32, device=h.device)
     lo, hi = act.family.code_range(act)
-    _rms_norm_quant_rows[(m,)](h2, weight.contiguous(), q, s, k, h2.stride(0), float(eps), float(act.clip),
-                               QMAX=float(act.family.max_value(act)), LO=lo, HI=hi, SCALE_F16=act.scale == "fp16",
-                               SCALE_BF16=act.scale == "bf16", F8=f8, BK=256 if k >= 256 else 32)
+    rows, bk = _row_blocks(m, k, h.device)
+    _rms_norm_quant_rows[(triton.cdiv(m, rows),)](h2, weight.contiguous(), q, s, m, k, h2.stride(0), float(eps),
+                                                  float(act.clip), QMAX=float(act.family.max_value(act)), LO=lo, HI=hi,
+                                                  SCALE_F16=act.scale == "fp16", SCALE_BF16=act.scale == "bf16", F8=f8,
+                                                  ROWS=rows, BK=bk)
     return q, s
 
 
