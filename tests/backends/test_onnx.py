@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finegrain.backends.onnx import ExportError, OnnxSession
+from tests.backends.linears import cycled, weight_name
 
 pytest.importorskip("onnxruntime")
 
@@ -26,20 +27,33 @@ def _ops(path):
     return [(n.domain, n.op_type) for n in onnx.load(str(path), load_external_data=False).graph.node]
 
 
-@pytest.mark.parametrize("tag,qdq_form,nbits_form", [
-    ("int4-g32-asym-fp16", "DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),  # odd block count
-    ("int4-g64-asym-fp16", "DequantizeLinear(uint4, block 64)", "MatMulNBits(bits=4, block_size=64"),  # ragged K=96
-    ("int4-g32-sym-fp16", "DequantizeLinear(int4, block 32)", "MatMulNBits(bits=4, block_size=32"),
-    ("int8-channel-sym-fp16", "DequantizeLinear(int8, axis 1)", "MatMulNBits(bits=8, block_size="),
-    ("int3-g32-asym-fp16", "DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),
-])
-def test_weight_only_is_exact_at_accuracy_level_0(compiled, tiny_inputs, tmp_path, tag, qdq_form, nbits_form):
-    cm = compiled(_w(tag))
+# weight format -> (its QDQ form, its MatMulNBits form); cycled over the 14 linears, the order puts
+# int4-g64 on the first down_proj (K = 96: a ragged group) and int4-g32 on the last (an odd block count)
+WEIGHT_FORMS = {
+    "int4-g32-sym-fp16": ("DequantizeLinear(int4, block 32)", "MatMulNBits(bits=4, block_size=32"),
+    "int4-g64-asym-fp16": ("DequantizeLinear(uint4, block 64)", "MatMulNBits(bits=4, block_size=64"),
+    "int8-channel-sym-fp16": ("DequantizeLinear(int8, axis 1)", "MatMulNBits(bits=8, block_size="),
+    "int4-g32-asym-fp16": ("DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),
+    "int3-g32-asym-fp16": ("DequantizeLinear(uint4, block 32)", "MatMulNBits(bits=4, block_size=32"),
+}
+
+
+def _weights_cycled(tags: list, name: str, **kw) -> dict:
+    """A recipe with ``tags`` cycled over the 14 linears as their weight formats."""
+    return {"name": name, "rules": [{"role": "linear", "pattern": p, "weight": t} for p, t in cycled(tags)], **kw}
+
+
+def test_weight_only_is_exact_at_accuracy_level_0(compiled, tiny_inputs, tmp_path):
+    """Five weight formats over the 14 linears in one model, exported in both styles: each linear in
+    its format's form, no finegrain op left, ONNX Runtime equal to the reference."""
+    cm = compiled(_weights_cycled(list(WEIGHT_FORMS), "weight-forms"))
     _, _, test = tiny_inputs
     ref = cm(test)
-    for style, form in (("qdq", qdq_form), ("matmulnbits", nbits_form)):
+    for style, which in (("qdq", 0), ("matmulnbits", 1)):
         info = cm.export_onnx(tmp_path / f"{style}.onnx", style=style)
-        assert len(info["weights"]) == len(cm.quantized) == 14 and all(f.startswith(form) for f in info["weights"].values())
+        assert len(info["weights"]) == len(cm.quantized) == 14
+        for p, tag in cycled(list(WEIGHT_FORMS)):
+            assert info["weights"][weight_name(p)].startswith(WEIGHT_FORMS[tag][which]), (style, p, tag)
         ops = _ops(tmp_path / f"{style}.onnx")
         assert not any(d == "finegrain" for d, _ in ops)
         if style == "matmulnbits":
@@ -50,21 +64,27 @@ def test_weight_only_is_exact_at_accuracy_level_0(compiled, tiny_inputs, tmp_pat
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), style
 
 
-@pytest.mark.parametrize("tag", ["e2m1-g32-sym-e8m0",  # MXFP4
-                                 "e2m1-g16-sym-e4m3",  # NVFP4 (two-level scales)
-                                 "e4m3-g32-sym-e8m0",  # MXFP8
-                                 "e2m3-g64-sym-fp16",  # FP6, ragged last group at K = 96
-                                 "e5m2-channel-sym-fp32",
-                                 "nf4-g32-sym-fp16",  # NormalFloat levels
-                                 "lm4-g32-sym-fp16",  # Lloyd-Max: the tensor's own codebook
-                                 "bitmod4-g32-sym-fp16", "bitmod3-g64-sym-fp16"])  # a datatype per group
-def test_table_decoded_weights_are_exact(compiled, tiny_inputs, tmp_path, tag):
-    """Minifloat weights DequantizeLinear does not take and codebook weights: codes gathered from the
-    format's value table (BitMoD: at the group's datatype) times the gathered group scales, the
-    reference's decode bit for bit; codes of up to 4 bits two per byte."""
+# cycled over the 14 linears: item 4 lands on a gate_proj and the last down_proj, item 6 on the first
+# down_proj (K = 96: ragged groups of 64)
+TABLE_TAGS = ["e2m1-g32-sym-e8m0",  # MXFP4
+              "e2m1-g16-sym-e4m3",  # NVFP4 (two-level scales)
+              "e4m3-g32-sym-e8m0",  # MXFP8
+              "e5m2-channel-sym-fp32",
+              "bitmod3-g64-sym-fp16",  # a datatype per group
+              "nf4-g32-sym-fp16",  # NormalFloat levels
+              "e2m3-g64-sym-fp16",  # FP6
+              "lm4-g32-sym-fp16",  # Lloyd-Max: the tensor's own codebook
+              "bitmod4-g32-sym-fp16"]
+
+
+def test_table_decoded_weights_are_exact(compiled, tiny_inputs, tmp_path):
+    """Minifloat weights DequantizeLinear does not take and codebook weights (nine formats over the
+    14 linears in one model): codes gathered from the format's value table (BitMoD: at the group's
+    datatype) times the gathered group scales, the reference's decode bit for bit; codes of up to 4
+    bits two per byte."""
     from finegrain.formats import QuantFormat
 
-    cm = compiled(_w(tag))
+    cm = compiled(_weights_cycled(TABLE_TAGS, "table-weights"))
     _, _, test = tiny_inputs
     ref = cm(test)
     info = cm.export_onnx(tmp_path / "m.onnx")
@@ -72,13 +92,14 @@ def test_table_decoded_weights_are_exact(compiled, tiny_inputs, tmp_path, tag):
     assert all("Gather from" in form for form in info["weights"].values())
     ops = _ops(tmp_path / "m.onnx")
     assert not any(d == "finegrain" for d, _ in ops) and ops.count(("", "DequantizeLinear")) == 0
-    nibbles = QuantFormat.parse(tag).bits <= 4
-    assert (ops.count(("", "BitShift")) == 14) == nibbles
+    nibbles = {p: QuantFormat.parse(tag).bits <= 4 for p, tag in cycled(TABLE_TAGS)}
+    assert ops.count(("", "BitShift")) == sum(nibbles.values())
     m = onnx.load(str(tmp_path / "m.onnx"))
-    name = "model.layers.0.self_attn.q_proj.weight"
-    q = next(t for t in m.graph.initializer if t.name == f"{name}.qweight")
-    n, k = next(v for v in cm.quantized.values() if v["weight"] == name)["shape"]
-    assert onnx.numpy_helper.to_array(q).shape == ((k + 1) // 2 if nibbles else k, n)
+    inits = {t.name: t for t in m.graph.initializer}
+    shapes = {v["weight"]: v["shape"] for v in cm.quantized.values()}
+    for p, nib in nibbles.items():
+        n, k = shapes[weight_name(p)]
+        assert onnx.numpy_helper.to_array(inits[f"{weight_name(p)}.qweight"]).shape == ((k + 1) // 2 if nib else k, n), p
     out = OnnxSession(cm, path=tmp_path / "m.onnx").run(test)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert cm.check("onnx") == []
@@ -111,9 +132,22 @@ def test_packed_weights_are_smaller_than_float(compiled, tmp_path):
     assert f - q > 0.75 * w * 4 * (1 - 4.6 / 32)  # the linears shrink from 32 to ~4.5 bits per weight
 
 
-@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a8-g128", "w4a4-rot", "w4a4-hadamard", "fp8"])
+A8_MIXED = ["w8a8", "w8a8-static", "w4a8-g128", "fp8"]  # per-linear presets: their rules cycled in one model
+
+
+@pytest.mark.parametrize("recipe", ["a8-mixed", "w4a4-rot", "w4a4-hadamard"])
 def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny_inputs, tmp_path, recipe):
-    cm = compiled(recipe)
+    """Activations per token (INT8, INT4 with W4, FP8 E4M3), static per tensor (four presets' rules
+    cycled over the 14 linears in one model), and the rotated presets' online Hadamard: ONNX Runtime
+    within fp32 rounding of the reference, which is far from the same weights with float activations."""
+    from finegrain.compiler.recipe import PRESETS
+
+    if recipe == "a8-mixed":
+        rules = [{**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in cycled(A8_MIXED)]
+        cm = compiled({"name": recipe, "rules": rules})
+    else:
+        cm = compiled(recipe)
+        rules = cm.recipe.to_dict()["rules"]
     _, _, test = tiny_inputs
     ref = cm(test)
     info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits")
@@ -123,45 +157,71 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
     g = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False).graph
     to_fp8 = [n for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT8E4M3FN
                                                                for a in n.attribute)]
-    assert ("", "Round") in ops or to_fp8  # the activation quantizer is in the graph
+    assert ("", "Round") in ops  # the integer activation quantizers are in the graph
+    assert bool(to_fp8) == (recipe == "a8-mixed")  # and FP8's
     out = OnnxSession(cm, path=info["path"]).run(test)
     # identical arithmetic up to fp32 rounding; a rounding tie flipping one code stays far below this
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
-    fake_free = compiled(_w(cm.recipe.rules[0].weight.tag))(test)
-    assert (ref - fake_free).abs().max() > 10 * (out - ref).abs().max()  # the check can see activation error
+    weight_only = {**cm.recipe.to_dict(), "name": f"{recipe}-w", "rules": [{k: v for k, v in r.items() if k != "activation"}
+                                                                            for r in rules]}
+    assert (ref - compiled(weight_only)(test)).abs().max() > 10 * (out - ref).abs().max()  # it sees activation error
 
 
-@pytest.mark.parametrize("act", ["int4-g40-asym-fp16-dyn", "int4-g64-sym-fp32-dyn-clip0.85",
-                                 "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn",  # MXINT8, NVINT4 scales
-                                 "e2m1-g32-sym-e8m0-dyn", "e2m1-g16-sym-e4m3-dyn",  # MXFP4, NVFP4
-                                 "e4m3-g32-sym-e8m0-dyn", "e3m2-g40-sym-fp16-dyn"])  # MXFP8, FP6 ragged
-def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inputs, tmp_path, act):
-    """Dynamic activation groups (W4A4 g64, the ``w4a4kv4`` preset's): a ragged last group (g40 over
-    the tiny model's 64 / 96 features) padded as the reference pads it, scales per group."""
-    cm = compiled({**_w("int8-channel-sym-fp32", act), "name": f"w8-{act}"})
+# cycled over the 14 linears: item 5 lands on an up_proj and the last down_proj (96 features: two groups
+# of 64, where per token differs from g64)
+GROUP_ACTS = ["int4-g40-asym-fp16-dyn", "int8-g32-sym-e8m0-dyn", "int4-g40-sym-e4m3-dyn",  # MXINT8, NVINT4 scales
+              "e2m1-g32-sym-e8m0-dyn", "e2m1-g16-sym-e4m3-dyn",  # MXFP4, NVFP4
+              "int4-g64-sym-fp32-dyn-clip0.85",
+              "e4m3-g32-sym-e8m0-dyn", "e3m2-g40-sym-fp16-dyn"]  # MXFP8, FP6 ragged
+W8 = {"role": "linear", "weight": "int8-channel-sym-fp32"}
+
+
+def _acts_cycled(acts: list, name: str) -> dict:
+    return {"name": name, "rules": [{**W8, "pattern": p, "activation": a} for p, a in cycled(acts)]}
+
+
+def test_activation_groups_along_the_row_match_the_reference(compiled, tiny_inputs, tmp_path):
+    """Dynamic activation groups (W4A4 g64, the ``w4a4kv4`` preset's; MX / NV scales; minifloat
+    elements), eight formats over the 14 linears in one model: a ragged last group (g40 over the tiny
+    model's 64 / 96 features) padded as the reference pads it, scales per group. For each format the
+    reference with that format's linears per token differs by far more than the session's error, so
+    the check sees each format's groups."""
+    cm = compiled(_acts_cycled(GROUP_ACTS, "w8-group-acts"))
     _, _, test = tiny_inputs
     ref = cm(test)
     out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
-    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    tok = re.sub(r"-g\d+-", "-token-", act)
-    per_token = compiled({**_w("int8-channel-sym-fp32", tok), "name": f"w8-{tok}"})(test)
-    assert (ref - per_token).abs().max() > 100 * (out - ref).abs().max()  # the groups are what the session computes
+    err = (out - ref).abs().max()
+    assert err <= 1e-4 * ref.abs().max()
+    for i, act in enumerate(GROUP_ACTS):
+        tok = re.sub(r"-g\d+-", "-token-", act)
+        per_token = compiled(_acts_cycled(GROUP_ACTS[:i] + [tok] + GROUP_ACTS[i + 1:], f"w8-group-acts-{i}"))(test)
+        assert (ref - per_token).abs().max() > 100 * err, act
 
 
-@pytest.mark.parametrize("preset", ["mxfp4", "nvfp4-rot", "mxfp8", "mxfp6"])
+MX_PRESETS = ["mxfp4", "mxfp8", "mxfp6"]  # per-linear presets: their rules cycled in one model
+
+
+@pytest.mark.parametrize("preset", ["mx-mixed", "nvfp4-rot"])
 def test_mx_and_nv_presets_run_in_onnxruntime(compiled, tiny_inputs, tmp_path, preset):
-    """The OCP MX / NVFP4 presets end to end (minifloat weights by table lookup, minifloat activations
-    in groups with E8M0 / two-level E4M3 scales, NVFP4-rot's online Hadamard): ONNX Runtime within
-    fp32 rounding of the reference, and far from the same weights with float activations."""
-    cm = compiled(preset)
+    """The OCP MX presets (their rules cycled over the 14 linears in one model) and NVFP4-rot end to
+    end (minifloat weights by table lookup, minifloat activations in groups with E8M0 / two-level
+    E4M3 scales, NVFP4-rot's online Hadamard): ONNX Runtime within fp32 rounding of the reference,
+    and far from the same weights with float activations."""
+    from finegrain.compiler.recipe import PRESETS
+
+    if preset == "mx-mixed":
+        rules = [{**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in cycled(MX_PRESETS)]
+        cm = compiled({"name": preset, "rules": rules})
+    else:
+        cm = compiled(preset)
+        rules = cm.recipe.to_dict()["rules"]
     assert cm.check("onnx") == []
     _, _, test = tiny_inputs
     ref = cm(test)
     out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    rule = cm.recipe.rules[0]
     weight_only = compiled({**cm.recipe.to_dict(), "name": f"{preset}-w", "rules": [
-        {"role": rule.role, "weight": rule.weight.tag}]})(test)
+        {k: v for k, v in r.items() if k != "activation"} for r in rules]})(test)
     assert (ref - weight_only).abs().max() > 100 * (out - ref).abs().max()
 
 

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-from itertools import cycle
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 import finegrain
 from finegrain.errors import ArtifactError, InputError
+from tests.backends.linears import LINEARS, cycled, weight_name
 
 pytest.importorskip("tvm")
 
@@ -119,21 +119,9 @@ def test_bad_inputs_and_damaged_files(deployed, tmp_path):
     assert TvmDeployment(out)(torch.ones(1, 3, dtype=torch.long)).shape == (1, 3, 256)
 
 
-# the tiny Llama's 14 linears as rule patterns: a list of formats cycled over them puts several
-# formats in one build
-LINEARS = [f"layers\\.{i}\\.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                                            "mlp.down_proj")]
-
-
-def _cycled(items: list) -> list[tuple[str, object]]:
-    """(pattern, item) for each of the 14 linears, the items repeated in order."""
-    return list(zip(LINEARS, cycle(items)))
-
-
 def _weight(kernels: dict, pattern: str) -> dict:
     """The manifest's kernel record of the linear a :data:`LINEARS` pattern names."""
-    return kernels["model." + pattern.replace("\\", "") + ".weight"]
+    return kernels[weight_name(pattern)]
 
 
 # presets (and NVFP4 weights alone) -> the kernel (kind, container bits) their linears lower to
@@ -148,14 +136,14 @@ def test_other_code_widths_build(compiled):
     from finegrain.compiler.recipe import PRESETS
 
     rules = [{**({"role": "linear", "weight": "e2m1-g16-sym-e4m3"} if name == "nvfp4-weights" else
-                 PRESETS[name].to_dict()["rules"][0]), "pattern": p} for p, name in _cycled(list(CODE_WIDTHS))]
+                 PRESETS[name].to_dict()["rules"][0]), "pattern": p} for p, name in cycled(list(CODE_WIDTHS))]
     cm = compiled({"name": "mixed-code-widths", "rules": rules})
     dep = cm.session("tvm", target=TARGET, max_seq_len=32)
     for seq in (1, 9):
         ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(3))
         ref = cm(ids)
         assert (dep.run(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    for p, name in _cycled(list(CODE_WIDTHS)):
+    for p, name in cycled(list(CODE_WIDTHS)):
         k = _weight(dep.manifest["kernels"], p)
         assert (k["kind"], k["bits"]) == CODE_WIDTHS[name], (p, name)
 
@@ -175,7 +163,7 @@ def test_activation_quantization_and_online_hadamard(compiled, recipe):
     (a flipped code at a rounding tie aside), each linear on its kernel."""
     from finegrain.compiler.recipe import PRESETS
 
-    names = _cycled(A8_MIXED if recipe == "a8-mixed" else [recipe])
+    names = cycled(A8_MIXED if recipe == "a8-mixed" else [recipe])
     if recipe == "a8-mixed":
         cm = compiled({"name": recipe, "weight_algorithm": "clip", "rules": [
             {**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in names]})
@@ -209,7 +197,7 @@ GROUP_AND_MINIFLOAT_ACTS = [
 def _mixed(acts: list, name: str) -> dict:
     """W8 weights everywhere, ``acts`` cycled over the linears (``None``: that linear's activations in float)."""
     return {"name": name, "rules": [W8] + [{**W8, "pattern": p, **({"activation": a} if a else {})}
-                                           for p, a in _cycled(acts)]}
+                                           for p, a in cycled(acts)]}
 
 
 def test_group_and_minifloat_activations(compiled):
