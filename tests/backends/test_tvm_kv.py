@@ -209,10 +209,15 @@ def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, v
 from finegrain.compiler.recipe import KV_PRESETS  # noqa: E402  (the kv8 preset is packed on TVM)
 
 
-@pytest.mark.parametrize("key,value,extra", [("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", {}),
-                                             ("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn", {"kv_rotate": True}),
-                                             (KV_PRESETS["kv8"]["kv_key"], KV_PRESETS["kv8"]["kv_value"], {})])
-def test_packed_cache_build_decodes_the_reference_logits(key, value, extra, tmp_path):
+# per layer (the tiny Llama has two) the key and value formats; the first build holds two layers'
+# formats (KVTuner's per-layer pairs: one deployment, two packed layouts), the second RotateKV's cache
+PACKED_CACHES = {"per-layer": ([("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn"),
+                                (KV_PRESETS["kv8"]["kv_key"], KV_PRESETS["kv8"]["kv_value"])], {}),
+                 "rotated": ([("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn")] * 2, {"kv_rotate": True})}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CACHES))
+def test_packed_cache_build_decodes_the_reference_logits(case, tmp_path):
     """The static build keeps the quantized cache as codes / scales / zero points (smaller than the
     fp32 cache by the format's ratio), decode's attention reads them in place, and decoding over it
     gives the reference backend's logits and tokens; the standalone runtime script generates the same."""
@@ -221,7 +226,10 @@ def test_packed_cache_build_decodes_the_reference_logits(key, value, extra, tmp_
     model = _family("llama")
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    cm = finegrain.compile(model, (ids,), recipe=_kv_recipe(key, value, **extra), progress=False, kv_cache=True)
+    pairs, extra = PACKED_CACHES[case]
+    recipe = {**_kv_recipe(*pairs[0], **extra), "kv_layers": [[i, k, v] for i, (k, v) in enumerate(pairs)]}
+    cm = finegrain.compile(model, (ids,), recipe=recipe, progress=False, kv_cache=True)
+    assert cm.kv["layers"] == len(pairs)
     ref, _ = _incremental(cm, x, prefill=5)
     bufs: list = []
     mod, _, _ = import_relax(cm.gm, cm.input_specs, 64, TARGET, kv_buffers=bufs)
@@ -232,12 +240,12 @@ def test_packed_cache_build_decodes_the_reference_logits(key, value, extra, tmp_
     dep = TvmDeployment(tmp_path / "dep")
     assert dep.packed_cache
     d, heads, layers = cm.kv["head_dim"], cm.kv["kv_heads"], cm.kv["layers"]
-    per_token = 0
-    for fmt in (key, value):
+    per_token = 0  # bytes per token and head, summed over the layers
+    for fmt in (f for pair in pairs for f in pair):
         f = finegrain.formats.QuantFormat.parse(fmt)
         groups = d // (f.group_size or d)
         per_token += d * f.bits // 8 + groups * (2 if f.scale == "fp16" else 4) + (0 if f.symmetric else groups)
-    assert dep.cache_bytes(1) == layers * heads * per_token < layers * heads * 2 * d * 4
+    assert dep.cache_bytes(1) == heads * per_token < layers * heads * 2 * d * 4
     inc, state = _incremental(dep, x, prefill=5)
     assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
     assert [tuple(p.shape)[-1] for p in state["past"]] == [b["width"] for b in bufs]
