@@ -2,7 +2,8 @@
 float weights, KIVI settings (keys per channel over 32-token groups, values per token in groups of
 32, the newest 128 tokens in float, pre-RoPE keys, one sink). Per layer and (K bits, V bits) pair
 in {2, 3, 4, 8}^2 (``--bits``: another set, e.g. ``2,4,8``), the attention-output error
-(``--objective attention``) or the next-token loss increase (``--objective loss``) with only that
+(``--objective attention``), the next-token loss increase (``--objective loss``) or the attention error
+times the layer's loss / error slope (``--objective gain``) with only that
 layer quantized (Brown calibration, ``--calib`` windows of 512 tokens); each layer's pairs pruned to
 its Pareto front; the knapsack picks one pair per layer at each average-bits budget; perplexity
 through the cache on the first ``--windows`` WikiText-2 windows of 2048 (as ``kv_quant.py``), next to uniform KIVI-4 / KIVI-2.
@@ -11,7 +12,7 @@ Every candidate is in the Hadamard-rotated space (``kv_rotate``: pre-RoPE keys a
 head, the queries and the attention output to match) as ``pareto --kv`` searches; ``--unrotated``
 without it.
 
-    python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss]
+    python benchmarks/kv_tuner.py [--budgets 2.5,3,3.25,4] [--windows 4] [--calib 4] [--objective attention|loss|gain]
                                   [--bits 2,3,4,8] [--unrotated] [--out results/kv_tuner]
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--objective", choices=["attention", "loss"], default="attention")
+    ap.add_argument("--objective", choices=["attention", "loss", "gain"], default="attention")
     ap.add_argument("--unrotated", action="store_true", help="candidates without kv_rotate (the Hadamard rotation)")
     ap.add_argument("--bits", default=",".join(map(str, KV_TUNE_BITS)),
                     help="the K / V bit widths searched (pairs of every two)")

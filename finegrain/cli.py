@@ -1072,8 +1072,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "bits in --kv-bits^2 per layer under --budgets average KV bits, "
                                                        "default 2.5 3 3.25 4; weights as --recipe: a recipe file "
                                                        "with no rules keeps them float); perplexity through the cache")
-    pa.add_argument("--kv-objective", choices=("attention", "loss"), default="attention",
-                    help="--kv sensitivity: the layer's attention-output error or the next-token loss increase")
+    pa.add_argument("--kv-objective", choices=("attention", "loss", "gain"), default="attention",
+                    help="--kv sensitivity: the layer's attention-output error, the next-token loss increase, or "
+                         "(gain) the attention-output error times the layer's loss / error slope")
     pa.add_argument("--kv-bits", type=_bit_widths, default=None, metavar="B,B,...",
                     help="--kv: the K / V bit widths searched, pairs of every two (default 2,3,4,8)")
     pa.add_argument("--kv-samples", type=POS, default=4, help="--kv sensitivity calibration windows of 512 tokens")

@@ -10,7 +10,11 @@ unreachable window) and measures, on calibration tokens, either the relative squ
 layer's attention output (``objective="attention"``, KVTuner's sensitivity: the attention-output
 error, not the K / V error) or the increase of the model's next-token loss (``objective="loss"``:
 what the quantized layer costs the output, including how later layers amplify or absorb it; the
-same forwards, the logits instead of the attention outputs).
+same forwards, the logits instead of the attention outputs), or (``objective="gain"``) the attention-output
+error times the layer's gain: the least-squares slope of the loss increase on the attention-output error over
+that layer's pairs (both from the same forwards). One window's loss increases at 4 or 8 bits are mostly noise;
+the slope is set by the pairs that cost something, so the ranking of a layer's pairs stays the attention
+error's and the layers are weighed by what their error costs the loss.
 ``kv_allocate`` prunes each layer's pairs to its error / bits Pareto front (intra-layer pruning)
 and solves the knapsack at an average of ``budget_bits`` bits per cached element (keys and values
 together); the result is a recipe's ``kv_layers``. ``joint_allocate`` puts the layers' pairs (loss
@@ -45,7 +49,7 @@ def _pair_bits(pair: tuple[str, str]) -> int:
     return QuantFormat.parse(pair[0]).bits + QuantFormat.parse(pair[1]).bits
 
 
-OBJECTIVES = ("attention", "loss")
+OBJECTIVES = ("attention", "loss", "gain")
 
 
 def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: list[tuple[str, str]],
@@ -77,17 +81,14 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
     cm.gm.recompile()
 
     def run():
+        """(mean next-token NLL over every calibration token (logits: output 0), attention outputs)."""
         with torch.inference_mode():
             outs = [cm.gm(*kv_inputs(cm.kv, ids)) for ids in calibration]
-            if objective == "loss":  # mean next-token NLL over every calibration token (logits: output 0)
-                nll = sum(float(torch.nn.functional.cross_entropy(o[0][0, :-1].float(), ids[0, 1:], reduction="sum"))
-                          for o, ids in zip(outs, calibration))
-                return nll / sum(ids.shape[1] - 1 for ids in calibration)
-            return [o[n_out:] for o in outs]
+            nll = sum(float(torch.nn.functional.cross_entropy(o[0][0, :-1].float(), ids[0, 1:], reduction="sum"))
+                      for o, ids in zip(outs, calibration))
+            return nll / sum(ids.shape[1] - 1 for ids in calibration), [o[n_out:] for o in outs]
 
-    def error(got, ref, i: int) -> float:
-        if objective == "loss":
-            return got - ref
+    def attention_error(got, ref, i: int) -> float:
         num = sum(float((o[i] - r[i]).pow(2).sum()) for o, r in zip(got, ref))
         return num / sum(float(r[i].pow(2).sum()) for r in ref)
 
@@ -97,18 +98,36 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
     from tqdm.auto import tqdm
 
     for i in tqdm(range(layers), desc="KV sensitivity", disable=not progress, leave=False):
-        row = []
+        att, loss = [], []
         for k, v in pairs:
             for kind, tag in (("key", k), ("value", v)):
                 a = appends[(i, kind)]
                 a.args = (a.args[0], a.args[1], tag, a.args[3], window, *a.args[5:])
             cm.gm.recompile()
-            row.append(error(run(), ref, i))
+            nll, outs = run()
+            att.append(attention_error(outs, ref[1], i))
+            loss.append(nll - ref[0])
         for kind in ("key", "value"):
             a = appends[(i, kind)]
             a.args = (*a.args[:4], _FLOAT_WINDOW, *a.args[5:])
-        errors.append(row)
+        if objective == "gain":
+            g = layer_gain(att, loss)
+            errors.append([g * e for e in att])
+        else:
+            errors.append(loss if objective == "loss" else att)
     return Sensitivity(list(pairs), errors, [_pair_bits(p) for p in pairs])
+
+
+def layer_gain(att: list[float], loss: list[float]) -> float:
+    """The least-squares slope (through zero) of one layer's loss increases on its attention-output
+    errors, floored at a thousandth of the mean ratio so that a layer whose loss the noise hides still
+    ranks its pairs."""
+    den = sum(e * e for e in att)
+    if den <= 0:
+        return 0.0
+    slope = sum(e * d for e, d in zip(att, loss)) / den
+    floor = 1e-3 * abs(sum(loss)) / max(sum(att), 1e-30)
+    return max(slope, floor, 1e-12)
 
 
 def pareto_pairs(errors: list[float], bits: list[int]) -> list[int]:

@@ -8,7 +8,7 @@ import torch
 import finegrain
 from finegrain.compiler.ops import KV_APPEND
 from finegrain.compiler.recipe import Recipe
-from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity, pareto_pairs
+from finegrain.driver.kv_tune import kv_allocate, kv_sensitivity, layer_gain, pareto_pairs
 from tests.test_kv_cache import _family
 
 F = "int{}-g8-asym-fp16-dyn"
@@ -94,6 +94,27 @@ def test_loss_objective_is_that_layers_loss_increase():
         assert abs(s.errors[layer][1]) < abs(s.errors[layer][0]) / 10, s.errors  # 8 bits move the loss far less
     with pytest.raises(finegrain.errors.InputError, match="objective"):
         kv_sensitivity(model, calib, FIELDS, pairs, objective="kl")
+
+
+def test_gain_objective_weighs_attention_errors_by_the_layers_loss_slope(sens):
+    """``objective="gain"``: a layer's entries are its attention-output errors (the module fixture's,
+    same calibration) times one per-layer factor, the least-squares slope of the loss objective's
+    entries on them; so the ranking of a layer's pairs is the attention error's, and the layers' factors
+    differ."""
+    model, att = sens
+    calib = [torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    loss = kv_sensitivity(model, calib, FIELDS, PAIRS, objective="loss")
+    gain = kv_sensitivity(model, calib, FIELDS, PAIRS, objective="gain")
+    factors = []
+    for a, l_, g in zip(att.errors, loss.errors, gain.errors):
+        slope = sum(x * y for x, y in zip(a, l_)) / sum(x * x for x in a)
+        factor = max(slope, 1e-3 * abs(sum(l_)) / sum(a))  # a random model's loss may fall: then the floor
+        assert factor > 0 and g == pytest.approx([factor * x for x in a], rel=1e-6)
+        factors.append(factor)
+    assert factors[0] != pytest.approx(factors[1], rel=1e-3)
+    assert layer_gain([1.0, 2.0], [2.0, 4.1]) == pytest.approx(10.2 / 5)  # the slope through zero
+    assert layer_gain([1.0, 2.0], [-1.0, -3.0]) == pytest.approx(1e-3 * 4 / 3)  # noise: the floor keeps it positive
+    assert layer_gain([0.0, 0.0], [1.0, 1.0]) == 0.0
 
 
 def test_joint_weights_and_cache_under_one_byte_budget():
