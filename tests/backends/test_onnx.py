@@ -132,6 +132,23 @@ def test_packed_weights_are_smaller_than_float(compiled, tmp_path):
     assert f - q > 0.75 * w * 4 * (1 - 4.6 / 32)  # the linears shrink from 32 to ~4.5 bits per weight
 
 
+def _preset_or_mixed(compiled, name: str, mixed: str, presets: list):
+    """The preset ``name``, or (``name == mixed``) the first rules of ``presets`` cycled over the 14 linears."""
+    if name != mixed:
+        return compiled(name)
+    from finegrain.compiler.recipe import PRESETS
+
+    return compiled({"name": name, "rules": [{**PRESETS[n].to_dict()["rules"][0], "pattern": p}
+                                             for p, n in cycled(presets)]})
+
+
+def _weights_only(compiled, cm):
+    """``cm``'s recipe with every rule's activation format dropped (float activations)."""
+    d = cm.recipe.to_dict()
+    return compiled({**d, "name": f"{d['name']}-w", "rules": [{k: v for k, v in r.items() if k != "activation"}
+                                                             for r in d["rules"]]})
+
+
 A8_MIXED = ["w8a8", "w8a8-static", "w4a8-g128", "fp8"]  # per-linear presets: their rules cycled in one model
 
 
@@ -140,14 +157,7 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
     """Activations per token (INT8, INT4 with W4, FP8 E4M3), static per tensor (four presets' rules
     cycled over the 14 linears in one model), and the rotated presets' online Hadamard: ONNX Runtime
     within fp32 rounding of the reference, which is far from the same weights with float activations."""
-    from finegrain.compiler.recipe import PRESETS
-
-    if recipe == "a8-mixed":
-        rules = [{**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in cycled(A8_MIXED)]
-        cm = compiled({"name": recipe, "rules": rules})
-    else:
-        cm = compiled(recipe)
-        rules = cm.recipe.to_dict()["rules"]
+    cm = _preset_or_mixed(compiled, recipe, "a8-mixed", A8_MIXED)
     _, _, test = tiny_inputs
     ref = cm(test)
     info = cm.export_onnx(tmp_path / "m.onnx", style="matmulnbits")
@@ -162,9 +172,7 @@ def test_activation_quantization_and_hadamard_match_the_reference(compiled, tiny
     out = OnnxSession(cm, path=info["path"]).run(test)
     # identical arithmetic up to fp32 rounding; a rounding tie flipping one code stays far below this
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
-    weight_only = {**cm.recipe.to_dict(), "name": f"{recipe}-w", "rules": [{k: v for k, v in r.items() if k != "activation"}
-                                                                            for r in rules]}
-    assert (ref - compiled(weight_only)(test)).abs().max() > 10 * (out - ref).abs().max()  # it sees activation error
+    assert (ref - _weights_only(compiled, cm)(test)).abs().max() > 10 * (out - ref).abs().max()  # sees activation error
 
 
 # cycled over the 14 linears: item 5 lands on an up_proj and the last down_proj (96 features: two groups
@@ -207,22 +215,13 @@ def test_mx_and_nv_presets_run_in_onnxruntime(compiled, tiny_inputs, tmp_path, p
     end (minifloat weights by table lookup, minifloat activations in groups with E8M0 / two-level
     E4M3 scales, NVFP4-rot's online Hadamard): ONNX Runtime within fp32 rounding of the reference,
     and far from the same weights with float activations."""
-    from finegrain.compiler.recipe import PRESETS
-
-    if preset == "mx-mixed":
-        rules = [{**PRESETS[n].to_dict()["rules"][0], "pattern": p} for p, n in cycled(MX_PRESETS)]
-        cm = compiled({"name": preset, "rules": rules})
-    else:
-        cm = compiled(preset)
-        rules = cm.recipe.to_dict()["rules"]
+    cm = _preset_or_mixed(compiled, preset, "mx-mixed", MX_PRESETS)
     assert cm.check("onnx") == []
     _, _, test = tiny_inputs
     ref = cm(test)
     out = OnnxSession(cm, path=cm.export_onnx(tmp_path / "m.onnx")["path"]).run(test)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    weight_only = compiled({**cm.recipe.to_dict(), "name": f"{preset}-w", "rules": [
-        {k: v for k, v in r.items() if k != "activation"} for r in rules]})(test)
-    assert (ref - weight_only).abs().max() > 100 * (out - ref).abs().max()
+    assert (ref - _weights_only(compiled, cm)(test)).abs().max() > 100 * (out - ref).abs().max()
 
 
 def _initializers(path):
