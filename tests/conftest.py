@@ -7,6 +7,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if not torch.cuda.is_available():  # the GPU backend's Triton kernels run interpreted on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: the cores shared out, not every worker spinning on all
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    for _var in ("OMP_NUM_THREADS", "TVM_NUM_THREADS", "FINEGRAIN_ORT_THREADS"):
+        os.environ.setdefault(_var, str(_threads))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier (real models, minutes per file) first: with ``--dist loadfile`` its files then
+    start on the workers at once instead of finishing last, one worker busy while the others idle."""
+    items.sort(key=lambda item: "/slow/" not in "/" + item.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ temporary directory and runs the model in ``onnxruntime`` on the CPU.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -1043,11 +1044,13 @@ class OnnxSession(Session):
 
 def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None = None):
     """An onnxruntime CPU session; ``accuracy_level`` also sets the level ORT gives the
-    MatMulNBits it fuses from DequantizeLinear(INT4) + MatMul."""
+    MatMulNBits it fuses from DequantizeLinear(INT4) + MatMul. ``threads``: its intra-op threads
+    (default ``$FINEGRAIN_ORT_THREADS``, else ORT's: one per physical core)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    threads = threads or int(os.environ.get("FINEGRAIN_ORT_THREADS", "0")) or None
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
