@@ -300,3 +300,21 @@ def test_a_reused_export_must_match_its_artifact_and_options(compiled, tiny_inpu
         OnnxSession(cm, reuse=f.with_suffix(".txt"))
     assert f.stat().st_mtime_ns == mtime
 
+
+
+def test_session_threads_from_the_argument_or_the_environment(tmp_path, monkeypatch):
+    """``make_session``'s intra-op threads: the argument, else ``$FINEGRAIN_ORT_THREADS``, else ORT's default."""
+    from onnx import TensorProto, helper
+
+    from finegrain.backends.onnx import make_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(model, tmp_path / "id.onnx")
+    monkeypatch.setenv("FINEGRAIN_ORT_THREADS", "3")
+    assert make_session(tmp_path / "id.onnx").get_session_options().intra_op_num_threads == 3
+    assert make_session(tmp_path / "id.onnx", threads=1).get_session_options().intra_op_num_threads == 1
+    monkeypatch.delenv("FINEGRAIN_ORT_THREADS")
+    assert make_session(tmp_path / "id.onnx").get_session_options().intra_op_num_threads == 0  # ORT chooses
