@@ -138,8 +138,9 @@ def _preset_or_mixed(compiled, name: str, mixed: str, presets: list):
         return compiled(name)
     from finegrain.compiler.recipe import PRESETS
 
-    return compiled({"name": name, "rules": [{**PRESETS[n].to_dict()["rules"][0], "pattern": p}
-                                             for p, n in cycled(presets)]})
+    # the session's ``compiled`` cache is keyed by recipe name and shared with other files' tests
+    return compiled({"name": f"onnx-{name}", "rules": [{**PRESETS[n].to_dict()["rules"][0], "pattern": p}
+                                                       for p, n in cycled(presets)]})
 
 
 def _weights_only(compiled, cm):
