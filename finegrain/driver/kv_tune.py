@@ -81,9 +81,12 @@ def kv_sensitivity(model, calibration: list[torch.Tensor], fields: dict, pairs: 
     cm.gm.recompile()
 
     def run():
-        """(mean next-token NLL over every calibration token (logits: output 0), attention outputs)."""
+        """(mean next-token NLL over every calibration token (logits: output 0; 0.0 where the objective
+        reads only the attention outputs: no cross-entropy over the vocabulary), attention outputs)."""
         with torch.inference_mode():
             outs = [cm.gm(*kv_inputs(cm.kv, ids)) for ids in calibration]
+            if objective == "attention":
+                return 0.0, [o[n_out:] for o in outs]
             nll = sum(float(torch.nn.functional.cross_entropy(o[0][0, :-1].float(), ids[0, 1:], reduction="sum"))
                       for o, ids in zip(outs, calibration))
             return nll / sum(ids.shape[1] - 1 for ids in calibration), [o[n_out:] for o in outs]
