@@ -1050,7 +1050,13 @@ def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None 
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    threads = threads or int(os.environ.get("FINEGRAIN_ORT_THREADS", "0")) or None
+    if not threads:
+        env = os.environ.get("FINEGRAIN_ORT_THREADS", "").strip()
+        if env and not env.isdigit():
+            from finegrain.errors import InputError
+
+            raise InputError(f"FINEGRAIN_ORT_THREADS={env!r}: expected a non-negative integer (0 = ORT's default)")
+        threads = int(env or 0) or None
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1

@@ -308,6 +308,7 @@ def test_session_threads_from_the_argument_or_the_environment(tmp_path, monkeypa
     from onnx import TensorProto, helper
 
     from finegrain.backends.onnx import make_session
+    from finegrain.errors import InputError
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
@@ -317,5 +318,8 @@ def test_session_threads_from_the_argument_or_the_environment(tmp_path, monkeypa
     monkeypatch.setenv("FINEGRAIN_ORT_THREADS", "3")
     assert make_session(tmp_path / "id.onnx").get_session_options().intra_op_num_threads == 3
     assert make_session(tmp_path / "id.onnx", threads=1).get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("FINEGRAIN_ORT_THREADS", "two")
+    with pytest.raises(InputError, match="FINEGRAIN_ORT_THREADS=.two."):
+        make_session(tmp_path / "id.onnx")
     monkeypatch.delenv("FINEGRAIN_ORT_THREADS")
     assert make_session(tmp_path / "id.onnx").get_session_options().intra_op_num_threads == 0  # ORT chooses
