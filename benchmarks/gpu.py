@@ -26,7 +26,9 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    ``transformers`` bf16 eager with its KV cache vs finegrain W4A16 g128 (RTN) on the GPU
    backend's KV-cache graph, fp32 activations as traced and in the bf16 compute mode
    (``cm.session("gpu", dtype="bfloat16")``), whose KV cache is appended in place into static buffers,
-   and the bf16 mode again concatenating the cache every step (``cache_tokens=0``); no CUDA graphs yet.
+   the bf16 mode again concatenating the cache every step (``cache_tokens=0``), and the bf16 mode with
+   each decode step one CUDA graph replay (``decode_graph=True``, buffers of prompt + steps + 8 rows:
+   the fixed-shape step attends over the whole buffer; on CPU the fixed graph runs eagerly).
 
 Timings: ``triton.testing.do_bench`` (median of its repetitions) on CUDA; wall clock in the smoke
 run (meaningless there: the interpreter). Parts 3 and 4 run most telling first (the 4096 x 4096
@@ -42,6 +44,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -241,9 +244,14 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
                "compile s": compile_s}
         # as traced; the bf16 compute mode; the same with every step concatenating the cache (no static buffers)
         for label, dtype, extra in (("fp32", torch.float32, {}), ("bf16", torch.bfloat16, {}),
-                                    ("bf16 concat", torch.bfloat16, {"cache_tokens": 0})):
-            with cm.session("gpu", device=device, dtype=dtype, **extra) as s:
+                                    ("bf16 concat", torch.bfloat16, {"cache_tokens": 0}),
+                                    ("bf16 CUDA graph", torch.bfloat16, {"decode_graph": True,
+                                                                         "cache_tokens": prompt + steps + 8})):
+            with cm.session("gpu", device=device, dtype=dtype, **extra) as s, \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
                 logits, state = s.prefill(ids)
+                logits, state = s.step(state, logits[:, -1:].argmax(-1).cpu())  # untimed: a CUDA graph is captured here
                 tok = logits[:, -1:].argmax(-1)
                 sync()
                 t = time.perf_counter()
@@ -252,7 +260,10 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
                     tok = logits[:, -1:].argmax(-1)
                 sync()
                 rec[f"finegrain W4A16 {label} tok/s"] = steps / (time.perf_counter() - t)
+                if caught:
+                    rec[f"{label} warnings"] = [str(w.message)[:300] for w in caught]
         rec["ratio"] = rec["finegrain W4A16 bf16 tok/s"] / hf_tps
+        rec["ratio CUDA graph"] = rec["finegrain W4A16 bf16 CUDA graph tok/s"] / hf_tps
         rows.append(rec)
         emit(rec)
         if device == "cuda":
@@ -368,12 +379,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {gr} | {r['TFLOP/s']:.2f} | "
                      f"{r['GB/s']:.0f} | {hb} | {r['speedup']:.2f}x |")
     lines += ["", "| model | params | baseline tok/s | finegrain W4A16 fp32 / bf16 tok/s | bf16, cache concatenated "
-              "per step | ratio (bf16) |", "|---|---|---|---|---|---|"]
+              "per step | bf16, CUDA graph per step | ratio (bf16 / CUDA graph) |", "|---|---|---|---|---|---|---|"]
     for r in report["decode"]:
         base = next(v for key, v in r.items() if key.startswith("hf"))
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 fp32 tok/s']:.1f} / "
                      f"{r['finegrain W4A16 bf16 tok/s']:.1f} | {r['finegrain W4A16 bf16 concat tok/s']:.1f} | "
-                     f"{r['ratio']:.2f}x |")
+                     f"{r['finegrain W4A16 bf16 CUDA graph tok/s']:.1f} | {r['ratio']:.2f}x / "
+                     f"{r['ratio CUDA graph']:.2f}x |")
     lines += [f"\nnot run (time budget): {name}" for name in report.get("skipped", [])]
     lines += [f"\nFAILED {e['part']}: {e['error']}" for e in report.get("errors", [])]
     return "\n".join(lines) + "\n"

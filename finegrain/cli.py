@@ -889,7 +889,7 @@ def cmd_generate(args) -> None:
 
 
 GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}, "torch": lambda a: {"kv_storage": a.kv_storage},
-                    "gpu": lambda a: {"dtype": a.gpu_dtype}}
+                    "gpu": lambda a: {"dtype": a.gpu_dtype, "decode_graph": a.cuda_graph}}
 
 
 def gpu_dtype(p) -> None:
@@ -1188,6 +1188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--backend torch, an artifact with a quantized KV cache: keep the cache bit-packed (its "
                          "formats' bytes; every step unpacks it) or in fp32 (the same values, 4-13x the memory, faster)")
     gpu_dtype(gn)
+    gn.add_argument("--cuda-graph", action="store_true",
+                    help="--backend gpu, a KV-cache artifact: each decode step one fixed-shape graph over the whole "
+                         "static cache, replayed as a CUDA graph (captured once per prompt)")
     gn.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("backends", help="the registered backends and what each takes: presets and formats x "

@@ -125,11 +125,31 @@ def producer(node: Node) -> Node:
     return node
 
 
+_CONSTANT_COPIES = (torch.ops.aten.detach_.default, torch.ops.aten.detach.default,
+                   torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default)
+
+
+def _constant(a: Node):
+    """The tensor a ``get_attr`` holds when ``a`` is that node or copies of it (``lift_fresh_copy``,
+    ``detach_``: how export lifts a constant), read from the graph's module; else None."""
+    while a.op == "call_function" and a.target in _CONSTANT_COPIES:
+        a = a.args[0]
+    gm = a.graph.owning_module
+    if a.op != "get_attr" or gm is None:
+        return None
+    try:
+        return get_tensor(gm, a.target)
+    except AttributeError:
+        return None
+
+
 def cache_past(x):
     """``x`` (the first part of a KV present's concatenation) past transformers' cache concatenating
     the past onto an empty tensor (``cat([empty, past])`` is the past); ``x`` itself otherwise."""
     def empty(a) -> bool:  # a traced 0 on the token axis, or the 1-D empty tensor ``torch.cat`` skips
         val = a.meta.get("val") if isinstance(a, Node) else None
+        if val is None and isinstance(a, Node):  # a loaded graph (no traced values): the lifted constant itself
+            val = _constant(a)
         if not isinstance(val, torch.Tensor):
             return False
         dims = [val.shape[0]] if val.dim() == 1 else [val.shape[2]] if val.dim() == 4 else []

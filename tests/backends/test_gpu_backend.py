@@ -146,7 +146,7 @@ def test_cpu_device_only_under_the_interpreter(compiled, monkeypatch):
         assert "no CUDA device" in gpu.available()
     with pytest.raises((InputError, Exception), match="TRITON_INTERPRET|no CUDA device"):
         gpu.session(compiled("w4a16-g128"), device="cpu")
-    with pytest.raises(InputError, match="takes the options 'device', 'dtype' and 'cache_tokens' only"):
+    with pytest.raises(InputError, match="takes the options 'device', 'dtype', 'cache_tokens' and 'decode_graph' only"):
         gpu.session(compiled("w4a16-g128"), target="x")
 
 
@@ -165,7 +165,8 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     assert mod.main(["--smoke", "--skip-tests", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert {r["kernel"] for r in report["kernels"]} >= {label for label, _, _ in mod.KERNELS}
-    assert report["decode"][0]["finegrain W4A16 fp32 tok/s"] > 0 and report["decode"][0]["finegrain W4A16 bf16 tok/s"] > 0
+    dec = report["decode"][0]
+    assert min(dec[f"finegrain W4A16 {m} tok/s"] for m in ("fp32", "bf16", "bf16 concat", "bf16 CUDA graph")) > 0
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
@@ -197,8 +198,9 @@ def test_host_fallback_runs_the_reference_ops(compiled, tiny_inputs):
 
 
 def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsys):
-    """``finegrain generate --backend gpu [--gpu-dtype bfloat16]`` on a KV-cache artifact: fp32 gives the
-    reference's text; bf16 runs its own graph (weights, activations and cache in bf16)."""
+    """``finegrain generate --backend gpu [--gpu-dtype bfloat16] [--cuda-graph]`` on a KV-cache artifact:
+    fp32 gives the reference's text, also with the fixed-shape decode step; bf16 runs its own graph
+    (weights, activations and cache in bf16)."""
     from finegrain.cli import main
 
     art = tmp_path / "kv"
@@ -206,18 +208,20 @@ def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsy
                  "--calibration-samples", "0"]) == 0
     capsys.readouterr()
     texts = {}
-    for backend, dtype in (("torch", "float32"), ("gpu", "float32"), ("gpu", "bfloat16")):
+    for backend, dtype, extra in (("torch", "float32", []), ("gpu", "float32", []), ("gpu", "bfloat16", []),
+                                  ("gpu", "float32", ["--cuda-graph"])):
         assert main(["generate", str(art), "--prompt", "Hello there", "--max-new-tokens", "4", "--backend", backend,
-                     "--gpu-dtype", dtype]) == 0
+                     "--gpu-dtype", dtype, *extra]) == 0
         out = capsys.readouterr().out
         assert "KV cache: one token per step" in out, out
-        texts[backend, dtype] = " ".join(out.split()).split(f"[{backend}]")[0]
-    assert texts["gpu", "float32"] == texts["torch", "float32"]
+        texts[backend, dtype, *extra] = " ".join(out.split()).split(f"[{backend}]")[0]
+    assert texts["gpu", "float32"] == texts["torch", "float32"] == texts["gpu", "float32", "--cuda-graph"]
     loaded = finegrain.load(art)  # a loaded graph carries no traced dtypes: the compute-dtype pass works without them
     ids = torch.arange(100, 112)[None]
     ref = loaded.session("torch").run(ids)
     with loaded.session("gpu", dtype="bfloat16") as s:
         out = s.run(ids)
+        assert len(s.gm.kv_writes) == 2 * loaded.kv["layers"]  # the static cache: the empty past found without traced values
     assert (out - ref).abs().max() < 0.08 * ref.abs().max()
 
 
@@ -228,7 +232,8 @@ def test_families_fuse_the_norm_quantizer_and_run_in_bf16(family):
 
     * fp32: the quantizer is fused into each RMSNorm feeding the integer-dot linears (2 per layer;
       Gemma-3's norm scales by 1 + w, added in fp32), the other 2 per layer quantize on their own;
-      the reference's logits;
+      the reference's logits, also from decode steps of the fixed-shape graph (``decode_graph``: the
+      causal and sliding-window masks computed from the fill tensor);
     * bf16 (the compute mode's data / position split): full-sequence logits and decode steps within
       bf16 rounding of the fp32 reference (measured 0.9-1.5% of the largest logit), the argmax nearly
       everywhere (random-init logits have near-ties)."""
@@ -243,6 +248,11 @@ def test_families_fuse_the_norm_quantizer_and_run_in_bf16(family):
         targets = [n.target for n in s.gm.graph.nodes]
     assert targets.count(rms_norm_quant_op) == 4 and targets.count(a8_quant_op) == 4
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    with cm.session("gpu", decode_graph=True) as s:  # the fixed-shape step: this family's masks from the fill
+        logits, state = s.prefill(x[:, :10])
+        for i in range(10, 13):
+            logits, state = s.step(state, x[:, i:i + 1])
+            assert (logits[0, -1] - ref[0, i]).abs().max() < 1e-4 * ref[0, i].abs().max()
     with cm.session("gpu", dtype="bfloat16") as s:
         out = s.run(x)
         logits, state = s.prefill(x[:, :10])
@@ -288,6 +298,78 @@ def test_static_kv_cache_appends_in_place_and_falls_back_to_concatenation(kv_w4,
         assert st["past"][0].dtype == torch.bfloat16 and st["past"][0].untyped_storage().data_ptr() == ptr
     with pytest.raises(InputError, match="cache_tokens must be a non-negative integer"):
         cm.session("gpu", cache_tokens=-1)
+
+
+def test_decode_graph_steps_over_the_whole_buffers(kv_w4, tiny_llama, tiny_inputs):
+    """``decode_graph=True``: one-token steps over the session's own buffers run the fixed-shape graph
+    (no past length read from a shape: every write an ``index_copy_`` at the fill tensor) over the
+    whole buffers, the rows past the fill masked (filled with 1e4 here: the logits would move if they
+    were read), with the reference's logits; a full buffer, a prefill or a step from an older state run
+    the ordinary graph. Without static buffers, or with KIVI's windowed writes (a reference op, not a
+    static write), it is refused by name."""
+    from finegrain.backends.gpu.lower import static_append
+
+    test, cm = tiny_inputs[2], kv_w4
+    ref = cm.session("torch")
+    with cm.session("gpu", decode_graph=True, cache_tokens=14) as s:
+        targets = [n.target for n in s.fixed.graph.nodes]
+        assert targets.count(static_append) == 2 * cm.kv["layers"]
+        assert not any(n.target is torch.ops.aten.sym_size.int and n.args[0].name.startswith("past")
+                       for n in s.fixed.graph.nodes)
+        calls = []
+        fixed = s.fixed
+        s.fixed = lambda *a: calls.append(int(a[-1])) or fixed(*a)
+        _, sa = ref.prefill(test[:, :10])
+        _, sb = s.prefill(test[:, :10])
+        for p in sb["past"]:
+            p.as_strided((*p.shape[:2], 14, p.shape[3]), p.stride())[:, :, 10:] = 1e4
+        branch = sb
+        for i in range(10, 16):  # the buffers hold 14 rows: steps at 14 and 15 concatenate
+            la, sa = ref.step(sa, test[:, i:i + 1])
+            lb, sb = s.step(sb, test[:, i:i + 1])
+            assert (la - lb.cpu()).abs().max() < 1e-4 * la.abs().max(), i
+        assert calls == [10, 11, 12, 13]
+        la, _ = ref.step(ref.prefill(test[:, :10])[1], test[:, 12:13])
+        lb, _ = s.step(branch, test[:, 12:13])  # its buffer was filled past it since: the ordinary graph
+        assert (la - lb.cpu()).abs().max() < 1e-4 * la.abs().max() and len(calls) == 4
+    with cm.session("gpu", dtype="bfloat16") as s, cm.session("gpu", decode_graph=True, dtype="bfloat16") as f:
+        _, sa = s.prefill(test[:, :10])
+        _, sb = f.prefill(test[:, :10])
+        for i in range(10, 13):  # bf16 buffers; the same bf16 arithmetic over a longer, masked key axis
+            la, sa = s.step(sa, test[:, i:i + 1])
+            lb, sb = f.step(sb, test[:, i:i + 1])
+            assert (la.float() - lb.float()).abs().max() < 1e-2 * la.float().abs().max(), i
+    with pytest.raises(InputError, match="decode_graph needs a KV-cache graph"):
+        cm.session("gpu", decode_graph=True, cache_tokens=0)
+    kivi = {"name": "dg-kivi", "rules": [], "kv_key": "int2-g8-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn",
+            "kv_key_axis": "tokens", "kv_window": 4, "kv_sinks": 1}
+    windowed = finegrain.compile(tiny_llama, tiny_inputs[0], recipe=kivi, progress=False, kv_cache=True)
+    with pytest.raises(InputError, match="cache input past_0 is not appended into a static buffer"):
+        windowed.session("gpu", decode_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_graph_is_captured_and_replayed_on_the_device(kv_w4, tiny_inputs):
+    """On CUDA the fixed-shape step is captured once per prefill's buffers and replayed: no capture
+    warning, one graph held, the eager session's logits at every step (fp32 and bf16)."""
+    import warnings
+
+    test, cm = tiny_inputs[2], kv_w4
+    for dtype, tol in (("float32", 1e-4), ("bfloat16", 2e-2)):
+        with cm.session("gpu", device="cuda", dtype=dtype) as e, \
+                cm.session("gpu", device="cuda", dtype=dtype, decode_graph=True) as g, warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            _, sa = e.prefill(test[:, :10])
+            _, sb = g.prefill(test[:, :10])
+            for i in range(10, 16):
+                la, sa = e.step(sa, test[:, i:i + 1])
+                lb, sb = g.step(sb, test[:, i:i + 1])
+                assert (la.float() - lb.float()).abs().max() < tol * la.float().abs().max(), (dtype, i)
+            assert len(g._graphs) == 1
+            first = next(iter(g._graphs))
+            g.generate(test[:, :8], 6)  # a new prefill's buffers: captured again, the old graph dropped
+            assert len(g._graphs) == 1 and next(iter(g._graphs)) != first
 
 
 def test_every_traced_device_argument_moves_to_the_target_device(tiny_llama):

@@ -13,8 +13,14 @@ the session allocates at prefill (``lower.kv_write_op``), so a decode step does 
 past that many tokens, or stepping again from an older state, the step concatenates as traced.
 Its own artifacts (``deploy.py``, ``finegrain build --backend gpu``): the finegrain artifact plus every
 kernel weight already in the kernel layout, loaded as a :class:`deploy.GpuDeployment`.
-Not yet: CUDA graphs for the decode step (they need fixed shapes: an attention over the whole
-buffer with the fill as a device tensor, where the presents here are views that grow per step).
+``decode_graph=True``: a one-token step whose past is the session's static buffers filled to the
+state's position runs one fixed-shape graph over the whole buffers (``lower.fixed_decode_graph``: the
+fill a device tensor, the rows past it masked), captured as a **CUDA graph** on CUDA (once per set of
+buffers, i.e. per prefill; then each step is one replay, no kernel launches from Python), run as a
+graph module on CPU under the interpreter (how the tests check the rewrite). Other steps run as above.
+A graph the rewrite cannot fix, or a cache whose writes are not all static (KIVI's reference writes),
+is refused at session creation with the node named; a capture that fails warns once and the fixed
+graph then runs eagerly. Off by default: not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -43,8 +49,8 @@ class GpuSession(Session):
     backend = "gpu"
 
     def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32,
-                 prepacked: dict | None = None, cache_tokens: int | None = None):
-        from finegrain.backends.gpu.lower import prepare
+                 prepacked: dict | None = None, cache_tokens: int | None = None, decode_graph: bool = False):
+        from finegrain.backends.gpu.lower import fixed_decode_graph, on_host, prepare
 
         self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
@@ -56,6 +62,21 @@ class GpuSession(Session):
         self.device, self.dtype = torch.device(device or "cuda"), dtype
         self.gm, self.kernels = prepare(compiled.gm, self.device, dtype,
                                         [sp["dtype"].startswith("float") for sp in self.input_specs], prepacked)
+        self.fixed = None  # the fixed-shape decode step (decode_graph=True)
+        self._graphs: dict = {}  # (batch, buffers' addresses) -> (CUDA graph, its static inputs, its logits)
+        self._capture_failed = False  # a capture failed or cannot work (host ops): the fixed step runs eagerly
+        if decode_graph:
+            if not self.kv or not self.cache_tokens:
+                raise InputError("decode_graph needs a KV-cache graph (--kv-cache) and static buffers (cache_tokens > 0)")
+            self.fixed = fixed_decode_graph(self.gm, self.cache_tokens)
+            host = [n.args[0] for n in self.fixed.graph.nodes if n.target is on_host]
+            if host and self.device.type == "cuda":  # a copy to the host cannot be captured
+                import warnings
+
+                warnings.warn(f"gpu session: decode_graph: {len(host)} reference ops run on CPU copies (e.g. "
+                              f"{host[0]}); the fixed-shape step runs eagerly, not as a CUDA graph", RuntimeWarning,
+                              stacklevel=3)
+                self._capture_failed = True
 
     def _empty_past(self, batch: int) -> list:
         return [torch.zeros(batch, self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=self.dtype,
@@ -79,6 +100,60 @@ class GpuSession(Session):
                                                        self.device)):
                     past[i] = v
         return super().kv_forward(ids, past, start)
+
+    def step(self, state: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        from finegrain.backends.gpu.lower import mark_filled, whole_buffers
+
+        pos = state.get("pos", 0)
+        bufs = whole_buffers(state["past"], pos) if self.fixed is not None and ids.shape[1] == 1 else None
+        if bufs is None:
+            return super().step(state, ids)
+        self.check_room(pos, 1)
+        check_inputs(self.input_specs[:1], [ids])
+        ids = ids.to(self.device)
+        if self.device.type == "cuda" and not self._capture_failed:
+            logits = self._replay(bufs, ids, pos)
+        else:
+            with torch.inference_mode():
+                logits = self._fixed_eager(bufs, ids, pos)
+        return logits, {"past": mark_filled(bufs, pos + 1), "pos": pos + 1}
+
+    def _fixed_eager(self, bufs, ids, pos: int):
+        fill = torch.full((1,), pos, dtype=torch.long, device=self.device)
+        return self.fixed(ids, torch.full_like(ids, pos), *bufs, fill)[0]
+
+    def _replay(self, bufs, ids, pos: int):
+        """The fixed step as a CUDA graph over ``bufs``: captured on first use (after one eager warm-up
+        run that compiles / tunes the kernels; it writes the same token the replay writes again), then
+        replayed with the inputs copied into its static ones. Only the latest buffers' graph is kept
+        (each prefill allocates new buffers)."""
+        key = (ids.shape[0], tuple(b.data_ptr() for b in bufs))
+        if key not in self._graphs:
+            import warnings
+
+            static = [ids.clone(), torch.full_like(ids, pos), torch.full((1,), pos, dtype=torch.long, device=ids.device)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side), torch.inference_mode():
+                    self.fixed(static[0], static[1], *bufs, static[2])
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(graph):
+                    logits = self.fixed(static[0], static[1], *bufs, static[2])[0]
+            except Exception as e:  # noqa: BLE001 - any capture failure: decode on, eagerly, and say so
+                warnings.warn(f"gpu session: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
+                              "the fixed-shape step runs eagerly", RuntimeWarning, stacklevel=3)
+                self._capture_failed = True
+                with torch.inference_mode():
+                    return self._fixed_eager(bufs, ids, pos)
+            self._graphs = {key: (graph, static, logits)}
+        graph, static, logits = self._graphs[key]
+        static[0].copy_(ids)
+        static[1].fill_(pos)
+        static[2].fill_(pos)
+        graph.replay()
+        return logits.clone()
 
     def run_all(self, *inputs: torch.Tensor):
         def spec_view(t):  # shape and dtype only (no copy of a cache back to the host): the compute dtype reads as
@@ -132,17 +207,18 @@ class GpuBackend(BackendBase):
         return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
 
     def session(self, compiled, device: str | None = None, dtype: "str | torch.dtype | None" = None,
-                cache_tokens: int | None = None, **options) -> GpuSession:
+                cache_tokens: int | None = None, decode_graph: bool = False, **options) -> GpuSession:
         if options:
-            raise InputError(f"backend 'gpu' takes the options 'device', 'dtype' and 'cache_tokens' only, got "
-                             f"{sorted(options)}")
+            raise InputError(f"backend 'gpu' takes the options 'device', 'dtype', 'cache_tokens' and 'decode_graph' "
+                             f"only, got {sorted(options)}")
         if device is not None and torch.device(device).type == "cpu" and not _interpret():
             raise InputError("backend 'gpu' runs on device 'cpu' only under TRITON_INTERPRET=1 (kernel testing)")
         dt = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype or torch.float32
         if dt not in (torch.float32, torch.bfloat16, torch.float16):
             raise InputError(f"backend 'gpu': dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.require(compiled)
-        return GpuSession(compiled, device or default_device(), dt, cache_tokens=cache_tokens)
+        return GpuSession(compiled, device or default_device(), dt, cache_tokens=cache_tokens,
+                          decode_graph=decode_graph)
 
     def export(self, compiled, out, dtype: str = "float32", overwrite: bool = False) -> dict:
         from finegrain.backends.gpu.deploy import build_deployment

@@ -110,12 +110,13 @@ def _checked(where: str, fmt: QuantFormat, shape: list, rec: object, tensors: di
 class GpuDeployment(GpuSession, Artifact):
     """A loaded GPU deployment: both the artifact (``backend == "gpu"``) and its own session on the
     CUDA device (``device`` / ``dtype`` override where it runs and the compute dtype it was built
-    with). ``session("torch")`` etc. run its ``artifact/`` on another backend. ``artifact_loader``:
+    with; ``decode_graph``: as ``GpuSession``'s). ``session("torch")`` etc. run its ``artifact/`` on another backend. ``artifact_loader``:
     ``runtime.artifact.load_artifact`` (``finegrain.load`` passes it; backends sit below the runtime)."""
 
     backend = "gpu"
 
-    def __init__(self, path: str | Path, artifact_loader, device: str | None = None, dtype: str | None = None):
+    def __init__(self, path: str | Path, artifact_loader, device: str | None = None, dtype: str | None = None,
+                 decode_graph: bool = False):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -154,7 +155,7 @@ class GpuDeployment(GpuSession, Artifact):
         if extra:
             raise ArtifactError(f"{path / KERNELS}: tensors no kernel layer reads: {sorted(extra)[:5]}")
         dt = getattr(torch, dtype or manifest["dtype"])
-        super().__init__(cm, device or default_device(), dt, prepacked=prepacked)
+        super().__init__(cm, device or default_device(), dt, prepacked=prepacked, decode_graph=decode_graph)
         self.path, self.manifest, self.compiled = path, manifest, cm
         self.tokenizer, self.quantized, self.source = cm.tokenizer, cm.quantized, cm.source
         self.recipe_name = cm.recipe_name

@@ -324,10 +324,10 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
         n.kwargs = map_aggregate(n.kwargs, on_device)
     if dtype != torch.float32:
         to_compute_dtype(graph, root, dtype, packed_keys, float_inputs)
-    writes = _static_kv_writes(graph)
     out = GraphModule(root, graph)
+    out.kv_writes = _static_kv_writes(out.graph)  # on the module's graph: a loaded graph's empty past is read from it
     out.graph.lint()
-    out.kv_writes = writes
+    out.recompile()
     return out.to(device), kernels_used
 
 
@@ -353,7 +353,9 @@ def static_buffers(batch: int, heads: int, tokens: int, head_dim: int, count: in
 
     views = []
     for _ in range(count):
-        buf = torch.empty(batch, heads, tokens, head_dim, dtype=dtype, device=device)
+        # zeros, not empty: a fixed-shape decode step reads the rows past the fill (masked), and a masked
+        # NaN would still poison the weighted sum of values (0 * NaN)
+        buf = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=device)
         ptr = buf.untyped_storage().data_ptr()
         _FILL[ptr] = 0
         weakref.finalize(buf, _FILL.pop, ptr, None)  # views keep ``buf`` (their base) alive
@@ -364,18 +366,40 @@ def static_buffers(batch: int, heads: int, tokens: int, head_dim: int, count: in
 def kv_write_op(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """``cat(past, new)`` on dim 2, written into ``past``'s buffer when ``past`` is exactly the filled
     prefix of a registered one with room for ``new`` (a view is returned), else concatenated."""
-    b, h, p, d = past.shape
-    s = new.shape[2]
-    ptr = past.untyped_storage().data_ptr()
-    rows = past.stride(1) // d if d else 0
-    owned = (_FILL.get(ptr) == p and past.storage_offset() == 0 and past.stride() == (h * rows * d, rows * d, d, 1)
-             and p + s <= rows and new.dtype == past.dtype and new.device == past.device)
-    if not owned:
+    p, s = past.shape[2], new.shape[2]
+    buf = _whole_buffer(past, p, s)
+    if buf is None or new.dtype != past.dtype or new.device != past.device:
         return torch.cat([past, new], 2)
-    out = past.as_strided((b, h, p + s, d), past.stride())
-    out[:, :, p:].copy_(new)
-    _FILL[ptr] = p + s
-    return out
+    buf[:, :, p:p + s].copy_(new)
+    _FILL[past.untyped_storage().data_ptr()] = p + s
+    return buf[:, :, :p + s]
+
+
+def _whole_buffer(p: torch.Tensor, fill: int, room: int) -> torch.Tensor | None:
+    """The whole registered buffer ``[B, Hkv, rows, d]`` of which ``p`` is exactly the filled prefix of
+    ``fill`` tokens, when it has room for ``room`` more; else None."""
+    b, h, n, d = p.shape
+    rows = p.stride(1) // d if d else 0
+    if not (n == fill and _FILL.get(p.untyped_storage().data_ptr()) == fill and p.storage_offset() == 0
+            and p.stride() == (h * rows * d, rows * d, d, 1) and fill + room <= rows):
+        return None
+    return p.as_strided((b, h, rows, d), p.stride())
+
+
+def whole_buffers(past, fill: int, room: int = 1) -> list[torch.Tensor] | None:
+    """The whole registered buffers ``[B, Hkv, rows, d]`` of which ``past`` are exactly the filled
+    prefixes of ``fill`` tokens with room for ``room`` more, else None (a past the caller made, an older
+    state's, a full buffer)."""
+    out = [_whole_buffer(p, fill, room) for p in past]
+    return None if any(b is None for b in out) else out
+
+
+def mark_filled(buffers, fill: int) -> list[torch.Tensor]:
+    """Record ``fill`` tokens in each registered buffer (after a :func:`fixed_decode_graph` step wrote
+    into them); returns their filled prefixes, the presents a step returns."""
+    for buf in buffers:
+        _FILL[buf.untyped_storage().data_ptr()] = fill
+    return [buf[:, :, :fill] for buf in buffers]
 
 
 def _static_kv_writes(graph: Graph) -> list[int]:
@@ -400,6 +424,91 @@ def _static_kv_writes(graph: Graph) -> list[int]:
         writes.append(i)
     graph.eliminate_dead_code()
     return writes
+
+
+# ---- decode as one fixed-shape graph (what a CUDA graph captures) ----------------------------------------------
+#
+# A CUDA graph replays kernels with the shapes and addresses it captured, so the step it captures cannot
+# grow its inputs: :func:`fixed_decode_graph` rewrites the prepared graph into a one-token step over the
+# **whole** static buffers (``[B, Hkv, rows, d]``, the addresses the session allocated) and a device
+# tensor ``cache_fill`` (the tokens already in them). Each static write appends at ``cache_fill``
+# (:func:`static_append`, an ``index_copy_``); the past length the graph read from its inputs' shapes
+# is, where it sizes a tensor (the key positions ``arange(P + 1)``, the mask's and the grouped heads'
+# ``expand`` / ``reshape``), ``rows - 1`` (so ``P + 1`` is the buffer's rows), and, where it offsets
+# the query positions (``arange(S) + P``: the causal and sliding-window masks compare key positions
+# with them), the ``cache_fill`` tensor: the rows past the fill are masked out as future tokens.
+# Any other read of the past length is refused with the node named.
+
+_SHAPE_ARITH = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod)
+_OFFSET_OPS = (torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor)
+
+
+def static_append(buf: torch.Tensor, new: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``new`` (``[B, Hkv, S, d]``) written into the whole buffer ``buf`` at rows ``fill ..``; returns ``buf``."""
+    rows = fill + torch.arange(new.shape[2], device=fill.device)
+    return buf.index_copy_(2, rows, new.to(buf.dtype))
+
+
+_SIZE_OPS = (torch.ops.aten.arange.default, torch.ops.aten.expand.default, torch.ops.aten.view.default,
+             torch.ops.aten.reshape.default, torch.ops.aten.new_zeros.default, torch.ops.aten.full.default,
+             torch.ops.aten.zeros.default, torch.ops.aten.ones.default, torch.ops.aten.empty.memory_format)
+
+
+def _sizes_only(users) -> bool:
+    """Every one of ``users`` reads an int (directly or through int arithmetic) to size a tensor only."""
+    for u in users:
+        if u.target in _SHAPE_ARITH:
+            if not _sizes_only(u.users):
+                return False
+        elif u.target not in _SIZE_OPS:
+            return False
+    return True
+
+
+def fixed_decode_graph(gm: GraphModule, rows: int) -> GraphModule:
+    """The one-token decode step of the prepared KV-cache graph ``gm`` (:func:`prepare`, every present
+    a static write) over whole buffers of ``rows`` tokens, inputs ``(input_ids, position_ids, *buffers,
+    cache_fill)`` (section comment above). Raises ``InputError`` naming the node where the graph reads
+    the past otherwise."""
+    from finegrain.errors import InputError
+
+    graph = Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    writes = [n for n in graph.nodes if n.op == "call_function" and n.target is kv_write_op]
+    pasts = {w.args[0] for w in writes}
+    for ph in placeholders[2:]:
+        if ph not in pasts:
+            raise InputError(f"decode graph: the cache input {ph.name} is not appended into a static buffer "
+                             "(its layer's write runs as a reference op); decode without decode_graph")
+    with graph.inserting_after(placeholders[-1]):
+        fill = graph.placeholder("cache_fill")
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is kv_write_op:
+            n.target, n.args = static_append, (n.args[0], n.args[1], fill)
+            continue
+        if n.target is torch.ops.aten.sym_size.int and n.args[0] in pasts:
+            if n.args[1] not in (2, -2):
+                continue
+            for u in list(n.users):
+                if u.target in _OFFSET_OPS and u.args[1] is n and isinstance(u.args[0], torch.fx.Node):
+                    u.args = (u.args[0], fill, *u.args[2:])  # a query position offset: the fill
+                elif not _sizes_only([u]):
+                    raise InputError(f"decode graph: node {u.name} ({u.target}) reads the past length of "
+                                     f"{n.args[0].name} in a way a fixed-shape step cannot replace")
+            for u in list(n.users):
+                u.args = map_aggregate(u.args, lambda a: rows - 1 if a is n else a)
+                u.kwargs = map_aggregate(u.kwargs, lambda a: rows - 1 if a is n else a)
+            graph.erase_node(n)
+    for ph in pasts:
+        for u in ph.users:
+            if u.target is not static_append:
+                raise InputError(f"decode graph: node {u.name} reads the cache input {ph.name} besides its write")
+    graph.eliminate_dead_code()
+    graph.lint()
+    return GraphModule(gm, graph)
 
 
 def _to_host_fallbacks(graph: Graph) -> None:
