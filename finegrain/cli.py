@@ -868,6 +868,10 @@ def cmd_generate(args) -> None:
     if cm.backend != "torch" and args.backend not in ("torch", cm.backend):
         raise FinegrainError(f"{args.artifact} is a {cm.backend} deployment: it generates on {cm.backend} only")
     backend = cm.backend if cm.backend != "torch" else args.backend
+    if args.cuda_graph and backend != "gpu":
+        raise FinegrainError(f"--cuda-graph is a --backend gpu option (this generates on {backend})")
+    if args.cuda_graph and cm.backend == "gpu":  # a GPU deployment is its own session
+        cm.enable_decode_graph()
     session = cm if cm.backend != "torch" else cm.session(backend, **GENERATE_OPTIONS.get(backend, lambda a: {})(args))
     try:
         sample = args.temperature is not None or args.top_k is not None or args.top_p is not None

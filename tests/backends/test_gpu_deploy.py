@@ -112,7 +112,14 @@ def test_cli_builds_inspects_and_generates_from_a_deployment(hf_dir, tmp_path, c
     assert main(["inspect", str(tmp_path / "dep")]) == 0
     assert "compute dtype bfloat16" in " ".join(capsys.readouterr().out.split())
     assert main(["generate", str(tmp_path / "dep"), "--prompt", "Hello there", "--max-new-tokens", "4"]) == 0
-    assert "KV cache: one token per step" in capsys.readouterr().out
+    plain = capsys.readouterr().out
+    assert "KV cache: one token per step" in plain
+    assert main(["generate", str(tmp_path / "dep"), "--prompt", "Hello there", "--max-new-tokens", "4",
+                 "--cuda-graph"]) == 0  # the deployment's own session, its decode steps the fixed-shape graph
+    graph = capsys.readouterr().out
+    assert " ".join(graph.split()).split("[gpu]")[0] == " ".join(plain.split()).split("[gpu]")[0]
+    assert main(["generate", str(art), "--prompt", "Hi", "--cuda-graph"]) == 2  # torch: not a gpu option
+    assert "--cuda-graph is a --backend gpu option" in capsys.readouterr().err
     assert main(["build", str(art), "--backend", "gpu", "--out", str(tmp_path / "dep")]) == 2  # exists: refused
     assert "exists" in capsys.readouterr().err
 

@@ -50,7 +50,7 @@ class GpuSession(Session):
 
     def __init__(self, compiled, device: str | None = None, dtype: torch.dtype = torch.float32,
                  prepacked: dict | None = None, cache_tokens: int | None = None, decode_graph: bool = False):
-        from finegrain.backends.gpu.lower import fixed_decode_graph, on_host, prepare
+        from finegrain.backends.gpu.lower import prepare
 
         self.input_specs, self.kv = compiled.input_specs, getattr(compiled, "kv", None)
         self.max_seq_len = self.kv["max_seq_len"] if self.kv else None
@@ -66,17 +66,22 @@ class GpuSession(Session):
         self._graphs: dict = {}  # (batch, buffers' addresses) -> (CUDA graph, its static inputs, its logits)
         self._capture_failed = False  # a capture failed or cannot work (host ops): the fixed step runs eagerly
         if decode_graph:
-            if not self.kv or not self.cache_tokens:
-                raise InputError("decode_graph needs a KV-cache graph (--kv-cache) and static buffers (cache_tokens > 0)")
-            self.fixed = fixed_decode_graph(self.gm, self.cache_tokens)
-            host = [n.args[0] for n in self.fixed.graph.nodes if n.target is on_host]
-            if host and self.device.type == "cuda":  # a copy to the host cannot be captured
-                import warnings
+            self.enable_decode_graph()
 
-                warnings.warn(f"gpu session: decode_graph: {len(host)} reference ops run on CPU copies (e.g. "
-                              f"{host[0]}); the fixed-shape step runs eagerly, not as a CUDA graph", RuntimeWarning,
-                              stacklevel=3)
-                self._capture_failed = True
+    def enable_decode_graph(self) -> None:
+        """Decode one-token steps through the fixed-shape graph (``decode_graph=True``; module docstring)."""
+        import warnings
+
+        from finegrain.backends.gpu.lower import fixed_decode_graph, on_host
+
+        if not self.kv or not self.cache_tokens:
+            raise InputError("decode_graph needs a KV-cache graph (--kv-cache) and static buffers (cache_tokens > 0)")
+        self.fixed = fixed_decode_graph(self.gm, self.cache_tokens)
+        host = [n.args[0] for n in self.fixed.graph.nodes if n.target is on_host]
+        if host and self.device.type == "cuda":  # a copy to the host cannot be captured
+            warnings.warn(f"gpu session: decode_graph: {len(host)} reference ops run on CPU copies (e.g. {host[0]}); "
+                          "the fixed-shape step runs eagerly, not as a CUDA graph", RuntimeWarning, stacklevel=3)
+            self._capture_failed = True
 
     def _empty_past(self, batch: int) -> list:
         return [torch.zeros(batch, self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=self.dtype,
