@@ -77,6 +77,9 @@ CONFIGS = {  # name -> recipe fields
     # and the attention output to match): per-channel key groups see no outlier channel after the rotation
     **{f"KIVI-{b} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=b), KIVI_V.format(b=b), kv_rotate=True, **KIVI,
                                                     **PRE) for b in (4, 2)},
+    # one side at 3 bits: what a KVTuner budget between 3 and 4 bits trades (keys are the more sensitive)
+    **{f"KIVI K{k}V{v} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=k), KIVI_V.format(b=v), kv_rotate=True, **KIVI,
+                                                         **PRE) for k, v in ((4, 3), (3, 4))},
     "KIVI-2 g16 + pre-RoPE + sink, rotated": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", kv_rotate=True,
                                                   **KIVI, **PRE),
     **{f"ZipCache 4/2, {int(100 * r)}% salient": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(r)) for r in (0.5, 0.25)},

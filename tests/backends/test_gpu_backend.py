@@ -35,17 +35,19 @@ def test_presets_on_the_kernels_give_the_reference_logits(compiled, tiny_inputs,
 
 def test_linears_reading_one_activation_share_its_quantization(compiled, tiny_inputs):
     """W8A8: q / k / v read one normalized activation and gate / up another: 4 quantizations per layer
-    for 7 integer-dot linears, the two after an RMSNorm fused into it (the norm's nodes gone), and the
-    reference's logits."""
-    from finegrain.backends.gpu.lower import a8_op, a8_quant_op, rms_norm_quant_op
+    for 7 integer-dot linears, the two after an RMSNorm fused into it (the norm's nodes gone), down_proj's
+    fused into SwiGLU's ``silu(gate) * up`` (silu and its product gone), and the reference's logits."""
+    from finegrain.backends.gpu.lower import a8_op, a8_quant_op, rms_norm_quant_op, silu_mul_quant_op
 
     cm = compiled("w8a8")
     with cm.session("gpu") as s:
         targets = [n.target for n in s.gm.graph.nodes]
         out = s.run(tiny_inputs[2])
     assert targets.count(a8_op) == 14  # 2 layers
-    assert targets.count(rms_norm_quant_op) == 4 and targets.count(a8_quant_op) == 4  # o_proj, down_proj: not norms
+    assert targets.count(rms_norm_quant_op) == 4 and targets.count(silu_mul_quant_op) == 2
+    assert targets.count(a8_quant_op) == 2  # o_proj's: not a norm or a product
     assert targets.count(torch.ops.aten.rsqrt.default) == 1  # the final norm (before the float LM head) only
+    assert torch.ops.aten.silu.default not in targets
     ref = cm.session("torch").run(tiny_inputs[2])
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
 
@@ -231,13 +233,14 @@ def test_families_fuse_the_norm_quantizer_and_run_in_bf16(family):
     Gemma-3's scaled embeddings, 1 + w norms and sliding windows), one compile each:
 
     * fp32: the quantizer is fused into each RMSNorm feeding the integer-dot linears (2 per layer;
-      Gemma-3's norm scales by 1 + w, added in fp32), the other 2 per layer quantize on their own;
+      Gemma-3's norm scales by 1 + w, added in fp32) and into SwiGLU's ``silu(gate) * up`` (down_proj's
+      input; Phi-3's halves of a fused gate_up; not Gemma-3's GELU), o_proj's input quantized on its own;
       the reference's logits, also from decode steps of the fixed-shape graph (``decode_graph``: the
       causal and sliding-window masks computed from the fill tensor);
     * bf16 (the compute mode's data / position split): full-sequence logits and decode steps within
       bf16 rounding of the fp32 reference (measured 0.9-1.5% of the largest logit), the argmax nearly
       everywhere (random-init logits have near-ties)."""
-    from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op
+    from finegrain.backends.gpu.lower import a8_quant_op, rms_norm_quant_op, silu_mul_quant_op
     from tests.test_kv_cache import _family
 
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
@@ -246,7 +249,9 @@ def test_families_fuse_the_norm_quantizer_and_run_in_bf16(family):
     with cm.session("gpu") as s:
         out = s.run(x)
         targets = [n.target for n in s.gm.graph.nodes]
-    assert targets.count(rms_norm_quant_op) == 4 and targets.count(a8_quant_op) == 4
+    swiglu = 0 if family == "gemma3" else 2  # down_proj's input: silu(gate) * up, Gemma's GELU not fused
+    assert targets.count(rms_norm_quant_op) == 4 and targets.count(silu_mul_quant_op) == swiglu
+    assert targets.count(a8_quant_op) == 4 - swiglu
     assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
     with cm.session("gpu", decode_graph=True) as s:  # the fixed-shape step: this family's masks from the fill
         logits, state = s.prefill(x[:, :10])

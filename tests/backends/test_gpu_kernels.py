@@ -115,6 +115,33 @@ def test_rms_norm_fused_quantizer_equals_norm_then_quantize(act):
         kernels.rms_norm_quantize(h.to(DEVICE), w.to(DEVICE), 1e-5, QuantFormat.parse("int8-g32-sym-fp32-dyn"))
 
 
+@pytest.mark.parametrize("act", ["int8-token-sym-fp32-dyn", "int4-token-sym-fp16-dyn-clip0.9",
+                                 "e4m3-token-sym-fp32-dyn"])
+def test_silu_mul_fused_quantizer_equals_swiglu_then_quantize(act):
+    """The quantizer fused into SwiGLU's ``silu(g) * u``: the reference quantizer's scales (to fp32
+    rounding) and codes but where exp's last-bit differences move a value across a rounding boundary
+    (at most one step, at most 1 in 500 codes); operands that are row-strided views (a fused gate / up
+    projection's halves) read in place."""
+    a = QuantFormat.parse(act)
+    gen = torch.Generator().manual_seed(8)
+    for m, k in [(1, 576), (7, 200)]:
+        gu = torch.randn(m, 2 * k, generator=gen) * 3
+        gu[0, 5] = 40.0
+        g, u = gu.chunk(2, dim=-1)  # views, row stride 2k
+        ref = a.quantize(torch.nn.functional.silu(g) * u)
+        q, s = kernels.silu_mul_quantize(*gu.to(DEVICE).chunk(2, dim=-1), a)
+        assert torch.allclose(s.cpu(), ref.scale.reshape(-1), rtol=1e-5, atol=0)
+        got, want = q.cpu(), ref.codes
+        if a.kind == "e4m3":
+            got, want = got.view(torch.float8_e4m3fn).float(), want.view(torch.float8_e4m3fn).float()
+            steps = (got - want).abs() / want.abs().clamp_min(2.0**-9) <= 0.126  # one E4M3 step
+        else:
+            steps = (got.int() - want.int()).abs() <= 1
+        assert steps.all() and (got != want).float().mean() <= 0.002
+    with pytest.raises(ValueError, match="per-token format"):
+        kernels.silu_mul_quantize(g.to(DEVICE), u.to(DEVICE), QuantFormat.parse("int8-g32-sym-fp32-dyn"))
+
+
 def test_fp8_block_wise_dot_equals_the_reference():
     """FP8 W8A8 block-wise (128 x 128 weight blocks with fp32 scales, 1 x 128 activation groups): E4M3 x
     E4M3 on tl.dot, the weight block scale per output row and K tile, the activation group scale per

@@ -25,7 +25,8 @@ Kernels:
   times E4M3 weights (W8A8 FP8, Hopper's FP8 ``tl.dot``), fp32 accumulation.
 * ``_quant_rows``: per-row absmax quantization of activations to INT or FP8 E4M3 codes (the
   reference's scale and round-half-to-even, bit for bit; E4M3 encoded by integer arithmetic on
-  the fp32 bits, the same patterns as torch's cast).
+  the fp32 bits, the same patterns as torch's cast). ``_rms_norm_quant_rows`` / ``_silu_mul_quant_rows``:
+  the same quantizer fused into the RMSNorm / SwiGLU product that computes its input (never written).
 * ``_fwht``: ``x @ H_p`` for a Sylvester Hadamard of order p (a power of two >= 16) with the
   +-1 tiles generated in registers from index parities (nothing loaded), on ``tl.dot``.
 
@@ -279,6 +280,33 @@ def _rms_norm_quant_rows(h_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_h, eps, clip, 
         h = tl.load(h_ptr + rows[:, None] * stride_h + offs[None, :], mask=mask, other=0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=offs < K, other=0).to(tl.float32)[None, :]
         _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask, w * (h * rs), s[:, None], QMAX, LO, HI, F8)
+
+
+@triton.jit
+def _silu_mul_quant_rows(g_ptr, u_ptr, q_ptr, s_ptr, M, K, stride_g, stride_u, clip, QMAX: tl.constexpr,
+                         LO: tl.constexpr, HI: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr,
+                         F8: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr):
+    """The activation quantizer fused into SwiGLU's product: ROWS rows per program of
+    y = silu(g) * u = g / (1 + exp(-g)) * u (torch's formula) -> codes and scale as ``_quant_rows``, y never
+    written (two passes over g and u in registers: the absolute maximum, the codes)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    amax = tl.zeros((ROWS, BK), dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        g = tl.load(g_ptr + rows[:, None] * stride_g + offs[None, :], mask=mask, other=0).to(tl.float32)
+        u = tl.load(u_ptr + rows[:, None] * stride_u + offs[None, :], mask=mask, other=0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(tl.div_rn(g, 1.0 + tl.exp(-g)) * u))
+    s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
+    tl.store(s_ptr + rows, s, mask=rmask)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs = t * BK + tl.arange(0, BK)
+        mask = rmask[:, None] & (offs < K)[None, :]
+        g = tl.load(g_ptr + rows[:, None] * stride_g + offs[None, :], mask=mask, other=0).to(tl.float32)
+        u = tl.load(u_ptr + rows[:, None] * stride_u + offs[None, :], mask=mask, other=0).to(tl.float32)
+        _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask, tl.div_rn(g, 1.0 + tl.exp(-g)) * u, s[:, None],
+                     QMAX, LO, HI, F8)
 
 
 def _row_blocks(m: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -635,6 +663,29 @@ def rms_norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float,
     rows, bk = _row_blocks(m, k, h.device)
     _rms_norm_quant_rows[(triton.cdiv(m, rows),)](h2, weight.contiguous(), q, s, m, k, h2.stride(0), float(eps),
                                                   float(act.clip), QMAX=float(act.family.max_value(act)), LO=lo, HI=hi,
+                                                  SCALE_F16=act.scale == "fp16", SCALE_BF16=act.scale == "bf16", F8=f8,
+                                                  ROWS=rows, BK=bk)
+    return q, s
+
+
+def silu_mul_quantize(g: torch.Tensor, u: torch.Tensor, act: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`a8_quantize` of ``silu(g) * u`` (SwiGLU's product, the down projection's input) in one
+    kernel (``_silu_mul_quant_rows``): per-token formats only; computed in fp32. ``g`` / ``u`` may be
+    views with a row stride (Phi-3's ``chunk`` of the fused gate / up projection)."""
+    k = g.shape[-1]
+    if act.granularity != "token" or u.shape != g.shape:
+        raise ValueError(f"silu_mul_quantize: a per-token format and two operands of one shape (got {act.tag}, "
+                         f"{list(g.shape)} and {list(u.shape)})")
+    g2, u2 = (t.reshape(-1, k) for t in (g, u))
+    g2, u2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (g2, u2))
+    m = g2.shape[0]
+    f8 = act.kind == "e4m3"
+    q = torch.empty(m, k, dtype=torch.uint8 if f8 else torch.int8, device=g.device)
+    s = torch.empty(m, dtype=torch.float32, device=g.device)
+    lo, hi = act.family.code_range(act)
+    rows, bk = _row_blocks(m, k, g.device)
+    _silu_mul_quant_rows[(triton.cdiv(m, rows),)](g2, u2, q, s, m, k, g2.stride(0), u2.stride(0), float(act.clip),
+                                                  QMAX=float(act.family.max_value(act)), LO=lo, HI=hi,
                                                   SCALE_F16=act.scale == "fp16", SCALE_BF16=act.scale == "bf16", F8=f8,
                                                   ROWS=rows, BK=bk)
     return q, s

@@ -6,7 +6,8 @@
   token / tensor and a weight whose codes fit INT8 (INT2-4, INT8 symmetric, DGQ), or an FP8 E4M3
   activation per token with E4M3 weights, into :func:`a8_op` (``_a8_gemm``) on the codes of one
   :func:`a8_quant_op` (``_quant_rows``) per activation and format, shared by the linears reading it,
-  fused into the RMSNorm before it (:func:`rms_norm_quant_op`) where the norm feeds nothing else;
+  fused into the RMSNorm before it (:func:`rms_norm_quant_op`) or SwiGLU's ``silu(g) * u``
+  (:func:`silu_mul_quant_op`, the down projection's input) where that feeds nothing else;
 * every other ``linear(x, dequantize_packed(W), b)`` whose element is INT2-8 or an OCP minifloat
   into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
   the kernel layout;
@@ -60,6 +61,12 @@ def rms_norm_quant_op(h, weight, eps: float, act: str, offset: float = 0.0):
     w = weight.float() + offset if offset else weight
     q, s = kernels.rms_norm_quantize(h, w, eps, _format(act))
     return q, s, tuple(h.shape[:-1]), h.dtype
+
+
+def silu_mul_quant_op(g, u, act: str):
+    """:func:`a8_quant_op` of ``silu(g) * u`` (SwiGLU's product), the quantizer fused into it."""
+    q, s = kernels.silu_mul_quantize(g, u, _format(act))
+    return q, s, tuple(g.shape[:-1]), g.dtype
 
 
 def a8_op(xq, act: str, qw, s, z, s1, bias, meta: tuple):
@@ -157,17 +164,35 @@ def rms_norm_parts(x):
     return h, sc[0], eps, sc[1]
 
 
+def swiglu_parts(x):
+    """(g, u) when the node ``x`` is ``silu(g) * u`` (either operand order) and the silu is read by
+    nothing else, else None."""
+    if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and x.target is torch.ops.aten.mul.Tensor
+            and len(x.args) == 2 and all(isinstance(a, torch.fx.Node) for a in x.args)):
+        return None
+    for a, b in (x.args, x.args[::-1]):
+        if a.op == "call_function" and a.target is torch.ops.aten.silu.default and set(a.users) == {x}:
+            return a.args[0], b
+    return None
+
+
 def _fuse_norm_quantizers(graph: Graph, quantized: dict) -> int:
-    """Each per-token :func:`a8_quant_op` whose activation is an RMSNorm read by nothing else becomes
-    one :func:`rms_norm_quant_op` (the norm's nodes then die); the number fused."""
+    """Each per-token :func:`a8_quant_op` whose activation is read by nothing else and is an RMSNorm
+    (or SwiGLU's ``silu(g) * u``) becomes one :func:`rms_norm_quant_op` (:func:`silu_mul_quant_op`);
+    the norm's (product's) nodes then die. Returns the number fused."""
     fused = 0
     for (x, tag), qn in quantized.items():
-        parts = rms_norm_parts(x)
-        if parts is None or _format(tag).granularity != "token" or set(x.users) != {qn}:
+        if _format(tag).granularity != "token" or set(x.users) != {qn}:
+            continue
+        parts, swiglu = rms_norm_parts(x), swiglu_parts(x)
+        if parts is None and swiglu is None:
             continue
         with graph.inserting_before(qn):
-            h, w, eps, offset = parts
-            new = graph.call_function(rms_norm_quant_op, (h, w, eps, tag, offset))
+            if parts is not None:
+                h, w, eps, offset = parts
+                new = graph.call_function(rms_norm_quant_op, (h, w, eps, tag, offset))
+            else:
+                new = graph.call_function(silu_mul_quant_op, (*swiglu, tag))
         qn.replace_all_uses_with(new)
         graph.erase_node(qn)
         fused += 1
