@@ -28,7 +28,8 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    (``cm.session("gpu", dtype="bfloat16")``), whose KV cache is appended in place into static buffers,
    the bf16 mode again concatenating the cache every step (``cache_tokens=0``), and the bf16 mode with
    each decode step one CUDA graph replay (``decode_graph=True``, buffers of prompt + steps + 8 rows:
-   the fixed-shape step attends over the whole buffer; on CPU the fixed graph runs eagerly).
+   the fixed-shape step attends over the whole buffer; on CPU the fixed graph runs eagerly); the first
+   model also with the ``kivi4`` KV cache in bf16 (KIVI's writes run on the device, no CUDA graph).
 
 Timings: ``triton.testing.do_bench`` (median of its repetitions) on CUDA; wall clock in the smoke
 run (meaningless there: the interpreter). Parts 3 and 4 run most telling first (the 4096 x 4096
@@ -193,7 +194,7 @@ def _configs(smoke: bool):
 
     if smoke:
         return [("tiny llama (smoke)", LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=256,
                                                    max_position_embeddings=256))]
     smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rope_theta=100000.0,
@@ -239,15 +240,23 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
         t0 = time.perf_counter()
         cm = finegrain.compile(model, (ids[:, :16],), recipe="w4a16-g128", progress=False, kv_cache=True)
         compile_s = time.perf_counter() - t0
+        kivi = None
+        if not rows:  # the first model also with the kivi4 KV cache (its writes run on the device)
+            from finegrain.compiler.recipe import with_kv
+
+            kivi = finegrain.compile(model, (ids[:, :16],), recipe=with_kv("w4a16-g128", "kivi4"), progress=False,
+                                     kv_cache=True)
         del model, hf
         rec = {"model": name, "params": params, "hf bf16 eager tok/s" if device == "cuda" else "hf fp32 tok/s": hf_tps,
                "compile s": compile_s}
         # as traced; the bf16 compute mode; the same with every step concatenating the cache (no static buffers)
-        for label, dtype, extra in (("fp32", torch.float32, {}), ("bf16", torch.bfloat16, {}),
-                                    ("bf16 concat", torch.bfloat16, {"cache_tokens": 0}),
-                                    ("bf16 CUDA graph", torch.bfloat16, {"decode_graph": True,
-                                                                         "cache_tokens": prompt + steps + 8})):
-            with cm.session("gpu", device=device, dtype=dtype, **extra) as s, \
+        runs = [("fp32", cm, torch.float32, {}), ("bf16", cm, torch.bfloat16, {}),
+                ("bf16 concat", cm, torch.bfloat16, {"cache_tokens": 0}),
+                ("bf16 CUDA graph", cm, torch.bfloat16, {"decode_graph": True, "cache_tokens": prompt + steps + 8})]
+        if kivi is not None:
+            runs.append(("bf16 kivi4", kivi, torch.bfloat16, {}))
+        for label, cm_, dtype, extra in runs:
+            with cm_.session("gpu", device=device, dtype=dtype, **extra) as s, \
                     warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", RuntimeWarning)
                 logits, state = s.prefill(ids)
@@ -379,12 +388,14 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {gr} | {r['TFLOP/s']:.2f} | "
                      f"{r['GB/s']:.0f} | {hb} | {r['speedup']:.2f}x |")
     lines += ["", "| model | params | baseline tok/s | finegrain W4A16 fp32 / bf16 tok/s | bf16, cache concatenated "
-              "per step | bf16, CUDA graph per step | ratio (bf16 / CUDA graph) |", "|---|---|---|---|---|---|---|"]
+              "per step | bf16, CUDA graph per step | bf16, kivi4 cache | ratio (bf16 / CUDA graph) |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in report["decode"]:
         base = next(v for key, v in r.items() if key.startswith("hf"))
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 fp32 tok/s']:.1f} / "
                      f"{r['finegrain W4A16 bf16 tok/s']:.1f} | {r['finegrain W4A16 bf16 concat tok/s']:.1f} | "
-                     f"{r['finegrain W4A16 bf16 CUDA graph tok/s']:.1f} | {r['ratio']:.2f}x / "
+                     f"{r['finegrain W4A16 bf16 CUDA graph tok/s']:.1f} | "
+                     f"{r.get('finegrain W4A16 bf16 kivi4 tok/s', float('nan')):.1f} | {r['ratio']:.2f}x / "
                      f"{r['ratio CUDA graph']:.2f}x |")
     lines += [f"\nnot run (time budget): {name}" for name in report.get("skipped", [])]
     lines += [f"\nFAILED {e['part']}: {e['error']}" for e in report.get("errors", [])]

@@ -137,8 +137,8 @@ def _rope(x: torch.Tensor, start: int, inv_freq: torch.Tensor, inverse: bool) ->
     positions ``start, start + 1, ..`` of ``x`` ``[B, H, T, d]``, or its inverse (the rotation by
     minus the angles). Angles in float64, so the two are inverse to float32 rounding."""
     half = inv_freq.shape[0]
-    pos = torch.arange(start, start + x.shape[2], dtype=torch.float64)
-    ang = pos[:, None] * inv_freq.double()[None, :]
+    pos = torch.arange(start, start + x.shape[2], dtype=torch.float64, device=x.device)
+    ang = pos[:, None] * inv_freq.to(x.device, torch.float64)[None, :]
     cos, sin = ang.cos().float(), ang.sin().float()
     if inverse:
         sin = -sin
@@ -147,7 +147,7 @@ def _rope(x: torch.Tensor, start: int, inv_freq: torch.Tensor, inverse: bool) ->
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    return apply_hadamard(x, torch.ones(1, 1)).to(x.dtype)
+    return apply_hadamard(x, torch.ones(1, 1, device=x.device)).to(x.dtype)
 
 
 def _group_factor(n: int, inverse: bool) -> torch.Tensor:
@@ -163,7 +163,7 @@ def _to_head_groups(seg: torch.Tensor, perm: torch.Tensor | None, g: int) -> tor
     orthonormal Hadamard over each group of ``g`` heads' channels: ``[B, H / g, n, g * d]`` (the layout
     a format's groups then run along)."""
     b, h, n, d = seg.shape
-    if perm is not None and not torch.equal(torch.sort(perm.reshape(-1)).values, torch.arange(h * d)):
+    if perm is not None and not torch.equal(torch.sort(perm.reshape(-1)).values, torch.arange(h * d, device=perm.device)):
         raise ValueError(f"kv_append: perm must be a permutation of the {h * d} key channels (got a tensor of "
                          f"{perm.numel()} values that is not)")
     if h % g:
@@ -218,7 +218,7 @@ def zip_salient(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """ZipCache's salient tokens of one write: per (batch, head) the ``round(ratio * n)`` of highest
     ``score`` ``[B, H, n]`` (a bool mask of that shape)."""
     k = round(ratio * score.shape[-1])
-    salient = torch.zeros(score.shape, dtype=torch.bool)
+    salient = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     if k:
         salient.scatter_(-1, score.topk(k, dim=-1).indices, True)
     return salient
@@ -244,8 +244,7 @@ def zip_block_format(f):
     return f.per_row()
 
 
-@torch.library.custom_op("finegrain::kv_append", mutates_args=())
-def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
+def kv_append_ref(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
               inv_freq: torch.Tensor | None = None, rotated: bool = False, score: torch.Tensor | None = None,
               fmt_low: str | None = None, ratio: float = 1.0, block: int = 1,
               channel_norm: bool = False, perm: torch.Tensor | None = None, head_group: int = 1) -> torch.Tensor:
@@ -285,6 +284,9 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window
     return out
 
 
+kv_append = torch.library.custom_op("finegrain::kv_append", mutates_args=())(kv_append_ref)
+
+
 @kv_append.register_fake
 def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False, score=None, fmt_low=None, ratio=1.0, block=1,
       channel_norm=False, perm=None, head_group=1):
@@ -295,13 +297,12 @@ def probe_queries(s: int, probes: float) -> torch.Tensor:
     """ZipCache's probe subset of ``s`` queries: ``ceil(probes * s)`` of them (at least one), half the
     most recent, half spread evenly over the rest (deterministic, where ZipCache samples at random)."""
     n = min(s, max(1, math.ceil(probes * s)))
-    recent = torch.arange(s - (n + 1) // 2, s)
-    spread = torch.linspace(0, max(s - len(recent) - 1, 0), n - len(recent)).round().long()
+    recent = torch.arange(s - (n + 1) // 2, s, device="cpu")  # an index set from two ints: made on the host
+    spread = torch.linspace(0, max(s - len(recent) - 1, 0), n - len(recent), device="cpu").round().long()
     return torch.unique(torch.cat([spread, recent]))
 
 
-@torch.library.custom_op("finegrain::kv_saliency", mutates_args=())
-def kv_saliency(q: torch.Tensor, past: torch.Tensor, new: torch.Tensor, probes: float,
+def kv_saliency_ref(q: torch.Tensor, past: torch.Tensor, new: torch.Tensor, probes: float,
                 scale: float) -> torch.Tensor:
     """ZipCache's normalized attention score of every cached token ``[B, Hkv, past + S]``: the causal
     attention probabilities of the probe queries (``q`` ``[B, H, S, d]`` at positions ``past ..``),
@@ -310,13 +311,16 @@ def kv_saliency(q: torch.Tensor, past: torch.Tensor, new: torch.Tensor, probes: 
     k = torch.cat([past, new], 2).float()
     b, h, s, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
-    idx = probe_queries(s, probes)
+    idx = probe_queries(s, probes).to(q.device)
     qp = q[:, :, idx].float().reshape(b, hkv, h // hkv, len(idx), d)
     logits = torch.einsum("bgrnd,bgtd->bgrnt", qp, k) * scale
-    sees = torch.arange(t)[None, :] <= (t - s + idx)[:, None]  # [n, T]
+    sees = torch.arange(t, device=q.device)[None, :] <= (t - s + idx)[:, None]  # [n, T]
     att = torch.softmax(logits.masked_fill(~sees, float("-inf")), dim=-1)
     count = sees.sum(0).clamp_min(1) * (h // hkv)
     return att.sum(dim=(2, 3)) / count
+
+
+kv_saliency = torch.library.custom_op("finegrain::kv_saliency", mutates_args=())(kv_saliency_ref)
 
 
 @kv_saliency.register_fake

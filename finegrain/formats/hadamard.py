@@ -144,5 +144,5 @@ def apply_hadamard(x: torch.Tensor, had_m: torch.Tensor) -> torch.Tensor:
     p = n // m
     y = fwht(x.reshape(*x.shape[:-1], m, p))
     if m > 1:
-        y = torch.einsum("...kj,ki->...ij", y, had_m.to(y.dtype))
+        y = torch.einsum("...kj,ki->...ij", y, had_m.to(y.device, y.dtype))
     return (y / math.sqrt(n)).reshape(x.shape)

@@ -168,7 +168,8 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert {r["kernel"] for r in report["kernels"]} >= {label for label, _, _ in mod.KERNELS}
     dec = report["decode"][0]
-    assert min(dec[f"finegrain W4A16 {m} tok/s"] for m in ("fp32", "bf16", "bf16 concat", "bf16 CUDA graph")) > 0
+    assert min(dec[f"finegrain W4A16 {m} tok/s"] for m in ("fp32", "bf16", "bf16 concat", "bf16 CUDA graph",
+                                                          "bf16 kivi4")) > 0
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
@@ -375,6 +376,43 @@ def test_decode_graph_is_captured_and_replayed_on_the_device(kv_w4, tiny_inputs)
             first = next(iter(g._graphs))
             g.generate(test[:, :8], 6)  # a new prefill's buffers: captured again, the old graph dropped
             assert len(g._graphs) == 1 and next(iter(g._graphs)) != first
+
+
+def test_kv_cache_writes_stay_on_the_device(tiny_llama, tiny_inputs):
+    """Off the CPU the remaining reference ops run on host copies, but the KIVI / ZipCache writes
+    (``kv_append``, ``kv_saliency``: they read the whole past) run on the device as they are (the
+    graph prepared for the ``meta`` device, as a CUDA one would be)."""
+    from finegrain.backends.gpu.lower import ON_DEVICE, on_host, prepare
+    from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
+
+    zip_kivi = {"name": "gpu-zip", "rules": [{"role": "linear", "activation": "int8-token-sym-fp32-dyn"}],
+                "kv_key": "int4-g8-asym-fp16-dyn", "kv_value": "int4-token-asym-fp16-dyn", "kv_key_axis": "tokens",
+                "kv_zip_key": "int2-g8-asym-fp16-dyn", "kv_zip_value": "int2-token-asym-fp16-dyn", "kv_zip_ratio": 0.5,
+                "kv_zip_block": 8, "kv_sinks": 1}
+    cm = finegrain.compile(tiny_llama, tiny_inputs[0], recipe=zip_kivi, progress=False, kv_cache=True)
+    gm, _ = prepare(cm.gm, torch.device("meta"))
+    targets = [n.target for n in gm.graph.nodes]
+    wrapped = [n.args[0] for n in gm.graph.nodes if n.target is on_host]
+    assert targets.count(KV_APPEND) == 2 * cm.kv["layers"] and targets.count(KV_SALIENCY) == cm.kv["layers"]
+    assert wrapped and not set(wrapped) & set(ON_DEVICE)  # the activation fake quantization: on the host
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kivi_writes_run_on_the_device(tiny_llama, tiny_inputs):
+    """KIVI's windowed, pre-RoPE, rotated writes on CUDA tensors: the reference's logits through prefill
+    and decode steps (to quantization-boundary flips: 5% of the largest logit)."""
+    kivi = {"name": "gpu-kivi", "rules": [], "kv_key": "int4-g8-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn",
+            "kv_key_axis": "tokens", "kv_window": 4, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
+    cm = finegrain.compile(tiny_llama, tiny_inputs[0], recipe=kivi, progress=False, kv_cache=True)
+    test, ref = tiny_inputs[2], cm.session("torch")
+    with cm.session("gpu", device="cuda") as s:
+        la, sa = ref.prefill(test[:, :10])
+        lb, sb = s.prefill(test[:, :10])
+        for i in range(10, 20):
+            la, sa = ref.step(sa, test[:, i:i + 1])
+            lb, sb = s.step(sb, test[:, i:i + 1])
+            assert (la - lb.cpu()).abs().max() < 0.05 * la.abs().max(), i
 
 
 def test_every_traced_device_argument_moves_to_the_target_device(tiny_llama):

@@ -339,3 +339,38 @@ def test_a_bad_reordering_in_an_artifact_is_named():
         kv_append(past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 0, inv, head_group=3)
     good = kv_append(past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 0, inv, perm=torch.randperm(32), head_group=2)
     assert good.shape == (1, 2, 3, 16)
+
+
+def test_kv_writes_make_their_tensors_on_their_inputs_device():
+    """The GPU backend runs ``kv_append`` / ``kv_saliency`` on CUDA tensors as they are (not on CPU
+    copies of the whole past). With torch's default device set to ``meta``, a tensor they made without
+    naming their inputs' device would be a meta tensor, and mixing it with these CPU inputs raises: every
+    kind of write (KIVI, pre-RoPE rotated keys, RotateKV's grouped heads, ZipCache token-wise and per
+    channel, the saliency) gives the same values as with the default device left alone."""
+    from finegrain.compiler.ops import kv_append_ref, kv_saliency_ref  # the functions, not the dispatcher's op
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 45, 16, generator=gen)
+    past, new = x[:, :, :20], x[:, :, 20:]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+    q = torch.randn(1, 4, 25, 16, generator=gen)
+    score, perm = torch.rand(1, 2, 45, generator=gen), torch.randperm(32, generator=gen)
+    fn = {"kv_append": kv_append_ref, "kv_saliency": kv_saliency_ref}
+    cases = [("kv_append", (past, new, "int2-g8-asym-fp16-dyn", "tokens", 4, 1)),
+             ("kv_append", (past, new, "int4-g8-asym-fp16-dyn", "head_dim", 4, 1)),
+             ("kv_append", (past, new, "int2-g8-asym-fp16-dyn", "tokens", 4, 1, inv_freq, True)),
+             ("kv_append", (past, new, "int4-g16-asym-fp16-dyn", "head_dim", 0, 1, inv_freq, True, None, None, 1.0, 1,
+                            False, perm, 2)),
+             ("kv_append", (past, new, "int4-token-asym-fp16-dyn", "head_dim", 0, 1, None, False, score,
+                            "int2-token-asym-fp16-dyn", 0.5, 8, True)),
+             ("kv_append", (past, new, "int4-g8-asym-fp16-dyn", "tokens", 0, 1, None, False, score,
+                            "int2-g8-asym-fp16-dyn", 0.5, 8, False)),
+             ("kv_saliency", (q, past, new, 0.2, 0.25))]
+    want = [fn[name](*args) for name, args in cases]
+    torch.set_default_device("meta")
+    try:
+        got = [fn[name](*args) for name, args in cases]
+    finally:
+        torch.set_default_device(None)
+    for (name, args), g, w in zip(cases, got, want):
+        assert g.device.type == "cpu" and torch.equal(g, w), (name, args[2:5])

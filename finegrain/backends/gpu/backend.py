@@ -209,6 +209,9 @@ class GpuBackend(BackendBase):
                                 "by torch.where")
         if op in ("conv", "recurrent"):
             return "emulated", "weight dequantized once at load; torch's float op"
+        if op == "kv_append":
+            return "emulated", ("the reference op on the device (torch ops, no kernel): the cache stays on the GPU, "
+                                "the values the reference computes")
         return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
 
     def session(self, compiled, device: str | None = None, dtype: "str | torch.dtype | None" = None,

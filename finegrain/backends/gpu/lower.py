@@ -14,9 +14,10 @@
 * ``finegrain::hadamard`` into :func:`hadamard_op` (``_fwht``);
 * a packed weight read otherwise (an embedding, a conv, a codebook / BitMoD element) into its
   dequantized dense tensor, computed once here (``emulated``: dense memory, float compute);
-* on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the
-  KIVI cache write, the MoE grouped GEMM) into :func:`on_host` calls: the reference op on CPU
-  copies, the result moved back (``emulated``; correct, slow);
+* on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the MoE
+  grouped GEMM) into :func:`on_host` calls: the reference op on CPU copies, the result moved back
+  (``emulated``; correct, slow); the KV-cache writes of KIVI / ZipCache / RotateKV (``kv_append``,
+  ``kv_saliency``) run on the device as the reference computes them (``emulated``: no kernel);
 * every device argument, keyword or positional (the traced causal mask's ``arange``, RoPE's
   ``inv_freq.to(device)``), to the target device;
 * with ``dtype=torch.bfloat16`` (or float16), the compute dtype (:func:`to_compute_dtype`): what the
@@ -33,11 +34,14 @@ from torch.fx import Graph, GraphModule
 from torch.fx.node import map_aggregate
 
 from finegrain.compiler.ir import cache_past, get_tensor
+from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.ops import _fmt as _format  # the tag -> QuantFormat cache the reference ops use
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 from finegrain.backends.gpu import kernels
 
+# finegrain reference ops that run on the model's device as they are (KIVI / ZipCache / RotateKV cache writes)
+ON_DEVICE = (KV_APPEND, KV_SALIENCY)
 _META = ("bits", "pw", "split", "mini", "eb", "mb", "smode", "has_zero", "offset", "group", "k", "n", "scale2")
 
 
@@ -538,9 +542,12 @@ def fixed_decode_graph(gm: GraphModule, rows: int) -> GraphModule:
 
 def _to_host_fallbacks(graph: Graph) -> None:
     """Every remaining ``finegrain::`` op runs on CPU copies (the reference is written for CPU
-    tensors: numpy casts for FP4 / FP6, CPU-built tables and positions)."""
+    tensors: numpy casts for FP4 / FP6, CPU-built tables and positions), but the KV-cache writes
+    (:data:`ON_DEVICE`: written for any device, tested with the default device set elsewhere), which
+    take the whole past: copying it to the host and back every step costs more than the step."""
     for n in graph.nodes:
-        if n.op == "call_function" and str(getattr(n, "target", "")).startswith("finegrain."):
+        if n.op == "call_function" and str(getattr(n, "target", "")).startswith("finegrain.") \
+                and n.target not in ON_DEVICE:
             n.args, n.target = (n.target, *n.args), on_host
 
 
