@@ -283,30 +283,34 @@ def _rms_norm_quant_rows(h_ptr, w_ptr, q_ptr, s_ptr, M, K, stride_h, eps, clip, 
 
 
 @triton.jit
+def _swiglu_tile(g_ptr, u_ptr, rows, offs, mask, stride_g, stride_u):
+    """``silu(g) * u = g / (1 + exp(-g)) * u`` (torch's formula) of one ``[ROWS, BK]`` tile, in fp32."""
+    g = tl.load(g_ptr + rows[:, None] * stride_g + offs[None, :], mask=mask, other=0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * stride_u + offs[None, :], mask=mask, other=0).to(tl.float32)
+    return tl.div_rn(g, 1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
 def _silu_mul_quant_rows(g_ptr, u_ptr, q_ptr, s_ptr, M, K, stride_g, stride_u, clip, QMAX: tl.constexpr,
                          LO: tl.constexpr, HI: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr,
                          F8: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr):
     """The activation quantizer fused into SwiGLU's product: ROWS rows per program of
-    y = silu(g) * u = g / (1 + exp(-g)) * u (torch's formula) -> codes and scale as ``_quant_rows``, y never
-    written (two passes over g and u in registers: the absolute maximum, the codes)."""
+    y = silu(g) * u (``_swiglu_tile``) -> codes and scale as ``_quant_rows``, y never written (two passes
+    over g and u in registers: the absolute maximum, the codes)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
     amax = tl.zeros((ROWS, BK), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         mask = rmask[:, None] & (offs < K)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_g + offs[None, :], mask=mask, other=0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * stride_u + offs[None, :], mask=mask, other=0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(tl.div_rn(g, 1.0 + tl.exp(-g)) * u))
+        amax = tl.maximum(amax, tl.abs(_swiglu_tile(g_ptr, u_ptr, rows, offs, mask, stride_g, stride_u)))
     s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
     tl.store(s_ptr + rows, s, mask=rmask)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         mask = rmask[:, None] & (offs < K)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_g + offs[None, :], mask=mask, other=0).to(tl.float32)
-        u = tl.load(u_ptr + rows[:, None] * stride_u + offs[None, :], mask=mask, other=0).to(tl.float32)
-        _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask, tl.div_rn(g, 1.0 + tl.exp(-g)) * u, s[:, None],
-                     QMAX, LO, HI, F8)
+        _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask,
+                     _swiglu_tile(g_ptr, u_ptr, rows, offs, mask, stride_g, stride_u), s[:, None], QMAX, LO, HI, F8)
 
 
 def _row_blocks(m: int, k: int, device: torch.device) -> tuple[int, int]:
