@@ -58,6 +58,8 @@ def _zip(ratio: float) -> dict:  # salient tokens (normalized attention score, 1
 CONFIGS = {  # name -> recipe fields
     "float cache": _cfg(),
     **{f"KV{b} per token": _cfg(TOK.format(b=b), TOK.format(b=b)) for b in (8, 4, 2)},
+    # FP8 E4M3 elements (the 8-bit float cache of vLLM / TensorRT-LLM), one fp32 scale per token and head
+    "KV8 FP8 E4M3 per token": _cfg("e4m3-token-sym-fp32-dyn", "e4m3-token-sym-fp32-dyn"),
     **{f"KV{b} per token + Hadamard + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, kv_sinks=1)
        for b in (4, 2)},
     **{f"KV{b} RotateKV (pre-RoPE + Hadamard + sink)": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, **PRE)

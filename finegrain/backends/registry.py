@@ -61,6 +61,8 @@ def preset_rows() -> list[tuple[str, str, object]]:
 
     rows.append(("KV cache per token / head-dim groups (int4-g32-asym-fp16-dyn)", "kv",
                  QuantFormat.parse("int4-g32-asym-fp16-dyn")))
+    rows.append(("KV cache FP8 E4M3 per token (e4m3-token-sym-fp32-dyn)", "kv",
+                 QuantFormat.parse("e4m3-token-sym-fp32-dyn")))
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
                    ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
                    ("activation outlier groups at 8 bits (FMPQ)", "op", "act_outliers"),

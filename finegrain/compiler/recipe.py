@@ -79,17 +79,21 @@ class Rule:
         return (self.role is None or self.role == role) and (self.pattern is None or re.search(self.pattern, name) is not None)
 
 
+KV_KINDS = ("int", "e4m3")  # KV-cache elements: INT2-8, FP8 E4M3 (the 8-bit float cache of vLLM / TensorRT-LLM)
+
+
 def _check_kv_format(tag, where: str) -> None:
-    """A KV-cache format tag (or None: float): a dynamic integer format per token or per group."""
+    """A KV-cache format tag (or None: float): a dynamic integer or FP8 E4M3 format per token or per
+    group."""
     if tag is None:
         return
     try:
         fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    if fmt is None or not fmt.dynamic or fmt.kind != "int" or fmt.granularity not in ("token", "group"):
-        raise ValueError(f"{where}: {tag!r} must be a dynamic integer format per token or per group along the "
-                         "head dim (e.g. int4-g32-asym-fp16-dyn)")
+    if fmt is None or not fmt.dynamic or fmt.kind not in KV_KINDS or fmt.granularity not in ("token", "group"):
+        raise ValueError(f"{where}: {tag!r} must be a dynamic integer or FP8 E4M3 format per token or per group "
+                         "along the head dim (e.g. int4-g32-asym-fp16-dyn, e4m3-token-sym-fp32-dyn)")
 
 
 @dataclass(frozen=True)
@@ -611,11 +615,14 @@ PRESETS.update({
 # KV cache presets (issue #17): the KV fields a weight recipe takes on (``with_kv``, ``finegrain quantize
 # --kv-quant NAME``; compile with kv_cache=True). SmolLM2, WikiText-2, 4 windows of 2048 through the cache, float
 # weights (README, "Quantized KV cache"): kv8 +0.09% (per token g64, same as one scale per token at head dim 64),
-# kivi4 +0.77%, kivi2 +18.9%.
+# kv8-fp8 +0.71%, kivi4 +0.77%, kivi2 +18.9%.
 _KIVI = {"kv_key_axis": "tokens", "kv_window": 128, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
 KV_PRESETS: dict[str, dict] = {
     # 8 bits, one (scale, zero) per token and head: no window, packed on TVM static builds
     "kv8": {"kv_key": "int8-token-asym-fp16-dyn", "kv_value": "int8-token-asym-fp16-dyn"},
+    # FP8 E4M3 elements, one fp32 scale per token and head (the 8-bit float cache of vLLM / TensorRT-LLM, here
+    # with a dynamic scale per token instead of one per tensor); no window: every backend runs it
+    "kv8-fp8": {"kv_key": "e4m3-token-sym-fp32-dyn", "kv_value": "e4m3-token-sym-fp32-dyn"},
     # KIVI-4 in the Hadamard-rotated space: keys per channel over 32 tokens, quantized before RoPE; values per
     # token in groups of 32; the newest 128 tokens and one sink in float
     "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},

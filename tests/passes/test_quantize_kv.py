@@ -374,3 +374,40 @@ def test_kv_writes_make_their_tensors_on_their_inputs_device():
         torch.set_default_device(None)
     for (name, args), g, w in zip(cases, got, want):
         assert g.device.type == "cpu" and torch.equal(g, w), (name, args[2:5])
+
+
+def test_fp8_kv_cache_on_every_backend(llama):
+    """The ``kv8-fp8`` preset (FP8 E4M3 keys / values, one fp32 scale per token and head): what the
+    cache holds is E4M3 values times each row's scale; the bytes per token count one byte per element
+    and 4 per scale; the reference stores it packed (the same logits as its fp32 storage), ONNX Runtime,
+    TVM and the GPU backend (interpreted) decode the reference's logits over it; a windowed FP8 write,
+    which ONNX / TVM do not lower, is refused by name, and a non-E4M3 float format is refused."""
+    from finegrain.backends import registry
+    from finegrain.compiler.recipe import with_kv
+
+    cm = finegrain.compile(llama, (IDS,), recipe=with_kv({"name": "f", "rules": []}, "kv8-fp8"), progress=False,
+                           kv_cache=True)
+    q = cm.kv["quantization"]
+    heads, d, layers = cm.kv["kv_heads"], cm.kv["head_dim"], cm.kv["layers"]
+    assert q["bytes_per_token"] == 2 * layers * heads * (d + 4)
+    ref = cm.session("torch", kv_storage="float")
+    la, sa = ref.prefill(X[:, :10])
+    for p in sa["past"]:  # every row: E4M3 values times one scale
+        s = p.abs().amax(-1, keepdim=True) / 448
+        assert torch.allclose((p / s).to(torch.float8_e4m3fn).float() * s, p, rtol=0, atol=1e-6)
+    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", max_seq_len=32),
+                "gpu": cm.session("gpu")}  # the GPU backend's kernels interpreted where there is no CUDA (conftest)
+    assert len(sessions["packed"].kv_packed) == 2 * layers
+    states = {k: s.prefill(X[:, :10])[1] for k, s in sessions.items()}
+    for i in range(10, 14):
+        la, sa = ref.step(sa, X[:, i:i + 1])
+        for k, s in sessions.items():
+            lb, states[k] = s.step(states[k], X[:, i:i + 1])
+            assert (la - lb.float().cpu()).abs().max() < 1e-4 * la.abs().max(), (k, i)
+    windowed = finegrain.compile(llama, (IDS,), recipe=_kv("e4m3-token-sym-fp32-dyn") | {"kv_window": 4},
+                                 progress=False, kv_cache=True)
+    for name in ("onnx", "tvm"):
+        assert any(r.what == "kv_append" and "e4m3-token-sym-fp32-dyn" in r.why
+                   for r in registry.get(name).check(windowed)), name
+    with pytest.raises(RecipeError, match="integer or FP8 E4M3"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("e5m2-token-sym-fp32-dyn"), progress=False, kv_cache=True)
