@@ -380,8 +380,9 @@ def test_fp8_kv_cache_on_every_backend(llama):
     """The ``kv8-fp8`` preset (FP8 E4M3 keys / values, one fp32 scale per token and head): what the
     cache holds is E4M3 values times each row's scale; the bytes per token count one byte per element
     and 4 per scale; the reference stores it packed (the same logits as its fp32 storage), ONNX Runtime,
-    TVM and the GPU backend (interpreted) decode the reference's logits over it; a windowed FP8 write,
-    which ONNX / TVM do not lower, is refused by name, and a non-E4M3 float format is refused."""
+    TVM and the GPU backend (interpreted) decode the reference's logits over it; a windowed FP8 write
+    (KIVI's per-channel keys) is stored packed by the reference, refused by name by ONNX / TVM, which do
+    not lower it; a non-E4M3 float format is refused."""
     from finegrain.backends import registry
     from finegrain.compiler.recipe import with_kv
 
@@ -404,10 +405,16 @@ def test_fp8_kv_cache_on_every_backend(llama):
         for k, s in sessions.items():
             lb, states[k] = s.step(states[k], X[:, i:i + 1])
             assert (la - lb.float().cpu()).abs().max() < 1e-4 * la.abs().max(), (k, i)
-    windowed = finegrain.compile(llama, (IDS,), recipe=_kv("e4m3-token-sym-fp32-dyn") | {"kv_window": 4},
-                                 progress=False, kv_cache=True)
+    windowed = finegrain.compile(llama, (IDS,), recipe=_kv("e4m3-g8-sym-fp16-dyn", "e4m3-token-sym-fp32-dyn")
+                                 | {"kv_window": 4, "kv_key_axis": "tokens", "kv_sinks": 1}, progress=False, kv_cache=True)
+    packed, floats = windowed.session("torch"), windowed.session("torch", kv_storage="float")
+    (la, sa), (lb, sb) = packed.prefill(X[:, :10]), floats.prefill(X[:, :10])
+    for i in range(10, 20):  # KIVI's windowed per-channel FP8 keys, stored packed: the same logits
+        (la, sa), (lb, sb) = packed.step(sa, X[:, i:i + 1]), floats.step(sb, X[:, i:i + 1])
+        assert torch.equal(la, lb)
+    assert len(packed.kv_packed) == 2 * layers
     for name in ("onnx", "tvm"):
-        assert any(r.what == "kv_append" and "e4m3-token-sym-fp32-dyn" in r.why
+        assert any(r.what == "kv_append" and "e4m3-" in r.why
                    for r in registry.get(name).check(windowed)), name
     with pytest.raises(RecipeError, match="integer or FP8 E4M3"):
         finegrain.compile(llama, (IDS,), recipe=_kv("e5m2-token-sym-fp32-dyn"), progress=False, kv_cache=True)
