@@ -21,7 +21,8 @@ Rows (each with and without its own KV cache where it has one):
   is 113 MB read per token, the larger part of a W4A16 decode step; and W4A16 g128 with the KV cache
   quantized on write to 8 / 4 / 2 bits per token and head (``int{b}-g64-asym-fp16-dyn``), held packed by
   the static build and read in place by decode's attention kernel (with the cache's MiB at the longest past),
-  and with the ``kivi4`` KV preset (emulated on TVM: an fp32 cache, each released group quantized in the graph);
+  and with the ``kivi4`` KV preset (emulated on TVM: an fp32 cache, each released group quantized in the graph)
+  and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -253,6 +254,8 @@ def main() -> None:
         from finegrain.compiler.recipe import with_kv
 
         kv_rows.append(("W4A16 g128 + kivi4 (fp32 cache, emulated)", with_kv("w4a16-g128", "kivi4"), "static"))
+        # the kv8-fp8 preset: FP8 E4M3 bit patterns packed 4 to a word, one fp32 scale per token and head
+        kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):

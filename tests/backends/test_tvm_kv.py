@@ -143,7 +143,8 @@ def _kv_recipe(key, value, **extra):
 
 @pytest.mark.parametrize("key,value", [("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn"),
                                        ("int8-token-sym-fp32-dyn", "int2-g8-sym-fp16-dyn"),
-                                       ("int2-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn")])
+                                       ("int2-g16-asym-fp16-dyn", "int4-g16-asym-fp16-dyn"),
+                                       ("e4m3-token-sym-fp32-dyn", "e4m3-g16-sym-fp16-dyn")])
 def test_packed_layout_holds_exactly_the_fake_quantized_values(key, value):
     from finegrain.backends.tvm.lower_cache import decode_ref, encode_ref, kv_layout
     from finegrain.formats import QuantFormat
@@ -167,10 +168,11 @@ def test_packed_layout_refuses_what_it_cannot_hold():
     assert "bf16 scales" in kv_layout("int4-g16-asym-bf16-dyn", 64)
     assert "do not divide" in kv_layout("int4-g48-asym-fp16-dyn", 64)
     assert "not a dynamic integer" in kv_layout("int4-g16-asym-fp16", 64)
+    assert "not a dynamic integer or FP8 E4M3" in kv_layout("e5m2-token-sym-fp32-dyn", 64)
 
 
 @pytest.mark.parametrize("key,value", [("int4-g32-asym-fp16-dyn", "int2-g64-asym-fp16-dyn"),
-                                       ("int8-token-sym-fp32-dyn", "int4-g16-sym-fp16-dyn")])
+                                       ("e4m3-token-sym-fp32-dyn", "int4-g16-sym-fp16-dyn")])
 def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, value):
     import math
 
@@ -210,9 +212,10 @@ from finegrain.compiler.recipe import KV_PRESETS  # noqa: E402  (the kv8 preset 
 
 
 # per layer (the tiny Llama has two) the key and value formats; the first build holds two layers'
-# formats (KVTuner's per-layer pairs: one deployment, two packed layouts), the second RotateKV's cache
+# formats (KVTuner's per-layer pairs: one deployment, packed INT4 groups, FP8 E4M3 keys and INT8 values), the
+# second RotateKV's cache
 PACKED_CACHES = {"per-layer": ([("int4-g16-asym-fp16-dyn", "int4-g8-asym-fp16-dyn"),
-                                (KV_PRESETS["kv8"]["kv_key"], KV_PRESETS["kv8"]["kv_value"])], {}),
+                                (KV_PRESETS["kv8-fp8"]["kv_key"], KV_PRESETS["kv8"]["kv_value"])], {}),
                  "rotated": ([("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn")] * 2, {"kv_rotate": True})}
 
 

@@ -36,10 +36,11 @@ class TvmBackend(BackendBase):
                 return "native", f"low-bit TIR kernel ({kind} codes)"
             return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor, "
                                "FP4 / FP6 / FP8 in 1-D groups do)")
-        if role == "kv" and fmt.kind == "int" and fmt.dynamic and fmt.granularity in ("token", "group") \
+        if role == "kv" and fmt.kind in ("int", "e4m3") and fmt.dynamic and fmt.granularity in ("token", "group") \
                 and fmt.scale in ("fp32", "fp16", "bf16"):
             if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":
-                return "native", ("packed in a static-cache build (codes in 32-bit words, scales, zero points; both "
+                codes = "E4M3 bit patterns" if fmt.kind == "e4m3" else "codes"
+                return "native", (f"packed in a static-cache build ({codes} in 32-bit words, scales, zero points; both "
                                   "K and V of a layer packable), read by the decode attention kernel in place")
             return "emulated", "fp32 cache holding the format's values (fake quantization on write)"
         from finegrain.backends.tvm.lower_activations import TvmError, act_format

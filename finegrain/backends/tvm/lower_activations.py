@@ -79,6 +79,33 @@ def _minifloat_round(v, f: QuantFormat):
     return tirx.Select(c < tirx.const(0.0, "float32"), -q, q)
 
 
+def e4m3_bits(v, f: QuantFormat):
+    """The FP8 E4M3 bit pattern (int32, 0..255) of fp32 ``v`` (already divided by its scale) as torch's
+    cast encodes it: :func:`_minifloat_round`'s value, then sign, exponent and mantissa fields (normal:
+    ``(e + 7) << 3 | (|q| / 2^(e - 3) - 8)``; subnormal: ``|q| / 2^-9``); the sign from ``v``, so a
+    negative value that rounds to zero is -0 (0x80) as in torch."""
+    from tvm import tirx
+
+    q = tirx.abs(_minifloat_round(v, f))
+    e = tirx.max(_floor_log2(q), -6)  # the subnormals' (and zero's) exponent: the normal branch stays finite
+    normal = tirx.nearbyint(q / _pow2(e - 3)).astype("int32") - 8 + ((e + 7) << 3)
+    sub = tirx.nearbyint(q * tirx.const(512.0, "float32")).astype("int32")
+    mag = tirx.Select(q >= tirx.const(2.0 ** -6, "float32"), normal, sub)
+    return tirx.Select(v < tirx.const(0.0, "float32"), mag | 128, mag)
+
+
+def e4m3_value(u):
+    """The fp32 value of the E4M3 bit pattern ``u`` (int32, 0..255; no NaN: the encoder saturates), by
+    integer arithmetic and one exact conversion (it runs in vectorized kernel loops): ``m`` subnormal,
+    ``(8 + m) << (e - 1)`` normal, times ``2^-9``."""
+    from tvm import tirx
+
+    e, m = (u >> 3) & 15, u & 7
+    n = tirx.Select(e == 0, m, (m + 8) << tirx.max(e - 1, 0))
+    mag = n.astype("float32") * tirx.const(2.0 ** -9, "float32")
+    return tirx.Select((u & 128) != 0, -mag, mag)
+
+
 def _pow2(e):
     """``2^e`` (fp32) for an int32 exponent in the normal range [-126, 127], built from its bits."""
     from tvm import tirx

@@ -132,14 +132,15 @@ def cache_parts(x):
 # the head dim with fp16 / fp32 scales) is held by a static build as what the format stores:
 #
 # * ``codes``  int32 ``[B, L, Hkv, W]``, ``W = d * bits / 32`` words per token and head, the codes
-#   offset to unsigned (``u = code - lo``) and **interleaved**: element ``a`` of the head dim is bits
+#   offset to unsigned (``u = code - lo``; FP8 E4M3: the 8-bit patterns) and **interleaved**: element ``a`` of
+#   the head dim is bits
 #   ``[(a // W) * bits, (a // W + 1) * bits)`` of word ``a % W``, so 8 consecutive elements sit at the
 #   same shift of 8 consecutive words and the decode kernel unpacks them as one vector;
 # * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32);
 # * ``zeros``  uint8 ``[B, L, Hkv, d / G]`` (asymmetric formats only).
 #
-# The value a reader gets is ``(u + lo - zero) * scale``, exactly what the fake quantization the
-# attention of the writing step read. :func:`pack_cache` rewrites the graph: the past input becomes
+# The value a reader gets is ``(u + lo - zero) * scale`` (E4M3: the pattern's value times the scale), exactly
+# what the fake quantization the attention of the writing step read. :func:`pack_cache` rewrites the graph: the past input becomes
 # those two or three inputs read through ``finegrain::kv_decode``, the present output the new
 # tokens' ``kv_codes`` / ``kv_scales`` / ``kv_zeros``; ``lower_attention`` gives decode a kernel
 # that reads the codes in place (``kernels/attention.packed_decode_attention_func``).
@@ -154,8 +155,8 @@ def kv_layout(fmt, d: int) -> str | dict:
     from finegrain.formats import QuantFormat
 
     f = QuantFormat.parse(fmt) if isinstance(fmt, str) else fmt
-    if f.kind != "int" or not f.dynamic or f.block_rows:
-        return f"{f.tag} is not a dynamic integer format"
+    if f.kind not in ("int", "e4m3") or not f.dynamic or f.block_rows:
+        return f"{f.tag} is not a dynamic integer or FP8 E4M3 format"
     if f.granularity not in ("token", "group"):
         return f"{f.tag}: the packed cache holds formats per token or in groups along the head dim"
     group = d if f.granularity == "token" else f.group_size
@@ -167,7 +168,7 @@ def kv_layout(fmt, d: int) -> str | dict:
         return f"{f.tag}: {f.scale} scales (fp16 / fp32 are stored)"
     lo, _ = f.family.code_range(f)
     return {"bits": f.bits, "group": group, "words": d * f.bits // 32, "asym": not f.symmetric,
-            "scale": "float16" if f.scale == "fp16" else "float32", "lo": lo, "d": d}
+            "scale": "float16" if f.scale == "fp16" else "float32", "lo": lo, "d": d, "fp8": f.kind == "e4m3"}
 
 
 def _token_format(fmt: str):
@@ -202,7 +203,11 @@ def decode_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
     bits, w, g = lay["bits"], lay["words"], lay["group"]
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
     u = ((codes.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-2) >> shifts) & (2**bits - 1)  # [..., d / W, W]
-    u = u.reshape(*codes.shape[:-1], d // g, g).float() + lay["lo"]
+    u = u.reshape(*codes.shape[:-1], d // g, g)
+    if lay.get("fp8"):  # E4M3 bit patterns
+        u = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    else:
+        u = u.float() + lay["lo"]
     if zeros is not None and lay["asym"]:
         u = u - zeros.float().unsqueeze(-1)
     return (u * scales.float().unsqueeze(-1)).reshape(*codes.shape[:-1], d)
@@ -391,7 +396,7 @@ def relax_converters(prefix: str) -> dict:
     prefill's gather)."""
     from tvm import relax, te, tirx
 
-    from finegrain.backends.tvm.lower_activations import _act_scale
+    from finegrain.backends.tvm.lower_activations import _act_scale, e4m3_bits
 
     memo: dict = {}  # (block builder, new tokens' var) -> their scales: one computation for codes, scales, zeros
 
@@ -403,7 +408,7 @@ def relax_converters(prefix: str) -> dict:
             return memo[key][1]
         shape = list(x.ty.shape)
         d = int(shape[-1])
-        lay = kv_layout(fmt, d)
+        lay = {**kv_layout(fmt, d), "format": fmt}
         g = lay["group"]
         tok = _token_format(fmt)
         lo, hi = tok.family.code_range(tok)
@@ -418,8 +423,10 @@ def relax_converters(prefix: str) -> dict:
 
         def fn(x_, s_, z_):
             def u(b, t, h, a):
-                q = te.max(te.min(tirx.nearbyint(x_[b, t, h, a // g, a % g] / s_[b, t, h, a // g, 0])
-                                  + z_[b, t, h, a // g, 0], float(hi)), float(lo))
+                v = x_[b, t, h, a // g, a % g] / s_[b, t, h, a // g, 0]
+                if lay["fp8"]:
+                    return e4m3_bits(v, _token_format(lay["format"]))
+                q = te.max(te.min(tirx.nearbyint(v) + z_[b, t, h, a // g, 0], float(hi)), float(lo))
                 return (q - float(lo)).astype("int32")
 
             def word(b, t, h, c):

@@ -339,7 +339,8 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
 
 def _cached(c, s, z, lay: dict, bi, j, kh, a):
     """Element ``a`` of a packed cache row (``lower_cache.kv_layout``): the code unpacked from its
-    32-bit word, offset back, minus the zero point, times the group scale, in fp32."""
+    32-bit word, offset back, minus the zero point (FP8: the E4M3 pattern's value), times the group
+    scale, in fp32."""
     from tvm import te, tirx
 
     def at(t, *idx):  # a TIR buffer (kernels) or a TE tensor (lower_cache's decode)
@@ -348,6 +349,10 @@ def _cached(c, s, z, lay: dict, bi, j, kh, a):
     f32 = "float32"
     w, bits, g = lay["words"], lay["bits"], lay["group"]
     u = (at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
+    if lay.get("fp8"):  # an E4M3 bit pattern
+        from finegrain.backends.tvm.lower_activations import e4m3_value
+
+        return e4m3_value(u) * at(s, bi, j, kh, a // g).astype(f32)
     v = u.astype(f32) + tirx.const(float(lay["lo"]), f32)
     if lay["asym"]:
         v = v - at(z, bi, j, kh, a // g).astype(f32)
