@@ -84,20 +84,29 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "recurrent"
 
 
+KV_APPEND_OPTIONS = ("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm", "head_group")
+
+
+def kv_append_options(n) -> dict:
+    """The optional arguments of the ``kv_append`` node ``n`` (``compiler/ops.kv_append_ref``) by name,
+    positional or keyword."""
+    return dict(zip(KV_APPEND_OPTIONS, n.args[6:]), **n.kwargs)
+
+
 def windowed_kv_refusal(n, backend: str) -> str | None:
     """Why ``backend``'s emulation of windowed KV writes (the ``kv_append`` node ``n``: KIVI's
     per-channel keys, a float window, sinks, pre-RoPE / rotated keys, recomputed in its graph as the
-    reference computes them) does not cover this one, or None: ZipCache's saliency-ranked writes,
-    RotateKV's grouped-head / reordered keys, formats other than dynamic integers with float scales."""
+    reference computes them, RotateKV's grouped-head / reordered keys included) does not cover this
+    one, or None: ZipCache's saliency-ranked writes, formats other than dynamic integers with float
+    scales."""
     from finegrain.formats import QuantFormat
 
-    kw = dict(zip(("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm",
-                   "head_group"), n.args[6:]), **n.kwargs)
+    kw = kv_append_options(n)
     if kw.get("score") is not None or kw.get("fmt_low") is not None:
         return f"ZipCache's saliency-ranked mixed-precision KV writes have no {backend} lowering yet"
-    if kw.get("perm") is not None or kw.get("head_group", 1) != 1:
-        return (f"RotateKV's grouped-head / reordered key rotation has no {backend} lowering yet (kv_head_group 1, "
-                "no kv_reorder do)")
+    perm = kw.get("perm")
+    if perm is not None and getattr(perm, "op", None) != "get_attr":
+        return f"RotateKV's key channel order must be a constant of the graph, got node {perm}"
     f = QuantFormat.parse(n.args[2])
     if f.kind != "int" or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
         return f"KV format {f.tag}: the {backend} windowed write takes dynamic integer formats with float scales"

@@ -11,8 +11,8 @@ two steps:
    groups along K over the row padded with ``Pad`` mode edge, E8M0 / two-level E4M3 block scales);
    ``kv_append`` (KIVI's windowed KV writes: per-channel key groups, a
    float window, sinks, pre-RoPE / rotated keys) becomes the same write in ONNX arithmetic over
-   the run-time lengths (an fp32 cache holding the format's values; ZipCache and grouped-head keys
-   are refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
+   the run-time lengths (an fp32 cache holding the format's values; RotateKV's grouped-head keys
+   too; ZipCache is refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
    of the ``finegrain`` domain, because their lowering needs the constants' values.
 2. A lowering pass over the ONNX IR (``onnx_ir``), with every weight's codes and scales in hand
    (unpacked by the same :func:`finegrain.formats.ops.unpack_weight` the reference uses), picks
@@ -305,8 +305,10 @@ def _kv_append_translation(op):
     ``Concat(past, new)``, moved to the space they are quantized in (the per-head Hadamard a constant
     MatMul, RoPE undone at their positions with angles in double), fake-quantized with scales chosen as
     ``QuantFormat.quantize`` chooses them (``Round`` is half to even), moved back and put in place
-    (an fp32 cache holding the format's values). ZipCache / grouped-head writes are refused before
-    export (``base.windowed_kv_refusals``)."""
+    (an fp32 cache holding the format's values). RotateKV's grouped-head keys: the channels of all
+    heads gathered in the calibrated order (``Gather``; back by its inverse, a ``ScatterElements`` of
+    the order), the Hadamard over each group of heads a constant MatMul. ZipCache's writes are refused
+    before export (``base.windowed_kv_refusals``)."""
     import numpy as np
     import onnx
     import onnx_ir as ir
@@ -320,6 +322,13 @@ def _kv_append_translation(op):
 
     def const(v: float):
         return op.Constant(value_float=float(v))
+
+    def group_hadamard(n: int, inverse: bool):  # x @ M = apply_hadamard(x, F) over n = g * d channels (or F^T)
+        from finegrain.compiler.ops import _group_factor
+        from finegrain.formats.hadamard import apply_hadamard
+
+        m = apply_hadamard(torch.eye(n, dtype=torch.float64), _group_factor(n, inverse).double())
+        return op.Constant(value=ir.tensor(m.numpy().astype(np.float32)))
 
     def kv_append(past, new, fmt: str, axis: str, window: int, sinks: int, inv_freq=None, rotated: bool = False,
                   score=None, fmt_low=None, ratio=1.0, block=1, channel_norm=False, perm=None, head_group=1):
@@ -352,10 +361,21 @@ def _kv_append_translation(op):
                 parts.append(op.Slice(x, ints(2 * half), ints(d), ints(3)))
             return op.Concat(*parts, axis=3)
 
+        grouped = inv_freq is not None and (perm is not None or head_group > 1)  # RotateKV's grouped-head space
+        per_head = rotated and not grouped
         if inv_freq is not None:
             seg = op.MatMul(seg, hm) if rotated else seg
             seg = rope(seg, True)
-            seg = op.MatMul(seg, hm) if rotated else seg
+            seg = op.MatMul(seg, hm) if per_head else seg
+        if grouped:  # [B, H, n, d] -> channels of all heads (reordered) -> [B, H / g, n, g * d], Hadamard per group
+            heads, dq = int(new.shape[1]), head_group * d
+            g = f.group_size or dq
+            flat = op.Reshape(op.Transpose(seg, perm=[0, 2, 1, 3]), ints(0, 0, heads * d))
+            flat = op.Gather(flat, perm, axis=2) if perm is not None else flat
+            seg = op.MatMul(op.Transpose(op.Reshape(flat, ints(0, 0, heads // head_group, dq)), perm=[0, 2, 1, 3]),
+                            group_hadamard(dq, False))
+            d_in = d
+            d = dq
         # groups: [B, H, n / G, G, d] reduced over axis 3 (per channel over tokens), or [B, H, n, d / G, G] over 4
         xg = op.Reshape(seg, ints(0, 0, -1, g, d) if tokens else ints(0, 0, 0, d // g, g))
         red = ints(3 if tokens else 4)
@@ -374,8 +394,17 @@ def _kv_append_translation(op):
              else op.Clip(op.Round(op.Div(op.Neg(mn), sc)), const(0.0), const(2 ** f.bits - 1)))
         q = op.Clip(op.Add(op.Round(op.Div(xg, sc)), z), const(lo_code), const(hi_code))
         y = op.Reshape(op.Mul(op.Sub(q, z), sc), ints(0, 0, -1, d))
+        if grouped:  # back: the group's inverse Hadamard, [B, n, H * d] in the order of the heads' channels
+            flat = op.Reshape(op.Transpose(op.MatMul(y, group_hadamard(d, True)), perm=[0, 2, 1, 3]),
+                              ints(0, 0, heads * d_in))
+            if perm is not None:  # the inverse order: inv[perm[i]] = i
+                idx = op.Range(op.Constant(value_int=0), op.Constant(value_int=heads * d_in),
+                               op.Constant(value_int=1))
+                inv = op.ScatterElements(idx, op.Cast(perm, to=i64), idx, axis=0)
+                flat = op.Gather(flat, inv, axis=2)
+            y = op.Transpose(op.Reshape(flat, ints(0, 0, heads, d_in)), perm=[0, 2, 1, 3])
         if inv_freq is not None:
-            y = op.MatMul(y, hm) if rotated else y
+            y = op.MatMul(y, hm) if per_head else y
             y = rope(y, False)
             y = op.MatMul(y, hm) if rotated else y
         y = op.CastLike(y, out)
@@ -1110,7 +1139,7 @@ class OnnxBackend(BackendBase):
         if op == "kv_append":
             return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
                                 "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in ONNX "
-                                "arithmetic; ZipCache and grouped-head keys refused")
+                                "arithmetic, RotateKV's grouped-head / reordered keys too; ZipCache refused")
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
                                 "groups' columns taken from the 8-bit one")

@@ -140,6 +140,31 @@ def test_windowed_kv_cache_in_onnxruntime_across_families(family):
         assert _rel(ref, _incremental(s, x, 7)) <= 1e-4
 
 
+@pytest.mark.parametrize("family,rotate", [("llama", False), ("qwen2", True)])
+def test_grouped_head_keys_in_onnxruntime(family, rotate):
+    """RotateKV's grouped-head keys (pre-RoPE, the channels of 2 heads reordered by
+    calibration RMS, one Hadamard per group; keys arriving per-head rotated too) exported as ONNX arithmetic: ONNX Runtime over the
+    cache gives the reference's logits, which the writes move away from the float model's."""
+    from tests.test_kv_cache import _family
+
+    model = _family(family)
+    recipe = {**FLOAT, "name": f"kv-grouped-{family}", "kv_key": "int2-g8-asym-fp16-dyn",
+              "kv_value": "int4-g8-asym-fp16-dyn", "kv_pre_rope": True, "kv_head_group": 2, "kv_reorder": True,
+              "kv_window": 3, "kv_sinks": 1, "kv_rotate": rotate}
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    cm = finegrain.compile(model, (ids,), recipe=recipe, calibration=[(ids,)], progress=False, kv_cache=True)
+    from finegrain.compiler.ops import KV_APPEND
+
+    keys = [n for n in cm.gm.graph.nodes if n.target is KV_APPEND and n.kwargs.get("perm") is not None]
+    assert len(keys) == 2 and all(n.kwargs["head_group"] == 2 for n in keys)  # both layers' keys, reordered
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = _incremental(cm.session(), x, 9)
+    with torch.no_grad():
+        assert _rel(model(x).logits, ref) > 1e-3  # the writes quantize
+    with cm.session("onnx") as s:
+        assert _rel(ref, _incremental(s, x, 9)) <= 1e-4
+
+
 def test_kv_cache_in_head_dim_groups_in_onnxruntime_and_genai(tiny_llama, tmp_path):
     """Keys / values quantized per token in groups of 8 along the head dim (a ``quantize`` /
     ``dequantize`` pair on each write, no window): ONNX Runtime over the cache gives the

@@ -1,9 +1,10 @@
 """KIVI-style windowed KV writes on TVM (issue #17, ``backends/tvm/lower_window.py``): per-channel
-keys over token groups, a float window, sinks, pre-RoPE and rotated keys, computed in the graph
+keys over token groups, a float window, sinks, pre-RoPE and rotated keys (per head, or RotateKV's
+grouped heads), computed in the graph
 (an fp32 cache holding the format's values). Prefill + decode over the TVM build give the reference
 backend's logits and tokens for static and concat caches, across families; the writes differ from
-the float model (the test would notice a write that quantized nothing); ZipCache and grouped-head
-keys are refused by name."""
+the float model (the test would notice a write that quantized nothing); RotateKV's grouped-head
+keys with reordered channels too; ZipCache is refused by name."""
 import json
 import subprocess
 import sys
@@ -26,6 +27,9 @@ TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and 
 
 KIVI = {"kv_key": "int4-g4-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn", "kv_key_axis": "tokens",
         "kv_window": 4, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
+# RotateKV: pre-RoPE keys in groups of 2 heads (32 channels) reordered by calibration RMS, one Hadamard per group
+GROUPED = {"kv_key": "int2-g8-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn", "kv_pre_rope": True,
+           "kv_head_group": 2, "kv_reorder": True, "kv_window": 3, "kv_sinks": 1}
 PLAIN = {"kv_key": "int2-g4-sym-fp32-dyn", "kv_value": "int4-token-asym-fp16-dyn", "kv_key_axis": "tokens",
          "kv_window": 3, "kv_sinks": 0}
 
@@ -37,6 +41,8 @@ def _recipe(**kv):
 @pytest.mark.parametrize("family,kv,cache,prefill", [
     ("llama", KIVI, "static", 13),   # prefill releases groups of new tokens; decode then releases one per 4 steps
     ("llama", PLAIN, "concat", 5),   # no pre-RoPE, symmetric 2-bit keys, values per token, no sink
+    ("llama", GROUPED, "concat", 6),  # RotateKV's grouped heads with reordered channels
+    ("qwen2", GROUPED, "static", 11),
     ("qwen2", KIVI, "static", 6),    # q / k / v biases
     ("phi3", KIVI, "static", 9),     # fused qkv projection
     ("gemma3", KIVI, "concat", 7),   # sliding-window layers, QK-norm
@@ -45,7 +51,8 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
     model = _family(family)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True)
+    cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True,
+                           calibration=[(ids,)] if kv.get("kv_reorder") else None)  # the channel order's statistics
     ref, _ = _incremental(cm, x, prefill=prefill)
     with torch.no_grad():
         fp = model(x).logits
@@ -83,9 +90,15 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
         assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == cm.generate(prompt, 10).tokens
 
 
-def test_windowed_write_function_equals_kv_append_at_every_release():
+@pytest.mark.parametrize("heads,group,reorder,rotated,fmt,axis", [
+    (2, 1, False, True, "int2-g4-asym-fp16-dyn", "tokens"),  # KIVI: per-channel keys, per-head rotation
+    (2, 2, True, True, "int2-g8-asym-fp16-dyn", "head_dim"),  # RotateKV: 2 heads' 32 channels reordered, one FWHT
+    (3, 3, True, False, "int4-token-sym-fp32-dyn", "head_dim"),  # 48 channels: the Hadamard's 12 x 12 factor
+])
+def test_windowed_write_function_equals_kv_append_at_every_release(heads, group, reorder, rotated, fmt, axis):
     """The lowered write alone, over pasts of every length around the window and group edges
-    (nothing released, one group, a prefill releasing several): equal to the reference op."""
+    (nothing released, one group, a prefill releasing several): equal to the reference op, for
+    KIVI's per-channel keys and RotateKV's grouped-head keys (channels reordered)."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -93,13 +106,15 @@ def test_windowed_write_function_equals_kv_append_at_every_release():
     from finegrain.backends.tvm.lower_window import relax_converters
     from finegrain.compiler.ops import kv_append, kv_quantized_span
 
-    d, heads, freq = 16, 2, 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    fmt, axis, window, sinks = "int2-g4-asym-fp16-dyn", "tokens", 5, 1
+    d, freq = 16, 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    window, sinks = 5, 1
+    perm = torch.randperm(heads * d, generator=torch.Generator().manual_seed(3)) if reorder else None
     bb = relax.BlockBuilder()
     p_len, s_len = tvm.tirx.Var("p", "int64"), tvm.tirx.Var("s", "int64")
     past = relax.Var("past", relax.TensorType([1, heads, p_len, d], "float32"))
     new = relax.Var("new", relax.TensorType([1, heads, s_len, d], "float32"))
     f_ = relax.Var("f", relax.TensorType([d // 2], "float32"))
+    pm = relax.const(perm.numpy(), "int64") if reorder else None
 
     class Importer:  # the two calls a converter makes on the Relax frontend's importer
         block_builder = bb
@@ -110,34 +125,31 @@ def test_windowed_write_function_equals_kv_append_at_every_release():
 
     with bb.function("main", [past, new, f_]):
         with bb.dataflow():
-            y = relax_converters("")["kv_window_write.default"]((past, new, f_, fmt, axis, window, sinks, True),
-                                                                Importer)
+            y = relax_converters("")["kv_window_write.default"](
+                (past, new, f_, fmt, axis, window, sinks, rotated, pm, group), Importer)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     ex = tvm.compile(bb.get(), target=tvm.target.Target(TARGET))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     g = torch.Generator().manual_seed(0)
+    unit = 4 if axis == "tokens" else 1
     for p, s in [(0, 1), (0, 3), (0, 17), (3, 1), (5, 1), (9, 1), (10, 1), (13, 1), (7, 9), (14, 2), (17, 1)]:
         a, b = torch.randn(1, heads, p, d, generator=g) * 3, torch.randn(1, heads, s, d, generator=g) * 3
-        want = kv_append(a, b, fmt, axis, window, sinks, freq, True)
+        want = kv_append(a, b, fmt, axis, window, sinks, freq, rotated, perm=perm, head_group=group)
         got = vm["main"](*(tvm.runtime.tensor(t.numpy()) for t in (a, b, freq))).numpy()
         assert np.abs(got - want.numpy()).max() <= 1e-5 * want.abs().max().item(), (p, s)
-        lo, hi = kv_quantized_span(axis, 4, p, p + s, window, sinks)
+        lo, hi = kv_quantized_span(axis, unit, p, p + s, window, sinks)
         changed = (want - torch.cat([a, b], 2)).abs().amax(dim=(0, 1, 3)) > 1e-3  # per token
         assert changed.tolist() == [lo <= t < hi for t in range(p + s)], (p, s)
 
 
-def test_zipcache_and_grouped_head_keys_are_refused_by_name():
+def test_zipcache_is_refused_by_name():
     from finegrain.backends.tvm.lower_activations import TvmError
 
     model = _family("llama")
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     zip_ = _recipe(kv_key="int4-token-asym-fp16-dyn", kv_value="int4-g16-asym-fp16-dyn",
                    kv_zip_key="int2-token-asym-fp16-dyn", kv_zip_value="int2-g16-asym-fp16-dyn", kv_zip_block=8)
-    grouped = _recipe(kv_key="int4-g16-asym-fp16-dyn", kv_value="int4-g16-asym-fp16-dyn", kv_pre_rope=True,
-                      kv_head_group=2)
-    for recipe, msg in ((zip_, "ZipCache"), (grouped, "grouped-head")):
-        cm = finegrain.compile(model, (ids,), recipe=recipe, progress=False, kv_cache=True)
-        with pytest.raises(TvmError,
-                           match=rf"node kv_append\w* \(KV cache write\): .*{msg}"):
-            cm.session("tvm", target=TARGET, max_seq_len=32)
+    cm = finegrain.compile(model, (ids,), recipe=zip_, progress=False, kv_cache=True)
+    with pytest.raises(TvmError, match=r"node kv_append\w* \(KV cache write\): .*ZipCache"):
+        cm.session("tvm", target=TARGET, max_seq_len=32)

@@ -64,8 +64,8 @@ class TvmBackend(BackendBase):
             return "emulated", "LSTM / GRU weights kept packed, dequantized in the graph; fp32 recurrence"
         if op == "kv_append":
             return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
-                                "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in the graph; "
-                                "ZipCache and grouped-head keys refused")
+                                "per channel, float window, sinks, pre-RoPE / rotated keys, RotateKV's grouped-head / "
+                                "reordered keys) fake-quantized in the graph; ZipCache refused")
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
                                 "groups' columns taken from the 8-bit one")

@@ -1,15 +1,18 @@
 """KV-cache writes with a float window on TVM (issue #17): KIVI's per-channel keys, the newest
 ``window`` tokens and ``sinks`` first tokens in float, pre-RoPE keys, RotateKV's per-head
-rotation (``finegrain::kv_append``, ``compiler/ops.py``), computed in the graph as the reference
+rotation and its grouped-head rotation with reordered channels (``finegrain::kv_append``,
+``compiler/ops.py``), computed in the graph as the reference
 computes them and held in an fp32 cache (**emulated**: the cache holds the format's values, not its
 codes; the reference backend keeps such a cache packed, ``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,
-fmt, axis, window, sinks, rotated)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
+fmt, axis, window, sinks, rotated, perm, head_group)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
 write makes quantizable (``kv_quantized_span`` of the past and total lengths, symbolic in the
 Relax function) are taken out of ``cat(past, new)``, moved to the space they are quantized in
 (Hadamard undone, RoPE undone at their positions, Hadamard again; the Hadamard by the reference's
-butterflies, ``formats.hadamard.fwht``), fake-quantized with scales
+butterflies, ``formats.hadamard.fwht``; RotateKV's grouped heads: the channels of all heads
+gathered in the calibrated order, then the Hadamard over each group of heads' channels, its
+non-power-of-two factor a dense sum), fake-quantized with scales
 chosen exactly as ``QuantFormat.quantize`` chooses them (min / max per channel over each group of
 tokens, or per group along the head dim; the scale rounded to its stored dtype; round half to
 even), moved back, and written over those tokens. A decode step quantizes nothing until a group
@@ -22,8 +25,7 @@ and ``kv_window_new`` returns the new tokens, the released ones among them quant
 reads ``cat(past buffer, new)`` as over any static cache (decode's kernel reads the buffer in place)
 and the runtime writes the new tokens at the cache position as it does for every layer: decode
 touches the cache once per step plus the group it releases every ``G`` steps. ZipCache's
-saliency-ranked writes and RotateKV's grouped-head / reordered keys are
-refused by name (``TvmBackend.check``, ``base.windowed_kv_refusal``)."""
+saliency-ranked writes are refused by name (``TvmBackend.check``, ``base.windowed_kv_refusal``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -31,20 +33,22 @@ from typing import Optional
 import torch
 from torch.fx import Graph
 
-from finegrain.backends.base import windowed_kv_refusal
+from finegrain.backends.base import kv_append_options, windowed_kv_refusal
 from finegrain.compiler.ops import KV_APPEND, kv_append, kv_quantized_until
 from finegrain.formats import QuantFormat
 
 
 @torch.library.custom_op("finegrain::kv_window_write", mutates_args=())
 def kv_window_write(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                    window: int, sinks: int, rotated: bool) -> torch.Tensor:
-    """``kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated)`` (reference implementation)."""
-    return kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated)
+                    window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
+                    head_group: int = 1) -> torch.Tensor:
+    """``kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, perm=perm, head_group=head_group)``
+    (reference implementation)."""
+    return kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, perm=perm, head_group=head_group)
 
 
 @kv_window_write.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
     return torch.cat([past, new], 2)
 
 
@@ -56,29 +60,31 @@ def window_group(fmt: str, axis: str) -> int:
 
 @torch.library.custom_op("finegrain::kv_window_past", mutates_args=())
 def kv_window_past(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                   window: int, sinks: int, rotated: bool) -> torch.Tensor:
+                   window: int, sinks: int, rotated: bool,
+        perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
     """The token-major past ``[B, P, Hkv, d]`` after a ``kv_window_write`` of ``new``: its released
     tokens quantized (reference implementation; the TVM lowering writes them in place)."""
-    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated)
+    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
     return out[:, :, :past.shape[1]].transpose(1, 2).contiguous()
 
 
 @kv_window_past.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
     return torch.empty_like(past)
 
 
 @torch.library.custom_op("finegrain::kv_window_new", mutates_args=())
 def kv_window_new(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                  window: int, sinks: int, rotated: bool) -> torch.Tensor:
+                  window: int, sinks: int, rotated: bool,
+        perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
     """The new tokens ``[B, Hkv, S, d]`` after a ``kv_window_write`` over the token-major ``past``:
     those the write released quantized (reference implementation)."""
-    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated)
+    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
     return out[:, :, past.shape[1]:].contiguous()
 
 
 @kv_window_new.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
     return torch.empty_like(new)
 
 
@@ -99,15 +105,17 @@ def rewrite(graph: Graph) -> None:
         if why:
             raise TvmError(f"node {n.name} (KV cache write): {why}")
         past, new, fmt, axis, window, sinks = n.args[:6]
-        inv_freq = n.args[6] if len(n.args) > 6 else n.kwargs.get("inv_freq")
-        rotated = bool(n.args[7] if len(n.args) > 7 else n.kwargs.get("rotated", False))
+        kw = kv_append_options(n)
+        inv_freq, rotated = kw.get("inv_freq"), bool(kw.get("rotated", False))
+        perm, head_group = kw.get("perm"), int(kw.get("head_group", 1))
         d = int(n.meta["val"].shape[-1])
         if axis != "tokens" and d % (QuantFormat.parse(fmt).group_size or d):
             raise TvmError(f"node {n.name} (KV cache write): groups of {fmt} do not divide the head dim {d}")
         if rotated and d & (d - 1):
             raise TvmError(f"node {n.name} (KV cache write): rotated keys of head dim {d} (a power of two is rotated)")
         with graph.inserting_before(n):
-            m = graph.call_function(KV_WINDOW_WRITE, (past, new, inv_freq, fmt, axis, window, sinks, rotated))
+            m = graph.call_function(KV_WINDOW_WRITE, (past, new, inv_freq, fmt, axis, window, sinks, rotated, perm,
+                                                      head_group))
         m.meta.update(n.meta)
         n.replace_all_uses_with(m)
         graph.erase_node(n)
@@ -127,9 +135,13 @@ def relax_converters(prefix: str) -> dict:
     memo: dict = {}  # (block builder, past, new) -> the released tokens: one computation for both halves
     funcs: dict = {}
 
-    def released(past_, new_, freq, fmt, axis, window, sinks, rotated, token_major: bool):
+    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool):
         """TE: ``(a, n, y, xin)``: the first released token, how many, their written values
-        ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``."""
+        ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``. ``extra``: the TE tensors of
+        :func:`parts`' ``extra`` (``inv_freq``; RotateKV's grouped heads: ``perm`` or None and the
+        Hadamard factors)."""
+        freq = extra[0] if extra else None
+        grouped = len(extra) > 1
         f = QuantFormat.parse(fmt)
         b_, d = new_.shape[0], int(new_.shape[3])
         heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
@@ -152,18 +164,39 @@ def relax_converters(prefix: str) -> dict:
             return _fwht(x) if rotated else x
 
         seg = te.compute((b_, heads, n, d), lambda b, h, i, c: xin(b, h, a + i, c), name="kv_span")
+        if grouped:  # RotateKV: the arriving rotation undone, RoPE undone, then the grouped-head space
+            perm, fwd, inv = extra[1:] if len(extra) == 4 else (None, *extra[1:])
+            x = _rope(_fwht(seg) if rotated else seg, tables, True)
+            x = _from_head_groups(_fake_quant(_to_head_groups(x, perm, head_group, fwd), f, axis, n), perm, heads, inv)
+            x = _rope(x, tables, False)
+            return a, n, (_fwht(x) if rotated else x), xin
         return a, n, rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False), xin
 
     def parts(importer, node):
-        """``((past, new), [inv_freq] or [], (fmt, axis, window, sinks, rotated))``."""
-        args = importer.retrieve_args(node)
-        return args[:2], [args[2]] if args[2] is not None else [], tuple(args[3:8])
+        """``((past, new), extra, (fmt, axis, window, sinks, rotated, head_group))``: ``extra`` the
+        Relax tensors the write reads besides past and new: ``inv_freq`` (pre-RoPE keys), then for
+        RotateKV's grouped heads the channel order (if reordered) and the Hadamard's small factor
+        ``F`` of ``formats.hadamard.hadamard_parts`` and its transpose (constants)."""
+        import numpy as np
+
+        from finegrain.compiler.ops import _group_factor
+
+        args = list(importer.retrieve_args(node))
+        args += [None, 1][len(args) - 8:]  # perm, head_group: absent where the write was made without them
+        extra = [args[2]] if args[2] is not None else []
+        head_group = int(args[9])
+        if args[8] is not None or head_group > 1:
+            d = int(args[1].ty.shape[-1])
+            extra += [args[8]] if args[8] is not None else []
+            extra += [relax.const(np.ascontiguousarray(_group_factor(head_group * d, inv).numpy()), "float32")
+                      for inv in (False, True)]
+        return args[:2], extra, (*args[3:8], head_group)
 
     def write(node, importer):
         (past, new), extra, spec = parts(importer, node)
 
-        def fn(past_, new_, *freq):
-            a, n, y, xin = released(past_, new_, (freq or [None])[0], *spec, token_major=False)
+        def fn(past_, new_, *extra_):
+            a, n, y, xin = released(past_, new_, extra_, *spec, token_major=False)
             b_, heads, p_len, d = past_.shape
             return te.compute((b_, heads, p_len + new_.shape[2], d), lambda b, h, t, c: tirx.if_then_else(
                 tirx.all(t >= a, t < a + n), y[b, h, tirx.max(tirx.min(t - a, n - 1), 0), c], xin(b, h, t, c)),
@@ -178,15 +211,15 @@ def relax_converters(prefix: str) -> dict:
         (past, new), extra, spec = parts(importer, node)
         key = (id(bb), str(node.args[0]), str(node.args[1]))
         if key not in memo:
-            def fn(past_, new_, *freq):
-                return released(past_, new_, (freq or [None])[0], *spec, token_major=True)[2]
+            def fn(past_, new_, *extra_):
+                return released(past_, new_, extra_, *spec, token_major=True)[2]
             memo[key] = bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_span",
                                    primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
         return past, new, memo[key], spec
 
     def write_past(node, importer):
         bb = importer.block_builder
-        past, _new, y, (fmt, axis, window, sinks, _) = span(node, importer)
+        past, _new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
         b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in past.ty.shape)
         key = f"{prefix}kv_window_rows_b{b_}_h{heads}_d{d}_w{window}_s{sinks}_g{window_group(fmt, axis)}_{axis}"
         if key not in funcs:
@@ -196,7 +229,7 @@ def relax_converters(prefix: str) -> dict:
 
     def write_new(node, importer):
         bb = importer.block_builder
-        past, new, y, (fmt, axis, window, sinks, _) = span(node, importer)
+        past, new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
 
         def fn(past_, new_, y_):
             p_len, g = past_.shape[1], window_group(fmt, axis)
@@ -236,12 +269,68 @@ def _rows_in_place(batch: int, heads: int, d: int, window: int, sinks: int, unit
     return func
 
 
-def _fwht(x):
-    """``compiler.ops._hadamard`` over the head dim of ``x`` ``[B, H, n, d]`` (d a power of two): the
-    reference's butterflies (``formats.hadamard.fwht``: pairs ``(c, c + h)`` for h = 1, 2, 4 ..), then
-    the division by ``sqrt(d)``; the same sums in the same order, so the same float32 values."""
+def _to_head_groups(x, perm, g: int, factor):
+    """``compiler.ops._to_head_groups`` of ``x`` ``[B, H, n, d]``: the channels of all heads
+    (head-major) taken in the order ``perm`` (a TE tensor, or None), then the Hadamard over each
+    group of ``g`` heads' channels (:func:`_hadamard`): ``[B, H / g, n, g * d]``."""
+    from tvm import te
+
+    b_, heads, n, d = x.shape
+    d = int(d)
+    gd = g * d
+
+    def body(b, hg, i, c):
+        k = hg * gd + c
+        k = perm[k].astype("int32") if perm is not None else k
+        return x[b, k // d, i, k % d]
+
+    return _hadamard(te.compute((b_, heads // g, n, gd), body, name="kv_head_groups"), factor)
+
+
+def _from_head_groups(z, perm, heads, factor_t):
+    """The inverse of :func:`_to_head_groups`: ``[B, H / g, n, g * d]`` -> ``[B, H, n, d]``; the
+    channel order's inverse found by a reduction over ``perm`` (``H * d`` compares per channel)."""
+    from tvm import te, tirx
+
+    z = _hadamard(z, factor_t)
+    b_, _, n, gd = z.shape
+    gd = int(gd)
+    d = gd * int(z.shape[1]) // int(heads)
+    if perm is not None:
+        r = te.reduce_axis((0, int(perm.shape[0])), "r")
+        where = te.compute(perm.shape, lambda k: te.sum(tirx.if_then_else(perm[r].astype("int32") == k, r, 0), axis=r),
+                           name="kv_head_groups_inverse")
+
+    def body(b, h, i, c):
+        j = h * d + c
+        j = where[j].astype("int32") if perm is not None else j
+        return z[b, j // gd, i, j % gd]
+
+    return te.compute((b_, heads, n, d), body, name="kv_from_head_groups")
+
+
+def _hadamard(x, factor):
+    """``formats.hadamard.apply_hadamard(x, F)`` over the last dim ``n = m * p`` of ``x``: the
+    reference's butterflies within each block of ``p``, then the small ``m x m`` factor ``F`` (a TE
+    tensor) as a dense sum, then the division by ``sqrt(n)``."""
     import math
 
+    from tvm import te, tirx
+
+    n = int(x.shape[-1])
+    m = int(factor.shape[0])
+    p = n // m
+    x = _butterflies(x, p)
+    if m > 1:
+        k = te.reduce_axis((0, m), "k")
+        x = te.compute(x.shape, lambda b, h, i, c: te.sum(x[b, h, i, k * p + c % p] * factor[k, c // p], axis=k),
+                       name="kv_hadamard_factor")
+    return te.compute(x.shape, lambda *i: x(*i) / tirx.const(math.sqrt(n), "float32"), name="kv_hadamard_scale")
+
+
+def _butterflies(x, p: int):
+    """``formats.hadamard.fwht`` (unnormalized) within each aligned block of ``p`` (a power of two)
+    channels of the last dim of ``x`` ``[B, H, n, D]``."""
     from tvm import te, tirx
 
     d = int(x.shape[3])
@@ -253,9 +342,22 @@ def _fwht(x):
         return te.compute(x.shape, body, name=f"kv_fwht_{h}")
 
     h = 1
-    while h < d:
+    while h < p:
         x = stage(x, h)
         h *= 2
+    return x
+
+
+def _fwht(x):
+    """``compiler.ops._hadamard`` over the head dim of ``x`` ``[B, H, n, d]`` (d a power of two): the
+    reference's butterflies (``formats.hadamard.fwht``: pairs ``(c, c + h)`` for h = 1, 2, 4 ..), then
+    the division by ``sqrt(d)``; the same sums in the same order, so the same float32 values."""
+    import math
+
+    from tvm import te, tirx
+
+    d = int(x.shape[3])
+    x = _butterflies(x, d)
     return te.compute(x.shape, lambda *i: x(*i) / tirx.const(math.sqrt(d), "float32"), name="kv_fwht_scale")
 
 
