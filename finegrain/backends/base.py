@@ -97,8 +97,8 @@ def windowed_kv_refusal(n, backend: str) -> str | None:
     """Why ``backend``'s emulation of windowed KV writes (the ``kv_append`` node ``n``: KIVI's
     per-channel keys, a float window, sinks, pre-RoPE / rotated keys, recomputed in its graph as the
     reference computes them, RotateKV's grouped-head / reordered keys included) does not cover this
-    one, or None: ZipCache's saliency-ranked writes, formats other than dynamic integers with float
-    scales."""
+    one, or None: ZipCache's saliency-ranked writes, formats other than dynamic integers or FP8 E4M3
+    with float scales."""
     from finegrain.formats import QuantFormat
 
     kw = kv_append_options(n)
@@ -108,8 +108,9 @@ def windowed_kv_refusal(n, backend: str) -> str | None:
     if perm is not None and getattr(perm, "op", None) != "get_attr":
         return f"RotateKV's key channel order must be a constant of the graph, got node {perm}"
     f = QuantFormat.parse(n.args[2])
-    if f.kind != "int" or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
-        return f"KV format {f.tag}: the {backend} windowed write takes dynamic integer formats with float scales"
+    if f.kind not in ("int", "e4m3") or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
+        return (f"KV format {f.tag}: the {backend} windowed write takes dynamic integer or FP8 E4M3 formats with "
+                "float scales")
     if n.args[3] == "tokens" and f.granularity != "group":
         return f"KV format {f.tag}: per-channel keys (axis tokens) need groups of tokens (-gN)"
     if n.args[3] != "tokens" and f.granularity not in ("group", "token"):

@@ -392,8 +392,11 @@ def _kv_append_translation(op):
         sc = op.Where(op.Greater(sc, const(0.0)), sc, const(1.0))
         z = (op.Mul(sc, const(0.0)) if f.symmetric
              else op.Clip(op.Round(op.Div(op.Neg(mn), sc)), const(0.0), const(2 ** f.bits - 1)))
-        q = op.Clip(op.Add(op.Round(op.Div(xg, sc)), z), const(lo_code), const(hi_code))
-        y = op.Reshape(op.Mul(op.Sub(q, z), sc), ints(0, 0, -1, d))
+        if f.kind == "e4m3":  # FP8 elements: the E4M3 grid, saturated (symmetric: no zero point)
+            y = op.Reshape(op.Mul(_minifloat_round(op, op.Div(xg, sc), f), sc), ints(0, 0, -1, d))
+        else:
+            q = op.Clip(op.Add(op.Round(op.Div(xg, sc)), z), const(lo_code), const(hi_code))
+            y = op.Reshape(op.Mul(op.Sub(q, z), sc), ints(0, 0, -1, d))
         if grouped:  # back: the group's inverse Hadamard, [B, n, H * d] in the order of the heads' channels
             flat = op.Reshape(op.Transpose(op.MatMul(y, group_hadamard(d, True)), perm=[0, 2, 1, 3]),
                               ints(0, 0, heads * d_in))

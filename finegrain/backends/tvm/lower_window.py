@@ -397,8 +397,10 @@ def _rope(x, tables, inverse: bool):
 def _fake_quant(x, f: QuantFormat, axis: str, n):
     """``f.fake_quantize`` of ``x`` ``[B, H, n, d]``: per channel over groups of ``G`` tokens
     (``axis == "tokens"``, ``n`` a multiple of ``G``) or per token over groups along the head dim;
-    scales chosen as ``QuantFormat.quantize`` chooses them."""
+    scales chosen as ``QuantFormat.quantize`` chooses them; integer codes or FP8 E4M3 elements."""
     from tvm import te, tirx
+
+    from finegrain.backends.tvm.lower_activations import _minifloat_round
 
     b_, heads, _, d = x.shape
     d = int(d)
@@ -439,6 +441,8 @@ def _fake_quant(x, f: QuantFormat, axis: str, n):
     def deq(b, h, i, c):
         idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
         s, z = scale(*idx), zero(*idx)
+        if f.kind == "e4m3":  # FP8 elements: the E4M3 grid, saturated, as torch's cast rounds
+            return _minifloat_round(x[b, h, i, c] / s, f) * s
         q = tirx.max(tirx.min(tirx.nearbyint(x[b, h, i, c] / s) + z, float(hi_code)), float(lo_code))
         return (q - z) * s
 
