@@ -30,8 +30,9 @@ demo: setup
 test: setup
 	# the floors (pyproject.toml [tool.importlinter], docs/ARCHITECTURE.md): no import goes up a floor
 	$(BIN)/lint-imports --no-cache
-	# one pytest worker per core, at most 4 (each loads its own models), a test file per worker at a time
-	$(BIN)/python -m pytest -q -ra $(XDIST); rc=$$?; \
+	# one pytest worker per core, at most 4 (each loads its own models), a test file per worker at a time;
+	# the 25 slowest tests listed at the end (where the suite's time goes)
+	$(BIN)/python -m pytest -q -ra --durations=25 $(XDIST); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
