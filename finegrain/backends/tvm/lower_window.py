@@ -60,8 +60,8 @@ def window_group(fmt: str, axis: str) -> int:
 
 @torch.library.custom_op("finegrain::kv_window_past", mutates_args=())
 def kv_window_past(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                   window: int, sinks: int, rotated: bool,
-        perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
+                   window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
+                   head_group: int = 1) -> torch.Tensor:
     """The token-major past ``[B, P, Hkv, d]`` after a ``kv_window_write`` of ``new``: its released
     tokens quantized (reference implementation; the TVM lowering writes them in place)."""
     out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
@@ -75,8 +75,8 @@ def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_gr
 
 @torch.library.custom_op("finegrain::kv_window_new", mutates_args=())
 def kv_window_new(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                  window: int, sinks: int, rotated: bool,
-        perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
+                  window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
+                  head_group: int = 1) -> torch.Tensor:
     """The new tokens ``[B, Hkv, S, d]`` after a ``kv_window_write`` over the token-major ``past``:
     those the write released quantized (reference implementation)."""
     out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
@@ -185,7 +185,7 @@ def relax_converters(prefix: str) -> dict:
         args += [None, 1][len(args) - 8:]  # perm, head_group: absent where the write was made without them
         extra = [args[2]] if args[2] is not None else []
         head_group = int(args[9])
-        if args[8] is not None or head_group > 1:
+        if args[2] is not None and (args[8] is not None or head_group > 1):  # as kv_append: pre-RoPE keys only
             d = int(args[1].ty.shape[-1])
             extra += [args[8]] if args[8] is not None else []
             extra += [relax.const(np.ascontiguousarray(_group_factor(head_group * d, inv).numpy()), "float32")
