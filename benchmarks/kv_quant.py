@@ -50,8 +50,9 @@ ZIP_K = "int{b}-token-asym-fp16-dyn"
 ZIP_V = "int{b}-g32-asym-fp16-dyn"
 
 
-def _zip(ratio: float) -> dict:  # salient tokens (normalized attention score, 10% probe queries) at 4 bits, the rest 2
-    return {"kv_zip_key": ZIP_K.format(b=2), "kv_zip_value": ZIP_V.format(b=2), "kv_zip_ratio": ratio,
+def _zip(ratio: float, low: int = 2) -> dict:  # salient tokens (normalized attention score, 10% probe queries) in
+    # kv_key / kv_value (4 bits in most rows), the rest at ``low`` bits
+    return {"kv_zip_key": ZIP_K.format(b=low), "kv_zip_value": ZIP_V.format(b=low), "kv_zip_ratio": ratio,
             "kv_zip_block": 128, "kv_zip_probes": 0.1}
 
 
@@ -63,7 +64,7 @@ CONFIGS = {  # name -> recipe fields
     **{f"KV{b} per token + Hadamard + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, kv_sinks=1)
        for b in (4, 2)},
     **{f"KV{b} RotateKV (pre-RoPE + Hadamard + sink)": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, **PRE)
-       for b in (4, 2)},
+       for b in (8, 4, 2)},
     # RotateKV's grouped-head rotation over all 3 KV heads (192 channels), with and without the outlier-aware
     # channel reordering (calibration: 4 x 512 Brown tokens)
     **{f"KV{b} RotateKV grouped-head (G=3) + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True,
@@ -89,6 +90,10 @@ CONFIGS = {  # name -> recipe fields
     **{f"ZipCache 4/2, {int(100 * r)}% salient, keys per channel + pre-RoPE + sink":
        _cfg(KIVI_K.format(b=4), ZIP_V.format(b=4), **{**_zip(r), "kv_zip_key": KIVI_K.format(b=2)},
             kv_key_axis="tokens", **PRE) for r in (0.5, 0.25)},
+    # the same at 8 / 4 bits (the KV8 column of the table)
+    "ZipCache 8/4, 50% salient, keys per channel + pre-RoPE + sink":
+        _cfg(KIVI_K.format(b=8), ZIP_V.format(b=8), **{**_zip(0.5, low=4), "kv_zip_key": KIVI_K.format(b=4)},
+             kv_key_axis="tokens", **PRE),
 }
 
 

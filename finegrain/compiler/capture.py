@@ -212,6 +212,46 @@ def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple):
     return ({**lead, 1: seq}, {**lead, 1: seq}, tuple({**lead, 2: past} for _ in inputs[2:]))
 
 
+def _auto_dims(shapes):
+    """``shapes`` with every named ``Dim`` replaced by ``Dim.AUTO`` (export infers the range). Some
+    torch / transformers pairs (torch 2.11 with transformers 5.17, the GPU machine's) emit a guard such as
+    ``min(16 * seq, 32 * seq) == 16 * seq`` that export's solver cannot prove over a named range and
+    reports as a violated constraint; the inferred range holds it."""
+    if isinstance(shapes, dict):
+        return {k: _auto_dims(v) for k, v in shapes.items()}
+    if isinstance(shapes, (tuple, list)):
+        return type(shapes)(_auto_dims(v) for v in shapes)
+    return torch.export.Dim.AUTO if isinstance(shapes, torch.export.Dim) else shapes
+
+
+def _covers(ep, shapes) -> bool:
+    """Every named ``Dim`` of ``shapes`` (nested as export takes them, leaves in input order) is, in
+    ``ep`` (exported with :func:`_auto_dims`), still a free size whose inferred range holds the named
+    one: export inferred nothing narrower than the range that was asked for."""
+    leaves: list = []
+
+    def flat(x):
+        if isinstance(x, (tuple, list)):
+            for v in x:
+                flat(v)
+        else:
+            leaves.append(x)
+    flat(shapes)
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    users = ep.graph_signature.user_inputs
+    for name, spec in zip(users, leaves):
+        for d, dim in (spec or {}).items():
+            if not isinstance(dim, torch.export.Dim):
+                continue
+            size = vals[name].shape[d] if vals.get(name) is not None else None
+            if not isinstance(size, torch.SymInt) or not size.node.expr.is_symbol:
+                return False
+            vr = ep.range_constraints.get(size.node.expr)
+            if vr is None or _finite(vr.lower, 0) > dim.min or _finite(vr.upper, 1 << 62) < dim.max:
+                return False
+    return True
+
+
 def _declared_shapes(model: torch.nn.Module, declared: list[dict[int, str]]):
     """Dynamic shapes from per-input ``{dim: label}`` declarations: each declared dim is
     ``Dim.AUTO``, so export infers the range the model allows (a stride-2 conv needs width >= 3, a
@@ -290,7 +330,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                 shapes = _declared_shapes(model, declared) if dynamic else None
             else:
                 shapes = _dynamic_shapes(model, example_inputs, dynamic)
-            ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=strict)
+            try:
+                ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=strict)
+            except Exception as e:  # a guard the named range cannot prove: let export infer the range
+                if shapes is None or "Constraints violated" not in str(e):
+                    raise
+                ep = torch.export.export(model, example_inputs, dynamic_shapes=_auto_dims(shapes), strict=strict)
+                if not _covers(ep, shapes):  # the model really narrows a range: the named one's error stands
+                    raise
             if decompose:
                 ep = ep.run_decompositions(_decompositions())
     except Exception as e:  # torch raises many types here; all become one actionable error
