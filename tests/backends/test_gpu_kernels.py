@@ -18,6 +18,52 @@ WEIGHTS = ["int4-g128-asym-fp16", "int4-g32-sym-fp16", "int3-g128-asym-fp16", "i
            "e2m3-g32-sym-e8m0", "e4m3-g128x128-sym-fp32", "int8-g64x32-sym-fp16"]  # 2-D blocks
 
 
+# Every kernel launch of this file's tests under the interpreter: (kernel, argument types, constexprs), compiled
+# ahead of time for Hopper by the last test (the interpreter runs a kernel's Python, not Triton's compiler)
+LAUNCHES: dict[str, dict] = {}
+_POINTERS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
+             torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
+
+
+def _launch_record(fn, args, kwargs) -> dict:
+    import inspect
+
+    sig = inspect.signature(fn)
+    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+    types, consts = {}, {}
+    for name, p in sig.parameters.items():
+        v = bound.arguments.get(name, p.default)
+        if "constexpr" in str(p.annotation):
+            consts[name] = v
+        elif isinstance(v, torch.Tensor):
+            types[name] = "*" + _POINTERS[v.dtype]
+        elif v is None:
+            types[name] = "none"
+        elif isinstance(v, bool):
+            types[name] = "i1"
+        elif isinstance(v, int):
+            types[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+        else:
+            types[name] = "fp32"
+    return {"module": fn.__module__, "name": fn.__name__, "types": types, "consts": consts}
+
+
+@pytest.fixture(autouse=True)
+def _record_launches(monkeypatch):
+    if kernels.INTERPRET:
+        from triton.runtime import interpreter
+
+        real = interpreter.InterpretedFunction.run
+
+        def run(self, *args, grid, warmup, **kwargs):
+            rec = _launch_record(self.fn, args, kwargs)
+            LAUNCHES.setdefault(repr(sorted(rec.items(), key=str)), rec)
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    yield
+
+
 def _packed(tag: str, n: int, k: int, seed: int = 0):
     fmt = QuantFormat.parse(tag)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
@@ -260,3 +306,47 @@ def test_tuning_picks_the_fastest_runnable_config_and_keeps_it(monkeypatch, tmp_
     assert kernels.tuned("wq-gemv", (1, 64, 64), cands, launch) == dict(BN=64) and len(timed) == 3
     monkeypatch.setenv("FINEGRAIN_GPU_TUNE", "0")
     assert kernels.tuned("wq-gemv", (1, 32, 32), cands, launch) == dict(BN=32) and len(timed) == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above compiles its kernels")
+def test_every_launched_kernel_compiles_for_hopper(tmp_path):
+    """Every distinct launch this file's tests made under the interpreter (kernel, argument types,
+    constexprs: each weight format's path, the integer / FP8 dots, the fused quantizers, the FWHT),
+    compiled ahead of time for sm_90 by Triton's own compiler down to a cubin (no GPU needed). The
+    interpreter runs a kernel's Python: it takes code the compiler rejects (a run-time bound in
+    ``tl.arange``, a type the dot does not take), which would otherwise first fail on the device.
+    Run alone, it first runs the file's kernel tests to record their launches."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if len(LAUNCHES) < 40:  # run alone (-k): record the launches here
+        for tag in WEIGHTS:
+            test_weight_kernels_equal_the_reference(tag, 40, 200)
+        test_split_k_gemv_and_leading_dims()
+        for act in ("int8-token-sym-fp32-dyn", "int4-token-sym-fp16-dyn-clip0.9"):
+            test_rms_norm_fused_quantizer_equals_norm_then_quantize(act)
+            test_silu_mul_fused_quantizer_equals_swiglu_then_quantize(act)
+        test_integer_dot_kernel_equals_the_reference("int4-g128-asym-fp16", "int8-token-sym-fp32-dyn")
+        test_fp8_block_wise_dot_equals_the_reference()
+        test_e4m3_encoder_is_torchs_cast_bit_for_bit()
+        test_fwht_kernel_equals_the_reference(576)
+        test_bf16_activations_give_bf16_within_its_rounding("int4-g128-asym-fp16")
+    names = {r["name"] for r in LAUNCHES.values()}
+    assert names >= {"_wq_gemv", "_wq_gemm", "_a8_gemm", "_quant_rows", "_rms_norm_quant_rows",
+                     "_silu_mul_quant_rows", "_fwht"}, names
+    # and one launch the compiler must reject (a 24-wide tile: block shapes are powers of two), so the check can fail
+    fwht = next(r for r in LAUNCHES.values() if r["name"] == "_fwht")
+    bad = {**fwht, "consts": {**fwht["consts"], "BK": 24}}
+    path = tmp_path / "launches.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*LAUNCHES.values(), bad]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compiled here, not read from an earlier run's cache
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("_aot_compile.py")), str(path), "90"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    out = res.stdout.strip().splitlines()
+    assert res.returncode == 0 and out, res.stderr[-2000:]
+    assert out[0].startswith(f"compiled {len(LAUNCHES)} failed 1"), "\n".join(out[:20])
+    assert out[1].startswith("FAILED _fwht") and "'BK': 24" in out[1] and "power of 2" in out[1], out[1]
