@@ -228,15 +228,9 @@ def _covers(ep, shapes) -> bool:
     """Every named ``Dim`` of ``shapes`` (nested as export takes them, leaves in input order) is, in
     ``ep`` (exported with :func:`_auto_dims`), still a free size whose inferred range holds the named
     one: export inferred nothing narrower than the range that was asked for."""
-    leaves: list = []
+    from torch.utils._pytree import tree_leaves
 
-    def flat(x):
-        if isinstance(x, (tuple, list)):
-            for v in x:
-                flat(v)
-        else:
-            leaves.append(x)
-    flat(shapes)
+    leaves = tree_leaves(shapes, is_leaf=lambda x: x is None or isinstance(x, dict))
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
     users = ep.graph_signature.user_inputs
     for name, spec in zip(users, leaves):

@@ -182,7 +182,7 @@ def relax_converters(prefix: str) -> dict:
         from finegrain.compiler.ops import _group_factor
 
         args = list(importer.retrieve_args(node))
-        args += [None, 1][len(args) - 8:]  # perm, head_group: absent where the write was made without them
+        args += [None, 1][len(args) - 8:]  # perm, head_group at their defaults: the exported node drops them
         extra = [args[2]] if args[2] is not None else []
         head_group = int(args[9])
         if args[2] is not None and (args[8] is not None or head_group > 1):  # as kv_append: pre-RoPE keys only
