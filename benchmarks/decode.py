@@ -21,7 +21,8 @@ Rows (each with and without its own KV cache where it has one):
   is 113 MB read per token, the larger part of a W4A16 decode step; and W4A16 g128 with the KV cache
   quantized on write to 8 / 4 / 2 bits per token and head (``int{b}-g64-asym-fp16-dyn``), held packed by
   the static build and read in place by decode's attention kernel (with the cache's MiB at the longest past),
-  and with the ``kivi4`` KV preset (emulated on TVM: an fp32 cache, each released group quantized in the graph)
+  and with the ``kivi4`` / ``kivi2`` KV presets (packed by the static build: codes and spread per-channel scales,
+  sinks and the float window in a fixed ring, the past decoded once per step: ``backends/tvm/window_cache.py``)
   and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
@@ -249,11 +250,12 @@ def main() -> None:
         kv_rows = [(f"W4A16 g128 + KV{b} packed", dataclasses.replace(
             get_recipe("w4a16-g128"), name=f"w4a16-g128-kv{b}", kv_key=f"int{b}-g64-asym-fp16-dyn",
             kv_value=f"int{b}-g64-asym-fp16-dyn"), "static") for b in (8, 4, 2)]
-        # the kivi4 preset (KIVI-4, pre-RoPE rotated keys, a 128-token float window, a sink): an fp32 cache
-        # holding its values, the released groups quantized in the graph (backends/tvm/lower_window.py)
+        # the kivi4 / kivi2 presets (KIVI, pre-RoPE rotated keys, a 128-token float window, a sink): codes and
+        # scales in the static buffers, the float tokens in a ring, the past decoded per step
+        # (backends/tvm/window_cache.py)
         from finegrain.compiler.recipe import with_kv
 
-        kv_rows.append(("W4A16 g128 + kivi4 (fp32 cache, emulated)", with_kv("w4a16-g128", "kivi4"), "static"))
+        kv_rows += [(f"W4A16 g128 + {p} packed", with_kv("w4a16-g128", p), "static") for p in ("kivi4", "kivi2")]
         # the kv8-fp8 preset: FP8 E4M3 bit patterns packed 4 to a word, one fp32 scale per token and head
         kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),

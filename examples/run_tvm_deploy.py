@@ -55,7 +55,10 @@ def call(fn_ids, *extra):
 static = kv is not None and kv.get("cache") == "static"
 if static:  # per layer K then V: fp32 [.., head_dim], or a packed cache's codes / scales / zero points
     specs = kv.get("buffers") or [{"dtype": "float32", "width": kv["head_dim"]}] * (2 * kv["layers"])
-    buffers = [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], b["width"]), b["dtype"]) for b in specs]
+    # a packed window's ring ("rows"): a fixed number of rows, passed whole; the call writes it
+    buffers = [tvm.runtime.empty((1, b.get("rows", kv["max_seq_len"]), kv["kv_heads"], b["width"]), b["dtype"])
+               for b in specs]
+    rings = ["rows" in b for b in specs]
 
 
 def view(buf, start, n):  # tokens start .. start + n of a static cache buffer, sharing its memory
@@ -74,8 +77,8 @@ for step in range(args.max_new_tokens):
         start = len(seq) - len(todo)
         pos = tvm.runtime.tensor(np.arange(start, len(seq), dtype="int64")[None])
         if static:
-            out = call(todo, pos, *(view(b, 0, start) for b in buffers))
-            for b, kv_new in zip(buffers, out[1:]):
+            out = call(todo, pos, *(b if r else view(b, 0, start) for b, r in zip(buffers, rings)))
+            for b, kv_new in zip([b for b, r in zip(buffers, rings) if not r], out[1:]):
                 kv_new.copyto(view(b, start, len(todo)))
         else:
             if past is None:  # an empty past: [batch, kv_heads, 0, head_dim] per layer, keys and values

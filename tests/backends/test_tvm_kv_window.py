@@ -73,14 +73,23 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
             want = cm.session(kv_storage="float").run_all(*kv_inputs(cm.kv, x[:, 14:], list(half[1:]), 14))
             assert _rel(want[0], rest[0]) <= 1e-4
     if cache == "static":
-        assert tuple(state["past"][0].shape) == (1, 48, cm.kv["kv_heads"], cm.kv["head_dim"])
+        h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
+        shapes = [tuple(p.shape) for p in state["past"]]
+        if kv is GROUPED:  # RotateKV's grouped heads stay in an fp32 cache of the format's values
+            assert shapes[0] == (1, 48, h, d)
+        else:  # packed (window_cache.py): keys' 4-bit codes, scales / zeros of d / G channels per row, a ring of
+            # sinks + window + G fp32 rows; values' per token (d / 8 groups), a ring of sinks + window + 1
+            assert shapes[:8] == [(1, 48, h, d // 8), (1, 48, h, d // 4), (1, 48, h, d // 4), (1, 9, h, d),
+                                  (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 6, h, d)], shapes
     if deployed:
         from finegrain.backends.tvm.lower import import_relax
 
         # decode reads the cache in place (the released rows written into the buffer, no full-cache write)
         names = {gv.name_hint for gv in import_relax(cm.gm, cm.input_specs, 48, TARGET)[0].get_global_vars()}
         assert any(n.startswith("decode_attention_cache") for n in names), names
-        assert any(n.startswith("decode_kv_window_rows") for n in names) and "decode_kv_window_write" not in names
+        # the packed past decoded once per step, the released rows' codes and the ring written in place
+        assert {"decode_kv_wpack_read", "decode_kv_wpack_rows"} <= names and "decode_kv_window_write" not in names
+        assert any(n.startswith("decode_kv_wpack_commit") for n in names), names
         # the standalone runtime script (no finegrain) generates the same tokens
         code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
                 "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
@@ -141,6 +150,47 @@ def test_windowed_write_function_equals_kv_append_at_every_release(heads, group,
         lo, hi = kv_quantized_span(axis, unit, p, p + s, window, sinks)
         changed = (want - torch.cat([a, b], 2)).abs().amax(dim=(0, 1, 3)) > 1e-3  # per token
         assert changed.tolist() == [lo <= t < hi for t in range(p + s)], (p, s)
+
+
+@pytest.mark.parametrize("fmt,axis,pre_rope", [
+    ("int4-g4-asym-fp16-dyn", "tokens", True),  # KIVI's keys: per channel over 4 tokens, pre-RoPE, rotated
+    ("int2-g8-asym-fp32-dyn", "head_dim", False),  # values: per token in groups of 8 along the head dim
+])
+def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope):
+    """``window_cache.py``'s layout (reference ops): over a run of writes of every size (prefills that
+    release several groups, decode steps, the ring wrapping several times), what ``kv_wpack_read``
+    decodes from codes / spread scales / ring is the cache ``kv_append`` builds, and the past
+    ``kv_wpack_commit`` hands attention is ``kv_append``'s after the write."""
+    from finegrain.backends.tvm.window_cache import (commit_ref, kv_wpack_commit, kv_wpack_read, kv_wpack_rows,
+                                                     window_layout)
+    from finegrain.compiler.ops import kv_append
+
+    heads, d, window, sinks, length = 2, 16, 5, 1, 64
+    freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)) if pre_rope else None
+    lay = window_layout(fmt, axis, d, window, sinks)
+    assert lay["ring"] == sinks + window + (4 if axis == "tokens" else 1)
+    sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
+    codes = torch.zeros(1, length, heads, lay["words"], dtype=torch.int32)
+    scales = torch.zeros(1, length, heads, lay["cols"], dtype=sdt)
+    zeros = torch.zeros(1, length, heads, lay["cols"], dtype=torch.uint8)
+    ring = torch.zeros(1, lay["ring"], heads, d)
+    opts = (freq, fmt, axis, window, sinks, pre_rope)
+    g = torch.Generator().manual_seed(0)
+    want, p = torch.zeros(1, heads, 0, d), 0
+    for s in (3, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 13, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 1):
+        new = torch.randn(1, heads, s, d, generator=g) * 3
+        read = kv_wpack_read(codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
+        assert torch.allclose(read.transpose(1, 2), want, rtol=0, atol=1e-5 * (want.abs().max().item() if p else 0)), p
+        rows = [kv_wpack_rows(read, new, *opts, j) for j in range(3)]
+        past_att = kv_wpack_commit(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
+        commit_ref(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
+        want = kv_append(want, new, fmt, axis, window, sinks, freq, pre_rope)
+        assert torch.equal(past_att.transpose(1, 2), want[:, :, :p])
+        for buf, r in zip((codes, scales, zeros), rows):
+            buf[:, p:p + s] = r
+        p += s
+    assert p > 2 * lay["ring"]  # the ring wrapped; every token released so far has its code rows written
+    assert (codes[0, sinks:p - window - 3] != 0).flatten(1).any(-1).all()
 
 
 def test_zipcache_is_refused_by_name():

@@ -111,8 +111,9 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
         raise InputError(f"cache {cache!r}: one of {list(CACHES)}")
     t0 = time.perf_counter()
     buffers: list = []
+    unpacked: list = []  # windowed KV layers a static cache keeps in fp32, and why
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8, cache=cache,
-                                        kv_buffers=buffers)
+                                        kv_buffers=buffers, kv_unpacked=unpacked)
     functions = ({"main": {"inputs": "as declared (inputs[].dims)"}} if is_tensor_specs(cm.input_specs) else
                  {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}})
     import_s = time.perf_counter() - t0
@@ -138,7 +139,8 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
             "functions": functions,
             "params": [name for name, _ in params],
             **({"kv": {**kv, "max_seq_len": max_seq_len, "cache": cache,
-                       **({"buffers": buffers} if cache == "static" else {})}} if kv else {}),
+                       **({"buffers": buffers} if cache == "static" else {}),
+                       **({"fp32_windowed": unpacked} if unpacked else {})}} if kv else {}),
             "kernels": kernels,
             "recipe": cm.recipe.to_dict(),
             "source": cm.source,
@@ -160,13 +162,17 @@ def _check_buffers(kv: dict, where: str) -> list[dict]:
     if bufs is None:
         return [{"name": f"past_{k}_{i}", "dtype": kv["dtype"], "width": kv["head_dim"]}
                 for i in range(kv["layers"]) for k in ("key", "value")]
-    if not isinstance(bufs, list) or not 2 * kv["layers"] <= len(bufs) <= 6 * kv["layers"]:
-        raise ArtifactError(f"{where}: expected a list of 2..6 buffers per layer")
+    if not isinstance(bufs, list) or not 2 * kv["layers"] <= len(bufs) <= 8 * kv["layers"]:
+        raise ArtifactError(f"{where}: expected a list of 2..8 buffers per layer")
     for i, b in enumerate(bufs):
         if (not isinstance(b, dict) or b.get("dtype") not in _BUFFER_DTYPES or not isinstance(b.get("width"), int)
                 or isinstance(b.get("width"), bool) or not 0 < b["width"] <= 4 * kv["head_dim"]):
             raise ArtifactError(f"{where}[{i}]: needs a dtype among {list(_BUFFER_DTYPES)} and a width in "
                                 f"1..{4 * kv['head_dim']}")
+        rows = b.get("rows")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or not 0 < rows <= kv["max_seq_len"]):
+            raise ArtifactError(f"{where}[{i}]: 'rows' (a ring buffer's fixed length) must be an int in "
+                                f"1..{kv['max_seq_len']}")
     return bufs
 
 
@@ -305,8 +311,8 @@ class TvmDeployment(Session, Artifact):
         import tvm
 
         kv = self.kv
-        return [tvm.runtime.empty((1, kv["max_seq_len"], kv["kv_heads"], b["width"]), b["dtype"], self.dev)
-                for b in self.cache_buffers]
+        return [tvm.runtime.empty((1, b.get("rows", kv["max_seq_len"]), kv["kv_heads"], b["width"]), b["dtype"],
+                                  self.dev) for b in self.cache_buffers]
 
     def _view(self, buf, start: int, n: int):
         """Tokens ``start .. start + n`` of a static cache buffer, as a tensor sharing its memory."""
@@ -315,14 +321,16 @@ class TvmDeployment(Session, Artifact):
 
     def cache_bytes(self, tokens: int) -> int:
         """Bytes a static build's cache holds for ``tokens`` tokens (all layers, K and V)."""
-        return sum(tokens * self.kv["kv_heads"] * b["width"] * np.dtype(b["dtype"]).itemsize
+        return sum(b.get("rows", tokens) * self.kv["kv_heads"] * b["width"] * np.dtype(b["dtype"]).itemsize
                    for b in self.cache_buffers)
 
     def _static_forward(self, ids: torch.Tensor, pos: torch.Tensor, bufs: list, start: int) -> tuple:
         """One call over a static cache: the past is views of ``bufs``' first ``start`` tokens; the
         new keys / values the function returns are written at ``start``. ``(logits, *bufs)``."""
-        out = self._call([self._tensor(ids), self._tensor(pos), *(self._view(b, 0, start) for b in bufs)])
-        for b, new in zip(bufs, out[1:]):
+        rings = ["rows" in b for b in self.cache_buffers]  # a packed window's ring: passed whole, written by the call
+        out = self._call([self._tensor(ids), self._tensor(pos),
+                          *(b if r else self._view(b, 0, start) for b, r in zip(bufs, rings))])
+        for b, new in zip([b for b, r in zip(bufs, rings) if not r], out[1:]):
             new.copyto(self._view(b, start, ids.shape[1]))
         return (torch.from_numpy(out[0].numpy()), *bufs)
 
@@ -338,7 +346,8 @@ class TvmDeployment(Session, Artifact):
         self.check_room(start, ids.shape[1])
         if self.static_cache:
             check_inputs(self.input_specs[:1], (ids,))
-            want = [(1, self.kv["max_seq_len"], self.kv["kv_heads"], b["width"]) for b in self.cache_buffers]
+            want = [(1, b.get("rows", self.kv["max_seq_len"]), self.kv["kv_heads"], b["width"])
+                    for b in self.cache_buffers]
             if past is not None and (len(past) != len(want) or not all(
                     isinstance(p, tvm.runtime.Tensor) and tuple(p.shape) == w for p, w in zip(past, want))):
                 raise InputError(f"{self.path}: a static-cache build continues from the state of its own prefill "

@@ -333,7 +333,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         return key
 
     kernels = {}
-    buffers = None
+    buffers, unpacked = None, []
     if input_specs and is_kv_specs(input_specs):
         from finegrain.backends.tvm.lower_cache import kv_fake_quant, pack_cache
 
@@ -342,6 +342,10 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
         from finegrain.backends.tvm import lower_window
 
         lower_window.rewrite(graph)
+        if buffers is not None:
+            from finegrain.backends.tvm.window_cache import pack_window_cache
+
+            unpacked = pack_window_cache(graph, buffers)
     _rewrite_activations(gm, graph, param)
     from finegrain.compiler.ops import WEIGHT
 
@@ -430,6 +434,7 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
     out = GraphModule(root, graph)
     out.graph.lint()
     out.kv_buffers = buffers
+    out.kv_unpacked = unpacked  # windowed layers left in an fp32 cache, and why
     return out, kernels
 
 
@@ -618,7 +623,8 @@ def is_tensor_specs(input_specs: list[dict]) -> bool:
 
 
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
-                 int8: bool = True, cache: str = "static", kv_buffers: list | None = None):
+                 int8: bool = True, cache: str = "static", kv_buffers: list | None = None,
+                 kv_unpacked: list | None = None):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
     tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
@@ -636,7 +642,10 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     ``[B, S, Hkv, d]``, for the runtime to write into the buffers. A layer whose keys and values are
     quantized on write in a packable format keeps them packed instead (``lower_cache.pack_cache``:
     codes, scales, zero points in place of each past and each new part); ``kv_buffers``, when
-    given, receives one ``{"name", "dtype", "width"[, "packed"]}`` per cache buffer, in input order."""
+    given, receives one ``{"name", "dtype", "width"[, "packed", "rows"]}`` per cache buffer, in input order
+    (KIVI's windowed writes: ``window_cache.py``, whose ring buffers have a fixed number of ``rows``);
+    ``kv_unpacked``, when given, one line per windowed layer left in an fp32 cache, saying why (also
+    warned)."""
     import tvm
 
     lanes = vector_lanes(target)
@@ -677,12 +686,21 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
         specs = pgm.kv_buffers
         if kv_buffers is not None:
             kv_buffers.extend(specs)
+        if pgm.kv_unpacked:
+            import warnings
+
+            warnings.warn("TVM static cache: windowed KV writes left in an fp32 cache of the format's values: "
+                          + "; ".join(pgm.kv_unpacked), stacklevel=2)
+            if kv_unpacked is not None:
+                kv_unpacked.extend(pgm.kv_unpacked)
         p_len, heads = ex_prefill[2].shape[2], ex_prefill[2].shape[1]
-        caches = tuple(torch.ones((1, p_len, heads, b["width"]), dtype=getattr(torch, b["dtype"])) for b in specs)
+        caches = tuple(torch.ones((1, b.get("rows", p_len), heads, b["width"]), dtype=getattr(torch, b["dtype"]))
+                       for b in specs)
         ex_prefill = (*ex_prefill[:2], *caches)
         past = [False, False, *(True for _ in specs)]
-        ds_prefill = tuple({axis: dim} if p else {1: seq} for p in past)
-        ds_decode = tuple({axis: dim} if p else None for p in past)
+        ring = [False, False, *("rows" in b for b in specs)]  # a packed window's ring: fixed rows
+        ds_prefill = tuple(None if r else {axis: dim} if p else {1: seq} for p, r in zip(past, ring))
+        ds_decode = tuple(None if r else {axis: dim} if p else None for p, r in zip(past, ring))
     ex_decode = tuple(x if p else x[:, :1] for x, p in zip(ex_prefill, past))  # one new token
     prefill, names = _import(pgm, ex_prefill, ds_prefill, "", lanes, max_seq_len)
     decode, names_d = _import(pgm, ex_decode, ds_decode, "decode_", lanes, max_seq_len if kv else 1)

@@ -105,9 +105,13 @@ def _placeholder_through_transpose(x):
             return None
     elif [d % 4 for d in x.args[1]] != [0, 2, 1, 3]:
         return None
+    from finegrain.backends.tvm.window_cache import KV_WPACK_COMMIT
+
     src = x.args[0]
-    if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in (KV_DECODE, KV_WINDOW_PAST):
-        return src  # a packed cache, read through kv_decode; a windowed write's past, written in place
+    if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in (KV_DECODE, KV_WINDOW_PAST,
+                                                                                       KV_WPACK_COMMIT):
+        # a packed cache, read through kv_decode; a windowed write's past, written in place (fp32 or packed)
+        return src
     return src if isinstance(src, torch.fx.Node) and src.op == "placeholder" else None
 
 

@@ -2,8 +2,11 @@
 ``window`` tokens and ``sinks`` first tokens in float, pre-RoPE keys, RotateKV's per-head
 rotation and its grouped-head rotation with reordered channels (``finegrain::kv_append``,
 ``compiler/ops.py``), computed in the graph as the reference
-computes them and held in an fp32 cache (**emulated**: the cache holds the format's values, not its
-codes; the reference backend keeps such a cache packed, ``backends/kv_packed.py``).
+computes them. A concat build (and a static one, for what ``window_cache.py`` does not pack: FP8 and
+symmetric formats, RotateKV's grouped heads) holds them in an fp32 cache (**emulated**: the cache holds the
+format's values, not its codes); a static build packs the rest (``window_cache.py``: codes, per-channel
+scales spread over each group's rows, the float tokens in a fixed ring), as the reference backend does
+(``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,
 fmt, axis, window, sinks, rotated, perm, head_group)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
@@ -135,11 +138,11 @@ def relax_converters(prefix: str) -> dict:
     memo: dict = {}  # (block builder, past, new) -> the released tokens: one computation for both halves
     funcs: dict = {}
 
-    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool):
+    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool, rows=None):
         """TE: ``(a, n, y, xin)``: the first released token, how many, their written values
         ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``. ``extra``: the TE tensors of
         :func:`parts`' ``extra`` (``inv_freq``; RotateKV's grouped heads: ``perm`` or None and the
-        Hadamard factors)."""
+        Hadamard factors). ``rows`` (a ``window_cache.window_layout``): their packed rows instead."""
         freq = extra[0] if extra else None
         grouped = len(extra) > 1
         f = QuantFormat.parse(fmt)
@@ -170,6 +173,8 @@ def relax_converters(prefix: str) -> dict:
             x = _from_head_groups(_fake_quant(_to_head_groups(x, perm, head_group, fwd), f, axis, n), perm, heads, inv)
             x = _rope(x, tables, False)
             return a, n, (_fwht(x) if rotated else x), xin
+        if rows is not None:  # the packed cache's rows of the released tokens
+            return _span_rows(rope_space(seg, True), rows, n)
         return a, n, rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False), xin
 
     def parts(importer, node):
@@ -209,13 +214,16 @@ def relax_converters(prefix: str) -> dict:
         """The released tokens' values (opaque: computed before the past is written in place)."""
         bb = importer.block_builder
         (past, new), extra, spec = parts(importer, node)
+        return past, new, span_values(bb, node, past, new, extra, spec), spec
+
+    def span_values(bb, node, past, new, extra, spec):
         key = (id(bb), str(node.args[0]), str(node.args[1]))
         if key not in memo:
             def fn(past_, new_, *extra_):
                 return released(past_, new_, extra_, *spec, token_major=True)[2]
             memo[key] = bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_span",
                                    primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
-        return past, new, memo[key], spec
+        return memo[key]
 
     def write_past(node, importer):
         bb = importer.block_builder
@@ -241,8 +249,164 @@ def relax_converters(prefix: str) -> dict:
 
         return bb.emit_te(fn, past, new, y, primfunc_name_hint=f"{prefix}kv_window_new")
 
+    # ---- the packed windowed cache (window_cache.py) ----
+
+    def packed_args(importer, node, first: int, d_arg: int):
+        """``(extra, spec, lay, args)`` of a ``kv_wpack_*`` node whose options start at argument
+        ``first``; argument ``d_arg`` ends in the head dim."""
+        from finegrain.backends.tvm.window_cache import window_layout
+
+        args = list(importer.retrieve_args(node))
+        inv_freq, fmt, axis, window, sinks, rotated = args[first:first + 6]
+        d = int(args[d_arg].ty.shape[-1])
+        lay = window_layout(fmt, axis, d, window, sinks)
+        return ([inv_freq] if inv_freq is not None else []), (fmt, axis, window, sinks, rotated, 1), lay, args
+
+    def span_rows(bb, node, read, new, extra, spec, lay):
+        key = (id(bb), str(node.args[0]), str(node.args[1]), "rows")
+        if key not in memo:
+            def fn(past_, new_, *extra_):
+                return list(released(past_, new_, extra_, *spec, token_major=True, rows=lay))
+            memo[key] = bb.emit_te(fn, read, new, *extra, primfunc_name_hint=f"{prefix}kv_wpack_span",
+                                   primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
+        return memo[key]
+
+    def packed_read(node, importer):
+        bb = importer.block_builder
+        extra, spec, lay, args = packed_args(importer, node, 4, 3)
+        codes, scales, zeros, ring = args[:4]
+        rotated = bool(spec[4])
+
+        def fn(c_, s_, z_, ring_, *freq):
+            from tvm import te, tirx
+
+            b_, p_len, heads, _ = c_.shape
+            d, bits, w, cols, s0 = lay["d"], lay["bits"], lay["words"], lay["cols"], lay["sinks"]
+            unit, span_w = lay["unit"], lay["window"] + lay["unit"]
+            tokens = lay["axis"] == "tokens"
+            qu = kv_quantized_until(p_len, lay["axis"], unit, lay["window"], s0, tirx.max)
+            n = tirx.max(qu - s0, 0)
+
+            def deq(b, h, i, a):
+                t = s0 + i
+                word = c_[b, t, h, a % w]
+                u = tirx.bitwise_and(tirx.shift_right(word, ((a // w) * bits).astype("int32")), (1 << bits) - 1)
+                row = s0 + (i // unit) * unit + a // cols if tokens else t
+                col = a % cols if tokens else a // lay["group"]
+                code = u.astype("float32") + float(lay["lo"])
+                return (code - z_[b, row, h, col].astype("float32")) * s_[b, row, h, col].astype("float32")
+
+            vals = te.compute((b_, heads, n, d), deq, name="kv_wpack_decode")
+            if freq:
+                tables = _rope_tables(freq[0], s0, n)
+                vals = _rope(_fwht(vals) if rotated else vals, tables, False)
+                vals = _fwht(vals) if rotated else vals
+
+            def body(b, t, h, a):
+                slot = tirx.if_then_else(t < s0, t, s0 + tirx.floormod(t - s0, span_w))
+                return tirx.if_then_else(tirx.any(t < s0, t >= qu), ring_[b, tirx.min(slot, lay["ring"] - 1), h, a],
+                                         vals[b, h, tirx.max(tirx.min(t - s0, n - 1), 0), a])
+            return te.compute((b_, p_len, heads, d), body, name="kv_wpack_read")
+
+        return bb.emit_te(fn, codes, scales, zeros, ring, *extra, primfunc_name_hint=f"{prefix}kv_wpack_read",
+                          primfunc_attrs=SPAN_ATTRS)
+
+    def packed_rows(node, importer):
+        bb = importer.block_builder
+        extra, spec, lay, args = packed_args(importer, node, 2, 1)
+        read, new, part = args[0], args[1], int(args[8])
+        rows = span_rows(bb, node, read, new, extra, spec, lay)
+        dtype = ("int32", lay["scale"], "uint8")[part]
+
+        def fn(read_, new_, rows_):
+            from tvm import te, tirx
+
+            p_len, sn = read_.shape[1], new_.shape[2]
+            a = kv_quantized_until(p_len, lay["axis"], lay["unit"], lay["window"], lay["sinks"], tirx.max)
+            n = rows_.shape[1]
+
+            def body(b, i, h, k):
+                t = p_len + i
+                return tirx.if_then_else(tirx.all(t >= a, t < a + n), rows_[b, tirx.max(tirx.min(t - a, n - 1), 0), h, k],
+                                         tirx.const(0, dtype))
+            return te.compute((new_.shape[0], sn, new_.shape[1], rows_.shape[3]), body, name="kv_wpack_rows")
+
+        return bb.emit_te(fn, read, new, bb.emit(relax.TupleGetItem(rows, part)),
+                          primfunc_name_hint=f"{prefix}kv_wpack_rows")
+
+    def packed_commit(node, importer):
+        bb = importer.block_builder
+        extra, spec, lay, args = packed_args(importer, node, 6, 1)
+        read, new, codes, scales, zeros, ring = args[:6]
+        rows = span_rows(bb, node, read, new, extra, spec, lay)
+        y = span_values(bb, node, read, new, extra, spec)
+        b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in read.ty.shape)
+        key = (f"{prefix}kv_wpack_commit_b{b_}_h{heads}_d{d}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
+               f"{lay['axis']}_{lay['bits']}_{lay['scale']}")
+        if key not in funcs:
+            func = _commit_in_place(b_, heads, d, lay)
+            funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
+        ins = [codes, scales, zeros, ring, read, *(bb.emit(relax.TupleGetItem(rows, j)) for j in range(3)), y, new]
+        sinfo = [relax.TensorType(x.ty.shape, x.ty.dtype) for x in ins[:5]]
+        out = bb.emit(relax.call_tir_inplace(funcs[key], ins, [0, 1, 2, 3, 4], sinfo))
+        return bb.emit(relax.TupleGetItem(out, 4))
+
     return {"kv_window_write.default": write, "kv_window_past.default": write_past,
-            "kv_window_new.default": write_new}
+            "kv_window_new.default": write_new, "kv_wpack_read.default": packed_read,
+            "kv_wpack_rows.default": packed_rows, "kv_wpack_commit.default": packed_commit}
+
+
+def _commit_in_place(batch: int, heads: int, d: int, lay: dict):
+    """The PrimFunc ``f(codes, scales, zeros, ring, read, span codes, span scales, span zeros, y, new)``
+    of ``kv_wpack_commit``, in place on its first five: the released tokens already cached (rows
+    ``a .. min(a + n, P)``) get their code rows in ``codes`` / ``scales`` / ``zeros`` and their
+    quantized values ``y`` in ``read`` (what attention reads); the new tokens that are sinks or still
+    in float go to their ``ring`` rows."""
+    from tvm.script import tirx as T
+
+    tokens = lay["axis"] == "tokens"
+    window, sinks, unit = lay["window"], lay["sinks"], lay["unit"]
+    span_w, ring_rows = window + unit, lay["ring"]
+    w, cols, sdt = lay["words"], lay["cols"], lay["scale"]
+
+    @T.prim_func(s_tir=True)
+    def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, x_h: T.handle, wc_h: T.handle,
+             ws_h: T.handle, wz_h: T.handle, y_h: T.handle, nw_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        n = T.int64()
+        sn = T.int64()
+        c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
+        s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
+        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), "float32")
+        x = T.match_buffer(x_h, (batch, p, heads, d), "float32")
+        wc = T.match_buffer(wc_h, (batch, n, heads, w), "int32")
+        ws = T.match_buffer(ws_h, (batch, n, heads, cols), sdt)
+        wz = T.match_buffer(wz_h, (batch, n, heads, cols), "uint8")
+        y = T.match_buffer(y_h, (batch, heads, n, d), "float32")
+        nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
+        m = T.max(p - (window + sinks), T.int64(0))
+        a = (m // unit * unit if tokens else m) + sinks
+        m2 = T.max(p + sn - (window + sinks), T.int64(0))
+        qu = (m2 // unit * unit if tokens else m2) + sinks
+        for bi, i, h in T.grid(batch, n, heads):
+            if a + i < p:
+                for k in range(w):
+                    c[bi, a + i, h, k] = wc[bi, i, h, k]
+                for k in range(cols):
+                    s[bi, a + i, h, k] = ws[bi, i, h, k]
+                    z[bi, a + i, h, k] = wz[bi, i, h, k]
+                for k in range(d):
+                    x[bi, a + i, h, k] = y[bi, h, i, k]
+        for bi, i, h, k in T.grid(batch, sn, heads, d):
+            if p + i < sinks:
+                ring[bi, p + i, h, k] = nw[bi, h, i, k]
+            else:
+                if p + i >= qu:
+                    ring[bi, sinks + (p + i - sinks) % span_w, h, k] = nw[bi, h, i, k]
+
+    return func
 
 
 def _rows_in_place(batch: int, heads: int, d: int, window: int, sinks: int, unit: int, axis: str):
@@ -394,17 +558,14 @@ def _rope(x, tables, inverse: bool):
     return te.compute(x.shape, body, name="kv_inverse_rope" if inverse else "kv_rope")
 
 
-def _fake_quant(x, f: QuantFormat, axis: str, n):
-    """``f.fake_quantize`` of ``x`` ``[B, H, n, d]``: per channel over groups of ``G`` tokens
-    (``axis == "tokens"``, ``n`` a multiple of ``G``) or per token over groups along the head dim;
-    scales chosen as ``QuantFormat.quantize`` chooses them; integer codes or FP8 E4M3 elements."""
+def _quant_params(x, f: QuantFormat, axis: str, n):
+    """``(g, scale, zero)``: the TE scale and zero point ``QuantFormat.quantize`` chooses for ``x``
+    ``[B, H, n, d]`` per channel over groups of ``G`` tokens (``axis == "tokens"``: ``[B, H, n / G, d]``)
+    or per token over groups along the head dim (``[B, H, n, d / g]``)."""
     from tvm import te, tirx
-
-    from finegrain.backends.tvm.lower_activations import _minifloat_round
 
     b_, heads, _, d = x.shape
     d = int(d)
-    lo_code, hi_code = f.family.code_range(f)
     tokens = axis == "tokens"
     g = f.group_size if tokens else (f.group_size or d)
     shape = (b_, heads, n // g, d) if tokens else (b_, heads, n, d // g)
@@ -437,6 +598,20 @@ def _fake_quant(x, f: QuantFormat, axis: str, n):
         top = float(2 ** f.bits - 1)
         zero = te.compute(shape, lambda *i: tirx.max(tirx.min(tirx.nearbyint(-lo(*i) / scale(*i)), top), 0.0),
                           name="kv_zero")
+    return g, scale, zero
+
+
+def _fake_quant(x, f: QuantFormat, axis: str, n):
+    """``f.fake_quantize`` of ``x`` ``[B, H, n, d]``: per channel over groups of ``G`` tokens
+    (``axis == "tokens"``, ``n`` a multiple of ``G``) or per token over groups along the head dim;
+    scales chosen as ``QuantFormat.quantize`` chooses them; integer codes or FP8 E4M3 elements."""
+    from tvm import te, tirx
+
+    from finegrain.backends.tvm.lower_activations import _minifloat_round
+
+    lo_code, hi_code = f.family.code_range(f)
+    tokens = axis == "tokens"
+    g, scale, zero = _quant_params(x, f, axis, n)
 
     def deq(b, h, i, c):
         idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
@@ -447,3 +622,40 @@ def _fake_quant(x, f: QuantFormat, axis: str, n):
         return (q - z) * s
 
     return te.compute(x.shape, deq, name="kv_fake_quant")
+
+
+def _span_rows(x, lay: dict, n):
+    """The packed rows (``window_cache.encode_span``) of the released tokens ``x`` ``[B, H, n, d]`` (in
+    the space they are quantized in): token-major code words ``[B, n, H, W]``, scales and zero points
+    ``[B, n, H, C]`` (per-channel keys: each group's parameters spread over its rows)."""
+    from tvm import te, tirx
+
+    f = QuantFormat.parse(lay["format"])
+    b_, heads, _, d = x.shape
+    d = int(d)
+    lo_code, hi_code = f.family.code_range(f)
+    tokens = lay["axis"] == "tokens"
+    g, scale, zero = _quant_params(x, f, lay["axis"], n)
+    bits, w, cols = lay["bits"], lay["words"], lay["cols"]
+
+    def u(b, i, h, c):
+        idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
+        q = tirx.max(tirx.min(tirx.nearbyint(x[b, h, i, c] / scale(*idx)) + zero(*idx), float(hi_code)),
+                     float(lo_code))
+        return (q - float(lo_code)).astype("int32")
+
+    def word(b, i, h, k):
+        acc = u(b, i, h, k)
+        for j in range(1, 32 // bits):
+            acc = acc | (u(b, i, h, j * w + k) << (j * bits))
+        return acc
+
+    def param(t, dtype):
+        def body(b, i, h, c):
+            idx = (b, h, i // g, (i % g) * cols + c) if tokens else (b, h, i, c)
+            return t(*idx).astype(dtype)
+        return body
+
+    return (te.compute((b_, n, heads, w), word, name="kv_span_codes"),
+            te.compute((b_, n, heads, cols), param(scale, lay["scale"]), name="kv_span_scales"),
+            te.compute((b_, n, heads, cols), param(zero, "uint8"), name="kv_span_zeros"))

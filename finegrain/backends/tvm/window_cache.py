@@ -1,0 +1,332 @@
+"""KIVI's windowed KV cache held **packed** by a static TVM build (issue #17: "the attention reads the
+packed cache"): codes and scales where ``lower_window.py`` alone keeps an fp32 cache of the format's
+values.
+
+A ``kv_window_write`` (``lower_window.rewrite``: ``kv_append`` with per-channel keys, a float window,
+sinks, pre-RoPE and per-head rotated keys) whose keys and values both have an integer format of 2 / 4 /
+8 bits with fp16 / fp32 scales is held, per layer and kind, as four buffers (:func:`pack_window_cache`):
+
+* ``codes``  int32 ``[B, L, Hkv, W]``: each quantized token's codes, unsigned and interleaved as
+  ``lower_cache``'s packed cache lays them out (element ``a`` of the head dim in word ``a % W`` at bit
+  ``(a // W) * bits``);
+* ``scales`` ``[B, L, Hkv, C]`` and ``zeros`` uint8 ``[B, L, Hkv, C]`` (asymmetric formats):
+  values per token in groups of ``g`` along the head dim: the token's own ``C = d / g``; keys per channel
+  over groups of ``G`` tokens: the group's ``d`` per-channel parameters **spread over its own G rows**, row
+  ``r`` of the group holding channels ``[r * C, (r + 1) * C)`` with ``C = d / G`` (so each token row has a
+  fixed width and the runtime's one-row-per-token model holds; needs ``G`` to divide ``d``);
+* ``ring`` fp32 ``[B, R, Hkv, d]``, ``R = sinks + window + G`` (``G`` = 1 for values): the sinks at
+  rows ``[0, sinks)`` and each later token still in float (the newest ``window`` plus those waiting for
+  their group) at row ``sinks + (t - sinks) % (window + G)``. The runtime passes it whole and never
+  writes it; it is a fixed ``R`` rows long whatever the context.
+
+Per call (``P`` cached tokens, ``S`` new): ``kv_wpack_read`` decodes the past into a transient fp32
+``[B, P, Hkv, d]`` (codes -> values in the space they were quantized in -> Hadamard / RoPE at each
+token's position / Hadamard back for pre-RoPE keys; the sinks and float tokens from the ring), the
+write's released tokens are quantized from it exactly as ``kv_append`` does, their code rows returned
+for the runtime to write at ``P`` (``kv_wpack_rows``) and, for those already cached, written in place
+together with the ring's new float tokens (``kv_wpack_commit``, which returns the past attention reads:
+the decoded one with the released rows' quantized values). The cache then holds the bytes the format
+stores, plus ``R`` fp32 rows per layer and kind; each decode step decodes the whole past once per layer
+(the cost of not keeping float rows; the fused kernels of ``lower_cache``'s per-token packed cache read
+codes in place, this reads them through the decoded tensor).
+
+Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
+grouped heads, groups that do not divide the head dim, layers whose keys or values are not windowed."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.fx import Graph
+
+from finegrain.compiler.ops import _hadamard, _rope, kv_quantized_span, kv_quantized_until
+from finegrain.formats import QuantFormat
+
+
+def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int) -> dict | str:
+    """The packed layout of a windowed KV write (``lower_cache.kv_layout``'s, plus ``axis``, ``unit``
+    (tokens released together), ``cols`` (parameters per row), ``window``, ``sinks``, ``ring`` rows),
+    or why it has none (a string)."""
+    from finegrain.backends.tvm.lower_cache import kv_layout
+
+    f = QuantFormat.parse(fmt)
+    if f.kind != "int" or f.symmetric:
+        return f"{f.tag}: windowed writes are packed for asymmetric integer formats; this one stays in an fp32 cache"
+    tokens = axis == "tokens"
+    unit = f.group_size if tokens else 1
+    if tokens and (not unit or d % unit):
+        return f"{f.tag}: per-channel groups of {unit} tokens do not divide the head dim {d} (their scales are " \
+               "spread over the group's rows)"
+    lay = kv_layout(f, d)  # tokens axis: the group read as one along the head dim gives the same widths
+    if isinstance(lay, str):
+        return lay
+    cols = d // unit if tokens else d // lay["group"]
+    return {**lay, "axis": axis, "unit": unit, "cols": cols, "window": int(window), "sinks": int(sinks),
+            "ring": int(sinks) + int(window) + unit, "format": fmt}
+
+
+def ring_row(t: int, lay: dict) -> int:
+    """The ring row of token ``t`` (a sink, or a token still in float)."""
+    s = lay["sinks"]
+    return t if t < s else s + (t - s) % (lay["window"] + lay["unit"])
+
+
+def _space(x: torch.Tensor, start: int, inv_freq, rotated: bool, inverse: bool) -> torch.Tensor:
+    """Head-major ``x`` ``[B, H, n, d]`` at positions ``start ..`` to the space ``kv_append`` quantizes
+    it in (``inverse``) or back: pre-RoPE keys (per-head Hadamard, RoPE undone / applied, Hadamard)."""
+    if inv_freq is None:
+        return x
+    x = _rope(_hadamard(x) if rotated else x, start, inv_freq, inverse=inverse)
+    return _hadamard(x) if rotated else x
+
+
+def encode_span(seg: torch.Tensor, lay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-major rows ``(codes, scales, zeros)`` ``[B, n, H, W | C]`` of the released tokens ``seg``
+    (head-major ``[B, H, n, d]``, in the space they are quantized in; ``n`` whole groups on the
+    ``tokens`` axis), quantized as ``kv_append`` quantizes them."""
+    f = QuantFormat.parse(lay["format"])
+    b, h, n, d = seg.shape
+    bits, w, c = lay["bits"], lay["words"], lay["cols"]
+    if lay["axis"] == "tokens":  # per channel over groups of G tokens: [B, H, d, n / G] parameters
+        q = f.quantize(seg.transpose(2, 3).contiguous())
+        codes = q.codes.transpose(2, 3)
+        g = lay["unit"]
+        # group j's parameters of channels [r * C, (r + 1) * C) on its row r: [B, H, n / G, G, C] -> rows
+        spread = [t.reshape(b, h, d, n // g).permute(0, 1, 3, 2).reshape(b, h, n // g, g, c).reshape(b, h, n, c)
+                  for t in (q.scale, q.zero)]
+    else:
+        q = f.quantize(seg)
+        codes = q.codes
+        spread = [q.scale.reshape(b, h, n, c), q.zero.reshape(b, h, n, c)]
+    u = (codes.to(torch.int64) - lay["lo"]).reshape(b, h, n, d // w, w)
+    acc = torch.zeros(b, h, n, w, dtype=torch.int64)
+    for i in range(32 // bits):
+        acc |= u[..., i, :] << (i * bits)
+    words = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
+    return (words.transpose(1, 2).contiguous(), spread[0].to(sdt).transpose(1, 2).contiguous(),
+            spread[1].to(torch.uint8).transpose(1, 2).contiguous())
+
+
+def decode_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, lay: dict, start: int,
+                n: int) -> torch.Tensor:
+    """The values (in the space they were quantized in) of cached tokens ``start .. start + n``, head-major
+    ``[B, H, n, d]`` (``start`` the first token after the sinks: groups are aligned to it)."""
+    d, bits, w, c = lay["d"], lay["bits"], lay["words"], lay["cols"]
+    words = codes[:, start:start + n].to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
+    u = ((words.unsqueeze(-2) >> shifts) & (2**bits - 1)).reshape(*words.shape[:-1], d).float() + lay["lo"]
+    s = scales[:, start:start + n].float()
+    z = zeros[:, start:start + n].float() if zeros is not None and lay["asym"] else torch.zeros_like(s)
+    b, _, h, _ = s.shape
+    if lay["axis"] == "tokens":  # row r of each group holds channels [r * C, (r + 1) * C) of the group's parameters
+        g = lay["unit"]
+        s, z = (t.reshape(b, n // g, g, h, c).permute(0, 1, 3, 2, 4).reshape(b, n // g, h, d).repeat_interleave(g, 1)
+                for t in (s, z))
+    else:
+        s, z = (t.repeat_interleave(d // c, -1) for t in (s, z))
+    return ((u - z) * s).transpose(1, 2).contiguous()
+
+
+def _read(codes, scales, zeros, ring, inv_freq, lay: dict, rotated: bool) -> torch.Tensor:
+    b, p, h, _ = codes.shape
+    d, s = lay["d"], lay["sinks"]
+    out = torch.zeros(b, p, h, d)
+    qu = kv_quantized_until(p, lay["axis"], lay["unit"], lay["window"], s)
+    for t in list(range(min(s, p))) + list(range(max(qu, s), p)):
+        out[:, t] = ring[:, ring_row(t, lay)]
+    if qu > s:
+        body = _space(decode_rows(codes, scales, zeros, lay, s, qu - s), s, inv_freq, rotated, inverse=False)
+        out[:, s:qu] = body.transpose(1, 2)
+    return out
+
+
+def _layout_of(fmt, axis, window, sinks, d) -> dict:
+    lay = window_layout(fmt, axis, d, window, sinks)
+    if isinstance(lay, str):
+        raise ValueError(lay)
+    return lay
+
+
+@torch.library.custom_op("finegrain::kv_wpack_read", mutates_args=())
+def kv_wpack_read(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], ring: torch.Tensor,
+                  inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int,
+                  rotated: bool) -> torch.Tensor:
+    """The cached keys / values ``[B, P, Hkv, d]`` (fp32, attention's space) a packed windowed cache holds."""
+    return _read(codes, scales, zeros, ring, inv_freq, _layout_of(fmt, axis, window, sinks, ring.shape[-1]), rotated)
+
+
+@kv_wpack_read.register_fake
+def _(codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated):
+    return codes.new_empty((*codes.shape[:-1], ring.shape[-1]), dtype=torch.float32)
+
+
+def _span(read, new, inv_freq, lay, rotated):
+    """``(a, b, rows)``: the write's released tokens ``[a, b)`` and their ``encode_span`` rows."""
+    p, sn = read.shape[1], new.shape[2]
+    a, b = kv_quantized_span(lay["axis"], lay["unit"], p, p + sn, lay["window"], lay["sinks"])
+    if a >= b:
+        return a, b, None
+    full = torch.cat([read.transpose(1, 2), new.float()], 2)
+    return a, b, encode_span(_space(full[:, :, a:b].float(), a, inv_freq, rotated, inverse=True), lay)
+
+
+_ROW_DTYPES = {0: torch.int32, 2: torch.uint8}
+
+
+@torch.library.custom_op("finegrain::kv_wpack_rows", mutates_args=())
+def kv_wpack_rows(read: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
+                  window: int, sinks: int, rotated: bool, part: int) -> torch.Tensor:
+    """Part ``part`` (0 codes, 1 scales, 2 zero points) of the new tokens' rows ``[B, S, Hkv, W | C]``:
+    those this write releases quantized, the others zero (they are in the ring)."""
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+    p, sn = read.shape[1], new.shape[2]
+    a, b, rows = _span(read, new, inv_freq, lay, rotated)
+    width = lay["words"] if part == 0 else lay["cols"]
+    dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
+    out = torch.zeros(new.shape[0], sn, new.shape[1], width, dtype=dt)
+    for t in range(max(a, p), b):
+        out[:, t - p] = rows[part][:, t - a]
+    return out
+
+
+@kv_wpack_rows.register_fake
+def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part):
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+    dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
+    return new.new_empty((new.shape[0], new.shape[2], new.shape[1], lay["words"] if part == 0 else lay["cols"]),
+                         dtype=dt)
+
+
+@torch.library.custom_op("finegrain::kv_wpack_commit", mutates_args=())
+def kv_wpack_commit(read: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                    zeros: Optional[torch.Tensor], ring: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str,
+                    axis: str, window: int, sinks: int, rotated: bool) -> torch.Tensor:
+    """The past attention reads after a write of ``new``: ``read`` with the rows this write releases
+    quantized (reference implementation). Its TVM lowering also writes, in place, those rows' codes /
+    scales / zero points into the ``codes`` / ``scales`` / ``zeros`` buffers and the new tokens still in
+    float into ``ring`` (:func:`commit_ref` computes those writes), as ``kv_window_past``'s lowering writes
+    an fp32 cache in place; the op is declared functional so that the graph exports."""
+    from finegrain.backends.tvm.lower_window import kv_window_past
+
+    return kv_window_past(read, new, inv_freq, fmt, axis, window, sinks, rotated)
+
+
+@kv_wpack_commit.register_fake
+def _(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated):
+    return torch.empty_like(read)
+
+
+def commit_ref(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated) -> None:
+    """The buffer writes of ``kv_wpack_commit``'s lowering, in place on the torch tensors (reference)."""
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+    p, sn = read.shape[1], new.shape[2]
+    a, b, rows = _span(read, new, inv_freq, lay, rotated)
+    for t in range(a, min(b, p)):
+        for buf, r in zip((codes, scales, zeros), rows):
+            if buf is not None:
+                buf[:, t] = r[:, t - a]
+    qu = kv_quantized_until(p + sn, axis, lay["unit"], lay["window"], lay["sinks"])
+    for t in range(p, p + sn):
+        if t < lay["sinks"] or t >= qu:
+            ring[:, ring_row(t, lay)] = new[:, :, t - p].float()
+
+
+KV_WPACK_READ = torch.ops.finegrain.kv_wpack_read.default
+KV_WPACK_ROWS = torch.ops.finegrain.kv_wpack_rows.default
+KV_WPACK_COMMIT = torch.ops.finegrain.kv_wpack_commit.default
+
+
+def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
+    """Rewrite ``graph`` (after ``lower_window.rewrite``, before ``lower_cache.to_static_cache``) so that
+    each layer whose keys and values are both ``kv_window_write``s with a packed layout
+    (:func:`window_layout`) keeps them packed: the ``past_*`` input becomes ``codes`` / ``scales`` /
+    (``zeros``) / ``ring`` inputs, the present output the new tokens' rows. ``buffers`` (``pack_cache``'s
+    list, one fp32 entry per such present) is updated in place. Returns why the other windowed layers stay
+    fp32, one line each."""
+    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_WRITE
+    from finegrain.compiler.ir import KV, cache_past
+
+    out = next(n for n in graph.nodes if n.op == "output")
+    results = list(out.args[0])
+    layers: dict = {}
+    for r in results:
+        if isinstance(r, torch.fx.Node) and KV in r.meta:
+            layers.setdefault(r.meta[KV]["layer"], []).append(r)
+    plan, skipped = {}, []
+    for layer, ps in layers.items():
+        if not any(p.target is KV_WINDOW_WRITE for p in ps):
+            continue
+        lays = []
+        for p in ps:
+            if p.target is not KV_WINDOW_WRITE:
+                lays.append(f"its {p.meta[KV]['kind']} is not a windowed write")
+                continue
+            args = list(p.args) + [None, 1][len(p.args) - 8:]
+            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = args[:10]
+            ph = cache_past(past_t)
+            d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
+            if perm is not None or int(head_group) > 1:
+                lays.append("RotateKV's grouped heads stay in an fp32 cache")
+            elif ph is None or ph.op != "placeholder" or not isinstance(d, int):
+                lays.append("its write does not read its past input directly")
+            else:
+                lays.append(window_layout(fmt, axis, int(d), int(window), int(sinks)))
+        if len(ps) == 2 and all(isinstance(x, dict) for x in lays):
+            plan.update({p: lay for p, lay in zip(ps, lays)})
+        else:
+            skipped.append(f"layer {layer}: " + "; ".join(x for x in lays if isinstance(x, str)))
+    index = {b["name"]: i for i, b in enumerate(buffers)}
+    for i, r in enumerate(list(results)):
+        if r not in plan:
+            continue
+        lay = plan[r]
+        kind, layer = r.meta[KV]["kind"], r.meta[KV]["layer"]
+        args = list(r.args) + [None, 1][len(r.args) - 8:]
+        past_t, new, inv_freq, fmt, axis, window, sinks, rotated = args[:8]
+        ph = cache_past(past_t)
+        parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], lay["cols"])]
+        if lay["asym"]:
+            parts.append(("zeros", "uint8", lay["cols"]))
+        parts.append(("ring", "float32", lay["d"]))
+        ins, specs = {}, []
+        anchor = ph
+        for suffix, dtype, width in parts:
+            with graph.inserting_after(anchor):
+                anchor = graph.placeholder(f"kvw_{kind}_{layer}_{suffix}")
+            anchor.meta["kv_packed"] = True
+            ins[suffix] = anchor
+            spec = {"name": anchor.name, "dtype": dtype, "width": width, "packed": lay}
+            specs.append({**spec, "rows": lay["ring"]} if suffix == "ring" else spec)
+        opts = (inv_freq, fmt, axis, window, sinks, rotated)
+        order = {n: k for k, n in enumerate(graph.nodes)}
+        where = max([anchor] + ([inv_freq] if isinstance(inv_freq, torch.fx.Node) else []), key=order.__getitem__)
+        with graph.inserting_after(where):  # early: the past's length is read before the write (masks, positions)
+            read = graph.call_function(KV_WPACK_READ, (ins["codes"], ins["scales"], ins.get("zeros"), ins["ring"],
+                                                       *opts))
+        with graph.inserting_before(r):
+            new_att = graph.call_function(KV_WINDOW_NEW, (read, new, *opts))
+            rows = [graph.call_function(KV_WPACK_ROWS, (read, new, *opts, j)) for j in range(len(parts) - 1)]
+            past_att = graph.call_function(KV_WPACK_COMMIT, (read, new, ins["codes"], ins["scales"], ins.get("zeros"),
+                                                             ins["ring"], *opts))
+            both = graph.call_function(torch.ops.aten.cat.default,
+                                       ([graph.call_function(torch.ops.aten.transpose.int, (past_att, 1, 2)), new_att], 2))
+        r.replace_all_uses_with(both, delete_user_cb=lambda u: u is not out)
+        results[i] = tuple(rows)
+        with graph.inserting_after(read):  # the past's other readers (its length: masks, positions) read the decoded one
+            head_major = graph.call_function(torch.ops.aten.transpose.int, (read, 1, 2))
+        ph.replace_all_uses_with(head_major, delete_user_cb=lambda u: u is not r)
+        j = index[f"{kind}_{layer}"]
+        buffers[j:j + 1] = specs
+        index = {b["name"]: k for k, b in enumerate(buffers)}
+        # the past placeholder has no reader left (the write was its only one, through a transpose)
+    flat = []
+    for r in results:
+        flat.extend(r if isinstance(r, tuple) else (r,))
+    out.args = (tuple(flat),)
+    for r in plan:
+        graph.erase_node(r)
+    graph.eliminate_dead_code()
+    for n in [n for n in graph.nodes if n.op == "placeholder" and not n.users and n.name.startswith("past")]:
+        graph.erase_node(n)
+    return skipped
