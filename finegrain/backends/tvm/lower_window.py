@@ -272,44 +272,23 @@ def relax_converters(prefix: str) -> dict:
         return memo[key]
 
     def packed_read(node, importer):
+        import numpy as np
+
+        from finegrain.backends.tvm.window_cache import read_func
+
         bb = importer.block_builder
         extra, spec, lay, args = packed_args(importer, node, 4, 3)
         codes, scales, zeros, ring = args[:4]
-        rotated = bool(spec[4])
-
-        def fn(c_, s_, z_, ring_, *freq):
-            from tvm import te, tirx
-
-            b_, p_len, heads, _ = c_.shape
-            d, bits, w, cols, s0 = lay["d"], lay["bits"], lay["words"], lay["cols"], lay["sinks"]
-            unit, span_w = lay["unit"], lay["window"] + lay["unit"]
-            tokens = lay["axis"] == "tokens"
-            qu = kv_quantized_until(p_len, lay["axis"], unit, lay["window"], s0, tirx.max)
-            n = tirx.max(qu - s0, 0)
-
-            def deq(b, h, i, a):
-                t = s0 + i
-                word = c_[b, t, h, a % w]
-                u = tirx.bitwise_and(tirx.shift_right(word, ((a // w) * bits).astype("int32")), (1 << bits) - 1)
-                row = s0 + (i // unit) * unit + a // cols if tokens else t
-                col = a % cols if tokens else a // lay["group"]
-                code = u.astype("float32") + float(lay["lo"])
-                return (code - z_[b, row, h, col].astype("float32")) * s_[b, row, h, col].astype("float32")
-
-            vals = te.compute((b_, heads, n, d), deq, name="kv_wpack_decode")
-            if freq:
-                tables = _rope_tables(freq[0], s0, n)
-                vals = _rope(_fwht(vals) if rotated else vals, tables, False)
-                vals = _fwht(vals) if rotated else vals
-
-            def body(b, t, h, a):
-                slot = tirx.if_then_else(t < s0, t, s0 + tirx.floormod(t - s0, span_w))
-                return tirx.if_then_else(tirx.any(t < s0, t >= qu), ring_[b, tirx.min(slot, lay["ring"] - 1), h, a],
-                                         vals[b, h, tirx.max(tirx.min(t - s0, n - 1), 0), a])
-            return te.compute((b_, p_len, heads, d), body, name="kv_wpack_read")
-
-        return bb.emit_te(fn, codes, scales, zeros, ring, *extra, primfunc_name_hint=f"{prefix}kv_wpack_read",
-                          primfunc_attrs=SPAN_ATTRS)
+        b_, _, heads, _ = (int(x) if isinstance(x, tirx.IntImm) else x for x in codes.ty.shape)
+        half = int(extra[0].ty.shape[0]) if extra else 0
+        key = (f"{prefix}kv_wpack_read_b{b_}_h{heads}_d{lay['d']}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
+               f"{lay['axis']}_{lay['bits']}_{lay['scale']}_r{half}_{int(bool(spec[4]))}")
+        if key not in funcs:
+            func = read_func(b_, heads, lay, half, bool(spec[4]))
+            funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
+        freq = extra[0] if extra else relax.const(np.zeros(1, "float32"), "float32")
+        out = relax.TensorType([codes.ty.shape[i] for i in range(3)] + [lay["d"]], "float32")
+        return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, freq], out))
 
     def packed_rows(node, importer):
         bb = importer.block_builder

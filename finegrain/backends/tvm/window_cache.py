@@ -330,3 +330,90 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
     for n in [n for n in graph.nodes if n.op == "placeholder" and not n.users and n.name.startswith("past")]:
         graph.erase_node(n)
     return skipped
+
+
+def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
+    """The PrimFunc ``f(codes, scales, zeros, ring, inv_freq, out[B, P, Hkv, d])`` of ``kv_wpack_read``
+    (``rope_half``: the length of ``inv_freq`` for pre-RoPE keys, 0 (and a one-element placeholder) else):
+    one parallel task per cached token and head; a quantized token's codes are unpacked and scaled into
+    a local row, which pre-RoPE keys then take back to attention's space in registers (the reference's
+    butterflies and division by sqrt(d), RoPE at the token's position with float64 angles rounded to
+    float32, the butterflies again for rotated keys); sinks and float tokens are copied from the ring."""
+    import math
+
+    from tvm.script import tirx as T
+
+    d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
+    window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
+    span_w, tokens, sdt, hgroup = window + unit, lay["axis"] == "tokens", lay["scale"], lay["group"]
+    half, stages, rot = max(rope_half, 1), int(math.log2(d)), int(rotated)
+    mask = 2 ** bits - 1
+    f32 = "float32"
+
+    def value(c, s, z, bi, t, h, a):  # element a of token t's row, in the space it was quantized in
+        i = t - sinks
+        row = sinks + (i // unit) * unit + a // cols if tokens else t
+        col = a % cols if tokens else a // hgroup
+        u = (c[bi, t, h, a % w] >> ((a // w) * bits).astype("int32")) & mask
+        return (u.astype(f32) + T.float32(lo) - z[bi, row, h, col].astype(f32)) * s[bi, row, h, col].astype(f32)
+
+    @T.prim_func(s_tir=True)
+    def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, f_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
+        s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
+        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), f32)
+        freq = T.match_buffer(f_h, (half,), f32)
+        o = T.match_buffer(o_h, (batch, p, heads, d), f32)
+        m = T.max(p - (window + sinks), T.int64(0))
+        qu = (m // unit * unit if tokens else m) + sinks
+        for task in T.parallel(batch * p * heads):
+            x = T.decl_buffer((d,), f32, scope="local")
+            y = T.decl_buffer((d,), f32, scope="local")
+            bi = task // (p * heads)
+            t = task // heads % p
+            h = task % heads
+            if T.Or(t < sinks, t >= qu):
+                slot = T.if_then_else(t < sinks, t, sinks + (t - sinks) % span_w)
+                for a in T.vectorized(d):
+                    o[bi, t, h, a] = ring[bi, slot, h, a]
+            else:
+                for a in T.serial(d):
+                    x[a] = value(c, s, z, bi, t, h, a)
+                if T.int32(rot) == 1:  # the per-head Hadamard undone (self-inverse)
+                    for st in T.serial(stages):
+                        for blk in T.serial(d // 2 >> st):
+                            for r in T.serial(T.int64(1) << st):
+                                lo_i = blk * (T.int64(2) << st) + r
+                                hi_i = lo_i + (T.int64(1) << st)
+                                v0 = x[lo_i]
+                                x[lo_i] = v0 + x[hi_i]
+                                x[hi_i] = v0 - x[hi_i]
+                    for a in T.serial(d):
+                        x[a] = x[a] / T.float32(math.sqrt(d))
+                for a in T.serial(d):
+                    y[a] = x[a]
+                if T.int32(rope_half) > 0:  # RoPE at the token's position (the rotate_half pairs)
+                    for j in T.serial(half):
+                        ang = T.Cast("float64", t) * T.Cast("float64", freq[j])
+                        cs = T.Cast(f32, T.cos(ang))
+                        sn = T.Cast(f32, T.sin(ang))
+                        y[j] = x[j] * cs - x[j + half] * sn
+                        y[j + half] = x[j + half] * cs + x[j] * sn
+                if T.int32(rot) == 1:
+                    for st in T.serial(stages):
+                        for blk in T.serial(d // 2 >> st):
+                            for r in T.serial(T.int64(1) << st):
+                                lo_i = blk * (T.int64(2) << st) + r
+                                hi_i = lo_i + (T.int64(1) << st)
+                                v0 = y[lo_i]
+                                y[lo_i] = v0 + y[hi_i]
+                                y[hi_i] = v0 - y[hi_i]
+                    for a in T.serial(d):
+                        y[a] = y[a] / T.float32(math.sqrt(d))
+                for a in T.vectorized(d):
+                    o[bi, t, h, a] = y[a]
+
+    return func
