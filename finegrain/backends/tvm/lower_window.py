@@ -286,9 +286,22 @@ def relax_converters(prefix: str) -> dict:
         if key not in funcs:
             func = read_func(b_, heads, lay, half, bool(spec[4]))
             funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
-        freq = extra[0] if extra else relax.const(np.zeros(1, "float32"), "float32")
+        table = rope_table(bb, extra[0], codes.ty.shape[1]) if extra else relax.const(np.zeros((1, 2), "float32"))
         out = relax.TensorType([codes.ty.shape[i] for i in range(3)] + [lay["d"]], "float32")
-        return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, freq], out))
+        return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table], out))
+
+    def rope_table(bb, freq, p_len):
+        """cos then sin of every cached position's RoPE angles ``[P, 2 * half]`` (float64 angles rounded
+        to float32, as ``compiler.ops._rope``), computed once per call for all layers reading ``freq``."""
+        key = (id(bb), "rope", str(freq), str(p_len))
+        if key not in memo:
+            def fn(f_):
+                cos, sin = _rope_tables(f_, 0, p_len)
+                half = int(f_.shape[0])
+                return te.compute((p_len, 2 * half), lambda i, j: tirx.if_then_else(
+                    j < half, cos[i, tirx.min(j, half - 1)], sin[i, tirx.max(j - half, 0)]), name="kv_rope_table")
+            memo[key] = bb.emit_te(fn, freq, primfunc_name_hint=f"{prefix}kv_rope_table")
+        return memo[key]
 
     def packed_rows(node, importer):
         bb = importer.block_builder

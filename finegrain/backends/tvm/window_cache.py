@@ -333,12 +333,12 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
 
 
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
-    """The PrimFunc ``f(codes, scales, zeros, ring, inv_freq, out[B, P, Hkv, d])`` of ``kv_wpack_read``
-    (``rope_half``: the length of ``inv_freq`` for pre-RoPE keys, 0 (and a one-element placeholder) else):
-    one parallel task per cached token and head; a quantized token's codes are unpacked and scaled into
-    a local row, which pre-RoPE keys then take back to attention's space in registers (the reference's
-    butterflies and division by sqrt(d), RoPE at the token's position with float64 angles rounded to
-    float32, the butterflies again for rotated keys); sinks and float tokens are copied from the ring."""
+    """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
+    ``kv_wpack_read``: one parallel task per cached token and head; a quantized token's codes are
+    unpacked and scaled into a local row, which pre-RoPE keys (``rope_half`` > 0: ``rope`` holds each
+    position's cos then sin, float64 angles rounded to float32, as the reference's) then take back to
+    attention's space in registers: the reference's butterflies and division by sqrt(d) for rotated keys,
+    RoPE at the token's position, the butterflies again; sinks and float tokens are copied from the ring."""
     import math
 
     from tvm.script import tirx as T
@@ -346,32 +346,31 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
     window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
     span_w, tokens, sdt, hgroup = window + unit, lay["axis"] == "tokens", lay["scale"], lay["group"]
-    half, stages, rot = max(rope_half, 1), int(math.log2(d)), int(rotated)
+    half, stages, rot, roped = max(rope_half, 1), int(math.log2(d)), int(rotated), int(rope_half > 0)
     mask = 2 ** bits - 1
     f32 = "float32"
 
-    def value(c, s, z, bi, t, h, a):  # element a of token t's row, in the space it was quantized in
-        i = t - sinks
-        row = sinks + (i // unit) * unit + a // cols if tokens else t
-        col = a % cols if tokens else a // hgroup
-        u = (c[bi, t, h, a % w] >> ((a // w) * bits).astype("int32")) & mask
-        return (u.astype(f32) + T.float32(lo) - z[bi, row, h, col].astype(f32)) * s[bi, row, h, col].astype(f32)
+    per_word = 32 // bits
+    groups = d // hgroup  # values: parameters per token
 
     @T.prim_func(s_tir=True)
-    def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, f_h: T.handle, o_h: T.handle):
+    def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         p = T.int64()
+        n_tab = T.int64()
         c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
         s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
         z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
         ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), f32)
-        freq = T.match_buffer(f_h, (half,), f32)
+        tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
         o = T.match_buffer(o_h, (batch, p, heads, d), f32)
         m = T.max(p - (window + sinks), T.int64(0))
         qu = (m // unit * unit if tokens else m) + sinks
         for task in T.parallel(batch * p * heads):
             x = T.decl_buffer((d,), f32, scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
+            sc = T.decl_buffer((d,), f32, scope="local")  # each channel's scale and zero point
+            zc = T.decl_buffer((d,), f32, scope="local")
             bi = task // (p * heads)
             t = task // heads % p
             h = task % heads
@@ -380,38 +379,43 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                 for a in T.vectorized(d):
                     o[bi, t, h, a] = ring[bi, slot, h, a]
             else:
-                for a in T.serial(d):
-                    x[a] = value(c, s, z, bi, t, h, a)
-                if T.int32(rot) == 1:  # the per-head Hadamard undone (self-inverse)
-                    for st in T.serial(stages):
-                        for blk in T.serial(d // 2 >> st):
-                            for r in T.serial(T.int64(1) << st):
-                                lo_i = blk * (T.int64(2) << st) + r
-                                hi_i = lo_i + (T.int64(1) << st)
-                                v0 = x[lo_i]
-                                x[lo_i] = v0 + x[hi_i]
-                                x[hi_i] = v0 - x[hi_i]
-                    for a in T.serial(d):
+                if tokens:  # the group's per-channel parameters, spread over its rows: row r holds channels r * cols ..
+                    for r in T.serial(unit):
+                        for cc in T.serial(cols):
+                            sc[r * cols + cc] = T.Cast(f32, s[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
+                            zc[r * cols + cc] = T.Cast(f32, z[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
+                else:  # the token's own, one per group of hgroup channels
+                    for gi in T.serial(groups):
+                        for cc in T.vectorized(hgroup):
+                            sc[gi * hgroup + cc] = T.Cast(f32, s[bi, t, h, gi])
+                            zc[gi * hgroup + cc] = T.Cast(f32, z[bi, t, h, gi])
+                for j in T.unroll(per_word):  # element j * W + k: bits j * bits .. of word k
+                    for k in T.vectorized(w):
+                        x[j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(c[bi, t, h, k], T.int32(bits) * T.Cast(
+                            "int32", j)), T.int32(mask))) + T.float32(lo) - zc[j * w + k]) * sc[j * w + k]
+                if rot == 1:  # the per-head Hadamard undone (self-inverse): pairs (c, c + 2^st), stage by stage
+                    for st in T.unroll(stages):
+                        for q in T.serial(d // 2):
+                            i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                            v0 = x[i0]
+                            x[i0] = v0 + x[i0 + (T.int64(1) << st)]
+                            x[i0 + (T.int64(1) << st)] = v0 - x[i0 + (T.int64(1) << st)]
+                    for a in T.vectorized(d):
                         x[a] = x[a] / T.float32(math.sqrt(d))
-                for a in T.serial(d):
+                for a in T.vectorized(d):
                     y[a] = x[a]
-                if T.int32(rope_half) > 0:  # RoPE at the token's position (the rotate_half pairs)
+                if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
                     for j in T.serial(half):
-                        ang = T.Cast("float64", t) * T.Cast("float64", freq[j])
-                        cs = T.Cast(f32, T.cos(ang))
-                        sn = T.Cast(f32, T.sin(ang))
-                        y[j] = x[j] * cs - x[j + half] * sn
-                        y[j + half] = x[j + half] * cs + x[j] * sn
-                if T.int32(rot) == 1:
-                    for st in T.serial(stages):
-                        for blk in T.serial(d // 2 >> st):
-                            for r in T.serial(T.int64(1) << st):
-                                lo_i = blk * (T.int64(2) << st) + r
-                                hi_i = lo_i + (T.int64(1) << st)
-                                v0 = y[lo_i]
-                                y[lo_i] = v0 + y[hi_i]
-                                y[hi_i] = v0 - y[hi_i]
-                    for a in T.serial(d):
+                        y[j] = x[j] * tab[t, j] - x[j + half] * tab[t, half + j]
+                        y[j + half] = x[j + half] * tab[t, j] + x[j] * tab[t, half + j]
+                if rot == 1:
+                    for st in T.unroll(stages):
+                        for q in T.serial(d // 2):
+                            i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                            v0 = y[i0]
+                            y[i0] = v0 + y[i0 + (T.int64(1) << st)]
+                            y[i0 + (T.int64(1) << st)] = v0 - y[i0 + (T.int64(1) << st)]
+                    for a in T.vectorized(d):
                         y[a] = y[a] / T.float32(math.sqrt(d))
                 for a in T.vectorized(d):
                     o[bi, t, h, a] = y[a]
