@@ -393,6 +393,15 @@ def pack_cache(graph) -> list[dict]:
     return buffers
 
 
+def packed_word(u, w: int, bits: int, b, t, h, c):
+    """TE: word ``c`` of a packed row whose unsigned codes ``u(b, t, h, a)`` are interleaved (element ``a``
+    in word ``a % w`` at bit ``(a // w) * bits``)."""
+    acc = u(b, t, h, c)
+    for i in range(1, 32 // bits):
+        acc = acc | (u(b, t, h, i * w + c) << (i * bits))
+    return acc
+
+
 def relax_converters(prefix: str) -> dict:
     """The Relax frontend's converters for ``kv_codes`` / ``kv_scales`` / ``kv_zeros`` (the new
     tokens' scales chosen exactly as the fake quantization the attention reads chooses them) and
@@ -433,12 +442,8 @@ def relax_converters(prefix: str) -> dict:
                 q = te.max(te.min(tirx.nearbyint(v) + z_[b, t, h, a // g, 0], float(hi)), float(lo))
                 return (q - float(lo)).astype("int32")
 
-            def word(b, t, h, c):
-                acc = u(b, t, h, c)
-                for i in range(1, 32 // bits):
-                    acc = acc | (u(b, t, h, i * w + c) << (i * bits))
-                return acc
-            return te.compute((*shape[:-1], w), word, name="kv_codes")
+            return te.compute((*shape[:-1], w), lambda b, t, h, c: packed_word(u, w, bits, b, t, h, c),
+                              name="kv_codes")
         return bb.emit_te(fn, xr, s, z, primfunc_name_hint=f"{prefix}kv_codes")
 
     def scales(node, importer):

@@ -622,6 +622,8 @@ def _span_rows(x, lay: dict, n):
     ``[B, n, H, C]`` (per-channel keys: each group's parameters spread over its rows)."""
     from tvm import te, tirx
 
+    from finegrain.backends.tvm.lower_cache import packed_word
+
     f = QuantFormat.parse(lay["format"])
     b_, heads, _, d = x.shape
     d = int(d)
@@ -636,18 +638,13 @@ def _span_rows(x, lay: dict, n):
                      float(lo_code))
         return (q - float(lo_code)).astype("int32")
 
-    def word(b, i, h, k):
-        acc = u(b, i, h, k)
-        for j in range(1, 32 // bits):
-            acc = acc | (u(b, i, h, j * w + k) << (j * bits))
-        return acc
-
     def param(t, dtype):
         def body(b, i, h, c):
             idx = (b, h, i // g, (i % g) * cols + c) if tokens else (b, h, i, c)
             return t(*idx).astype(dtype)
         return body
 
-    return (te.compute((b_, n, heads, w), word, name="kv_span_codes"),
+    return (te.compute((b_, n, heads, w), lambda b, i, h, k: packed_word(u, w, bits, b, i, h, k),
+                       name="kv_span_codes"),
             te.compute((b_, n, heads, cols), param(scale, lay["scale"]), name="kv_span_scales"),
             te.compute((b_, n, heads, cols), param(zero, "uint8"), name="kv_span_zeros"))
