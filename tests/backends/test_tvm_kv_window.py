@@ -193,6 +193,29 @@ def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope):
     assert (codes[0, sinks:p - window - 3] != 0).flatten(1).any(-1).all()
 
 
+def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
+    """``pack_window_cache``: KIVI's asymmetric integer writes packed (codes, scales, zeros, a ring of
+    ``sinks + window + G`` rows per layer and K / V); RotateKV's grouped heads and symmetric formats left in
+    an fp32 cache, each layer named with the reason (warned and listed in the manifest by the build)."""
+    from finegrain.backends.tvm.lower import prepare
+
+    model = _family("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    for kv, why in ((KIVI, None), (GROUPED, "grouped heads"), (PLAIN, "asymmetric integer formats")):
+        cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True,
+                               calibration=[(ids,)] if kv.get("kv_reorder") else None)
+        pgm, _ = prepare(cm.gm, cm.input_specs, pack_kv=True)
+        layers = cm.kv["layers"]
+        if why is None:
+            assert pgm.kv_unpacked == [] and len(pgm.kv_buffers) == 8 * layers
+            assert [b.get("rows") for b in pgm.kv_buffers[:8]] == [None, None, None, 9, None, None, None, 6]
+            assert all(b["name"].startswith("kvw_") for b in pgm.kv_buffers)
+        else:
+            assert len(pgm.kv_unpacked) == layers and all(why in line for line in pgm.kv_unpacked), pgm.kv_unpacked
+            assert [line.split(":")[0] for line in pgm.kv_unpacked] == [f"layer {i}" for i in range(layers)]
+            assert all("packed" not in b for b in pgm.kv_buffers)
+
+
 def test_zipcache_is_refused_by_name():
     from finegrain.backends.tvm.lower_activations import TvmError
 
