@@ -334,7 +334,8 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
 
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
-    ``kv_wpack_read``: one parallel task per cached token and head; a quantized token's codes are
+    ``kv_wpack_read``: one parallel task per cached token, its heads in turn (one task per token and head
+    measured 3x slower for values: the per-task setup dominated); a quantized token's codes are
     unpacked and scaled into a local row, which pre-RoPE keys (``rope_half`` > 0: ``rope`` holds each
     position's cos then sin, float64 angles rounded to float32, as the reference's) then take back to
     attention's space in registers: the reference's butterflies and division by sqrt(d) for rotated keys,
@@ -366,58 +367,58 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
         o = T.match_buffer(o_h, (batch, p, heads, d), f32)
         m = T.max(p - (window + sinks), T.int64(0))
         qu = (m // unit * unit if tokens else m) + sinks
-        for task in T.parallel(batch * p * heads):
+        for task in T.parallel(batch * p):
             x = T.decl_buffer((d,), f32, scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
-            sc = T.decl_buffer((d,), f32, scope="local")  # each channel's scale and zero point
+            sc = T.decl_buffer((d,), f32, scope="local")
             zc = T.decl_buffer((d,), f32, scope="local")
-            bi = task // (p * heads)
-            t = task // heads % p
-            h = task % heads
-            if T.Or(t < sinks, t >= qu):
-                slot = T.if_then_else(t < sinks, t, sinks + (t - sinks) % span_w)
-                for a in T.vectorized(d):
-                    o[bi, t, h, a] = ring[bi, slot, h, a]
-            else:
-                if tokens:  # the group's per-channel parameters, spread over its rows: row r holds channels r * cols ..
-                    for r in T.serial(unit):
-                        for cc in T.serial(cols):
-                            sc[r * cols + cc] = T.Cast(f32, s[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
-                            zc[r * cols + cc] = T.Cast(f32, z[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
-                else:  # the token's own, one per group of hgroup channels
-                    for gi in T.serial(groups):
-                        for cc in T.vectorized(hgroup):
-                            sc[gi * hgroup + cc] = T.Cast(f32, s[bi, t, h, gi])
-                            zc[gi * hgroup + cc] = T.Cast(f32, z[bi, t, h, gi])
-                for j in T.unroll(per_word):  # element j * W + k: bits j * bits .. of word k
-                    for k in T.vectorized(w):
-                        x[j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(c[bi, t, h, k], T.int32(bits) * T.Cast(
-                            "int32", j)), T.int32(mask))) + T.float32(lo) - zc[j * w + k]) * sc[j * w + k]
-                if rot == 1:  # the per-head Hadamard undone (self-inverse): pairs (c, c + 2^st), stage by stage
-                    for st in T.unroll(stages):
-                        for q in T.serial(d // 2):
-                            i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                            v0 = x[i0]
-                            x[i0] = v0 + x[i0 + (T.int64(1) << st)]
-                            x[i0 + (T.int64(1) << st)] = v0 - x[i0 + (T.int64(1) << st)]
+            bi = task // p
+            t = task % p
+            for h in T.serial(heads):
+                if T.Or(t < sinks, t >= qu):
+                    slot = T.if_then_else(t < sinks, t, sinks + (t - sinks) % span_w)
                     for a in T.vectorized(d):
-                        x[a] = x[a] / T.float32(math.sqrt(d))
-                for a in T.vectorized(d):
-                    y[a] = x[a]
-                if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
-                    for j in T.serial(half):
-                        y[j] = x[j] * tab[t, j] - x[j + half] * tab[t, half + j]
-                        y[j + half] = x[j + half] * tab[t, j] + x[j] * tab[t, half + j]
-                if rot == 1:
-                    for st in T.unroll(stages):
-                        for q in T.serial(d // 2):
-                            i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                            v0 = y[i0]
-                            y[i0] = v0 + y[i0 + (T.int64(1) << st)]
-                            y[i0 + (T.int64(1) << st)] = v0 - y[i0 + (T.int64(1) << st)]
+                        o[bi, t, h, a] = ring[bi, slot, h, a]
+                else:
+                    if tokens:  # the group's per-channel parameters, spread over its rows: row r holds channels r * cols ..
+                        for r in T.serial(unit):
+                            for cc in T.serial(cols):
+                                sc[r * cols + cc] = T.Cast(f32, s[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
+                                zc[r * cols + cc] = T.Cast(f32, z[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
+                    else:  # the token's own, one per group of hgroup channels
+                        for gi in T.serial(groups):
+                            for cc in T.vectorized(hgroup):
+                                sc[gi * hgroup + cc] = T.Cast(f32, s[bi, t, h, gi])
+                                zc[gi * hgroup + cc] = T.Cast(f32, z[bi, t, h, gi])
+                    for j in T.unroll(per_word):  # element j * W + k: bits j * bits .. of word k
+                        for k in T.vectorized(w):
+                            x[j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(c[bi, t, h, k], T.int32(bits) * T.Cast(
+                                "int32", j)), T.int32(mask))) + T.float32(lo) - zc[j * w + k]) * sc[j * w + k]
+                    if rot == 1:  # the per-head Hadamard undone (self-inverse): pairs (c, c + 2^st), stage by stage
+                        for st in T.unroll(stages):
+                            for q in T.serial(d // 2):
+                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                                v0 = x[i0]
+                                x[i0] = v0 + x[i0 + (T.int64(1) << st)]
+                                x[i0 + (T.int64(1) << st)] = v0 - x[i0 + (T.int64(1) << st)]
+                        for a in T.vectorized(d):
+                            x[a] = x[a] / T.float32(math.sqrt(d))
                     for a in T.vectorized(d):
-                        y[a] = y[a] / T.float32(math.sqrt(d))
-                for a in T.vectorized(d):
-                    o[bi, t, h, a] = y[a]
+                        y[a] = x[a]
+                    if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
+                        for j in T.serial(half):
+                            y[j] = x[j] * tab[t, j] - x[j + half] * tab[t, half + j]
+                            y[j + half] = x[j + half] * tab[t, j] + x[j] * tab[t, half + j]
+                    if rot == 1:
+                        for st in T.unroll(stages):
+                            for q in T.serial(d // 2):
+                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                                v0 = y[i0]
+                                y[i0] = v0 + y[i0 + (T.int64(1) << st)]
+                                y[i0 + (T.int64(1) << st)] = v0 - y[i0 + (T.int64(1) << st)]
+                        for a in T.vectorized(d):
+                            y[a] = y[a] / T.float32(math.sqrt(d))
+                    for a in T.vectorized(d):
+                        o[bi, t, h, a] = y[a]
 
     return func
