@@ -181,6 +181,24 @@ def _token_format(fmt: str):
     return QuantFormat.parse(fmt).per_row()
 
 
+def pack_words(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``u[..., d]`` as the packed cache's int32 words ``[..., d * bits / 32]`` (element ``a``
+    in word ``a % W`` at bit ``(a // W) * bits``)."""
+    w = u.shape[-1] * bits // 32
+    u = u.to(torch.int64).reshape(*u.shape[:-1], 32 // bits, w)
+    acc = torch.zeros(*u.shape[:-2], w, dtype=torch.int64)
+    for i in range(32 // bits):
+        acc |= u[..., i, :] << (i * bits)
+    return torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+
+
+def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The unsigned codes ``[..., d]`` (int64) of :func:`pack_words`' words."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
+    u = ((words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-2) >> shifts) & (2**bits - 1)  # [..., d / W, W]
+    return u.reshape(*words.shape[:-1], -1)
+
+
 def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
     """``(codes, scales, zeros)`` of ``x[..., d]`` as the packed cache holds them (reference)."""
     d = x.shape[-1]
@@ -189,13 +207,9 @@ def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
         from finegrain.backends.tvm.lower_activations import TvmError
 
         raise TvmError(lay)
-    g, w, bits = lay["group"], lay["words"], lay["bits"]
+    g, bits = lay["group"], lay["bits"]
     q = _token_format(fmt).quantize(x.float().reshape(*x.shape[:-1], d // g, g))
-    u = (q.codes.to(torch.int64) - lay["lo"]).reshape(*x.shape[:-1], d // w, w)
-    acc = torch.zeros(*x.shape[:-1], w, dtype=torch.int64)
-    for i in range(32 // bits):
-        acc |= u[..., i, :] << (i * bits)
-    words = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    words = pack_words((q.codes.to(torch.int64) - lay["lo"]).reshape(*x.shape[:-1], d), bits)
     scales = q.scale.reshape(*x.shape[:-1], d // g).to(SCALE_DTYPES["fp16" if lay["scale"] == "float16" else "fp32"])
     zeros = q.zero.reshape(*x.shape[:-1], d // g).to(torch.uint8)
     return words, scales, zeros
@@ -204,10 +218,8 @@ def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
 def decode_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: str, d: int) -> torch.Tensor:
     """The values a packed cache holds, fp32 ``[..., d]`` (reference)."""
     lay = kv_layout(fmt, d)
-    bits, w, g = lay["bits"], lay["words"], lay["group"]
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
-    u = ((codes.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-2) >> shifts) & (2**bits - 1)  # [..., d / W, W]
-    u = u.reshape(*codes.shape[:-1], d // g, g)
+    bits, g = lay["bits"], lay["group"]
+    u = unpack_words(codes, bits).reshape(*codes.shape[:-1], d // g, g)
     if lay.get("fp8"):  # E4M3 bit patterns
         u = u.to(torch.uint8).view(torch.float8_e4m3fn).float()
     else:

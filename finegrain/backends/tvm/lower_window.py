@@ -96,6 +96,13 @@ KV_WINDOW_PAST = torch.ops.finegrain.kv_window_past.default
 KV_WINDOW_NEW = torch.ops.finegrain.kv_window_new.default
 
 
+def window_write_args(args) -> list:
+    """A ``kv_window_write``'s ten arguments ``(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm,
+    head_group)``: ``perm`` / ``head_group`` at their defaults where the exported node dropped them."""
+    args = list(args)
+    return args + [None, 1][len(args) - 8:]
+
+
 def rewrite(graph: Graph) -> None:
     """Each ``kv_append`` of ``graph`` becomes a ``kv_window_write``; one with no lowering raises
     ``TvmError`` naming it."""
@@ -186,8 +193,7 @@ def relax_converters(prefix: str) -> dict:
 
         from finegrain.compiler.ops import _group_factor
 
-        args = list(importer.retrieve_args(node))
-        args += [None, 1][len(args) - 8:]  # perm, head_group at their defaults: the exported node drops them
+        args = window_write_args(importer.retrieve_args(node))
         extra = [args[2]] if args[2] is not None else []
         head_group = int(args[9])
         if args[2] is not None and (args[8] is not None or head_group > 1):  # as kv_append: pre-RoPE keys only
@@ -311,8 +317,6 @@ def relax_converters(prefix: str) -> dict:
         dtype = ("int32", lay["scale"], "uint8")[part]
 
         def fn(read_, new_, rows_):
-            from tvm import te, tirx
-
             p_len, sn = read_.shape[1], new_.shape[2]
             a = kv_quantized_until(p_len, lay["axis"], lay["unit"], lay["window"], lay["sinks"], tirx.max)
             n = rows_.shape[1]
@@ -610,17 +614,24 @@ def _fake_quant(x, f: QuantFormat, axis: str, n):
         s, z = scale(*idx), zero(*idx)
         if f.kind == "e4m3":  # FP8 elements: the E4M3 grid, saturated, as torch's cast rounds
             return _minifloat_round(x[b, h, i, c] / s, f) * s
-        q = tirx.max(tirx.min(tirx.nearbyint(x[b, h, i, c] / s) + z, float(hi_code)), float(lo_code))
-        return (q - z) * s
+        return (_int_code(x[b, h, i, c], s, z, lo_code, hi_code) - z) * s
 
     return te.compute(x.shape, deq, name="kv_fake_quant")
+
+
+def _int_code(v, scale, zero, lo_code: int, hi_code: int):
+    """TE: the integer code (as float) ``QuantFormat.quantize`` gives ``v``: round half to even, plus the zero
+    point, clamped to the code range."""
+    from tvm import tirx
+
+    return tirx.max(tirx.min(tirx.nearbyint(v / scale) + zero, float(hi_code)), float(lo_code))
 
 
 def _span_rows(x, lay: dict, n):
     """The packed rows (``window_cache.encode_span``) of the released tokens ``x`` ``[B, H, n, d]`` (in
     the space they are quantized in): token-major code words ``[B, n, H, W]``, scales and zero points
     ``[B, n, H, C]`` (per-channel keys: each group's parameters spread over its rows)."""
-    from tvm import te, tirx
+    from tvm import te
 
     from finegrain.backends.tvm.lower_cache import packed_word
 
@@ -634,9 +645,7 @@ def _span_rows(x, lay: dict, n):
 
     def u(b, i, h, c):
         idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
-        q = tirx.max(tirx.min(tirx.nearbyint(x[b, h, i, c] / scale(*idx)) + zero(*idx), float(hi_code)),
-                     float(lo_code))
-        return (q - float(lo_code)).astype("int32")
+        return (_int_code(x[b, h, i, c], scale(*idx), zero(*idx), lo_code, hi_code) - float(lo_code)).astype("int32")
 
     def param(t, dtype):
         def body(b, i, h, c):

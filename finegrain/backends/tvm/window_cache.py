@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph
 
+from finegrain.backends.tvm.lower_cache import pack_words, unpack_words
 from finegrain.compiler.ops import _hadamard, _rope, kv_quantized_span, kv_quantized_until
 from finegrain.formats import QuantFormat
 
@@ -86,7 +87,7 @@ def encode_span(seg: torch.Tensor, lay: dict) -> tuple[torch.Tensor, torch.Tenso
     ``tokens`` axis), quantized as ``kv_append`` quantizes them."""
     f = QuantFormat.parse(lay["format"])
     b, h, n, d = seg.shape
-    bits, w, c = lay["bits"], lay["words"], lay["cols"]
+    bits, c = lay["bits"], lay["cols"]
     if lay["axis"] == "tokens":  # per channel over groups of G tokens: [B, H, d, n / G] parameters
         q = f.quantize(seg.transpose(2, 3).contiguous())
         codes = q.codes.transpose(2, 3)
@@ -98,11 +99,7 @@ def encode_span(seg: torch.Tensor, lay: dict) -> tuple[torch.Tensor, torch.Tenso
         q = f.quantize(seg)
         codes = q.codes
         spread = [q.scale.reshape(b, h, n, c), q.zero.reshape(b, h, n, c)]
-    u = (codes.to(torch.int64) - lay["lo"]).reshape(b, h, n, d // w, w)
-    acc = torch.zeros(b, h, n, w, dtype=torch.int64)
-    for i in range(32 // bits):
-        acc |= u[..., i, :] << (i * bits)
-    words = torch.where(acc >= 2**31, acc - 2**32, acc).to(torch.int32)
+    words = pack_words(codes.to(torch.int64) - lay["lo"], bits)
     sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
     return (words.transpose(1, 2).contiguous(), spread[0].to(sdt).transpose(1, 2).contiguous(),
             spread[1].to(torch.uint8).transpose(1, 2).contiguous())
@@ -112,10 +109,8 @@ def decode_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
                 n: int) -> torch.Tensor:
     """The values (in the space they were quantized in) of cached tokens ``start .. start + n``, head-major
     ``[B, H, n, d]`` (``start`` the first token after the sinks: groups are aligned to it)."""
-    d, bits, w, c = lay["d"], lay["bits"], lay["words"], lay["cols"]
-    words = codes[:, start:start + n].to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)[:, None]
-    u = ((words.unsqueeze(-2) >> shifts) & (2**bits - 1)).reshape(*words.shape[:-1], d).float() + lay["lo"]
+    d, c = lay["d"], lay["cols"]
+    u = unpack_words(codes[:, start:start + n], lay["bits"]).float() + lay["lo"]
     s = scales[:, start:start + n].float()
     z = zeros[:, start:start + n].float() if zeros is not None and lay["asym"] else torch.zeros_like(s)
     b, _, h, _ = s.shape
@@ -244,7 +239,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
     (``zeros``) / ``ring`` inputs, the present output the new tokens' rows. ``buffers`` (``pack_cache``'s
     list, one fp32 entry per such present) is updated in place. Returns why the other windowed layers stay
     fp32, one line each."""
-    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_WRITE
+    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_WRITE, window_write_args
     from finegrain.compiler.ir import KV, cache_past
 
     out = next(n for n in graph.nodes if n.op == "output")
@@ -262,8 +257,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             if p.target is not KV_WINDOW_WRITE:
                 lays.append(f"its {p.meta[KV]['kind']} is not a windowed write")
                 continue
-            args = list(p.args) + [None, 1][len(p.args) - 8:]
-            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = args[:10]
+            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = window_write_args(p.args)
             ph = cache_past(past_t)
             d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
             if perm is not None or int(head_group) > 1:
@@ -282,8 +276,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             continue
         lay = plan[r]
         kind, layer = r.meta[KV]["kind"], r.meta[KV]["layer"]
-        args = list(r.args) + [None, 1][len(r.args) - 8:]
-        past_t, new, inv_freq, fmt, axis, window, sinks, rotated = args[:8]
+        past_t, new, inv_freq, fmt, axis, window, sinks, rotated = window_write_args(r.args)[:8]
         ph = cache_past(past_t)
         parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], lay["cols"])]
         if lay["asym"]:
@@ -354,6 +347,17 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     per_word = 32 // bits
     groups = d // hgroup  # values: parameters per token
 
+    @T.macro
+    def fwht(v):  # the reference's butterflies over a local row, pairs (c, c + 2^st) stage by stage, then / sqrt(d)
+        for st in T.unroll(stages):
+            for q in T.serial(d // 2):
+                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                v0 = v[i0]
+                v[i0] = v0 + v[i0 + (T.int64(1) << st)]
+                v[i0 + (T.int64(1) << st)] = v0 - v[i0 + (T.int64(1) << st)]
+        for a in T.vectorized(d):
+            v[a] = v[a] / T.float32(math.sqrt(d))
+
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -394,15 +398,8 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                         for k in T.vectorized(w):
                             x[j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(c[bi, t, h, k], T.int32(bits) * T.Cast(
                                 "int32", j)), T.int32(mask))) + T.float32(lo) - zc[j * w + k]) * sc[j * w + k]
-                    if rot == 1:  # the per-head Hadamard undone (self-inverse): pairs (c, c + 2^st), stage by stage
-                        for st in T.unroll(stages):
-                            for q in T.serial(d // 2):
-                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                                v0 = x[i0]
-                                x[i0] = v0 + x[i0 + (T.int64(1) << st)]
-                                x[i0 + (T.int64(1) << st)] = v0 - x[i0 + (T.int64(1) << st)]
-                        for a in T.vectorized(d):
-                            x[a] = x[a] / T.float32(math.sqrt(d))
+                    if rot == 1:  # the per-head Hadamard undone (self-inverse)
+                        fwht(x)
                     for a in T.vectorized(d):
                         y[a] = x[a]
                     if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
@@ -410,14 +407,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                             y[j] = x[j] * tab[t, j] - x[j + half] * tab[t, half + j]
                             y[j + half] = x[j + half] * tab[t, j] + x[j] * tab[t, half + j]
                     if rot == 1:
-                        for st in T.unroll(stages):
-                            for q in T.serial(d // 2):
-                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                                v0 = y[i0]
-                                y[i0] = v0 + y[i0 + (T.int64(1) << st)]
-                                y[i0 + (T.int64(1) << st)] = v0 - y[i0 + (T.int64(1) << st)]
-                        for a in T.vectorized(d):
-                            y[a] = y[a] / T.float32(math.sqrt(d))
+                        fwht(y)
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = y[a]
 
