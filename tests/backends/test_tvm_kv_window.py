@@ -84,12 +84,17 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
     if deployed:
         from finegrain.backends.tvm.lower import import_relax
 
-        # decode reads the cache in place (the released rows written into the buffer, no full-cache write)
-        names = {gv.name_hint for gv in import_relax(cm.gm, cm.input_specs, 48, TARGET)[0].get_global_vars()}
-        assert any(n.startswith("decode_attention_cache") for n in names), names
-        # the packed past decoded once per step, the released rows' codes and the ring written in place
-        assert "decode_kv_wpack_rows" in names and "decode_kv_window_write" not in names
-        assert all(any(n.startswith(f"decode_kv_wpack_{f}") for n in names) for f in ("read", "commit")), names
+        import re
+
+        mod = import_relax(cm.gm, cm.input_specs, 48, TARGET)[0]
+        called = {f: set(re.findall(r"\b((?:decode_)?(?:attention|kv)_\w+)", mod[f].script())) for f in ("prefill", "decode")}
+        # decode's attention reads the packed codes and the ring in place, after the step's commit wrote the
+        # released rows' codes and the ring; the past is not decoded to fp32 (prefill still decodes it once)
+        assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
+        assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
+        assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
+        assert "decode_kv_wpack_rows" in called["decode"] and "decode_kv_window_write" not in called["decode"]
+        assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
         # the standalone runtime script (no finegrain) generates the same tokens
         code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
                 "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
@@ -191,6 +196,66 @@ def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope):
         p += s
     assert p > 2 * lay["ring"]  # the ring wrapped; every token released so far has its code rows written
     assert (codes[0, sinks:p - window - 3] != 0).flatten(1).any(-1).all()
+
+
+@pytest.mark.parametrize("d,key_fmt,key_axis,pre_rope,rotated,value_fmt", [
+    (64, "int4-g32-asym-fp16-dyn", "tokens", True, True, "int4-g32-asym-fp16-dyn"),  # SmolLM2's kivi4 shapes
+    (64, "int2-g16-asym-fp16-dyn", "tokens", True, True, "int2-g16-asym-fp16-dyn"),  # and kivi2's
+    (16, "int2-g4-asym-fp32-dyn", "tokens", True, False, "int2-g8-asym-fp32-dyn"),  # RoPE without the rotation
+    (32, "int4-g8-asym-fp16-dyn", "head_dim", True, True, "int8-g32-asym-fp16-dyn"),  # per-token keys, pre-RoPE
+    (8, "int4-g8-asym-fp16-dyn", "tokens", True, True, "int4-g8-asym-fp16-dyn"),  # one 8-lane block: no strides
+    (16, "int4-g4-asym-fp16-dyn", "tokens", False, False, "int2-g4-asym-fp16-dyn"),  # keys stored as attention reads them
+])
+def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decodes_them(d, key_fmt, key_axis,
+                                                                                        pre_rope, rotated, value_fmt):
+    """``window_cache.decode_attention_func`` (decode's attention over the packed window, read in place)
+    gives the attention over what ``kv_wpack_read`` decodes from the same buffers after the step's write
+    (tokens quantized up to ``kv_quantized_until(P + 1)``, sinks and float tokens from the rings), with
+    3 query heads per K / V head and some keys masked (among them the first of a group)."""
+    import numpy as np
+    import tvm
+
+    from finegrain.backends.tvm.kernels.attention import padded_keys
+    from finegrain.backends.tvm.window_cache import _read, decode_attention_func, window_layout
+
+    b, hk, group, window, sinks, p, max_len = 1, 2, 3, 5, 1, 61, 96
+    h, scale = hk * group, 1.0 / d ** 0.5
+    g = torch.Generator().manual_seed(d)
+    freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d)).float() if pre_rope else None
+    kinds = []
+    for fmt, axis, f in ((key_fmt, key_axis, freq), (value_fmt, "head_dim", None)):
+        lay = window_layout(fmt, axis, d, window, sinks)
+        sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
+        bufs = (torch.randint(-2 ** 31, 2 ** 31 - 1, (b, p, hk, lay["words"]), generator=g, dtype=torch.int64).int(),
+                (torch.rand(b, p, hk, lay["cols"], generator=g) * 0.5 + 0.05).to(sdt),
+                torch.randint(0, 2 ** lay["bits"], (b, p, hk, lay["cols"]), generator=g).to(torch.uint8),
+                torch.randn(b, lay["ring"], hk, d, generator=g))
+        # after the write of token P: decoded with P + 1 rows (the extra row's codes are never read)
+        grown = [torch.cat([x, x[:, :1]], 1) for x in bufs[:3]]
+        past = _read(*grown, bufs[3], f, lay, rotated and f is not None)[:, :p]
+        kinds.append((lay, bufs, past, torch.randn(b, hk, 1, d, generator=g)))
+    (klay, kbufs, kpast, kn), (vlay, vbufs, vpast, vn) = kinds
+    q = torch.randn(b, h, 1, d, generator=g)
+    masked = [0, sinks + 16, 30, 31, p - 2]
+    bias = torch.zeros(1, padded_keys(p + 1))
+    bias[0, masked] = -torch.inf
+    bias[0, p + 1:] = -torch.inf
+    keys, values = (torch.cat([x.transpose(1, 2), n], 2).repeat_interleave(group, 1) for x, n in ((kpast, kn),
+                                                                                                  (vpast, vn)))
+    att = (q @ keys.transpose(-1, -2)) * scale + bias[:, :p + 1]
+    want = torch.softmax(att, -1) @ values
+    half = d // 2 if pre_rope else 1
+    if pre_rope:
+        ang = torch.arange(p, dtype=torch.float64)[:, None] * freq.double()[None, :]
+        table = torch.cat([ang.cos(), ang.sin()], 1).float()
+    else:
+        table = torch.zeros(1, 2)
+    func = decode_attention_func(b, h, hk, d, max_len, scale, klay, vlay, half if pre_rope else 0, rotated)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    args = [tvm.runtime.tensor(x.numpy()) for x in (q, *kbufs, kn, *vbufs, vn, bias, table, torch.zeros(b, h, 1, d))]
+    lib(*args)
+    got = args[-1].numpy()
+    assert np.abs(got - want.numpy()).max() <= 2e-5 * max(1.0, want.abs().max().item()), np.abs(got - want.numpy()).max()
 
 
 def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():

@@ -590,7 +590,9 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     from tvm.relax.frontend.torch import from_exported_program
 
     from finegrain.backends.tvm import lower_attention, lower_cache, lower_window
+    from finegrain.backends.tvm.window_cache import mark_fused_decode
 
+    shared: dict = {}  # the packed windows' buffers after their commit, for decode's attention (lower_window)
     ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False,
                              prefer_deferred_runtime_asserts_over_guards=True)
     table = torch.export.default_decompositions()
@@ -601,13 +603,14 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
                "amax.default": _convert_amax, **lower_cache.relax_converters(prefix),
-               **lower_window.relax_converters(prefix)}
+               **lower_window.relax_converters(prefix, shared)}
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
-        convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len)
+        convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len, shared)
     ep = ep.run_decompositions(table)
     if kept:
         lower_attention.share_kv_heads(ep)
+        mark_fused_decode(ep.graph)  # decode over a packed window: its attention reads the buffers in place
     _fix_bool_cumsum(ep)
     _drop_empty_cat_inputs(ep)
     _drop_runtime_asserts(ep)

@@ -96,12 +96,19 @@ def share_kv_heads(ep) -> int:
     return changed
 
 
-def converter(prefix: str, max_seq_len: int):
+def converter(prefix: str, max_seq_len: int, shared: dict | None = None):
+    """The Relax converter of a kept attention. ``shared``: what ``lower_window.relax_converters``
+    recorded for the packed windows (``window_cache.mark_fused_decode``), whose decode step this
+    converter reads in place."""
     from tvm import relax, te, tirx
 
     from finegrain.backends.tvm.kernels.attention import (KEY_BLOCK, attention_func, cache_decode_attention_func,
                                                           decode_attention_func, packed_decode_attention_func)
     from finegrain.backends.tvm.lower_cache import KV_DECODE, cache_parts, kv_layout
+    from finegrain.backends.tvm.window_cache import FUSED
+    from finegrain.backends.tvm.window_cache import decode_attention_func as window_attention_func
+
+    shared = {} if shared is None else shared
 
     funcs: dict = {}
     biases: list = []  # (mask value or None, causal, bias)
@@ -155,6 +162,20 @@ def converter(prefix: str, max_seq_len: int):
         kc, vc = cache_parts(node.args[1]), cache_parts(node.args[2])
         parts = None if kc is None or vc is None else [importer.env[x] for x in (*kc, *vc)]
         packed = parts and kc[0].target is KV_DECODE and vc[0].target is KV_DECODE
+        fused = node.meta.get(FUSED)
+        if one and fused:  # a packed window (window_cache.py): codes and ring read in place after the commit
+            ks, vs = (shared[name] for name in fused)
+            lays = [ks["layout"], vs["layout"]]
+            key = (f"{prefix}attention_wpack_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}_"
+                   f"r{ks['rope_half']}{int(ks['rotated'])}_"
+                   + "_".join(f"{x['bits']}{x['axis'][0]}{x['unit']}g{x['group']}w{x['window']}s{x['sinks']}"
+                              f"{x['scale']}" for x in lays))
+            if key not in funcs:
+                func = window_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays, ks["rope_half"],
+                                             ks["rotated"])
+                funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
+            ins = [q, *ks["buffers"], importer.env[kc[1]], *vs["buffers"], importer.env[vc[1]], bias, ks["table"]]
+            return bb.emit(relax.call_tir(funcs[key], ins, relax.TensorType([b, h, s, d], "float32")))
         if one and packed:  # codes read in place: the decode of the whole past is left without a reader
             lays = [kv_layout(c.args[3], int(d)) for c in (kc[0], vc[0])]
             key = (f"{prefix}attention_packed_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}_"

@@ -137,32 +137,46 @@ def rewrite(graph: Graph) -> None:
 SPAN_ATTRS = {"tirx.is_scheduled": True}
 
 
-def relax_converters(prefix: str) -> dict:
+def relax_converters(prefix: str, shared: dict | None = None) -> dict:
     """The Relax frontend's converters for ``kv_window_write`` (concat builds) and
-    ``kv_window_past`` / ``kv_window_new`` (static builds: the past token-major)."""
+    ``kv_window_past`` / ``kv_window_new`` (static builds: the past token-major), and for the packed
+    window's ``kv_wpack_*`` ops. ``shared`` receives, per packed read whose decode attention reads the
+    buffers (``window_cache.mark_fused_decode``), the buffers after the commit's in-place writes,
+    the RoPE table and the layout, under the read node's name (for ``lower_attention``)."""
     from tvm import relax, te, tirx
 
+    shared = {} if shared is None else shared
     memo: dict = {}  # (block builder, past, new) -> the released tokens: one computation for both halves
     funcs: dict = {}
 
-    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool, rows=None):
+    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool, rows=None,
+                 ring=None):
         """TE: ``(a, n, y, xin)``: the first released token, how many, their written values
         ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``. ``extra``: the TE tensors of
         :func:`parts`' ``extra`` (``inv_freq``; RotateKV's grouped heads: ``perm`` or None and the
-        Hadamard factors). ``rows`` (a ``window_cache.window_layout``): their packed rows instead."""
+        Hadamard factors). ``rows`` (a ``window_cache.window_layout``): their packed rows instead.
+        ``ring``: ``(ring tensor, past length)`` of a packed window whose decode step reads the
+        released tokens from its float ring (they are all there: ``past_`` is then not read)."""
         freq = extra[0] if extra else None
         grouped = len(extra) > 1
         f = QuantFormat.parse(fmt)
         b_, d = new_.shape[0], int(new_.shape[3])
         heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
+        if ring is not None:
+            ring_, p_len = ring
         g = window_group(fmt, axis)
         a = kv_quantized_until(p_len, axis, g, int(window), int(sinks), tirx.max)
         n = kv_quantized_until(p_len + new_.shape[2], axis, g, int(window), int(sinks), tirx.max) - a
 
+        def past_at(b, h, tp, c):
+            if ring is not None:  # window_cache.ring_row
+                slot = tirx.if_then_else(tp < int(sinks), tp, int(sinks) + tirx.floormod(tp - int(sinks), int(window) + g))
+                return ring_[b, slot, h, c]
+            return past_[b, tp, h, c] if token_major else past_[b, h, tp, c]
+
         def xin(b, h, t, c):
             tp = tirx.min(t, tirx.max(p_len - 1, 0))
-            return tirx.if_then_else(t < p_len, past_[b, tp, h, c] if token_major else past_[b, h, tp, c],
-                                     new_[b, h, tirx.max(t - p_len, 0), c])
+            return tirx.if_then_else(t < p_len, past_at(b, h, tp, c), new_[b, h, tirx.max(t - p_len, 0), c])
 
         tables = _rope_tables(freq, a, n) if freq is not None else None
 
@@ -220,14 +234,33 @@ def relax_converters(prefix: str) -> dict:
         """The released tokens' values (opaque: computed before the past is written in place)."""
         bb = importer.block_builder
         (past, new), extra, spec = parts(importer, node)
-        return past, new, span_values(bb, node, past, new, extra, spec), spec
+        return past, new, span_values(bb, node, past, new, extra, spec, fused_ring(importer, node)), spec
 
-    def span_values(bb, node, past, new, extra, spec):
+    def fused_ring(importer, node):
+        """``(ring, codes)`` of the packed window whose decoded past ``node`` reads (its first argument,
+        a ``kv_wpack_read``) when decode's attention reads the packed buffers instead
+        (``window_cache.mark_fused_decode``): the released tokens are then read from the ring."""
+        from finegrain.backends.tvm.window_cache import FUSED
+
+        r = node.args[0]
+        if isinstance(r, torch.fx.Node) and r.meta.get(FUSED):
+            return importer.env[r.args[3]], importer.env[r.args[0]]
+        return None
+
+    def source(past, new, ring, make):
+        """The inputs and TE function of a span computation: over ``past`` / ``new``, or over a fused
+        decode step's ring (``ring`` = :func:`fused_ring`)."""
+        if ring is None:
+            return [past, new], lambda past_, new_, *extra_: make(past_, new_, extra_, {})
+        return [*ring, new], lambda ring_, codes_, new_, *extra_: make(ring_, new_, extra_,
+                                                                      {"ring": (ring_, codes_.shape[1])})
+
+    def span_values(bb, node, past, new, extra, spec, ring=None):
         key = (id(bb), str(node.args[0]), str(node.args[1]))
         if key not in memo:
-            def fn(past_, new_, *extra_):
-                return released(past_, new_, extra_, *spec, token_major=True)[2]
-            memo[key] = bb.emit_te(fn, past, new, *extra, primfunc_name_hint=f"{prefix}kv_window_span",
+            ins, fn = source(past, new, ring, lambda past_, new_, extra_, kw: released(
+                past_, new_, extra_, *spec, token_major=True, **kw)[2])
+            memo[key] = bb.emit_te(fn, *ins, *extra, primfunc_name_hint=f"{prefix}kv_window_span",
                                    primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
         return memo[key]
 
@@ -244,6 +277,8 @@ def relax_converters(prefix: str) -> dict:
     def write_new(node, importer):
         bb = importer.block_builder
         past, new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
+        ring = fused_ring(importer, node)
+        past = ring[1] if ring is not None else past  # only its length is read
 
         def fn(past_, new_, y_):
             p_len, g = past_.shape[1], window_group(fmt, axis)
@@ -268,12 +303,12 @@ def relax_converters(prefix: str) -> dict:
         lay = window_layout(fmt, axis, d, window, sinks)
         return ([inv_freq] if inv_freq is not None else []), (fmt, axis, window, sinks, rotated, 1), lay, args
 
-    def span_rows(bb, node, read, new, extra, spec, lay):
+    def span_rows(bb, node, read, new, extra, spec, lay, ring=None):
         key = (id(bb), str(node.args[0]), str(node.args[1]), "rows")
         if key not in memo:
-            def fn(past_, new_, *extra_):
-                return list(released(past_, new_, extra_, *spec, token_major=True, rows=lay))
-            memo[key] = bb.emit_te(fn, read, new, *extra, primfunc_name_hint=f"{prefix}kv_wpack_span",
+            ins, fn = source(read, new, ring, lambda past_, new_, extra_, kw: list(released(
+                past_, new_, extra_, *spec, token_major=True, rows=lay, **kw)))
+            memo[key] = bb.emit_te(fn, *ins, *extra, primfunc_name_hint=f"{prefix}kv_wpack_span",
                                    primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
         return memo[key]
 
@@ -313,7 +348,9 @@ def relax_converters(prefix: str) -> dict:
         bb = importer.block_builder
         extra, spec, lay, args = packed_args(importer, node, 2, 1)
         read, new, part = args[0], args[1], int(args[8])
-        rows = span_rows(bb, node, read, new, extra, spec, lay)
+        ring = fused_ring(importer, node)
+        rows = span_rows(bb, node, read, new, extra, spec, lay, ring)
+        read = ring[1] if ring is not None else read  # only its length is read
         dtype = ("int32", lay["scale"], "uint8")[part]
 
         def fn(read_, new_, rows_):
@@ -334,15 +371,28 @@ def relax_converters(prefix: str) -> dict:
         bb = importer.block_builder
         extra, spec, lay, args = packed_args(importer, node, 6, 1)
         read, new, codes, scales, zeros, ring = args[:6]
-        rows = span_rows(bb, node, read, new, extra, spec, lay)
-        y = span_values(bb, node, read, new, extra, spec)
+        fused = fused_ring(importer, node)
+        rows = span_rows(bb, node, read, new, extra, spec, lay, fused)
         b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in read.ty.shape)
         key = (f"{prefix}kv_wpack_commit_b{b_}_h{heads}_d{d}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
-               f"{lay['axis']}_{lay['bits']}_{lay['scale']}")
+               f"{lay['axis']}_{lay['bits']}_{lay['scale']}{'_ring' if fused else ''}")
         if key not in funcs:
-            func = _commit_in_place(b_, heads, d, lay)
+            func = _commit_in_place(b_, heads, d, lay, with_read=fused is None)
             funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
-        ins = [codes, scales, zeros, ring, read, *(bb.emit(relax.TupleGetItem(rows, j)) for j in range(3)), y, new]
+        span = [bb.emit(relax.TupleGetItem(rows, j)) for j in range(3)]
+        if fused is not None:  # decode's attention reads the buffers: nothing writes (or needs) the decoded past
+            import numpy as np
+
+            ins = [codes, scales, zeros, ring, *span, new]
+            sinfo = [relax.TensorType(x.ty.shape, x.ty.dtype) for x in ins[:4]]
+            out = bb.emit(relax.call_tir_inplace(funcs[key], ins, [0, 1, 2, 3], sinfo))
+            table = rope_table(bb, extra[0], codes.ty.shape[1]) if extra else relax.const(np.zeros((1, 2), "float32"))
+            shared[node.args[0].name] = {"buffers": [bb.emit(relax.TupleGetItem(out, j)) for j in range(4)],
+                                         "table": table, "layout": lay, "rotated": bool(spec[4]),
+                                         "rope_half": int(extra[0].ty.shape[0]) if extra else 0}
+            return read  # what the (dead) concatenation for the unfused kernels reads
+        y = span_values(bb, node, read, new, extra, spec)
+        ins = [codes, scales, zeros, ring, read, *span, y, new]
         sinfo = [relax.TensorType(x.ty.shape, x.ty.dtype) for x in ins[:5]]
         out = bb.emit(relax.call_tir_inplace(funcs[key], ins, [0, 1, 2, 3, 4], sinfo))
         return bb.emit(relax.TupleGetItem(out, 4))
@@ -352,18 +402,40 @@ def relax_converters(prefix: str) -> dict:
             "kv_wpack_rows.default": packed_rows, "kv_wpack_commit.default": packed_commit}
 
 
-def _commit_in_place(batch: int, heads: int, d: int, lay: dict):
+def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool = True):
     """The PrimFunc ``f(codes, scales, zeros, ring, read, span codes, span scales, span zeros, y, new)``
     of ``kv_wpack_commit``, in place on its first five: the released tokens already cached (rows
     ``a .. min(a + n, P)``) get their code rows in ``codes`` / ``scales`` / ``zeros`` and their
     quantized values ``y`` in ``read`` (what attention reads); the new tokens that are sinks or still
-    in float go to their ``ring`` rows."""
+    in float go to their ``ring`` rows. Without ``with_read`` (a decode step whose attention reads the
+    packed buffers), ``f(codes, scales, zeros, ring, span codes, span scales, span zeros, new)``, in
+    place on its first four."""
     from tvm.script import tirx as T
 
     tokens = lay["axis"] == "tokens"
     window, sinks, unit = lay["window"], lay["sinks"], lay["unit"]
     span_w, ring_rows = window + unit, lay["ring"]
     w, cols, sdt = lay["words"], lay["cols"], lay["scale"]
+
+    @T.macro
+    def commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn):
+        m = T.max(p - (window + sinks), T.int64(0))
+        a = (m // unit * unit if tokens else m) + sinks
+        m2 = T.max(p + sn - (window + sinks), T.int64(0))
+        qu = (m2 // unit * unit if tokens else m2) + sinks
+        for bi, i, h in T.grid(batch, n, heads):
+            if a + i < p:
+                for k in range(w):
+                    c[bi, a + i, h, k] = wc[bi, i, h, k]
+                for k in range(cols):
+                    s[bi, a + i, h, k] = ws[bi, i, h, k]
+                    z[bi, a + i, h, k] = wz[bi, i, h, k]
+        for bi, i, h, k in T.grid(batch, sn, heads, d):
+            if p + i < sinks:
+                ring[bi, p + i, h, k] = nw[bi, h, i, k]
+            else:
+                if p + i >= qu:
+                    ring[bi, sinks + (p + i - sinks) % span_w, h, k] = nw[bi, h, i, k]
 
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, x_h: T.handle, wc_h: T.handle,
@@ -382,27 +454,32 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict):
         wz = T.match_buffer(wz_h, (batch, n, heads, cols), "uint8")
         y = T.match_buffer(y_h, (batch, heads, n, d), "float32")
         nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
+        commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn)
         m = T.max(p - (window + sinks), T.int64(0))
         a = (m // unit * unit if tokens else m) + sinks
-        m2 = T.max(p + sn - (window + sinks), T.int64(0))
-        qu = (m2 // unit * unit if tokens else m2) + sinks
         for bi, i, h in T.grid(batch, n, heads):
             if a + i < p:
-                for k in range(w):
-                    c[bi, a + i, h, k] = wc[bi, i, h, k]
-                for k in range(cols):
-                    s[bi, a + i, h, k] = ws[bi, i, h, k]
-                    z[bi, a + i, h, k] = wz[bi, i, h, k]
                 for k in range(d):
                     x[bi, a + i, h, k] = y[bi, h, i, k]
-        for bi, i, h, k in T.grid(batch, sn, heads, d):
-            if p + i < sinks:
-                ring[bi, p + i, h, k] = nw[bi, h, i, k]
-            else:
-                if p + i >= qu:
-                    ring[bi, sinks + (p + i - sinks) % span_w, h, k] = nw[bi, h, i, k]
 
-    return func
+    @T.prim_func(s_tir=True)
+    def ring_func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, wc_h: T.handle, ws_h: T.handle,
+                  wz_h: T.handle, nw_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        n = T.int64()
+        sn = T.int64()
+        c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
+        s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
+        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), "float32")
+        wc = T.match_buffer(wc_h, (batch, n, heads, w), "int32")
+        ws = T.match_buffer(ws_h, (batch, n, heads, cols), sdt)
+        wz = T.match_buffer(wz_h, (batch, n, heads, cols), "uint8")
+        nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
+        commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn)
+
+    return func if with_read else ring_func
 
 
 def _rows_in_place(batch: int, heads: int, d: int, window: int, sinks: int, unit: int, axis: str):

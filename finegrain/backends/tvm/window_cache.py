@@ -26,9 +26,15 @@ write's released tokens are quantized from it exactly as ``kv_append`` does, the
 for the runtime to write at ``P`` (``kv_wpack_rows``) and, for those already cached, written in place
 together with the ring's new float tokens (``kv_wpack_commit``, which returns the past attention reads:
 the decoded one with the released rows' quantized values). The cache then holds the bytes the format
-stores, plus ``R`` fp32 rows per layer and kind; each decode step decodes the whole past once per layer
-(the cost of not keeping float rows; the fused kernels of ``lower_cache``'s per-token packed cache read
-codes in place, this reads them through the decoded tensor).
+stores, plus ``R`` fp32 rows per layer and kind.
+
+A **decode step** (one new token, the attention kept for the fused kernel) does not decode the past
+(:func:`mark_fused_decode`): its released tokens are all float tokens, so the write takes them from the
+ring, the commit writes their code rows and the ring in place (nothing else), and attention reads the
+buffers in place (:func:`decode_attention_func`: each quantized key unpacked in registers and taken to the
+queries' space with one FWHT and its RoPE, shared by the query heads reading it; values unpacked as the
+per-token packed cache's kernel does). Prefill still decodes the past once per layer through
+``kv_wpack_read``.
 
 Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
 grouped heads, groups that do not divide the head dim, layers whose keys or values are not windowed."""
@@ -410,5 +416,283 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                         fwht(y)
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = y[a]
+
+    return func
+
+
+# ---- decode's attention over the packed window, read in place ----
+
+FUSED = "kv_wpack_fused_decode"  # node meta: a kv_wpack_read whose decode attention reads the buffers instead
+
+
+def mark_fused_decode(graph: Graph) -> int:
+    """Mark each one-query attention (a decode step, kept for the fused kernel) whose keys and values are
+    both a packed window's past (``cat(transpose(kv_wpack_commit(read, ..)), new)``, read by nothing
+    else) so that its lowering reads the packed buffers in place (:func:`decode_attention_func`) and the
+    write takes its released tokens from the ring: the ``kv_wpack_read`` of the whole past, and the copy
+    of it ``kv_wpack_commit`` would update, are then left without readers. Values are read as stored
+    (a value write with RoPE, or with per-channel values, is left unmarked). Returns how many attentions were marked."""
+    from finegrain.backends.tvm.lower_attention import SDPA
+    from finegrain.backends.tvm.lower_cache import cache_parts
+
+    def only_reader(x, user):
+        return len(x.users) == 1 and next(iter(x.users)) is user
+
+    marked = 0
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is not SDPA:
+            continue
+        q = n.args[0].meta.get("val") if isinstance(n.args[0], torch.fx.Node) else None
+        if q is None or q.dim() != 4 or not isinstance(q.shape[2], int) or q.shape[2] != 1:
+            continue
+        parts = [cache_parts(x) for x in n.args[1:3]]
+        if any(p is None or p[0].target is not KV_WPACK_COMMIT for p in parts):
+            continue
+        chains = []
+        for x, (commit, _new) in zip(n.args[1:3], parts):
+            t = next(iter(commit.users)) if len(commit.users) == 1 else None
+            chains.append(t is not None and only_reader(t, x) and only_reader(x, n))
+        if not all(chains) or parts[1][0].args[6] is not None or parts[1][0].args[8] == "tokens":
+            continue
+        for commit, _new in parts:
+            commit.args[0].meta[FUSED] = True
+        n.meta[FUSED] = tuple(c.args[0].name for c, _ in parts)
+        marked += 1
+    return marked
+
+
+def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
+                          key: dict, value: dict, rope_half: int, rotated: bool):
+    """One query per head over a packed windowed cache, read in place (the decode step of a static
+    build; ``kernels/attention.packed_decode_attention_func`` is the per-token cache's): the PrimFunc
+    ``f(q[B, H, 1, d], kc, ks, kz, kr, kn[B, Hkv, 1, d], vc, vs, vz, vr, vn, bias[1, T32], rope[P | 1,
+    2 * half], o[B, H, 1, d])``, each of K and V as this module's four buffers (``kc`` codes, ``ks`` /
+    ``kz`` scales and zero points, ``kr`` the ring) **after** the step's commit (the released rows
+    written, the new token in the ring) and the new token's attention-space row (``kn``).
+
+    Past token ``j`` is a sink or float token (a ring row, attention's space) or quantized: its codes
+    unpacked and scaled into a local row ``x`` in the space it was quantized in (per-channel keys: the
+    group's parameters loaded into locals once per group). Pre-RoPE keys are ``k = H R_j H x`` (``H``
+    the per-head Hadamard / sqrt(d), rotated keys; else ``k = R_j x``): the score ``q . k`` is computed as
+    ``(H q) . R_j (H x)`` with the queries rotated once per task, so each key costs one FWHT (the
+    8-lane blocks by an 8 x 8 Hadamard product, the longer strides as vector butterflies) and its RoPE,
+    shared by the ``H / Hkv`` query heads reading it. Softmax and the weighted sum of values are the
+    other kernels' (``kernels/attention.py``)."""
+    import math
+
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from finegrain.backends.tvm.kernels.attention import (LANES, _cached, _check_heads, _dot8, _softmax,
+                                                          padded_keys)
+
+    _check_heads(heads, kv_heads, d)
+    for lay in (key, value):
+        if lay["d"] != d:
+            raise ValueError(f"packed window attention: layout for head dim {lay['d']}, kernel for {d}")
+    if rotated and (d & (d - 1) or d < LANES):
+        raise ValueError(f"packed window attention: rotated keys need a power-of-two head dim >= {LANES}, got {d}")
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+    softmax = _softmax()
+    roped, rot = int(rope_half > 0), int(rotated and rope_half > 0)
+    half = max(rope_half, 1)
+    half_vec = half % LANES == 0
+    strides = max(int(math.log2(d)) - 3, 0) if rot else 0  # butterfly stages past the 8-lane blocks
+    ktok = key["axis"] == "tokens"
+    kw, kbits, kcols, klo = key["words"], key["bits"], key["cols"], float(key["lo"])
+    kmask, kper = 2 ** key["bits"] - 1, 32 // key["bits"]
+    kunit, vunit = key["unit"], value["unit"]
+    vtok = value["axis"] == "tokens"
+    if vtok:
+        raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")
+
+    def quantized_until(lay, p):  # after this step's write of one token (kv_quantized_until(P + 1))
+        m = T.max(p + 1 - (lay["window"] + lay["sinks"]), T.int64(0))
+        return (m // lay["unit"] * lay["unit"] if lay["axis"] == "tokens" else m) + lay["sinks"]
+
+    def slot(lay, j):  # ring_row
+        return T.if_then_else(j < lay["sinks"], j, lay["sinks"] + (j - lay["sinks"]) % (lay["window"] + lay["unit"]))
+
+    @T.macro
+    def fwht(v, base, tmp, h8):  # v[base:base + d] <- H v (unnormalized): 8-lane blocks, then longer strides
+        for r in T.serial(d // LANES):
+            for c in T.vectorized(LANES):
+                tmp[c] = T.float32(0)
+            for k in T.unroll(LANES):
+                for c in T.vectorized(LANES):
+                    tmp[c] = tmp[c] + v[base + r * LANES + k] * h8[k * LANES + c]
+            for c in T.vectorized(LANES):
+                v[base + r * LANES + c] = tmp[c]
+        for st in T.unroll(strides):
+            for qv in T.serial(d // (2 * LANES)):
+                i0 = ((qv >> st) << (st + 4)) + ((qv & ((T.int64(1) << st) - 1)) << 3) + base
+                for c in T.vectorized(LANES):
+                    tmp[c] = v[i0 + c]
+                for c in T.vectorized(LANES):
+                    v[i0 + c] = tmp[c] + v[i0 + (T.int64(8) << st) + c]
+                for c in T.vectorized(LANES):
+                    v[i0 + (T.int64(8) << st) + c] = tmp[c] - v[i0 + (T.int64(8) << st) + c]
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kr_h: T.handle, kn_h: T.handle,
+             vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle, vn_h: T.handle, bias_h: T.handle,
+             t_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        t32 = T.int64()
+        n_tab = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
+        kc = T.match_buffer(kc_h, (batch, p, kv_heads, kw), "int32")
+        ks = T.match_buffer(ks_h, (batch, p, kv_heads, kcols), key["scale"])
+        kz = T.match_buffer(kz_h, (batch, p, kv_heads, kcols), "uint8")
+        kr = T.match_buffer(kr_h, (batch, key["ring"], kv_heads, d), f32)
+        kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
+        vc = T.match_buffer(vc_h, (batch, p, kv_heads, value["words"]), "int32")
+        vs = T.match_buffer(vs_h, (batch, p, kv_heads, value["cols"]), value["scale"])
+        vz = T.match_buffer(vz_h, (batch, p, kv_heads, value["cols"]), "uint8")
+        vr = T.match_buffer(vr_h, (batch, value["ring"], kv_heads, d), f32)
+        vn = T.match_buffer(vn_h, (batch, kv_heads, 1, d), f32)
+        bias = T.match_buffer(bias_h, (1, t32), f32)
+        tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
+        o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
+        assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
+        kqu = quantized_until(key, p)
+        vqu = quantized_until(value, p)
+        for task in T.parallel(batch * kv_heads):
+            sc = T.decl_buffer((group * row,), f32, scope="local")
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            tmp = T.decl_buffer((LANES,), f32, scope="local")
+            h8 = T.decl_buffer((LANES * LANES,), f32, scope="local")
+            qt = T.decl_buffer((group * d,), f32, scope="local")
+            x = T.decl_buffer((d,), f32, scope="local")
+            y = T.decl_buffer((d,), f32, scope="local")
+            gs = T.decl_buffer((d,), f32, scope="local")
+            gz = T.decl_buffer((d,), f32, scope="local")
+            cur = T.decl_buffer((1,), "int64", scope="local")
+            out = T.decl_buffer((group * d,), f32, scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            sums = T.decl_buffer((group,), f32, scope="local")
+            bi = task // kv_heads
+            kh = task % kv_heads
+            cur[0] = T.int64(-1)
+            # the queries in the keys' rotated space: (H q) / d (both Hadamards' 1 / sqrt(d))
+            for g in T.serial(group):
+                for a in T.vectorized(d):
+                    qt[g * d + a] = q[bi, kh * group + g, 0, a]
+            if rot == 1:
+                for k in T.serial(LANES):
+                    for c in T.serial(LANES):
+                        h8[k * LANES + c] = T.float32(1) - T.float32(2) * T.Cast(f32, (
+                            ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+                for g in T.serial(group):
+                    fwht(qt, g * d, tmp, h8)
+                    for a in T.vectorized(d):
+                        qt[g * d + a] = qt[g * d + a] * T.float32(1.0 / d)
+            # 1. scores: a ring row as it is, or a quantized key taken to the queries' space once
+            for j in T.serial(p):
+                if bias[0, j] > neg_inf:
+                    if T.Or(j < key["sinks"], j >= kqu):
+                        for g in T.serial(group):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = T.float32(0)
+                            for dv in T.serial(nv):
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kr[
+                                        bi, slot(key, j), kh, dv * LANES + lane]
+                            sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
+                    else:
+                        if ktok:  # the group's per-channel parameters, spread over its rows, loaded once per group
+                            if cur[0] != (j - key["sinks"]) // kunit:
+                                cur[0] = (j - key["sinks"]) // kunit
+                                for r in T.serial(kunit):
+                                    for cc in T.serial(kcols):
+                                        gs[r * kcols + cc] = T.Cast(f32, ks[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
+                                        gz[r * kcols + cc] = T.float32(klo) - T.Cast(
+                                            f32, kz[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
+                            for jj in T.unroll(kper):  # element jj * W + k: bits jj * bits .. of word k
+                                for k in T.vectorized(kw):
+                                    x[jj * kw + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(
+                                        kc[bi, j, kh, k], T.int32(kbits) * T.Cast("int32", jj)), T.int32(kmask)))
+                                        + gz[jj * kw + k]) * gs[jj * kw + k]
+                        else:
+                            for dv in T.serial(nv):
+                                for lane in T.vectorized(LANES):
+                                    x[dv * LANES + lane] = _cached(kc, ks, kz, key, bi, j, kh, dv * LANES + lane)
+                        if roped == 1:
+                            if rot == 1:
+                                fwht(x, T.int64(0), tmp, h8)
+                            for a in T.vectorized(d):
+                                y[a] = x[a]
+                            if half_vec:
+                                for jo in T.serial(half // LANES):
+                                    for lane in T.vectorized(LANES):
+                                        y[jo * LANES + lane] = x[jo * LANES + lane] * tab[j, jo * LANES + lane] - x[
+                                            half + jo * LANES + lane] * tab[j, half + jo * LANES + lane]
+                                        y[half + jo * LANES + lane] = x[half + jo * LANES + lane] * tab[
+                                            j, jo * LANES + lane] + x[jo * LANES + lane] * tab[j, half + jo * LANES + lane]
+                            else:
+                                for jo in T.serial(half):
+                                    y[jo] = x[jo] * tab[j, jo] - x[half + jo] * tab[j, half + jo]
+                                    y[half + jo] = x[half + jo] * tab[j, jo] + x[jo] * tab[j, half + jo]
+                        else:
+                            for a in T.vectorized(d):
+                                y[a] = x[a]
+                        for g in T.serial(group):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = T.float32(0)
+                            for dv in T.serial(nv):
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = part[lane] + qt[g * d + dv * LANES + lane] * y[dv * LANES + lane]
+                            sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
+                else:
+                    for g in T.serial(group):
+                        sc[g * row + j] = neg_inf
+            for g in T.serial(group):
+                if bias[0, p] > neg_inf:
+                    for lane in T.vectorized(LANES):
+                        part[lane] = T.float32(0)
+                    for dv in T.serial(nv):
+                        for lane in T.vectorized(LANES):
+                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
+                                bi, kh, 0, dv * LANES + lane]
+                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
+                else:
+                    sc[g * row + p] = neg_inf
+                for j in T.serial(t32 - p - 1):
+                    sc[g * row + p + 1 + j] = neg_inf
+                softmax(sc, red, tot, g * row, t32)
+                sums[g] = tot[1]
+            # 2. probabilities times V: each value read once (ring row or codes), added into every query head
+            for a in T.vectorized(group * d):
+                out[a] = T.float32(0)
+            for j in T.serial(p):
+                if T.Or(j < value["sinks"], j >= vqu):
+                    for a in T.vectorized(d):
+                        x[a] = vr[bi, slot(value, j), kh, a]
+                else:
+                    for dv in T.serial(nv):
+                        for lane in T.vectorized(LANES):
+                            x[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
+                for g in T.serial(group):
+                    if sc[g * row + j] != T.float32(0):
+                        for dv in T.unroll(nv):
+                            for lane in T.vectorized(LANES):
+                                out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[
+                                    g * row + j] * x[dv * LANES + lane]
+            for g in T.serial(group):
+                if sc[g * row + p] != T.float32(0):
+                    for dv in T.unroll(nv):
+                        for lane in T.vectorized(LANES):
+                            out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
+                                bi, kh, 0, dv * LANES + lane]
+                for a in T.vectorized(d):
+                    o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
+                                                                 T.float32(0))
 
     return func
