@@ -251,7 +251,7 @@ def main() -> None:
             get_recipe("w4a16-g128"), name=f"w4a16-g128-kv{b}", kv_key=f"int{b}-g64-asym-fp16-dyn",
             kv_value=f"int{b}-g64-asym-fp16-dyn"), "static") for b in (8, 4, 2)]
         # the kivi4 / kivi2 presets (KIVI, pre-RoPE rotated keys, a 128-token float window, a sink): codes and
-        # scales in the static buffers, the float tokens in a ring, the past decoded per step
+        # scales in the static buffers, the float tokens in a ring, read in place by decode's attention
         # (backends/tvm/window_cache.py)
         from finegrain.compiler.recipe import with_kv
 

@@ -611,6 +611,11 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     if kept:
         lower_attention.share_kv_heads(ep)
         mark_fused_decode(ep.graph)  # decode over a packed window: its attention reads the buffers in place
+    shared["max_seq_len"] = max_seq_len
+    shared["constants"] = {spec.arg.name: (ep.state_dict if spec.target in ep.state_dict else ep.constants)[spec.target]
+                           for spec in ep.graph_signature.input_specs
+                           if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
+                           and (spec.target in ep.state_dict or spec.target in ep.constants)}
     _fix_bool_cumsum(ep)
     _drop_empty_cat_inputs(ep)
     _drop_runtime_asserts(ep)
