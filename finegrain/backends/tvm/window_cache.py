@@ -431,7 +431,8 @@ def mark_fused_decode(graph: Graph) -> int:
     else) so that its lowering reads the packed buffers in place (:func:`decode_attention_func`) and the
     write takes its released tokens from the ring: the ``kv_wpack_read`` of the whole past, and the copy
     of it ``kv_wpack_commit`` would update, are then left without readers. Values are read as stored
-    (a value write with RoPE, or with per-channel values, is left unmarked). Returns how many attentions were marked."""
+    (a value write with RoPE, or with per-channel values, is left unmarked), and so are per-channel keys
+    without a float window (see below). Returns how many attentions were marked."""
     from finegrain.backends.tvm.lower_attention import SDPA
     from finegrain.backends.tvm.lower_cache import cache_parts
 
@@ -453,6 +454,10 @@ def mark_fused_decode(graph: Graph) -> int:
             t = next(iter(commit.users)) if len(commit.users) == 1 else None
             chains.append(t is not None and only_reader(t, x) and only_reader(x, n))
         if not all(chains) or parts[1][0].args[6] is not None or parts[1][0].args[8] == "tokens":
+            continue
+        if any(c.args[8] == "tokens" and int(c.args[9]) < 1 for c, _ in parts):
+            # no float window: the step's token can complete a group, whose parameters are spread over rows that
+            # include the new token's, which the runtime writes after the call; decode reads the decoded past
             continue
         for commit, _new in parts:
             commit.args[0].meta[FUSED] = True
