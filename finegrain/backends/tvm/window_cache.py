@@ -488,7 +488,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from finegrain.backends.tvm.kernels.attention import (LANES, _cached, _check_heads, _dot8, _softmax,
+    from finegrain.backends.tvm.kernels.attention import (LANES, _cached, _check_heads, _dot8, _one_query_tail,
                                                           padded_keys)
 
     _check_heads(heads, kv_heads, d)
@@ -502,7 +502,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
-    softmax = _softmax()
+    new_key, add_value, finish = _one_query_tail(group, row, d, scale)
     roped, rot = int(rope_half > 0), int(rotated and rope_half > 0)
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
@@ -510,7 +510,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     ktok = key["axis"] == "tokens"
     kw, kbits, kcols, klo = key["words"], key["bits"], key["cols"], float(key["lo"])
     kmask, kper = 2 ** key["bits"] - 1, 32 // key["bits"]
-    kunit, vunit = key["unit"], value["unit"]
+    kunit = key["unit"]
     vtok = value["axis"] == "tokens"
     if vtok:
         raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")
@@ -658,21 +658,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                 else:
                     for g in T.serial(group):
                         sc[g * row + j] = neg_inf
-            for g in T.serial(group):
-                if bias[0, p] > neg_inf:
-                    for lane in T.vectorized(LANES):
-                        part[lane] = T.float32(0)
-                    for dv in T.serial(nv):
-                        for lane in T.vectorized(LANES):
-                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
-                                bi, kh, 0, dv * LANES + lane]
-                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
-                else:
-                    sc[g * row + p] = neg_inf
-                for j in T.serial(t32 - p - 1):
-                    sc[g * row + p + 1 + j] = neg_inf
-                softmax(sc, red, tot, g * row, t32)
-                sums[g] = tot[1]
+            new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)
             # 2. probabilities times V: each value read once (ring row or codes), added into every query head
             for a in T.vectorized(group * d):
                 out[a] = T.float32(0)
@@ -684,20 +670,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                     for dv in T.serial(nv):
                         for lane in T.vectorized(LANES):
                             x[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
-                for g in T.serial(group):
-                    if sc[g * row + j] != T.float32(0):
-                        for dv in T.unroll(nv):
-                            for lane in T.vectorized(LANES):
-                                out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[
-                                    g * row + j] * x[dv * LANES + lane]
-            for g in T.serial(group):
-                if sc[g * row + p] != T.float32(0):
-                    for dv in T.unroll(nv):
-                        for lane in T.vectorized(LANES):
-                            out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
-                                bi, kh, 0, dv * LANES + lane]
-                for a in T.vectorized(d):
-                    o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
-                                                                 T.float32(0))
+                add_value(out, sc, x, j)
+            finish(out, sc, vn, sums, o, bi, kh, p)
 
     return func

@@ -90,6 +90,63 @@ def _dot8(part):
     return (part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5]) + (part[6] + part[7]))
 
 
+def _one_query_tail(group: int, row: int, d: int, scale: float):
+    """The TVMScript macros the one-query kernels over a packed cache share (``H / Hkv`` = ``group``
+    query heads per task, scores of query head ``g`` at ``sc[g * row ..]``):
+
+    * ``new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)``: the new key's score at ``p``,
+      -inf up to ``t32``, the softmax of each query head's row, its sum in ``sums``;
+    * ``add_value(out, sc, x, j)``: value row ``x`` (key ``j``) added into each query head's output;
+    * ``finish(out, sc, vn, sums, o, bi, kh, p)``: the new value added, the outputs normalized."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    softmax = _softmax()
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+
+    @T.macro
+    def new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32):
+        for g in T.serial(group):
+            if bias[0, p] > neg_inf:
+                for lane in T.vectorized(LANES):
+                    part[lane] = T.float32(0)
+                for dv in T.serial(nv):
+                    for lane in T.vectorized(LANES):
+                        part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
+                            bi, kh, 0, dv * LANES + lane]
+                sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
+            else:
+                sc[g * row + p] = neg_inf
+            for j in T.serial(t32 - p - 1):
+                sc[g * row + p + 1 + j] = neg_inf
+            softmax(sc, red, tot, g * row, t32)
+            sums[g] = tot[1]
+
+    @T.macro
+    def add_value(out, sc, x, j):
+        for g in T.serial(group):
+            if sc[g * row + j] != T.float32(0):
+                for dv in T.unroll(nv):
+                    for lane in T.vectorized(LANES):
+                        out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + j] * x[
+                            dv * LANES + lane]
+
+    @T.macro
+    def finish(out, sc, vn, sums, o, bi, kh, p):
+        for g in T.serial(group):
+            if sc[g * row + p] != T.float32(0):
+                for dv in T.unroll(nv):
+                    for lane in T.vectorized(LANES):
+                        out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
+                            bi, kh, 0, dv * LANES + lane]
+            for a in T.vectorized(d):
+                o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
+                                                             T.float32(0))
+
+    return new_key, add_value, finish
+
+
 def padded_keys(max_seq_len: int) -> int:
     return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
 
@@ -381,11 +438,11 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
-    softmax = _softmax()
     kw, kg, vw, vg = key["words"], d // key["group"], value["words"], d // value["group"]
     kzs = (batch, 1, kv_heads, kg) if key["asym"] else (1, 1, 1, 1)
     vzs = (batch, 1, kv_heads, vg) if value["asym"] else (1, 1, 1, 1)
     kzp, vzp = key["asym"], value["asym"]
+    new_key, add_value, finish = _one_query_tail(group, row, d, scale)
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kn_h: T.handle, vc_h: T.handle,
@@ -433,21 +490,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
                 else:
                     for g in T.serial(group):
                         sc[g * row + j] = neg_inf
-            for g in T.serial(group):
-                if bias[0, p] > neg_inf:
-                    for lane in T.vectorized(LANES):
-                        part[lane] = T.float32(0)
-                    for dv in T.serial(nv):
-                        for lane in T.vectorized(LANES):
-                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
-                                bi, kh, 0, dv * LANES + lane]
-                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
-                else:
-                    sc[g * row + p] = neg_inf
-                for j in T.serial(t32 - p - 1):
-                    sc[g * row + p + 1 + j] = neg_inf
-                softmax(sc, red, tot, g * row, t32)
-                sums[g] = tot[1]
+            new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)
             # 2. probabilities times V: each cached value unpacked once, added into every query head
             for a in T.vectorized(group * d):
                 out[a] = T.float32(0)
@@ -455,20 +498,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
                 for dv in T.serial(nv):
                     for lane in T.vectorized(LANES):
                         row_v[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
-                for g in T.serial(group):
-                    if sc[g * row + j] != T.float32(0):
-                        for dv in T.unroll(nv):
-                            for lane in T.vectorized(LANES):
-                                out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[
-                                    g * row + j] * row_v[dv * LANES + lane]
-            for g in T.serial(group):
-                if sc[g * row + p] != T.float32(0):
-                    for dv in T.unroll(nv):
-                        for lane in T.vectorized(LANES):
-                            out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
-                                bi, kh, 0, dv * LANES + lane]
-                for a in T.vectorized(d):
-                    o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
-                                                                 T.float32(0))
+                add_value(out, sc, row_v, j)
+            finish(out, sc, vn, sums, o, bi, kh, p)
 
     return func
