@@ -95,7 +95,8 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
         assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
         assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
         assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
-        assert "decode_kv_wpack_rows" in called["decode"] and "decode_kv_window_write" not in called["decode"]
+        # a decode step's one token stays in the ring (a float window): its rows are zeros, its attention row as it came
+        assert not {"decode_kv_wpack_rows", "decode_kv_window_new", "decode_kv_window_write"} & called["decode"]
         assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
         # the standalone runtime script (no finegrain) generates the same tokens
         code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "

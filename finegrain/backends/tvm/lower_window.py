@@ -278,8 +278,11 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     def write_new(node, importer):
         bb = importer.block_builder
-        past, new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
         ring = fused_ring(importer, node)
+        if ring is not None and int(window_write_args(node.args)[5]) >= 1:
+            # one new token behind a float window is never released by its own write: it stays as it came
+            return importer.env[node.args[1]]
+        past, new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
         past = ring[1] if ring is not None else past  # only its length is read
 
         def fn(past_, new_, y_):
@@ -363,6 +366,12 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         extra, spec, lay, args = packed_args(importer, node, 2, 1)
         read, new, part = args[0], args[1], int(args[8])
         ring = fused_ring(importer, node)
+        if ring is not None and lay["window"] >= 1:  # the step's one token is not released: its rows are zeros
+            import numpy as np
+
+            b_, heads, sn = (int(new.ty.shape[i]) for i in range(3))
+            width = lay["words"] if part == 0 else lay["cols"]
+            return relax.const(np.zeros((b_, sn, heads, width), ("int32", lay["scale"], "uint8")[part]))
         rows = span_rows(bb, node, read, new, extra, spec, lay, ring)
         read = ring[1] if ring is not None else read  # only its length is read
         dtype = ("int32", lay["scale"], "uint8")[part]
