@@ -9,7 +9,10 @@ mask), :func:`keep_undecomposed` keeps the op whole through ``run_decompositions
 blocks; T = past + S over a KV cache), the mask as an additive fp32 ``bias[S, T32]`` (0 / -inf,
 -inf in the padding; built once per mask and shared by every layer that reads it), and the kernel
 call; with one query (decode) the kernel reads K untransposed instead
-(``decode_attention_func``). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
+(``decode_attention_func``); over a static cache decode reads the cache buffers in place
+(``cache_decode_attention_func``; a packed cache's codes: ``packed_decode_attention_func``; KIVI's packed
+window, codes and ring after the step's commit: ``window_cache.decode_attention_func``, for the
+attentions ``window_cache.mark_fused_decode`` marked). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
 the kernel reads each grouped K / V head once. Otherwise the decomposition and Relax's lowering
 stay, unchanged.
 """
