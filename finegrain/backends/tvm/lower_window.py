@@ -171,8 +171,10 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         n = kv_quantized_until(p_len + new_.shape[2], axis, g, int(window), int(sinks), tirx.max) - a
 
         def past_at(b, h, tp, c):
-            if ring is not None:  # window_cache.ring_row
-                slot = tirx.if_then_else(tp < int(sinks), tp, int(sinks) + tirx.floormod(tp - int(sinks), int(window) + g))
+            if ring is not None:
+                from finegrain.backends.tvm.window_cache import ring_row
+
+                slot = ring_row(tp, {"sinks": int(sinks), "window": int(window), "unit": g}, tirx.if_then_else)
                 return ring_[b, slot, h, c]
             return past_[b, tp, h, c] if token_major else past_[b, h, tp, c]
 
@@ -436,17 +438,18 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
     place on its first four."""
     from tvm.script import tirx as T
 
-    tokens = lay["axis"] == "tokens"
-    window, sinks, unit = lay["window"], lay["sinks"], lay["unit"]
-    span_w, ring_rows = window + unit, lay["ring"]
+    from finegrain.backends.tvm.window_cache import ring_row
+
+    window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
     w, cols, sdt = lay["words"], lay["cols"], lay["scale"]
+
+    def quantized_until(t):
+        return kv_quantized_until(t, lay["axis"], unit, window, sinks, T.max)
 
     @T.macro
     def commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn):
-        m = T.max(p - (window + sinks), T.int64(0))
-        a = (m // unit * unit if tokens else m) + sinks
-        m2 = T.max(p + sn - (window + sinks), T.int64(0))
-        qu = (m2 // unit * unit if tokens else m2) + sinks
+        a = quantized_until(p)
+        qu = quantized_until(p + sn)
         for bi, i, h in T.grid(batch, n, heads):
             if a + i < p:
                 for k in range(w):
@@ -455,11 +458,8 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
                     s[bi, a + i, h, k] = ws[bi, i, h, k]
                     z[bi, a + i, h, k] = wz[bi, i, h, k]
         for bi, i, h, k in T.grid(batch, sn, heads, d):
-            if p + i < sinks:
-                ring[bi, p + i, h, k] = nw[bi, h, i, k]
-            else:
-                if p + i >= qu:
-                    ring[bi, sinks + (p + i - sinks) % span_w, h, k] = nw[bi, h, i, k]
+            if T.Or(p + i < sinks, p + i >= qu):  # a sink, or a token still in float
+                ring[bi, ring_row(p + i, lay, T.if_then_else), h, k] = nw[bi, h, i, k]
 
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, x_h: T.handle, wc_h: T.handle,
@@ -479,8 +479,7 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
         y = T.match_buffer(y_h, (batch, heads, n, d), "float32")
         nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
         commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn)
-        m = T.max(p - (window + sinks), T.int64(0))
-        a = (m // unit * unit if tokens else m) + sinks
+        a = quantized_until(p)
         for bi, i, h in T.grid(batch, n, heads):
             if a + i < p:
                 for k in range(d):

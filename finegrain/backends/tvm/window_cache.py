@@ -72,10 +72,14 @@ def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int) -> dict 
             "ring": int(sinks) + int(window) + unit, "format": fmt}
 
 
-def ring_row(t: int, lay: dict) -> int:
-    """The ring row of token ``t`` (a sink, or a token still in float)."""
+def ring_row(t, lay: dict, select=None):
+    """The ring row of token ``t`` (a sink, or a token still in float); ``select`` (``tirx.if_then_else``)
+    for a symbolic ``t`` (the kernels and TE functions reading the ring)."""
     s = lay["sinks"]
-    return t if t < s else s + (t - s) % (lay["window"] + lay["unit"])
+    row = s + (t - s) % (lay["window"] + lay["unit"])
+    if select is None:
+        return t if t < s else row
+    return select(t < s, t, row)
 
 
 def _space(x: torch.Tensor, start: int, inv_freq, rotated: bool, inverse: bool) -> torch.Tensor:
@@ -515,12 +519,11 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     if vtok:
         raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")
 
-    def quantized_until(lay, p):  # after this step's write of one token (kv_quantized_until(P + 1))
-        m = T.max(p + 1 - (lay["window"] + lay["sinks"]), T.int64(0))
-        return (m // lay["unit"] * lay["unit"] if lay["axis"] == "tokens" else m) + lay["sinks"]
+    def quantized_until(lay, p):  # after this step's write of one token
+        return kv_quantized_until(p + 1, lay["axis"], lay["unit"], lay["window"], lay["sinks"], T.max)
 
-    def slot(lay, j):  # ring_row
-        return T.if_then_else(j < lay["sinks"], j, lay["sinks"] + (j - lay["sinks"]) % (lay["window"] + lay["unit"]))
+    def slot(lay, j):
+        return ring_row(j, lay, T.if_then_else)
 
     @T.macro
     def fwht(v, base, tmp, h8):  # v[base:base + d] <- H v (unnormalized): 8-lane blocks, then longer strides
