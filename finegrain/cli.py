@@ -614,6 +614,9 @@ def _export_hf(cm, args) -> None:
     info = cm.export_hf(args.hf, overwrite=args.overwrite, dtype=args.dtype)
     _say(f"{args.hf}: compressed-tensors, {info['bytes'] / 1e6:.1f} MB ({info['groups']} config group(s))")
     _forms_table("compressed-tensors form", "linears", info["forms"])
+    if info["kv_cache_scheme"]:
+        _say("KV cache: FP8 E4M3, one static scale per layer for keys and one for values (kv_cache_scheme, "
+             "self_attn.k_scale / v_scale)")
     if args.check:
         from finegrain.exports.hf import asymmetric_groups, decode_hf_export, load_hf_export
 

@@ -16,8 +16,9 @@ So the cache the session carries between steps holds exactly the bytes ``report[
 counts (:attr:`PackedKV.nbytes`), and what attention reads is bit-identical to the float-stored
 cache: ``dequantize(quantize(x))`` is unchanged by storing its codes.
 
-Packed: integer formats per token or in groups along the head dim (plain, RotateKV's rotated
-cache, per-layer KVTuner formats) as :class:`PackedKV`; ``kv_append`` writes (KIVI's per-channel
+Packed: integer / FP8 formats per token or in groups along the head dim (plain, RotateKV's rotated
+cache, per-layer KVTuner formats) and static ones with one calibrated scale per layer (vLLM's FP8
+cache: the codes alone) as :class:`PackedKV`; ``kv_append`` writes (KIVI's per-channel
 keys, float windows, sinks, pre-RoPE keys) as :class:`WindowedKV` (sinks and the newest tokens
 fp32, the rest packed, pre-RoPE keys stored before RoPE); ZipCache's mixed-precision writes as
 :class:`ZipKV` (a salient bit per token, the salient and the other tokens' codes in their two
@@ -54,7 +55,8 @@ def _empty_parts(f: QuantFormat, lead: tuple, params: int, head_dim: int) -> tup
 class PackedKV:
     """One layer's keys (or values) in ``fmt``: ``codes`` uint8 ``[B, H, T, ceil(D * bits / 8)]``,
     ``scale`` ``[B, H, T, groups]`` in the stored scale dtype, ``zero`` uint8
-    ``[B, H, T, ceil(groups * bits / 8)]`` (empty last dim for symmetric formats)."""
+    ``[B, H, T, ceil(groups * bits / 8)]`` (empty last dim for symmetric formats); a static format
+    (one calibrated scale per layer) keeps its ``scale`` ``[1]`` once (empty before the first write)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -65,6 +67,9 @@ class PackedKV:
     @classmethod
     def empty(cls, fmt: str, batch: int, heads: int, head_dim: int) -> "PackedKV":
         f = _fmt(fmt)
+        if not f.dynamic:
+            codes = _empty_parts(f, (batch, heads), 0, head_dim)[0]
+            return cls(codes, torch.zeros(0), torch.zeros(0, dtype=torch.uint8), fmt, head_dim)
         groups = f.num_groups(head_dim)
         return cls(*_empty_parts(f, (batch, heads), groups, head_dim), fmt, head_dim)
 
@@ -351,6 +356,8 @@ def kv_zip_append(past: ZipKV, new: torch.Tensor, score: torch.Tensor, inv_freq:
 
 def packable(fmt: QuantFormat) -> str | None:
     """Why ``fmt`` cannot be stored packed here, or None."""
+    if fmt.granularity == "tensor" and not fmt.dynamic:  # one calibrated scale per layer: the codes alone
+        return None
     if fmt.granularity not in ("token", "group"):
         return f"{fmt.tag}: {fmt.granularity} scales (packed KV storage takes per-token or head-dim groups)"
     if fmt.scale not in scales.FLOAT_SCALES and fmt.scale != "e8m0":
@@ -366,9 +373,13 @@ def kv_packed_append(past: PackedKV, codes: torch.Tensor, scale: torch.Tensor, z
     if not isinstance(past, PackedKV) or past.fmt != fmt:
         raise TypeError(f"kv_packed_append: the past is {type(past).__name__}"
                         f"{' in ' + past.fmt if isinstance(past, PackedKV) else ''}, expected a PackedKV in {fmt}")
-    parts = _pack_parts(_fmt(fmt), QTensor(codes, scale, zero))
-    return PackedKV(*(torch.cat([old, p], dim=2) for old, p in zip((past.codes, past.scale, past.zero), parts)), fmt,
-                    past.head_dim)
+    f = _fmt(fmt)
+    codes, scale, zero = _pack_parts(f, QTensor(codes, scale, zero))
+    codes = torch.cat([past.codes, codes], dim=2)
+    if not f.dynamic:  # a static format's one scale (a graph constant) is kept once, not per token
+        return PackedKV(codes, scale, zero, fmt, past.head_dim)
+    return PackedKV(codes, *(torch.cat([old, p], dim=2) for old, p in zip((past.scale, past.zero), (scale, zero))),
+                    fmt, past.head_dim)
 
 
 def kv_packed_size(packed: PackedKV, dim: int) -> int:
@@ -421,7 +432,9 @@ def _quantized_present(n: Node, gm: GraphModule):
     if not all(isinstance(p, Node) and p.target is operator.getitem and p.args[1] == i for i, p in enumerate(parts)):
         return None
     q = parts[0].args[0]
-    if q.target is not QUANTIZE or any(p.args[0] is not q for p in parts) or len(q.args) > 2 or q.kwargs:
+    if q.target is not QUANTIZE or any(p.args[0] is not q for p in parts) or q.kwargs:
+        return None
+    if len(q.args) > 2 and (len(q.args) != 4 or _fmt(q.args[1]).dynamic):  # a static format's calibrated scale / zero
         return None
     return past, q, dq.args[3]
 

@@ -82,18 +82,29 @@ class Rule:
 KV_KINDS = ("int", "e4m3")  # KV-cache elements: INT2-8, FP8 E4M3 (the 8-bit float cache of vLLM / TensorRT-LLM)
 
 
-def _check_kv_format(tag, where: str) -> None:
+def kv_static(fmt: QuantFormat | None) -> bool:
+    """Whether a KV-cache format has one calibrated scale per layer and tensor (vLLM's FP8 cache)."""
+    return fmt is not None and not fmt.dynamic
+
+
+def _check_kv_format(tag, where: str, static_ok: bool = True) -> None:
     """A KV-cache format tag (or None: float): a dynamic integer or FP8 E4M3 format per token or per
-    group."""
+    group, or (``static_ok``) a static symmetric one per tensor (one calibrated scale per layer)."""
     if tag is None:
         return
     try:
         fmt = QuantFormat.parse(tag) if isinstance(tag, str) else None
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    if fmt is None or not fmt.dynamic or fmt.kind not in KV_KINDS or fmt.granularity not in ("token", "group"):
+    ok = fmt is not None and fmt.kind in KV_KINDS and (
+        (fmt.dynamic and fmt.granularity in ("token", "group"))
+        or (static_ok and not fmt.dynamic and fmt.granularity == "tensor" and fmt.symmetric
+            and fmt.scale in ("fp32", "fp16", "bf16")))
+    if not ok:
         raise ValueError(f"{where}: {tag!r} must be a dynamic integer or FP8 E4M3 format per token or per group "
-                         "along the head dim (e.g. int4-g32-asym-fp16-dyn, e4m3-token-sym-fp32-dyn)")
+                         "along the head dim (e.g. int4-g32-asym-fp16-dyn, e4m3-token-sym-fp32-dyn)"
+                         + (", or a static symmetric one per tensor with a float scale (e4m3-tensor-sym-fp32: one "
+                            "calibrated scale per layer, vLLM's FP8 cache)" if static_ok else ""))
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,8 @@ class Recipe:
     experts of the GEMM, for kernels that take a single format).
 
     KV cache (``passes/quantize_kv.py``; a graph compiled with ``kv_cache=True``): ``kv_key`` /
-    ``kv_value`` are dynamic integer formats (per token, or groups along the head dim) each new key
+    ``kv_value`` are dynamic integer / FP8 E4M3 formats (per token, or groups along the head dim), or
+    static symmetric per-tensor ones (one scale per layer, calibrated: vLLM's FP8 cache), each new key
     / value is quantized to when written to the cache; ``kv_rotate`` rotates keys and values by a
     Hadamard over the head dim first (queries and the attention output rotated to match).
     ``kv_key_axis`` / ``kv_value_axis``: ``head_dim`` (the format's groups run along the head dim,
@@ -277,7 +289,7 @@ class Recipe:
                 raise ValueError(f"{f}: {getattr(self, f)!r} is not one of {KV_AXES}")
         for kind in ("key", "value"):
             low = getattr(self, f"kv_zip_{kind}")
-            _check_kv_format(low, f"kv_zip_{kind}")
+            _check_kv_format(low, f"kv_zip_{kind}", static_ok=False)
             if low is not None and getattr(self, f"kv_{kind}") is None:
                 raise ValueError(f"kv_zip_{kind}: ZipCache's low-precision {kind} format needs kv_{kind} (the salient "
                                  "tokens' format)")
@@ -303,6 +315,13 @@ class Recipe:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:
                 raise ValueError(f"{f}: must be an integer number of tokens in [0, {1 << 20}], got {v!r}")
+        for kind in ("key", "value"):
+            tags = [getattr(self, f"kv_{kind}")] + [e[1 if kind == "key" else 2] for e in self.kv_layers]
+            static = [t for t in tags if t is not None and kv_static(QuantFormat.parse(t))]
+            if static and self.kv_windowed(kind):
+                raise ValueError(f"kv_{kind}: the static format {static[0]} (one calibrated scale per layer) quantizes "
+                                 f"every {kind} as it is written; it does not combine with a per-channel axis, a float "
+                                 "window, sinks, pre-RoPE keys or ZipCache (they take dynamic formats)")
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity: {self.sensitivity!r} is not one of {SENSITIVITIES}")
         if self.expert_allocation not in EXPERT_ALLOCATION:
@@ -407,10 +426,17 @@ class Recipe:
         return tuple(QuantFormat.parse(t) for t in self.weight_candidates)
 
     @property
+    def kv_static_scales(self) -> bool:
+        """Whether a KV-cache format is static (its per-layer scales calibrated by ``quantize_kv``)."""
+        tags = [self.kv_key, self.kv_value] + [t for e in self.kv_layers for t in e[1:]]
+        return any(t is not None and kv_static(QuantFormat.parse(t)) for t in tags)
+
+    @property
     def needs_calibration(self) -> bool:
-        """Static activation scales, smoothing, GPTQ, the output-error clip search and bit
-        allocation need calibration data."""
-        return self.needs_static_stats or self.smoothing is not None or self.needs_hessian or bool(self.weight_candidates)
+        """Static activation scales, static KV-cache scales, smoothing, GPTQ, the output-error clip
+        search and bit allocation need calibration data."""
+        return (self.needs_static_stats or self.kv_static_scales or self.smoothing is not None or self.needs_hessian
+                or bool(self.weight_candidates))
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -623,6 +649,9 @@ KV_PRESETS: dict[str, dict] = {
     # FP8 E4M3 elements, one fp32 scale per token and head (the 8-bit float cache of vLLM / TensorRT-LLM, here
     # with a dynamic scale per token instead of one per tensor); no window: every backend runs it
     "kv8-fp8": {"kv_key": "e4m3-token-sym-fp32-dyn", "kv_value": "e4m3-token-sym-fp32-dyn"},
+    # FP8 E4M3 with one calibrated fp32 scale per layer for keys and one for values (k_scale / v_scale): the
+    # static FP8 cache vLLM serves from a compressed-tensors checkpoint's kv_cache_scheme (finegrain export-hf)
+    "kv8-fp8-static": {"kv_key": "e4m3-tensor-sym-fp32", "kv_value": "e4m3-tensor-sym-fp32"},
     # KIVI-4 in the Hadamard-rotated space: keys per channel over 32 tokens, quantized before RoPE; values per
     # token in groups of 32; the newest 128 tokens and one sink in float
     "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},

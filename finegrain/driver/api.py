@@ -167,8 +167,8 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
     specs = _input_specs(example_inputs, names, dynamic, declared)
     batches = _calibration_batches(calibration, specs, model)
     if recipe.needs_calibration and not batches:
-        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation scales, smoothing, GPTQ, "
-                         "the output-error clip search or bit allocation)")
+        raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation or KV-cache scales, "
+                         "smoothing, GPTQ, the output-error clip search or bit allocation)")
     kv = None
     if (recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope or recipe.kv_layers) and not kv_cache:
         raise InputError(f"recipe {recipe.name!r} quantizes the KV cache (kv_key / kv_value / kv_rotate), which is in "

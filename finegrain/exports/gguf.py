@@ -154,7 +154,10 @@ def _tokenizer_fields(writer, tokenizer, tokenizer_gguf, vocab_size: int) -> str
 
 
 def plan_gguf(cm) -> dict:
-    cfg, _, state, problems = collect(cm)
+    cfg, _, state, problems, kv = collect(cm)
+    if kv:
+        problems.append(f"KV cache: static scales ({next(iter(kv.values())).fmt.tag}) have no GGUF form; llama.cpp "
+                        "picks its cache type at run time (--cache-type-k / --cache-type-v q8_0)")
     archs = cfg.get("architectures") or []
     arch = ARCHS.get(archs[0]) if archs else None
     if arch is None:

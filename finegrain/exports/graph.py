@@ -8,17 +8,19 @@ the architecture has no place for is reported, never dropped.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
 from finegrain.compiler.ir import get_tensor
-from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD
+from finegrain.compiler.ops import GROUPED_LINEAR, HADAMARD, KV_APPEND
 from finegrain.formats import QuantFormat
 from finegrain.formats.base import QTensor
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
 
 QPARAM_SUFFIXES = ("_qpacked", "_qscale", "_qzero", "_qscale2", "_qcodebook")
+KV_SCALE = re.compile(r"kv_scale\.(\d+)\.(key|value)")  # quantize_kv's static cache scales (and ``_zero``)
 
 
 @dataclass
@@ -39,10 +41,22 @@ class QuantLinear:
 
 
 @dataclass
+class KVScale:
+    """The static quantization of one layer's cache writes (``passes/quantize_kv.py``, e.g. preset
+    ``kv8-fp8-static``): its format and calibrated per-tensor scale."""
+
+    layer: int
+    kind: str  # "key" / "value"
+    fmt: QuantFormat
+    scale: torch.Tensor  # [1] fp32
+
+
+@dataclass
 class GraphContents:
     linears: dict[str, QuantLinear]  # by weight name
     dense: dict[str, torch.Tensor]  # every other stored tensor, by source name
     problems: list[str]  # what no checkpoint can express (online Hadamard, grouped GEMM, loose Q/DQ)
+    kv: dict[tuple[int, str], KVScale] = field(default_factory=dict)  # static KV-cache scales by (layer, kind)
 
 
 def _attr(gm, node) -> torch.Tensor | None:
@@ -88,9 +102,25 @@ def read_graph(gm) -> GraphContents:
             if len(users) == 1 and users[0].target is torch.ops.aten.linear.default and users[0].args[1] is n:
                 lin.activation = _input_format(users[0])
             linears[name] = lin
+    kv: dict[tuple[int, str], KVScale] = {}
     for n in gm.graph.nodes:  # activation quantizers must sit on the inputs of quantized linears
+        if n.op == "call_function" and n.target is KV_APPEND:
+            problems.append(f"node {n.name}: a windowed KV-cache write ({n.args[2]}, axis {n.args[3]}, window "
+                            f"{n.args[4]}, sinks {n.args[5]}: KIVI / RotateKV / ZipCache) has no checkpoint form; the "
+                            "checkpoint formats take a static per-tensor cache scale (preset kv8-fp8-static) or none")
         if n.op == "call_function" and n.target is QUANTIZE:
+            m = KV_SCALE.fullmatch(str(getattr(n.args[2], "target", ""))) if len(n.args) > 2 else None
+            if m is not None:  # a static KV-cache write (quantize_kv): its scale, not an activation quantizer
+                layer, kind = int(m.group(1)), m.group(2)
+                kv[(layer, kind)] = KVScale(layer, kind, QuantFormat.parse(n.args[1]), _attr(gm, n.args[2]))
+                qparams.update(a.target for a in n.args[2:4])
+                continue
             readers = [w for u in n.users for v in u.users for w in v.users]
+            if readers and all(w.target is torch.ops.aten.cat.default for w in readers):
+                problems.append(f"node {n.name}: a dynamic KV-cache quantizer ({n.args[1]}, a scale per token) has "
+                                "no checkpoint form; the checkpoint formats take a static per-tensor cache scale "
+                                "(preset kv8-fp8-static)")
+                continue
             if not readers or not all(w.target is torch.ops.aten.linear.default and
                                       getattr(w.args[1], "target", None) is DEQUANTIZE_PACKED for w in readers):
                 problems.append(f"node {n.name}: activation quantizer {n.args[1]} not on the input of a quantized "
@@ -99,4 +129,4 @@ def read_graph(gm) -> GraphContents:
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in qparams:
             dense[n.target] = _attr(gm, n)
-    return GraphContents(linears, dense, problems)
+    return GraphContents(linears, dense, problems, kv)

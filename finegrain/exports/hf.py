@@ -19,6 +19,11 @@ tests prove it. What goes where:
   weight is written as the identity of its family); the config is the source model's, kept in
   the artifact's manifest at compile time.
 
+A static FP8 KV cache (preset ``kv8-fp8-static``: E4M3, one calibrated scale per layer for keys and
+one for values) is written as the config's ``kv_cache_scheme`` and each layer's ``self_attn.k_scale`` /
+``v_scale``: the FP8 cache vLLM serves. Dynamic per-token KV quantizers and windowed KV writes (KIVI,
+RotateKV, ZipCache) have no form there and are refused by node; they are never dropped silently.
+
 Refused by name, with nothing written: an online Hadamard or grouped MoE GEMM (no per-module form),
 a tensor a fold added that the architecture has no place for (e.g. an Outlier Suppression+ shift
 bias on a bias-free linear), formats the schema lacks (codebooks, BitMoD, MX INT, DGQ two-level
@@ -235,7 +240,7 @@ def compressed_tensors_of(lin: QuantLinear, fmt_name: str) -> dict[str, torch.Te
 
 
 # ---- the export ----------------------------------------------------------------------------------
-def collect(cm) -> tuple[dict, torch.nn.Module, dict, list[str]]:
+def collect(cm) -> tuple[dict, torch.nn.Module, dict, list[str], dict]:
     """(config, architecture skeleton, {checkpoint key: QuantLinear | dense tensor}, problems): the
     source architecture's state dict filled from the compiled graph by name. A folded norm's weight
     becomes its family's identity; a tied head is left out; any tensor the graph lacks or has extra
@@ -279,12 +284,12 @@ def collect(cm) -> tuple[dict, torch.nn.Module, dict, list[str]]:
                         f"{type(model).__name__} checkpoint")
     if tie and head is not None and head in state:
         cfg["tie_word_embeddings"] = False  # the head was quantized or transformed on its own
-    return cfg, model, state, problems
+    return cfg, model, state, problems, contents.kv
 
 
 def plan_hf(cm) -> dict:
     """Everything the export writes, or ExportError listing every refusal (nothing written)."""
-    cfg, _, state, problems = collect(cm)
+    cfg, model, state, problems, kv = collect(cm)
     tensors: dict[str, torch.Tensor] = {}
     schemes: dict[str, tuple[str, dict]] = {}
     forms: dict[str, str] = {}
@@ -302,13 +307,35 @@ def plan_hf(cm) -> dict:
         for suffix, t in compressed_tensors_of(lin, fmt_name).items():
             tensors[f"{lin.module}.{suffix}"] = t
         forms[lin.module] = f"{fmt_name} {lin.fmt.tag}" + (f" x {lin.activation.tag}" if lin.activation else "")
+    kv_scheme = None
+    if kv:
+        kv_scheme, kv_tensors = kv_cache_scheme(model, kv, problems)
+        tensors.update(kv_tensors)
     if problems:
         raise ExportError(f"compressed-tensors export of {cfg.get('architectures')}: {len(problems)} thing(s) cannot "
                           "be written:\n  " + "\n  ".join(problems))
-    return {"config": cfg, "tensors": tensors, "schemes": schemes, "forms": forms}
+    return {"config": cfg, "tensors": tensors, "schemes": schemes, "forms": forms, "kv_cache_scheme": kv_scheme}
 
 
-def quantization_config(schemes: dict[str, tuple[str, dict]]) -> dict:
+def kv_cache_scheme(model, kv: dict, problems: list[str]) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """compressed-tensors' ``kv_cache_scheme`` and the ``<layer>.self_attn.k_scale`` / ``v_scale``
+    tensors of a graph's static KV-cache scales ``kv`` (``exports/graph.KVScale`` by (layer, kind)):
+    FP8 E4M3 with one scale per layer and tensor, the static cache vLLM serves (and ``transformers``
+    with ``compressed-tensors`` fake-quantizes on each cache update). Anything else is a problem."""
+    attn = [name for name, _ in model.named_modules() if name.endswith("self_attn")]
+    layers = len(attn)
+    fmts = {s.fmt for s in kv.values()}
+    if len(fmts) != 1 or next(iter(fmts)).kind != "e4m3" or len(kv) != 2 * layers:
+        problems.append(f"KV cache: {', '.join(sorted(f.tag for f in fmts))} on {len(kv)} of the {2 * layers} key / value "
+                        "caches; compressed-tensors' kv_cache_scheme takes one FP8 E4M3 per-tensor format for every "
+                        "layer's keys and values (preset kv8-fp8-static)")
+        return None, {}
+    tensors = {f"{attn[s.layer]}.{s.kind[0]}_scale": s.scale.reshape(1).float().clone() for s in kv.values()}
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False,
+            "group_size": None, "block_structure": None, "observer": "minmax", "actorder": None}, tensors
+
+
+def quantization_config(schemes: dict[str, tuple[str, dict]], kv_scheme: dict | None = None) -> dict:
     groups: dict[str, dict] = {}
     keyed: dict[str, str] = {}
     for module, (fmt_name, scheme) in schemes.items():
@@ -319,9 +346,9 @@ def quantization_config(schemes: dict[str, tuple[str, dict]]) -> dict:
                                   "input_activations": scheme["input_activations"], "output_activations": None,
                                   "format": fmt_name}
         groups[keyed[key]]["targets"].append(module)
-    formats = {g["format"] for g in groups.values()}
+    formats = {g["format"] for g in groups.values()} or {"dense"}  # dense: a KV-cache scheme over float weights
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
-            "quantization_status": "compressed", "config_groups": groups, "ignore": [], "kv_cache_scheme": None,
+            "quantization_status": "compressed", "config_groups": groups, "ignore": [], "kv_cache_scheme": kv_scheme,
             "global_compression_ratio": None, "version": CT_VERSION}
 
 
@@ -339,10 +366,11 @@ def export_hf(cm, out: str | Path, overwrite: bool = False, dtype: str = "float3
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     plan = plan_hf(cm)
-    if not plan["schemes"]:
-        raise ExportError("the artifact has no quantized linear: nothing to write in the compressed-tensors schema")
+    if not plan["schemes"] and plan["kv_cache_scheme"] is None:
+        raise ExportError("the artifact has no quantized linear and no static KV-cache scales: nothing to write in the "
+                          "compressed-tensors schema")
     cfg = plan["config"]
-    cfg["quantization_config"] = quantization_config(plan["schemes"])
+    cfg["quantization_config"] = quantization_config(plan["schemes"], plan["kv_cache_scheme"])
     cfg["dtype"] = dtype
     cfg.pop("torch_dtype", None)
     to = DTYPES[dtype]
@@ -362,7 +390,7 @@ def export_hf(cm, out: str | Path, overwrite: bool = False, dtype: str = "float3
     files = sorted(p.name for p in out.iterdir())
     return {"path": str(out), "bytes": sum((out / f).stat().st_size for f in files), "files": files,
             "weights_bytes": (out / "model.safetensors").stat().st_size, "forms": plan["forms"],
-            "groups": len(cfg["quantization_config"]["config_groups"])}
+            "groups": len(cfg["quantization_config"]["config_groups"]), "kv_cache_scheme": plan["kv_cache_scheme"]}
 
 
 def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -372,9 +400,58 @@ def load_hf_export(path: str | Path, dtype: torch.dtype = torch.float32) -> torc
     from finegrain.io.files import read_json_file
 
     cfg = read_json_file(Path(path) / "config.json")
-    cfg.pop("quantization_config", None)
+    kv_scheme = (cfg.pop("quantization_config", None) or {}).get("kv_cache_scheme")
     _, auto = _architecture(cfg)
-    return auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()
+    model = auto.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, dtype=dtype).eval()
+    if kv_scheme:
+        hook_kv_cache_scheme(model, kv_scheme, Path(path) / "model.safetensors")
+    return model
+
+
+def hook_kv_cache_scheme(model, kv_scheme: dict, weights: Path) -> int:
+    """Quantize ``model``'s cache writes as a checkpoint's ``kv_cache_scheme`` says, with
+    compressed-tensors' own ``QuantizedKVCache`` (its ``forward_quantize`` of each key / value
+    update, the checkpoint's ``k_scale`` / ``v_scale``), where ``from_pretrained`` did not: this
+    transformers (5.25) passes the cache to attention as ``cache=``, and compressed-tensors 0.20.1
+    recognizes cached attention by a ``past_key_values`` argument, so it skips the scheme and
+    loads the scales as unexpected keys. Two pre-hooks hand the library's hook the cache under
+    the name it reads, and back. Returns the number of attention modules hooked (0 when the
+    library had already applied the scheme)."""
+    from compressed_tensors.modeling.kvcache import KV_CACHE_ATTR, initialize_hooked_kv_cache
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_attn_qparams
+    from safetensors import safe_open
+
+    attns = [(name, m) for name, m in model.named_modules() if name.endswith("self_attn")]
+    if any(hasattr(m, KV_CACHE_ATTR) for _, m in attns):
+        return 0
+    args = QuantizationArgs.model_validate(kv_scheme)
+
+    def to_library(module, a, kwargs):
+        if "cache" in kwargs:
+            kwargs["past_key_value"] = kwargs.pop("cache")
+        return a, kwargs
+
+    def back(module, a, kwargs):
+        if "past_key_value" in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_value")
+        return a, kwargs
+
+    with safe_open(str(weights), "pt") as f:
+        stored = set(f.keys())
+        for name, m in attns:
+            m.register_forward_pre_hook(to_library, with_kwargs=True, prepend=True)
+            initialize_hooked_kv_cache(model, m)  # the library's hook: wraps the cache in QuantizedKVCache
+            m.register_forward_pre_hook(back, with_kwargs=True)
+            m.quantization_scheme = QuantizationScheme(targets=[name], input_activations=args)
+            initialize_attn_qparams(m, m.quantization_scheme, force_zero_point=False)
+            m.quantization_status = QuantizationStatus.COMPRESSED
+            for kind in ("k", "v"):
+                key = f"{name}.{kind}_scale"
+                if key not in stored:
+                    raise ExportError(f"{weights}: kv_cache_scheme is set but {key} is missing")
+                getattr(m, f"{kind}_scale").data.copy_(f.get_tensor(key).reshape(getattr(m, f"{kind}_scale").shape))
+    return len(attns)
 
 
 def asymmetric_groups(path: str | Path) -> list[str]:
@@ -414,6 +491,9 @@ def decode_hf_export(path: str | Path) -> torch.nn.Module:
             for local in by_module[mod]:
                 del sd[f"{mod}.{local}"]
             state[f"{mod}.weight"] = comp.decompress(by_module[mod], scheme)["weight"].float()
+    kv_scheme = qc.get("kv_cache_scheme")
+    if kv_scheme:  # the cache scales go to the library's QuantizedKVCache (hook_kv_cache_scheme), not the weights
+        sd = {k: v for k, v in sd.items() if not k.endswith(("self_attn.k_scale", "self_attn.v_scale"))}
     state.update(sd)
     config, auto = _architecture(cfg)
     model = auto.from_config(config).float().eval()
@@ -424,4 +504,6 @@ def decode_hf_export(path: str | Path) -> torch.nn.Module:
                           f"unexpected {sorted(unexpected)[:4]})")
     if tied:
         model.tie_weights()
+    if kv_scheme:
+        hook_kv_cache_scheme(model, kv_scheme, path / "model.safetensors")
     return model

@@ -6,8 +6,12 @@ part quantized and dequantized before the concatenation, so every token enters t
 the recipe's format, and the attention of this step and of every later step reads exactly those
 values: the cache path (prefill in chunks, decode one token at a time) and a full-sequence
 forward give the same numbers by construction. Formats (``recipe.kv_key``, ``recipe.kv_value``)
-are dynamic integer formats over the head dimension: per token (``int8-token-sym-dyn``-like) or in
-groups along it (``int4-g32-asym-fp16-dyn``: KIVI's value scheme).
+are dynamic integer or FP8 E4M3 formats over the head dimension: per token (``int8-token-sym-dyn``-like) or in
+groups along it (``int4-g32-asym-fp16-dyn``: KIVI's value scheme); or static symmetric per-tensor
+formats (``e4m3-tensor-sym-fp32``, preset ``kv8-fp8-static``: vLLM's FP8 cache), whose one scale per
+layer and tensor is calibrated here (:func:`_static_qdq`: the largest |x| the calibration batches
+write there, after the rotation when ``kv_rotate``) and stored as the constants
+``kv_scale.<layer>.<key|value>`` (the compressed-tensors export writes them as ``k_scale`` / ``v_scale``).
 
 KIVI's per-channel keys (``recipe.kv_key_axis="tokens"``: each channel over groups of G tokens), a
 float residual window (``kv_window``), attention sinks (``kv_sinks``) and pre-RoPE keys
@@ -51,6 +55,7 @@ from torch.fx import GraphModule, Node
 
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import KV, MODULE, PASS_THROUGH, get_tensor
+from finegrain.compiler.recipe import kv_static
 from finegrain.compiler.regions import new_constant
 from finegrain.compiler.ops import HADAMARD, KV_APPEND, KV_SALIENCY
 from finegrain.errors import CaptureError, InputError
@@ -116,6 +121,9 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
     if axis == "tokens":
         params = head_dim / fmt.group_size
         quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
+    elif kv_static(fmt):  # one calibrated scale per layer: the codes alone
+        params, scale, zero = 0, 0, 0
+        quantized = math.ceil(head_dim * fmt.bits / 8)
     else:  # as the reference backend stores it (backends/kv_packed.py): each token's codes and zero points
         params = fmt.num_groups(head_dim)  # bit-packed to whole bytes
         quantized = math.ceil(head_dim * fmt.bits / 8) + params * scale + math.ceil(params * zero)
@@ -240,6 +248,55 @@ def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
     return {layer: (sq / max(count, 1)).sqrt() for layer, sq in sums.items()}
 
 
+def _absmax(gm: GraphModule, batches: list, nodes: list[Node]) -> dict[Node, float]:
+    """The largest |x| of each of ``nodes`` over one run of ``gm`` per calibration batch."""
+    wanted, out = set(nodes), {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n in wanted and v.numel():
+                out[n] = max(out.get(n, 0.0), float(v.detach().abs().amax()))
+            return v
+
+    with torch.no_grad():
+        for b in batches:
+            Capture(gm).run(*b)
+    return out
+
+
+def _static_qdq(gm: GraphModule, ctx: PassContext, sites: list, log: list) -> None:
+    """Quantize each write of ``sites`` (present, written tensor, static format, where) with one
+    scale per layer and tensor: the format's scale for the largest |x| the calibration batches
+    write there (vLLM / llm-compressor's static FP8 cache: ``k_scale`` / ``v_scale``). The scales
+    are constants ``kv_scale.<layer>.<key|value>``; they are calibrated on the float cache."""
+    g = gm.graph
+    if not ctx.calibration:
+        raise InputError(f"{sites[0][3]}: the static KV format {sites[0][2].tag} takes its scale from calibration "
+                         "data; give calibration data")
+    g.lint()
+    gm.recompile()
+    hi = _absmax(gm, ctx.calibration, [x for _, x, _, _ in sites])
+    for n, x, fmt, where in sites:
+        if x not in hi:
+            raise InputError(f"{where}: the calibration batches wrote no {n.meta[KV]['kind']} here (empty writes); "
+                             f"the static format {fmt.tag} needs one")
+        q = fmt.quantize(torch.tensor([[-hi[x], hi[x]]], dtype=torch.float32))
+        role = n.meta[KV]
+        base = f"kv_scale.{role['layer']}.{role['kind']}"
+        with g.inserting_before(n):
+            scale = new_constant(gm, base, q.scale.reshape(1).float(), before=n)
+            zero = new_constant(gm, base + "_zero", q.zero.reshape(1).to(torch.int32), before=n)
+            qn = g.call_function(QUANTIZE, (x, fmt.tag, scale, zero))
+            parts = tuple(g.call_function(operator.getitem, (qn, i)) for i in range(3))
+            dq = g.call_function(DEQUANTIZE, (*parts, fmt.tag, torch.float32))
+        dq.meta["val"] = x.meta.get("val")
+        n.args = ([*n.args[0][:-1], dq], *n.args[1:])
+        log.append({"pass": "quantize_kv", "site": where, "action": "calibrated",
+                    "detail": f"static {fmt.tag}: scale {float(q.scale.reshape(-1)[0]):.6g} for |x| <= {hi[x]:.6g} "
+                              f"over {len(ctx.calibration)} calibration batch(es)"})
+
+
 def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
     key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
@@ -277,6 +334,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     q_rotated: set[Node] = set()  # ... whose query is rotated (for the keys)
     out_rotated: set[Node] = set()  # ... whose output is rotated back online (values not folded into v_proj / o_proj)
     head_dim = None
+    static: list[tuple[Node, Node, QuantFormat, str]] = []  # (present, what it writes, static format, where)
     for n in presents:
         role = n.meta[KV]
         where = f"layer {role['layer']} {role['kind']}s (node {n.name})"
@@ -331,6 +389,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
                                                 inv_freq, bool(rotate and inv_freq is not None), *zip_args), group_kw)
                 m.meta.update(n.meta)
+            elif kv_static(fmt):  # its scale is calibrated below, on what this write sees (after the rotation)
+                static.append((n, x, fmt, where))
             elif fmt is not None:
                 x = _qdq(g, x, fmt)
                 x.meta["val"] = val
@@ -360,6 +420,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     if r.kv_rotate and not rotated and factors:
         raise CaptureError("kv_rotate: no attention reads the rotated cache (the graph has no "
                            "scaled_dot_product_attention over the presents)")
+    if static:
+        _static_qdq(gm, ctx, static, log)
     if zips:
         _wire_saliency(gm, zips, r.kv_zip_probes)
     layers = len(presents) // 2

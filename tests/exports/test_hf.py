@@ -275,3 +275,82 @@ def test_overwrite_replaces_only_a_finegrain_export(llama128, tmp_path):
     with pytest.raises(finegrain.errors.InputError, match="not a finegrain artifact"):
         cm.export_hf(tmp_path / "theirs", overwrite=True)
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def kv_static(tiny128):
+    """The tiny Llama compiled over its KV cache with W4 weights and vLLM's static FP8 cache, and with
+    the float weights and the same cache."""
+    from finegrain.compiler.recipe import with_kv
+
+    _, inputs, model = tiny128
+    gen = torch.Generator().manual_seed(11)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(3)]
+    return {name: finegrain.compile(model, inputs(16), recipe=with_kv(r, "kv8-fp8-static"), calibration=calib,
+                                    progress=False, kv_cache=True)
+            for name, r in (("w4", _recipe("int4-g64-sym-fp16")), ("w4-asym", _recipe("int4-g64-asym-fp16")),
+                            ("float", {"name": "f", "rules": []}))}
+
+
+@pytest.mark.parametrize("weights", ["w4", "w4-asym", "float"])
+def test_static_fp8_kv_cache_exports_as_the_kv_cache_scheme(kv_static, tiny128, weights, tmp_path):
+    """The static FP8 cache is written as compressed-tensors' ``kv_cache_scheme`` (FP8, per tensor,
+    static) with each layer's ``self_attn.k_scale`` / ``v_scale``: what vLLM reads for its FP8 cache.
+    Loaded by transformers + compressed-tensors (the library's QuantizedKVCache quantizing each cache
+    update), the full forward gives finegrain's logits, and so does decoding one token at a time over
+    transformers' own cache; a cache-less export of the same weights gives other logits. Asymmetric
+    weights (which from_pretrained cannot load here) go through the library's decompressor, hooked
+    the same way."""
+    from safetensors.torch import load_file
+
+    from finegrain.exports.hf import decode_hf_export, hook_kv_cache_scheme
+
+    cm = kv_static[weights]
+    cm.save(tmp_path / "art")
+    cm = finegrain.load(tmp_path / "art")
+    info = cm.export_hf(tmp_path / "hf")
+    qc = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert qc["kv_cache_scheme"] | {"observer": None} == {
+        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False, "group_size": None,
+        "block_structure": None, "observer": None, "actorder": None}
+    assert qc["format"] == ("dense" if weights == "float" else "pack-quantized")
+    assert len(qc["config_groups"]) == (0 if weights == "float" else 1)
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for i in range(cm.kv["layers"]):
+        for kind in ("key", "value"):
+            assert torch.equal(sd[f"model.layers.{i}.self_attn.{kind[0]}_scale"],
+                               getattr(getattr(cm.gm.kv_scale, str(i)), kind).reshape(1))
+    x = tiny128[1](21)
+    hf = (decode_hf_export if weights == "w4-asym" else load_hf_export)(tmp_path / "hf")
+    assert hook_kv_cache_scheme(hf, qc["kv_cache_scheme"], tmp_path / "hf" / "model.safetensors") == 0  # hooked once
+    with torch.no_grad():
+        ref, got = cm(x), hf(x).logits
+        assert _rel(ref, got) <= 1e-5, (weights, _rel(ref, got))
+        out = hf(x[:, :6], use_cache=True)  # prefill, then decode over transformers' own (quantized) cache
+        steps = [out.logits]
+        for t in range(6, 21):
+            out = hf(x[:, t:t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert _rel(ref, torch.cat(steps, 1)) <= 1e-4
+    plain = finegrain.compile(tiny128[2], tiny128[1](16), recipe={
+        "w4": _recipe("int4-g64-sym-fp16"), "w4-asym": _recipe("int4-g64-asym-fp16"),
+        "float": {"name": "f", "rules": [{"role": "linear"}]}}[weights], progress=False)
+    assert _rel(ref, plain(x)) > 100 * _rel(ref, got) + 1e-4  # the cache's FP8 rounding is in the logits
+
+
+def test_kv_caches_with_no_checkpoint_form_are_refused_by_name(tiny128, kv_static, tmp_path):
+    """Dynamic per-token KV quantizers and KIVI's windowed writes have no compressed-tensors form:
+    refused by node, nothing written (never exported as a float cache); GGUF has no cache scales."""
+    from finegrain.compiler.recipe import with_kv
+
+    _, inputs, model = tiny128
+    for kv, needle in (("kv8-fp8", "dynamic KV-cache quantizer (e4m3-token-sym-fp32-dyn"),
+                       ("kivi4", "windowed KV-cache write (int4-g32-asym-fp16-dyn, axis tokens, window 128")):
+        cm = finegrain.compile(model, inputs(16), recipe=with_kv(_recipe("int4-g64-sym-fp16"), kv), progress=False,
+                               kv_cache=True)
+        with pytest.raises(ExportError, match="kv8-fp8-static") as e:
+            cm.export_hf(tmp_path / "hf")
+        assert needle in str(e.value) and not (tmp_path / "hf").exists()
+    with pytest.raises(ExportError, match="static scales .* have no GGUF form"):
+        kv_static["w4"].export_gguf(tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []

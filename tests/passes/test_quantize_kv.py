@@ -424,3 +424,65 @@ def test_fp8_kv_cache_on_every_backend(llama):
     assert not any(r.what == "kv_append" for name in others for r in registry.get(name).check(windowed))
     with pytest.raises(RecipeError, match="integer or FP8 E4M3"):
         finegrain.compile(llama, (IDS,), recipe=_kv("e5m2-token-sym-fp32-dyn"), progress=False, kv_cache=True)
+
+
+def test_static_fp8_kv_cache_calibrates_one_scale_per_layer_on_every_backend(llama, tmp_path):
+    """The ``kv8-fp8-static`` preset (vLLM's FP8 cache: E4M3 keys / values, one calibrated fp32 scale
+    per layer for the keys and one for the values): each scale is the largest |key| (|value|) the
+    calibration batches write to that layer's cache, over 448, as transformers' own cache holds them;
+    the cache holds E4M3 values times that scale; a token costs one byte per element (no per-token
+    scale); the reference stores the codes packed with the same logits as its fp32 storage, ONNX
+    Runtime, TVM and the GPU backend (interpreted) decode the reference's logits; the scales survive
+    save / load; static formats are refused where the write is windowed and without calibration."""
+    from transformers import DynamicCache
+
+    from finegrain.compiler.recipe import with_kv
+    from finegrain.errors import InputError
+
+    gen = torch.Generator().manual_seed(7)
+    calib = [(torch.randint(0, 256, (1, 12), generator=gen),) for _ in range(3)]
+    cm = finegrain.compile(llama, (IDS,), recipe=with_kv({"name": "f", "rules": []}, "kv8-fp8-static"),
+                           calibration=calib, progress=False, kv_cache=True)
+    heads, d, layers = cm.kv["kv_heads"], cm.kv["head_dim"], cm.kv["layers"]
+    hi = {}
+    for (ids,) in calib:  # what transformers writes to its cache, post-RoPE
+        cache = DynamicCache(config=llama.config)
+        with torch.no_grad():
+            llama(ids, cache=cache, use_cache=True)
+        for i, lay in enumerate(cache.layers):
+            for kind, t in (("key", lay.keys), ("value", lay.values)):
+                hi[(i, kind)] = max(hi.get((i, kind), 0.0), float(t.abs().amax()))
+    scales = {(i, kind): float(getattr(getattr(cm.gm.kv_scale, str(i)), kind)) for i in range(layers)
+              for kind in ("key", "value")}
+    assert scales == pytest.approx({k: v / 448 for k, v in hi.items()}, rel=1e-6)
+    assert len(set(scales.values())) == len(scales)
+    assert cm.kv["quantization"]["bytes_per_token"] == 2 * layers * heads * d
+    ref = cm.session("torch", kv_storage="float")
+    la, sa = ref.prefill(X[:, :10])
+    for j, p in enumerate(sa["past"]):  # every element: an E4M3 value times its layer's one scale
+        s = scales[(j // 2, ("key", "value")[j % 2])]
+        assert torch.equal((p / s).to(torch.float8_e4m3fn).float() * s, p)
+    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", max_seq_len=32),
+                "gpu": cm.session("gpu")}
+    assert len(sessions["packed"].kv_packed) == 2 * layers
+    states = {k: s.prefill(X[:, :10])[1] for k, s in sessions.items()}
+    assert sum(p.codes.numel() for p in states["packed"]["past"]) == 10 * cm.kv["quantization"]["bytes_per_token"]
+    for i in range(10, 14):
+        la, sa = ref.step(sa, X[:, i:i + 1])
+        for k, s in sessions.items():
+            lb, states[k] = s.step(states[k], X[:, i:i + 1])
+            assert (la - lb.float().cpu()).abs().max() < 1e-4 * la.abs().max(), (k, i)
+    cm.save(tmp_path / "art")
+    back = finegrain.load(tmp_path / "art")
+    assert torch.equal(back(X), cm(X)) and back.kv == cm.kv
+    static = "e4m3-tensor-sym-fp32"
+    with pytest.raises(RecipeError, match="static format .* float window"):
+        finegrain.compile(llama, (IDS,), recipe=_kv(static, static) | {"kv_window": 4}, calibration=calib,
+                          progress=False, kv_cache=True)
+    with pytest.raises(RecipeError, match="kv_zip_key"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("int4-g16-asym-fp16-dyn") | {"kv_zip_key": static},
+                          progress=False, kv_cache=True)
+    with pytest.raises(RecipeError, match="static symmetric one per tensor"):
+        finegrain.compile(llama, (IDS,), recipe=_kv("int8-tensor-asym-fp32"), progress=False, kv_cache=True)
+    with pytest.raises(InputError, match="static activation or KV-cache scales"):
+        finegrain.compile(llama, (IDS,), recipe=_kv(static, static), progress=False, kv_cache=True)
