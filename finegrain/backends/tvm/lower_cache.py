@@ -140,7 +140,9 @@ def cache_parts(x):
 #   the head dim is bits
 #   ``[(a // W) * bits, (a // W + 1) * bits)`` of word ``a % W``, so 8 consecutive elements sit at the
 #   same shift of 8 consecutive words and the decode kernel unpacks them as one vector;
-# * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32);
+# * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32); a static format (one
+#   calibrated scale per layer, ``kv8-fp8-static``) writes that scale in every token's slot, so the
+#   decode kernel is the per-token one (4 bytes per token and head more than the format counts);
 # * ``zeros``  uint8 ``[B, L, Hkv, d / G]`` (asymmetric formats only).
 #
 # The value a reader gets is ``(u + lo - zero) * scale`` (E4M3: the pattern's value times the scale), exactly
@@ -159,11 +161,12 @@ def kv_layout(fmt, d: int) -> str | dict:
     from finegrain.formats import QuantFormat
 
     f = QuantFormat.parse(fmt) if isinstance(fmt, str) else fmt
-    if f.kind not in ("int", "e4m3") or not f.dynamic or f.block_rows:
-        return f"{f.tag} is not a dynamic integer or FP8 E4M3 format"
-    if f.granularity not in ("token", "group"):
+    static = not f.dynamic and f.granularity == "tensor" and f.symmetric  # one calibrated scale per layer
+    if f.kind not in ("int", "e4m3") or not (f.dynamic or static) or f.block_rows:
+        return f"{f.tag} is not a dynamic integer or FP8 E4M3 format (or a static symmetric one per tensor)"
+    if f.granularity not in ("token", "group") and not static:
         return f"{f.tag}: the packed cache holds formats per token or in groups along the head dim"
-    group = d if f.granularity == "token" else f.group_size
+    group = f.group_size if f.granularity == "group" else d
     if d % group:
         return f"{f.tag}: groups of {group} do not divide the head dim {d}"
     if f.bits not in PACKABLE_BITS or (d * f.bits) % 32:
@@ -172,7 +175,8 @@ def kv_layout(fmt, d: int) -> str | dict:
         return f"{f.tag}: {f.scale} scales (fp16 / fp32 are stored)"
     lo, _ = f.family.code_range(f)
     return {"bits": f.bits, "group": group, "words": d * f.bits // 32, "asym": not f.symmetric,
-            "scale": "float16" if f.scale == "fp16" else "float32", "lo": lo, "d": d, "fp8": f.kind == "e4m3"}
+            "scale": "float16" if f.scale == "fp16" else "float32", "lo": lo, "d": d, "fp8": f.kind == "e4m3",
+            **({"static": True} if static else {})}
 
 
 def _token_format(fmt: str):
@@ -199,8 +203,9 @@ def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     return u.reshape(*words.shape[:-1], -1)
 
 
-def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
-    """``(codes, scales, zeros)`` of ``x[..., d]`` as the packed cache holds them (reference)."""
+def encode_ref(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) -> tuple:
+    """``(codes, scales, zeros)`` of ``x[..., d]`` as the packed cache holds them (reference); a
+    static format takes its calibrated ``scale`` ``[1]`` and holds it in every token's scale slot."""
     d = x.shape[-1]
     lay = kv_layout(fmt, d)
     if isinstance(lay, str):
@@ -208,7 +213,13 @@ def encode_ref(x: torch.Tensor, fmt: str) -> tuple:
 
         raise TvmError(lay)
     g, bits = lay["group"], lay["bits"]
-    q = _token_format(fmt).quantize(x.float().reshape(*x.shape[:-1], d // g, g))
+    xr = x.float().reshape(*x.shape[:-1], d // g, g)
+    if lay.get("static"):
+        s = scale.float().reshape(1).expand(*xr.shape[:-1], 1)
+        q = _token_format(fmt).quantize(xr, s, torch.zeros_like(s, dtype=torch.int32))
+        q = type(q)(q.codes, s, torch.zeros_like(s, dtype=torch.int32))
+    else:
+        q = _token_format(fmt).quantize(xr)
     words = pack_words((q.codes.to(torch.int64) - lay["lo"]).reshape(*x.shape[:-1], d), bits)
     scales = q.scale.reshape(*x.shape[:-1], d // g).to(SCALE_DTYPES["fp16" if lay["scale"] == "float16" else "fp32"])
     zeros = q.zero.reshape(*x.shape[:-1], d // g).to(torch.uint8)
@@ -230,35 +241,36 @@ def decode_ref(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | 
 
 
 @torch.library.custom_op("finegrain::kv_codes", mutates_args=())
-def kv_codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The packed cache's code words of the new keys / values ``x[B, S, Hkv, d]``."""
-    return encode_ref(x, fmt)[0]
+def kv_codes(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The packed cache's code words of the new keys / values ``x[B, S, Hkv, d]`` (``scale``: a
+    static format's calibrated one)."""
+    return encode_ref(x, fmt, scale)[0]
 
 
 @kv_codes.register_fake
-def _(x, fmt):
+def _(x, fmt, scale=None):
     return x.new_empty((*x.shape[:-1], kv_layout(fmt, x.shape[-1])["words"]), dtype=torch.int32)
 
 
 @torch.library.custom_op("finegrain::kv_scales", mutates_args=())
-def kv_scales(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    return encode_ref(x, fmt)[1]
+def kv_scales(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return encode_ref(x, fmt, scale)[1]
 
 
 @kv_scales.register_fake
-def _(x, fmt):
+def _(x, fmt, scale=None):
     lay = kv_layout(fmt, x.shape[-1])
     return x.new_empty((*x.shape[:-1], x.shape[-1] // lay["group"]),
                        dtype=torch.float16 if lay["scale"] == "float16" else torch.float32)
 
 
 @torch.library.custom_op("finegrain::kv_zeros", mutates_args=())
-def kv_zeros(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    return encode_ref(x, fmt)[2]
+def kv_zeros(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return encode_ref(x, fmt, scale)[2]
 
 
 @kv_zeros.register_fake
-def _(x, fmt):
+def _(x, fmt, scale=None):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // kv_layout(fmt, x.shape[-1])["group"]), dtype=torch.uint8)
 
 
@@ -280,7 +292,8 @@ KV_ZEROS, KV_DECODE = torch.ops.finegrain.kv_zeros.default, torch.ops.finegrain.
 
 def _written(present):
     """``(past, quantize node, dequantize node, format)`` when ``present`` is
-    ``cat(past, dequantize(quantize(x)))`` with a dynamic quantize, else None."""
+    ``cat(past, dequantize(quantize(x)))`` with a dynamic quantize or a static one per tensor
+    (its calibrated scale the quantize node's third argument), else None."""
     import operator
 
     from finegrain.formats.ops import DEQUANTIZE, QUANTIZE
@@ -295,7 +308,9 @@ def _written(present):
     if not all(getattr(g, "target", None) is operator.getitem for g in gets) or len({g.args[0] for g in gets}) != 1:
         return None
     q = gets[0].args[0]
-    if q.target is not QUANTIZE or len(q.args) > 2 or q.kwargs.get("scale") is not None:
+    if q.target is not QUANTIZE or q.kwargs.get("scale") is not None:
+        return None
+    if len(q.args) > 2 and (len(q.args) != 4 or _token_format(q.args[1]).dynamic):  # static: scale, zero
         return None
     if any(set(g.users) != {deq} for g in q.users) or len(deq.users) != 1:
         return None
@@ -396,7 +411,8 @@ def pack_cache(graph) -> list[dict]:
         placeholders.pop(past.name, None)
         with graph.inserting_before(out):
             xt = graph.call_function(torch.ops.aten.transpose.int, (q.args[0], 1, 2))
-            new = [graph.call_function(op, (xt, fmt)) for op in (KV_CODES, KV_SCALES, KV_ZEROS)[:len(parts)]]
+            static = (q.args[2],) if lay.get("static") else ()  # the calibrated scale
+            new = [graph.call_function(op, (xt, fmt, *static)) for op in (KV_CODES, KV_SCALES, KV_ZEROS)[:len(parts)]]
         results[i] = tuple(new)
     flat = []
     for r in results:
@@ -427,7 +443,8 @@ def relax_converters(prefix: str) -> dict:
 
     def encoded(node, importer):
         bb = importer.block_builder
-        x, fmt = importer.retrieve_args(node)[:2]
+        args = importer.retrieve_args(node)
+        x, fmt = args[:2]
         key = (id(bb), id(x), fmt)
         if key in memo and memo[key][0] is x:
             return memo[key][1]
@@ -438,7 +455,12 @@ def relax_converters(prefix: str) -> dict:
         tok = _token_format(fmt)
         lo, hi = tok.family.code_range(tok)
         xr = bb.emit(relax.op.reshape(x, [*shape[:-1], d // g, g]))
-        s, z = _act_scale(bb, xr, tok, None, None, prefix)
+        if lay.get("static"):  # the calibrated scale in every token's slot
+            s = bb.emit(relax.op.broadcast_to(relax.op.reshape(relax.op.astype(args[2], "float32"), [1] * 5),
+                                              [*shape[:-1], d // g, 1]))
+            z = bb.emit(relax.op.zeros([*shape[:-1], d // g, 1], "float32"))
+        else:
+            s, z = _act_scale(bb, xr, tok, None, None, prefix)
         memo[key] = (x, (bb, shape, d, lay, lo, hi, xr, s, z))
         return memo[key][1]
 
