@@ -258,6 +258,8 @@ def main() -> None:
         kv_rows += [(f"W4A16 g128 + {p} packed", with_kv("w4a16-g128", p), "static") for p in ("kivi4", "kivi2")]
         # the kv8-fp8 preset: FP8 E4M3 bit patterns packed 4 to a word, one fp32 scale per token and head
         kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
+        # kv8-fp8-static: the same codes, one calibrated scale per layer (held in each token's scale slot)
+        kv_rows.append(("W4A16 g128 + kv8-fp8-static packed", with_kv("w4a16-g128", "kv8-fp8-static"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):

@@ -190,3 +190,27 @@ def test_kv_cache_in_head_dim_groups_in_onnxruntime_and_genai(tiny_llama, tmp_pa
     prompt = x[:, :6]
     tokens, _ = _genai_greedy(og, tmp_path / "genai", prompt, 20)
     assert tokens == cm.generate(prompt, 14).tokens
+
+
+def test_static_fp8_kv_cache_in_onnxruntime_genai(tiny_llama, tmp_path):
+    """``kv8-fp8-static`` (one calibrated E4M3 scale per layer for K and one for V) exported for
+    onnxruntime-genai: the static QuantizeLinear / DequantizeLinear pair on each write, genai driving
+    an fp32 cache holding the E4M3 values generates the reference's tokens from its logits."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from finegrain.backends.onnx import export_genai
+    from finegrain.compiler.recipe import with_kv
+
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(2)]
+    cm = finegrain.compile(tiny_llama, (torch.randint(0, 256, (1, 16), generator=gen),),
+                           recipe=with_kv(FLOAT, "kv8-fp8-static"), calibration=calib, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(6))
+    fp = finegrain.compile(tiny_llama, (x[:, :16],), recipe=FLOAT, progress=False)
+    assert _rel(fp(x), cm(x)) > 1e-4  # the writes quantize
+    export_genai(cm, tmp_path / "genai")
+    prompt = x[:, :9]
+    tokens, logits = _genai_greedy(og, tmp_path / "genai", prompt, 24)
+    assert tokens == cm.generate(prompt, 15).tokens
+    seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
+    want = _incremental(cm.session(), seq, 9)[0, 8:]
+    assert _rel(want, torch.stack(logits[:len(want)])) <= 1e-4
