@@ -354,3 +354,27 @@ def test_kv_caches_with_no_checkpoint_form_are_refused_by_name(tiny128, kv_stati
     with pytest.raises(ExportError, match="static scales .* have no GGUF form"):
         kv_static["w4"].export_gguf(tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "qwen3", "phi3", "gemma3"])
+def test_static_fp8_kv_cache_export_across_families(family, tmp_path):
+    """Each family's static FP8 cache (q/k/v biases, QK-norm, fused qkv, sliding-window layers): the
+    decode over finegrain's cache equals its full forward, and transformers + compressed-tensors
+    loading the export give those logits exactly."""
+    from finegrain.compiler.recipe import with_kv
+    from tests.test_kv_cache import _family, _incremental
+
+    model = _family(family)
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(2)]
+    cm = finegrain.compile(model, (torch.randint(0, 256, (1, 8), generator=gen),),
+                           recipe=with_kv({"name": "f", "rules": []}, "kv8-fp8-static"), calibration=calib,
+                           progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=gen)
+    full = cm(x)
+    assert _rel(full, _incremental(cm, x, 5)[0]) <= 1e-5
+    with torch.no_grad():
+        assert _rel(model(x).logits, full) > 1e-3  # the cache's FP8 rounding is in the logits
+    cm.export_hf(tmp_path / "hf")
+    with torch.no_grad():
+        assert _rel(full, load_hf_export(tmp_path / "hf")(x).logits) <= 1e-6
