@@ -66,6 +66,9 @@ CONFIGS = {  # name -> recipe fields
     # the same elements with one calibrated fp32 scale per layer for keys and one for values (preset kv8-fp8-static:
     # vLLM's static FP8 cache, exported as compressed-tensors' kv_cache_scheme; calibration: 32 x 512 Brown tokens)
     "KV8 FP8 E4M3 static per tensor": _cfg("e4m3-tensor-sym-fp32", "e4m3-tensor-sym-fp32"),
+    # INT8, one calibrated scale per layer for keys and one for values (preset kv8-static: the cache ONNX Runtime's
+    # GroupQueryAttention holds as INT8 codes)
+    "KV8 INT8 static per tensor": _cfg("int8-tensor-sym-fp32", "int8-tensor-sym-fp32"),
     **{f"KV{b} per token + Hadamard + sink": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, kv_sinks=1)
        for b in (4, 2)},
     **{f"KV{b} RotateKV (pre-RoPE + Hadamard + sink)": _cfg(TOK.format(b=b), TOK.format(b=b), kv_rotate=True, **PRE)
@@ -202,7 +205,7 @@ def main() -> None:
             continue
         recipe = {"name": name, "rules": [], **fields}
         t = time.perf_counter()
-        static = "e4m3-tensor-sym-fp32" in (fields.get("kv_key"), fields.get("kv_value"))
+        static = bool({"e4m3-tensor-sym-fp32", "int8-tensor-sym-fp32"} & {fields.get("kv_key"), fields.get("kv_value")})
         # static scales: the CLI's default calibration (32 x 512 tokens; 4 x 512 gave +1.31%, its maxima below
         # what WikiText writes in a few layers)
         calib = (calibration_batches(lm.tokenizer, 32, 512) if static else

@@ -104,6 +104,13 @@ def _marker_ops() -> dict[str, Any]:
         "Hadamard": OpSchema(
             "Hadamard", DOMAIN, 1, inputs=[fp("x", "T"), fp("factor", "T3")], outputs=[fp("y", "T")],
             type_constraints=[("T", floats, ""), ("T3", ["tensor(float)", "tensor(double)"], "")]),
+        "KvInt8Attention": OpSchema(  # lowered to com.microsoft::GroupQueryAttention (backends/onnx_gqa.py)
+            "KvInt8Attention", DOMAIN, 1,
+            inputs=[fp("query", "T"), fp("key", "T"), fp("value", "T"), fp("past_key", "C"), fp("past_value", "C"),
+                    fp("seqlens_k", "M"), fp("total_sequence_length", "M"), fp("k_scale", "T"), fp("v_scale", "T")],
+            outputs=[fp("output", "T"), fp("present_key", "C"), fp("present_value", "C")],
+            type_constraints=[("T", ["tensor(float)"], ""), ("C", ["tensor(int8)"], ""), ("M", ["tensor(int32)"], "")],
+            attributes=[OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")]),
     }
     opset = onnxscript.values.Opset(DOMAIN, 1)
     for name, schema in schemas.items():
@@ -228,8 +235,11 @@ def _translation_table() -> dict:
     def weight(w):  # the recurrent-weight marker is the identity
         return op.Identity(w)
 
+    from finegrain.backends import onnx_gqa
+
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
-            WEIGHT: weight, KV_APPEND: _kv_append_translation(op)}
+            WEIGHT: weight, KV_APPEND: _kv_append_translation(op),
+            onnx_gqa.KV_INT8_ATTENTION: onnx_gqa.translation(op)}
 
 
 def _block_scale(op, amax, f: QuantFormat):
@@ -786,6 +796,11 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
+        if node.op_type == "KvInt8Attention":
+            from finegrain.backends.onnx_gqa import lower as lower_gqa
+
+            lower_gqa(graph, node)
+            continue
         if node.op_type == "Hadamard":
             x, factor = node.inputs
             n = x.shape[-1] if x.shape is not None else None
@@ -874,9 +889,12 @@ def output_names(cm) -> list[str]:
     return ["logits"] + [f"present_{k}_{i}" for i in range(kv["layers"]) for k in ("key", "value")]
 
 
-def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 0, overwrite: bool = False) -> dict:
+def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 0, overwrite: bool = False,
+                kv_int8_cache: bool = True) -> dict:
     """Export ``cm`` (a CompiledModel) to the ONNX file ``path``; returns a summary: the file(s),
-    their bytes, and the ONNX form each quantized weight got."""
+    their bytes, the ONNX form each quantized weight got and, for a KV-cache graph, ``kv_int8``:
+    the past inputs held as INT8 codes by GroupQueryAttention (``kv_int8_cache``: layers whose keys
+    and values are static INT8 per tensor, ``backends/onnx_gqa.py``) and why others were not."""
     import onnx
     import onnx_ir as ir
     import onnx_ir.passes.common as common
@@ -893,12 +911,19 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
     BACKEND.require(cm)  # every layer / op the export does not cover, named, before torch.onnx.export runs
     import warnings
 
+    gm, specs, kv_int8 = cm.gm, cm.input_specs, {"inputs": [], "skipped": []}
+    if kv_int8_cache and getattr(cm, "kv", None):
+        from finegrain.backends.onnx_gqa import fuse
+
+        gm, int8, kv_int8["skipped"] = fuse(cm.gm, (cm.source or {}).get("hf_config"))
+        specs = [{**s, "dtype": "int8"} if i in int8 else s for i, s in enumerate(cm.input_specs)]
+        kv_int8["inputs"] = [specs[i]["name"] for i in sorted(int8)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(cm.gm.eval(), example_inputs(cm.input_specs), dynamo=True, opset_version=OPSET,
+        prog = torch.onnx.export(gm.eval(), example_inputs(specs), dynamo=True, opset_version=OPSET,
                                  custom_translation_table=_translation_table(), optimize=True, verbose=False,
-                                 dynamic_shapes=export_dynamic_shapes(cm.input_specs),
-                                 input_names=[s["name"] for s in cm.input_specs], output_names=output_names(cm))
+                                 dynamic_shapes=export_dynamic_shapes(specs),
+                                 input_names=[s["name"] for s in specs], output_names=output_names(cm))
     model = prog.model
     forms = _lower(model, style, accuracy_level)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
@@ -920,7 +945,8 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         shutil.rmtree(tmp, ignore_errors=True)
     files = [path] + ([path.parent / data] if data else [])
     return {"path": str(path), "style": style, "accuracy_level": accuracy_level,
-            "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms}
+            "bytes": sum(f.stat().st_size for f in files), "files": [str(f) for f in files], "weights": forms,
+            "kv_int8": kv_int8}
 
 
 def provenance(cm, style: str, accuracy_level: int) -> dict[str, str]:
@@ -1024,7 +1050,8 @@ def export_genai(cm, out: str | Path, style: str = "matmulnbits", accuracy_level
     }
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
-        info = export_onnx(cm, tmp / "model.onnx", style=style, accuracy_level=accuracy_level)
+        # onnxruntime-genai allocates fp32 / fp16 caches: its export keeps the fp32 cache graph
+        info = export_onnx(cm, tmp / "model.onnx", style=style, accuracy_level=accuracy_level, kv_int8_cache=False)
         (tmp / "genai_config.json").write_text(dumps_json(genai) + "\n")
         if tok is not None:
             tok.save_pretrained(str(tmp))
@@ -1061,6 +1088,16 @@ class OnnxSession(Session):
             self.export = export_onnx(cm, path, style=style, accuracy_level=accuracy_level)
         self.path = Path(path)
         self.session = make_session(self.path, accuracy_level, threads)
+        # pasts the model holds as INT8 codes (GroupQueryAttention's cache, backends/onnx_gqa.py)
+        int8 = {i.name for i in self.session.get_inputs() if i.type == "tensor(int8)"}
+        self.input_specs = [{**s, "dtype": "int8"} if s["name"] in int8 else s for s in self.input_specs]
+
+    def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
+        if past is None:  # empty pasts in each input's own dtype (INT8 where ORT holds the codes)
+            b = ids.shape[0]
+            past = [torch.zeros(b, self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=getattr(torch, s["dtype"]))
+                    for s in self.input_specs[2:]]
+        return super().kv_forward(ids, past, start)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.kv and len(inputs) == 1:

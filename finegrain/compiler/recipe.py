@@ -652,6 +652,9 @@ KV_PRESETS: dict[str, dict] = {
     # FP8 E4M3 with one calibrated fp32 scale per layer for keys and one for values (k_scale / v_scale): the
     # static FP8 cache vLLM serves from a compressed-tensors checkpoint's kv_cache_scheme (finegrain export-hf)
     "kv8-fp8-static": {"kv_key": "e4m3-tensor-sym-fp32", "kv_value": "e4m3-tensor-sym-fp32"},
+    # INT8 with one calibrated fp32 scale per layer for keys and one for values: the cache ONNX Runtime's
+    # GroupQueryAttention holds itself (k_quant_type PER_TENSOR, backends/onnx_gqa.py)
+    "kv8-static": {"kv_key": "int8-tensor-sym-fp32", "kv_value": "int8-tensor-sym-fp32"},
     # KIVI-4 in the Hadamard-rotated space: keys per channel over 32 tokens, quantized before RoPE; values per
     # token in groups of 32; the newest 128 tokens and one sink in float
     "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},

@@ -214,3 +214,48 @@ def test_static_fp8_kv_cache_in_onnxruntime_genai(tiny_llama, tmp_path):
     seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
     want = _incremental(cm.session(), seq, 9)[0, 8:]
     assert _rel(want, torch.stack(logits[:len(want)])) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma3"])
+def test_static_int8_kv_cache_is_groupqueryattentions_own_int8_cache(family):
+    """``kv8-static`` (INT8, one calibrated scale per layer for K and one for V) is the cache ONNX
+    Runtime's GroupQueryAttention holds itself (``k_quant_type`` PER_TENSOR): each layer's writes and
+    attention become one com.microsoft node over INT8 past inputs, the session carries the codes
+    (one byte per element) between steps, and its logits equal the reference's through prefill and
+    decode; the fused graph in torch equals the unfused one. Sliding-window layers (Gemma 3) are not
+    fused, said per layer, and run over the fp32 cache holding the same values."""
+    import onnx
+
+    from finegrain.backends.onnx_gqa import fuse
+    from finegrain.compiler.capture import kv_inputs
+    from finegrain.compiler.recipe import with_kv
+    from tests.test_kv_cache import _family
+
+    model = _family(family)
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(2)]
+    cm = finegrain.compile(model, (torch.randint(0, 256, (1, 8), generator=gen),), recipe=with_kv(FLOAT, "kv8-static"),
+                           calibration=calib, progress=False, kv_cache=True)
+    x = torch.randint(0, 256, (1, 24), generator=gen)
+    ref = _incremental(cm.session(), x, 7)
+    with torch.no_grad():
+        assert _rel(model(x).logits, ref) > 1e-4  # the writes quantize
+    fused, int8, skipped = fuse(cm.gm, cm.source.get("hf_config"))
+    sliding = family == "gemma3"
+    assert (int8 == set()) if sliding else (int8 == set(range(2, 2 + 2 * cm.kv["layers"])) and not skipped)
+    assert not sliding or skipped == [f"layer {i}: sliding-window attention; GroupQueryAttention is fused only over "
+                                      "plain causal attention" for i in range(cm.kv["layers"])]
+    if not sliding:
+        ins = list(kv_inputs(cm.kv, x))
+        ins[2:] = [p.to(torch.int8) for p in ins[2:]]
+        with torch.no_grad():
+            out = fused(*ins)
+        assert _rel(cm(x), out[0]) <= 1e-5 and all(p.dtype == torch.int8 for p in out[1:])
+    with cm.session("onnx") as s:
+        ops = {n.op_type for n in onnx.load(str(s.path)).graph.node}
+        assert ("GroupQueryAttention" in ops) != sliding
+        assert _rel(ref, _incremental(s, x, 7)) <= 1e-5
+        _, state = s.prefill(x[:, :7])
+        want = torch.float32 if sliding else torch.int8
+        assert all(p.dtype == want and p.shape[2] == 7 for p in state["past"])
+        assert _rel(cm(x), s.run(x)) <= 1e-5
