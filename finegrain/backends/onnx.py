@@ -1163,10 +1163,16 @@ class OnnxBackend(BackendBase):
                                     "(linear layers)")
             return "refused", (f"weight format {fmt.tag} has no ONNX form (INT2..8, FP8 E4M3 per channel / tensor, "
                                "minifloats and codebooks in groups along K do)")
+        if role == "kv" and fmt.tag == "int8-tensor-sym-fp32":
+            return "native", ("com.microsoft::GroupQueryAttention holding an INT8 PER_TENSOR past / present where a "
+                              "layer's keys and values both are (backends/onnx_gqa.py; sliding-window layers: an fp32 "
+                              "cache holding the values)")
         try:
             _act_format(fmt.tag)
         except ExportError as e:
             return "refused", str(e)
+        if role == "kv":
+            return "emulated", "fp32 cache holding the format's values (the write's quantizer as ONNX arithmetic)"
         return "emulated", "activation quantizer exported as ONNX arithmetic"
 
     def op_capability(self, op: str) -> tuple[str, str]:

@@ -63,6 +63,10 @@ def preset_rows() -> list[tuple[str, str, object]]:
                  QuantFormat.parse("int4-g32-asym-fp16-dyn")))
     rows.append(("KV cache FP8 E4M3 per token (e4m3-token-sym-fp32-dyn)", "kv",
                  QuantFormat.parse("e4m3-token-sym-fp32-dyn")))
+    rows.append(("KV cache FP8 E4M3, one static scale per layer (e4m3-tensor-sym-fp32)", "kv",
+                 QuantFormat.parse("e4m3-tensor-sym-fp32")))
+    rows.append(("KV cache INT8, one static scale per layer (int8-tensor-sym-fp32)", "kv",
+                 QuantFormat.parse("int8-tensor-sym-fp32")))
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
                    ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
                    ("activation outlier groups at 8 bits (FMPQ)", "op", "act_outliers"),
