@@ -694,6 +694,12 @@ def _export_onnx(cm, args) -> None:
     info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
     _say(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}")
     _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
+    kv8 = info.get("kv_int8") or {}
+    if kv8.get("inputs"):
+        _say(f"KV cache: {len(kv8['inputs'])} past inputs held as INT8 by com.microsoft::GroupQueryAttention "
+             f"(PER_TENSOR scales)")
+    for why in kv8.get("skipped", []):
+        _say(f"KV cache not held as INT8: {why} (an fp32 cache holding the values)")
     if args.check:
         from finegrain.backends.onnx import OnnxSession
 

@@ -114,11 +114,16 @@ def test_windowed_kv_cache_in_onnxruntime_and_genai(tiny_llama, tmp_path):
     assert _rel(fp(x), ref) > 1e-3  # the writes quantize
     with cm.session("onnx") as s:
         assert _rel(ref, _incremental(s, x, 11)) <= 1e-4
+    _genai_generates_the_reference(cm, x[:, :9], tmp_path)
+
+
+def _genai_generates_the_reference(cm, prompt, tmp_path):
+    """onnxruntime-genai, driving the cache of ``cm``'s export itself, generates the reference's tokens
+    from the reference's logits at every position (prompt of 9 tokens, 15 new)."""
     og = pytest.importorskip("onnxruntime_genai")
     from finegrain.backends.onnx import export_genai
 
     export_genai(cm, tmp_path / "genai")
-    prompt = x[:, :9]
     tokens, logits = _genai_greedy(og, tmp_path / "genai", prompt, 24)
     assert tokens == cm.generate(prompt, 15).tokens
     seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
@@ -196,8 +201,6 @@ def test_static_fp8_kv_cache_in_onnxruntime_genai(tiny_llama, tmp_path):
     """``kv8-fp8-static`` (one calibrated E4M3 scale per layer for K and one for V) exported for
     onnxruntime-genai: the static QuantizeLinear / DequantizeLinear pair on each write, genai driving
     an fp32 cache holding the E4M3 values generates the reference's tokens from its logits."""
-    og = pytest.importorskip("onnxruntime_genai")
-    from finegrain.backends.onnx import export_genai
     from finegrain.compiler.recipe import with_kv
 
     gen = torch.Generator().manual_seed(5)
@@ -207,13 +210,7 @@ def test_static_fp8_kv_cache_in_onnxruntime_genai(tiny_llama, tmp_path):
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(6))
     fp = finegrain.compile(tiny_llama, (x[:, :16],), recipe=FLOAT, progress=False)
     assert _rel(fp(x), cm(x)) > 1e-4  # the writes quantize
-    export_genai(cm, tmp_path / "genai")
-    prompt = x[:, :9]
-    tokens, logits = _genai_greedy(og, tmp_path / "genai", prompt, 24)
-    assert tokens == cm.generate(prompt, 15).tokens
-    seq = torch.cat([prompt, torch.tensor([tokens[:-1]])], 1)
-    want = _incremental(cm.session(), seq, 9)[0, 8:]
-    assert _rel(want, torch.stack(logits[:len(want)])) <= 1e-4
+    _genai_generates_the_reference(cm, x[:, :9], tmp_path)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi3", "gemma3"])
