@@ -26,7 +26,6 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from finegrain.compiler.ir import KV
 from finegrain.formats import QuantFormat
 
 INT8_STATIC = "int8-tensor-sym-fp32"
@@ -113,10 +112,10 @@ def fuse(gm: GraphModule, hf_config: dict | None = None) -> tuple[GraphModule, s
     out = g.output_node()
     results = list(out.args[0])
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
-    layers: dict[int, dict] = {}
-    for i, r in enumerate(results):
-        if isinstance(r, Node) and KV in r.meta:
-            layers.setdefault(r.meta[KV]["layer"], {})[r.meta[KV]["kind"]] = (i, r)
+    layers: dict[int, dict] = {}  # outputs 1, 2, ..: layer 0's key, value, layer 1's .. (the KV-cache graph's
+    for i, r in enumerate(results[1:], 1):  # contract; a loaded graph carries no KV meta)
+        if isinstance(r, Node):
+            layers.setdefault((i - 1) // 2, {})[("key", "value")[(i - 1) % 2]] = (i, r)
     int8, skipped = set(), []
     for layer, kinds in sorted(layers.items()):
         writes = {k: _int8_write(r, gm) for k, (_, r) in kinds.items()}

@@ -146,6 +146,13 @@ class CompiledModel(Artifact):
     @classmethod
     def from_manifest(cls, gm: GraphModule, manifest: dict, tokenizer: Any = None,
                       recipe: Recipe | None = None) -> "CompiledModel":
+        if manifest.get("kv"):  # graph.json keeps no node meta: the presents' role from the cache graph's contract
+            from finegrain.compiler.ir import KV
+
+            out = gm.graph.output_node().args[0]
+            for i, r in enumerate(out[1:]):  # output 1 + i: layer i // 2's key (even i) or value
+                if isinstance(r, torch.fx.Node):
+                    r.meta[KV] = {"layer": i // 2, "kind": ("key", "value")[i % 2]}
         return cls(gm=gm, recipe=recipe or Recipe.from_dict(manifest["recipe"]), input_specs=manifest["inputs"],
                    source=manifest.get("source", {}), quantized=manifest.get("quantized", {}),
                    layer_report=manifest.get("layers", {}), folds=manifest.get("folds", []),

@@ -286,3 +286,27 @@ def test_a_layer_with_one_unpackable_format_keeps_an_fp32_cache():
                                                          "int32", "float16", "uint8"]
         inc, _ = _incremental(s, x, prefill=4)
     assert _rel(ref, inc) <= 1e-4
+
+
+@pytest.mark.parametrize("kv", [None, "kv8-fp8-static"])
+def test_a_saved_kv_artifact_builds_as_the_compiled_one(kv, tmp_path):
+    """A KV-cache artifact loaded from disk (graph.json keeps no node metadata) builds a static TVM
+    deployment as the in-memory one does: the presents' roles come from the cache graph's contract
+    and their shapes from fake tensors, so the cache is packed where the format packs (the static
+    FP8 cache here) and decoding gives the reference's logits. Before 2026-12-05 this build failed."""
+    from finegrain.compiler.recipe import with_kv
+
+    model = _family("llama")
+    gen = torch.Generator().manual_seed(4)
+    calib = [(torch.randint(0, 256, (1, 32), generator=gen),) for _ in range(2)]
+    recipe = with_kv(FLOAT, kv) if kv else FLOAT
+    cm = finegrain.compile(model, (torch.randint(0, 256, (1, 8), generator=gen),), recipe=recipe, calibration=calib,
+                           progress=False, kv_cache=True)
+    cm.save(tmp_path / "art")
+    back = finegrain.load(tmp_path / "art")
+    x = torch.randint(0, 256, (1, 20), generator=gen)
+    ref, _ = _incremental(cm, x, prefill=5)
+    with back.session("tvm", target=TARGET, max_seq_len=32) as s:
+        assert [b["dtype"] for b in s.cache_buffers] == (["int32", "float32"] * 4 if kv else ["float32"] * 4)
+        inc, _ = _incremental(s, x, prefill=5)
+    assert _rel(ref, inc) <= 1e-4

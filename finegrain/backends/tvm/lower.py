@@ -320,6 +320,12 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
 
         with torch.inference_mode():
             ShapeProp(gm).propagate(*example_inputs(input_specs))
+    if input_specs and is_kv_specs(input_specs) and any(
+            isinstance(r, torch.fx.Node) and r.meta.get("val") is None for r in gm.graph.output_node().args[0][1:]):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # a loaded graph: the presents' shapes / dtypes
+
+        FakeTensorProp(gm, mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs(input_specs))
     graph = Graph()
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
