@@ -26,13 +26,13 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from finegrain.compiler.ir import PASS_THROUGH
 from finegrain.formats import QuantFormat
 
 INT8_STATIC = "int8-tensor-sym-fp32"
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-_VIEWS = {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor,
-          torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
-          torch.ops.aten.clone.default, torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
+# what transformers' repeat_kv puts between a present and its attention (as passes/quantize_kv.attentions_reading)
+_VIEWS = PASS_THROUGH | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor}
 
 
 @torch.library.custom_op("finegrain::kv_int8_attention", mutates_args=())
