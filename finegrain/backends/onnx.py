@@ -1050,8 +1050,8 @@ def export_genai(cm, out: str | Path, style: str = "matmulnbits", accuracy_level
     }
     out = Path(out)
     with atomic_directory(out, overwrite) as tmp:
-        # onnxruntime-genai allocates fp32 / fp16 caches: its export keeps the fp32 cache graph
-        info = export_onnx(cm, tmp / "model.onnx", style=style, accuracy_level=accuracy_level, kv_int8_cache=False)
+        # static INT8 caches as GroupQueryAttention's INT8 past / present: genai allocates and carries them as INT8
+        info = export_onnx(cm, tmp / "model.onnx", style=style, accuracy_level=accuracy_level)
         (tmp / "genai_config.json").write_text(dumps_json(genai) + "\n")
         if tok is not None:
             tok.save_pretrained(str(tmp))

@@ -11,7 +11,8 @@ a KV-cache graph, per layer whose keys and values are both written that way and 
 ``scaled_dot_product_attention``, into one ``finegrain::kv_int8_attention`` op (torch reference
 below) over INT8 past inputs, returning INT8 presents; the ONNX export translates it to a marker
 that ``backends/onnx.py`` lowers to GroupQueryAttention. The session then carries the codes (one
-byte per element) between steps.
+byte per element) between steps, and so does onnxruntime-genai (``export_genai``: it allocates the
+INT8 cache from the model's input types).
 
 Not fused (left as the fp32 cache holding the format's values, said in ``skipped``): layers whose
 attention is not plain causal (sliding windows: the model's config has one), writes in any other

@@ -224,7 +224,8 @@ def test_static_int8_kv_cache_is_groupqueryattentions_own_int8_cache(family, tmp
     Runtime's GroupQueryAttention holds itself (``k_quant_type`` PER_TENSOR): each layer's writes and
     attention become one com.microsoft node over INT8 past inputs, the session carries the codes
     (one byte per element) between steps, and its logits equal the reference's through prefill and
-    decode; the fused graph in torch equals the unfused one. Sliding-window layers (Gemma 3) are not
+    decode; the fused graph in torch equals the unfused one; onnxruntime-genai runs the same INT8 cache
+    and generates the reference's tokens from its logits. Sliding-window layers (Gemma 3) are not
     fused, said per layer, and run over the fp32 cache holding the same values."""
     import onnx
 
@@ -261,3 +262,7 @@ def test_static_int8_kv_cache_is_groupqueryattentions_own_int8_cache(family, tmp
         want = torch.float32 if sliding else torch.int8
         assert all(p.dtype == want and p.shape[2] == 7 for p in state["past"])
         assert _rel(cm(x), s.run(x)) <= 1e-5
+    if family == "llama":  # onnxruntime-genai allocates and carries GroupQueryAttention's INT8 cache itself
+        _genai_generates_the_reference(cm, x[:, :9], tmp_path)
+        pasts = [i for i in onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.input if i.name.startswith("past")]
+        assert {i.type.tensor_type.elem_type for i in pasts} == {onnx.TensorProto.INT8}
