@@ -13,7 +13,10 @@ two steps:
    float window, sinks, pre-RoPE / rotated keys) becomes the same write in ONNX arithmetic over
    the run-time lengths (an fp32 cache holding the format's values; RotateKV's grouped-head keys
    too; ZipCache is refused); ``dequantize_packed`` (weights) and ``hadamard`` become *marker* nodes
-   of the ``finegrain`` domain, because their lowering needs the constants' values.
+   of the ``finegrain`` domain, because their lowering needs the constants' values. Before the
+   export, layers whose keys and values are static INT8 per tensor are rewritten to one
+   ``kv_int8_attention`` (``onnx_gqa.py``), exported as a marker lowered to
+   ``com.microsoft::GroupQueryAttention`` over an INT8 past / present.
 2. A lowering pass over the ONNX IR (``onnx_ir``), with every weight's codes and scales in hand
    (unpacked by the same :func:`finegrain.formats.ops.unpack_weight` the reference uses), picks
    per weight the node its ``style`` asks for:
