@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from finegrain.compiler.recipe import kv_static
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.base import QTensor
 from finegrain.compiler.ops import (KV_APPEND, KV_SALIENCY, zip_block_format, zip_channel_norm, zip_salient,
@@ -356,7 +357,7 @@ def kv_zip_append(past: ZipKV, new: torch.Tensor, score: torch.Tensor, inv_freq:
 
 def packable(fmt: QuantFormat) -> str | None:
     """Why ``fmt`` cannot be stored packed here, or None."""
-    if fmt.granularity == "tensor" and not fmt.dynamic:  # one calibrated scale per layer: the codes alone
+    if kv_static(fmt):  # one calibrated scale per layer: the codes alone
         return None
     if fmt.granularity not in ("token", "group"):
         return f"{fmt.tag}: {fmt.granularity} scales (packed KV storage takes per-token or head-dim groups)"

@@ -83,8 +83,9 @@ KV_KINDS = ("int", "e4m3")  # KV-cache elements: INT2-8, FP8 E4M3 (the 8-bit flo
 
 
 def kv_static(fmt: QuantFormat | None) -> bool:
-    """Whether a KV-cache format has one calibrated scale per layer and tensor (vLLM's FP8 cache)."""
-    return fmt is not None and not fmt.dynamic
+    """Whether a KV-cache format has one calibrated scale per layer and tensor (static, symmetric,
+    per tensor: vLLM's FP8 cache); the one rule the pass, the recipe check and the backends share."""
+    return fmt is not None and not fmt.dynamic and fmt.granularity == "tensor" and fmt.symmetric
 
 
 def _check_kv_format(tag, where: str, static_ok: bool = True) -> None:
@@ -98,8 +99,7 @@ def _check_kv_format(tag, where: str, static_ok: bool = True) -> None:
         raise ValueError(f"{where}: {e}") from None
     ok = fmt is not None and fmt.kind in KV_KINDS and (
         (fmt.dynamic and fmt.granularity in ("token", "group"))
-        or (static_ok and not fmt.dynamic and fmt.granularity == "tensor" and fmt.symmetric
-            and fmt.scale in ("fp32", "fp16", "bf16")))
+        or (static_ok and kv_static(fmt) and fmt.scale in ("fp32", "fp16", "bf16")))
     if not ok:
         raise ValueError(f"{where}: {tag!r} must be a dynamic integer or FP8 E4M3 format per token or per group "
                          "along the head dim (e.g. int4-g32-asym-fp16-dyn, e4m3-token-sym-fp32-dyn)"

@@ -317,12 +317,18 @@ def plan_hf(cm) -> dict:
     return {"config": cfg, "tensors": tensors, "schemes": schemes, "forms": forms, "kv_cache_scheme": kv_scheme}
 
 
+def _attention_modules(model) -> list[tuple[str, torch.nn.Module]]:
+    """The decoder's attention modules in layer order (``<...>.self_attn``: where the checkpoint's
+    ``k_scale`` / ``v_scale`` live)."""
+    return [(name, m) for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
 def kv_cache_scheme(model, kv: dict, problems: list[str]) -> tuple[dict | None, dict[str, torch.Tensor]]:
     """compressed-tensors' ``kv_cache_scheme`` and the ``<layer>.self_attn.k_scale`` / ``v_scale``
     tensors of a graph's static KV-cache scales ``kv`` (``exports/graph.KVScale`` by (layer, kind)):
     FP8 E4M3 with one scale per layer and tensor, the static cache vLLM serves (and ``transformers``
     with ``compressed-tensors`` fake-quantizes on each cache update). Anything else is a problem."""
-    attn = [name for name, _ in model.named_modules() if name.endswith("self_attn")]
+    attn = [name for name, _ in _attention_modules(model)]
     layers = len(attn)
     fmts = {s.fmt for s in kv.values()}
     if len(fmts) != 1 or next(iter(fmts)).kind != "e4m3" or len(kv) != 2 * layers:
@@ -422,7 +428,7 @@ def hook_kv_cache_scheme(model, kv_scheme: dict, weights: Path) -> int:
     from compressed_tensors.quantization.lifecycle.initialize import initialize_attn_qparams
     from safetensors import safe_open
 
-    attns = [(name, m) for name, m in model.named_modules() if name.endswith("self_attn")]
+    attns = _attention_modules(model)
     if any(hasattr(m, KV_CACHE_ATTR) for _, m in attns):
         return 0
     args = QuantizationArgs.model_validate(kv_scheme)

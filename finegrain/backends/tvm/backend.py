@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finegrain.backends.base import BackendBase, Refusal, windowed_kv_refusals
+from finegrain.compiler.recipe import kv_static
 
 
 class TvmBackend(BackendBase):
@@ -36,8 +37,7 @@ class TvmBackend(BackendBase):
                 return "native", f"low-bit TIR kernel ({kind} codes)"
             return "refused", (f"weight format {fmt.tag} has no TVM kernel (INT2/3/4/8 per group / channel / tensor, "
                                "FP4 / FP6 / FP8 in 1-D groups do)")
-        static = not fmt.dynamic and fmt.granularity == "tensor" and fmt.symmetric  # one calibrated scale per layer
-        if role == "kv" and fmt.kind in ("int", "e4m3") and (static or (fmt.dynamic and fmt.granularity in (
+        if role == "kv" and fmt.kind in ("int", "e4m3") and (kv_static(fmt) or (fmt.dynamic and fmt.granularity in (
                 "token", "group"))) and fmt.scale in ("fp32", "fp16", "bf16"):
             if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":
                 codes = "E4M3 bit patterns" if fmt.kind == "e4m3" else "codes"

@@ -158,10 +158,11 @@ SCALE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 def kv_layout(fmt, d: int) -> str | dict:
     """The packed layout of KV format ``fmt`` over head dim ``d`` (``bits``, ``group``, ``words``,
     ``asym``, ``scale`` dtype, ``lo`` code), or why it has none (a string)."""
+    from finegrain.compiler.recipe import kv_static
     from finegrain.formats import QuantFormat
 
     f = QuantFormat.parse(fmt) if isinstance(fmt, str) else fmt
-    static = not f.dynamic and f.granularity == "tensor" and f.symmetric  # one calibrated scale per layer
+    static = kv_static(f)  # one calibrated scale per layer
     if f.kind not in ("int", "e4m3") or not (f.dynamic or static) or f.block_rows:
         return f"{f.tag} is not a dynamic integer or FP8 E4M3 format (or a static symmetric one per tensor)"
     if f.granularity not in ("token", "group") and not static:
@@ -217,7 +218,6 @@ def encode_ref(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) 
     if lay.get("static"):
         s = scale.float().reshape(1).expand(*xr.shape[:-1], 1)
         q = _token_format(fmt).quantize(xr, s, torch.zeros_like(s, dtype=torch.int32))
-        q = type(q)(q.codes, s, torch.zeros_like(s, dtype=torch.int32))
     else:
         q = _token_format(fmt).quantize(xr)
     words = pack_words((q.codes.to(torch.int64) - lay["lo"]).reshape(*x.shape[:-1], d), bits)
