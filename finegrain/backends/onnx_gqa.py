@@ -97,10 +97,10 @@ def _attention(present: Node) -> tuple[Node | None, int]:
 def sliding(cfg: dict | None, layer: int) -> bool:
     """Whether layer ``layer`` of a transformers config attends over a sliding window (its
     ``layer_types`` entry, else the config's ``sliding_window``)."""
-    cfg = cfg or {}
-    types = cfg.get("layer_types") or []
-    if layer < len(types):
-        return types[layer] != "full_attention"
+    cfg = cfg if isinstance(cfg, dict) else {}  # the artifact's manifest: data, whatever it holds
+    types = cfg.get("layer_types")
+    if isinstance(types, list) and layer < len(types):
+        return types[layer] != "full_attention"  # anything but a plain causal layer is not fused
     return bool(cfg.get("sliding_window") and cfg.get("use_sliding_window", True))
 
 
