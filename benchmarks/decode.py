@@ -7,7 +7,8 @@ Rows (each with and without its own KV cache where it has one):
 * ``torch fp32 + HF cache``: ``transformers`` generate-style forwards over a ``DynamicCache`` (the baseline);
 * ``finegrain fp32, KV graph``: a float artifact compiled with ``kv_cache=True``, reference backend;
 * ``finegrain W4A16 g128, KV graph``: the RTN preset, reference backend (it dequantizes every weight
-  at every step: the reference is ground truth, not a fast path);
+  at every step: the reference is ground truth, not a fast path), and the same with
+  ``weight_storage="float"`` (each weight dequantized once when the session opens: ``generate``'s default);
 * ``onnxruntime`` (the KV-cache graph exported with MatMulNBits, accuracy level 0, finegrain's ONNX
   session) and ``onnxruntime-genai`` on the same ``model.onnx`` (its generator, teacher-forced with the
   same tokens);
@@ -63,8 +64,8 @@ def _hf(model):
     return prefill, step
 
 
-def _fg(cm):
-    s = cm.session()
+def _fg(cm, **options):
+    s = cm.session(**options)
 
     def prefill(ids):
         return s.prefill(ids)[1]
@@ -212,7 +213,9 @@ def main() -> None:
     build_s = time.perf_counter() - t
     rows = [("torch fp32 + HF cache", lambda th: _hf(lm.model)),
             ("finegrain fp32, KV graph (torch ref)", lambda th: _fg(fp_kv)),
-            ("finegrain W4A16 g128, KV graph (torch ref)", lambda th: _fg(w4_kv))]
+            ("finegrain W4A16 g128, KV graph (torch ref)", lambda th: _fg(w4_kv)),
+            ("finegrain W4A16 g128, KV graph (torch ref, weights dequantized once)",
+             lambda th: _fg(w4_kv, weight_storage="float"))]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:

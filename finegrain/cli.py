@@ -57,9 +57,10 @@ def _folds_summary(folds: list[dict]) -> None:
     """Per fold pass: how many sites were folded / kept / refused, and every refusal with its reason
     (the same records are in the manifest's ``folds``)."""
     counts: dict[str, dict[str, int]] = {}
-    for f in folds:
+    for f in folds:  # a record covering several sites (quantize_kv's one for all presents) says how many
+        n = f.get("sites", 1)
         counts.setdefault(f["pass"], {}).setdefault(f["action"], 0)
-        counts[f["pass"]][f["action"]] += 1
+        counts[f["pass"]][f["action"]] += n if isinstance(n, int) and n > 0 else 1
     for name, c in counts.items():
         _say(f"{name}: " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())))
     for f in folds:
@@ -901,7 +902,8 @@ def cmd_generate(args) -> None:
          f"({g.decode_tokens_per_second:.1f} tokens/s, {cache}); stopped by {g.stopped}", style="dim")
 
 
-GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048}, "torch": lambda a: {"kv_storage": a.kv_storage},
+GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048},
+                    "torch": lambda a: {"kv_storage": a.kv_storage, "weight_storage": a.weight_storage},
                     "gpu": lambda a: {"dtype": a.gpu_dtype, "decode_graph": a.cuda_graph}}
 
 
@@ -1200,6 +1202,10 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
                     help="--backend torch, an artifact with a quantized KV cache: keep the cache bit-packed (its "
                          "formats' bytes; every step unpacks it) or in fp32 (the same values, 4-13x the memory, faster)")
+    gn.add_argument("--weight-storage", choices=("packed", "float"), default="float",
+                    help="--backend torch: dequantize each packed weight once when the session opens and keep it in "
+                         "fp32 (float: the same logits, fp32's memory for the weights, several times faster) or at "
+                         "every step as the graph says (packed: the artifact's memory)")
     gpu_dtype(gn)
     gn.add_argument("--cuda-graph", action="store_true",
                     help="--backend gpu, a KV-cache artifact: each decode step one fixed-shape graph over the whole "
@@ -1242,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
     except FinegrainError as e:
         if args.debug:
             raise
-        print(f"finegrain {args.command}: error: {safe_text(e)}", file=sys.stderr)
+        print(f"finegrain {args.command}: error: {safe_text(e, keep=' ' + chr(10))}", file=sys.stderr)  # lines kept
         return 2
     except KeyboardInterrupt:
         print(f"finegrain {args.command}: interrupted", file=sys.stderr)

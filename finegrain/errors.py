@@ -24,3 +24,23 @@ class ArtifactError(FinegrainError):
 class ExportError(FinegrainError):
     """A graph, layer or format that an export target (ONNX, compressed-tensors, GGUF) cannot hold;
     the message names the layer / tensor and the format."""
+
+
+def listed(problems: list[str], shown: int = 3) -> str:
+    """``problems`` (each ``"where: why"``) one line per reason, the places sharing a reason named
+    together (the first ``shown`` of them and how many more), in first-seen order."""
+    by_why: dict[str, list[str]] = {}
+    for p in problems:
+        where, sep, why = p.partition(": ")
+        if not sep:
+            where, why = "", p
+        by_why.setdefault(why, []).append(where)
+    lines = []
+    for why, places in by_why.items():
+        places = [w for w in places if w]
+        if not places:
+            lines.append(why)
+            continue
+        more = f" and {len(places) - shown} more" if len(places) > shown else ""
+        lines.append(f"{', '.join(places[:shown])}{more}: {why}")
+    return "\n  ".join(lines)

@@ -97,6 +97,45 @@ def test_cli_generate(tmp_path, capsys):
     assert main(["generate", str(art), "--prompt", "The capital of France is", "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode 6 tokens" in out and "tokens/s" in out
+    assert main(["generate", str(art), "--prompt", "The capital of France is", "--max-new-tokens", "6",
+                 "--weight-storage", "packed"]) == 0  # each weight dequantized at every step: the same text
+    assert capsys.readouterr().out.split("[torch]")[0] == out.split("[torch]")[0]
     assert main(["generate", str(art), "--prompt", "Hello", "--chat", "--max-new-tokens", "3", "--temperature", "0.7",
                  "--seed", "1"]) == 0
     assert main(["generate", str(art), "--prompt", "x", "--temperature", "-1"]) == 2
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_weights_dequantized_once_give_the_same_logits(tiny_llama, tiny_inputs, kv, tmp_path):
+    """``weight_storage="float"`` (the reference dequantizing each packed weight once, at session
+    open) leaves no ``dequantize_packed`` in the graph and gives the per-call dequantization's logits
+    bit for bit: INT4 groups, NF4 (codebook) and NVFP4 (two-level scales) weights, with and without a
+    (quantized) KV cache, from a saved artifact too."""
+    from finegrain.formats.ops import DEQUANTIZE_PACKED
+
+    example, _, _ = tiny_inputs
+    recipe = {"name": "mixed", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16"},  # the last match wins
+                                         {"role": "linear", "pattern": "q_proj|k_proj", "weight": "nf4-g16-sym-fp16"},
+                                         {"role": "linear", "pattern": "mlp", "weight": "e2m1-g16-sym-e4m3"}],
+              **({"kv_key": "int8-token-sym-fp32-dyn", "kv_value": "int4-g16-asym-fp16-dyn"} if kv else {})}
+    cm = finegrain.compile(tiny_llama, example, recipe=recipe, progress=False, kv_cache=kv)
+    assert {v["format"] for v in cm.layer_report.values()} == {"int4-g32-asym-fp16", "nf4-g16-sym-fp16",
+                                                               "e2m1-g16-sym-e4m3"}
+    cm.save(tmp_path / "a")
+    x = example[0][:, :10]
+    for c in (cm, finegrain.load(tmp_path / "a")):
+        packed, once = c.session(), c.session(weight_storage="float")
+        assert sum(n.target is DEQUANTIZE_PACKED for n in packed.gm.graph.nodes) >= 7 * len(tiny_llama.model.layers)
+        assert not [n for n in once.gm.graph.nodes if n.target is DEQUANTIZE_PACKED]
+        assert [n for n in c.gm.graph.nodes if n.target is DEQUANTIZE_PACKED]  # the artifact's graph is untouched
+        if kv:
+            assert sorted(once.kv_packed) == sorted(packed.kv_packed) != []
+            a, b = packed.generate(x[:, :4], 6), once.generate(x[:, :4], 6)
+            assert a.tokens == b.tokens
+            la, sa = packed.prefill(x[:, :4])
+            lb, sb = once.prefill(x[:, :4])
+            assert torch.equal(la, lb) and torch.equal(packed.step(sa, x[:, 4:6])[0], once.step(sb, x[:, 4:6])[0])
+        else:
+            assert torch.equal(packed.run(x), once.run(x))
+    with pytest.raises(InputError, match="weight_storage must be"):
+        cm.session(weight_storage="fp16")

@@ -55,6 +55,7 @@ temporary directory and runs the model in ``onnxruntime`` on the CPU.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -921,12 +922,19 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         gm, int8, kv_int8["skipped"] = fuse(cm.gm, (cm.source or {}).get("hf_config"))
         specs = [{**s, "dtype": "int8"} if i in int8 else s for i, s in enumerate(cm.input_specs)]
         kv_int8["inputs"] = [specs[i]["name"] for i in sorted(int8)]
+    # torch.onnx's registry logs a warning per torchvision op when torchvision is absent (it is, by design)
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(gm.eval(), example_inputs(specs), dynamo=True, opset_version=OPSET,
-                                 custom_translation_table=_translation_table(), optimize=True, verbose=False,
-                                 dynamic_shapes=export_dynamic_shapes(specs),
-                                 input_names=[s["name"] for s in specs], output_names=output_names(cm))
+        try:
+            prog = torch.onnx.export(gm.eval(), example_inputs(specs), dynamo=True, opset_version=OPSET,
+                                     custom_translation_table=_translation_table(), optimize=True, verbose=False,
+                                     dynamic_shapes=export_dynamic_shapes(specs),
+                                     input_names=[s["name"] for s in specs], output_names=output_names(cm))
+        finally:
+            registry_log.setLevel(level)
     model = prog.model
     forms = _lower(model, style, accuracy_level)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):

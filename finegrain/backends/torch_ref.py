@@ -24,16 +24,24 @@ class TorchRefSession(Session):
     ``backends/kv_packed.py`` records (bit-packed codes, stored scales / zero points, the float
     window and sinks as fp32) instead of fp32 tensors; the logits are bit-identical to
     ``kv_storage="float"``. ``kv_packed`` maps the packed present indices to their formats,
-    ``kv_float`` says why others stay fp32."""
+    ``kv_float`` says why others stay fp32.
+
+    ``weight_storage="packed"`` (the default) dequantizes every packed weight at every call, as
+    the graph says; ``"float"`` dequantizes each once, when the session opens, and keeps the fp32
+    result (:func:`dequantized_once`: the same function of the same tensors, so the outputs are
+    bit-identical; the weights then take fp32's memory; generation is several times faster)."""
 
     backend = "torch"
 
     def __init__(self, gm: GraphModule, input_specs: list[dict], kv: dict | None = None,
-                 kv_storage: str = "packed"):
+                 kv_storage: str = "packed", weight_storage: str = "packed"):
         from finegrain.backends.kv_packed import lower
 
-        if kv_storage not in ("packed", "float"):
-            raise InputError(f"backend 'torch': kv_storage must be 'packed' or 'float', got {kv_storage!r}")
+        for name, v in (("kv_storage", kv_storage), ("weight_storage", weight_storage)):
+            if v not in ("packed", "float"):
+                raise InputError(f"backend 'torch': {name} must be 'packed' or 'float', got {v!r}")
+        if weight_storage == "float":
+            gm = dequantized_once(gm)
         self.gm, self.input_specs, self.kv = gm, input_specs, kv
         self.max_seq_len = kv["max_seq_len"] if kv else None
         self.kv_packed, self.kv_float = {}, []
@@ -91,10 +99,44 @@ class TorchBackend(BackendBase):
     def op_capability(self, op: str) -> tuple[str, str]:
         return "emulated", "torch ops"
 
-    def session(self, compiled, kv_storage: str = "packed", **options) -> TorchRefSession:
+    def session(self, compiled, kv_storage: str = "packed", weight_storage: str = "packed",
+                **options) -> TorchRefSession:
         if options:
-            raise InputError(f"backend 'torch' takes the option 'kv_storage' only, got {sorted(options)}")
-        return TorchRefSession(compiled.gm, compiled.input_specs, getattr(compiled, "kv", None), kv_storage)
+            raise InputError(f"backend 'torch' takes the options 'kv_storage' and 'weight_storage' only, got "
+                             f"{sorted(options)}")
+        return TorchRefSession(compiled.gm, compiled.input_specs, getattr(compiled, "kv", None), kv_storage,
+                               weight_storage)
+
+
+def dequantized_once(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` in which every ``dequantize_packed`` of constants (a packed weight, its
+    scales, zero points, codebook) is replaced by a constant holding its result, computed here once
+    by the same op (the copy shares ``gm``'s other constants)."""
+    import copy
+
+    from torch.fx import Node
+    from torch.utils._pytree import tree_map
+
+    from finegrain.compiler.ir import get_tensor
+    from finegrain.compiler.regions import new_constant
+    from finegrain.formats.ops import DEQUANTIZE_PACKED
+
+    out = GraphModule(gm, copy.deepcopy(gm.graph))
+    g = out.graph
+    for n in list(g.nodes):
+        if n.op != "call_function" or n.target is not DEQUANTIZE_PACKED or any(
+                a.op != "get_attr" for a in n.all_input_nodes):
+            continue
+        args, kwargs = tree_map(lambda a: get_tensor(out, a.target) if isinstance(a, Node) else a, (n.args, n.kwargs))
+        with torch.no_grad():
+            value = DEQUANTIZE_PACKED(*args, **kwargs)
+        c = new_constant(out, f"dequantized.{n.name}", value, before=n)
+        n.replace_all_uses_with(c)
+        g.erase_node(n)
+    g.eliminate_dead_code()
+    g.lint()
+    out.recompile()
+    return out
 
 
 BACKEND = TorchBackend()

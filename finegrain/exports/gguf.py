@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finegrain.errors import ExportError
+from finegrain.errors import ExportError, listed
 from finegrain.exports.graph import QuantLinear
 from finegrain.exports.hf import collect
 
@@ -192,7 +192,7 @@ def plan_gguf(cm) -> dict:
             tensors[name] = ("F32", permute_rows(w, perm) if perm else w, None)
     if problems:
         raise ExportError(f"GGUF export of {archs[0]}: {len(problems)} thing(s) cannot be written:\n  "
-                          + "\n  ".join(problems))
+                          + listed(problems))
     return {"config": cfg, "arch": arch, "theta": theta, "tensors": tensors, "n_head": n_head, "n_kv": n_kv}
 
 

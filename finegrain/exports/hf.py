@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finegrain.errors import ExportError
+from finegrain.errors import ExportError, listed
 from finegrain.exports.graph import QuantLinear, read_graph
 from finegrain.formats import QuantFormat
 from finegrain.io.files import EXPORT_MARKER, atomic_directory, dumps_json
@@ -313,7 +313,7 @@ def plan_hf(cm) -> dict:
         tensors.update(kv_tensors)
     if problems:
         raise ExportError(f"compressed-tensors export of {cfg.get('architectures')}: {len(problems)} thing(s) cannot "
-                          "be written:\n  " + "\n  ".join(problems))
+                          "be written:\n  " + listed(problems))
     return {"config": cfg, "tensors": tensors, "schemes": schemes, "forms": forms, "kv_cache_scheme": kv_scheme}
 
 

@@ -452,7 +452,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                         "points as stored, float windows / sinks fp32) and by TVM static builds (writes without a "
                         "window: code words, scales, zero points); fp32 holding the format's values in ONNX Runtime "
                         "/ GPU sessions")}
-    log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized",
+    log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized", "sites": len(presents),
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})
     g.lint()
