@@ -228,9 +228,17 @@ def cmd_quantize(args) -> None:
              f"solver {cm.allocation['solver_seconds']:.3f} s): {ch['bits_per_weight']:.3f} bits/weight, "
              f"predicted {ch['predicted']:.4g}")
     bpw = cm.quantized_bits_per_weight()
+    kvq = (getattr(cm, "kv", None) or {}).get("quantization")
     _say(f"{args.model} -> {path}/ with {args.recipe}: {len(cm.quantized)} quantized tensors, "
          f"{bpw:.3f} bits/weight, {cm.model_bytes() / 1e6:.1f} MB, compiled in {cm.timings['total']:.1f} s"
-         if bpw else f"{args.model} -> {path}/ (nothing quantized by {args.recipe})")
+         if bpw else f"{args.model} -> {path}/ (no weight quantized by {args.recipe}"
+         + ("; the KV cache is" if kvq else "") + ")")
+    if kvq:
+        per_layer = "per layer" if kvq.get("layers") else "float"
+        at = kvq.get("bytes_per_token_at_context")
+        _say(f"KV cache: keys {kvq.get('key') or per_layer}, values {kvq.get('value') or per_layer}, "
+             + (f"{at:.0f} bytes per token at a {kvq['context']}-token context" if at else
+                f"{kvq['bytes_per_token']:.0f} bytes per token") + f" (fp32: {kvq['fp32_bytes_per_token']:.0f})")
     _folds_summary(cm.folds)
     _warn(cm.warnings)
 
@@ -461,6 +469,20 @@ SESSION_OPTIONS = {"onnx": lambda a: {"style": a.style, "accuracy_level": a.accu
                    "tvm": lambda a: {"max_seq_len": a.seq_len}, "gpu": lambda a: {"dtype": a.gpu_dtype}}
 
 
+def _chunked(args) -> str:
+    return f", through the KV cache in chunks of {args.through_cache}" if args.through_cache else ""
+
+
+def _lm_logits(session, args, forward):
+    """ids -> logits of ``session`` (a backend session or a deployment): ``forward`` (one
+    full-sequence forward), or with ``--through-cache`` the window fed through its KV cache in chunks."""
+    if not args.through_cache:
+        return forward
+    from finegrain.eval.perplexity import cache_path_logits
+
+    return cache_path_logits(session, args.through_cache)
+
+
 def cmd_eval(args) -> None:
     import finegrain
     from finegrain.eval.size import fp_bytes
@@ -478,6 +500,9 @@ def cmd_eval(args) -> None:
     _, text = _texts(args)
     if (path / "manifest.json").is_file():
         cm = finegrain.load(path, allow_native=args.allow_native)
+        if args.through_cache and (args.eval_tensors or not getattr(cm, "kv", None)):
+            raise InputError(f"--through-cache: {path} has no KV cache in its graph (quantize it with --kv-cache)"
+                             if not args.eval_tensors else "--through-cache: perplexity only, not --eval-tensors")
         if args.eval_tensors:
             if cm.backend != "torch" and args.backend not in ("torch", cm.backend):
                 raise FinegrainError(f"{path} is a {cm.backend} deployment: it evaluates on its own")
@@ -492,8 +517,9 @@ def cmd_eval(args) -> None:
                 raise FinegrainError(f"{path}: the deployment has no tokenizer to evaluate perplexity with")
             q = cm.quantized
             bpw = sum(v["bits"] for v in q.values()) / sum(math.prod(v["shape"]) for v in q.values()) if q else None
-            results.append((f"{path} ({cm.backend} deployment, {cm.recipe_name})",
-                            evaluate_lm(cm, cm.tokenizer, args.seq_len, args.max_windows, text=text), bpw,
+            results.append((f"{path} ({cm.backend} deployment, {cm.recipe_name}{_chunked(args)})",
+                            evaluate_lm(_lm_logits(cm, args, cm), cm.tokenizer, args.seq_len, args.max_windows,
+                                        text=text), bpw,
                             sum(rec["bytes"] for rec in cm.manifest["files"].values())))
             _table(_ppl_title(text, args.seq_len), PPL_COLUMNS, _ppl_rows(results))
             return _write_json(args, {"results": [{"model": n, "bits_per_weight": b, "model_bytes": m, **r}
@@ -514,10 +540,13 @@ def cmd_eval(args) -> None:
                 _say(f"reusing {args.onnx_file} (an ONNX export of this artifact, {args.style})")
             elif args.onnx_file:
                 _say(f"exported {args.onnx_file}; later runs with --onnx-file reuse it")
-            results.append((f"{path} ({cm.recipe.name}, {args.backend})",
-                            evaluate_lm(session.run, cm.tokenizer, args.seq_len, args.max_windows, text=text),
+            results.append((f"{path} ({cm.recipe.name}, {args.backend}{_chunked(args)})",
+                            evaluate_lm(_lm_logits(session, args, session.run), cm.tokenizer, args.seq_len, args.max_windows,
+                                        text=text),
                             cm.quantized_bits_per_weight(), cm.model_bytes()))
     else:
+        if args.through_cache:
+            raise InputError(f"--through-cache: {args.model} is a float model, not an artifact compiled with --kv-cache")
         lm = load_model(args.model)
         results.append((f"fp32 {args.model}", evaluate_lm(lm, lm.tokenizer, args.seq_len, args.max_windows, text=text), None,
                         fp_bytes(lm.model)))
@@ -1111,6 +1140,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=POS, default=2048)
     e.add_argument("--max-windows", type=NONNEG, default=None, help="evaluate only the first N windows")
     e.add_argument("--compare-fp", action="store_true", help="also evaluate the artifact's float source model")
+    e.add_argument("--through-cache", type=POS, default=None, metavar="CHUNK",
+                   help="an artifact compiled with --kv-cache: run each window through its KV cache, prefilled in "
+                        "chunks of CHUNK tokens, each chunk reading the cache the earlier ones wrote (a quantized "
+                        "cache as stored; the protocol of a deployment), instead of one full-sequence forward")
     e.add_argument("--backend", choices=registry.names(), default="torch",
                    help="run the artifact on the torch reference, exported to ONNX Runtime, built with TVM "
                         "(a TVM deployment directory runs on its own) or on a CUDA GPU with the Triton kernels")

@@ -56,6 +56,12 @@ def test_quantize_with_a_kv_cache_preset(hf_dir, tmp_path, capsys):
                  "--calibration-samples", "2", "--calibration-seq-len", "32"]) == 0
     kv = json.loads((out / "manifest.json").read_text())["kv"]
     assert kv["quantization"]["key"] == kv["quantization"]["value"] == "int8-token-asym-fp16-dyn"
+    said = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
+    q = kv["quantization"]
+    assert (f"KV cache: keys int8-token-asym-fp16-dyn, values int8-token-asym-fp16-dyn, "
+            f"{q['bytes_per_token_at_context']:.0f} bytes per token at a 2048-token context "
+            f"(fp32: {q['fp32_bytes_per_token']})") in said, said
+    assert "quantize_kv: 4 quantized" in said  # one record for all 4 presents, counted as 4
     assert main(["generate", str(out), "--prompt", "Paris is", "--max-new-tokens", "3"]) == 0
     capsys.readouterr()
     bad = tmp_path / "kivi4"
@@ -173,6 +179,43 @@ def test_kv_cache_quantize_generate_and_genai_export(hf_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "onnxruntime-genai generated 16 tokens greedily" in out and "the first 16 equal" in out
     assert (tmp_path / "genai" / "genai_config.json").is_file() and (tmp_path / "genai" / "tokenizer.json").is_file()
+
+
+def test_eval_through_the_kv_cache(hf_dir, tmp_path, capsys):
+    """``eval --through-cache N``: each window prefilled in chunks of N through the artifact's cache.
+    Over a float cache it is the full forward's perplexity; over a KIVI cache (per-channel key groups,
+    a float window) it differs, as the cache path's quantization does; refusals name the problem."""
+    def ppl(art, *extra, backend="torch"):
+        out = tmp_path / f"{art.name}{len(extra)}{backend}.json"
+        assert main(["eval", "--model", str(art), "--seq-len", "64", "--max-windows", "2", "--backend", backend,
+                     "--json", str(out), *extra]) == 0
+        return json.loads(out.read_text())["results"][0]
+
+    arts = {}
+    for name, recipe in (("f", {"name": "f", "rules": [{"role": "linear", "weight": "int8-channel-sym-fp16"}]}),
+                         ("kivi", {"name": "kivi", "rules": [], "kv_key": "int2-g8-asym-fp16-dyn",
+                                   "kv_value": "int2-g8-asym-fp16-dyn", "kv_key_axis": "tokens", "kv_window": 4})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(recipe))
+        arts[name] = tmp_path / name
+        assert main(["quantize", "--model", str(hf_dir), "--recipe", str(tmp_path / f"{name}.json"), "--out",
+                     str(arts[name]), "--kv-cache", "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    full, chunked = ppl(arts["f"]), ppl(arts["f"], "--through-cache", "16")
+    assert chunked["model"].endswith("through the KV cache in chunks of 16)") and full["model"].endswith("(f, torch)")
+    same = abs(chunked["ppl"] / full["ppl"] - 1)
+    assert same < 1e-5 and chunked["tokens"] == full["tokens"], same
+    full, chunked = ppl(arts["kivi"]), ppl(arts["kivi"], "--through-cache", "16")
+    moved = abs(chunked["ppl"] / full["ppl"] - 1)  # the tokens each chunk reads were quantized as written
+    assert moved > max(1e-4, 30 * same), (moved, same)  # (a random-init model: its ppl moves little)
+    assert ppl(arts["kivi"], "--through-cache", "16", backend="onnx")["ppl"] == pytest.approx(chunked["ppl"], rel=1e-3)
+    plain = tmp_path / "plain"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w8a16", "--out", str(plain),
+                 "--calibration-samples", "0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(plain), "--through-cache", "16"]) == 2
+    assert "has no KV cache in its graph (quantize it with --kv-cache)" in capsys.readouterr().err
+    assert main(["eval", "--model", str(hf_dir), "--through-cache", "16"]) == 2
+    assert "is a float model" in capsys.readouterr().err
 
 
 @pytest.mark.onnx

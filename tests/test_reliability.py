@@ -85,3 +85,19 @@ def test_quantize_prints_a_folds_summary(tmp_path, capsys, monkeypatch):
     folds = json.loads((tmp_path / "o" / "manifest.json").read_text())["folds"]
     n = sum(f["action"] == "folded" for f in folds)
     assert n > 0 and f"fold_norms: {n} folded" in out
+
+
+def test_a_kv_cache_only_recipe_is_not_called_empty():
+    """A recipe quantizing only the KV cache (float weights) quantizes something: no warning, and
+    strict mode takes it."""
+    import warnings
+
+    from tests.test_kv_cache import _family
+
+    recipe = {"name": "kv-only", "rules": [], "kv_key": "int8-token-sym-fp32-dyn", "kv_value": "int8-token-sym-fp32-dyn"}
+    x = (torch.randint(0, 256, (1, 8)),)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cm = finegrain.compile(_family("llama"), x, recipe=recipe, progress=False, kv_cache=True, strict_recipe=True)
+    assert not [w for w in seen if "quantizes nothing" in str(w.message)] and not cm.warnings
+    assert cm.kv["quantization"]["bytes_per_token"] < cm.kv["quantization"]["fp32_bytes_per_token"]
