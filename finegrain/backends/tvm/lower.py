@@ -36,6 +36,7 @@ fake-quantized the same way (``lower_activations.py``). MoE grouped GEMMs are re
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -613,7 +614,9 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len, shared)
-    ep = ep.run_decompositions(table)
+    with warnings.catch_warnings():  # torch's deepcopy of the program's tree specs warns of its own deprecation
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        ep = ep.run_decompositions(table)
     if kept:
         lower_attention.share_kv_heads(ep)
         mark_fused_decode(ep.graph)  # decode over a packed window: its attention reads the buffers in place
