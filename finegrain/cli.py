@@ -699,6 +699,7 @@ def _export_genai(cm, args) -> None:
                         overwrite=args.overwrite)
     _say(f"{args.genai}: onnxruntime-genai folder, {info['bytes'] / 1e6:.1f} MB ({', '.join(info['files'])})")
     _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
+    _kv_onnx_note(cm, info)
     if args.check:
         try:
             import onnxruntime_genai as og
@@ -720,16 +721,27 @@ def _export_genai(cm, args) -> None:
              f"the first {same} equal the torch reference's")
 
 
-def _export_onnx(cm, args) -> None:
-    info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
-    _say(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}")
-    _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
+def _kv_onnx_note(cm, info: dict) -> None:
+    """What an ONNX export holds of a quantized KV cache: ONNX Runtime's own INT8 cache, or the
+    writes as ONNX arithmetic over an fp32 cache holding the format's values (and why)."""
     kv8 = info.get("kv_int8") or {}
     if kv8.get("inputs"):
         _say(f"KV cache: {len(kv8['inputs'])} past inputs held as INT8 by com.microsoft::GroupQueryAttention "
              f"(PER_TENSOR scales)")
     for why in kv8.get("skipped", []):
         _say(f"KV cache not held as INT8: {why} (an fp32 cache holding the values)")
+    q = (getattr(cm, "kv", None) or {}).get("quantization")
+    if q and not kv8.get("inputs") and not kv8.get("skipped"):
+        _say(f"KV cache: keys {q.get('key') or 'float'}, values {q.get('value') or 'float'} quantized on write by "
+             "ONNX ops into an fp32 cache holding the format's values (ONNX Runtime holds a quantized cache itself "
+             "for static INT8 per tensor only: --kv-quant kv8-static)")
+
+
+def _export_onnx(cm, args) -> None:
+    info = cm.export_onnx(args.onnx, style=args.style, accuracy_level=args.accuracy_level, overwrite=args.overwrite)
+    _say(f"{args.onnx}: {info['bytes'] / 1e6:.1f} MB, style {info['style']}")
+    _forms_table("ONNX form of the quantized weights", "weights", info["weights"])
+    _kv_onnx_note(cm, info)
     if args.check:
         from finegrain.backends.onnx import OnnxSession
 

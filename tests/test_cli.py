@@ -174,6 +174,10 @@ def test_kv_cache_quantize_generate_and_genai_export(hf_dir, tmp_path, capsys):
         texts[storage] = " ".join(capsys.readouterr().out.split())  # the terminal wraps long lines
     assert "4 of 4 presents stored bit-packed" in texts["packed"] and "bit-packed" not in texts["float"]
     assert texts["packed"].split("[torch]")[0] == texts["float"].split("[torch]")[0]  # the same generated text
+    assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("KV cache: keys int4-g16-asym-fp16-dyn, values int4-g16-asym-fp16-dyn quantized on write by ONNX ops "
+            "into an fp32 cache holding the format's values") in said, said
     pytest.importorskip("onnxruntime_genai")
     assert main(["export", str(art), "--genai", str(tmp_path / "genai"), "--style", "matmulnbits", "--check"]) == 0
     out = capsys.readouterr().out

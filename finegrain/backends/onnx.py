@@ -1071,7 +1071,7 @@ def export_genai(cm, out: str | Path, style: str = "matmulnbits", accuracy_level
             "accuracy_level": accuracy_level, "forms": info["weights"]}) + "\n")
     files = sorted(p.name for p in out.iterdir())
     return {"path": str(out), "files": files, "bytes": sum((out / f).stat().st_size for f in files),
-            "weights": info["weights"], "style": style}
+            "weights": info["weights"], "style": style, "kv_int8": info.get("kv_int8")}
 
 
 class OnnxSession(Session):
