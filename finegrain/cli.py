@@ -234,9 +234,8 @@ def cmd_quantize(args) -> None:
          if bpw else f"{args.model} -> {path}/ (no weight quantized by {args.recipe}"
          + ("; the KV cache is" if kvq else "") + ")")
     if kvq:
-        per_layer = "per layer" if kvq.get("layers") else "float"
         at = kvq.get("bytes_per_token_at_context")
-        _say(f"KV cache: keys {kvq.get('key') or per_layer}, values {kvq.get('value') or per_layer}, "
+        _say(f"KV cache: {_kv_formats(kvq)}, "
              + (f"{at:.0f} bytes per token at a {kvq['context']}-token context" if at else
                 f"{kvq['bytes_per_token']:.0f} bytes per token") + f" (fp32: {kvq['fp32_bytes_per_token']:.0f})")
     _folds_summary(cm.folds)
@@ -721,6 +720,12 @@ def _export_genai(cm, args) -> None:
              f"the first {same} equal the torch reference's")
 
 
+def _kv_formats(q: dict) -> str:
+    """``keys F, values G`` of a manifest's ``kv.quantization`` (per layer: KVTuner's pairs)."""
+    other = "per layer" if q.get("layers") else "float"
+    return f"keys {q.get('key') or other}, values {q.get('value') or other}"
+
+
 def _kv_onnx_note(cm, info: dict) -> None:
     """What an ONNX export holds of a quantized KV cache: ONNX Runtime's own INT8 cache, or the
     writes as ONNX arithmetic over an fp32 cache holding the format's values (and why)."""
@@ -732,7 +737,7 @@ def _kv_onnx_note(cm, info: dict) -> None:
         _say(f"KV cache not held as INT8: {why} (an fp32 cache holding the values)")
     q = (getattr(cm, "kv", None) or {}).get("quantization")
     if q and not kv8.get("inputs") and not kv8.get("skipped"):
-        _say(f"KV cache: keys {q.get('key') or 'float'}, values {q.get('value') or 'float'} quantized on write by "
+        _say(f"KV cache: {_kv_formats(q)} quantized on write by "
              "ONNX ops into an fp32 cache holding the format's values (ONNX Runtime holds a quantized cache itself "
              "for static INT8 per tensor only: --kv-quant kv8-static)")
 

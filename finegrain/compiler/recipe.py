@@ -426,10 +426,15 @@ class Recipe:
         return tuple(QuantFormat.parse(t) for t in self.weight_candidates)
 
     @property
+    def kv_formats(self) -> list[str]:
+        """Every KV-cache format tag the recipe names (``kv_key``, ``kv_value``, each ``kv_layers``
+        pair's); empty when the cache stays float."""
+        return [t for t in [self.kv_key, self.kv_value] + [t for e in self.kv_layers for t in e[1:]] if t is not None]
+
+    @property
     def kv_static_scales(self) -> bool:
         """Whether a KV-cache format is static (its per-layer scales calibrated by ``quantize_kv``)."""
-        tags = [self.kv_key, self.kv_value] + [t for e in self.kv_layers for t in e[1:]]
-        return any(t is not None and kv_static(QuantFormat.parse(t)) for t in tags)
+        return any(kv_static(QuantFormat.parse(t)) for t in self.kv_formats)
 
     @property
     def needs_calibration(self) -> bool:

@@ -260,9 +260,8 @@ def check_rule_coverage(ops: list, ctx: PassContext) -> None:
     preset = PRESETS.get(ctx.recipe.name) == ctx.recipe  # a preset's rules are broad by design: not per rule
     problems = [f"rules[{i}] (role={r.role!r}, pattern={r.pattern!r}) matches no layer of the model"
                 for i, r in enumerate(rules) if not preset and not any(r.matches(op.role, op.name or "") for op in ops)]
-    r = ctx.recipe
-    kv = r.kv_key or r.kv_value or any(t for e in r.kv_layers for t in e[1:])  # a KV-only recipe quantizes the cache
-    if not kv and not any(f != (None, None) for f in (r.formats_for(op.role, op.name or "") for op in ops)):
+    r = ctx.recipe  # a KV-only recipe quantizes the cache: not "nothing"
+    if not r.kv_formats and not any(f != (None, None) for f in (r.formats_for(op.role, op.name or "") for op in ops)):
         problems.append(f"recipe {ctx.recipe.name!r} quantizes nothing in this model ({len(ops)} quantizable ops, "
                         f"roles {sorted({op.role for op in ops})})")
     left = {}  # conv / recurrent weights no rule quantizes: said, as a linear's would be by the rules
