@@ -24,7 +24,8 @@ Rows (each with and without its own KV cache where it has one):
   the static build and read in place by decode's attention kernel (with the cache's MiB at the longest past),
   and with the ``kivi4`` / ``kivi2`` KV presets (packed by the static build: codes and spread per-channel scales,
   sinks and the float window in a fixed ring, the past decoded once per step: ``backends/tvm/window_cache.py``)
-  and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel);
+  and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel), and the ``zip42`` one
+  (ZipCache's saliency and mixed-precision writes in the graph, an fp32 cache of their values);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -274,6 +275,9 @@ def main() -> None:
         kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
         # kv8-fp8-static: the same codes, one calibrated scale per layer (held in each token's scale slot)
         kv_rows.append(("W4A16 g128 + kv8-fp8-static packed", with_kv("w4a16-g128", "kv8-fp8-static"), "static"))
+        # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph over an fp32
+        # cache holding the formats' values (not packed: backends/tvm/lower_window.py)
+        kv_rows.append(("W4A16 g128 + zip42 (fp32 cache)", with_kv("w4a16-g128", "zip42"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):

@@ -93,24 +93,32 @@ def kv_append_options(n) -> dict:
     return dict(zip(KV_APPEND_OPTIONS, n.args[6:]), **n.kwargs)
 
 
-def windowed_kv_refusal(n, backend: str) -> str | None:
+def windowed_kv_refusal(n, backend: str, zip_ok: bool = False) -> str | None:
     """Why ``backend``'s emulation of windowed KV writes (the ``kv_append`` node ``n``: KIVI's
     per-channel keys, a float window, sinks, pre-RoPE / rotated keys, recomputed in its graph as the
-    reference computes them, RotateKV's grouped-head / reordered keys included) does not cover this
-    one, or None: ZipCache's saliency-ranked writes, formats other than dynamic integers or FP8 E4M3
-    with float scales."""
+    reference computes them, RotateKV's grouped-head / reordered keys included; with ``zip_ok``
+    ZipCache's saliency-ranked mixed precision too) does not cover this one, or None: ZipCache
+    without ``zip_ok`` or over RotateKV's grouped heads, formats other than dynamic integers or FP8
+    E4M3 with float scales."""
     from finegrain.formats import QuantFormat
 
     kw = kv_append_options(n)
-    if kw.get("score") is not None or kw.get("fmt_low") is not None:
+    zipped = kw.get("score") is not None or kw.get("fmt_low") is not None
+    if zipped and not zip_ok:
         return f"ZipCache's saliency-ranked mixed-precision KV writes have no {backend} lowering yet"
     perm = kw.get("perm")
     if perm is not None and getattr(perm, "op", None) != "get_attr":
         return f"RotateKV's key channel order must be a constant of the graph, got node {perm}"
+    if zipped and (perm is not None or int(kw.get("head_group", 1)) > 1):
+        return f"ZipCache over RotateKV's grouped-head keys has no {backend} lowering"
+    for tag in (n.args[2], kw.get("fmt_low")) if zipped else (n.args[2],):
+        f = QuantFormat.parse(tag)
+        if f.kind not in ("int", "e4m3") or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
+            return (f"KV format {f.tag}: the {backend} windowed write takes dynamic integer or FP8 E4M3 formats with "
+                    "float scales")
     f = QuantFormat.parse(n.args[2])
-    if f.kind not in ("int", "e4m3") or not f.dynamic or f.block_rows or f.scale not in ("fp32", "fp16", "bf16"):
-        return (f"KV format {f.tag}: the {backend} windowed write takes dynamic integer or FP8 E4M3 formats with "
-                "float scales")
+    if zipped:  # token-wise per token (groups along the head dim) or per channel over each block's subsets
+        return None
     if n.args[3] == "tokens" and f.granularity != "group":
         return f"KV format {f.tag}: per-channel keys (axis tokens) need groups of tokens (-gN)"
     if n.args[3] != "tokens" and f.granularity not in ("group", "token"):
@@ -118,13 +126,13 @@ def windowed_kv_refusal(n, backend: str) -> str | None:
     return None
 
 
-def windowed_kv_refusals(gm, backend: str) -> list["Refusal"]:
+def windowed_kv_refusals(gm, backend: str, zip_ok: bool = False) -> list["Refusal"]:
     """One :class:`Refusal` per ``kv_append`` of ``gm`` that :func:`windowed_kv_refusal` refuses."""
     from finegrain.compiler.ops import KV_APPEND
 
     out = []
     for n in gm.graph.nodes:
-        why = windowed_kv_refusal(n, backend) if n.op == "call_function" and n.target is KV_APPEND else None
+        why = windowed_kv_refusal(n, backend, zip_ok) if n.op == "call_function" and n.target is KV_APPEND else None
         if why:
             out.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
     return out

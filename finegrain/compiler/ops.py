@@ -293,13 +293,24 @@ def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False, score=N
     return torch.cat([past, new], 2)
 
 
+def probe_counts(s, probes: float, ceil=lambda p, s: math.ceil(p * s), maximum=max, minimum=min) -> tuple:
+    """``(n, recent, stride)`` of ZipCache's probe subset of ``s`` queries (:func:`probe_queries`):
+    ``n = ceil(probes * s)`` of them (at least one), the ``recent = (n + 1) // 2`` most recent, the
+    other ``n - recent`` at every ``stride``-th query from the first. Integer arithmetic only (besides
+    the one ceiling), so a backend computes the same set for a length known at run time (``ceil(probes, s)``,
+    ``maximum`` and ``minimum`` symbolic)."""
+    n = minimum(s, maximum(1, ceil(probes, s)))
+    recent = (n + 1) // 2
+    return n, recent, maximum((s - recent) // maximum(n - recent, 1), 1)
+
+
 def probe_queries(s: int, probes: float) -> torch.Tensor:
-    """ZipCache's probe subset of ``s`` queries: ``ceil(probes * s)`` of them (at least one), half the
-    most recent, half spread evenly over the rest (deterministic, where ZipCache samples at random)."""
-    n = min(s, max(1, math.ceil(probes * s)))
-    recent = torch.arange(s - (n + 1) // 2, s, device="cpu")  # an index set from two ints: made on the host
-    spread = torch.linspace(0, max(s - len(recent) - 1, 0), n - len(recent), device="cpu").round().long()
-    return torch.unique(torch.cat([spread, recent]))
+    """ZipCache's probe subset of ``s`` queries (indices, ascending): the ``n`` of :func:`probe_counts`,
+    half the most recent, half spread evenly over the rest (deterministic, where ZipCache samples at
+    random)."""
+    n, recent, stride = probe_counts(s, probes)
+    spread = torch.arange(n - recent, device="cpu") * stride  # made on the host: an index set from ints
+    return torch.cat([spread, torch.arange(s - recent, s, device="cpu")])
 
 
 def kv_saliency_ref(q: torch.Tensor, past: torch.Tensor, new: torch.Tensor, probes: float,

@@ -665,6 +665,12 @@ KV_PRESETS: dict[str, dict] = {
     "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},
     # the same at 2 bits in groups of 16
     "kivi2": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", **_KIVI},
+    # ZipCache 4/2 on KIVI's keys: tokens released in blocks of 128; of each write's released tokens the half with
+    # the highest normalized attention score (10% probe queries) at 4 bits, the rest at 2 (keys per channel over
+    # each block's two subsets, quantized before RoPE; values per token in groups of 32); one sink in float
+    "zip42": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", "kv_key_axis": "tokens",
+              "kv_zip_key": "int2-g32-asym-fp16-dyn", "kv_zip_value": "int2-g32-asym-fp16-dyn", "kv_zip_ratio": 0.5,
+              "kv_zip_block": 128, "kv_zip_probes": 0.1, "kv_pre_rope": True, "kv_sinks": 1},
 }
 
 

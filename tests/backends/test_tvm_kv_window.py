@@ -4,7 +4,7 @@ grouped heads), computed in the graph
 (an fp32 cache holding the format's values). Prefill + decode over the TVM build give the reference
 backend's logits and tokens for static and concat caches, across families; the writes differ from
 the float model (the test would notice a write that quantized nothing); RotateKV's grouped-head
-keys with reordered channels too; ZipCache is refused by name."""
+keys with reordered channels too; ZipCache's saliency-ranked mixed precision too."""
 import json
 import subprocess
 import sys
@@ -284,13 +284,120 @@ def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
             assert all("packed" not in b for b in pgm.kv_buffers)
 
 
-def test_zipcache_is_refused_by_name():
+# ZipCache: the salient half of each write's released tokens (normalized attention score of probe queries) at 4
+# bits, the rest at 2; keys per channel over each block's subsets (pre-RoPE, rotated) or token-wise after the
+# per-channel normalizer
+ZIP_CHANNEL = {"kv_key": "int4-g4-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn", "kv_key_axis": "tokens",
+               "kv_window": 3, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True,
+               "kv_zip_key": "int2-g4-asym-fp16-dyn", "kv_zip_value": "int2-g8-asym-fp16-dyn", "kv_zip_block": 4,
+               "kv_zip_ratio": 0.5, "kv_zip_probes": 0.5}
+ZIP_TOKEN = {"kv_key": "int4-token-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn",
+             "kv_zip_key": "int2-token-asym-fp16-dyn", "kv_zip_value": "int2-g8-asym-fp16-dyn", "kv_zip_block": 4,
+             "kv_zip_ratio": 0.25, "kv_zip_probes": 0.1}
+
+
+@pytest.mark.parametrize("fmt,axis,low,channel_norm,pre_rope", [
+    ("int4-token-asym-fp16-dyn", "head_dim", "int2-token-asym-fp16-dyn", True, False),  # ZipCache's own keys
+    ("int4-g8-asym-fp16-dyn", "tokens", "int2-g8-asym-fp16-dyn", False, True),  # per channel over each subset
+    ("int8-g8-asym-fp16-dyn", "head_dim", "int4-g8-asym-fp16-dyn", False, False),  # values in groups of 8
+])
+def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, low, channel_norm, pre_rope):
+    """The lowered ZipCache write alone (scores given), over pasts of every length around the window and
+    block edges, equals ``kv_append`` and changes exactly the tokens it releases; the lowered saliency
+    equals ``kv_saliency`` (probes of a chunk, of a decode step, GQA)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from finegrain.backends.tvm.lower_window import relax_converters
+    from finegrain.compiler.ops import kv_append, kv_quantized_span, kv_saliency_ref
+
+    heads, d, window, sinks, block, ratio = 2, 16, 3, 1, 4, 0.5
+    freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    bb = relax.BlockBuilder()
+    p_len, s_len = tvm.tirx.Var("p", "int64"), tvm.tirx.Var("s", "int64")
+    past = relax.Var("past", relax.TensorType([1, heads, p_len, d], "float32"))
+    new = relax.Var("new", relax.TensorType([1, heads, s_len, d], "float32"))
+    score = relax.Var("score", relax.TensorType([1, heads, p_len + s_len], "float32"))
+    f_ = relax.Var("f", relax.TensorType([d // 2], "float32"))
+    q = relax.Var("q", relax.TensorType([1, 3 * heads, s_len, d], "float32"))
+
+    class Importer:  # the two calls a converter makes on the Relax frontend's importer
+        block_builder = bb
+
+        @staticmethod
+        def retrieve_args(node):
+            return node
+
+    conv = relax_converters("")
+    with bb.function("write", [past, new, f_, score]):
+        with bb.dataflow():
+            out = bb.emit_output(conv["kv_window_write.default"](
+                (past, new, f_ if pre_rope else None, fmt, axis, window, sinks, pre_rope, None, 1, score, low, ratio,
+                 block, channel_norm), Importer))
+        bb.emit_func_output(out)
+    with bb.function("saliency", [q, past, new]):
+        with bb.dataflow():
+            out = bb.emit_output(conv["kv_saliency.default"]((q, past, new, 0.3, 0.25), Importer))
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(TARGET)), tvm.cpu())
+    g = torch.Generator().manual_seed(0)
+
+    def run(fn, *xs):
+        return vm[fn](*(tvm.runtime.tensor(t.numpy()) for t in xs)).numpy()
+
+    for p, s in [(0, 1), (0, 3), (0, 17), (3, 1), (5, 1), (8, 1), (9, 1), (13, 1), (7, 9), (14, 2), (0, 40)]:
+        a, b = torch.randn(1, heads, p, d, generator=g) * 3, torch.randn(1, heads, s, d, generator=g) * 3
+        sc = torch.rand(1, heads, p + s, generator=g)
+        want = kv_append(a, b, fmt, axis, window, sinks, freq if pre_rope else None, pre_rope, sc, low, ratio, block,
+                         channel_norm)
+        got = run("write", a, b, freq, sc)
+        assert np.abs(got - want.numpy()).max() <= 1e-5 * want.abs().max().item(), (p, s)
+        lo, hi = kv_quantized_span("tokens", block, p, p + s, window, sinks)
+        changed = (want - torch.cat([a, b], 2)).abs().amax(dim=(0, 1, 3)) > 1e-3  # per token
+        assert changed.tolist() == [lo <= t < hi for t in range(p + s)], (p, s)
+        qs = torch.randn(1, 3 * heads, s, d, generator=g)
+        want = kv_saliency_ref(qs, a, b, 0.3, 0.25)
+        assert np.abs(run("saliency", qs, a, b) - want.numpy()).max() <= 1e-6 * want.abs().max().item(), (p, s)
+
+
+@pytest.mark.parametrize("family,kv,cache,prefill", [
+    ("llama", ZIP_CHANNEL, "static", 13),  # a deployment, also run by the standalone runtime script
+    ("qwen2", ZIP_TOKEN, "concat", 9),  # GQA, biases; ZipCache's token-wise keys with the channel normalizer
+])
+def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_path):
+    """ZipCache's writes and saliency lowered (an fp32 cache of the format's values): prefill + decode over
+    the TVM build give the reference backend's logits and tokens; a static build says the cache stays
+    fp32; ZipCache over RotateKV's grouped heads is refused by name."""
     from finegrain.backends.tvm.lower_activations import TvmError
 
-    model = _family("llama")
+    model = _family(family)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
-    zip_ = _recipe(kv_key="int4-token-asym-fp16-dyn", kv_value="int4-g16-asym-fp16-dyn",
-                   kv_zip_key="int2-token-asym-fp16-dyn", kv_zip_value="int2-g16-asym-fp16-dyn", kv_zip_block=8)
-    cm = finegrain.compile(model, (ids,), recipe=zip_, progress=False, kv_cache=True)
-    with pytest.raises(TvmError, match=r"node kv_append\w* \(KV cache write\): .*ZipCache"):
-        cm.session("tvm", target=TARGET, max_seq_len=32)
+    x = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True)
+    ref, _ = _incremental(cm, x, prefill=prefill)
+    plain = finegrain.compile(model, (ids,), recipe=_recipe(**{k: v for k, v in kv.items() if "zip" not in k}),
+                              progress=False, kv_cache=True)
+    assert _rel(_incremental(plain, x, prefill=prefill)[0], ref) > 1e-3  # the low format is used: not KIVI-4
+    prompt = x[:, :prefill]
+    if cache == "static":
+        with pytest.warns(UserWarning, match="ZipCache's mixed-precision writes stay in an fp32 cache"):
+            cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
+    with cm.session("tvm", **({"path": tmp_path / "dep"} if cache == "static" else
+                               {"target": TARGET, "max_seq_len": 48, "cache": cache})) as s:
+        inc, state = _incremental(s, x, prefill=prefill)
+        assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
+        assert s.generate(prompt, 10).tokens == cm.generate(prompt, 10).tokens
+    if cache == "static":
+        assert [tuple(p.shape) for p in state["past"]][:2] == [(1, 48, cm.kv["kv_heads"], cm.kv["head_dim"])] * 2
+        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+                "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
+        res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"),
+                              str(tmp_path / "dep"), "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", "10"],
+                             capture_output=True, text=True, timeout=300, check=True)
+        assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == cm.generate(prompt, 10).tokens
+        grouped = finegrain.compile(model, (ids,), recipe=_recipe(**{**ZIP_TOKEN, "kv_pre_rope": True,
+                                                                        "kv_head_group": 2}),
+                                    progress=False, kv_cache=True)
+        with pytest.raises(TvmError, match=r"node kv_append\w* \(KV cache write\): ZipCache over RotateKV's grouped"):
+            grouped.session("tvm", target=TARGET, max_seq_len=32)

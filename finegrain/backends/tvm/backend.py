@@ -66,7 +66,7 @@ class TvmBackend(BackendBase):
         if op == "kv_append":
             return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
                                 "per channel, float window, sinks, pre-RoPE / rotated keys, RotateKV's grouped-head / "
-                                "reordered keys) fake-quantized in the graph; ZipCache refused")
+                                "reordered keys, ZipCache's saliency-ranked two precisions) fake-quantized in the graph")
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
                                 "groups' columns taken from the 8-bit one")
@@ -75,7 +75,7 @@ class TvmBackend(BackendBase):
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
 
     def check(self, compiled) -> list[Refusal]:  # and the kv_append variants the windowed write does not cover
-        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM")
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True)
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs

@@ -706,8 +706,10 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
         if pgm.kv_unpacked:
             import warnings
 
-            warnings.warn("TVM static cache: windowed KV writes left in an fp32 cache of the format's values: "
-                          + "; ".join(pgm.kv_unpacked), stacklevel=2)
+            from finegrain.errors import listed
+
+            warnings.warn("TVM static cache: windowed KV writes left in an fp32 cache of the format's values:\n  "
+                          + listed(pgm.kv_unpacked), stacklevel=2)
             if kv_unpacked is not None:
                 kv_unpacked.extend(pgm.kv_unpacked)
         p_len, heads = ex_prefill[2].shape[2], ex_prefill[2].shape[1]

@@ -9,7 +9,7 @@ scales spread over each group's rows, the float tokens in a fixed ring), as the 
 (``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,
-fmt, axis, window, sinks, rotated, perm, head_group)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
+fmt, axis, window, sinks, rotated, perm, head_group, score, fmt_low, ratio, block, channel_norm)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
 write makes quantizable (``kv_quantized_span`` of the past and total lengths, symbolic in the
 Relax function) are taken out of ``cat(past, new)``, moved to the space they are quantized in
 (Hadamard undone, RoPE undone at their positions, Hadamard again; the Hadamard by the reference's
@@ -27,8 +27,16 @@ deployment's token-major buffer (``call_tir_inplace``: a loop over those rows on
 and ``kv_window_new`` returns the new tokens, the released ones among them quantized. Attention then
 reads ``cat(past buffer, new)`` as over any static cache (decode's kernel reads the buffer in place)
 and the runtime writes the new tokens at the cache position as it does for every layer: decode
-touches the cache once per step plus the group it releases every ``G`` steps. ZipCache's
-saliency-ranked writes are refused by name (``TvmBackend.check``, ``base.windowed_kv_refusal``)."""
+touches the cache once per step plus the group it releases every ``G`` steps.
+
+ZipCache's writes (``kv_append`` with a ``score``, issue #17) take the same route with five more
+arguments: tokens are released in blocks, ranked within the write by the score (a token's rank counts
+the tokens scored higher, earlier ones first among equals) and fake-quantized in the high or the low
+format (token-wise after the per-channel normalizer, or per channel over each block's two subsets);
+the score is ``finegrain::kv_saliency``'s, lowered as one TE function over the probe queries that
+``compiler.ops.probe_counts`` picks from the run-time chunk length. They stay in an fp32 cache (not
+packed; a static build says so); over RotateKV's grouped heads they are refused by name
+(``base.windowed_kv_refusal``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -44,14 +52,17 @@ from finegrain.formats import QuantFormat
 @torch.library.custom_op("finegrain::kv_window_write", mutates_args=())
 def kv_window_write(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
                     window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
-                    head_group: int = 1) -> torch.Tensor:
-    """``kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, perm=perm, head_group=head_group)``
-    (reference implementation)."""
-    return kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, perm=perm, head_group=head_group)
+                    head_group: int = 1, score: Optional[torch.Tensor] = None, fmt_low: Optional[str] = None,
+                    ratio: float = 1.0, block: int = 1, channel_norm: bool = False) -> torch.Tensor:
+    """``kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, score, fmt_low, ratio, block,
+    channel_norm, perm, head_group)`` (reference implementation)."""
+    return kv_append(past, new, fmt, axis, window, sinks, inv_freq, rotated, score, fmt_low, ratio, block,
+                     channel_norm, perm=perm, head_group=head_group)
 
 
 @kv_window_write.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1, score=None, fmt_low=None,
+      ratio=1.0, block=1, channel_norm=False):
     return torch.cat([past, new], 2)
 
 
@@ -64,30 +75,38 @@ def window_group(fmt: str, axis: str) -> int:
 @torch.library.custom_op("finegrain::kv_window_past", mutates_args=())
 def kv_window_past(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
                    window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
-                   head_group: int = 1) -> torch.Tensor:
+                   head_group: int = 1, score: Optional[torch.Tensor] = None,
+                   fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1,
+                   channel_norm: bool = False) -> torch.Tensor:
     """The token-major past ``[B, P, Hkv, d]`` after a ``kv_window_write`` of ``new``: its released
     tokens quantized (reference implementation; the TVM lowering writes them in place)."""
-    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
+    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group,
+                          score, fmt_low, ratio, block, channel_norm)
     return out[:, :, :past.shape[1]].transpose(1, 2).contiguous()
 
 
 @kv_window_past.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1, score=None, fmt_low=None,
+      ratio=1.0, block=1, channel_norm=False):
     return torch.empty_like(past)
 
 
 @torch.library.custom_op("finegrain::kv_window_new", mutates_args=())
 def kv_window_new(past: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
                   window: int, sinks: int, rotated: bool, perm: Optional[torch.Tensor] = None,
-                  head_group: int = 1) -> torch.Tensor:
+                  head_group: int = 1, score: Optional[torch.Tensor] = None,
+                  fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1,
+                  channel_norm: bool = False) -> torch.Tensor:
     """The new tokens ``[B, Hkv, S, d]`` after a ``kv_window_write`` over the token-major ``past``:
     those the write released quantized (reference implementation)."""
-    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group)
+    out = kv_window_write(past.transpose(1, 2), new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group,
+                          score, fmt_low, ratio, block, channel_norm)
     return out[:, :, past.shape[1]:].contiguous()
 
 
 @kv_window_new.register_fake
-def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1):
+def _(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm=None, head_group=1, score=None, fmt_low=None,
+      ratio=1.0, block=1, channel_norm=False):
     return torch.empty_like(new)
 
 
@@ -96,11 +115,27 @@ KV_WINDOW_PAST = torch.ops.finegrain.kv_window_past.default
 KV_WINDOW_NEW = torch.ops.finegrain.kv_window_new.default
 
 
+WRITE_DEFAULTS = (None, 1, None, None, 1.0, 1, False)  # perm, head_group, then ZipCache's five
+
+
 def window_write_args(args) -> list:
-    """A ``kv_window_write``'s ten arguments ``(past, new, inv_freq, fmt, axis, window, sinks, rotated, perm,
-    head_group)``: ``perm`` / ``head_group`` at their defaults where the exported node dropped them."""
+    """A ``kv_window_write``'s fifteen arguments ``(past, new, inv_freq, fmt, axis, window, sinks, rotated,
+    perm, head_group, score, fmt_low, ratio, block, channel_norm)``: those the exported node dropped
+    at their defaults."""
     args = list(args)
-    return args + [None, 1][len(args) - 8:]
+    return args + list(WRITE_DEFAULTS[len(args) - 8:])
+
+
+def is_zip(args) -> bool:
+    """The ``kv_window_write`` (or ``kv_window_past`` / ``_new``) of these arguments is ZipCache's
+    saliency-ranked mixed-precision write."""
+    return window_write_args(args)[10] is not None
+
+
+def release_unit(fmt: str, axis: str, zip_block: Optional[int] = None) -> tuple[str, int]:
+    """``(axis, unit)`` by which a write releases tokens (``kv_quantized_until``'s): :func:`window_group`
+    on the format's axis, or ZipCache's blocks of ``zip_block`` tokens."""
+    return ("tokens", int(zip_block)) if zip_block else (axis, window_group(fmt, axis))
 
 
 def rewrite(graph: Graph) -> None:
@@ -111,21 +146,24 @@ def rewrite(graph: Graph) -> None:
     for n in list(graph.nodes):
         if n.op != "call_function" or n.target is not KV_APPEND:
             continue
-        why = windowed_kv_refusal(n, "TVM")
+        why = windowed_kv_refusal(n, "TVM", zip_ok=True)
         if why:
             raise TvmError(f"node {n.name} (KV cache write): {why}")
         past, new, fmt, axis, window, sinks = n.args[:6]
         kw = kv_append_options(n)
         inv_freq, rotated = kw.get("inv_freq"), bool(kw.get("rotated", False))
         perm, head_group = kw.get("perm"), int(kw.get("head_group", 1))
+        zipped = tuple(kw.get(k, v) for k, v in zip(("score", "fmt_low", "ratio", "block", "channel_norm"),
+                                                    WRITE_DEFAULTS[2:]))
         d = int(n.meta["val"].shape[-1])
-        if axis != "tokens" and d % (QuantFormat.parse(fmt).group_size or d):
-            raise TvmError(f"node {n.name} (KV cache write): groups of {fmt} do not divide the head dim {d}")
+        for tag in (fmt, zipped[1]) if zipped[0] is not None else (fmt,):
+            if axis != "tokens" and d % (QuantFormat.parse(tag).group_size or d):
+                raise TvmError(f"node {n.name} (KV cache write): groups of {tag} do not divide the head dim {d}")
         if rotated and d & (d - 1):
             raise TvmError(f"node {n.name} (KV cache write): rotated keys of head dim {d} (a power of two is rotated)")
         with graph.inserting_before(n):
             m = graph.call_function(KV_WINDOW_WRITE, (past, new, inv_freq, fmt, axis, window, sinks, rotated, perm,
-                                                      head_group))
+                                                      head_group, *zipped))
         m.meta.update(n.meta)
         n.replace_all_uses_with(m)
         graph.erase_node(n)
@@ -151,14 +189,17 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
     memo: dict = {}  # (block builder, past, new) -> the released tokens: one computation for both halves
     funcs: dict = {}
 
-    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, token_major: bool, rows=None,
-                 ring=None):
+    def released(past_, new_, extra, fmt, axis, window, sinks, rotated, head_group, zipped, token_major: bool,
+                 rows=None, ring=None):
         """TE: ``(a, n, y, xin)``: the first released token, how many, their written values
         ``[B, Hkv, n, d]`` and the reader of ``cat(past, new)``. ``extra``: the TE tensors of
         :func:`parts`' ``extra`` (``inv_freq``; RotateKV's grouped heads: ``perm`` or None and the
-        Hadamard factors). ``rows`` (a ``window_cache.window_layout``): their packed rows instead.
+        Hadamard factors; ZipCache's score last). ``zipped``: ZipCache's ``(fmt_low, ratio, block,
+        channel_norm)`` or None. ``rows`` (a ``window_cache.window_layout``): their packed rows instead.
         ``ring``: ``(ring tensor, past length)`` of a packed window whose decode step reads the
         released tokens from its float ring (they are all there: ``past_`` is then not read)."""
+        if zipped is not None:
+            score, extra = extra[-1], extra[:-1]
         freq = extra[0] if extra else None
         grouped = len(extra) > 1
         f = QuantFormat.parse(fmt)
@@ -166,9 +207,9 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
         if ring is not None:
             ring_, p_len = ring
-        g = window_group(fmt, axis)
-        a = kv_quantized_until(p_len, axis, g, int(window), int(sinks), tirx.max)
-        n = kv_quantized_until(p_len + new_.shape[2], axis, g, int(window), int(sinks), tirx.max) - a
+        span_axis, g = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
+        a = kv_quantized_until(p_len, span_axis, g, int(window), int(sinks), tirx.max)
+        n = kv_quantized_until(p_len + new_.shape[2], span_axis, g, int(window), int(sinks), tirx.max) - a
 
         def past_at(b, h, tp, c):
             if ring is not None:
@@ -200,13 +241,19 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             return a, n, (_fwht(x) if rotated else x), xin
         if rows is not None:  # the packed cache's rows of the released tokens
             return _span_rows(rope_space(seg, True), rows, n)
+        if zipped is not None:
+            low, ratio, block, channel_norm = zipped
+            x = _zip_fake_quant(rope_space(seg, True), lambda b, h, i: score[b, h, a + i], f, QuantFormat.parse(low),
+                                float(ratio), int(block), bool(channel_norm), axis == "tokens", n)
+            return a, n, rope_space(x, False), xin
         return a, n, rope_space(_fake_quant(rope_space(seg, True), f, axis, n), False), xin
 
     def parts(importer, node):
-        """``((past, new), extra, (fmt, axis, window, sinks, rotated, head_group))``: ``extra`` the
+        """``((past, new), extra, (fmt, axis, window, sinks, rotated, head_group, zipped))``: ``extra`` the
         Relax tensors the write reads besides past and new: ``inv_freq`` (pre-RoPE keys), then for
         RotateKV's grouped heads the channel order (if reordered) and the Hadamard's small factor
-        ``F`` of ``formats.hadamard.hadamard_parts`` and its transpose (constants)."""
+        ``F`` of ``formats.hadamard.hadamard_parts`` and its transpose (constants), then ZipCache's
+        score; ``zipped`` ZipCache's ``(fmt_low, ratio, block, channel_norm)`` or None."""
         import numpy as np
 
         from finegrain.compiler.ops import _group_factor
@@ -219,7 +266,11 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             extra += [args[8]] if args[8] is not None else []
             extra += [relax.const(np.ascontiguousarray(_group_factor(head_group * d, inv).numpy()), "float32")
                       for inv in (False, True)]
-        return args[:2], extra, (*args[3:8], head_group)
+        zipped = None
+        if args[10] is not None:
+            extra.append(args[10])
+            zipped = (args[11], float(args[12]), int(args[13]), bool(args[14]))
+        return args[:2], extra, (*args[3:8], head_group, zipped)
 
     def write(node, importer):
         (past, new), extra, spec = parts(importer, node)
@@ -270,11 +321,12 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     def write_past(node, importer):
         bb = importer.block_builder
-        past, _new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
+        past, _new, y, (fmt, axis, window, sinks, _, _, zipped) = span(node, importer)
         b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in past.ty.shape)
-        key = f"{prefix}kv_window_rows_b{b_}_h{heads}_d{d}_w{window}_s{sinks}_g{window_group(fmt, axis)}_{axis}"
+        axis, unit = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
+        key = f"{prefix}kv_window_rows_b{b_}_h{heads}_d{d}_w{window}_s{sinks}_g{unit}_{axis}"
         if key not in funcs:
-            func = _rows_in_place(b_, heads, d, int(window), int(sinks), window_group(fmt, axis), axis)
+            func = _rows_in_place(b_, heads, d, int(window), int(sinks), unit, axis)
             funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
         return bb.emit(relax.call_tir_inplace(funcs[key], [past, y], 0, relax.TensorType(past.ty.shape, "float32")))
 
@@ -284,11 +336,12 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         if ring is not None and int(window_write_args(node.args)[5]) >= 1:
             # one new token behind a float window is never released by its own write: it stays as it came
             return importer.env[node.args[1]]
-        past, new, y, (fmt, axis, window, sinks, *_) = span(node, importer)
+        past, new, y, (fmt, axis, window, sinks, _, _, zipped) = span(node, importer)
         past = ring[1] if ring is not None else past  # only its length is read
+        axis, g = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
 
         def fn(past_, new_, y_):
-            p_len, g = past_.shape[1], window_group(fmt, axis)
+            p_len = past_.shape[1]
             a = kv_quantized_until(p_len, axis, g, int(window), int(sinks), tirx.max)
             n = y_.shape[2]
             return te.compute(new_.shape, lambda b, h, i, c: tirx.if_then_else(
@@ -308,7 +361,7 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         inv_freq, fmt, axis, window, sinks, rotated = args[first:first + 6]
         d = int(args[d_arg].ty.shape[-1])
         lay = window_layout(fmt, axis, d, window, sinks)
-        return ([inv_freq] if inv_freq is not None else []), (fmt, axis, window, sinks, rotated, 1), lay, args
+        return ([inv_freq] if inv_freq is not None else []), (fmt, axis, window, sinks, rotated, 1, None), lay, args
 
     def span_rows(bb, node, read, new, extra, spec, lay, ring=None):
         key = (id(bb), str(node.args[0]), str(node.args[1]), "rows")
@@ -423,7 +476,13 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         out = bb.emit(relax.call_tir_inplace(funcs[key], ins, [0, 1, 2, 3, 4], sinfo))
         return bb.emit(relax.TupleGetItem(out, 4))
 
-    return {"kv_window_write.default": write, "kv_window_past.default": write_past,
+    def saliency(node, importer):
+        q, past, new, probes, scale = importer.retrieve_args(node)
+        return importer.block_builder.emit_te(lambda q_, past_, new_: _saliency(q_, past_, new_, float(probes),
+                                                                                 float(scale)),
+                                              q, past, new, primfunc_name_hint=f"{prefix}kv_saliency")
+
+    return {"kv_saliency.default": saliency, "kv_window_write.default": write, "kv_window_past.default": write_past,
             "kv_window_new.default": write_new, "kv_wpack_read.default": packed_read,
             "kv_wpack_rows.default": packed_rows, "kv_wpack_commit.default": packed_commit}
 
@@ -654,30 +713,35 @@ def _rope(x, tables, inverse: bool):
     return te.compute(x.shape, body, name="kv_inverse_rope" if inverse else "kv_rope")
 
 
-def _quant_params(x, f: QuantFormat, axis: str, n):
+def _quant_params(x, f: QuantFormat, axis: str, n, group: int | None = None, member=None):
     """``(g, scale, zero)``: the TE scale and zero point ``QuantFormat.quantize`` chooses for ``x``
-    ``[B, H, n, d]`` per channel over groups of ``G`` tokens (``axis == "tokens"``: ``[B, H, n / G, d]``)
-    or per token over groups along the head dim (``[B, H, n, d / g]``)."""
+    ``[B, H, n, d]`` per channel over groups of ``G`` tokens (``axis == "tokens"``: ``[B, H, n / G, d]``;
+    ``group``: ``G`` instead of ``f``'s group size) or per token over groups along the head dim
+    (``[B, H, n, d / g]``). ``member(b, h, i)`` (tokens axis): each group's statistics over its
+    member tokens only (ZipCache's subsets of a block)."""
     from tvm import te, tirx
 
     b_, heads, _, d = x.shape
     d = int(d)
     tokens = axis == "tokens"
-    g = f.group_size if tokens else (f.group_size or d)
+    g = (group or f.group_size) if tokens else (f.group_size or d)
     shape = (b_, heads, n // g, d) if tokens else (b_, heads, n, d // g)
 
-    def at(b, h, i, c, r):  # member r of the group (i, c) indexes
-        return x[b, h, i * g + r, c] if tokens else x[b, h, i, c * g + r]
+    def at(b, h, i, c, r, empty=None):  # member r of the group (i, c) indexes; ``empty`` where it is not a member
+        if not tokens:
+            return x[b, h, i, c * g + r]
+        v = x[b, h, i * g + r, c]
+        return v if member is None else tirx.Select(member(b, h, i * g + r), v, tirx.const(empty, "float32"))
 
     r1, r2 = te.reduce_axis((0, g), "r1"), te.reduce_axis((0, g), "r2")
     clip = tirx.const(float(f.clip), "float32")
     if f.symmetric:
-        amax = te.compute(shape, lambda *i: te.max(tirx.abs(at(*i, r1)), axis=r1), name="kv_amax")
+        amax = te.compute(shape, lambda *i: te.max(tirx.abs(at(*i, r1, 0.0)), axis=r1), name="kv_amax")
         raw = te.compute(shape, lambda *i: amax(*i) * clip / tirx.const(float(f.family.max_value(f)), "float32"),
                          name="kv_raw_scale")
     else:
-        mn = te.compute(shape, lambda *i: te.min(at(*i, r1), axis=r1), name="kv_min")
-        mx = te.compute(shape, lambda *i: te.max(at(*i, r2), axis=r2), name="kv_max")
+        mn = te.compute(shape, lambda *i: te.min(at(*i, r1, float("inf")), axis=r1), name="kv_min")
+        mx = te.compute(shape, lambda *i: te.max(at(*i, r2, float("-inf")), axis=r2), name="kv_max")
         lo = te.compute(shape, lambda *i: tirx.min(mn(*i), 0.0) * clip, name="kv_lo")
         raw = te.compute(shape, lambda *i: (tirx.max(mx(*i), 0.0) * clip - lo(*i))
                          / tirx.const(float(2 ** f.bits - 1), "float32"), name="kv_raw_scale")
@@ -697,17 +761,18 @@ def _quant_params(x, f: QuantFormat, axis: str, n):
     return g, scale, zero
 
 
-def _fake_quant(x, f: QuantFormat, axis: str, n):
+def _fake_quant(x, f: QuantFormat, axis: str, n, group: int | None = None, member=None):
     """``f.fake_quantize`` of ``x`` ``[B, H, n, d]``: per channel over groups of ``G`` tokens
-    (``axis == "tokens"``, ``n`` a multiple of ``G``) or per token over groups along the head dim;
-    scales chosen as ``QuantFormat.quantize`` chooses them; integer codes or FP8 E4M3 elements."""
-    from tvm import te, tirx
+    (``axis == "tokens"``, ``n`` a multiple of ``G``; ``group``, ``member``: :func:`_quant_params`') or
+    per token over groups along the head dim; scales chosen as ``QuantFormat.quantize`` chooses them;
+    integer codes or FP8 E4M3 elements."""
+    from tvm import te
 
     from finegrain.backends.tvm.lower_activations import _minifloat_round
 
     lo_code, hi_code = f.family.code_range(f)
     tokens = axis == "tokens"
-    g, scale, zero = _quant_params(x, f, axis, n)
+    g, scale, zero = _quant_params(x, f, axis, n, group, member)
 
     def deq(b, h, i, c):
         idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
@@ -717,6 +782,95 @@ def _fake_quant(x, f: QuantFormat, axis: str, n):
         return (_int_code(x[b, h, i, c], s, z, lo_code, hi_code) - z) * s
 
     return te.compute(x.shape, deq, name="kv_fake_quant")
+
+
+def _zip_fake_quant(x, score, f: QuantFormat, low: QuantFormat, ratio: float, block: int, channel_norm: bool,
+                    per_channel: bool, n):
+    """``compiler.ops._zip_fake_quantize`` of the released tokens ``x`` ``[B, H, n, d]`` (``n`` a multiple of
+    ``block``) with scores ``score(b, h, i)``: per (batch, head) the ``round(ratio * n)`` tokens of highest
+    score in ``f``, the rest in ``low``; a token's rank counts the tokens of higher score (of an equal score,
+    the earlier ones), ``round`` half to even as Python's. Token-wise (``channel_norm``: each channel
+    divided by the fp16 square root of its absolute maximum over the block, multiplied back), or
+    ``per_channel``: each channel over its block's salient tokens in ``f`` and over the others in ``low``."""
+    from tvm import te, tirx
+
+    b_, heads, _, d = x.shape
+    j = te.reduce_axis((0, n), "j")
+    rank = te.compute((b_, heads, n), lambda b, h, i: te.sum(tirx.Select(tirx.Or(
+        score(b, h, j) > score(b, h, i), tirx.all(score(b, h, j) == score(b, h, i), j < i)), 1, 0), axis=j),
+        name="kv_zip_rank")
+    k = tirx.nearbyint(tirx.Cast("float64", n) * tirx.const(ratio, "float64")).astype("int64")
+
+    def salient(b, h, i):
+        return rank[b, h, i] < k
+
+    if per_channel:
+        hi = _fake_quant(x, f, "tokens", n, block, salient)
+        lo = _fake_quant(x, low, "tokens", n, block, lambda b, h, i: tirx.Not(salient(b, h, i)))
+        return te.compute(x.shape, lambda b, h, i, c: tirx.Select(salient(b, h, i), hi[b, h, i, c], lo[b, h, i, c]),
+                          name="kv_zip_mixed")
+    if channel_norm:
+        r = te.reduce_axis((0, block), "r")
+        amax = te.compute((b_, heads, n // block, d), lambda b, h, k_, c: te.max(
+            tirx.abs(x[b, h, k_ * block + r, c]), axis=r), name="kv_zip_amax")
+        norm = te.compute(amax.shape, lambda *i: tirx.sqrt(tirx.max(amax(*i), tirx.const(1e-6, "float32"))).astype(
+            "float16").astype("float32"), name="kv_zip_norm")
+        x = te.compute(x.shape, lambda b, h, i, c: x[b, h, i, c] / norm[b, h, i // block, c], name="kv_zip_normed")
+    hi, lo = _fake_quant(x, f, "head_dim", n), _fake_quant(x, low, "head_dim", n)
+
+    def body(b, h, i, c):
+        v = tirx.Select(salient(b, h, i), hi[b, h, i, c], lo[b, h, i, c])
+        return v * norm[b, h, i // block, c] if channel_norm else v
+
+    return te.compute(x.shape, body, name="kv_zip_mixed")
+
+
+def _saliency(q, past, new, probes: float, scale: float):
+    """TE: ``compiler.ops.kv_saliency_ref`` of ``q`` ``[B, H, S, d]``, ``past`` ``[B, Hkv, P, d]`` and ``new``
+    ``[B, Hkv, S, d]``: each probe query's causal softmax (``ops.probe_counts``' probes, ``S`` known at run
+    time), summed over the probes and the query heads of a K / V head, divided by how many of them see
+    the token: ``[B, Hkv, P + S]``."""
+    from tvm import te, tirx
+
+    from finegrain.compiler.ops import probe_counts
+
+    b_, h, s, d = q.shape
+    hkv, p = past.shape[1], past.shape[2]
+    rep_ = int(h) // int(hkv)
+    t_len = p + s
+    n, recent, stride = probe_counts(s, probes, lambda p_, s_: tirx.ceil(tirx.Cast("float64", s_) * p_).astype("int64"),
+                                     tirx.max, tirx.min)
+    spread = n - recent
+
+    def idx(j):  # the probe's query index
+        return tirx.if_then_else(j < spread, j * stride, s - recent + (j - spread))
+
+    def key(b, g, t, c):
+        return tirx.if_then_else(t < p, past[b, g, tirx.min(t, tirx.max(p - 1, 0)), c],
+                                 new[b, g, tirx.max(t - p, 0), c])
+
+    c = te.reduce_axis((0, d), "c")
+    dot = te.compute((b_, h, n, t_len), lambda b, hh, j, t: te.sum(q[b, hh, idx(j), c] * key(b, hh // rep_, t, c),
+                                                                   axis=c), name="kv_sal_dot")
+    logits = te.compute(dot.shape, lambda *i: dot(*i) * tirx.const(scale, "float32"), name="kv_sal_logits")
+
+    def sees(j, t):
+        return t <= p + idx(j)
+
+    t1, t2 = te.reduce_axis((0, t_len), "t1"), te.reduce_axis((0, t_len), "t2")
+    mx = te.compute((b_, h, n), lambda b, hh, j: te.max(tirx.Select(sees(j, t1), logits[b, hh, j, t1],
+                                                                      tirx.const(float("-inf"), "float32")), axis=t1),
+                    name="kv_sal_max")
+    ex = te.compute(logits.shape, lambda b, hh, j, t: tirx.Select(sees(j, t), tirx.exp(logits[b, hh, j, t] - mx[b, hh, j]),
+                                                                  tirx.const(0.0, "float32")), name="kv_sal_exp")
+    den = te.compute((b_, h, n), lambda b, hh, j: te.sum(ex[b, hh, j, t2], axis=t2), name="kv_sal_den")
+    jr = te.reduce_axis((0, n), "jr")
+    seen = te.compute((t_len,), lambda t: te.sum(tirx.Select(sees(jr, t), 1, 0), axis=jr), name="kv_sal_seen")
+    r, jj = te.reduce_axis((0, rep_), "r"), te.reduce_axis((0, n), "jj")
+    total = te.compute((b_, hkv, t_len), lambda b, g, t: te.sum(
+        ex[b, g * rep_ + r, jj, t] / den[b, g * rep_ + r, jj], axis=[r, jj]), name="kv_sal_sum")
+    return te.compute(total.shape, lambda b, g, t: total[b, g, t] / (tirx.max(seen[t], 1) * rep_).astype("float32"),
+                      name="kv_saliency")
 
 
 def _int_code(v, scale, zero, lo_code: int, hi_code: int):

@@ -249,7 +249,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
     (``zeros``) / ``ring`` inputs, the present output the new tokens' rows. ``buffers`` (``pack_cache``'s
     list, one fp32 entry per such present) is updated in place. Returns why the other windowed layers stay
     fp32, one line each."""
-    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_WRITE, window_write_args
+    from finegrain.backends.tvm.lower_window import KV_WINDOW_NEW, KV_WINDOW_WRITE, is_zip, window_write_args
     from finegrain.compiler.ir import KV, cache_past
 
     out = next(n for n in graph.nodes if n.op == "output")
@@ -267,11 +267,13 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             if p.target is not KV_WINDOW_WRITE:
                 lays.append(f"its {p.meta[KV]['kind']} is not a windowed write")
                 continue
-            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = window_write_args(p.args)
+            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = window_write_args(p.args)[:10]
             ph = cache_past(past_t)
             d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
             if perm is not None or int(head_group) > 1:
                 lays.append("RotateKV's grouped heads stay in an fp32 cache")
+            elif is_zip(p.args):
+                lays.append("ZipCache's mixed-precision writes stay in an fp32 cache")
             elif ph is None or ph.op != "placeholder" or not isinstance(d, int):
                 lays.append("its write does not read its past input directly")
             else:
@@ -279,7 +281,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
         if len(ps) == 2 and all(isinstance(x, dict) for x in lays):
             plan.update({p: lay for p, lay in zip(ps, lays)})
         else:
-            skipped.append(f"layer {layer}: " + "; ".join(x for x in lays if isinstance(x, str)))
+            skipped.append(f"layer {layer}: " + "; ".join(dict.fromkeys(x for x in lays if isinstance(x, str))))
     index = {b["name"]: i for i, b in enumerate(buffers)}
     for i, r in enumerate(list(results)):
         if r not in plan:
