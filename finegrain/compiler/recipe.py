@@ -646,7 +646,7 @@ PRESETS.update({
 # KV cache presets (issue #17): the KV fields a weight recipe takes on (``with_kv``, ``finegrain quantize
 # --kv-quant NAME``; compile with kv_cache=True). SmolLM2, WikiText-2, 4 windows of 2048 through the cache, float
 # weights (README, "Quantized KV cache"): kv8 +0.09% (per token g64, same as one scale per token at head dim 64),
-# kv8-fp8 +0.71%, kivi4 +0.77%, kivi2 +18.9%.
+# kv8-fp8 +0.71%, kivi4 +0.77%, kivi2 +18.9%, zip42 +20.7%.
 _KIVI = {"kv_key_axis": "tokens", "kv_window": 128, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
 KV_PRESETS: dict[str, dict] = {
     # 8 bits, one (scale, zero) per token and head: no window, packed on TVM static builds

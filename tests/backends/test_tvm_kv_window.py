@@ -309,7 +309,7 @@ def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, lo
     import tvm
     from tvm import relax
 
-    from finegrain.backends.tvm.lower_window import relax_converters
+    from finegrain.backends.tvm.lower_window import _saliency, relax_converters
     from finegrain.compiler.ops import kv_append, kv_quantized_span, kv_saliency_ref
 
     heads, d, window, sinks, block, ratio = 2, 16, 3, 1, 4, 0.5
@@ -340,6 +340,13 @@ def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, lo
         with bb.dataflow():
             out = bb.emit_output(conv["kv_saliency.default"]((q, past, new, 0.3, 0.25), Importer))
         bb.emit_func_output(out)
+    # as a static build calls it: the past token-major (read in place), nothing computed unless the writes release
+    past_tm = relax.Var("past_tm", relax.TensorType([1, p_len, heads, d], "float32"))
+    with bb.function("saliency_static", [q, past_tm, new]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit_te(lambda q_, a_, n_: _saliency(q_, a_, n_, 0.3, 0.25, (window, sinks, block),
+                                                                         token_major=True), q, past_tm, new))
+        bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target(TARGET)), tvm.cpu())
     g = torch.Generator().manual_seed(0)
 
@@ -359,6 +366,11 @@ def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, lo
         qs = torch.randn(1, 3 * heads, s, d, generator=g)
         want = kv_saliency_ref(qs, a, b, 0.3, 0.25)
         assert np.abs(run("saliency", qs, a, b) - want.numpy()).max() <= 1e-6 * want.abs().max().item(), (p, s)
+        got = run("saliency_static", qs, a.transpose(1, 2).contiguous(), b)
+        if lo < hi:
+            assert np.abs(got - want.numpy()).max() <= 1e-6 * want.abs().max().item(), (p, s)
+        else:  # no block released: the score is not read, and not computed
+            assert not got.any(), (p, s)
 
 
 @pytest.mark.parametrize("family,kv,cache,prefill", [

@@ -478,8 +478,20 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     def saliency(node, importer):
         q, past, new, probes, scale = importer.retrieve_args(node)
+        release = None  # (window, sinks, block) of the ZipCache writes reading the score: computed only when they release
+        for u in getattr(node, "users", ()):
+            if getattr(u, "target", None) in (KV_WINDOW_WRITE, KV_WINDOW_PAST, KV_WINDOW_NEW):
+                args = window_write_args(u.args)
+                release = (int(args[5]), int(args[6]), int(args[13]))
+        from finegrain.backends.tvm.lower_cache import _placeholder_through_transpose
+
+        src = _placeholder_through_transpose(node.args[1]) if isinstance(node, torch.fx.Node) else None
+        # a static build's token-major buffer: read in place
+        token_major = isinstance(src, torch.fx.Node) and src.op == "placeholder" and src in importer.env
+        if token_major:
+            past = importer.env[src]
         return importer.block_builder.emit_te(lambda q_, past_, new_: _saliency(q_, past_, new_, float(probes),
-                                                                                 float(scale)),
+                                                                                 float(scale), release, token_major),
                                               q, past, new, primfunc_name_hint=f"{prefix}kv_saliency")
 
     return {"kv_saliency.default": saliency, "kv_window_write.default": write, "kv_window_past.default": write_past,
@@ -825,28 +837,36 @@ def _zip_fake_quant(x, score, f: QuantFormat, low: QuantFormat, ratio: float, bl
     return te.compute(x.shape, body, name="kv_zip_mixed")
 
 
-def _saliency(q, past, new, probes: float, scale: float):
+def _saliency(q, past, new, probes: float, scale: float, release: tuple | None = None, token_major: bool = False):
     """TE: ``compiler.ops.kv_saliency_ref`` of ``q`` ``[B, H, S, d]``, ``past`` ``[B, Hkv, P, d]`` and ``new``
     ``[B, Hkv, S, d]``: each probe query's causal softmax (``ops.probe_counts``' probes, ``S`` known at run
     time), summed over the probes and the query heads of a K / V head, divided by how many of them see
-    the token: ``[B, Hkv, P + S]``."""
+    the token: ``[B, Hkv, P + S]``. ``release``: ``(window, sinks, block)`` of the writes that read it;
+    a call whose writes release no token (most decode steps) then computes nothing (no probe: zeros).
+    ``token_major``: ``past`` is a static build's ``[B, P, Hkv, d]`` buffer, read in place."""
     from tvm import te, tirx
 
     from finegrain.compiler.ops import probe_counts
 
     b_, h, s, d = q.shape
-    hkv, p = past.shape[1], past.shape[2]
+    hkv, p = (past.shape[2], past.shape[1]) if token_major else (past.shape[1], past.shape[2])
     rep_ = int(h) // int(hkv)
     t_len = p + s
     n, recent, stride = probe_counts(s, probes, lambda p_, s_: tirx.ceil(tirx.Cast("float64", s_) * p_).astype("int64"),
                                      tirx.max, tirx.min)
     spread = n - recent
+    if release is not None:
+        window, sinks, block = release
+        needed = kv_quantized_until(t_len, "tokens", block, window, sinks, tirx.max) > kv_quantized_until(
+            p, "tokens", block, window, sinks, tirx.max)
+        n = tirx.Select(needed, n, tirx.const(0, "int64"))
 
     def idx(j):  # the probe's query index
         return tirx.if_then_else(j < spread, j * stride, s - recent + (j - spread))
 
     def key(b, g, t, c):
-        return tirx.if_then_else(t < p, past[b, g, tirx.min(t, tirx.max(p - 1, 0)), c],
+        tp = tirx.min(t, tirx.max(p - 1, 0))
+        return tirx.if_then_else(t < p, past[b, tp, g, c] if token_major else past[b, g, tp, c],
                                  new[b, g, tirx.max(t - p, 0), c])
 
     c = te.reduce_axis((0, d), "c")
@@ -869,8 +889,12 @@ def _saliency(q, past, new, probes: float, scale: float):
     r, jj = te.reduce_axis((0, rep_), "r"), te.reduce_axis((0, n), "jj")
     total = te.compute((b_, hkv, t_len), lambda b, g, t: te.sum(
         ex[b, g * rep_ + r, jj, t] / den[b, g * rep_ + r, jj], axis=[r, jj]), name="kv_sal_sum")
-    return te.compute(total.shape, lambda b, g, t: total[b, g, t] / (tirx.max(seen[t], 1) * rep_).astype("float32"),
-                      name="kv_saliency")
+    def score(b, g, t):
+        v = total[b, g, t] / (tirx.max(seen[t], 1) * rep_).astype("float32")
+        # no probe: the reductions never ran (a TIR reduction initializes at its first iteration): zeros
+        return v if release is None else tirx.Select(n > 0, v, tirx.const(0.0, "float32"))
+
+    return te.compute(total.shape, score, name="kv_saliency")
 
 
 def _int_code(v, scale, zero, lo_code: int, hi_code: int):
