@@ -721,9 +721,17 @@ def _export_genai(cm, args) -> None:
 
 
 def _kv_formats(q: dict) -> str:
-    """``keys F, values G`` of a manifest's ``kv.quantization`` (per layer: KVTuner's pairs)."""
+    """``keys F, values G`` of a manifest's ``kv.quantization`` (per layer: KVTuner's pairs; ZipCache: the
+    salient tokens' format, then the others')."""
     other = "per layer" if q.get("layers") else "float"
-    return f"keys {q.get('key') or other}, values {q.get('value') or other}"
+    z = q.get("zip") or {}
+
+    def fmt(kind):
+        f = q.get(kind) or other
+        return f"{f} / {z[kind]}" if z.get(kind) else f
+
+    zipped = f" (ZipCache: the {z['ratio']:.0%} most salient tokens in the first format)" if z else ""
+    return f"keys {fmt('key')}, values {fmt('value')}{zipped}"
 
 
 def _kv_onnx_note(cm, info: dict) -> None:
@@ -1101,10 +1109,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "token per step over the cache (every backend: torch, onnx, tvm with a static cache, gpu; the "
                         "onnxruntime-genai export)")
     q.add_argument("--kv-quant", choices=tuple(KV_PRESETS), metavar="{" + ",".join(KV_PRESETS) + "}",
-                   help="quantize the KV cache with this preset on top of --recipe (implies --kv-cache): kv8 (8 bits "
-                        "per token; packed on TVM), kivi4 / kivi2 (KIVI keys per channel before RoPE, values per "
-                        "token, Hadamard-rotated, newest 128 tokens and one sink in float; the reference backend "
-                        "runs them packed, TVM over an fp32 cache holding their values, ONNX Runtime refuses them)")
+                   help="quantize the KV cache with this preset on top of --recipe (implies --kv-cache; `finegrain "
+                        "presets` lists the fields): kv8 (8 bits per token; packed on TVM), kv8-fp8 (FP8 E4M3 per "
+                        "token), kv8-fp8-static / kv8-static (FP8 / INT8, one calibrated scale per layer), kivi4 / "
+                        "kivi2 (KIVI keys per channel before RoPE, values per token, Hadamard-rotated, newest 128 "
+                        "tokens and one sink in float; packed by the reference and TVM static builds, ONNX Runtime "
+                        "over an fp32 cache), zip42 (ZipCache: half of each block at 4 bits by attention saliency, "
+                        "the rest at 2; TVM over an fp32 cache, ONNX Runtime refuses it)")
     q.add_argument("--stream", action="store_true",
                    help="models larger than RAM: build the model with empty weights and compile it block by block "
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "

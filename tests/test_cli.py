@@ -70,6 +70,17 @@ def test_quantize_with_a_kv_cache_preset(hf_dir, tmp_path, capsys):
     assert "groups of 32 do not divide the head dim 16" in capsys.readouterr().err and not bad.exists()
 
 
+def test_the_kv_line_names_zipcaches_two_formats():
+    from finegrain.cli import _kv_formats
+
+    assert _kv_formats({"key": "int8-token-asym-fp16-dyn", "value": None, "layers": []}) == (
+        "keys int8-token-asym-fp16-dyn, values float")
+    assert _kv_formats({"key": "int4-g32-asym-fp16-dyn", "value": "int4-g32-asym-fp16-dyn", "layers": [],
+                        "zip": {"key": "int2-g32-asym-fp16-dyn", "value": "int2-g32-asym-fp16-dyn", "ratio": 0.5}}) == (
+        "keys int4-g32-asym-fp16-dyn / int2-g32-asym-fp16-dyn, values int4-g32-asym-fp16-dyn / int2-g32-asym-fp16-dyn "
+        "(ZipCache: the 50% most salient tokens in the first format)")
+
+
 def test_with_kv_refuses_a_recipe_that_sets_kv_fields():
     from finegrain.compiler.recipe import with_kv
     from finegrain.errors import RecipeError

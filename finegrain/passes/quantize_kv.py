@@ -449,11 +449,13 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             "zip": ({"key": r.kv_zip_key, "value": r.kv_zip_value, "ratio": r.kv_zip_ratio, "block": r.kv_zip_block,
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
-                        "points as stored, float windows / sinks fp32) and by TVM static builds (writes without a "
-                        "window: code words, scales, zero points); fp32 holding the format's values in ONNX Runtime "
-                        "/ GPU sessions")}
+                        "points as stored, float windows / sinks fp32) and by TVM static builds (code words, scales, "
+                        "zero points; KIVI's windowed integer writes with their float tokens in a ring; ZipCache's "
+                        "and RotateKV's grouped-head writes stay fp32 there); fp32 holding the format's values in "
+                        "ONNX Runtime (static INT8 per tensor: GroupQueryAttention's INT8 cache) / GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized", "sites": len(presents),
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"
+                          f"{f', ZipCache low formats {r.kv_zip_key} / {r.kv_zip_value}' if zips else ''}"
                           f"{', Hadamard-rotated (q and the attention output rotated to match)' if rotated else ''}"})
     g.lint()
     gm.recompile()

@@ -38,6 +38,17 @@ def _recipe(**kv):
     return {**FLOAT, "name": "kv-window", **kv}
 
 
+def _standalone_tokens(dep, prompt, new_tokens: int = 10) -> list:
+    """The tokens ``examples/run_tvm_deploy.py`` (TVM's runtime alone: importing finegrain fails the run)
+    generates from deployment ``dep`` after ``prompt``."""
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"), str(dep),
+                          "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", str(new_tokens)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"]
+
+
 @pytest.mark.parametrize("family,kv,cache,prefill", [
     ("llama", KIVI, "static", 13),   # prefill releases groups of new tokens; decode then releases one per 4 steps
     ("llama", PLAIN, "concat", 5),   # no pre-RoPE, symmetric 2-bit keys, values per token, no sink
@@ -99,12 +110,7 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
         assert not {"decode_kv_wpack_rows", "decode_kv_window_new", "decode_kv_window_write"} & called["decode"]
         assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
         # the standalone runtime script (no finegrain) generates the same tokens
-        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-                "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
-        res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"),
-                              str(tmp_path / "dep"), "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", "10"],
-                             capture_output=True, text=True, timeout=300, check=True)
-        assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == cm.generate(prompt, 10).tokens
+        assert _standalone_tokens(tmp_path / "dep", prompt) == cm.generate(prompt, 10).tokens
 
 
 @pytest.mark.parametrize("heads,group,reorder,rotated,fmt,axis", [
@@ -402,12 +408,7 @@ def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_pa
         assert s.generate(prompt, 10).tokens == cm.generate(prompt, 10).tokens
     if cache == "static":
         assert [tuple(p.shape) for p in state["past"]][:2] == [(1, 48, cm.kv["kv_heads"], cm.kv["head_dim"])] * 2
-        code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-                "assert not [m for m in sys.modules if m.startswith('finegrain')], 'imported finegrain'")
-        res = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_tvm_deploy.py"),
-                              str(tmp_path / "dep"), "--ids", *map(str, prompt[0].tolist()), "--max-new-tokens", "10"],
-                             capture_output=True, text=True, timeout=300, check=True)
-        assert json.loads(res.stdout.strip().splitlines()[-1])["new_tokens"] == cm.generate(prompt, 10).tokens
+        assert _standalone_tokens(tmp_path / "dep", prompt) == cm.generate(prompt, 10).tokens
         grouped = finegrain.compile(model, (ids,), recipe=_recipe(**{**ZIP_TOKEN, "kv_pre_rope": True,
                                                                         "kv_head_group": 2}),
                                     progress=False, kv_cache=True)
