@@ -132,10 +132,10 @@ def is_zip(args) -> bool:
     return window_write_args(args)[10] is not None
 
 
-def release_unit(fmt: str, axis: str, zip_block: Optional[int] = None) -> tuple[str, int]:
+def release_unit(fmt: str, axis: str, zipped: Optional[tuple] = None) -> tuple[str, int]:
     """``(axis, unit)`` by which a write releases tokens (``kv_quantized_until``'s): :func:`window_group`
-    on the format's axis, or ZipCache's blocks of ``zip_block`` tokens."""
-    return ("tokens", int(zip_block)) if zip_block else (axis, window_group(fmt, axis))
+    on the format's axis, or ZipCache's blocks (``zipped``: its ``(fmt_low, ratio, block, channel_norm)``)."""
+    return ("tokens", int(zipped[2])) if zipped is not None else (axis, window_group(fmt, axis))
 
 
 def rewrite(graph: Graph) -> None:
@@ -207,7 +207,7 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         heads, p_len = (past_.shape[2], past_.shape[1]) if token_major else (past_.shape[1], past_.shape[2])
         if ring is not None:
             ring_, p_len = ring
-        span_axis, g = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
+        span_axis, g = release_unit(fmt, axis, zipped)
         a = kv_quantized_until(p_len, span_axis, g, int(window), int(sinks), tirx.max)
         n = kv_quantized_until(p_len + new_.shape[2], span_axis, g, int(window), int(sinks), tirx.max) - a
 
@@ -323,7 +323,7 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         bb = importer.block_builder
         past, _new, y, (fmt, axis, window, sinks, _, _, zipped) = span(node, importer)
         b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in past.ty.shape)
-        axis, unit = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
+        axis, unit = release_unit(fmt, axis, zipped)
         key = f"{prefix}kv_window_rows_b{b_}_h{heads}_d{d}_w{window}_s{sinks}_g{unit}_{axis}"
         if key not in funcs:
             func = _rows_in_place(b_, heads, d, int(window), int(sinks), unit, axis)
@@ -338,7 +338,7 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             return importer.env[node.args[1]]
         past, new, y, (fmt, axis, window, sinks, _, _, zipped) = span(node, importer)
         past = ring[1] if ring is not None else past  # only its length is read
-        axis, g = release_unit(fmt, axis, zipped[2] if zipped is not None else None)
+        axis, g = release_unit(fmt, axis, zipped)
 
         def fn(past_, new_, y_):
             p_len = past_.shape[1]
@@ -889,6 +889,7 @@ def _saliency(q, past, new, probes: float, scale: float, release: tuple | None =
     r, jj = te.reduce_axis((0, rep_), "r"), te.reduce_axis((0, n), "jj")
     total = te.compute((b_, hkv, t_len), lambda b, g, t: te.sum(
         ex[b, g * rep_ + r, jj, t] / den[b, g * rep_ + r, jj], axis=[r, jj]), name="kv_sal_sum")
+
     def score(b, g, t):
         v = total[b, g, t] / (tirx.max(seen[t], 1) * rep_).astype("float32")
         # no probe: the reductions never ran (a TIR reduction initializes at its first iteration): zeros
