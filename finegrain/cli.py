@@ -724,13 +724,15 @@ def _kv_formats(q: dict) -> str:
     """``keys F, values G`` of a manifest's ``kv.quantization`` (per layer: KVTuner's pairs; ZipCache: the
     salient tokens' format, then the others')."""
     other = "per layer" if q.get("layers") else "float"
-    z = q.get("zip") or {}
+    z = q.get("zip") if isinstance(q.get("zip"), dict) else {}
 
     def fmt(kind):
         f = q.get(kind) or other
         return f"{f} / {z[kind]}" if z.get(kind) else f
 
-    zipped = f" (ZipCache: the {z['ratio']:.0%} most salient tokens in the first format)" if z else ""
+    ratio = z.get("ratio")  # a loaded manifest's field: a number, or said as it is
+    share = f"{ratio:.0%}" if isinstance(ratio, (int, float)) else repr(ratio)
+    zipped = f" (ZipCache: the {share} most salient tokens in the first format)" if z else ""
     return f"keys {fmt('key')}, values {fmt('value')}{zipped}"
 
 

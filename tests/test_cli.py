@@ -79,6 +79,8 @@ def test_the_kv_line_names_zipcaches_two_formats():
                         "zip": {"key": "int2-g32-asym-fp16-dyn", "value": "int2-g32-asym-fp16-dyn", "ratio": 0.5}}) == (
         "keys int4-g32-asym-fp16-dyn / int2-g32-asym-fp16-dyn, values int4-g32-asym-fp16-dyn / int2-g32-asym-fp16-dyn "
         "(ZipCache: the 50% most salient tokens in the first format)")
+    # a manifest's field that is not a number (a hand-edited or hostile artifact) is said, not formatted
+    assert "the 'x' most salient" in _kv_formats({"key": "a", "value": "b", "zip": {"key": "c", "ratio": "x"}})
 
 
 def test_with_kv_refuses_a_recipe_that_sets_kv_fields():
