@@ -121,8 +121,10 @@ def _pack(kind: str, arrays: dict) -> np.ndarray:
 def _tokenizer_fields(writer, tokenizer, tokenizer_gguf, vocab_size: int) -> str:
     import gguf
 
+    from finegrain.io.gguf_file import read_gguf
+
     if tokenizer_gguf is not None:
-        reader = gguf.GGUFReader(str(tokenizer_gguf))
+        reader = read_gguf(tokenizer_gguf)
         for name, field in reader.fields.items():
             if name.startswith("tokenizer."):
                 vtype = field.types[0]

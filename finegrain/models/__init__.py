@@ -137,10 +137,10 @@ OWN_GGUF_ARCHS = ("llama", "qwen2")  # read by models/gguf_llama.py; the rest by
 
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file (header only)."""
-    import gguf
+    from finegrain.io.gguf_file import read_gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf(path)
         field = reader.fields["general.architecture"]
         return str(field.contents())
     except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from finegrain.io.checkpoint import TensorIndex, checked_finite
+from finegrain.io.gguf_file import read_gguf
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -97,9 +98,7 @@ def _dequantized(t, arch: str, n_head: int, n_kv: int) -> np.ndarray:
 def load_gguf_llama(path: str | Path) -> torch.nn.Module:
     """Build a ``LlamaForCausalLM`` (GGUF architecture ``llama``) or ``Qwen2ForCausalLM`` (``qwen2``:
     q/k/v biases, NeoX RoPE so no Q/K permutation) in fp32, eval mode, from a GGUF file."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     config, model_cls, n_head, n_kv, arch = _config(reader, path)
     state = {_hf_name(path, arch, t.name): torch.from_numpy(np.ascontiguousarray(_dequantized(t, arch, n_head, n_kv)))
              for t in reader.tensors}
@@ -123,10 +122,8 @@ class GGUFCheckpoint(TensorIndex):
     un-permuted)."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
-        reader = gguf.GGUFReader(str(self.path))
+        reader = read_gguf(self.path)
         self.config, self.model_cls, self.n_head, self.n_kv, self.arch = _config(reader, self.path)
         self.tensors = {}  # hf name -> (gguf name, type, byte offset, bytes, numpy dtype, numpy shape)
         for t in reader.tensors:

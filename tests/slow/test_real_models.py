@@ -120,3 +120,66 @@ def test_smollm2_passkey_survives_a_kivi4_cache_and_not_a_per_token_kv2_one(smol
         assert 1400 <= r["prompt_tokens"] <= 1600
         found[name] = r["found"]
     assert found == {"float": True, "kivi4": True, "kv2": False}, found
+
+
+def test_the_fast_gguf_reader_reads_what_gguf_reads():
+    """``io.gguf_file.read_gguf`` (plain views of the map) parses the bundled file as ``gguf.GGUFReader``:
+    every field's value, every tensor's descriptor and bytes."""
+    import gguf
+    import numpy as np
+
+    from finegrain.io.gguf_file import read_gguf
+    from finegrain.models.bundled import SMOLLM2_DIST, SMOLLM2_FILE, _locate
+
+    path = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
+    fast, ref = read_gguf(path), gguf.GGUFReader(str(path))
+    assert list(fast.fields) == list(ref.fields) and len(fast.fields) > 20
+    for name, field in ref.fields.items():
+        assert fast.fields[name].types == field.types, name
+        assert fast.fields[name].contents() == field.contents(), name
+    assert len(fast.tensors) == len(ref.tensors) == 272
+    for a, b in zip(fast.tensors, ref.tensors):
+        assert (a.name, a.tensor_type, a.data_offset, a.n_bytes) == (b.name, b.tensor_type, b.data_offset, b.n_bytes)
+        assert type(a.data) is np.ndarray and np.array_equal(a.data, b.data), a.name
+
+
+def test_the_bundled_tokenizer_is_converted_once_then_read_from_its_cache(tmp_path, monkeypatch):
+    """The first load converts SmolLM2's tokenizer from the GGUF file and saves it in ``$FINEGRAIN_CACHE``;
+    the next reads that folder and tokenizes, templates and decodes exactly as the conversion; a damaged
+    cache is converted again and replaced."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from finegrain.data import wikitext2_test
+    from finegrain.models import bundled
+
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path))
+    path = bundled._locate(bundled.SMOLLM2_DIST, bundled.SMOLLM2_FILE)
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    cache = bundled.tokenizer_cache(path)
+    assert cache.parent == tmp_path and not cache.exists()
+    bundled._smollm2_tokenizer.cache_clear()
+    bundled._smollm2_tokenizer()
+    assert (cache / "tokenizer.json").is_file()
+    bundled._smollm2_tokenizer.cache_clear()
+    calls = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(k) or real(*a, **k))
+    tok = bundled._smollm2_tokenizer()
+    assert calls == [{"local_files_only": True}]  # the cache's folder, no GGUF conversion
+    text = wikitext2_test()[:20000]
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert len(tok) == len(ref) and tok(text).input_ids == ref(text).input_ids
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == ref.apply_chat_template(chat, add_generation_prompt=True)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
+    ids = ref(text).input_ids
+    assert tok.decode(ids) == ref.decode(ids)
+    (cache / "tokenizer.json").write_text("{not json")
+    bundled._smollm2_tokenizer.cache_clear()
+    calls.clear()
+    tok = bundled._smollm2_tokenizer()
+    assert len(calls) == 2 and calls[1].get("gguf_file") == path.name  # the damaged cache, then the conversion
+    assert tok(text).input_ids == ref(text).input_ids
+    assert json.loads((cache / "tokenizer.json").read_text())["model"]["type"] == "BPE"  # replaced
+    bundled._smollm2_tokenizer.cache_clear()
