@@ -33,6 +33,7 @@ artifact stores (e.g. E8M0 exponents, FP8 block scales plus ``scale2``), bit-exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ class Family(Protocol):
     def decode(self, codes, scale, zero, fmt: "QuantFormat", codebook=None) -> torch.Tensor: ...
 
 
+@functools.lru_cache(maxsize=1)
 def _families() -> dict[str, Family]:
-    # Literal table (no registry magic): a new family is one more entry here.
+    # Built once (``QuantFormat.family`` asks per call: GPTQ's column sweep asks ~150,000 times). Literal table (no registry magic): a new family is one more entry here.
     from finegrain.formats.bitmod import BITMOD
     from finegrain.formats.codebook import LLOYD_MAX, NF
     from finegrain.formats.integer import INT
