@@ -273,7 +273,7 @@ def main() -> None:
         kv_rows += [(f"W4A16 g128 + {p} packed", with_kv("w4a16-g128", p), "static") for p in ("kivi4", "kivi2")]
         # the kv8-fp8 preset: FP8 E4M3 bit patterns packed 4 to a word, one fp32 scale per token and head
         kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
-        # kv8-fp8-static: the same codes, one calibrated scale per layer (held in each token's scale slot)
+        # kv8-fp8-static: the same codes, one calibrated scale per layer (a constant of the build: no scale per token)
         kv_rows.append(("W4A16 g128 + kv8-fp8-static packed", with_kv("w4a16-g128", "kv8-fp8-static"), "static"))
         # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph over an fp32
         # cache holding the formats' values (not packed: backends/tvm/lower_window.py)

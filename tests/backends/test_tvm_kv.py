@@ -292,12 +292,14 @@ def test_a_layer_with_one_unpackable_format_keeps_an_fp32_cache():
     assert _rel(ref, inc) <= 1e-4
 
 
-@pytest.mark.parametrize("kv", [None, "kv8-fp8-static"])
+@pytest.mark.parametrize("kv", [None, "kv8-fp8-static", "kv8-static"])
 def test_a_saved_kv_artifact_builds_as_the_compiled_one(kv, tmp_path):
     """A KV-cache artifact loaded from disk (graph.json keeps no node metadata) builds a static TVM
     deployment as the in-memory one does: the presents' roles come from the cache graph's contract
     and their shapes from fake tensors, so the cache is packed where the format packs (the static
-    FP8 cache here) and decoding gives the reference's logits. Before 2026-12-05 this build failed."""
+    FP8 / INT8 caches here) and decoding gives the reference's logits. Before 2026-12-05 this build failed.
+    A static format's cache holds its codes alone (the layer's scale is a constant of the build): the
+    bytes the manifest counts, and the standalone runtime (no finegrain) generates the reference's tokens."""
     from finegrain.compiler.recipe import with_kv
 
     model = _family("llama")
@@ -311,6 +313,12 @@ def test_a_saved_kv_artifact_builds_as_the_compiled_one(kv, tmp_path):
     x = torch.randint(0, 256, (1, 20), generator=gen)
     ref, _ = _incremental(cm, x, prefill=5)
     with back.session("tvm", target=TARGET, max_seq_len=32) as s:
-        assert [b["dtype"] for b in s.cache_buffers] == (["int32", "float32"] * 4 if kv else ["float32"] * 4)
+        assert [b["dtype"] for b in s.cache_buffers] == (["int32"] * 4 if kv else ["float32"] * 4)
         inc, _ = _incremental(s, x, prefill=5)
+        if kv:
+            assert s.cache_bytes(20) == 20 * back.kv["quantization"]["bytes_per_token"]
+        if kv == "kv8-static":
+            from tests.backends.test_tvm_kv_window import _standalone_tokens
+
+            assert _standalone_tokens(s.path, x[:, :5]) == back.generate(x[:, :5], 10).tokens
     assert _rel(ref, inc) <= 1e-4

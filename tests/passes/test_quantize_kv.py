@@ -432,7 +432,7 @@ def test_static_fp8_kv_cache_calibrates_one_scale_per_layer_on_every_backend(lla
     calibration batches write to that layer's cache, over 448, as transformers' own cache holds them;
     the cache holds E4M3 values times that scale; a token costs one byte per element (no per-token
     scale); the reference stores the codes packed with the same logits as its fp32 storage, TVM's
-    static build holds the codes packed too (the scale in each token's slot), and ONNX Runtime, TVM
+    static build holds the codes packed too (the scale a constant), and ONNX Runtime, TVM
     and the GPU backend (interpreted) decode the reference's logits; the scales survive
     save / load; static formats are refused where the write is windowed and without calibration."""
     from transformers import DynamicCache
@@ -466,9 +466,10 @@ def test_static_fp8_kv_cache_calibrates_one_scale_per_layer_on_every_backend(lla
     sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", max_seq_len=32),
                 "gpu": cm.session("gpu")}
     assert len(sessions["packed"].kv_packed) == 2 * layers
-    # TVM's static build holds the E4M3 codes (4 per int32 word) and the layer's scale in each token's slot
-    assert [(b["dtype"], b["width"]) for b in sessions["tvm"].cache_buffers] == [("int32", d // 4), ("float32", 1)] * (
-        2 * layers)
+    # TVM's static build holds the E4M3 codes alone (4 per int32 word), the bytes the format counts; the layer's
+    # scale is a constant its decode and attention kernels read (was a float32 slot per token and head)
+    assert [(b["dtype"], b["width"]) for b in sessions["tvm"].cache_buffers] == [("int32", d // 4)] * (2 * layers)
+    assert sessions["tvm"].cache_bytes(10) == 10 * cm.kv["quantization"]["bytes_per_token"]
     states = {k: s.prefill(X[:, :10])[1] for k, s in sessions.items()}
     assert sum(p.codes.numel() for p in states["packed"]["past"]) == 10 * cm.kv["quantization"]["bytes_per_token"]
     for i in range(10, 14):

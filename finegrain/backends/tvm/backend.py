@@ -41,7 +41,9 @@ class TvmBackend(BackendBase):
                 "token", "group"))) and fmt.scale in ("fp32", "fp16", "bf16"):
             if fmt.bits in (2, 4, 8) and fmt.scale != "bf16":
                 codes = "E4M3 bit patterns" if fmt.kind == "e4m3" else "codes"
-                return "native", (f"packed in a static-cache build ({codes} in 32-bit words, scales, zero points; both "
+                params = "the layer's calibrated scale a constant of the build" if kv_static(fmt) else \
+                    "scales, zero points"
+                return "native", (f"packed in a static-cache build ({codes} in 32-bit words, {params}; both "
                                   "K and V of a layer packable), read by the decode attention kernel in place")
             return "emulated", "fp32 cache holding the format's values (fake quantization on write)"
         from finegrain.backends.tvm.lower_activations import TvmError, act_format

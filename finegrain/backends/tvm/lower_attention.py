@@ -182,13 +182,16 @@ def converter(prefix: str, max_seq_len: int, shared: dict | None = None):
         if one and packed:  # codes read in place: the decode of the whole past is left without a reader
             lays = [kv_layout(c.args[3], int(d)) for c in (kc[0], vc[0])]
             key = (f"{prefix}attention_packed_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}_"
-                   + "_".join(f"{x['bits']}g{x['group']}{'a' if x['asym'] else 's'}{x['scale']}" for x in lays))
+                   + "_".join(f"{x['bits']}g{x['group']}{'a' if x['asym'] else 's'}{x['scale']}"
+                              f"{'_static' if x.get('static') else ''}" for x in lays))
             if key not in funcs:
                 func = packed_decode_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays)
                 funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
             ins = [q]
             for c, new, lay in ((kc[0], kc[1], lays[0]), (vc[0], vc[1], lays[1])):
                 codes, scales, zeros = (importer.env[a] if a is not None else None for a in c.args[:3])
+                if lay.get("static"):  # the calibrated scale, [1] fp32 as the kernel reads it
+                    scales = bb.emit(relax.op.reshape(relax.op.astype(scales, "float32"), [1]))
                 if zeros is None:
                     zeros = relax.const(np.zeros((1, 1, 1, 1), "uint8"))
                 ins += [codes, scales, zeros, importer.env[new]]

@@ -140,9 +140,10 @@ def cache_parts(x):
 #   the head dim is bits
 #   ``[(a // W) * bits, (a // W + 1) * bits)`` of word ``a % W``, so 8 consecutive elements sit at the
 #   same shift of 8 consecutive words and the decode kernel unpacks them as one vector;
-# * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32); a static format (one
-#   calibrated scale per layer, ``kv8-fp8-static``) writes that scale in every token's slot, so the
-#   decode kernel is the per-token one (4 bytes per token and head more than the format counts);
+# * ``scales`` ``[B, L, Hkv, d / G]`` in the format's scale dtype (fp16 / fp32); none for a static
+#   format (one calibrated scale per layer, ``kv8-fp8-static``): its decode and the decode kernel read
+#   that scale, a constant of the graph, so the cache holds the codes alone, the bytes the format counts
+#   (before 2026-12-06 it was written in every token's slot, 4 bytes per token and head more);
 # * ``zeros``  uint8 ``[B, L, Hkv, d / G]`` (asymmetric formats only).
 #
 # The value a reader gets is ``(u + lo - zero) * scale`` (E4M3: the pattern's value times the scale), exactly
@@ -206,7 +207,8 @@ def unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def encode_ref(x: torch.Tensor, fmt: str, scale: Optional[torch.Tensor] = None) -> tuple:
     """``(codes, scales, zeros)`` of ``x[..., d]`` as the packed cache holds them (reference); a
-    static format takes its calibrated ``scale`` ``[1]`` and holds it in every token's scale slot."""
+    static format takes its calibrated ``scale`` ``[1]`` (the cache holds only the codes: the scales
+    returned are that scale per group, for the reference's own use)."""
     d = x.shape[-1]
     lay = kv_layout(fmt, d)
     if isinstance(lay, str):
@@ -390,7 +392,8 @@ def pack_cache(graph) -> list[dict]:
             continue
         past, q, _deq, fmt = _written(r)
         lay = packed[r]
-        parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], d // lay["group"])]
+        static = lay.get("static")  # one calibrated scale for the layer's keys / values: a constant, not a buffer
+        parts = [("codes", "int32", lay["words"])] + ([] if static else [("scales", lay["scale"], d // lay["group"])])
         if lay["asym"]:
             parts.append(("zeros", "uint8", d // lay["group"]))
         ins = []
@@ -402,8 +405,12 @@ def pack_cache(graph) -> list[dict]:
             ins.append(ph)
             anchor = ph
             buffers.append({"name": ph.name, "dtype": dtype, "width": width, "packed": {**lay, "format": fmt}})
+        if static:
+            ins.append(_scale_before(graph, q.args[2], anchor, r))
+            anchor = ins[-1] if ins[-1].op == "get_attr" else anchor
         with graph.inserting_after(anchor):
-            dec = graph.call_function(KV_DECODE, (ins[0], ins[1], ins[2] if lay["asym"] else None, fmt, d))
+            dec = graph.call_function(KV_DECODE, (ins[0], ins[-1] if static else ins[1],
+                                                  ins[2] if lay["asym"] else None, fmt, d))
         with graph.inserting_after(dec):
             t = graph.call_function(torch.ops.aten.transpose.int, (dec, 1, 2))
         past.replace_all_uses_with(t)
@@ -411,14 +418,28 @@ def pack_cache(graph) -> list[dict]:
         placeholders.pop(past.name, None)
         with graph.inserting_before(out):
             xt = graph.call_function(torch.ops.aten.transpose.int, (q.args[0], 1, 2))
-            static = (q.args[2],) if lay.get("static") else ()  # the calibrated scale
-            new = [graph.call_function(op, (xt, fmt, *static)) for op in (KV_CODES, KV_SCALES, KV_ZEROS)[:len(parts)]]
+            ops = (KV_CODES,) if static else (KV_CODES, KV_SCALES, KV_ZEROS)[:len(parts)]
+            new = [graph.call_function(op, (xt, fmt, *((q.args[2],) if static else ()))) for op in ops]
         results[i] = tuple(new)
     flat = []
     for r in results:
         flat.extend(r if isinstance(r, tuple) else (r,))
     out.args = (tuple(flat),)
     return buffers
+
+
+def _scale_before(graph, scale, anchor, present):
+    """A static format's calibrated scale as a node the cache's decode (inserted after ``anchor``, among
+    the inputs) may read: the placeholder itself, or the same attribute fetched again there."""
+    from finegrain.backends.tvm.lower_activations import TvmError
+
+    if isinstance(scale, torch.fx.Node) and scale.op == "placeholder":
+        return scale
+    if isinstance(scale, torch.fx.Node) and scale.op == "get_attr":
+        with graph.inserting_after(anchor):
+            return graph.get_attr(scale.target)
+    raise TvmError(f"node {present.name}: the static KV scale of layer {present.meta[KV_META].get('layer')} is "
+                   f"computed ({getattr(scale, 'op', type(scale).__name__)}), not a constant; build with cache='concat'")
 
 
 def packed_word(u, w: int, bits: int, b, t, h, c):
@@ -496,6 +517,8 @@ def relax_converters(prefix: str) -> dict:
         c, s, z, fmt, d = args[:5]
         lay = kv_layout(fmt, int(d))
         shape = [c.ty.shape[i] for i in range(3)] + [int(d)]
+        if lay.get("static"):  # the layer's calibrated scale (a constant), [1] fp32
+            s = bb.emit(relax.op.reshape(relax.op.astype(s, "float32"), [1]))
 
         def fn(c_, s_, *z_):
             return te.compute(shape, lambda b, t, h, a: _cached(c_, s_, z_[0] if z_ else None, lay, b, t, h, a),

@@ -406,20 +406,22 @@ def _cached(c, s, z, lay: dict, bi, j, kh, a):
     f32 = "float32"
     w, bits, g = lay["words"], lay["bits"], lay["group"]
     u = (at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
+    scale = at(s, 0) if lay.get("static") else at(s, bi, j, kh, a // g)  # static: the layer's one scale [1]
     if lay.get("fp8"):  # an E4M3 bit pattern
         from finegrain.backends.tvm.lower_activations import e4m3_value
 
-        return e4m3_value(u) * at(s, bi, j, kh, a // g).astype(f32)
+        return e4m3_value(u) * scale.astype(f32)
     v = u.astype(f32) + tirx.const(float(lay["lo"]), f32)
     if lay["asym"]:
         v = v - at(z, bi, j, kh, a // g).astype(f32)
-    return v * at(s, bi, j, kh, a // g).astype(f32)
+    return v * scale.astype(f32)
 
 
 def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
                                  key: dict, value: dict):
     """:func:`cache_decode_attention_func` over a **packed** static cache (``lower_cache.py``): the
-    PrimFunc ``f(q[B, H, 1, d], kc[B, P, Hkv, Wk] int32, ks[B, P, Hkv, d / Gk], kz, kn[B, Hkv, 1, d],
+    PrimFunc ``f(q[B, H, 1, d], kc[B, P, Hkv, Wk] int32, ks[B, P, Hkv, d / Gk] (a static format's one fp32
+    scale ``[1]``), kz, kn[B, Hkv, 1, d],
     vc, vs, vz, vn, bias[1, T32], o[B, H, 1, d])`` reads each cached key / value as its codes, scales
     and zero points (``kz`` / ``vz`` ``[B, P, Hkv, d / G]`` uint8 for an asymmetric format, else a
     ``[1, 1, 1, 1]`` placeholder nobody reads), unpacks and dequantizes it once per step in
@@ -442,6 +444,8 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     kzs = (batch, 1, kv_heads, kg) if key["asym"] else (1, 1, 1, 1)
     vzs = (batch, 1, kv_heads, vg) if value["asym"] else (1, 1, 1, 1)
     kzp, vzp = key["asym"], value["asym"]
+    kst, vst = bool(key.get("static")), bool(value.get("static"))  # one calibrated fp32 scale [1]
+    ksd, vsd = ("float32" if kst else key["scale"]), ("float32" if vst else value["scale"])
     new_key, add_value, finish = _one_query_tail(group, row, d, scale)
 
     @T.prim_func(s_tir=True)
@@ -452,11 +456,11 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
         t32 = T.int64()
         q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
         kc = T.match_buffer(kc_h, (batch, p, kv_heads, kw), "int32")
-        ks = T.match_buffer(ks_h, (batch, p, kv_heads, kg), key["scale"])
+        ks = T.match_buffer(ks_h, (1,) if kst else (batch, p, kv_heads, kg), ksd)
         kz = T.match_buffer(kz_h, (kzs[0], p if kzp else 1, kzs[2], kzs[3]), "uint8")
         kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
         vc = T.match_buffer(vc_h, (batch, p, kv_heads, vw), "int32")
-        vs = T.match_buffer(vs_h, (batch, p, kv_heads, vg), value["scale"])
+        vs = T.match_buffer(vs_h, (1,) if vst else (batch, p, kv_heads, vg), vsd)
         vz = T.match_buffer(vz_h, (vzs[0], p if vzp else 1, vzs[2], vzs[3]), "uint8")
         vn = T.match_buffer(vn_h, (batch, kv_heads, 1, d), f32)
         bias = T.match_buffer(bias_h, (1, t32), f32)
