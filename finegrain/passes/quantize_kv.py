@@ -41,7 +41,8 @@ The reference backend's sessions store these presents packed (``backends/kv_pack
 bit-packed, scales / zero points as stored, float windows and sinks fp32;
 ``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); TVM static builds
 hold the writes that are not windowed packed too (``backends/tvm/lower_cache.py``: code words,
-scales, zero points; decode's attention reads them in place); ONNX Runtime and GPU sessions store
+scales, zero points, a static format's code words alone; decode's attention reads them in place); ONNX
+Runtime and GPU sessions store
 fp32 holding the format's values;
 ``report["kv_cache"]`` states the bytes per token next to the fp32 cache's.
 """
@@ -450,7 +451,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
                         "points as stored, float windows / sinks fp32) and by TVM static builds (code words, scales, "
-                        "zero points; KIVI's windowed integer writes with their float tokens in a ring; ZipCache's "
+                        "zero points; a static format's code words alone; KIVI's windowed integer writes with their float tokens in a ring; ZipCache's "
                         "and RotateKV's grouped-head writes stay fp32 there); fp32 holding the format's values in "
                         "ONNX Runtime (static INT8 per tensor: GroupQueryAttention's INT8 cache) / GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized", "sites": len(presents),

@@ -476,7 +476,7 @@ def relax_converters(prefix: str) -> dict:
         tok = _token_format(fmt)
         lo, hi = tok.family.code_range(tok)
         xr = bb.emit(relax.op.reshape(x, [*shape[:-1], d // g, g]))
-        if lay.get("static"):  # the calibrated scale in every token's slot
+        if lay.get("static"):  # the calibrated scale, broadcast over the new tokens' groups (their codes only are stored)
             s = bb.emit(relax.op.broadcast_to(relax.op.reshape(relax.op.astype(args[2], "float32"), [1] * 5),
                                               [*shape[:-1], d // g, 1]))
             z = bb.emit(relax.op.zeros([*shape[:-1], d // g, 1], "float32"))
