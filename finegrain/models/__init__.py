@@ -103,13 +103,55 @@ def load_model_lazy(spec: str | Path) -> LoadedModel:
     return load_hf_lazy(where)
 
 
-def _load_gguf_tokenizer(path: Path):
+def gguf_tokenizer_cache(path: Path) -> Path:
+    """Where :func:`gguf_tokenizer` keeps the tokenizer it converted from the GGUF file ``path``:
+    ``$FINEGRAIN_CACHE`` (default ``~/.cache/finegrain``) / one folder per file (name, resolved path,
+    size, mtime) and ``transformers`` version."""
+    import hashlib
+    import os
+
+    import transformers
+
+    path = Path(path).resolve()
+    st = path.stat()
+    where = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    base = Path(os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain"))
+    return base / f"tokenizer-{path.stem}-{where}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer in a GGUF file's header, or None when it has none transformers reads (token ids
+    only). ``transformers`` converts it from the header (~10 s for SmolLM2's 49,152 tokens and merges);
+    the first load saves the result as an ordinary tokenizer folder (``tokenizer.json``: data, loaded
+    without remote code) in :func:`gguf_tokenizer_cache` and later loads read that (~0.5 s). A damaged
+    cache is converted again and replaced; where the cache cannot be written it is converted each time."""
+    import shutil
+
     from transformers import AutoTokenizer
 
+    from finegrain.io.files import atomic_directory
+
+    path = Path(path)
+    cache = gguf_tokenizer_cache(path)
+    if cache.exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache, whatever its damage: converted again below
+            shutil.rmtree(cache, ignore_errors=True)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except Exception:  # a GGUF without a tokenizer transformers reads: token ids only
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a GGUF without a tokenizer transformers reads: token ids only
         return None
+    try:
+        with atomic_directory(cache) as tmp:
+            tok.save_pretrained(str(tmp))
+    except (OSError, InputError):  # a read-only home, or another process saved it first
+        pass
+    return tok
+
+
+def _load_gguf_tokenizer(path: Path):
+    return gguf_tokenizer(path)
 
 
 def hf_cache_snapshot(spec: str) -> Path | None:

@@ -32,45 +32,13 @@ def _locate(dist: str, rel: str) -> Path:
     return path
 
 
-def tokenizer_cache(gguf: Path) -> Path:
-    """Where :func:`_smollm2_tokenizer` keeps the tokenizer it converted from ``gguf``:
-    ``$FINEGRAIN_CACHE`` (default ``~/.cache/finegrain``) / one folder per GGUF file (size, mtime) and
-    ``transformers`` version."""
-    import os
-
-    import transformers
-
-    st = gguf.stat()
-    base = Path(os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain"))
-    return base / f"tokenizer-{gguf.stem}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
-
-
 @lru_cache(maxsize=1)
 def _smollm2_tokenizer():
-    """SmolLM2's tokenizer. ``transformers`` converts it from the GGUF file's header (~10 s, most of it
-    parsing 100,000 vocabulary and merge strings); the first load saves the result as an ordinary
-    tokenizer folder (``tokenizer.json``: data, loaded without remote code) in :func:`tokenizer_cache`
-    and later processes load that (~0.3 s). Where the cache cannot be written it is converted each time."""
-    import shutil
+    """SmolLM2's tokenizer, converted from its GGUF file once and read from the cache after
+    (``models.gguf_tokenizer``)."""
+    from finegrain.models import gguf_tokenizer
 
-    from transformers import AutoTokenizer
-
-    from finegrain.io.files import atomic_directory
-
-    gguf = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
-    cache = tokenizer_cache(gguf)
-    if cache.exists():
-        try:
-            return AutoTokenizer.from_pretrained(str(cache), local_files_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache, whatever its damage: converted again below
-            shutil.rmtree(cache, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    try:
-        with atomic_directory(cache) as tmp:
-            tok.save_pretrained(str(tmp))
-    except (OSError, InputError):  # a read-only home, or another process saved it first
-        pass
-    return tok
+    return gguf_tokenizer(_locate(SMOLLM2_DIST, SMOLLM2_FILE))
 
 
 def load_smollm2() -> LoadedModel:

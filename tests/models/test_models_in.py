@@ -34,8 +34,10 @@ def test_a_model_in_the_hf_cache_loads_by_org_name(tmp_path, monkeypatch):
         load_model("someorg/not-cached")
 
 
-def test_a_gguf_file_loads_and_compiles(tmp_path):
+def test_a_gguf_file_loads_and_compiles(tmp_path, monkeypatch):
     from finegrain.models.tiny import tiny_llama
+
+    monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path / "cache"))
 
     model = tiny_llama(seed=4, hidden=128)
     ids = torch.randint(0, 256, (1, 16))
@@ -43,6 +45,7 @@ def test_a_gguf_file_loads_and_compiles(tmp_path):
     cm.export_gguf(tmp_path / "m.gguf")
     loaded = load_model(str(tmp_path / "m.gguf"))
     assert loaded.source["format"] == "gguf" and loaded.tokenizer is None
+    assert not (tmp_path / "cache").exists()  # no tokenizer: nothing cached
     with torch.no_grad():  # Q8_0 decodes exactly to the artifact's weights
         rel = (loaded.model(ids).logits - cm(ids)).abs().max() / cm(ids).abs().max()
     assert rel <= 1e-5

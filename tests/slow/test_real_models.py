@@ -146,17 +146,17 @@ def test_the_fast_gguf_reader_reads_what_gguf_reads():
 def test_the_bundled_tokenizer_is_converted_once_then_read_from_its_cache(tmp_path, monkeypatch):
     """The first load converts SmolLM2's tokenizer from the GGUF file and saves it in ``$FINEGRAIN_CACHE``;
     the next reads that folder and tokenizes, templates and decodes exactly as the conversion; a damaged
-    cache is converted again and replaced."""
+    cache is converted again and replaced (``models.gguf_tokenizer``, every GGUF file's tokenizer)."""
     import json
 
     from transformers import AutoTokenizer
 
     from finegrain.data import wikitext2_test
-    from finegrain.models import bundled
+    from finegrain.models import bundled, gguf_tokenizer_cache
 
     monkeypatch.setenv("FINEGRAIN_CACHE", str(tmp_path))
     path = bundled._locate(bundled.SMOLLM2_DIST, bundled.SMOLLM2_FILE)
-    cache = bundled.tokenizer_cache(path)
+    cache = gguf_tokenizer_cache(path)
     assert cache.parent == tmp_path and not cache.exists()
     bundled._smollm2_tokenizer.cache_clear()
     ref = bundled._smollm2_tokenizer()  # no cache: transformers' conversion from the GGUF header, then saved
