@@ -38,7 +38,12 @@ def _smollm2_tokenizer():
     (``models.gguf_tokenizer``)."""
     from finegrain.models import gguf_tokenizer
 
-    return gguf_tokenizer(_locate(SMOLLM2_DIST, SMOLLM2_FILE))
+    path = _locate(SMOLLM2_DIST, SMOLLM2_FILE)
+    tok = gguf_tokenizer(path)
+    if tok is None:
+        raise InputError(f"{path}: transformers could not read the bundled model's tokenizer; reinstall "
+                         f"{SMOLLM2_DIST} and transformers (`make setup`)")
+    return tok
 
 
 def load_smollm2() -> LoadedModel:
