@@ -82,7 +82,8 @@ class Family(Protocol):
 
 @functools.lru_cache(maxsize=1)
 def _families() -> dict[str, Family]:
-    # Built once (``QuantFormat.family`` asks per call: GPTQ's column sweep asks ~150,000 times). Literal table (no registry magic): a new family is one more entry here.
+    # Built once (``QuantFormat.family`` asks per call: GPTQ's column sweep asks ~150,000 times).
+    # Literal table (no registry magic): a new family is one more entry here.
     from finegrain.formats.bitmod import BITMOD
     from finegrain.formats.codebook import LLOYD_MAX, NF
     from finegrain.formats.integer import INT

@@ -26,6 +26,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def cache_dir() -> Path:
+    """finegrain's cache folder, ``$FINEGRAIN_CACHE`` or ``~/.cache/finegrain``: what a later process may
+    reuse instead of recomputing (converted tokenizers, GPU tuning results); deleting it is always safe."""
+    return Path(os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain"))
+
+
 def check_replaceable(path: Path, overwrite: bool) -> None:
     """An output directory may be written unless it exists; with ``overwrite`` an existing one is
     replaced only when finegrain wrote it (an artifact, a deployment, an export) or it is empty."""

@@ -9,9 +9,11 @@ GGUF is a flat header of typed values and tensor descriptors.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
+@functools.cache
 def _reader_class():
     import gguf
     import numpy as np
@@ -32,12 +34,6 @@ def _reader_class():
     return _PlainViewReader
 
 
-_READER = None
-
-
 def read_gguf(path: str | Path):
     """A ``gguf.GGUFReader`` over ``path`` (raises what the reader raises for a malformed file)."""
-    global _READER
-    if _READER is None:
-        _READER = _reader_class()
-    return _READER(str(path))
+    return _reader_class()(str(path))

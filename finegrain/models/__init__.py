@@ -91,7 +91,7 @@ def load_model_lazy(spec: str | Path) -> LoadedModel:
         except (ValueError, KeyError, IndexError, TypeError, OSError, RuntimeError) as e:
             raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
         model, keys = empty_model(ckpt.config, ckpt, str(path), model_cls=ckpt.model_cls)
-        loaded = _load_gguf_tokenizer(path)
+        loaded = gguf_tokenizer(path)
         return LoadedModel(model, loaded, "causal-lm", {"model": str(path.resolve()), "format": "gguf",
                                                         "gguf_architecture": arch}, weights=ckpt, weight_names=keys)
     from finegrain.models.hf_dir import load_hf_lazy
@@ -108,15 +108,15 @@ def gguf_tokenizer_cache(path: Path) -> Path:
     ``$FINEGRAIN_CACHE`` (default ``~/.cache/finegrain``) / one folder per file (name, resolved path,
     size, mtime) and ``transformers`` version."""
     import hashlib
-    import os
 
     import transformers
+
+    from finegrain.io.files import cache_dir
 
     path = Path(path).resolve()
     st = path.stat()
     where = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    base = Path(os.environ.get("FINEGRAIN_CACHE", Path.home() / ".cache" / "finegrain"))
-    return base / f"tokenizer-{path.stem}-{where}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
+    return cache_dir() / f"tokenizer-{path.stem}-{where}-{st.st_size}-{st.st_mtime_ns}-transformers{transformers.__version__}"
 
 
 def gguf_tokenizer(path: Path):
@@ -148,10 +148,6 @@ def gguf_tokenizer(path: Path):
     except (OSError, InputError):  # a read-only home, or another process saved it first
         pass
     return tok
-
-
-def _load_gguf_tokenizer(path: Path):
-    return gguf_tokenizer(path)
 
 
 def hf_cache_snapshot(spec: str) -> Path | None:
@@ -203,7 +199,7 @@ def _load_gguf_file(path: Path) -> LoadedModel:
             raise InputError(f"{path}: not a GGUF file finegrain can load ({type(e).__name__}: {str(e)[:300]})") from None
     else:
         model = _load_gguf_transformers(path, arch)
-    tokenizer = _load_gguf_tokenizer(path)
+    tokenizer = gguf_tokenizer(path)
     return LoadedModel(model, tokenizer, "causal-lm", {"model": str(path.resolve()), "format": "gguf",
                                                        "gguf_architecture": arch})
 

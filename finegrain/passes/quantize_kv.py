@@ -451,7 +451,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
                         "points as stored, float windows / sinks fp32) and by TVM static builds (code words, scales, "
-                        "zero points; a static format's code words alone; KIVI's windowed integer writes with their float tokens in a ring; ZipCache's "
+                        "zero points; a static format's code words alone; KIVI's windowed integer writes with "
+                        "their float tokens in a ring; ZipCache's "
                         "and RotateKV's grouped-head writes stay fp32 there); fp32 holding the format's values in "
                         "ONNX Runtime (static INT8 per tensor: GroupQueryAttention's INT8 cache) / GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized", "sites": len(presents),

@@ -520,7 +520,9 @@ _CHOSEN: dict[tuple, dict] = {}
 def _cache_path():
     from pathlib import Path
 
-    base = Path(os.environ.get("FINEGRAIN_GPU_CACHE", Path.home() / ".cache" / "finegrain"))
+    from finegrain.io.files import cache_dir
+
+    base = Path(os.environ.get("FINEGRAIN_GPU_CACHE") or cache_dir())
     return base / f"gpu-tune-triton{triton.__version__}.json"
 
 
@@ -528,8 +530,8 @@ def tuned(kind: str, key: tuple, candidates: "Sequence[dict]", launch) -> dict:
     """The fastest of ``candidates`` for ``launch(config)`` on this GPU and shape class, timed once
     replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: the kernels' GPU time, which
     eager timing hides under launch overhead at decode sizes; ``do_bench`` where capture fails), kept
-    in memory for the process and in a JSON file (``$FINEGRAIN_GPU_CACHE``, default
-    ``~/.cache/finegrain``) keyed by device name, kernel and shape; the interpreter takes the first,
+    in memory for the process and in a JSON file (``$FINEGRAIN_GPU_CACHE``, default ``io.files.cache_dir()``:
+    ``$FINEGRAIN_CACHE`` or ``~/.cache/finegrain``) keyed by device name, kernel and shape; the interpreter takes the first,
     and so does ``FINEGRAIN_GPU_TUNE=0`` (correctness runs that need no timing: each candidate is a
     Triton compile)."""
     global _TUNED

@@ -439,7 +439,8 @@ def _scale_before(graph, scale, anchor, present):
         with graph.inserting_after(anchor):
             return graph.get_attr(scale.target)
     raise TvmError(f"node {present.name}: the static KV scale of layer {present.meta[KV_META].get('layer')} is "
-                   f"computed ({getattr(scale, 'op', type(scale).__name__)}), not a constant; build with cache='concat'")
+                   f"computed ({getattr(scale, 'op', type(scale).__name__)}), not a constant; "
+                   "build with cache='concat'")
 
 
 def packed_word(u, w: int, bits: int, b, t, h, c):
@@ -476,7 +477,7 @@ def relax_converters(prefix: str) -> dict:
         tok = _token_format(fmt)
         lo, hi = tok.family.code_range(tok)
         xr = bb.emit(relax.op.reshape(x, [*shape[:-1], d // g, g]))
-        if lay.get("static"):  # the calibrated scale, broadcast over the new tokens' groups (their codes only are stored)
+        if lay.get("static"):  # the calibrated scale over the new tokens' groups (only their codes are stored)
             s = bb.emit(relax.op.broadcast_to(relax.op.reshape(relax.op.astype(args[2], "float32"), [1] * 5),
                                               [*shape[:-1], d // g, 1]))
             z = bb.emit(relax.op.zeros([*shape[:-1], d // g, 1], "float32"))
