@@ -127,13 +127,15 @@ def _sdpa_node(d: int, mask_dims: int = 4, dropout: float = 0.0):
 def test_fits_names_what_the_kernel_does_not_take():
     ep, node = _sdpa_node(16)
     assert lower_attention.fits(node) is None
-    table = {lower_attention.SDPA: None}
-    assert lower_attention.keep_undecomposed(ep, table) and lower_attention.SDPA not in table
+    table = torch.export.default_decompositions()
+    kept_ep, kept = lower_attention.keep_undecomposed(ep, table)
+    assert kept and kept_ep is ep
     assert "head dim 12" in lower_attention.fits(_sdpa_node(12)[1])
     ep, node = _sdpa_node(16, dropout=0.1)
     assert lower_attention.fits(node) == "dropout"
-    table = {lower_attention.SDPA: None}
-    assert not lower_attention.keep_undecomposed(ep, table) and lower_attention.SDPA in table  # decomposed as before
+    ep, kept = lower_attention.keep_undecomposed(ep, table)  # decomposed as before
+    ops = {n.target for n in ep.graph.nodes}
+    assert not kept and lower_attention.SDPA not in ops and torch.ops.aten._softmax.default in ops
 
 
 def test_model_attention_is_one_call_per_layer(compiled):

@@ -165,3 +165,45 @@ def test_a_guard_the_named_range_cannot_prove_falls_back_to_the_inferred_range(t
     monkeypatch.setattr(torch.export, "export", real)
     with pytest.raises(CaptureError, match="could not capture"):  # the real narrowing: the named range's error
         capture(_EvenLength(), (torch.randint(0, 16, (1, 6)),))
+
+
+def test_one_trace_export_equals_export_then_decompositions(llama_gm, tiny_llama, monkeypatch):
+    """``export_decomposed`` (one ATen-dispatch trace on the pinned torch) gives the ops and the
+    outputs of ``export`` then ``run_decompositions`` (the path any other torch takes): linear and
+    SDPA kept whole where the table leaves them out, everything else decomposed alike."""
+    import collections
+
+    from finegrain.compiler.capture import export_decomposed
+
+    def table():
+        t = torch.export.default_decompositions()
+        for op in (torch.ops.aten.linear.default, torch.ops.aten.scaled_dot_product_attention.default):
+            t.pop(op, None)
+        return t
+
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 9))
+    shapes = ({1: torch.export.Dim("seq", min=2, max=64)},)
+
+    def ops(ep):  # the computation, not export's own shape / metadata checks
+        return collections.Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                                   and "assert" not in str(n.target) and "sym_" not in str(n.target)
+                                   and not str(n.target).startswith("<built-in"))
+
+    from torch.export import _trace
+
+    assert torch.__version__.startswith("2.13."), "the one-trace path is verified on the pinned torch only"
+    traces, export = [], _trace._export
+    monkeypatch.setattr(_trace, "_export", lambda *a, **k: traces.append(k["pre_dispatch"]) or export(*a, **k))
+    one = export_decomposed(llama_gm, (ids,), table(), dynamic_shapes=shapes)
+    assert traces == [False]  # one trace, at ATen dispatch
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # what the GPU machine runs: the public path
+    two = export_decomposed(llama_gm, (ids,), table(), dynamic_shapes=shapes)
+    assert traces == [False, True]  # torch.export.export's training-IR trace, then run_decompositions
+    assert ops(one) == ops(two), ops(one) - ops(two) or ops(two) - ops(one)
+    assert ops(one)["aten.linear.default"] == 7 * tiny_llama.config.num_hidden_layers + 1
+    assert ops(one)["aten.scaled_dot_product_attention.default"] == tiny_llama.config.num_hidden_layers
+    assert not any("silu" in k or "transpose" in k for k in ops(one))  # decomposed
+    for seq in (4, 13):
+        x = torch.randint(0, tiny_llama.config.vocab_size, (1, seq))
+        torch.testing.assert_close(one.module()(x), two.module()(x), rtol=0, atol=0)
+        torch.testing.assert_close(one.module()(x), llama_gm(x), rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule
 
-from finegrain.compiler.capture import is_kv_specs
+from finegrain.compiler.capture import export_decomposed, is_kv_specs
 from finegrain.compiler.ir import CONV_OPS, get_tensor
 from finegrain.formats import QuantFormat
 from finegrain.formats.ops import DEQUANTIZE_PACKED, unpack_weight
@@ -600,24 +600,24 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     from finegrain.backends.tvm.window_cache import mark_fused_decode
 
     shared: dict = {}  # the packed windows' buffers after their commit, for decode's attention (lower_window)
-    ep = torch.export.export(gm, example, dynamic_shapes=dynamic_shapes, strict=False,
-                             prefer_deferred_runtime_asserts_over_guards=True)
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten.diff.default, None)
     table.pop(torch.ops.aten.linear.default, None)
+    kept_sdpa = table.copy()  # the export keeps SDPA whole, decomposed after only where an attention does not fit
+    kept_sdpa.pop(lower_attention.SDPA, None)
     convert = {"packed_linear.default": _convert_packed_linear({}, prefix, lanes), "diff.default": _convert_diff,
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
                "amax.default": _convert_amax, **lower_cache.relax_converters(prefix),
                **lower_window.relax_converters(prefix, shared)}
-    kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
-    if kept:
-        convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len, shared)
     with warnings.catch_warnings():  # torch's deepcopy of the program's tree specs warns of its own deprecation
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        ep = ep.run_decompositions(table)
+        ep = export_decomposed(gm, example, kept_sdpa, dynamic_shapes=dynamic_shapes,
+                               prefer_deferred_runtime_asserts_over_guards=True)
+        ep, kept = lower_attention.keep_undecomposed(ep, table)  # every attention fits the fused kernel
     if kept:
+        convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len, shared)
         lower_attention.share_kv_heads(ep)
         mark_fused_decode(ep.graph)  # decode over a packed window: its attention reads the buffers in place
     shared["max_seq_len"] = max_seq_len

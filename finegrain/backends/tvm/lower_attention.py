@@ -4,7 +4,7 @@ Relax's own lowering of the decomposed op (matmul, additive mask, safe softmax, 
 softmax scalar over ``seq x seq`` with symbolic shapes. Where every attention of the exported
 program fits the kernel (:func:`fits`: fp32 ``[B, H, S, d]`` with ``d`` a multiple of 8, K / V heads
 dividing H, no dropout, a bool or float mask whose leading dims are 1, or ``is_causal`` without a
-mask), :func:`keep_undecomposed` keeps the op whole through ``run_decompositions`` and
+mask), the export keeps the op whole (:func:`keep_undecomposed`) and
 :func:`converter` emits: K transposed to ``[B, Hkv, d, T32]`` (T keys padded to whole 32-key
 blocks; T = past + S over a KV cache), the mask as an additive fp32 ``bias[S, T32]`` (0 / -inf,
 -inf in the padding; built once per mask and shared by every layer that reads it), and the kernel
@@ -54,13 +54,14 @@ def fits(node: torch.fx.Node) -> str | None:
     return None
 
 
-def keep_undecomposed(ep, table: dict) -> bool:
-    """Drop SDPA from the decomposition ``table`` when every attention in ``ep`` fits."""
+def keep_undecomposed(ep, table) -> tuple:
+    """``(ep, kept)`` for ``ep`` exported with SDPA kept whole: when every attention fits the kernel,
+    ``ep`` and True; otherwise ``ep`` decomposed by ``table`` (SDPA included: one more trace, the
+    other ops are already decomposed) and False."""
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is SDPA]
     if nodes and all(fits(n) is None for n in nodes):
-        table.pop(SDPA, None)
-        return True
-    return False
+        return ep, True
+    return (ep.run_decompositions(table) if nodes else ep), False
 
 
 def _repeated_heads(x):
