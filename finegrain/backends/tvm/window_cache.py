@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 from torch.fx import Graph
 
+from finegrain.backends.tvm.kernels import memoized
 from finegrain.backends.tvm.lower_cache import pack_words, unpack_words
 from finegrain.compiler.ops import _hadamard, _rope, kv_quantized_span, kv_quantized_until
 from finegrain.formats import QuantFormat
@@ -337,6 +338,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
     return skipped
 
 
+@memoized
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
     ``kv_wpack_read``: one parallel task per cached token, its heads in turn (one task per token and head
@@ -472,6 +474,7 @@ def mark_fused_decode(graph: Graph) -> int:
     return marked
 
 
+@memoized
 def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
                           key: dict, value: dict, rope_half: int, rotated: bool):
     """One query per head over a packed windowed cache, read in place (the decode step of a static

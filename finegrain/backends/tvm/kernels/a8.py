@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from finegrain.formats import QTensor, QuantFormat
+from finegrain.backends.tvm.kernels import memoized
 from finegrain.backends.tvm.kernels.lowbit import kernel_groups, per_kernel_group
 
 ROW_BLOCK = 4  # rows per register block of the prefill kernel
@@ -124,6 +125,7 @@ def _fit_tile(n: int, block: int, tasks: int) -> int | None:
     return best * block
 
 
+@memoized
 def linear_func(m: int | None, k: int, n: int, group_size: int, epilogue: str = "int", tasks: int = 8):
     """The PrimFunc ``f(xq[mq, R, k], xs[mq, R, G], xsc[mq, R], w, ga, gb, cs, y[mq, R, n])``.
     ``m=1``: GEMV (``mq = R = 1``); ``m=None``: GEMM with rows in blocks of ``ROW_BLOCK``, ``mq``

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import math
 
+from finegrain.backends.tvm.kernels import memoized
+
 LANES = 8
 KEY_BLOCK = 32  # keys per score block: 4 vectors of 8
 
@@ -157,6 +159,7 @@ def _check_heads(heads: int, kv_heads: int, d: int) -> None:
                          f"of the K/V heads {kv_heads}")
 
 
+@memoized
 def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
     """The PrimFunc ``f(q[B, H, S, d], kt[B, Hkv, d, T32], v[B, Hkv, T, d], bias[S, T32], o[B, H, S, d])``
     for ``S`` queries over ``T`` keys (``T = S`` without a cache, past + S over a KV cache) with
@@ -231,6 +234,7 @@ def attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: i
     return func
 
 
+@memoized
 def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
     """One new query per head over a KV cache: the PrimFunc ``f(q[B, H, 1, d], k[B, Hkv, T, d],
     v[B, Hkv, T, d], bias[1, T32], o[B, H, 1, d])`` reading K / V in the cache's own layout (no
@@ -303,6 +307,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     return func
 
 
+@memoized
 def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float):
     """:func:`decode_attention_func` over a static cache: the PrimFunc ``f(q[B, H, 1, d],
     kp[B, P, Hkv, d], kn[B, Hkv, 1, d], vp[B, P, Hkv, d], vn[B, Hkv, 1, d], bias[1, T32],
@@ -417,6 +422,7 @@ def _cached(c, s, z, lay: dict, bi, j, kh, a):
     return v * scale.astype(f32)
 
 
+@memoized
 def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
                                  key: dict, value: dict):
     """:func:`cache_decode_attention_func` over a **packed** static cache (``lower_cache.py``): the

@@ -5,7 +5,10 @@ rows split over the cores, and one horizontal sum per row at the end.
 """
 from __future__ import annotations
 
+from finegrain.backends.tvm.kernels import memoized
 
+
+@memoized
 def gemv_func(k: int, n: int, lanes: int = 8, rows: int = 2, n_tile: int = 256):
     """The scheduled PrimFunc ``f(x[1, k], w[n, k], y[1, n])``; needs ``K % lanes == 0``."""
     import tvm.s_tir as s_tir

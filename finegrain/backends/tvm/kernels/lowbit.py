@@ -33,6 +33,7 @@ import math
 import numpy as np
 import torch
 
+from finegrain.backends.tvm.kernels import memoized
 from finegrain.formats import QTensor, QuantFormat
 from finegrain.formats.minifloat import MINIFLOATS
 
@@ -137,6 +138,7 @@ def vector_lanes(target: dict | None) -> int:
     return 16 if tvm.target.codegen.target_has_features("avx512f", tgt) else 8
 
 
+@memoized
 def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n_tile: int | None = None,
                 lanes: int = 8, vectors: int = 4, kind: str = "int"):
     """The scheduled PrimFunc ``f(x[m, k], w, scale, zs, y[m, n])``; ``m=1`` picks the GEMV schedule.
