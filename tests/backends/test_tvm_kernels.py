@@ -129,3 +129,31 @@ def test_dense_gemv_matches_torch():
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     with pytest.raises(ValueError, match="multiple of 8"):
         gemv_func(100, 200, 8)
+
+
+def test_kernel_builders_build_once_per_distinct_arguments():
+    """``kernels.memoized``: the same plain arguments (a layout dict in any key order) give the same
+    PrimFunc; other arguments, or -0.0 for 0.0, build again; arguments that are not plain data
+    build every time; naming a cached kernel (``with_attrs``) leaves the cached one as it was."""
+    from finegrain.backends.tvm.kernels import memoized
+    from finegrain.backends.tvm.kernels.attention import attention_func
+
+    calls = []
+
+    @memoized
+    def build(n, lay, scale=1.0):
+        calls.append(n)
+        return object()
+
+    a = build(2, {"bits": 4, "axis": "tokens"})
+    assert build(2, {"axis": "tokens", "bits": 4}) is a and len(calls) == 1
+    assert build(2, {"axis": "tokens", "bits": 2}) is not a and build(3, {"bits": 4, "axis": "tokens"}) is not a
+    assert build(2, {"bits": 4, "axis": "tokens"}, scale=-0.0) is not build(2, {"bits": 4, "axis": "tokens"}, 0.0)
+    n = len(calls)
+    build(object(), {}), build(object(), {})
+    assert len(calls) == n + 2
+    f = attention_func(1, 4, 2, 16, 64, 0.25)
+    named = f.with_attrs({"global_symbol": "layer0_attention"})
+    assert attention_func(1, 4, 2, 16, 64, 0.25) is f and f.attrs["global_symbol"] == "func"
+    assert named.attrs["global_symbol"] == "layer0_attention"
+    assert attention_func(1, 4, 2, 16, 64, 0.5) is not f
