@@ -16,7 +16,8 @@
    Formats without a kernel are refused naming the layer: a weight is never dequantized whole and
    then multiplied.
 2. :func:`import_relax` exports that graph twice with ``torch.export``: ``prefill`` with a
-   symbolic sequence length (>= 2) and ``decode`` with one token, and imports each with
+   symbolic sequence length (>= 2) and ``decode`` with one token, each decomposed to core ATen in
+   the same trace (``compiler.capture.export_decomposed``), and imports each with
    ``tvm.relax.frontend.torch.from_exported_program``; converters turn each ``packed_linear`` /
    ``a8_linear`` into one ``call_tir`` to the scheduled kernel (GEMM for prefill, GEMV for decode)
    and, where every attention fits it, each ``scaled_dot_product_attention`` into one ``call_tir``
