@@ -360,6 +360,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                 shapes = _declared_shapes(model, declared) if dynamic else None
             else:
                 shapes = _dynamic_shapes(model, example_inputs, dynamic)
+
             def export(dims):
                 if decompose:  # one trace to core ATen (export_decomposed)
                     return export_decomposed(model, example_inputs, _decompositions(), dynamic_shapes=dims,
