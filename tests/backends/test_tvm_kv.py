@@ -175,9 +175,14 @@ def test_packed_layout_refuses_what_it_cannot_hold():
     assert "not a dynamic integer or FP8 E4M3" in kv_layout("e5m2-token-sym-fp32-dyn", 64)
 
 
-@pytest.mark.parametrize("key,value", [("int4-g32-asym-fp16-dyn", "int2-g64-asym-fp16-dyn"),
-                                       ("e4m3-token-sym-fp32-dyn", "int4-g16-sym-fp16-dyn")])
-def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, value):
+@pytest.mark.parametrize("key,value,d", [("int4-g32-asym-fp16-dyn", "int2-g64-asym-fp16-dyn", 64),
+                                         ("e4m3-token-sym-fp32-dyn", "int4-g16-sym-fp16-dyn", 64),
+                                         # rows of 1, 2 and 4 words (repeated to 8 lanes), groups of 4 and 8
+                                         ("int2-g8-asym-fp16-dyn", "int8-token-sym-fp32-dyn", 16),
+                                         ("int2-g4-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", 32)])
+def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, value, d):
+    """Words a row (``W = d * bits / 32``) below 8 are read as one vector and repeated to 8 lanes
+    (``attention._unpack_row``), 8 and more lane by lane."""
     import math
 
     import numpy as np
@@ -187,7 +192,7 @@ def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, v
     from finegrain.backends.tvm.lower_cache import decode_ref, encode_ref, kv_layout
 
     g = torch.Generator().manual_seed(3)
-    b, h, hk, d, p = 1, 6, 2, 64, 37  # 3 query heads per K / V head
+    b, h, hk, p = 1, 6, 2, 37  # 3 query heads per K / V head
     kl, vl = kv_layout(key, d), kv_layout(value, d)
     lib = tvm.compile(tvm.IRModule({"main": packed_decode_attention_func(b, h, hk, d, 64, 1 / math.sqrt(d), kl, vl)}),
                       target=TARGET)

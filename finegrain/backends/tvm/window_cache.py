@@ -497,7 +497,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from finegrain.backends.tvm.kernels.attention import (LANES, _cached, _check_heads, _dot8, _one_query_tail,
+    from finegrain.backends.tvm.kernels.attention import (LANES, _check_heads, _dot8, _one_query_tail, _unpack_row,
                                                           padded_keys)
 
     _check_heads(heads, kv_heads, d)
@@ -517,9 +517,11 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     half_vec = half % LANES == 0
     strides = max(int(math.log2(d)) - 3, 0) if rot else 0  # butterfly stages past the 8-lane blocks
     ktok = key["axis"] == "tokens"
-    kw, kbits, kcols, klo = key["words"], key["bits"], key["cols"], float(key["lo"])
-    kmask, kper = 2 ** key["bits"] - 1, 32 // key["bits"]
+    kw, kcols, klo = key["words"], key["cols"], float(key["lo"])
     kunit = key["unit"]
+    unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
+    # per-channel keys: element a's code plus the group's offset gz[a] (lo - zero), times its scale gs[a]
+    unpack_channels = _unpack_row(key, lambda u, a, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
     vtok = value["axis"] == "tokens"
     if vtok:
         raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")
@@ -584,6 +586,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
             h8 = T.decl_buffer((LANES * LANES,), f32, scope="local")
             qt = T.decl_buffer((group * d,), f32, scope="local")
             x = T.decl_buffer((d,), f32, scope="local")
+            words = T.decl_buffer((LANES,), "int32", scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
             gs = T.decl_buffer((d,), f32, scope="local")
             gz = T.decl_buffer((d,), f32, scope="local")
@@ -628,15 +631,9 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                                         gs[r * kcols + cc] = T.Cast(f32, ks[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
                                         gz[r * kcols + cc] = T.float32(klo) - T.Cast(
                                             f32, kz[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
-                            for jj in T.unroll(kper):  # element jj * W + k: bits jj * bits .. of word k
-                                for k in T.vectorized(kw):
-                                    x[jj * kw + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(
-                                        kc[bi, j, kh, k], T.int32(kbits) * T.Cast("int32", jj)), T.int32(kmask)))
-                                        + gz[jj * kw + k]) * gs[jj * kw + k]
+                            unpack_channels(x, kc, gs, gz, bi, j, kh, words)
                         else:
-                            for dv in T.serial(nv):
-                                for lane in T.vectorized(LANES):
-                                    x[dv * LANES + lane] = _cached(kc, ks, kz, key, bi, j, kh, dv * LANES + lane)
+                            unpack_key(x, kc, ks, kz, bi, j, kh, words)
                         if roped == 1:
                             if rot == 1:
                                 fwht(x, T.int64(0), tmp, h8)
@@ -675,9 +672,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                     for a in T.vectorized(d):
                         x[a] = vr[bi, slot(value, j), kh, a]
                 else:
-                    for dv in T.serial(nv):
-                        for lane in T.vectorized(LANES):
-                            x[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
+                    unpack_value(x, vc, vs, vz, bi, j, kh, words)
                 add_value(out, sc, x, j)
             finish(out, sc, vn, sums, o, bi, kh, p)
 

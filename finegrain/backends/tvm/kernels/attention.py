@@ -399,27 +399,99 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
     return func
 
 
-def _cached(c, s, z, lay: dict, bi, j, kh, a):
-    """Element ``a`` of a packed cache row (``lower_cache.kv_layout``): the code unpacked from its
-    32-bit word, offset back, minus the zero point (FP8: the E4M3 pattern's value), times the group
-    scale, in fp32."""
-    from tvm import te, tirx
+def _at(t, *idx):  # a TIR buffer (kernels) or a TE tensor (lower_cache's decode)
+    from tvm import te
 
-    def at(t, *idx):  # a TIR buffer (kernels) or a TE tensor (lower_cache's decode)
-        return t(*idx) if isinstance(t, te.Tensor) else t[idx]
+    return t(*idx) if isinstance(t, te.Tensor) else t[idx]
+
+
+def _dequantized(u, s, z, lay: dict, bi, j, kh, grp):
+    """Code ``u`` (unsigned, as stored) of a packed cache row in group ``grp`` as fp32: offset back,
+    minus the zero point (FP8: the E4M3 pattern's value), times the group scale."""
+    from tvm import tirx
 
     f32 = "float32"
-    w, bits, g = lay["words"], lay["bits"], lay["group"]
-    u = (at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
-    scale = at(s, 0) if lay.get("static") else at(s, bi, j, kh, a // g)  # static: the layer's one scale [1]
+    scale = _at(s, 0) if lay.get("static") else _at(s, bi, j, kh, grp)  # static: the layer's one scale [1]
     if lay.get("fp8"):  # an E4M3 bit pattern
         from finegrain.backends.tvm.lower_activations import e4m3_value
 
         return e4m3_value(u) * scale.astype(f32)
     v = u.astype(f32) + tirx.const(float(lay["lo"]), f32)
     if lay["asym"]:
-        v = v - at(z, bi, j, kh, a // g).astype(f32)
+        v = v - _at(z, bi, j, kh, grp).astype(f32)
     return v * scale.astype(f32)
+
+
+def _cached(c, s, z, lay: dict, bi, j, kh, a):
+    """Element ``a`` of a packed cache row (``lower_cache.kv_layout``): the code unpacked from its
+    32-bit word (element ``a`` in word ``a % W`` at bit ``(a // W) * bits``), dequantized in fp32."""
+    from tvm import tirx
+
+    w, bits = lay["words"], lay["bits"]
+    u = (_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
+    return _dequantized(u, s, z, lay, bi, j, kh, a // lay["group"])
+
+
+def _repeated_words(c, bi, j, kh, w: int):
+    """The ``w`` words of cache row ``(bi, j, kh)`` loaded as one vector and repeated to fill 8 lanes
+    (a ``Shuffle``: x86's ``vbroadcasti128`` for 4 words). A lane-wise copy ``words[l] = c[.., l % w]``
+    compiled to 8 scalar loads, and two 4-word stores reloaded as one vector stalled."""
+    from tvm import tirx
+
+    i64 = "int64"
+    if w == 1:
+        return tirx.Broadcast(tirx.BufferLoad(c, [bi, j, kh, tirx.const(0, i64)]), LANES)
+    row = tirx.BufferLoad(c, [bi, j, kh, tirx.Ramp(tirx.const(0, i64), tirx.const(1, i64), w)])
+    return tirx.Shuffle([row] * (LANES // w), [tirx.const(i, "int32") for i in range(LANES)])
+
+
+def _unpack_row(lay: dict, dequantize=None):
+    """The TVMScript macro ``unpack(x, c, s, z, bi, j, kh, words)``: row ``j`` of a packed cache
+    (:func:`_cached`'s layout: element ``a`` in word ``a % W`` at bit ``(a // W) * bits``) into the
+    fp32 buffer ``x[0:d]``, 8 elements a vector, each code ``u`` (int32, unsigned) as
+    ``dequantize(u, a, s, z, bi, j, kh)`` (default: the format's, scales ``s`` and zero points ``z``
+    of the row's groups). With ``W`` a multiple of 8 a vector's lanes read contiguous words. With
+    fewer (2-bit codes of a 64-wide head: 4 words) they would gather them (the kernel read 2-bit rows
+    2.3x slower than 4-bit ones), so the row's words are first loaded once, repeated to 8 lanes into
+    the int32 scratch ``words[8]``, and each vector shifts them by its lanes' places."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    w, bits, g = lay["words"], lay["bits"], lay["group"]
+    nv, mask = lay["d"] // LANES, tirx.const(2 ** bits - 1, "int32")
+    lanes, repeated = LANES, _repeated_words  # closure names: a macro cannot see this module's globals where used
+    if dequantize is None:
+        def dequantize(u, a, s, z, bi, j, kh):
+            return _dequantized(u, s, z, lay, bi, j, kh, a // g)
+
+    if w % LANES == 0:
+        def element(c, s, z, bi, j, kh, words, dv, lane):
+            a = dv * LANES + lane
+            return dequantize((_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & mask, a, s, z, bi, j, kh)
+
+        @T.macro
+        def unpack(x, c, s, z, bi, j, kh, words):
+            for dv in T.serial(nv):
+                for lane in T.vectorized(lanes):
+                    x[dv * lanes + lane] = element(c, s, z, bi, j, kh, words, dv, lane)
+
+        return unpack
+    if LANES % w:
+        raise ValueError(f"packed attention: {w} words a row neither divide nor are a multiple of {LANES}")
+    per = LANES // w  # places one vector covers
+
+    def element(c, s, z, bi, j, kh, words, dv, lane):
+        u = (words[lane] >> ((dv * per + lane // w) * bits)) & mask
+        return dequantize(u, dv * LANES + lane, s, z, bi, j, kh)
+
+    @T.macro
+    def unpack(x, c, s, z, bi, j, kh, words):
+        words[T.Ramp(T.int64(0), T.int64(1), lanes)] = repeated(c, bi, j, kh, w)
+        for dv in T.serial(nv):
+            for lane in T.vectorized(lanes):
+                x[dv * lanes + lane] = element(c, s, z, bi, j, kh, words, dv, lane)
+
+    return unpack
 
 
 @memoized
@@ -453,6 +525,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     kst, vst = bool(key.get("static")), bool(value.get("static"))  # one calibrated fp32 scale [1]
     ksd, vsd = ("float32" if kst else key["scale"]), ("float32" if vst else value["scale"])
     new_key, add_value, finish = _one_query_tail(group, row, d, scale)
+    unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kn_h: T.handle, vc_h: T.handle,
@@ -478,6 +551,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
             part = T.decl_buffer((LANES,), f32, scope="local")
             red = T.decl_buffer((LANES,), f32, scope="local")
             row_v = T.decl_buffer((d,), f32, scope="local")
+            words = T.decl_buffer((LANES,), "int32", scope="local")
             out = T.decl_buffer((group * d,), f32, scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
             sums = T.decl_buffer((group,), f32, scope="local")
@@ -486,9 +560,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
             # 1. scores: each cached key unpacked once, then dotted with the group's queries
             for j in T.serial(p):
                 if bias[0, j] > neg_inf:
-                    for dv in T.serial(nv):
-                        for lane in T.vectorized(LANES):
-                            row_v[dv * LANES + lane] = _cached(kc, ks, kz, key, bi, j, kh, dv * LANES + lane)
+                    unpack_key(row_v, kc, ks, kz, bi, j, kh, words)
                     for g in T.serial(group):
                         for lane in T.vectorized(LANES):
                             part[lane] = T.float32(0)
@@ -505,9 +577,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
             for a in T.vectorized(group * d):
                 out[a] = T.float32(0)
             for j in T.serial(p):
-                for dv in T.serial(nv):
-                    for lane in T.vectorized(LANES):
-                        row_v[dv * LANES + lane] = _cached(vc, vs, vz, value, bi, j, kh, dv * LANES + lane)
+                unpack_value(row_v, vc, vs, vz, bi, j, kh, words)
                 add_value(out, sc, row_v, j)
             finish(out, sc, vn, sums, o, bi, kh, p)
 
