@@ -521,7 +521,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     kunit = key["unit"]
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
     # per-channel keys: element a's code plus the group's offset gz[a] (lo - zero), times its scale gs[a]
-    unpack_channels = _unpack_row(key, lambda u, a, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
+    unpack_channels = _unpack_row(key, lambda u, a, grp, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
     vtok = value["axis"] == "tokens"
     if vtok:
         raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")

@@ -449,9 +449,10 @@ def _unpack_row(lay: dict, dequantize=None):
     """The TVMScript macro ``unpack(x, c, s, z, bi, j, kh, words)``: row ``j`` of a packed cache
     (:func:`_cached`'s layout: element ``a`` in word ``a % W`` at bit ``(a // W) * bits``) into the
     fp32 buffer ``x[0:d]``, 8 elements a vector, each code ``u`` (int32, unsigned) as
-    ``dequantize(u, a, s, z, bi, j, kh)`` (default: the format's, scales ``s`` and zero points ``z``
-    of the row's groups). With ``W`` a multiple of 8 a vector's lanes read contiguous words. With
-    fewer (2-bit codes of a 64-wide head: 4 words) they would gather them (the kernel read 2-bit rows
+    ``dequantize(u, a, grp, s, z, bi, j, kh)`` (``grp``: element ``a``'s group along the head dim, one
+    index for the whole vector when groups span whole vectors; default: the format's, scales ``s`` and
+    zero points ``z`` of the row's groups). With ``W`` a multiple of 8 a vector's lanes read
+    contiguous words. With fewer (2-bit codes of a 64-wide head: 4 words) they would gather them (the kernel read 2-bit rows
     2.3x slower than 4-bit ones), so the row's words are first loaded once, repeated to 8 lanes into
     the int32 scratch ``words[8]``, and each vector shifts them by its lanes' places."""
     from tvm import tirx
@@ -461,13 +462,17 @@ def _unpack_row(lay: dict, dequantize=None):
     nv, mask = lay["d"] // LANES, tirx.const(2 ** bits - 1, "int32")
     lanes, repeated = LANES, _repeated_words  # closure names: a macro cannot see this module's globals where used
     if dequantize is None:
-        def dequantize(u, a, s, z, bi, j, kh):
-            return _dequantized(u, s, z, lay, bi, j, kh, a // g)
+        def dequantize(u, a, grp, s, z, bi, j, kh):
+            return _dequantized(u, s, z, lay, bi, j, kh, grp)
+
+    def group_of(dv, lane):  # a scale / zero point load per vector, not per lane, where the group spans it
+        return (dv * LANES) // g if g % LANES == 0 else (dv * LANES + lane) // g
 
     if w % LANES == 0:
         def element(c, s, z, bi, j, kh, words, dv, lane):
             a = dv * LANES + lane
-            return dequantize((_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & mask, a, s, z, bi, j, kh)
+            return dequantize((_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & mask, a, group_of(dv, lane), s, z,
+                              bi, j, kh)
 
         @T.macro
         def unpack(x, c, s, z, bi, j, kh, words):
@@ -482,7 +487,7 @@ def _unpack_row(lay: dict, dequantize=None):
 
     def element(c, s, z, bi, j, kh, words, dv, lane):
         u = (words[lane] >> ((dv * per + lane // w) * bits)) & mask
-        return dequantize(u, dv * LANES + lane, s, z, bi, j, kh)
+        return dequantize(u, dv * LANES + lane, group_of(dv, lane), s, z, bi, j, kh)
 
     @T.macro
     def unpack(x, c, s, z, bi, j, kh, words):
