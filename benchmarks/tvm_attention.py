@@ -76,8 +76,11 @@ def main() -> None:
                      "bytes / token": 2 * hk * d * 4})
         print(f"past {p:5d}  fp32 cache              {base * 1e6:8.1f} us", flush=True)
         for f, fn in packed.items():
-            lay = kv_layout(f, d)
             (kc, ks, kz), (vc, vs, vz) = encode_ref(k, f), encode_ref(v, f)
+            held = [kc, ks, kz, vc, vs, vz]  # what the cache stores per token
+            if not kv_layout(f, d)["asym"]:  # symmetric: no zero points (the kernel takes a placeholder)
+                kz = vz = torch.zeros(1, 1, 1, 1, dtype=torch.uint8)
+                held = [kc, ks, vc, vs]
             # the fp32 kernel over the dequantized cache gives the output the packed one must
             want = tvm.runtime.empty((b, h, 1, d), "float32", dev)
             fp32["main"](tensor(q), tensor(decode_ref(kc, ks, kz, f, d)), tensor(kn),
@@ -89,7 +92,7 @@ def main() -> None:
             if err > 1e-4:
                 raise SystemExit(f"{f}: packed kernel differs from the fp32 kernel over its values by {err:.2e}")
             t = timed(fn, inputs)
-            per_token = 2 * hk * (lay["words"] * 4 + (d // lay["group"]) * 3)  # codes + fp16 scale + uint8 zero
+            per_token = sum(x.numel() * x.element_size() for x in held) // p
             rows.append({"past": p, "cache": f, "us": round(t * 1e6, 1), "vs fp32": round(base / t, 2),
                          "bytes / token": per_token})
             print(f"past {p:5d}  {f:24s} {t * 1e6:8.1f} us  {base / t:5.2f}x fp32  ({per_token} B/token/layer)",

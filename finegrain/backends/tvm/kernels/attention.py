@@ -422,14 +422,18 @@ def _dequantized(u, s, z, lay: dict, bi, j, kh, grp):
     return v * scale.astype(f32)
 
 
-def _cached(c, s, z, lay: dict, bi, j, kh, a):
-    """Element ``a`` of a packed cache row (``lower_cache.kv_layout``): the code unpacked from its
-    32-bit word (element ``a`` in word ``a % W`` at bit ``(a // W) * bits``), dequantized in fp32."""
+def _code(c, lay: dict, bi, j, kh, a):
+    """The unsigned code of element ``a`` of a packed cache row (``lower_cache.kv_layout``): word
+    ``a % W``, bits ``(a // W) * bits ..``."""
     from tvm import tirx
 
     w, bits = lay["words"], lay["bits"]
-    u = (_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
-    return _dequantized(u, s, z, lay, bi, j, kh, a // lay["group"])
+    return (_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & tirx.const(2 ** bits - 1, "int32")
+
+
+def _cached(c, s, z, lay: dict, bi, j, kh, a):
+    """Element ``a`` of a packed cache row (:func:`_code`), dequantized in fp32."""
+    return _dequantized(_code(c, lay, bi, j, kh, a), s, z, lay, bi, j, kh, a // lay["group"])
 
 
 def _repeated_words(c, bi, j, kh, w: int):
@@ -447,14 +451,14 @@ def _repeated_words(c, bi, j, kh, w: int):
 
 def _unpack_row(lay: dict, dequantize=None):
     """The TVMScript macro ``unpack(x, c, s, z, bi, j, kh, words)``: row ``j`` of a packed cache
-    (:func:`_cached`'s layout: element ``a`` in word ``a % W`` at bit ``(a // W) * bits``) into the
-    fp32 buffer ``x[0:d]``, 8 elements a vector, each code ``u`` (int32, unsigned) as
+    (:func:`_code`'s layout) into the fp32 buffer ``x[0:d]``, 8 elements a vector, each code ``u`` (int32, unsigned) as
     ``dequantize(u, a, grp, s, z, bi, j, kh)`` (``grp``: element ``a``'s group along the head dim, one
     index for the whole vector when groups span whole vectors; default: the format's, scales ``s`` and
     zero points ``z`` of the row's groups). With ``W`` a multiple of 8 a vector's lanes read
-    contiguous words. With fewer (2-bit codes of a 64-wide head: 4 words) they would gather them (the kernel read 2-bit rows
-    2.3x slower than 4-bit ones), so the row's words are first loaded once, repeated to 8 lanes into
-    the int32 scratch ``words[8]``, and each vector shifts them by its lanes' places."""
+    contiguous words. With fewer (2-bit codes of a 64-wide head: 4 words) they would gather them
+    (the kernel read 2-bit rows 2.3x slower than 4-bit ones), so the row's words are first loaded
+    once, repeated to 8 lanes into the int32 scratch ``words[8]``, and each vector shifts them by
+    its lanes' places."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -471,8 +475,7 @@ def _unpack_row(lay: dict, dequantize=None):
     if w % LANES == 0:
         def element(c, s, z, bi, j, kh, words, dv, lane):
             a = dv * LANES + lane
-            return dequantize((_at(c, bi, j, kh, a % w) >> ((a // w) * bits)) & mask, a, group_of(dv, lane), s, z,
-                              bi, j, kh)
+            return dequantize(_code(c, lay, bi, j, kh, a), a, group_of(dv, lane), s, z, bi, j, kh)
 
         @T.macro
         def unpack(x, c, s, z, bi, j, kh, words):
