@@ -5,6 +5,7 @@ import re
 import pytest
 
 from finegrain.cli import main
+from tests.backends.targets import BUILD
 
 
 def test_quantize_eval_inspect(hf_dir, tmp_path, capsys):
@@ -255,7 +256,7 @@ def test_eval_onnx_reuses_its_export(hf_dir, tmp_path, capsys):
     assert "--onnx-file: for an artifact evaluated with --backend onnx" in capsys.readouterr().err
 
 
-ZNVER3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: runs on every CPU these tests meet
+ZNVER3 = BUILD  # AVX2 at LLVM opt-level 1: runs on every CPU these tests meet
 
 
 @pytest.mark.onnx

@@ -12,6 +12,7 @@ import finegrain
 from finegrain.backends import registry
 from finegrain.backends.base import Artifact, BackendBase, Refusal, Session
 from finegrain.errors import FinegrainError
+from tests.backends.targets import BUILD
 
 BACKEND_PARAMS = [pytest.param(n, marks=[getattr(pytest.mark, n)] if n in ("onnx", "tvm") else [])
                   for n in registry.names()]
@@ -64,7 +65,7 @@ def test_conformance(models, backend, model, tmp_path):
         assert str(refusals[0]) in str(e.value)
         return
     ref = cm(*inputs)
-    options = {"max_seq_len": 64, "target": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}} \
+    options = {"max_seq_len": 64, "target": BUILD} \
         if backend == "tvm" else {}
     with cm.session(backend, **options) as s:
         assert s.backend == backend
@@ -219,7 +220,7 @@ def test_a_quantized_tied_embedding_and_head_on_every_backend(backend):
     assert {"lm_head", "model.embed_tokens"} <= set(cm.quantized) and cm.check(backend) == []
     x = torch.randint(0, 256, (1, 20), generator=gen)
     ref = cm(x)
-    options = {"max_seq_len": 64, "target": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}} \
+    options = {"max_seq_len": 64, "target": BUILD} \
         if backend == "tvm" else {}
     with cm.session(backend, **options) as s:
         assert (s.run(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
@@ -248,7 +249,7 @@ def test_fmpq_activation_groups_in_two_precisions_on_every_backend(compiled, tin
         n.replace_all_uses_with(n.args[2])
         lo_only.graph.erase_node(n)
     lo_only.recompile()
-    options = {"max_seq_len": 32, "target": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}} \
+    options = {"max_seq_len": 32, "target": BUILD} \
         if backend == "tvm" else {}
     with cm.session(backend, **options) as s:
         err = (s.run(x) - ref).abs().max()
@@ -282,7 +283,7 @@ def test_w4a4kv4_decodes_over_its_cache_on_tvm_and_onnx(tiny_llama, backend, tmp
         return torch.cat(outs, 1)
 
     ref = incremental(cm.session())
-    options = {"max_seq_len": 48, "target": {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}} \
+    options = {"max_seq_len": 48, "target": BUILD} \
         if backend == "tvm" else {}
     with cm.session(backend, **options) as s:
         err = (incremental(s) - ref).abs().amax(-1)[0] / ref.abs().max()

@@ -14,6 +14,7 @@ import torch
 import finegrain
 from finegrain.errors import ArtifactError, InputError
 from tests.backends.linears import LINEARS, cycled, weight_name
+from tests.backends.targets import BUILD
 
 pytest.importorskip("tvm")
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.tvm
 
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}
+TARGET = BUILD  # AVX2 at LLVM opt-level 1 (tests/backends/targets.py)
 
 
 @pytest.fixture(scope="module")

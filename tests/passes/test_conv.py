@@ -10,6 +10,7 @@ import finegrain
 from finegrain.compiler.ir import conv_matrix, conv_weight
 from finegrain.errors import InputError
 from finegrain.formats import QuantFormat
+from tests.backends.targets import BUILD
 
 WIDTH = {"image": {"dynamic": {3: "width"}}}
 
@@ -291,7 +292,7 @@ def test_recurrent_weights_are_quantized_or_said_to_stay_float(tmp_path):
     with cm.session("onnx") as s:
         assert (s.run(x) - y).abs().max() <= 1e-4 * y.abs().max()
     if __import__("importlib").util.find_spec("tvm") is not None:  # TVM's LSTM / GRU over packed weights
-        with cm.session("tvm", target={"kind": "llvm", "mcpu": "znver3", "num-cores": 2}) as s:
+        with cm.session("tvm", target=BUILD) as s:
             assert {v["kind"] for k, v in s.build["kernels"].items() if k.startswith(("lstm", "gru"))} == \
                 {"recurrent (weight dequantized per call, fp32 recurrent)"}
             assert (s.run(x) - y).abs().max() <= 1e-4 * y.abs().max()

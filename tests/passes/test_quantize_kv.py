@@ -12,6 +12,7 @@ from finegrain.formats.ops import QUANTIZE
 from finegrain.compiler.ops import HADAMARD
 from finegrain.formats.hadamard import apply_hadamard
 from tests.test_kv_cache import _family, _incremental, _rel
+from tests.backends.targets import BUILD
 
 
 def _kv(key=None, value=None, rotate=False):
@@ -396,7 +397,7 @@ def test_fp8_kv_cache_on_every_backend(llama):
     for p in sa["past"]:  # every row: E4M3 values times one scale
         s = p.abs().amax(-1, keepdim=True) / 448
         assert torch.allclose((p / s).to(torch.float8_e4m3fn).float() * s, p, rtol=0, atol=1e-6)
-    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", max_seq_len=32),
+    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", target=BUILD, max_seq_len=32),
                 "gpu": cm.session("gpu")}  # the GPU backend's kernels interpreted where there is no CUDA (conftest)
     assert len(sessions["packed"].kv_packed) == 2 * layers
     states = {k: s.prefill(X[:, :10])[1] for k, s in sessions.items()}
@@ -414,7 +415,7 @@ def test_fp8_kv_cache_on_every_backend(llama):
         assert torch.equal(la, lb)
     assert len(packed.kv_packed) == 2 * layers
     # ONNX Runtime and TVM emulate the windowed FP8 write (the E4M3 grid in their arithmetic): the same logits
-    others = {"onnx": windowed.session("onnx"), "tvm": windowed.session("tvm", max_seq_len=32)}
+    others = {"onnx": windowed.session("onnx"), "tvm": windowed.session("tvm", target=BUILD, max_seq_len=32)}
     (la, sa), states = packed.prefill(X[:, :10]), {k: s.prefill(X[:, :10])[1] for k, s in others.items()}
     for i in range(10, 20):  # past the window: groups of 8 keys released at 13 and 21 ... and values every step
         la, sa = packed.step(sa, X[:, i:i + 1])
@@ -463,7 +464,7 @@ def test_static_fp8_kv_cache_calibrates_one_scale_per_layer_on_every_backend(lla
     for j, p in enumerate(sa["past"]):  # every element: an E4M3 value times its layer's one scale
         s = scales[(j // 2, ("key", "value")[j % 2])]
         assert torch.equal((p / s).to(torch.float8_e4m3fn).float() * s, p)
-    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", max_seq_len=32),
+    sessions = {"packed": cm.session("torch"), "onnx": cm.session("onnx"), "tvm": cm.session("tvm", target=BUILD, max_seq_len=32),
                 "gpu": cm.session("gpu")}
     assert len(sessions["packed"].kv_packed) == 2 * layers
     # TVM's static build holds the E4M3 codes alone (4 per int32 word), the bytes the format counts; the layer's
