@@ -9,8 +9,9 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from finegrain.backends.tvm import lower_attention  # noqa: E402
-from finegrain.backends.tvm.kernels.attention import (KEY_BLOCK, attention_func, decode_attention_func,  # noqa: E402
-                                                      vexp)
+from finegrain.backends.tvm.kernels.attention import (DECODE_MIN_CHUNK, DECODE_SPLITS, KEY_BLOCK,  # noqa: E402
+                                                      attention_func, cache_decode_attention_func,
+                                                      decode_attention_func, vexp)
 
 pytestmark = pytest.mark.tvm
 
@@ -87,6 +88,50 @@ def test_queries_over_a_cache(s, past, hk, window):
                                                 np.zeros((b, h, 1, d), np.float32))]
         lib(*args)
         assert np.abs(args[-1].numpy() - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.parametrize("past,masked", [
+    (0, "none"),  # nothing cached: the new key alone, no chunk
+    (37, "small"),  # a kernel built for fewer keys than a chunk takes: one chunk of its whole row
+    (1, "new"),  # one cached key, the new one masked
+    (DECODE_MIN_CHUNK, "none"),  # exactly one full chunk
+    (DECODE_MIN_CHUNK + 1, "chunk"),  # a second chunk of one key; the whole first chunk masked
+    (3 * DECODE_MIN_CHUNK - 5, "random"),  # three chunks, the last ragged; random keys masked
+    (DECODE_SPLITS * DECODE_MIN_CHUNK + 100, "random"),  # DECODE_SPLITS chunks longer than the shortest
+    (2 * DECODE_MIN_CHUNK + 7, "all"),  # every key masked: zeros, as _safe_softmax gives
+])
+def test_split_decode_over_a_static_cache(past, masked):
+    """The decode kernel over a static cache (``cache_decode_attention_func``) splits the cached keys
+    into chunks (``decode_chunk``), one parallel item per K / V head and chunk, then merges their
+    partial softmaxes with the new key: equal to attention over the whole row."""
+    torch.manual_seed(2)
+    b, h, hk, d, t = 2, 6, 2, 16, past + 1
+    q = torch.randn(b, h, 1, d)
+    k, v = torch.randn(b, hk, t, d) * 3, torch.randn(b, hk, t, d)  # wide scores: the chunks' maxima differ
+    mask = torch.ones(1, t, dtype=torch.bool)
+    if masked == "new":
+        mask[0, -1] = False
+    elif masked == "chunk":
+        mask[0, :DECODE_MIN_CHUNK] = False
+    elif masked in ("random", "small"):
+        mask = torch.rand(1, t) > 0.3
+    elif masked == "all":
+        mask[:] = False
+    scale = 1 / math.sqrt(d)
+    longest = 40 if masked == "small" else DECODE_SPLITS * DECODE_MIN_CHUNK + 200
+    t32 = -(-t // KEY_BLOCK) * KEY_BLOCK
+    ref = _reference(q, k, v, mask, scale).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": cache_decode_attention_func(b, h, hk, d, longest, scale)}), target=TARGET)
+    cached = [np.ascontiguousarray(x[:, :, :past].transpose(1, 2).numpy()) for x in (k, v)]  # token-major views
+    new = [np.ascontiguousarray(x[:, :, past:].numpy()) for x in (k, v)]
+    args = [tvm.runtime.tensor(a) for a in (q.numpy(), cached[0], new[0], cached[1], new[1], _bias(mask, t32),
+                                            np.full((b, h, 1, d), np.nan, np.float32))]
+    lib(*args)
+    out = args[-1].numpy()
+    assert not np.isnan(out).any()
+    assert np.abs(out - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+    if masked == "all":
+        assert np.all(out == 0)
 
 
 def test_sequence_longer_than_built_is_refused():

@@ -21,11 +21,12 @@ pytest.importorskip("tvm")
 
 from finegrain.backends.tvm.deploy import TvmDeployment  # noqa: E402
 from tests.test_kv_cache import FLOAT, _family, _incremental, _rel  # noqa: E402  (a TVM session is its own .session())
+from tests.backends.targets import BUILD  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
+TARGET = BUILD  # AVX2 at LLVM opt-level 1 (tests/backends/targets.py)
 
 
 @pytest.mark.parametrize("family,cache", [("llama", "static"), ("qwen2", "static"), ("phi3", "static"),
@@ -182,19 +183,20 @@ def test_packed_layout_refuses_what_it_cannot_hold():
                                          ("int2-g4-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", 32)])
 def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, value, d):
     """Words a row (``W = d * bits / 32``) below 8 are read as one vector and repeated to 8 lanes
-    (``attention._unpack_row``), 8 and more lane by lane."""
+    (``attention._unpack_row``), 8 and more lane by lane. The past spans three of the kernel's split-K
+    chunks (``attention.decode_chunk``), one of them partly masked."""
     import math
 
     import numpy as np
     import tvm
 
-    from finegrain.backends.tvm.kernels.attention import packed_decode_attention_func
+    from finegrain.backends.tvm.kernels.attention import DECODE_MIN_CHUNK, packed_decode_attention_func
     from finegrain.backends.tvm.lower_cache import decode_ref, encode_ref, kv_layout
 
     g = torch.Generator().manual_seed(3)
-    b, h, hk, p = 1, 6, 2, 37  # 3 query heads per K / V head
+    b, h, hk, p = 1, 6, 2, 2 * DECODE_MIN_CHUNK + 37  # 3 query heads per K / V head
     kl, vl = kv_layout(key, d), kv_layout(value, d)
-    lib = tvm.compile(tvm.IRModule({"main": packed_decode_attention_func(b, h, hk, d, 64, 1 / math.sqrt(d), kl, vl)}),
+    lib = tvm.compile(tvm.IRModule({"main": packed_decode_attention_func(b, h, hk, d, 3 * DECODE_MIN_CHUNK, 1 / math.sqrt(d), kl, vl)}),
                       target=TARGET)
     q, k, v = (torch.randn(*s, generator=g) for s in ((b, h, 1, d), (b, p, hk, d), (b, p, hk, d)))
     kn, vn = torch.randn(b, hk, 1, d, generator=g), torch.randn(b, hk, 1, d, generator=g)
@@ -202,9 +204,10 @@ def test_packed_decode_kernel_equals_attention_over_the_dequantized_cache(key, v
     keys = torch.cat([decode_ref(kc, ks, kz, key, d).transpose(1, 2), kn], 2).repeat_interleave(h // hk, 1)
     values = torch.cat([decode_ref(vc, vs, vz, value, d).transpose(1, 2), vn], 2).repeat_interleave(h // hk, 1)
     mask = torch.ones(1, p + 1, dtype=torch.bool)
-    mask[0, 9] = False  # one masked key
+    mask[0, 9] = False  # one masked key, and the second chunk's first eleven
+    mask[0, DECODE_MIN_CHUNK:DECODE_MIN_CHUNK + 11] = False
     want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    bias = np.full((1, 64), -np.inf, np.float32)
+    bias = np.full((1, 3 * DECODE_MIN_CHUNK), -np.inf, np.float32)
     bias[0, :p + 1] = np.where(mask[0].numpy(), 0.0, -np.inf)
     dev = tvm.cpu()
 

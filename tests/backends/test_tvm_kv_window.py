@@ -19,11 +19,12 @@ from finegrain.compiler.capture import kv_inputs
 pytest.importorskip("tvm")
 
 from tests.test_kv_cache import FLOAT, _family, _incremental, _rel  # noqa: E402
+from tests.backends.targets import BUILD  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: builds and runs on every machine we get
+TARGET = BUILD  # AVX2 at LLVM opt-level 1 (tests/backends/targets.py)
 
 KIVI = {"kv_key": "int4-g4-asym-fp16-dyn", "kv_value": "int4-g8-asym-fp16-dyn", "kv_key_axis": "tokens",
         "kv_window": 4, "kv_sinks": 1, "kv_pre_rope": True, "kv_rotate": True}
@@ -224,14 +225,15 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
     """``window_cache.decode_attention_func`` (decode's attention over the packed window, read in place)
     gives the attention over what ``kv_wpack_read`` decodes from the same buffers after the step's write
     (tokens quantized up to ``kv_quantized_until(P + 1)``, sinks and float tokens from the rings), with
-    3 query heads per K / V head and some keys masked (among them the first of a group)."""
+    3 query heads per K / V head and some keys masked (among them the first of a group). The past spans
+    two of the kernel's split-K chunks, the second starting inside a key group."""
     import numpy as np
     import tvm
 
-    from finegrain.backends.tvm.kernels.attention import padded_keys
+    from finegrain.backends.tvm.kernels.attention import DECODE_MIN_CHUNK, padded_keys
     from finegrain.backends.tvm.window_cache import _read, decode_attention_func, window_layout
 
-    b, hk, group, window, sinks, p, max_len = 1, 2, 3, 5, 1, 61, 96
+    b, hk, group, window, sinks, p, max_len = 1, 2, 3, 5, 1, DECODE_MIN_CHUNK + 61, DECODE_MIN_CHUNK + 96
     h, scale = hk * group, 1.0 / d ** 0.5
     g = torch.Generator().manual_seed(d)
     freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d)).float() if pre_rope else None
@@ -249,7 +251,7 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
         kinds.append((lay, bufs, past, torch.randn(b, hk, 1, d, generator=g)))
     (klay, kbufs, kpast, kn), (vlay, vbufs, vpast, vn) = kinds
     q = torch.randn(b, h, 1, d, generator=g)
-    masked = [0, sinks + 16, 30, 31, p - 2]
+    masked = [0, sinks + 16, 30, 31, DECODE_MIN_CHUNK + 1, p - 2]
     bias = torch.zeros(1, padded_keys(p + 1))
     bias[0, masked] = -torch.inf
     bias[0, p + 1:] = -torch.inf

@@ -12,7 +12,8 @@ call; with one query (decode) the kernel reads K untransposed instead
 (``decode_attention_func``); over a static cache decode reads the cache buffers in place
 (``cache_decode_attention_func``; a packed cache's codes: ``packed_decode_attention_func``; KIVI's packed
 window, codes and ring after the step's commit: ``window_cache.decode_attention_func``, for the
-attentions ``window_cache.mark_fused_decode`` marked). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
+attentions ``window_cache.mark_fused_decode`` marked; these three split the past into chunks
+processed in parallel, ``attention._split_decode``). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
 the kernel reads each grouped K / V head once. Otherwise the decomposition and Relax's lowering
 stay, unchanged.
 """

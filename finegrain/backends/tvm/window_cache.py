@@ -497,8 +497,8 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from finegrain.backends.tvm.kernels.attention import (LANES, _check_heads, _dot8, _one_query_tail, _unpack_row,
-                                                          padded_keys)
+    from finegrain.backends.tvm.kernels.attention import (DECODE_SPLITS, LANES, _check_heads, _dot8, _split_decode,
+                                                          _unpack_row, decode_chunk, padded_keys)
 
     _check_heads(heads, kv_heads, d)
     for lay in (key, value):
@@ -511,7 +511,8 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
-    new_key, add_value, finish = _one_query_tail(group, row, d, scale)
+    chunks = DECODE_SPLITS
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(group, d, scale, row)
     roped, rot = int(rope_half > 0), int(rotated and rope_half > 0)
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
@@ -578,8 +579,14 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
         assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
         kqu = quantized_until(key, p)
         vqu = quantized_until(value, p)
-        for task in T.parallel(batch * kv_heads):
+        chunk = decode_chunk(p, row)
+        nc = (p + chunk - T.int64(1)) // chunk
+        pm = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        pl = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        po = T.decl_buffer((batch * kv_heads * chunks * group * d,), f32)
+        for item in T.parallel(batch * kv_heads * nc):
             sc = T.decl_buffer((group * row,), f32, scope="local")
+            out = T.decl_buffer((group * d,), f32, scope="local")
             part = T.decl_buffer((LANES,), f32, scope="local")
             red = T.decl_buffer((LANES,), f32, scope="local")
             tmp = T.decl_buffer((LANES,), f32, scope="local")
@@ -591,11 +598,12 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
             gs = T.decl_buffer((d,), f32, scope="local")
             gz = T.decl_buffer((d,), f32, scope="local")
             cur = T.decl_buffer((1,), "int64", scope="local")
-            out = T.decl_buffer((group * d,), f32, scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
-            sums = T.decl_buffer((group,), f32, scope="local")
+            task = item // nc
             bi = task // kv_heads
             kh = task % kv_heads
+            at = (task * chunks + item % nc) * group
+            j0 = item % nc * chunk
             cur[0] = T.int64(-1)
             # the queries in the keys' rotated space: (H q) / d (both Hadamards' 1 / sqrt(d))
             for g in T.serial(group):
@@ -610,8 +618,12 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                     fwht(qt, g * d, tmp, h8)
                     for a in T.vectorized(d):
                         qt[g * d + a] = qt[g * d + a] * T.float32(1.0 / d)
-            # 1. scores: a ring row as it is, or a quantized key taken to the queries' space once
-            for j in T.serial(p):
+            # 1. scores of this chunk's keys: a ring row as it is, or a quantized key taken to the queries'
+            # space once (-inf: masked, or past the end)
+            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            open_chunk(sc, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                j = j0 + jj
                 if bias[0, j] > neg_inf:
                     if T.Or(j < key["sinks"], j >= kqu):
                         for g in T.serial(group):
@@ -621,7 +633,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                                 for lane in T.vectorized(LANES):
                                     part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kr[
                                         bi, slot(key, j), kh, dv * LANES + lane]
-                            sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
+                            sc[g * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j]
                     else:
                         if ktok:  # the group's per-channel parameters, spread over its rows, loaded once per group
                             if cur[0] != (j - key["sinks"]) // kunit:
@@ -659,21 +671,24 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                             for dv in T.serial(nv):
                                 for lane in T.vectorized(LANES):
                                     part[lane] = part[lane] + qt[g * d + dv * LANES + lane] * y[dv * LANES + lane]
-                            sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
-                else:
-                    for g in T.serial(group):
-                        sc[g * row + j] = neg_inf
-            new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)
-            # 2. probabilities times V: each value read once (ring row or codes), added into every query head
-            for a in T.vectorized(group * d):
-                out[a] = T.float32(0)
-            for j in T.serial(p):
+                            sc[g * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j]
+            # 2. max, exp, sum; 3. probabilities times V: each value read once (ring row or codes), added into
+            # every query head
+            close_chunk(sc, red, tot, pm, pl, out, at, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                j = j0 + jj
                 if T.Or(j < value["sinks"], j >= vqu):
                     for a in T.vectorized(d):
                         x[a] = vr[bi, slot(value, j), kh, a]
                 else:
                     unpack_value(x, vc, vs, vz, bi, j, kh, words)
-                add_value(out, sc, x, j)
-            finish(out, sc, vn, sums, o, bi, kh, p)
+                add_value(out, sc, x, bi, j, kh, jj)
+            store_chunk(out, po, at)
+        # 4. the chunks and the new key merged
+        for task in T.parallel(batch * kv_heads):
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            tot = T.decl_buffer((4,), f32, scope="local")
+            acc = T.decl_buffer((d,), f32, scope="local")
+            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
 
     return func

@@ -92,65 +92,123 @@ def _dot8(part):
     return (part[0] + part[1]) + (part[2] + part[3]) + ((part[4] + part[5]) + (part[6] + part[7]))
 
 
-def _one_query_tail(group: int, row: int, d: int, scale: float):
-    """The TVMScript macros the one-query kernels over a packed cache share (``H / Hkv`` = ``group``
-    query heads per task, scores of query head ``g`` at ``sc[g * row ..]``):
+def padded_keys(max_seq_len: int) -> int:
+    return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
 
-    * ``new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)``: the new key's score at ``p``,
-      -inf up to ``t32``, the softmax of each query head's row, its sum in ``sums``;
-    * ``add_value(out, sc, x, j)``: value row ``x`` (key ``j``) added into each query head's output;
-    * ``finish(out, sc, vn, sums, o, bi, kh, p)``: the new value added, the outputs normalized."""
+
+DECODE_SPLITS = 8  # the most chunks a decode step splits each K / V head's cached keys into (split-K)
+DECODE_MIN_CHUNK = 256  # the fewest keys a chunk takes: below, one item's fixed costs outweigh the balance
+
+
+def decode_chunk(p, row: int):
+    """The keys per chunk of a decode step over ``p`` cached keys (a TIR expression; a multiple of 32):
+    ``p / DECODE_SPLITS`` rounded up, at least :data:`DECODE_MIN_CHUNK`, at most ``row`` (the kernel's
+    padded ``max_seq_len``: its score rows)."""
+    from tvm import tirx
+
+    step = DECODE_SPLITS * KEY_BLOCK
+    return tirx.min(tirx.const(row, "int64"),
+                    tirx.max(tirx.const(DECODE_MIN_CHUNK, "int64"), (p + step - 1) // step * KEY_BLOCK))
+
+
+def _split_decode(group: int, d: int, scale: float, row: int, value_at=None):
+    """The TVMScript macros of the split-K ("flash-decoding") decode kernels over a static cache. One
+    parallel work item per K / V head and chunk of ``decode_chunk(p, row)`` cached keys (a decode step
+    has only ``batch x kv_heads`` heads, 3 for SmolLM2: one task each left cores idle and the
+    threads unbalanced), each writing its query heads' partial softmax into scratch; one task per
+    head then merges the chunks and the new key. Scratch index ``at = (task * DECODE_SPLITS + c) *
+    group``: ``pm[at + g]`` the chunk's max score, ``pl[at + g]`` its sum of ``exp(s - max)`` (0:
+    nothing visible), ``po[(at + g) * d ..]`` its sum of ``exp(s - max) v``. Scores of chunk key
+    ``jj`` at ``sc[g * row + jj]``.
+
+    * ``open_chunk(sc, n)``: every score -inf (the keys the caller does not score: masked, or past the end);
+    * ``close_chunk(sc, red, tot, pm, pl, out, at, n)``: each query head's chunk row softmaxed in place
+      (the same :func:`_softmax` as every kernel here), its max and sum stored, the local sums
+      ``out[group * d]`` zeroed;
+    * ``add_value(out, sc, x, bi, j, kh, jj)``: the value of cached key ``j`` (chunk key ``jj``) added
+      into ``out``, its element ``a`` read as ``value_at(x, bi, j, kh, a)`` (default ``x[a]``: a row
+      already unpacked);
+    * ``store_chunk(out, po, at)``: ``out`` into the scratch (summed in a local buffer: the compiler
+      keeps it apart from every other buffer, which it cannot assume of the scratch);
+    * ``merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, bi, kh, task, p, nc)``: the new key's
+      score, then ``o = (sum_c e^(m_c - M) o_c + e^(s_new - M) v_new) / (sum_c e^(m_c - M) l_c +
+      e^(s_new - M))`` over the ``nc`` chunks that see a key (a fully masked row gives zeros)."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     softmax = _softmax()
     nv = d // LANES
+    chunks = DECODE_SPLITS
     neg_inf = tirx.const(-math.inf, "float32")
+    lanes, dot8, exp = LANES, _dot8, vexp  # closure names: the macros are used in other modules too
+    if value_at is None:
+        def value_at(x, bi, j, kh, a):
+            return x[a]
 
     @T.macro
-    def new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32):
+    def open_chunk(sc, n):
         for g in T.serial(group):
+            for jo in T.serial(n // lanes):
+                for lane in T.vectorized(lanes):
+                    sc[g * row + jo * lanes + lane] = neg_inf
+
+    @T.macro
+    def close_chunk(sc, red, tot, pm, pl, out, at, n):
+        for g in T.serial(group):
+            softmax(sc, red, tot, g * row, n)
+            pm[at + g] = tot[0]
+            pl[at + g] = tot[1]
+        for a in T.vectorized(group * d):
+            out[a] = T.float32(0)
+
+    @T.macro
+    def add_value(out, sc, x, bi, j, kh, jj):
+        for g in T.serial(group):
+            if sc[g * row + jj] != T.float32(0):
+                for dv in T.unroll(nv):
+                    for lane in T.vectorized(lanes):
+                        out[g * d + dv * lanes + lane] = out[g * d + dv * lanes + lane] + sc[
+                            g * row + jj] * value_at(x, bi, j, kh, dv * lanes + lane)
+
+    @T.macro
+    def store_chunk(out, po, at):
+        for a in T.vectorized(group * d):
+            po[at * d + a] = out[a]
+
+    @T.macro
+    def merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, bi, kh, task, p, nc):
+        for g in T.serial(group):
+            tot[2] = neg_inf  # the new key's score
             if bias[0, p] > neg_inf:
-                for lane in T.vectorized(LANES):
+                for lane in T.vectorized(lanes):
                     part[lane] = T.float32(0)
                 for dv in T.serial(nv):
-                    for lane in T.vectorized(LANES):
-                        part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
-                            bi, kh, 0, dv * LANES + lane]
-                sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
-            else:
-                sc[g * row + p] = neg_inf
-            for j in T.serial(t32 - p - 1):
-                sc[g * row + p + 1 + j] = neg_inf
-            softmax(sc, red, tot, g * row, t32)
-            sums[g] = tot[1]
-
-    @T.macro
-    def add_value(out, sc, x, j):
-        for g in T.serial(group):
-            if sc[g * row + j] != T.float32(0):
-                for dv in T.unroll(nv):
-                    for lane in T.vectorized(LANES):
-                        out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + j] * x[
-                            dv * LANES + lane]
-
-    @T.macro
-    def finish(out, sc, vn, sums, o, bi, kh, p):
-        for g in T.serial(group):
-            if sc[g * row + p] != T.float32(0):
-                for dv in T.unroll(nv):
-                    for lane in T.vectorized(LANES):
-                        out[g * d + dv * LANES + lane] = out[g * d + dv * LANES + lane] + sc[g * row + p] * vn[
-                            bi, kh, 0, dv * LANES + lane]
+                    for lane in T.vectorized(lanes):
+                        part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * lanes + lane] * kn[
+                            bi, kh, 0, dv * lanes + lane]
+                tot[2] = dot8(part) * T.float32(scale) + bias[0, p]
+            tot[0] = tot[2]  # M: the largest score any visible key has
+            for c in T.serial(nc):
+                if pl[(task * chunks + c) * group + g] > T.float32(0):
+                    tot[0] = T.max(tot[0], pm[(task * chunks + c) * group + g])
+            tot[1] = T.float32(0)
             for a in T.vectorized(d):
-                o[bi, kh * group + g, 0, a] = T.if_then_else(sums[g] > T.float32(0), out[g * d + a] / sums[g],
-                                                             T.float32(0))
+                acc[a] = T.float32(0)
+            for c in T.serial(nc):
+                if pl[(task * chunks + c) * group + g] > T.float32(0):
+                    tot[3] = exp(pm[(task * chunks + c) * group + g] - tot[0])
+                    tot[1] = tot[1] + tot[3] * pl[(task * chunks + c) * group + g]
+                    for a in T.vectorized(d):
+                        acc[a] = acc[a] + tot[3] * po[((task * chunks + c) * group + g) * d + a]
+            if tot[2] > neg_inf:
+                tot[3] = exp(tot[2] - tot[0])
+                tot[1] = tot[1] + tot[3]
+                for a in T.vectorized(d):
+                    acc[a] = acc[a] + tot[3] * vn[bi, kh, 0, a]
+            for a in T.vectorized(d):
+                o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), acc[a] / tot[1], T.float32(0))
 
-    return new_key, add_value, finish
-
-
-def padded_keys(max_seq_len: int) -> int:
-    return -(-max_seq_len // KEY_BLOCK) * KEY_BLOCK
+    return open_chunk, close_chunk, add_value, store_chunk, merge
 
 
 def _check_heads(heads: int, kv_heads: int, d: int) -> None:
@@ -313,7 +371,10 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
     kp[B, P, Hkv, d], kn[B, Hkv, 1, d], vp[B, P, Hkv, d], vn[B, Hkv, 1, d], bias[1, T32],
     o[B, H, 1, d])`` whose keys / values are the ``P`` cached ones, read where the cache holds them
     (token-major views of the deployment's preallocated buffers: nothing is concatenated or copied
-    per step), then the new one (T = P + 1). Same scores, softmax and masking as the other kernels."""
+    per step), then the new one (T = P + 1). Same scores, softmax and masking as the other kernels,
+    split over the cached keys (:func:`_split_decode`: one parallel item per K / V head and
+    ``decode_chunk(P, row)`` keys, then a merge with the new key), so a long past keeps every core busy
+    although a step has only ``batch x kv_heads`` heads."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -323,7 +384,9 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
     nv = d // LANES
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
-    softmax = _softmax()
+    chunks = DECODE_SPLITS
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(
+        group, d, scale, row, lambda x, bi, j, kh, a: x[bi, j, kh, a])
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kp_h: T.handle, kn_h: T.handle, vp_h: T.handle, vn_h: T.handle, bias_h: T.handle,
@@ -340,64 +403,48 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
         o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
         assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
         assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
-        for task in T.parallel(batch * kv_heads):
+        chunk = decode_chunk(p, row)
+        nc = (p + chunk - T.int64(1)) // chunk
+        pm = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        pl = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        po = T.decl_buffer((batch * kv_heads * chunks * group * d,), f32)
+        for item in T.parallel(batch * kv_heads * nc):
             sc = T.decl_buffer((group * row,), f32, scope="local")
+            out = T.decl_buffer((group * d,), f32, scope="local")
             part = T.decl_buffer((LANES,), f32, scope="local")
             red = T.decl_buffer((LANES,), f32, scope="local")
-            out = T.decl_buffer((d,), f32, scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
+            task = item // nc
             bi = task // kv_heads
             kh = task % kv_heads
-            # 1. scores: the cached keys, then the new one, then -inf up to whole vectors
-            for j in T.serial(p):
-                if bias[0, j] > neg_inf:
+            at = (task * chunks + item % nc) * group
+            j0 = item % nc * chunk
+            # 1. scores of this chunk's cached keys (-inf: masked, or past the cache's end)
+            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            open_chunk(sc, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                if bias[0, j0 + jj] > neg_inf:
                     for g in T.serial(group):
                         for lane in T.vectorized(LANES):
                             part[lane] = T.float32(0)
                         for dv in T.serial(nv):
                             for lane in T.vectorized(LANES):
                                 part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kp[
-                                    bi, j, kh, dv * LANES + lane]
-                        sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
-                else:
-                    for g in T.serial(group):
-                        sc[g * row + j] = neg_inf
-            for g in T.serial(group):
-                if bias[0, p] > neg_inf:
-                    for lane in T.vectorized(LANES):
-                        part[lane] = T.float32(0)
-                    for dv in T.serial(nv):
-                        for lane in T.vectorized(LANES):
-                            part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * kn[
-                                bi, kh, 0, dv * LANES + lane]
-                    sc[g * row + p] = _dot8(part) * T.float32(scale) + bias[0, p]
-                else:
-                    sc[g * row + p] = neg_inf
-                for j in T.serial(t32 - p - 1):
-                    sc[g * row + p + 1 + j] = neg_inf
-            for g in T.serial(group):
-                # 2. max, exp, sum over whole 8-key vectors (the padding is -inf)
-                softmax(sc, red, tot, g * row, t32)
-                # 3. probabilities times V: the cached values, then the new one
-                for a in T.vectorized(d):
-                    out[a] = T.float32(0)
-                for j in T.serial(p):
-                    if sc[g * row + j] != T.float32(0):
-                        for dv in T.unroll(nv):
-                            for lane in T.vectorized(LANES):
-                                out[dv * LANES + lane] = out[dv * LANES + lane] + sc[g * row + j] * vp[
-                                    bi, j, kh, dv * LANES + lane]
-                if sc[g * row + p] != T.float32(0):
-                    for dv in T.unroll(nv):
-                        for lane in T.vectorized(LANES):
-                            out[dv * LANES + lane] = out[dv * LANES + lane] + sc[g * row + p] * vn[
-                                bi, kh, 0, dv * LANES + lane]
-                for a in T.vectorized(d):
-                    o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), out[a] / tot[1],
-                                                                 T.float32(0))
+                                    bi, j0 + jj, kh, dv * LANES + lane]
+                        sc[g * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j0 + jj]
+            # 2. max, exp, sum; 3. probabilities times the chunk's values
+            close_chunk(sc, red, tot, pm, pl, out, at, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                add_value(out, sc, vp, bi, j0 + jj, kh, jj)
+            store_chunk(out, po, at)
+        # 4. the chunks and the new key merged
+        for task in T.parallel(batch * kv_heads):
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            tot = T.decl_buffer((4,), f32, scope="local")
+            acc = T.decl_buffer((d,), f32, scope="local")
+            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
 
     return func
-
 
 def _at(t, *idx):  # a TIR buffer (kernels) or a TE tensor (lower_cache's decode)
     from tvm import te
@@ -512,7 +559,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     and zero points (``kz`` / ``vz`` ``[B, P, Hkv, d / G]`` uint8 for an asymmetric format, else a
     ``[1, 1, 1, 1]`` placeholder nobody reads), unpacks and dequantizes it once per step in
     registers (shared by the ``H / Hkv`` query heads reading it) and computes the same scores,
-    softmax and weighted sum as the fp32 kernel. ``key`` / ``value``: the layouts
+    softmax and weighted sum as the fp32 kernel, split over the past the same way. ``key`` / ``value``: the layouts
     (``kv_layout``)."""
     from tvm import tirx
     from tvm.script import tirx as T
@@ -532,7 +579,8 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     kzp, vzp = key["asym"], value["asym"]
     kst, vst = bool(key.get("static")), bool(value.get("static"))  # one calibrated fp32 scale [1]
     ksd, vsd = ("float32" if kst else key["scale"]), ("float32" if vst else value["scale"])
-    new_key, add_value, finish = _one_query_tail(group, row, d, scale)
+    chunks = DECODE_SPLITS
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(group, d, scale, row)
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
 
     @T.prim_func(s_tir=True)
@@ -554,21 +602,30 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
         o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
         assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
         assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
-        for task in T.parallel(batch * kv_heads):
+        chunk = decode_chunk(p, row)
+        nc = (p + chunk - T.int64(1)) // chunk
+        pm = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        pl = T.decl_buffer((batch * kv_heads * chunks * group,), f32)
+        po = T.decl_buffer((batch * kv_heads * chunks * group * d,), f32)
+        for item in T.parallel(batch * kv_heads * nc):
             sc = T.decl_buffer((group * row,), f32, scope="local")
+            out = T.decl_buffer((group * d,), f32, scope="local")
             part = T.decl_buffer((LANES,), f32, scope="local")
             red = T.decl_buffer((LANES,), f32, scope="local")
             row_v = T.decl_buffer((d,), f32, scope="local")
             words = T.decl_buffer((LANES,), "int32", scope="local")
-            out = T.decl_buffer((group * d,), f32, scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
-            sums = T.decl_buffer((group,), f32, scope="local")
+            task = item // nc
             bi = task // kv_heads
             kh = task % kv_heads
-            # 1. scores: each cached key unpacked once, then dotted with the group's queries
-            for j in T.serial(p):
-                if bias[0, j] > neg_inf:
-                    unpack_key(row_v, kc, ks, kz, bi, j, kh, words)
+            at = (task * chunks + item % nc) * group
+            j0 = item % nc * chunk
+            # 1. scores: each of the chunk's cached keys unpacked once, then dotted with the group's queries
+            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            open_chunk(sc, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                if bias[0, j0 + jj] > neg_inf:
+                    unpack_key(row_v, kc, ks, kz, bi, j0 + jj, kh, words)
                     for g in T.serial(group):
                         for lane in T.vectorized(LANES):
                             part[lane] = T.float32(0)
@@ -576,17 +633,18 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
                             for lane in T.vectorized(LANES):
                                 part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * LANES + lane] * row_v[
                                     dv * LANES + lane]
-                        sc[g * row + j] = _dot8(part) * T.float32(scale) + bias[0, j]
-                else:
-                    for g in T.serial(group):
-                        sc[g * row + j] = neg_inf
-            new_key(q, kn, bias, sc, part, red, tot, sums, bi, kh, p, t32)
-            # 2. probabilities times V: each cached value unpacked once, added into every query head
-            for a in T.vectorized(group * d):
-                out[a] = T.float32(0)
-            for j in T.serial(p):
-                unpack_value(row_v, vc, vs, vz, bi, j, kh, words)
-                add_value(out, sc, row_v, j)
-            finish(out, sc, vn, sums, o, bi, kh, p)
+                        sc[g * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j0 + jj]
+            # 2. max, exp, sum; 3. probabilities times V: each cached value unpacked once, added into every query head
+            close_chunk(sc, red, tot, pm, pl, out, at, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                unpack_value(row_v, vc, vs, vz, bi, j0 + jj, kh, words)
+                add_value(out, sc, row_v, bi, j0 + jj, kh, jj)
+            store_chunk(out, po, at)
+        # 4. the chunks and the new key merged
+        for task in T.parallel(batch * kv_heads):
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            tot = T.decl_buffer((4,), f32, scope="local")
+            acc = T.decl_buffer((d,), f32, scope="local")
+            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
 
     return func
