@@ -512,7 +512,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     neg_inf = tirx.const(-math.inf, "float32")
     f32 = "float32"
     chunks = DECODE_SPLITS
-    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(group, d, scale, row)
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(batch, kv_heads, group, d, scale, row)
     roped, rot = int(rope_half > 0), int(rotated and rope_half > 0)
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
@@ -685,10 +685,6 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                 add_value(out, sc, x, bi, j, kh, jj)
             store_chunk(out, po, at)
         # 4. the chunks and the new key merged
-        for task in T.parallel(batch * kv_heads):
-            part = T.decl_buffer((LANES,), f32, scope="local")
-            tot = T.decl_buffer((4,), f32, scope="local")
-            acc = T.decl_buffer((d,), f32, scope="local")
-            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
+        merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
 
     return func

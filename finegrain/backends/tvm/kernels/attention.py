@@ -111,7 +111,7 @@ def decode_chunk(p, row: int):
                     tirx.max(tirx.const(DECODE_MIN_CHUNK, "int64"), (p + step - 1) // step * KEY_BLOCK))
 
 
-def _split_decode(group: int, d: int, scale: float, row: int, value_at=None):
+def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, row: int, value_at=None):
     """The TVMScript macros of the split-K ("flash-decoding") decode kernels over a static cache. One
     parallel work item per K / V head and chunk of ``decode_chunk(p, row)`` cached keys (a decode step
     has only ``batch x kv_heads`` heads, 3 for SmolLM2: one task each left cores idle and the
@@ -130,7 +130,7 @@ def _split_decode(group: int, d: int, scale: float, row: int, value_at=None):
       already unpacked);
     * ``store_chunk(out, po, at)``: ``out`` into the scratch (summed in a local buffer: the compiler
       keeps it apart from every other buffer, which it cannot assume of the scratch);
-    * ``merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, bi, kh, task, p, nc)``: the new key's
+    * ``merge(q, kn, vn, bias, o, pm, pl, po, p, nc)``: one parallel task per K / V head: the new key's
       score, then ``o = (sum_c e^(m_c - M) o_c + e^(s_new - M) v_new) / (sum_c e^(m_c - M) l_c +
       e^(s_new - M))`` over the ``nc`` chunks that see a key (a fully masked row gives zeros)."""
     from tvm import tirx
@@ -176,7 +176,7 @@ def _split_decode(group: int, d: int, scale: float, row: int, value_at=None):
             po[at * d + a] = out[a]
 
     @T.macro
-    def merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, bi, kh, task, p, nc):
+    def merge_head(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, bi, kh, task, p, nc):
         for g in T.serial(group):
             tot[2] = neg_inf  # the new key's score
             if bias[0, p] > neg_inf:
@@ -207,6 +207,14 @@ def _split_decode(group: int, d: int, scale: float, row: int, value_at=None):
                     acc[a] = acc[a] + tot[3] * vn[bi, kh, 0, a]
             for a in T.vectorized(d):
                 o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), acc[a] / tot[1], T.float32(0))
+
+    @T.macro
+    def merge(q, kn, vn, bias, o, pm, pl, po, p, nc):
+        for task in T.parallel(batch * kv_heads):
+            part = T.decl_buffer((lanes,), "float32", scope="local")
+            tot = T.decl_buffer((4,), "float32", scope="local")
+            acc = T.decl_buffer((d,), "float32", scope="local")
+            merge_head(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
 
     return open_chunk, close_chunk, add_value, store_chunk, merge
 
@@ -386,7 +394,7 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
     f32 = "float32"
     chunks = DECODE_SPLITS
     open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(
-        group, d, scale, row, lambda x, bi, j, kh, a: x[bi, j, kh, a])
+        batch, kv_heads, group, d, scale, row, lambda x, bi, j, kh, a: x[bi, j, kh, a])
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kp_h: T.handle, kn_h: T.handle, vp_h: T.handle, vn_h: T.handle, bias_h: T.handle,
@@ -438,11 +446,7 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
                 add_value(out, sc, vp, bi, j0 + jj, kh, jj)
             store_chunk(out, po, at)
         # 4. the chunks and the new key merged
-        for task in T.parallel(batch * kv_heads):
-            part = T.decl_buffer((LANES,), f32, scope="local")
-            tot = T.decl_buffer((4,), f32, scope="local")
-            acc = T.decl_buffer((d,), f32, scope="local")
-            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
+        merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
 
     return func
 
@@ -580,7 +584,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
     kst, vst = bool(key.get("static")), bool(value.get("static"))  # one calibrated fp32 scale [1]
     ksd, vsd = ("float32" if kst else key["scale"]), ("float32" if vst else value["scale"])
     chunks = DECODE_SPLITS
-    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(group, d, scale, row)
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(batch, kv_heads, group, d, scale, row)
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
 
     @T.prim_func(s_tir=True)
@@ -641,10 +645,6 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
                 add_value(out, sc, row_v, bi, j0 + jj, kh, jj)
             store_chunk(out, po, at)
         # 4. the chunks and the new key merged
-        for task in T.parallel(batch * kv_heads):
-            part = T.decl_buffer((LANES,), f32, scope="local")
-            tot = T.decl_buffer((4,), f32, scope="local")
-            acc = T.decl_buffer((d,), f32, scope="local")
-            merge(q, kn, vn, bias, o, pm, pl, po, part, tot, acc, task // kv_heads, task % kv_heads, task, p, nc)
+        merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
 
     return func
