@@ -491,7 +491,8 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     ``(H q) . R_j (H x)`` with the queries rotated once per task, so each key costs one FWHT (the
     8-lane blocks by an 8 x 8 Hadamard product, the longer strides as vector butterflies) and its RoPE,
     shared by the ``H / Hkv`` query heads reading it. Softmax and the weighted sum of values are the
-    other kernels' (``kernels/attention.py``)."""
+    other kernels' (``kernels/attention.py``), split over the past the same way (``_split_decode``:
+    one parallel item per K / V head and chunk of keys, then a merge with the new key)."""
     import math
 
     from tvm import tirx
