@@ -499,7 +499,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     from tvm.script import tirx as T
 
     from finegrain.backends.tvm.kernels.attention import (DECODE_SPLITS, LANES, _check_heads, _dot8, _split_decode,
-                                                          _unpack_row, decode_chunk, padded_keys)
+                                                          _unpack_row, chunk_scores, decode_chunk, padded_keys)
 
     _check_heads(heads, kv_heads, d)
     for lay in (key, value):
@@ -621,7 +621,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                         qt[g * d + a] = qt[g * d + a] * T.float32(1.0 / d)
             # 1. scores of this chunk's keys: a ring row as it is, or a quantized key taken to the queries'
             # space once (-inf: masked, or past the end)
-            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            n = chunk_scores(p, j0, chunk)
             open_chunk(sc, n)
             for jj in T.serial(T.min(chunk, p - j0)):
                 j = j0 + jj

@@ -111,6 +111,14 @@ def decode_chunk(p, row: int):
                     tirx.max(tirx.const(DECODE_MIN_CHUNK, "int64"), (p + step - 1) // step * KEY_BLOCK))
 
 
+def chunk_scores(p, j0, chunk):
+    """How many scores the chunk of ``chunk`` keys from ``j0`` softmaxes: its keys up to ``p``, padded with
+    -inf to whole 8-lane vectors (a TIR expression)."""
+    from tvm import tirx
+
+    return tirx.min(chunk, (p - j0 + LANES - 1) // LANES * LANES)
+
+
 def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, row: int, value_at=None):
     """The TVMScript macros of the split-K ("flash-decoding") decode kernels over a static cache. One
     parallel work item per K / V head and chunk of ``decode_chunk(p, row)`` cached keys (a decode step
@@ -428,7 +436,7 @@ def cache_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, m
             at = (task * chunks + item % nc) * group
             j0 = item % nc * chunk
             # 1. scores of this chunk's cached keys (-inf: masked, or past the cache's end)
-            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            n = chunk_scores(p, j0, chunk)
             open_chunk(sc, n)
             for jj in T.serial(T.min(chunk, p - j0)):
                 if bias[0, j0 + jj] > neg_inf:
@@ -625,7 +633,7 @@ def packed_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, 
             at = (task * chunks + item % nc) * group
             j0 = item % nc * chunk
             # 1. scores: each of the chunk's cached keys unpacked once, then dotted with the group's queries
-            n = T.min(chunk, (p - j0 + T.int64(LANES - 1)) // T.int64(LANES) * T.int64(LANES))  # scores softmaxed
+            n = chunk_scores(p, j0, chunk)
             open_chunk(sc, n)
             for jj in T.serial(T.min(chunk, p - j0)):
                 if bias[0, j0 + jj] > neg_inf:
