@@ -48,7 +48,7 @@ class IntFamily:
 
     def refine(self, xg, scale, meta, fmt, clip):
         if fmt.symmetric:
-            return torch.zeros(scale.shape, dtype=torch.int32), None
+            return torch.zeros(scale.shape, dtype=torch.int32, device=scale.device), None
         lo, _ = self._range(xg, clip)
         return torch.clamp(torch.round(-lo / scale), 0, 2**fmt.bits - 1).to(torch.int32), None
 

@@ -37,7 +37,7 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor 
                   codebook: torch.Tensor | None = None) -> QTensor:
     codes = unpack(packed, fmt.bits, fmt.signed, shape[-1])
     if zero is None or zero.numel() == 0:
-        z = torch.zeros(scale.shape, dtype=torch.int32)
+        z = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
     else:
         z = unpack(zero, fmt.family.metadata_bits(fmt), False, scale.shape[-1]).to(torch.int32)
     # 2-D blocks store one scale per block: expand_rows gives the per-row view every consumer reads

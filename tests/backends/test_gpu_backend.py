@@ -173,31 +173,31 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
-def test_host_fallback_runs_the_reference_ops(compiled, tiny_inputs):
-    """On CUDA the finegrain ops without a kernel (here: MXFP4 activations' fake quantization) run on
-    CPU copies through ``lower.on_host``; the rewrite itself is checked on CPU tensors."""
+@pytest.mark.parametrize("route", ["device", "host"])
+def test_reference_fallbacks_run_the_reference_ops(compiled, tiny_inputs, monkeypatch, route):
+    """On CUDA the finegrain ops without a kernel (here: MXFP4 activations' fake quantization) run
+    the reference op on the device with fp32 inputs (``lower.in_fp32``; ``route`` "device"), and an op
+    not known to be device-clean on CPU copies (``lower.on_host``; "host": the fake quantizers taken
+    off ``IN_FP32``, as they were until 2026-12-06); the rewrite itself is checked on CPU tensors, in
+    fp32 and in the bf16 compute mode (the ops get fp32 inputs, their results are cast back to bf16)."""
     from finegrain.backends.gpu import lower
 
+    if route == "host":
+        monkeypatch.setattr(lower, "IN_FP32", ())
+    wrapper = lower.in_fp32 if route == "device" else lower.on_host
     cm = compiled("mxfp4")
-    gm, _ = lower.prepare(cm.gm, torch.device("cpu"))
-    lower._to_host_fallbacks(gm.graph)
-    gm.recompile()
-    hosted = [n for n in gm.graph.nodes if n.target is lower.on_host]
-    assert hosted and all(str(n.args[0]).startswith("finegrain.") for n in hosted)
     test = tiny_inputs[2]
     ref = cm.session("torch").run(test)
-    with torch.inference_mode():
-        out = gm(test)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
-    # in the bf16 compute mode the hosted ops get fp32 copies and their results are cast back to bf16
-    gm, _ = lower.prepare(cm.gm, torch.device("cpu"), torch.bfloat16)
-    lower._to_host_fallbacks(gm.graph)
-    gm.recompile()
-    with torch.inference_mode():
-        out = gm(test)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max().item() < 0.08 * ref.abs().max().item()
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.08)):
+        gm, _ = lower.prepare(cm.gm, torch.device("cpu"), dtype)
+        lower._reference_fallbacks(gm.graph)
+        gm.recompile()
+        wrapped = [n for n in gm.graph.nodes if n.target in (lower.in_fp32, lower.on_host)]
+        assert wrapped and all(n.target is wrapper and str(n.args[0]).startswith("finegrain.") for n in wrapped)
+        with torch.inference_mode():
+            out = gm(test)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        assert out.dtype == dtype and (out.float() - ref).abs().max().item() < tol * ref.abs().max().item()
 
 
 def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsys):
@@ -378,11 +378,12 @@ def test_decode_graph_is_captured_and_replayed_on_the_device(kv_w4, tiny_inputs)
             assert len(g._graphs) == 1 and next(iter(g._graphs)) != first
 
 
-def test_kv_cache_writes_stay_on_the_device(tiny_llama, tiny_inputs):
-    """Off the CPU the remaining reference ops run on host copies, but the KIVI / ZipCache writes
-    (``kv_append``, ``kv_saliency``: they read the whole past) run on the device as they are (the
-    graph prepared for the ``meta`` device, as a CUDA one would be)."""
-    from finegrain.backends.gpu.lower import ON_DEVICE, on_host, prepare
+def test_reference_ops_stay_on_the_device(tiny_llama, tiny_inputs):
+    """Off the CPU the KIVI / ZipCache writes (``kv_append``, ``kv_saliency``: they read the whole past)
+    run on the device as they are and the activation fake quantization the kernels do not take (here
+    INT8 activations of float linears) on the device with fp32 inputs (``in_fp32``); nothing runs on
+    host copies (the graph prepared for the ``meta`` device, as a CUDA one would be)."""
+    from finegrain.backends.gpu.lower import IN_FP32, ON_DEVICE, in_fp32, on_host, prepare
     from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
 
     zip_kivi = {"name": "gpu-zip", "rules": [{"role": "linear", "activation": "int8-token-sym-fp32-dyn"}],
@@ -392,9 +393,10 @@ def test_kv_cache_writes_stay_on_the_device(tiny_llama, tiny_inputs):
     cm = finegrain.compile(tiny_llama, tiny_inputs[0], recipe=zip_kivi, progress=False, kv_cache=True)
     gm, _ = prepare(cm.gm, torch.device("meta"))
     targets = [n.target for n in gm.graph.nodes]
-    wrapped = [n.args[0] for n in gm.graph.nodes if n.target is on_host]
+    wrapped = [n.args[0] for n in gm.graph.nodes if n.target is in_fp32]
     assert targets.count(KV_APPEND) == 2 * cm.kv["layers"] and targets.count(KV_SALIENCY) == cm.kv["layers"]
-    assert wrapped and not set(wrapped) & set(ON_DEVICE)  # the activation fake quantization: on the host
+    assert wrapped and set(wrapped) <= set(IN_FP32) and not set(wrapped) & set(ON_DEVICE)
+    assert on_host not in targets
 
 
 @pytest.mark.gpu

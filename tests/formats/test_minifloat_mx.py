@@ -41,6 +41,29 @@ def test_encoding_is_bit_exact_with_ml_dtypes(name):
         np.testing.assert_array_equal(torch.from_numpy(v).to(TORCH[name]).view(torch.uint8).numpy(), got)
 
 
+@pytest.mark.parametrize("name", ["e3m2", "e2m3", "e2m1"])
+def test_arithmetic_rounding_is_bit_exact_with_ml_dtypes(name):
+    """FP6 / FP4 have no torch dtype: off the CPU (the GPU backend's activations) ``cast`` rounds by
+    torch arithmetic (``_round_bits``). Its bits equal ml_dtypes' cast on every finite fp16 value
+    (every binade and subnormal step of these elements, many times over), random fp32 values of
+    every scale, each midpoint and its two fp32 neighbours, signed zeros and tiny values (negative
+    ones round to -0, sign bit set)."""
+    fam = MINIFLOATS[name]
+    m = fam.max_value()
+    rng = np.random.default_rng(1)
+    half = np.arange(2 ** 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mids = _halfway_points(name)
+    v = np.concatenate([half[np.isfinite(half)], rng.normal(0, 1, 50000) * np.exp2(rng.integers(-14, 5, 50000)),
+                        mids, -mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, m, -m])]).astype(np.float32)
+    v = np.clip(v, -m, m)
+    got = fam._round_bits(torch.from_numpy(v)).numpy()
+    want = _ml_bits(v, name)
+    bad = np.nonzero(got != want)[0]
+    assert not len(bad), (v[bad[:5]], got[bad[:5]], want[bad[:5]])
+    assert got[-3] >> (fam.bits - 1) == 1  # -1e-30 rounds to -0
+
+
 @pytest.mark.parametrize("name", list(ML))
 def test_decode_table_is_ml_dtypes_values(name):
     pats = np.arange(2 ** MINIFLOATS[name].bits, dtype=np.uint8)

@@ -51,3 +51,41 @@ def test_custom_ops_survive_export():
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert DEQUANTIZE_PACKED in targets and QUANTIZE in targets and DEQUANTIZE in targets
     assert torch.equal(ep.module()(x), m(x))
+
+
+ACTIVATIONS = ["int8-token-sym-fp32-dyn", "int4-g64-sym-fp32-dyn", "int8-token-asym-fp16-dyn", "int8-tensor-sym-fp32",
+               "int8-g32-sym-e8m0-dyn", "e4m3-g32-sym-e8m0-dyn", "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn",
+               "e2m1-g32-sym-e8m0-dyn", "e2m1-g16-sym-e4m3-dyn", "int4-g16-sym-e4m3-dyn", "e4m3-token-sym-fp32-dyn",
+               "e4m3-g128-sym-fp32-dyn"]
+
+
+def test_activation_quantizers_run_on_their_inputs_device():
+    """The GPU backend runs the activation ``quantize`` / ``dequantize`` reference ops on the device
+    (MX / NV blocks, asymmetric, static: what its code-dot kernels do not take), not on host copies.
+    With torch's default device set to ``meta``, a tensor they made without naming their input's
+    device would be a meta tensor and mixing it with these CPU inputs raises: every activation format
+    of the presets gives the same codes, parameters and values as with the default left alone; and on
+    ``meta`` inputs (no data: FP6 / FP4 take the arithmetic rounding there, and a Python branch on a
+    tensor's value, a host sync on a GPU, raises) every output stays on ``meta``."""
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0)) * 3
+
+    from finegrain.formats.base import QTensor
+
+    def run(tag, x):  # what the ops run (the functions: the dispatcher's op would not see the default device)
+        f = QuantFormat.parse(tag)
+        static = () if f.dynamic else (torch.full((1,), 0.05, device=x.device), torch.zeros(1, dtype=torch.int32,
+                                                                                            device=x.device))
+        q = f.quantize(x, *static)
+        return q.codes, q.scale, q.zero, f.dequantize(QTensor(q.codes, q.scale, q.zero), torch.float32)
+
+    want = [run(tag, x) for tag in ACTIVATIONS]
+    torch.set_default_device("meta")
+    try:
+        got = [run(tag, x) for tag in ACTIVATIONS]
+    finally:
+        torch.set_default_device(None)
+    for tag, g, w in zip(ACTIVATIONS, got, want):
+        assert all(a.device.type == "cpu" and torch.equal(a, b) for a, b in zip(g, w)), tag
+    for tag in ACTIVATIONS:
+        out = run(tag, x.to("meta"))
+        assert all(t.device.type == "meta" for t in out) and out[-1].shape == x.shape, tag

@@ -199,20 +199,20 @@ class GpuBackend(BackendBase):
             if fmt.kind == "e4m3":
                 return "native", "quantized per row to E4M3 by a Triton kernel, FP8 tl.dot with fp32 accumulation"
             return "native", "quantized per row by a Triton kernel, INT8 tl.dot with int32 accumulation"
-        return "emulated", "fake quantization by the reference op (on CPU copies when the model runs on CUDA)"
+        return "emulated", "fake quantization by the reference op on the device (torch ops, fp32, no kernel)"
 
     def op_capability(self, op: str) -> tuple[str, str]:
         if op == "hadamard":
             return "native", "Triton FWHT (Sylvester tiles generated in registers, tl.dot), small factor in torch"
         if op == "act_outliers":
-            return "emulated", ("both fake quantizations by the reference op (on CPU copies when on CUDA), columns picked "
+            return "emulated", ("both fake quantizations by the reference op on the device (torch ops), columns picked "
                                 "by torch.where")
         if op in ("conv", "recurrent"):
             return "emulated", "weight dequantized once at load; torch's float op"
         if op == "kv_append":
             return "emulated", ("the reference op on the device (torch ops, no kernel): the cache stays on the GPU, "
                                 "the values the reference computes")
-        return "emulated", "the reference op (on CPU copies when the model runs on CUDA)"
+        return "emulated", "the reference op on the device (torch ops, fp32, no kernel)"
 
     def session(self, compiled, device: str | None = None, dtype: "str | torch.dtype | None" = None,
                 cache_tokens: int | None = None, decode_graph: bool = False, **options) -> GpuSession:

@@ -14,10 +14,11 @@
 * ``finegrain::hadamard`` into :func:`hadamard_op` (``_fwht``);
 * a packed weight read otherwise (an embedding, a conv, a codebook / BitMoD element) into its
   dequantized dense tensor, computed once here (``emulated``: dense memory, float compute);
-* on CUDA, the remaining finegrain ops (activation fake quantization that did not fuse, the MoE
-  grouped GEMM) into :func:`on_host` calls: the reference op on CPU copies, the result moved back
-  (``emulated``; correct, slow); the KV-cache writes of KIVI / ZipCache / RotateKV (``kv_append``,
-  ``kv_saliency``) run on the device as the reference computes them (``emulated``: no kernel);
+* on CUDA, the remaining finegrain ops run on the device as the reference computes them
+  (``emulated``: no kernel): activation fake quantization that did not fuse (MX / NV blocks,
+  asymmetric, static) and the MoE grouped GEMM through :func:`in_fp32` (fp32 inputs), the
+  KV-cache writes of KIVI / ZipCache / RotateKV (``kv_append``, ``kv_saliency``) as they are; an
+  op not known to be device-clean through :func:`on_host` (the reference op on CPU copies);
 * every device argument, keyword or positional (the traced causal mask's ``arange``, RoPE's
   ``inv_freq.to(device)``), to the target device;
 * with ``dtype=torch.bfloat16`` (or float16), the compute dtype (:func:`to_compute_dtype`): what the
@@ -34,7 +35,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.node import map_aggregate
 
 from finegrain.compiler.ir import cache_past, get_tensor
-from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
+from finegrain.compiler.ops import GROUPED_LINEAR, KV_APPEND, KV_SALIENCY
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.ops import _fmt as _format  # the tag -> QuantFormat cache the reference ops use
 from finegrain.formats.ops import DEQUANTIZE, DEQUANTIZE_PACKED, QUANTIZE, unpack_weight
@@ -42,6 +43,9 @@ from finegrain.backends.gpu import kernels
 
 # finegrain reference ops that run on the model's device as they are (KIVI / ZipCache / RotateKV cache writes)
 ON_DEVICE = (KV_APPEND, KV_SALIENCY)
+# ... and on the device with fp32 inputs (:func:`in_fp32`): the fake quantization the kernels do not take
+# (MX / NV block activations, asymmetric or static ones, per-token KV formats) and the MoE grouped GEMM
+IN_FP32 = (QUANTIZE, DEQUANTIZE, GROUPED_LINEAR)
 _META = ("bits", "pw", "split", "mini", "eb", "mb", "smode", "has_zero", "offset", "group", "k", "n", "scale2")
 
 
@@ -95,6 +99,13 @@ def on_host(op, *args, **kwargs):
     out = op(*[cpu(a) for a in args], **{k: cpu(v) for k, v in kwargs.items()})
     back = lambda a: a.to(dev) if isinstance(a, torch.Tensor) and dev is not None else a  # noqa: E731
     return tuple(back(o) for o in out) if isinstance(out, (tuple, list)) else back(out)
+
+
+def in_fp32(op, *args, **kwargs):
+    """``op`` on its arguments where they are, half-precision float ones cast to fp32 first (the
+    reference ops are written for fp32: the same numbers as :func:`on_host`, without the copies)."""
+    up = lambda a: a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a  # noqa: E731
+    return op(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
 
 
 def act_ok(fmt: QuantFormat) -> bool:
@@ -336,7 +347,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
     if _fuse_norm_quantizers(graph, quantized):
         graph.eliminate_dead_code()
     if torch.device(device).type != "cpu":
-        _to_host_fallbacks(graph)
+        _reference_fallbacks(graph)
     on_device = lambda a: torch.device(device) if isinstance(a, torch.device) else a  # noqa: E731
     for n in graph.nodes:
         if n.op == "get_attr" and not hasattr(root, n.target):
@@ -540,15 +551,20 @@ def fixed_decode_graph(gm: GraphModule, rows: int) -> GraphModule:
     return GraphModule(gm, graph)
 
 
-def _to_host_fallbacks(graph: Graph) -> None:
-    """Every remaining ``finegrain::`` op runs on CPU copies (the reference is written for CPU
-    tensors: numpy casts for FP4 / FP6, CPU-built tables and positions), but the KV-cache writes
-    (:data:`ON_DEVICE`: written for any device, tested with the default device set elsewhere), which
-    take the whole past: copying it to the host and back every step costs more than the step."""
+def _reference_fallbacks(graph: Graph) -> None:
+    """The remaining ``finegrain::`` ops run on the device: the KV-cache writes (:data:`ON_DEVICE`,
+    which take the whole past: copying it to the host and back every step costs more than the step)
+    as they are, the fake quantizers and the grouped GEMM (:data:`IN_FP32`) through :func:`in_fp32`;
+    all are written for any device and tested with torch's default device set elsewhere
+    (``tests/formats/test_ops.py``, ``tests/passes/test_quantize_kv.py``). Any other runs on CPU
+    copies (:func:`on_host`). Until 2026-12-06 the fake quantizers ran on the host too (numpy casts
+    for FP4 / FP6): every linear of an MX / NV preset copied its activation to the host and back, and
+    no such decode step could be captured in a CUDA graph."""
     for n in graph.nodes:
-        if n.op == "call_function" and str(getattr(n, "target", "")).startswith("finegrain.") \
-                and n.target not in ON_DEVICE:
-            n.args, n.target = (n.target, *n.args), on_host
+        if n.op != "call_function" or not str(getattr(n, "target", "")).startswith("finegrain.") \
+                or n.target in ON_DEVICE:
+            continue
+        n.args, n.target = (n.target, *n.args), in_fp32 if n.target in IN_FP32 else on_host
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -634,7 +650,7 @@ def to_compute_dtype(graph: Graph, root: torch.nn.Module, dtype: torch.dtype, ke
 
         n.args = torch.fx.node.map_aggregate(n.args, swap)
         n.kwargs = torch.fx.node.map_aggregate(n.kwargs, swap)
-        if n.target is on_host or str(n.target).startswith("finegrain."):
+        if n.target in (on_host, in_fp32) or str(n.target).startswith("finegrain."):
             with graph.inserting_after(n):
                 cast = graph.call_function(as_dtype, (n, dtype))
             n.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
