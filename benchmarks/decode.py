@@ -25,7 +25,8 @@ Rows (each with and without its own KV cache where it has one):
   and with the ``kivi4`` / ``kivi2`` KV presets (packed by the static build: codes and spread per-channel scales,
   sinks and the float window in a fixed ring, the past decoded once per step: ``backends/tvm/window_cache.py``)
   and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel), and the ``zip42`` one
-  (ZipCache's saliency and mixed-precision writes in the graph, an fp32 cache of their values);
+  (ZipCache's saliency and mixed-precision writes in the graph, packed with every token's codes at 4 bits,
+  the past decoded once per step: ``window_cache.zip_layout``);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -275,9 +276,9 @@ def main() -> None:
         kv_rows.append(("W4A16 g128 + kv8-fp8 packed", with_kv("w4a16-g128", "kv8-fp8"), "static"))
         # kv8-fp8-static: the same codes, one calibrated scale per layer (a constant of the build: no scale per token)
         kv_rows.append(("W4A16 g128 + kv8-fp8-static packed", with_kv("w4a16-g128", "kv8-fp8-static"), "static"))
-        # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph over an fp32
-        # cache holding the formats' values (not packed: backends/tvm/lower_window.py)
-        kv_rows.append(("W4A16 g128 + zip42 (fp32 cache)", with_kv("w4a16-g128", "zip42"), "static"))
+        # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph, held packed
+        # (every token's codes at 4 bits; backends/tvm/window_cache.zip_layout), the past decoded once per step
+        kv_rows.append(("W4A16 g128 + zip42 packed", with_kv("w4a16-g128", "zip42"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):

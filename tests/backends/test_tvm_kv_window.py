@@ -5,6 +5,7 @@ grouped heads), computed in the graph
 backend's logits and tokens for static and concat caches, across families; the writes differ from
 the float model (the test would notice a write that quantized nothing); RotateKV's grouped-head
 keys with reordered channels too; ZipCache's saliency-ranked mixed precision too."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -171,45 +172,60 @@ def test_windowed_write_function_equals_kv_append_at_every_release(heads, group,
         assert changed.tolist() == [lo <= t < hi for t in range(p + s)], (p, s)
 
 
-@pytest.mark.parametrize("fmt,axis,pre_rope", [
-    ("int4-g4-asym-fp16-dyn", "tokens", True),  # KIVI's keys: per channel over 4 tokens, pre-RoPE, rotated
-    ("int2-g8-asym-fp32-dyn", "head_dim", False),  # values: per token in groups of 8 along the head dim
+@pytest.mark.parametrize("fmt,axis,pre_rope,zipped", [
+    ("int4-g4-asym-fp16-dyn", "tokens", True, None),  # KIVI's keys: per channel over 4 tokens, pre-RoPE, rotated
+    ("int2-g8-asym-fp32-dyn", "head_dim", False, None),  # values: per token in groups of 8 along the head dim
+    # ZipCache: half of each write's blocks of 4 at 4 bits, the rest at 2; keys per channel over each block's
+    # salient / other tokens (32 pairs over 4 rows), values per token
+    ("int4-g8-asym-fp16-dyn", "tokens", True, ("int2-g8-asym-fp16-dyn", 0.5, 4)),
+    ("int4-g8-asym-fp16-dyn", "head_dim", False, ("int2-g8-asym-fp16-dyn", 0.25, 4)),
+    ("int8-g8-asym-fp32-dyn", "tokens", False, ("int4-g8-asym-fp32-dyn", 0.5, 64)),  # a block longer than 2 d
 ])
-def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope):
+def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope, zipped):
     """``window_cache.py``'s layout (reference ops): over a run of writes of every size (prefills that
     release several groups, decode steps, the ring wrapping several times), what ``kv_wpack_read``
     decodes from codes / spread scales / ring is the cache ``kv_append`` builds, and the past
-    ``kv_wpack_commit`` hands attention is ``kv_append``'s after the write."""
+    ``kv_wpack_commit`` hands attention is ``kv_append``'s after the write (ZipCache's too: every token's
+    codes at the high format's width, the salient flag beside the zero points)."""
     from finegrain.backends.tvm.window_cache import (commit_ref, kv_wpack_commit, kv_wpack_read, kv_wpack_rows,
                                                      window_layout)
-    from finegrain.compiler.ops import kv_append
+    from finegrain.compiler.ops import kv_append, kv_quantized_until
 
-    heads, d, window, sinks, length = 2, 16, 5, 1, 64
+    heads, d, window, sinks, length = 2, 16, 5, 1, 64 if zipped is None or zipped[2] < 64 else 200
     freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)) if pre_rope else None
-    lay = window_layout(fmt, axis, d, window, sinks)
-    assert lay["ring"] == sinks + window + (4 if axis == "tokens" else 1)
+    lay = window_layout(fmt, axis, d, window, sinks, None if zipped is None else (*zipped, False))
+    unit = zipped[2] if zipped else 4 if axis == "tokens" else 1
+    assert lay["ring"] == sinks + window + unit
+    if zipped:
+        assert lay["zcols"] == lay["cols"] + (axis == "tokens") and lay["words"] == d * int(fmt[3]) // 32
     sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
     codes = torch.zeros(1, length, heads, lay["words"], dtype=torch.int32)
     scales = torch.zeros(1, length, heads, lay["cols"], dtype=sdt)
-    zeros = torch.zeros(1, length, heads, lay["cols"], dtype=torch.uint8)
+    zeros = torch.zeros(1, length, heads, lay["zcols"], dtype=torch.uint8)
     ring = torch.zeros(1, lay["ring"], heads, d)
     opts = (freq, fmt, axis, window, sinks, pre_rope)
     g = torch.Generator().manual_seed(0)
     want, p = torch.zeros(1, heads, 0, d), 0
-    for s in (3, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 13, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 1):
+    sizes = (3, 1, 1, 9, 1, 1, 1, 1, 1, 1, 1, 1, 13, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 7, 1)
+    for s in sizes + ((70, 1, 1, 2, 40) if length > 64 else ()):
         new = torch.randn(1, heads, s, d, generator=g) * 3
-        read = kv_wpack_read(codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
+        score = torch.rand(1, heads, p + s, generator=g)
+        zopts = {} if zipped is None else dict(fmt_low=zipped[0], ratio=zipped[1], block=zipped[2])
+        sopts = {} if zipped is None else {"score": score, **zopts}
+        read = kv_wpack_read(codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **zopts)
         assert torch.allclose(read.transpose(1, 2), want, rtol=0, atol=1e-5 * (want.abs().max().item() if p else 0)), p
-        rows = [kv_wpack_rows(read, new, *opts, j) for j in range(3)]
-        past_att = kv_wpack_commit(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
-        commit_ref(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts)
-        want = kv_append(want, new, fmt, axis, window, sinks, freq, pre_rope)
+        rows = [kv_wpack_rows(read, new, *opts, j, **sopts) for j in range(3)]
+        past_att = kv_wpack_commit(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **sopts)
+        commit_ref(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **sopts)
+        want = kv_append(want, new, fmt, axis, window, sinks, freq, pre_rope,
+                         *(() if zipped is None else (score, *zipped, False)))
         assert torch.equal(past_att.transpose(1, 2), want[:, :, :p])
         for buf, r in zip((codes, scales, zeros), rows):
             buf[:, p:p + s] = r
         p += s
     assert p > 2 * lay["ring"]  # the ring wrapped; every token released so far has its code rows written
-    assert (codes[0, sinks:p - window - 3] != 0).flatten(1).any(-1).all()
+    qu = kv_quantized_until(p, lay["axis"], lay["unit"], window, sinks)
+    assert qu > p // 2 and (codes[0, sinks:qu] != 0).flatten(1).any(-1).all()
 
 
 @pytest.mark.parametrize("d,key_fmt,key_axis,pre_rope,rotated,value_fmt", [
@@ -386,13 +402,18 @@ def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, lo
 
 
 @pytest.mark.parametrize("family,kv,cache,prefill", [
-    ("llama", ZIP_CHANNEL, "static", 13),  # a deployment, also run by the standalone runtime script
+    ("llama", ZIP_CHANNEL, "static", 13),  # packed; a deployment, also run by the standalone runtime script
     ("qwen2", ZIP_TOKEN, "concat", 9),  # GQA, biases; ZipCache's token-wise keys with the channel normalizer
+    ("qwen2", ZIP_TOKEN, "static", 9),  # the channel normalizer is not packed: an fp32 cache, said so
+    ("llama", {**ZIP_CHANNEL, "kv_window": 0, "kv_rotate": False, "kv_zip_block": 8}, "static", 11),  # zip42's shape
 ])
 def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_path):
-    """ZipCache's writes and saliency lowered (an fp32 cache of the format's values): prefill + decode over
-    the TVM build give the reference backend's logits and tokens; a static build says the cache stays
-    fp32; ZipCache over RotateKV's grouped heads is refused by name."""
+    """ZipCache's writes and saliency lowered: prefill + decode over the TVM build give the reference
+    backend's logits and tokens. A static build holds them packed (``window_cache.zip_layout``: every
+    token's codes at the high format's width, per-channel key parameters of both subsets spread over
+    each block's rows with the salient flag beside them, values' per token, a ring of ``sinks + window +
+    block`` rows), but ZipCache's channel-normalized token-wise keys, which stay in an fp32 cache of the
+    format's values and say so; ZipCache over RotateKV's grouped heads is refused by name."""
     from finegrain.backends.tvm.lower_activations import TvmError
 
     model = _family(family)
@@ -404,16 +425,30 @@ def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_pa
                               progress=False, kv_cache=True)
     assert _rel(_incremental(plain, x, prefill=prefill)[0], ref) > 1e-3  # the low format is used: not KIVI-4
     prompt = x[:, :prefill]
-    if cache == "static":
-        with pytest.warns(UserWarning, match="ZipCache's mixed-precision writes stay in an fp32 cache"):
-            cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
-    with cm.session("tvm", **({"path": tmp_path / "dep"} if cache == "static" else
-                               {"target": TARGET, "max_seq_len": 48, "cache": cache})) as s:
+    packed = cache == "static" and kv is not ZIP_TOKEN
+    deployed = packed and kv is ZIP_CHANNEL
+    if deployed:
+        cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
+    said = (pytest.warns(UserWarning, match="ZipCache's channel-normalized token-wise writes stay in an fp32 cache")
+            if cache == "static" and not packed else contextlib.nullcontext())
+    with said:
+        session = cm.session("tvm", **({"path": tmp_path / "dep"} if deployed else
+                                        {"target": TARGET, "max_seq_len": 48, "cache": cache}))
+    with session as s:
         inc, state = _incremental(s, x, prefill=prefill)
         assert _rel(ref, inc) <= 1e-4, _rel(ref, inc)
         assert s.generate(prompt, 10).tokens == cm.generate(prompt, 10).tokens
-    if cache == "static":
-        assert [tuple(p.shape) for p in state["past"]][:2] == [(1, 48, cm.kv["kv_heads"], cm.kv["head_dim"])] * 2
+    h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
+    shapes = [tuple(p.shape) for p in state["past"]]
+    if packed:  # keys: 4-bit codes (the 2-bit tokens' too), 2 d pairs of a block over its rows + the flag column;
+        # values: 4-bit codes, d / 8 groups per token; rings of sinks + window + block rows
+        block, ring = kv["kv_zip_block"], 1 + kv["kv_window"] + kv["kv_zip_block"]
+        cols = 2 * d // block
+        assert shapes[:8] == [(1, 48, h, d // 8), (1, 48, h, cols), (1, 48, h, cols + 1), (1, ring, h, d),
+                              (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, ring, h, d)], shapes
+    elif cache == "static":
+        assert shapes[:2] == [(1, 48, h, d)] * 2
+    if deployed:
         assert _standalone_tokens(tmp_path / "dep", prompt) == cm.generate(prompt, 10).tokens
         grouped = finegrain.compile(model, (ids,), recipe=_recipe(**{**ZIP_TOKEN, "kv_pre_rope": True,
                                                                         "kv_head_group": 2}),

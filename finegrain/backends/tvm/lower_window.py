@@ -34,9 +34,10 @@ arguments: tokens are released in blocks, ranked within the write by the score (
 the tokens scored higher, earlier ones first among equals) and fake-quantized in the high or the low
 format (token-wise after the per-channel normalizer, or per channel over each block's two subsets);
 the score is ``finegrain::kv_saliency``'s, lowered as one TE function over the probe queries that
-``compiler.ops.probe_counts`` picks from the run-time chunk length. They stay in an fp32 cache (not
-packed; a static build says so); over RotateKV's grouped heads they are refused by name
-(``base.windowed_kv_refusal``)."""
+``compiler.ops.probe_counts`` picks from the run-time chunk length. A concat build holds them in an
+fp32 cache; a static build packs them (``window_cache.zip_layout``), but for ZipCache's
+channel-normalized token-wise keys (an fp32 cache, said so); over RotateKV's grouped heads they are
+refused by name (``base.windowed_kv_refusal``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -240,8 +241,10 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             x = _from_head_groups(_fake_quant(_to_head_groups(x, perm, head_group, fwd), f, axis, n), perm, heads, inv)
             x = _rope(x, tables, False)
             return a, n, (_fwht(x) if rotated else x), xin
-        if rows is not None:  # the packed cache's rows of the released tokens
-            return _span_rows(rope_space(seg, True), rows, n)
+        if rows is not None:  # the packed cache's rows of the released tokens (ZipCache: ranked by the score)
+            sal = (_zip_salient(lambda b, h, i: score[b, h, a + i], b_, heads, n, float(zipped[1]))
+                   if zipped is not None else None)
+            return _span_rows(rope_space(seg, True), rows, n, sal)
         if zipped is not None:
             low, ratio, block, channel_norm = zipped
             x = _zip_fake_quant(rope_space(seg, True), lambda b, h, i: score[b, h, a + i], f, QuantFormat.parse(low),
@@ -353,16 +356,21 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     # ---- the packed windowed cache (window_cache.py) ----
 
-    def packed_args(importer, node, first: int, d_arg: int):
+    def packed_args(importer, node, first: int, d_arg: int, zip_at: int, score: bool = True):
         """``(extra, spec, lay, args)`` of a ``kv_wpack_*`` node whose options start at argument
-        ``first``; argument ``d_arg`` ends in the head dim."""
+        ``first``; argument ``d_arg`` ends in the head dim; ZipCache's arguments (``score`` if the op
+        takes it, then ``fmt_low``, ``ratio``, ``block``) from ``zip_at`` (``extra`` ends in the score)."""
         from finegrain.backends.tvm.window_cache import window_layout
 
         args = list(importer.retrieve_args(node))
         inv_freq, fmt, axis, window, sinks, rotated = args[first:first + 6]
+        tail = list(args[zip_at:]) if len(args) > zip_at else []
+        sc = tail.pop(0) if score and tail else None
+        zipped = (tail[0], float(tail[1]), int(tail[2]), False) if tail and tail[0] is not None else None
         d = int(args[d_arg].ty.shape[-1])
-        lay = window_layout(fmt, axis, d, window, sinks)
-        return ([inv_freq] if inv_freq is not None else []), (fmt, axis, window, sinks, rotated, 1, None), lay, args
+        lay = window_layout(fmt, axis, d, window, sinks, zipped)
+        extra = ([inv_freq] if inv_freq is not None else []) + ([sc] if zipped is not None and sc is not None else [])
+        return extra, (fmt, axis, window, sinks, rotated, 1, zipped), lay, args
 
     def span_rows(bb, node, read, new, extra, spec, lay, ring=None):
         key = (id(bb), str(node.args[0]), str(node.args[1]), "rows")
@@ -379,12 +387,13 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         from finegrain.backends.tvm.window_cache import read_func
 
         bb = importer.block_builder
-        extra, spec, lay, args = packed_args(importer, node, 4, 3)
+        extra, spec, lay, args = packed_args(importer, node, 4, 3, 10, score=False)
         codes, scales, zeros, ring = args[:4]
         b_, _, heads, _ = (int(x) if isinstance(x, tirx.IntImm) else x for x in codes.ty.shape)
         half = int(extra[0].ty.shape[0]) if extra else 0
         key = (f"{prefix}kv_wpack_read_b{b_}_h{heads}_d{lay['d']}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
-               f"{lay['axis']}_{lay['bits']}_{lay['scale']}_r{half}_{int(bool(spec[4]))}")
+               f"{lay['axis']}_{lay['bits']}_{lay['scale']}_r{half}_{int(bool(spec[4]))}_c{lay['cols']}_{lay['zcols']}_"
+               f"{int(lay['spread'])}")
         if key not in funcs:
             func = read_func(b_, heads, lay, half, bool(spec[4]))
             funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
@@ -419,14 +428,14 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     def packed_rows(node, importer):
         bb = importer.block_builder
-        extra, spec, lay, args = packed_args(importer, node, 2, 1)
+        extra, spec, lay, args = packed_args(importer, node, 2, 1, 9)
         read, new, part = args[0], args[1], int(args[8])
         ring = fused_ring(importer, node)
         if ring is not None and lay["window"] >= 1:  # the step's one token is not released: its rows are zeros
             import numpy as np
 
             b_, heads, sn = (int(new.ty.shape[i]) for i in range(3))
-            width = lay["words"] if part == 0 else lay["cols"]
+            width = (lay["words"], lay["cols"], lay["zcols"])[part]
             return relax.const(np.zeros((b_, sn, heads, width), ("int32", lay["scale"], "uint8")[part]))
         rows = span_rows(bb, node, read, new, extra, spec, lay, ring)
         read = ring[1] if ring is not None else read  # only its length is read
@@ -448,13 +457,13 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
 
     def packed_commit(node, importer):
         bb = importer.block_builder
-        extra, spec, lay, args = packed_args(importer, node, 6, 1)
+        extra, spec, lay, args = packed_args(importer, node, 6, 1, 12)
         read, new, codes, scales, zeros, ring = args[:6]
         fused = fused_ring(importer, node)
         rows = span_rows(bb, node, read, new, extra, spec, lay, fused)
         b_, _, heads, d = (int(x) if isinstance(x, tirx.IntImm) else x for x in read.ty.shape)
         key = (f"{prefix}kv_wpack_commit_b{b_}_h{heads}_d{d}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
-               f"{lay['axis']}_{lay['bits']}_{lay['scale']}{'_ring' if fused else ''}")
+               f"{lay['axis']}_{lay['bits']}_{lay['scale']}_c{lay['cols']}_{lay['zcols']}{'_ring' if fused else ''}")
         if key not in funcs:
             func = _commit_in_place(b_, heads, d, lay, with_read=fused is None)
             funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
@@ -514,7 +523,7 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
     from finegrain.backends.tvm.window_cache import ring_row
 
     window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
-    w, cols, sdt = lay["words"], lay["cols"], lay["scale"]
+    w, cols, zcols, sdt = lay["words"], lay["cols"], lay["zcols"], lay["scale"]
 
     def quantized_until(t):
         return kv_quantized_until(t, lay["axis"], unit, window, sinks, T.max)
@@ -529,6 +538,7 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
                     c[bi, a + i, h, k] = wc[bi, i, h, k]
                 for k in range(cols):
                     s[bi, a + i, h, k] = ws[bi, i, h, k]
+                for k in range(zcols):
                     z[bi, a + i, h, k] = wz[bi, i, h, k]
         for bi, i, h, k in T.grid(batch, sn, heads, d):
             if T.Or(p + i < sinks, p + i >= qu):  # a sink, or a token still in float
@@ -544,12 +554,12 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
             sn = T.int64()
             c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
             s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
-            z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+            z = T.match_buffer(z_h, (batch, p, heads, zcols), "uint8")
             ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), "float32")
             x = T.match_buffer(x_h, (batch, p, heads, d), "float32")
             wc = T.match_buffer(wc_h, (batch, n, heads, w), "int32")
             ws = T.match_buffer(ws_h, (batch, n, heads, cols), sdt)
-            wz = T.match_buffer(wz_h, (batch, n, heads, cols), "uint8")
+            wz = T.match_buffer(wz_h, (batch, n, heads, zcols), "uint8")
             y = T.match_buffer(y_h, (batch, heads, n, d), "float32")
             nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
             commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn)
@@ -570,11 +580,11 @@ def _commit_in_place(batch: int, heads: int, d: int, lay: dict, with_read: bool 
         sn = T.int64()
         c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
         s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
-        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        z = T.match_buffer(z_h, (batch, p, heads, zcols), "uint8")
         ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), "float32")
         wc = T.match_buffer(wc_h, (batch, n, heads, w), "int32")
         ws = T.match_buffer(ws_h, (batch, n, heads, cols), sdt)
-        wz = T.match_buffer(wz_h, (batch, n, heads, cols), "uint8")
+        wz = T.match_buffer(wz_h, (batch, n, heads, zcols), "uint8")
         nw = T.match_buffer(nw_h, (batch, heads, sn, d), "float32")
         commit(c, s, z, ring, wc, ws, wz, nw, p, n, sn)
 
@@ -813,15 +823,7 @@ def _zip_fake_quant(x, score, f: QuantFormat, low: QuantFormat, ratio: float, bl
     from tvm import te, tirx
 
     b_, heads, _, d = x.shape
-    j = te.reduce_axis((0, n), "j")
-    rank = te.compute((b_, heads, n), lambda b, h, i: te.sum(tirx.Select(tirx.Or(
-        score(b, h, j) > score(b, h, i), tirx.all(score(b, h, j) == score(b, h, i), j < i)), 1, 0), axis=j),
-        name="kv_zip_rank")
-    k = tirx.nearbyint(tirx.Cast("float64", n) * tirx.const(ratio, "float64")).astype("int64")
-
-    def salient(b, h, i):
-        return rank[b, h, i] < k
-
+    salient = _zip_salient(score, b_, heads, n, ratio)
     if per_channel:
         hi = _fake_quant(x, f, "tokens", n, block, salient)
         lo = _fake_quant(x, low, "tokens", n, block, lambda b, h, i: tirx.Not(salient(b, h, i)))
@@ -841,6 +843,20 @@ def _zip_fake_quant(x, score, f: QuantFormat, low: QuantFormat, ratio: float, bl
         return v * norm[b, h, i // block, c] if channel_norm else v
 
     return te.compute(x.shape, body, name="kv_zip_mixed")
+
+
+def _zip_salient(score, batch, heads, n, ratio: float):
+    """``salient(b, h, i)``: whether released token ``i`` of ``n`` (scores ``score(b, h, i)``) is among the
+    ``round(ratio * n)`` of highest score of its (batch, head) (``compiler.ops.zip_salient``): its rank
+    counts the tokens of higher score (of an equal score, the earlier ones), ``round`` half to even."""
+    from tvm import te, tirx
+
+    j = te.reduce_axis((0, n), "j")
+    rank = te.compute((batch, heads, n), lambda b, h, i: te.sum(tirx.Select(tirx.Or(
+        score(b, h, j) > score(b, h, i), tirx.all(score(b, h, j) == score(b, h, i), j < i)), 1, 0), axis=j),
+        name="kv_zip_rank")
+    k = tirx.nearbyint(tirx.Cast("float64", n) * tirx.const(ratio, "float64")).astype("int64")
+    return lambda b, h, i: rank[b, h, i] < k
 
 
 def _saliency(q, past, new, probes: float, scale: float, release: tuple | None = None, token_major: bool = False):
@@ -912,33 +928,54 @@ def _int_code(v, scale, zero, lo_code: int, hi_code: int):
     return tirx.max(tirx.min(tirx.nearbyint(v / scale) + zero, float(hi_code)), float(lo_code))
 
 
-def _span_rows(x, lay: dict, n):
+def _span_rows(x, lay: dict, n, salient=None):
     """The packed rows (``window_cache.encode_span``) of the released tokens ``x`` ``[B, H, n, d]`` (in
-    the space they are quantized in): token-major code words ``[B, n, H, W]``, scales and zero points
-    ``[B, n, H, C]`` (per-channel keys: each group's parameters spread over its rows)."""
-    from tvm import te
+    the space they are quantized in): token-major code words ``[B, n, H, W]``, scales ``[B, n, H, C]`` and
+    zero points ``[B, n, H, C | C + 1]`` (parameters spread: each unit's parameter pairs over its rows).
+    ZipCache (``lay["low"]``): ``salient(b, h, i)`` picks each token's format, codes at the high
+    format's width, per-channel pairs of both subsets spread, the flag in the last zero-point column."""
+    from tvm import te, tirx
 
     from finegrain.backends.tvm.lower_cache import packed_word
 
     f = QuantFormat.parse(lay["format"])
     b_, heads, _, d = x.shape
     d = int(d)
-    lo_code, hi_code = f.family.code_range(f)
-    tokens = lay["axis"] == "tokens"
-    g, scale, zero = _quant_params(x, f, lay["axis"], n)
-    bits, w, cols = lay["bits"], lay["words"], lay["cols"]
+    spread, unit, bits, w, cols, pairs = lay["spread"], lay["unit"], lay["bits"], lay["words"], lay["cols"], lay["pairs"]
+    axis = "tokens" if spread else "head_dim"
+    fl = QuantFormat.parse(lay["low"]) if lay.get("low") is not None else None
+    g, scale, zero = _quant_params(x, f, axis, n, unit if spread else None, salient)
+    if fl is not None:
+        _, scale_l, zero_l = _quant_params(x, fl, axis, n, unit if spread else None,
+                                           lambda b, h, i: tirx.Not(salient(b, h, i)))
 
     def u(b, i, h, c):
-        idx = (b, h, i // g, c) if tokens else (b, h, i, c // g)
-        return (_int_code(x[b, h, i, c], scale(*idx), zero(*idx), lo_code, hi_code) - float(lo_code)).astype("int32")
+        idx = (b, h, i // g, c) if spread else (b, h, i, c // g)
+        code = _int_code(x[b, h, i, c], scale(*idx), zero(*idx), *f.family.code_range(f))
+        if fl is not None:
+            code = tirx.Select(salient(b, h, i), code, _int_code(x[b, h, i, c], scale_l(*idx), zero_l(*idx),
+                                                                 *fl.family.code_range(fl)))
+        return (code - float(lay["lo"])).astype("int32")
 
-    def param(t, dtype):
+    def param(hi, lo, dtype, flag: bool = False):
         def body(b, i, h, c):
-            idx = (b, h, i // g, (i % g) * cols + c) if tokens else (b, h, i, c)
-            return t(*idx).astype(dtype)
+            if not spread:
+                v = hi(b, h, i, c) if lo is None else tirx.Select(salient(b, h, i), hi(b, h, i, c), lo(b, h, i, c))
+                return v.astype(dtype)
+            pi = (i % g) * cols + c  # the pair this row and column hold: the high subset's d, then the low's
+            v = hi(b, h, i // g, tirx.min(pi, d - 1))
+            if lo is not None:
+                v = tirx.Select(pi < d, v, lo(b, h, i // g, tirx.max(tirx.min(pi - d, d - 1), 0)))
+            v = tirx.Select(pi < pairs, v, tirx.const(0.0, "float32")).astype(dtype)
+            if flag:
+                v = tirx.Select(c == cols, salient(b, h, i).astype(dtype), v)
+            return v
         return body
 
+    zc = lay["zcols"]
     return (te.compute((b_, n, heads, w), lambda b, i, h, k: packed_word(u, w, bits, b, i, h, k),
                        name="kv_span_codes"),
-            te.compute((b_, n, heads, cols), param(scale, lay["scale"]), name="kv_span_scales"),
-            te.compute((b_, n, heads, cols), param(zero, "uint8"), name="kv_span_zeros"))
+            te.compute((b_, n, heads, cols), param(scale, scale_l if fl is not None else None, lay["scale"]),
+                       name="kv_span_scales"),
+            te.compute((b_, n, heads, zc), param(zero, zero_l if fl is not None else None, "uint8", zc > cols),
+                       name="kv_span_zeros"))

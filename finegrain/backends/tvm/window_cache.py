@@ -36,8 +36,18 @@ queries' space with one FWHT and its RoPE, shared by the query heads reading it;
 per-token packed cache's kernel does). Prefill still decodes the past once per layer through
 ``kv_wpack_read``.
 
+**ZipCache's** saliency-ranked writes (``kv_append`` with a score) take the same four buffers
+(:func:`zip_layout`, since 2026-12-06): tokens released a block at a time, every token's codes at the
+high format's width (a 2-bit token's codes in the low bits of 4-bit fields: the code rows cost what the
+high format's would, not the mixed average, because this runtime holds one fixed-width row per token),
+per-channel key parameters of both subsets (salient, other) spread over each block's rows with one more
+zero-point column holding each token's salient flag, values' parameters per token in whichever format
+it took. ``kv_wpack_rows`` / ``kv_wpack_commit`` take the score and rank the released tokens as
+``kv_append`` does; decode reads the decoded past (no in-place attention kernel for this layout).
+
 Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
-grouped heads, groups that do not divide the head dim, layers whose keys or values are not windowed."""
+grouped heads, groups that do not divide the head dim, ZipCache's channel-normalized token-wise writes,
+layers whose keys or values are not windowed."""
 from __future__ import annotations
 
 from typing import Optional
@@ -51,12 +61,16 @@ from finegrain.compiler.ops import _hadamard, _rope, kv_quantized_span, kv_quant
 from finegrain.formats import QuantFormat
 
 
-def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int) -> dict | str:
-    """The packed layout of a windowed KV write (``lower_cache.kv_layout``'s, plus ``axis``, ``unit``
-    (tokens released together), ``cols`` (parameters per row), ``window``, ``sinks``, ``ring`` rows),
-    or why it has none (a string)."""
+def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int, zipped: tuple | None = None) -> dict | str:
+    """The packed layout of a windowed KV write (``lower_cache.kv_layout``'s, plus ``axis`` and ``unit``
+    (the release rule: tokens released together), ``spread`` (the parameters are per channel, spread
+    over each unit's rows), ``cols`` / ``zcols`` (scales / zero points per row), ``window``, ``sinks``,
+    ``ring`` rows), or why it has none (a string). ``zipped``: ZipCache's ``(fmt_low, ratio, block,
+    channel_norm)`` (:func:`zip_layout`)."""
     from finegrain.backends.tvm.lower_cache import kv_layout
 
+    if zipped is not None:
+        return zip_layout(fmt, axis, d, window, sinks, zipped)
     f = QuantFormat.parse(fmt)
     if f.kind != "int" or f.symmetric:
         return f"{f.tag}: windowed writes are packed for asymmetric integer formats; this one stays in an fp32 cache"
@@ -69,8 +83,53 @@ def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int) -> dict 
     if isinstance(lay, str):
         return lay
     cols = d // unit if tokens else d // lay["group"]
-    return {**lay, "axis": axis, "unit": unit, "cols": cols, "window": int(window), "sinks": int(sinks),
-            "ring": int(sinks) + int(window) + unit, "format": fmt}
+    return {**lay, "axis": axis, "unit": unit, "spread": tokens, "cols": cols, "zcols": cols, "pairs": d,
+            "window": int(window), "sinks": int(sinks), "ring": int(sinks) + int(window) + unit, "format": fmt}
+
+
+def zip_layout(fmt: str, axis: str, d: int, window: int, sinks: int, zipped: tuple) -> dict | str:
+    """ZipCache's packed layout (a write with a saliency score; ``zipped`` its ``(fmt_low, ratio, block,
+    channel_norm)``), or why it has none: tokens released ``block`` at a time (``axis`` "tokens", ``unit``
+    the block; the ring holds ``sinks + window + block`` rows); **every token's codes at the high format's
+    width** (a low-precision token's codes sit in its low bits: the code rows take the high format's
+    bytes, ``1 + (hi - lo) / lo x (1 - ratio)`` times what a mixed-width layout would, which this
+    runtime's one-row-per-token buffers cannot hold); parameters in the token's own format:
+    per token in groups along the head dim (``axis`` "head_dim"), or per channel over each block's
+    salient and other tokens (``"tokens"``: the block's ``2 d`` (scale, zero) pairs, the salient
+    subset's first, spread over its rows, ``cols`` per row, and one more zero-point column holding each
+    token's salient flag). Needs both formats asymmetric integers with the same scale type (and the
+    same groups along the head dim); the channel normalizer of ZipCache's own token-wise keys is not
+    held (those stay in an fp32 cache)."""
+    from finegrain.backends.tvm.lower_cache import kv_layout
+
+    low, ratio, block, channel_norm = zipped
+    block = int(block)
+    if channel_norm:
+        return "ZipCache's channel-normalized token-wise writes stay in an fp32 cache"
+    hi, lo = QuantFormat.parse(fmt), QuantFormat.parse(low)
+    for f in (hi, lo):
+        if f.kind != "int" or f.symmetric:
+            return f"{f.tag}: ZipCache's writes are packed for asymmetric integer formats; this one stays in an fp32 cache"
+    if lo.bits > hi.bits or lo.scale != hi.scale:
+        return f"ZipCache's {low} is wider than {fmt} or has another scale type: the write stays in an fp32 cache"
+    spread = axis == "tokens"
+    if spread:
+        if (2 * d) % block and block % (2 * d):
+            return (f"ZipCache's blocks of {block} tokens do not spread the {2 * d} per-channel parameter pairs of a "
+                    "block evenly over its rows")
+        lay = kv_layout(hi, d)
+        cols = max(2 * d // block, 1)
+        zcols = cols + 1
+    else:
+        if (hi.group_size or d) != (lo.group_size or d) or d % (hi.group_size or d):
+            return f"ZipCache's {fmt} and {low} do not share groups dividing the head dim {d}"
+        lay = kv_layout(hi, d)
+        cols = zcols = d // lay["group"]
+    if isinstance(lay, str):
+        return lay
+    return {**lay, "axis": "tokens", "unit": block, "spread": spread, "cols": cols, "zcols": zcols,
+            "pairs": 2 * d if spread else d, "window": int(window), "sinks": int(sinks),
+            "ring": int(sinks) + int(window) + block, "format": fmt, "low": low, "ratio": float(ratio)}
 
 
 def ring_row(t, lay: dict, select=None):
@@ -92,43 +151,78 @@ def _space(x: torch.Tensor, start: int, inv_freq, rotated: bool, inverse: bool) 
     return _hadamard(x) if rotated else x
 
 
-def encode_span(seg: torch.Tensor, lay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_span(seg: torch.Tensor, lay: dict, salient: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token-major rows ``(codes, scales, zeros)`` ``[B, n, H, W | C]`` of the released tokens ``seg``
-    (head-major ``[B, H, n, d]``, in the space they are quantized in; ``n`` whole groups on the
-    ``tokens`` axis), quantized as ``kv_append`` quantizes them."""
+    (head-major ``[B, H, n, d]``, in the space they are quantized in; ``n`` whole units when the
+    parameters are spread), quantized as ``kv_append`` quantizes them. ZipCache (``lay["low"]``):
+    ``salient`` ``[B, H, n]`` says which tokens take the high format."""
+    from finegrain.compiler.ops import zip_block_format, zip_subset_rows
+
     f = QuantFormat.parse(lay["format"])
     b, h, n, d = seg.shape
-    bits, c = lay["bits"], lay["cols"]
-    if lay["axis"] == "tokens":  # per channel over groups of G tokens: [B, H, d, n / G] parameters
+    bits, c, unit = lay["bits"], lay["cols"], lay["unit"]
+    flag = None
+    if lay.get("low") is not None:  # ZipCache: each token in its subset's format, at the high format's width
+        fl = QuantFormat.parse(lay["low"])
+        sal = salient.bool()
+        if lay["spread"]:  # per channel over each block's salient / other tokens: [B, H, blocks, 2 d] pairs
+            xt = seg.reshape(b, h, n // unit, unit, d).transpose(3, 4)
+            codes = torch.zeros(b, h, n, d, dtype=torch.int64)
+            pairs = []
+            for fmt, member in ((f, sal), (fl, ~sal)):
+                _, filled = zip_subset_rows(xt, member.reshape(b, h, n // unit, unit))
+                q = zip_block_format(fmt).quantize(filled)
+                codes = torch.where(member[..., None], q.codes.transpose(3, 4).reshape(b, h, n, d).long(), codes)
+                pairs.append((q.scale[..., 0], q.zero[..., 0]))
+            params = [torch.cat([pairs[0][k], pairs[1][k]], -1) for k in (0, 1)]
+            flag = sal
+        else:  # the token's own parameters, in groups along the head dim
+            qh, ql = f.quantize(seg), fl.quantize(seg)
+            codes = torch.where(sal[..., None], qh.codes.long(), ql.codes.long())
+            params = [torch.where(sal[..., None], hi_p.reshape(b, h, n, c), lo_p.reshape(b, h, n, c))
+                      for hi_p, lo_p in ((qh.scale, ql.scale), (qh.zero, ql.zero))]
+    elif lay["spread"]:  # per channel over groups of G tokens: [B, H, n / G, d] parameters
         q = f.quantize(seg.transpose(2, 3).contiguous())
         codes = q.codes.transpose(2, 3)
-        g = lay["unit"]
-        # group j's parameters of channels [r * C, (r + 1) * C) on its row r: [B, H, n / G, G, C] -> rows
-        spread = [t.reshape(b, h, d, n // g).permute(0, 1, 3, 2).reshape(b, h, n // g, g, c).reshape(b, h, n, c)
-                  for t in (q.scale, q.zero)]
+        params = [t.reshape(b, h, d, n // unit).transpose(2, 3) for t in (q.scale, q.zero)]
     else:
         q = f.quantize(seg)
         codes = q.codes
-        spread = [q.scale.reshape(b, h, n, c), q.zero.reshape(b, h, n, c)]
+        params = [q.scale.reshape(b, h, n, c), q.zero.reshape(b, h, n, c)]
+    if lay["spread"]:  # each unit's parameter pairs over its first pairs / C rows, C per row
+        rows = lay["pairs"] // c
+        spread = []
+        for t in params:
+            out = torch.zeros(b, h, n // unit, unit, c, dtype=t.dtype)
+            out[:, :, :, :rows] = t.reshape(b, h, n // unit, rows, c)
+            spread.append(out.reshape(b, h, n, c))
+        params = spread
     words = pack_words(codes.to(torch.int64) - lay["lo"], bits)
     sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
-    return (words.transpose(1, 2).contiguous(), spread[0].to(sdt).transpose(1, 2).contiguous(),
-            spread[1].to(torch.uint8).transpose(1, 2).contiguous())
+    zeros = params[1].to(torch.uint8)
+    if flag is not None:  # the salient flag in the last zero-point column
+        zeros = torch.cat([zeros, flag.to(torch.uint8)[..., None]], -1)
+    return (words.transpose(1, 2).contiguous(), params[0].to(sdt).transpose(1, 2).contiguous(),
+            zeros.transpose(1, 2).contiguous())
 
 
 def decode_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, lay: dict, start: int,
                 n: int) -> torch.Tensor:
     """The values (in the space they were quantized in) of cached tokens ``start .. start + n``, head-major
-    ``[B, H, n, d]`` (``start`` the first token after the sinks: groups are aligned to it)."""
+    ``[B, H, n, d]`` (``start`` the first token after the sinks: units are aligned to it)."""
     d, c = lay["d"], lay["cols"]
     u = unpack_words(codes[:, start:start + n], lay["bits"]).float() + lay["lo"]
     s = scales[:, start:start + n].float()
-    z = zeros[:, start:start + n].float() if zeros is not None and lay["asym"] else torch.zeros_like(s)
+    z = zeros[:, start:start + n, :, :c].float() if zeros is not None and lay["asym"] else torch.zeros_like(s)
     b, _, h, _ = s.shape
-    if lay["axis"] == "tokens":  # row r of each group holds channels [r * C, (r + 1) * C) of the group's parameters
-        g = lay["unit"]
-        s, z = (t.reshape(b, n // g, g, h, c).permute(0, 1, 3, 2, 4).reshape(b, n // g, h, d).repeat_interleave(g, 1)
-                for t in (s, z))
+    if lay["spread"]:  # each unit's parameter pairs from its first pairs / C rows
+        g, rows = lay["unit"], lay["pairs"] // c
+        s, z = (t.reshape(b, n // g, g, h, c)[:, :, :rows].permute(0, 1, 3, 2, 4).reshape(b, n // g, h, lay["pairs"])
+                .repeat_interleave(g, 1) for t in (s, z))
+        if lay.get("low") is not None:  # ZipCache: the salient tokens' channels first, then the others'
+            sal = zeros[:, start:start + n, :, c:c + 1].bool()
+            s, z = (torch.where(sal, t[..., :d], t[..., d:]) for t in (s, z))
     else:
         s, z = (t.repeat_interleave(d // c, -1) for t in (s, z))
     return ((u - z) * s).transpose(1, 2).contiguous()
@@ -147,8 +241,8 @@ def _read(codes, scales, zeros, ring, inv_freq, lay: dict, rotated: bool) -> tor
     return out
 
 
-def _layout_of(fmt, axis, window, sinks, d) -> dict:
-    lay = window_layout(fmt, axis, d, window, sinks)
+def _layout_of(fmt, axis, window, sinks, d, fmt_low=None, ratio=1.0, block=1) -> dict:
+    lay = window_layout(fmt, axis, d, window, sinks, None if fmt_low is None else (fmt_low, ratio, block, False))
     if isinstance(lay, str):
         raise ValueError(lay)
     return lay
@@ -157,57 +251,67 @@ def _layout_of(fmt, axis, window, sinks, d) -> dict:
 @torch.library.custom_op("finegrain::kv_wpack_read", mutates_args=())
 def kv_wpack_read(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], ring: torch.Tensor,
                   inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int,
-                  rotated: bool) -> torch.Tensor:
-    """The cached keys / values ``[B, P, Hkv, d]`` (fp32, attention's space) a packed windowed cache holds."""
-    return _read(codes, scales, zeros, ring, inv_freq, _layout_of(fmt, axis, window, sinks, ring.shape[-1]), rotated)
+                  rotated: bool, fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
+    """The cached keys / values ``[B, P, Hkv, d]`` (fp32, attention's space) a packed windowed cache holds
+    (ZipCache's: ``fmt_low``, ``ratio``, ``block``)."""
+    lay = _layout_of(fmt, axis, window, sinks, ring.shape[-1], fmt_low, ratio, block)
+    return _read(codes, scales, zeros, ring, inv_freq, lay, rotated)
 
 
 @kv_wpack_read.register_fake
-def _(codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated):
+def _(codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, fmt_low=None, ratio=1.0, block=1):
     return codes.new_empty((*codes.shape[:-1], ring.shape[-1]), dtype=torch.float32)
 
 
-def _span(read, new, inv_freq, lay, rotated):
-    """``(a, b, rows)``: the write's released tokens ``[a, b)`` and their ``encode_span`` rows."""
+def _span(read, new, inv_freq, lay, rotated, score=None):
+    """``(a, b, rows)``: the write's released tokens ``[a, b)`` and their ``encode_span`` rows (ZipCache:
+    the salient ones picked from ``score`` as ``kv_append`` picks them)."""
+    from finegrain.compiler.ops import zip_salient
+
     p, sn = read.shape[1], new.shape[2]
     a, b = kv_quantized_span(lay["axis"], lay["unit"], p, p + sn, lay["window"], lay["sinks"])
     if a >= b:
         return a, b, None
     full = torch.cat([read.transpose(1, 2), new.float()], 2)
-    return a, b, encode_span(_space(full[:, :, a:b].float(), a, inv_freq, rotated, inverse=True), lay)
+    sal = zip_salient(score[:, :, a:b], lay["ratio"]) if lay.get("low") is not None else None
+    return a, b, encode_span(_space(full[:, :, a:b].float(), a, inv_freq, rotated, inverse=True), lay, sal)
 
 
 _ROW_DTYPES = {0: torch.int32, 2: torch.uint8}
 
 
+def _row_width(lay: dict, part: int) -> int:
+    return (lay["words"], lay["cols"], lay["zcols"])[part]
+
+
 @torch.library.custom_op("finegrain::kv_wpack_rows", mutates_args=())
 def kv_wpack_rows(read: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
-                  window: int, sinks: int, rotated: bool, part: int) -> torch.Tensor:
+                  window: int, sinks: int, rotated: bool, part: int, score: Optional[torch.Tensor] = None,
+                  fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
     """Part ``part`` (0 codes, 1 scales, 2 zero points) of the new tokens' rows ``[B, S, Hkv, W | C]``:
     those this write releases quantized, the others zero (they are in the ring)."""
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
     p, sn = read.shape[1], new.shape[2]
-    a, b, rows = _span(read, new, inv_freq, lay, rotated)
-    width = lay["words"] if part == 0 else lay["cols"]
+    a, b, rows = _span(read, new, inv_freq, lay, rotated, score)
     dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
-    out = torch.zeros(new.shape[0], sn, new.shape[1], width, dtype=dt)
+    out = torch.zeros(new.shape[0], sn, new.shape[1], _row_width(lay, part), dtype=dt)
     for t in range(max(a, p), b):
         out[:, t - p] = rows[part][:, t - a]
     return out
 
 
 @kv_wpack_rows.register_fake
-def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part):
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part, score=None, fmt_low=None, ratio=1.0, block=1):
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
     dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
-    return new.new_empty((new.shape[0], new.shape[2], new.shape[1], lay["words"] if part == 0 else lay["cols"]),
-                         dtype=dt)
+    return new.new_empty((new.shape[0], new.shape[2], new.shape[1], _row_width(lay, part)), dtype=dt)
 
 
 @torch.library.custom_op("finegrain::kv_wpack_commit", mutates_args=())
 def kv_wpack_commit(read: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                     zeros: Optional[torch.Tensor], ring: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str,
-                    axis: str, window: int, sinks: int, rotated: bool) -> torch.Tensor:
+                    axis: str, window: int, sinks: int, rotated: bool, score: Optional[torch.Tensor] = None,
+                    fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
     """The past attention reads after a write of ``new``: ``read`` with the rows this write releases
     quantized (reference implementation). Its TVM lowering also writes, in place, those rows' codes /
     scales / zero points into the ``codes`` / ``scales`` / ``zeros`` buffers and the new tokens still in
@@ -215,24 +319,27 @@ def kv_wpack_commit(read: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, 
     an fp32 cache in place; the op is declared functional so that the graph exports."""
     from finegrain.backends.tvm.lower_window import kv_window_past
 
-    return kv_window_past(read, new, inv_freq, fmt, axis, window, sinks, rotated)
+    zip_args = () if fmt_low is None else (None, 1, score, fmt_low, ratio, block, False)
+    return kv_window_past(read, new, inv_freq, fmt, axis, window, sinks, rotated, *zip_args)
 
 
 @kv_wpack_commit.register_fake
-def _(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated):
+def _(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, score=None, fmt_low=None,
+      ratio=1.0, block=1):
     return torch.empty_like(read)
 
 
-def commit_ref(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated) -> None:
+def commit_ref(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, score=None,
+               fmt_low=None, ratio=1.0, block=1) -> None:
     """The buffer writes of ``kv_wpack_commit``'s lowering, in place on the torch tensors (reference)."""
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1])
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
     p, sn = read.shape[1], new.shape[2]
-    a, b, rows = _span(read, new, inv_freq, lay, rotated)
+    a, b, rows = _span(read, new, inv_freq, lay, rotated, score)
     for t in range(a, min(b, p)):
         for buf, r in zip((codes, scales, zeros), rows):
             if buf is not None:
                 buf[:, t] = r[:, t - a]
-    qu = kv_quantized_until(p + sn, axis, lay["unit"], lay["window"], lay["sinks"])
+    qu = kv_quantized_until(p + sn, lay["axis"], lay["unit"], lay["window"], lay["sinks"])
     for t in range(p, p + sn):
         if t < lay["sinks"] or t >= qu:
             ring[:, ring_row(t, lay)] = new[:, :, t - p].float()
@@ -268,17 +375,17 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             if p.target is not KV_WINDOW_WRITE:
                 lays.append(f"its {p.meta[KV]['kind']} is not a windowed write")
                 continue
-            past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group = window_write_args(p.args)[:10]
+            (past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group, score, fmt_low, ratio,
+             block, channel_norm) = window_write_args(p.args)
             ph = cache_past(past_t)
             d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
             if perm is not None or int(head_group) > 1:
                 lays.append("RotateKV's grouped heads stay in an fp32 cache")
-            elif is_zip(p.args):
-                lays.append("ZipCache's mixed-precision writes stay in an fp32 cache")
             elif ph is None or ph.op != "placeholder" or not isinstance(d, int):
                 lays.append("its write does not read its past input directly")
             else:
-                lays.append(window_layout(fmt, axis, int(d), int(window), int(sinks)))
+                zipped = (fmt_low, float(ratio), int(block), bool(channel_norm)) if is_zip(p.args) else None
+                lays.append(window_layout(fmt, axis, int(d), int(window), int(sinks), zipped))
         if len(ps) == 2 and all(isinstance(x, dict) for x in lays):
             plan.update({p: lay for p, lay in zip(ps, lays)})
         else:
@@ -289,11 +396,12 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             continue
         lay = plan[r]
         kind, layer = r.meta[KV]["kind"], r.meta[KV]["layer"]
-        past_t, new, inv_freq, fmt, axis, window, sinks, rotated = window_write_args(r.args)[:8]
+        (past_t, new, inv_freq, fmt, axis, window, sinks, rotated, _, _, score, fmt_low, ratio, block,
+         _) = window_write_args(r.args)
         ph = cache_past(past_t)
         parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], lay["cols"])]
         if lay["asym"]:
-            parts.append(("zeros", "uint8", lay["cols"]))
+            parts.append(("zeros", "uint8", lay["zcols"]))
         parts.append(("ring", "float32", lay["d"]))
         ins, specs = {}, []
         anchor = ph
@@ -305,16 +413,19 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             spec = {"name": anchor.name, "dtype": dtype, "width": width, "packed": lay}
             specs.append({**spec, "rows": lay["ring"]} if suffix == "ring" else spec)
         opts = (inv_freq, fmt, axis, window, sinks, rotated)
+        zipped = (fmt_low, ratio, block) if lay.get("low") is not None else ()  # ZipCache's, after the score
         order = {n: k for k, n in enumerate(graph.nodes)}
         where = max([anchor] + ([inv_freq] if isinstance(inv_freq, torch.fx.Node) else []), key=order.__getitem__)
         with graph.inserting_after(where):  # early: the past's length is read before the write (masks, positions)
             read = graph.call_function(KV_WPACK_READ, (ins["codes"], ins["scales"], ins.get("zeros"), ins["ring"],
-                                                       *opts))
+                                                       *opts, *zipped))
+        scored = (score, *zipped) if zipped else ()
         with graph.inserting_before(r):
-            new_att = graph.call_function(KV_WINDOW_NEW, (read, new, *opts))
-            rows = [graph.call_function(KV_WPACK_ROWS, (read, new, *opts, j)) for j in range(len(parts) - 1)]
+            new_att = graph.call_function(KV_WINDOW_NEW, (read, new, *opts, *((None, 1, *scored, False) if zipped
+                                                                               else ())))
+            rows = [graph.call_function(KV_WPACK_ROWS, (read, new, *opts, j, *scored)) for j in range(len(parts) - 1)]
             past_att = graph.call_function(KV_WPACK_COMMIT, (read, new, ins["codes"], ins["scales"], ins.get("zeros"),
-                                                             ins["ring"], *opts))
+                                                             ins["ring"], *opts, *scored))
             both = graph.call_function(torch.ops.aten.cat.default,
                                        ([graph.call_function(torch.ops.aten.transpose.int, (past_att, 1, 2)), new_att], 2))
         r.replace_all_uses_with(both, delete_user_cb=lambda u: u is not out)
@@ -354,6 +465,8 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
     window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
     span_w, tokens, sdt, hgroup = window + unit, lay["axis"] == "tokens", lay["scale"], lay["group"]
+    spread, zcols = lay["spread"], lay["zcols"]
+    flagged = int(zcols > cols)  # ZipCache's per-channel keys: the salient flag picks the subset's parameters
     half, stages, rot, roped = max(rope_half, 1), int(math.log2(d)), int(rotated), int(rope_half > 0)
     mask = 2 ** bits - 1
     f32 = "float32"
@@ -379,7 +492,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
         n_tab = T.int64()
         c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
         s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
-        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        z = T.match_buffer(z_h, (batch, p, heads, zcols), "uint8")
         ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), f32)
         tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
         o = T.match_buffer(o_h, (batch, p, heads, d), f32)
@@ -398,11 +511,14 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = ring[bi, slot, h, a]
                 else:
-                    if tokens:  # the group's per-channel parameters, spread over its rows: row r holds channels r * cols ..
-                        for r in T.serial(unit):
-                            for cc in T.serial(cols):
-                                sc[r * cols + cc] = T.Cast(f32, s[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
-                                zc[r * cols + cc] = T.Cast(f32, z[bi, sinks + (t - sinks) // unit * unit + r, h, cc])
+                    if spread:  # the unit's per-channel parameters, spread over its rows: pair i at row i // cols
+                        # (ZipCache: the salient subset's d pairs, then the others')
+                        off = T.Cast("int64", z[bi, t, h, zcols - 1] == T.uint8(0)) * T.int64(d * flagged)
+                        for a in T.serial(d):
+                            sc[a] = T.Cast(f32, s[bi, sinks + (t - sinks) // unit * unit + (a + off) // cols, h,
+                                                  (a + off) % cols])
+                            zc[a] = T.Cast(f32, z[bi, sinks + (t - sinks) // unit * unit + (a + off) // cols, h,
+                                                  (a + off) % cols])
                     else:  # the token's own, one per group of hgroup channels
                         for gi in T.serial(groups):
                             for cc in T.vectorized(hgroup):
@@ -463,6 +579,8 @@ def mark_fused_decode(graph: Graph) -> int:
             chains.append(t is not None and only_reader(t, x) and only_reader(x, n))
         if not all(chains) or parts[1][0].args[6] is not None or parts[1][0].args[8] == "tokens":
             continue
+        if any(len(c.args) > 13 and c.args[13] is not None for c, _ in parts):
+            continue  # ZipCache's: each token's parameters by its salient flag; decode reads the decoded past
         if any(c.args[8] == "tokens" and int(c.args[9]) < 1 for c, _ in parts):
             # no float window: the step's token can complete a group, whose parameters are spread over rows that
             # include the new token's, which the runtime writes after the call; decode reads the decoded past
@@ -518,13 +636,15 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
     strides = max(int(math.log2(d)) - 3, 0) if rot else 0  # butterfly stages past the 8-lane blocks
-    ktok = key["axis"] == "tokens"
+    if key.get("low") is not None or value.get("low") is not None:
+        raise ValueError("packed window attention: ZipCache's layout is read through kv_wpack_read")
+    ktok = key["spread"]
     kw, kcols, klo = key["words"], key["cols"], float(key["lo"])
     kunit = key["unit"]
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
     # per-channel keys: element a's code plus the group's offset gz[a] (lo - zero), times its scale gs[a]
     unpack_channels = _unpack_row(key, lambda u, a, grp, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
-    vtok = value["axis"] == "tokens"
+    vtok = value["spread"]
     if vtok:
         raise ValueError("packed window attention: values quantized per channel over tokens are not read in place")
 
