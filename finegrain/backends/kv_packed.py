@@ -19,8 +19,9 @@ cache: ``dequantize(quantize(x))`` is unchanged by storing its codes.
 Packed: integer / FP8 formats per token or in groups along the head dim (plain, RotateKV's rotated
 cache, per-layer KVTuner formats) and static ones with one calibrated scale per layer (vLLM's FP8
 cache: the codes alone) as :class:`PackedKV`; ``kv_append`` writes (KIVI's per-channel
-keys, float windows, sinks, pre-RoPE keys) as :class:`WindowedKV` (sinks and the newest tokens
-fp32, the rest packed, pre-RoPE keys stored before RoPE); ZipCache's mixed-precision writes as
+keys, float windows, sinks, pre-RoPE keys, RotateKV's grouped-head reordered keys) as
+:class:`WindowedKV` (sinks and the newest tokens fp32, the rest packed, pre-RoPE keys stored before
+RoPE, grouped-head keys as the codes of their rotated space); ZipCache's mixed-precision writes as
 :class:`ZipKV` (a salient bit per token, the salient and the other tokens' codes in their two
 formats, the channel normalizers; its saliency op reads the packed key past's fp32 read). Left in
 fp32, and said so by :func:`lower`'s ``skipped`` list: formats with a second-level scale or a
@@ -142,7 +143,9 @@ class WindowedKV(_SinksAndTail):
     ``axis="head_dim"``: ``scale`` / ``zero`` per token and head-dim group; ``axis="tokens"``: per
     group of G tokens and channel, ``[B, H, n / G, D]``), then the newest tokens fp32 (``tail``: the
     float window, plus up to G - 1 tokens waiting for their group to fill). Pre-RoPE keys
-    (``inv_freq``) are stored before RoPE and rotated back on read, as ``kv_append`` does."""
+    (``inv_freq``) are stored before RoPE and rotated back on read, as ``kv_append`` does; RotateKV's
+    grouped-head keys (``perm`` / ``head_group``) as the codes of their grouped rotated space,
+    ``[B, H / g, n, g * D]`` (since 2026-12-06; they were kept fp32 before)."""
 
     sinks: torch.Tensor
     codes: torch.Tensor
@@ -155,15 +158,39 @@ class WindowedKV(_SinksAndTail):
     n_sinks: int
     inv_freq: torch.Tensor | None = None
     rotated: bool = False
+    perm: torch.Tensor | None = None  # RotateKV's grouped heads: the channel order, heads per group
+    head_group: int = 1
 
     @classmethod
     def empty(cls, spec: dict, batch: int, heads: int, head_dim: int) -> "WindowedKV":
         f = _fmt(spec["fmt"])
         z = torch.zeros(batch, heads, 0, head_dim)
-        # axis "tokens": one (scale, zero) per channel and group of G tokens, rows of D
-        params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim)
-        return cls(z, *_empty_parts(f, (batch, heads), params, head_dim), z, spec["fmt"], spec["axis"], spec["window"],
-                   spec["sinks"])
+        g = int(spec.get("head_group", 1))
+        if spec.get("grouped"):  # RotateKV: codes of each group of g heads over its g * D rotated channels
+            parts = _empty_parts(f, (batch, heads // g), f.num_groups(g * head_dim), g * head_dim)
+        else:  # axis "tokens": one (scale, zero) per channel and group of G tokens, rows of D
+            params = head_dim if spec["axis"] == "tokens" else f.num_groups(head_dim)
+            parts = _empty_parts(f, (batch, heads), params, head_dim)
+        return cls(z, *parts, z, spec["fmt"], spec["axis"], spec["window"], spec["sinks"], head_group=g)
+
+    @property
+    def grouped(self) -> bool:
+        """RotateKV's grouped-head keys (``kv_append``'s ``perm`` / ``head_group``, pre-RoPE only)."""
+        return self.inv_freq is not None and (self.perm is not None or self.head_group > 1)
+
+    def _transform(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        """Pre-RoPE keys to the space they are quantized in (``inverse``) or back, as ``kv_append`` moves
+        them: per head (Hadamard, RoPE, Hadamard), or RotateKV's grouped heads (Hadamard, RoPE, then the
+        grouped-head rotation, ``[B, H / g, n, g * D]``)."""
+        if not self.grouped:
+            return super()._transform(x, start, inverse)
+        from finegrain.compiler.ops import _from_head_groups, _hadamard, _rope, _to_head_groups
+
+        if inverse:
+            x = _rope(_hadamard(x) if self.rotated else x, start, self.inv_freq, inverse=True)
+            return _to_head_groups(x, self.perm, self.head_group)
+        x = _rope(_from_head_groups(x, self.perm, self.sinks.shape[1]), start, self.inv_freq, inverse=False)
+        return _hadamard(x) if self.rotated else x
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -179,7 +206,10 @@ class WindowedKV(_SinksAndTail):
         d = self.head_dim
         if not self.codes.shape[2]:  # nothing has left the window yet
             return torch.cat([self.sinks, self.tail], 2)
-        if self.axis == "tokens":
+        if self.grouped:  # codes over each group of heads' rotated channels
+            gd = self.head_group * d
+            body = f.dequantize(_unpack_parts(f, self.codes, self.scale, self.zero, gd, f.num_groups(gd)), torch.float32)
+        elif self.axis == "tokens":
             q = _unpack_parts(f, self.codes, self.scale, self.zero, d, d)
             body = f.dequantize(QTensor(*(t.transpose(2, 3).contiguous() for t in q[:3])), torch.float32)
             body = body.transpose(2, 3)
@@ -207,16 +237,19 @@ class WindowedKV(_SinksAndTail):
             else:
                 parts = _pack_parts(f, f.quantize(seg))
             codes, scale, zero = (torch.cat([old, p], 2) for old, p in zip((codes, scale, zero), parts))
-        return WindowedKV(sinks, codes, scale, zero, tail.contiguous(), self.fmt, self.axis, self.window,
-                          self.n_sinks, self.inv_freq, self.rotated)
+        return replace(self, sinks=sinks, codes=codes, scale=scale, zero=zero, tail=tail.contiguous())
 
 
 def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tensor | None = None,
-                       rotated: bool = False) -> WindowedKV:
-    """``finegrain::kv_append(past, new, ...)`` on a packed past (``inv_freq`` / ``rotated``: pre-RoPE keys)."""
+                       rotated: bool = False, perm: torch.Tensor | None = None, head_group: int = 1) -> WindowedKV:
+    """``finegrain::kv_append(past, new, ...)`` on a packed past (``inv_freq`` / ``rotated``: pre-RoPE keys;
+    ``perm`` / ``head_group``: RotateKV's grouped heads)."""
     if not isinstance(past, WindowedKV):
         raise TypeError(f"kv_windowed_append: the past is {type(past).__name__}, expected a WindowedKV")
-    return past.with_rope(inv_freq, rotated).append(new)
+    past = past.with_rope(inv_freq, rotated)
+    if past.perm is not perm or past.head_group != int(head_group):
+        past = replace(past, perm=perm, head_group=int(head_group))
+    return past.append(new)
 
 
 @dataclass(frozen=True)
@@ -456,16 +489,18 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             continue
         zip_score = p.args[8] if p.target is KV_APPEND and len(p.args) > 8 else None
         saliency = []  # ZipCache's kv_saliency reading this (key) past: it gets the packed past's fp32 read
-        if p.target is KV_APPEND and (p.kwargs.get("perm") is not None or p.kwargs.get("head_group", 1) > 1):
-            skipped.append(f"present {i} ({p.name}): RotateKV's grouped-head rotated keys are not stored packed yet "
-                           "(their codes live in the rotated space); stays fp32")
-            continue
         if p.target is KV_APPEND:
+            from finegrain.backends.base import kv_append_options
+
             past, new, tag, axis, window, sinks = p.args[:6]
             saliency = [u for u in (past.users if isinstance(past, Node) else ()) if u.target is KV_SALIENCY]
-            inv_freq, rotated = (list(p.args[6:8]) + [None, False][len(p.args[6:8]):])
+            opts = kv_append_options(p)
+            inv_freq, rotated = opts.get("inv_freq"), bool(opts.get("rotated", False))
+            perm, head_group = opts.get("perm"), int(opts.get("head_group", 1))
             past = _unwrap_past(past, gm)
             spec = {"kind": "windowed", "fmt": tag, "axis": axis, "window": window, "sinks": sinks}
+            if inv_freq is not None and (perm is not None or head_group > 1):  # RotateKV's grouped heads
+                spec.update(grouped=True, head_group=head_group)
             if zip_score is not None:
                 low, ratio, block, channel_norm = (list(p.args[9:13]) + [None, 1.0, 1, False][len(p.args[9:13]):])
                 spec.update(kind="zip", fmt_low=low, ratio=ratio, block=block, channel_norm=channel_norm)
@@ -491,7 +526,7 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             if zip_score is not None:
                 packed = g.call_function(kv_zip_append, (past, new, zip_score, inv_freq, rotated))
             elif q is None:
-                packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated))
+                packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated, perm, head_group))
             else:
                 parts = tuple(g.call_function(operator.getitem, (q, k)) for k in range(3))
                 packed = g.call_function(kv_packed_append, (past, *parts, tag))

@@ -155,3 +155,27 @@ def test_zipcache_cache_is_packed_with_a_salient_bit_per_token(llama, per_channe
                  "lo": 4 + 2 * 2 + 1}  # int2 g8: codes, two fp16 scales, two 2-bit zeros in a byte
     want = 16 * 4 + salient * per_token["hi"] + (40 - salient) * per_token["lo"] + 5 * 1  # sink, codes, flags
     assert v.nbytes == 2 * want and salient == 10
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_rotatekv_grouped_head_keys_are_packed_in_their_rotated_space(llama, rotate):
+    """RotateKV's grouped-head keys (pre-RoPE, the channels of both heads reordered by calibration RMS,
+    one Hadamard over the group's 2 x 16 channels) are stored as the codes of that space, ``[B, H / 2, n,
+    32]``, and read back through the inverse rotation: the logits and every cache equal the fp32-stored
+    ones, in the bytes counted by hand (until 2026-12-06 these keys stayed fp32)."""
+    r = _recipe("int2-g8-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", rotate, kv_pre_rope=True, kv_head_group=2,
+                kv_reorder=True, kv_window=3, kv_sinks=1)
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True, calibration=[(IDS,)])
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    packed, flt = cm.session(), cm.session(kv_storage="float")
+    assert len(packed.kv_packed) == 4 and packed.kv_float == []
+    for prefill in (5, 17):
+        a, sa = _decode(packed, x, prefill)
+        b, sb = _decode(flt, x, prefill)
+        assert torch.equal(a, b)
+        assert all(isinstance(p, WindowedKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    keys = sa["past"][0]
+    assert keys.grouped and keys.perm is not None and keys.codes.shape == (1, 1, 36, 32 * 2 // 8)
+    n = 40 - 3 - 1  # quantized tokens
+    # per token and group of 2 heads: 2-bit codes of 32 channels, 4 fp16 scales, 4 2-bit zero points in a byte
+    assert keys.nbytes == 2 * (4 * 16 * 4) + n * (8 + 4 * 2 + 1)  # + 1 sink and 3 window tokens fp32 per head
