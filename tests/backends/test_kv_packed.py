@@ -75,12 +75,9 @@ def test_mixed_layers_save_load_and_refusals(llama, tmp_path):
         cm.session(threads=2)
 
 
-@pytest.mark.parametrize("axis,window,sinks,pre_rope,rotate", [("tokens", 4, 1, True, False), ("tokens", 0, 2, True, True),
-                                                              ("head_dim", 3, 1, True, True), ("tokens", 5, 0, False, False)])
-def test_windowed_kivi_cache_is_packed_with_its_float_window(llama, axis, window, sinks, pre_rope, rotate):
-    r = _recipe("int2-g8-asym-fp16-dyn", "int4-g16-asym-fp16-dyn", rotate, kv_key_axis=axis, kv_window=window,
-                kv_sinks=sinks, kv_pre_rope=pre_rope)
-    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True)
+def _windowed_equals_float(cm):
+    """Decodes 40 tokens (prefills of 5 and 17) with the packed and the fp32-stored cache: every present
+    packed as a ``WindowedKV``, the same logits and caches bit for bit; the packed session's last state."""
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     packed, flt = cm.session(), cm.session(kv_storage="float")
     assert len(packed.kv_packed) == 4 and packed.kv_float == []
@@ -89,6 +86,16 @@ def test_windowed_kivi_cache_is_packed_with_its_float_window(llama, axis, window
         b, sb = _decode(flt, x, prefill)
         assert torch.equal(a, b)
         assert all(isinstance(p, WindowedKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    return sa
+
+
+@pytest.mark.parametrize("axis,window,sinks,pre_rope,rotate", [("tokens", 4, 1, True, False), ("tokens", 0, 2, True, True),
+                                                              ("head_dim", 3, 1, True, True), ("tokens", 5, 0, False, False)])
+def test_windowed_kivi_cache_is_packed_with_its_float_window(llama, axis, window, sinks, pre_rope, rotate):
+    r = _recipe("int2-g8-asym-fp16-dyn", "int4-g16-asym-fp16-dyn", rotate, kv_key_axis=axis, kv_window=window,
+                kv_sinks=sinks, kv_pre_rope=pre_rope)
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True)
+    sa = _windowed_equals_float(cm)
 
     def per_head(n_quantized, code_bytes, param_bytes):  # fp32 tokens + quantized tokens' codes + parameters
         return (40 - n_quantized) * 16 * 4 + n_quantized * code_bytes + param_bytes
@@ -166,14 +173,7 @@ def test_rotatekv_grouped_head_keys_are_packed_in_their_rotated_space(llama, rot
     r = _recipe("int2-g8-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", rotate, kv_pre_rope=True, kv_head_group=2,
                 kv_reorder=True, kv_window=3, kv_sinks=1)
     cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True, calibration=[(IDS,)])
-    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
-    packed, flt = cm.session(), cm.session(kv_storage="float")
-    assert len(packed.kv_packed) == 4 and packed.kv_float == []
-    for prefill in (5, 17):
-        a, sa = _decode(packed, x, prefill)
-        b, sb = _decode(flt, x, prefill)
-        assert torch.equal(a, b)
-        assert all(isinstance(p, WindowedKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    sa = _windowed_equals_float(cm)
     keys = sa["past"][0]
     assert keys.grouped and keys.perm is not None and keys.codes.shape == (1, 1, 36, 32 * 2 // 8)
     n = 40 - 3 - 1  # quantized tokens
