@@ -29,7 +29,9 @@ written to ``--out`` as soon as it is measured (``gpu.json``, ``gpu.md``):
    the bf16 mode again concatenating the cache every step (``cache_tokens=0``), and the bf16 mode with
    each decode step one CUDA graph replay (``decode_graph=True``, buffers of prompt + steps + 8 rows:
    the fixed-shape step attends over the whole buffer; on CPU the fixed graph runs eagerly); the first
-   model also with the ``kivi4`` KV cache in bf16 (KIVI's writes run on the device, no CUDA graph).
+   model also with the ``kivi4`` KV cache in bf16 (KIVI's writes run on the device, no CUDA graph) and as
+   ``mxfp4`` (W4A4: MXFP4 weights on the kernels, MXFP4 activations fake-quantized on the device) in bf16
+   with CUDA graphs.
 
 Timings: ``triton.testing.do_bench`` (median of its repetitions) on CUDA; wall clock in the smoke
 run (meaningless there: the interpreter). Parts 3 and 4 run most telling first (the 4096 x 4096
@@ -240,12 +242,13 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
         t0 = time.perf_counter()
         cm = finegrain.compile(model, (ids[:, :16],), recipe="w4a16-g128", progress=False, kv_cache=True)
         compile_s = time.perf_counter() - t0
-        kivi = None
-        if not rows:  # the first model also with the kivi4 KV cache (its writes run on the device)
+        kivi = mx = None
+        if not rows:  # the first model also with the kivi4 KV cache (its writes run on the device) and as mxfp4
             from finegrain.compiler.recipe import with_kv
 
             kivi = finegrain.compile(model, (ids[:, :16],), recipe=with_kv("w4a16-g128", "kivi4"), progress=False,
                                      kv_cache=True)
+            mx = finegrain.compile(model, (ids[:, :16],), recipe="mxfp4", progress=False, kv_cache=True)
         del model, hf
         rec = {"model": name, "params": params, "hf bf16 eager tok/s" if device == "cuda" else "hf fp32 tok/s": hf_tps,
                "compile s": compile_s}
@@ -255,6 +258,10 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
                 ("bf16 CUDA graph", cm, torch.bfloat16, {"decode_graph": True, "cache_tokens": prompt + steps + 8})]
         if kivi is not None:
             runs.append(("bf16 kivi4", kivi, torch.bfloat16, {}))
+            # MXFP4 weights on the GEMV / GEMM kernels, MXFP4 activations fake-quantized by the reference op on the
+            # device (lower.in_fp32; on CPU copies before 2026-12-06), each step one CUDA graph replay
+            runs.append(("MXFP4 W4A4 bf16 CUDA graph", mx, torch.bfloat16,
+                         {"decode_graph": True, "cache_tokens": prompt + steps + 8}))
         for label, cm_, dtype, extra in runs:
             with cm_.session("gpu", device=device, dtype=dtype, **extra) as s, \
                     warnings.catch_warnings(record=True) as caught:
@@ -268,7 +275,8 @@ def decode_rows(device: str, configs, steps: int, emit) -> list[dict]:
                     logits, state = s.step(state, tok.cpu())
                     tok = logits[:, -1:].argmax(-1)
                 sync()
-                rec[f"finegrain W4A16 {label} tok/s"] = steps / (time.perf_counter() - t)
+                rec[f"finegrain {label if label.startswith('MX') else 'W4A16 ' + label} tok/s"] = \
+                    steps / (time.perf_counter() - t)
                 if caught:
                     rec[f"{label} warnings"] = [str(w.message)[:300] for w in caught]
         rec["ratio"] = rec["finegrain W4A16 bf16 tok/s"] / hf_tps
@@ -388,14 +396,16 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['N']} x {r['K']} | {r['M']} | {r['kernel']} | {r['ms']:.4f} | {gr} | {r['TFLOP/s']:.2f} | "
                      f"{r['GB/s']:.0f} | {hb} | {r['speedup']:.2f}x |")
     lines += ["", "| model | params | baseline tok/s | finegrain W4A16 fp32 / bf16 tok/s | bf16, cache concatenated "
-              "per step | bf16, CUDA graph per step | bf16, kivi4 cache | ratio (bf16 / CUDA graph) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "per step | bf16, CUDA graph per step | bf16, kivi4 cache | MXFP4 W4A4 bf16, CUDA graph | "
+              "ratio (bf16 / CUDA graph) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["decode"]:
         base = next(v for key, v in r.items() if key.startswith("hf"))
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {base:.1f} | {r['finegrain W4A16 fp32 tok/s']:.1f} / "
                      f"{r['finegrain W4A16 bf16 tok/s']:.1f} | {r['finegrain W4A16 bf16 concat tok/s']:.1f} | "
                      f"{r['finegrain W4A16 bf16 CUDA graph tok/s']:.1f} | "
-                     f"{r.get('finegrain W4A16 bf16 kivi4 tok/s', float('nan')):.1f} | {r['ratio']:.2f}x / "
+                     f"{r.get('finegrain W4A16 bf16 kivi4 tok/s', float('nan')):.1f} | "
+                     f"{r.get('finegrain MXFP4 W4A4 bf16 CUDA graph tok/s', float('nan')):.1f} | {r['ratio']:.2f}x / "
                      f"{r['ratio CUDA graph']:.2f}x |")
     lines += [f"\nnot run (time budget): {name}" for name in report.get("skipped", [])]
     lines += [f"\nFAILED {e['part']}: {e['error']}" for e in report.get("errors", [])]

@@ -170,6 +170,7 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     dec = report["decode"][0]
     assert min(dec[f"finegrain W4A16 {m} tok/s"] for m in ("fp32", "bf16", "bf16 concat", "bf16 CUDA graph",
                                                           "bf16 kivi4")) > 0
+    assert dec["finegrain MXFP4 W4A4 bf16 CUDA graph tok/s"] > 0
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
