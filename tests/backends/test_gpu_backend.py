@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 import finegrain  # noqa: E402
 from finegrain.backends import registry  # noqa: E402
 from finegrain.errors import InputError  # noqa: E402
+from finegrain.formats.ops import DEQUANTIZE, QUANTIZE  # noqa: E402
 
 
 @pytest.mark.parametrize("preset,kinds", [("w4a16-g128", {"wq"}), ("w3a16-g128", {"wq"}), ("w8a8", {"int8-dot"}),
@@ -174,11 +175,15 @@ def test_the_device_script_runs_end_to_end(tmp_path):
     assert "| W4A8 DGQ |" in (tmp_path / "gpu.md").read_text()
 
 
+ASYM_ACT = {"name": "w4-a8-asym", "rules": [{"role": "linear", "weight": "int4-g32-asym-fp16",
+                                              "activation": "int8-token-asym-fp16-dyn"}]}
+
+
 @pytest.mark.parametrize("route", ["device", "host"])
 def test_reference_fallbacks_run_the_reference_ops(compiled, tiny_inputs, monkeypatch, route):
-    """On CUDA the finegrain ops without a kernel (here: MXFP4 activations' fake quantization) run
-    the reference op on the device with fp32 inputs (``lower.in_fp32``; ``route`` "device"), and an op
-    not known to be device-clean on CPU copies (``lower.on_host``; "host": the fake quantizers taken
+    """On CUDA the finegrain ops without a kernel (here: asymmetric INT8 activations' fake quantization)
+    run the reference op on the device with fp32 inputs (``lower.in_fp32``; ``route`` "device"), and an
+    op not known to be device-clean on CPU copies (``lower.on_host``; "host": the fake quantizers taken
     off ``IN_FP32``, as they were until 2026-12-06); the rewrite itself is checked on CPU tensors, in
     fp32 and in the bf16 compute mode (the ops get fp32 inputs, their results are cast back to bf16)."""
     from finegrain.backends.gpu import lower
@@ -186,7 +191,7 @@ def test_reference_fallbacks_run_the_reference_ops(compiled, tiny_inputs, monkey
     if route == "host":
         monkeypatch.setattr(lower, "IN_FP32", ())
     wrapper = lower.in_fp32 if route == "device" else lower.on_host
-    cm = compiled("mxfp4")
+    cm = compiled(ASYM_ACT)
     test = tiny_inputs[2]
     ref = cm.session("torch").run(test)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.08)):
@@ -379,15 +384,37 @@ def test_decode_graph_is_captured_and_replayed_on_the_device(kv_w4, tiny_inputs)
             assert len(g._graphs) == 1 and next(iter(g._graphs)) != first
 
 
+@pytest.mark.parametrize("preset", ["mxfp4", "nvfp4", "mxfp6", "mxint8", "nvint4-rot"])
+def test_block_activations_take_the_fake_quant_kernel(compiled, tiny_inputs, preset):
+    """MX / NV block activations (no code-dot kernel takes them) are fake-quantized by one Triton kernel
+    (``_fake_quant_rows``, ``lower.fake_quant_op``), not the reference op: every activation
+    quantization of the linears is rewritten, none is left for the reference, and the logits equal the
+    reference backend's (the kernel's values are the reference's bit for bit: ``test_gpu_kernels.py``)."""
+    from finegrain.backends.gpu import lower
+
+    cm = compiled(preset)
+    gm, _ = lower.prepare(cm.gm, torch.device("cpu"))
+    targets = [n.target for n in gm.graph.nodes]
+    assert targets.count(lower.fake_quant_op) >= 2 * cm.kv.get("layers", 2) if cm.kv else targets.count(
+        lower.fake_quant_op) >= 4, preset
+    assert QUANTIZE not in targets and DEQUANTIZE not in targets, preset  # nothing left for the reference op
+    test = tiny_inputs[2]
+    ref = cm.session("torch").run(test)
+    with torch.inference_mode():
+        out = gm(test)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
 def test_reference_ops_stay_on_the_device(tiny_llama, tiny_inputs):
     """Off the CPU the KIVI / ZipCache writes (``kv_append``, ``kv_saliency``: they read the whole past)
-    run on the device as they are and the activation fake quantization the kernels do not take (here
+    run on the device as they are and the activation fake quantization no kernel takes (here asymmetric
     INT8 activations of float linears) on the device with fp32 inputs (``in_fp32``); nothing runs on
     host copies (the graph prepared for the ``meta`` device, as a CUDA one would be)."""
     from finegrain.backends.gpu.lower import IN_FP32, ON_DEVICE, in_fp32, on_host, prepare
     from finegrain.compiler.ops import KV_APPEND, KV_SALIENCY
 
-    zip_kivi = {"name": "gpu-zip", "rules": [{"role": "linear", "activation": "int8-token-sym-fp32-dyn"}],
+    zip_kivi = {"name": "gpu-zip", "rules": [{"role": "linear", "activation": "int8-token-asym-fp16-dyn"}],
                 "kv_key": "int4-g8-asym-fp16-dyn", "kv_value": "int4-token-asym-fp16-dyn", "kv_key_axis": "tokens",
                 "kv_zip_key": "int2-g8-asym-fp16-dyn", "kv_zip_value": "int2-token-asym-fp16-dyn", "kv_zip_ratio": 0.5,
                 "kv_zip_block": 8, "kv_sinks": 1}

@@ -308,6 +308,33 @@ def test_tuning_picks_the_fastest_runnable_config_and_keeps_it(monkeypatch, tmp_
     assert kernels.tuned("wq-gemv", (1, 32, 32), cands, launch) == dict(BN=32) and len(timed) == 3
 
 
+FAKE_ACTS = ["e2m1-g32-sym-e8m0-dyn", "e2m3-g32-sym-e8m0-dyn", "e3m2-g32-sym-e8m0-dyn", "e4m3-g32-sym-e8m0-dyn",
+             "int8-g32-sym-e8m0-dyn", "e2m1-g16-sym-e4m3-dyn", "int4-g16-sym-e4m3-dyn", "int4-g16-sym-fp16-dyn",
+             "e5m2-g32-sym-e8m0-dyn", "int8-token-sym-bf16-dyn-clip0.9"]
+
+
+@pytest.mark.parametrize("tag", FAKE_ACTS)
+def test_fake_quant_kernel_equals_the_reference_bit_for_bit(tag):
+    """``_fake_quant_rows`` (the MX / NV block activations no code-dot kernel takes) gives the reference's
+    ``fake_quantize`` values exactly: E8M0 / two-level E4M3 / float scales, INT and every OCP minifloat
+    element, rows of many scales (powers of two from 2^-8 to 2^7), all-zero blocks and rows, M = 1 / 3 / 20,
+    and the K a format's groups do not divide is refused."""
+    fmt = QuantFormat.parse(tag)
+    gen = torch.Generator().manual_seed(7)
+    for m, k in ((1, 64), (3, 96), (20, 128)):
+        x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=gen).float())
+        x[0, :32] = 0.0
+        if m > 2:
+            x[1] = 0.0
+        got = kernels.fake_quantize(x.to(DEVICE), fmt).cpu()
+        assert torch.equal(got, fmt.fake_quantize(x)), (tag, m, k)
+    if fmt.granularity == "group":
+        assert not kernels.fake_quant_ok(fmt, 3 * fmt.group_size + fmt.group_size // 2)
+        with pytest.raises(ValueError, match="has no kernel"):
+            kernels.fake_quantize(torch.zeros(2, fmt.group_size + 8), fmt)
+    assert not kernels.fake_quant_ok(QuantFormat.parse("int8-token-asym-fp16-dyn"))  # asymmetric: the reference op
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above compiles its kernels")
 def test_every_launched_kernel_compiles_for_hopper(tmp_path):
     """Every distinct launch this file's tests made under the interpreter (kernel, argument types,
@@ -334,9 +361,11 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path):
         test_e4m3_encoder_is_torchs_cast_bit_for_bit()
         test_fwht_kernel_equals_the_reference(576)
         test_bf16_activations_give_bf16_within_its_rounding("int4-g128-asym-fp16")
+        for tag in FAKE_ACTS:
+            test_fake_quant_kernel_equals_the_reference_bit_for_bit(tag)
     names = {r["name"] for r in LAUNCHES.values()}
     assert names >= {"_wq_gemv", "_wq_gemm", "_a8_gemm", "_quant_rows", "_rms_norm_quant_rows",
-                     "_silu_mul_quant_rows", "_fwht"}, names
+                     "_silu_mul_quant_rows", "_fwht", "_fake_quant_rows"}, names
     # and one launch the compiler must reject (a 24-wide tile: block shapes are powers of two), so the check can fail
     fwht = next(r for r in LAUNCHES.values() if r["name"] == "_fwht")
     bad = {**fwht, "consts": {**fwht["consts"], "BK": 24}}

@@ -199,6 +199,11 @@ class GpuBackend(BackendBase):
             if fmt.kind == "e4m3":
                 return "native", "quantized per row to E4M3 by a Triton kernel, FP8 tl.dot with fp32 accumulation"
             return "native", "quantized per row by a Triton kernel, INT8 tl.dot with int32 accumulation"
+        from finegrain.backends.gpu.kernels import fake_quant_ok
+
+        if fake_quant_ok(fmt):
+            return "emulated", ("fake quantization in one Triton kernel (_fake_quant_rows: the reference's values bit "
+                                "for bit), the linear on the weight kernel in float")
         return "emulated", "fake quantization by the reference op on the device (torch ops, fp32, no kernel)"
 
     def op_capability(self, op: str) -> tuple[str, str]:

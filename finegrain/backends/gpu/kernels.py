@@ -29,6 +29,8 @@ Kernels:
   the same quantizer fused into the RMSNorm / SwiGLU product that computes its input (never written).
 * ``_fwht``: ``x @ H_p`` for a Sylvester Hadamard of order p (a power of two >= 16) with the
   +-1 tiles generated in registers from index parities (nothing loaded), on ``tl.dot``.
+* ``_fake_quant_rows``: ``dequantize(quantize(x))`` of activations no dot kernel takes (MX / NV
+  blocks: E8M0 or two-level E4M3 scales, INT or minifloat elements), the reference's values bit for bit.
 
 Every kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (the tests) and on CUDA. On a GPU
 the launchers pick a configuration per shape class (M bucket, N, K, format) by timing a few
@@ -200,6 +202,15 @@ def _e4m3_bits(v):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 ``x`` rounded to the nearest bfloat16, ties to even (as torch's cast), kept in fp32: by
+    integer arithmetic on its bits, since the interpreter's ``.to(tl.bfloat16)`` truncates."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr):
     """Rows' scales from their blocks' absolute maxima ``amax[ROWS, BK]``: absmax * clip / QMAX rounded
     to the stored scale dtype; 1 for an all-zero row. ``[ROWS]``."""
@@ -207,7 +218,7 @@ def _row_scale(amax, clip, QMAX: tl.constexpr, SCALE_F16: tl.constexpr, SCALE_BF
     if SCALE_F16:
         s = s.to(tl.float16).to(tl.float32)
     if SCALE_BF16:
-        s = s.to(tl.bfloat16).to(tl.float32)
+        s = _round_bf16(s)
     return tl.where(s > 0, s, 1.0)
 
 
@@ -311,6 +322,59 @@ def _silu_mul_quant_rows(g_ptr, u_ptr, q_ptr, s_ptr, M, K, stride_g, stride_u, c
         mask = rmask[:, None] & (offs < K)[None, :]
         _store_codes(q_ptr, rows[:, None] * K + offs[None, :], mask,
                      _swiglu_tile(g_ptr, u_ptr, rows, offs, mask, stride_g, stride_u), s[:, None], QMAX, LO, HI, F8)
+
+
+@triton.jit
+def _pow2(e):
+    """2^e (fp32) for integer ``e`` in [-127, 127], built from its bits (exact: ``tl.exp2`` may be
+    approximate on a GPU); 2^-127 is the one subnormal."""
+    return tl.where(e >= -126, ((e + 127) << 23).to(tl.float32, bitcast=True),
+                    tl.full(e.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _fake_quant_rows(x_ptr, o_ptr, t_ptr, M, G, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                     SM: tl.constexpr, EMAX: tl.constexpr, EB: tl.constexpr, MB: tl.constexpr, EMIN: tl.constexpr,
+                     SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr):
+    """Fake quantization of rows of ``G`` (one block / group each) as the reference quantizes and
+    dequantizes them, bit for bit: the block's scale from its absolute maximum (``SM`` 0: absmax * clip
+    / QMAX rounded to the stored float dtype; 1: E8M0, ``2^(floor(log2(absmax * clip)) - EMAX)``; 2: NVFP4
+    / NVINT4's E4M3 block scale of ``absmax * clip / QMAX / t`` times the tensor scale ``t``), then each
+    element rounded half to even: INT codes clamped to ``[LO, HI]`` (``EB`` 0), or the nearest value of
+    the minifloat with ``EB`` / ``MB`` exponent / mantissa bits (smallest normal exponent ``EMIN``,
+    saturated at ``QMAX``); times the scale. Divisions are ``tl.div_rn`` (IEEE, as torch divides)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BK)
+    mask = (rows < M)[:, None] & (cols < G)[None, :]
+    offs = rows[:, None] * G + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1) * clip
+    if SM == 1:
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 amax); subnormals clamp below
+        s = tl.where(amax > 0, _pow2(tl.minimum(tl.maximum(e - EMAX, -127), 127)), 1.0)
+    elif SM == 2:
+        t = tl.load(t_ptr)
+        sc = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(amax, QMAX * 1.0), t), 0.001953125), 448.0)
+        s = _minifloat(_e4m3_bits(sc), 4, 3) * t
+    else:
+        s = tl.div_rn(amax, QMAX * 1.0)
+        if SCALE_F16:
+            s = s.to(tl.float16).to(tl.float32)
+        if SCALE_BF16:
+            s = _round_bf16(s)
+        s = tl.where(s > 0, s, 1.0)
+    v = tl.div_rn(x, s[:, None])
+    if EB == 0:
+        v = tl.minimum(tl.maximum(v, -256.0), 256.0)
+        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, LO * 1.0), HI * 1.0)
+    else:
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        a = tl.abs(v)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, EMIN)
+        step = _pow2(e - MB)
+        r = ((tl.div_rn(a, step) + 12582912.0) - 12582912.0) * step
+        q = tl.where(v < 0, -r, r)
+    tl.store(o_ptr + offs, q * s[:, None], mask=mask)
 
 
 def _row_blocks(m: int, k: int, device: torch.device) -> tuple[int, int]:
@@ -695,6 +759,48 @@ def silu_mul_quantize(g: torch.Tensor, u: torch.Tensor, act: QuantFormat) -> tup
                                                   SCALE_F16=act.scale == "fp16", SCALE_BF16=act.scale == "bf16", F8=f8,
                                                   ROWS=rows, BK=bk)
     return q, s
+
+
+def fake_quant_ok(fmt: QuantFormat, k: int | None = None) -> bool:
+    """Whether :func:`fake_quantize` computes ``fmt``'s fake quantization (K, when given, a multiple of
+    its group): a dynamic symmetric INT or minifloat format per token or in groups, its scale a float,
+    E8M0 (MX) or E4M3 with a tensor scale (NVFP4 / NVINT4)."""
+    if not fmt.dynamic or not fmt.symmetric or fmt.kind not in ("int", "e4m3", "e5m2", "e3m2", "e2m3", "e2m1"):
+        return False
+    if fmt.granularity not in ("token", "group") or fmt.scale not in ("fp32", "fp16", "bf16", "e8m0", "e4m3"):
+        return False
+    return k is None or fmt.granularity == "token" or k % fmt.group_size == 0
+
+
+def fake_quantize(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """``fmt.fake_quantize(x)`` (fp32) in one kernel (``_fake_quant_rows``): each group of each row one
+    program row. NVFP4 / NVINT4's tensor scale (the largest block scale / 448) is one torch reduction
+    first (the same value as the largest of the blocks' scales: division by positive constants keeps
+    the order)."""
+    from finegrain.formats.scales import E4M3_MAX
+
+    k = x.shape[-1]
+    if not fake_quant_ok(fmt, k):
+        raise ValueError(f"fake_quantize: {fmt.tag} over K = {k} has no kernel (fake_quant_ok)")
+    g = fmt.group_size if fmt.granularity == "group" else k
+    x2 = x.reshape(-1, g).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, g, dtype=torch.float32, device=x.device)
+    qmax = float(fmt.family.max_value(fmt))
+    sm = {"e8m0": 1, "e4m3": 2}.get(fmt.scale, 0)
+    t = _dummy(x2)
+    if sm == 2:
+        t = (x2.abs().amax().float() * float(fmt.clip) / qmax / E4M3_MAX).reshape(1)
+        t = torch.where(t > 0, t, torch.ones_like(t))
+    mini = fmt.kind != "int"
+    eb, mb = (int(fmt.kind[1]), int(fmt.kind[3])) if mini else (0, 0)
+    lo, hi = fmt.family.code_range(fmt)
+    rows, bk = _row_blocks(m, g, x.device)
+    _fake_quant_rows[(triton.cdiv(m, rows),)](
+        x2, out, t, m, g, float(fmt.clip), QMAX=qmax, LO=lo, HI=hi, SM=sm, EMAX=math.floor(math.log2(qmax)),
+        EB=eb, MB=mb, EMIN=fmt.family.emin if mini else 0, SCALE_F16=fmt.scale == "fp16",
+        SCALE_BF16=fmt.scale == "bf16", ROWS=rows, BK=bk)
+    return out.reshape(x.shape)
 
 
 def a8_quantize(x: torch.Tensor, act: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:

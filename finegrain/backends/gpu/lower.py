@@ -12,6 +12,8 @@
   into :func:`wq_op` (split-K GEMV for a few rows, ``tl.dot`` GEMM otherwise), W repacked once into
   the kernel layout;
 * ``finegrain::hadamard`` into :func:`hadamard_op` (``_fwht``);
+* an activation fake quantization left over (no code-dot kernel took it: MX / NV blocks) into
+  :func:`fake_quant_op` (``_fake_quant_rows``) where ``kernels.fake_quant_ok``;
 * a packed weight read otherwise (an embedding, a conv, a codebook / BitMoD element) into its
   dequantized dense tensor, computed once here (``emulated``: dense memory, float compute);
 * on CUDA, the remaining finegrain ops run on the device as the reference computes them
@@ -80,6 +82,11 @@ def silu_mul_quant_op(g, u, act: str):
 def a8_op(xq, act: str, qw, s, z, s1, bias, meta: tuple):
     q, xs, lead, dtype = xq
     return kernels.a8_gemm(q, xs, _format(act), _packed(meta, qw, s, z, s1), bias, lead, dtype)
+
+
+def fake_quant_op(x, act: str, out_dtype: torch.dtype):
+    """``dequantize(quantize(x, act))`` in one kernel (``kernels.fake_quantize``), in ``out_dtype``."""
+    return kernels.fake_quantize(x, _format(act)).to(out_dtype)
 
 
 def hadamard_op(x, factor):
@@ -301,6 +308,7 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
         if n.target is HADAMARD:
             with graph.inserting_before(n):
                 new = graph.call_function(hadamard_op, (n.args[0], attr("hadamard", get_tensor(gm, n.args[1].target))))
+            new.meta.update(n.meta)  # the traced value (its shape is read later, e.g. by _fuse_fake_quantizers)
             n.replace_all_uses_with(new)
             graph.erase_node(n)
             continue
@@ -345,6 +353,8 @@ def prepare(gm: GraphModule, device: torch.device, dtype: torch.dtype = torch.fl
         graph.erase_node(n)
     graph.eliminate_dead_code()
     if _fuse_norm_quantizers(graph, quantized):
+        graph.eliminate_dead_code()
+    if _fuse_fake_quantizers(graph):
         graph.eliminate_dead_code()
     if torch.device(device).type != "cpu":
         _reference_fallbacks(graph)
@@ -549,6 +559,36 @@ def fixed_decode_graph(gm: GraphModule, rows: int) -> GraphModule:
     graph.eliminate_dead_code()
     graph.lint()
     return GraphModule(gm, graph)
+
+
+def _fuse_fake_quantizers(graph: Graph) -> int:
+    """Each activation fake quantization left in the graph, ``dequantize(*quantize(x, fmt))`` with a
+    dynamic format no code-dot kernel took (MX / NV blocks, groups the kernels' K tiles do not fit), that
+    ``kernels.fake_quant_ok`` covers becomes one :func:`fake_quant_op` (``_fake_quant_rows``: the
+    reference's scales and rounding bit for bit) instead of the reference op's dozen torch ops. Returns
+    how many."""
+    done = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target is not DEQUANTIZE:
+            continue
+        parts = n.args[:3]
+        q = parts[0].args[0] if all(isinstance(p, torch.fx.Node) and p.target is operator.getitem for p in parts) else None
+        if q is None or q.target is not QUANTIZE or any(p.args != (q, i) or len(p.users) != 1 for i, p in enumerate(parts)):
+            continue
+        x, tag = q.args[:2]
+        static = any(a is not None for a in list(q.args[2:]) + [q.kwargs.get("scale"), q.kwargs.get("zero")])
+        # K from the traced values: x's, or (x a node this lowering made) the dequantized result's, x's shape
+        val = next((v for v in (getattr(x, "meta", {}).get("val"), n.meta.get("val")) if v is not None), None)
+        k = val.shape[-1] if isinstance(val, torch.Tensor) else None
+        if static or tag != n.args[3] or not isinstance(k, int) or not kernels.fake_quant_ok(_format(tag), k):
+            continue
+        with graph.inserting_before(n):
+            fused = graph.call_function(fake_quant_op, (x, tag, _arg(n, 4, "out_dtype") or torch.float32))
+        fused.meta.update(n.meta)
+        n.replace_all_uses_with(fused)
+        graph.erase_node(n)
+        done += 1
+    return done
 
 
 def _reference_fallbacks(graph: Graph) -> None:
