@@ -765,7 +765,8 @@ def fake_quant_ok(fmt: QuantFormat, k: int | None = None) -> bool:
     """Whether :func:`fake_quantize` computes ``fmt``'s fake quantization (K, when given, a multiple of
     its group): a dynamic symmetric INT or minifloat format per token or in groups, its scale a float,
     E8M0 (MX) or E4M3 with a tensor scale (NVFP4 / NVINT4)."""
-    if not fmt.dynamic or not fmt.symmetric or fmt.kind not in ("int", "e4m3", "e5m2", "e3m2", "e2m3", "e2m1"):
+    if not fmt.dynamic or not fmt.symmetric or fmt.block_rows or fmt.kind not in ("int", "e4m3", "e5m2", "e3m2",
+                                                                                  "e2m3", "e2m1"):
         return False
     if fmt.granularity not in ("token", "group") or fmt.scale not in ("fp32", "fp16", "bf16", "e8m0", "e4m3"):
         return False
