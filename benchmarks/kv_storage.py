@@ -58,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import finegrain
-    from finegrain.eval.perplexity import wikitext_ids
+    from finegrain.eval.perplexity import calibration_batches, wikitext_ids
     from finegrain.models import load_model
 
     import machine
@@ -72,7 +72,9 @@ def main() -> None:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; one of {sorted(CONFIGS)}")
         recipe = {"name": name, "rules": [], **CONFIGS[name]}
-        cm = finegrain.compile(lm.model, (window[:, :16],), recipe=recipe, progress=False, kv_cache=True)
+        calib = calibration_batches(lm.tokenizer, 4, 512) if recipe.get("kv_reorder") else None  # as kv_quant.py
+        cm = finegrain.compile(lm.model, (window[:, :16],), recipe=recipe, progress=False, kv_cache=True,
+                               calibration=calib)
         packed = cm.session()
         held_f, tps_f, lg_f = _run(cm.session(kv_storage="float"), window, args.past, args.steps)
         held_p, tps_p, lg_p = _run(packed, window, args.past, args.steps)
