@@ -318,10 +318,10 @@ def test_fake_quant_kernel_equals_the_reference_bit_for_bit(tag):
     """``_fake_quant_rows`` (the MX / NV block activations no code-dot kernel takes) gives the reference's
     ``fake_quantize`` values exactly: E8M0 / two-level E4M3 / float scales, INT and every OCP minifloat
     element, rows of many scales (powers of two from 2^-8 to 2^7), all-zero blocks and rows, M = 1 / 3 / 20,
-    and the K a format's groups do not divide is refused."""
+    rows of 576 (per-token scales over several tiles), and the K a format's groups do not divide is refused."""
     fmt = QuantFormat.parse(tag)
     gen = torch.Generator().manual_seed(7)
-    for m, k in ((1, 64), (3, 96), (20, 128)):
+    for m, k in ((1, 64), (3, 96), (20, 128), (2, 576)):  # a 576-wide row: per-token scales span several tiles
         x = torch.randn(m, k, generator=gen) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=gen).float())
         x[0, :32] = 0.0
         if m > 2:

@@ -336,19 +336,23 @@ def _pow2(e):
 def _fake_quant_rows(x_ptr, o_ptr, t_ptr, M, G, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
                      SM: tl.constexpr, EMAX: tl.constexpr, EB: tl.constexpr, MB: tl.constexpr, EMIN: tl.constexpr,
                      SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, ROWS: tl.constexpr, BK: tl.constexpr):
-    """Fake quantization of rows of ``G`` (one block / group each) as the reference quantizes and
-    dequantizes them, bit for bit: the block's scale from its absolute maximum (``SM`` 0: absmax * clip
-    / QMAX rounded to the stored float dtype; 1: E8M0, ``2^(floor(log2(absmax * clip)) - EMAX)``; 2: NVFP4
-    / NVINT4's E4M3 block scale of ``absmax * clip / QMAX / t`` times the tensor scale ``t``), then each
-    element rounded half to even: INT codes clamped to ``[LO, HI]`` (``EB`` 0), or the nearest value of
-    the minifloat with ``EB`` / ``MB`` exponent / mantissa bits (smallest normal exponent ``EMIN``,
-    saturated at ``QMAX``); times the scale. Divisions are ``tl.div_rn`` (IEEE, as torch divides)."""
+    """Fake quantization of rows of ``G`` (one block / group / token each) as the reference quantizes
+    and dequantizes them, bit for bit, in two passes over ``BK``-wide tiles: the row's scale from its
+    absolute maximum (``SM`` 0: absmax * clip / QMAX rounded to the stored float dtype; 1: E8M0,
+    ``2^(floor(log2(absmax * clip)) - EMAX)``; 2: NVFP4 / NVINT4's E4M3 block scale of ``absmax * clip /
+    QMAX / t`` times the tensor scale ``t``), then each element rounded half to even: INT codes clamped
+    to ``[LO, HI]`` (``EB`` 0), or the nearest value of the minifloat with ``EB`` / ``MB`` exponent /
+    mantissa bits (smallest normal exponent ``EMIN``, saturated at ``QMAX``); times the scale.
+    Divisions are ``tl.div_rn`` (IEEE, as torch divides)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BK)
-    mask = (rows < M)[:, None] & (cols < G)[None, :]
-    offs = rows[:, None] * G + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1) * clip
+    rmask = rows < M
+    acc = tl.zeros((ROWS, BK), dtype=tl.float32)
+    for t0 in range(0, tl.cdiv(G, BK)):
+        cols = t0 * BK + tl.arange(0, BK)
+        mask = rmask[:, None] & (cols < G)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * G + cols[None, :], mask=mask, other=0).to(tl.float32)
+        acc = tl.maximum(acc, tl.abs(x))
+    amax = tl.max(acc, axis=1) * clip
     if SM == 1:
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 amax); subnormals clamp below
         s = tl.where(amax > 0, _pow2(tl.minimum(tl.maximum(e - EMAX, -127), 127)), 1.0)
@@ -363,18 +367,23 @@ def _fake_quant_rows(x_ptr, o_ptr, t_ptr, M, G, clip, QMAX: tl.constexpr, LO: tl
         if SCALE_BF16:
             s = _round_bf16(s)
         s = tl.where(s > 0, s, 1.0)
-    v = tl.div_rn(x, s[:, None])
-    if EB == 0:
-        v = tl.minimum(tl.maximum(v, -256.0), 256.0)
-        q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, LO * 1.0), HI * 1.0)
-    else:
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        a = tl.abs(v)
-        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, EMIN)
-        step = _pow2(e - MB)
-        r = ((tl.div_rn(a, step) + 12582912.0) - 12582912.0) * step
-        q = tl.where(v < 0, -r, r)
-    tl.store(o_ptr + offs, q * s[:, None], mask=mask)
+    for t0 in range(0, tl.cdiv(G, BK)):
+        cols = t0 * BK + tl.arange(0, BK)
+        mask = rmask[:, None] & (cols < G)[None, :]
+        offs = rows[:, None] * G + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.float32)
+        v = tl.div_rn(x, s[:, None])
+        if EB == 0:
+            v = tl.minimum(tl.maximum(v, -256.0), 256.0)
+            q = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, LO * 1.0), HI * 1.0)
+        else:
+            v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+            a = tl.abs(v)
+            ea = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127, EMIN)  # not `e`: loop-carried
+            step = _pow2(ea - MB)
+            r = ((tl.div_rn(a, step) + 12582912.0) - 12582912.0) * step
+            q = tl.where(v < 0, -r, r)
+        tl.store(o_ptr + offs, q * s[:, None], mask=mask)
 
 
 def _row_blocks(m: int, k: int, device: torch.device) -> tuple[int, int]:
