@@ -239,19 +239,26 @@ def _store_codes(q_ptr, offs, mask, x, s, QMAX: tl.constexpr, LO: tl.constexpr, 
 
 
 @triton.jit
-def _quant_rows(x_ptr, q_ptr, s_ptr, M, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
-                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, ROWS: tl.constexpr,
-                BK: tl.constexpr):
-    """ROWS rows of x per program -> codes (``_store_codes``) and their scales (``_row_scale``)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < M
+def _rows_absmax(x_ptr, rows, rmask, K, stride_x, ROWS: tl.constexpr, BK: tl.constexpr):
+    """The first pass of the row quantizers: ``|x|``'s running maximum over ``BK``-wide tiles of the
+    rows ``rows`` (``[ROWS, BK]``; ``tl.max(.., axis=1)`` gives each row's absmax)."""
     amax = tl.zeros((ROWS, BK), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
         mask = rmask[:, None] & (offs < K)[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    s = _row_scale(amax, clip, QMAX, SCALE_F16, SCALE_BF16)
+    return amax
+
+
+@triton.jit
+def _quant_rows(x_ptr, q_ptr, s_ptr, M, K, stride_x, clip, QMAX: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
+                SCALE_F16: tl.constexpr, SCALE_BF16: tl.constexpr, F8: tl.constexpr, ROWS: tl.constexpr,
+                BK: tl.constexpr):
+    """ROWS rows of x per program -> codes (``_store_codes``) and their scales (``_row_scale``)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < M
+    s = _row_scale(_rows_absmax(x_ptr, rows, rmask, K, stride_x, ROWS, BK), clip, QMAX, SCALE_F16, SCALE_BF16)
     tl.store(s_ptr + rows, s, mask=rmask)
     for t in range(0, tl.cdiv(K, BK)):
         offs = t * BK + tl.arange(0, BK)
@@ -346,12 +353,7 @@ def _fake_quant_rows(x_ptr, o_ptr, t_ptr, M, G, clip, QMAX: tl.constexpr, LO: tl
     Divisions are ``tl.div_rn`` (IEEE, as torch divides)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
-    acc = tl.zeros((ROWS, BK), dtype=tl.float32)
-    for t0 in range(0, tl.cdiv(G, BK)):
-        cols = t0 * BK + tl.arange(0, BK)
-        mask = rmask[:, None] & (cols < G)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * G + cols[None, :], mask=mask, other=0).to(tl.float32)
-        acc = tl.maximum(acc, tl.abs(x))
+    acc = _rows_absmax(x_ptr, rows, rmask, G, G, ROWS, BK)
     amax = tl.max(acc, axis=1) * clip
     if SM == 1:
         e = ((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 127  # floor(log2 amax); subnormals clamp below
@@ -361,12 +363,7 @@ def _fake_quant_rows(x_ptr, o_ptr, t_ptr, M, G, clip, QMAX: tl.constexpr, LO: tl
         sc = tl.minimum(tl.maximum(tl.div_rn(tl.div_rn(amax, QMAX * 1.0), t), 0.001953125), 448.0)
         s = _minifloat(_e4m3_bits(sc), 4, 3) * t
     else:
-        s = tl.div_rn(amax, QMAX * 1.0)
-        if SCALE_F16:
-            s = s.to(tl.float16).to(tl.float32)
-        if SCALE_BF16:
-            s = _round_bf16(s)
-        s = tl.where(s > 0, s, 1.0)
+        s = _row_scale(acc, clip, QMAX, SCALE_F16, SCALE_BF16)
     for t0 in range(0, tl.cdiv(G, BK)):
         cols = t0 * BK + tl.arange(0, BK)
         mask = rmask[:, None] & (cols < G)[None, :]
