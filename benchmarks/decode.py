@@ -26,7 +26,9 @@ Rows (each with and without its own KV cache where it has one):
   sinks and the float window in a fixed ring, the past decoded once per step: ``backends/tvm/window_cache.py``)
   and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel), and the ``zip42`` one
   (ZipCache's saliency and mixed-precision writes in the graph, packed with every token's codes at 4 bits,
-  the past decoded once per step: ``window_cache.zip_layout``);
+  the past decoded once per step: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
+  reordered keys rotated over all KV heads, packed as virtual heads of that space, the past decoded once
+  per step);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -279,6 +281,9 @@ def main() -> None:
         # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph, held packed
         # (every token's codes at 4 bits; backends/tvm/window_cache.zip_layout), the past decoded once per step
         kv_rows.append(("W4A16 g128 + zip42 packed", with_kv("w4a16-g128", "zip42"), "static"))
+        # the rotatekv4 preset (RotateKV: keys reordered by calibration, one Hadamard over all KV heads' channels):
+        # its rotated rows packed as virtual heads (window_cache.to_virtual_heads), the past decoded once per step
+        kv_rows.append(("W4A16 g128 + rotatekv4 packed", with_kv("w4a16-g128", "rotatekv4"), "static"))
         for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):

@@ -1116,8 +1116,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "token), kv8-fp8-static / kv8-static (FP8 / INT8, one calibrated scale per layer), kivi4 / "
                         "kivi2 (KIVI keys per channel before RoPE, values per token, Hadamard-rotated, newest 128 "
                         "tokens and one sink in float; packed by the reference and TVM static builds, ONNX Runtime "
-                        "over an fp32 cache), zip42 (ZipCache: half of each block at 4 bits by attention saliency, "
-                        "the rest at 2; TVM over an fp32 cache, ONNX Runtime refuses it)")
+                        "over an fp32 cache), rotatekv4 (RotateKV: pre-RoPE keys reordered by calibration and "
+                        "rotated over all KV heads' channels, 4 bits per token, one sink; packed by the reference "
+                        "and TVM static builds), zip42 (ZipCache: half of each block at 4 bits by attention "
+                        "saliency, the rest at 2; packed by the reference and TVM static builds, ONNX Runtime "
+                        "refuses it)")
     q.add_argument("--stream", action="store_true",
                    help="models larger than RAM: build the model with empty weights and compile it block by block "
                         "(one decoder layer at a time), reading each block's weights from the safetensors files when "

@@ -176,7 +176,7 @@ class Recipe:
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
     the pre-RoPE key Hadamard-rotated before quantization; ``kv_head_group`` (G > 1): the pre-RoPE keys
     quantized after a Hadamard over the channels of each group of G KV heads (RotateKV's grouped-head
-    rotation; undone after dequantization); ``kv_reorder``: before it, the channels of all heads
+    rotation; undone after dequantization; 0: one group of all the layer's KV heads); ``kv_reorder``: before it, the channels of all heads
     permuted by their calibration RMS, largest first (RotateKV's outlier-aware reordering: the
     outlier channels share a rotation group); ``kv_layers``: per-layer
     ``[layer, key format, value format]`` overriding ``kv_key`` / ``kv_value`` (null: float), e.g.
@@ -304,10 +304,10 @@ class Recipe:
             raise ValueError(f"kv_zip_block: must be an integer number of tokens in [1, {1 << 16}], got "
                              f"{self.kv_zip_block!r}")
         if not isinstance(self.kv_head_group, int) or isinstance(self.kv_head_group, bool) \
-                or not 1 <= self.kv_head_group <= 1024:
-            raise ValueError(f"kv_head_group: must be an integer number of KV heads in [1, 1024], got "
+                or not 0 <= self.kv_head_group <= 1024:
+            raise ValueError(f"kv_head_group: must be an integer number of KV heads in [1, 1024] (0: all), got "
                              f"{self.kv_head_group!r}")
-        if (self.kv_head_group > 1 or self.kv_reorder) and not (self.kv_pre_rope and self.kv_key_axis == "head_dim"):
+        if (self.kv_head_group != 1 or self.kv_reorder) and not (self.kv_pre_rope and self.kv_key_axis == "head_dim"):
             raise ValueError("kv_head_group / kv_reorder: RotateKV's grouped-head rotation and channel reordering "
                              "transform the pre-RoPE keys quantized along the head dim: set kv_pre_rope true and "
                              "leave kv_key_axis 'head_dim'")
@@ -665,6 +665,12 @@ KV_PRESETS: dict[str, dict] = {
     "kivi4": {"kv_key": "int4-g32-asym-fp16-dyn", "kv_value": "int4-g32-asym-fp16-dyn", **_KIVI},
     # the same at 2 bits in groups of 16
     "kivi2": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", **_KIVI},
+    # RotateKV at 4 bits: pre-RoPE keys, their channels of all KV heads reordered by calibration RMS (outliers
+    # first) and rotated by one Hadamard over all heads' channels; per token in groups of 64 along that rotated
+    # row; values per token in groups of 64, Hadamard-rotated per head (folded into v_proj / o_proj); one sink
+    # in float, no window (needs calibration batches for the order)
+    "rotatekv4": {"kv_key": "int4-g64-asym-fp16-dyn", "kv_value": "int4-g64-asym-fp16-dyn", "kv_rotate": True,
+                  "kv_pre_rope": True, "kv_sinks": 1, "kv_head_group": 0, "kv_reorder": True},
     # ZipCache 4/2 on KIVI's keys: tokens released in blocks of 128; of each write's released tokens the half with
     # the highest normalized attention score (10% probe queries) at 4 bits, the rest at 2 (keys per channel over
     # each block's two subsets, quantized before RoPE; values per token in groups of 32); one sink in float

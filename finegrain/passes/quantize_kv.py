@@ -209,6 +209,7 @@ def _rope_inv_freq(new: Node) -> tuple[Node | None, str]:
 def _head_group_args(gm: GraphModule, where: str, val, fmt: QuantFormat, group: int, perm, log: list) -> dict:
     """kv_append's ``perm`` / ``head_group`` keywords for one layer's keys (RotateKV), checked."""
     h, d = (int(val.shape[1]), int(val.shape[-1])) if val is not None else (None, None)
+    group = group or h  # 0: one group of all the layer's KV heads
     if h is None or h % group:
         raise InputError(f"{where}: kv_head_group {group} does not divide the {h} KV heads")
     if fmt.granularity == "group" and (group * d) % fmt.group_size:
@@ -387,7 +388,7 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                                 role["kind"] == "key" and axes["key"] != "tokens")
                     zips.setdefault(role["layer"], {})[role["kind"]] = True
                 group_kw = {}
-                if inv_freq is not None and role["kind"] == "key" and (r.kv_head_group > 1 or r.kv_reorder):
+                if inv_freq is not None and role["kind"] == "key" and (r.kv_head_group != 1 or r.kv_reorder):
                     group_kw = _head_group_args(gm, where, val, fmt, r.kv_head_group, perms.get(role["layer"]), log)
                 m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
                                                 inv_freq, bool(rotate and inv_freq is not None), *zip_args), group_kw)

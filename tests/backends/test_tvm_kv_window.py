@@ -95,8 +95,11 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
     if cache == "static":
         h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
         shapes = [tuple(p.shape) for p in state["past"]]
-        if kv is GROUPED:  # RotateKV's grouped heads stay in an fp32 cache of the format's values
-            assert shapes[0] == (1, 48, h, d)
+        if kv is GROUPED:  # RotateKV's grouped heads packed as virtual heads of their rotated space: keys' 2-bit
+            # codes and values' 4-bit, d / 8 groups per row each, rings of sinks + window + 1 fp32 rows
+            w = kv["kv_window"]
+            assert shapes[:8] == [(1, 48, h, d // 16), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 1 + w + 1, h, d),
+                                  (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 1 + w + 1, h, d)], shapes
         else:  # packed (window_cache.py): keys' 4-bit codes, scales / zeros of d / G channels per row, a ring of
             # sinks + window + G fp32 rows; values' per token (d / 8 groups), a ring of sinks + window + 1
             w = kv["kv_window"]
@@ -175,6 +178,10 @@ def test_windowed_write_function_equals_kv_append_at_every_release(heads, group,
 @pytest.mark.parametrize("fmt,axis,pre_rope,zipped", [
     ("int4-g4-asym-fp16-dyn", "tokens", True, None),  # KIVI's keys: per channel over 4 tokens, pre-RoPE, rotated
     ("int2-g8-asym-fp32-dyn", "head_dim", False, None),  # values: per token in groups of 8 along the head dim
+    # RotateKV's grouped heads (both heads' 32 channels reordered, one Hadamard; or reordered only, G = 1): the
+    # rotated rows' groups of 8 held as virtual heads
+    ("int2-g8-asym-fp16-dyn", "head_dim", True, ("grouped", 2)),
+    ("int4-g16-asym-fp32-dyn", "head_dim", True, ("grouped", 1)),
     # ZipCache: half of each write's blocks of 4 at 4 bits, the rest at 2; keys per channel over each block's
     # salient / other tokens (32 pairs over 4 rows), values per token
     ("int4-g8-asym-fp16-dyn", "tokens", True, ("int2-g8-asym-fp16-dyn", 0.5, 4)),
@@ -191,9 +198,16 @@ def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope, z
                                                      window_layout)
     from finegrain.compiler.ops import kv_append, kv_quantized_until
 
-    heads, d, window, sinks, length = 2, 16, 5, 1, 64 if zipped is None or zipped[2] < 64 else 200
+    heads, d, window, sinks = 2, 16, 5, 1
+    group = {}
+    if zipped is not None and zipped[0] == "grouped":  # a channel order as calibration would give (outliers first)
+        group = {"perm": torch.randperm(heads * d, generator=torch.Generator().manual_seed(3)), "head_group": zipped[1]}
+        zipped = None
+    length = 64 if zipped is None or zipped[2] < 64 else 200
     freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)) if pre_rope else None
-    lay = window_layout(fmt, axis, d, window, sinks, None if zipped is None else (*zipped, False))
+    lay = window_layout(fmt, axis, d, window, sinks, None if zipped is None else (*zipped, False),
+                        group.get("head_group"))
+    assert lay.get("head_group") == group.get("head_group")
     unit = zipped[2] if zipped else 4 if axis == "tokens" else 1
     assert lay["ring"] == sinks + window + unit
     if zipped:
@@ -210,15 +224,15 @@ def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope, z
     for s in sizes + ((70, 1, 1, 2, 40) if length > 64 else ()):
         new = torch.randn(1, heads, s, d, generator=g) * 3
         score = torch.rand(1, heads, p + s, generator=g)
-        zopts = {} if zipped is None else dict(fmt_low=zipped[0], ratio=zipped[1], block=zipped[2])
-        sopts = {} if zipped is None else {"score": score, **zopts}
+        zopts = group if zipped is None else dict(fmt_low=zipped[0], ratio=zipped[1], block=zipped[2])
+        sopts = group if zipped is None else {"score": score, **zopts}
         read = kv_wpack_read(codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **zopts)
         assert torch.allclose(read.transpose(1, 2), want, rtol=0, atol=1e-5 * (want.abs().max().item() if p else 0)), p
         rows = [kv_wpack_rows(read, new, *opts, j, **sopts) for j in range(3)]
         past_att = kv_wpack_commit(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **sopts)
         commit_ref(read, new, codes[:, :p], scales[:, :p], zeros[:, :p], ring, *opts, **sopts)
         want = kv_append(want, new, fmt, axis, window, sinks, freq, pre_rope,
-                         *(() if zipped is None else (score, *zipped, False)))
+                         *(() if zipped is None else (score, *zipped, False)), **group)
         assert torch.equal(past_att.transpose(1, 2), want[:, :, :p])
         for buf, r in zip((codes, scales, zeros), rows):
             buf[:, p:p + s] = r
@@ -291,20 +305,23 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
 
 def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
     """``pack_window_cache``: KIVI's asymmetric integer writes packed (codes, scales, zeros, a ring of
-    ``sinks + window + G`` rows per layer and K / V); RotateKV's grouped heads and symmetric formats left in
-    an fp32 cache, each layer named with the reason (warned and listed in the manifest by the build)."""
+    ``sinks + window + G`` rows per layer and K / V), RotateKV's grouped-head keys too (as virtual heads of
+    their rotated space); grouped heads whose groups span the rotated row, and symmetric formats, left in an
+    fp32 cache, each layer named with the reason (warned and listed in the manifest by the build)."""
     from finegrain.backends.tvm.lower import prepare
 
     model = _family("llama")
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
-    for kv, why in ((KIVI, None), (GROUPED, "grouped heads"), (PLAIN, "asymmetric integer formats")):
+    for kv, why in ((KIVI, [9, 6]), (GROUPED, [5, 5]), ({**GROUPED, "kv_key": "int2-token-asym-fp16-dyn"},
+                                                        "grouped-head keys are packed with groups"),
+                    (PLAIN, "asymmetric integer formats")):
         cm = finegrain.compile(model, (ids,), recipe=_recipe(**kv), progress=False, kv_cache=True,
                                calibration=[(ids,)] if kv.get("kv_reorder") else None)
         pgm, _ = prepare(cm.gm, cm.input_specs, pack_kv=True)
         layers = cm.kv["layers"]
-        if why is None:
+        if isinstance(why, list):  # packed: the rings' rows
             assert pgm.kv_unpacked == [] and len(pgm.kv_buffers) == 8 * layers
-            assert [b.get("rows") for b in pgm.kv_buffers[:8]] == [None, None, None, 9, None, None, None, 6]
+            assert [b.get("rows") for b in pgm.kv_buffers[:8]] == [None, None, None, why[0], None, None, None, why[1]]
             assert all(b["name"].startswith("kvw_") for b in pgm.kv_buffers)
         else:
             assert len(pgm.kv_unpacked) == layers and all(why in line for line in pgm.kv_unpacked), pgm.kv_unpacked

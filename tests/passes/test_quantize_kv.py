@@ -3,6 +3,8 @@ is exact without quantization; quantized caches give the same logits through the
 (prefill + decode) as in one full-sequence forward; fewer bits, larger error; bytes per token are
 counted; a recipe that quantizes the cache without the cache in the graph, or with groups that
 do not divide the head dim, is refused before any work; bad recipe fields are named."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -326,6 +328,32 @@ def test_rotatekv_grouped_head_rotation_and_reordering(llama, tmp_path):
         finegrain.compile(llama, (IDS,), recipe=base | {"kv_head_group": 3}, progress=False, kv_cache=True)
     with pytest.raises(InputError, match="kv_reorder orders the key channels by calibration"):
         finegrain.compile(llama, (IDS,), recipe=base | {"kv_reorder": True}, progress=False, kv_cache=True)
+
+
+def test_the_rotatekv4_preset_rotates_all_kv_heads_together(llama):
+    """``quantize --kv-quant rotatekv4``: ``kv_head_group: 0`` groups all the layer's KV heads (2 here),
+    the channels reordered by calibration, keys and values at 4 bits; the same writes as naming the
+    group size, and a negative size is refused."""
+    from finegrain.compiler.ops import KV_APPEND
+    from finegrain.compiler.recipe import KV_PRESETS, with_kv
+
+    calib = [(torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(4)),)]
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    r = with_kv({"name": "float", "rules": []}, "rotatekv4")
+    assert r.kv_head_group == 0 and r.kv_reorder and r.kv_pre_rope and r.kv_key.startswith("int4")
+    # groups of 64 (one per token and head at SmolLM2's head dim) cover this model's 16-channel heads as 16
+    fmt = {"kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn"}
+    r = dataclasses.replace(r, **fmt)
+    cm = finegrain.compile(llama, (IDS,), recipe=r, calibration=calib, progress=False, kv_cache=True)
+    keys = [n for n in cm.gm.graph.nodes if n.target is KV_APPEND and "perm" in n.kwargs]
+    assert len(keys) == 2 and all(n.kwargs["head_group"] == 2 for n in keys)
+    named = finegrain.compile(llama, (IDS,), recipe={**KV_PRESETS["rotatekv4"], **fmt, "name": "g2",
+                                                     "rules": [], "kv_head_group": 2}, calibration=calib, progress=False,
+                              kv_cache=True)
+    assert torch.equal(cm(x), named(x))
+    with pytest.raises(RecipeError, match=r"kv_head_group: must be an integer number of KV heads in \[1, 1024\] \(0: all\)"):
+        finegrain.compile(llama, (IDS,), recipe={**KV_PRESETS["rotatekv4"], "name": "bad", "rules": [],
+                                                 "kv_head_group": -1}, kv_cache=True)
 
 
 def test_a_bad_reordering_in_an_artifact_is_named():

@@ -68,8 +68,9 @@ class TvmBackend(BackendBase):
         if op == "kv_append":
             return "emulated", ("the tokens a write releases (KIVI's groups per channel, float window, sinks, "
                                 "pre-RoPE / rotated keys, RotateKV's grouped-head / reordered keys, ZipCache's "
-                                "saliency-ranked two precisions) quantized in the graph; static builds hold KIVI's "
-                                "and ZipCache's packed (ZipCache's codes at the high format's width), concat builds "
+                                "saliency-ranked two precisions) quantized in the graph; static builds hold KIVI's, "
+                                "RotateKV's grouped-head and ZipCache's packed (ZipCache's codes at the high format's "
+                                "width), concat builds "
                                 "and the rest an fp32 cache holding the format's values")
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "

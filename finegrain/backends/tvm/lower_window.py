@@ -3,10 +3,11 @@
 rotation and its grouped-head rotation with reordered channels (``finegrain::kv_append``,
 ``compiler/ops.py``), computed in the graph as the reference
 computes them. A concat build (and a static one, for what ``window_cache.py`` does not pack: FP8 and
-symmetric formats, RotateKV's grouped heads) holds them in an fp32 cache (**emulated**: the cache holds the
+symmetric formats, RotateKV's grouped heads whose groups span the rotated row) holds them in an fp32 cache (**emulated**: the cache holds the
 format's values, not its codes); a static build packs the rest (``window_cache.py``: codes, per-channel
-scales spread over each group's rows, the float tokens in a fixed ring), as the reference backend does
-(``backends/kv_packed.py``).
+scales spread over each group's rows, the float tokens in a fixed ring; RotateKV's grouped-head keys
+as virtual heads of their rotated space, read back by a TE function after the codes' decode), as the
+reference backend does (``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,
 fmt, axis, window, sinks, rotated, perm, head_group, score, fmt_low, ratio, block, channel_norm)``: the same write, its arguments the lowering takes. Its converter (:func:`relax_converters`) is one TE function: the tokens that this
@@ -238,7 +239,10 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         if grouped:  # RotateKV: the arriving rotation undone, RoPE undone, then the grouped-head space
             perm, fwd, inv = extra[1:] if len(extra) == 4 else (None, *extra[1:])
             x = _rope(_fwht(seg) if rotated else seg, tables, True)
-            x = _from_head_groups(_fake_quant(_to_head_groups(x, perm, head_group, fwd), f, axis, n), perm, heads, inv)
+            z = _to_head_groups(x, perm, head_group, fwd)
+            if rows is not None:  # packed: the rotated rows as virtual heads (window_cache.to_virtual_heads)
+                return _span_rows(_virtual_heads(z, head_group), rows, n)
+            x = _from_head_groups(_fake_quant(z, f, axis, n), perm, heads, inv)
             x = _rope(x, tables, False)
             return a, n, (_fwht(x) if rotated else x), xin
         if rows is not None:  # the packed cache's rows of the released tokens (ZipCache: ranked by the score)
@@ -359,18 +363,28 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
     def packed_args(importer, node, first: int, d_arg: int, zip_at: int, score: bool = True):
         """``(extra, spec, lay, args)`` of a ``kv_wpack_*`` node whose options start at argument
         ``first``; argument ``d_arg`` ends in the head dim; ZipCache's arguments (``score`` if the op
-        takes it, then ``fmt_low``, ``ratio``, ``block``) from ``zip_at`` (``extra`` ends in the score)."""
-        from finegrain.backends.tvm.window_cache import window_layout
+        takes it, then ``fmt_low``, ``ratio``, ``block``), then RotateKV's ``perm``, ``head_group``,
+        from ``zip_at`` (``extra`` as :func:`parts`': ends in the score, or in the grouped heads' order
+        and Hadamard factors)."""
+        import numpy as np
+
+        from finegrain.backends.tvm.window_cache import grouped, window_layout
+        from finegrain.compiler.ops import _group_factor
 
         args = list(importer.retrieve_args(node))
         inv_freq, fmt, axis, window, sinks, rotated = args[first:first + 6]
         tail = list(args[zip_at:]) if len(args) > zip_at else []
         sc = tail.pop(0) if score and tail else None
         zipped = (tail[0], float(tail[1]), int(tail[2]), False) if tail and tail[0] is not None else None
+        perm, head_group = (tail[3], int(tail[4])) if len(tail) > 4 else (None, 1)
+        g = grouped(perm, head_group) if inv_freq is not None else None
         d = int(args[d_arg].ty.shape[-1])
-        lay = window_layout(fmt, axis, d, window, sinks, zipped)
+        lay = window_layout(fmt, axis, d, window, sinks, zipped, g)
         extra = ([inv_freq] if inv_freq is not None else []) + ([sc] if zipped is not None and sc is not None else [])
-        return extra, (fmt, axis, window, sinks, rotated, 1, zipped), lay, args
+        if g is not None:  # as parts(): the channel order (if reordered), the Hadamard's small factor and its transpose
+            extra += ([perm] if perm is not None else []) + [
+                relax.const(np.ascontiguousarray(_group_factor(g * d, inv).numpy()), "float32") for inv in (False, True)]
+        return extra, (fmt, axis, window, sinks, rotated, head_group, zipped), lay, args
 
     def span_rows(bb, node, read, new, extra, spec, lay, ring=None):
         key = (id(bb), str(node.args[0]), str(node.args[1]), "rows")
@@ -394,13 +408,37 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         key = (f"{prefix}kv_wpack_read_b{b_}_h{heads}_d{lay['d']}_w{lay['window']}_s{lay['sinks']}_g{lay['unit']}_"
                f"{lay['axis']}_{lay['bits']}_{lay['scale']}_r{half}_{int(bool(spec[4]))}_c{lay['cols']}_{lay['zcols']}_"
                f"{int(lay['spread'])}")
+        g = lay.get("head_group")
+        if g is not None:  # RotateKV's grouped heads: the codes' rotated space decoded, then taken back below
+            key += f"_grouped{g}"
         if key not in funcs:
-            func = read_func(b_, heads, lay, half, bool(spec[4]))
+            func = read_func(b_, heads, lay, 0 if g is not None else half, bool(spec[4]) and g is None)
             funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
         table = (rope_table(bb, extra[0], codes.ty.shape[1], node.args[4]) if extra
                  else relax.const(np.zeros((1, 2), "float32")))
         out = relax.TensorType([codes.ty.shape[i] for i in range(3)] + [lay["d"]], "float32")
-        return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table], out))
+        no_rope = relax.const(np.zeros((1, 2), "float32"))
+        read = bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table if g is None else no_rope], out))
+        if g is None:
+            return read
+        rotated = bool(spec[4])
+
+        def back(read_, table_, *factors):  # the quantized tokens' virtual heads -> attention's space
+            perm, inv = (factors[0], factors[2]) if len(factors) == 3 else (None, factors[1])
+            b2, p_len, h2, d = read_.shape
+            half_ = int(table_.shape[1]) // 2
+            x = te.compute((b2, h2, p_len, d), lambda b, h, t, c: read_[b, t, h, c], name="kv_grouped_head_major")
+            y = _from_head_groups(_from_virtual_heads(x, g), perm, h2, inv)
+            tables = (te.compute((p_len, half_), lambda i, j: table_[i, j], name="kv_rope_cos"),
+                      te.compute((p_len, half_), lambda i, j: table_[i, half_ + j], name="kv_rope_sin"))
+            y = _rope(y, tables, False)
+            y = _fwht(y) if rotated else y
+            qu = kv_quantized_until(p_len, lay["axis"], lay["unit"], lay["window"], lay["sinks"], tirx.max)
+            return te.compute(read_.shape, lambda b, t, h, c: tirx.if_then_else(
+                tirx.all(t >= lay["sinks"], t < qu), y[b, h, t, c], read_[b, t, h, c]), name="kv_wpack_read_grouped")
+
+        return bb.emit_te(back, read, table, *extra[1:], primfunc_name_hint=f"{prefix}kv_wpack_read_grouped",
+                          primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
 
     def rope_table(bb, freq, p_len, freq_node):
         """cos then sin of every cached position's RoPE angles ``[P, 2 * half]`` (float64 angles rounded
@@ -614,6 +652,26 @@ def _rows_in_place(batch: int, heads: int, d: int, window: int, sinks: int, unit
                 x[bi, a + i, h, c] = y[bi, h, i, c]
 
     return func
+
+
+def _virtual_heads(z, g: int):
+    """``window_cache.to_virtual_heads`` in TE: ``[B, H / g, n, g * d]`` -> ``[B, H, n, d]``."""
+    from tvm import te
+
+    b_, hg, n, gd = z.shape
+    d = int(gd) // g
+    return te.compute((b_, int(hg) * g, n, d), lambda b, h, i, c: z[b, h // g, i, (h % g) * d + c],
+                      name="kv_virtual_heads")
+
+
+def _from_virtual_heads(v, g: int):
+    """``window_cache.from_virtual_heads`` in TE: ``[B, H, n, d]`` -> ``[B, H / g, n, g * d]``."""
+    from tvm import te
+
+    b_, h, n, d = v.shape
+    d = int(d)
+    return te.compute((b_, int(h) // g, n, g * d), lambda b, hg, i, c: v[b, hg * g + c // d, i, c % d],
+                      name="kv_from_virtual_heads")
 
 
 def _to_head_groups(x, perm, g: int, factor):

@@ -45,9 +45,20 @@ zero-point column holding each token's salient flag, values' parameters per toke
 it took. ``kv_wpack_rows`` / ``kv_wpack_commit`` take the score and rank the released tokens as
 ``kv_append`` does; decode reads the decoded past (no in-place attention kernel for this layout).
 
+**RotateKV's grouped-head keys** (pre-RoPE keys reordered across heads and rotated over groups of
+``g`` heads, ``kv_append``'s ``perm`` / ``head_group``; since 2026-12-06) take the same buffers: each
+released token's rotated row ``[H / g, g d]`` is held as ``H`` *virtual heads* of ``d`` channels
+(:func:`to_virtual_heads`), so a format's groups along the rotated row that divide ``d`` are each
+virtual head's own and the per-token layout holds them unchanged. ``kv_wpack_read`` decodes the
+virtual heads, then (a TE function on TVM) undoes the grouped rotation and the order, applies RoPE
+and the per-head Hadamard; the rows take the released tokens to the grouped space as ``kv_append``
+does. Decode reads the decoded past (a key is rotated with its group's other heads: the in-place
+kernel, which reads one head's row, does not read it).
+
 Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
-grouped heads, groups that do not divide the head dim, ZipCache's channel-normalized token-wise writes,
-layers whose keys or values are not windowed."""
+grouped heads whose groups span more than a head dim (one scale per rotated row), groups that do not
+divide the head dim, ZipCache's channel-normalized token-wise writes, layers whose keys or values are
+not windowed."""
 from __future__ import annotations
 
 from typing import Optional
@@ -61,19 +72,30 @@ from finegrain.compiler.ops import _hadamard, _rope, kv_quantized_span, kv_quant
 from finegrain.formats import QuantFormat
 
 
-def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int, zipped: tuple | None = None) -> dict | str:
+def window_layout(fmt: str, axis: str, d: int, window: int, sinks: int, zipped: tuple | None = None,
+                  head_group: int | None = None) -> dict | str:
     """The packed layout of a windowed KV write (``lower_cache.kv_layout``'s, plus ``axis`` and ``unit``
     (the release rule: tokens released together), ``spread`` (the parameters are per channel, spread
     over each unit's rows), ``cols`` / ``zcols`` (scales / zero points per row), ``window``, ``sinks``,
     ``ring`` rows), or why it has none (a string). ``zipped``: ZipCache's ``(fmt_low, ratio, block,
-    channel_norm)`` (:func:`zip_layout`)."""
+    channel_norm)`` (:func:`zip_layout`). ``head_group``: RotateKV's grouped-head keys (``g``, 1 when
+    only reordered), held as :func:`to_virtual_heads` of their rotated space (needs the format's groups
+    to divide the head dim)."""
     from finegrain.backends.tvm.lower_cache import kv_layout
 
     if zipped is not None:
+        if head_group is not None:
+            return "ZipCache over RotateKV's grouped heads has no packed layout"
         return zip_layout(fmt, axis, d, window, sinks, zipped)
     f = QuantFormat.parse(fmt)
     if f.kind != "int" or f.symmetric:
         return f"{f.tag}: windowed writes are packed for asymmetric integer formats; this one stays in an fp32 cache"
+    if head_group is not None:
+        if axis == "tokens" or f.granularity != "group" or d % f.group_size:
+            return (f"{f.tag}: RotateKV's grouped-head keys are packed with groups along the rotated row that divide "
+                    f"the head dim {d} (each virtual head's own); these stay in an fp32 cache")
+        lay = window_layout(fmt, axis, d, window, sinks)
+        return lay if isinstance(lay, str) else {**lay, "head_group": int(head_group)}
     tokens = axis == "tokens"
     unit = f.group_size if tokens else 1
     if tokens and (not unit or d % unit):
@@ -142,11 +164,43 @@ def ring_row(t, lay: dict, select=None):
     return select(t < s, t, row)
 
 
-def _space(x: torch.Tensor, start: int, inv_freq, rotated: bool, inverse: bool) -> torch.Tensor:
+def to_virtual_heads(z: torch.Tensor, g: int) -> torch.Tensor:
+    """RotateKV's grouped-head rows ``[B, H / g, n, g * d]`` as ``g`` *virtual heads* of ``d`` channels
+    each ``[B, H, n, d]`` (virtual head ``hg * g + j`` holds channels ``[j d, (j + 1) d)`` of group ``hg``):
+    a format's groups along the grouped row that divide ``d`` are then each virtual head's own, so the
+    packed layout of per-head rows holds them unchanged."""
+    b, hg, n, gd = z.shape
+    return z.reshape(b, hg, n, g, gd // g).permute(0, 1, 3, 2, 4).reshape(b, hg * g, n, gd // g)
+
+
+def from_virtual_heads(v: torch.Tensor, g: int) -> torch.Tensor:
+    """The inverse of :func:`to_virtual_heads`."""
+    b, h, n, d = v.shape
+    return v.reshape(b, h // g, g, n, d).permute(0, 1, 3, 2, 4).reshape(b, h // g, n, g * d)
+
+
+def grouped(perm, head_group: int) -> int | None:
+    """``head_group`` where a write quantizes keys in RotateKV's grouped-head space (grouped, or only
+    reordered: ``perm`` given), else None (``window_layout``'s argument)."""
+    return int(head_group) if perm is not None or int(head_group) > 1 else None
+
+
+def _space(x: torch.Tensor, start: int, inv_freq, rotated: bool, inverse: bool, perm=None,
+           head_group: int | None = None) -> torch.Tensor:
     """Head-major ``x`` ``[B, H, n, d]`` at positions ``start ..`` to the space ``kv_append`` quantizes
-    it in (``inverse``) or back: pre-RoPE keys (per-head Hadamard, RoPE undone / applied, Hadamard)."""
+    it in (``inverse``) or back: pre-RoPE keys (per-head Hadamard, RoPE undone / applied, Hadamard);
+    RotateKV's grouped heads (``perm`` / ``head_group``: per-head Hadamard and RoPE undone, then the
+    grouped-head rotation of ``compiler.ops._to_head_groups``, as :func:`to_virtual_heads`)."""
+    from finegrain.compiler.ops import _from_head_groups, _to_head_groups
+
     if inv_freq is None:
         return x
+    if head_group is not None:
+        if inverse:
+            x = _rope(_hadamard(x) if rotated else x, start, inv_freq, inverse=True)
+            return to_virtual_heads(_to_head_groups(x, perm, head_group), head_group)
+        x = _rope(_from_head_groups(from_virtual_heads(x, head_group), perm, x.shape[1]), start, inv_freq, inverse=False)
+        return _hadamard(x) if rotated else x
     x = _rope(_hadamard(x) if rotated else x, start, inv_freq, inverse=inverse)
     return _hadamard(x) if rotated else x
 
@@ -228,7 +282,7 @@ def decode_rows(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor |
     return ((u - z) * s).transpose(1, 2).contiguous()
 
 
-def _read(codes, scales, zeros, ring, inv_freq, lay: dict, rotated: bool) -> torch.Tensor:
+def _read(codes, scales, zeros, ring, inv_freq, lay: dict, rotated: bool, perm=None) -> torch.Tensor:
     b, p, h, _ = codes.shape
     d, s = lay["d"], lay["sinks"]
     out = torch.zeros(b, p, h, d)
@@ -236,13 +290,15 @@ def _read(codes, scales, zeros, ring, inv_freq, lay: dict, rotated: bool) -> tor
     for t in list(range(min(s, p))) + list(range(max(qu, s), p)):
         out[:, t] = ring[:, ring_row(t, lay)]
     if qu > s:
-        body = _space(decode_rows(codes, scales, zeros, lay, s, qu - s), s, inv_freq, rotated, inverse=False)
+        body = _space(decode_rows(codes, scales, zeros, lay, s, qu - s), s, inv_freq, rotated, inverse=False,
+                      perm=perm, head_group=lay.get("head_group"))
         out[:, s:qu] = body.transpose(1, 2)
     return out
 
 
-def _layout_of(fmt, axis, window, sinks, d, fmt_low=None, ratio=1.0, block=1) -> dict:
-    lay = window_layout(fmt, axis, d, window, sinks, None if fmt_low is None else (fmt_low, ratio, block, False))
+def _layout_of(fmt, axis, window, sinks, d, fmt_low=None, ratio=1.0, block=1, perm=None, head_group=1) -> dict:
+    lay = window_layout(fmt, axis, d, window, sinks, None if fmt_low is None else (fmt_low, ratio, block, False),
+                        grouped(perm, head_group))
     if isinstance(lay, str):
         raise ValueError(lay)
     return lay
@@ -251,19 +307,21 @@ def _layout_of(fmt, axis, window, sinks, d, fmt_low=None, ratio=1.0, block=1) ->
 @torch.library.custom_op("finegrain::kv_wpack_read", mutates_args=())
 def kv_wpack_read(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], ring: torch.Tensor,
                   inv_freq: Optional[torch.Tensor], fmt: str, axis: str, window: int, sinks: int,
-                  rotated: bool, fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
+                  rotated: bool, fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1,
+                  perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
     """The cached keys / values ``[B, P, Hkv, d]`` (fp32, attention's space) a packed windowed cache holds
-    (ZipCache's: ``fmt_low``, ``ratio``, ``block``)."""
-    lay = _layout_of(fmt, axis, window, sinks, ring.shape[-1], fmt_low, ratio, block)
-    return _read(codes, scales, zeros, ring, inv_freq, lay, rotated)
+    (ZipCache's: ``fmt_low``, ``ratio``, ``block``; RotateKV's grouped heads: ``perm``, ``head_group``)."""
+    lay = _layout_of(fmt, axis, window, sinks, ring.shape[-1], fmt_low, ratio, block, perm, head_group)
+    return _read(codes, scales, zeros, ring, inv_freq, lay, rotated, perm)
 
 
 @kv_wpack_read.register_fake
-def _(codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, fmt_low=None, ratio=1.0, block=1):
+def _(codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, fmt_low=None, ratio=1.0, block=1,
+      perm=None, head_group=1):
     return codes.new_empty((*codes.shape[:-1], ring.shape[-1]), dtype=torch.float32)
 
 
-def _span(read, new, inv_freq, lay, rotated, score=None):
+def _span(read, new, inv_freq, lay, rotated, score=None, perm=None):
     """``(a, b, rows)``: the write's released tokens ``[a, b)`` and their ``encode_span`` rows (ZipCache:
     the salient ones picked from ``score`` as ``kv_append`` picks them)."""
     from finegrain.compiler.ops import zip_salient
@@ -274,7 +332,9 @@ def _span(read, new, inv_freq, lay, rotated, score=None):
         return a, b, None
     full = torch.cat([read.transpose(1, 2), new.float()], 2)
     sal = zip_salient(score[:, :, a:b], lay["ratio"]) if lay.get("low") is not None else None
-    return a, b, encode_span(_space(full[:, :, a:b].float(), a, inv_freq, rotated, inverse=True), lay, sal)
+    x = _space(full[:, :, a:b].float(), a, inv_freq, rotated, inverse=True, perm=perm,
+               head_group=lay.get("head_group"))
+    return a, b, encode_span(x, lay, sal)
 
 
 _ROW_DTYPES = {0: torch.int32, 2: torch.uint8}
@@ -287,12 +347,13 @@ def _row_width(lay: dict, part: int) -> int:
 @torch.library.custom_op("finegrain::kv_wpack_rows", mutates_args=())
 def kv_wpack_rows(read: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str, axis: str,
                   window: int, sinks: int, rotated: bool, part: int, score: Optional[torch.Tensor] = None,
-                  fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
+                  fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1,
+                  perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
     """Part ``part`` (0 codes, 1 scales, 2 zero points) of the new tokens' rows ``[B, S, Hkv, W | C]``:
     those this write releases quantized, the others zero (they are in the ring)."""
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block, perm, head_group)
     p, sn = read.shape[1], new.shape[2]
-    a, b, rows = _span(read, new, inv_freq, lay, rotated, score)
+    a, b, rows = _span(read, new, inv_freq, lay, rotated, score, perm)
     dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
     out = torch.zeros(new.shape[0], sn, new.shape[1], _row_width(lay, part), dtype=dt)
     for t in range(max(a, p), b):
@@ -301,8 +362,9 @@ def kv_wpack_rows(read: torch.Tensor, new: torch.Tensor, inv_freq: Optional[torc
 
 
 @kv_wpack_rows.register_fake
-def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part, score=None, fmt_low=None, ratio=1.0, block=1):
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
+def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part, score=None, fmt_low=None, ratio=1.0, block=1,
+      perm=None, head_group=1):
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block, perm, head_group)
     dt = _ROW_DTYPES.get(part, torch.float16 if lay["scale"] == "float16" else torch.float32)
     return new.new_empty((new.shape[0], new.shape[2], new.shape[1], _row_width(lay, part)), dtype=dt)
 
@@ -311,7 +373,8 @@ def _(read, new, inv_freq, fmt, axis, window, sinks, rotated, part, score=None, 
 def kv_wpack_commit(read: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                     zeros: Optional[torch.Tensor], ring: torch.Tensor, inv_freq: Optional[torch.Tensor], fmt: str,
                     axis: str, window: int, sinks: int, rotated: bool, score: Optional[torch.Tensor] = None,
-                    fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1) -> torch.Tensor:
+                    fmt_low: Optional[str] = None, ratio: float = 1.0, block: int = 1,
+                    perm: Optional[torch.Tensor] = None, head_group: int = 1) -> torch.Tensor:
     """The past attention reads after a write of ``new``: ``read`` with the rows this write releases
     quantized (reference implementation). Its TVM lowering also writes, in place, those rows' codes /
     scales / zero points into the ``codes`` / ``scales`` / ``zeros`` buffers and the new tokens still in
@@ -319,22 +382,22 @@ def kv_wpack_commit(read: torch.Tensor, new: torch.Tensor, codes: torch.Tensor, 
     an fp32 cache in place; the op is declared functional so that the graph exports."""
     from finegrain.backends.tvm.lower_window import kv_window_past
 
-    zip_args = () if fmt_low is None else (None, 1, score, fmt_low, ratio, block, False)
-    return kv_window_past(read, new, inv_freq, fmt, axis, window, sinks, rotated, *zip_args)
+    zip_args = () if fmt_low is None else (score, fmt_low, ratio, block, False)
+    return kv_window_past(read, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group, *zip_args)
 
 
 @kv_wpack_commit.register_fake
 def _(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, score=None, fmt_low=None,
-      ratio=1.0, block=1):
+      ratio=1.0, block=1, perm=None, head_group=1):
     return torch.empty_like(read)
 
 
 def commit_ref(read, new, codes, scales, zeros, ring, inv_freq, fmt, axis, window, sinks, rotated, score=None,
-               fmt_low=None, ratio=1.0, block=1) -> None:
+               fmt_low=None, ratio=1.0, block=1, perm=None, head_group=1) -> None:
     """The buffer writes of ``kv_wpack_commit``'s lowering, in place on the torch tensors (reference)."""
-    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block)
+    lay = _layout_of(fmt, axis, window, sinks, new.shape[-1], fmt_low, ratio, block, perm, head_group)
     p, sn = read.shape[1], new.shape[2]
-    a, b, rows = _span(read, new, inv_freq, lay, rotated, score)
+    a, b, rows = _span(read, new, inv_freq, lay, rotated, score, perm)
     for t in range(a, min(b, p)):
         for buf, r in zip((codes, scales, zeros), rows):
             if buf is not None:
@@ -379,13 +442,12 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
              block, channel_norm) = window_write_args(p.args)
             ph = cache_past(past_t)
             d = p.meta["val"].shape[-1] if p.meta.get("val") is not None else None
-            if perm is not None or int(head_group) > 1:
-                lays.append("RotateKV's grouped heads stay in an fp32 cache")
-            elif ph is None or ph.op != "placeholder" or not isinstance(d, int):
+            if ph is None or ph.op != "placeholder" or not isinstance(d, int):
                 lays.append("its write does not read its past input directly")
             else:
                 zipped = (fmt_low, float(ratio), int(block), bool(channel_norm)) if is_zip(p.args) else None
-                lays.append(window_layout(fmt, axis, int(d), int(window), int(sinks), zipped))
+                g = grouped(perm, head_group) if inv_freq is not None else None  # as kv_append: pre-RoPE keys only
+                lays.append(window_layout(fmt, axis, int(d), int(window), int(sinks), zipped, g))
         if len(ps) == 2 and all(isinstance(x, dict) for x in lays):
             plan.update({p: lay for p, lay in zip(ps, lays)})
         else:
@@ -396,7 +458,7 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             continue
         lay = plan[r]
         kind, layer = r.meta[KV]["kind"], r.meta[KV]["layer"]
-        (past_t, new, inv_freq, fmt, axis, window, sinks, rotated, _, _, score, fmt_low, ratio, block,
+        (past_t, new, inv_freq, fmt, axis, window, sinks, rotated, perm, head_group, score, fmt_low, ratio, block,
          _) = window_write_args(r.args)
         ph = cache_past(past_t)
         parts = [("codes", "int32", lay["words"]), ("scales", lay["scale"], lay["cols"])]
@@ -414,14 +476,17 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
             specs.append({**spec, "rows": lay["ring"]} if suffix == "ring" else spec)
         opts = (inv_freq, fmt, axis, window, sinks, rotated)
         zipped = (fmt_low, ratio, block) if lay.get("low") is not None else ()  # ZipCache's, after the score
+        # RotateKV's grouped heads: (perm, head_group) after ZipCache's (unused) arguments
+        heads_grouped = (None, 1.0, 1, perm, head_group) if lay.get("head_group") is not None else ()
         order = {n: k for k, n in enumerate(graph.nodes)}
         where = max([anchor] + ([inv_freq] if isinstance(inv_freq, torch.fx.Node) else []), key=order.__getitem__)
         with graph.inserting_after(where):  # early: the past's length is read before the write (masks, positions)
             read = graph.call_function(KV_WPACK_READ, (ins["codes"], ins["scales"], ins.get("zeros"), ins["ring"],
-                                                       *opts, *zipped))
-        scored = (score, *zipped) if zipped else ()
+                                                       *opts, *zipped, *heads_grouped))
+        scored = (score, *zipped) if zipped else (None, *heads_grouped) if heads_grouped else ()
         with graph.inserting_before(r):
             new_att = graph.call_function(KV_WINDOW_NEW, (read, new, *opts, *((None, 1, *scored, False) if zipped
+                                                                               else (perm, head_group) if heads_grouped
                                                                                else ())))
             rows = [graph.call_function(KV_WPACK_ROWS, (read, new, *opts, j, *scored)) for j in range(len(parts) - 1)]
             past_att = graph.call_function(KV_WPACK_COMMIT, (read, new, ins["codes"], ins["scales"], ins.get("zeros"),
@@ -581,6 +646,8 @@ def mark_fused_decode(graph: Graph) -> int:
             continue
         if any(len(c.args) > 13 and c.args[13] is not None for c, _ in parts):
             continue  # ZipCache's: each token's parameters by its salient flag; decode reads the decoded past
+        if any(len(c.args) > 16 and (c.args[16] is not None or int(c.args[17]) > 1) for c, _ in parts):
+            continue  # RotateKV's grouped heads: a key is rotated with its group's other heads; read decoded
         if any(c.args[8] == "tokens" and int(c.args[9]) < 1 for c, _ in parts):
             # no float window: the step's token can complete a group, whose parameters are spread over rows that
             # include the new token's, which the runtime writes after the call; decode reads the decoded past
