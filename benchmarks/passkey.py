@@ -43,6 +43,7 @@ def main() -> None:
 
     import finegrain
     from finegrain.eval.passkey import passkey_trial
+    from finegrain.eval.perplexity import calibration_batches
     from finegrain.models import load_model
 
     import machine
@@ -51,8 +52,10 @@ def main() -> None:
     lm = load_model("smollm2-135m")
     rows = []
     for name in rows_wanted:
+        # RotateKV's reordering: the channel order from 4 x 512 Brown calibration tokens (as kv_quant.py)
+        calib = calibration_batches(lm.tokenizer, 4, 512) if CONFIGS[name].get("kv_reorder") else None
         cm = finegrain.compile(lm.model, (torch.arange(16)[None],), recipe={"name": name, "rules": [], **CONFIGS[name]},
-                               progress=False, kv_cache=True)
+                               progress=False, kv_cache=True, calibration=calib)
         cases = [(seed, depth) for seed in range(args.seeds) for depth in (0.1, 0.5, 0.9)]
         trials = [passkey_trial(cm.session(), lm.tokenizer, args.tokens, depth, seed) for seed, depth in cases]
         extra = ""
