@@ -28,7 +28,7 @@ Rows (each with and without its own KV cache where it has one):
   (ZipCache's saliency and mixed-precision writes in the graph, packed with every token's codes at 4 bits,
   the past decoded once per step: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
   reordered keys rotated over all KV heads, packed as virtual heads of that space, the past decoded once
-  per step);
+  per step; and with ``kv_storage="float"``, an fp32 cache of its values);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -284,16 +284,19 @@ def main() -> None:
         # the rotatekv4 preset (RotateKV: keys reordered by calibration, one Hadamard over all KV heads' channels):
         # its rotated rows packed as virtual heads (window_cache.to_virtual_heads), the past decoded once per step
         kv_rows.append(("W4A16 g128 + rotatekv4 packed", with_kv("w4a16-g128", "rotatekv4"), "static"))
-        for name, recipe, cache in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
+        # ... and held in an fp32 cache of its values instead (kv_storage="float": 7x the memory, no decode of the past)
+        kv_rows.append(("W4A16 g128 + rotatekv4 in fp32", with_kv("w4a16-g128", "rotatekv4"), "static", "float"))
+        for name, recipe, cache, *storage in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):
+            storage = storage[0] if storage else "packed"
             row = f"finegrain TVM {name}, cache {cache}"
             if args.rows and not any(w in row for w in args.rows):
                 continue
             t = time.perf_counter()
             cm = w4_kv if recipe == "w4a16-g128" else compile_loaded(lm, recipe, samples=4, seq_len=256,
                                                                      progress=False, kv_cache=True)
-            dep = cm.session("tvm", max_seq_len=need + 8, cache=cache)
+            dep = cm.session("tvm", max_seq_len=need + 8, cache=cache, kv_storage=storage)
             tvm_build_s[f"{name} {cache}"] = round(time.perf_counter() - t, 1)
             if dep.static_cache:
                 cache_bytes[row] = dep.cache_bytes(max(args.past))

@@ -796,7 +796,7 @@ def cmd_build(args) -> None:
     parse_target(args.target)  # a bad target fails before the artifact is read
     cm = finegrain.load(args.artifact)
     m = cm.build(args.out, target=args.target, tune_trials=args.tune_trials, max_seq_len=args.max_seq_len,
-                 overwrite=args.overwrite, int8=not args.no_int8, cache=args.cache)
+                 overwrite=args.overwrite, int8=not args.no_int8, cache=args.cache, kv_storage=args.kv_storage)
     b = m["build"]
     out = Path(args.out)
     size = sum((out / f).stat().st_size for f in m["files"])
@@ -958,7 +958,7 @@ def cmd_generate(args) -> None:
          f"({g.decode_tokens_per_second:.1f} tokens/s, {cache}); stopped by {g.stopped}", style="dim")
 
 
-GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048},
+GENERATE_OPTIONS = {"tvm": lambda a: {"max_seq_len": 2048, "kv_storage": a.kv_storage},
                     "torch": lambda a: {"kv_storage": a.kv_storage, "weight_storage": a.weight_storage},
                     "gpu": lambda a: {"dtype": a.gpu_dtype, "decode_graph": a.cuda_graph}}
 
@@ -1244,6 +1244,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV-cache artifacts: 'static' = one preallocated buffer per layer, new keys / values written "
                          "in place (default); 'concat' = past + new concatenated by the graph each call (for "
                          "comparisons)")
+    bd.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
+                    help="an artifact with a quantized KV cache, --cache static: hold the layers that pack as their "
+                         "formats' codes (packed, default) or every layer in an fp32 cache of the formats' values "
+                         "(float: the same logits in 4-13x the memory; faster where the packed layout decodes "
+                         "the past every step: RotateKV's grouped heads, ZipCache)")
     bd.add_argument("--overwrite", action="store_true")
     gpu_dtype(bd)
     bd.set_defaults(fn=cmd_build)
@@ -1266,8 +1271,9 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--seed", type=int, default=None, help="seed of the sampler (repeatable output)")
     gn.add_argument("--allow-native", action="store_true", help="allow a TVM deployment (native code) as the artifact")
     gn.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
-                    help="--backend torch, an artifact with a quantized KV cache: keep the cache bit-packed (its "
-                         "formats' bytes; every step unpacks it) or in fp32 (the same values, 4-13x the memory, faster)")
+                    help="--backend torch / tvm, an artifact with a quantized KV cache: keep the cache bit-packed "
+                         "(its formats' bytes; the reference unpacks it every step, TVM's decode reads most layouts "
+                         "in place) or in fp32 (the same values, 4-13x the memory)")
     gn.add_argument("--weight-storage", choices=("packed", "float"), default="float",
                     help="--backend torch: dequantize each packed weight once when the session opens and keep it in "
                          "fp32 (float: the same logits, fp32's memory for the weights, several times faster) or at "

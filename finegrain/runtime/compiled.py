@@ -92,15 +92,17 @@ class CompiledModel(Artifact):
         return export_gguf(self, out, overwrite=overwrite, tokenizer_gguf=tokenizer_gguf, dtype=dtype)
 
     def build(self, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
-              max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True, cache: str = "static") -> dict:
+              max_seq_len: int = 2048, overwrite: bool = False, int8: bool = True, cache: str = "static",
+              kv_storage: str = "packed") -> dict:
         """Compile ahead of time with TVM into the deployment directory ``out`` (a shared library,
         the weights in TVM's parameter format, a manifest; ``backends/tvm/deploy.py``). ``target``:
         ``"llvm"``/None = this CPU, or a TVM target dict. ``int8``: INT8 x INT2-4 linears (W4A8,
         DGQ) run integer dot products (``kernels/a8.py``); False keeps them on fp32 compute.
         ``cache`` (KV-cache artifacts): ``"static"`` preallocated buffers written in place, or
-        ``"concat"`` (``backends/tvm/lower_cache.py``). Returns the manifest."""
+        ``"concat"`` (``backends/tvm/lower_cache.py``); ``kv_storage``: a static quantized cache held as
+        the formats' codes (``"packed"``) or in fp32 (``"float"``). Returns the manifest."""
         return registry.get("tvm").export(self, out, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
-                                          overwrite=overwrite, int8=int8, cache=cache)
+                                          overwrite=overwrite, int8=int8, cache=cache, kv_storage=kv_storage)
 
     def build_gpu(self, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
         """Write a GPU deployment (``backends/gpu/deploy.py``): this artifact plus every kernel weight

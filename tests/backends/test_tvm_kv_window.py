@@ -329,6 +329,30 @@ def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
             assert all("packed" not in b for b in pgm.kv_buffers)
 
 
+def test_kv_storage_float_keeps_an_fp32_cache_with_the_same_logits():
+    """``cm.session("tvm", kv_storage="float")`` / ``finegrain build --kv-storage float``: a static build
+    of RotateKV's grouped heads (packed by default, decoding through the decoded past) holds every
+    layer in an fp32 cache of the formats' values instead, with the packed build's logits; a bad value
+    is named before any build."""
+    from finegrain.errors import InputError
+
+    model = _family("qwen2")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (ids,), recipe=_recipe(**GROUPED), progress=False, kv_cache=True,
+                           calibration=[(ids,)])
+    ref, _ = _incremental(cm, x, prefill=9)
+    h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
+    for storage, first in (("packed", (1, 40, h, d // 16)), ("float", (1, 40, h, d))):
+        with cm.session("tvm", target=TARGET, max_seq_len=40, kv_storage=storage) as s:
+            inc, state = _incremental(s, x, prefill=9)
+            assert tuple(state["past"][0].shape) == first
+            assert len(state["past"]) == (8 if storage == "packed" else 2) * cm.kv["layers"]
+            assert _rel(ref, inc) <= 1e-4, (storage, _rel(ref, inc))
+    with pytest.raises(InputError, match="kv_storage 'fp8': 'packed'"):
+        cm.session("tvm", target=TARGET, max_seq_len=40, kv_storage="fp8")
+
+
 # ZipCache: the salient half of each write's released tokens (normalized attention score of probe queries) at 4
 # bits, the rest at 2; keys per channel over each block's subsets (pre-RoPE, rotated) or token-wise after the
 # per-channel normalizer

@@ -86,11 +86,15 @@ def check_cpu_target(target: dict) -> None:
 
 def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune_trials: int = 0,
                      max_seq_len: int = 2048, overwrite: bool = False, progress: bool = False,
-                     int8: bool = True, cache: str = "static") -> dict:
+                     int8: bool = True, cache: str = "static", kv_storage: str = "packed") -> dict:
     """Build ``cm`` (a CompiledModel) into the deployment directory ``out``; returns the manifest.
     ``int8=False`` keeps W(<=4)A8 linears on the fp32-compute kernel (for comparisons). ``cache``
     (KV-cache artifacts): ``"static"`` preallocated buffers written in place (``lower_cache.py``)
-    or ``"concat"`` (the graph's own past + new concatenation; kept for comparisons)."""
+    or ``"concat"`` (the graph's own past + new concatenation; kept for comparisons). ``kv_storage``
+    (static caches of a quantized KV cache): ``"packed"`` holds the layers that pack as codes
+    (``lower_cache.pack_cache``, ``window_cache.py``), ``"float"`` every layer in an fp32 cache of the
+    formats' values (the same logits: 4-13x the memory, for builds whose packed decode is slower,
+    such as RotateKV's grouped heads and ZipCache, which decode through the decoded past)."""
     import tvm
 
     from finegrain.version import __version__
@@ -109,11 +113,13 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
         max_seq_len = min(max_seq_len, kv["max_seq_len"])
     if cache not in CACHES:
         raise InputError(f"cache {cache!r}: one of {list(CACHES)}")
+    if kv_storage not in ("packed", "float"):
+        raise InputError(f"kv_storage {kv_storage!r}: 'packed' (the formats' codes) or 'float' (an fp32 cache)")
     t0 = time.perf_counter()
     buffers: list = []
     unpacked: list = []  # windowed KV layers a static cache keeps in fp32, and why
     mod, params, kernels = import_relax(cm.gm, cm.input_specs, max_seq_len, target, int8=int8, cache=cache,
-                                        kv_buffers=buffers, kv_unpacked=unpacked)
+                                        kv_buffers=buffers, kv_unpacked=unpacked, kv_storage=kv_storage)
     functions = ({"main": {"inputs": "as declared (inputs[].dims)"}} if is_tensor_specs(cm.input_specs) else
                  {"decode": {"seq_len": [1, 1]}, "prefill": {"seq_len": [2, max_seq_len]}})
     import_s = time.perf_counter() - t0
@@ -377,7 +383,7 @@ class TvmSession(TvmDeployment):
 
     def __init__(self, cm, target: str | dict | None = None, tune_trials: int = 0, max_seq_len: int = 2048,
                  threads: int | None = None, path: str | Path | None = None, int8: bool = True,
-                 cache: str = "static"):
+                 cache: str = "static", kv_storage: str = "packed"):
         import tempfile
 
         self._tmp = None
@@ -385,5 +391,5 @@ class TvmSession(TvmDeployment):
             self._tmp = tempfile.TemporaryDirectory(prefix="finegrain-tvm-")
             path = Path(self._tmp.name) / "deploy"
             self.build = build_deployment(cm, path, target=target, tune_trials=tune_trials, max_seq_len=max_seq_len,
-                                          int8=int8, cache=cache)
+                                          int8=int8, cache=cache, kv_storage=kv_storage)
         super().__init__(path, threads=threads)

@@ -306,14 +306,15 @@ def _emit_a8(graph: Graph, deq, users, layer: str, p: dict, param) -> None:
 
 
 def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
-            int8: bool = True, pack_kv: bool = False) -> tuple[GraphModule, dict]:
+            int8: bool = True, pack_kv: bool = False, kv_storage: str = "packed") -> tuple[GraphModule, dict]:
     """The graph rewritten for the TVM lowering (see the module docstring) and, per quantized
     layer, the kernel it gets. ``int8``: linears whose weights have at most 4 bits and whose
     input is quantized to symmetric integers get the integer-dot kernel (``kernels/a8.py``; needs
     AVX2) instead of the fp32 one. ``gm`` itself is not modified (its nodes may get shape metadata).
     A KV-cache graph's writes in groups along the head dim become per-token fake quantization
     (``lower_cache.kv_fake_quant``); ``pack_kv`` (static cache) first packs the layers whose cache
-    can be held as codes (``lower_cache.pack_cache``; the buffers are the result's ``kv_buffers``)."""
+    can be held as codes (``lower_cache.pack_cache``; the buffers are the result's ``kv_buffers``),
+    unless ``kv_storage`` is ``"float"`` (every layer then an fp32 buffer of the formats' values)."""
     from finegrain.compiler.ops import HADAMARD
 
     if input_specs and any(n.target is HADAMARD and not ({"val", "tensor_meta"} & set(n.args[0].meta))
@@ -345,12 +346,12 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
     if input_specs and is_kv_specs(input_specs):
         from finegrain.backends.tvm.lower_cache import kv_fake_quant, pack_cache
 
-        buffers = pack_cache(graph) if pack_kv else None
+        buffers = pack_cache(graph, pack=kv_storage == "packed") if pack_kv else None
         kv_fake_quant(graph)
         from finegrain.backends.tvm import lower_window
 
         lower_window.rewrite(graph)
-        if buffers is not None:
+        if buffers is not None and kv_storage == "packed":
             from finegrain.backends.tvm.window_cache import pack_window_cache
 
             unpacked = pack_window_cache(graph, buffers)
@@ -642,7 +643,7 @@ def is_tensor_specs(input_specs: list[dict]) -> bool:
 
 def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 2048, target: dict | None = None,
                  int8: bool = True, cache: str = "static", kv_buffers: list | None = None,
-                 kv_unpacked: list | None = None):
+                 kv_unpacked: list | None = None, kv_storage: str = "packed"):
     """``(IRModule with "prefill" and "decode", parameters (name, tensor) in call order, kernels per
     layer)``. ``max_seq_len`` bounds prefill's sequence length (over a KV cache: past + new
     tokens): TVM plans memory statically for it; ``target`` sets the kernels' vector width;
@@ -663,7 +664,8 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     given, receives one ``{"name", "dtype", "width"[, "packed", "rows"]}`` per cache buffer, in input order
     (KIVI's windowed writes: ``window_cache.py``, whose ring buffers have a fixed number of ``rows``);
     ``kv_unpacked``, when given, one line per windowed layer left in an fp32 cache, saying why (also
-    warned)."""
+    warned). ``kv_storage="float"``: no layer packed (every static buffer an fp32 cache of the formats'
+    values)."""
     import tvm
 
     lanes = vector_lanes(target)
@@ -685,7 +687,7 @@ def import_relax(gm: GraphModule, input_specs: list[dict], max_seq_len: int = 20
     if cache not in ("static", "concat"):
         raise TvmError(f"cache {cache!r}: 'static' (preallocated, written in place) or 'concat'")
     static = kv and cache == "static"
-    pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target), pack_kv=static)
+    pgm, kernels = prepare(gm, input_specs, int8=int8 and a8.has_avx2(target), pack_kv=static, kv_storage=kv_storage)
     seq = torch.export.Dim("seq", min=2, max=max_seq_len)
     past = [s["name"].startswith("past_") for s in input_specs]
     axis = 1 if static else 2  # the past's sequence axis

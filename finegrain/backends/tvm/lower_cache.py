@@ -351,14 +351,15 @@ def kv_fake_quant(graph) -> None:
         graph.erase_node(q)
 
 
-def pack_cache(graph) -> list[dict]:
+def pack_cache(graph, pack: bool = True) -> list[dict]:
     """Rewrite ``graph`` (a KV-cache graph before :func:`to_static_cache`) so that every layer
     whose keys and values are both written in a packable format (:func:`kv_layout`) keeps its cache
     packed: each such ``past_*`` input becomes ``codes`` / ``scales`` / (``zeros``) inputs, token-major,
     read through ``kv_decode``, and its present output the new tokens' ``kv_codes`` / ``kv_scales`` /
     (``kv_zeros``), token-major. Returns the cache buffers in input (= output) order after
     ``input_ids, position_ids``: ``{"name", "dtype", "width", "packed": layout or absent}``; the
-    other presents are left to :func:`to_static_cache` (fp32, ``width`` = head dim)."""
+    other presents are left to :func:`to_static_cache` (fp32, ``width`` = head dim). ``pack=False``
+    (``kv_storage="float"``): every present is left fp32."""
     from finegrain.compiler.ir import KV
 
     out = next(n for n in graph.nodes if n.op == "output")
@@ -376,7 +377,7 @@ def pack_cache(graph) -> list[dict]:
             ok = w and w[0].op == "placeholder" and isinstance(d, int)
             lay = kv_layout(w[3], int(d)) if ok else None
             lays.append(lay if isinstance(lay, dict) else None)
-        if len(ps) == 2 and all(lays):
+        if pack and len(ps) == 2 and all(lays):
             for p, lay in zip(ps, lays):
                 packed[p] = lay
     buffers = []
