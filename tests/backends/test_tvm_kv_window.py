@@ -56,6 +56,7 @@ def _standalone_tokens(dep, prompt, new_tokens: int = 10) -> list:
     ("llama", PLAIN, "concat", 5),   # no pre-RoPE, symmetric 2-bit keys, values per token, no sink
     ("llama", GROUPED, "concat", 6),  # RotateKV's grouped heads with reordered channels
     ("qwen2", GROUPED, "static", 11),
+    ("llama", {**GROUPED, "kv_rotate": True, "kv_reorder": False}, "static", 7),  # per-head rotated, not reordered
     ("qwen2", KIVI, "static", 6),    # q / k / v biases
     ("llama", {**KIVI, "kv_window": 0}, "static", 6),  # no float window: a decode step's token completes a group
     ("phi3", KIVI, "static", 9),     # fused qkv projection
@@ -95,7 +96,7 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
     if cache == "static":
         h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
         shapes = [tuple(p.shape) for p in state["past"]]
-        if kv is GROUPED:  # RotateKV's grouped heads packed as virtual heads of their rotated space: keys' 2-bit
+        if kv.get("kv_head_group", 1) > 1:  # RotateKV's grouped heads packed as virtual heads of their rotated space: keys' 2-bit
             # codes and values' 4-bit, d / 8 groups per row each, rings of sinks + window + 1 fp32 rows
             w = kv["kv_window"]
             assert shapes[:8] == [(1, 48, h, d // 16), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 1 + w + 1, h, d),

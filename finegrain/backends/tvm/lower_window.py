@@ -409,36 +409,24 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
                f"{lay['axis']}_{lay['bits']}_{lay['scale']}_r{half}_{int(bool(spec[4]))}_c{lay['cols']}_{lay['zcols']}_"
                f"{int(lay['spread'])}")
         g = lay.get("head_group")
-        if g is not None:  # RotateKV's grouped heads: the codes' rotated space decoded, then taken back below
-            key += f"_grouped{g}"
-        if key not in funcs:
-            func = read_func(b_, heads, lay, 0 if g is not None else half, bool(spec[4]) and g is None)
-            funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
         table = (rope_table(bb, extra[0], codes.ty.shape[1], node.args[4]) if extra
                  else relax.const(np.zeros((1, 2), "float32")))
         out = relax.TensorType([codes.ty.shape[i] for i in range(3)] + [lay["d"]], "float32")
-        no_rope = relax.const(np.zeros((1, 2), "float32"))
-        read = bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table if g is None else no_rope], out))
-        if g is None:
-            return read
-        rotated = bool(spec[4])
+        if g is not None:  # RotateKV's grouped heads: each token's rotated rows decoded and taken back in one task
+            from finegrain.backends.tvm.window_cache import grouped_read_func
 
-        def back(read_, table_, *factors):  # the quantized tokens' virtual heads -> attention's space
-            perm, inv = (factors[0], factors[2]) if len(factors) == 3 else (None, factors[1])
-            b2, p_len, h2, d = read_.shape
-            half_ = int(table_.shape[1]) // 2
-            x = te.compute((b2, h2, p_len, d), lambda b, h, t, c: read_[b, t, h, c], name="kv_grouped_head_major")
-            y = _from_head_groups(_from_virtual_heads(x, g), perm, h2, inv)
-            tables = (te.compute((p_len, half_), lambda i, j: table_[i, j], name="kv_rope_cos"),
-                      te.compute((p_len, half_), lambda i, j: table_[i, half_ + j], name="kv_rope_sin"))
-            y = _rope(y, tables, False)
-            y = _fwht(y) if rotated else y
-            qu = kv_quantized_until(p_len, lay["axis"], lay["unit"], lay["window"], lay["sinks"], tirx.max)
-            return te.compute(read_.shape, lambda b, t, h, c: tirx.if_then_else(
-                tirx.all(t >= lay["sinks"], t < qu), y[b, h, t, c], read_[b, t, h, c]), name="kv_wpack_read_grouped")
-
-        return bb.emit_te(back, read, table, *extra[1:], primfunc_name_hint=f"{prefix}kv_wpack_read_grouped",
-                          primfunc_attrs={"op_pattern": 8, **SPAN_ATTRS})
+            perm = extra[1] if len(extra) == 4 else relax.const(np.arange(heads * lay["d"], dtype="int64"), "int64")
+            inv = extra[-1]  # the grouped Hadamard's small factor, transposed
+            m = int(inv.ty.shape[0])
+            key += f"_grouped{g}_m{m}"
+            if key not in funcs:
+                func = grouped_read_func(b_, heads, lay, half, bool(spec[4]), m)
+                funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
+            return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table, perm, inv], out))
+        if key not in funcs:
+            func = read_func(b_, heads, lay, half, bool(spec[4]))
+            funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
+        return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table], out))
 
     def rope_table(bb, freq, p_len, freq_node):
         """cos then sin of every cached position's RoPE angles ``[P, 2 * half]`` (float64 angles rounded
@@ -662,16 +650,6 @@ def _virtual_heads(z, g: int):
     d = int(gd) // g
     return te.compute((b_, int(hg) * g, n, d), lambda b, h, i, c: z[b, h // g, i, (h % g) * d + c],
                       name="kv_virtual_heads")
-
-
-def _from_virtual_heads(v, g: int):
-    """``window_cache.from_virtual_heads`` in TE: ``[B, H, n, d]`` -> ``[B, H / g, n, g * d]``."""
-    from tvm import te
-
-    b_, h, n, d = v.shape
-    d = int(d)
-    return te.compute((b_, int(h) // g, n, g * d), lambda b, hg, i, c: v[b, hg * g + c // d, i, c % d],
-                      name="kv_from_virtual_heads")
 
 
 def _to_head_groups(x, perm, g: int, factor):

@@ -165,8 +165,8 @@ def ring_row(t, lay: dict, select=None):
 
 
 def to_virtual_heads(z: torch.Tensor, g: int) -> torch.Tensor:
-    """RotateKV's grouped-head rows ``[B, H / g, n, g * d]`` as ``g`` *virtual heads* of ``d`` channels
-    each ``[B, H, n, d]`` (virtual head ``hg * g + j`` holds channels ``[j d, (j + 1) d)`` of group ``hg``):
+    """RotateKV's grouped-head rows ``[B, H / g, n, g * d]`` as ``H`` *virtual heads* of ``d`` channels,
+    ``g`` per group, ``[B, H, n, d]`` (virtual head ``hg * g + j`` holds channels ``[j d, (j + 1) d)`` of group ``hg``):
     a format's groups along the grouped row that divide ``d`` are then each virtual head's own, so the
     packed layout of per-head rows holds them unchanged."""
     b, hg, n, gd = z.shape
@@ -605,6 +605,102 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                         fwht(y)
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = y[a]
+
+    return func
+
+
+@memoized
+def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, m: int):
+    """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], perm[H * d], factor[m, m],
+    out[B, P, Hkv, d])`` of ``kv_wpack_read`` over RotateKV's grouped-head keys (``lay["head_group"]``
+    = ``g``): one parallel task per cached token; a quantized token's ``H`` virtual heads are unpacked
+    and scaled into one local row (the rotated rows of its ``H / g`` groups, back to back), each group
+    taken back through the grouped Hadamard (``formats.hadamard.apply_hadamard`` with ``factor`` =
+    ``F^T``: the butterflies within each block of ``g d / m`` channels, the ``m x m`` factor as a dense
+    sum, the division by ``sqrt(g d)``), its channels returned to their heads (``row[perm[k]] =
+    rotated[k]``), then each head to attention's space (RoPE at the token's position, the per-head
+    Hadamard for rotated keys); sinks and float tokens are copied from the ring."""
+    import math
+
+    from tvm.script import tirx as T
+
+    d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
+    window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
+    span_w, sdt, hgroup = window + unit, lay["scale"], lay["group"]
+    g = lay["head_group"]
+    gd, hd = g * d, heads * d
+    blk = gd // m  # the power-of-two blocks of the grouped Hadamard
+    bstages, stages = int(math.log2(blk)), int(math.log2(d))
+    half, rot = max(rope_half, 1), int(rotated)
+    mask = 2 ** bits - 1
+    f32 = "float32"
+    per_word = 32 // bits
+
+    @T.prim_func(s_tir=True)
+    def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, p_h: T.handle,
+             f_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        n_tab = T.int64()
+        c = T.match_buffer(c_h, (batch, p, heads, w), "int32")
+        s = T.match_buffer(s_h, (batch, p, heads, cols), sdt)
+        z = T.match_buffer(z_h, (batch, p, heads, cols), "uint8")
+        ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), f32)
+        tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
+        perm = T.match_buffer(p_h, (hd,), "int64")
+        fac = T.match_buffer(f_h, (m, m), f32)
+        o = T.match_buffer(o_h, (batch, p, heads, d), f32)
+        qu = T.max(p - (window + sinks), T.int64(0)) + sinks
+        for task in T.parallel(batch * p):
+            x = T.decl_buffer((hd,), f32, scope="local")
+            y = T.decl_buffer((hd,), f32, scope="local")
+            v = T.decl_buffer((d,), f32, scope="local")
+            bi = task // p
+            t = task % p
+            if T.Or(t < sinks, t >= qu):
+                slot = T.if_then_else(t < sinks, t, sinks + (t - sinks) % span_w)
+                for h in T.serial(heads):
+                    for a in T.vectorized(d):
+                        o[bi, t, h, a] = ring[bi, slot, h, a]
+            else:
+                for h in T.serial(heads):  # virtual head h: channels [h d, (h + 1) d) of the rotated rows
+                    for j in T.unroll(per_word):  # element j * W + k: bits j * bits .. of word k
+                        for k in T.serial(w):
+                            x[h * d + j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(
+                                c[bi, t, h, k], T.int32(bits) * T.Cast("int32", j)), T.int32(mask))) + T.float32(lo)
+                                - T.Cast(f32, z[bi, t, h, (j * w + k) // hgroup])) * T.Cast(
+                                f32, s[bi, t, h, (j * w + k) // hgroup])
+                for hg in T.serial(heads // g):  # the grouped Hadamard undone, group by group
+                    for st in T.unroll(bstages):
+                        for q in T.serial(gd // 2):
+                            i0 = hg * gd + (((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1)))
+                            x0 = x[i0]
+                            x[i0] = x0 + x[i0 + (T.int64(1) << st)]
+                            x[i0 + (T.int64(1) << st)] = x0 - x[i0 + (T.int64(1) << st)]
+                    for i in T.serial(m):
+                        for jb in T.serial(blk):
+                            y[hg * gd + i * blk + jb] = T.float32(0)
+                            for k in T.serial(m):
+                                y[hg * gd + i * blk + jb] = y[hg * gd + i * blk + jb] + x[hg * gd + k * blk + jb] * fac[k, i]
+                for kk in T.serial(hd):  # each channel back to its head
+                    x[perm[kk]] = y[kk] / T.float32(math.sqrt(gd))
+                for h in T.serial(heads):
+                    for a in T.serial(d):
+                        v[a] = x[h * d + a]
+                    for j in T.serial(half):  # RoPE at the token's position (the rotate_half pairs)
+                        v[j] = x[h * d + j] * tab[t, j] - x[h * d + j + half] * tab[t, half + j]
+                        v[j + half] = x[h * d + j + half] * tab[t, j] + x[h * d + j] * tab[t, half + j]
+                    if rot == 1:  # the per-head Hadamard (the reference's butterflies, then / sqrt(d))
+                        for st in T.unroll(stages):
+                            for q in T.serial(d // 2):
+                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                                v0 = v[i0]
+                                v[i0] = v0 + v[i0 + (T.int64(1) << st)]
+                                v[i0 + (T.int64(1) << st)] = v0 - v[i0 + (T.int64(1) << st)]
+                        for a in T.serial(d):
+                            v[a] = v[a] / T.float32(math.sqrt(d))
+                    for a in T.vectorized(d):
+                        o[bi, t, h, a] = v[a]
 
     return func
 
