@@ -6,7 +6,7 @@ computes them. A concat build (and a static one, for what ``window_cache.py`` do
 symmetric formats, RotateKV's grouped heads whose groups span the rotated row) holds them in an fp32 cache (**emulated**: the cache holds the
 format's values, not its codes); a static build packs the rest (``window_cache.py``: codes, per-channel
 scales spread over each group's rows, the float tokens in a fixed ring; RotateKV's grouped-head keys
-as virtual heads of their rotated space, read back by a TE function after the codes' decode), as the
+as virtual heads of their rotated space, read back by ``window_cache.grouped_read_func``), as the
 reference backend does (``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,

@@ -50,9 +50,9 @@ it took. ``kv_wpack_rows`` / ``kv_wpack_commit`` take the score and rank the rel
 released token's rotated row ``[H / g, g d]`` is held as ``H`` *virtual heads* of ``d`` channels
 (:func:`to_virtual_heads`), so a format's groups along the rotated row that divide ``d`` are each
 virtual head's own and the per-token layout holds them unchanged. ``kv_wpack_read`` decodes the
-virtual heads, then (a TE function on TVM) undoes the grouped rotation and the order, applies RoPE
-and the per-head Hadamard; the rows take the released tokens to the grouped space as ``kv_append``
-does. Decode reads the decoded past (a key is rotated with its group's other heads: the in-place
+virtual heads, undoes the grouped rotation and the order, applies RoPE and the per-head Hadamard (on
+TVM one task per token, :func:`grouped_read_func`); the rows take the released tokens to the grouped
+space as ``kv_append`` does. Decode reads the decoded past (a key is rotated with its group's other heads: the in-place
 kernel, which reads one head's row, does not read it).
 
 Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
