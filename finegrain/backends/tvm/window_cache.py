@@ -514,6 +514,29 @@ def pack_window_cache(graph: Graph, buffers: list[dict]) -> list[str]:
     return skipped
 
 
+def _fwht_macro(n: int, stages: int, normalize: bool):
+    """A TVMScript macro ``fwht(v, base)`` over the local row ``v[base:base + n]``: the reference's
+    butterflies (``formats.hadamard.fwht``: pairs ``(c, c + 2^st)`` for ``st < stages``, so within each
+    block of ``2^stages``), then, if ``normalize``, the division by ``sqrt(n)``."""
+    import math
+
+    from tvm.script import tirx as T
+
+    @T.macro
+    def fwht(v, base):
+        for st in T.unroll(stages):
+            for q in T.serial(n // 2):
+                i0 = base + ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
+                v0 = v[i0]
+                v[i0] = v0 + v[i0 + (T.int64(1) << st)]
+                v[i0 + (T.int64(1) << st)] = v0 - v[i0 + (T.int64(1) << st)]
+        if normalize:
+            for a in T.vectorized(n):
+                v[base + a] = v[base + a] / T.float32(math.sqrt(n))
+
+    return fwht
+
+
 @memoized
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
@@ -539,16 +562,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     per_word = 32 // bits
     groups = d // hgroup  # values: parameters per token
 
-    @T.macro
-    def fwht(v):  # the reference's butterflies over a local row, pairs (c, c + 2^st) stage by stage, then / sqrt(d)
-        for st in T.unroll(stages):
-            for q in T.serial(d // 2):
-                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                v0 = v[i0]
-                v[i0] = v0 + v[i0 + (T.int64(1) << st)]
-                v[i0 + (T.int64(1) << st)] = v0 - v[i0 + (T.int64(1) << st)]
-        for a in T.vectorized(d):
-            v[a] = v[a] / T.float32(math.sqrt(d))
+    fwht = _fwht_macro(d, stages, True)
 
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, o_h: T.handle):
@@ -594,7 +608,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                             x[j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(c[bi, t, h, k], T.int32(bits) * T.Cast(
                                 "int32", j)), T.int32(mask))) + T.float32(lo) - zc[j * w + k]) * sc[j * w + k]
                     if rot == 1:  # the per-head Hadamard undone (self-inverse)
-                        fwht(x)
+                        fwht(x, T.int64(0))
                     for a in T.vectorized(d):
                         y[a] = x[a]
                     if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
@@ -602,7 +616,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
                             y[j] = x[j] * tab[t, j] - x[j + half] * tab[t, half + j]
                             y[j + half] = x[j + half] * tab[t, j] + x[j] * tab[t, half + j]
                     if rot == 1:
-                        fwht(y)
+                        fwht(y, T.int64(0))
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = y[a]
 
@@ -635,6 +649,8 @@ def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated
     mask = 2 ** bits - 1
     f32 = "float32"
     per_word = 32 // bits
+    blocks = _fwht_macro(gd, bstages, False)  # the grouped Hadamard's power-of-two part, within blocks of blk
+    fwht = _fwht_macro(d, stages, True)
 
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, p_h: T.handle,
@@ -671,12 +687,7 @@ def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated
                                 - T.Cast(f32, z[bi, t, h, (j * w + k) // hgroup])) * T.Cast(
                                 f32, s[bi, t, h, (j * w + k) // hgroup])
                 for hg in T.serial(heads // g):  # the grouped Hadamard undone, group by group
-                    for st in T.unroll(bstages):
-                        for q in T.serial(gd // 2):
-                            i0 = hg * gd + (((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1)))
-                            x0 = x[i0]
-                            x[i0] = x0 + x[i0 + (T.int64(1) << st)]
-                            x[i0 + (T.int64(1) << st)] = x0 - x[i0 + (T.int64(1) << st)]
+                    blocks(x, hg * gd)
                     for i in T.serial(m):
                         for jb in T.serial(blk):
                             y[hg * gd + i * blk + jb] = T.float32(0)
@@ -690,15 +701,8 @@ def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated
                     for j in T.serial(half):  # RoPE at the token's position (the rotate_half pairs)
                         v[j] = x[h * d + j] * tab[t, j] - x[h * d + j + half] * tab[t, half + j]
                         v[j + half] = x[h * d + j + half] * tab[t, j] + x[h * d + j] * tab[t, half + j]
-                    if rot == 1:  # the per-head Hadamard (the reference's butterflies, then / sqrt(d))
-                        for st in T.unroll(stages):
-                            for q in T.serial(d // 2):
-                                i0 = ((q >> st) << (st + 1)) + (q & ((T.int64(1) << st) - 1))
-                                v0 = v[i0]
-                                v[i0] = v0 + v[i0 + (T.int64(1) << st)]
-                                v[i0 + (T.int64(1) << st)] = v0 - v[i0 + (T.int64(1) << st)]
-                        for a in T.serial(d):
-                            v[a] = v[a] / T.float32(math.sqrt(d))
+                    if rot == 1:  # the per-head Hadamard
+                        fwht(v, T.int64(0))
                     for a in T.vectorized(d):
                         o[bi, t, h, a] = v[a]
 
