@@ -638,17 +638,17 @@ def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated
 
     from tvm.script import tirx as T
 
-    d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
+    from finegrain.backends.tvm.kernels.attention import _cached as cached  # the packed rows' element decode
+
+    d, w, cols = lay["d"], lay["words"], lay["cols"]
     window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
-    span_w, sdt, hgroup = window + unit, lay["scale"], lay["group"]
+    span_w, sdt = window + unit, lay["scale"]
     g = lay["head_group"]
     gd, hd = g * d, heads * d
     blk = gd // m  # the power-of-two blocks of the grouped Hadamard
     bstages, stages = int(math.log2(blk)), int(math.log2(d))
     half, rot = max(rope_half, 1), int(rotated)
-    mask = 2 ** bits - 1
     f32 = "float32"
-    per_word = 32 // bits
     blocks = _fwht_macro(gd, bstages, False)  # the grouped Hadamard's power-of-two part, within blocks of blk
     fwht = _fwht_macro(d, stages, True)
 
@@ -680,12 +680,8 @@ def grouped_read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated
                         o[bi, t, h, a] = ring[bi, slot, h, a]
             else:
                 for h in T.serial(heads):  # virtual head h: channels [h d, (h + 1) d) of the rotated rows
-                    for j in T.unroll(per_word):  # element j * W + k: bits j * bits .. of word k
-                        for k in T.serial(w):
-                            x[h * d + j * w + k] = (T.Cast(f32, T.bitwise_and(T.shift_right(
-                                c[bi, t, h, k], T.int32(bits) * T.Cast("int32", j)), T.int32(mask))) + T.float32(lo)
-                                - T.Cast(f32, z[bi, t, h, (j * w + k) // hgroup])) * T.Cast(
-                                f32, s[bi, t, h, (j * w + k) // hgroup])
+                    for a in T.serial(d):
+                        x[h * d + a] = cached(c, s, z, lay, bi, t, h, a)
                 for hg in T.serial(heads // g):  # the grouped Hadamard undone, group by group
                     blocks(x, hg * gd)
                     for i in T.serial(m):
