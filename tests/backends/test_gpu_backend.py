@@ -194,7 +194,10 @@ def test_reference_fallbacks_run_the_reference_ops(compiled, tiny_inputs, monkey
     cm = compiled(ASYM_ACT)
     test = tiny_inputs[2]
     ref = cm.session("torch").run(test)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.08)):
+    # fp32: max error within 1e-3 of the largest logit (a few one-code flips of the 8-bit activation quantizer,
+    # from float rounding that differs by ISA: 2e-4 on AVX2 Zen 3) and mean within 1e-4 of the mean (2.2e-5
+    # there; leaving the activations unquantized: 4e-3)
+    for dtype, tol, mean_tol in ((torch.float32, 1e-3, 1e-4), (torch.bfloat16, 0.08, 1.0)):
         gm, _ = lower.prepare(cm.gm, torch.device("cpu"), dtype)
         lower._reference_fallbacks(gm.graph)
         gm.recompile()
@@ -203,7 +206,9 @@ def test_reference_fallbacks_run_the_reference_ops(compiled, tiny_inputs, monkey
         with torch.inference_mode():
             out = gm(test)
         out = out[0] if isinstance(out, (tuple, list)) else out
-        assert out.dtype == dtype and (out.float() - ref).abs().max().item() < tol * ref.abs().max().item()
+        err = (out.float() - ref).abs()
+        assert out.dtype == dtype and err.max().item() < tol * ref.abs().max().item()
+        assert err.mean().item() < mean_tol * ref.abs().mean().item()
 
 
 def test_cli_generates_on_the_gpu_backend_in_both_dtypes(hf_dir, tmp_path, capsys):
