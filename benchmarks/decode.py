@@ -23,10 +23,11 @@ Rows (each with and without its own KV cache where it has one):
   quantized on write to 8 / 4 / 2 bits per token and head (``int{b}-g64-asym-fp16-dyn``), held packed by
   the static build and read in place by decode's attention kernel (with the cache's MiB at the longest past),
   and with the ``kivi4`` / ``kivi2`` KV presets (packed by the static build: codes and spread per-channel scales,
-  sinks and the float window in a fixed ring, the past decoded once per step: ``backends/tvm/window_cache.py``)
+  sinks and the float window in a fixed ring, read in place by decode's attention: ``backends/tvm/window_cache.py``)
   and the ``kv8-fp8`` one (FP8 E4M3 patterns packed, decoded in the attention kernel), and the ``zip42`` one
   (ZipCache's saliency and mixed-precision writes in the graph, packed with every token's codes at 4 bits,
-  the past decoded once per step: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
+  read in place by decode's attention, the past decoded only in a step that releases a block, for the
+  saliency: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
   reordered keys rotated over all KV heads, packed as virtual heads of that space, the past decoded once
   per step; and with ``kv_storage="float"``, an fp32 cache of its values);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
@@ -279,7 +280,7 @@ def main() -> None:
         # kv8-fp8-static: the same codes, one calibrated scale per layer (a constant of the build: no scale per token)
         kv_rows.append(("W4A16 g128 + kv8-fp8-static packed", with_kv("w4a16-g128", "kv8-fp8-static"), "static"))
         # the zip42 preset (ZipCache 4/2 on KIVI's keys): its writes and saliency computed in the graph, held packed
-        # (every token's codes at 4 bits; backends/tvm/window_cache.zip_layout), the past decoded once per step
+        # (every token's codes at 4 bits; backends/tvm/window_cache.zip_layout), read in place by decode's attention
         kv_rows.append(("W4A16 g128 + zip42 packed", with_kv("w4a16-g128", "zip42"), "static"))
         # the rotatekv4 preset (RotateKV: keys reordered by calibration, one Hadamard over all KV heads' channels):
         # its rotated rows packed as virtual heads (window_cache.to_virtual_heads), the past decoded once per step

@@ -73,14 +73,9 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
         fp = model(x).logits
     assert _rel(fp, ref) > 1e-3  # the writes quantize: what the TVM build must reproduce is not the float model
     deployed = (family, cache) == ("llama", "static") and kv is KIVI  # built once as a deployment, also run standalone
-    built = []  # the Relax module the deployment was built from (read below: which kernels each function calls)
+    built = _record_builds(monkeypatch)  # the Relax modules built (read below: which kernels each function calls)
     if deployed:
-        from finegrain.backends.tvm import build
-
-        executable = build.build_executable
-        monkeypatch.setattr(build, "build_executable", lambda mod, *a, **k: built.append(mod) or executable(mod, *a, **k))
         cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
-        monkeypatch.undo()
     with cm.session("tvm", **({"path": tmp_path / "dep"} if deployed else
                                {"target": TARGET, "max_seq_len": 48, "cache": cache})) as s:
         assert s.kv["cache"] == cache
@@ -106,21 +101,40 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
             w = kv["kv_window"]
             assert shapes[:8] == [(1, 48, h, d // 8), (1, 48, h, d // 4), (1, 48, h, d // 4), (1, 1 + w + 4, h, d),
                                   (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 1 + w + 1, h, d)], shapes
+    if cache == "static":
+        called = _called(built[0])
+        if kv.get("kv_head_group", 1) > 1:  # grouped heads: decode reads the decoded past
+            assert not any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
+        else:  # decode's attention reads the packed codes and the ring in place, after the step's commit wrote
+            # the released rows' codes and the ring; the past is not decoded to fp32 (prefill still decodes it once)
+            assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
+            assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
+            assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
+            assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
+        if kv["kv_window"] >= 1 and kv.get("kv_head_group", 1) == 1:
+            # a decode step's one token stays in the ring (a float window): its rows are zeros, its attention row
+            # as it came
+            assert not {"decode_kv_wpack_rows", "decode_kv_window_new", "decode_kv_window_write"} & called["decode"]
     if deployed:
-        import re
-
-        mod = built[0]
-        called = {f: set(re.findall(r"\b((?:decode_)?(?:attention|kv)_\w+)", mod[f].script())) for f in ("prefill", "decode")}
-        # decode's attention reads the packed codes and the ring in place, after the step's commit wrote the
-        # released rows' codes and the ring; the past is not decoded to fp32 (prefill still decodes it once)
-        assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
-        assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
-        assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
-        # a decode step's one token stays in the ring (a float window): its rows are zeros, its attention row as it came
-        assert not {"decode_kv_wpack_rows", "decode_kv_window_new", "decode_kv_window_write"} & called["decode"]
-        assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
         # the standalone runtime script (no finegrain) generates the same tokens
         assert _standalone_tokens(tmp_path / "dep", prompt) == cm.generate(prompt, 10).tokens
+
+
+def _record_builds(monkeypatch) -> list:
+    """The Relax modules the TVM builds of this test compile, appended as they are built."""
+    from finegrain.backends.tvm import build
+
+    built = []
+    executable = build.build_executable
+    monkeypatch.setattr(build, "build_executable", lambda mod, *a, **k: built.append(mod) or executable(mod, *a, **k))
+    return built
+
+
+def _called(mod) -> dict:
+    """The attention / KV functions the ``prefill`` and ``decode`` functions of a built module call."""
+    import re
+
+    return {f: set(re.findall(r"\b((?:decode_)?(?:attention|kv)_\w+)", mod[f].script())) for f in ("prefill", "decode")}
 
 
 @pytest.mark.parametrize("heads,group,reorder,rotated,fmt,axis", [
@@ -243,44 +257,66 @@ def test_packed_window_layout_holds_what_kv_append_writes(fmt, axis, pre_rope, z
     assert qu > p // 2 and (codes[0, sinks:qu] != 0).flatten(1).any(-1).all()
 
 
-@pytest.mark.parametrize("d,key_fmt,key_axis,pre_rope,rotated,value_fmt", [
-    (64, "int4-g32-asym-fp16-dyn", "tokens", True, True, "int4-g32-asym-fp16-dyn"),  # SmolLM2's kivi4 shapes
-    (64, "int2-g16-asym-fp16-dyn", "tokens", True, True, "int2-g16-asym-fp16-dyn"),  # and kivi2's
-    (16, "int2-g4-asym-fp32-dyn", "tokens", True, False, "int2-g8-asym-fp32-dyn"),  # RoPE without the rotation
-    (32, "int4-g8-asym-fp16-dyn", "head_dim", True, True, "int8-g32-asym-fp16-dyn"),  # per-token keys, pre-RoPE
-    (8, "int4-g8-asym-fp16-dyn", "tokens", True, True, "int4-g8-asym-fp16-dyn"),  # one 8-lane block: no strides
-    (16, "int4-g4-asym-fp16-dyn", "tokens", False, False, "int2-g4-asym-fp16-dyn"),  # keys stored as attention reads them
+ZIP_LOW = ("int2-g8-asym-fp16-dyn", "int2-g8-asym-fp16-dyn", 8)  # ZipCache's low key / value formats, block
+
+
+@pytest.mark.parametrize("d,key_fmt,key_axis,pre_rope,rotated,value_fmt,window,zipped", [
+    (64, "int4-g32-asym-fp16-dyn", "tokens", True, True, "int4-g32-asym-fp16-dyn", 5, None),  # SmolLM2's kivi4 shapes
+    (64, "int2-g16-asym-fp16-dyn", "tokens", True, True, "int2-g16-asym-fp16-dyn", 5, None),  # and kivi2's
+    (16, "int2-g4-asym-fp32-dyn", "tokens", True, False, "int2-g8-asym-fp32-dyn", 5, None),  # RoPE without the rotation
+    (32, "int4-g8-asym-fp16-dyn", "head_dim", True, True, "int8-g32-asym-fp16-dyn", 5, None),  # per-token keys, pre-RoPE
+    (8, "int4-g8-asym-fp16-dyn", "tokens", True, True, "int4-g8-asym-fp16-dyn", 5, None),  # one 8-lane block: no strides
+    (16, "int4-g4-asym-fp16-dyn", "tokens", False, False, "int2-g4-asym-fp16-dyn", 5, None),  # keys as attention reads them
+    # no float window: the step's token completes a group, whose last parameter row is in the released span
+    (16, "int4-g4-asym-fp16-dyn", "tokens", True, True, "int4-g8-asym-fp16-dyn", 0, None),
+    # ZipCache: per-channel key pairs of both subsets by each token's salient flag, values per token (mixed formats)
+    (16, "int4-g8-asym-fp16-dyn", "tokens", True, True, "int4-g8-asym-fp16-dyn", 3, ZIP_LOW),
+    (32, "int4-g8-asym-fp16-dyn", "tokens", True, False, "int4-g8-asym-fp16-dyn", 0, (*ZIP_LOW[:2], 64)),  # zip42's
+    # shape: no window, a block of 2 d tokens (one pair a row, the last in the span)
 ])
 def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decodes_them(d, key_fmt, key_axis,
-                                                                                        pre_rope, rotated, value_fmt):
+                                                                                        pre_rope, rotated, value_fmt,
+                                                                                        window, zipped):
     """``window_cache.decode_attention_func`` (decode's attention over the packed window, read in place)
     gives the attention over what ``kv_wpack_read`` decodes from the same buffers after the step's write
     (tokens quantized up to ``kv_quantized_until(P + 1)``, sinks and float tokens from the rings), with
     3 query heads per K / V head and some keys masked (among them the first of a group). The past spans
-    two of the kernel's split-K chunks, the second starting inside a key group."""
+    two of the kernel's split-K chunks, the second starting inside a key group. Without a float window
+    the step's token completes a group: row ``P``'s parameters come from the released span. ZipCache's
+    layouts: each token's salient flag picks its per-channel key pairs."""
     import numpy as np
     import tvm
 
     from finegrain.backends.tvm.kernels.attention import DECODE_MIN_CHUNK, padded_keys
     from finegrain.backends.tvm.window_cache import _read, decode_attention_func, window_layout
 
-    b, hk, group, window, sinks, p, max_len = 1, 2, 3, 5, 1, DECODE_MIN_CHUNK + 61, DECODE_MIN_CHUNK + 96
+    b, hk, group, sinks, max_len = 1, 2, 3, 1, DECODE_MIN_CHUNK + 160
     h, scale = hk * group, 1.0 / d ** 0.5
-    g = torch.Generator().manual_seed(d)
+    g = torch.Generator().manual_seed(d + window)
     freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d)).float() if pre_rope else None
     kinds = []
-    for fmt, axis, f in ((key_fmt, key_axis, freq), (value_fmt, "head_dim", None)):
-        lay = window_layout(fmt, axis, d, window, sinks)
+    lays = [window_layout(fmt, axis, d, window, sinks, None if zipped is None else (low, 0.5, zipped[2], False))
+            for fmt, axis, low in ((key_fmt, key_axis, zipped and zipped[0]), (value_fmt, "head_dim", zipped and zipped[1]))]
+    unit = lays[0]["unit"]
+    p = DECODE_MIN_CHUNK + 61
+    if window == 0:  # the step's write (token P) completes a unit
+        p += (sinks - p - 1) % unit
+    for lay, f in zip(lays, (freq, None)):
         sdt = torch.float16 if lay["scale"] == "float16" else torch.float32
-        bufs = (torch.randint(-2 ** 31, 2 ** 31 - 1, (b, p, hk, lay["words"]), generator=g, dtype=torch.int64).int(),
-                (torch.rand(b, p, hk, lay["cols"], generator=g) * 0.5 + 0.05).to(sdt),
-                torch.randint(0, 2 ** lay["bits"], (b, p, hk, lay["cols"]), generator=g).to(torch.uint8),
-                torch.randn(b, lay["ring"], hk, d, generator=g))
-        # after the write of token P: decoded with P + 1 rows (the extra row's codes are never read)
-        grown = [torch.cat([x, x[:, :1]], 1) for x in bufs[:3]]
-        past = _read(*grown, bufs[3], f, lay, rotated and f is not None)[:, :p]
-        kinds.append((lay, bufs, past, torch.randn(b, hk, 1, d, generator=g)))
-    (klay, kbufs, kpast, kn), (vlay, vbufs, vpast, vn) = kinds
+        zeros = torch.randint(0, 2 ** lay["bits"], (b, p + 1, hk, lay["zcols"]), generator=g).to(torch.uint8)
+        zeros[..., lay["cols"]:] = torch.randint(0, 2, zeros[..., lay["cols"]:].shape, generator=g).to(torch.uint8)
+        # after the write of token P: P + 1 rows (the last row's codes are never read; its parameters are when
+        # the step completes a unit: the kernel takes that row from the released span's)
+        grown = (torch.randint(-2 ** 31, 2 ** 31 - 1, (b, p + 1, hk, lay["words"]), generator=g, dtype=torch.int64).int(),
+                 (torch.rand(b, p + 1, hk, lay["cols"], generator=g) * 0.5 + 0.05).to(sdt), zeros)
+        ring = torch.randn(b, lay["ring"], hk, d, generator=g)
+        past = _read(*grown, ring, f, lay, rotated and f is not None)[:, :p]
+        bufs = (*(x[:, :p] for x in grown), ring)
+        kinds.append((lay, bufs, past, torch.randn(b, hk, 1, d, generator=g), [x[:, p:] for x in grown[1:]]))
+    (klay, kbufs, kpast, kn, kspan), (vlay, vbufs, vpast, vn, _) = kinds
+    if zipped is not None:  # both subsets present among the quantized keys
+        flags = kbufs[2][0, sinks:, :, -1]
+        assert 0 < flags.float().mean() < 1
     q = torch.randn(b, h, 1, d, generator=g)
     masked = [0, sinks + 16, 30, 31, DECODE_MIN_CHUNK + 1, p - 2]
     bias = torch.zeros(1, padded_keys(p + 1))
@@ -298,7 +334,8 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
         table = torch.zeros(1, 2)
     func = decode_attention_func(b, h, hk, d, max_len, scale, klay, vlay, half if pre_rope else 0, rotated)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
-    args = [tvm.runtime.tensor(x.numpy()) for x in (q, *kbufs, kn, *vbufs, vn, bias, table, torch.zeros(b, h, 1, d))]
+    args = [tvm.runtime.tensor(x.numpy()) for x in (q, *kbufs, kn, *kspan, *vbufs, vn, bias, table,
+                                                     torch.zeros(b, h, 1, d))]
     lib(*args)
     got = args[-1].numpy()
     assert np.abs(got - want.numpy()).max() <= 2e-5 * max(1.0, want.abs().max().item()), np.abs(got - want.numpy()).max()
@@ -449,7 +486,7 @@ def test_zipcache_write_and_saliency_functions_equal_the_reference(fmt, axis, lo
     ("qwen2", ZIP_TOKEN, "static", 9),  # the channel normalizer is not packed: an fp32 cache, said so
     ("llama", {**ZIP_CHANNEL, "kv_window": 0, "kv_rotate": False, "kv_zip_block": 8}, "static", 11),  # zip42's shape
 ])
-def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_path):
+def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_path, monkeypatch):
     """ZipCache's writes and saliency lowered: prefill + decode over the TVM build give the reference
     backend's logits and tokens. A static build holds them packed (``window_cache.zip_layout``: every
     token's codes at the high format's width, per-channel key parameters of both subsets spread over
@@ -469,6 +506,7 @@ def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_pa
     prompt = x[:, :prefill]
     packed = cache == "static" and kv is not ZIP_TOKEN
     deployed = packed and kv is ZIP_CHANNEL
+    built = _record_builds(monkeypatch)
     if deployed:
         cm.build(tmp_path / "dep", target=TARGET, max_seq_len=48)
     said = (pytest.warns(UserWarning, match="ZipCache's channel-normalized token-wise writes stay in an fp32 cache")
@@ -482,6 +520,13 @@ def test_zipcache_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp_pa
         assert s.generate(prompt, 10).tokens == cm.generate(prompt, 10).tokens
     h, d = cm.kv["kv_heads"], cm.kv["head_dim"]
     shapes = [tuple(p.shape) for p in state["past"]]
+    if packed:  # decode's attention reads the packed buffers in place (each key's pairs by its salient flag); the
+        # decoded past is read only by the saliency, and computed (lazily) only in a step that releases a block
+        called = _called(built[0])
+        assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
+        reads = [n for n in called["decode"] if n.startswith("decode_kv_wpack_read")]
+        assert reads and all(n.endswith("_lazy") for n in reads), called["decode"]
+        assert not any(n.endswith("_lazy") for n in called["prefill"]), called["prefill"]
     if packed:  # keys: 4-bit codes (the 2-bit tokens' too), 2 d pairs of a block over its rows + the flag column;
         # values: 4-bit codes, d / 8 groups per token; rings of sinks + window + block rows
         block, ring = kv["kv_zip_block"], 1 + kv["kv_window"] + kv["kv_zip_block"]

@@ -621,7 +621,6 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
     if kept:
         convert["scaled_dot_product_attention.default"] = lower_attention.converter(prefix, max_seq_len, shared)
         lower_attention.share_kv_heads(ep)
-        mark_fused_decode(ep.graph)  # decode over a packed window: its attention reads the buffers in place
     shared["max_seq_len"] = max_seq_len
     shared["constants"] = {spec.arg.name: (ep.state_dict if spec.target in ep.state_dict else ep.constants)[spec.target]
                            for spec in ep.graph_signature.input_specs
@@ -629,6 +628,9 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                            and (spec.target in ep.state_dict or spec.target in ep.constants)}
     _fix_bool_cumsum(ep)
     _drop_empty_cat_inputs(ep)
+    if kept:  # decode over a packed window: its attention reads the buffers in place (after the empty-cat drop:
+        # ZipCache's saliency then reads the decoded past through views only)
+        mark_fused_decode(ep.graph)
     _drop_runtime_asserts(ep)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 unwrap_unit_return_tuple=True, custom_convert_map=convert)

@@ -174,12 +174,13 @@ def converter(prefix: str, max_seq_len: int, shared: dict | None = None):
             key = (f"{prefix}attention_wpack_b{int(b)}_h{int(h)}_kv{int(hk)}_d{int(d)}_s{longest}{tag}_"
                    f"r{ks['rope_half']}{int(ks['rotated'])}_"
                    + "_".join(f"{x['bits']}{x['axis'][0]}{x['unit']}g{x['group']}w{x['window']}s{x['sinks']}"
-                              f"{x['scale']}" for x in lays))
+                              f"{x['scale']}c{x['cols']}z{x['zcols']}" for x in lays))
             if key not in funcs:
                 func = window_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays, ks["rope_half"],
                                              ks["rotated"])
                 funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
-            ins = [q, *ks["buffers"], importer.env[kc[1]], *vs["buffers"], importer.env[vc[1]], bias, ks["table"]]
+            ins = [q, *ks["buffers"], importer.env[kc[1]], *ks["span"], *vs["buffers"], importer.env[vc[1]], bias,
+                   ks["table"]]
             return bb.emit(relax.call_tir(funcs[key], ins, relax.TensorType([b, h, s, d], "float32")))
         if one and packed:  # codes read in place: the decode of the whole past is left without a reader
             lays = [kv_layout(c.args[3], int(d)) for c in (kc[0], vc[0])]

@@ -94,8 +94,9 @@ def _split_window_write(graph, n):
         return graph.call_function(torch.ops.aten.transpose.int, (new, 1, 2))
 
 
-def _placeholder_through_transpose(x):
-    """The placeholder ``x`` transposes (dims 1, 2) after any one-input concatenations, else None."""
+def _placeholder_through_transpose(x, also: tuple = ()):
+    """The placeholder ``x`` transposes (dims 1, 2) after any one-input concatenations, else None
+    (``also``: more ops whose output may stand for the placeholder)."""
     while isinstance(x, torch.fx.Node) and x.target is torch.ops.aten.cat.default and len(x.args[0]) == 1:
         x = x.args[0][0]
     if not isinstance(x, torch.fx.Node) or x.target not in _TRANSPOSES:
@@ -109,7 +110,7 @@ def _placeholder_through_transpose(x):
 
     src = x.args[0]
     if isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in (KV_DECODE, KV_WINDOW_PAST,
-                                                                                       KV_WPACK_COMMIT):
+                                                                                       KV_WPACK_COMMIT, *also):
         # a packed cache, read through kv_decode; a windowed write's past, written in place (fp32 or packed)
         return src
     return src if isinstance(src, torch.fx.Node) and src.op == "placeholder" else None

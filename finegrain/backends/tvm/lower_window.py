@@ -398,7 +398,7 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
     def packed_read(node, importer):
         import numpy as np
 
-        from finegrain.backends.tvm.window_cache import read_func
+        from finegrain.backends.tvm.window_cache import FUSED, read_func
 
         bb = importer.block_builder
         extra, spec, lay, args = packed_args(importer, node, 4, 3, 10, score=False)
@@ -423,8 +423,10 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
                 func = grouped_read_func(b_, heads, lay, half, bool(spec[4]), m)
                 funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
             return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table, perm, inv], out))
+        lazy = bool(node.meta.get(FUSED))  # read only by ZipCache's saliency: computed in a releasing step only
+        key += "_lazy" if lazy else ""
         if key not in funcs:
-            func = read_func(b_, heads, lay, half, bool(spec[4]))
+            func = read_func(b_, heads, lay, half, bool(spec[4]), lazy)
             funcs[key] = bb.add_func(func.with_attrs({"global_symbol": key}), key)
         return bb.emit(relax.call_tir(funcs[key], [codes, scales, zeros, ring, table], out))
 
@@ -500,11 +502,12 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             ins = [codes, scales, zeros, ring, *span, new]
             sinfo = [relax.TensorType(x.ty.shape, x.ty.dtype) for x in ins[:4]]
             out = bb.emit(relax.call_tir_inplace(funcs[key], ins, [0, 1, 2, 3], sinfo))
-            table = (rope_table(bb, extra[0], codes.ty.shape[1], node.args[6]) if extra
+            freq = extra[0] if node.args[6] is not None else None  # (ZipCache's values: extra is the score alone)
+            table = (rope_table(bb, freq, codes.ty.shape[1], node.args[6]) if freq is not None
                      else relax.const(np.zeros((1, 2), "float32")))
             shared[node.args[0].name] = {"buffers": [bb.emit(relax.TupleGetItem(out, j)) for j in range(4)],
-                                         "table": table, "layout": lay, "rotated": bool(spec[4]),
-                                         "rope_half": int(extra[0].ty.shape[0]) if extra else 0}
+                                         "span": span[1:], "table": table, "layout": lay, "rotated": bool(spec[4]),
+                                         "rope_half": int(freq.ty.shape[0]) if freq is not None else 0}
             return read  # what the (dead) concatenation for the unfused kernels reads
         y = span_values(bb, node, read, new, extra, spec)
         ins = [codes, scales, zeros, ring, read, *span, y, new]
@@ -521,9 +524,13 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
                 release = (int(args[5]), int(args[6]), int(args[13]))
         from finegrain.backends.tvm.lower_cache import _placeholder_through_transpose
 
-        src = _placeholder_through_transpose(node.args[1]) if isinstance(node, torch.fx.Node) else None
-        # a static build's token-major buffer: read in place
-        token_major = isinstance(src, torch.fx.Node) and src.op == "placeholder" and src in importer.env
+        from finegrain.backends.tvm.window_cache import KV_WPACK_READ
+
+        src = (_placeholder_through_transpose(node.args[1], (KV_WPACK_READ,)) if isinstance(node, torch.fx.Node)
+               else None)
+        # a static build's token-major buffer, or a packed window's decoded past: read in place
+        token_major = isinstance(src, torch.fx.Node) and src.op in ("placeholder", "call_function") and (
+            src.op == "placeholder" or src.target is KV_WPACK_READ) and src in importer.env
         if token_major:
             past = importer.env[src]
         return importer.block_builder.emit_te(lambda q_, past_, new_: _saliency(q_, past_, new_, float(probes),

@@ -29,12 +29,13 @@ the decoded one with the released rows' quantized values). The cache then holds 
 stores, plus ``R`` fp32 rows per layer and kind.
 
 A **decode step** (one new token, the attention kept for the fused kernel) does not decode the past
-(:func:`mark_fused_decode`): its released tokens are all float tokens, so the write takes them from the
-ring, the commit writes their code rows and the ring in place (nothing else), and attention reads the
-buffers in place (:func:`decode_attention_func`: each quantized key unpacked in registers and taken to the
-queries' space with one FWHT and its RoPE, shared by the query heads reading it; values unpacked as the
-per-token packed cache's kernel does). Prefill still decodes the past once per layer through
-``kv_wpack_read``.
+(:func:`mark_fused_decode`): its released tokens are all float tokens (or the step's own), so the write
+takes them from the ring, the commit writes their code rows and the ring in place (nothing else), and
+attention reads the buffers in place (:func:`decode_attention_func`: each quantized key unpacked in
+registers and taken to the queries' space with one FWHT and its RoPE, shared by the query heads reading
+it; values unpacked as the per-token packed cache's kernel does; without a float window the step's
+token's own parameter row, written by the runtime after the call, from the released span). Prefill
+still decodes the past once per layer through ``kv_wpack_read``.
 
 **ZipCache's** saliency-ranked writes (``kv_append`` with a score) take the same four buffers
 (:func:`zip_layout`, since 2026-12-06): tokens released a block at a time, every token's codes at the
@@ -43,7 +44,9 @@ high format's would, not the mixed average, because this runtime holds one fixed
 per-channel key parameters of both subsets (salient, other) spread over each block's rows with one more
 zero-point column holding each token's salient flag, values' parameters per token in whichever format
 it took. ``kv_wpack_rows`` / ``kv_wpack_commit`` take the score and rank the released tokens as
-``kv_append`` does; decode reads the decoded past (no in-place attention kernel for this layout).
+``kv_append`` does. Decode's attention reads these buffers in place too (since 2026-12-07: each
+per-channel key's pairs picked by its flag); the saliency of a step that releases a block reads the
+decoded past, which a decode step then computes, and only then (``read_func(lazy=True)``).
 
 **RotateKV's grouped-head keys** (pre-RoPE keys reordered across heads and rotated over groups of
 ``g`` heads, ``kv_append``'s ``perm`` / ``head_group``; since 2026-12-06) take the same buffers: each
@@ -538,14 +541,16 @@ def _fwht_macro(n: int, stages: int, normalize: bool):
 
 
 @memoized
-def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
+def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, lazy: bool = False):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
     ``kv_wpack_read``: one parallel task per cached token, its heads in turn (one task per token and head
     measured 3x slower for values: the per-task setup dominated); a quantized token's codes are
     unpacked and scaled into a local row, which pre-RoPE keys (``rope_half`` > 0: ``rope`` holds each
     position's cos then sin, float64 angles rounded to float32, as the reference's) then take back to
     attention's space in registers: the reference's butterflies and division by sqrt(d) for rotated keys,
-    RoPE at the token's position, the butterflies again; sinks and float tokens are copied from the ring."""
+    RoPE at the token's position, the butterflies again; sinks and float tokens are copied from the ring.
+    ``lazy``: a decode step's read that only ZipCache's saliency reads (:func:`mark_fused_decode`), which
+    computes only when the step's one token releases a unit: ``out`` is written only then."""
     import math
 
     from tvm.script import tirx as T
@@ -563,6 +568,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
     groups = d // hgroup  # values: parameters per token
 
     fwht = _fwht_macro(d, stages, True)
+    not_lazy = int(not lazy)
 
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, o_h: T.handle):
@@ -577,7 +583,9 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool):
         o = T.match_buffer(o_h, (batch, p, heads, d), f32)
         m = T.max(p - (window + sinks), T.int64(0))
         qu = (m // unit * unit if tokens else m) + sinks
-        for task in T.parallel(batch * p):
+        m1 = T.max(p + 1 - (window + sinks), T.int64(0))
+        for task in T.parallel(T.if_then_else(T.Or(not_lazy == 1, (m1 // unit * unit if tokens else m1) + sinks > qu),
+                                              batch * p, T.int64(0))):
             x = T.decl_buffer((d,), f32, scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
             sc = T.decl_buffer((d,), f32, scope="local")
@@ -715,9 +723,11 @@ def mark_fused_decode(graph: Graph) -> int:
     both a packed window's past (``cat(transpose(kv_wpack_commit(read, ..)), new)``, read by nothing
     else) so that its lowering reads the packed buffers in place (:func:`decode_attention_func`) and the
     write takes its released tokens from the ring: the ``kv_wpack_read`` of the whole past, and the copy
-    of it ``kv_wpack_commit`` would update, are then left without readers. Values are read as stored
-    (a value write with RoPE, or with per-channel values, is left unmarked), and so are per-channel keys
-    without a float window (see below). Returns how many attentions were marked."""
+    of it ``kv_wpack_commit`` would update, are then left without readers but ZipCache's saliency (the
+    read is then lazy: computed in a releasing step only). Values are read as stored (a value write with
+    RoPE, or with per-channel values, is left unmarked), and RotateKV's grouped heads are read decoded
+    (see below). Runs after the empty concatenations are dropped (``lower._drop_empty_cat_inputs``: the
+    saliency then reads the decoded past through views only). Returns how many attentions were marked."""
     from finegrain.backends.tvm.lower_attention import SDPA
     from finegrain.backends.tvm.lower_cache import cache_parts
 
@@ -740,13 +750,12 @@ def mark_fused_decode(graph: Graph) -> int:
             chains.append(t is not None and only_reader(t, x) and only_reader(x, n))
         if not all(chains) or parts[1][0].args[6] is not None or parts[1][0].args[8] == "tokens":
             continue
-        if any(len(c.args) > 13 and c.args[13] is not None for c, _ in parts):
-            continue  # ZipCache's: each token's parameters by its salient flag; decode reads the decoded past
         if any(len(c.args) > 16 and (c.args[16] is not None or int(c.args[17]) > 1) for c, _ in parts):
             continue  # RotateKV's grouped heads: a key is rotated with its group's other heads; read decoded
-        if any(c.args[8] == "tokens" and int(c.args[9]) < 1 for c, _ in parts):
-            # no float window: the step's token can complete a group, whose parameters are spread over rows that
-            # include the new token's, which the runtime writes after the call; decode reads the decoded past
+        # the decoded past is then read by nothing but ZipCache's saliency (which computes only in a step that
+        # releases a block, and so does the read then: see lower_window's packed_read); the writes take only its length
+        reads = [c.args[0] for c, _ in parts]
+        if not all(_read_only_by_writes(r) for r in reads):
             continue
         for commit, _new in parts:
             commit.args[0].meta[FUSED] = True
@@ -755,15 +764,44 @@ def mark_fused_decode(graph: Graph) -> int:
     return marked
 
 
+def _read_only_by_writes(read) -> bool:
+    """Whether the decoded past ``read`` (a ``kv_wpack_read``) is read only by its window's writes
+    (``kv_wpack_rows`` / ``kv_wpack_commit`` / ``kv_window_new``: a fused step's write takes only its
+    length, the released tokens from the ring) and by ZipCache's saliency (through views), which reads
+    it only in a step that releases a block."""
+    from finegrain.compiler.ops import KV_SALIENCY
+
+    views = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default}
+    writes = (KV_WPACK_ROWS, KV_WPACK_COMMIT, torch.ops.finegrain.kv_window_new.default)
+    todo = list(read.users)
+    while todo:
+        u = todo.pop()
+        if u.target in writes and u.args[0] is read:
+            continue
+        if u.target is KV_SALIENCY:
+            continue
+        if u.target in views or (u.target is torch.ops.aten.cat.default and len(u.args[0]) == 1):
+            todo += list(u.users)
+            continue
+        return False
+    return True
+
+
 @memoized
 def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
                           key: dict, value: dict, rope_half: int, rotated: bool):
     """One query per head over a packed windowed cache, read in place (the decode step of a static
     build; ``kernels/attention.packed_decode_attention_func`` is the per-token cache's): the PrimFunc
-    ``f(q[B, H, 1, d], kc, ks, kz, kr, kn[B, Hkv, 1, d], vc, vs, vz, vr, vn, bias[1, T32], rope[P | 1,
-    2 * half], o[B, H, 1, d])``, each of K and V as this module's four buffers (``kc`` codes, ``ks`` /
-    ``kz`` scales and zero points, ``kr`` the ring) **after** the step's commit (the released rows
-    written, the new token in the ring) and the new token's attention-space row (``kn``).
+    ``f(q[B, H, 1, d], kc, ks, kz, kr, kn[B, Hkv, 1, d], ksn, kzn, vc, vs, vz, vr, vn, bias[1, T32],
+    rope[P | 1, 2 * half], o[B, H, 1, d])``, each of K and V as this module's four buffers (``kc`` codes,
+    ``ks`` / ``kz`` scales and zero points, ``kr`` the ring) **after** the step's commit (the released
+    rows written, the new token in the ring) and the new token's attention-space row (``kn``);
+    ``ksn`` / ``kzn`` ``[B, n, Hkv, C]``: the key scales / zero points of the ``n`` tokens the step
+    released (the commit's span), of which the last, the step's own token's row at ``P``, which the
+    runtime writes only after the call, holds some of its unit's per-channel pairs when there is no
+    float window. ZipCache's layouts (:func:`zip_layout`) are read too: a per-channel key's pairs by
+    its salient flag (the unit's ``2 d`` pairs loaded once, the subset's ``d`` picked when the flag
+    changes), values and token-wise keys by their own per-token parameters.
 
     Past token ``j`` is a sink or float token (a ring row, attention's space) or quantized: its codes
     unpacked and scaled into a local row ``x`` in the space it was quantized in (per-channel keys: the
@@ -799,11 +837,11 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
     strides = max(int(math.log2(d)) - 3, 0) if rot else 0  # butterfly stages past the 8-lane blocks
-    if key.get("low") is not None or value.get("low") is not None:
-        raise ValueError("packed window attention: ZipCache's layout is read through kv_wpack_read")
     ktok = key["spread"]
-    kw, kcols, klo = key["words"], key["cols"], float(key["lo"])
-    kunit = key["unit"]
+    kw, kcols, kzcols, klo = key["words"], key["cols"], key["zcols"], float(key["lo"])
+    kunit, kpairs = key["unit"], key["pairs"]
+    krows = kpairs // kcols  # rows of a unit holding its parameter pairs
+    kflag = int(kzcols > kcols)  # ZipCache's per-channel keys: a token's salient flag picks its subset's pairs
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
     # per-channel keys: element a's code plus the group's offset gz[a] (lo - zero), times its scale gs[a]
     unpack_channels = _unpack_row(key, lambda u, a, grp, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
@@ -839,18 +877,21 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kr_h: T.handle, kn_h: T.handle,
-             vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle, vn_h: T.handle, bias_h: T.handle,
+             ksn_h: T.handle, kzn_h: T.handle, vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle, vn_h: T.handle, bias_h: T.handle,
              t_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         p = T.int64()
         t32 = T.int64()
         n_tab = T.int64()
+        ns = T.int64()
         q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
         kc = T.match_buffer(kc_h, (batch, p, kv_heads, kw), "int32")
         ks = T.match_buffer(ks_h, (batch, p, kv_heads, kcols), key["scale"])
-        kz = T.match_buffer(kz_h, (batch, p, kv_heads, kcols), "uint8")
+        kz = T.match_buffer(kz_h, (batch, p, kv_heads, kzcols), "uint8")
         kr = T.match_buffer(kr_h, (batch, key["ring"], kv_heads, d), f32)
         kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
+        ksn = T.match_buffer(ksn_h, (batch, ns, kv_heads, kcols), key["scale"])
+        kzn = T.match_buffer(kzn_h, (batch, ns, kv_heads, kzcols), "uint8")
         vc = T.match_buffer(vc_h, (batch, p, kv_heads, value["words"]), "int32")
         vs = T.match_buffer(vs_h, (batch, p, kv_heads, value["cols"]), value["scale"])
         vz = T.match_buffer(vz_h, (batch, p, kv_heads, value["cols"]), "uint8")
@@ -879,9 +920,11 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
             x = T.decl_buffer((d,), f32, scope="local")
             words = T.decl_buffer((LANES,), "int32", scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
-            gs = T.decl_buffer((d,), f32, scope="local")
-            gz = T.decl_buffer((d,), f32, scope="local")
-            cur = T.decl_buffer((1,), "int64", scope="local")
+            gs = T.decl_buffer((kpairs,), f32, scope="local")
+            gz = T.decl_buffer((kpairs,), f32, scope="local")
+            ts = T.decl_buffer((d,), f32, scope="local")
+            tz = T.decl_buffer((d,), f32, scope="local")
+            cur = T.decl_buffer((2,), "int64", scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
             task = item // nc
             bi = task // kv_heads
@@ -920,14 +963,29 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                             sc[g * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j]
                     else:
                         if ktok:  # the group's per-channel parameters, spread over its rows, loaded once per group
+                            # (a row at P, the step's own token's, not written yet: from the released span's rows)
                             if cur[0] != (j - key["sinks"]) // kunit:
                                 cur[0] = (j - key["sinks"]) // kunit
-                                for r in T.serial(kunit):
+                                cur[1] = T.int64(-1)
+                                for r in T.serial(krows):
                                     for cc in T.serial(kcols):
-                                        gs[r * kcols + cc] = T.Cast(f32, ks[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
-                                        gz[r * kcols + cc] = T.float32(klo) - T.Cast(
-                                            f32, kz[bi, key["sinks"] + cur[0] * kunit + r, kh, cc])
-                            unpack_channels(x, kc, gs, gz, bi, j, kh, words)
+                                        gs[r * kcols + cc] = T.Cast(f32, T.if_then_else(
+                                            key["sinks"] + cur[0] * kunit + r < p,
+                                            ks[bi, T.min(key["sinks"] + cur[0] * kunit + r, p - 1), kh, cc],
+                                            ksn[bi, T.max(key["sinks"] + cur[0] * kunit + r - (p + 1 - ns), 0), kh, cc]))
+                                        gz[r * kcols + cc] = T.float32(klo) - T.Cast(f32, T.if_then_else(
+                                            key["sinks"] + cur[0] * kunit + r < p,
+                                            kz[bi, T.min(key["sinks"] + cur[0] * kunit + r, p - 1), kh, cc],
+                                            kzn[bi, T.max(key["sinks"] + cur[0] * kunit + r - (p + 1 - ns), 0), kh, cc]))
+                            if kflag == 1:  # ZipCache: the salient subset's d pairs first, then the others'
+                                if cur[1] != T.Cast("int64", kz[bi, j, kh, kcols]):
+                                    cur[1] = T.Cast("int64", kz[bi, j, kh, kcols])
+                                    for a in T.vectorized(d):
+                                        ts[a] = gs[(T.int64(1) - cur[1]) * d + a]
+                                        tz[a] = gz[(T.int64(1) - cur[1]) * d + a]
+                                unpack_channels(x, kc, ts, tz, bi, j, kh, words)
+                            else:
+                                unpack_channels(x, kc, gs, gz, bi, j, kh, words)
                         else:
                             unpack_key(x, kc, ks, kz, bi, j, kh, words)
                         if roped == 1:
