@@ -877,8 +877,8 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kr_h: T.handle, kn_h: T.handle,
-             ksn_h: T.handle, kzn_h: T.handle, vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle, vn_h: T.handle, bias_h: T.handle,
-             t_h: T.handle, o_h: T.handle):
+             ksn_h: T.handle, kzn_h: T.handle, vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle,
+             vn_h: T.handle, bias_h: T.handle, t_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         p = T.int64()
         t32 = T.int64()
