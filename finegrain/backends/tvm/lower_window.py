@@ -529,8 +529,8 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
         src = (_placeholder_through_transpose(node.args[1], (KV_WPACK_READ,)) if isinstance(node, torch.fx.Node)
                else None)
         # a static build's token-major buffer, or a packed window's decoded past: read in place
-        token_major = isinstance(src, torch.fx.Node) and src.op in ("placeholder", "call_function") and (
-            src.op == "placeholder" or src.target is KV_WPACK_READ) and src in importer.env
+        token_major = isinstance(src, torch.fx.Node) and (src.op == "placeholder" or src.target is KV_WPACK_READ) \
+            and src in importer.env
         if token_major:
             past = importer.env[src]
         return importer.block_builder.emit_te(lambda q_, past_, new_: _saliency(q_, past_, new_, float(probes),

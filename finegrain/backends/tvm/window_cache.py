@@ -557,7 +557,7 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, 
 
     d, bits, w, cols, lo = lay["d"], lay["bits"], lay["words"], lay["cols"], float(lay["lo"])
     window, sinks, unit, ring_rows = lay["window"], lay["sinks"], lay["unit"], lay["ring"]
-    span_w, tokens, sdt, hgroup = window + unit, lay["axis"] == "tokens", lay["scale"], lay["group"]
+    span_w, sdt, hgroup = window + unit, lay["scale"], lay["group"]
     spread, zcols = lay["spread"], lay["zcols"]
     flagged = int(zcols > cols)  # ZipCache's per-channel keys: the salient flag picks the subset's parameters
     half, stages, rot, roped = max(rope_half, 1), int(math.log2(d)), int(rotated), int(rope_half > 0)
@@ -570,6 +570,9 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, 
     fwht = _fwht_macro(d, stages, True)
     not_lazy = int(not lazy)
 
+    def until(t):  # tokens quantized (or sinks) in a cache of t tokens
+        return kv_quantized_until(t, lay["axis"], unit, window, sinks, T.max)
+
     @T.prim_func(s_tir=True)
     def func(c_h: T.handle, s_h: T.handle, z_h: T.handle, r_h: T.handle, t_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -581,11 +584,9 @@ def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, 
         ring = T.match_buffer(r_h, (batch, ring_rows, heads, d), f32)
         tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
         o = T.match_buffer(o_h, (batch, p, heads, d), f32)
-        m = T.max(p - (window + sinks), T.int64(0))
-        qu = (m // unit * unit if tokens else m) + sinks
-        m1 = T.max(p + 1 - (window + sinks), T.int64(0))
-        for task in T.parallel(T.if_then_else(T.Or(not_lazy == 1, (m1 // unit * unit if tokens else m1) + sinks > qu),
-                                              batch * p, T.int64(0))):
+        qu = until(p)
+        # lazy: tasks only if this step's one token releases a unit
+        for task in T.parallel(T.if_then_else(T.Or(not_lazy == 1, until(p + 1) > qu), batch * p, T.int64(0))):
             x = T.decl_buffer((d,), f32, scope="local")
             y = T.decl_buffer((d,), f32, scope="local")
             sc = T.decl_buffer((d,), f32, scope="local")
@@ -968,15 +969,14 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                                 cur[0] = (j - key["sinks"]) // kunit
                                 cur[1] = T.int64(-1)
                                 for r in T.serial(krows):
+                                    ra = key["sinks"] + cur[0] * kunit + r  # the row holding pairs r * kcols ..
                                     for cc in T.serial(kcols):
                                         gs[r * kcols + cc] = T.Cast(f32, T.if_then_else(
-                                            key["sinks"] + cur[0] * kunit + r < p,
-                                            ks[bi, T.min(key["sinks"] + cur[0] * kunit + r, p - 1), kh, cc],
-                                            ksn[bi, T.max(key["sinks"] + cur[0] * kunit + r - (p + 1 - ns), 0), kh, cc]))
+                                            ra < p, ks[bi, T.min(ra, p - 1), kh, cc],
+                                            ksn[bi, T.max(ra - (p + 1 - ns), 0), kh, cc]))
                                         gz[r * kcols + cc] = T.float32(klo) - T.Cast(f32, T.if_then_else(
-                                            key["sinks"] + cur[0] * kunit + r < p,
-                                            kz[bi, T.min(key["sinks"] + cur[0] * kunit + r, p - 1), kh, cc],
-                                            kzn[bi, T.max(key["sinks"] + cur[0] * kunit + r - (p + 1 - ns), 0), kh, cc]))
+                                            ra < p, kz[bi, T.min(ra, p - 1), kh, cc],
+                                            kzn[bi, T.max(ra - (p + 1 - ns), 0), kh, cc]))
                             if kflag == 1:  # ZipCache: the salient subset's d pairs first, then the others'
                                 if cur[1] != T.Cast("int64", kz[bi, j, kh, kcols]):
                                     cur[1] = T.Cast("int64", kz[bi, j, kh, kcols])
