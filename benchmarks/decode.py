@@ -28,8 +28,9 @@ Rows (each with and without its own KV cache where it has one):
   (ZipCache's saliency and mixed-precision writes in the graph, packed with every token's codes at 4 bits,
   read in place by decode's attention, the past decoded only in a step that releases a block, for the
   saliency: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
-  reordered keys rotated over all KV heads, packed as virtual heads of that space, the past decoded once
-  per step; and with ``kv_storage="float"``, an fp32 cache of its values);
+  reordered keys rotated over all KV heads, packed as virtual heads of that space, read in place by
+  decode's grouped attention kernel, each past key taken back through the grouped rotation once per step;
+  and with ``kv_storage="float"``, an fp32 cache of its values);
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 

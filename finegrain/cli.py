@@ -1247,8 +1247,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--kv-storage", choices=("packed", "float"), default="packed",
                     help="an artifact with a quantized KV cache, --cache static: hold the layers that pack as their "
                          "formats' codes (packed, default) or every layer in an fp32 cache of the formats' values "
-                         "(float: the same logits in 4-13x the memory; faster where the packed layout decodes "
-                         "the past every step: RotateKV's grouped heads)")
+                         "(float: the same logits in 4-13x the memory; faster where decoding the packed layout costs "
+                         "most: RotateKV's grouped heads, each past key taken back through the grouped rotation "
+                         "every step)")
     bd.add_argument("--overwrite", action="store_true")
     gpu_dtype(bd)
     bd.set_defaults(fn=cmd_build)

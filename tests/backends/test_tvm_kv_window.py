@@ -103,15 +103,16 @@ def test_windowed_kv_on_tvm_equals_the_reference(family, kv, cache, prefill, tmp
                                   (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 48, h, d // 8), (1, 1 + w + 1, h, d)], shapes
     if cache == "static":
         called = _called(built[0])
-        if kv.get("kv_head_group", 1) > 1:  # grouped heads: decode reads the decoded past
-            assert not any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
-        else:  # decode's attention reads the packed codes and the ring in place, after the step's commit wrote
-            # the released rows' codes and the ring; the past is not decoded to fp32 (prefill still decodes it once)
-            assert any(n.startswith("decode_attention_wpack") for n in called["decode"]), called["decode"]
-            assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
-            assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
-            assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
-        if kv["kv_window"] >= 1 and kv.get("kv_head_group", 1) == 1:
+        # decode's attention reads the packed codes and the ring in place, after the step's commit wrote the
+        # released rows' codes and the ring; the past is not decoded to fp32 (prefill still decodes it once);
+        # RotateKV's grouped heads by their own kernel (each token's rotated rows taken back once for all heads)
+        grouped_ = kv.get("kv_head_group", 1) > 1
+        assert any(n.startswith("decode_attention_wpack") and ("_grouped" in n) == grouped_
+                   for n in called["decode"]), called["decode"]
+        assert any(n.startswith("decode_kv_wpack_commit") and n.endswith("_ring") for n in called["decode"])
+        assert not any(n.startswith("decode_kv_wpack_read") for n in called["decode"]), called["decode"]
+        assert any(n.startswith("kv_wpack_read") for n in called["prefill"]), called["prefill"]
+        if kv["kv_window"] >= 1:
             # a decode step's one token stays in the ring (a float window): its rows are zeros, its attention row
             # as it came
             assert not {"decode_kv_wpack_rows", "decode_kv_window_new", "decode_kv_window_write"} & called["decode"]
@@ -341,6 +342,68 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
     assert np.abs(got - want.numpy()).max() <= 2e-5 * max(1.0, want.abs().max().item()), np.abs(got - want.numpy()).max()
 
 
+@pytest.mark.parametrize("d,hk,g,fmt,rotated,reorder,window", [
+    (16, 2, 2, "int2-g8-asym-fp16-dyn", False, True, 3),  # GROUPED's shapes: 2 heads in one group of 32 channels
+    (16, 3, 3, "int4-g16-asym-fp16-dyn", True, True, 0),  # 48 channels: a 12 x 12 factor... over blocks of 4: refused
+    (64, 3, 3, "int4-g64-asym-fp16-dyn", True, True, 0),  # rotatekv4 on SmolLM2: 192 channels, 12 blocks of 16
+    (16, 4, 2, "int4-g8-asym-fp16-dyn", True, False, 2),  # two groups, not reordered, per-head rotated
+])
+def test_grouped_decode_attention_reads_rotatekv_keys_as_the_grouped_read_decodes_them(d, hk, g, fmt, rotated, reorder,
+                                                                                        window):
+    """``window_cache.grouped_decode_attention_func`` (decode's attention over RotateKV's grouped-head keys
+    read in place: each token's rotated rows taken back through the grouped Hadamard, the channel order
+    and RoPE) gives the attention over what ``kv_wpack_read`` decodes from the same buffers (channels
+    reordered across the groups), 2 query heads per K / V head, some keys masked; the past spans several
+    of the kernel's chunks. Blocks of the grouped Hadamard under 8 channels are refused by name."""
+    import numpy as np
+    import tvm
+
+    from finegrain.backends.tvm.kernels.attention import padded_keys
+    from finegrain.backends.tvm.window_cache import _read, grouped_decode_attention_func, window_layout
+    from finegrain.compiler.ops import _group_factor
+
+    b, group, sinks, p = 1, 2, 1, 150
+    h, scale = hk * group, 1.0 / d ** 0.5
+    gen = torch.Generator().manual_seed(d + hk)
+    freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d)).float()
+    klay = window_layout(fmt, "head_dim", d, window, sinks, None, g)
+    vlay = window_layout("int4-g8-asym-fp16-dyn", "head_dim", d, window, sinks)
+    fac = _group_factor(g * d, True)
+    if (g * d // fac.shape[0]) < 8:
+        with pytest.raises(ValueError, match="blocks of 4 channels"):
+            grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, d // 2, rotated, fac.shape[0])
+        return
+    perm = torch.randperm(hk * d, generator=gen) if reorder else torch.arange(hk * d)
+    kinds = []
+    for lay, f, pm in ((klay, freq, perm if reorder else None), (vlay, None, None)):
+        # after the write of token P: P + 1 rows (the last one's never read: per-token keys and values)
+        grown = (torch.randint(-2 ** 31, 2 ** 31 - 1, (b, p + 1, hk, lay["words"]), generator=gen,
+                               dtype=torch.int64).int(),
+                 (torch.rand(b, p + 1, hk, lay["cols"], generator=gen) * 0.5 + 0.05).half(),
+                 torch.randint(0, 2 ** lay["bits"], (b, p + 1, hk, lay["zcols"]), generator=gen).to(torch.uint8))
+        ring = torch.randn(b, lay["ring"], hk, d, generator=gen)
+        past = _read(*grown, ring, f, lay, rotated and f is not None, perm=pm)[:, :p]
+        kinds.append(((*(x[:, :p] for x in grown), ring), past, torch.randn(b, hk, 1, d, generator=gen)))
+    (kbufs, kpast, kn), (vbufs, vpast, vn) = kinds
+    q = torch.randn(b, h, 1, d, generator=gen)
+    bias = torch.zeros(1, padded_keys(p + 1))
+    bias[0, [0, 5, 64, 65, p - 1]] = -torch.inf
+    bias[0, p + 1:] = -torch.inf
+    keys, values = (torch.cat([x.transpose(1, 2), n], 2).repeat_interleave(group, 1) for x, n in ((kpast, kn),
+                                                                                                  (vpast, vn)))
+    want = torch.softmax((q @ keys.transpose(-1, -2)) * scale + bias[:, :p + 1], -1) @ values
+    ang = torch.arange(p, dtype=torch.float64)[:, None] * freq.double()[None, :]
+    table = torch.cat([ang.cos(), ang.sin()], 1).float()
+    func = grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, d // 2, rotated, fac.shape[0])
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
+    span = [torch.zeros(b, 1, hk, klay["cols"]).half(), torch.zeros(b, 1, hk, klay["zcols"], dtype=torch.uint8)]
+    args = [tvm.runtime.tensor(x.numpy()) for x in (q, *kbufs, kn, *span, *vbufs, vn, bias, table, perm, fac,
+                                                     torch.zeros(b, h, 1, d))]
+    lib(*args)
+    got = args[-1].numpy()
+    assert np.abs(got - want.numpy()).max() <= 2e-5 * max(1.0, want.abs().max().item()), np.abs(got - want.numpy()).max()
+
+
 def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
     """``pack_window_cache``: KIVI's asymmetric integer writes packed (codes, scales, zeros, a ring of
     ``sinks + window + G`` rows per layer and K / V), RotateKV's grouped-head keys too (as virtual heads of
@@ -369,7 +432,8 @@ def test_the_static_build_packs_kivi_and_says_why_it_leaves_a_layer_fp32():
 
 def test_kv_storage_float_keeps_an_fp32_cache_with_the_same_logits():
     """``cm.session("tvm", kv_storage="float")`` / ``finegrain build --kv-storage float``: a static build
-    of RotateKV's grouped heads (packed by default, decoding through the decoded past) holds every
+    of RotateKV's grouped heads (packed by default, each past key taken back through the grouped rotation
+    every step) holds every
     layer in an fp32 cache of the formats' values instead, with the packed build's logits; a bad value
     is named before any build."""
     from finegrain.errors import InputError

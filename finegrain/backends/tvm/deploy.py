@@ -94,7 +94,8 @@ def build_deployment(cm, out: str | Path, target: str | dict | None = None, tune
     (static caches of a quantized KV cache): ``"packed"`` holds the layers that pack as codes
     (``lower_cache.pack_cache``, ``window_cache.py``), ``"float"`` every layer in an fp32 cache of the
     formats' values (the same logits: 4-13x the memory, for builds whose packed decode is slower,
-    such as RotateKV's grouped heads, which decode through the decoded past)."""
+    such as RotateKV's grouped heads, whose decode takes each past key back through the grouped
+    rotation every step)."""
     import tvm
 
     from finegrain.version import __version__

@@ -11,8 +11,9 @@ blocks; T = past + S over a KV cache), the mask as an additive fp32 ``bias[S, T3
 call; with one query (decode) the kernel reads K untransposed instead
 (``decode_attention_func``); over a static cache decode reads the cache buffers in place
 (``cache_decode_attention_func``; a packed cache's codes: ``packed_decode_attention_func``; KIVI's packed
-window, codes and ring after the step's commit: ``window_cache.decode_attention_func``, for the
-attentions ``window_cache.mark_fused_decode`` marked; these three split the past into chunks
+window, codes and ring after the step's commit: ``window_cache.decode_attention_func``, RotateKV's
+grouped-head keys ``window_cache.grouped_decode_attention_func``, for the attentions
+``window_cache.mark_fused_decode`` marked; these split the past into chunks
 processed in parallel, ``attention._split_decode``). :func:`share_kv_heads` first undoes transformers' ``repeat_kv`` so
 the kernel reads each grouped K / V head once. Otherwise the decomposition and Relax's lowering
 stay, unchanged.
@@ -112,6 +113,7 @@ def converter(prefix: str, max_seq_len: int, shared: dict | None = None):
     from finegrain.backends.tvm.lower_cache import KV_DECODE, cache_parts, kv_layout
     from finegrain.backends.tvm.window_cache import FUSED
     from finegrain.backends.tvm.window_cache import decode_attention_func as window_attention_func
+    from finegrain.backends.tvm.window_cache import grouped_decode_attention_func as grouped_attention_func
 
     shared = {} if shared is None else shared
 
@@ -175,12 +177,18 @@ def converter(prefix: str, max_seq_len: int, shared: dict | None = None):
                    f"r{ks['rope_half']}{int(ks['rotated'])}_"
                    + "_".join(f"{x['bits']}{x['axis'][0]}{x['unit']}g{x['group']}w{x['window']}s{x['sinks']}"
                               f"{x['scale']}c{x['cols']}z{x['zcols']}" for x in lays))
+            grouped = ks.get("grouped")  # RotateKV's grouped heads: the channel order and the Hadamard's factor
+            if grouped is not None:
+                m = int(grouped[1].ty.shape[0])
+                key += f"_grouped{lays[0]['head_group']}_m{m}"
             if key not in funcs:
-                func = window_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays, ks["rope_half"],
-                                             ks["rotated"])
+                func = (window_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays, ks["rope_half"],
+                                              ks["rotated"]) if grouped is None else
+                        grouped_attention_func(int(b), int(h), int(hk), int(d), longest, scale, *lays, ks["rope_half"],
+                                               ks["rotated"], m))
                 funcs[key] = bb.add_func(func.with_attrs({"op_pattern": 8, "global_symbol": key}), key)
             ins = [q, *ks["buffers"], importer.env[kc[1]], *ks["span"], *vs["buffers"], importer.env[vc[1]], bias,
-                   ks["table"]]
+                   ks["table"], *(grouped or [])]
             return bb.emit(relax.call_tir(funcs[key], ins, relax.TensorType([b, h, s, d], "float32")))
         if one and packed:  # codes read in place: the decode of the whole past is left without a reader
             lays = [kv_layout(c.args[3], int(d)) for c in (kc[0], vc[0])]

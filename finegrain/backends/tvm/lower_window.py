@@ -6,7 +6,8 @@ computes them. A concat build (and a static one, for what ``window_cache.py`` do
 symmetric formats, RotateKV's grouped heads whose groups span the rotated row) holds them in an fp32 cache (**emulated**: the cache holds the
 format's values, not its codes); a static build packs the rest (``window_cache.py``: codes, per-channel
 scales spread over each group's rows, the float tokens in a fixed ring; RotateKV's grouped-head keys
-as virtual heads of their rotated space, read back by ``window_cache.grouped_read_func``), as the
+as virtual heads of their rotated space, read back by ``window_cache.grouped_read_func`` and, in
+decode, in place by ``window_cache.grouped_decode_attention_func``), as the
 reference backend does (``backends/kv_packed.py``).
 
 :func:`rewrite` turns each ``kv_append`` into ``finegrain::kv_window_write(past, new, inv_freq,
@@ -508,6 +509,10 @@ def relax_converters(prefix: str, shared: dict | None = None) -> dict:
             shared[node.args[0].name] = {"buffers": [bb.emit(relax.TupleGetItem(out, j)) for j in range(4)],
                                          "span": span[1:], "table": table, "layout": lay, "rotated": bool(spec[4]),
                                          "rope_half": int(freq.ty.shape[0]) if freq is not None else 0}
+            if lay.get("head_group") is not None:  # RotateKV's grouped heads: the channel order, the factor F^T
+                perm = (extra[1] if len(extra) == 4 else
+                        relax.const(np.arange(int(heads) * int(d), dtype="int64"), "int64"))
+                shared[node.args[0].name]["grouped"] = [perm, extra[-1]]
             return read  # what the (dead) concatenation for the unfused kernels reads
         y = span_values(bb, node, read, new, extra, spec)
         ins = [codes, scales, zeros, ring, read, *span, y, new]

@@ -55,8 +55,10 @@ released token's rotated row ``[H / g, g d]`` is held as ``H`` *virtual heads* o
 virtual head's own and the per-token layout holds them unchanged. ``kv_wpack_read`` decodes the
 virtual heads, undoes the grouped rotation and the order, applies RoPE and the per-head Hadamard (on
 TVM one task per token, :func:`grouped_read_func`); the rows take the released tokens to the grouped
-space as ``kv_append`` does. Decode reads the decoded past (a key is rotated with its group's other heads: the in-place
-kernel, which reads one head's row, does not read it).
+space as ``kv_append`` does. Decode's attention reads them in place (since 2026-12-07,
+:func:`grouped_decode_attention_func`: a key is rotated with its group's other heads, and reordered
+channels cross groups, so one work item takes all heads of a chunk of tokens, each token's rows taken
+back once for every head).
 
 Left in an fp32 cache (``pack_window_cache`` says which and why): FP8 windowed writes, RotateKV's
 grouped heads whose groups span more than a head dim (one scale per rotated row), groups that do not
@@ -726,8 +728,8 @@ def mark_fused_decode(graph: Graph) -> int:
     write takes its released tokens from the ring: the ``kv_wpack_read`` of the whole past, and the copy
     of it ``kv_wpack_commit`` would update, are then left without readers but ZipCache's saliency (the
     read is then lazy: computed in a releasing step only). Values are read as stored (a value write with
-    RoPE, or with per-channel values, is left unmarked), and RotateKV's grouped heads are read decoded
-    (see below). Runs after the empty concatenations are dropped (``lower._drop_empty_cat_inputs``: the
+    RoPE, or with per-channel values, is left unmarked); RotateKV's grouped-head keys (per token, pre-RoPE)
+    by :func:`grouped_decode_attention_func`, per-channel ones are left unmarked. Runs after the empty concatenations are dropped (``lower._drop_empty_cat_inputs``: the
     saliency then reads the decoded past through views only). Returns how many attentions were marked."""
     from finegrain.backends.tvm.lower_attention import SDPA
     from finegrain.backends.tvm.lower_cache import cache_parts
@@ -751,8 +753,10 @@ def mark_fused_decode(graph: Graph) -> int:
             chains.append(t is not None and only_reader(t, x) and only_reader(x, n))
         if not all(chains) or parts[1][0].args[6] is not None or parts[1][0].args[8] == "tokens":
             continue
-        if any(len(c.args) > 16 and (c.args[16] is not None or int(c.args[17]) > 1) for c, _ in parts):
-            continue  # RotateKV's grouped heads: a key is rotated with its group's other heads; read decoded
+        grouped_ = [len(c.args) > 16 and (c.args[16] is not None or int(c.args[17]) > 1) for c, _ in parts]
+        kw = parts[0][0].args
+        if grouped_[1] or (grouped_[0] and (kw[8] == "tokens" or kw[6] is None or kw[13] is not None)):
+            continue  # RotateKV's grouped heads: per-token pre-RoPE keys only (grouped_decode_attention_func)
         # the decoded past is then read by nothing but ZipCache's saliency (which computes only in a step that
         # releases a block, and so does the read then: see lower_window's packed_read); the writes take only its length
         reads = [c.args[0] for c, _ in parts]
@@ -1027,6 +1031,221 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                 add_value(out, sc, x, bi, j, kh, jj)
             store_chunk(out, po, at)
         # 4. the chunks and the new key merged
+        merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
+
+    return func
+
+
+@memoized
+def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq_len: int, scale: float,
+                                  key: dict, value: dict, rope_half: int, rotated: bool, m: int):
+    """:func:`decode_attention_func` over RotateKV's grouped-head keys (``key["head_group"]`` = ``g``),
+    read in place: the PrimFunc ``f(q, kc, ks, kz, kr, kn, ksn, kzn, vc, vs, vz, vr, vn, bias, rope,
+    perm[Hkv * d], factor[m, m], o)`` (``perm`` and ``factor`` as :func:`grouped_read_func`'s). A key
+    head's channels come from its group's whole rotated row (and, reordered, from any group's), so one
+    work item takes all ``Hkv`` heads of a chunk of cached keys (``_split_decode``'s ``per_task``):
+    each quantized token's ``Hkv`` virtual heads are unpacked into one local row once, every group
+    taken back through the grouped Hadamard (the butterflies within blocks of ``g d / m`` channels,
+    8 lanes at a time; the ``m x m`` factor as a sum of vectors), the channels returned to their heads
+    (``perm``), then each head's RoPE at the token's position, its scores for the query heads reading
+    it; the per-head Hadamard of rotated keys and the grouped Hadamard's ``1 / sqrt(g d)`` are applied
+    to the queries once per item instead. Values are per head (:func:`decode_attention_func`'s);
+    ``ksn`` / ``kzn`` are unused (per-token keys: a token's row holds its own parameters). Chunks of at
+    least 64 keys (a decode step then has one item per 64 cached keys, up to ``DECODE_SPLITS``)."""
+    import math
+
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from finegrain.backends.tvm.kernels.attention import (DECODE_SPLITS, KEY_BLOCK, LANES, _check_heads, _dot8,
+                                                          _split_decode, _unpack_row, chunk_scores, padded_keys)
+
+    _check_heads(heads, kv_heads, d)
+    g = key.get("head_group")
+    if not g or key["spread"] or value["spread"]:
+        raise ValueError("grouped packed window attention: keys in RotateKV's grouped heads, per token (and values "
+                         "per token) only")
+    for lay in (key, value):
+        if lay["d"] != d:
+            raise ValueError(f"packed window attention: layout for head dim {lay['d']}, kernel for {d}")
+    gd, hd = g * d, kv_heads * d
+    blk = gd // m  # the grouped Hadamard's power-of-two blocks
+    if kv_heads % g or gd % m or blk & (blk - 1) or blk < LANES or (rotated and (d & (d - 1) or d < LANES)):
+        raise ValueError(f"grouped packed window attention: {kv_heads} heads in groups of {g}, blocks of {blk} "
+                         f"channels (powers of two >= {LANES} needed)")
+    row = padded_keys(max_seq_len)
+    group = heads // kv_heads
+    nv = d // LANES
+    neg_inf = tirx.const(-math.inf, "float32")
+    f32 = "float32"
+    chunks = DECODE_SPLITS
+    open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(batch, 1, heads, d, scale, row,
+                                                                           per_task=kv_heads)
+    rot = int(rotated and rope_half > 0)
+    half = max(rope_half, 1)
+    roped = int(rope_half > 0)
+    qscale = 1.0 / math.sqrt(gd) / (math.sqrt(d) if rot else 1.0)  # the Hadamards' normalizations, on the queries
+    unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
+
+    def quantized_until(lay, p):  # after this step's write of one token
+        return kv_quantized_until(p + 1, lay["axis"], lay["unit"], lay["window"], lay["sinks"], T.max)
+
+    def slot(lay, j):
+        return ring_row(j, lay, T.if_then_else)
+
+    def fwht_macro(n):  # v[base:base + n] <- H v (unnormalized): 8-lane blocks by h8, then longer strides
+        strides = int(math.log2(n)) - 3
+
+        @T.macro
+        def fwht(v, base, tmp, h8):
+            for r in T.serial(n // LANES):
+                for c in T.vectorized(LANES):
+                    tmp[c] = T.float32(0)
+                for k in T.unroll(LANES):
+                    for c in T.vectorized(LANES):
+                        tmp[c] = tmp[c] + v[base + r * LANES + k] * h8[k * LANES + c]
+                for c in T.vectorized(LANES):
+                    v[base + r * LANES + c] = tmp[c]
+            for st in T.unroll(strides):
+                for qv in T.serial(n // (2 * LANES)):
+                    i0 = ((qv >> st) << (st + 4)) + ((qv & ((T.int64(1) << st) - 1)) << 3) + base
+                    for c in T.vectorized(LANES):
+                        tmp[c] = v[i0 + c]
+                    for c in T.vectorized(LANES):
+                        v[i0 + c] = tmp[c] + v[i0 + (T.int64(8) << st) + c]
+                    for c in T.vectorized(LANES):
+                        v[i0 + (T.int64(8) << st) + c] = tmp[c] - v[i0 + (T.int64(8) << st) + c]
+        return fwht
+
+    fwht_d, fwht_blk = fwht_macro(d), fwht_macro(blk)
+
+    def chunk_of(p):  # keys per item: p / DECODE_SPLITS rounded up to 32, at least 64, at most row
+        step = DECODE_SPLITS * KEY_BLOCK
+        return tirx.min(tirx.const(row, "int64"), tirx.max(tirx.const(64, "int64"), (p + step - 1) // step * KEY_BLOCK))
+
+    @T.prim_func(s_tir=True)
+    def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kr_h: T.handle, kn_h: T.handle,
+             ksn_h: T.handle, kzn_h: T.handle, vc_h: T.handle, vs_h: T.handle, vz_h: T.handle, vr_h: T.handle,
+             vn_h: T.handle, bias_h: T.handle, t_h: T.handle, p_h: T.handle, f_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        p = T.int64()
+        t32 = T.int64()
+        n_tab = T.int64()
+        ns = T.int64()
+        q = T.match_buffer(q_h, (batch, heads, 1, d), f32)
+        kc = T.match_buffer(kc_h, (batch, p, kv_heads, key["words"]), "int32")
+        ks = T.match_buffer(ks_h, (batch, p, kv_heads, key["cols"]), key["scale"])
+        kz = T.match_buffer(kz_h, (batch, p, kv_heads, key["zcols"]), "uint8")
+        kr = T.match_buffer(kr_h, (batch, key["ring"], kv_heads, d), f32)
+        kn = T.match_buffer(kn_h, (batch, kv_heads, 1, d), f32)
+        ksn = T.match_buffer(ksn_h, (batch, ns, kv_heads, key["cols"]), key["scale"])  # noqa: F841 - unused
+        kzn = T.match_buffer(kzn_h, (batch, ns, kv_heads, key["zcols"]), "uint8")  # noqa: F841 - unused
+        vc = T.match_buffer(vc_h, (batch, p, kv_heads, value["words"]), "int32")
+        vs = T.match_buffer(vs_h, (batch, p, kv_heads, value["cols"]), value["scale"])
+        vz = T.match_buffer(vz_h, (batch, p, kv_heads, value["cols"]), "uint8")
+        vr = T.match_buffer(vr_h, (batch, value["ring"], kv_heads, d), f32)
+        vn = T.match_buffer(vn_h, (batch, kv_heads, 1, d), f32)
+        bias = T.match_buffer(bias_h, (1, t32), f32)
+        tab = T.match_buffer(t_h, (n_tab, 2 * half), f32)
+        perm = T.match_buffer(p_h, (hd,), "int64")
+        fac = T.match_buffer(f_h, (m, m), f32)
+        o = T.match_buffer(o_h, (batch, heads, 1, d), f32)
+        assert t32 <= row, "attention kernel: sequence longer than the max_seq_len it was built for"
+        assert p + 1 <= t32, "attention kernel: keys padded to fewer than the key count"
+        kqu = quantized_until(key, p)
+        vqu = quantized_until(value, p)
+        chunk = chunk_of(p)
+        nc = (p + chunk - T.int64(1)) // chunk
+        pm = T.decl_buffer((batch * chunks * heads,), f32)
+        pl = T.decl_buffer((batch * chunks * heads,), f32)
+        po = T.decl_buffer((batch * chunks * heads * d,), f32)
+        for item in T.parallel(batch * nc):
+            sc = T.decl_buffer((heads * row,), f32, scope="local")
+            out = T.decl_buffer((heads * d,), f32, scope="local")
+            part = T.decl_buffer((LANES,), f32, scope="local")
+            red = T.decl_buffer((LANES,), f32, scope="local")
+            tmp = T.decl_buffer((LANES,), f32, scope="local")
+            h8 = T.decl_buffer((LANES * LANES,), f32, scope="local")
+            qt = T.decl_buffer((heads * d,), f32, scope="local")
+            x = T.decl_buffer((hd,), f32, scope="local")
+            y = T.decl_buffer((hd,), f32, scope="local")
+            z = T.decl_buffer((hd,), f32, scope="local")
+            u = T.decl_buffer((d,), f32, scope="local")
+            words = T.decl_buffer((LANES,), "int32", scope="local")
+            tot = T.decl_buffer((2,), f32, scope="local")
+            bi = item // nc
+            at = (bi * chunks + item % nc) * heads
+            j0 = item % nc * chunk
+            for k in T.serial(LANES):
+                for c in T.serial(LANES):
+                    h8[k * LANES + c] = T.float32(1) - T.float32(2) * T.Cast(f32, (
+                        ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+            # the queries in the keys' space: H q / sqrt(d) for rotated keys, and the grouped Hadamard's 1 / sqrt(g d)
+            for hq in T.serial(heads):
+                for a in T.vectorized(d):
+                    qt[hq * d + a] = q[bi, hq, 0, a]
+                if rot == 1:
+                    fwht_d(qt, hq * d, tmp, h8)
+                for a in T.vectorized(d):
+                    qt[hq * d + a] = qt[hq * d + a] * T.float32(qscale)
+            n = chunk_scores(p, j0, chunk)
+            open_chunk(sc, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                j = j0 + jj
+                if bias[0, j] > neg_inf:
+                    if T.Or(j < key["sinks"], j >= kqu):  # a ring row: each head's key in attention's space
+                        for hq in T.serial(heads):
+                            for lane in T.vectorized(LANES):
+                                part[lane] = T.float32(0)
+                            for dv in T.serial(nv):
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = part[lane] + q[bi, hq, 0, dv * LANES + lane] * kr[
+                                        bi, slot(key, j), hq // group, dv * LANES + lane]
+                            sc[hq * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j]
+                    else:
+                        for vh in T.serial(kv_heads):  # the rotated rows (virtual heads), back to back
+                            unpack_key(u, kc, ks, kz, bi, j, vh, words)
+                            for a in T.vectorized(d):
+                                x[vh * d + a] = u[a]
+                        for hg in T.serial(kv_heads // g):  # each group's Hadamard undone (unnormalized)
+                            for i in T.serial(m):
+                                fwht_blk(x, hg * gd + i * blk, tmp, h8)
+                            for i in T.serial(m):
+                                for jb in T.vectorized(blk):
+                                    y[hg * gd + i * blk + jb] = T.float32(0)
+                                for k in T.serial(m):
+                                    for jb in T.vectorized(blk):
+                                        y[hg * gd + i * blk + jb] = y[hg * gd + i * blk + jb] + x[
+                                            hg * gd + k * blk + jb] * fac[k, i]
+                        for kk in T.serial(hd):  # each channel back to its head
+                            z[perm[kk]] = y[kk]
+                        for kh in T.serial(kv_heads):
+                            if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
+                                for jo in T.serial(half):
+                                    u[jo] = z[kh * d + jo] * tab[j, jo] - z[kh * d + half + jo] * tab[j, half + jo]
+                                    u[half + jo] = z[kh * d + half + jo] * tab[j, jo] + z[kh * d + jo] * tab[j, half + jo]
+                            else:
+                                for a in T.vectorized(d):
+                                    u[a] = z[kh * d + a]
+                            for g0 in T.serial(group):
+                                for lane in T.vectorized(LANES):
+                                    part[lane] = T.float32(0)
+                                for dv in T.serial(nv):
+                                    for lane in T.vectorized(LANES):
+                                        part[lane] = part[lane] + qt[(kh * group + g0) * d + dv * LANES + lane] * u[
+                                            dv * LANES + lane]
+                                sc[(kh * group + g0) * row + jj] = _dot8(part) * T.float32(scale) + bias[0, j]
+            close_chunk(sc, red, tot, pm, pl, out, at, n)
+            for jj in T.serial(T.min(chunk, p - j0)):
+                j = j0 + jj
+                for kh in T.serial(kv_heads):
+                    if T.Or(j < value["sinks"], j >= vqu):
+                        for a in T.vectorized(d):
+                            u[a] = vr[bi, slot(value, j), kh, a]
+                    else:
+                        unpack_value(u, vc, vs, vz, bi, j, kh, words)
+                    add_value(out, sc, u, bi, j, kh, jj)
+            store_chunk(out, po, at)
         merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
 
     return func

@@ -119,7 +119,8 @@ def chunk_scores(p, j0, chunk):
     return tirx.min(chunk, (p - j0 + LANES - 1) // LANES * LANES)
 
 
-def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, row: int, value_at=None):
+def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, row: int, value_at=None,
+                  per_task: int = 1):
     """The TVMScript macros of the split-K ("flash-decoding") decode kernels over a static cache. One
     parallel work item per K / V head and chunk of ``decode_chunk(p, row)`` cached keys (a decode step
     has only ``batch x kv_heads`` heads, 3 for SmolLM2: one task each left cores idle and the
@@ -140,7 +141,12 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
       keeps it apart from every other buffer, which it cannot assume of the scratch);
     * ``merge(q, kn, vn, bias, o, pm, pl, po, p, nc)``: one parallel task per K / V head: the new key's
       score, then ``o = (sum_c e^(m_c - M) o_c + e^(s_new - M) v_new) / (sum_c e^(m_c - M) l_c +
-      e^(s_new - M))`` over the ``nc`` chunks that see a key (a fully masked row gives zeros)."""
+      e^(s_new - M))`` over the ``nc`` chunks that see a key (a fully masked row gives zeros).
+
+    ``per_task`` > 1: one work item reads ``per_task`` K / V heads (``kv_heads`` then counts the items'
+    heads, ``group`` the query heads of all ``per_task``, ``group / per_task`` each): ``add_value``'s
+    ``kh`` is then the head's place within the item (its value added into its own query heads only),
+    and the merge reads the new key and value of each query head's own K / V head."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -169,6 +175,11 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
         for a in T.vectorized(group * d):
             out[a] = T.float32(0)
 
+    per = group // per_task  # query heads per K / V head
+
+    def own(kh, g):  # the K / V head (in kn / vn) of the item's query head g
+        return kh * per_task + g // per if per_task > 1 else kh
+
     @T.macro
     def add_value(out, sc, x, bi, j, kh, jj):
         for g in T.serial(group):
@@ -177,6 +188,16 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
                     for lane in T.vectorized(lanes):
                         out[g * d + dv * lanes + lane] = out[g * d + dv * lanes + lane] + sc[
                             g * row + jj] * value_at(x, bi, j, kh, dv * lanes + lane)
+
+    if per_task > 1:
+        @T.macro
+        def add_value(out, sc, x, bi, j, kh, jj):  # noqa: F811 - K / V head kh of the item: its own query heads
+            for g0 in T.serial(per):
+                if sc[(kh * per + g0) * row + jj] != T.float32(0):
+                    for dv in T.unroll(nv):
+                        for lane in T.vectorized(lanes):
+                            out[(kh * per + g0) * d + dv * lanes + lane] = out[(kh * per + g0) * d + dv * lanes + lane] + sc[
+                                (kh * per + g0) * row + jj] * value_at(x, bi, j, kh, dv * lanes + lane)
 
     @T.macro
     def store_chunk(out, po, at):
@@ -193,7 +214,7 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
                 for dv in T.serial(nv):
                     for lane in T.vectorized(lanes):
                         part[lane] = part[lane] + q[bi, kh * group + g, 0, dv * lanes + lane] * kn[
-                            bi, kh, 0, dv * lanes + lane]
+                            bi, own(kh, g), 0, dv * lanes + lane]
                 tot[2] = dot8(part) * T.float32(scale) + bias[0, p]
             tot[0] = tot[2]  # M: the largest score any visible key has
             for c in T.serial(nc):
@@ -212,7 +233,7 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
                 tot[3] = exp(tot[2] - tot[0])
                 tot[1] = tot[1] + tot[3]
                 for a in T.vectorized(d):
-                    acc[a] = acc[a] + tot[3] * vn[bi, kh, 0, a]
+                    acc[a] = acc[a] + tot[3] * vn[bi, own(kh, g), 0, a]
             for a in T.vectorized(d):
                 o[bi, kh * group + g, 0, a] = T.if_then_else(tot[1] > T.float32(0), acc[a] / tot[1], T.float32(0))
 
