@@ -347,6 +347,8 @@ def test_window_decode_attention_reads_the_packed_buffers_as_kv_wpack_read_decod
     (16, 3, 3, "int4-g16-asym-fp16-dyn", True, True, 0),  # 48 channels: a 12 x 12 factor... over blocks of 4: refused
     (64, 3, 3, "int4-g64-asym-fp16-dyn", True, True, 0),  # rotatekv4 on SmolLM2: 192 channels, 12 blocks of 16
     (16, 4, 2, "int4-g8-asym-fp16-dyn", True, False, 2),  # two groups, not reordered, per-head rotated
+    (8, 2, 2, "int4-g8-asym-fp16-dyn", True, True, 1),  # RoPE pairs not a whole vector (4 of 8 lanes)
+    (16, 2, 2, "int4-g8-asym-fp16-dyn", False, True, 1),  # partial RoPE: 8 of 16 channels rotary (below)
 ])
 def test_grouped_decode_attention_reads_rotatekv_keys_as_the_grouped_read_decodes_them(d, hk, g, fmt, rotated, reorder,
                                                                                         window):
@@ -365,13 +367,14 @@ def test_grouped_decode_attention_reads_rotatekv_keys_as_the_grouped_read_decode
     b, group, sinks, p = 1, 2, 1, 150
     h, scale = hk * group, 1.0 / d ** 0.5
     gen = torch.Generator().manual_seed(d + hk)
-    freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d)).float()
+    rotary = d // 2 if window != 1 or d == 8 else d // 4  # RoPE pairs (the last case: partial RoPE)
+    freq = 1.0 / (10000 ** (torch.arange(0, 2 * rotary, 2).double() / (2 * rotary))).float()
     klay = window_layout(fmt, "head_dim", d, window, sinks, None, g)
     vlay = window_layout("int4-g8-asym-fp16-dyn", "head_dim", d, window, sinks)
     fac = _group_factor(g * d, True)
     if (g * d // fac.shape[0]) < 8:
         with pytest.raises(ValueError, match="blocks of 4 channels"):
-            grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, d // 2, rotated, fac.shape[0])
+            grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, rotary, rotated, fac.shape[0])
         return
     perm = torch.randperm(hk * d, generator=gen) if reorder else torch.arange(hk * d)
     kinds = []
@@ -394,7 +397,7 @@ def test_grouped_decode_attention_reads_rotatekv_keys_as_the_grouped_read_decode
     want = torch.softmax((q @ keys.transpose(-1, -2)) * scale + bias[:, :p + 1], -1) @ values
     ang = torch.arange(p, dtype=torch.float64)[:, None] * freq.double()[None, :]
     table = torch.cat([ang.cos(), ang.sin()], 1).float()
-    func = grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, d // 2, rotated, fac.shape[0])
+    func = grouped_decode_attention_func(b, h, hk, d, p + 8, scale, klay, vlay, rotary, rotated, fac.shape[0])
     lib = tvm.compile(tvm.IRModule({"main": func}), target=TARGET)
     span = [torch.zeros(b, 1, hk, klay["cols"]).half(), torch.zeros(b, 1, hk, klay["zcols"], dtype=torch.uint8)]
     args = [tvm.runtime.tensor(x.numpy()) for x in (q, *kbufs, kn, *span, *vbufs, vn, bias, table, perm, fac,

@@ -728,8 +728,9 @@ def mark_fused_decode(graph: Graph) -> int:
     write takes its released tokens from the ring: the ``kv_wpack_read`` of the whole past, and the copy
     of it ``kv_wpack_commit`` would update, are then left without readers but ZipCache's saliency (the
     read is then lazy: computed in a releasing step only). Values are read as stored (a value write with
-    RoPE, or with per-channel values, is left unmarked); RotateKV's grouped-head keys (per token, pre-RoPE)
-    by :func:`grouped_decode_attention_func`, per-channel ones are left unmarked. Runs after the empty concatenations are dropped (``lower._drop_empty_cat_inputs``: the
+    RoPE, or with per-channel values, is left unmarked); RotateKV's grouped-head keys (per token, pre-RoPE:
+    the ones :func:`window_layout` packs) by :func:`grouped_decode_attention_func`. Runs after the empty
+    concatenations are dropped (``lower._drop_empty_cat_inputs``: the
     saliency then reads the decoded past through views only). Returns how many attentions were marked."""
     from finegrain.backends.tvm.lower_attention import SDPA
     from finegrain.backends.tvm.lower_cache import cache_parts
@@ -756,7 +757,7 @@ def mark_fused_decode(graph: Graph) -> int:
         grouped_ = [len(c.args) > 16 and (c.args[16] is not None or int(c.args[17]) > 1) for c, _ in parts]
         kw = parts[0][0].args
         if grouped_[1] or (grouped_[0] and (kw[8] == "tokens" or kw[6] is None or kw[13] is not None)):
-            continue  # RotateKV's grouped heads: per-token pre-RoPE keys only (grouped_decode_attention_func)
+            continue  # RotateKV's grouped heads: pre-RoPE keys per token (the packed ones; their own kernel)
         # the decoded past is then read by nothing but ZipCache's saliency (which computes only in a step that
         # releases a block, and so does the read then: see lower_window's packed_read); the writes take only its length
         reads = [c.args[0] for c, _ in parts]
@@ -1081,9 +1082,11 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
     chunks = DECODE_SPLITS
     open_chunk, close_chunk, add_value, store_chunk, merge = _split_decode(batch, 1, heads, d, scale, row,
                                                                            per_task=kv_heads)
-    rot = int(rotated and rope_half > 0)
-    half = max(rope_half, 1)
-    roped = int(rope_half > 0)
+    if rope_half < 1 or 2 * rope_half > d:
+        raise ValueError(f"grouped packed window attention: pre-RoPE keys need RoPE pairs within the head dim {d}")
+    rot = int(rotated)
+    half = rope_half
+    half_vec = half % LANES == 0
     qscale = 1.0 / math.sqrt(gd) / (math.sqrt(d) if rot else 1.0)  # the Hadamards' normalizations, on the queries
     unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
 
@@ -1169,7 +1172,7 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
             qt = T.decl_buffer((heads * d,), f32, scope="local")
             x = T.decl_buffer((hd,), f32, scope="local")
             y = T.decl_buffer((hd,), f32, scope="local")
-            z = T.decl_buffer((hd,), f32, scope="local")
+            ip = T.decl_buffer((hd,), "int64", scope="local")
             u = T.decl_buffer((d,), f32, scope="local")
             words = T.decl_buffer((LANES,), "int32", scope="local")
             tot = T.decl_buffer((2,), f32, scope="local")
@@ -1180,6 +1183,8 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
                 for c in T.serial(LANES):
                     h8[k * LANES + c] = T.float32(1) - T.float32(2) * T.Cast(f32, (
                         ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+            for kk in T.serial(hd):  # the channel order inverted: head channel a is rotated channel ip[a]
+                ip[perm[kk]] = kk
             # the queries in the keys' space: H q / sqrt(d) for rotated keys, and the grouped Hadamard's 1 / sqrt(g d)
             for hq in T.serial(heads):
                 for a in T.vectorized(d):
@@ -1217,16 +1222,24 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
                                     for jb in T.vectorized(blk):
                                         y[hg * gd + i * blk + jb] = y[hg * gd + i * blk + jb] + x[
                                             hg * gd + k * blk + jb] * fac[k, i]
-                        for kk in T.serial(hd):  # each channel back to its head
-                            z[perm[kk]] = y[kk]
-                        for kh in T.serial(kv_heads):
-                            if roped == 1:  # RoPE at the token's position (the rotate_half pairs)
-                                for jo in T.serial(half):
-                                    u[jo] = z[kh * d + jo] * tab[j, jo] - z[kh * d + half + jo] * tab[j, half + jo]
-                                    u[half + jo] = z[kh * d + half + jo] * tab[j, jo] + z[kh * d + jo] * tab[j, half + jo]
+                        for kh in T.serial(kv_heads):  # each head's channels gathered, RoPE at the token's position
+                            if half_vec:
+                                for jo in T.serial(half // LANES):
+                                    for lane in T.vectorized(LANES):
+                                        u[jo * LANES + lane] = y[ip[kh * d + jo * LANES + lane]] * tab[
+                                            j, jo * LANES + lane] - y[ip[kh * d + half + jo * LANES + lane]] * tab[
+                                            j, half + jo * LANES + lane]
+                                        u[half + jo * LANES + lane] = y[ip[kh * d + half + jo * LANES + lane]] * tab[
+                                            j, jo * LANES + lane] + y[ip[kh * d + jo * LANES + lane]] * tab[
+                                            j, half + jo * LANES + lane]
                             else:
-                                for a in T.vectorized(d):
-                                    u[a] = z[kh * d + a]
+                                for jo in T.serial(half):
+                                    u[jo] = y[ip[kh * d + jo]] * tab[j, jo] - y[ip[kh * d + half + jo]] * tab[
+                                        j, half + jo]
+                                    u[half + jo] = y[ip[kh * d + half + jo]] * tab[j, jo] + y[ip[kh * d + jo]] * tab[
+                                        j, half + jo]
+                            for a in T.serial(d - 2 * half):  # channels past the rotary ones (partial RoPE)
+                                u[2 * half + a] = y[ip[kh * d + 2 * half + a]]
                             for g0 in T.serial(group):
                                 for lane in T.vectorized(LANES):
                                     part[lane] = T.float32(0)

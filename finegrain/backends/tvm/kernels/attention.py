@@ -196,8 +196,9 @@ def _split_decode(batch: int, kv_heads: int, group: int, d: int, scale: float, r
                 if sc[(kh * per + g0) * row + jj] != T.float32(0):
                     for dv in T.unroll(nv):
                         for lane in T.vectorized(lanes):
-                            out[(kh * per + g0) * d + dv * lanes + lane] = out[(kh * per + g0) * d + dv * lanes + lane] + sc[
-                                (kh * per + g0) * row + jj] * value_at(x, bi, j, kh, dv * lanes + lane)
+                            r = kh * per + g0
+                            out[r * d + dv * lanes + lane] = out[r * d + dv * lanes + lane] + sc[
+                                r * row + jj] * value_at(x, bi, j, kh, dv * lanes + lane)
 
     @T.macro
     def store_chunk(out, po, at):
