@@ -542,6 +542,48 @@ def _fwht_macro(n: int, stages: int, normalize: bool):
     return fwht
 
 
+def _fwht8_macros(n: int):
+    """TVMScript macros ``(fill, fwht)``: ``fill(h8)`` writes the 8 x 8 Hadamard into the local ``h8[64]``;
+    ``fwht(v, base, tmp, h8)``: ``v[base:base + n] <- H v`` (unnormalized, ``n`` a power of two >= 8) over
+    a local row: each 8-lane block by the product with ``h8``, then the longer strides as vector
+    butterflies (``tmp``: 8 lanes of scratch); the same transform as :func:`_fwht_macro`'s butterflies."""
+    import math
+
+    from tvm.script import tirx as T
+
+    lanes = 8
+    strides = max(int(math.log2(n)) - 3, 0)
+
+    @T.macro
+    def fill(h8):
+        for k in T.serial(lanes):
+            for c in T.serial(lanes):
+                h8[k * lanes + c] = T.float32(1) - T.float32(2) * T.Cast("float32", (
+                    ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+
+    @T.macro
+    def fwht(v, base, tmp, h8):
+        for r in T.serial(n // lanes):
+            for c in T.vectorized(lanes):
+                tmp[c] = T.float32(0)
+            for k in T.unroll(lanes):
+                for c in T.vectorized(lanes):
+                    tmp[c] = tmp[c] + v[base + r * lanes + k] * h8[k * lanes + c]
+            for c in T.vectorized(lanes):
+                v[base + r * lanes + c] = tmp[c]
+        for st in T.unroll(strides):
+            for qv in T.serial(n // (2 * lanes)):
+                i0 = ((qv >> st) << (st + 4)) + ((qv & ((T.int64(1) << st) - 1)) << 3) + base
+                for c in T.vectorized(lanes):
+                    tmp[c] = v[i0 + c]
+                for c in T.vectorized(lanes):
+                    v[i0 + c] = tmp[c] + v[i0 + (T.int64(8) << st) + c]
+                for c in T.vectorized(lanes):
+                    v[i0 + (T.int64(8) << st) + c] = tmp[c] - v[i0 + (T.int64(8) << st) + c]
+
+    return fill, fwht
+
+
 @memoized
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, lazy: bool = False):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
@@ -842,7 +884,6 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     roped, rot = int(rope_half > 0), int(rotated and rope_half > 0)
     half = max(rope_half, 1)
     half_vec = half % LANES == 0
-    strides = max(int(math.log2(d)) - 3, 0) if rot else 0  # butterfly stages past the 8-lane blocks
     ktok = key["spread"]
     kw, kcols, kzcols, klo = key["words"], key["cols"], key["zcols"], float(key["lo"])
     kunit, kpairs = key["unit"], key["pairs"]
@@ -861,25 +902,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     def slot(lay, j):
         return ring_row(j, lay, T.if_then_else)
 
-    @T.macro
-    def fwht(v, base, tmp, h8):  # v[base:base + d] <- H v (unnormalized): 8-lane blocks, then longer strides
-        for r in T.serial(d // LANES):
-            for c in T.vectorized(LANES):
-                tmp[c] = T.float32(0)
-            for k in T.unroll(LANES):
-                for c in T.vectorized(LANES):
-                    tmp[c] = tmp[c] + v[base + r * LANES + k] * h8[k * LANES + c]
-            for c in T.vectorized(LANES):
-                v[base + r * LANES + c] = tmp[c]
-        for st in T.unroll(strides):
-            for qv in T.serial(d // (2 * LANES)):
-                i0 = ((qv >> st) << (st + 4)) + ((qv & ((T.int64(1) << st) - 1)) << 3) + base
-                for c in T.vectorized(LANES):
-                    tmp[c] = v[i0 + c]
-                for c in T.vectorized(LANES):
-                    v[i0 + c] = tmp[c] + v[i0 + (T.int64(8) << st) + c]
-                for c in T.vectorized(LANES):
-                    v[i0 + (T.int64(8) << st) + c] = tmp[c] - v[i0 + (T.int64(8) << st) + c]
+    fill_h8, fwht = _fwht8_macros(d)  # v[base:base + d] <- H v (unnormalized)
 
     @T.prim_func(s_tir=True)
     def func(q_h: T.handle, kc_h: T.handle, ks_h: T.handle, kz_h: T.handle, kr_h: T.handle, kn_h: T.handle,
@@ -943,10 +966,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
                 for a in T.vectorized(d):
                     qt[g * d + a] = q[bi, kh * group + g, 0, a]
             if rot == 1:
-                for k in T.serial(LANES):
-                    for c in T.serial(LANES):
-                        h8[k * LANES + c] = T.float32(1) - T.float32(2) * T.Cast(f32, (
-                            ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+                fill_h8(h8)
                 for g in T.serial(group):
                     fwht(qt, g * d, tmp, h8)
                     for a in T.vectorized(d):
@@ -1096,31 +1116,7 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
     def slot(lay, j):
         return ring_row(j, lay, T.if_then_else)
 
-    def fwht_macro(n):  # v[base:base + n] <- H v (unnormalized): 8-lane blocks by h8, then longer strides
-        strides = int(math.log2(n)) - 3
-
-        @T.macro
-        def fwht(v, base, tmp, h8):
-            for r in T.serial(n // LANES):
-                for c in T.vectorized(LANES):
-                    tmp[c] = T.float32(0)
-                for k in T.unroll(LANES):
-                    for c in T.vectorized(LANES):
-                        tmp[c] = tmp[c] + v[base + r * LANES + k] * h8[k * LANES + c]
-                for c in T.vectorized(LANES):
-                    v[base + r * LANES + c] = tmp[c]
-            for st in T.unroll(strides):
-                for qv in T.serial(n // (2 * LANES)):
-                    i0 = ((qv >> st) << (st + 4)) + ((qv & ((T.int64(1) << st) - 1)) << 3) + base
-                    for c in T.vectorized(LANES):
-                        tmp[c] = v[i0 + c]
-                    for c in T.vectorized(LANES):
-                        v[i0 + c] = tmp[c] + v[i0 + (T.int64(8) << st) + c]
-                    for c in T.vectorized(LANES):
-                        v[i0 + (T.int64(8) << st) + c] = tmp[c] - v[i0 + (T.int64(8) << st) + c]
-        return fwht
-
-    fwht_d, fwht_blk = fwht_macro(d), fwht_macro(blk)
+    (fill_h8, fwht_d), (_, fwht_blk) = _fwht8_macros(d), _fwht8_macros(blk)
 
     def chunk_of(p):  # keys per item: p / DECODE_SPLITS rounded up to 32, at least 64, at most row
         step = DECODE_SPLITS * KEY_BLOCK
@@ -1179,10 +1175,7 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
             bi = item // nc
             at = (bi * chunks + item % nc) * heads
             j0 = item % nc * chunk
-            for k in T.serial(LANES):
-                for c in T.serial(LANES):
-                    h8[k * LANES + c] = T.float32(1) - T.float32(2) * T.Cast(f32, (
-                        ((k & c) & 1) + (((k & c) >> 1) & 1) + (((k & c) >> 2) & 1)) & 1)
+            fill_h8(h8)
             for kk in T.serial(hd):  # the channel order inverted: head channel a is rotated channel ip[a]
                 ip[perm[kk]] = kk
             # the queries in the keys' space: H q / sqrt(d) for rotated keys, and the grouped Hadamard's 1 / sqrt(g d)
