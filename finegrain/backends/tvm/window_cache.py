@@ -584,6 +584,30 @@ def _fwht8_macros(n: int):
     return fill, fwht
 
 
+def _value_row_macro(value: dict):
+    """A TVMScript macro ``value_row(x, vc, vs, vz, vr, bi, j, kh, words, vqu)``: the value of cached token
+    ``j`` of K / V head ``kh`` into ``x[0:d]``: its ring row (a sink, or a token at or past ``vqu``, the
+    first not quantized) or its codes unpacked (the in-place decode kernels' value read)."""
+    from tvm.script import tirx as T
+
+    from finegrain.backends.tvm.kernels.attention import _unpack_row
+
+    unpack, d, sinks = _unpack_row(value), value["d"], value["sinks"]
+
+    def slot(j):
+        return ring_row(j, value, T.if_then_else)
+
+    @T.macro
+    def value_row(x, vc, vs, vz, vr, bi, j, kh, words, vqu):
+        if T.Or(j < sinks, j >= vqu):
+            for a in T.vectorized(d):
+                x[a] = vr[bi, slot(j), kh, a]
+        else:
+            unpack(x, vc, vs, vz, bi, j, kh, words)
+
+    return value_row
+
+
 @memoized
 def read_func(batch: int, heads: int, lay: dict, rope_half: int, rotated: bool, lazy: bool = False):
     """The PrimFunc ``f(codes, scales, zeros, ring, rope[P | 1, 2 * half], out[B, P, Hkv, d])`` of
@@ -889,7 +913,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
     kunit, kpairs = key["unit"], key["pairs"]
     krows = kpairs // kcols  # rows of a unit holding its parameter pairs
     kflag = int(kzcols > kcols)  # ZipCache's per-channel keys: a token's salient flag picks its subset's pairs
-    unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
+    unpack_key, value_row = _unpack_row(key), _value_row_macro(value)
     # per-channel keys: element a's code plus the group's offset gz[a] (lo - zero), times its scale gs[a]
     unpack_channels = _unpack_row(key, lambda u, a, grp, s, z, bi, j, kh: (u.astype(f32) + z[a]) * s[a])
     vtok = value["spread"]
@@ -1044,11 +1068,7 @@ def decode_attention_func(batch: int, heads: int, kv_heads: int, d: int, max_seq
             close_chunk(sc, red, tot, pm, pl, out, at, n)
             for jj in T.serial(T.min(chunk, p - j0)):
                 j = j0 + jj
-                if T.Or(j < value["sinks"], j >= vqu):
-                    for a in T.vectorized(d):
-                        x[a] = vr[bi, slot(value, j), kh, a]
-                else:
-                    unpack_value(x, vc, vs, vz, bi, j, kh, words)
+                value_row(x, vc, vs, vz, vr, bi, j, kh, words, vqu)
                 add_value(out, sc, x, bi, j, kh, jj)
             store_chunk(out, po, at)
         # 4. the chunks and the new key merged
@@ -1108,7 +1128,7 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
     half = rope_half
     half_vec = half % LANES == 0
     qscale = 1.0 / math.sqrt(gd) / (math.sqrt(d) if rot else 1.0)  # the Hadamards' normalizations, on the queries
-    unpack_key, unpack_value = _unpack_row(key), _unpack_row(value)
+    unpack_key, value_row = _unpack_row(key), _value_row_macro(value)
 
     def quantized_until(lay, p):  # after this step's write of one token
         return kv_quantized_until(p + 1, lay["axis"], lay["unit"], lay["window"], lay["sinks"], T.max)
@@ -1245,11 +1265,7 @@ def grouped_decode_attention_func(batch: int, heads: int, kv_heads: int, d: int,
             for jj in T.serial(T.min(chunk, p - j0)):
                 j = j0 + jj
                 for kh in T.serial(kv_heads):
-                    if T.Or(j < value["sinks"], j >= vqu):
-                        for a in T.vectorized(d):
-                            u[a] = vr[bi, slot(value, j), kh, a]
-                    else:
-                        unpack_value(u, vc, vs, vz, bi, j, kh, words)
+                    value_row(u, vc, vs, vz, vr, bi, j, kh, words, vqu)
                     add_value(out, sc, u, bi, j, kh, jj)
             store_chunk(out, po, at)
         merge(q, kn, vn, bias, o, pm, pl, po, p, nc)
