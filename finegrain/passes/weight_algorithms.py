@@ -31,6 +31,7 @@ import torch
 
 from finegrain.errors import InputError
 from finegrain.formats import QTensor, QuantFormat
+from finegrain.formats.integer import IntFamily
 
 
 def rtn(w: torch.Tensor, fmt: QuantFormat) -> QTensor:
@@ -99,11 +100,13 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = Tru
     H = H[perm][:, perm]
     for attempt in range(4):
         Hd = H + damp * (10 ** attempt) * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # U with Hd^-1 = U^T U, without forming the inverse: with J the reversal of the columns,
+        # J Hd J = L L^T gives Hd = (J L J)(J L J)^T with J L J upper, so U = (J L J)^-1 = J L^-1 J
+        # (one Cholesky and one triangular solve, half the work of a Cholesky of the inverse)
+        L, info = torch.linalg.cholesky_ex(Hd.flip(0, 1))
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                return GptqFactor(dead, perm, U.float())
+            Linv = torch.linalg.solve_triangular(L, torch.eye(k, dtype=L.dtype), upper=False)
+            return GptqFactor(dead, perm, Linv.flip(0, 1).float())
     raise InputError(f"{where}: GPTQ could not factor the calibration Hessian even with damping "
                      f"{damp * 1000:g}; check the calibration data for this layer's input")
 
@@ -132,8 +135,12 @@ def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTens
                and params.codebook is None)
     if dynamic:
         params = params._replace(scale=params.scale.clone(), zero=params.zero.clone())
+    integer = not dynamic and isinstance(fmt.family, IntFamily)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
+        if integer:
+            W[:, i2:] -= _integer_block(W[:, i1:i2], U[i1:i2, i1:i2], fmt, params, perm[i1:i2], codes) @ U[i1:i2, i2:]
+            continue
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
@@ -151,3 +158,31 @@ def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTens
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return QTensor(codes, params.scale, params.zero, params.scale2, params.codebook)
 
+
+@torch.no_grad()  # the weight is detached; views of the block are updated in place
+def _integer_block(W1: torch.Tensor, U1: torch.Tensor, fmt: QuantFormat, params: QTensor, cols: torch.Tensor,
+                   codes: torch.Tensor) -> torch.Tensor:
+    """One lazy block of :func:`gptq`'s sweep for integer elements with fixed parameters: the
+    arithmetic of ``quantize_column`` (encode, decode) and of the rank-1 updates, value for value,
+    with fewer operations per column (the sweep is bound by their count, not by arithmetic): the
+    columns' scales and zero points gathered once per block, the block transposed so that a column
+    is a contiguous row. Writes the codes of original columns ``cols``; returns the scaled errors
+    ``[N, len(cols)]`` for the update of the later columns."""
+    n = W1.shape[0]
+    if fmt.granularity == "tensor":
+        S = params.scale.float().reshape(1, 1).expand(len(cols), n)
+        Z = params.zero.float().reshape(1, 1).expand(len(cols), n)
+    else:
+        g = cols // fmt.group_size if fmt.granularity == "group" else torch.zeros_like(cols)
+        S, Z = params.scale[:, g].float().T, params.zero[:, g].float().T
+    lo, hi = fmt.family.code_range(fmt)
+    WT = W1.T.contiguous()
+    Q, E = torch.empty_like(WT), torch.empty_like(WT)
+    d = U1.diagonal().tolist()
+    for i, (w, s, z, u) in enumerate(zip(WT.unbind(0), S.unbind(0), Z.unbind(0), U1.unbind(0))):
+        q = torch.round(w / s).add_(z).clamp_(lo, hi)
+        Q[i] = q
+        e = E[i] = (w - (q - z) * s) / d[i]
+        WT[i + 1:].sub_(torch.outer(u[i + 1:], e))
+    codes[:, cols] = Q.T.to(codes.dtype)
+    return E.T.contiguous()

@@ -139,6 +139,41 @@ def test_gptq_with_a_shared_factor_equals_gptq_alone(real_layer):
         assert torch.equal(alone.codes, shared.codes)
 
 
+@pytest.mark.parametrize("tag,act_order", [("int4-g128-asym-fp16", True), ("int4-g64-asym-fp16", False),
+                                           ("int3-g32-sym-fp16", True), ("int8-channel-sym-fp32", True),
+                                           ("int2-g64-asym-fp16", True)])
+def test_gptq_integer_sweep_equals_the_generic_sweep(real_layer, monkeypatch, tag, act_order):
+    """GPTQ's sweep for integer formats (``_integer_block``: parameters gathered per block, fewer
+    operations per column) gives the generic sweep's codes (``quantize_column`` column by column),
+    value for value, on a real layer's Hessian with ragged groups (K = 1000 is not a multiple of 64 or
+    128) and ragged lazy blocks (block 96)."""
+    import finegrain.passes.weight_algorithms as wa
+
+    w, h, _ = real_layer
+    w, h = w[:200, :1000], h[:1000, :1000]
+    fmt = QuantFormat.parse(tag)
+    params = rtn(w, fmt)
+    fast = gptq(w, fmt, h, params, act_order=act_order, block=96)
+    monkeypatch.setattr(wa, "IntFamily", type("NotAFamily", (), {}))  # every format takes the generic sweep
+    generic = gptq(w, fmt, h, params, act_order=act_order, block=96)
+    assert torch.equal(fast.codes, generic.codes) and torch.equal(fast.scale, generic.scale)
+    assert not torch.equal(fast.codes, params.codes)  # GPTQ moved codes away from round-to-nearest
+
+
+def test_gptq_factor_is_the_cholesky_factor_of_the_inverse(real_layer):
+    """``gptq_factor``'s U (one Cholesky of the reversed Hessian, one triangular solve) is the upper
+    Cholesky factor of the damped, permuted ``H^-1``: ``U^T U = H^-1``, upper, positive diagonal."""
+    from finegrain.passes.weight_algorithms import gptq_factor
+
+    _, h, _ = real_layer
+    f = gptq_factor(h, damp=0.01)
+    hd = h.double()[f.perm][:, f.perm]
+    hd = hd + 0.01 * torch.diag(hd).mean() * torch.eye(len(hd), dtype=hd.dtype)
+    want = torch.linalg.cholesky(torch.linalg.inv(hd), upper=True)
+    assert torch.equal(f.U, f.U.triu()) and bool((f.U.diagonal() > 0).all())
+    torch.testing.assert_close(f.U.double(), want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+
+
 def test_gram_equals_the_dense_product():
     from finegrain.compiler.stats import gram
 
