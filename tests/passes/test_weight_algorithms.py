@@ -141,7 +141,8 @@ def test_gptq_with_a_shared_factor_equals_gptq_alone(real_layer):
 
 @pytest.mark.parametrize("tag,act_order", [("int4-g128-asym-fp16", True), ("int4-g64-asym-fp16", False),
                                            ("int3-g32-sym-fp16", True), ("int8-channel-sym-fp32", True),
-                                           ("int2-g64-asym-fp16", True)])
+                                           ("int2-g64-asym-fp16", True), ("int8-tensor-sym-fp32", True),
+                                           ("int4-g64-asym-int8", True)])  # one scale; DGQ's two-level scales
 def test_gptq_integer_sweep_equals_the_generic_sweep(real_layer, monkeypatch, tag, act_order):
     """GPTQ's sweep for integer formats (``_integer_block``: parameters gathered per block, fewer
     operations per column) gives the generic sweep's codes (``quantize_column`` column by column),
