@@ -52,13 +52,21 @@ class IntFamily:
         lo, _ = self._range(xg, clip)
         return torch.clamp(torch.round(-lo / scale), 0, 2**fmt.bits - 1).to(torch.int32), None
 
-    def encode(self, xg, scale, zero, fmt, codebook=None) -> torch.Tensor:
+    def codes(self, x, scale, zero, fmt) -> torch.Tensor:
+        """``clamp(round(x / s) + z)`` as floats, ``scale`` / ``zero`` broadcast against ``x`` as given
+        (``encode`` per group; GPTQ's integer sweep per column)."""
         lo, hi = self.code_range(fmt)
-        q = torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
-        return torch.clamp(q, lo, hi).to(torch.int8 if fmt.symmetric else torch.uint8)
+        return torch.round(x / scale).add_(zero).clamp_(lo, hi)
+
+    def values(self, q, scale, zero) -> torch.Tensor:
+        """``(q - z) s``: what codes ``q`` stand for (``decode``; GPTQ's integer sweep)."""
+        return (q - zero) * scale
+
+    def encode(self, xg, scale, zero, fmt, codebook=None) -> torch.Tensor:
+        return self.codes(xg, scale.unsqueeze(-1), zero.unsqueeze(-1), fmt).to(torch.int8 if fmt.symmetric else torch.uint8)
 
     def decode(self, codes, scale, zero, fmt, codebook=None) -> torch.Tensor:
-        return (codes.to(torch.int32) - zero.unsqueeze(-1)).float() * scale.unsqueeze(-1)
+        return self.values(codes.float(), scale.unsqueeze(-1), zero.unsqueeze(-1))
 
 
 INT = IntFamily()

@@ -163,7 +163,8 @@ def gptq(w: torch.Tensor, fmt: QuantFormat, hessian: torch.Tensor, params: QTens
 def _integer_block(W1: torch.Tensor, U1: torch.Tensor, fmt: QuantFormat, params: QTensor, cols: torch.Tensor,
                    codes: torch.Tensor) -> torch.Tensor:
     """One lazy block of :func:`gptq`'s sweep for integer elements with fixed parameters: the
-    arithmetic of ``quantize_column`` (encode, decode) and of the rank-1 updates, value for value,
+    arithmetic of ``quantize_column`` (``IntFamily.codes`` / ``values``, which encode / decode use)
+    and of the rank-1 updates, value for value,
     with fewer operations per column (the sweep is bound by their count, not by arithmetic): the
     columns' scales and zero points gathered once per block, the block transposed so that a column
     is a contiguous row. Writes the codes of original columns ``cols``; returns the scaled errors
@@ -175,14 +176,13 @@ def _integer_block(W1: torch.Tensor, U1: torch.Tensor, fmt: QuantFormat, params:
     else:
         g = cols // fmt.group_size if fmt.granularity == "group" else torch.zeros_like(cols)
         S, Z = params.scale[:, g].float().T, params.zero[:, g].float().T
-    lo, hi = fmt.family.code_range(fmt)
+    family = fmt.family
     WT = W1.T.contiguous()
     Q, E = torch.empty_like(WT), torch.empty_like(WT)
     d = U1.diagonal().tolist()
     for i, (w, s, z, u) in enumerate(zip(WT.unbind(0), S.unbind(0), Z.unbind(0), U1.unbind(0))):
-        q = torch.round(w / s).add_(z).clamp_(lo, hi)
-        Q[i] = q
-        e = E[i] = (w - (q - z) * s) / d[i]
+        q = Q[i] = family.codes(w, s, z, fmt)
+        e = E[i] = (w - family.values(q, s, z)) / d[i]
         WT[i + 1:].sub_(torch.outer(u[i + 1:], e))
     codes[:, cols] = Q.T.to(codes.dtype)
     return E.T.contiguous()
