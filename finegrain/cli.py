@@ -126,6 +126,19 @@ def _texts(args) -> tuple:
     return one("calib"), one("eval")
 
 
+def _chat_calib(args, lm, calib_text, default: bool = False):
+    """``--calib-chat``: the calibration text rendered in the model's chat template
+    (``data.chat_text``); ``default`` where the flag is not given (the demo: on for a model with one)."""
+    on = default if getattr(args, "calib_chat", None) is None else args.calib_chat
+    if not on:
+        return calib_text
+    if lm.task != "causal-lm":
+        raise InputError(f"--calib-chat: {args.model} is a {lm.task} model; chat calibration is for causal LMs")
+    from finegrain.data import brown, chat_text
+
+    return chat_text(calib_text or brown(), lm.tokenizer)
+
+
 def _ppl_title(text, seq_len: int) -> str:
     return f"{'WikiText-2 test' if text is None else text.name} perplexity, seq {seq_len}"
 
@@ -142,6 +155,7 @@ PPL_COLUMNS = ["model", "ppl", "Δ vs FP", "bits/weight", "MB", "windows", "eval
 
 
 def cmd_demo(args) -> None:
+    from finegrain.data import brown
     from finegrain.eval.size import fp_bytes
     from finegrain.jobs import chat_side_by_side, compile_loaded, evaluate_lm
     from finegrain.models import load_model
@@ -154,6 +168,8 @@ def cmd_demo(args) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise FinegrainError(f"demo needs a causal LM; {args.model} is an {lm.task}")
+    calib_text = _chat_calib(args, lm, calib_text, default=bool(getattr(lm.tokenizer, "chat_template", None)))
+    _say(f"calibration text: {(calib_text or brown()).name}")
     cm = compile_loaded(lm, args.recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                         strict_recipe=args.strict, kv_cache=True,  # the chat answer decodes over the cache
                         calib_text=calib_text)
@@ -217,6 +233,7 @@ def cmd_quantize(args) -> None:
         lm = load_model_lazy(args.model)
     else:
         lm = load_model(args.model)
+    calib_text = _chat_calib(args, lm, calib_text)
     cm = compile_loaded(lm, recipe, samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                         strict_recipe=args.strict, kv_cache=args.kv_cache, calib_text=calib_text,
                         calib_tensors=args.calib_tensors, inputs=inputs,
@@ -356,6 +373,7 @@ def _pareto_kv(args, out: Path) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
+    calib_text = _chat_calib(args, lm, calib_text)
     search, points = kv_frontier_loaded(lm, args.recipe, budgets, kv_samples=args.kv_samples, **_kv_bits(args),
                                         objective=args.kv_objective, samples=args.calibration_samples,
                                         seq_len=args.calibration_seq_len, strict_recipe=args.strict,
@@ -397,6 +415,7 @@ def _pareto_joint(args, out: Path) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto --kv evaluates perplexity through the KV cache: {args.model} is not a causal LM")
+    calib_text = _chat_calib(args, lm, calib_text)
     search, joint, points = joint_frontier_loaded(lm, recipe, budgets, args.joint_context, **_kv_bits(args),
                                                   kv_samples=args.kv_samples,
                                                   samples=args.calibration_samples, seq_len=args.calibration_seq_len,
@@ -440,6 +459,7 @@ def cmd_pareto(args) -> None:
     lm = load_model(args.model)
     if lm.task != "causal-lm":
         raise InputError(f"pareto evaluates perplexity: {args.model} is not a causal LM")
+    calib_text = _chat_calib(args, lm, calib_text)
     budgets = [_parse_size(b, "--budgets") for b in args.budgets] if args.budgets else None
     alloc, models = frontier_loaded(lm, recipe, points=args.points, budgets_bits=budgets, validate=args.validate,
                                     samples=args.calibration_samples, seq_len=args.calibration_seq_len,
@@ -1061,6 +1081,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--calibration-samples", type=NONNEG, default=None, help="calibration windows (recipe default 32; 0 = none)")
         sp.add_argument("--calibration-seq-len", type=POS, default=None, help="tokens per window (recipe default 512)")
         text_source(sp, "calib", "calibrate", "the bundled Brown corpus slice")
+        sp.add_argument("--calib-chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="calibrate an instruct model on the calibration text rendered in its chat template: each "
+                             "paragraph of 40+ words a conversation, its first third the user's turn and the rest the "
+                             "assistant's, with the template's system prompt (default: off; on in the demo when the "
+                             "model has a chat template)")
 
     def text_source(sp, kind: str, verb: str, default: str):
         src = sp.add_mutually_exclusive_group()  # --calib-text | --calib-jsonl, --eval-text | --eval-jsonl

@@ -83,6 +83,39 @@ def brown() -> Text:
     return Text("brown", tuple(brown_paragraphs()))
 
 
+CHAT_MIN_WORDS = 40  # a paragraph shorter than this makes a poor conversation (and most of Brown's are longer)
+
+
+def chat_text(text: Text, tokenizer, *, min_words: int = CHAT_MIN_WORDS) -> Text:
+    """``text`` as conversations in ``tokenizer``'s chat template, to calibrate an instruct model on
+    the token pattern it chats in (its system prompt, role markers and turn ends), as llm-compressor's
+    examples do with chat data. Each paragraph of ``min_words`` words or more becomes one document: its
+    first third the user's turn, the rest the assistant's. The template is rendered as text (Jinja in
+    the tokenizer, no code from the model). Errors: no chat template, a template that fails, or too
+    few long paragraphs."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise InputError(f"chat calibration: the tokenizer {type(tokenizer).__name__} has no chat template (a base "
+                         "model, not an instruct one); calibrate on the plain text instead")
+    docs = []
+    for p in text.paragraphs():
+        words = p.split()
+        if len(words) < min_words:
+            continue
+        cut = len(words) // 3
+        turns = [{"role": "user", "content": " ".join(words[:cut])},
+                 {"role": "assistant", "content": " ".join(words[cut:])}]
+        try:
+            docs.append(tokenizer.apply_chat_template(turns, tokenize=False))
+        except Exception as e:  # a template's own checks (roles, alternation) raise whatever Jinja raises
+            raise InputError(f"chat calibration: the tokenizer's chat template fails on a user / assistant pair "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+    if len(docs) < 8:
+        raise InputError(f"chat calibration: {text.name} has {len(docs)} paragraphs of {min_words}+ words, at least 8 "
+                         "are needed (paragraphs are separated by blank lines)")
+    return Text(f"{text.name} in the chat template", tuple(docs))
+
+
 def _decode(raw: bytes, where: str) -> str:
     try:
         return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")

@@ -129,3 +129,64 @@ def test_cli_calibrates_and_evaluates_on_own_text(hf_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: one text source at a time
         main(["eval", "--model", str(art), "--eval-text", str(play), "--eval-jsonl", str(jl)])
     assert e.value.code == 2 and "not allowed with argument --eval-text" in capsys.readouterr().err
+
+
+def test_chat_text_renders_paragraphs_as_conversations():
+    """``--calib-chat``: each paragraph of 40+ words becomes one conversation in the model's chat template
+    (first third the user's turn, the rest the assistant's), and calibration windows hold its tokens."""
+    from finegrain.data import chat_text
+    from finegrain.models.bundled import _smollm2_tokenizer
+
+    tok = _smollm2_tokenizer()
+    chat = chat_text(brown(), tok)
+    long = [p for p in brown().paragraphs() if len(p.split()) >= 40]
+    assert chat.name == "brown in the chat template" and len(chat.documents) == len(long) == 478
+    words = long[0].split()
+    user, assistant = " ".join(words[:len(words) // 3]), " ".join(words[len(words) // 3:])
+    doc = chat.documents[0]
+    assert doc.startswith("<|im_start|>system\n") and doc.endswith("<|im_end|>\n")
+    assert f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}<|im_end|>" in doc
+    (ids,) = calibration_batches(tok, samples=1, seq_len=512, text=chat)[0]
+    marks = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert all((ids == m).sum() >= 2 for m in marks)  # 512 tokens span several conversations
+
+
+def test_chat_text_errors():
+    from finegrain.data import chat_text
+    from finegrain.models.bundled import _smollm2_tokenizer
+
+    tok = _smollm2_tokenizer()
+    with pytest.raises(InputError, match="play has 0 paragraphs of 40\\+ words, at least 8 are needed"):
+        chat_text(Text("play", (PLAY,)), tok)
+
+    class Base:
+        chat_template = None
+
+    with pytest.raises(InputError, match="tokenizer Base has no chat template"):
+        chat_text(brown(), Base())
+
+    class Strict:
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, turns, tokenize):
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    with pytest.raises(InputError, match="chat template fails on a user / assistant pair \\(ValueError: Conversation"):
+        chat_text(brown(), Strict())
+
+
+def test_cli_calib_chat(hf_dir, tmp_path, capsys):
+    from finegrain.cli import main
+    from finegrain.data import chat_text
+    from finegrain.models.bundled import _smollm2_tokenizer
+
+    art = tmp_path / "art"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w8a8-static", "--out", str(art),
+                 "--calibration-samples", "2", "--calibration-seq-len", "32", "--calib-chat"]) == 0
+    rec = json.loads((art / "manifest.json").read_text())["source"]["calibration_text"]
+    assert rec["name"] == "brown in the chat template"
+    assert rec["sha256"] == chat_text(brown(), _smollm2_tokenizer()).sha256
+    art2 = tmp_path / "art2"
+    assert main(["quantize", "--model", str(hf_dir), "--recipe", "w8a8-static", "--out", str(art2),
+                 "--calibration-samples", "2", "--calibration-seq-len", "32", "--no-calib-chat"]) == 0
+    assert json.loads((art2 / "manifest.json").read_text())["source"]["calibration_text"]["name"] == "brown"

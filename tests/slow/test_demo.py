@@ -12,6 +12,7 @@ def test_demo_command(tmp_path, capsys):
     assert main(["demo", "--seq-len", "256", "--max-windows", "1", "--calibration-samples", "2",
                  "--calibration-seq-len", "128", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    assert "calibration text: brown in the chat template" in text  # an instruct model: --calib-chat by default
     assert "fp32" in text and "w4a16-g128-rot-gptq" in text and (out / "manifest.json").is_file()
     # the demo ends with both models answering a chat prompt, with tokens/s and the size ratio
     assert "What is the capital of France?" in text and "fp32 (transformers, KV cache)" in text
