@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if not torch.cuda.is_available():  # the GPU backend's Triton kernels run interpreted on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.backends._interpret import install as _interpret_once
+
+    _interpret_once()  # the interpreter's language patch once per launch, not per helper call (test tooling)
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist: the cores shared out, not every worker spinning on all
     _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     torch.set_num_threads(_threads)
