@@ -8,6 +8,9 @@ inside the helper, which raises (a builtin called without its interpreter semant
 turn a failing kernel test into a passing one. Does nothing on a Triton without ``_patch_lang``."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 
 class _Held:
     """The launch's patch scope: restoring it ends the launch."""
@@ -49,3 +52,28 @@ def install() -> bool:
     patch_lang._finegrain_once = True
     interpreter._patch_lang = patch_lang
     return True
+
+
+@contextlib.contextmanager
+def overflow_checks_off():
+    """Triton's interpreter checks every integer add / sub / mul for int32 overflow (its
+    ``sanitize_overflow`` option, on by default there; a GPU build checks only with ``debug``): a third
+    of an interpreted decode step. The model-level GPU tests (``test_gpu_backend.py``,
+    ``test_gpu_deploy.py``) run with it off: they launch the same kernels that ``test_gpu_kernels.py``
+    runs with the checks on, at its ragged shapes (the kernels each file launches compared by name,
+    2026-12-07: every one is in the kernel file), and test the lowering and runtime around them."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        yield
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if options is None or not hasattr(options, "sanitize_overflow"):
+        yield
+        return
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        builder.options = options

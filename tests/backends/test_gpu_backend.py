@@ -9,6 +9,14 @@ import finegrain  # noqa: E402
 from finegrain.backends import registry  # noqa: E402
 from finegrain.errors import InputError  # noqa: E402
 from finegrain.formats.ops import DEQUANTIZE, QUANTIZE  # noqa: E402
+from tests.backends._interpret import overflow_checks_off  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_overflow_checks():
+    """The interpreter's int32 overflow checks off here; the kernels have them on in test_gpu_kernels.py."""
+    with overflow_checks_off():
+        yield
 
 
 @pytest.mark.parametrize("preset,kinds", [("w4a16-g128", {"wq"}), ("w3a16-g128", {"wq"}), ("w8a8", {"int8-dot"}),

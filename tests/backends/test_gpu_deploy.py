@@ -10,6 +10,14 @@ import torch
 pytest.importorskip("triton")
 import finegrain  # noqa: E402
 from finegrain.errors import ArtifactError  # noqa: E402
+from tests.backends._interpret import overflow_checks_off  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_overflow_checks():
+    """The interpreter's int32 overflow checks off here; the kernels have them on in test_gpu_kernels.py."""
+    with overflow_checks_off():
+        yield
 
 
 @pytest.fixture(scope="module")

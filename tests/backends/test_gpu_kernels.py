@@ -53,6 +53,9 @@ def _record_launches(monkeypatch):
     if kernels.INTERPRET:
         from triton.runtime import interpreter
 
+        # the kernels are checked here with the interpreter's int32 overflow checks on (the model-level files
+        # turn them off for speed, tests/backends/_interpret.py, and must have restored them)
+        assert interpreter.interpreter_builder.options.sanitize_overflow
         real = interpreter.InterpretedFunction.run
 
         def run(self, *args, grid, warmup, **kwargs):
