@@ -1142,7 +1142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kivi2 (KIVI keys per channel before RoPE, values per token, Hadamard-rotated, newest 128 "
                         "tokens and one sink in float; packed by the reference and TVM static builds, ONNX Runtime "
                         "over an fp32 cache), rotatekv4 (RotateKV: pre-RoPE keys reordered by calibration and "
-                        "rotated over all KV heads' channels, 4 bits per token, one sink; packed by the reference "
+                        "rotated over all KV heads' channels, 4 bits per token, the sinks found by calibration (massive "
+                        "activations); packed by the reference "
                         "and TVM static builds), zip42 (ZipCache: half of each block at 4 bits by attention "
                         "saliency, the rest at 2; packed by the reference and TVM static builds, ONNX Runtime "
                         "refuses it)")

@@ -172,7 +172,11 @@ class Recipe:
     one token at a time) or ``tokens`` (KIVI's per-channel keys: each channel quantized over groups
     of G tokens, G the format's group size); ``kv_window``: the most recent tokens kept in float
     until that many newer ones follow (KIVI's residual); ``kv_sinks``: the first tokens never
-    quantized (attention sinks); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
+    quantized (attention sinks); ``kv_sink_search`` (N > 0): the sinks found from calibration instead,
+    RotateKV's attention-sink-aware quantization: of the first N positions, those whose residual stream
+    carries a massive activation (a token RMS at least ``MASSIVE_RATIO`` times the median token's at some
+    norm's input, in at least half the calibration batches) stay in float, ``kv_sinks`` becoming the
+    larger of itself and one past the last such position (``passes/quantize_kv.py``); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
     the pre-RoPE key Hadamard-rotated before quantization; ``kv_head_group`` (G > 1): the pre-RoPE keys
     quantized after a Hadamard over the channels of each group of G KV heads (RotateKV's grouped-head
@@ -228,6 +232,7 @@ class Recipe:
     kv_value_axis: str = "head_dim"
     kv_window: int = 0
     kv_sinks: int = 0
+    kv_sink_search: int = 0
     kv_pre_rope: bool = False
     kv_head_group: int = 1
     kv_reorder: bool = False
@@ -311,7 +316,7 @@ class Recipe:
             raise ValueError("kv_head_group / kv_reorder: RotateKV's grouped-head rotation and channel reordering "
                              "transform the pre-RoPE keys quantized along the head dim: set kv_pre_rope true and "
                              "leave kv_key_axis 'head_dim'")
-        for f in ("kv_window", "kv_sinks"):
+        for f in ("kv_window", "kv_sinks", "kv_sink_search"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:
                 raise ValueError(f"{f}: must be an integer number of tokens in [0, {1 << 20}], got {v!r}")
@@ -375,7 +380,7 @@ class Recipe:
         (per channel over token groups, a float window, sinks, pre-RoPE keys): one ``kv_append`` op
         (``passes/quantize_kv.py``) rather than a quantize / dequantize pair on each new token."""
         axis = self.kv_key_axis if kind == "key" else self.kv_value_axis
-        return (axis == "tokens" or self.kv_window > 0 or self.kv_sinks > 0
+        return (axis == "tokens" or self.kv_window > 0 or self.kv_sinks > 0 or self.kv_sink_search > 0
                 or (kind == "key" and self.kv_pre_rope) or self.kv_zip(kind))
 
     def kv_zip(self, kind: str) -> bool:
@@ -667,10 +672,11 @@ KV_PRESETS: dict[str, dict] = {
     "kivi2": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int2-g16-asym-fp16-dyn", **_KIVI},
     # RotateKV at 4 bits: pre-RoPE keys, their channels of all KV heads reordered by calibration RMS (outliers
     # first) and rotated by one Hadamard over all heads' channels; per token in groups of 64 along that rotated
-    # row; values per token in groups of 64, Hadamard-rotated per head (folded into v_proj / o_proj); one sink
-    # in float, no window (needs calibration batches for the order)
+    # row; values per token in groups of 64, Hadamard-rotated per head (folded into v_proj / o_proj); the sinks
+    # in float: those of the first 16 positions whose residual stream carries a massive activation in calibration
+    # (SmolLM2: position 0 alone, 177x the median token's RMS); no window (needs calibration batches)
     "rotatekv4": {"kv_key": "int4-g64-asym-fp16-dyn", "kv_value": "int4-g64-asym-fp16-dyn", "kv_rotate": True,
-                  "kv_pre_rope": True, "kv_sinks": 1, "kv_head_group": 0, "kv_reorder": True},
+                  "kv_pre_rope": True, "kv_sink_search": 16, "kv_head_group": 0, "kv_reorder": True},
     # ZipCache 4/2 on KIVI's keys: tokens released in blocks of 128; of each write's released tokens the half with
     # the highest normalized attention score (10% probe queries) at 4 bits, the rest at 2 (keys per channel over
     # each block's two subsets, quantized before RoPE; values per token in groups of 32); one sink in float

@@ -14,7 +14,8 @@ write there, after the rotation when ``kv_rotate``) and stored as the constants
 ``kv_scale.<layer>.<key|value>`` (the compressed-tensors export writes them as ``k_scale`` / ``v_scale``).
 
 KIVI's per-channel keys (``recipe.kv_key_axis="tokens"``: each channel over groups of G tokens), a
-float residual window (``kv_window``), attention sinks (``kv_sinks``) and pre-RoPE keys
+float residual window (``kv_window``), attention sinks (``kv_sinks``; with ``kv_sink_search`` found from
+calibration: :func:`massive_positions`, RotateKV's attention-sink-aware quantization) and pre-RoPE keys
 (``kv_pre_rope``: the RoPE ``inv_freq`` found among the keys' producers) replace the
 concatenation by ``finegrain::kv_append(past, new, ...)`` (``compiler/ops.py``), which quantizes
 the tokens that become quantizable at each write, so each token is still quantized exactly once;
@@ -49,6 +50,7 @@ fp32 holding the format's values;
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 
@@ -272,6 +274,94 @@ def _absmax(gm: GraphModule, batches: list, nodes: list[Node]) -> dict[Node, flo
     return {x: float(h) for x, h in zip(nodes, hi)}
 
 
+MASSIVE_RATIO = 20.0  # a token's residual RMS over the median token's beyond which it carries a massive activation
+
+
+def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
+    """Where the residual stream carries massive activations (Sun et al. 2024; RotateKV's attention sinks),
+    from calibration: every norm input of ``gm``'s residual streams (``compiler/regions.find_streams``) is
+    captured per token as its RMS over the hidden dim (invariant under a residual rotation) and divided by
+    the median token's RMS there; a token is *massive* where that ratio is at least ``MASSIVE_RATIO`` at some
+    norm input. Returns ``{"sinks": one past the last of the first ``search`` positions massive in at least
+    half the batches (0: none), "positions": those positions, "ratio": the largest ratio at each of them,
+    "site": the norm input where the largest was, "beyond": massive tokens at positions >= ``search``,
+    "tokens": the tokens examined past ``search``, "batches": len(batches), "refusal": why nothing
+    could be measured (no residual stream with norms) or None}``."""
+    from finegrain.compiler.regions import find_norms, find_streams
+
+    streams = [s for s in find_streams(gm, find_norms(gm)) if s.norms]
+    named = {}  # norm input -> the first norm reading it (its module path names the site)
+    for s in streams:
+        for nm in s.norms:
+            named.setdefault(nm.input, nm.name)
+    sites = list(named)
+    out = {"sinks": 0, "positions": [], "ratio": [], "site": [], "beyond": 0, "tokens": 0, "batches": len(batches),
+           "refusal": None}
+    if not sites:
+        out["refusal"] = "no residual stream read by norms was found in the graph"
+        return out
+    graph = copy.deepcopy(gm.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    outs = []
+    for x in sites:  # the RMS of each token over the last (hidden) dim: [B, T]
+        with graph.inserting_after(by_name[x.name]):
+            sq = graph.call_function(torch.ops.aten.mul.Tensor, (by_name[x.name], by_name[x.name]))
+        with graph.inserting_after(sq):
+            outs.append(graph.call_function(torch.ops.aten.mean.dim, (sq, [-1])))
+    next(n for n in graph.nodes if n.op == "output").args = (tuple(outs),)
+    graph.eliminate_dead_code()
+    inst = GraphModule(gm, graph)
+    hits = torch.zeros(search, dtype=torch.long)
+    best = torch.zeros(search)
+    where = [""] * search
+    with torch.inference_mode():
+        for b in batches:
+            ms = [v.float().sqrt().reshape(-1, v.shape[-1]) for v in inst(*b)]  # per site [B, T]
+            ratios = torch.stack([m / m.median().clamp_min(1e-12) for m in ms])  # [sites, B, T]
+            top, site = ratios.max(0)  # [B, T]
+            t = top.shape[-1]
+            n = min(search, t)
+            hits[:n] += (top[:, :n] >= MASSIVE_RATIO).any(0).long()
+            for p in range(n):
+                r, i = top[:, p].max(0)
+                if float(r) > best[p]:
+                    best[p], where[p] = float(r), f"{named[sites[int(site[int(i), p])]]}'s input"
+            out["beyond"] += int((top[:, n:] >= MASSIVE_RATIO).sum())
+            out["tokens"] += int(top[:, n:].numel())
+    found = [p for p in range(search) if hits[p] * 2 >= max(len(batches), 1) and hits[p] > 0]
+    out.update(sinks=found[-1] + 1 if found else 0, positions=found, ratio=[round(float(best[p]), 1) for p in found],
+               site=[where[p] for p in found])
+    return out
+
+
+def _find_sinks(gm: GraphModule, ctx: PassContext, log: list):
+    """``ctx.recipe`` with ``kv_sinks`` from :func:`massive_positions` (``kv_sink_search``), the finding logged."""
+    r = ctx.recipe
+    where = f"attention sinks (kv_sink_search {r.kv_sink_search})"
+    if not ctx.calibration:
+        raise InputError(f"recipe {r.name!r}: kv_sink_search finds the attention sinks from calibration statistics; "
+                         "give calibration data")
+    gm.recompile()
+    m = massive_positions(gm, ctx.calibration, r.kv_sink_search)
+    sinks = max(r.kv_sinks, m["sinks"])
+    beyond = (f"; {m['beyond']} of {m['tokens']} calibration tokens past position {r.kv_sink_search - 1} are massive "
+              "too (RotateKV's pivot tokens at run time are not kept: not built)" if m["beyond"] else "")
+    if m["refusal"]:
+        log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
+                    "detail": f"{m['refusal']}: kv_sinks stays {r.kv_sinks}"})
+    elif m["positions"]:
+        log.append({"pass": "quantize_kv", "site": where, "action": "calibrated",
+                    "detail": f"massive activations at positions {m['positions']} (token RMS up to "
+                              f"{', '.join(f'{x:g}' for x in m['ratio'])}x the median, at {', '.join(m['site'])}) in "
+                              f"at least half of {m['batches']} calibration batch(es): kv_sinks {sinks}{beyond}"})
+    else:
+        log.append({"pass": "quantize_kv", "site": where, "action": "calibrated",
+                    "detail": f"no massive activation (token RMS >= {MASSIVE_RATIO:g}x the median) among the first "
+                              f"{r.kv_sink_search} positions in half of {m['batches']} calibration batch(es): kv_sinks "
+                              f"stays {r.kv_sinks}{beyond}"})
+    return dataclasses.replace(r, kv_sinks=sinks, kv_sink_search=0), m
+
+
 def _static_qdq(gm: GraphModule, ctx: PassContext, sites: list, log: list) -> None:
     """Quantize each write of ``sites`` (present, written tensor, static format, where) with one
     scale per layer and tensor: the format's scale for the largest |x| the calibration batches
@@ -303,6 +393,9 @@ def _static_qdq(gm: GraphModule, ctx: PassContext, sites: list, log: list) -> No
 
 def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     r = ctx.recipe
+    sink_found = None
+    if r.kv_sink_search and (r.kv_key or r.kv_value or r.kv_layers) and any(KV in n.meta for n in gm.graph.nodes):
+        r, sink_found = _find_sinks(gm, ctx, ctx.report.setdefault("folds", []))
     key_fmt = QuantFormat.parse(r.kv_key) if r.kv_key else None
     value_fmt = QuantFormat.parse(r.kv_value) if r.kv_value else None
     axes = {"key": r.kv_key_axis, "value": r.kv_value_axis}
@@ -443,7 +536,9 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
             "layers": [[e[0], e[1], e[2]] for e in r.kv_layers],
             "key_axis": r.kv_key_axis, "pre_rope": pre_rope > 0, "value_axis": r.kv_value_axis,
-            "window": r.kv_window, "sinks": r.kv_sinks, "rotate": bool(r.kv_rotate and rotated),
+            "window": r.kv_window, "sinks": r.kv_sinks,
+            "sinks_found": ({k: sink_found[k] for k in ("positions", "ratio", "beyond", "tokens", "batches")}
+                            if sink_found else None), "rotate": bool(r.kv_rotate and rotated),
             "bytes_per_token": round(per_token("key") + per_token("value"), 1),
             "bytes_per_token_at_context": round(per_token("key", context) + per_token("value", context), 1),
             "context": context,
@@ -452,9 +547,10 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                      "probes": r.kv_zip_probes} if zips else None),
             "storage": ("packed by the reference backend (backends/kv_packed.py: codes bit-packed, scales and zero "
                         "points as stored, float windows / sinks fp32) and by TVM static builds (code words, scales, "
-                        "zero points; a static format's code words alone; KIVI's windowed integer writes with "
-                        "their float tokens in a ring; ZipCache's "
-                        "and RotateKV's grouped-head writes stay fp32 there); fp32 holding the format's values in "
+                        "zero points; a static format's code words alone; KIVI's, RotateKV's grouped-head and "
+                        "ZipCache's windowed integer writes with their float tokens in a ring, ZipCache's low-bit "
+                        "tokens in fields of the high format's width, its channel-normalized token-wise keys fp32); "
+                        "fp32 holding the format's values in "
                         "ONNX Runtime (static INT8 per tensor: GroupQueryAttention's INT8 cache) / GPU sessions")}
     log.append({"pass": "quantize_kv", "site": f"{len(presents)} presents", "action": "quantized", "sites": len(presents),
                 "detail": f"keys {key_fmt.tag if key_fmt else 'float'}, values {value_fmt.tag if value_fmt else 'float'}"

@@ -330,6 +330,54 @@ def test_rotatekv_grouped_head_rotation_and_reordering(llama, tmp_path):
         finegrain.compile(llama, (IDS,), recipe=base | {"kv_reorder": True}, progress=False, kv_cache=True)
 
 
+def test_kv_sink_search_finds_the_massive_activations_from_calibration(llama):
+    """RotateKV's attention-sink-aware quantization (``kv_sink_search``): the leading positions whose
+    residual stream carries a massive activation in at least half the calibration batches become the
+    sinks (kept in float), exactly as naming ``kv_sinks`` does; massive tokens further on are counted
+    and said not kept; finding none keeps ``kv_sinks``; no calibration data is refused by name."""
+    import copy
+
+    from finegrain.compiler.ops import KV_APPEND
+
+    m = copy.deepcopy(llama)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[7] *= 1000  # token 7's residual stream is massive from the embedding on
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(8, 256, (1, 32), generator=g) for _ in range(4)]
+    for b in batches:
+        b[0, 2] = 7  # position 2 in every batch
+    batches[0][0, 0] = 7  # position 0 in one batch of four: not half of them
+    batches[1][0, 20] = batches[2][0, 25] = 7  # past the searched positions
+    calib = [(b,) for b in batches]
+    base = {"name": "sinks", "rules": [], "kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn",
+            "kv_pre_rope": True}
+    cm = finegrain.compile(m, (IDS,), recipe=base | {"kv_sink_search": 8}, calibration=calib, progress=False,
+                           kv_cache=True)
+    appends = [n for n in cm.gm.graph.nodes if n.target is KV_APPEND]
+    assert len(appends) == 4 and all(n.args[5] == 3 for n in appends)  # sinks: positions 0..2
+    q = cm.kv["quantization"]
+    assert q["sinks"] == 3 and q["sinks_found"]["positions"] == [2] and q["sinks_found"]["ratio"][0] >= 20
+    assert q["sinks_found"]["beyond"] == 2 and q["sinks_found"]["tokens"] == 4 * 24
+    (entry,) = [f for f in cm.folds if "kv_sink_search" in f["site"]]
+    assert entry["action"] == "calibrated" and "positions [2]" in entry["detail"] and "kv_sinks 3" in entry["detail"]
+    assert "2 of 96 calibration tokens past position 7 are massive" in entry["detail"]
+    assert "model.layers.0.input_layernorm" in entry["detail"]  # the embedding: the first norm's input
+    named = finegrain.compile(m, (IDS,), recipe=base | {"kv_sinks": 3}, progress=False, kv_cache=True)
+    with torch.no_grad():
+        assert torch.equal(cm(X), named(X))
+        assert not torch.equal(cm(X), finegrain.compile(m, (IDS,), recipe=base | {"kv_sinks": 1}, progress=False,
+                                                        kv_cache=True)(X))
+    # no massive activation in the unmodified model: kv_sinks stays as given
+    plain = finegrain.compile(llama, (IDS,), recipe=base | {"kv_sink_search": 8, "kv_sinks": 1}, calibration=calib,
+                              progress=False, kv_cache=True)
+    assert plain.kv["quantization"]["sinks"] == 1 and plain.kv["quantization"]["sinks_found"]["positions"] == []
+    assert any("no massive activation" in f["detail"] and "kv_sinks stays 1" in f["detail"] for f in plain.folds)
+    with pytest.raises(InputError, match="kv_sink_search finds the attention sinks from calibration"):
+        finegrain.compile(m, (IDS,), recipe=base | {"kv_sink_search": 8}, progress=False, kv_cache=True)
+    with pytest.raises(RecipeError, match="kv_sink_search: must be an integer"):
+        finegrain.compile(m, (IDS,), recipe=base | {"kv_sink_search": -1}, progress=False, kv_cache=True)
+
+
 def test_the_rotatekv4_preset_rotates_all_kv_heads_together(llama):
     """``quantize --kv-quant rotatekv4``: ``kv_head_group: 0`` groups all the layer's KV heads (2 here),
     the channels reordered by calibration, keys and values at 4 bits; the same writes as naming the
@@ -341,12 +389,14 @@ def test_the_rotatekv4_preset_rotates_all_kv_heads_together(llama):
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
     r = with_kv({"name": "float", "rules": []}, "rotatekv4")
     assert r.kv_head_group == 0 and r.kv_reorder and r.kv_pre_rope and r.kv_key.startswith("int4")
+    assert r.kv_sinks == 0 and r.kv_sink_search == 16  # the sinks come from calibration (none in this random model)
     # groups of 64 (one per token and head at SmolLM2's head dim) cover this model's 16-channel heads as 16
     fmt = {"kv_key": "int4-g16-asym-fp16-dyn", "kv_value": "int4-g16-asym-fp16-dyn"}
     r = dataclasses.replace(r, **fmt)
     cm = finegrain.compile(llama, (IDS,), recipe=r, calibration=calib, progress=False, kv_cache=True)
     keys = [n for n in cm.gm.graph.nodes if n.target is KV_APPEND and "perm" in n.kwargs]
     assert len(keys) == 2 and all(n.kwargs["head_group"] == 2 for n in keys)
+    assert cm.kv["quantization"]["sinks"] == 0 and cm.kv["quantization"]["sinks_found"]["positions"] == []
     named = finegrain.compile(llama, (IDS,), recipe={**KV_PRESETS["rotatekv4"], **fmt, "name": "g2",
                                                      "rules": [], "kv_head_group": 2}, calibration=calib, progress=False,
                               kv_cache=True)

@@ -83,13 +83,19 @@ def test_smollm2_folds_exact_on_real_text(smollm2):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
 
 
-def test_smollm2_kv_cache_greedy_equals_transformers(smollm2):
+@pytest.fixture(scope="module")
+def smollm2_kv(smollm2):
+    """The float SmolLM2 compiled with its KV cache in the graph."""
+    fp = {"name": "fp32", "rules": [{"role": "linear"}]}
+    return finegrain.compile(smollm2.model, (smollm2.tokenizer("a b c", return_tensors="pt").input_ids,), recipe=fp,
+                             progress=False, kv_cache=True)
+
+
+def test_smollm2_kv_cache_greedy_equals_transformers(smollm2, smollm2_kv):
     """#16 5(b): the float SmolLM2 compiled with its KV cache in the graph generates, greedily, the
     same 32 tokens as transformers' generate (with its own cache) for three prompts."""
-    fp = {"name": "fp32", "rules": [{"role": "linear"}]}
     tok = smollm2.tokenizer
-    cm = finegrain.compile(smollm2.model, (tok("a b c", return_tensors="pt").input_ids,), recipe=fp, progress=False,
-                           kv_cache=True)
+    cm = smollm2_kv
     for prompt in ("The capital of France is", "Once upon a time, in a small village,",
                    "def fibonacci(n):"):
         ids = tok(prompt, return_tensors="pt").input_ids
@@ -98,6 +104,21 @@ def test_smollm2_kv_cache_greedy_equals_transformers(smollm2):
         got = cm.generate(ids, 32)
         want = want.tolist()  # transformers may stop early at the EOS token; finegrain was given none
         assert len(want) >= 8 and got.tokens[:len(want)] == want, prompt
+
+
+def test_smollm2_massive_activation_is_the_first_token(smollm2, smollm2_kv):
+    """RotateKV's attention sinks from calibration (``kv_sink_search``, the ``rotatekv4`` preset): on
+    SmolLM2 the residual stream's massive activation sits at the first position of every Brown window
+    (over 100x the median token's RMS; the other positions stay under 20x), so the search keeps one sink,
+    the count the KIVI presets name."""
+    from finegrain.compiler.capture import kv_inputs
+    from finegrain.eval.perplexity import calibration_batches
+    from finegrain.passes.quantize_kv import massive_positions
+
+    batches = [kv_inputs(smollm2_kv.kv, b[0]) for b in calibration_batches(smollm2.tokenizer, 2, 256)]
+    m = massive_positions(smollm2_kv.gm, batches, 16)
+    assert m["refusal"] is None and m["positions"] == [0] and m["sinks"] == 1, m
+    assert m["ratio"][0] > 100 and m["beyond"] == 0 and m["tokens"] == 2 * 240
 
 
 def test_smollm2_passkey_survives_a_kivi4_cache_and_not_a_per_token_kv2_one(smollm2):
