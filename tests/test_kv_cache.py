@@ -33,6 +33,28 @@ def _family(name):
         return T.Phi3ForCausalLM(T.Phi3Config(**COMMON, pad_token_id=0)).eval()
     if name == "gemma3":  # sliding-window layers (window 8 < the 24 tokens below), QK-norm, 1 + w norms
         return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8)).eval()
+    # not Llama-shaped (the KV presets across families, tests/passes/test_quantize_kv.py)
+    small = dict(vocab_size=256, num_hidden_layers=2, max_position_embeddings=128)
+    if name == "gpt2":  # learned positions, Conv1D, one fused c_attn split three ways
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)).eval()
+    if name == "opt":  # learned positions (offset 2), LayerNorm with bias
+        return T.OPTForCausalLM(T.OPTConfig(**small, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                            word_embed_proj_dim=64)).eval()
+    if name == "gpt_neox":  # partial rotary (a quarter of the head dim), fused qkv, parallel residual
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**small, hidden_size=64, num_attention_heads=4,
+                                                    intermediate_size=128, rotary_pct=0.25)).eval()
+    if name == "phi":  # partial rotary (half), parallel attention and MLP, dense biases
+        return T.PhiForCausalLM(T.PhiConfig(**COMMON, partial_rotary_factor=0.5)).eval()
+    if name == "falcon":  # the new decoder architecture: fused qkv with grouped K / V heads
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, new_decoder_architecture=True,
+                                                  num_kv_heads=2)).eval()
+    if name == "olmo2":  # norms after attention and MLP (not before), QK-norm over all heads
+        return T.Olmo2ForCausalLM(T.Olmo2Config(**COMMON)).eval()
+    if name == "gemma2":  # eager attention (logit softcapping): no scaled_dot_product_attention
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**COMMON, head_dim=16)).eval()
+    if name == "bloom":  # ALiBi, a LayerNorm right after the embedding, fused qkv
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)).eval()
     raise KeyError(name)
 
 

@@ -174,8 +174,8 @@ class Recipe:
     until that many newer ones follow (KIVI's residual); ``kv_sinks``: the first tokens never
     quantized (attention sinks); ``kv_sink_search`` (N > 0): the sinks found from calibration instead,
     RotateKV's attention-sink-aware quantization: of the first N positions, those whose residual stream
-    carries a massive activation (a token RMS at least ``MASSIVE_RATIO`` times the median token's at some
-    norm's input, in at least half the calibration batches) stay in float, ``kv_sinks`` becoming the
+    carries a massive activation (a token RMS at least ``MASSIVE_RATIO`` times the median token's somewhere
+    on the stream, in at least half the calibration batches) stay in float, ``kv_sinks`` becoming the
     larger of itself and one past the last such position (``passes/quantize_kv.py``); ``kv_pre_rope``: keys quantized before RoPE (RoPE undone at the
     token's position, applied again after dequantization: KVQuant / RotateKV), with ``kv_rotate``
     the pre-RoPE key Hadamard-rotated before quantization; ``kv_head_group`` (G > 1): the pre-RoPE keys

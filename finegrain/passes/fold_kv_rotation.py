@@ -26,6 +26,8 @@ Ensures: the graph computes what it did, with the values and attention outputs i
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -42,7 +44,7 @@ _SAME = {aten.contiguous.default, aten.clone.default, aten.alias.default}
 
 def _shape(n: Node) -> tuple | None:
     v = n.meta.get("val") if isinstance(n, Node) else None
-    return tuple(v.shape) if v is not None else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None  # not a list (a split's outputs)
 
 
 def _keeps_last(n: Node) -> bool:
@@ -88,6 +90,8 @@ def _value_linear(new: Node, d: int, rows: int) -> tuple[Node, int] | str:
             continue
         if n.target in _VIEWS and _shape(n) and _shape(src) and _shape(n)[-1] == d and _shape(src)[-1] == rows:
             break  # the split of the projection's value features into (heads, d): blocks of d
+        if n.target is operator.getitem:
+            return f"the value is {n.name}, one output of {getattr(src, 'name', src)} ({getattr(src, 'target', '?')})"
         return f"{n.name} ({n.target}) reshapes the head dim"
     feat, offset = n.args[0], 0
     if len(feat.users) != 1:

@@ -279,26 +279,27 @@ MASSIVE_RATIO = 20.0  # a token's residual RMS over the median token's beyond wh
 
 def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
     """Where the residual stream carries massive activations (Sun et al. 2024; RotateKV's attention sinks),
-    from calibration: every norm input of ``gm``'s residual streams (``compiler/regions.find_streams``) is
-    captured per token as its RMS over the hidden dim (invariant under a residual rotation) and divided by
-    the median token's RMS there; a token is *massive* where that ratio is at least ``MASSIVE_RATIO`` at some
-    norm input. Returns ``{"sinks": one past the last of the first ``search`` positions massive in at least
+    from calibration: the residual stream (``compiler/regions.find_streams``: the embedding and every
+    residual add after it) is captured per token as its RMS over the hidden dim (invariant under a residual
+    rotation) and divided by the median token's RMS there; a token is *massive* where that ratio is at least
+    ``MASSIVE_RATIO`` somewhere on the stream. Returns ``{"sinks": one past the last of the first ``search`` positions massive in at least
     half the batches (0: none), "positions": those positions, "ratio": the largest ratio at each of them,
-    "site": the norm input where the largest was, "beyond": massive tokens at positions >= ``search``,
+    "site": the stream node where the largest was, "beyond": massive tokens at positions >= ``search``,
     "tokens": the tokens examined past ``search``, "batches": len(batches), "refusal": why nothing
     could be measured (no residual stream with norms) or None}``."""
-    from finegrain.compiler.regions import find_norms, find_streams
+    from finegrain.compiler.regions import find_streams, module_name
 
-    streams = [s for s in find_streams(gm, find_norms(gm)) if s.norms]
-    named = {}  # norm input -> the first norm reading it (its module path names the site)
-    for s in streams:
-        for nm in s.norms:
-            named.setdefault(nm.input, nm.name)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    named = {}  # the embeddings and residual adds of every stream -> "module (node)"
+    for s in find_streams(gm):
+        for n in sorted(s.nodes, key=order.__getitem__):
+            if n in s.sources or n.target is torch.ops.aten.add.Tensor:
+                named[n] = f"{module_name(n)} ({n.name})"
     sites = list(named)
     out = {"sinks": 0, "positions": [], "ratio": [], "site": [], "beyond": 0, "tokens": 0, "batches": len(batches),
            "refusal": None}
     if not sites:
-        out["refusal"] = "no residual stream read by norms was found in the graph"
+        out["refusal"] = "no residual stream (an embedding and the adds after it) was found in the graph"
         return out
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
@@ -325,7 +326,7 @@ def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
             for p in range(n):
                 r, i = top[:, p].max(0)
                 if float(r) > best[p]:
-                    best[p], where[p] = float(r), f"{named[sites[int(site[int(i), p])]]}'s input"
+                    best[p], where[p] = float(r), named[sites[int(site[int(i), p])]]
             out["beyond"] += int((top[:, n:] >= MASSIVE_RATIO).sum())
             out["tokens"] += int(top[:, n:].numel())
     found = [p for p in range(search) if hits[p] * 2 >= max(len(batches), 1) and hits[p] > 0]
@@ -451,10 +452,14 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
         elif fmt is not None and fmt.granularity == "group" and (d is None or d % fmt.group_size):
             raise InputError(f"{where}: KV format {fmt.tag} groups of {fmt.group_size} do not divide the head dim {d}")
         x = new
-        rotate = r.kv_rotate and d is not None and d & (d - 1) == 0
+        pow2 = d is not None and d & (d - 1) == 0
+        rotate = r.kv_rotate and pow2 and bool(attentions_reading(n))
         if r.kv_rotate and not rotate:
+            why = (f"head dim {d} is not a power of two" if not pow2 else
+                   "no scaled_dot_product_attention reads this cache (an eager or ALiBi attention: the query and the "
+                   "attention output cannot be rotated to match)")
             log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
-                        "detail": f"head dim {d} is not a power of two: K / V left unrotated"})
+                        "detail": f"{why}: K / V left unrotated"})
         if rotate and d not in factors:
             factors[d] = new_constant(gm, f"kv_hadamard.factor_{d}", torch.ones(1, 1))
         folded = role["kind"] == "value" and n.meta.get(VALUE_ROTATED)  # v_proj writes them rotated already
@@ -471,7 +476,9 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                     inv_freq, why = _rope_inv_freq(new)
                     if inv_freq is None:
                         log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
-                                    "detail": f"kv_pre_rope: {why}; keys quantized after RoPE"})
+                                    "detail": f"kv_pre_rope: {why}; keys quantized after RoPE"
+                                              + ("; RotateKV's grouped-head rotation / channel reordering (of pre-RoPE "
+                                                 "keys) not applied" if r.kv_head_group != 1 or r.kv_reorder else "")})
                     else:
                         pre_rope += 1
                 zip_args = ()
@@ -514,9 +521,6 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                     ho = g.call_function(HADAMARD, (att, factors[d]))
                     ho.meta["val"] = att.meta.get("val")
                 att.replace_all_uses_with(ho, delete_user_cb=lambda u: u is not ho)
-    if r.kv_rotate and not rotated and factors:
-        raise CaptureError("kv_rotate: no attention reads the rotated cache (the graph has no "
-                           "scaled_dot_product_attention over the presents)")
     if static:
         _static_qdq(gm, ctx, static, log)
     if zips:

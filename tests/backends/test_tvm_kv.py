@@ -30,8 +30,11 @@ TARGET = BUILD  # AVX2 at LLVM opt-level 1 (tests/backends/targets.py)
 
 
 @pytest.mark.parametrize("family,cache", [("llama", "static"), ("qwen2", "static"), ("phi3", "static"),
-                                          ("gemma3", "static"), ("llama", "concat"), ("gemma3", "concat")])
+                                          ("gemma3", "static"), ("falcon", "static"), ("llama", "concat"),
+                                          ("gemma3", "concat")])
 def test_decode_over_the_cache_equals_the_full_sequence(family, cache):
+    """Falcon: its fused qkv takes the key and value at index -2 / -1, which TVM's frontend read out of
+    bounds until 2026-12-07 (wrong logits, NaN through the static cache)."""
     model = _family(family)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     cm = finegrain.compile(model, (ids,), recipe=FLOAT, progress=False, kv_cache=True)

@@ -361,7 +361,7 @@ def test_kv_sink_search_finds_the_massive_activations_from_calibration(llama):
     (entry,) = [f for f in cm.folds if "kv_sink_search" in f["site"]]
     assert entry["action"] == "calibrated" and "positions [2]" in entry["detail"] and "kv_sinks 3" in entry["detail"]
     assert "2 of 96 calibration tokens past position 7 are massive" in entry["detail"]
-    assert "model.layers.0.input_layernorm" in entry["detail"]  # the embedding: the first norm's input
+    assert "at model.embed_tokens (embedding)" in entry["detail"]  # the largest ratio: the embedding itself
     named = finegrain.compile(m, (IDS,), recipe=base | {"kv_sinks": 3}, progress=False, kv_cache=True)
     with torch.no_grad():
         assert torch.equal(cm(X), named(X))
@@ -570,3 +570,45 @@ def test_static_fp8_kv_cache_calibrates_one_scale_per_layer_on_every_backend(lla
         finegrain.compile(llama, (IDS,), recipe=_kv("int8-tensor-asym-fp32"), progress=False, kv_cache=True)
     with pytest.raises(InputError, match="static activation or KV-cache scales"):
         finegrain.compile(llama, (IDS,), recipe=_kv(static, static), progress=False, kv_cache=True)
+
+
+_NO_ROPE = {"gpt2", "opt", "bloom"}
+_EAGER = {"gemma2", "bloom"}  # no scaled_dot_product_attention (softcapping, ALiBi)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neox", "phi", "falcon", "olmo2", "gemma2", "bloom"])
+def test_kv_methods_on_models_that_are_not_llama_shaped(family):
+    """KIVI's and RotateKV's settings (8-bit, so a wrong transform shows against float) on families
+    other than Llama: learned or ALiBi positions, partial rotary, fused and split qkv, parallel
+    residuals, post-norms, eager attention. Each compiles, decodes over its cache close to the float
+    model, and says in the manifest what it could not apply: pre-RoPE without RoPE, the K / V
+    rotation without a scaled_dot_product_attention, the sink search without a residual stream."""
+    from tests.test_kv_cache import _family
+
+    model = _family(family)
+    calib = [(torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(4)),)]
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).logits
+    fmt = {"kv_key": "int8-g8-asym-fp16-dyn", "kv_value": "int8-g8-asym-fp16-dyn", "kv_pre_rope": True,
+           "kv_rotate": True, "kv_sink_search": 4}
+    kivi = {**fmt, "kv_key_axis": "tokens", "kv_window": 4}
+    rotatekv = {**fmt, "kv_head_group": 0, "kv_reorder": True}
+    for name, fields in (("kivi", kivi), ("rotatekv", rotatekv)):
+        cm = finegrain.compile(model, (IDS,), recipe={"name": name, "rules": [], **fields}, calibration=calib,
+                               progress=False, kv_cache=True)
+        inc, _ = _incremental(cm, x, prefill=5)
+        assert _rel(ref, inc) < 0.03, (family, name, _rel(ref, inc))
+        if name == "rotatekv":  # no window: each token quantized once as written, whatever the chunking
+            assert _rel(cm(x), inc) < 1e-4, (family, _rel(cm(x), inc))
+        skipped = " | ".join(f["detail"] for f in cm.folds if f["action"] == "skipped")
+        assert ("kv_pre_rope: no RoPE" in skipped) == (family in _NO_ROPE), (family, skipped)
+        if family in _NO_ROPE and name == "rotatekv":
+            assert "grouped-head rotation / channel reordering (of pre-RoPE keys) not applied" in skipped
+        assert ("no scaled_dot_product_attention reads this cache" in skipped) == (family in _EAGER), (family, skipped)
+        assert cm.kv["quantization"]["rotate"] == (family not in _EAGER)
+        found = cm.kv["quantization"]["sinks_found"]
+        if family == "bloom":  # its stream starts at a LayerNorm after the embedding
+            assert "no residual stream" in skipped and cm.kv["quantization"]["sinks"] == 0
+        else:
+            assert found["batches"] == 1 and found["tokens"] == 28, (family, found)

@@ -458,6 +458,27 @@ def _fix_bool_cumsum(ep) -> None:
     ep.graph_module.recompile()
 
 
+def _wrap_negative_select(ep) -> None:
+    """The Relax frontend converts ``select(x, dim, i)`` to ``take(x, i, dim)``, which reads out of
+    bounds for a negative ``i`` (Falcon's fused qkv takes its key and value as ``[-2]`` and ``[-1]``:
+    wrong logits, NaN through a cache). Count a negative index from the end of a static dim; one over a
+    symbolic dim is refused by name."""
+    changed = False
+    for n in ep.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.aten.select.int or not isinstance(n.args[2], int) \
+                or n.args[2] >= 0:
+            continue
+        val = n.args[0].meta.get("val") if hasattr(n.args[0], "meta") else None
+        size = val.shape[n.args[1]] if val is not None else None
+        if not isinstance(size, int):
+            raise TvmError(f"node {n.name}: select at index {n.args[2]} from the end of a dim of run-time size "
+                                   f"{size}: the TVM backend cannot take it")
+        n.args = (n.args[0], n.args[1], n.args[2] + size)
+        changed = True
+    if changed:
+        ep.graph_module.recompile()
+
+
 def _drop_runtime_asserts(ep) -> None:
     """Export with deferred runtime asserts (KV-cache graphs: torch cannot prove a guard like
     ``min(16 (p + 1), 32 (p + 1)) == 16 (p + 1)`` over the past length ``p`` and would otherwise refuse
@@ -627,6 +648,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                            if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR")
                            and (spec.target in ep.state_dict or spec.target in ep.constants)}
     _fix_bool_cumsum(ep)
+    _wrap_negative_select(ep)
     _drop_empty_cat_inputs(ep)
     if kept:  # decode over a packed window: its attention reads the buffers in place (after the empty-cat drop:
         # ZipCache's saliency then reads the decoded past through views only)
