@@ -7,7 +7,8 @@ dataflow such as a residual add from the graph analyses), rewrites mixture-of-ex
 matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fallback``,
 ``aten._grouped_mm``) into ``finegrain::grouped_linear`` on the constant itself (so expert
 weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
-constant (GPT-2's Conv1D) into a linear on ``W^T``, turns ``type_as`` casts into ``to`` (or
+constant (GPT-2's Conv1D) into a linear on ``W^T`` and ``x @ W.T`` over a constant ``W`` (Falcon's
+``FalconLinear``) into ``linear(x, W)``, turns ``type_as`` casts into ``to`` (or
 nothing when the dtypes agree), folds inference-mode BatchNorm into the convolution before it
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
 channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
@@ -88,6 +89,39 @@ def _addmm(gm: GraphModule, node) -> None:
     w.meta["val"] = torch.empty(t.shape[1], t.shape[0], dtype=t.dtype, device="meta")
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(torch.ops.aten.linear.default, (x, w, bias))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _transposed_constant(t):
+    """The 2-D constant ``W`` that ``t`` transposes (``W.T``, ``t(W)``, ``transpose(W, 0, 1)``,
+    ``permute(W, [1, 0])``), else None."""
+    if not (getattr(t, "op", None) == "call_function" and getattr(t.args[0], "op", None) == "get_attr"):
+        return None
+    v = t.args[0].meta.get("val")
+    if not isinstance(v, torch.Tensor) or v.dim() != 2:
+        return None
+    aten = torch.ops.aten
+    if t.target in (aten.numpy_T.default, aten.t.default):
+        return t.args[0]
+    if t.target is aten.transpose.int and sorted(d % 2 for d in t.args[1:3]) == [0, 1]:
+        return t.args[0]
+    if t.target is aten.permute.default and [d % 2 for d in t.args[1]] == [1, 0]:
+        return t.args[0]
+    return None
+
+
+def _matmul(gm: GraphModule, node) -> None:
+    """``x @ W.T`` over a constant ``W [N, K]`` (Falcon's ``FalconLinear``, models that skip
+    ``nn.Linear``'s forward) is ``linear(x, W)``: found, quantized and folded like every linear."""
+    x, t = node.args[:2]
+    w = _transposed_constant(t)
+    xv = x.meta.get("val") if hasattr(x, "meta") else None
+    if w is None or node.kwargs or not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+        return
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.aten.linear.default, (x, w))
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
@@ -195,6 +229,8 @@ def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
             _type_as(gm, node)
         elif node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
             _addmm(gm, node)
+        elif node.op == "call_function" and node.target in (torch.ops.aten.matmul.default, torch.ops.aten.mm.default):
+            _matmul(gm, node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

@@ -30,11 +30,13 @@ TARGET = BUILD  # AVX2 at LLVM opt-level 1 (tests/backends/targets.py)
 
 
 @pytest.mark.parametrize("family,cache", [("llama", "static"), ("qwen2", "static"), ("phi3", "static"),
-                                          ("gemma3", "static"), ("falcon", "static"), ("llama", "concat"),
-                                          ("gemma3", "concat")])
+                                          ("gemma3", "static"), ("falcon", "static"), ("gemma2", "static"),
+                                          ("llama", "concat"), ("gemma3", "concat")])
 def test_decode_over_the_cache_equals_the_full_sequence(family, cache):
     """Falcon: its fused qkv takes the key and value at index -2 / -1, which TVM's frontend read out of
-    bounds until 2026-12-07 (wrong logits, NaN through the static cache)."""
+    bounds until 2026-12-07 (wrong logits, NaN through the static cache). Gemma-2: its eager attention
+    adds layer 0's mask to every layer's scores, which Relax could not shape while each past's length
+    had its own symbol (the build failed inside TVM until 2026-12-07)."""
     model = _family(family)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     cm = finegrain.compile(model, (ids,), recipe=FLOAT, progress=False, kv_cache=True)

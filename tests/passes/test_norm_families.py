@@ -107,6 +107,30 @@ def test_gpt2_conv1d_weights_are_quantized():
     assert torch.nn.functional.cosine_similarity(cm(x).flatten(), ref.flatten(), dim=0) > 0.999
 
 
+def test_falcon_linear_weights_are_quantized():
+    """Falcon's ``FalconLinear`` computes ``x @ W.T`` instead of calling ``nn.Linear``: canonicalize makes
+    it a linear, so its weights are quantized (before 2026-12-07 nothing was, with only a warning)."""
+    import transformers as tf
+
+    import finegrain
+
+    torch.manual_seed(0)
+    model = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, new_decoder_architecture=True,
+                                                 num_kv_heads=2)).eval()
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (x,), recipe="w8a16", progress=False)
+    names = {q["weight"] for q in cm.quantized.values()}
+    assert {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in (
+        "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")} <= names
+    assert not cm.warnings
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+    out = cm(x)
+    assert 0 < float((out - ref).abs().max()) and torch.nn.functional.cosine_similarity(
+        out.flatten(), ref.flatten(), dim=0) > 0.999
+
+
 def _encoder(family):
     import transformers as tf
 

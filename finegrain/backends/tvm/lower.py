@@ -479,6 +479,32 @@ def _wrap_negative_select(ep) -> None:
         ep.graph_module.recompile()
 
 
+def _share_past_length(ep) -> None:
+    """Every past (``past_<i>`` inputs) holds the same number of tokens, and the export is given one
+    ``Dim`` for all of them, but the exported program still names each past's length with its own
+    symbol; a model that adds one layer's mask to another layer's scores (Gemma-2's eager attention)
+    then has a broadcast Relax cannot shape. Give every past whose shape differs from the first's
+    only in single symbols the first's fake value and tensor metadata, so they share one length."""
+    import re
+
+    pasts = [n for n in ep.graph.nodes if n.op == "placeholder" and re.fullmatch(r"past_\d+", n.name)
+             and isinstance(n.meta.get("val"), torch.Tensor)]
+    if len(pasts) < 2:
+        return
+    first = pasts[0].meta["val"]
+    for n in pasts[1:]:
+        v = n.meta["val"]
+        if v.dtype != first.dtype or v.dim() != first.dim():
+            continue
+        same = all((isinstance(a, int) and isinstance(b, int) and a == b) or
+                   (isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and a.node.expr.is_symbol
+                    and b.node.expr.is_symbol) for a, b in zip(v.shape, first.shape))
+        if same:  # the Relax frontend reads tensor_meta, then val
+            n.meta["val"] = first
+            if "tensor_meta" in pasts[0].meta:
+                n.meta["tensor_meta"] = pasts[0].meta["tensor_meta"]
+
+
 def _drop_runtime_asserts(ep) -> None:
     """Export with deferred runtime asserts (KV-cache graphs: torch cannot prove a guard like
     ``min(16 (p + 1), 32 (p + 1)) == 16 (p + 1)`` over the past length ``p`` and would otherwise refuse
@@ -649,6 +675,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                            and (spec.target in ep.state_dict or spec.target in ep.constants)}
     _fix_bool_cumsum(ep)
     _wrap_negative_select(ep)
+    _share_past_length(ep)
     _drop_empty_cat_inputs(ep)
     if kept:  # decode over a packed window: its attention reads the buffers in place (after the empty-cat drop:
         # ZipCache's saliency then reads the decoded past through views only)
