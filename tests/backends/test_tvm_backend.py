@@ -315,3 +315,32 @@ def test_any_output_width_builds_for_each_isa(tmp_path, isa):
         ids = torch.randint(0, 256, (1, seq), generator=gen)
         ref = cm(ids)
         assert (dep(ids) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_negative_select_is_counted_from_the_end_on_static_and_run_time_dims():
+    """TVM's frontend turns ``select(x, dim, i)`` into ``take``, which reads out of bounds for a negative
+    ``i`` (garbage of ~1e38 here without the rewrite, Falcon's wrong logits): ``_wrap_negative_select``
+    counts it from the end of a static dim and takes a slice over a dim of run-time size."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from finegrain.backends.tvm.lower import _wrap_negative_select
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x[:, -1] * 2 + x[:, -2] + x[:, :, -1].sum(1, keepdim=True)
+
+    seq = torch.export.Dim("s", min=2, max=64)
+    ep = torch.export.export(M(), (torch.randn(2, 5, 3),), dynamic_shapes=({1: seq},)).run_decompositions()
+    _wrap_negative_select(ep)
+    ops = [(n.target, n.args[1:]) for n in ep.graph.nodes if n.op == "call_function"]
+    assert (torch.ops.aten.select.int, (2, 2)) in ops  # the static dim: -1 + 3
+    assert not any(t is torch.ops.aten.select.int and a[1] < 0 for t, a in ops)
+    vm = relax.VirtualMachine(relax.build(from_exported_program(ep), target=tvm.target.Target(BUILD)), tvm.cpu())
+    for t in (5, 9):
+        x = torch.randn(2, t, 3)
+        out = vm["main"](tvm.runtime.tensor(x.numpy()))
+        out = out if hasattr(out, "numpy") else out[0]
+        np.testing.assert_allclose(out.numpy(), M()(x).numpy(), rtol=1e-6, atol=1e-6)

@@ -461,19 +461,29 @@ def _fix_bool_cumsum(ep) -> None:
 def _wrap_negative_select(ep) -> None:
     """The Relax frontend converts ``select(x, dim, i)`` to ``take(x, i, dim)``, which reads out of
     bounds for a negative ``i`` (Falcon's fused qkv takes its key and value as ``[-2]`` and ``[-1]``:
-    wrong logits, NaN through a cache). Count a negative index from the end of a static dim; one over a
-    symbolic dim is refused by name."""
+    wrong logits, NaN through a cache). Count a negative index from the end of a static dim; over a
+    dim of run-time size take ``squeeze(slice(x, dim, i, i + 1), dim)`` instead (Relax's slice counts
+    negative bounds from the end)."""
     changed = False
-    for n in ep.graph.nodes:
+    for n in list(ep.graph.nodes):
         if n.op != "call_function" or n.target is not torch.ops.aten.select.int or not isinstance(n.args[2], int) \
                 or n.args[2] >= 0:
             continue
-        val = n.args[0].meta.get("val") if hasattr(n.args[0], "meta") else None
-        size = val.shape[n.args[1]] if val is not None else None
-        if not isinstance(size, int):
-            raise TvmError(f"node {n.name}: select at index {n.args[2]} from the end of a dim of run-time size "
-                                   f"{size}: the TVM backend cannot take it")
-        n.args = (n.args[0], n.args[1], n.args[2] + size)
+        x, dim, i = n.args
+        val = x.meta.get("val") if hasattr(x, "meta") else None
+        size = val.shape[dim] if val is not None else None
+        if isinstance(size, int):
+            n.args = (x, dim, i + size)
+        else:
+            with ep.graph.inserting_before(n):
+                sl = ep.graph.call_function(torch.ops.aten.slice.Tensor, (x, dim, i, i + 1 if i != -1 else None))
+                sq = ep.graph.call_function(torch.ops.aten.squeeze.dim, (sl, dim))
+            if val is not None:
+                with val.fake_mode:
+                    sl.meta["val"] = torch.ops.aten.slice.Tensor(val, dim, i, i + 1 if i != -1 else None)
+            sq.meta["val"] = n.meta.get("val")
+            n.replace_all_uses_with(sq)
+            ep.graph.erase_node(n)
         changed = True
     if changed:
         ep.graph_module.recompile()
