@@ -253,20 +253,30 @@ def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
     return {layer: (sq / max(count, 1)).sqrt() for layer, sq in sums.items()}
 
 
-def _absmax(gm: GraphModule, batches: list, nodes: list[Node]) -> dict[Node, float]:
-    """The largest |x| of each of ``nodes`` over the calibration batches: a copy of ``gm``'s graph
-    returning ``amax(|x|)`` of each (what follows the last of them dropped), run as generated code."""
+def _tapped(gm: GraphModule, nodes: list[Node], reduce) -> GraphModule:
+    """A copy of ``gm``'s graph that returns ``reduce(graph, x)`` (nodes it adds after ``x``, the
+    last one returned) for each of ``nodes``, what follows the last of them dropped; the constants
+    are ``gm``'s, not copies."""
     graph = copy.deepcopy(gm.graph)
     by_name = {n.name: n for n in graph.nodes}
     outs = []
     for x in nodes:
         with graph.inserting_after(by_name[x.name]):
-            a = graph.call_function(torch.ops.aten.abs.default, (by_name[x.name],))
-        with graph.inserting_after(a):
-            outs.append(graph.call_function(torch.ops.aten.amax.default, (a,)))
+            outs.append(reduce(graph, by_name[x.name]))
     next(n for n in graph.nodes if n.op == "output").args = (tuple(outs),)
     graph.eliminate_dead_code()
-    inst = GraphModule(gm, graph)  # the constants are gm's, not copies
+    return GraphModule(gm, graph)
+
+
+def _absmax(gm: GraphModule, batches: list, nodes: list[Node]) -> dict[Node, float]:
+    """The largest |x| of each of ``nodes`` over the calibration batches (``amax(|x|)`` tapped, run as
+    generated code)."""
+    def amax(graph, x):
+        a = graph.call_function(torch.ops.aten.abs.default, (x,))
+        with graph.inserting_after(a):
+            return graph.call_function(torch.ops.aten.amax.default, (a,))
+
+    inst = _tapped(gm, nodes, amax)
     hi = torch.zeros(len(nodes))
     with torch.inference_mode():
         for b in batches:
@@ -282,11 +292,11 @@ def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
     from calibration: the residual stream (``compiler/regions.find_streams``: the embedding and every
     residual add after it) is captured per token as its RMS over the hidden dim (invariant under a residual
     rotation) and divided by the median token's RMS there; a token is *massive* where that ratio is at least
-    ``MASSIVE_RATIO`` somewhere on the stream. Returns ``{"sinks": one past the last of the first ``search`` positions massive in at least
-    half the batches (0: none), "positions": those positions, "ratio": the largest ratio at each of them,
+    ``MASSIVE_RATIO`` somewhere on the stream. Returns ``{"sinks": one past the last of the first
+    ``search`` positions massive in at least half the batches (0: none), "positions": those positions, "ratio": the largest ratio at each of them,
     "site": the stream node where the largest was, "beyond": massive tokens at positions >= ``search``,
     "tokens": the tokens examined past ``search``, "batches": len(batches), "refusal": why nothing
-    could be measured (no residual stream with norms) or None}``."""
+    could be measured (no residual stream) or None}``."""
     from finegrain.compiler.regions import find_streams, module_name
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -301,17 +311,13 @@ def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
     if not sites:
         out["refusal"] = "no residual stream (an embedding and the adds after it) was found in the graph"
         return out
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    outs = []
-    for x in sites:  # the RMS of each token over the last (hidden) dim: [B, T]
-        with graph.inserting_after(by_name[x.name]):
-            sq = graph.call_function(torch.ops.aten.mul.Tensor, (by_name[x.name], by_name[x.name]))
+
+    def mean_square(graph, x):  # each token's mean square over the last (hidden) dim: [B, T]
+        sq = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
         with graph.inserting_after(sq):
-            outs.append(graph.call_function(torch.ops.aten.mean.dim, (sq, [-1])))
-    next(n for n in graph.nodes if n.op == "output").args = (tuple(outs),)
-    graph.eliminate_dead_code()
-    inst = GraphModule(gm, graph)
+            return graph.call_function(torch.ops.aten.mean.dim, (sq, [-1]))
+
+    inst = _tapped(gm, sites, mean_square)
     hits = torch.zeros(search, dtype=torch.long)
     best = torch.zeros(search)
     where = [""] * search
@@ -320,13 +326,11 @@ def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
             ms = [v.float().sqrt().reshape(-1, v.shape[-1]) for v in inst(*b)]  # per site [B, T]
             ratios = torch.stack([m / m.median().clamp_min(1e-12) for m in ms])  # [sites, B, T]
             top, site = ratios.max(0)  # [B, T]
-            t = top.shape[-1]
-            n = min(search, t)
+            n = min(search, top.shape[-1])
             hits[:n] += (top[:, :n] >= MASSIVE_RATIO).any(0).long()
-            for p in range(n):
-                r, i = top[:, p].max(0)
-                if float(r) > best[p]:
-                    best[p], where[p] = float(r), named[sites[int(site[int(i), p])]]
+            r, row = top[:, :n].max(0)  # the largest ratio at each searched position over the batch's rows
+            for p in (r > best[:n]).nonzero().flatten().tolist():
+                best[p], where[p] = float(r[p]), named[sites[int(site[row[p], p])]]
             out["beyond"] += int((top[:, n:] >= MASSIVE_RATIO).sum())
             out["tokens"] += int(top[:, n:].numel())
     found = [p for p in range(search) if hits[p] * 2 >= max(len(batches), 1) and hits[p] > 0]
@@ -342,7 +346,6 @@ def _find_sinks(gm: GraphModule, ctx: PassContext, log: list):
     if not ctx.calibration:
         raise InputError(f"recipe {r.name!r}: kv_sink_search finds the attention sinks from calibration statistics; "
                          "give calibration data")
-    gm.recompile()
     m = massive_positions(gm, ctx.calibration, r.kv_sink_search)
     sinks = max(r.kv_sinks, m["sinks"])
     beyond = (f"; {m['beyond']} of {m['tokens']} calibration tokens past position {r.kv_sink_search - 1} are massive "

@@ -475,12 +475,13 @@ def _wrap_negative_select(ep) -> None:
         if isinstance(size, int):
             n.args = (x, dim, i + size)
         else:
+            end = i + 1 if i != -1 else None
             with ep.graph.inserting_before(n):
-                sl = ep.graph.call_function(torch.ops.aten.slice.Tensor, (x, dim, i, i + 1 if i != -1 else None))
+                sl = ep.graph.call_function(torch.ops.aten.slice.Tensor, (x, dim, i, end))
                 sq = ep.graph.call_function(torch.ops.aten.squeeze.dim, (sl, dim))
             if val is not None:
                 with val.fake_mode:
-                    sl.meta["val"] = torch.ops.aten.slice.Tensor(val, dim, i, i + 1 if i != -1 else None)
+                    sl.meta["val"] = torch.ops.aten.slice.Tensor(val, dim, i, end)
             sq.meta["val"] = n.meta.get("val")
             n.replace_all_uses_with(sq)
             ep.graph.erase_node(n)
