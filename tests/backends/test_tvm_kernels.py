@@ -72,6 +72,37 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
         assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
 
 
+@pytest.mark.parametrize("tag", ["int8-channel-sym-fp16", "int4-g128-asym-fp16"])
+@pytest.mark.parametrize("rows", [1, 5, None])
+def test_activations_with_a_large_common_offset_stay_accurate(tag, rows):
+    """Activations far from zero mean (mean 4, spread 1: a final norm's output on some models) against
+    weights whose outputs nearly cancel, and an all-zero weight row: the kernels sum centered codes, so
+    the error stays near that of an fp32 dot product. Summing ``1 + q / 2^b`` and subtracting ``xsum Z``
+    afterwards left two large terms that cancel: with 8-bit codes the zero row's output, 0, came out as
+    0.5 .. 2.5 against outputs up to 26 (Gemma-2's tied head), 4-bit errors up to 1.6x the bound."""
+    torch.manual_seed(0)
+    n, k, m = 64, 2048, 5 if rows != 1 else 1
+    fmt = QuantFormat.parse(tag)
+    weight = torch.randn(n, k) * 0.05
+    weight[0] = 0  # a padding token's row of a tied embedding: its groups get scale 1, all codes at the center
+    q = fmt.quantize(weight)
+    p = pack_weight(fmt, q)
+    x = torch.randn(m, k) + 4.0
+    ref = (x.double() @ fmt.dequantize(q).double().T).numpy()
+    f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET)
+    if rows is None:
+        mq = -(-m // ROW_BLOCK)
+        xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
+        xb[:m] = x.numpy()
+        out = _run(f, xb.reshape(mq, ROW_BLOCK, k), p["w"], p["scale"], p["zs"],
+                   np.zeros((mq, ROW_BLOCK, n), np.float32)).reshape(-1, n)[:m]
+    else:
+        out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+    fp32 = np.abs((x @ fmt.dequantize(q).T).numpy() - ref).max()  # torch's own fp32 rounding, for scale
+    assert np.abs(out - ref).max() <= max(4 * fp32, 1.5e-5 * np.abs(ref).max()), (tag, rows)
+    assert not out[:, 0].any(), (tag, rows)  # the zero row: exactly 0 (pack_weight gives its groups S = Z = 0)
+
+
 @pytest.mark.parametrize("kind,finite,subnormal", [("e4m3", 254, 16), ("e5m2", 248, 8), ("e3m2", 64, 8),
                                                     ("e2m3", 64, 16)])
 def test_every_fp8_and_fp6_bit_pattern_decodes(kind, finite, subnormal):

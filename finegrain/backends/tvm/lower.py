@@ -227,7 +227,7 @@ def _packed_value(w_, s_, z_, i, j, bits: int, kgs):
     word = w_[j // per, i]
     code = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("int32", (j % per) * bits)), (1 << bits) - 1)
     s = s_[j // kgs, i]
-    return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] - s)
+    return tirx.Cast("float32", code) * (s / float(1 << bits)) - (z_[j // kgs, i] + s * 0.5)  # s = 2^b scale
 
 
 def _convert_packed_weight(prefix: str):

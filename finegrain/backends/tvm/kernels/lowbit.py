@@ -5,22 +5,30 @@ Layout (repacked from finegrain's QTensor by :func:`pack_weight`): ``w`` int32 `
 ``P = 32 / bits`` codes of consecutive k per word (code of k = ``(w[k // P, n] >> bits (k % P)) &
 (2^bits - 1)``: the mask makes the arithmetic shift of a signed word exact; codes are unsigned,
 symmetric ones offset by ``2^(bits-1)``). A code is decoded without an int -> float conversion:
-its bits are moved under the exponent of 1.0, giving the float ``c = 1 + q / 2^b`` (shift, and,
-or; AVX-512 merges the last two). The output is computed with per-group partial sums
+its bits are moved under the exponent of 1.0, giving the float ``1 + q / 2^b`` (shift, and, or;
+AVX-512 merges the last two). The kernel sums it *centered*, ``c = 1 + q / 2^b - 1.5 = (q -
+2^(b-1)) / 2^b`` (exact, in ``[-0.5, 0.5)``), with per-group partial sums
 
     part[m, g, n] = sum_{k in g} x[m, k] c[k, n]
     y[m, n] = sum_g S[g, n] part[m, g, n] - xsum[m, g] Z[g, n],
 
-with ``S = 2^b scale`` and ``Z = zero x scale + 2^b scale`` stored by :func:`pack_weight` (``scale``
-and ``zs``; exact: ``sum x q scale - xsum zero scale`` rearranged), so the scale and zero point are
-applied once per group, not per element, and ``xsum`` (the group sums of x) once per call for
-all N. Per-channel weights are one group of K, per-tensor ones a ``[1, N]`` broadcast. Two schedules (shape classes):
+with ``S = 2^b scale`` and ``Z = (zero - 2^(b-1)) scale`` stored by :func:`pack_weight` (``scale``
+and ``zs``; exact: ``sum x (q - zero) scale`` rearranged; ``Z = 0`` for symmetric formats), so the
+scale and zero point are applied once per group, not per element, and ``xsum`` (the group sums of x) once per call for
+all N. Centering matters: uncentered, ``S part`` and ``xsum Z`` are two terms of about ``(2^b +
+zero) scale xsum`` that cancel, and their fp32 rounding showed (2.3e-3 of the largest logit on a
+random-init Gemma-2's tied LM head in ``int8-channel-sym``; 1.3e-6 centered). Per-channel weights
+are one group of K, per-tensor ones a ``[1, N]`` broadcast. Two schedules (shape classes):
 
 * GEMV (M = 1, decode): N tiled (``n_tile`` columns per parallel task, 8-lane fp32 vectors), the
   group's partial sums in a local buffer, each 32-bit word loaded once for its P codes, decoded
-  in registers;
+  in registers. 2- and 4-bit codes are summed uncentered (``x (1 + q / 2^b)``: one FMA per code)
+  and the centering ``1.5 x`` of each span of 8 codes (P of INT2; one value per row and span, ``xw``,
+  computed once per call for all N) subtracted once per span, so the partial sums drift by at most a
+  span's worth (one subtraction per code cost 20-35% here on AVX-512); 8-bit codes are centered one
+  by one (``S = 2^8 scale`` would amplify a span's rounding);
 * GEMM (M > 1 or symbolic M, prefill): per strip of 2 vectors of columns, a group's codes are
-  decoded once into a local fp32 tile and reused by all M rows, in register blocks of 4 rows x
+  decoded (centered) once into a local fp32 tile and reused by all M rows, in register blocks of 4 rows x
   2 vectors accumulated over the whole group.
 
 ``linear_func`` returns the scheduled PrimFunc (what the Relax lowering calls through
@@ -109,9 +117,13 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     for i in range(per):
         w |= codes[i::per] << np.uint32(bits * i)
     w = w.view(np.int32)  # torch and the graph carry int32 words
-    zero = per_group(q.zero) + offset
-    big = scale * (1 << bits)
-    return {"w": w, "scale": big.T.contiguous().numpy(), "zs": (zero * scale + big).T.contiguous().numpy(),
+    zero = per_group(q.zero) + offset  # the kernel's codes are centered at 2^(bits-1): Z = 0 for symmetric formats
+    # a group of zeros (a padding token's row: scale 1, every code at the zero point) gets S = Z = 0, so its output
+    # is exactly 0 whatever the kernel's rounding of the activations
+    dead = ((q.codes.to(torch.int64) + offset).reshape(n, k // kgs, kgs) == zero[..., None]).all(-1)
+    scale = scale.masked_fill(dead, 0.0)
+    return {"w": w, "scale": (scale * (1 << bits)).T.contiguous().numpy(),
+            "zs": ((zero - (1 << (bits - 1))) * scale).T.contiguous().numpy(),
             "bits": bits, "group_size": kgs, "kind": "int"}
 
 
@@ -126,8 +138,8 @@ def unpack_weight_ref(w: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bi
     if kind in MINIFLOAT_WEIGHTS:
         return (MINIFLOATS[kind].table[codes] * scale.repeat_interleave(gs, 0)).T.contiguous()
     codes = codes.float()
-    s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, zero scale + 2^b scale
-    return (codes * s - (zs.repeat_interleave(gs, 0) - s * (1 << bits))).T.contiguous()
+    s = scale.repeat_interleave(gs, 0) / (1 << bits)  # pack_weight stores 2^b scale, (zero - 2^(b-1)) scale
+    return (codes * s - (zs.repeat_interleave(gs, 0) + s * (1 << (bits - 1)))).T.contiguous()
 
 
 def vector_lanes(target: dict | None) -> int:
@@ -162,6 +174,7 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
     g_count = k // group_size
+    span = per * max(1, 8 // per) if group_size % (per * max(1, 8 // per)) == 0 else per  # GEMV: codes per centering
     rows = (m,) if m is not None else (tvm.tirx.Var("mq", "int64"), ROW_BLOCK)
     x = te.placeholder((*rows, k), "float32", name="x")
     w = te.placeholder((k // per, n), "int32", name="w")
@@ -196,10 +209,24 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         moved = tvm.tirx.Select(sh <= pos, word << te.max(pos - sh, 0), word >> te.max(sh - pos, 0))
         return tvm.tirx.reinterpret("float32", (moved & mask) | one)
 
-    if not gemv:  # codes decoded by their own stage, so a decoded tile serves every row
-        qf = te.compute((k, n), lambda k_, j: code(k_, j), name="qf")
+    center = tvm.tirx.const(1.5, "float32")
+    if not gemv:  # codes decoded (centered) by their own stage, so a decoded tile serves every row
+        qf = te.compute((k, n), lambda k_, j: code(k_, j) - center if kind == "int" else code(k_, j), name="qf")
         part = te.compute((*rows, g_count, n), lambda *a: te.sum(
             x[(*a[:-2], a[-2] * group_size + kk)] * qf[a[-2] * group_size + kk, a[-1]], axis=kk), name="part")
+    elif kind == "int" and bits == 8:  # centered per code: 2^8 S would amplify a span's rounding (below)
+        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
+            x[(*a[:-2], a[-2] * group_size + kk)] * (code(a[-2] * group_size + kk, a[-1]) - center), axis=kk),
+            name="part")
+    elif kind == "int":  # 1.5 x summed over each span of codes, subtracted at the span's first code
+        wr = te.reduce_axis((0, span), "wr")
+        xw = te.compute((*rows, k // span), lambda *a: te.sum(x[(*a[:-1], a[-1] * span + wr)] * center, axis=wr),
+                        name="xw")
+        zero = tvm.tirx.const(0.0, "float32")
+        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
+            x[(*a[:-2], a[-2] * group_size + kk)] * code(a[-2] * group_size + kk, a[-1])
+            - tvm.tirx.Select(kk % span == 0, xw[(*a[:-2], (a[-2] * group_size + kk) // span)], zero), axis=kk),
+            name="part")
     else:
         part = te.compute((*rows, g_count, n), lambda *a: te.sum(
             x[(*a[:-2], a[-2] * group_size + kk)] * code(a[-2] * group_size + kk, a[-1]), axis=kk), name="part")
@@ -207,7 +234,7 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
     y = te.compute((*rows, n), lambda *a: te.sum(
         part[(*a[:-1], gg, a[-1])] * sc[gg, a[-1]] - xs[(*a[:-1], gg)] * zs[gg, a[-1]], axis=gg), name="y")
     func = te.create_prim_func([x, w, sc, zs, y])
-    sch = (_gemv_schedule(s_tir, func, n_tile, per, lanes, vectors) if gemv
+    sch = (_gemv_schedule(s_tir, func, n_tile, span, lanes, vectors) if gemv
            else _gemm_schedule(s_tir, func, m, n_tile, per, lanes))
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -230,10 +257,10 @@ def compile_linear(m: int | None, k: int, n: int, group_size: int, bits: int = 4
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(target or DEFAULT_TARGET))
 
 
-def _gemv_schedule(s_tir, func, n_tile: int, per: int, lanes: int, vectors: int):
+def _gemv_schedule(s_tir, func, n_tile: int, span: int, lanes: int, vectors: int):
     """Per parallel task ``n_tile`` columns; per group, ``vectors`` x ``lanes`` columns of partial sums live
     in registers while the group's codes stream past (independent FMA chains, one word load
-    per P codes)."""
+    per P codes; ``span`` codes, whole words, unrolled: the centering's period)."""
     sch = s_tir.Schedule(func)
     by, bp = sch.get_sblock("y"), sch.get_sblock("part")
     i, j, g = sch.get_loops(by)
@@ -245,7 +272,7 @@ def _gemv_schedule(s_tir, func, n_tile: int, per: int, lanes: int, vectors: int)
     sch.compute_at(bp, jb)
     *_, pj, pk = sch.get_loops(bp)
     pjc, pjv = sch.split(pj, [None, lanes])
-    pko, pki = sch.split(pk, [None, per])
+    pko, pki = sch.split(pk, [None, span])
     sch.reorder(pko, pki, pjc, pjv)
     sch.unroll(pki)
     sch.unroll(pjc)
