@@ -24,6 +24,20 @@ def _run(f, *arrays):
     return args[-1].numpy()
 
 
+def _linear(f, x: torch.Tensor, p: dict, rows: int | None, n: int) -> np.ndarray:
+    """The kernel ``f`` on ``x [m, k]`` with the packed weight ``p``; ``rows=None`` (the symbolic-row
+    prefill kernel) takes the rows in whole blocks ``[mq, ROW_BLOCK, k]``, zero-padded, as the lowering
+    feeds it."""
+    m, k = x.shape
+    if rows is None:
+        mq = -(-m // ROW_BLOCK)
+        xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
+        xb[:m] = x.numpy()
+        return _run(f, xb.reshape(mq, ROW_BLOCK, k), p["w"], p["scale"], p["zs"],
+                    np.zeros((mq, ROW_BLOCK, n), np.float32)).reshape(-1, n)[:m]
+    return _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+
+
 @pytest.mark.parametrize("tag,k,m", [
     ("int4-g128-asym-fp16", 512, 1),
     ("int4-g128-asym-fp16", 512, 16),
@@ -61,14 +75,7 @@ def test_lowbit_kernel_matches_the_reference(tag, k, m):
     ref = (x @ dq.T).numpy()
     for rows in ([1, None] if m == 1 else [m, None]):  # static GEMV/GEMM and the symbolic-row prefill kernel
         f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET, kind=p["kind"])
-        if rows is None:  # rows in whole blocks [mq, ROW_BLOCK, k], zero-padded, as the lowering feeds it
-            mq = -(-m // ROW_BLOCK)
-            xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
-            xb[:m] = x.numpy()
-            out = _run(f, xb.reshape(mq, ROW_BLOCK, k), p["w"], p["scale"], p["zs"],
-                       np.zeros((mq, ROW_BLOCK, n), np.float32)).reshape(-1, n)[:m]
-        else:
-            out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+        out = _linear(f, x, p, rows, n)
         assert np.abs(out - ref).max() <= 2e-5 * np.abs(ref).max(), (tag, rows)
 
 
@@ -90,14 +97,7 @@ def test_activations_with_a_large_common_offset_stay_accurate(tag, rows):
     x = torch.randn(m, k) + 4.0
     ref = (x.double() @ fmt.dequantize(q).double().T).numpy()
     f = compile_linear(rows, k, n, p["group_size"], p["bits"], target=TARGET)
-    if rows is None:
-        mq = -(-m // ROW_BLOCK)
-        xb = np.zeros((mq * ROW_BLOCK, k), np.float32)
-        xb[:m] = x.numpy()
-        out = _run(f, xb.reshape(mq, ROW_BLOCK, k), p["w"], p["scale"], p["zs"],
-                   np.zeros((mq, ROW_BLOCK, n), np.float32)).reshape(-1, n)[:m]
-    else:
-        out = _run(f, x.numpy(), p["w"], p["scale"], p["zs"], np.zeros((m, n), np.float32))
+    out = _linear(f, x, p, rows, n)
     fp32 = np.abs((x @ fmt.dequantize(q).T).numpy() - ref).max()  # torch's own fp32 rounding, for scale
     assert np.abs(out - ref).max() <= max(4 * fp32, 1.5e-5 * np.abs(ref).max()), (tag, rows)
     assert not out[:, 0].any(), (tag, rows)  # the zero row: exactly 0 (pack_weight gives its groups S = Z = 0)
