@@ -46,6 +46,7 @@ def _linear(f, x: torch.Tensor, p: dict, rows: int | None, n: int) -> np.ndarray
     ("int8-channel-sym-fp16", 256, 5),
     ("int8-g128-asym-fp16", 256, 1),
     ("int3-g128-asym-fp16", 256, 2),  # 4-bit container
+    ("int3-g64-sym-fp16", 256, 1),
     ("int2-g64-asym-fp16", 256, 1),
     ("int8-tensor-sym-fp16", 96, 2),
     ("int4-g16-sym-e4m3", 256, 1),  # NVINT4: FP8 block scales x a tensor scale

@@ -4,7 +4,8 @@ activation linear as TIR kernels (TE + ``s_tir.Schedule``).
 Layout (repacked from finegrain's QTensor by :func:`pack_weight`): ``w`` int32 ``[K / P, N]`` with
 ``P = 32 / bits`` codes of consecutive k per word (code of k = ``(w[k // P, n] >> bits (k % P)) &
 (2^bits - 1)``: the mask makes the arithmetic shift of a signed word exact; codes are unsigned,
-symmetric ones offset by ``2^(bits-1)``). A code is decoded without an int -> float conversion:
+symmetric ones offset by ``2^(bits-1)``, INT3's asymmetric ones by 4, so every format's middle code
+lands at ``2^(bits-1)``). A code is decoded without an int -> float conversion:
 its bits are moved under the exponent of 1.0, giving the float ``1 + q / 2^b`` (shift, and, or;
 AVX-512 merges the last two). The kernel sums it *centered*, ``c = 1 + q / 2^b - 1.5 = (q -
 2^(b-1)) / 2^b`` (exact, in ``[-0.5, 0.5)``), with per-group partial sums
@@ -109,7 +110,9 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
             w |= codes[i::per] << np.uint32(bits * i)
         return {"w": w.view(np.int32), "scale": eff.T.contiguous().numpy(),
                 "zs": np.zeros((k // kgs, n), np.float32), "bits": bits, "group_size": kgs, "kind": fmt.kind}
-    offset = 1 << (fmt.bits - 1) if fmt.symmetric else 0
+    # unsigned fields centered in the container: symmetric codes + 2^(bits-1), asymmetric ones moved up so their middle
+    # 2^(fmt.bits-1) lands there too (only INT3 in a 4-bit container moves: codes + 4)
+    offset = (1 << (bits - 1)) - (0 if fmt.symmetric else 1 << (fmt.bits - 1))
     codes = (q.codes.to(torch.int64) + offset).T.contiguous().numpy().astype(np.uint32)  # [K, N]
     if codes.size and (codes.max() >= (1 << bits)):
         raise ValueError(f"pack_weight: format {fmt.tag} has codes outside {bits} bits")
