@@ -290,14 +290,15 @@ MASSIVE_RATIO = 20.0  # a token's residual RMS over the median token's beyond wh
 def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
     """Where the residual stream carries massive activations (Sun et al. 2024; RotateKV's attention sinks),
     from calibration: the residual stream (``compiler/regions.find_streams``: the embedding and every
-    residual add after it) is captured per token as its RMS over the hidden dim (invariant under a residual
-    rotation) and divided by the median token's RMS there; a token is *massive* where that ratio is at least
+    residual add after it; where no stream starts at the embedding, e.g. a LayerNorm follows it as in
+    Bloom, the input of every norm instead) is captured per token as its RMS over the hidden dim
+    (invariant under a residual rotation) and divided by the median token's RMS there; a token is *massive* where that ratio is at least
     ``MASSIVE_RATIO`` somewhere on the stream. Returns ``{"sinks": one past the last of the first
     ``search`` positions massive in at least half the batches (0: none), "positions": those positions, "ratio": the largest ratio at each of them,
     "site": the stream node where the largest was, "beyond": massive tokens at positions >= ``search``,
     "tokens": the tokens examined past ``search``, "batches": len(batches), "refusal": why nothing
     could be measured (no residual stream) or None}``."""
-    from finegrain.compiler.regions import find_streams, module_name
+    from finegrain.compiler.regions import find_norms, find_streams, module_name
 
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     named = {}  # the embeddings and residual adds of every stream -> "module (node)"
@@ -305,11 +306,15 @@ def massive_positions(gm: GraphModule, batches: list, search: int) -> dict:
         for n in sorted(s.nodes, key=order.__getitem__):
             if n in s.sources or n.target is torch.ops.aten.add.Tensor:
                 named[n] = f"{module_name(n)} ({n.name})"
+    if not named:  # a stream that starts at a norm after the embedding (Bloom): what every norm reads
+        for nm in sorted(find_norms(gm), key=lambda nm: order[nm.input]):
+            named.setdefault(nm.input, f"{module_name(nm.input)} ({nm.input.name}, the input of {nm.name})")
     sites = list(named)
     out = {"sinks": 0, "positions": [], "ratio": [], "site": [], "beyond": 0, "tokens": 0, "batches": len(batches),
            "refusal": None}
     if not sites:
-        out["refusal"] = "no residual stream (an embedding and the adds after it) was found in the graph"
+        out["refusal"] = ("no residual stream (an embedding and the adds after it) and no norm input was found in the "
+                          "graph")
         return out
 
     def mean_square(graph, x):  # each token's mean square over the last (hidden) dim: [B, T]
