@@ -113,7 +113,8 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     # unsigned fields centered in the container: symmetric codes + 2^(bits-1), asymmetric ones moved up so their middle
     # 2^(fmt.bits-1) lands there too (only INT3 in a 4-bit container moves: codes + 4)
     offset = (1 << (bits - 1)) - (0 if fmt.symmetric else 1 << (fmt.bits - 1))
-    codes = (q.codes.to(torch.int64) + offset).T.contiguous().numpy().astype(np.uint32)  # [K, N]
+    fields = q.codes.to(torch.int64) + offset  # [N, K]
+    codes = fields.T.contiguous().numpy().astype(np.uint32)  # [K, N]
     if codes.size and (codes.max() >= (1 << bits)):
         raise ValueError(f"pack_weight: format {fmt.tag} has codes outside {bits} bits")
     w = np.zeros((k // per, n), np.uint32)
@@ -123,7 +124,7 @@ def pack_weight(fmt: QuantFormat, q: QTensor) -> dict[str, np.ndarray]:
     zero = per_group(q.zero) + offset  # the kernel's codes are centered at 2^(bits-1): Z = 0 for symmetric formats
     # a group of zeros (a padding token's row: scale 1, every code at the zero point) gets S = Z = 0, so its output
     # is exactly 0 whatever the kernel's rounding of the activations
-    dead = ((q.codes.to(torch.int64) + offset).reshape(n, k // kgs, kgs) == zero[..., None]).all(-1)
+    dead = (fields.reshape(n, k // kgs, kgs) == zero[..., None]).all(-1)
     scale = scale.masked_fill(dead, 0.0)
     return {"w": w, "scale": (scale * (1 << bits)).T.contiguous().numpy(),
             "zs": ((zero - (1 << (bits - 1))) * scale).T.contiguous().numpy(),
@@ -177,7 +178,7 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
         raise ValueError(f"lowbit linear: need bits in (2, 4, 8), K % group == 0, group % {per} == 0 and N % "
                          f"{block} == 0 (K={k}, group={group_size}, N={n}, bits={bits})")
     g_count = k // group_size
-    span = per * max(1, 8 // per) if group_size % (per * max(1, 8 // per)) == 0 else per  # GEMV: codes per centering
+    span = max(per, 8) if group_size % max(per, 8) == 0 else per  # GEMV: codes per centering (whole words)
     rows = (m,) if m is not None else (tvm.tirx.Var("mq", "int64"), ROW_BLOCK)
     x = te.placeholder((*rows, k), "float32", name="x")
     w = te.placeholder((k // per, n), "int32", name="w")
@@ -215,24 +216,24 @@ def linear_func(m: int | None, k: int, n: int, group_size: int, bits: int = 4, n
     center = tvm.tirx.const(1.5, "float32")
     if not gemv:  # codes decoded (centered) by their own stage, so a decoded tile serves every row
         qf = te.compute((k, n), lambda k_, j: code(k_, j) - center if kind == "int" else code(k_, j), name="qf")
-        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
-            x[(*a[:-2], a[-2] * group_size + kk)] * qf[a[-2] * group_size + kk, a[-1]], axis=kk), name="part")
-    elif kind == "int" and bits == 8:  # centered per code: 2^8 S would amplify a span's rounding (below)
-        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
-            x[(*a[:-2], a[-2] * group_size + kk)] * (code(a[-2] * group_size + kk, a[-1]) - center), axis=kk),
-            name="part")
-    elif kind == "int":  # 1.5 x summed over each span of codes, subtracted at the span's first code
+    elif kind == "int" and bits != 8:  # 1.5 x summed over each span of codes, subtracted at the span's first code
         wr = te.reduce_axis((0, span), "wr")
         xw = te.compute((*rows, k // span), lambda *a: te.sum(x[(*a[:-1], a[-1] * span + wr)] * center, axis=wr),
                         name="xw")
-        zero = tvm.tirx.const(0.0, "float32")
-        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
-            x[(*a[:-2], a[-2] * group_size + kk)] * code(a[-2] * group_size + kk, a[-1])
-            - tvm.tirx.Select(kk % span == 0, xw[(*a[:-2], (a[-2] * group_size + kk) // span)], zero), axis=kk),
-            name="part")
-    else:
-        part = te.compute((*rows, g_count, n), lambda *a: te.sum(
-            x[(*a[:-2], a[-2] * group_size + kk)] * code(a[-2] * group_size + kk, a[-1]), axis=kk), name="part")
+
+    def term(a):  # x[row, k] times the code of (k, n) for part[*a] = part[row..., g, n], k = g * group + kk
+        k_ = a[-2] * group_size + kk
+        xv = x[(*a[:-2], k_)]
+        if not gemv:
+            return xv * qf[k_, a[-1]]
+        if kind != "int":
+            return xv * code(k_, a[-1])
+        if bits == 8:  # centered per code: 2^8 S would amplify a span's rounding (above)
+            return xv * (code(k_, a[-1]) - center)
+        return xv * code(k_, a[-1]) - tvm.tirx.Select(kk % span == 0, xw[(*a[:-2], k_ // span)],
+                                                       tvm.tirx.const(0.0, "float32"))
+
+    part = te.compute((*rows, g_count, n), lambda *a: te.sum(term(a), axis=kk), name="part")
     gg = te.reduce_axis((0, g_count), "gg")
     y = te.compute((*rows, n), lambda *a: te.sum(
         part[(*a[:-1], gg, a[-1])] * sc[gg, a[-1]] - xs[(*a[:-1], gg)] * zs[gg, a[-1]], axis=gg), name="y")
