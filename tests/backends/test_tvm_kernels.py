@@ -132,6 +132,49 @@ def test_every_fp8_and_fp6_bit_pattern_decodes(kind, finite, subnormal):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("kind", ["e4m3", "e5m2", "e3m2", "e2m3", "e2m1"])
+def test_minifloat_patterns_decode_exactly_under_flush_to_zero(kind):
+    """The kernels read a minifloat pattern as fp16 (``lowbit.minifloat_half``): with x = I the GEMM
+    gives every weight back bit for bit, subnormal patterns included, also with the calling thread's
+    flush-to-zero / denormals-are-zero mode on (``torch.set_flush_denormal``; N = 64 is one parallel
+    task, which the calling thread runs). Subnormal patterns read through fp32 denormals would come
+    back 0 here."""
+    from finegrain.formats.base import QTensor
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    fam = MINIFLOATS[kind]
+    fmt = QuantFormat.parse(f"{kind}-channel-sym-fp32")
+    pats = torch.tensor([p for p in range(2 ** fam.bits) if fam.table[p].isfinite()], dtype=torch.uint8)
+    n, k = 64, 256
+    codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
+    q = QTensor(codes, torch.full((n, 1), 2.0 ** -10), torch.zeros(n, 1, dtype=torch.int32))
+    dq = fmt.dequantize(q)
+    assert (dq.abs() < 2.0 ** (fam.emin - 10)).logical_and(dq != 0).any()  # subnormal patterns are there
+    p = pack_weight(fmt, q)
+    f = compile_linear(k, k, n, p["group_size"], p["bits"], target=TARGET, kind=p["kind"])
+    flushing = torch.set_flush_denormal(True)  # False where the CPU has no such mode
+    try:
+        assert not flushing or torch.tensor([1e-40]).item() == 0.0
+        out = _linear(f, torch.eye(k), p, k, n)
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.array_equal(out, dq.T.numpy()), kind
+
+
+def test_minifloat_decode_on_a_target_without_f16c():
+    """LLVM's generic x86-64 has no F16C: the fp16 -> fp32 conversion becomes a library call that
+    TVM's runtime resolves; the result is the same."""
+    torch.manual_seed(0)
+    fmt = QuantFormat.parse("e4m3-channel-sym-fp32")
+    n, k = 64, 256
+    q = fmt.quantize(torch.randn(n, k))
+    p = pack_weight(fmt, q)
+    x = torch.randn(1, k)
+    f = compile_linear(1, k, n, p["group_size"], p["bits"], target={"kind": "llvm", "num-cores": 2}, kind="e4m3")
+    ref = (x.double() @ fmt.dequantize(q).double().T).numpy()
+    assert np.abs(_linear(f, x, p, 1, n) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_ragged_groups_use_a_common_divisor():
     fmt = QuantFormat.parse("int4-g128-asym-fp16")
     p = pack_weight(fmt, fmt.quantize(torch.randn(64, 576)))

@@ -95,15 +95,13 @@ def e4m3_bits(v, f: QuantFormat):
 
 
 def e4m3_value(u):
-    """The fp32 value of the E4M3 bit pattern ``u`` (int32, 0..255; no NaN: the encoder saturates), by
-    integer arithmetic and one exact conversion (it runs in vectorized kernel loops): ``m`` subnormal,
-    ``(8 + m) << (e - 1)`` normal, times ``2^-9``."""
+    """The fp32 value of the E4M3 bit pattern ``u`` (int32, 0..255; no NaN: the encoder saturates):
+    the pattern read as fp16 and converted (``kernels.lowbit.minifloat_half``, exact), times 2^8."""
     from tvm import tirx
 
-    e, m = (u >> 3) & 15, u & 7
-    n = tirx.Select(e == 0, m, (m + 8) << tirx.max(e - 1, 0))
-    mag = n.astype("float32") * tirx.const(2.0 ** -9, "float32")
-    return tirx.Select((u & 128) != 0, -mag, mag)
+    from finegrain.backends.tvm.kernels.lowbit import half_gain, minifloat_half
+
+    return minifloat_half(u, "e4m3") * tirx.const(1.0 / half_gain("e4m3"), "float32")
 
 
 def _pow2(e):
