@@ -30,7 +30,8 @@ Rows (each with and without its own KV cache where it has one):
   saliency: ``window_cache.zip_layout``), and the ``rotatekv4`` one (RotateKV's
   reordered keys rotated over all KV heads, packed as virtual heads of that space, read in place by
   decode's grouped attention kernel, each past key taken back through the grouped rotation once per step;
-  and with ``kv_storage="float"``, an fp32 cache of its values);
+  and with ``kv_storage="float"``, an fp32 cache of its values); and FP8 E4M3 per-channel / MXFP4 weights
+  (the ``fp8`` / ``mxfp4`` presets' weight formats, fp32 activations) on the same low-bit kernel;
 * ``llama.cpp Q4_1 (bundled GGUF)`` and ``llama.cpp finegrain W4A16 g128 -> GGUF Q4_1`` when
   ``llama-cpp-python`` is installed (the ``llama`` extra), the CPU anchor.
 
@@ -288,6 +289,12 @@ def main() -> None:
         kv_rows.append(("W4A16 g128 + rotatekv4 packed", with_kv("w4a16-g128", "rotatekv4"), "static"))
         # ... and held in an fp32 cache of its values instead (kv_storage="float": 7x the memory, no decode of the past)
         kv_rows.append(("W4A16 g128 + rotatekv4 in fp32", with_kv("w4a16-g128", "rotatekv4"), "static", "float"))
+        # minifloat weights on the same low-bit kernel (fp16-read patterns, lowbit.minifloat_half), activations in
+        # fp32: the fp8 / mxfp4 presets' weight formats without their activation quantization
+        for label, preset in (("W8A16 FP8 E4M3 per channel", "fp8"), ("W4A16 MXFP4", "mxfp4")):
+            r = get_recipe(preset)
+            kv_rows.append((label, dataclasses.replace(r, name=f"{preset}-weights", rules=tuple(
+                dataclasses.replace(rule, activation=None) for rule in r.rules)), "static"))
         for name, recipe, cache, *storage in (("W4A16 g128", "w4a16-g128", "static"), ("W4A16 g128", "w4a16-g128", "concat"),
                                     ("W4A16 g128 + int8 head/emb", head8, "static"),
                                     ("W4A8-DGQ", "w4a8-dgq", "static"), *kv_rows):
