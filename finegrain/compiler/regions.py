@@ -169,17 +169,35 @@ def find_norms(gm: GraphModule) -> list[Norm]:
             w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
             norms.append(Norm("rms", module_name(n), n.args[0], n, w if isinstance(w, Node) else None, None, {n}))
         elif _is_call(n, aten.layer_norm.default):
-            w = n.args[2] if len(n.args) > 2 else None
-            b = n.args[3] if len(n.args) > 3 else None
-            norms.append(Norm("layer", module_name(n), n.args[0], n, w if isinstance(w, Node) else None,
-                              b if isinstance(b, Node) else None, {n}))
+            norm = _layer_norm(n, n, {n}, n.args[2] if len(n.args) > 2 else None, n.args[3] if len(n.args) > 3 else None)
+            if norm is not None:
+                norms.append(norm)
         elif _is_call(n, aten.native_layer_norm.default):
             outs = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
             if len(outs) == 1:
-                w, b = n.args[2], n.args[3]
-                norms.append(Norm("layer", module_name(n), n.args[0], outs[0], w if isinstance(w, Node) else None,
-                                  b if isinstance(b, Node) else None, {n, *n.users}))
+                norm = _layer_norm(n, outs[0], {n, *n.users}, n.args[2], n.args[3])
+                if norm is not None:
+                    norms.append(norm)
     return norms
+
+
+def _layer_norm(ln: Node, out: Node, internal: set, w, b) -> Norm | None:
+    """A LayerNorm node's :class:`Norm`: its weight / bias constants, or a weight computed as ``w + c``
+    (Nemotron's LayerNorm1P scales by ``1 + w``: ``weight_offset``). A weight or bias computed any
+    other way is not a norm the folds understand: None (the node then reads the residual stream as
+    an unknown op, and a rotation of that stream is refused, naming it)."""
+    dim = last_dim(ln.args[0])
+    offset, reader = 0.0, None
+    if isinstance(w, Node) and not _const_vector(w, dim):
+        found = _offset_gain(w, dim)
+        if found is None:
+            return None
+        w, offset, reader, chain = found
+        internal = internal | set(chain) | {ln.args[2]}
+    if isinstance(b, Node) and not _const_vector(b, dim):
+        return None
+    return Norm("layer", module_name(ln), ln.args[0], out, w if isinstance(w, Node) else None,
+                b if isinstance(b, Node) else None, internal, weight_offset=offset, weight_reader=reader)
 
 
 @dataclass

@@ -9,7 +9,7 @@ matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fal
 weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
 constant (GPT-2's Conv1D) into a linear on ``W^T`` and ``x @ W.T`` over a constant ``W`` (Falcon's
 ``FalconLinear``) into ``linear(x, W)``, turns ``type_as`` casts into ``to`` (or
-nothing when the dtypes agree), folds inference-mode BatchNorm into the convolution before it
+nothing when the dtypes agree) and drops casts of a constant to the dtype it has, folds inference-mode BatchNorm into the convolution before it
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
 channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
 marks each LSTM / GRU / RNN weight matrix with ``finegrain::weight`` (a quantizable op of kind
@@ -71,6 +71,16 @@ def _type_as(gm: GraphModule, node) -> None:
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+def _noop_constant_cast(node) -> bool:
+    """``to(c, dtype)`` of a constant already in that dtype: the identity (``aten.to`` returns its
+    input), which would hide the constant from the analyses (a norm's gain is a constant vector)."""
+    if not (node.op == "call_function" and node.target is torch.ops.aten.to.dtype and len(node.args) == 2
+            and not node.kwargs):
+        return False
+    src, val = node.args[0], node.args[0].meta.get("val") if hasattr(node.args[0], "meta") else None
+    return getattr(src, "op", None) == "get_attr" and val is not None and val.dtype == node.args[1]
 
 
 def _addmm(gm: GraphModule, node) -> None:
@@ -227,6 +237,9 @@ def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is torch.ops.aten.type_as.default:
             _type_as(gm, node)
+        elif _noop_constant_cast(node):  # `self.weight.to(torch.float32) * x` (Helium's, Cohere's norms) in fp32
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
             _addmm(gm, node)
         elif node.op == "call_function" and node.target in (torch.ops.aten.matmul.default, torch.ops.aten.mm.default):

@@ -28,7 +28,7 @@ they are ``recipe.kv_rotate`` (``passes/fold_kv_rotation.py`` folds the V/O one,
 adds the K one online).
 
 A tied LM head stays tied: ``fold_norms`` leaves the final norm's weight g alone, the embedding
-becomes E Q for both readers, and g moves into a d x d ``aten.matmul`` by M = Q^T diag(g) Q on the
+becomes E Q for both readers, and its gain g (Gemma: 1 + w) moves into a d x d ``aten.matmul`` by M = Q^T diag(g) Q on the
 norm output (1.3 MB for SmolLM2, instead of a 113 MB untied fp32 LM head).
 
 Requires: ``fold_norms`` ran. Ensures: the function is unchanged (up to float rounding); the only
@@ -121,7 +121,7 @@ def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
     for nm in tied:
         # logits = n(x) diag(g) E^T = n(x Q) M (E Q)^T with M = Q^T diag(g) Q: the d x d M replaces
         # the norm weight so the LM head keeps reading the (rotated) embedding
-        g = get_tensor(gm, nm.weight.target).double()
+        g = nm.gain_value(gm).double()  # Gemma's (1 + w), not w: random init has w = 0
         m = new_constant(gm, f"{nm.name}.rotated_weight", (q.T @ torch.diag(g) @ q).float())
         with gm.graph.inserting_after(nm.affine):
             mm = gm.graph.call_function(aten.matmul.default, (nm.affine_input, m))

@@ -123,13 +123,14 @@ def _absorb(gm: GraphModule, prod: _Producer, s: torch.Tensor, z: torch.Tensor |
 
 def _scale_layer_norm(gm, ln: Node, norm, inv, z) -> None:
     d = inv.shape[0]
-    g = get_tensor(gm, norm.weight.target).double() if norm.weight is not None else torch.ones(d, dtype=torch.float64)
+    g = norm.gain_value(gm).double() if norm.weight is not None else torch.ones(d, dtype=torch.float64)
     b = get_tensor(gm, norm.bias.target).double() if norm.bias is not None else torch.zeros(d, dtype=torch.float64)
     new_b = (b - (z if z is not None else 0.0)) * inv
     args = list(ln.args) + [None] * (5 - len(ln.args))
+    off = norm.weight_offset  # Nemotron's LayerNorm1P: the weight arg computes w + 1; its constant keeps the offset
     for idx, node, val, suffix in ((2, norm.weight, g * inv, "weight"), (3, norm.bias, new_b, "bias")):
         if node is not None and len(node.users) == 1:
-            set_tensor(gm, node.target, val.float())
+            set_tensor(gm, node.target, (val - off if idx == 2 else val).float())
         else:
             args[idx] = new_constant(gm, f"{norm.name}.{suffix}", val.float(), before=ln)
     ln.args = tuple(args)

@@ -27,6 +27,9 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}, 4, 4, False),  # + QK-norm
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}, 4, 2, True),  # fused qkv / gate_up
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0}, 1, 2, False),  # post-norms
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, 4, 4, True),  # 1 + w, tied head, scaled embedding
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}, 4, 4, True),  # LayerNorm1P: layer_norm(x, 1 + w, b)
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {"head_dim": 16}, 4, 4, True),  # gain w.to(float32)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}, 4, 4, True),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"only": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
                                                             n_positions=128)}, 4, 4, True),  # Conv1D = addmm
@@ -42,7 +45,12 @@ def _model(family):
     tf = importlib.import_module("transformers")
     torch.manual_seed(0)
     kw = extra["only"] if "only" in extra else {k: v for k, v in {**COMMON, **extra}.items() if v is not None}
-    return getattr(tf, model_name)(getattr(tf, cfg_name)(**kw)).eval()
+    model = getattr(tf, model_name)(getattr(tf, cfg_name)(**kw)).eval()
+    with torch.no_grad():  # norm weights away from their init (Gemma's and Nemotron's w = 0 in 1 + w), so a fold
+        for name, p in model.named_parameters():  # that read w for 1 + w would show
+            if p.dim() == 1 and ("norm" in name or "ln" in name):
+                p.add_(0.2 * torch.randn(p.shape))
+    return model
 
 
 def _analyze(model, recipe):
