@@ -13,7 +13,9 @@ made, and the loader never builds source text of its own:
 * call targets: ``torch.ops.<ns>.<op>.<overload>`` resolving to a real ``OpOverload`` with
   ``ns`` in :data:`OP_NAMESPACES` (the overload must be listed by its packet; no attribute walk
   reaches anything else), minus operators that touch files; or ``operator.<fn>`` from
-  :data:`OPERATORS`; keyword names must be arguments of the operator's schema;
+  :data:`OPERATORS`, or ``torch.sym_max`` / ``torch.sym_min`` (:data:`SYM_FUNCTIONS`: the max / min of
+  two shape integers, as MPT's ALiBi slice bounds ``max(0, n - length)`` export); keyword names must be
+  arguments of the operator's schema;
 * argument values: JSON scalars (integers within int64, finite floats, or ``{"float": "inf" |
   "-inf" | "nan"}``, strings up to :data:`MAX_STRING`), lists / tuples nested at most
   :data:`MAX_DEPTH` deep, references to earlier nodes, and dtypes / devices / layouts / memory
@@ -39,6 +41,7 @@ OP_NAMESPACES = ("aten", "finegrain")
 OPERATORS = {name: getattr(operator, name) for name in (
     "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
     "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "not_", "invert", "lshift", "rshift")}
+SYM_FUNCTIONS = {"sym_max": torch.sym_max, "sym_min": torch.sym_min}  # torch.<fn>: pure functions of shape integers
 _FILE_OPS = {"from_file", "save", "load"}  # aten operators that read or write files
 MAX_NAME, MAX_STRING, MAX_DEPTH, MAX_NODES = 256, 4096, 16, 1 << 20
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -57,8 +60,11 @@ def _target_name(target: Any) -> str:
         return "torch.ops." + str(target)  # e.g. torch.ops.aten.linear.default
     if getattr(target, "__module__", None) in ("_operator", "operator") and OPERATORS.get(target.__name__) is target:
         return "operator." + target.__name__
+    if SYM_FUNCTIONS.get(getattr(target, "__name__", None)) is target:
+        return "torch." + target.__name__
     raise ArtifactError(f"cannot serialize call target {target!r}: only torch.ops.{{{','.join(OP_NAMESPACES)}}} "
-                        f"operators and operator.{{{','.join(OPERATORS)}}} are allowed")
+                        f"operators, operator.{{{','.join(OPERATORS)}}} and torch.{{{','.join(SYM_FUNCTIONS)}}} "
+                        "are allowed")
 
 
 def _is_name(s: Any) -> bool:
@@ -73,9 +79,12 @@ def _resolve_target(name: Any, where: str) -> Any:
     parts = name.split(".")
     if len(parts) == 2 and parts[0] == "operator" and parts[1] in OPERATORS:
         return OPERATORS[parts[1]]
+    if len(parts) == 2 and parts[0] == "torch" and parts[1] in SYM_FUNCTIONS:
+        return SYM_FUNCTIONS[parts[1]]
     if len(parts) != 5 or parts[:2] != ["torch", "ops"] or parts[2] not in OP_NAMESPACES:
         raise ArtifactError(f"{where}: disallowed target {name[:MAX_NAME]!r} (allowed: torch.ops.<ns>.<op>.<overload> "
-                            f"with ns in {OP_NAMESPACES}, or operator.<fn> with fn in {sorted(OPERATORS)})")
+                            f"with ns in {OP_NAMESPACES}, operator.<fn> with fn in {sorted(OPERATORS)}, or torch.<fn> with fn in "
+                            f"{sorted(SYM_FUNCTIONS)})")
     ns, op, overload = parts[2:]
     if not (_IDENT.match(op) and _IDENT.match(overload)) or op in _FILE_OPS:
         raise ArtifactError(f"{where}: disallowed operator {name[:MAX_NAME]!r}")

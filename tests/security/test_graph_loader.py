@@ -99,6 +99,9 @@ def test_kwarg_key_injection(tamper, sentinel):
     ("operator.attrgetter", "disallowed target"),
     ("operator.methodcaller", "disallowed target"),
     ("operator.call", "disallowed target"),
+    ("torch.load", "disallowed target"),  # torch.<fn> only for sym_max / sym_min (MPT's slice bounds)
+    ("torch.sym_max.__globals__", "disallowed target"),
+    ("torch.sym_ite", "disallowed target"),
     (["torch.ops.aten.silu.default"], "target must be a string"),
 ])
 def test_call_target_allow_list(tamper, target, match):

@@ -80,7 +80,14 @@ class TvmBackend(BackendBase):
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
 
     def check(self, compiled) -> list[Refusal]:  # and the kv_append variants the windowed write does not cover
-        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True)
+        import torch
+
+        # torch.sym_max / sym_min of shape integers (MPT's ALiBi slices start at max(0, n - length)): Relax's
+        # strided_slice gives such a slice no shape, and its broadcast with the scores cannot be proven
+        sym = [Refusal(f"node {n.name}", n.target.__name__, "a slice bound computed by torch.sym_max / sym_min (MPT's "
+                       "ALiBi) has no TVM lowering: its result's shape is not derivable in Relax")
+               for n in compiled.gm.graph.nodes if n.op == "call_function" and n.target in (torch.sym_max, torch.sym_min)]
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True) + sym[:1]
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs

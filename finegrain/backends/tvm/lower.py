@@ -587,6 +587,28 @@ def _convert_packed_linear(cache: dict, prefix: str, lanes: int):
     return convert
 
 
+def _convert_reshape(node, importer):
+    """``aten.view`` / ``reshape`` as the frontend converts it, but its identity check compares the
+    shapes structurally: the frontend's ``list == list`` turns a symbolic dim against another into
+    ``bool(Expr)`` and raises (GPTBigCode's multi-query attention reshapes over ``past + seq``)."""
+    import tvm
+
+    args = importer.retrieve_args(node)
+    x = args[0]
+    dims = list(args[1] if isinstance(args[1], (torch.Size, tuple, list)) else args[1:])
+    current = importer.shape_of(x)
+
+    def same(a, b) -> bool:
+        a, b = (v.value if isinstance(v, tvm.tirx.IntImm) else v for v in (a, b))
+        if isinstance(a, int) or isinstance(b, int):
+            return a == b if isinstance(a, int) and isinstance(b, int) else False
+        return tvm.ir.is_prim_expr(a) and tvm.ir.is_prim_expr(b) and bool(tvm.ir.prim.expr_deep_equal(a, b))
+
+    if current is not None and len(current) == len(dims) and all(same(c, d) for c, d in zip(list(current), dims)):
+        return x
+    return importer._emit_torch_reshape(x, dims)
+
+
 def _convert_diff(node, importer):
     """``aten.diff(x, 1, dim, prepend)`` (transformers' packed-sequence check on position ids).
     The decomposed form slices a concatenation, whose symbolic length (``min(1, s) + s - 1``)
@@ -669,7 +691,7 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
-               "amax.default": _convert_amax, **lower_cache.relax_converters(prefix),
+               "amax.default": _convert_amax, "view.default": _convert_reshape, "reshape.default": _convert_reshape, **lower_cache.relax_converters(prefix),
                **lower_window.relax_converters(prefix, shared)}
     with warnings.catch_warnings():  # torch's deepcopy of the program's tree specs warns of its own deprecation
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
