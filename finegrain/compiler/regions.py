@@ -169,7 +169,8 @@ def find_norms(gm: GraphModule) -> list[Norm]:
             w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
             norms.append(Norm("rms", module_name(n), n.args[0], n, w if isinstance(w, Node) else None, None, {n}))
         elif _is_call(n, aten.layer_norm.default):
-            norm = _layer_norm(n, n, {n}, n.args[2] if len(n.args) > 2 else None, n.args[3] if len(n.args) > 3 else None)
+            norm = _layer_norm(n, n, {n}, n.args[2] if len(n.args) > 2 else None,
+                               n.args[3] if len(n.args) > 3 else None)
             if norm is not None:
                 norms.append(norm)
         elif _is_call(n, aten.native_layer_norm.default):

@@ -9,7 +9,8 @@ matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fal
 weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
 constant (GPT-2's Conv1D) into a linear on ``W^T`` and ``x @ W.T`` over a constant ``W`` (Falcon's
 ``FalconLinear``) into ``linear(x, W)``, turns ``type_as`` casts into ``to`` (or
-nothing when the dtypes agree) and drops casts of a constant to the dtype it has, folds inference-mode BatchNorm into the convolution before it
+nothing when the dtypes agree) and drops casts of a constant to the dtype it has (Helium's
+``w.to(float32)`` norm gain), folds inference-mode BatchNorm into the convolution before it
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
 channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
 marks each LSTM / GRU / RNN weight matrix with ``finegrain::weight`` (a quantizable op of kind

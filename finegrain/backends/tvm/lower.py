@@ -691,7 +691,8 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "fake_quant.default": convert_fake_quant(prefix), "a8_linear.default": convert_a8_linear(prefix),
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
-               "amax.default": _convert_amax, "view.default": _convert_reshape, "reshape.default": _convert_reshape, **lower_cache.relax_converters(prefix),
+               "amax.default": _convert_amax, "view.default": _convert_reshape, "reshape.default": _convert_reshape,
+               **lower_cache.relax_converters(prefix),
                **lower_window.relax_converters(prefix, shared)}
     with warnings.catch_warnings():  # torch's deepcopy of the program's tree specs warns of its own deprecation
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
