@@ -194,7 +194,7 @@ def _layer_norm(ln: Node, out: Node, internal: set, w, b) -> Norm | None:
         if found is None:
             return None
         w, offset, reader, chain = found
-        internal = internal | set(chain) | {ln.args[2]}
+        internal = internal | set(chain)  # the chain starts at the `w + c` node
     if isinstance(b, Node) and not _const_vector(b, dim):
         return None
     return Norm("layer", module_name(ln), ln.args[0], out, w if isinstance(w, Node) else None,

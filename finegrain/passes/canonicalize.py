@@ -80,8 +80,8 @@ def _noop_constant_cast(node) -> bool:
     if not (node.op == "call_function" and node.target is torch.ops.aten.to.dtype and len(node.args) == 2
             and not node.kwargs):
         return False
-    src, val = node.args[0], node.args[0].meta.get("val") if hasattr(node.args[0], "meta") else None
-    return getattr(src, "op", None) == "get_attr" and val is not None and val.dtype == node.args[1]
+    src = node.args[0]
+    return getattr(src, "op", None) == "get_attr" and getattr(src.meta.get("val"), "dtype", None) == node.args[1]
 
 
 def _addmm(gm: GraphModule, node) -> None:

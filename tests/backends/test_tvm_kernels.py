@@ -104,20 +104,26 @@ def test_activations_with_a_large_common_offset_stay_accurate(tag, rows):
     assert not out[:, 0].any(), (tag, rows)  # the zero row: exactly 0 (pack_weight gives its groups S = Z = 0)
 
 
+def _every_pattern(kind: str, scale: torch.Tensor, n: int = 64, k: int = 256):
+    """``(family, format, patterns, q)``: a per-channel ``kind`` weight ``[n, k]`` whose codes cycle
+    through every finite bit pattern, with the per-row ``scale`` ``[n, 1]``."""
+    from finegrain.formats.base import QTensor
+    from finegrain.formats.minifloat import MINIFLOATS
+
+    fam = MINIFLOATS[kind]
+    pats = torch.tensor([p for p in range(2 ** fam.bits) if fam.table[p].isfinite()], dtype=torch.uint8)
+    codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
+    q = QTensor(codes, scale, torch.zeros(n, 1, dtype=torch.int32))
+    return fam, QuantFormat.parse(f"{kind}-channel-sym-fp32"), pats, q
+
+
 @pytest.mark.parametrize("kind,finite,subnormal", [("e4m3", 254, 16), ("e5m2", 248, 8), ("e3m2", 64, 8),
                                                     ("e2m3", 64, 16)])
 def test_every_fp8_and_fp6_bit_pattern_decodes(kind, finite, subnormal):
     """Every finite FP8 / FP6 pattern (subnormals, both zeros, the largest value) through the packed
     layout and the GEMV (E4M3: 254 patterns, 14 subnormals and +-0)."""
-    from finegrain.formats.base import QTensor
-    from finegrain.formats.minifloat import MINIFLOATS
-
-    fam = MINIFLOATS[kind]
-    fmt = QuantFormat.parse(f"{kind}-channel-sym-fp32")
-    pats = torch.tensor([p for p in range(2 ** fam.bits) if fam.table[p].isfinite()], dtype=torch.uint8)
     n, k = 64, 256
-    codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
-    q = QTensor(codes, torch.linspace(0.5, 2.0, n).reshape(n, 1), torch.zeros(n, 1, dtype=torch.int32))
+    fam, fmt, pats, q = _every_pattern(kind, torch.linspace(0.5, 2.0, n).reshape(n, 1), n, k)
     dq = fmt.dequantize(q)
     small = (fam.table[pats.long()].abs() < 2.0 ** fam.emin).sum()
     assert len(pats) == finite and dq.isfinite().all() and small == subnormal
@@ -139,15 +145,8 @@ def test_minifloat_patterns_decode_exactly_under_flush_to_zero(kind):
     flush-to-zero / denormals-are-zero mode on (``torch.set_flush_denormal``; N = 64 is one parallel
     task, which the calling thread runs). Subnormal patterns read through fp32 denormals would come
     back 0 here."""
-    from finegrain.formats.base import QTensor
-    from finegrain.formats.minifloat import MINIFLOATS
-
-    fam = MINIFLOATS[kind]
-    fmt = QuantFormat.parse(f"{kind}-channel-sym-fp32")
-    pats = torch.tensor([p for p in range(2 ** fam.bits) if fam.table[p].isfinite()], dtype=torch.uint8)
     n, k = 64, 256
-    codes = pats[torch.arange(n * k) % len(pats)].reshape(n, k)
-    q = QTensor(codes, torch.full((n, 1), 2.0 ** -10), torch.zeros(n, 1, dtype=torch.int32))
+    fam, fmt, _, q = _every_pattern(kind, torch.full((n, 1), 2.0 ** -10), n, k)
     dq = fmt.dequantize(q)
     assert (dq.abs() < 2.0 ** (fam.emin - 10)).logical_and(dq != 0).any()  # subnormal patterns are there
     p = pack_weight(fmt, q)

@@ -84,10 +84,11 @@ class TvmBackend(BackendBase):
 
         # torch.sym_max / sym_min of shape integers (MPT's ALiBi slices start at max(0, n - length)): Relax's
         # strided_slice gives such a slice no shape, and its broadcast with the scores cannot be proven
-        sym = [Refusal(f"node {n.name}", n.target.__name__, "a slice bound computed by torch.sym_max / sym_min (MPT's "
-                       "ALiBi) has no TVM lowering: its result's shape is not derivable in Relax")
-               for n in compiled.gm.graph.nodes if n.op == "call_function" and n.target in (torch.sym_max, torch.sym_min)]
-        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True) + sym[:1]
+        sym = next((n for n in compiled.gm.graph.nodes if n.op == "call_function"
+                    and n.target in (torch.sym_max, torch.sym_min)), None)
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True) + [
+            Refusal(f"node {n.name}", n.target.__name__, "a slice bound computed by torch.sym_max / sym_min (MPT's "
+                    "ALiBi) has no TVM lowering: its result's shape is not derivable in Relax") for n in [sym] if n]
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs
