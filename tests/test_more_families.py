@@ -2,7 +2,9 @@
 folds of Gemma, Nemotron and Helium are in ``tests/passes/test_norm_families.py``): MPT's KV-cache
 graph computes its ALiBi slice bounds with ``torch.sym_max``, which the artifact format now
 stores (and ONNX Runtime runs) and TVM refuses by name; GPTBigCode's multi-query reshapes made the
-TVM frontend compare symbolic dims with ``bool()``."""
+TVM frontend compare symbolic dims with ``bool()``; Cohere's LayerNorm, written out as arithmetic, was not
+recognized (no norm fold, the rotation refused); GPT-Neo's KV graph could not be captured (a fixed
+causal-mask buffer sliced by ``past + seq``)."""
 import pytest
 import torch
 import transformers as tf
@@ -64,3 +66,52 @@ def test_gpt_bigcode_decodes_on_tvm():
     cm = finegrain.compile(model, (x[:, :8],), recipe="w4a16-g128", progress=False, kv_cache=True)
     ref = _decode(cm.session(), x)
     assert _rel(ref, _decode(cm.session("tvm", target=BUILD, max_seq_len=32), x)) < 1e-5
+
+
+def test_cohere_rotated_decodes_through_the_cache_on_onnx():
+    """Cohere writes its LayerNorm out as arithmetic; canonicalize makes it ``aten.layer_norm``, so
+    the residual rotation folds (before: refused, naming the ``mean`` node) and the rotated graph
+    with a KV cache runs on ONNX Runtime as on the reference."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = tf.CohereForCausalLM(tf.CohereConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=128)).eval()
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (x[:, :8],), recipe="w4a8-rot", progress=False, kv_cache=True)
+    actions = [(f["pass"], f["action"]) for f in cm.folds]
+    assert actions.count(("fold_norms", "folded")) == 3 and ("fold_rotation", "folded") in actions, cm.folds
+    ref = _decode(cm.session(), x)
+    with torch.no_grad():
+        assert _rel(model(x, use_cache=False).logits, ref) < 0.2  # W4A8: close to float, not equal
+    assert _rel(ref, _decode(cm.session("onnx"), x)) < 1e-5
+
+
+def _gpt_neo():
+    torch.manual_seed(0)
+    return tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                                                attention_types=[[["global", "local"], 1]], window_size=8,
+                                                max_position_embeddings=128)).eval()
+
+
+def test_gpt_neo_kv_graph_is_captured_for_half_the_positions_each(tmp_path):
+    """GPT-Neo slices a fixed [128, 128] causal-mask buffer by ``past + seq``: export cannot prove that
+    for seq, past <= 128 each (before: a CaptureError). The KV graph is captured for seq <= 64 and
+    past <= 64, with a warning that says so (terminal and manifest); it decodes as the full forward
+    on the reference and ONNX Runtime, and TVM refuses it by node."""
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="up to 64 new tokens per call and 64 past tokens"):
+        cm = finegrain.compile(_gpt_neo(), (x[:, :8],), recipe=FLOAT, progress=False, kv_cache=True)
+    assert any("past + seq by its 128 positions" in w for w in cm.warnings)
+    with torch.no_grad():
+        ref = _gpt_neo()(x, use_cache=False).logits
+    assert _rel(ref, _decode(cm.session(), x)) < 1e-5  # local (window 8 < 24) and global layers
+    cm.save(tmp_path / "neo")
+    assert finegrain.load(tmp_path / "neo").warnings == cm.warnings
+    pytest.importorskip("onnxruntime")
+    assert _rel(ref, _decode(cm.session("onnx"), x)) < 1e-5
+    pytest.importorskip("tvm")
+    from finegrain.backends import registry
+
+    (why,) = [str(r) for r in registry.get("tvm").check(cm)]
+    assert "node slice_1" in why and "attention_bias" in why and "run-time size" in why

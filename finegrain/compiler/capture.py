@@ -238,11 +238,14 @@ def check_finite_parameters(model: torch.nn.Module) -> None:
             raise InputError(f"weight {name!r} contains NaN or Inf; fix the checkpoint before quantizing")
 
 
-def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple):
+def _kv_dynamic_shapes(model: "HFCacheWrapper", inputs: tuple, split: bool = False):
+    """``seq`` and ``past`` each up to the model's positions; ``split``: ``seq`` up to half of them and
+    ``past`` the rest, for a model that slices a fixed-size buffer by ``past + seq`` (GPT-Neo's causal
+    mask), where export needs the sum bounded by the ranges."""
     config = model.model.config
     max_seq = int(getattr(config, "max_position_embeddings", None) or 1 << 16)
-    seq = torch.export.Dim("seq", min=1, max=max_seq)
-    past = torch.export.Dim("past", min=0, max=max_seq)
+    seq = torch.export.Dim("seq", min=1, max=max_seq // 2 if split else max_seq)
+    past = torch.export.Dim("past", min=0, max=max_seq - max_seq // 2 if split else max_seq)
     batch = torch.export.Dim("batch", min=2, max=1 << 16) if inputs[0].shape[0] >= 2 else None
     lead = {0: batch} if batch is not None else {}
     return ({**lead, 1: seq}, {**lead, 1: seq}, tuple({**lead, 2: past} for _ in inputs[2:]))
@@ -373,8 +376,10 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                 if shapes is None or "Constraints violated" not in str(e):
                     raise
                 ep = export(_auto_dims(shapes))
-                if not _covers(ep, shapes):  # the model really narrows a range: the named one's error stands
-                    raise
+                if not _covers(ep, shapes):  # the model really narrows a range
+                    ep = _export_split(export, model, example_inputs) if kv is not None and dynamic else None
+                    if ep is None:  # the named one's error stands
+                        raise
     except Exception as e:  # torch raises many types here; all become one actionable error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ("try strict=True" if not strict else "try strict=False") + \
@@ -382,6 +387,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
                            f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
     gm = _unlift(ep, prefix)
+    if ep.graph_module.meta.get("capture_warnings"):
+        gm.meta["capture_warnings"] = ep.graph_module.meta["capture_warnings"]
     if declared is not None and dynamic:
         gm.meta["input_dim_ranges"] = _dim_ranges(ep, declared, input_names)
     if kv is not None:  # the present keys / values: a graph role passes and backends can address
@@ -389,6 +396,22 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         for i, node in enumerate(out[1:]):
             node.meta[KV] = {"layer": i // 2, "kind": ("key", "value")[i % 2]}
     return gm
+
+
+def _export_split(export, model, example_inputs):
+    """The KV-cache graph exported with :func:`_kv_dynamic_shapes` ``split`` (``past + seq`` within the
+    model's positions), with a warning that says so; None when that fails too."""
+    shapes = _kv_dynamic_shapes(model, example_inputs, split=True)
+    try:
+        ep = export(shapes)
+    except Exception:  # noqa: BLE001 - the caller re-raises the first, clearer error
+        return None
+    seq, past = shapes[0][1].max, shapes[2][0][2].max
+    ep.graph_module.meta["capture_warnings"] = [
+        f"the model bounds past + seq by its {seq + past} positions (a fixed-size buffer sliced by the total length, "
+        f"e.g. a causal mask): its KV-cache graph was captured for up to {seq} new tokens per call and {past} past "
+        "tokens"]
+    return ep
 
 
 def _unlift(ep: torch.export.ExportedProgram, prefix: str) -> GraphModule:

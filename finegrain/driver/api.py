@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -190,6 +191,9 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
             check_inputs(specs, b, what=f"calibration batch {i}")
     t_capture = time.perf_counter() - t0
     ctx = PassContext(recipe=recipe, calibration=batches, show_progress=progress, strict_recipe=strict_recipe)
+    for w in gm.meta.pop("capture_warnings", []):  # e.g. a KV-cache graph captured for a shorter context
+        warnings.warn(w, stacklevel=3)
+        ctx.report.setdefault("warnings", []).append(w)
     gm = run_passes(gm, ctx, passes)
     return Prepared(gm, ctx, specs, t0, t_capture, kv)
 

@@ -13,6 +13,8 @@ nothing when the dtypes agree) and drops casts of a constant to the dtype it has
 ``w.to(float32)`` norm gain), folds inference-mode BatchNorm into the convolution before it
 (``W' = W * s``, ``b' = (b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` per output
 channel; ``ctx.report["folds"]`` records each BatchNorm as folded or refused, with the reason),
+rewrites a LayerNorm written out as arithmetic (Cohere's ``(x - mean) * rsqrt(var + eps)``, then
+``w * ...``) into ``aten.layer_norm`` (exact up to float rounding),
 marks each LSTM / GRU / RNN weight matrix with ``finegrain::weight`` (a quantizable op of kind
 ``recurrent``), then removes dead code.
 Requires: a captured graph. Ensures: no assertion nodes; same function (BatchNorm folds exact up
@@ -205,6 +207,72 @@ def _batch_norm(gm: GraphModule, node, log: list) -> None:
                 "detail": f"BatchNorm affine and running statistics into {into}'s weight and bias"})
 
 
+def _keepdim_mean(n) -> bool:
+    aten = torch.ops.aten
+    return (getattr(n, "op", None) == "call_function" and n.target is aten.mean.dim and list(n.args[1]) == [-1]
+            and bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)))
+
+
+def _centered(n, x=None):
+    """``(x, mean)`` when ``n`` is ``x - mean(x, -1, keepdim=True)`` (``x`` fixed when given), else None."""
+    aten = torch.ops.aten
+    if not (getattr(n, "op", None) == "call_function" and n.target is aten.sub.Tensor and len(n.args) == 2
+            and not n.kwargs and _keepdim_mean(n.args[1]) and n.args[1].args[0] is n.args[0]):
+        return None
+    return (n.args[0], n.args[1]) if x is None or n.args[0] is x else None
+
+
+def _hand_layer_norm(gm: GraphModule, rsqrt) -> None:
+    """A LayerNorm written out (Cohere's: ``(x - mean) * rsqrt(mean((x - mean)^2) + eps)``, the
+    centering computed once or twice, then ``w * normalized``) becomes ``aten.layer_norm(x, [d], w,
+    None, eps)``, so the norm folds, smoothing and rotations see a LayerNorm. Anything else reading
+    the intermediate values leaves the graph as it was."""
+    aten = torch.ops.aten
+    add = rsqrt.args[0]
+    if not (add.op == "call_function" and add.target in (aten.add.Tensor, aten.add.Scalar) and len(add.args) == 2
+            and isinstance(add.args[1], float) and not add.kwargs and len(add.users) == 1):
+        return
+    var = add.args[0]
+    if not (_keepdim_mean(var) and len(var.users) == 1):
+        return
+    sq = var.args[0]
+    if sq.op == "call_function" and sq.target is aten.pow.Tensor_Scalar and sq.args[1] == 2:
+        centered = sq.args[0]
+    elif sq.op == "call_function" and sq.target is aten.mul.Tensor and sq.args[0] is sq.args[1]:
+        centered = sq.args[0]
+    else:
+        return
+    found = _centered(centered)
+    if found is None or len(sq.users) != 1 or len(rsqrt.users) != 1:
+        return
+    x, mean = found
+    (normalized,) = rsqrt.users
+    if not (normalized.target is aten.mul.Tensor and len(normalized.args) == 2 and not normalized.kwargs):
+        return
+    other = normalized.args[0] if normalized.args[1] is rsqrt else normalized.args[1]
+    if _centered(other, x) is None or other.args[1] is not mean:
+        return
+    subs = {centered, other}
+    if not (all(u in subs for u in mean.users) and all(set(s.users) <= {sq, normalized} for s in subs)):
+        return
+    xv = x.meta.get("val")
+    d = xv.shape[-1] if isinstance(xv, torch.Tensor) and xv.dim() >= 1 else None
+    if not isinstance(d, int):
+        return
+    out, weight = normalized, None
+    if len(normalized.users) == 1:
+        (u,) = normalized.users
+        w = (u.args[0] if u.args[1] is normalized else u.args[1]) if u.target is aten.mul.Tensor else None
+        wv = w.meta.get("val") if getattr(w, "op", None) == "get_attr" else None
+        if (len(u.args) == 2 and not u.kwargs and isinstance(wv, torch.Tensor) and wv.dim() == 1
+                and wv.shape[0] == d and wv.dtype == xv.dtype):
+            out, weight = u, w
+    with gm.graph.inserting_before(out):
+        new = gm.graph.call_function(aten.layer_norm.default, (x, [d], weight, None, float(add.args[1])))
+    new.meta.update(out.meta)
+    out.replace_all_uses_with(new)
+
+
 def _recurrent(gm: GraphModule, node) -> None:
     """Each 2-D weight of an LSTM / GRU / RNN (``weight_ih`` / ``weight_hh`` per layer and direction,
     gates stacked along N) is read through ``finegrain::weight``, so it is a quantizable op (kind
@@ -245,6 +313,9 @@ def canonicalize(gm: GraphModule, ctx: PassContext | None) -> GraphModule:
             _addmm(gm, node)
         elif node.op == "call_function" and node.target in (torch.ops.aten.matmul.default, torch.ops.aten.mm.default):
             _matmul(gm, node)
+    for node in list(gm.graph.nodes):  # after the casts above are gone (Cohere's `w.to(float32) * x`)
+        if node.op == "call_function" and node.target is torch.ops.aten.rsqrt.default:
+            _hand_layer_norm(gm, node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

@@ -1,8 +1,8 @@
 """Norms found by what they compute, across transformers families (random-init tiny configs):
 RMSNorm scaling by ``w`` or ``1 + w`` (Gemma), computing in fp32 and casting back (``type_as``),
-QK-norms, sandwich norms. Per family and fold: what was folded, refused (with a reason) or put
-online is recorded, folds are exact in float, and a residual rotation that cannot apply is a
-refusal record, never a silent fallback."""
+QK-norms, sandwich norms, LayerNorms written out as their arithmetic (Cohere). Per family and fold:
+what was folded, refused (with a reason) or put online is recorded, folds are exact in float, and a
+residual rotation that cannot apply is a refusal record, never a silent fallback."""
 import collections
 import importlib
 
@@ -30,6 +30,9 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, 4, 4, True),  # 1 + w, tied head, scaled embedding
     "nemotron": ("NemotronConfig", "NemotronForCausalLM", {}, 4, 4, True),  # LayerNorm1P: layer_norm(x, 1 + w, b)
     "helium": ("HeliumConfig", "HeliumForCausalLM", {"head_dim": 16}, 4, 4, True),  # gain w.to(float32)
+    # a LayerNorm written out (mean, centered variance, rsqrt), parallel attention + MLP on one norm, tied head
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}, 3, 4, True),
+    "cohere_qk": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}, 3, 4, True),  # + per-head QK LayerNorms
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}, 4, 4, True),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"only": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
                                                             n_positions=128)}, 4, 4, True),  # Conv1D = addmm

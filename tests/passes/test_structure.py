@@ -119,6 +119,48 @@ def test_fold_norms_layernorm_bias():
     assert torch.allclose(gm(x), ref, atol=1e-5)
 
 
+class HandLayerNorm(torch.nn.Module):
+    """Cohere's LayerNorm, written out (the centering computed twice), then a linear; ``leak``
+    also returns the mean, so the pattern's intermediate has another reader."""
+
+    def __init__(self, leak=False):
+        super().__init__()
+        self.leak = leak
+        self.norm_w = torch.nn.Parameter(torch.rand(64) + 0.5)
+        self.lin = torch.nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        y = self.lin(self.norm_w.to(torch.float32) * ((x - mean) * torch.rsqrt(var + 1e-5)))
+        return (y, mean) if self.leak else y
+
+
+def test_hand_written_layer_norm_becomes_aten_layer_norm():
+    torch.manual_seed(0)
+    m, x = HandLayerNorm().eval(), torch.randn(3, 64)
+    ref = m(x)
+    gm, ctx = _run(m, x, lambda gm, ctx: gm, Recipe(fold_norms=True))
+    expected = Graph()
+    xi = expected.placeholder("x")
+    w_norm, w_lin = expected.get_attr("norm_w"), expected.get_attr("lin.weight")
+    ln = expected.call_function(aten.layer_norm.default, (xi, [64], w_norm, None, 1e-5))
+    expected.output(expected.call_function(aten.linear.default, (ln, w_lin)))
+    assert canon(gm.graph) == canon(expected)
+    assert torch.allclose(gm(x), ref, atol=1e-5)
+    folded = fold_norms(gm, ctx)  # now a LayerNorm the fold understands: its gain moves into lin
+    assert [f["action"] for f in ctx.report["folds"]] == ["folded"]
+    assert torch.allclose(folded(x), ref, atol=1e-5)
+
+
+def test_hand_written_layer_norm_with_a_shared_intermediate_is_left_alone():
+    m, x = HandLayerNorm(leak=True).eval(), torch.randn(3, 64)
+    gm, _ = _run(m, x, lambda gm, ctx: gm, Recipe())
+    targets = [n.target for n in gm.graph.nodes]
+    assert aten.layer_norm.default not in targets and aten.rsqrt.default in targets
+    torch.testing.assert_close(gm(x), m(x))
+
+
 def test_fold_norms_refuses_a_norm_read_by_a_residual():
     class PostNorm(torch.nn.Module):
         def __init__(self):

@@ -86,9 +86,17 @@ class TvmBackend(BackendBase):
         # strided_slice gives such a slice no shape, and its broadcast with the scores cannot be proven
         sym = next((n for n in compiled.gm.graph.nodes if n.op == "call_function"
                     and n.target in (torch.sym_max, torch.sym_min)), None)
+        # likewise any slice starting at a run-time size (GPT-Neo's causal-mask buffer sliced from the past length)
+        start = next((n for n in compiled.gm.graph.nodes if n.op == "call_function"
+                      and n.target is torch.ops.aten.slice.Tensor and len(n.args) > 2
+                      and isinstance(n.args[2], torch.fx.Node)
+                      and n.args[2].target not in (torch.sym_max, torch.sym_min)), None)
         return super().check(compiled) + windowed_kv_refusals(compiled.gm, "TVM", zip_ok=True) + [
             Refusal(f"node {n.name}", n.target.__name__, "a slice bound computed by torch.sym_max / sym_min (MPT's "
-                    "ALiBi) has no TVM lowering: its result's shape is not derivable in Relax") for n in [sym] if n]
+                    "ALiBi) has no TVM lowering: its result's shape is not derivable in Relax") for n in [sym] if n] + [
+            Refusal(f"node {n.name}", f"slice from {n.args[2].name}", f"a slice of {n.args[0].name} starting at a "
+                    "run-time size (e.g. a fixed causal-mask buffer sliced from the past length, GPT-Neo) has no TVM "
+                    "lowering: its result's shape is not derivable in Relax") for n in [start] if n]
 
     def check_inputs(self, input_specs: list[dict]) -> list[Refusal]:
         from finegrain.compiler.capture import is_kv_specs
