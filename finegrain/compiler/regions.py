@@ -5,12 +5,15 @@ and residual streams. Everything is found from dataflow, never from module names
   ``aten.rms_norm``) and LayerNorm (``aten.layer_norm`` / ``aten.native_layer_norm``), with their
   affine weight / bias constants.
 * :func:`readers`: the ops that consume a tensor, looking through pass-through ops (view, to, ...),
-  split into linears that take it as their activation and everything else.
-* :func:`find_streams`: residual streams. Tensors joined by residual ``add`` and pass-through ops
-  form connected components (networkx); a component that contains an embedding lookup is a
-  stream. For a rotation to fold exactly, every tensor in it must be produced by an embedding, a
-  linear ("writer") or an add of stream tensors, and read only by stream ops or RMSNorms. Streams
-  that break a condition carry the reason (op and node) and are left alone.
+  split into linears that take it as their activation and everything else; with ``experts=True``
+  also through a mixture-of-experts token dispatch (a row gather) into grouped expert linears.
+* :func:`find_streams`: residual streams. Tensors joined by residual ``add``, pass-through ops and
+  row ops (a row gather, a per-row scale such as a routing weight, a sum over rows: each commutes
+  with any map along the last dim) form connected components (networkx); a component that
+  contains an embedding lookup is a stream. For a rotation to fold exactly, every tensor in it must
+  be produced by an embedding, a linear or grouped expert linear ("writer"), an add of stream
+  tensors or a row op, and read only by stream ops or RMSNorms. Streams that break a condition
+  carry the reason (op and node) and are left alone.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from finegrain.compiler.ir import FQN, MODULE, PASS_THROUGH, get_tensor, set_tensor
+from finegrain.compiler.ops import GROUPED_LINEAR
 
 aten = torch.ops.aten
 
@@ -207,8 +211,19 @@ class Readers:
     others: list[Node]  # anything else (op nodes, or the graph output)
 
 
-def readers(node: Node) -> Readers:
-    """Consumers of ``node``'s value, looking through pass-through ops."""
+def row_gather(u: Node, n: Node) -> bool:
+    """``u = n[idx]``: rows of ``n`` (2-D or more) picked along its first dim, the last dim untouched
+    (a mixture-of-experts layer dispatching tokens to experts). It commutes with any map applied
+    along the last dim: a per-channel scale, a rotation."""
+    v = _val(n)
+    return (_is_call(u, aten.index.Tensor) and u.args[0] is n and len(u.args[1]) == 1
+            and isinstance(v, torch.Tensor) and v.dim() >= 2)
+
+
+def readers(node: Node, experts: bool = False) -> Readers:
+    """Consumers of ``node``'s value, looking through pass-through ops. ``experts``: also through row
+    gathers (:func:`row_gather`), with ``finegrain::grouped_linear`` over a constant ``[E, N, K]``
+    counted as a linear (callers that take this handle 3-D weights and no bias)."""
     lin, other, seen = [], [], set()
     frontier = [node]
     while frontier:
@@ -217,10 +232,11 @@ def readers(node: Node) -> Readers:
             if u in seen:
                 continue
             seen.add(u)
-            if _is_call(u, *PASS_THROUGH) and u.args[0] is n:
+            if (_is_call(u, *PASS_THROUGH) and u.args[0] is n) or (experts and row_gather(u, n)):
                 frontier.append(u)
-            elif (_is_call(u, aten.linear.default) and u.args[0] is n and isinstance(u.args[1], Node)
-                  and u.args[1].op == "get_attr" and u.args[1] is not n):
+            elif ((_is_call(u, aten.linear.default) or (experts and _is_call(u, GROUPED_LINEAR)))
+                  and u.args[0] is n and isinstance(u.args[1], Node) and u.args[1].op == "get_attr"
+                  and u.args[1] is not n):
                 lin.append(u)
             else:
                 other.append(u)
@@ -307,6 +323,8 @@ def linear_weight(gm: GraphModule, lin: Node) -> torch.Tensor:
 
 
 def linear_bias(gm: GraphModule, lin: Node) -> torch.Tensor | None:
+    if lin.target is GROUPED_LINEAR:  # (x, w [E, N, K], offsets): experts carry no bias
+        return None
     b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
     return get_tensor(gm, b.target) if isinstance(b, Node) else None
 
@@ -335,7 +353,10 @@ def fold_into_readers(gm: GraphModule, lins: list[Node], scale: torch.Tensor | N
                       shift: torch.Tensor | None) -> None:
     """Linears that read y = x * scale + shift are changed to read x with the same outputs:
     W' = W diag(scale), b' = b + W shift (in float64). Norm folding (x the normalized input) and
-    smoothing (x the smoothed activation) both are this."""
+    smoothing (x the smoothed activation) both are this. Grouped expert weights ``[E, N, K]`` scale
+    the same way; they have no bias, so ``shift`` must be None for them."""
+    if shift is not None and any(lin.target is GROUPED_LINEAR for lin in lins):
+        raise ValueError("a shift cannot be folded into grouped expert linears (no bias)")
     for lin in lins:
         w = linear_weight(gm, lin).double()
         if shift is not None:
@@ -378,6 +399,35 @@ def _scaled_by_constant(n) -> Node | None:
     return None
 
 
+def _row_scaled(n) -> Node | None:
+    """The operand ``x`` of ``n = x * s`` where ``s`` has last dim 1 (one factor per row: a MoE
+    routing weight, Qwen2-MoE's sigmoid-gated shared expert), else None."""
+    if not (_is_call(n, aten.mul.Tensor) and len(n.args) == 2 and all(isinstance(a, Node) for a in n.args)):
+        return None
+    a, b = n.args
+    if last_dim(b) == 1 and last_dim(a) == last_dim(n) != 1:
+        return a
+    if last_dim(a) == 1 and last_dim(b) == last_dim(n) != 1:
+        return b
+    return None
+
+
+def _row_sum(n) -> Node | None:
+    """The operand of a sum over dims other than the last (MoE: the top-k experts' outputs per token)."""
+    v = _val(n.args[0]) if _is_call(n, aten.sum.dim_IntList) and len(n.args) > 1 else None
+    if not (isinstance(v, torch.Tensor) and v.dim() >= 2 and n.args[1]):
+        return None
+    return n.args[0] if all(d % v.dim() != v.dim() - 1 for d in n.args[1]) else None
+
+
+def _row_op(n) -> Node | None:
+    """The stream operand of an op acting on rows only, which commutes with any map along the last
+    dim (so with a rotation): a row gather, a per-row scale, a sum over rows; else None."""
+    if _is_call(n, aten.index.Tensor) and isinstance(n.args[0], Node) and row_gather(n, n.args[0]):
+        return n.args[0]
+    return _row_scaled(n) or _row_sum(n)
+
+
 def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Stream]:
     norms = find_norms(gm) if norms is None else norms
     norm_of: dict[Node, Norm] = {}
@@ -387,12 +437,14 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
     g = nx.Graph()
     for n in gm.graph.nodes:
         scaled = _scaled_by_constant(n)
-        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor) or scaled is not None):
+        row = _row_op(n) if n not in norm_of else None  # a norm's x * rsqrt(...) is the norm's
+        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor) or scaled is not None or row is not None):
             continue
         d = last_dim(n)
         if d is None or d == 1:
             continue
-        operands = n.args[:2] if n.target is aten.add.Tensor else [scaled] if scaled is not None else n.args[:1]
+        operands = (n.args[:2] if n.target is aten.add.Tensor else [scaled] if scaled is not None
+                    else [row] if row is not None else n.args[:1])
         for a in operands:
             if isinstance(a, Node) and a.op != "get_attr" and last_dim(a) == d:
                 g.add_edge(a, n)
@@ -406,7 +458,7 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
         for n in sorted(comp, key=_order(gm)):
             if _is_call(n, aten.embedding.default):
                 continue
-            if _is_call(n, aten.linear.default):
+            if _is_call(n, aten.linear.default, GROUPED_LINEAR):  # grouped: the experts' down projections
                 if isinstance(n.args[1], Node) and n.args[1].op == "get_attr":
                     st.writers.append(n)
                     continue
@@ -420,6 +472,8 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
             if _is_call(n, *PASS_THROUGH) and n.args[0] in comp:
                 continue
             if _scaled_by_constant(n) in comp:  # x * c commutes with a rotation (Gemma's embedding scale)
+                continue
+            if n not in norm_of and _row_op(n) in comp:  # so do row gathers, per-row scales and row sums
                 continue
             st.refusal = f"stream tensor produced by {describe(n)}"
             break

@@ -6,7 +6,8 @@ inference-mode dropouts (``aten.dropout(x, p, train=False)`` is the identity, an
 dataflow such as a residual add from the graph analyses), rewrites mixture-of-experts grouped
 matmuls over a transposed constant ``[E, N, K]`` (``transformers::grouped_mm_fallback``,
 ``aten._grouped_mm``) into ``finegrain::grouped_linear`` on the constant itself (so expert
-weights are quantizable ops with a linear's layout), rewrites ``addmm(bias, x, W)`` over a
+weights are quantizable ops with a linear's layout; a constant stored ``[E, K, N]`` and multiplied as
+is, GPT-OSS's, is stored transposed under its name), rewrites ``addmm(bias, x, W)`` over a
 constant (GPT-2's Conv1D) into a linear on ``W^T`` and ``x @ W.T`` over a constant ``W`` (Falcon's
 ``FalconLinear``) into ``linear(x, W)``, turns ``type_as`` casts into ``to`` (or
 nothing when the dtypes agree) and drops casts of a constant to the dtype it has (Helium's
@@ -49,8 +50,16 @@ def _grouped_mm(gm: GraphModule, node) -> None:
     x, w = node.args[0], node.args[1]
     offs = node.args[2] if len(node.args) > 2 else node.kwargs.get("offs")
     const = _expert_weight(w)
-    if const is None or offs is None or len(node.args) > 3 or set(node.kwargs) - {"offs"}:
-        return  # another layout (bias, scales, non-transposed weights): left as the model wrote it
+    if offs is None or len(node.args) > 3 or set(node.kwargs) - {"offs"}:
+        return  # another layout (bias, scales): left as the model wrote it
+    if const is None:  # GPT-OSS stores its experts [E, K, N]: keep them [E, N, K] under the same name
+        v = w.meta.get("val") if getattr(w, "op", None) == "get_attr" else None
+        if not (isinstance(v, torch.Tensor) and v.dim() == 3 and len(w.users) == 1):
+            return
+        t = get_tensor(gm, w.target)
+        set_tensor(gm, w.target, t.transpose(1, 2).contiguous())
+        w.meta["val"] = torch.empty(t.shape[0], t.shape[2], t.shape[1], dtype=t.dtype, device="meta")
+        const = w
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(GROUPED_LINEAR, (x, const, offs))
     new.meta.update(node.meta)

@@ -24,6 +24,7 @@ from torch.fx import GraphModule
 
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.ir import drop_unused_constants, get_tensor
+from finegrain.compiler.ops import GROUPED_LINEAR
 from finegrain.compiler.regions import describe, find_norms, fold_into_readers, module_name, readers, tied_norm
 
 
@@ -42,9 +43,11 @@ def fold_norms(gm: GraphModule, ctx: PassContext) -> GraphModule:
                         "detail": "its reader shares its weight with the embedding (tied); fold_rotation "
                                   "keeps them tied and moves the norm weight into a d x d matmul"})
             continue
-        r = readers(norm.output)
-        if r.others or not r.linears:
-            why = (f"output also read by {describe(r.others[0])}" if r.others else "output read by no linear")
+        r = readers(norm.output, experts=True)  # through a MoE's token dispatch into its experts
+        grouped = any(lin.target is GROUPED_LINEAR for lin in r.linears)
+        if r.others or not r.linears or (grouped and norm.bias is not None):
+            why = (f"output also read by {describe(r.others[0])}" if r.others else "output read by no linear"
+                   if not r.linears else "its bias cannot go into the experts' grouped linears (no bias)")
             log.append({"pass": "fold_norms", "site": norm.name, "action": "refused",
                         "detail": f"{norm.kind} norm: {why}; folding its affine would not be exact"})
             continue

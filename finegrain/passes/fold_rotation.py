@@ -64,7 +64,7 @@ def _check(st: Stream) -> str | None:
         if (nm.weight is not None or nm.bias is not None) and not (
                 tied_norm(nm) and all(tied_embedding(lin) in st.sources for lin in readers(nm.output).linears)):
             return f"norm {nm.name} still has an affine weight (fold_norms refused it; see its entry)"
-        r = readers(nm.output)
+        r = readers(nm.output, experts=True)
         if r.others:
             return f"output of norm {nm.name} is read by {describe(r.others[0])}, not only by linears"
     if not st.norms:
@@ -83,7 +83,7 @@ def _center_stream(gm: GraphModule, st: Stream) -> None:
         set_tensor(gm, w.target, (e.double() - e.double().mean(1, keepdim=True)).to(e.dtype))
     for lin in st.writers:
         w = linear_weight(gm, lin).double()
-        set_linear_weight(gm, lin, w - w.mean(0, keepdim=True))
+        set_linear_weight(gm, lin, w - w.mean(-2, keepdim=True))  # over outputs (N of [N, K] / [E, N, K])
         b = linear_bias(gm, lin)
         if b is not None:
             set_linear_bias(gm, lin, b.double() - b.double().mean())
@@ -131,14 +131,14 @@ def _rotate_stream(gm: GraphModule, st: Stream, q: torch.Tensor) -> list[str]:
     for lin in st.writers:
         w = linear_weight(gm, lin).double()
         b = linear_bias(gm, lin)
-        set_linear_weight(gm, lin, q.T @ w)
+        set_linear_weight(gm, lin, q.T @ w)  # [d, d] @ [N = d, K], or per expert [E, d, K]
         if b is not None:
             set_linear_bias(gm, lin, b.double() @ q)
     read = []
     for nm in st.norms:
         if nm in tied:
             continue
-        for lin in readers(nm.output).linears:
+        for lin in readers(nm.output, experts=True).linears:  # [N, K] or the experts' [E, N, K]
             set_linear_weight(gm, lin, linear_weight(gm, lin).double() @ q)
             read.append(lin)
     return read

@@ -205,3 +205,29 @@ def test_experts_no_calibration_token_reached():
     assert all(freq[e] == 0.0 for e in idle)
     # no routed token, no predicted damage: the solver spends nothing on them
     assert all(recs[e]["format"] == CANDS[0] for e in idle)
+
+
+def test_gpt_oss_experts_stored_k_by_n_are_quantized():
+    """GPT-OSS multiplies its expert weights as stored, ``[E, K, N]`` (no transpose): canonicalize
+    stores them ``[E, N, K]`` and makes them grouped linears, so they are quantized (before: only the
+    attention's 8 linears were, with no warning) and the post-attention norms fold through the token
+    dispatch into the router and the experts."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(tf.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                 sliding_window=8, max_position_embeddings=128)).eval()
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+    cm = finegrain.compile(model, (x,), recipe="w8a16", progress=False)
+    names = {q["weight"] for q in cm.quantized.values()}
+    assert {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")} <= names
+    out = cm(x)  # INT8 per output channel: close (a transposed weight quantized along the wrong axis is not)
+    assert 0 < float((out - ref).abs().max()) and torch.nn.functional.cosine_similarity(
+        out.flatten(), ref.flatten(), dim=0) > 0.999
+    folded = finegrain.compile(model, (x,), recipe=finegrain.Recipe(name="fold", fold_norms=True), progress=False)
+    assert [f["action"] for f in folded.folds if f["pass"] == "fold_norms"] == ["folded"] * 5, folded.folds
+    torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4)

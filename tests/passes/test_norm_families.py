@@ -1,6 +1,7 @@
 """Norms found by what they compute, across transformers families (random-init tiny configs):
 RMSNorm scaling by ``w`` or ``1 + w`` (Gemma), computing in fp32 and casting back (``type_as``),
-QK-norms, sandwich norms, LayerNorms written out as their arithmetic (Cohere). Per family and fold:
+QK-norms, sandwich norms, LayerNorms written out as their arithmetic (Cohere), mixture-of-experts
+layers (Mixtral, Qwen2-MoE). Per family and fold:
 what was folded, refused (with a reason) or put online is recorded, folds are exact in float, and a
 residual rotation that cannot apply is a refusal record, never a silent fallback."""
 import collections
@@ -33,6 +34,12 @@ FAMILIES = {
     # a LayerNorm written out (mean, centered variance, rsqrt), parallel attention + MLP on one norm, tied head
     "cohere": ("CohereConfig", "CohereForCausalLM", {}, 3, 4, True),
     "cohere_qk": ("CohereConfig", "CohereForCausalLM", {"use_qk_norm": True}, 3, 4, True),  # + per-head QK LayerNorms
+    # mixture of experts: the post-attention norm reaches the router and, through the token dispatch (a row
+    # gather), the experts' grouped linears; the stream is written through per-row routing weights and a sum
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}, 5, 2, True),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,  # + a shared
+                                                            "moe_intermediate_size": 32,  # expert, sigmoid-gated
+                                                            "shared_expert_intermediate_size": 32}, 5, 2, True),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}, 4, 4, True),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"only": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
                                                             n_positions=128)}, 4, 4, True),  # Conv1D = addmm
