@@ -44,7 +44,10 @@ two steps:
    style, and so are codebook weights (NF4, Lloyd-Max, BitMoD's per-group datatypes). A weight none
    of these covers (2-D blocks) raises :class:`ExportError` naming the layer and format. ``hadamard`` becomes
    a ``MatMul`` by the dense orthonormal matrix (one ``[n, n]`` initializer per size, computed by
-   the reference transform on the identity). MoE ``grouped_linear`` ops are not exported yet.
+   the reference transform on the identity). A MoE ``grouped_linear`` (``[E, N, K]``) is exported with
+   its experts apart (``onnx_experts``, a ``GroupedLinear`` marker) and unrolled over the E experts:
+   each expert's rows, a ``Slice`` by the run-time offsets (rows come sorted by expert), times its
+   own ``[N, K]`` weight, lowered like a linear's, then one ``Concat``.
 
 Weights larger than 2 GB in total go to one external data file beside the model
 (``<name>.onnx.data``); ``onnx.checker`` runs on every export. Writes are atomic (a temporary
@@ -84,6 +87,86 @@ _EXTERNAL_ABOVE = 2_000_000_000  # bytes of initializers beyond which they go to
 _OPS: dict[str, Any] = {}
 
 
+@torch.library.custom_op("finegrain::onnx_experts", mutates_args=())
+def _onnx_experts(x: torch.Tensor, offsets: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """``grouped_linear(x, stack(weights), offsets)`` with the experts' weights apart, so each is
+    exported as its own [N, K] weight (quantized: its own DequantizePacked marker)."""
+    from finegrain.compiler.ops import _grouped
+
+    return _grouped(x, torch.stack(weights), offsets)
+
+
+@_onnx_experts.register_fake
+def _(x, offsets, weights):
+    return x.new_empty(x.shape[0], weights[0].shape[0])
+
+
+ONNX_EXPERTS = torch.ops.finegrain.onnx_experts.default
+
+
+def _split_experts(gm):
+    """A copy of ``gm`` (sharing its tensors) with each ``grouped_linear(x, W, offsets)`` as
+    ``onnx_experts(x, offsets, [W_0, ..., W_E-1])``: the stacked per-expert dequantizations taken
+    apart, a float ``[E, N, K]`` weight selected per expert. ``gm`` itself when it has none."""
+    import copy
+
+    from finegrain.compiler.ops import GROUPED_LINEAR
+
+    if not any(n.op == "call_function" and n.target is GROUPED_LINEAR for n in gm.graph.nodes):
+        return gm
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    g = gm.graph
+    for node in [n for n in g.nodes if n.op == "call_function" and n.target is GROUPED_LINEAR]:
+        x, w, offsets = node.args[:3]
+        with g.inserting_before(node):
+            if w.op == "call_function" and w.target is torch.ops.aten.stack.default and w.args[1:] in ((), (0,)):
+                parts = list(w.args[0])
+            else:
+                parts = [g.call_function(torch.ops.aten.select.int, (w, 0, e)) for e in range(w.meta["val"].shape[0])]
+                for e, p in enumerate(parts):
+                    p.meta["val"] = w.meta["val"][e]
+            new = g.call_function(ONNX_EXPERTS, (x, offsets, parts))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    g.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _experts(graph, node) -> None:
+    """Lower a ``GroupedLinear(x, offsets, W_0..W_E-1)`` marker: the rows of expert e (``x[offsets[e-1]:
+    offsets[e]]``, rows sorted by expert) times ``W_e^T`` (a Transpose -> MatMul, so a quantized
+    ``W_e`` is then lowered like any linear's weight), concatenated in order. Unrolled over E."""
+    import onnx_ir as ir
+
+    # the weights are the last E inputs (onnxscript may repeat the leading ones before a variadic input)
+    x, offsets, ws = node.inputs[0], node.inputs[1], list(node.inputs)[-node.attributes["experts"].value:]
+
+    def const(name: str, v) -> Any:
+        val = ir.Value(name=f"{node.name}.{name}", const_value=ir.tensor(np.asarray(v, dtype=np.int64)))
+        graph.register_initializer(val)
+        return val
+
+    new = [ir.node("Cast", [offsets], {"to": ir.DataType.INT64})]
+    ends = new[-1].outputs[0]
+    new.append(ir.node("Slice", [ends, const("s0", [0]), const("s1", [len(ws) - 1])]))
+    new.append(ir.node("Concat", [const("zero", [0]), new[-1].outputs[0]], {"axis": 0}))
+    starts, axis0, outs = new[-1].outputs[0], const("axis0", [0]), []
+    for e, w in enumerate(ws):
+        a, b = const(f"e{e}", [e]), const(f"e{e}_end", [e + 1])
+        lo, hi = ir.node("Slice", [starts, a, b]), ir.node("Slice", [ends, a, b])
+        rows = ir.node("Slice", [x, lo.outputs[0], hi.outputs[0], axis0])
+        tr = ir.node("Transpose", [w], {"perm": [1, 0]})
+        mm = ir.node("MatMul", [rows.outputs[0], tr.outputs[0]])
+        new += [lo, hi, rows, tr, mm]
+        outs.append(mm.outputs[0])
+    new.append(ir.node("Concat", outs, {"axis": 0}))
+    for n in new:
+        graph.insert_before(node, n)
+    _replace(graph, node, new[-1])
+
+
 def _marker_ops() -> dict[str, Any]:
     """onnxscript ops for the finegrain-domain markers (their schemas registered once)."""
     if _OPS:
@@ -105,6 +188,13 @@ def _marker_ops() -> dict[str, Any]:
                               ("T3", ["tensor(float)"], ""), ("T4", ["tensor(float16)"], ""), ("T", floats, "")],
             attributes=[OpSchema.Attribute("fmt", OpSchema.AttrType.STRING, ""),
                         OpSchema.Attribute("shape", OpSchema.AttrType.INTS, "")]),
+        "GroupedLinear": OpSchema(  # a MoE grouped GEMM, one weight [N, K] per expert (lowered in _experts)
+            "GroupedLinear", DOMAIN, 1,
+            inputs=[fp("x", "T"), fp("offsets", "I"),
+                    fp("weights", "T", param_option=OpSchema.FormalParameterOption.Variadic)],
+            outputs=[fp("y", "T")],
+            type_constraints=[("T", floats, ""), ("I", ["tensor(int64)", "tensor(int32)", "tensor(float)"], "")],
+            attributes=[OpSchema.Attribute("experts", OpSchema.AttrType.INT, "")]),
         "Hadamard": OpSchema(
             "Hadamard", DOMAIN, 1, inputs=[fp("x", "T"), fp("factor", "T3")], outputs=[fp("y", "T")],
             type_constraints=[("T", floats, ""), ("T3", ["tensor(float)", "tensor(double)"], "")]),
@@ -239,10 +329,13 @@ def _translation_table() -> dict:
     def weight(w):  # the recurrent-weight marker is the identity
         return op.Identity(w)
 
+    def experts(x, offsets, weights):
+        return ops["GroupedLinear"](x, offsets, *weights, experts=len(weights))
+
     from finegrain.backends import onnx_gqa
 
     return {QUANTIZE: quantize, DEQUANTIZE: dequantize, DEQUANTIZE_PACKED: dequantize_packed, HADAMARD: hadamard,
-            WEIGHT: weight, KV_APPEND: _kv_append_translation(op),
+            WEIGHT: weight, KV_APPEND: _kv_append_translation(op), ONNX_EXPERTS: experts,
             onnx_gqa.KV_INT8_ATTENTION: onnx_gqa.translation(op)}
 
 
@@ -797,6 +890,9 @@ def _lower(model, style: str, accuracy_level: int) -> dict:
     graph = model.graph
     forms: dict[str, str] = {}
     hadamards: dict[tuple, Any] = {}
+    for node in list(graph):  # first the experts, whose weights are then lowered like linears' below
+        if node.domain == DOMAIN and node.op_type == "GroupedLinear":
+            _experts(graph, node)
     for node in list(graph):
         if node.domain != DOMAIN:
             continue
@@ -915,11 +1011,11 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
     BACKEND.require(cm)  # every layer / op the export does not cover, named, before torch.onnx.export runs
     import warnings
 
-    gm, specs, kv_int8 = cm.gm, cm.input_specs, {"inputs": [], "skipped": []}
+    gm, specs, kv_int8 = _split_experts(cm.gm), cm.input_specs, {"inputs": [], "skipped": []}
     if kv_int8_cache and getattr(cm, "kv", None):
         from finegrain.backends.onnx_gqa import fuse
 
-        gm, int8, kv_int8["skipped"] = fuse(cm.gm, (cm.source or {}).get("hf_config"))
+        gm, int8, kv_int8["skipped"] = fuse(gm, (cm.source or {}).get("hf_config"))
         specs = [{**s, "dtype": "int8"} if i in int8 else s for i, s in enumerate(cm.input_specs)]
         kv_int8["inputs"] = [specs[i]["name"] for i in sorted(int8)]
     # torch.onnx's registry logs a warning per torchvision op when torchvision is absent (it is, by design)
@@ -1200,7 +1296,11 @@ class OnnxBackend(BackendBase):
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
                                 "groups' columns taken from the 8-bit one")
-        return "refused", "mixture-of-experts grouped_linear has no ONNX lowering yet"
+        if op == "grouped_linear":
+            return "emulated", ("mixture-of-experts grouped GEMM unrolled over the experts: each expert's rows "
+                                "(Slice by the offsets) times its own weight, lowered as a linear's (MatMulNBits / "
+                                "DequantizeLinear), concatenated")
+        return "refused", f"op {op} has no ONNX lowering"
 
     def session(self, compiled, **options) -> OnnxSession:
         return OnnxSession(compiled, **options)  # its export checks the model first
