@@ -159,10 +159,14 @@ def _kv_search(loaded: LoadedModel, kv_samples: int, kv_seq_len: int, bits: tupl
     import math
     import time
 
-    from finegrain.compiler.capture import kv_layout
+    from finegrain.compiler.capture import kv_layout, kv_widths_differ
     from finegrain.driver.kv_tune import kv_sensitivity
 
-    head_dim = kv_layout(loaded.model)["head_dim"]  # what the model's cache really holds
+    layout = kv_layout(loaded.model)
+    if kv_widths_differ(layout):
+        raise InputError(f"{type(loaded.model).__name__} caches keys and values of different shapes (MLA): the KV "
+                         "search quantizes a cache of keys and values per head, which it does not have")
+    head_dim = layout["head_dim"]  # what the model's cache really holds
     key_fmt, value_fmt = "int{}-g32-asym-fp16-dyn", f"int{{}}-g{math.gcd(32, head_dim)}-asym-fp16-dyn"
     pairs = [(key_fmt.format(k), value_fmt.format(v)) for k in bits for v in bits]
     calib = [b[0] for b in calibration_batches(loaded.tokenizer, kv_samples, kv_seq_len, text=calib_text)]

@@ -168,6 +168,11 @@ def test_a_tampered_kv_layout_is_refused(tiny_llama, tmp_path):
     mf.write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="field 'kv'"):
         finegrain.load(tmp_path / "art")
+    m["kv"]["layers"] = 2
+    for extra in ({"value_dim": 8}, {"value_heads": 1, "value_dim": -8}, {"value_heads": 1, "value_dim": "8"}):
+        mf.write_text(json.dumps({**m, "kv": {**m["kv"], **extra}}))  # MLA's value shape: both fields, integers
+        with pytest.raises(ArtifactError, match="value_heads with value_dim"):
+            finegrain.load(tmp_path / "art")
 
 
 def test_kv_cache_needs_a_causal_lm():

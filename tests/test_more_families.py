@@ -4,7 +4,8 @@ graph computes its ALiBi slice bounds with ``torch.sym_max``, which the artifact
 stores (and ONNX Runtime runs) and TVM refuses by name; GPTBigCode's multi-query reshapes made the
 TVM frontend compare symbolic dims with ``bool()``; Cohere's LayerNorm, written out as arithmetic, was not
 recognized (no norm fold, the rotation refused); GPT-Neo's KV graph could not be captured (a fixed
-causal-mask buffer sliced by ``past + seq``)."""
+causal-mask buffer sliced by ``past + seq``); DeepSeek's MLA cache (keys and values of different widths) was
+refused."""
 import pytest
 import torch
 import transformers as tf
@@ -115,3 +116,38 @@ def test_gpt_neo_kv_graph_is_captured_for_half_the_positions_each(tmp_path):
 
     (why,) = [str(r) for r in registry.get("tvm").check(cm)]
     assert "node slice_1" in why and "attention_bias" in why and "run-time size" in why
+
+
+def _deepseek_v3():
+    torch.manual_seed(0)
+    return tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=128, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)).eval()
+
+
+def test_deepseek_mla_cache_of_two_widths(tmp_path):
+    """DeepSeek-V3's MLA caches a latent (kv_lora_rank wide) as "keys" and the rotary key as "values",
+    one head each: the KV graph carries both widths (``value_heads`` / ``value_dim``; before: a
+    CaptureError), decodes as the full forward, saves, loads and runs on ONNX Runtime; KV
+    quantization and the backends with a cache of equal shapes refuse it by name."""
+    from finegrain.backends import registry
+    from finegrain.compiler.recipe import get_recipe, with_kv
+
+    model = _deepseek_v3()
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cm = finegrain.compile(model, (x[:, :8],), recipe=FLOAT, progress=False, kv_cache=True)
+    assert (cm.kv["kv_heads"], cm.kv["head_dim"], cm.kv["value_heads"], cm.kv["value_dim"]) == (1, 16, 1, 8)
+    with torch.no_grad():
+        ref = model(x, use_cache=False).logits
+    assert _rel(ref, _decode(cm.session(), x)) < 1e-5
+    cm.save(tmp_path / "ds")
+    assert _rel(ref, _decode(finegrain.load(tmp_path / "ds").session(), x)) < 1e-5
+    (why,) = [str(r) for r in registry.get("tvm").check(cm)]
+    assert "keys of 1 x 16 and values of 1 x 8" in why
+    with pytest.raises(FinegrainError, match="only a float cache"):
+        finegrain.compile(model, (x[:, :8],), recipe=with_kv(get_recipe("w4a16-g128"), "kivi4"), progress=False,
+                          kv_cache=True)
+    pytest.importorskip("onnxruntime")
+    assert _rel(ref, _decode(cm.session("onnx"), x)) < 1e-5

@@ -189,6 +189,7 @@ class BackendBase:
         return []
 
     kv_cache = False  # runs KV-cache graphs (compile(kv_cache=True): past_key_* inputs, present outputs)
+    kv_widths = False  # ... whose keys and values have different shapes (MLA's latent and rotary key)
 
     def check(self, compiled) -> list[Refusal]:
         refusals = [Refusal("install", self.name, why) for why in [self.available()] if why]
@@ -196,6 +197,12 @@ class BackendBase:
             refusals.append(Refusal("inputs", "kv-cache graph", f"a KV-cache graph (past_key_* / past_value_* inputs, "
                                     f"present outputs): backend {self.name!r} does not lower it yet; compile without "
                                     "kv_cache for it"))
+            return refusals
+        if getattr(compiled, "kv", None) and "value_dim" in compiled.kv and not self.kv_widths:
+            kv = compiled.kv
+            refusals.append(Refusal("inputs", "kv-cache graph", f"keys of {kv['kv_heads']} x {kv['head_dim']} and "
+                                    f"values of {kv['value_heads']} x {kv['value_dim']} per token (MLA's latent and "
+                                    f"rotary key): backend {self.name!r} takes a cache of equal shapes"))
             return refusals
         refusals += self.check_inputs(compiled.input_specs)
         for where, role, thing in graph_items(compiled.gm):

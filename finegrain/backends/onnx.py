@@ -1019,9 +1019,12 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
         specs = [{**s, "dtype": "int8"} if i in int8 else s for i, s in enumerate(cm.input_specs)]
         kv_int8["inputs"] = [specs[i]["name"] for i in sorted(int8)]
     # torch.onnx's registry logs a warning per torchvision op when torchvision is absent (it is, by design)
+    # (and onnx_ir one per empty-list attribute torch.onnx writes, e.g. in a MoE block's routing ops)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
+    attr_log = logging.getLogger("onnx_ir._convenience")
+    level, attr_level = registry_log.level, attr_log.level
     registry_log.setLevel(logging.ERROR)
+    attr_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -1031,6 +1034,7 @@ def export_onnx(cm, path: str | Path, style: str = "qdq", accuracy_level: int = 
                                      input_names=[s["name"] for s in specs], output_names=output_names(cm))
         finally:
             registry_log.setLevel(level)
+            attr_log.setLevel(attr_level)
     model = prog.model
     forms = _lower(model, style, accuracy_level)
     for p in (common.RemoveUnusedNodesPass(), common.RemoveUnusedOpsetsPass()):
@@ -1200,10 +1204,13 @@ class OnnxSession(Session):
         self.input_specs = [{**s, "dtype": "int8"} if s["name"] in int8 else s for s in self.input_specs]
 
     def kv_forward(self, ids: torch.Tensor, past, start: int) -> tuple:
-        if past is None:  # empty pasts in each input's own dtype (INT8 where ORT holds the codes)
+        if past is None:  # empty pasts in each input's own dtype (INT8 where ORT holds the codes) and shape
+            from finegrain.compiler.capture import kv_shape
+
             b = ids.shape[0]
-            past = [torch.zeros(b, self.kv["kv_heads"], 0, self.kv["head_dim"], dtype=getattr(torch, s["dtype"]))
-                    for s in self.input_specs[2:]]
+            shapes = [kv_shape(self.kv, i) for i in range(len(self.input_specs) - 2)]
+            past = [torch.zeros(b, h, 0, d, dtype=getattr(torch, s["dtype"]))
+                    for (h, d), s in zip(shapes, self.input_specs[2:])]
         return super().kv_forward(ids, past, start)
 
     def run(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -1243,6 +1250,7 @@ def make_session(path: str | Path, accuracy_level: int = 0, threads: int | None 
 class OnnxBackend(BackendBase):
     name = "onnx"
     kv_cache = True  # past_key_* / present_* in and out of the exported model (onnxruntime-genai reads it)
+    kv_widths = True
     description = "ONNX export (QDQ / MatMulNBits) run by ONNX Runtime (CPU)"
     error = ExportError
 

@@ -92,6 +92,7 @@ class TorchBackend(BackendBase):
     name = "torch"
     description = "PyTorch eager reference (dequantize, compute in fp32)"
     kv_cache = True
+    kv_widths = True
 
     def capability(self, fmt, role: str, partner=None) -> tuple[str, str]:
         return "emulated", "the reference dequantizes / fake-quantizes and computes in fp32"

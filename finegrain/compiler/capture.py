@@ -97,14 +97,31 @@ def kv_layout(model: torch.nn.Module) -> dict:
     layers = len(cache.layers)
     if layers == 0 or any(lay.keys is None for lay in cache.layers):
         raise CaptureError(f"{type(model).__name__}: its cache has no per-layer keys / values to expose")
-    k = cache.layers[0].keys
-    shapes = {tuple(lay.keys.shape[1::2]) for lay in cache.layers} | {tuple(lay.values.shape[1::2]) for lay in cache.layers}
-    if len(shapes) != 1:
-        raise CaptureError(f"{type(model).__name__}: layers with different KV head counts / dims {sorted(shapes)} "
-                           "are not supported by the KV-cache capture yet")
-    return {"layers": layers, "kv_heads": int(k.shape[1]), "head_dim": int(k.shape[3]),
-            "dtype": str(k.dtype).removeprefix("torch."), "layout": "batch, kv_heads, seq, head_dim",
-            "cache": "concat"}
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    for kind in ("keys", "values"):
+        shapes = {tuple(getattr(lay, kind).shape[1::2]) for lay in cache.layers}
+        if len(shapes) != 1:
+            raise CaptureError(f"{type(model).__name__}: layers with different {kind[:-1]} head counts / dims "
+                               f"{sorted(shapes)} are not supported by the KV-cache capture yet")
+    out = {"layers": layers, "kv_heads": int(k.shape[1]), "head_dim": int(k.shape[3]),
+           "dtype": str(k.dtype).removeprefix("torch."), "layout": "batch, kv_heads, seq, head_dim",
+           "cache": "concat"}
+    if v.shape[1::2] != k.shape[1::2]:  # DeepSeek's MLA caches a latent and a rotary key of their own widths
+        out.update(value_heads=int(v.shape[1]), value_dim=int(v.shape[3]))
+    return out
+
+
+def kv_shape(kv: dict, i: int) -> tuple[int, int]:
+    """(heads, width) of past input ``i`` (keys at even, values at odd indices): the values' own
+    ``value_heads`` / ``value_dim`` where the layout has them (MLA), else ``kv_heads`` / ``head_dim``."""
+    if i % 2 and "value_dim" in kv:
+        return kv["value_heads"], kv["value_dim"]
+    return kv["kv_heads"], kv["head_dim"]
+
+
+def kv_widths_differ(kv: dict | None) -> bool:
+    """Keys and values of different shapes (MLA's latent and rotary key): a float cache only."""
+    return bool(kv) and "value_dim" in kv
 
 
 KV_INPUTS = ("input_ids", "position_ids")
@@ -127,10 +144,11 @@ def check_kv_layout(kv, inputs: list, where: str) -> None:
     from finegrain.io.signature import is_int
 
     ints = ("layers", "kv_heads", "head_dim", "max_seq_len")
-    if (not isinstance(kv, dict) or not all(is_int(kv.get(k)) and 1 <= kv[k] <= 1 << 20 for k in ints)
-            or kv.get("dtype") not in ("float32", "float16", "bfloat16")):
-        raise ArtifactError(f"{where}: field 'kv' must hold integer layers, kv_heads, head_dim, max_seq_len in "
-                            "[1, 2^20] and a float dtype")
+    optional = [k for k in ("value_heads", "value_dim") if isinstance(kv, dict) and k in kv]
+    if (not isinstance(kv, dict) or not all(is_int(kv.get(k)) and 1 <= kv[k] <= 1 << 20 for k in (*ints, *optional))
+            or len(optional) == 1 or kv.get("dtype") not in ("float32", "float16", "bfloat16")):
+        raise ArtifactError(f"{where}: field 'kv' must hold integer layers, kv_heads, head_dim, max_seq_len (and "
+                            "value_heads with value_dim, or neither) in [1, 2^20] and a float dtype")
     want = kv_input_names(kv["layers"])
     if [s.get("name") if isinstance(s, dict) else None for s in inputs] != want:
         raise ArtifactError(f"{where}: a KV-cache artifact's inputs must be {want[:4]}... ({len(want)} in all)")
@@ -143,8 +161,7 @@ def kv_inputs(kv: dict, ids: torch.Tensor, past: "tuple | list | None" = None, s
     pos = torch.arange(start, start + ids.shape[1], dtype=torch.long).expand(b, -1)
     if past is None:
         dt = getattr(torch, kv["dtype"])
-        empty = torch.zeros(b, kv["kv_heads"], 0, kv["head_dim"], dtype=dt)
-        past = [empty] * (2 * kv["layers"])
+        past = [torch.zeros(b, *kv_shape(kv, i)[:1], 0, kv_shape(kv, i)[1], dtype=dt) for i in range(2 * kv["layers"])]
     return (ids, pos, *past)
 
 
@@ -348,8 +365,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         ids = example_inputs[0]
         dt = getattr(torch, kv["dtype"])
         gen = torch.Generator().manual_seed(0)  # a past of 2 so export does not specialize its length
-        past = [torch.randn(ids.shape[0], kv["kv_heads"], 2, kv["head_dim"], generator=gen).to(dt)
-                for _ in range(2 * kv["layers"])]
+        past = [torch.randn(ids.shape[0], kv_shape(kv, i)[0], 2, kv_shape(kv, i)[1], generator=gen).to(dt)
+                for i in range(2 * kv["layers"])]
         example_inputs = kv_inputs(kv, ids, past, start=2)
         model, prefix = HFCacheWrapper(model, kv["layers"]), _WRAPPED + "."
     elif is_hf_model(model):

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.fx import GraphModule
 
-from finegrain.compiler.capture import capture, is_hf_model, kv_input_names, kv_inputs, kv_layout
+from finegrain.compiler.capture import (capture, is_hf_model, kv_input_names, kv_inputs, kv_layout, kv_shape,
+                                        kv_widths_differ)
 from finegrain.compiler.context import PassContext
 from finegrain.compiler.recipe import Recipe, get_recipe
 from finegrain.driver.pipeline import ANALYZE, MATERIALIZE, PIPELINE, run_passes
@@ -178,6 +179,11 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         if len(example_inputs) != 1:
             raise InputError("kv_cache=True: example_inputs must be (input_ids,)")
         kv = {**kv_layout(model), "max_seq_len": int(getattr(model.config, "max_position_embeddings", None) or 2048)}
+        if kv_widths_differ(kv) and (recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope
+                                     or recipe.kv_layers):
+            raise InputError(f"recipe {recipe.name!r} quantizes the KV cache, but {type(model).__name__} caches keys "
+                             f"{kv['kv_heads']} x {kv['head_dim']} and values {kv['value_heads']} x {kv['value_dim']} "
+                             "per token (MLA's latent and rotary key): only a float cache is supported for it")
         batches = [kv_inputs(kv, b[0]) for b in batches]
         specs = _kv_specs(specs[0], kv)
     t0 = time.perf_counter()
@@ -205,8 +211,8 @@ def _kv_specs(ids_spec: dict, kv: dict) -> list[dict]:
     b = ids_spec["shape"][0]
     names = kv_input_names(kv["layers"])
     specs = [dict(ids_spec, name=names[0]), dict(ids_spec, name=names[1], dtype="int64")]
-    specs += [{"name": n, "dtype": kv["dtype"], "shape": [b, kv["kv_heads"], 1, kv["head_dim"]],
-               "dynamic_dims": lead + [2]} for n in names[2:]]
+    specs += [{"name": n, "dtype": kv["dtype"], "shape": [b, kv_shape(kv, i)[0], 1, kv_shape(kv, i)[1]],
+               "dynamic_dims": lead + [2]} for i, n in enumerate(names[2:])]
     return specs
 
 

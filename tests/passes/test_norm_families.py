@@ -1,7 +1,7 @@
 """Norms found by what they compute, across transformers families (random-init tiny configs):
 RMSNorm scaling by ``w`` or ``1 + w`` (Gemma), computing in fp32 and casting back (``type_as``),
 QK-norms, sandwich norms, LayerNorms written out as their arithmetic (Cohere), mixture-of-experts
-layers (Mixtral, Qwen2-MoE). Per family and fold:
+layers (Mixtral, Qwen2-MoE, DeepSeek-V3 with MLA). Per family and fold:
 what was folded, refused (with a reason) or put online is recorded, folds are exact in float, and a
 residual rotation that cannot apply is a refusal record, never a silent fallback."""
 import collections
@@ -40,6 +40,11 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,  # + a shared
                                                             "moe_intermediate_size": 32,  # expert, sigmoid-gated
                                                             "shared_expert_intermediate_size": 32}, 5, 2, True),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {  # MLA (q_a / kv_a norms), shared experts
+        "num_key_value_heads": 4, "head_dim": 8, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32, "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1,
+        "topk_group": 1}, 9, 2, True),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}, 4, 4, True),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"only": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
                                                             n_positions=128)}, 4, 4, True),  # Conv1D = addmm
