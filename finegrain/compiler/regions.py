@@ -11,8 +11,9 @@ and residual streams. Everything is found from dataflow, never from module names
   row ops (a row gather, a per-row scale such as a routing weight, a sum over rows: each commutes
   with any map along the last dim) form connected components (networkx); a component that
   contains an embedding lookup is a stream. For a rotation to fold exactly, every tensor in it must
-  be produced by an embedding, a linear or grouped expert linear ("writer"), an add of stream
-  tensors or a row op, and read only by stream ops or RMSNorms. Streams that break a condition
+  be produced by an embedding or another gather of a constant's rows (a per-expert bias; both
+  "sources"), a linear or grouped expert linear ("writer"), an add of stream tensors or a row op,
+  and read only by stream ops or RMSNorms. Streams that break a condition
   carry the reason (op and node) and are left alone.
 """
 from __future__ import annotations
@@ -428,6 +429,24 @@ def _row_op(n) -> Node | None:
     return _row_scaled(n) or _row_sum(n)
 
 
+def _is_add(n) -> bool:
+    """``a + b``, or ``a.add_(b)`` updating a value nothing else reads (GPT-OSS adds its experts' biases
+    in place to the grouped GEMM's fresh output): the same sum."""
+    if _is_call(n, aten.add.Tensor):
+        return True
+    return (_is_call(n, aten.add_.Tensor) and len(n.args) == 2 and not n.kwargs and isinstance(n.args[0], Node)
+            and set(n.args[0].users) == {n})
+
+
+def _constant_rows(n) -> bool:
+    """``C[idx]`` of a 2-D constant: rows of stream vectors looked up per token, as an embedding is
+    (a per-expert bias gathered for each routed row)."""
+    if not (_is_call(n, aten.index.Tensor) and isinstance(n.args[0], Node) and n.args[0].op == "get_attr"):
+        return False
+    v = _val(n.args[0])
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and row_gather(n, n.args[0])
+
+
 def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Stream]:
     norms = find_norms(gm) if norms is None else norms
     norm_of: dict[Node, Norm] = {}
@@ -438,25 +457,24 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
     for n in gm.graph.nodes:
         scaled = _scaled_by_constant(n)
         row = _row_op(n) if n not in norm_of else None  # a norm's x * rsqrt(...) is the norm's
-        if not (_is_call(n, *PASS_THROUGH) or _is_call(n, aten.add.Tensor) or scaled is not None or row is not None):
+        if not (_is_call(n, *PASS_THROUGH) or _is_add(n) or scaled is not None or row is not None):
             continue
         d = last_dim(n)
         if d is None or d == 1:
             continue
-        operands = (n.args[:2] if n.target is aten.add.Tensor else [scaled] if scaled is not None
+        operands = (n.args[:2] if _is_add(n) else [scaled] if scaled is not None
                     else [row] if row is not None else n.args[:1])
         for a in operands:
             if isinstance(a, Node) and a.op != "get_attr" and last_dim(a) == d:
                 g.add_edge(a, n)
     streams = []
     for comp in nx.connected_components(g):
-        sources = [n for n in comp if _is_call(n, aten.embedding.default)]
-        if not sources:
+        if not any(_is_call(n, aten.embedding.default) for n in comp):
             continue
-        dim = last_dim(sources[0])
-        st = Stream(dim, set(comp), sorted(sources, key=_order(gm)), [], [])
+        sources = [n for n in comp if _is_call(n, aten.embedding.default) or _constant_rows(n)]
+        st = Stream(last_dim(sources[0]), set(comp), sorted(sources, key=_order(gm)), [], [])
         for n in sorted(comp, key=_order(gm)):
-            if _is_call(n, aten.embedding.default):
+            if n in sources:  # rotated like an embedding: C' = C Q
                 continue
             if _is_call(n, aten.linear.default, GROUPED_LINEAR):  # grouped: the experts' down projections
                 if isinstance(n.args[1], Node) and n.args[1].op == "get_attr":
@@ -464,7 +482,7 @@ def find_streams(gm: GraphModule, norms: list[Norm] | None = None) -> list[Strea
                     continue
                 st.refusal = f"stream written by {describe(n)} without a constant weight"
                 break
-            if _is_call(n, aten.add.Tensor):
+            if _is_add(n):
                 if not all(isinstance(a, Node) and a in comp for a in n.args[:2]):
                     st.refusal = f"{describe(n)} adds a non-stream operand to the stream"
                     break

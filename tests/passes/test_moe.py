@@ -210,8 +210,9 @@ def test_experts_no_calibration_token_reached():
 def test_gpt_oss_experts_stored_k_by_n_are_quantized():
     """GPT-OSS multiplies its expert weights as stored, ``[E, K, N]`` (no transpose): canonicalize
     stores them ``[E, N, K]`` and makes them grouped linears, so they are quantized (before: only the
-    attention's 8 linears were, with no warning) and the post-attention norms fold through the token
-    dispatch into the router and the experts."""
+    attention's 8 linears were, with no warning), the post-attention norms fold through the token
+    dispatch into the router and the experts, and the residual rotation folds with the experts' biases
+    (gathered per routed row and added in place) rotated like embedding rows."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -231,3 +232,11 @@ def test_gpt_oss_experts_stored_k_by_n_are_quantized():
     folded = finegrain.compile(model, (x,), recipe=finegrain.Recipe(name="fold", fold_norms=True), progress=False)
     assert [f["action"] for f in folded.folds if f["pass"] == "fold_norms"] == ["folded"] * 5, folded.folds
     torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the experts' down-projection biases (added in place, per routed row) away from 0,
+        for i in range(2):  # so a rotation that left them unrotated would show
+            model.model.layers[i].mlp.experts.down_proj_bias.normal_(0, 0.5)
+        ref = model(x, use_cache=False).logits
+    rot = finegrain.compile(model, (x,), recipe=finegrain.Recipe(name="rot", rotate=True), progress=False)
+    (st,) = [f for f in rot.folds if f["pass"] == "fold_rotation"]
+    assert st["action"] == "folded" and "3 embedding(s)" in st["detail"], st  # the embedding and 2 bias tables
+    torch.testing.assert_close(rot(x), ref, rtol=1e-4, atol=1e-4)
