@@ -75,7 +75,10 @@ class TvmBackend(BackendBase):
         if op == "act_outliers":
             return "emulated", ("activation groups in two precisions (FMPQ): both fake quantizations, the outlier "
                                 "groups' columns taken from the 8-bit one")
-        return "refused", "mixture-of-experts grouped_linear has no TVM lowering yet"
+        if op == "grouped_linear":
+            return "emulated", ("mixture-of-experts grouped GEMM as one gather-GEMM over the experts' dequantized "
+                                "weights (each row's expert from the offsets)")
+        return "refused", f"op {op} has no TVM lowering"
 
     kv_cache = True  # prefill / decode over past K / V tensors (lower.import_relax)
 

@@ -33,7 +33,8 @@ sinks, pre-RoPE / rotated keys) becomes ``kv_window_write``, one TE function tha
 tokens the write releases (``lower_window.py``; an fp32 cache holding the format's values).
 Activations in groups along K (scales per group of the row padded as the reference pads it; fp32 /
 fp16, E8M0 or two-level E4M3 scales) and minifloat activations (rounded on the element's grid) are
-fake-quantized the same way (``lower_activations.py``). MoE grouped GEMMs are refused.
+fake-quantized the same way (``lower_activations.py``). MoE grouped GEMMs run as one
+gather-GEMM over the experts' dequantized weights (emulated: no low-bit kernel for them yet).
 """
 from __future__ import annotations
 
@@ -111,10 +112,15 @@ _RECURRENT = {torch.ops.aten.lstm.input, torch.ops.aten.gru.input}  # those TVM 
 
 def _float_reader(u, n) -> bool:
     """``u`` reads the weight ``n`` as a whole float tensor: a convolution (through reshape / permute
-    only), an LSTM / GRU, an embedding lookup. Such readers get the weight dequantized in the graph."""
+    only), an LSTM / GRU, an embedding lookup, a MoE's stack of experts. Such readers get the weight
+    dequantized in the graph."""
+    from finegrain.compiler.ops import GROUPED_LINEAR
+
     return ((u.target in CONV_OPS and u.args[1] is n) or (u.target in _LAYOUT and _only_float_readers(u))
             or (u.target in _RECURRENT and n in u.args[2])
-            or (u.target is torch.ops.aten.embedding.default and u.args[0] is n))
+            or (u.target is torch.ops.aten.embedding.default and u.args[0] is n)
+            or (u.target is torch.ops.aten.stack.default and bool(u.users)  # a MoE's experts, stacked
+                and all(v.target is GROUPED_LINEAR and v.args[1] is u for v in u.users)))
 
 
 def _only_float_readers(n) -> bool:
@@ -122,7 +128,7 @@ def _only_float_readers(n) -> bool:
     users = list(n.users)
     return bool(users) and all(_float_reader(u, n) for u in users)
 N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
-_UNSUPPORTED = {"grouped_linear": "mixture-of-experts grouped_linear"}
+_UNSUPPORTED: dict[str, str] = {}
 
 
 def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
@@ -609,6 +615,94 @@ def _convert_reshape(node, importer):
     return importer._emit_torch_reshape(x, dims)
 
 
+def _convert_grouped_linear(prefix: str):
+    """``grouped_linear(x [T, K], W [E, N, K], offsets [E])`` (a MoE block's experts; rows sorted by
+    expert, ``offsets`` their cumulative counts) as one TE gather-GEMM: each row's expert is the
+    number of offsets at or below it, and ``y[t, n] = sum_k x[t, k] W[e(t), n, k]``. The weights come
+    dequantized (a stack of the experts' packed weights): emulated, not a low-bit kernel."""
+    def convert(node, importer):
+        from tvm import te, tirx
+
+        bb = importer.block_builder
+        x, w, offsets = importer.retrieve_args(node)[:3]
+
+        def grouped(x_, w_, o_):
+            t_len, k_len = x_.shape
+            e_len, n_len = w_.shape[0], w_.shape[1]
+            e = te.reduce_axis((0, e_len), name="e")
+            expert = te.compute((t_len,), lambda t: te.sum(tirx.Select(
+                o_[e] <= tirx.Cast(o_.dtype, t), tirx.const(1, "int64"), tirx.const(0, "int64")), axis=e),
+                name="row_expert")
+            k = te.reduce_axis((0, k_len), name="k")
+            return te.compute((t_len, n_len), lambda t, n: te.sum(
+                x_[t, k] * w_[tirx.min(expert[t], e_len - 1), n, k].astype(x_.dtype), axis=k), name="grouped_linear")
+
+        return bb.emit_te(grouped, x, w, offsets, primfunc_name_hint=f"{prefix}grouped_linear")
+
+    return convert
+
+
+def _convert_histc(prefix: str):
+    """``aten.histc(x, bins, min, max)`` (a MoE block counting the rows routed to each expert): for
+    each bin, how many of ``x``'s values fall in it (``max`` itself in the last bin), as torch."""
+    return lambda node, importer: _histc(node, importer, prefix)
+
+
+def _histc(node, importer, prefix: str):
+    from tvm import te, tirx
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    x, bins = args[0], int(args[1]) if len(args) > 1 else 100
+    lo, hi = (float(args[2]) if len(args) > 2 else 0.0), (float(args[3]) if len(args) > 3 else 0.0)
+    if hi <= lo:
+        raise TvmError(f"node {node.name}: histc with min {lo} >= max {hi} (ranges from the data) is not supported")
+
+    def histc(x_):
+        flat = [te.reduce_axis((0, d), name=f"i{j}") for j, d in enumerate(x_.shape)]
+        dt = x_.dtype
+
+        def count(b):
+            v = x_(*flat)
+            idx = tirx.min(tirx.Cast("int64", tirx.floor((v - tirx.const(lo, dt)) * tirx.const(bins / (hi - lo), dt))),
+                           tirx.const(bins - 1, "int64"))
+            inside = tirx.all(v >= tirx.const(lo, dt), v <= tirx.const(hi, dt), idx == b)
+            return te.sum(tirx.Select(inside, tirx.const(1, dt), tirx.const(0, dt)), axis=flat)
+
+        return te.compute((bins,), count, name="histc")
+
+    return bb.emit_te(histc, x, primfunc_name_hint=f"{prefix}histc")
+
+
+def _convert_div_mode(node, importer):
+    """``aten.div(x, c, rounding_mode=...)`` with a Python number ``c`` (a MoE block's token index
+    ``i // top_k``): the frontend makes ``c`` an int32 constant whatever ``x``'s dtype (int64
+    there), which Relax refuses; here ``c`` takes ``x``'s dtype."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    x, y = args[:2]
+    mode = args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+    if isinstance(y, (int, float)):
+        y = relax.const(y, x.ty.dtype)
+    if mode == "floor":
+        return bb.emit(relax.op.floor_divide(x, y))
+    out = bb.emit(relax.op.divide(x, y))
+    return bb.emit(relax.op.trunc(out)) if mode == "trunc" else out
+
+
+def _convert_empty(node, importer):
+    """``aten.empty(shape)`` over a symbolic shape (a MoE block's ``empty_like`` of its token order):
+    zeros of that shape (the frontend's converter takes static shapes only)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    args = importer.retrieve_args(node)
+    dtype = str(node.kwargs.get("dtype") or torch.float32).removeprefix("torch.")
+    return bb.emit(relax.op.zeros(relax.ShapeExpr(list(args[0])), dtype))
+
+
 def _convert_diff(node, importer):
     """``aten.diff(x, 1, dim, prepend)`` (transformers' packed-sequence check on position ids).
     The decomposed form slices a concatenation, whose symbolic length (``min(1, s) + s - 1``)
@@ -692,6 +786,9 @@ def _import(gm: GraphModule, example: tuple, dynamic_shapes, prefix: str, lanes:
                "linear.default": _convert_linear(prefix, lanes), "packed_weight.default": _convert_packed_weight(prefix),
                "packed_embedding.default": _convert_packed_embedding(prefix),
                "amax.default": _convert_amax, "view.default": _convert_reshape, "reshape.default": _convert_reshape,
+               "grouped_linear.default": _convert_grouped_linear(prefix), "histc.default": _convert_histc(prefix),
+               "div.Tensor_mode": _convert_div_mode, "empty.memory_format": _convert_empty,
+               "empty.default": _convert_empty, "empty_permuted.default": _convert_empty,
                **lower_cache.relax_converters(prefix),
                **lower_window.relax_converters(prefix, shared)}
     with warnings.catch_warnings():  # torch's deepcopy of the program's tree specs warns of its own deprecation
