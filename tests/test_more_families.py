@@ -151,3 +151,19 @@ def test_deepseek_mla_cache_of_two_widths(tmp_path):
                           kv_cache=True)
     pytest.importorskip("onnxruntime")
     assert _rel(ref, _decode(cm.session("onnx"), x)) < 1e-5
+
+
+def test_a_model_with_its_own_cache_class_is_a_capture_error():
+    """MiniMax's forward refuses transformers' DynamicCache (its linear-attention layers keep a cache of
+    their own): a CaptureError naming the model and the reason (before: transformers' bare ValueError)."""
+    from finegrain.errors import CaptureError
+
+    torch.manual_seed(0)
+    model = tf.MiniMaxForCausalLM(tf.MiniMaxConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                   max_position_embeddings=128)).eval()
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(CaptureError, match=r"MiniMaxForCausalLM: its forward does not take transformers' DynamicCache"):
+        finegrain.compile(model, (x,), recipe=FLOAT, progress=False, kv_cache=True)
+    assert finegrain.compile(model, (x,), recipe=FLOAT, progress=False)(x).shape == (1, 8, 256)  # without: fine

@@ -92,8 +92,13 @@ def kv_layout(model: torch.nn.Module) -> dict:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{cache_kwarg(model): cache})
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, **{cache_kwarg(model): cache})
+    except (ValueError, TypeError, AttributeError) as e:  # e.g. MiniMax: "uses cache of its own"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaptureError(f"{type(model).__name__}: its forward does not take transformers' DynamicCache, which the "
+                           f"KV-cache capture passes it ({type(e).__name__}: {first}); compile without kv_cache") from e
     layers = len(cache.layers)
     if layers == 0 or any(lay.keys is None for lay in cache.layers):
         raise CaptureError(f"{type(model).__name__}: its cache has no per-layer keys / values to expose")
