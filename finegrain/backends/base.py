@@ -198,7 +198,9 @@ class BackendBase:
                                     f"present outputs): backend {self.name!r} does not lower it yet; compile without "
                                     "kv_cache for it"))
             return refusals
-        if getattr(compiled, "kv", None) and "value_dim" in compiled.kv and not self.kv_widths:
+        from finegrain.compiler.capture import kv_widths_differ
+
+        if kv_widths_differ(getattr(compiled, "kv", None)) and not self.kv_widths:
             kv = compiled.kv
             refusals.append(Refusal("inputs", "kv-cache graph", f"keys of {kv['kv_heads']} x {kv['head_dim']} and "
                                     f"values of {kv['value_heads']} x {kv['value_dim']} per token (MLA's latent and "

@@ -166,7 +166,7 @@ def kv_inputs(kv: dict, ids: torch.Tensor, past: "tuple | list | None" = None, s
     pos = torch.arange(start, start + ids.shape[1], dtype=torch.long).expand(b, -1)
     if past is None:
         dt = getattr(torch, kv["dtype"])
-        past = [torch.zeros(b, *kv_shape(kv, i)[:1], 0, kv_shape(kv, i)[1], dtype=dt) for i in range(2 * kv["layers"])]
+        past = [torch.zeros(b, h, 0, d, dtype=dt) for h, d in (kv_shape(kv, i) for i in range(2 * kv["layers"]))]
     return (ids, pos, *past)
 
 
@@ -392,6 +392,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                                              strict=strict)
                 return torch.export.export(model, example_inputs, dynamic_shapes=dims, strict=strict)
 
+            notes: list[str] = []  # warnings of the capture (a KV graph captured for a shorter context)
             try:
                 ep = export(shapes)
             except Exception as e:  # a guard the named range cannot prove: let export infer the range
@@ -399,7 +400,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
                     raise
                 ep = export(_auto_dims(shapes))
                 if not _covers(ep, shapes):  # the model really narrows a range
-                    ep = _export_split(export, model, example_inputs) if kv is not None and dynamic else None
+                    ep = _export_split(export, model, example_inputs, notes) if kv is not None and dynamic else None
                     if ep is None:  # the named one's error stands
                         raise
     except Exception as e:  # torch raises many types here; all become one actionable error
@@ -409,8 +410,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
         raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first}\n"
                            f"  failing module: {_failing_module(model, e)}\n  what to try: {hint}") from e
     gm = _unlift(ep, prefix)
-    if ep.graph_module.meta.get("capture_warnings"):
-        gm.meta["capture_warnings"] = ep.graph_module.meta["capture_warnings"]
+    if notes:
+        gm.meta["capture_warnings"] = notes
     if declared is not None and dynamic:
         gm.meta["input_dim_ranges"] = _dim_ranges(ep, declared, input_names)
     if kv is not None:  # the present keys / values: a graph role passes and backends can address
@@ -420,19 +421,19 @@ def capture(model: torch.nn.Module, example_inputs: tuple, *, input_names: Seque
     return gm
 
 
-def _export_split(export, model, example_inputs):
+def _export_split(export, model, example_inputs, notes: list[str]):
     """The KV-cache graph exported with :func:`_kv_dynamic_shapes` ``split`` (``past + seq`` within the
-    model's positions), with a warning that says so; None when that fails too."""
+    model's positions), with a warning that says so appended to ``notes``; None when that fails too."""
     shapes = _kv_dynamic_shapes(model, example_inputs, split=True)
     try:
         ep = export(shapes)
     except Exception:  # noqa: BLE001 - the caller re-raises the first, clearer error
         return None
     seq, past = shapes[0][1].max, shapes[2][0][2].max
-    ep.graph_module.meta["capture_warnings"] = [
+    notes.append(
         f"the model bounds past + seq by its {seq + past} positions (a fixed-size buffer sliced by the total length, "
         f"e.g. a causal mask): its KV-cache graph was captured for up to {seq} new tokens per call and {past} past "
-        "tokens"]
+        "tokens")
     return ep
 
 

@@ -172,15 +172,15 @@ def _prepare(model, example_inputs, recipe, calibration, input_names, dynamic, s
         raise InputError(f"recipe {recipe.name!r} needs calibration data (static activation or KV-cache scales, "
                          "smoothing, GPTQ, the output-error clip search or bit allocation)")
     kv = None
-    if (recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope or recipe.kv_layers) and not kv_cache:
+    quantizes_kv = bool(recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope or recipe.kv_layers)
+    if quantizes_kv and not kv_cache:
         raise InputError(f"recipe {recipe.name!r} quantizes the KV cache (kv_key / kv_value / kv_rotate), which is in "
                          "the graph only with kv_cache=True (--kv-cache)")
     if kv_cache:
         if len(example_inputs) != 1:
             raise InputError("kv_cache=True: example_inputs must be (input_ids,)")
         kv = {**kv_layout(model), "max_seq_len": int(getattr(model.config, "max_position_embeddings", None) or 2048)}
-        if kv_widths_differ(kv) and (recipe.kv_key or recipe.kv_value or recipe.kv_rotate or recipe.kv_pre_rope
-                                     or recipe.kv_layers):
+        if kv_widths_differ(kv) and quantizes_kv:
             raise InputError(f"recipe {recipe.name!r} quantizes the KV cache, but {type(model).__name__} caches keys "
                              f"{kv['kv_heads']} x {kv['head_dim']} and values {kv['value_heads']} x {kv['value_dim']} "
                              "per token (MLA's latent and rotary key): only a float cache is supported for it")

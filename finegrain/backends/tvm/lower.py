@@ -128,9 +128,6 @@ def _only_float_readers(n) -> bool:
     users = list(n.users)
     return bool(users) and all(_float_reader(u, n) for u in users)
 N_ALIGN = 32  # output columns of a low-bit kernel: a multiple of every schedule's block (2 x 16 lanes)
-_UNSUPPORTED: dict[str, str] = {}
-
-
 def _rewrite_activations(gm: GraphModule, graph: Graph, param) -> None:
     """``quantize -> getitem -> dequantize`` becomes one ``fake_quant``; ``hadamard(x, F)`` becomes
     ``x @ H`` with the dense orthonormal matrix (computed by the reference transform on the
@@ -371,9 +368,6 @@ def prepare(gm: GraphModule, input_specs: list[dict] | None = None,
     for n in list(graph.nodes):
         if n.op != "call_function":
             continue
-        name = getattr(n.target, "__name__", str(n.target)).split(".")[0]
-        if name in _UNSUPPORTED and "finegrain" in str(n.target):
-            raise TvmError(f"node {n.name}: {_UNSUPPORTED[name]} has no TVM lowering yet")
         if n.target is not DEQUANTIZE_PACKED:
             continue
         packed_node, scale_node, zero_node, tag, shape = n.args[:5]
