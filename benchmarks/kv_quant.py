@@ -93,6 +93,16 @@ CONFIGS = {  # name -> recipe fields
                                                          **PRE) for k, v in ((4, 3), (3, 4))},
     "KIVI-2 g16 + pre-RoPE + sink, rotated": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn", kv_rotate=True,
                                                   **KIVI, **PRE),
+    # the same bytes for the keys, coded in each head's calibrated Karhunen-Loeve basis (kv_key_klt: widths 0-8 per
+    # component, allocated on 4 x 512 Brown tokens); values as above, or per token in groups of 64 at 3 bits
+    "KIVI-2 g16 + pre-RoPE + sink, rotated, KLT keys": _cfg("int2-g16-asym-fp16-dyn", "int2-g16-asym-fp16-dyn",
+                                                            kv_rotate=True, kv_key_klt=True, **KIVI, **PRE),
+    "KLT keys (int2-g16 bytes) + values int3-g64, rotated": _cfg("int2-g16-asym-fp16-dyn", "int3-g64-asym-fp16-dyn",
+                                                                 kv_rotate=True, kv_key_klt=True, **KIVI, **PRE),
+    # KLT keys at 3 / 4 bits' bytes (KIVI's groups of 32 tokens) beside KIVI values: the pairs a KVTuner budget
+    # between 3 and 4 bits trades
+    **{f"KLT K{k}V{v} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=k), KIVI_V.format(b=v), kv_rotate=True,
+                                                       kv_key_klt=True, **KIVI, **PRE) for k, v in ((3, 3), (3, 4), (4, 3))},
     **{f"ZipCache 4/2, {int(100 * r)}% salient": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(r)) for r in (0.5, 0.25)},
     "ZipCache 4/2, 50% salient + pre-RoPE + sink": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(0.5), **PRE),
     **{f"ZipCache 4/2, {int(100 * r)}% salient, keys per channel + pre-RoPE + sink":
@@ -209,7 +219,8 @@ def main() -> None:
         # static scales: the CLI's default calibration (32 x 512 tokens; 4 x 512 gave +1.31%, its maxima below
         # what WikiText writes in a few layers)
         calib = (calibration_batches(lm.tokenizer, 32, 512) if static else
-                 calibration_batches(lm.tokenizer, 4, 512) if fields.get("kv_reorder") else None)
+                 calibration_batches(lm.tokenizer, 4, 512) if fields.get("kv_reorder") or fields.get("kv_key_klt")
+                 else None)
         cm = finegrain.compile(lm.model, (windows[0][:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         build = time.perf_counter() - t

@@ -84,7 +84,8 @@ def graph_items(gm) -> Iterator[tuple[str, str, Any]]:
             yield f"node {n.name}", "op", "recurrent"
 
 
-KV_APPEND_OPTIONS = ("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm", "head_group")
+KV_APPEND_OPTIONS = ("inv_freq", "rotated", "score", "fmt_low", "ratio", "block", "channel_norm", "perm", "head_group",
+                     "basis", "mean", "widths")
 
 
 def kv_append_options(n) -> dict:
@@ -106,6 +107,8 @@ def windowed_kv_refusal(n, backend: str, zip_ok: bool = False) -> str | None:
     zipped = kw.get("score") is not None or kw.get("fmt_low") is not None
     if zipped and not zip_ok:
         return f"ZipCache's saliency-ranked mixed-precision KV writes have no {backend} lowering yet"
+    if kw.get("basis") is not None:
+        return f"keys coded in their calibrated Karhunen-Loeve basis (kv_key_klt) have no {backend} lowering yet"
     perm = kw.get("perm")
     if perm is not None and getattr(perm, "op", None) != "get_attr":
         return f"RotateKV's key channel order must be a constant of the graph, got node {perm}"

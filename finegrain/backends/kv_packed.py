@@ -512,6 +512,8 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             past, q, tag = found
             spec = {"kind": "token", "fmt": tag}
         why = packable(_fmt(tag))
+        if p.target is KV_APPEND and kv_append_options(p).get("basis") is not None:
+            why = "keys coded in their calibrated Karhunen-Loeve basis (kv_key_klt) have no packed layout yet"
         sizes = [u for u in past.users if u.target is torch.ops.aten.sym_size.int] if past is not None else []
         if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes) + (
                 past in {u.args[1] for u in saliency}):

@@ -214,6 +214,24 @@ def _zip_fake_quantize(seg: torch.Tensor, score: torch.Tensor, fmt, low, ratio: 
     return (out * c if c is not None else out).reshape(b, h, n, d)
 
 
+def klt_fake_quantize(seg: torch.Tensor, f, basis: torch.Tensor, mean: torch.Tensor,
+                      widths: torch.Tensor) -> torch.Tensor:
+    """Pre-RoPE keys ``seg`` ``[B, H, n, d]`` (``n`` a multiple of ``f``'s group) through their
+    Karhunen-Loeve code (``kv_key_klt``): ``y = (x - mean) @ basis`` per head (``basis`` ``[H, d, d]``
+    orthonormal, ``mean`` ``[H, d]``), component ``c`` of head ``h`` quantized in ``f`` at
+    ``widths[h, c]`` bits per channel over groups of ``f.group_size`` tokens (0: dropped, the mean
+    kept), then ``x = y @ basis^T + mean``."""
+    import dataclasses
+
+    m = mean.to(seg.dtype)[None, :, None]
+    y = torch.einsum("bhnd,hde->bhen", seg - m, basis.to(seg.dtype)).contiguous()  # [B, H, d, n]
+    out = torch.zeros_like(y)
+    for b in sorted(set(widths.flatten().tolist()) - {0}):
+        q = dataclasses.replace(f, bits=int(b)).fake_quantize(y)
+        out = torch.where((widths == b)[None, :, :, None], q, out)
+    return torch.einsum("bhen,hde->bhnd", out, basis.to(seg.dtype)) + m
+
+
 def zip_salient(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """ZipCache's salient tokens of one write: per (batch, head) the ``round(ratio * n)`` of highest
     ``score`` ``[B, H, n]`` (a bool mask of that shape)."""
@@ -247,12 +265,16 @@ def zip_block_format(f):
 def kv_append_ref(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, window: int, sinks: int,
               inv_freq: torch.Tensor | None = None, rotated: bool = False, score: torch.Tensor | None = None,
               fmt_low: str | None = None, ratio: float = 1.0, block: int = 1,
-              channel_norm: bool = False, perm: torch.Tensor | None = None, head_group: int = 1) -> torch.Tensor:
+              channel_norm: bool = False, perm: torch.Tensor | None = None, head_group: int = 1,
+              basis: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+              widths: torch.Tensor | None = None) -> torch.Tensor:
     """``cat(past, new)`` on the token axis with the tokens that become quantizable at this write
     quantized (``kv_quantized_span``: window, sinks, per-channel groups of tokens). ``inv_freq``: keys
     quantized before RoPE (``rotated``: they arrive per-head Hadamard-rotated, undone first);
     ``score`` ... ``channel_norm``: ZipCache; ``perm`` / ``head_group`` (pre-RoPE keys, head-dim
-    formats): quantized in RotateKV's grouped-head rotated space (:func:`_to_head_groups`)."""
+    formats): quantized in RotateKV's grouped-head rotated space (:func:`_to_head_groups`); ``basis`` /
+    ``mean`` / ``widths`` (pre-RoPE keys per channel): coded in their calibrated Karhunen-Loeve basis
+    (:func:`klt_fake_quantize`, in place of the per-head Hadamard when ``rotated``)."""
     from finegrain.formats import QuantFormat
 
     out = torch.cat([past, new], 2)
@@ -264,11 +286,14 @@ def kv_append_ref(past: torch.Tensor, new: torch.Tensor, fmt: str, axis: str, wi
     if a < b:
         seg = out[:, :, a:b].float()
         grouped = inv_freq is not None and (perm is not None or head_group > 1)  # RotateKV's grouped space
-        per_head = rotated and not grouped  # the per-head rotation applies to the pre-RoPE key quantized
+        klt = inv_freq is not None and basis is not None  # the calibrated basis replaces the per-head Hadamard
+        per_head = rotated and not grouped and not klt  # the per-head rotation applies to the pre-RoPE key quantized
         if inv_freq is not None:  # quantize the pre-RoPE keys (RoPE undone, applied again after dequantization)
             seg = _rope(_hadamard(seg) if rotated else seg, a, inv_freq, inverse=True)
             seg = _hadamard(seg) if per_head else seg
-        if grouped:
+        if klt:
+            seg = klt_fake_quantize(seg, f, basis, mean, widths)
+        elif grouped:
             seg = _from_head_groups(f.fake_quantize(_to_head_groups(seg, perm, head_group)), perm, seg.shape[1])
         elif score is not None:
             seg = _zip_fake_quantize(seg, score[:, :, a:b], f, QuantFormat.parse(fmt_low), ratio, block, channel_norm,
@@ -289,7 +314,7 @@ kv_append = torch.library.custom_op("finegrain::kv_append", mutates_args=())(kv_
 
 @kv_append.register_fake
 def _(past, new, fmt, axis, window, sinks, inv_freq=None, rotated=False, score=None, fmt_low=None, ratio=1.0, block=1,
-      channel_norm=False, perm=None, head_group=1):
+      channel_norm=False, perm=None, head_group=1, basis=None, mean=None, widths=None):
     return torch.cat([past, new], 2)
 
 

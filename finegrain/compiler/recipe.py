@@ -182,7 +182,13 @@ class Recipe:
     quantized after a Hadamard over the channels of each group of G KV heads (RotateKV's grouped-head
     rotation; undone after dequantization; 0: one group of all the layer's KV heads); ``kv_reorder``: before it, the channels of all heads
     permuted by their calibration RMS, largest first (RotateKV's outlier-aware reordering: the
-    outlier channels share a rotation group); ``kv_layers``: per-layer
+    outlier channels share a rotation group); ``kv_key_klt`` (with ``kv_pre_rope`` and ``kv_key_axis``
+    ``tokens``): the pre-RoPE keys of each head quantized in their calibrated Karhunen-Loeve basis (the
+    eigenvectors of their covariance, the calibration mean subtracted first), each component per channel
+    over groups of G tokens at its own width in {0, 2, ..., 8} bits (0: dropped to the mean), the widths
+    allocated on calibration to the least squared error within the bytes the key format would take
+    (``passes/quantize_kv.klt_key_basis``; transform coding: keys are low-rank, so a few components carry
+    most of the energy); ``kv_layers``: per-layer
     ``[layer, key format, value format]`` overriding ``kv_key`` / ``kv_value`` (null: float), e.g.
     KVTuner's layer-wise (K, V) bit pairs (``driver/kv_tune.py``). ZipCache: ``kv_zip_key`` /
     ``kv_zip_value`` (the low-precision formats) turn on saliency-mixed precision for keys / values:
@@ -236,6 +242,7 @@ class Recipe:
     kv_pre_rope: bool = False
     kv_head_group: int = 1
     kv_reorder: bool = False
+    kv_key_klt: bool = False
     kv_layers: tuple[tuple[int, str | None, str | None], ...] = ()
     kv_zip_key: str | None = None
     kv_zip_value: str | None = None
@@ -245,7 +252,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "kv_reorder", "sequential", "act_clip_search"):
+                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "kv_reorder", "kv_key_klt", "sequential", "act_clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
@@ -316,6 +323,15 @@ class Recipe:
             raise ValueError("kv_head_group / kv_reorder: RotateKV's grouped-head rotation and channel reordering "
                              "transform the pre-RoPE keys quantized along the head dim: set kv_pre_rope true and "
                              "leave kv_key_axis 'head_dim'")
+        if self.kv_key_klt:
+            key = QuantFormat.parse(self.kv_key) if self.kv_key else None
+            if not (self.kv_pre_rope and self.kv_key_axis == "tokens") or key is None or key.kind != "int" \
+                    or key.symmetric or not key.dynamic or key.granularity != "group" or self.kv_layers \
+                    or self.kv_zip_key or self.kv_head_group != 1 or self.kv_reorder:
+                raise ValueError("kv_key_klt: the pre-RoPE keys are coded per channel over groups of tokens in their "
+                                 "calibrated basis: set kv_pre_rope true, kv_key_axis 'tokens' and kv_key a dynamic "
+                                 "asymmetric integer format in groups (e.g. int2-g16-asym-fp16-dyn, whose bytes the "
+                                 "widths share); not with kv_layers, ZipCache or RotateKV's grouped heads")
         for f in ("kv_window", "kv_sinks", "kv_sink_search"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 1 << 20:

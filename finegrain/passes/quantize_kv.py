@@ -101,11 +101,12 @@ def _scale_bytes(fmt: QuantFormat) -> int:
 
 def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_dim", window: int = 0,
                     sinks: int = 0, context: int | None = None, low: QuantFormat | None = None, ratio: float = 1.0,
-                    block: int = 1, channel_norm: bool = False) -> float:
+                    block: int = 1, channel_norm: bool = False, widths: torch.Tensor | None = None) -> float:
     """Bytes one token's key (or value) of one head takes in ``fmt`` (codes, scales, zero points),
     on average over a cache of ``context`` tokens when ``window`` / ``sinks`` keep some in float
     (fp32: what the backends store). ``axis="tokens"``: per-channel parameters, one set per channel
-    and group of ``G`` tokens, so ``head_dim / G`` of them per token."""
+    and group of ``G`` tokens, so ``head_dim / G`` of them per token; ``widths`` (``kv_key_klt``, ``[H,
+    head_dim]``): each component at its own width (:func:`klt_cost`), averaged over the heads."""
     if fmt is None:
         return 4.0 * head_dim
     if low is not None:  # ZipCache: the salient fraction in fmt, the rest in low, a salient bit per token, the
@@ -122,7 +123,9 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
         return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
     scale = _scale_bytes(fmt)
     zero = 0 if fmt.symmetric else fmt.bits / 8
-    if axis == "tokens":
+    if axis == "tokens" and widths is not None:
+        quantized = sum(klt_cost(fmt, int(b)) for b in widths.flatten().tolist()) / 8 / max(widths.shape[0], 1)
+    elif axis == "tokens":
         params = head_dim / fmt.group_size
         quantized = head_dim * fmt.bits / 8 + params * (scale + zero)
     elif kv_static(fmt):  # one calibrated scale per layer: the codes alone
@@ -137,7 +140,8 @@ def bytes_per_token(fmt: QuantFormat | None, head_dim: int, axis: str = "head_di
     return (kept * 4.0 * head_dim + (context - kept) * quantized) / context
 
 
-def token_bytes(r, fmt: QuantFormat | None, kind: str, head_dim: int, context: int | None = None) -> float:
+def token_bytes(r, fmt: QuantFormat | None, kind: str, head_dim: int, context: int | None = None,
+                widths: torch.Tensor | None = None) -> float:
     """:func:`bytes_per_token` of one head's ``kind`` (``key`` / ``value``) in ``fmt`` as recipe ``r``
     writes it (axis, float window and sinks, ZipCache's low format), averaged over ``context``."""
     if fmt is None or not r.kv_windowed(kind):
@@ -147,7 +151,7 @@ def token_bytes(r, fmt: QuantFormat | None, kind: str, head_dim: int, context: i
         zipped = {"low": QuantFormat.parse(r.kv_zip_key if kind == "key" else r.kv_zip_value),
                   "ratio": r.kv_zip_ratio, "block": r.kv_zip_block, "channel_norm": kind == "key"}
     axis = r.kv_key_axis if kind == "key" else r.kv_value_axis
-    return bytes_per_token(fmt, head_dim, axis, r.kv_window, r.kv_sinks, context, **zipped)
+    return bytes_per_token(fmt, head_dim, axis, r.kv_window, r.kv_sinks, context, **zipped, widths=widths)
 
 
 def _wire_saliency(gm: GraphModule, zips: dict, probes: float) -> None:
@@ -226,6 +230,26 @@ def _head_group_args(gm: GraphModule, where: str, val, fmt: QuantFormat, group: 
     return kw
 
 
+def _klt_args(gm: GraphModule, where: str, layer: int, klt: dict, inv_freq, log: list) -> dict:
+    """kv_append's ``basis`` / ``mean`` / ``widths`` keywords for one layer's keys (``kv_key_klt``), or none
+    (said in the log) where the pre-RoPE keys were not found or not calibrated."""
+    if inv_freq is None or layer not in klt:
+        log.append({"pass": "quantize_kv", "site": where, "action": "skipped",
+                    "detail": "kv_key_klt: " + ("no RoPE found (the basis is one of pre-RoPE keys)" if inv_freq is None
+                                                else "these keys were not reached by the calibration run")
+                              + "; keys quantized per channel in the plain basis"})
+        return {}
+    basis, mean, widths, rel = klt[layer]
+    log.append({"pass": "quantize_kv", "site": where, "action": "calibrated",
+                "detail": f"pre-RoPE keys coded in their Karhunen-Loeve basis: widths per head "
+                          f"{[sorted(w.tolist(), reverse=True) for w in widths]} bits; "
+                          f"{int((widths == 0).sum())} of {widths.numel()} components dropped; calibration error "
+                          f"{rel:.3g} of the key variance"})
+    base = f"kv_klt.{layer}"
+    return {"basis": new_constant(gm, base + ".basis", basis), "mean": new_constant(gm, base + ".mean", mean),
+            "widths": new_constant(gm, base + ".widths", widths)}
+
+
 def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
     """Per layer, the RMS over the calibration tokens of each pre-RoPE key channel of all heads
     (``H * d``, head-major): the new keys of ``sites`` (layer -> (new-keys node, inv_freq tensor))
@@ -251,6 +275,89 @@ def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
             Capture(gm).run(*b)
             count += int(b[0].numel())
     return {layer: (sq / max(count, 1)).sqrt() for layer, sq in sums.items()}
+
+
+KLT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)  # the widths a Karhunen-Loeve key component may take (0: dropped)
+
+
+def klt_cost(fmt: QuantFormat, bits: int) -> float:
+    """Bits per element of a key component coded at ``bits`` in ``fmt``'s groups of tokens: the code,
+    and per group a scale in ``fmt``'s stored dtype and a zero point at ``bits`` (as :func:`bytes_per_token`
+    counts them); 0 bits: nothing stored."""
+    return 0.0 if bits == 0 else bits + (8 * _scale_bytes(fmt) + bits) / fmt.group_size
+
+
+def klt_allocate(y: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Widths of the components of ``y`` ``[B, d, n]`` (one head's calibration keys in its basis, ``n`` a
+    multiple of ``fmt``'s group) minimizing their summed squared error (each width's error measured by
+    coding ``y``) within the bits ``fmt`` takes at its own width (``d * klt_cost(fmt, fmt.bits)``), by
+    greedy marginal return. Returns (widths ``[d]``, each component's error at its width ``[d]``)."""
+    import dataclasses
+
+    err = torch.stack([y.pow(2).mean(dim=(0, 2)) if b == 0 else
+                       (dataclasses.replace(fmt, bits=b).fake_quantize(y) - y).pow(2).mean(dim=(0, 2))
+                       for b in KLT_WIDTHS], 1)  # [d, widths]
+    cost = torch.tensor([klt_cost(fmt, b) for b in KLT_WIDTHS], dtype=torch.float64)
+    d = y.shape[1]
+    budget, cur, spent = d * klt_cost(fmt, fmt.bits), torch.zeros(d, dtype=torch.long), 0.0
+    while True:
+        dc = cost[None, :] - cost[cur][:, None]  # [d, widths]: the bits each step up costs
+        gain = (err[torch.arange(d), cur][:, None] - err).double() / dc.clamp_min(1e-9)
+        gain[(dc <= 0) | (spent + dc > budget + 1e-9)] = -1.0
+        best = int(gain.argmax())
+        c, w = divmod(best, len(KLT_WIDTHS))
+        if gain[c, w] <= 0:
+            break
+        spent += float(dc[c, w])
+        cur[c] = w
+    widths = torch.tensor([KLT_WIDTHS[i] for i in cur.tolist()], dtype=torch.int64)
+    return widths, err[torch.arange(d), cur]
+
+
+def klt_key_basis(gm: GraphModule, batches: list, sites: dict, fmt: QuantFormat, sinks: int) -> dict:
+    """Per layer, the Karhunen-Loeve code of each head's pre-RoPE keys (``kv_key_klt``): ``(basis [H, d, d],
+    mean [H, d], widths [H, d], relative error)`` from the new keys of ``sites`` (layer -> (new-keys node,
+    inv_freq)) captured over the calibration batches, RoPE undone at their positions (from 0), the first
+    ``sinks`` positions left out (kept in float). ``basis[h]``'s columns are the eigenvectors of head ``h``'s
+    key covariance, largest first; ``widths`` from :func:`klt_allocate`."""
+    from finegrain.compiler.ops import _rope
+
+    wanted = {new: layer for layer, (new, _) in sites.items()}
+    keys: dict[int, list] = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                layer = wanted[n]
+                keys.setdefault(layer, []).append(_rope(out.detach().float(), 0, sites[layer][1], inverse=True)[:, :, sinks:])
+            return out
+
+    with torch.no_grad():
+        for b in batches:
+            Capture(gm).run(*b)
+    out = {}
+    g = fmt.group_size
+    for layer, ks in keys.items():
+        ks = [k[:, :, : k.shape[2] // g * g] for k in ks if k.shape[2] >= g]
+        if not ks:
+            raise InputError(f"layer {layer} keys: kv_key_klt needs calibration sequences of at least {sinks + g} "
+                             f"tokens (sinks + one group of {g})")
+        x = torch.cat([k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[-1]) for k in ks]).double()  # [N, H, d]
+        mean = x.mean(0)
+        xc = x - mean
+        cov = torch.einsum("nhd,nhe->hde", xc, xc) / x.shape[0]
+        ev, vec = torch.linalg.eigh(cov)
+        basis = vec.flip(-1)  # [H, d, d], columns by decreasing variance
+        widths, errs, total = [], 0.0, 0.0
+        for h in range(x.shape[1]):
+            y = torch.cat([torch.einsum("bnd,de->ben", k[:, h].double() - mean[h], basis[h]) for k in ks]).float()
+            w, e = klt_allocate(y, fmt)
+            widths.append(w)
+            errs += float(e.sum())
+            total += float(ev[h].sum())
+        out[layer] = (basis.float(), mean.float(), torch.stack(widths), errs / max(total, 1e-30))
+    return out
 
 
 def _tapped(gm: GraphModule, nodes: list[Node], reduce) -> GraphModule:
@@ -422,18 +529,23 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
     log = ctx.report.setdefault("folds", [])
     g = gm.graph
     perms: dict[int, torch.Tensor] = {}
-    if r.kv_reorder and key_fmt is not None:  # RotateKV's outlier-aware reordering, from calibration statistics
+    klt: dict[int, tuple] = {}
+    if (r.kv_reorder or r.kv_key_klt) and key_fmt is not None:  # from calibration statistics of the pre-RoPE keys
         sites = {}
         for n in presents:
             if n.meta[KV]["kind"] == "key" and n.target is torch.ops.aten.cat.default:
                 inv, _ = _rope_inv_freq(n.args[0][-1])
                 if inv is not None and inv.op == "get_attr":
                     sites[n.meta[KV]["layer"]] = (n.args[0][-1], get_tensor(gm, inv.target).detach().float())
+        what = ("kv_reorder orders the key channels" if r.kv_reorder else
+                "kv_key_klt codes the keys in a basis found and allocates its widths")
         if not ctx.calibration:
-            raise InputError(f"recipe {r.name!r}: kv_reorder orders the key channels by calibration statistics; "
-                             "give calibration data")
-        rms = _pre_rope_key_rms(gm, ctx.calibration, sites)
-        perms = {layer: torch.argsort(v, descending=True, stable=True) for layer, v in rms.items()}
+            raise InputError(f"recipe {r.name!r}: {what} by calibration statistics; give calibration data")
+        if r.kv_reorder:
+            rms = _pre_rope_key_rms(gm, ctx.calibration, sites)
+            perms = {layer: torch.argsort(v, descending=True, stable=True) for layer, v in rms.items()}
+        if r.kv_key_klt:
+            klt = klt_key_basis(gm, ctx.calibration, sites, key_fmt, r.kv_sinks)
     factors: dict[int, Node] = {}
     zips: dict[int, dict] = {}  # layer -> {"key" / "value": True} (ZipCache appends, wired after the loop)
     rotated: set[Node] = set()  # the attentions reading a rotated cache
@@ -498,6 +610,8 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
                 group_kw = {}
                 if inv_freq is not None and role["kind"] == "key" and (r.kv_head_group != 1 or r.kv_reorder):
                     group_kw = _head_group_args(gm, where, val, fmt, r.kv_head_group, perms.get(role["layer"]), log)
+                if r.kv_key_klt and role["kind"] == "key":
+                    group_kw = _klt_args(gm, where, role["layer"], klt, inv_freq, log)
                 m = g.call_function(KV_APPEND, (n.args[0][0], x, fmt.tag, axes[role["kind"]], r.kv_window, r.kv_sinks,
                                                 inv_freq, bool(rotate and inv_freq is not None), *zip_args), group_kw)
                 m.meta.update(n.meta)
@@ -542,11 +656,13 @@ def quantize_kv(gm: GraphModule, ctx: PassContext) -> GraphModule:
             total = 0.0
             for layer in range(layers):
                 fmt = per_layer[layer][kind == "value"] if layer in per_layer else (key_fmt, value_fmt)[kind == "value"]
-                total += token_bytes(r, fmt, kind, head_dim, at)
+                w = klt[layer][2] if kind == "key" and layer in klt else None
+                total += token_bytes(r, fmt, kind, head_dim, at, w)
             return kv_heads * total
         ctx.report["kv_cache"] = {
             "key": key_fmt.tag if key_fmt else None, "value": value_fmt.tag if value_fmt else None,
             "layers": [[e[0], e[1], e[2]] for e in r.kv_layers],
+            "key_klt": ({str(layer): v[2].tolist() for layer, v in sorted(klt.items())} if klt else None),
             "key_axis": r.kv_key_axis, "pre_rope": pre_rope > 0, "value_axis": r.kv_value_axis,
             "window": r.kv_window, "sinks": r.kv_sinks,
             "sinks_found": ({k: sink_found[k] for k in ("positions", "ratio", "beyond", "tokens", "batches")}
