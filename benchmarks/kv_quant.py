@@ -99,6 +99,13 @@ CONFIGS = {  # name -> recipe fields
                                                             kv_rotate=True, kv_key_klt=True, **KIVI, **PRE),
     "KLT keys (int2-g16 bytes) + values int3-g64, rotated": _cfg("int2-g16-asym-fp16-dyn", "int3-g64-asym-fp16-dyn",
                                                                  kv_rotate=True, kv_key_klt=True, **KIVI, **PRE),
+    # the keys in int2-g32's bytes (fewer); the values' bytes spent by ZipCache's saliency instead (half the tokens of
+    # each release, by normalized attention score, at 4 bits, the rest at 2, groups of 64: int3-g64's bytes)
+    "KLT keys (int2-g32 bytes) + values int3-g64, rotated": _cfg("int2-g32-asym-fp16-dyn", "int3-g64-asym-fp16-dyn",
+                                                                 kv_rotate=True, kv_key_klt=True, **KIVI, **PRE),
+    "KLT keys (int2-g16 bytes) + values ZipCache 4/2 g64, 50% salient, rotated": _cfg(
+        "int2-g16-asym-fp16-dyn", "int4-g64-asym-fp16-dyn", kv_rotate=True, kv_key_klt=True, **KIVI, **PRE,
+        kv_zip_value="int2-g64-asym-fp16-dyn", kv_zip_ratio=0.5, kv_zip_block=128, kv_zip_probes=0.1),
     # KLT keys at 3 / 4 bits' bytes (KIVI's groups of 32 tokens) beside KIVI values: the pairs a KVTuner budget
     # between 3 and 4 bits trades
     **{f"KLT K{k}V{v} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=k), KIVI_V.format(b=v), kv_rotate=True,

@@ -53,7 +53,8 @@ def main() -> None:
     rows = []
     for name in rows_wanted:
         # RotateKV's reordering: the channel order from 4 x 512 Brown calibration tokens (as kv_quant.py)
-        calib = calibration_batches(lm.tokenizer, 4, 512) if CONFIGS[name].get("kv_reorder") else None
+        calib = calibration_batches(lm.tokenizer, 4, 512) if (CONFIGS[name].get("kv_reorder")
+                                                                 or CONFIGS[name].get("kv_key_klt")) else None
         cm = finegrain.compile(lm.model, (torch.arange(16)[None],), recipe={"name": name, "rules": [], **CONFIGS[name]},
                                progress=False, kv_cache=True, calibration=calib)
         cases = [(seed, depth) for seed in range(args.seeds) for depth in (0.1, 0.5, 0.9)]

@@ -94,20 +94,21 @@ def kv_append_options(n) -> dict:
     return dict(zip(KV_APPEND_OPTIONS, n.args[6:]), **n.kwargs)
 
 
-def windowed_kv_refusal(n, backend: str, zip_ok: bool = False) -> str | None:
+def windowed_kv_refusal(n, backend: str, zip_ok: bool = False, klt_ok: bool = False) -> str | None:
     """Why ``backend``'s emulation of windowed KV writes (the ``kv_append`` node ``n``: KIVI's
     per-channel keys, a float window, sinks, pre-RoPE / rotated keys, recomputed in its graph as the
     reference computes them, RotateKV's grouped-head / reordered keys included; with ``zip_ok``
-    ZipCache's saliency-ranked mixed precision too) does not cover this one, or None: ZipCache
-    without ``zip_ok`` or over RotateKV's grouped heads, formats other than dynamic integers or FP8
-    E4M3 with float scales."""
+    ZipCache's saliency-ranked mixed precision too; with ``klt_ok`` keys coded in their calibrated
+    Karhunen-Loeve basis, ``kv_key_klt``) does not cover this one, or None: ZipCache without ``zip_ok``
+    or over RotateKV's grouped heads, KLT-coded keys without ``klt_ok``, formats other than dynamic
+    integers or FP8 E4M3 with float scales."""
     from finegrain.formats import QuantFormat
 
     kw = kv_append_options(n)
     zipped = kw.get("score") is not None or kw.get("fmt_low") is not None
     if zipped and not zip_ok:
         return f"ZipCache's saliency-ranked mixed-precision KV writes have no {backend} lowering yet"
-    if kw.get("basis") is not None:
+    if kw.get("basis") is not None and not klt_ok:
         return f"keys coded in their calibrated Karhunen-Loeve basis (kv_key_klt) have no {backend} lowering yet"
     perm = kw.get("perm")
     if perm is not None and getattr(perm, "op", None) != "get_attr":
@@ -129,13 +130,13 @@ def windowed_kv_refusal(n, backend: str, zip_ok: bool = False) -> str | None:
     return None
 
 
-def windowed_kv_refusals(gm, backend: str, zip_ok: bool = False) -> list["Refusal"]:
+def windowed_kv_refusals(gm, backend: str, zip_ok: bool = False, klt_ok: bool = False) -> list["Refusal"]:
     """One :class:`Refusal` per ``kv_append`` of ``gm`` that :func:`windowed_kv_refusal` refuses."""
     from finegrain.compiler.ops import KV_APPEND
 
     out = []
     for n in gm.graph.nodes:
-        why = windowed_kv_refusal(n, backend, zip_ok) if n.op == "call_function" and n.target is KV_APPEND else None
+        why = windowed_kv_refusal(n, backend, zip_ok, klt_ok) if n.op == "call_function" and n.target is KV_APPEND else None
         if why:
             out.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
     return out

@@ -414,8 +414,10 @@ def _kv_append_translation(op):
     ``QuantFormat.quantize`` chooses them (``Round`` is half to even), moved back and put in place
     (an fp32 cache holding the format's values). RotateKV's grouped-head keys: the channels of all
     heads gathered in the calibrated order (``Gather``; back by its inverse, a ``ScatterElements`` of
-    the order), the Hadamard over each group of heads a constant MatMul. ZipCache's writes are refused
-    before export (``base.windowed_kv_refusals``)."""
+    the order), the Hadamard over each group of heads a constant MatMul. Keys coded in their calibrated
+    Karhunen-Loeve basis (``kv_key_klt``): the mean subtracted and each head's basis a MatMul, the code
+    range of every component ``2^w - 1`` from the widths (``w = 0``: zero, the mean kept), the basis's
+    transpose back. ZipCache's writes are refused before export (``base.windowed_kv_refusals``)."""
     import numpy as np
     import onnx
     import onnx_ir as ir
@@ -438,7 +440,8 @@ def _kv_append_translation(op):
         return op.Constant(value=ir.tensor(m.numpy().astype(np.float32)))
 
     def kv_append(past, new, fmt: str, axis: str, window: int, sinks: int, inv_freq=None, rotated: bool = False,
-                  score=None, fmt_low=None, ratio=1.0, block=1, channel_norm=False, perm=None, head_group=1):
+                  score=None, fmt_low=None, ratio=1.0, block=1, channel_norm=False, perm=None, head_group=1,
+                  basis=None, mean=None, widths=None):
         f = QuantFormat.parse(fmt)
         d = int(new.shape[-1])
         tokens = axis == "tokens"
@@ -469,11 +472,15 @@ def _kv_append_translation(op):
             return op.Concat(*parts, axis=3)
 
         grouped = inv_freq is not None and (perm is not None or head_group > 1)  # RotateKV's grouped-head space
-        per_head = rotated and not grouped
+        klt = inv_freq is not None and basis is not None  # kv_key_klt: each head's calibrated basis, own widths
+        per_head = rotated and not grouped and not klt
         if inv_freq is not None:
             seg = op.MatMul(seg, hm) if rotated else seg
             seg = rope(seg, True)
             seg = op.MatMul(seg, hm) if per_head else seg
+        if klt:  # y = (x - mean) @ basis per head: [B, H, n, d] @ [H, d, d]
+            mu = op.Unsqueeze(mean, ints(0, 2))
+            seg = op.MatMul(op.Sub(seg, mu), basis)
         if grouped:  # [B, H, n, d] -> channels of all heads (reordered) -> [B, H / g, n, g * d], Hadamard per group
             heads, dq = int(new.shape[1]), head_group * d
             g = f.group_size or dq
@@ -488,18 +495,27 @@ def _kv_append_translation(op):
         red = ints(3 if tokens else 4)
         lo_code, hi_code = f.family.code_range(f)
         c = float(f.clip)
+        if klt:  # per component: codes 0 .. 2^w - 1 ([1, H, 1, 1, d] over the groups), w = 0 dropped to the mean
+            kept = op.Unsqueeze(op.Greater(widths, op.Constant(value_int=0)), ints(0, 2, 3))
+            hi_code = op.Unsqueeze(op.Sub(op.Pow(const(2.0), op.Cast(widths, to=fl)), const(1.0)), ints(0, 2, 3))
         if f.symmetric:
             raw = op.Div(op.Mul(op.ReduceMax(op.Abs(xg), red, keepdims=1), const(c)), const(f.family.max_value(f)))
         else:
             mn = op.Mul(op.Min(op.ReduceMin(xg, red, keepdims=1), const(0.0)), const(c))
             mx = op.Mul(op.Max(op.ReduceMax(xg, red, keepdims=1), const(0.0)), const(c))
-            raw = op.Div(op.Sub(mx, mn), const(2 ** f.bits - 1))
+            raw = op.Div(op.Sub(mx, mn), op.Max(hi_code, const(1.0)) if klt else const(2 ** f.bits - 1))
         stored = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}.get(f.scale)
         sc = op.Cast(op.Cast(raw, to=stored), to=fl) if stored else raw
         sc = op.Where(op.Greater(sc, const(0.0)), sc, const(1.0))
         z = (op.Mul(sc, const(0.0)) if f.symmetric
-             else op.Clip(op.Round(op.Div(op.Neg(mn), sc)), const(0.0), const(2 ** f.bits - 1)))
-        if f.kind == "e4m3":  # FP8 elements: the E4M3 grid, saturated (symmetric: no zero point)
+             else op.Clip(op.Round(op.Div(op.Neg(mn), sc)), const(0.0), const(2 ** f.bits - 1)) if not klt
+             else op.Min(op.Max(op.Round(op.Div(op.Neg(mn), sc)), const(0.0)), hi_code))
+        if klt:
+            q = op.Min(op.Max(op.Add(op.Round(op.Div(xg, sc)), z), const(0.0)), hi_code)
+            y = op.Where(kept, op.Mul(op.Sub(q, z), sc), const(0.0))
+            y = op.Reshape(y, ints(0, 0, -1, d))
+            y = op.Add(op.MatMul(y, op.Transpose(basis, perm=[0, 2, 1])), mu)
+        elif f.kind == "e4m3":  # FP8 elements: the E4M3 grid, saturated (symmetric: no zero point)
             y = op.Reshape(op.Mul(_minifloat_round(op, op.Div(xg, sc), f), sc), ints(0, 0, -1, d))
         else:
             q = op.Clip(op.Add(op.Round(op.Div(xg, sc)), z), const(lo_code), const(hi_code))
@@ -1261,7 +1277,7 @@ class OnnxBackend(BackendBase):
         return f"needs {', '.join(missing)} (pip install 'finegrain[onnx]')" if missing else None
 
     def check(self, compiled) -> list:  # and the kv_append variants the ONNX arithmetic does not cover
-        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "ONNX")
+        return super().check(compiled) + windowed_kv_refusals(compiled.gm, "ONNX", klt_ok=True)
 
     def capability(self, fmt: QuantFormat, role: str, partner=None) -> tuple[str, str]:
         if role == "weight":
@@ -1297,6 +1313,10 @@ class OnnxBackend(BackendBase):
             return "emulated", "DequantizeLinear of the 4-D weight (blocked along input channels) -> float Conv"
         if op == "recurrent":
             return "emulated", "DequantizeLinear of the gate matrices -> float LSTM / GRU / RNN"
+        if op == "kv_klt":
+            return "emulated", ("fp32 cache holding the values: the released keys' pre-RoPE code in each head's "
+                                "calibrated basis as arithmetic (MatMul by the basis, per-component code ranges from "
+                                "the widths, MatMul back)")
         if op == "kv_append":
             return "emulated", ("fp32 cache holding the format's values: the tokens a write releases (KIVI's groups "
                                 "per channel, float window, sinks, pre-RoPE / rotated keys) fake-quantized in ONNX "

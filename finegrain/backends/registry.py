@@ -69,6 +69,7 @@ def preset_rows() -> list[tuple[str, str, object]]:
                  QuantFormat.parse("int8-tensor-sym-fp32")))
     return rows + [("online Hadamard (FWHT)", "op", "hadamard"), ("MoE grouped_linear", "op", "grouped_linear"),
                    ("KV cache per channel / float window (KIVI)", "op", "kv_append"),
+                   ("KV cache keys in a calibrated Karhunen-Loeve basis (kv_key_klt)", "op", "kv_klt"),
                    ("activation outlier groups at 8 bits (FMPQ)", "op", "act_outliers"),
                    ("conv with a quantized weight", "op", "conv"),
                    ("LSTM / GRU with quantized weights", "op", "recurrent")]

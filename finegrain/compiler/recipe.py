@@ -693,6 +693,10 @@ KV_PRESETS: dict[str, dict] = {
     # (SmolLM2: position 0 alone, 177x the median token's RMS); no window (needs calibration batches)
     "rotatekv4": {"kv_key": "int4-g64-asym-fp16-dyn", "kv_value": "int4-g64-asym-fp16-dyn", "kv_rotate": True,
                   "kv_pre_rope": True, "kv_sink_search": 16, "kv_head_group": 0, "kv_reorder": True},
+    # KIVI's settings with the pre-RoPE keys of each head coded in their calibrated Karhunen-Loeve basis
+    # (kv_key_klt: widths 0 / 2-8 per component within int2-g16's bytes, groups of 16 tokens) and values per
+    # token in groups of 64 at 3 bits: on SmolLM2 7436 B/token at 2048 (kivi2: 7271); needs calibration batches
+    "klt-k2v3": {"kv_key": "int2-g16-asym-fp16-dyn", "kv_value": "int3-g64-asym-fp16-dyn", "kv_key_klt": True, **_KIVI},
     # ZipCache 4/2 on KIVI's keys: tokens released in blocks of 128; of each write's released tokens the half with
     # the highest normalized attention score (10% probe queries) at 4 bits, the rest at 2 (keys per channel over
     # each block's two subsets, quantized before RoPE; values per token in groups of 32); one sink in float

@@ -38,6 +38,14 @@ tokens is quantized once, the most salient ``kv_zip_ratio`` of each write in ``k
 ``kv_value``, the rest in the low format; keys channel-separable token-wise, or (``kv_key_axis:
 tokens``) per channel over each block's salient / other tokens.
 
+``recipe.kv_key_klt`` (with pre-RoPE keys per channel): each head's pre-RoPE keys coded in their
+Karhunen-Loeve basis, calibrated here (:func:`klt_key_basis`: the eigenvectors of the key covariance
+over the calibration batches, the mean subtracted; per-component widths 0 / 2-8 bits allocated by
+:func:`klt_allocate` to the least squared error within the bytes the key format takes), constants
+``kv_klt.<layer>.basis`` / ``.mean`` / ``.widths`` passed to ``kv_append``. Transform coding: the keys
+are low-rank, so the first components take 4-8 bits and the last are dropped. Reference, ONNX Runtime
+(arithmetic over an fp32 cache) and GPU (the reference op); TVM refuses it; the reference stores it fp32.
+
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
 bit-packed, scales / zero points as stored, float windows and sinks fp32;
 ``report["kv_cache"]["bytes_per_token"]`` exactly for the per-token formats); TVM static builds
