@@ -109,7 +109,8 @@ CONFIGS = {  # name -> recipe fields
     # KLT keys at 3 / 4 bits' bytes (KIVI's groups of 32 tokens) beside KIVI values: the pairs a KVTuner budget
     # between 3 and 4 bits trades
     **{f"KLT K{k}V{v} + pre-RoPE + sink, rotated": _cfg(KIVI_K.format(b=k), KIVI_V.format(b=v), kv_rotate=True,
-                                                       kv_key_klt=True, **KIVI, **PRE) for k, v in ((3, 3), (3, 4), (4, 3))},
+                                                       kv_key_klt=True, **KIVI, **PRE)
+       for k, v in ((3, 3), (3, 4), (4, 3))},
     **{f"ZipCache 4/2, {int(100 * r)}% salient": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(r)) for r in (0.5, 0.25)},
     "ZipCache 4/2, 50% salient + pre-RoPE + sink": _cfg(ZIP_K.format(b=4), ZIP_V.format(b=4), **_zip(0.5), **PRE),
     **{f"ZipCache 4/2, {int(100 * r)}% salient, keys per channel + pre-RoPE + sink":

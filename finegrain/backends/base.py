@@ -136,7 +136,8 @@ def windowed_kv_refusals(gm, backend: str, zip_ok: bool = False, klt_ok: bool = 
 
     out = []
     for n in gm.graph.nodes:
-        why = windowed_kv_refusal(n, backend, zip_ok, klt_ok) if n.op == "call_function" and n.target is KV_APPEND else None
+        append = n.op == "call_function" and n.target is KV_APPEND
+        why = windowed_kv_refusal(n, backend, zip_ok, klt_ok) if append else None
         if why:
             out.append(Refusal(f"node {n.name} (KV cache write)", "kv_append", why))
     return out

@@ -252,7 +252,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for f in ("fold_norms", "rotate", "online_hadamard", "smoothing_search", "gptq_act_order", "gptq_clip",
-                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "kv_reorder", "kv_key_klt", "sequential", "act_clip_search"):
+                  "gptq_float_target", "kv_rotate", "kv_pre_rope", "kv_reorder", "kv_key_klt", "sequential",
+                  "act_clip_search"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{f}: must be true or false, got {getattr(self, f)!r}")
         if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):

@@ -338,7 +338,8 @@ def klt_key_basis(gm: GraphModule, batches: list, sites: dict, fmt: QuantFormat,
             out = super().run_node(n)
             if n in wanted:
                 layer = wanted[n]
-                keys.setdefault(layer, []).append(_rope(out.detach().float(), 0, sites[layer][1], inverse=True)[:, :, sinks:])
+                k = _rope(out.detach().float(), 0, sites[layer][1], inverse=True)
+                keys.setdefault(layer, []).append(k[:, :, sinks:])
             return out
 
     with torch.no_grad():
