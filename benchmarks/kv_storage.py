@@ -72,7 +72,8 @@ def main() -> None:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; one of {sorted(CONFIGS)}")
         recipe = {"name": name, "rules": [], **CONFIGS[name]}
-        calib = calibration_batches(lm.tokenizer, 4, 512) if recipe.get("kv_reorder") else None  # as kv_quant.py
+        calib = (calibration_batches(lm.tokenizer, 4, 512) if recipe.get("kv_reorder") or recipe.get("kv_key_klt")
+                 else None)  # as kv_quant.py
         cm = finegrain.compile(lm.model, (window[:, :16],), recipe=recipe, progress=False, kv_cache=True,
                                calibration=calib)
         packed = cm.session()

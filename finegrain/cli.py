@@ -1145,8 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rotated over all KV heads' channels, 4 bits per token, the sinks found by calibration (massive "
                         "activations); packed by the reference "
                         "and TVM static builds), klt-k2v3 (KIVI's settings, the pre-RoPE keys coded in each head's "
-                        "calibrated Karhunen-Loeve basis within 2-bit-g16 bytes, values 3 bits in groups of 64; the "
-                        "reference, ONNX Runtime and GPU over an fp32 cache; TVM refuses it), "
+                        "calibrated Karhunen-Loeve basis within 2-bit-g16 bytes, values 3 bits in groups of 64; packed "
+                        "by the reference, ONNX Runtime and GPU over an fp32 cache; TVM refuses it), "
                         "zip42 (ZipCache: half of each block at 4 bits by attention "
                         "saliency, the rest at 2; packed by the reference and TVM static builds, ONNX Runtime "
                         "refuses it)")

@@ -23,7 +23,10 @@ keys, float windows, sinks, pre-RoPE keys, RotateKV's grouped-head reordered key
 :class:`WindowedKV` (sinks and the newest tokens fp32, the rest packed, pre-RoPE keys stored before
 RoPE, grouped-head keys as the codes of their rotated space); ZipCache's mixed-precision writes as
 :class:`ZipKV` (a salient bit per token, the salient and the other tokens' codes in their two
-formats, the channel normalizers; its saliency op reads the packed key past's fp32 read). Left in
+formats, the channel normalizers; its saliency op reads the packed key past's fp32 read); keys coded in
+their calibrated Karhunen-Loeve basis (``kv_key_klt``) as :class:`KltKV` (one record per component width:
+codes packed at that width over the components of all heads, fp16 scales and zero points per group of
+tokens; dropped components store nothing). Left in
 fp32, and said so by :func:`lower`'s ``skipped`` list: formats with a second-level scale or a
 codebook. The cost is the reference's: every step dequantizes the whole packed past
 (the memory is the packed bytes plus one layer's fp32 K / V while attention runs).
@@ -36,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.fx import Graph, GraphModule, Node
 
+from finegrain.compiler.ir import get_tensor
 from finegrain.compiler.recipe import kv_static
 from finegrain.formats import QuantFormat, scales
 from finegrain.formats.base import QTensor
@@ -240,6 +244,106 @@ class WindowedKV(_SinksAndTail):
         return replace(self, sinks=sinks, codes=codes, scale=scale, zero=zero, tail=tail.contiguous())
 
 
+@dataclass(frozen=True)
+class KltKV(_SinksAndTail):
+    """A ``kv_append`` cache of keys coded in their calibrated Karhunen-Loeve basis (``kv_key_klt``)
+    stored packed: the sinks fp32, then the released tokens' components, one record per width ``w``
+    in ``classes`` (``(w, m)``: the ``m`` components of all heads, head-major, at ``w`` bits): codes
+    bit-packed along those components ``[B, n, ceil(m * w / 8)]``, per group of G tokens an fp16 scale
+    ``[B, n / G, m]`` and a zero point packed at ``w`` bits; components of width 0 store nothing (their
+    mean); then the newest tokens fp32 (``tail``). Decoded as ``kv_append`` computes them: the same
+    components, the basis back, RoPE."""
+
+    sinks: torch.Tensor
+    parts: tuple
+    coded: int
+    tail: torch.Tensor
+    fmt: str
+    window: int
+    n_sinks: int
+    classes: tuple
+    inv_freq: torch.Tensor | None = None
+    rotated: bool = False
+    basis: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    widths: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, spec: dict, batch: int, heads: int, head_dim: int) -> "KltKV":
+        f = _fmt(spec["fmt"])
+        z = torch.zeros(batch, heads, 0, head_dim)
+        parts = []
+        for w, m in spec["classes"]:
+            fw = replace(f, bits=int(w))
+            codes, scale, zero = _empty_parts(fw, (batch,), m, m)
+            parts.append((codes, scale, zero))
+        return cls(z, tuple(parts), 0, z, spec["fmt"], spec["window"], spec["sinks"], tuple(spec["classes"]))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, s, d = self.sinks.shape
+        return b, h, s + self.coded + self.tail.shape[2], d
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sinks, self.tail, *(x for p in self.parts for x in p)))
+
+    def _columns(self, w: int) -> torch.Tensor:
+        return (self.widths.flatten() == w).nonzero().flatten()
+
+    def dequantize(self) -> torch.Tensor:
+        from finegrain.compiler.ops import _hadamard, _rope, klt_back
+
+        if not self.coded:
+            return torch.cat([self.sinks, self.tail], 2)
+        f = _fmt(self.fmt)
+        b_, h, _, d = self.sinks.shape
+        y = torch.zeros(b_, self.coded, h * d)
+        for (w, m), (codes, scale, zero) in zip(self.classes, self.parts):
+            fw = replace(f, bits=int(w))
+            q = _unpack_parts(fw, codes, scale, zero, m, m)  # token-major: [B, n, m], [B, n / G, m]
+            y[..., self._columns(w)] = fw.dequantize(QTensor(*(t.transpose(1, 2).contiguous() for t in q[:3])),
+                                                     torch.float32).transpose(1, 2)
+        x = klt_back(y.reshape(b_, self.coded, h, d).permute(0, 2, 3, 1), self.basis, self.mean)
+        x = _rope(x, self.n_sinks, self.inv_freq, inverse=False)
+        x = _hadamard(x) if self.rotated else x
+        return torch.cat([self.sinks, x.to(self.tail.dtype), self.tail], 2)
+
+    def append(self, new: torch.Tensor) -> "KltKV":
+        """The cache after ``kv_append`` writes ``new``: the groups leaving the window coded once."""
+        from finegrain.compiler.ops import _hadamard, _rope, klt_forward, kv_quantized_span
+
+        f = _fmt(self.fmt)
+        t0 = self.shape[2]
+        sinks, tail = self._grow(new, self.n_sinks)
+        a, b = kv_quantized_span("tokens", f.group_size, t0, t0 + new.shape[2], self.window, self.n_sinks)
+        parts = self.parts
+        if a < b:
+            seg = tail[:, :, :b - a].float()
+            tail = tail[:, :, b - a:]
+            seg = _rope(_hadamard(seg) if self.rotated else seg, a, self.inv_freq, inverse=True)
+            y = klt_forward(seg, self.basis, self.mean)  # [B, H, d, n]
+            flat = y.reshape(y.shape[0], -1, y.shape[-1])  # [B, H * d, n]
+            new_parts = []
+            for (w, _), old in zip(self.classes, parts):
+                fw = replace(f, bits=int(w))
+                q = fw.quantize(flat[:, self._columns(w)].contiguous())  # per component over groups of G tokens
+                packed = _pack_parts(fw, QTensor(*(t.transpose(1, 2).contiguous() for t in q[:3])))
+                new_parts.append(tuple(torch.cat([o, p], 1) for o, p in zip(old, packed)))
+            parts = tuple(new_parts)
+        return replace(self, sinks=sinks, parts=parts, coded=self.coded + max(b - a, 0), tail=tail.contiguous())
+
+
+def kv_klt_append(past: KltKV, new: torch.Tensor, inv_freq: torch.Tensor, rotated: bool, basis: torch.Tensor,
+                  mean: torch.Tensor, widths: torch.Tensor) -> KltKV:
+    """``finegrain::kv_append(past, new, ..., basis=, mean=, widths=)`` on a packed past."""
+    if not isinstance(past, KltKV):
+        raise TypeError(f"kv_klt_append: the past is {type(past).__name__}, expected a KltKV")
+    if past.basis is not basis or past.inv_freq is not inv_freq:
+        past = replace(past, inv_freq=inv_freq, rotated=bool(rotated), basis=basis, mean=mean, widths=widths)
+    return past.append(new)
+
+
 def kv_windowed_append(past: WindowedKV, new: torch.Tensor, inv_freq: torch.Tensor | None = None,
                        rotated: bool = False, perm: torch.Tensor | None = None, head_group: int = 1) -> WindowedKV:
     """``finegrain::kv_append(past, new, ...)`` on a packed past (``inv_freq`` / ``rotated``: pre-RoPE keys;
@@ -421,7 +525,7 @@ def kv_packed_size(packed: PackedKV, dim: int) -> int:
     return packed.shape[dim]
 
 
-def kv_packed_read(packed: "PackedKV | WindowedKV | ZipKV") -> torch.Tensor:
+def kv_packed_read(packed: "PackedKV | WindowedKV | ZipKV | KltKV") -> torch.Tensor:
     """The fp32 cache attention reads."""
     return packed.dequantize()
 
@@ -512,8 +616,15 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             past, q, tag = found
             spec = {"kind": "token", "fmt": tag}
         why = packable(_fmt(tag))
-        if p.target is KV_APPEND and kv_append_options(p).get("basis") is not None:
-            why = "keys coded in their calibrated Karhunen-Loeve basis (kv_key_klt) have no packed layout yet"
+        klt = p.target is KV_APPEND and kv_append_options(p).get("basis") is not None
+        if klt:  # kv_key_klt: one record per width, the widths a constant of the graph
+            widths = kv_append_options(p)["widths"]
+            if getattr(widths, "op", None) != "get_attr" or inv_freq is None:
+                why = "kv_key_klt: the widths must be a constant of the graph and the keys pre-RoPE"
+            else:
+                w = get_tensor(gm, widths.target).flatten().tolist()
+                spec = {"kind": "klt", "fmt": tag, "window": window, "sinks": sinks,
+                        "classes": [(b, w.count(b)) for b in sorted(set(w) - {0})]}
         sizes = [u for u in past.users if u.target is torch.ops.aten.sym_size.int] if past is not None else []
         if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes) + (
                 past in {u.args[1] for u in saliency}):
@@ -527,6 +638,10 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
         with g.inserting_before(p):
             if zip_score is not None:
                 packed = g.call_function(kv_zip_append, (past, new, zip_score, inv_freq, rotated))
+            elif klt:
+                o = kv_append_options(p)
+                packed = g.call_function(kv_klt_append, (past, new, inv_freq, rotated, o["basis"], o["mean"],
+                                                         o["widths"]))
             elif q is None:
                 packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated, perm, head_group))
             else:
@@ -552,4 +667,6 @@ def empty_state(spec: dict, batch: int, heads: int, head_dim: int):
         return ZipKV.empty(spec, batch, heads, head_dim)
     if spec["kind"] == "windowed":
         return WindowedKV.empty(spec, batch, heads, head_dim)
+    if spec["kind"] == "klt":
+        return KltKV.empty(spec, batch, heads, head_dim)
     return PackedKV.empty(spec["fmt"], batch, heads, head_dim)

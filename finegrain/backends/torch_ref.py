@@ -63,14 +63,14 @@ class TorchRefSession(Session):
         return super().kv_forward(ids, past, start)
 
     def _check(self, inputs: tuple) -> None:
-        from finegrain.backends.kv_packed import PackedKV, WindowedKV, ZipKV
+        from finegrain.backends.kv_packed import KltKV, PackedKV, WindowedKV, ZipKV
 
         if not self.kv_packed or len(inputs) != len(self.input_specs):
             return check_inputs(self.input_specs, inputs)
         shown = list(inputs)
         for i, fmt in self.kv_packed.items():
             p, spec = inputs[2 + i], self.input_specs[2 + i]
-            if not isinstance(p, (PackedKV, WindowedKV, ZipKV)) or p.fmt != fmt:
+            if not isinstance(p, (PackedKV, WindowedKV, ZipKV, KltKV)) or p.fmt != fmt:
                 raise InputError(f"input {spec['name']!r}: this session stores the KV cache packed, so the past is "
                                  f"the PackedKV in {fmt} that prefill / step / run_all returned, got "
                                  f"{type(p).__name__} (open the session with kv_storage='float' to pass fp32 tensors)")

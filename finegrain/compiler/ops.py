@@ -223,13 +223,22 @@ def klt_fake_quantize(seg: torch.Tensor, f, basis: torch.Tensor, mean: torch.Ten
     kept), then ``x = y @ basis^T + mean``."""
     import dataclasses
 
-    m = mean.to(seg.dtype)[None, :, None]
-    y = torch.einsum("bhnd,hde->bhen", seg - m, basis.to(seg.dtype)).contiguous()  # [B, H, d, n]
+    y = klt_forward(seg, basis, mean)
     out = torch.zeros_like(y)
     for b in sorted(set(widths.flatten().tolist()) - {0}):
         q = dataclasses.replace(f, bits=int(b)).fake_quantize(y)
         out = torch.where((widths == b)[None, :, :, None], q, out)
-    return torch.einsum("bhen,hde->bhnd", out, basis.to(seg.dtype)) + m
+    return klt_back(out, basis, mean)
+
+
+def klt_forward(seg: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Keys ``[B, H, n, d]`` to their Karhunen-Loeve components, channel-major ``[B, H, d, n]``."""
+    return torch.einsum("bhnd,hde->bhen", seg - mean.to(seg.dtype)[None, :, None], basis.to(seg.dtype)).contiguous()
+
+
+def klt_back(y: torch.Tensor, basis: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Components ``[B, H, d, n]`` back to keys ``[B, H, n, d]`` (:func:`klt_forward`'s inverse)."""
+    return torch.einsum("bhen,hde->bhnd", y, basis.to(y.dtype)) + mean.to(y.dtype)[None, :, None]
 
 
 def zip_salient(score: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -44,7 +44,8 @@ over the calibration batches, the mean subtracted; per-component widths 0 / 2-8 
 :func:`klt_allocate` to the least squared error within the bytes the key format takes), constants
 ``kv_klt.<layer>.basis`` / ``.mean`` / ``.widths`` passed to ``kv_append``. Transform coding: the keys
 are low-rank, so the first components take 4-8 bits and the last are dropped. Reference, ONNX Runtime
-(arithmetic over an fp32 cache) and GPU (the reference op); TVM refuses it; the reference stores it fp32.
+(arithmetic over an fp32 cache) and GPU (the reference op); TVM refuses it; the reference stores it packed
+(``backends/kv_packed.KltKV``: one record per component width).
 
 The reference backend's sessions store these presents packed (``backends/kv_packed.py``: codes
 bit-packed, scales / zero points as stored, float windows and sinks fp32;

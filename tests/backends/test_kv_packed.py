@@ -179,3 +179,31 @@ def test_rotatekv_grouped_head_keys_are_packed_in_their_rotated_space(llama, rot
     n = 40 - 3 - 1  # quantized tokens
     # per token and group of 2 heads: 2-bit codes of 32 channels, 4 fp16 scales, 4 2-bit zero points in a byte
     assert keys.nbytes == 2 * (4 * 16 * 4) + n * (8 + 4 * 2 + 1)  # + 1 sink and 3 window tokens fp32 per head
+
+
+def test_klt_coded_keys_are_packed_per_width(llama):
+    """Keys coded in their calibrated Karhunen-Loeve basis (``kv_key_klt``) are stored as one record per
+    component width (codes bit-packed at that width, an fp16 scale and a zero point per component and
+    group of tokens; dropped components nothing): the logits and the caches equal the fp32-stored ones,
+    in the bytes counted by hand from the widths (until 2026-12-08 these keys stayed fp32)."""
+    from finegrain.backends.kv_packed import KltKV
+
+    r = _recipe("int2-g8-asym-fp16-dyn", "int4-g8-asym-fp16-dyn", True, kv_pre_rope=True, kv_key_axis="tokens",
+                kv_key_klt=True, kv_window=3, kv_sinks=1)
+    calib = [(torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)),) for s in (4, 5)]
+    cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True, calibration=calib)
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    packed, flt = cm.session(), cm.session(kv_storage="float")
+    assert len(packed.kv_packed) == 4 and packed.kv_float == []
+    for prefill in (5, 17):
+        a, sa = _decode(packed, x, prefill)
+        b, sb = _decode(flt, x, prefill)
+        assert torch.equal(a, b)
+        assert all(torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+    keys = sa["past"][0]
+    assert isinstance(keys, KltKV) and keys.coded == (40 - 3 - 1) // 8 * 8
+    widths = cm.gm.get_buffer("kv_klt.0.widths").flatten().tolist()
+    n, groups = keys.coded, keys.coded // 8
+    coded = sum(n * -(-widths.count(w) * w // 8) + groups * (2 * widths.count(w) + -(-widths.count(w) * w // 8))
+                for w in set(widths) - {0})  # codes and zeros packed per width over both heads; fp16 scales
+    assert keys.nbytes == (40 - n) * 2 * 16 * 4 + coded  # + the sink, window and waiting tokens fp32
