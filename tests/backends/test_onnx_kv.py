@@ -266,3 +266,25 @@ def test_static_int8_kv_cache_is_groupqueryattentions_own_int8_cache(family, tmp
         _genai_generates_the_reference(cm, x[:, :9], tmp_path)
         pasts = [i for i in onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.input if i.name.startswith("past")]
         assert {i.type.tensor_type.elem_type for i in pasts} == {onnx.TensorProto.INT8}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_klt_coded_keys_in_onnxruntime_and_genai(family, tmp_path):
+    """Keys coded in their calibrated Karhunen-Loeve basis (``kv_key_klt``: per-head basis, mean and
+    per-component widths as constants) exported as ONNX arithmetic: ONNX Runtime over the cache gives the
+    reference's logits, and onnxruntime-genai generates the reference's tokens from its logits (Llama)."""
+    from tests.test_kv_cache import _family
+
+    model = _family(family)
+    recipe = {**KIVI, "rules": [{"role": "linear"}], "name": f"kv-klt-{family}", "kv_key": "int2-g4-asym-fp16-dyn",
+              "kv_key_klt": True}
+    calib = [(torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(s)),) for s in (1, 2)]
+    cm = finegrain.compile(model, (calib[0][0][:, :8],), recipe=recipe, calibration=calib, progress=False,
+                           kv_cache=True)
+    assert cm.kv["quantization"]["key_klt"] is not None
+    x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    ref = _incremental(cm.session(), x, 7)
+    with cm.session("onnx") as s:
+        assert _rel(ref, _incremental(s, x, 7)) <= 1e-4
+    if family == "llama":
+        _genai_generates_the_reference(cm, x[:, :9], tmp_path)
