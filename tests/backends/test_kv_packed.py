@@ -75,9 +75,10 @@ def test_mixed_layers_save_load_and_refusals(llama, tmp_path):
         cm.session(threads=2)
 
 
-def _windowed_equals_float(cm):
+def _windowed_equals_float(cm, kinds=(WindowedKV, WindowedKV)):
     """Decodes 40 tokens (prefills of 5 and 17) with the packed and the fp32-stored cache: every present
-    packed as a ``WindowedKV``, the same logits and caches bit for bit; the packed session's last state."""
+    packed (keys, values: as ``kinds``), the same logits and caches bit for bit; the packed session's last
+    state."""
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
     packed, flt = cm.session(), cm.session(kv_storage="float")
     assert len(packed.kv_packed) == 4 and packed.kv_float == []
@@ -85,7 +86,8 @@ def _windowed_equals_float(cm):
         a, sa = _decode(packed, x, prefill)
         b, sb = _decode(flt, x, prefill)
         assert torch.equal(a, b)
-        assert all(isinstance(p, WindowedKV) and torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
+        assert all(isinstance(p, kinds[i % 2]) and torch.equal(p.dequantize(), f)
+                   for i, (p, f) in enumerate(zip(sa["past"], sb["past"])))
     return sa
 
 
@@ -192,15 +194,7 @@ def test_klt_coded_keys_are_packed_per_width(llama):
                 kv_key_klt=True, kv_window=3, kv_sinks=1)
     calib = [(torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(s)),) for s in (4, 5)]
     cm = finegrain.compile(llama, (IDS,), recipe=r, progress=False, kv_cache=True, calibration=calib)
-    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
-    packed, flt = cm.session(), cm.session(kv_storage="float")
-    assert len(packed.kv_packed) == 4 and packed.kv_float == []
-    for prefill in (5, 17):
-        a, sa = _decode(packed, x, prefill)
-        b, sb = _decode(flt, x, prefill)
-        assert torch.equal(a, b)
-        assert all(torch.equal(p.dequantize(), f) for p, f in zip(sa["past"], sb["past"]))
-    keys = sa["past"][0]
+    keys = _windowed_equals_float(cm, (KltKV, WindowedKV))["past"][0]
     assert isinstance(keys, KltKV) and keys.coded == (40 - 3 - 1) // 8 * 8
     widths = cm.gm.get_buffer("kv_klt.0.widths").flatten().tolist()
     n, groups = keys.coded, keys.coded // 8
