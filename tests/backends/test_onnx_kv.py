@@ -285,6 +285,6 @@ def test_klt_coded_keys_in_onnxruntime_and_genai(family, tmp_path):
     x = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     ref = _incremental(cm.session(), x, 7)
     with cm.session("onnx") as s:
-        assert _rel(ref, _incremental(s, x, 7)) <= 1e-4
+        assert _rel(ref, _incremental(s, x, 7)) <= 1e-5
     if family == "llama":
         _genai_generates_the_reference(cm, x[:, :9], tmp_path)
