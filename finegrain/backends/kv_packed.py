@@ -592,6 +592,7 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
         if not isinstance(p, Node):
             continue
         zip_score = p.args[8] if p.target is KV_APPEND and len(p.args) > 8 else None
+        klt, why_not = False, None
         saliency = []  # ZipCache's kv_saliency reading this (key) past: it gets the packed past's fp32 read
         if p.target is KV_APPEND:
             from finegrain.backends.base import kv_append_options
@@ -608,6 +609,15 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             if zip_score is not None:
                 low, ratio, block, channel_norm = (list(p.args[9:13]) + [None, 1.0, 1, False][len(p.args[9:13]):])
                 spec.update(kind="zip", fmt_low=low, ratio=ratio, block=block, channel_norm=channel_norm)
+            klt = opts.get("basis") is not None
+            if klt:  # kv_key_klt: one record per width, the widths a constant of the graph
+                widths = opts.get("widths")
+                if getattr(widths, "op", None) != "get_attr" or inv_freq is None:
+                    why_not = "kv_key_klt: the widths must be a constant of the graph and the keys pre-RoPE"
+                else:
+                    w = get_tensor(gm, widths.target).flatten().tolist()
+                    spec = {"kind": "klt", "fmt": tag, "window": window, "sinks": sinks,
+                            "classes": [(b, w.count(b)) for b in sorted(set(w) - {0})]}
             q = None
         else:
             found = _quantized_present(p, gm)
@@ -615,16 +625,7 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
                 continue
             past, q, tag = found
             spec = {"kind": "token", "fmt": tag}
-        why = packable(_fmt(tag))
-        klt = p.target is KV_APPEND and kv_append_options(p).get("basis") is not None
-        if klt:  # kv_key_klt: one record per width, the widths a constant of the graph
-            widths = kv_append_options(p)["widths"]
-            if getattr(widths, "op", None) != "get_attr" or inv_freq is None:
-                why = "kv_key_klt: the widths must be a constant of the graph and the keys pre-RoPE"
-            else:
-                w = get_tensor(gm, widths.target).flatten().tolist()
-                spec = {"kind": "klt", "fmt": tag, "window": window, "sinks": sinks,
-                        "classes": [(b, w.count(b)) for b in sorted(set(w) - {0})]}
+        why = why_not or packable(_fmt(tag))
         sizes = [u for u in past.users if u.target is torch.ops.aten.sym_size.int] if past is not None else []
         if why or past is not placeholders[2 + i] or len(past.users) != 1 + len(sizes) + (
                 past in {u.args[1] for u in saliency}):
@@ -639,9 +640,8 @@ def lower(gm: GraphModule) -> tuple[GraphModule, dict[int, dict], list[str]]:
             if zip_score is not None:
                 packed = g.call_function(kv_zip_append, (past, new, zip_score, inv_freq, rotated))
             elif klt:
-                o = kv_append_options(p)
-                packed = g.call_function(kv_klt_append, (past, new, inv_freq, rotated, o["basis"], o["mean"],
-                                                         o["widths"]))
+                packed = g.call_function(kv_klt_append, (past, new, inv_freq, rotated, opts["basis"], opts["mean"],
+                                                         opts["widths"]))
             elif q is None:
                 packed = g.call_function(kv_windowed_append, (past, new, inv_freq, rotated, perm, head_group))
             else:

@@ -259,30 +259,37 @@ def _klt_args(gm: GraphModule, where: str, layer: int, klt: dict, inv_freq, log:
             "widths": new_constant(gm, base + ".widths", widths)}
 
 
-def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
-    """Per layer, the RMS over the calibration tokens of each pre-RoPE key channel of all heads
-    (``H * d``, head-major): the new keys of ``sites`` (layer -> (new-keys node, inv_freq tensor))
-    captured in one run of ``gm`` per batch, RoPE undone at their positions (from 0)."""
+def _pre_rope_keys(gm: GraphModule, batches: list, sites: dict, each) -> None:
+    """Run ``gm`` once per calibration batch and call ``each(layer, k)`` with the new keys of ``sites``
+    (layer -> (new-keys node, inv_freq tensor)), RoPE undone at their positions (from 0): ``k`` ``[B, H,
+    T, d]``."""
     from finegrain.compiler.ops import _rope
 
     wanted = {new: layer for layer, (new, _) in sites.items()}
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
 
     class Capture(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in wanted:
                 layer = wanted[n]
-                k = _rope(out.detach().float(), 0, sites[layer][1], inverse=True)  # [B, H, T, d]
-                sq = k.pow(2).sum(dim=(0, 2)).reshape(-1)  # [H * d]
-                sums[layer] = sums.get(layer, 0) + sq
+                each(layer, _rope(out.detach().float(), 0, sites[layer][1], inverse=True))
             return out
 
     with torch.no_grad():
         for b in batches:
             Capture(gm).run(*b)
-            count += int(b[0].numel())
+
+
+def _pre_rope_key_rms(gm: GraphModule, batches: list, sites: dict) -> dict:
+    """Per layer, the RMS over the calibration tokens of each pre-RoPE key channel of all heads
+    (``H * d``, head-major), from :func:`_pre_rope_keys`."""
+    sums: dict[int, torch.Tensor] = {}
+
+    def add(layer, k):
+        sums[layer] = sums.get(layer, 0) + k.pow(2).sum(dim=(0, 2)).reshape(-1)  # [H * d]
+
+    _pre_rope_keys(gm, batches, sites, add)
+    count = sum(int(b[0].numel()) for b in batches)
     return {layer: (sq / max(count, 1)).sqrt() for layer, sq in sums.items()}
 
 
@@ -328,24 +335,10 @@ def klt_key_basis(gm: GraphModule, batches: list, sites: dict, fmt: QuantFormat,
     mean [H, d], widths [H, d], relative error)`` from the new keys of ``sites`` (layer -> (new-keys node,
     inv_freq)) captured over the calibration batches, RoPE undone at their positions (from 0), the first
     ``sinks`` positions left out (kept in float). ``basis[h]``'s columns are the eigenvectors of head ``h``'s
-    key covariance, largest first; ``widths`` from :func:`klt_allocate`."""
-    from finegrain.compiler.ops import _rope
-
-    wanted = {new: layer for layer, (new, _) in sites.items()}
+    key covariance, largest first; ``widths`` from :func:`klt_allocate`. The keys as :func:`_pre_rope_keys`
+    gives them."""
     keys: dict[int, list] = {}
-
-    class Capture(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in wanted:
-                layer = wanted[n]
-                k = _rope(out.detach().float(), 0, sites[layer][1], inverse=True)
-                keys.setdefault(layer, []).append(k[:, :, sinks:])
-            return out
-
-    with torch.no_grad():
-        for b in batches:
-            Capture(gm).run(*b)
+    _pre_rope_keys(gm, batches, sites, lambda layer, k: keys.setdefault(layer, []).append(k[:, :, sinks:]))
     out = {}
     g = fmt.group_size
     for layer, ks in keys.items():
